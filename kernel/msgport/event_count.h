@@ -1,0 +1,69 @@
+// EventCount: lets a consumer sleep on a futex only when there is nothing to do, and a
+// producer pay for a wake-up only when somebody sleeps. It lives in plain memory or in
+// a shared-memory segment (the futex is not FUTEX_PRIVATE), so one process can wake
+// another.
+//
+// Consumer:   auto key = ec.Prepare(); if (work available) { ec.Cancel(); ... }
+//             else ec.Wait(key, timeout);
+// Producer:   publish work; ec.Notify();
+// Prepare/Notify use sequentially consistent operations, so either the consumer sees
+// the work or the producer sees the sleeper: no lost wake-up.
+#pragma once
+
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <ctime>
+
+namespace ulsp::msgport {
+
+inline void CpuRelax() noexcept { __builtin_ia32_pause(); }
+
+// futex(2) on a 32-bit word that may be shared between processes.
+inline long FutexWait(std::atomic<uint32_t>* word, uint32_t expected, const timespec* timeout) noexcept {
+  return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, timeout, nullptr, 0);
+}
+inline long FutexWake(std::atomic<uint32_t>* word, int count) noexcept {
+  return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAKE, count, nullptr, nullptr, 0);
+}
+
+inline timespec ToTimespec(std::chrono::nanoseconds d) noexcept {
+  if (d.count() < 0) d = std::chrono::nanoseconds(0);
+  return timespec{static_cast<time_t>(d.count() / 1'000'000'000), static_cast<long>(d.count() % 1'000'000'000)};
+}
+
+struct EventCount {
+  std::atomic<uint32_t> epoch{0};
+  std::atomic<uint32_t> sleepers{0};
+
+  // Announces an intent to sleep; returns the key for Wait.
+  uint32_t Prepare() noexcept {
+    sleepers.fetch_add(1, std::memory_order_seq_cst);
+    return epoch.load(std::memory_order_seq_cst);
+  }
+  // Work turned up after Prepare: do not sleep.
+  void Cancel() noexcept { sleepers.fetch_sub(1, std::memory_order_seq_cst); }
+  // Sleeps until a Notify after Prepare, or the timeout (never blocks when one already
+  // happened). Spurious returns are possible: the caller re-checks its condition.
+  void Wait(uint32_t key, std::chrono::nanoseconds timeout) noexcept {
+    timespec ts = ToTimespec(timeout);
+    FutexWait(&epoch, key, &ts);
+    sleepers.fetch_sub(1, std::memory_order_seq_cst);
+  }
+  // Wakes every sleeper, if there is one. Costs a fence and a load when nobody sleeps.
+  void Notify() noexcept {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (sleepers.load(std::memory_order_relaxed) != 0) NotifyAlways();
+  }
+  void NotifyAlways() noexcept {
+    epoch.fetch_add(1, std::memory_order_seq_cst);
+    FutexWake(&epoch, INT_MAX);
+  }
+};
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,104 @@
+// Ring: a bounded multi-producer multi-consumer queue of fixed-size cells (Dmitry
+// Vyukov's algorithm: one sequence number per cell, no locks, no allocation). The
+// storage is external, so the same code runs over heap memory (ThreadPort, ReplyQueue)
+// and over a shared-memory segment between processes (ShmPort), where a cell holds a
+// whole encoded message and is filled and read in place.
+//
+// A Cell type starts with `std::atomic<uint64_t> seq`; cells are `stride` bytes apart.
+// Thread-safe: any number of threads (or processes) may push and pop at once.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <new>
+
+namespace ulsp::msgport {
+
+// The two indices of a ring, each on its own cache line. Lives beside the cells.
+struct RingIndex {
+  alignas(64) std::atomic<uint64_t> tail{0};  // next position to push
+  alignas(64) std::atomic<uint64_t> head{0};  // next position to pop
+};
+
+template <class Cell>
+class Ring {
+ public:
+  Ring() = default;
+  // Views `capacity` cells (a power of two) of `stride` bytes at `cells`.
+  Ring(RingIndex* index, std::byte* cells, size_t capacity, size_t stride) noexcept
+      : index_(index), cells_(cells), mask_(capacity - 1), stride_(stride) {}
+
+  // Initialises the cells' sequence numbers; once, by the creator, before any use.
+  void Initialise() noexcept {
+    for (uint64_t i = 0; i <= mask_; ++i) At(i).seq.store(i, std::memory_order_relaxed);
+    index_->head.store(0, std::memory_order_relaxed);
+    index_->tail.store(0, std::memory_order_release);
+  }
+
+  size_t capacity() const noexcept { return mask_ + 1; }
+
+  // Claims a free cell, calls fill(cell) to write it in place, publishes it. Returns
+  // false, without calling fill, when the ring is full.
+  template <class Fill>
+  bool TryPush(Fill&& fill) noexcept(noexcept(fill(std::declval<Cell&>()))) {
+    uint64_t pos = index_->tail.load(std::memory_order_relaxed);
+    Cell* cell;
+    for (;;) {
+      cell = &At(pos);
+      uint64_t seq = cell->seq.load(std::memory_order_acquire);
+      auto diff = static_cast<int64_t>(seq - pos);
+      if (diff == 0) {
+        if (index_->tail.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) break;
+      } else if (diff < 0) {
+        return false;
+      } else {
+        pos = index_->tail.load(std::memory_order_relaxed);
+      }
+    }
+    fill(*cell);
+    cell->seq.store(pos + 1, std::memory_order_release);
+    return true;
+  }
+
+  // Takes the oldest cell, calls take(cell) to read it in place, frees it. Returns
+  // false, without calling take, when the ring is empty.
+  template <class Take>
+  bool TryPop(Take&& take) noexcept(noexcept(take(std::declval<Cell&>()))) {
+    uint64_t pos = index_->head.load(std::memory_order_relaxed);
+    Cell* cell;
+    for (;;) {
+      cell = &At(pos);
+      uint64_t seq = cell->seq.load(std::memory_order_acquire);
+      auto diff = static_cast<int64_t>(seq - (pos + 1));
+      if (diff == 0) {
+        if (index_->head.compare_exchange_weak(pos, pos + 1, std::memory_order_relaxed)) break;
+      } else if (diff < 0) {
+        return false;
+      } else {
+        pos = index_->head.load(std::memory_order_relaxed);
+      }
+    }
+    take(*cell);
+    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
+    return true;
+  }
+
+  // True when a pop would find a published cell now (a hint under concurrency).
+  bool HasReady() const noexcept {
+    uint64_t pos = index_->head.load(std::memory_order_seq_cst);
+    return At(pos).seq.load(std::memory_order_seq_cst) == pos + 1;
+  }
+
+ private:
+  Cell& At(uint64_t pos) const noexcept {
+    return *std::launder(reinterpret_cast<Cell*>(cells_ + (pos & mask_) * stride_));
+  }
+
+  RingIndex* index_ = nullptr;
+  std::byte* cells_ = nullptr;
+  uint64_t mask_ = 0;
+  size_t stride_ = 0;
+};
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,707 @@
+#include "kernel/msgport/shm_port.h"
+
+#include <dirent.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <bit>
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <capnp/message.h>
+#include <capnp/serialize.h>
+#include <cstring>
+#include <kj/exception.h>
+
+#include "kernel/msgport/envelope.capnp.h"
+#include "kernel/msgport/event_count.h"
+#include "kernel/msgport/log.h"
+#include "kernel/msgport/ring.h"
+
+namespace ulsp::msgport {
+
+namespace bip = boost::interprocess;
+
+namespace shm {
+
+constexpr uint64_t kMagic = 0x6d68732d70736c75ULL;  // "ulsp-shm"
+constexpr uint32_t kVersion = 1;
+constexpr auto kSpinTime = std::chrono::microseconds(50);
+constexpr auto kIdleSleep = std::chrono::milliseconds(100);
+constexpr auto kFdWait = std::chrono::seconds(1);  // descriptors are sent before the envelope
+
+// One ring cell: the sequence number the ring needs, the message id (outside the
+// envelope, so a corrupt envelope can still be answered), the envelope's length,
+// then the envelope (a one-segment Cap'n Proto flat message).
+struct Cell {
+  std::atomic<uint64_t> seq;
+  uint64_t id;
+  uint32_t len;
+  uint32_t reserved;
+  std::byte* data() noexcept { return reinterpret_cast<std::byte*>(this) + sizeof(Cell); }
+};
+static_assert(sizeof(Cell) % 8 == 0);
+
+struct Header {
+  uint64_t magic;
+  uint32_t version;
+  uint32_t slots;
+  uint32_t slot_bytes;
+  uint32_t creator_pid;
+  uint64_t total_size;
+  alignas(64) std::atomic<uint32_t> reply_helpers;  // client threads polling the reply ring
+  RingIndex requests;
+  alignas(64) EventCount requests_ec;  // the server sleeps here
+  RingIndex replies;
+  alignas(64) EventCount replies_ec;  // the client's reply thread sleeps here
+};
+
+constexpr size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
+constexpr size_t Stride(uint32_t slot_bytes) { return RoundUp(sizeof(Cell) + slot_bytes, 64); }
+constexpr size_t TotalSize(uint32_t slots, uint32_t slot_bytes) {
+  return RoundUp(sizeof(Header), 64) + 2 * size_t{slots} * Stride(slot_bytes);
+}
+
+// The mapping and the views of its two rings. Owns the Boost.Interprocess objects.
+struct Segment {
+  bip::shared_memory_object object;
+  bip::mapped_region region;
+  Header* header = nullptr;
+  Ring<Cell> requests;
+  Ring<Cell> replies;
+
+  void Bind() {
+    header = static_cast<Header*>(region.get_address());
+    auto* base = static_cast<std::byte*>(region.get_address()) + RoundUp(sizeof(Header), 64);
+    size_t stride = Stride(header->slot_bytes);
+    requests = Ring<Cell>(&header->requests, base, header->slots, stride);
+    replies = Ring<Cell>(&header->replies, base + header->slots * stride, header->slots, stride);
+  }
+  uint32_t slot_bytes() const { return header->slot_bytes; }
+};
+
+Result<std::unique_ptr<Segment>> CreateSegment(const std::string& name, uint32_t slots, uint32_t slot_bytes) {
+  auto seg = std::make_unique<Segment>();
+  try {
+    seg->object = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write, bip::permissions(0600));
+    size_t size = TotalSize(slots, slot_bytes);
+    seg->object.truncate(static_cast<bip::offset_t>(size));
+    seg->region = bip::mapped_region(seg->object, bip::read_write);
+    // Touch every page now: a full /dev/shm fails here with a clear errno, not later
+    // with SIGBUS in the middle of a message.
+    if (::posix_fallocate(seg->object.get_mapping_handle().handle, 0, static_cast<off_t>(size)) != 0) {
+      bip::shared_memory_object::remove(name.c_str());
+      return Fail(ENOSPC);
+    }
+    auto* h = new (seg->region.get_address()) Header{};
+    h->magic = kMagic;
+    h->version = kVersion;
+    h->slots = slots;
+    h->slot_bytes = slot_bytes;
+    h->creator_pid = static_cast<uint32_t>(::getpid());
+    h->total_size = size;
+    seg->Bind();
+    seg->requests.Initialise();
+    seg->replies.Initialise();
+  } catch (const bip::interprocess_exception& e) {
+    bip::shared_memory_object::remove(name.c_str());
+    int err = e.get_native_error();
+    return Fail(err != 0 ? err : EIO);
+  }
+  return seg;
+}
+
+Result<std::unique_ptr<Segment>> OpenSegment(const std::string& name) {
+  auto seg = std::make_unique<Segment>();
+  try {
+    seg->object = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
+    bip::offset_t size = 0;
+    if (!seg->object.get_size(size) || static_cast<size_t>(size) < sizeof(Header)) return Fail(EINVAL);
+    seg->region = bip::mapped_region(seg->object, bip::read_write);
+    auto* h = static_cast<Header*>(seg->region.get_address());
+    // The creator is not trusted: the layout must match the mapping exactly.
+    if (h->magic != kMagic || h->version != kVersion || h->slots == 0 || !std::has_single_bit(h->slots) ||
+        h->slot_bytes < 64 || h->slot_bytes % 8 != 0 || h->slot_bytes > (64u << 20) ||
+        TotalSize(h->slots, h->slot_bytes) != static_cast<size_t>(size) || h->total_size != static_cast<size_t>(size)) {
+      return Fail(EINVAL);
+    }
+    seg->Bind();
+  } catch (const bip::interprocess_exception& e) {
+    int err = e.get_native_error();
+    return Fail(err != 0 ? err : EIO);
+  }
+  return seg;
+}
+
+// Words an envelope needs beyond its payload: root pointer, struct (4 data words and
+// 1 pointer), and slack. The builder writes no further than this.
+constexpr size_t kEnvelopeWords = 16;
+constexpr bool Fits(uint32_t slot_bytes, size_t payload_bytes) {
+  return kEnvelopeWords + (payload_bytes + 7) / 8 <= (slot_bytes - 8) / sizeof(capnp::word);
+}
+
+// Builds a message in place in a cell: the first segment is the cell's memory. Unlike
+// MallocMessageBuilder it does not zero that memory again when destroyed (which would
+// wipe the envelope after it was written). A message that needs a second segment has
+// outgrown the cell: it gets heap memory, and overflowed() says so.
+class CellBuilder final : public capnp::MessageBuilder {
+ public:
+  explicit CellBuilder(kj::ArrayPtr<capnp::word> cell) : cell_(cell) {}
+  kj::ArrayPtr<capnp::word> allocateSegment(capnp::uint minimum_size) override {
+    if (!cell_used_ && minimum_size <= cell_.size()) {
+      cell_used_ = true;
+      return cell_;
+    }
+    overflowed_ = true;
+    overflow_.emplace_back(std::max<size_t>(minimum_size, 1024));  // zeroed
+    return kj::arrayPtr(overflow_.back().data(), overflow_.back().size());
+  }
+  bool overflowed() const { return overflowed_; }
+
+ private:
+  kj::ArrayPtr<capnp::word> cell_;
+  bool cell_used_ = false;
+  bool overflowed_ = false;
+  std::vector<std::vector<capnp::word>> overflow_;
+};
+
+// Writes an envelope for `msg` into `cell`. Returns false when it does not fit in one
+// segment of the cell (then the cell is not valid).
+bool EncodeCell(Cell& cell, uint32_t slot_bytes, const Message& msg, uint64_t id, int error, uint16_t fd_count) {
+  // Flat format: a segment table (count - 1, then the size in words), then the segment.
+  auto* table = reinterpret_cast<uint32_t*>(cell.data());
+  auto* words = reinterpret_cast<capnp::word*>(cell.data() + 8);
+  // The builder needs zeroed memory; zero what it will use: root pointer, struct
+  // (4 data words, 1 pointer), payload, and slack.
+  if (!Fits(slot_bytes, msg.payload.size())) return false;
+  const size_t need_words = kEnvelopeWords + (msg.payload.size() + 7) / 8;
+  std::memset(words, 0, need_words * sizeof(capnp::word));
+  CellBuilder builder(kj::arrayPtr(words, need_words));
+  auto env = builder.initRoot<wire::Envelope>();
+  env.setId(id);
+  env.setCommand(msg.command);
+  env.setFlags(msg.flags() & (kMsgSync | kMsgAborted));
+  env.setError(error);
+  env.setFdCount(fd_count);
+  env.setDeadlineNs(msg.deadline == kNoDeadline
+                        ? 0
+                        : std::chrono::duration_cast<std::chrono::nanoseconds>(msg.deadline.time_since_epoch()).count());
+  env.setPayload(kj::arrayPtr(reinterpret_cast<const kj::byte*>(msg.payload.data()), msg.payload.size()));
+  auto segments = builder.getSegmentsForOutput();
+  if (builder.overflowed() || segments.size() != 1 || segments[0].begin() != words) return false;
+  table[0] = 0;
+  table[1] = static_cast<uint32_t>(segments[0].size());
+  cell.id = id;
+  cell.len = static_cast<uint32_t>(8 + segments[0].size() * sizeof(capnp::word));
+  return true;
+}
+
+void WriteRawCell(Cell& cell, uint64_t id, std::span<const std::byte> bytes, uint32_t claimed_len,
+                  uint32_t slot_bytes) {
+  cell.id = id;
+  cell.len = claimed_len;
+  std::memcpy(cell.data(), bytes.data(), std::min<size_t>(bytes.size(), slot_bytes));
+}
+
+struct Decoded {
+  uint64_t id = 0;
+  uint32_t command = 0;
+  uint32_t flags = 0;
+  int32_t error = 0;
+  uint16_t fd_count = 0;
+  int64_t deadline_ns = 0;
+};
+
+// Reads the envelope in `cell`, copying the payload into `payload`. Everything in the
+// cell is the other process's and is checked: EBADMSG for anything malformed, with
+// the reason in *why.
+Result<Decoded> DecodeCell(Cell& cell, uint32_t slot_bytes, std::vector<std::byte>* payload,
+                           std::string* why) noexcept {
+  const uint32_t len = cell.len;  // read once
+  auto bad = [why](std::string reason) {
+    if (why != nullptr) *why = std::move(reason);
+    return Fail(EBADMSG);
+  };
+  if (len < 16 || len > slot_bytes || len % 8 != 0) {
+    return bad("length " + std::to_string(len) + " is not a whole number of words from 16 to " +
+               std::to_string(slot_bytes));
+  }
+  try {
+    capnp::ReaderOptions options;
+    options.traversalLimitInWords = len / 8;
+    options.nestingLimit = 8;
+    capnp::FlatArrayMessageReader reader(
+        kj::arrayPtr(reinterpret_cast<const capnp::word*>(cell.data()), len / sizeof(capnp::word)), options);
+    auto env = reader.getRoot<wire::Envelope>();
+    Decoded d{env.getId(), env.getCommand(), env.getFlags(), env.getError(), env.getFdCount(), env.getDeadlineNs()};
+    if (d.id != cell.id) return bad(fmt::format("envelope id {:#x} does not match the cell's {:#x}", d.id, cell.id));
+    if (d.error < 0 || d.error > 4095) return bad("error " + std::to_string(d.error) + " is not an errno");
+    if (d.fd_count > FdChannel::kMaxFds) return bad("claims " + std::to_string(d.fd_count) + " descriptors");
+    auto data = env.getPayload();
+    if (payload != nullptr) {
+      payload->resize(data.size());
+      if (data.size() != 0) std::memcpy(payload->data(), data.begin(), data.size());
+    }
+    return d;
+  } catch (const kj::Exception& e) {
+    return bad(std::string(e.getDescription().cStr()));
+  } catch (const std::bad_alloc&) {
+    return Fail(ENOMEM);
+  }
+}
+
+}  // namespace shm
+
+using shm::Cell;
+
+namespace {
+
+std::atomic<uint32_t> segment_counter{0};
+std::once_flag stale_once;
+
+bool ProcessExists(pid_t pid) { return ::kill(pid, 0) == 0 || errno != ESRCH; }
+
+}  // namespace
+
+int RemoveStaleSegments() {
+  int removed = 0;
+  DIR* dir = ::opendir("/dev/shm");
+  if (dir == nullptr) return 0;
+  while (dirent* e = ::readdir(dir)) {
+    unsigned pid = 0, n = 0;
+    char tail = 0;
+    if (std::sscanf(e->d_name, "ulsp.%u.%u%c", &pid, &n, &tail) != 2 || pid == 0) continue;
+    if (ProcessExists(static_cast<pid_t>(pid))) continue;
+    if (bip::shared_memory_object::remove(e->d_name)) {
+      ++removed;
+      Logger("msgport")->info("removed stale segment /dev/shm/{} (process {} is gone)", e->d_name, pid);
+    }
+  }
+  ::closedir(dir);
+  return removed;
+}
+
+// --- client -----------------------------------------------------------------------
+
+Result<std::unique_ptr<ShmClientPort>> ShmClientPort::Create(std::string name, const ShmPortOptions& options) {
+  if (options.slots == 0 || !std::has_single_bit(options.slots) || options.slots > (1u << 20) ||
+      options.slot_bytes < 128 || options.slot_bytes % 8 != 0 || options.slot_bytes > (64u << 20)) {
+    return Fail(EINVAL);
+  }
+  std::call_once(stale_once, [] { RemoveStaleSegments(); });
+  std::string segment_name = "ulsp." + std::to_string(::getpid()) + "." + std::to_string(segment_counter.fetch_add(1));
+  auto segment = shm::CreateSegment(segment_name, options.slots, options.slot_bytes);
+  if (!segment) return std::unexpected(segment.error());
+  auto pair = FdChannel::SocketPair();
+  if (!pair) {
+    bip::shared_memory_object::remove(segment_name.c_str());
+    return std::unexpected(pair.error());
+  }
+  return std::unique_ptr<ShmClientPort>(new ShmClientPort(std::move(name), std::move(*segment),
+                                                          std::move(pair->first), std::move(pair->second), options));
+}
+
+ShmClientPort::ShmClientPort(std::string name, std::unique_ptr<shm::Segment> segment, UniqueFd mine,
+                             UniqueFd theirs, const ShmPortOptions& options)
+    : Port(std::move(name)),
+      segment_name_(segment->object.get_name()),
+      segment_(std::move(segment)),
+      fds_(std::move(mine)),
+      server_socket_(std::move(theirs)),
+      full_(options.full),
+      pending_(options.slots) {
+  free_.reserve(options.slots);
+  for (uint32_t i = options.slots; i-- > 0;) free_.push_back(i);
+}
+
+ShmClientPort::~ShmClientPort() {
+  stopping_.store(true, std::memory_order_release);
+  segment_->header->replies_ec.NotifyAlways();
+  if (dispatcher_.joinable()) dispatcher_.join();
+  if (watcher_.joinable()) watcher_.join();
+  if (!name_unlinked_) bip::shared_memory_object::remove(segment_name_.c_str());
+  dead_.store(true, std::memory_order_release);
+  std::vector<MessagePtr> lost;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& p : pending_)
+      if (p.msg) lost.push_back(std::move(p.msg));
+  }
+  room_cv_.notify_all();
+  for (auto& m : lost) Reply(std::move(m), ECONNRESET);
+}
+
+Result<void> ShmClientPort::WaitForServer(Deadline deadline, pid_t server_pid) {
+  if (auto hello = fds_.Take(0, 0, deadline); !hello) return std::unexpected(hello.error());
+  bip::shared_memory_object::remove(segment_name_.c_str());
+  name_unlinked_ = true;
+  if (server_pid > 0) {
+    if (auto fd = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_open, server_pid, 0)); }); fd) {
+      pidfd_.Reset(*fd);
+    } else {
+      return std::unexpected(fd.error());
+    }
+  }
+  watcher_ = std::thread([this] { WatchPeer(); });
+  dispatcher_ = std::thread([this] { DispatchReplies(); });
+  return {};
+}
+
+size_t ShmClientPort::outstanding() const {
+  std::lock_guard lock(mu_);
+  return pending_.size() - free_.size();
+}
+
+template <class Encode>
+void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
+  int error = 0;
+  {
+    std::unique_lock lock(mu_);
+    while (free_.empty() && !dead_.load(std::memory_order_acquire)) {
+      if (full_ == FullPolicy::kFail) {
+        error = EAGAIN;
+        break;
+      }
+      if (room_cv_.wait_until(lock, msg->deadline) == std::cv_status::timeout && free_.empty()) {
+        error = ETIMEDOUT;
+        break;
+      }
+    }
+    if (dead_.load(std::memory_order_acquire)) error = ECONNRESET;
+    if (error == 0) {
+      const uint32_t index = free_.back();
+      Pending& p = pending_[index];
+      if (++p.generation == 0) p.generation = 1;  // id 0 is the hello
+      const uint64_t id = (uint64_t{p.generation} << 32) | index;
+      msg->token = id;
+      // Descriptors go first, so they are there when the server reads the envelope.
+      if (!msg->fds.empty()) {
+        if (auto sent = fds_.Send(id, msg->fds); !sent) {
+          error = sent.error().value == EPIPE ? ECONNRESET : sent.error().value;
+        }
+      }
+      const auto fd_count = static_cast<uint16_t>(msg->fds.size());
+      // The ring has a cell for every slot, so a push finds room unless a misbehaving
+      // peer stopped taking requests.
+      if (error == 0 && !segment_->requests.TryPush([&](Cell& c) { encode(c, *msg, id, fd_count); })) error = EAGAIN;
+      if (error == 0) {
+        msg->fds.clear();  // they travelled; the server has its copies
+        free_.pop_back();
+        p.msg = std::move(msg);
+      }
+    }
+  }
+  if (error != 0) {
+    counters().refused.fetch_add(1, std::memory_order_relaxed);
+    Reply(std::move(msg), error);
+    return;
+  }
+  segment_->header->requests_ec.Notify();
+}
+
+void ShmClientPort::Put(MessagePtr msg) {
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  if (!shm::Fits(slot_bytes, msg->payload.size())) {
+    counters().refused.fetch_add(1, std::memory_order_relaxed);
+    Reply(std::move(msg), EMSGSIZE);
+    return;
+  }
+  Enqueue(std::move(msg), [slot_bytes](Cell& c, const Message& m, uint64_t id, uint16_t fd_count) {
+    // Fits (checked above); were it not so, an empty cell makes the server answer EBADMSG.
+    if (!shm::EncodeCell(c, slot_bytes, m, id, 0, fd_count)) c.len = 0;
+  });
+}
+
+void ShmClientPort::PutRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  Enqueue(std::move(msg), [&](Cell& c, const Message&, uint64_t id, uint16_t) {
+    shm::WriteRawCell(c, id, bytes, claimed_len, slot_bytes);
+  });
+}
+
+MessagePtr ShmClientPort::TakePending(uint64_t id) {
+  const auto index = static_cast<uint32_t>(id & 0xffffffffu);
+  const auto generation = static_cast<uint32_t>(id >> 32);
+  MessagePtr msg;
+  {
+    std::lock_guard lock(mu_);
+    if (index >= pending_.size()) return nullptr;
+    Pending& p = pending_[index];
+    if (!p.msg || p.generation != generation) return nullptr;
+    msg = std::move(p.msg);
+    free_.push_back(index);
+  }
+  room_cv_.notify_one();
+  return msg;
+}
+
+bool ShmClientPort::Drain() {
+  bool delivered = false;
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  for (;;) {
+    MessagePtr msg;
+    int error = 0;
+    uint64_t id = 0;
+    uint16_t fd_count = 0;
+    std::string why;
+    const bool popped = segment_->replies.TryPop([&](Cell& c) {
+      id = c.id;
+      msg = TakePending(id);
+      if (!msg) return;  // a stale or forged id: nobody waits for it
+      auto d = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
+      if (!d) {
+        error = d.error().value;
+        return;
+      }
+      error = d->error;
+      fd_count = d->fd_count;
+    });
+    if (!popped) break;
+    if (!msg) {
+      counters().bad_input.fetch_add(1, std::memory_order_relaxed);
+      Logger("msgport")->warn("{}: reply for unknown message id {:#x} ignored", name(), id);
+      continue;
+    }
+    if (!why.empty()) {
+      counters().bad_input.fetch_add(1, std::memory_order_relaxed);
+      Logger("msgport")->warn("{}: malformed reply (id {:#x}) refused: {}", name(), id, why);
+    }
+    if (fd_count != 0) {
+      auto fds = fds_.Take(id, fd_count, Clock::now() + shm::kFdWait);
+      if (fds) {
+        msg->fds = std::move(*fds);
+      } else {
+        error = fds.error().value;
+      }
+    }
+    counters().replied.fetch_add(1, std::memory_order_relaxed);
+    delivered = true;
+    Reply(std::move(msg), error);
+  }
+  return delivered;
+}
+
+bool ShmClientPort::Poll() {
+  if (!segment_->replies.HasReady()) return false;
+  std::unique_lock role(drain_mu_, std::try_to_lock);
+  if (!role.owns_lock()) return false;
+  return Drain();
+}
+
+void ShmClientPort::Helping(bool on) {
+  auto& h = *segment_->header;
+  if (on) {
+    h.reply_helpers.fetch_add(1, std::memory_order_seq_cst);
+    return;
+  }
+  h.reply_helpers.fetch_sub(1, std::memory_order_seq_cst);
+  // A reply pushed while the server saw a helper, and not drained by one, must not be
+  // left without a thread to deliver it: wake the reply thread.
+  if (segment_->replies.HasReady()) h.replies_ec.NotifyAlways();
+}
+
+void ShmClientPort::WaitSync(SyncWaiter& waiter, Deadline deadline) {
+  // Deliver replies ourselves while they come quickly (no futex on either side), then
+  // sleep and let the reply thread deliver.
+  const Deadline spin_end = std::min(deadline, Clock::now() + shm::kSpinTime);
+  Helping(true);
+  for (int i = 0; !waiter.Ready(); ++i) {
+    if (!Poll()) CpuRelax();
+    if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+  }
+  Helping(false);
+  if (!waiter.Ready()) waiter.Wait(deadline);
+}
+
+void ShmClientPort::DispatchReplies() noexcept {
+  auto& ec = segment_->header->replies_ec;
+  while (!stopping_.load(std::memory_order_acquire) && !dead_.load(std::memory_order_acquire)) {
+    uint32_t key = ec.Prepare();
+    if (segment_->replies.HasReady()) {
+      ec.Cancel();
+      std::lock_guard role(drain_mu_);
+      Drain();
+      continue;
+    }
+    ec.Wait(key, shm::kIdleSleep);
+  }
+}
+
+void ShmClientPort::WatchPeer() noexcept {
+  while (!stopping_.load(std::memory_order_acquire)) {
+    auto r = fds_.Pump(std::chrono::milliseconds(100), pidfd_.get());
+    if (r == FdChannel::PumpResult::kClosed || r == FdChannel::PumpResult::kExtraReady) {
+      OnPeerDeath();
+      return;
+    }
+  }
+}
+
+void ShmClientPort::OnPeerDeath() noexcept {
+  dead_.store(true, std::memory_order_release);
+  segment_->header->replies_ec.NotifyAlways();  // the reply thread exits
+  size_t lost_count = 0;
+  try {
+    {
+      // Replies the server finished before it died are real answers: deliver them.
+      std::lock_guard role(drain_mu_);
+      Drain();
+    }
+    std::vector<MessagePtr> lost;
+    {
+      std::lock_guard lock(mu_);
+      for (uint32_t i = 0; i < pending_.size(); ++i) {
+        if (!pending_[i].msg) continue;
+        lost.push_back(std::move(pending_[i].msg));
+        free_.push_back(i);
+      }
+    }
+    room_cv_.notify_all();
+    lost_count = lost.size();
+    for (auto& m : lost) {
+      counters().refused.fetch_add(1, std::memory_order_relaxed);
+      Reply(std::move(m), ECONNRESET);
+    }
+  } catch (const std::exception& e) {
+    Logger("msgport")->error("{}: while failing outstanding messages: {}", name(), e.what());
+  }
+  Logger("msgport")->warn("{}: server gone; {} outstanding message(s) replied ECONNRESET", name(), lost_count);
+}
+
+// --- server -----------------------------------------------------------------------
+
+Result<std::unique_ptr<ShmServerPort>> ShmServerPort::Attach(const std::string& segment_name, UniqueFd socket) {
+  auto segment = shm::OpenSegment(segment_name);
+  if (!segment) return std::unexpected(segment.error());
+  std::unique_ptr<ShmServerPort> port(new ShmServerPort(std::move(*segment), std::move(socket)));
+  if (auto hello = port->fds_.Send(0, {}); !hello) return std::unexpected(hello.error());
+  return port;
+}
+
+ShmServerPort::ShmServerPort(std::unique_ptr<shm::Segment> segment, UniqueFd socket)
+    : Port("shm-server:" + std::string(segment->object.get_name())),
+      segment_(std::move(segment)),
+      fds_(std::move(socket)) {}
+
+ShmServerPort::~ShmServerPort() = default;
+
+void ShmServerPort::Stop() noexcept {
+  stop_.store(true, std::memory_order_release);
+  segment_->header->requests_ec.NotifyAlways();
+}
+
+void ShmServerPort::Put(MessagePtr msg) {
+  counters().refused.fetch_add(1, std::memory_order_relaxed);
+  Reply(std::move(msg), EINVAL);
+}
+
+bool ShmServerPort::ServeOne(Server& server) {
+  MessagePtr msg;
+  Result<shm::Decoded> decoded = Fail(EBADMSG);
+  uint64_t cell_id = 0;
+  std::string why;
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  const bool popped = segment_->requests.TryPop([&](Cell& c) {
+    cell_id = c.id;
+    msg = Message::Make();
+    decoded = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
+  });
+  if (!popped) return false;
+  counters().put.fetch_add(1, std::memory_order_relaxed);
+  msg->token = cell_id;
+  msg->reply_port = this;
+  msg->target_port = this;
+  msg->flags_.store(0, std::memory_order_release);  // in flight: it must be replied
+  if (!decoded) {
+    counters().bad_input.fetch_add(1, std::memory_order_relaxed);
+    Logger("msgport")->warn("{}: malformed request (id {:#x}) refused: {}", name(), cell_id, why);
+    Reply(std::move(msg), decoded.error().value);
+    return true;
+  }
+  msg->command = decoded->command;
+  if (decoded->flags & kMsgAborted) msg->flags_.fetch_or(kMsgAborted, std::memory_order_relaxed);
+  if (decoded->deadline_ns != 0) msg->deadline = Deadline(std::chrono::nanoseconds(decoded->deadline_ns));
+  if (decoded->fd_count != 0) {
+    auto fds = fds_.Take(cell_id, decoded->fd_count, Clock::now() + shm::kFdWait);
+    if (!fds) {
+      counters().bad_input.fetch_add(1, std::memory_order_relaxed);
+      Reply(std::move(msg), fds.error().value == ETIMEDOUT ? EBADMSG : fds.error().value);
+      return true;
+    }
+    msg->fds = std::move(*fds);
+  }
+  server.Serve(std::move(msg));
+  return true;
+}
+
+void ShmServerPort::Serve(Server& server) {
+  auto& ec = segment_->header->requests_ec;
+  while (!stop_.load(std::memory_order_acquire)) {
+    if (ServeOne(server)) continue;
+    const Deadline spin_end = Clock::now() + shm::kSpinTime;
+    bool got = false;
+    for (int i = 0; !got; ++i) {
+      got = segment_->requests.HasReady() || stop_.load(std::memory_order_relaxed);
+      CpuRelax();
+      if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+    }
+    if (got) continue;
+    uint32_t key = ec.Prepare();
+    if (segment_->requests.HasReady() || stop_.load(std::memory_order_acquire)) {
+      ec.Cancel();
+      continue;
+    }
+    ec.Wait(key, shm::kIdleSleep);
+    // Idle: is the client still there? (Reads any descriptor frames into the stash.)
+    if (!segment_->requests.HasReady() &&
+        fds_.Pump(std::chrono::milliseconds(0)) == FdChannel::PumpResult::kClosed) {
+      Logger("msgport")->info("{}: client gone, serving stops", name());
+      return;
+    }
+  }
+}
+
+template <class Encode>
+void ShmServerPort::PushReply(Encode&& encode) {
+  // The client keeps at most one message per cell in flight, so room comes unless it
+  // misbehaves or is gone: then the reply is dropped, not waited for forever.
+  for (int i = 0; !segment_->replies.TryPush(encode); ++i) {
+    if (fds_.closed() || i > 1'000'000) return;
+    if (i > 1000) std::this_thread::yield();
+  }
+  auto& h = *segment_->header;
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (h.reply_helpers.load(std::memory_order_relaxed) == 0) h.replies_ec.Notify();
+}
+
+void ShmServerPort::PutReply(MessagePtr msg) {
+  counters().replied.fetch_add(1, std::memory_order_relaxed);
+  const uint64_t id = msg->token;
+  int error = msg->error;
+  if (!msg->fds.empty()) {
+    if (auto sent = fds_.Send(id, msg->fds); !sent) {
+      error = EIO;
+      msg->fds.clear();
+    }
+  }
+  const auto fd_count = static_cast<uint16_t>(msg->fds.size());
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  PushReply([&](Cell& c) {
+    if (shm::EncodeCell(c, slot_bytes, *msg, id, error, fd_count)) return;
+    // Too large for a cell: the answer becomes EMSGSIZE, without payload.
+    msg->payload.clear();
+    if (fd_count != 0) fds_.Discard(id);
+    (void)shm::EncodeCell(c, slot_bytes, *msg, id, EMSGSIZE, 0);
+  });
+}
+
+void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
+  const uint64_t id = msg->token;
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  msg->reply_port = nullptr;  // answered by hand below; the message itself just goes
+  Reply(std::move(msg), 0);
+  PushReply([&](Cell& c) { shm::WriteRawCell(c, id, bytes, claimed_len, slot_bytes); });
+}
+
+}  // namespace ulsp::msgport

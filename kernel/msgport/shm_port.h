@@ -1,0 +1,152 @@
+// Shared-memory ports: a message port between two processes.
+//
+// The client process (the shim, which owns the kernel endpoint) creates a segment
+// (Boost.Interprocess, named /dev/shm/ulsp.<pid>.<n>) holding two rings of fixed-size
+// cells — requests and replies — and a SOCK_SEQPACKET socket pair beside it. The
+// server process (a ULSP) attaches with the segment's name and its end of the socket.
+// Each message crosses as a Cap'n Proto Envelope written in place into a cell; its
+// descriptors go over the socket. Neither side makes a system call per message while
+// the other is awake: each spins briefly when idle and wakes the other through a futex
+// only when it sleeps.
+//
+// Failure: the client learns of the server's death from the kernel (socket end-of-file,
+// optionally a pidfd) and replies every message outstanding to it with ECONNRESET at
+// once; later sends get ECONNRESET too. Every frame read from the segment is
+// validated: a corrupt or truncated one is refused (its message replied EBADMSG when
+// its id is known) and the port keeps serving. A segment's name is unlinked as soon as
+// the server has attached; names left by killed processes are removed by the next
+// Create in any process.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernel/msgport/fd_channel.h"
+#include "kernel/msgport/port.h"
+
+namespace ulsp::msgport {
+
+struct ShmPortOptions {
+  uint32_t slots = 256;        // messages in flight at most; a power of two
+  uint32_t slot_bytes = 4096;  // the largest encoded envelope (payload plus ~64 bytes)
+  FullPolicy full = FullPolicy::kWait;  // when `slots` messages are in flight
+};
+
+namespace shm {
+struct Segment;  // the mapping and its layout (shm_port.cc)
+}
+
+// The sending side. Put and the generic operations are thread-safe.
+class ShmClientPort final : public Port {
+ public:
+  // Creates the segment and the socket pair. Fails with the errno of shm_open,
+  // ftruncate or mmap (ENOSPC when /dev/shm is full), or EINVAL for bad options.
+  static Result<std::unique_ptr<ShmClientPort>> Create(std::string name, const ShmPortOptions& options = {});
+  // Replies every outstanding message with ECONNRESET; the server sees end-of-file.
+  ~ShmClientPort() override;
+
+  // The name the server attaches to (valid until WaitForServer returns).
+  const std::string& segment_name() const noexcept { return segment_name_; }
+  // The server's end of the socket, to be inherited by the server process (it is
+  // close-on-exec: clear that, or dup2 it, in the child).
+  UniqueFd TakeServerSocket() noexcept { return std::move(server_socket_); }
+
+  // Waits for the server's hello, then unlinks the segment's name and starts watching
+  // the server. With a pid, its pidfd is watched too (for a server whose children keep
+  // the socket open). Fails with ETIMEDOUT, or ECONNRESET when the server went away.
+  Result<void> WaitForServer(Deadline deadline, pid_t server_pid = 0);
+
+  bool peer_alive() const noexcept { return !dead_.load(std::memory_order_acquire); }
+  size_t outstanding() const;
+
+  void Put(MessagePtr msg) override;
+  void WaitSync(SyncWaiter& waiter, Deadline deadline) override;
+  bool Poll() override;
+  void Helping(bool on) override;
+
+  // Test hook for hostile input: sends `msg` like Put, but puts `bytes` in the cell
+  // in place of its encoded envelope, with `claimed_len` as the cell's length.
+  void PutRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len);
+
+ private:
+  ShmClientPort(std::string name, std::unique_ptr<shm::Segment> segment, UniqueFd mine, UniqueFd theirs,
+                const ShmPortOptions& options);
+  // Reserves a slot for msg and pushes it; `encode` writes the cell. Replies msg with
+  // an errno when it cannot be sent.
+  template <class Encode>
+  void Enqueue(MessagePtr msg, Encode&& encode);
+  MessagePtr TakePending(uint64_t id);
+  bool Drain();  // drain_mu_ held
+  void WatchPeer() noexcept;
+  void DispatchReplies() noexcept;
+  void OnPeerDeath() noexcept;
+
+  std::string segment_name_;
+  std::unique_ptr<shm::Segment> segment_;
+  FdChannel fds_;
+  UniqueFd server_socket_;
+  UniqueFd pidfd_;
+  const FullPolicy full_;
+  bool name_unlinked_ = false;
+
+  struct Pending {
+    MessagePtr msg;
+    uint32_t generation = 0;
+  };
+  mutable std::mutex mu_;  // guards pending_, free_; taken after drain_mu_ when both
+  std::condition_variable room_cv_;
+  std::vector<Pending> pending_;
+  std::vector<uint32_t> free_;
+
+  std::mutex drain_mu_;  // the right to pop the reply ring
+  std::atomic<bool> dead_{false};
+  std::atomic<bool> stopping_{false};
+  std::thread watcher_;
+  std::thread dispatcher_;
+};
+
+// The serving side, in the ULSP's process. Serve runs the loop in the calling
+// thread; PutReply (called through Reply) is thread-safe, so a server may reply from
+// any thread.
+class ShmServerPort final : public Port {
+ public:
+  // Maps the segment, checks its layout, and says hello on `socket`. EINVAL for a
+  // segment that is not a valid port (wrong magic, version or size).
+  static Result<std::unique_ptr<ShmServerPort>> Attach(const std::string& segment_name, UniqueFd socket);
+  ~ShmServerPort() override;
+
+  // Serves requests with `server` until the client goes away or Stop is called.
+  void Serve(Server& server);
+  // Makes Serve return soon; callable from any thread or a signal-free context.
+  void Stop() noexcept;
+
+  void Put(MessagePtr msg) override;       // not a request port on this side: EINVAL
+  void PutReply(MessagePtr msg) override;  // encodes the reply into the reply ring
+
+  // Test hook: replies `msg` with raw bytes in place of its encoded envelope.
+  void ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len);
+
+ private:
+  ShmServerPort(std::unique_ptr<shm::Segment> segment, UniqueFd socket);
+  bool ServeOne(Server& server);
+  template <class Encode>
+  void PushReply(Encode&& encode);
+
+  std::unique_ptr<shm::Segment> segment_;
+  FdChannel fds_;
+  std::atomic<bool> stop_{false};
+};
+
+// Removes /dev/shm/ulsp.<pid>.* names whose creating process no longer exists.
+// Returns how many it removed. Create calls it once per process.
+int RemoveStaleSegments();
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,84 @@
+#include "kernel/msgport/thread_port.h"
+
+namespace ulsp::msgport {
+
+ThreadPort::ThreadPort(std::string name, Server& server, size_t capacity, FullPolicy full)
+    : Port(std::move(name)), server_(server), queue_(capacity), full_(full), thread_([this] { Run(); }) {}
+
+ThreadPort::~ThreadPort() {
+  stopping_.store(true, std::memory_order_release);
+  queue_.WakeAll();
+  thread_.join();
+  // queue_'s destructor replies what is left with ECONNRESET.
+}
+
+void ThreadPort::Put(MessagePtr msg) {
+  if (stopping_.load(std::memory_order_acquire)) {
+    counters().refused.fetch_add(1, std::memory_order_relaxed);
+    Reply(std::move(msg), ECONNRESET);
+    return;
+  }
+  msg->flags_.fetch_or(kMsgQueued, std::memory_order_relaxed);
+  if (queue_.TryPush(msg)) return;
+  int error = EAGAIN;
+  if (full_ == FullPolicy::kWait) {
+    if (queue_.Push(msg, msg->deadline)) return;
+    error = ETIMEDOUT;
+  }
+  counters().refused.fetch_add(1, std::memory_order_relaxed);
+  Reply(std::move(msg), error);
+}
+
+void ThreadPort::Run() noexcept {
+  while (!stopping_.load(std::memory_order_acquire)) {
+    MessagePtr msg = queue_.Pop(kNoDeadline, &stopping_);
+    if (!msg) continue;
+    msg->flags_.fetch_and(~kMsgQueued, std::memory_order_acq_rel);
+    if (msg->aborted()) {
+      Reply(std::move(msg), ECANCELED);
+      continue;
+    }
+    server_.Serve(std::move(msg));
+  }
+}
+
+void ReplyQueue::Put(MessagePtr msg) {
+  counters().refused.fetch_add(1, std::memory_order_relaxed);
+  Reply(std::move(msg), EINVAL);
+}
+
+void ReplyQueue::PutReply(MessagePtr msg) {
+  counters().replied.fetch_add(1, std::memory_order_relaxed);
+  if (!queue_.TryPush(msg)) (void)queue_.Push(msg, kNoDeadline);
+}
+
+MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
+  if (MessagePtr m = queue_.TryPop()) return m;
+  if (helped_ != nullptr) {
+    // Deliver our own replies while they come quickly; then let the port's thread.
+    // Spin while replies keep coming (each one moves the end of the spin on).
+    constexpr auto kSpin = std::chrono::microseconds(50);
+    Deadline spin_end = std::min(deadline, Clock::now() + kSpin);
+    bool progressed_recently = false;
+    helped_->Helping(true);
+    for (int i = 0;; ++i) {
+      bool progressed = helped_->Poll();
+      progressed_recently |= progressed;
+      if (MessagePtr m = queue_.TryPop()) {
+        helped_->Helping(false);
+        return m;
+      }
+      if (!progressed) CpuRelax();
+      if ((i & 63) == 63) {
+        const Deadline now = Clock::now();
+        if (progressed_recently) spin_end = std::min(deadline, now + kSpin);
+        progressed_recently = false;
+        if (now >= spin_end) break;
+      }
+    }
+    helped_->Helping(false);
+  }
+  return queue_.Pop(deadline);
+}
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,346 @@
+// The shared-memory port between two real processes: round trips, descriptors both
+// ways, the death of the server (kill -9) with many messages outstanding, hostile
+// frames in the rings, stale segments, and many threads and processes at once.
+#include "kernel/msgport/shm_port.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <atomic>
+#include <boost/interprocess/shared_memory_object.hpp>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <thread>
+
+#include "kernel/msgport/thread_port.h"
+#include "tests/msgport/spawned_server.h"
+#include "tests/msgport/test_commands.h"
+
+namespace ulsp::msgport {
+namespace {
+
+using namespace std::chrono_literals;
+using namespace testing;
+
+MessagePtr Make(uint32_t cmd, std::vector<std::byte> payload = {}) {
+  MessagePtr m = Message::Make(cmd);
+  m->payload = std::move(payload);
+  return m;
+}
+
+int Answer(Port& port, MessagePtr m, Deadline deadline = After(10s)) {
+  auto r = DoMsg(port, std::move(m), deadline);
+  return r ? (*r)->error : -r.error().value;
+}
+
+TEST(ShmPort, EchoRoundTripsPayloadsOfEverySize) {
+  auto s = SpawnServer({.slots = 16, .slot_bytes = 4096});
+  ASSERT_TRUE(s.port);
+  for (size_t size : {0uz, 1uz, 7uz, 8uz, 63uz, 1000uz, 3000uz, 3900uz}) {
+    std::vector<std::byte> payload(size);
+    for (size_t i = 0; i < size; ++i) payload[i] = static_cast<std::byte>(i * 31 + size);
+    auto r = DoMsg(*s.port, Make(kEcho, payload), After(10s));
+    ASSERT_TRUE(r.has_value()) << size;
+    EXPECT_EQ((*r)->error, 0) << size;
+    EXPECT_EQ((*r)->payload, payload) << size;
+    EXPECT_EQ((*r)->command, kEcho);
+  }
+  EXPECT_EQ(s.port->outstanding(), 0u);
+}
+
+TEST(ShmPort, TooLargeForACellIsRefused_EMSGSIZE_BothWays) {
+  auto s = SpawnServer({.slots = 16, .slot_bytes = 1024});
+  ASSERT_TRUE(s.port);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho, std::vector<std::byte>(2000))), EMSGSIZE);
+  EXPECT_EQ(Answer(*s.port, Make(kBigReply, Bytes(uint32_t{5000}))), EMSGSIZE);
+  EXPECT_EQ(Answer(*s.port, Make(kBigReply, Bytes(uint32_t{500}))), 0);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0) << "the port keeps serving";
+}
+
+TEST(ShmPort, ServerErrnoReachesTheSender) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  EXPECT_EQ(Answer(*s.port, Make(kErrno, Bytes(uint32_t{ENOENT}))), ENOENT);
+  EXPECT_EQ(Answer(*s.port, Make(kErrno, Bytes(uint32_t{EACCES}))), EACCES);
+  EXPECT_EQ(Answer(*s.port, Make(999)), ENOSYS);
+}
+
+TEST(ShmPort, DescriptorsTravelToTheServer) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  int p[2];
+  ASSERT_EQ(::pipe2(p, O_CLOEXEC), 0);
+  UniqueFd read_end(p[0]);
+  std::string text = "written by the server through a passed descriptor";
+  MessagePtr m = Make(kWriteToFd, std::vector<std::byte>(reinterpret_cast<const std::byte*>(text.data()),
+                                                          reinterpret_cast<const std::byte*>(text.data()) + text.size()));
+  m->fds.emplace_back(p[1]);
+  auto r = DoMsg(*s.port, std::move(m), After(10s));
+  ASSERT_TRUE(r.has_value());
+  ASSERT_EQ((*r)->error, 0);
+  EXPECT_TRUE((*r)->fds.empty());
+  char buf[256] = {};
+  ASSERT_EQ(::read(read_end.get(), buf, sizeof buf), static_cast<ssize_t>(text.size()));
+  EXPECT_EQ(std::string(buf), text);
+}
+
+TEST(ShmPort, DescriptorsTravelBackInReplies) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  auto path = std::filesystem::temp_directory_path() / ("ulsp-fd-test-" + std::to_string(::getpid()));
+  std::ofstream(path) << "contents seen through the server's descriptor";
+  std::string p = path.string();
+  for (int i = 0; i < 50; ++i) {  // many, so descriptor frames and envelopes interleave
+    auto r = DoMsg(*s.port, Make(kOpenFile, std::vector<std::byte>(reinterpret_cast<const std::byte*>(p.data()),
+                                                                    reinterpret_cast<const std::byte*>(p.data()) + p.size())),
+                   After(10s));
+    ASSERT_TRUE(r.has_value());
+    ASSERT_EQ((*r)->error, 0);
+    ASSERT_EQ((*r)->fds.size(), 1u);
+    char buf[128] = {};
+    ASSERT_GT(::pread((*r)->fds[0].get(), buf, sizeof buf, 0), 0);
+    EXPECT_EQ(std::string(buf), "contents seen through the server's descriptor");
+    EXPECT_EQ(::fcntl((*r)->fds[0].get(), F_GETFD) & FD_CLOEXEC, FD_CLOEXEC) << "received fds are close-on-exec";
+  }
+  EXPECT_EQ(Answer(*s.port, Make(kOpenFile, Bytes(uint64_t{0}))), ENOENT);
+  std::filesystem::remove(path);
+}
+
+TEST(ShmPort, KillingTheServerRepliesEveryOutstandingMessage_ECONNRESET_Within100ms) {
+  auto s = SpawnServer({.slots = 512, .slot_bytes = 256});
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies", 1024);
+  replies.Help(*s.port);
+  constexpr int kCount = 400;
+  for (int i = 0; i < kCount; ++i) {
+    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{2000}));
+    m->reply_port = &replies;
+    Send(*s.port, std::move(m));
+  }
+  // A synchronous caller waiting too, from another thread.
+  std::atomic<int> sync_error{-1};
+  std::thread sync_caller([&] { sync_error = Answer(*s.port, Make(kSleepUs, Bytes(uint32_t{2000}))); });
+  std::this_thread::sleep_for(30ms);  // some served, most still outstanding
+  ASSERT_GT(s.port->outstanding(), 100u);
+  const auto killed_at = Clock::now();
+  s.Kill();
+  int ok = 0, reset = 0;
+  Deadline last_reply;
+  for (int i = 0; i < kCount; ++i) {
+    MessagePtr r = replies.Wait(After(5s));
+    ASSERT_TRUE(r) << "a message got no reply after the server died";
+    last_reply = Clock::now();
+    if (r->error == 0) ++ok;
+    else if (r->error == ECONNRESET) ++reset;
+    else ADD_FAILURE() << "unexpected error " << r->error;
+  }
+  sync_caller.join();
+  const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+      std::max(last_reply, Clock::now()) - killed_at);
+  EXPECT_EQ(sync_error.load(), ECONNRESET);
+  EXPECT_EQ(ok + reset, kCount);
+  EXPECT_GT(reset, 100);
+  EXPECT_LE(took.count(), 100) << "outstanding messages must fail within 100 ms of the death";
+  EXPECT_FALSE(replies.TryTake()) << "a message got two replies";
+  EXPECT_FALSE(s.port->peer_alive());
+  EXPECT_EQ(s.port->outstanding(), 0u);
+  // Later sends fail at once.
+  const auto start = Clock::now();
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), ECONNRESET);
+  EXPECT_LT(Clock::now() - start, 10ms);
+}
+
+TEST(ShmPort, ServerThatExitsInTheMiddleOfAMessage) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
+  const auto start = Clock::now();
+  EXPECT_EQ(Answer(*s.port, Make(kCrash)), ECONNRESET);
+  EXPECT_LT(Clock::now() - start, 100ms);
+}
+
+TEST(ShmPort, CorruptOrTruncatedRequestIsRefused_EBADMSG_AndThePortKeepsServing) {
+  auto s = SpawnServer({.slots = 16, .slot_bytes = 512});
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies");
+  replies.Help(*s.port);
+  std::vector<std::byte> garbage(128);
+  for (size_t i = 0; i < garbage.size(); ++i) garbage[i] = static_cast<std::byte>(i * 37 + 11);
+  // A valid envelope, to truncate.
+  struct Case {
+    const char* what;
+    std::vector<std::byte> bytes;
+    uint32_t claimed;
+  };
+  std::vector<Case> cases = {
+      {"random bytes", garbage, 128},
+      {"length beyond the cell", garbage, 100000},
+      {"length not a whole word", garbage, 61},
+      {"empty", {}, 0},
+      {"segment table claims more than the frame", {std::byte{0}, std::byte{0}, std::byte{0}, std::byte{0},
+                                                    std::byte{0xff}, std::byte{0xff}, std::byte{0}, std::byte{0},
+                                                    std::byte{0}, std::byte{0}, std::byte{0}, std::byte{0},
+                                                    std::byte{0}, std::byte{0}, std::byte{0}, std::byte{0}}, 16},
+      {"all zeros (a null root, so the id does not match)", std::vector<std::byte>(64), 64},
+  };
+  for (auto& c : cases) {
+    MessagePtr m = Make(kEcho);
+    m->reply_port = &replies;
+    s.port->PutRawForTest(std::move(m), c.bytes, c.claimed);
+    MessagePtr r = replies.Wait(After(10s));
+    ASSERT_TRUE(r) << c.what;
+    EXPECT_EQ(r->error, EBADMSG) << c.what;
+    EXPECT_EQ(Answer(*s.port, Make(kEcho, Bytes(uint64_t{42}))), 0) << "after " << c.what;
+  }
+  EXPECT_EQ(s.port->outstanding(), 0u);
+}
+
+TEST(ShmPort, CorruptReplyIsRefused_EBADMSG_AndThePortKeepsServing) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  for (int i = 0; i < 20; ++i) {
+    EXPECT_EQ(Answer(*s.port, Make(kCorruptReply)), EBADMSG);
+    EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
+  }
+  EXPECT_EQ(s.port->counters().bad_input.load(), 20u);
+}
+
+TEST(ShmPort, FullPolicyFailRepliesEAGAIN) {
+  auto s = SpawnServer({.slots = 4, .slot_bytes = 256, .full = FullPolicy::kFail});
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies");
+  for (int i = 0; i < 12; ++i) {
+    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{20000}));
+    m->reply_port = &replies;
+    Send(*s.port, std::move(m));
+  }
+  int again = 0, ok = 0;
+  for (int i = 0; i < 12; ++i) {
+    MessagePtr r = replies.Wait(After(10s));
+    ASSERT_TRUE(r);
+    r->error == EAGAIN ? ++again : (r->error == 0 ? ++ok : 0);
+  }
+  EXPECT_EQ(ok, 4);
+  EXPECT_EQ(again, 8);
+}
+
+TEST(ShmPort, FullPolicyWaitTimesOutAtTheMessagesDeadline) {
+  auto s = SpawnServer({.slots = 2, .slot_bytes = 256, .full = FullPolicy::kWait});
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies");
+  for (int i = 0; i < 2; ++i) {
+    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{300000}));
+    m->reply_port = &replies;
+    Send(*s.port, std::move(m));
+  }
+  const auto start = Clock::now();
+  auto r = DoMsg(*s.port, Make(kEcho), After(50ms));
+  EXPECT_GE(Clock::now() - start, 50ms);
+  ASSERT_TRUE(r.has_value());
+  EXPECT_EQ((*r)->error, ETIMEDOUT);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho), After(10s)), 0) << "waits for room, then is served";
+  for (int i = 0; i < 2; ++i) ASSERT_TRUE(replies.Wait(After(10s)));
+}
+
+TEST(ShmPort, DeadlineExpiresWhileTheServerLaterReplies) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  auto r = DoMsg(*s.port, Make(kSleepUs, Bytes(uint32_t{100000})), After(20ms));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), Errno(ETIMEDOUT));
+  std::this_thread::sleep_for(150ms);  // the late reply arrives and frees the message
+  EXPECT_EQ(s.port->outstanding(), 0u);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
+}
+
+TEST(ShmPort, SegmentNameIsGoneOnceTheServerAttached) {
+  auto port = ShmClientPort::Create("x");
+  ASSERT_TRUE(port.has_value());
+  std::string name = (*port)->segment_name();
+  EXPECT_TRUE(std::filesystem::exists("/dev/shm/" + name));
+  port->reset();  // never attached: the destructor removes it
+  EXPECT_FALSE(std::filesystem::exists("/dev/shm/" + name));
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  EXPECT_FALSE(std::filesystem::exists("/dev/shm/" + s.port->segment_name()));
+}
+
+TEST(ShmPort, StaleSegmentsOfKilledProcessesAreRemoved) {
+  // A process that creates a segment and is killed before any server attaches.
+  pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    auto port = ShmClientPort::Create("doomed");
+    if (!port) ::_exit(1);
+    ::kill(::getpid(), SIGKILL);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status));
+  std::string stale;
+  for (auto& e : std::filesystem::directory_iterator("/dev/shm")) {
+    if (e.path().filename().string().starts_with("ulsp." + std::to_string(child) + ".")) stale = e.path();
+  }
+  ASSERT_FALSE(stale.empty()) << "the killed process should have left its segment behind";
+  // One of a live process (this one) must stay.
+  auto mine = ShmClientPort::Create("mine");
+  ASSERT_TRUE(mine.has_value());
+  EXPECT_GE(RemoveStaleSegments(), 1);
+  EXPECT_FALSE(std::filesystem::exists(stale));
+  EXPECT_TRUE(std::filesystem::exists("/dev/shm/" + (*mine)->segment_name()));
+}
+
+TEST(ShmPort, AttachRefusesWhatIsNotAPort) {
+  auto missing = ShmServerPort::Attach("ulsp.no-such-segment", UniqueFd());
+  ASSERT_FALSE(missing.has_value());
+  EXPECT_EQ(missing.error(), Errno(ENOENT));
+  namespace bip = boost::interprocess;
+  std::string name = "ulsp-test-notaport-" + std::to_string(::getpid());
+  {
+    bip::shared_memory_object obj(bip::create_only, name.c_str(), bip::read_write);
+    obj.truncate(65536);
+  }
+  auto bad = ShmServerPort::Attach(name, UniqueFd());
+  bip::shared_memory_object::remove(name.c_str());
+  ASSERT_FALSE(bad.has_value());
+  EXPECT_EQ(bad.error(), Errno(EINVAL));
+}
+
+TEST(ShmPort, ManyThreadsAndProcessesAtOnce) {
+  std::vector<SpawnedServer> servers;
+  for (int i = 0; i < 3; ++i) {
+    servers.push_back(SpawnServer({.slots = 64, .slot_bytes = 512}));
+    ASSERT_TRUE(servers.back().port);
+  }
+  std::vector<int32_t> pids;
+  for (auto& s : servers) {
+    auto r = DoMsg(*s.port, Make(kPid), After(10s));
+    ASSERT_TRUE(r.has_value());
+    pids.push_back(From<int32_t>((*r)->payload));
+    EXPECT_EQ(pids.back(), s.pid);
+  }
+  std::atomic<int> ok{0}, wrong{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 6; ++t) {
+    threads.emplace_back([&, t] {
+      for (uint64_t i = 0; i < 3000; ++i) {
+        auto& s = servers[(static_cast<size_t>(t) + i) % servers.size()];
+        uint64_t tag = (static_cast<uint64_t>(t) << 32) | i;
+        auto r = DoMsg(*s.port, Make(kEcho, Bytes(tag)), After(20s));
+        if (r && (*r)->error == 0 && From<uint64_t>((*r)->payload) == tag) {
+          ok.fetch_add(1);
+        } else {
+          wrong.fetch_add(1);
+        }
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 6 * 3000);
+  EXPECT_EQ(wrong.load(), 0);
+}
+
+}  // namespace
+}  // namespace ulsp::msgport

@@ -1,0 +1,36 @@
+// Commands understood by shm_test_server, the ULSP process the shared-memory port
+// tests talk to. Shared by the server and the tests.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+namespace ulsp::msgport::testing {
+
+enum TestCommand : uint32_t {
+  kEcho = 1,          // reply with the request's payload
+  kSleepUs = 2,       // payload: uint32 microseconds to sleep before replying
+  kErrno = 3,         // payload: uint32 errno to reply with
+  kWriteToFd = 4,     // write the payload into the one descriptor sent, reply its byte count
+  kOpenFile = 5,      // payload: a path; reply with an O_RDONLY descriptor for it
+  kCorruptReply = 6,  // reply with garbage in place of an envelope
+  kCrash = 7,         // _exit(9) without replying
+  kPid = 8,           // reply with the server's pid
+  kBigReply = 9,      // payload: uint32 size; reply with that many bytes
+};
+
+template <class T>
+std::vector<std::byte> Bytes(const T& value) {
+  std::vector<std::byte> b(sizeof(T));
+  std::memcpy(b.data(), &value, sizeof(T));
+  return b;
+}
+template <class T>
+T From(const std::vector<std::byte>& b) {
+  T value{};
+  if (b.size() >= sizeof(T)) std::memcpy(&value, b.data(), sizeof(T));
+  return value;
+}
+
+}  // namespace ulsp::msgport::testing
