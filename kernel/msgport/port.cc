@@ -139,7 +139,7 @@ Result<MessagePtr> DoMsg(Port& port, MessagePtr msg, Deadline deadline) {
   port.counters().put.fetch_add(1, std::memory_order_relaxed);
   port.Put(std::move(msg));  // DirectPort serves here: the fast path.
 
-  while (!waiter->Ready() && Clock::now() < deadline) port.WaitSync(*waiter, deadline);
+  while (!waiter->Ready() && (deadline == kNoDeadline || Clock::now() < deadline)) port.WaitSync(*waiter, deadline);
   if (!waiter->Ready()) {
     // raw is alive: it is either still with the server or already in waiter->reply_.
     Abort(*raw);

@@ -69,8 +69,10 @@ class Port {
   // threads that wait on replies from several ports. Default: nothing to do.
   virtual bool Poll();
 
-  // A thread is (on) or is no longer (off) calling Poll in a loop while it waits, so a
-  // port may skip waking its own reply thread meanwhile. Default: nothing to do.
+  // A thread is calling Poll in a loop while it waits (on), so a port may skip waking
+  // its own reply thread meanwhile; "on" again every few microseconds renews that (it
+  // may be a lease that runs out). "off": the thread is about to sleep, so replies
+  // need the port's own thread again. Default: nothing to do.
   virtual void Helping(bool on);
 
   const std::string& name() const noexcept { return name_; }

@@ -79,6 +79,11 @@ class Ring {
         pos = index_->head.load(std::memory_order_relaxed);
       }
     }
+    // A cell larger than a cache line was written by another core: ask for all its
+    // lines at once, so reading it pays one miss's latency instead of one per line.
+    for (size_t off = 64; off < stride_ && off < 256; off += 64) {
+      __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
+    }
     take(*cell);
     cell->seq.store(pos + mask_ + 1, std::memory_order_release);
     return true;

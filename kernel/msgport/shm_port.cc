@@ -28,8 +28,17 @@ namespace shm {
 constexpr uint64_t kMagic = 0x6d68732d70736c75ULL;  // "ulsp-shm"
 constexpr uint32_t kVersion = 1;
 constexpr auto kSpinTime = std::chrono::microseconds(50);
+// How long a reply-polling lease lasts (renewed at half-life while a thread polls).
+// Also the longest a reply may wait when the thread that held the lease stops polling
+// while asynchronous messages are in flight: the reply thread then wakes at the
+// lease's end. Synchronous waiters never wait on it (they end the lease to sleep).
+constexpr int64_t kLeaseNs = 1'000'000;
 constexpr auto kIdleSleep = std::chrono::milliseconds(100);
 constexpr auto kFdWait = std::chrono::seconds(1);  // descriptors are sent before the envelope
+
+int64_t NowNs() noexcept {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
+}
 
 // One ring cell: the sequence number the ring needs, the message id (outside the
 // envelope, so a corrupt envelope can still be answered), the envelope's length,
@@ -50,7 +59,11 @@ struct Header {
   uint32_t slot_bytes;
   uint32_t creator_pid;
   uint64_t total_size;
-  alignas(64) std::atomic<uint32_t> reply_helpers;  // client threads polling the reply ring
+  // A client thread polls the reply ring until this CLOCK_MONOTONIC time (ns; 0: none
+  // does): until then the server need not wake the client's reply thread. Written
+  // by the client at most once per half lease while it polls, so the line the server
+  // reads after every reply stays shared instead of moving between cores.
+  alignas(64) std::atomic<int64_t> reply_poll_until_ns;
   RingIndex requests;
   alignas(64) EventCount requests_ec;  // the server sleeps here
   RingIndex replies;
@@ -134,9 +147,11 @@ Result<std::unique_ptr<Segment>> OpenSegment(const std::string& name) {
   return seg;
 }
 
-// Words an envelope needs beyond its payload: root pointer, struct (4 data words and
-// 1 pointer), and slack. The builder writes no further than this.
-constexpr size_t kEnvelopeWords = 16;
+// Words an Envelope needs beyond its payload: the root pointer and the struct (4 data
+// words, 1 pointer). The builder gets exactly this much zeroed memory, so nothing
+// else of the cell is touched; were the schema to grow, the builder would overflow
+// and EncodeCell fail loudly (the tests would see it), never write past the cell.
+constexpr size_t kEnvelopeWords = 6;
 constexpr bool Fits(uint32_t slot_bytes, size_t payload_bytes) {
   return kEnvelopeWords + (payload_bytes + 7) / 8 <= (slot_bytes - 8) / sizeof(capnp::word);
 }
@@ -201,7 +216,7 @@ void WriteRawCell(Cell& cell, uint64_t id, std::span<const std::byte> bytes, uin
                   uint32_t slot_bytes) {
   cell.id = id;
   cell.len = claimed_len;
-  std::memcpy(cell.data(), bytes.data(), std::min<size_t>(bytes.size(), slot_bytes));
+  if (!bytes.empty()) std::memcpy(cell.data(), bytes.data(), std::min<size_t>(bytes.size(), slot_bytes));
 }
 
 struct Decoded {
@@ -388,7 +403,9 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
       if (error == 0) {
         msg->fds.clear();  // they travelled; the server has its copies
         free_.pop_back();
+        if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_add(1, std::memory_order_relaxed);
         p.msg = std::move(msg);
+        in_flight_.fetch_add(1, std::memory_order_relaxed);
       }
     }
   }
@@ -431,6 +448,8 @@ MessagePtr ShmClientPort::TakePending(uint64_t id) {
     if (!p.msg || p.generation != generation) return nullptr;
     msg = std::move(p.msg);
     free_.push_back(index);
+    in_flight_.fetch_sub(1, std::memory_order_relaxed);
+    if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
   }
   room_cv_.notify_one();
   return msg;
@@ -490,41 +509,67 @@ bool ShmClientPort::Poll() {
 }
 
 void ShmClientPort::Helping(bool on) {
-  auto& h = *segment_->header;
   if (on) {
-    h.reply_helpers.fetch_add(1, std::memory_order_seq_cst);
-    return;
+    RenewLease(shm::NowNs());
+  } else {
+    EndLease();
   }
-  h.reply_helpers.fetch_sub(1, std::memory_order_seq_cst);
-  // A reply pushed while the server saw a helper, and not drained by one, must not be
-  // left without a thread to deliver it: wake the reply thread.
+}
+
+void ShmClientPort::RenewLease(int64_t now_ns) {
+  auto& lease = segment_->header->reply_poll_until_ns;
+  // Written at most once per half lease: the server reads this line after every reply.
+  if (lease.load(std::memory_order_relaxed) < now_ns + shm::kLeaseNs / 2) {
+    lease.store(now_ns + shm::kLeaseNs, std::memory_order_seq_cst);
+  }
+}
+
+void ShmClientPort::EndLease() {
+  auto& h = *segment_->header;
+  if (h.reply_poll_until_ns.load(std::memory_order_relaxed) == 0) return;
+  h.reply_poll_until_ns.store(0, std::memory_order_seq_cst);
+  // A reply pushed while the server still saw the lease, and not yet drained, must not
+  // be left without a thread to deliver it: wake the reply thread. (Either the server
+  // sees the lease ended and wakes it, or this check sees the reply.)
   if (segment_->replies.HasReady()) h.replies_ec.NotifyAlways();
 }
 
 void ShmClientPort::WaitSync(SyncWaiter& waiter, Deadline deadline) {
-  // Deliver replies ourselves while they come quickly (no futex on either side), then
-  // sleep and let the reply thread deliver.
-  const Deadline spin_end = std::min(deadline, Clock::now() + shm::kSpinTime);
-  Helping(true);
+  // Deliver replies ourselves while they come quickly (no futex on either side),
+  // holding a lease that tells the server not to wake the reply thread; then sleep and
+  // let the reply thread deliver.
+  const Deadline now = Clock::now();
+  const Deadline spin_end = std::min(deadline, now + shm::kSpinTime);
+  RenewLease(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count());
   for (int i = 0; !waiter.Ready(); ++i) {
     if (!Poll()) CpuRelax();
     if ((i & 63) == 63 && Clock::now() >= spin_end) break;
   }
-  Helping(false);
+  // Keep the lease while nothing else is in flight: the next DoMsg of this thread
+  // extends it without a write. Messages of others need the reply thread: end it.
+  if (!waiter.Ready() || in_flight_.load(std::memory_order_relaxed) != 0) EndLease();
   if (!waiter.Ready()) waiter.Wait(deadline);
 }
 
 void ShmClientPort::DispatchReplies() noexcept {
-  auto& ec = segment_->header->replies_ec;
+  auto& h = *segment_->header;
   while (!stopping_.load(std::memory_order_acquire) && !dead_.load(std::memory_order_acquire)) {
-    uint32_t key = ec.Prepare();
+    uint32_t key = h.replies_ec.Prepare();
     if (segment_->replies.HasReady()) {
-      ec.Cancel();
+      h.replies_ec.Cancel();
       std::lock_guard role(drain_mu_);
       Drain();
       continue;
     }
-    ec.Wait(key, shm::kIdleSleep);
+    // While a lease runs the server does not wake us; with asynchronous messages in
+    // flight (nobody waits on them in a polling loop for sure), look again when it
+    // ends.
+    auto sleep = std::chrono::nanoseconds(shm::kIdleSleep);
+    const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_relaxed);
+    if (lease != 0 && async_in_flight_.load(std::memory_order_relaxed) != 0) {
+      sleep = std::min(sleep, std::chrono::nanoseconds(std::max<int64_t>(lease - shm::NowNs(), 0) + 1000));
+    }
+    h.replies_ec.Wait(key, sleep);
   }
 }
 
@@ -553,8 +598,10 @@ void ShmClientPort::OnPeerDeath() noexcept {
       std::lock_guard lock(mu_);
       for (uint32_t i = 0; i < pending_.size(); ++i) {
         if (!pending_[i].msg) continue;
+        if ((pending_[i].msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
         lost.push_back(std::move(pending_[i].msg));
         free_.push_back(i);
+        in_flight_.fetch_sub(1, std::memory_order_relaxed);
       }
     }
     room_cv_.notify_all();
@@ -604,7 +651,8 @@ bool ShmServerPort::ServeOne(Server& server) {
   const uint32_t slot_bytes = segment_->slot_bytes();
   const bool popped = segment_->requests.TryPop([&](Cell& c) {
     cell_id = c.id;
-    msg = Message::Make();
+    msg = spare_.TryPop();  // a replied message, kept with its buffer
+    if (!msg) msg = Message::Make();
     decoded = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
   });
   if (!popped) return false;
@@ -612,6 +660,9 @@ bool ShmServerPort::ServeOne(Server& server) {
   msg->token = cell_id;
   msg->reply_port = this;
   msg->target_port = this;
+  msg->error = 0;
+  msg->deadline = kNoDeadline;
+  msg->fds.clear();
   msg->flags_.store(0, std::memory_order_release);  // in flight: it must be replied
   if (!decoded) {
     counters().bad_input.fetch_add(1, std::memory_order_relaxed);
@@ -672,7 +723,8 @@ void ShmServerPort::PushReply(Encode&& encode) {
   }
   auto& h = *segment_->header;
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (h.reply_helpers.load(std::memory_order_relaxed) == 0) h.replies_ec.Notify();
+  const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_relaxed);
+  if (lease == 0 || lease <= shm::NowNs()) h.replies_ec.Notify();
 }
 
 void ShmServerPort::PutReply(MessagePtr msg) {
@@ -694,6 +746,11 @@ void ShmServerPort::PutReply(MessagePtr msg) {
     if (fd_count != 0) fds_.Discard(id);
     (void)shm::EncodeCell(c, slot_bytes, *msg, id, EMSGSIZE, 0);
   });
+  // Keep the message (and its payload's capacity) for the next request; a message no
+  // longer in flight with no reply port is simply deleted wherever it ends up.
+  msg->reply_port = nullptr;
+  msg->fds.clear();
+  if (msg->payload.capacity() <= kMaxSparePayload) (void)spare_.TryPush(msg);
 }
 
 void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {

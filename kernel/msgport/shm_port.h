@@ -30,6 +30,7 @@
 #include <vector>
 
 #include "kernel/msgport/fd_channel.h"
+#include "kernel/msgport/message_queue.h"
 #include "kernel/msgport/port.h"
 
 namespace ulsp::msgport {
@@ -85,6 +86,10 @@ class ShmClientPort final : public Port {
   void Enqueue(MessagePtr msg, Encode&& encode);
   MessagePtr TakePending(uint64_t id);
   bool Drain();  // drain_mu_ held
+  // Ends this client's reply-polling lease (see Header::reply_poll_until_ns) and makes
+  // sure a reply that came meanwhile reaches the reply thread.
+  void EndLease();
+  void RenewLease(int64_t now_ns);
   void WatchPeer() noexcept;
   void DispatchReplies() noexcept;
   void OnPeerDeath() noexcept;
@@ -105,6 +110,8 @@ class ShmClientPort final : public Port {
   std::condition_variable room_cv_;
   std::vector<Pending> pending_;
   std::vector<uint32_t> free_;
+  std::atomic<uint32_t> in_flight_{0};        // pending_ entries in use (read without mu_)
+  std::atomic<uint32_t> async_in_flight_{0};  // of those, sent without DoMsg
 
   std::mutex drain_mu_;  // the right to pop the reply ring
   std::atomic<bool> dead_{false};
@@ -143,6 +150,9 @@ class ShmServerPort final : public Port {
   std::unique_ptr<shm::Segment> segment_;
   FdChannel fds_;
   std::atomic<bool> stop_{false};
+  // Replied messages kept for reuse, so serving allocates nothing in the steady state.
+  static constexpr size_t kMaxSparePayload = 64 * 1024;
+  MessageQueue spare_{64};
 };
 
 // Removes /dev/shm/ulsp.<pid>.* names whose creating process no longer exists.

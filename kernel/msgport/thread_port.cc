@@ -64,12 +64,12 @@ MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
     for (int i = 0;; ++i) {
       bool progressed = helped_->Poll();
       progressed_recently |= progressed;
-      if (MessagePtr m = queue_.TryPop()) {
-        helped_->Helping(false);
-        return m;
-      }
+      // Returning keeps the lease: the caller is likely to wait again soon, and the
+      // port bounds what a lease left running can delay.
+      if (MessagePtr m = queue_.TryPop()) return m;
       if (!progressed) CpuRelax();
       if ((i & 63) == 63) {
+        helped_->Helping(true);  // renews the port's lease while we poll
         const Deadline now = Clock::now();
         if (progressed_recently) spin_end = std::min(deadline, now + kSpin);
         progressed_recently = false;
