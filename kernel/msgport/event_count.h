@@ -58,6 +58,10 @@ struct EventCount {
   // Wakes every sleeper, if there is one. Costs a fence and a load when nobody sleeps.
   void Notify() noexcept {
     std::atomic_thread_fence(std::memory_order_seq_cst);
+    NotifyFenced();
+  }
+  // Notify, for a caller that has just issued a sequentially consistent fence itself.
+  void NotifyFenced() noexcept {
     if (sleepers.load(std::memory_order_relaxed) != 0) NotifyAlways();
   }
   void NotifyAlways() noexcept {

@@ -23,12 +23,23 @@ MessageQueue::~MessageQueue() {
   while (MessagePtr msg = TryPop()) Reply(std::move(msg), ECONNRESET);
 }
 
-bool MessageQueue::TryPush(MessagePtr& msg) noexcept {
+bool MessageQueue::TryPushQuiet(MessagePtr& msg) noexcept {
   Message* raw = msg.get();
   if (!ring_.TryPush([raw](Cell& c) noexcept { c.msg = raw; })) return false;
   (void)msg.release();
+  return true;
+}
+
+bool MessageQueue::TryPush(MessagePtr& msg) noexcept {
+  if (!TryPushQuiet(msg)) return false;
   not_empty_.Notify();
   return true;
+}
+
+MessagePtr MessageQueue::TryPopQuiet() noexcept {
+  Message* raw = nullptr;
+  if (!ring_.TryPop([&raw](Cell& c) noexcept { raw = c.msg; })) return nullptr;
+  return MessagePtr(raw);
 }
 
 bool MessageQueue::Push(MessagePtr& msg, Deadline deadline) noexcept {
@@ -46,10 +57,9 @@ bool MessageQueue::Push(MessagePtr& msg, Deadline deadline) noexcept {
 }
 
 MessagePtr MessageQueue::TryPop() noexcept {
-  Message* raw = nullptr;
-  if (!ring_.TryPop([&raw](Cell& c) noexcept { raw = c.msg; })) return nullptr;
-  not_full_.Notify();
-  return MessagePtr(raw);
+  MessagePtr msg = TryPopQuiet();
+  if (msg) not_full_.Notify();
+  return msg;
 }
 
 MessagePtr MessageQueue::Pop(Deadline deadline, const std::atomic<bool>* stop) noexcept {

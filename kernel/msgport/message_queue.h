@@ -23,6 +23,10 @@ class MessageQueue {
 
   // Adds msg; returns false, leaving msg with the caller, when full.
   bool TryPush(MessagePtr& msg) noexcept;
+  // TryPush and TryPop for a queue nobody ever waits on (a pool): no wake-ups, so no
+  // fence per call.
+  bool TryPushQuiet(MessagePtr& msg) noexcept;
+  MessagePtr TryPopQuiet() noexcept;
   // Adds msg, waiting for room until deadline; false (msg left with the caller) if
   // none came.
   bool Push(MessagePtr& msg, Deadline deadline) noexcept;

@@ -15,6 +15,12 @@
 
 namespace ulsp::msgport {
 
+// Asks for a cache line with intent to write (PREFETCHW), so a later store does not
+// miss. GCC's __builtin_prefetch(p, 1) emits it only when compiling for a CPU that
+// has it, else a read prefetch, which leaves the line shared and useless to a writer.
+// CPUs without PREFETCHW execute this encoding as a no-op.
+inline void PrefetchForWrite(const void* p) noexcept { asm volatile("prefetchw %0" : : "m"(*static_cast<const char*>(p))); }
+
 // The two indices of a ring, each on its own cache line. Lives beside the cells.
 struct RingIndex {
   alignas(64) std::atomic<uint64_t> tail{0};  // next position to push
@@ -58,6 +64,12 @@ class Ring {
     }
     fill(*cell);
     cell->seq.store(pos + 1, std::memory_order_release);
+    // Prepare the next push while nobody waits. Its sequence number is read then:
+    // fetch it now (shared; the consumer may be spinning on it, so not for writing).
+    // Its later lines are only written: take them now, and writing them costs no miss.
+    const auto* next = reinterpret_cast<const std::byte*>(&At(pos + 1));
+    __builtin_prefetch(next);
+    for (size_t off = 64; off < stride_ && off < 256; off += 64) PrefetchForWrite(next + off);
     return true;
   }
 
@@ -81,9 +93,12 @@ class Ring {
     }
     // A cell larger than a cache line was written by another core: ask for all its
     // lines at once, so reading it pays one miss's latency instead of one per line.
+    // And the next cell's sequence number, which the next pop (or the consumer's
+    // spinning) reads first.
     for (size_t off = 64; off < stride_ && off < 256; off += 64) {
       __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
     }
+    __builtin_prefetch(&At(pos + 1));
     take(*cell);
     cell->seq.store(pos + mask_ + 1, std::memory_order_release);
     return true;

@@ -7,6 +7,8 @@
 #include <unistd.h>
 
 #include <bit>
+#include <cstddef>
+#include <x86intrin.h>
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <capnp/message.h>
@@ -40,17 +42,20 @@ int64_t NowNs() noexcept {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now().time_since_epoch()).count();
 }
 
-// One ring cell: the sequence number the ring needs, the message id (outside the
-// envelope, so a corrupt envelope can still be answered), the envelope's length,
-// then the envelope (a one-segment Cap'n Proto flat message).
+// One ring cell. Its sequence number (the ring's) has a cache line to itself: the
+// consumer spins reading it, and if the producer's writes of the message shared that
+// line, the line would move between the two cores once per store. Then the message
+// id (outside the envelope, so a corrupt envelope can still be answered), the
+// envelope's length, and the envelope: a one-segment Cap'n Proto flat message.
 struct Cell {
-  std::atomic<uint64_t> seq;
-  uint64_t id;
+  alignas(64) std::atomic<uint64_t> seq;
+  alignas(64) uint64_t id;
   uint32_t len;
   uint32_t reserved;
-  std::byte* data() noexcept { return reinterpret_cast<std::byte*>(this) + sizeof(Cell); }
+  static constexpr size_t kDataOffset = 64 + 16;
+  std::byte* data() noexcept { return reinterpret_cast<std::byte*>(this) + kDataOffset; }
 };
-static_assert(sizeof(Cell) % 8 == 0);
+static_assert(offsetof(Cell, len) + 8 == Cell::kDataOffset);
 
 struct Header {
   uint64_t magic;
@@ -71,7 +76,7 @@ struct Header {
 };
 
 constexpr size_t RoundUp(size_t n, size_t to) { return (n + to - 1) / to * to; }
-constexpr size_t Stride(uint32_t slot_bytes) { return RoundUp(sizeof(Cell) + slot_bytes, 64); }
+constexpr size_t Stride(uint32_t slot_bytes) { return RoundUp(Cell::kDataOffset + slot_bytes, 64); }
 constexpr size_t TotalSize(uint32_t slots, uint32_t slot_bytes) {
   return RoundUp(sizeof(Header), 64) + 2 * size_t{slots} * Stride(slot_bytes);
 }
@@ -651,7 +656,7 @@ bool ShmServerPort::ServeOne(Server& server) {
   const uint32_t slot_bytes = segment_->slot_bytes();
   const bool popped = segment_->requests.TryPop([&](Cell& c) {
     cell_id = c.id;
-    msg = spare_.TryPop();  // a replied message, kept with its buffer
+    msg = spare_.TryPopQuiet();  // a replied message, kept with its buffer
     if (!msg) msg = Message::Make();
     decoded = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
   });
@@ -724,7 +729,7 @@ void ShmServerPort::PushReply(Encode&& encode) {
   auto& h = *segment_->header;
   std::atomic_thread_fence(std::memory_order_seq_cst);
   const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_relaxed);
-  if (lease == 0 || lease <= shm::NowNs()) h.replies_ec.Notify();
+  if (lease == 0 || lease <= shm::NowNs()) h.replies_ec.NotifyFenced();
 }
 
 void ShmServerPort::PutReply(MessagePtr msg) {
@@ -750,7 +755,7 @@ void ShmServerPort::PutReply(MessagePtr msg) {
   // longer in flight with no reply port is simply deleted wherever it ends up.
   msg->reply_port = nullptr;
   msg->fds.clear();
-  if (msg->payload.capacity() <= kMaxSparePayload) (void)spare_.TryPush(msg);
+  if (msg->payload.capacity() <= kMaxSparePayload) (void)spare_.TryPushQuiet(msg);
 }
 
 void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
