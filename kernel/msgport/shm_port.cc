@@ -650,7 +650,8 @@ void ShmServerPort::Put(MessagePtr msg) {
 
 bool ShmServerPort::ServeOne(Server& server) {
   MessagePtr msg;
-  Result<shm::Decoded> decoded = Fail(EBADMSG);
+  shm::Decoded decoded;
+  int decode_error = 0;
   uint64_t cell_id = 0;
   std::string why;
   const uint32_t slot_bytes = segment_->slot_bytes();
@@ -658,7 +659,12 @@ bool ShmServerPort::ServeOne(Server& server) {
     cell_id = c.id;
     msg = spare_.TryPopQuiet();  // a replied message, kept with its buffer
     if (!msg) msg = Message::Make();
-    decoded = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
+    auto d = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
+    if (d) {
+      decoded = *d;
+    } else {
+      decode_error = d.error().value;
+    }
   });
   if (!popped) return false;
   counters().put.fetch_add(1, std::memory_order_relaxed);
@@ -669,17 +675,17 @@ bool ShmServerPort::ServeOne(Server& server) {
   msg->deadline = kNoDeadline;
   msg->fds.clear();
   msg->flags_.store(0, std::memory_order_release);  // in flight: it must be replied
-  if (!decoded) {
+  if (decode_error != 0) {
     counters().bad_input.fetch_add(1, std::memory_order_relaxed);
     Logger("msgport")->warn("{}: malformed request (id {:#x}) refused: {}", name(), cell_id, why);
-    Reply(std::move(msg), decoded.error().value);
+    Reply(std::move(msg), decode_error);
     return true;
   }
-  msg->command = decoded->command;
-  if (decoded->flags & kMsgAborted) msg->flags_.fetch_or(kMsgAborted, std::memory_order_relaxed);
-  if (decoded->deadline_ns != 0) msg->deadline = Deadline(std::chrono::nanoseconds(decoded->deadline_ns));
-  if (decoded->fd_count != 0) {
-    auto fds = fds_.Take(cell_id, decoded->fd_count, Clock::now() + shm::kFdWait);
+  msg->command = decoded.command;
+  if (decoded.flags & kMsgAborted) msg->flags_.fetch_or(kMsgAborted, std::memory_order_relaxed);
+  if (decoded.deadline_ns != 0) msg->deadline = Deadline(std::chrono::nanoseconds(decoded.deadline_ns));
+  if (decoded.fd_count != 0) {
+    auto fds = fds_.Take(cell_id, decoded.fd_count, Clock::now() + shm::kFdWait);
     if (!fds) {
       counters().bad_input.fetch_add(1, std::memory_order_relaxed);
       Reply(std::move(msg), fds.error().value == ETIMEDOUT ? EBADMSG : fds.error().value);

@@ -38,11 +38,11 @@ class EchoServer final : public Server {
  public:
   void Serve(MessagePtr msg) noexcept override {
     served.fetch_add(1);
-    last_thread = std::this_thread::get_id();
+    last_thread.store(std::this_thread::get_id());
     Reply(std::move(msg), 0);
   }
   std::atomic<int> served{0};
-  std::thread::id last_thread;
+  std::atomic<std::thread::id> last_thread;
 };
 
 // Keeps every message; the test replies (or drops) them when it likes.
@@ -210,22 +210,35 @@ TEST(Deadline, ManyExpireAndRaceTheirReplies) {
   EXPECT_EQ(CountedMessage::live.load(), live_before) << "a message leaked or was freed twice";
 }
 
-// Serves only while the test lets it: the first message blocks the server thread
-// until the gate opens.
+// Serves only once the test opens the gate (from any thread): until then the server
+// thread blocks on its first message.
 class GatedServer final : public Server {
  public:
   void Serve(MessagePtr msg) noexcept override {
-    std::lock_guard lock(gate);
+    {
+      std::unique_lock lock(mu_);
+      cv_.wait(lock, [&] { return open_; });
+    }
     served.fetch_add(1);
     Reply(std::move(msg), 0);
   }
-  std::mutex gate;
+  void Open() {
+    {
+      std::lock_guard lock(mu_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
   std::atomic<int> served{0};
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = false;
 };
 
 TEST(Abort, QueuedMessageIsReplied_ECANCELED_WithoutReachingTheServer) {
   GatedServer server;
-  std::unique_lock closed(server.gate);
   ThreadPort port("thread", server, 64);
   ReplyQueue replies("replies");
   MessagePtr first = Message::Make();
@@ -240,7 +253,7 @@ TEST(Abort, QueuedMessageIsReplied_ECANCELED_WithoutReachingTheServer) {
     Send(port, std::move(m));
   }
   for (Message* m : queued) Abort(*m);  // still queued: not yet replied
-  closed.unlock();
+  server.Open();
   int cancelled = 0, served_ok = 0;
   for (int i = 0; i < 11; ++i) {
     MessagePtr r = replies.Wait(After(5s));
@@ -326,9 +339,8 @@ TEST(ExactlyOneReply, DestroyingAThreadPortRepliesQueuedMessages_ECONNRESET) {
 }
 
 TEST(FullQueue, FailPolicyRepliesEAGAIN) {
-  GatedServer gated;
+  GatedServer gated;  // the server thread blocks on its first message
   CountingReplyPort replies;
-  std::unique_lock closed(gated.gate);  // the server thread blocks on its first message
   ThreadPort port("thread", gated, 4, FullPolicy::kFail);
   for (uint64_t i = 0; i < 20; ++i) {
     MessagePtr m = Message::Make();
@@ -342,7 +354,7 @@ TEST(FullQueue, FailPolicyRepliesEAGAIN) {
     EXPECT_GE(replies.errors.size(), 15u);
     for (int e : replies.errors) EXPECT_EQ(e, EAGAIN);
   }
-  closed.unlock();
+  gated.Open();
   auto deadline = After(5s);
   while (Clock::now() < deadline) {
     std::lock_guard lock(replies.mu);
@@ -355,7 +367,6 @@ TEST(FullQueue, FailPolicyRepliesEAGAIN) {
 
 TEST(FullQueue, WaitPolicyWaitsUntilTheDeadlineThenETIMEDOUT) {
   GatedServer gated;
-  std::unique_lock closed(gated.gate);
   ThreadPort port("thread", gated, 2, FullPolicy::kWait);
   ReplyQueue replies("replies");
   for (int i = 0; i < 3; ++i) {  // one with the server, two queued
@@ -372,7 +383,7 @@ TEST(FullQueue, WaitPolicyWaitsUntilTheDeadlineThenETIMEDOUT) {
   // With room coming before the deadline, the send waits and succeeds.
   std::thread opener([&] {
     std::this_thread::sleep_for(20ms);
-    closed.unlock();
+    gated.Open();
   });
   auto ok = DoMsg(port, Message::Make(), After(5s));
   opener.join();

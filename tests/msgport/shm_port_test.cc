@@ -268,6 +268,10 @@ TEST(ShmPort, SegmentNameIsGoneOnceTheServerAttached) {
 }
 
 TEST(ShmPort, StaleSegmentsOfKilledProcessesAreRemoved) {
+  // One of a live process (this one) must stay. Created first, so this process's
+  // once-per-process clean-up in Create has run before the stale segment exists.
+  auto mine = ShmClientPort::Create("mine");
+  ASSERT_TRUE(mine.has_value());
   // A process that creates a segment and is killed before any server attaches.
   pid_t child = ::fork();
   ASSERT_GE(child, 0);
@@ -284,9 +288,6 @@ TEST(ShmPort, StaleSegmentsOfKilledProcessesAreRemoved) {
     if (e.path().filename().string().starts_with("ulsp." + std::to_string(child) + ".")) stale = e.path();
   }
   ASSERT_FALSE(stale.empty()) << "the killed process should have left its segment behind";
-  // One of a live process (this one) must stay.
-  auto mine = ShmClientPort::Create("mine");
-  ASSERT_TRUE(mine.has_value());
   EXPECT_GE(RemoveStaleSegments(), 1);
   EXPECT_FALSE(std::filesystem::exists(stale));
   EXPECT_TRUE(std::filesystem::exists("/dev/shm/" + (*mine)->segment_name()));
