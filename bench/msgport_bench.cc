@@ -1,13 +1,16 @@
 // Message-port benchmark: round-trip latency (DoMsg) through each port kind and, in
 // the same run, the baselines — pipe and UNIX socketpair ping-pong between two
-// processes, Boost.Interprocess message_queue between two processes — then throughput
-// with 64 messages in flight. Prints p50/p99, ratios, and the issue's targets.
+// processes, Boost.Interprocess message_queue between two processes, and a spinning
+// one-cache-line ping-pong (the floor for anything over shared memory) — then
+// throughput with 64 messages in flight. Prints p50/p99, ratios, and the targets.
 //
-//   ulsp-msgport-bench [--seconds S] [--payload BYTES]
+//   ulsp-msgport-bench [--seconds S] [--rounds N] [--payload BYTES]
 //
-// The machines are shared and noisy: compare ratios within one run, not figures
-// across runs. The shared-memory server is this same program, started as
-//   ulsp-msgport-bench --serve SEGMENT FD
+// The machines are shared and noisy: every subject is measured in each of N
+// interleaved rounds and the medians are printed, so all see the same conditions.
+// Compare ratios within one run, not figures across runs. The shared-memory server is
+// this same program, started as  ulsp-msgport-bench --serve SEGMENT FD
+#include <fcntl.h>
 #include <sched.h>
 #include <sys/mman.h>
 #include <sys/prctl.h>
@@ -37,46 +40,19 @@ using namespace ulsp::msgport;
 namespace bip = boost::interprocess;
 using Nanos = std::chrono::nanoseconds;
 
-double g_seconds = 2.0;
+double g_seconds = 2.0;  // per subject, split over the rounds
+int g_rounds = 5;
 size_t g_payload = 64;
-std::string g_only;  // "shm-latency" or "shm-throughput": that alone (for profiling)
+std::string g_only;  // "shm-latency", "shm-throughput" or "spin": that alone (for profiling)
+
+Clock::duration RoundTime() {
+  return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_seconds / g_rounds));
+}
 
 class Echo final : public Server {
  public:
   void Serve(MessagePtr msg) noexcept override { Reply(std::move(msg), 0); }
 };
-
-struct Latency {
-  std::string name;
-  double p50_ns = 0, p99_ns = 0;
-  uint64_t count = 0;
-};
-
-// Times `one` (one round trip) repeatedly for g_seconds. With batch > 1, each sample
-// is the mean of `batch` consecutive round trips (for operations near the clock's
-// own cost, ~20 ns).
-Latency Measure(const std::string& name, const std::function<void()>& one, int batch = 1) {
-  for (int i = 0; i < 2000; ++i) one();  // warm up: caches, spinning peers, page faults
-  std::vector<double> samples;
-  samples.reserve(1 << 20);
-  const auto end = Clock::now() + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_seconds));
-  uint64_t count = 0;
-  while (Clock::now() < end) {
-    for (int k = 0; k < 256; ++k) {
-      auto t0 = Clock::now();
-      for (int b = 0; b < batch; ++b) one();
-      auto t1 = Clock::now();
-      samples.push_back(static_cast<double>(std::chrono::duration_cast<Nanos>(t1 - t0).count()) / batch);
-      count += static_cast<uint64_t>(batch);
-    }
-  }
-  std::sort(samples.begin(), samples.end());
-  Latency l{name};
-  l.p50_ns = samples[samples.size() / 2];
-  l.p99_ns = samples[samples.size() * 99 / 100];
-  l.count = count;
-  return l;
-}
 
 void Check(bool ok, const char* what) {
   if (!ok) {
@@ -85,22 +61,30 @@ void Check(bool ok, const char* what) {
   }
 }
 
-// A child process that lives no longer than this one.
-pid_t Fork() {
-  pid_t parent = ::getpid();
-  pid_t pid = ::fork();
-  Check(pid >= 0, "fork");
-  if (pid == 0) {
+// A forked child that lives no longer than this process, killed and reaped on
+// destruction.
+struct Child {
+  pid_t pid = -1;
+  Child() = default;
+  Child(const Child&) = delete;
+  Child& operator=(const Child&) = delete;
+  ~Child() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
+  }
+  // Forks; returns true in the child.
+  bool Fork() {
+    pid_t parent = ::getpid();
+    pid = ::fork();
+    Check(pid >= 0, "fork");
+    if (pid != 0) return false;
     ::prctl(PR_SET_PDEATHSIG, SIGKILL);
     if (::getppid() != parent) ::_exit(0);
+    return true;
   }
-  return pid;
-}
-
-void Reap(pid_t pid) {
-  ::kill(pid, SIGKILL);
-  ::waitpid(pid, nullptr, 0);
-}
+};
 
 void ReadFull(int fd, char* buf, size_t n) {
   while (n > 0) {
@@ -125,129 +109,163 @@ void WriteFull(int fd, const char* buf, size_t n) {
   }
 }
 
-// Ping-pong over a pair of fds (pipes or one socketpair) with a forked echo process.
-Latency FdPingPong(const std::string& name, int parent_rd, int parent_wr, int child_rd, int child_wr) {
-  pid_t pid = Fork();
-  std::vector<char> buf(g_payload);
-  if (pid == 0) {
-    for (;;) {
-      ReadFull(child_rd, buf.data(), buf.size());
-      WriteFull(child_wr, buf.data(), buf.size());
-    }
+// Something whose round trip is measured: `one` does one round trip.
+struct Subject {
+  Subject(std::string n, std::function<void()> f, int b = 1) : name(std::move(n)), one(std::move(f)), batch(b) {}
+  std::string name;
+  std::function<void()> one;
+  int batch = 1;  // samples are means of `batch` round trips (for ones near the clock's cost)
+  std::vector<double> p50s, p99s;
+
+  double p50() const { return Median(p50s); }
+  double p99() const { return Median(p99s); }
+  static double Median(std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v.empty() ? 0 : v[v.size() / 2];
   }
-  Latency l = Measure(name, [&] {
-    WriteFull(parent_wr, buf.data(), buf.size());
-    ReadFull(parent_rd, buf.data(), buf.size());
-  });
-  Reap(pid);
-  return l;
-}
 
-Latency PipeBaseline() {
-  int a[2], b[2];
-  Check(::pipe(a) == 0 && ::pipe(b) == 0, "pipe");
-  Latency l = FdPingPong("pipe ping-pong (2 processes)", b[0], a[1], a[0], b[1]);
-  for (int fd : {a[0], a[1], b[0], b[1]}) ::close(fd);
-  return l;
-}
-
-Latency SocketpairBaseline() {
-  int sv[2];
-  Check(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
-  Latency l = FdPingPong("UNIX socketpair ping-pong (2 processes)", sv[0], sv[0], sv[1], sv[1]);
-  ::close(sv[0]);
-  ::close(sv[1]);
-  return l;
-}
-
-Latency MessageQueueBaseline() {
-  std::string req = "ulsp-bench-mq-req-" + std::to_string(::getpid());
-  std::string rep = "ulsp-bench-mq-rep-" + std::to_string(::getpid());
-  bip::message_queue::remove(req.c_str());
-  bip::message_queue::remove(rep.c_str());
-  bip::message_queue to(bip::create_only, req.c_str(), 64, g_payload);
-  bip::message_queue from(bip::create_only, rep.c_str(), 64, g_payload);
-  std::vector<char> buf(g_payload);
-  pid_t pid = Fork();
-  if (pid == 0) {
-    bip::message_queue in(bip::open_only, req.c_str());
-    bip::message_queue out(bip::open_only, rep.c_str());
-    for (;;) {
-      size_t n;
-      unsigned prio;
-      in.receive(buf.data(), buf.size(), n, prio);
-      out.send(buf.data(), n, 0);
+  // One round: times `one` repeatedly for RoundTime(), records this round's p50, p99.
+  void MeasureRound() {
+    for (int i = 0; i < 1000; ++i) one();  // warm up: caches, spinning peers
+    std::vector<double> samples;
+    samples.reserve(1 << 19);
+    const auto end = Clock::now() + RoundTime();
+    while (Clock::now() < end) {
+      for (int k = 0; k < 256; ++k) {
+        auto t0 = Clock::now();
+        for (int b = 0; b < batch; ++b) one();
+        auto t1 = Clock::now();
+        samples.push_back(static_cast<double>(std::chrono::duration_cast<Nanos>(t1 - t0).count()) / batch);
+      }
     }
-  }
-  Latency l = Measure("Boost.Interprocess message_queue (2 processes)", [&] {
-    size_t n;
-    unsigned prio;
-    to.send(buf.data(), buf.size(), 0);
-    from.receive(buf.data(), buf.size(), n, prio);
-  });
-  Reap(pid);
-  bip::message_queue::remove(req.c_str());
-  bip::message_queue::remove(rep.c_str());
-  return l;
-}
-
-// The floor: two processes bouncing one cache line (a spinning counter), no queue,
-// no encoding, no sleeping. What any shared-memory design pays at least.
-Latency SpinPingPongBaseline() {
-  void* mem = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-  Check(mem != MAP_FAILED, "mmap");
-  auto* word = new (mem) std::atomic<uint64_t>(0);
-  pid_t pid = Fork();
-  if (pid == 0) {
-    for (uint64_t expect = 1;; expect += 2) {
-      while (word->load(std::memory_order_acquire) != expect) CpuRelax();
-      word->store(expect + 1, std::memory_order_release);
-    }
-  }
-  uint64_t next = 1;
-  Latency l = Measure("spinning one-cache-line ping-pong (2 processes)", [&] {
-    word->store(next, std::memory_order_release);
-    while (word->load(std::memory_order_acquire) != next + 1) CpuRelax();
-    next += 2;
-  });
-  Reap(pid);
-  ::munmap(mem, 4096);
-  return l;
-}
-
-// The shared-memory server: this program, re-executed with --serve.
-struct ShmServer {
-  std::unique_ptr<ShmClientPort> port;
-  pid_t pid = -1;
-  ~ShmServer() {
-    port.reset();
-    if (pid > 0) Reap(pid);
+    std::sort(samples.begin(), samples.end());
+    p50s.push_back(samples[samples.size() / 2]);
+    p99s.push_back(samples[samples.size() * 99 / 100]);
   }
 };
 
-std::unique_ptr<ShmServer> StartShmServer(const char* self) {
-  auto s = std::make_unique<ShmServer>();
-  auto port = ShmClientPort::Create("bench", {.slots = 256, .slot_bytes = 1024});
-  Check(port.has_value(), "ShmClientPort::Create");
-  UniqueFd theirs = (*port)->TakeServerSocket();
-  std::string segment = (*port)->segment_name();
-  s->pid = Fork();
-  if (s->pid == 0) {
-    if (const char* cpu = std::getenv("ULSP_BENCH_SERVER_CPU")) {  // placement experiments
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
-      ::sched_setaffinity(0, sizeof set, &set);
+// Ping-pong of g_payload bytes with a forked echo process over fds (pipes or a
+// socketpair).
+struct FdEcho {
+  Child child;
+  int rd, wr;
+  std::vector<char> buf = std::vector<char>(g_payload);
+  FdEcho(int parent_rd, int parent_wr, int child_rd, int child_wr) : rd(parent_rd), wr(parent_wr) {
+    if (child.Fork()) {
+      for (;;) {
+        ReadFull(child_rd, buf.data(), buf.size());
+        WriteFull(child_wr, buf.data(), buf.size());
+      }
     }
-    ::dup2(theirs.get(), 3);  // clears close-on-exec
-    ::execl(self, self, "--serve", segment.c_str(), "3", nullptr);
-    ::_exit(127);
   }
-  theirs.Reset();
-  Check((*port)->WaitForServer(After(std::chrono::seconds(10)), s->pid).has_value(), "WaitForServer");
-  s->port = std::move(*port);
-  return s;
-}
+  void RoundTrip() {
+    WriteFull(wr, buf.data(), buf.size());
+    ReadFull(rd, buf.data(), buf.size());
+  }
+};
+
+struct MessageQueueEcho {
+  std::string req = "ulsp-bench-mq-req-" + std::to_string(::getpid());
+  std::string rep = "ulsp-bench-mq-rep-" + std::to_string(::getpid());
+  std::unique_ptr<bip::message_queue> to, from;
+  std::vector<char> buf = std::vector<char>(g_payload);
+  Child child;
+  MessageQueueEcho() {
+    bip::message_queue::remove(req.c_str());
+    bip::message_queue::remove(rep.c_str());
+    to = std::make_unique<bip::message_queue>(bip::create_only, req.c_str(), 64, g_payload);
+    from = std::make_unique<bip::message_queue>(bip::create_only, rep.c_str(), 64, g_payload);
+    if (child.Fork()) {
+      bip::message_queue in(bip::open_only, req.c_str());
+      bip::message_queue out(bip::open_only, rep.c_str());
+      for (;;) {
+        size_t n;
+        unsigned prio;
+        in.receive(buf.data(), buf.size(), n, prio);
+        out.send(buf.data(), n, 0);
+      }
+    }
+  }
+  ~MessageQueueEcho() {
+    bip::message_queue::remove(req.c_str());
+    bip::message_queue::remove(rep.c_str());
+  }
+  void RoundTrip() {
+    size_t n;
+    unsigned prio;
+    to->send(buf.data(), buf.size(), 0);
+    from->receive(buf.data(), buf.size(), n, prio);
+  }
+};
+
+// The floor: two processes bouncing one cache line (a spinning counter), no queue,
+// no encoding, no sleeping while measured. What any shared-memory design pays at
+// least. The child spins only while it is asked (it would take a core from every
+// other subject): idle for 10 ms, it sleeps on the word's futex, and a parent that
+// gets no answer within a few microseconds wakes it.
+struct SpinPingPong {
+  void* mem = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+  std::atomic<uint32_t>* word;
+  uint32_t next = 1;
+  Child child;
+  SpinPingPong() {
+    Check(mem != MAP_FAILED, "mmap");
+    word = new (mem) std::atomic<uint32_t>(0);
+    if (child.Fork()) {
+      for (uint32_t expect = 1;; expect += 2) {
+        auto idle_since = Clock::now();
+        for (int i = 0; word->load(std::memory_order_acquire) != expect; ++i) {
+          CpuRelax();
+          if ((i & 1023) == 1023 && Clock::now() - idle_since > std::chrono::milliseconds(10)) {
+            timespec ts = ToTimespec(std::chrono::milliseconds(100));
+            FutexWait(word, expect - 1, &ts);
+            idle_since = Clock::now();
+          }
+        }
+        word->store(expect + 1, std::memory_order_release);
+      }
+    }
+  }
+  ~SpinPingPong() {
+    ::kill(child.pid, SIGKILL);  // before unmapping what it spins on
+    ::munmap(mem, 4096);
+  }
+  void RoundTrip() {
+    word->store(next, std::memory_order_release);
+    for (int i = 0; word->load(std::memory_order_acquire) != next + 1; ++i) {
+      CpuRelax();
+      if (i == 20000) FutexWake(word, 1);  // asleep between rounds: only the first trip
+    }
+    next += 2;
+  }
+};
+
+// The shared-memory port's server: this program, re-executed with --serve.
+struct ShmServer {
+  std::unique_ptr<ShmClientPort> port;
+  Child child;
+  explicit ShmServer(const char* self) {
+    auto p = ShmClientPort::Create("bench", {.slots = 256, .slot_bytes = 1024});
+    Check(p.has_value(), "ShmClientPort::Create");
+    UniqueFd theirs = (*p)->TakeServerSocket();
+    std::string segment = (*p)->segment_name();
+    if (child.Fork()) {
+      if (const char* cpu = std::getenv("ULSP_BENCH_SERVER_CPU")) {  // placement experiments
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
+        ::sched_setaffinity(0, sizeof set, &set);
+      }
+      ::dup2(theirs.get(), 3);  // clears close-on-exec
+      ::execl(self, self, "--serve", segment.c_str(), "3", nullptr);
+      ::_exit(127);
+    }
+    theirs.Reset();
+    Check((*p)->WaitForServer(After(std::chrono::seconds(10)), child.pid).has_value(), "WaitForServer");
+    port = std::move(*p);
+  }
+  ~ShmServer() { port.reset(); }  // the server sees end-of-file and exits; Child reaps
+};
 
 int Serve(const char* segment, int fd) {
   auto port = ShmServerPort::Attach(segment, UniqueFd(fd));
@@ -257,23 +275,21 @@ int Serve(const char* segment, int fd) {
   return 0;
 }
 
-Latency PortLatency(const std::string& name, Port& port, int batch = 1) {
-  MessagePtr msg = Message::Make(1);
-  msg->payload.resize(g_payload);
-  return Measure(
-      name,
-      [&] {
-        auto r = DoMsg(port, std::move(msg));
-        if (!r || (*r)->error != 0) {
-          std::fprintf(stderr, "ulsp-msgport-bench: %s: round trip failed\n", port.name().c_str());
-          std::exit(2);
-        }
-        msg = std::move(*r);
-      },
-      batch);
+std::function<void()> PortRoundTrip(Port& port) {
+  auto msg = std::make_shared<MessagePtr>(Message::Make(1));
+  (*msg)->payload.resize(g_payload);
+  return [&port, msg] {
+    auto r = DoMsg(port, std::move(*msg));
+    if (!r || (*r)->error != 0) {
+      std::fprintf(stderr, "ulsp-msgport-bench: %s: round trip failed\n", port.name().c_str());
+      std::exit(2);
+    }
+    *msg = std::move(*r);
+  };
 }
 
-// Messages per second with `in_flight` outstanding at all times.
+// Messages per second through `port` with `in_flight` outstanding at all times, for
+// one round.
 double PortThroughput(Port& port, int in_flight) {
   ReplyQueue replies("bench-replies", 1024);
   replies.Help(port);
@@ -285,7 +301,7 @@ double PortThroughput(Port& port, int in_flight) {
   }
   uint64_t done = 0;
   const auto start = Clock::now();
-  const auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_seconds));
+  const auto end = start + RoundTime();
   auto now = start;
   while (now < end) {
     for (int k = 0; k < 1024; ++k) {
@@ -304,33 +320,21 @@ double PortThroughput(Port& port, int in_flight) {
   return static_cast<double>(done) / secs;
 }
 
-double SocketpairThroughput(int in_flight) {
-  int sv[2];
-  Check(::socketpair(AF_UNIX, SOCK_STREAM, 0, sv) == 0, "socketpair");
-  std::vector<char> buf(g_payload);
-  pid_t pid = Fork();
-  if (pid == 0) {
-    for (;;) {
-      ReadFull(sv[1], buf.data(), buf.size());
-      WriteFull(sv[1], buf.data(), buf.size());
-    }
-  }
-  for (int i = 0; i < in_flight; ++i) WriteFull(sv[0], buf.data(), buf.size());
+// The same over a socketpair to a forked echo: `in_flight` messages written ahead.
+double SocketpairThroughput(FdEcho& echo, int in_flight) {
+  for (int i = 0; i < in_flight; ++i) WriteFull(echo.wr, echo.buf.data(), echo.buf.size());
   uint64_t done = 0;
   const auto start = Clock::now();
-  const auto end = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_seconds));
+  const auto end = start + RoundTime();
   auto now = start;
   while (now < end) {
     for (int k = 0; k < 1024; ++k) {
-      ReadFull(sv[0], buf.data(), buf.size());
-      WriteFull(sv[0], buf.data(), buf.size());
+      echo.RoundTrip();
       ++done;
     }
     now = Clock::now();
   }
-  Reap(pid);
-  ::close(sv[0]);
-  ::close(sv[1]);
+  for (int i = 0; i < in_flight; ++i) ReadFull(echo.rd, echo.buf.data(), echo.buf.size());
   return static_cast<double>(done) / std::chrono::duration<double>(now - start).count();
 }
 
@@ -343,78 +347,107 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strcmp(argv[i], "--seconds") == 0 && i + 1 < argc) {
       g_seconds = std::atof(argv[++i]);
+    } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
+      g_rounds = std::max(1, std::atoi(argv[++i]));
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       g_only = argv[++i];
     } else if (std::strcmp(argv[i], "--payload") == 0 && i + 1 < argc) {
       g_payload = static_cast<size_t>(std::atol(argv[++i]));
     } else {
-      std::fprintf(stderr, "usage: %s [--seconds S] [--payload BYTES] [--only shm-latency|shm-throughput]\n", argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--seconds S] [--rounds N] [--payload BYTES] [--only shm-latency|shm-throughput|spin]\n"
+                   "  S seconds per measurement (default 2), split over N interleaved rounds (default 5)\n",
+                   argv[0]);
       return 2;
     }
   }
-  std::printf("ulsp message-port benchmark: %zu-byte payload, %.1f s per measurement, %ld CPUs\n\n", g_payload,
-              g_seconds, ::sysconf(_SC_NPROCESSORS_ONLN));
-
   if (const char* cpu = std::getenv("ULSP_BENCH_CLIENT_CPU")) {  // placement experiments
     cpu_set_t set;
     CPU_ZERO(&set);
     CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
     ::sched_setaffinity(0, sizeof set, &set);
   }
+
   Echo echo;
   DirectPort direct("direct", echo);
   ThreadPort thread("thread", echo, 1024);
-  auto shm = StartShmServer("/proc/self/exe");
+  ShmServer shm("/proc/self/exe");
+  int pipe_a[2], pipe_b[2], sp[2], sp_tput[2];
+  Check(::pipe2(pipe_a, O_CLOEXEC) == 0 && ::pipe2(pipe_b, O_CLOEXEC) == 0, "pipe");
+  Check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp) == 0, "socketpair");
+  Check(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sp_tput) == 0, "socketpair");
+  FdEcho pipe_echo(pipe_b[0], pipe_a[1], pipe_a[0], pipe_b[1]);
+  FdEcho socket_echo(sp[0], sp[0], sp[1], sp[1]);
+  FdEcho socket_tput(sp_tput[0], sp_tput[0], sp_tput[1], sp_tput[1]);
+  MessageQueueEcho mq_echo;
+  SpinPingPong spin;
 
-  if (g_only == "shm-latency") {
-    Latency l = PortLatency("shared-memory port (2 processes)", *shm->port);
-    std::printf("%s: p50 %.0f ns, p99 %.0f ns\n", l.name.c_str(), l.p50_ns, l.p99_ns);
+  std::vector<Subject> subjects = {
+      {"direct port (same thread)", PortRoundTrip(direct), 64},
+      {"thread port (2 threads)", PortRoundTrip(thread)},
+      {"shared-memory port (2 processes)", PortRoundTrip(*shm.port)},
+      {"pipe ping-pong (2 processes)", [&] { pipe_echo.RoundTrip(); }},
+      {"UNIX socketpair ping-pong (2 processes)", [&] { socket_echo.RoundTrip(); }},
+      {"Boost.Interprocess message_queue (2 processes)", [&] { mq_echo.RoundTrip(); }},
+      {"spinning one-cache-line ping-pong (2 processes)", [&] { spin.RoundTrip(); }},
+  };
+  Subject& d = subjects[0];
+  Subject& s = subjects[2];
+  Subject& sp_subject = subjects[4];
+  if (g_only == "shm-latency" || g_only == "spin") {
+    Subject& only = g_only == "spin" ? subjects[6] : s;
+    for (int r = 0; r < g_rounds; ++r) only.MeasureRound();
+    std::printf("%s: p50 %.0f ns, p99 %.0f ns\n", only.name.c_str(), only.p50(), only.p99());
     return 0;
   }
-  if (g_only == "spin") {
-    Latency l = SpinPingPongBaseline();
-    std::printf("%s: p50 %.0f ns, p99 %.0f ns\n", l.name.c_str(), l.p50_ns, l.p99_ns);
-    return 0;
-  }
+  std::vector<double> shm_tput, thread_tput, sp_tput_rounds;
   if (g_only == "shm-throughput") {
-    std::printf("shared-memory port, 64 in flight: %.2f M msg/s\n", PortThroughput(*shm->port, 64) / 1e6);
+    for (int r = 0; r < g_rounds; ++r) shm_tput.push_back(PortThroughput(*shm.port, 64));
+    std::printf("shared-memory port, 64 in flight: %.2f M msg/s\n", Subject::Median(shm_tput) / 1e6);
     return 0;
   }
 
-  std::vector<Latency> rows;
-  rows.push_back(PortLatency("direct port (same thread)", direct, 64));
-  rows.push_back(PortLatency("thread port (2 threads)", thread));
-  rows.push_back(PortLatency("shared-memory port (2 processes)", *shm->port));
-  rows.push_back(PipeBaseline());
-  rows.push_back(SocketpairBaseline());
-  rows.push_back(MessageQueueBaseline());
-  rows.push_back(SpinPingPongBaseline());
-  const Latency& d = rows[0];
-  const Latency& s = rows[2];
-  const Latency& sp = rows[4];
+  std::printf("ulsp message-port benchmark: %zu-byte payload, %.1f s per measurement in %d interleaved rounds, %ld CPUs\n",
+              g_payload, g_seconds, g_rounds, ::sysconf(_SC_NPROCESSORS_ONLN));
+  std::printf("(figures are medians over the rounds; every subject is measured in every round)\n\n");
+  for (int r = 0; r < g_rounds; ++r) {
+    for (auto& subject : subjects) subject.MeasureRound();
+    shm_tput.push_back(PortThroughput(*shm.port, 64));
+    thread_tput.push_back(PortThroughput(thread, 64));
+    sp_tput_rounds.push_back(SocketpairThroughput(socket_tput, 64));
+  }
 
   std::printf("Round trip (DoMsg, or write+read for baselines)\n");
-  std::printf("  %-48s %10s %10s %14s\n", "", "p50", "p99", "p50 vs shm");
-  for (const auto& r : rows) {
-    std::printf("  %-48s %8.0f ns %8.0f ns %13.1fx\n", r.name.c_str(), r.p50_ns, r.p99_ns, r.p50_ns / s.p50_ns);
+  std::printf("  %-48s %10s %10s %14s\n", "", "p50", "p99", "p50 / shm p50");
+  for (const auto& r : subjects) {
+    std::printf("  %-48s %8.0f ns %8.0f ns %13.1fx\n", r.name.c_str(), r.p50(), r.p99(), r.p50() / s.p50());
   }
   std::printf("  (the direct port's samples are means of 64 consecutive calls: one call is near the clock's cost)\n\n");
 
-  std::printf("Throughput, 64 messages in flight\n");
-  const double shm_tput = PortThroughput(*shm->port, 64);
-  const double thread_tput = PortThroughput(thread, 64);
-  const double sp_tput = SocketpairThroughput(64);
-  std::printf("  %-48s %10.2f M msg/s\n", "shared-memory port (2 processes)", shm_tput / 1e6);
-  std::printf("  %-48s %10.2f M msg/s\n", "thread port (2 threads)", thread_tput / 1e6);
-  std::printf("  %-48s %10.2f M msg/s\n", "UNIX socketpair, pipelined (2 processes)", sp_tput / 1e6);
-  std::printf("  shared-memory port / socketpair: %.1fx\n\n", shm_tput / sp_tput);
+  const double shm_t = Subject::Median(shm_tput), thread_t = Subject::Median(thread_tput);
+  const double sp_t = Subject::Median(sp_tput_rounds);
+  auto rounds = [](const std::vector<double>& v) {
+    std::string out;
+    char one[32];
+    for (double x : v) {
+      std::snprintf(one, sizeof one, out.empty() ? "%.2f" : " %.2f", x / 1e6);
+      out += one;
+    }
+    return out;
+  };
+  std::printf("Throughput, 64 messages in flight (median; every round in brackets)\n");
+  std::printf("  %-48s %6.2f M msg/s  [%s]\n", "shared-memory port (2 processes)", shm_t / 1e6, rounds(shm_tput).c_str());
+  std::printf("  %-48s %6.2f M msg/s  [%s]\n", "thread port (2 threads)", thread_t / 1e6, rounds(thread_tput).c_str());
+  std::printf("  %-48s %6.2f M msg/s  [%s]\n", "UNIX socketpair, pipelined (2 processes)", sp_t / 1e6,
+              rounds(sp_tput_rounds).c_str());
+  std::printf("  shared-memory port / socketpair: %.1fx\n\n", shm_t / sp_t);
 
   std::printf("Targets (issue 2)\n");
-  std::printf("  shared-memory p50 <= 1 us:                 %7.0f ns   %s\n", s.p50_ns, Verdict(s.p50_ns <= 1000));
-  std::printf("  shared-memory >= 8x faster than socketpair: %6.1fx      %s\n", sp.p50_ns / s.p50_ns,
-              Verdict(sp.p50_ns / s.p50_ns >= 8));
-  std::printf("  direct port <= 50 ns:                       %6.1f ns   %s\n", d.p50_ns, Verdict(d.p50_ns <= 50));
-  std::printf("  >= 2 M msg/s with 64 in flight (shm):       %6.2f M/s  %s\n", shm_tput / 1e6,
-              Verdict(shm_tput >= 2e6));
+  std::printf("  shared-memory p50 <= 1 us:                  %7.0f ns   %s\n", s.p50(), Verdict(s.p50() <= 1000));
+  std::printf("  shared-memory >= 8x faster than socketpair: %7.1fx      %s\n", sp_subject.p50() / s.p50(),
+              Verdict(sp_subject.p50() / s.p50() >= 8));
+  std::printf("  direct port <= 50 ns:                       %7.1f ns   %s\n", d.p50(), Verdict(d.p50() <= 50));
+  std::printf("  >= 2 M msg/s with 64 in flight (shm):       %7.2f M/s  %s\n", shm_t / 1e6, Verdict(shm_t >= 2e6));
+  for (int fd : {pipe_a[0], pipe_a[1], pipe_b[0], pipe_b[1], sp[0], sp[1], sp_tput[0], sp_tput[1]}) ::close(fd);
   return 0;
 }
