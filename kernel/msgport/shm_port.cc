@@ -31,10 +31,11 @@ constexpr uint64_t kMagic = 0x6d68732d70736c75ULL;  // "ulsp-shm"
 constexpr uint32_t kVersion = 1;
 constexpr auto kSpinTime = std::chrono::microseconds(50);
 // How long a reply-polling lease lasts (renewed at half-life while a thread polls).
-// Also the longest a reply may wait when the thread that held the lease stops polling
-// while asynchronous messages are in flight: the reply thread then wakes at the
-// lease's end. Synchronous waiters never wait on it (they end the lease to sleep).
 constexpr int64_t kLeaseNs = 1'000'000;
+// The longest a reply to an asynchronous message may wait when the thread that held
+// the lease stops polling without ending it. Synchronous waiters never wait on this:
+// they end the lease before they sleep.
+constexpr auto kLeaseBackstop = std::chrono::milliseconds(10);
 constexpr auto kIdleSleep = std::chrono::milliseconds(100);
 constexpr auto kFdWait = std::chrono::seconds(1);  // descriptors are sent before the envelope
 
@@ -566,13 +567,15 @@ void ShmClientPort::DispatchReplies() noexcept {
       Drain();
       continue;
     }
-    // While a lease runs the server does not wake us; with asynchronous messages in
-    // flight (nobody waits on them in a polling loop for sure), look again when it
-    // ends.
+    // While a lease runs the server does not wake us. Should its holder stop polling
+    // without ending it (a ReplyQueue whose owner went on to other work), replies to
+    // asynchronous messages would wait for nobody: look again every kLeaseBackstop
+    // while such messages are in flight. (Not at every lease end: on two cores each
+    // wake-up preempts the very threads that are doing the work.)
     auto sleep = std::chrono::nanoseconds(shm::kIdleSleep);
-    const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_relaxed);
-    if (lease != 0 && async_in_flight_.load(std::memory_order_relaxed) != 0) {
-      sleep = std::min(sleep, std::chrono::nanoseconds(std::max<int64_t>(lease - shm::NowNs(), 0) + 1000));
+    if (h.reply_poll_until_ns.load(std::memory_order_relaxed) != 0 &&
+        async_in_flight_.load(std::memory_order_relaxed) != 0) {
+      sleep = shm::kLeaseBackstop;
     }
     h.replies_ec.Wait(key, sleep);
   }

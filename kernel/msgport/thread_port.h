@@ -55,6 +55,7 @@ class ReplyQueue final : public Port {
  private:
   MessageQueue queue_;
   Port* helped_ = nullptr;
+  std::atomic<uint32_t> waits_{0};  // Wait calls, to renew the helped port's lease every 64th
 };
 
 }  // namespace ulsp::msgport
