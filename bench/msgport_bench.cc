@@ -354,11 +354,13 @@ int main(int argc, char** argv) {
     } else if (std::strcmp(argv[i], "--payload") == 0 && i + 1 < argc) {
       g_payload = static_cast<size_t>(std::atol(argv[++i]));
     } else {
-      std::fprintf(stderr,
+      const bool help = std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0;
+      if (!help) std::fprintf(stderr, "ulsp-msgport-bench: unknown argument '%s'\n", argv[i]);
+      std::fprintf(help ? stdout : stderr,
                    "usage: %s [--seconds S] [--rounds N] [--payload BYTES] [--only shm-latency|shm-throughput|spin]\n"
                    "  S seconds per measurement (default 2), split over N interleaved rounds (default 5)\n",
                    argv[0]);
-      return 2;
+      return help ? 0 : 2;
     }
   }
   if (const char* cpu = std::getenv("ULSP_BENCH_CLIENT_CPU")) {  // placement experiments

@@ -189,7 +189,10 @@ class CellBuilder final : public capnp::MessageBuilder {
 
 // Writes an envelope for `msg` into `cell`. Returns false when it does not fit in one
 // segment of the cell (then the cell is not valid).
-bool EncodeCell(Cell& cell, uint32_t slot_bytes, const Message& msg, uint64_t id, int error, uint16_t fd_count) {
+// Never throws: it runs inside a ring push, where a cell claimed and never published
+// would stall the ring.
+bool EncodeCell(Cell& cell, uint32_t slot_bytes, const Message& msg, uint64_t id, int error,
+                uint16_t fd_count) noexcept try {
   // Flat format: a segment table (count - 1, then the size in words), then the segment.
   auto* table = reinterpret_cast<uint32_t*>(cell.data());
   auto* words = reinterpret_cast<capnp::word*>(cell.data() + 8);
@@ -216,6 +219,8 @@ bool EncodeCell(Cell& cell, uint32_t slot_bytes, const Message& msg, uint64_t id
   cell.id = id;
   cell.len = static_cast<uint32_t>(8 + segments[0].size() * sizeof(capnp::word));
   return true;
+} catch (...) {
+  return false;
 }
 
 void WriteRawCell(Cell& cell, uint64_t id, std::span<const std::byte> bytes, uint32_t claimed_len,
@@ -331,9 +336,12 @@ ShmClientPort::ShmClientPort(std::string name, std::unique_ptr<shm::Segment> seg
       fds_(std::move(mine)),
       server_socket_(std::move(theirs)),
       full_(options.full),
-      pending_(options.slots) {
-  free_.reserve(options.slots);
-  for (uint32_t i = options.slots; i-- > 0;) free_.push_back(i);
+      slot_count_(options.slots),
+      slots_(std::make_unique<Slot[]>(options.slots)),
+      free_cells_(std::make_unique<FreeCell[]>(options.slots)),
+      free_slots_(&free_index_, reinterpret_cast<std::byte*>(free_cells_.get()), options.slots, sizeof(FreeCell)) {
+  free_slots_.Initialise();
+  for (uint32_t i = 0; i < slot_count_; ++i) (void)free_slots_.TryPush([i](FreeCell& c) { c.index = i; });
 }
 
 ShmClientPort::~ShmClientPort() {
@@ -342,15 +350,8 @@ ShmClientPort::~ShmClientPort() {
   if (dispatcher_.joinable()) dispatcher_.join();
   if (watcher_.joinable()) watcher_.join();
   if (!name_unlinked_) bip::shared_memory_object::remove(segment_name_.c_str());
-  dead_.store(true, std::memory_order_release);
-  std::vector<MessagePtr> lost;
-  {
-    std::lock_guard lock(mu_);
-    for (auto& p : pending_)
-      if (p.msg) lost.push_back(std::move(p.msg));
-  }
-  room_cv_.notify_all();
-  for (auto& m : lost) Reply(std::move(m), ECONNRESET);
+  dead_.store(true, std::memory_order_seq_cst);
+  for (auto& m : TakeAllPending()) Reply(std::move(m), ECONNRESET);
 }
 
 Result<void> ShmClientPort::WaitForServer(Deadline deadline, pid_t server_pid) {
@@ -369,58 +370,103 @@ Result<void> ShmClientPort::WaitForServer(Deadline deadline, pid_t server_pid) {
   return {};
 }
 
-size_t ShmClientPort::outstanding() const {
-  std::lock_guard lock(mu_);
-  return pending_.size() - free_.size();
+size_t ShmClientPort::outstanding() const { return in_flight_.load(std::memory_order_relaxed); }
+
+std::optional<uint32_t> ShmClientPort::TakeFreeSlot() noexcept {
+  uint32_t index = 0;
+  if (!free_slots_.TryPop([&index](FreeCell& c) noexcept { index = c.index; })) return std::nullopt;
+  return index;
+}
+
+void ShmClientPort::ReturnSlot(uint32_t index) noexcept {
+  // Room for every slot: the push cannot fail.
+  (void)free_slots_.TryPush([index](FreeCell& c) noexcept { c.index = index; });
+  if (room_waiters_.load(std::memory_order_relaxed) != 0) {
+    std::lock_guard lock(room_mu_);
+    room_cv_.notify_one();
+  }
+}
+
+int ShmClientPort::WaitForSlot(const Message& msg, std::optional<uint32_t>& index) {
+  if (full_ == FullPolicy::kFail) return EAGAIN;
+  // The slow path: look again at least every millisecond, so a notification that
+  // crossed the registration costs at most that.
+  room_waiters_.fetch_add(1, std::memory_order_seq_cst);
+  int error = 0;
+  {
+    std::unique_lock lock(room_mu_);
+    while (!(index = TakeFreeSlot())) {
+      if (dead_.load(std::memory_order_acquire)) {
+        error = ECONNRESET;
+        break;
+      }
+      const Deadline now = Clock::now();
+      if (now >= msg.deadline) {
+        error = ETIMEDOUT;
+        break;
+      }
+      room_cv_.wait_until(lock, std::min<Deadline>(msg.deadline, now + std::chrono::milliseconds(1)));
+    }
+  }
+  room_waiters_.fetch_sub(1, std::memory_order_relaxed);
+  return error;
+}
+
+std::vector<MessagePtr> ShmClientPort::TakeAllPending() {
+  std::vector<MessagePtr> taken;
+  for (uint32_t i = 0; i < slot_count_; ++i) {
+    const uint64_t id = slots_[i].owner.load(std::memory_order_seq_cst);
+    if (id == 0) continue;
+    if (MessagePtr m = TakePending(id)) taken.push_back(std::move(m));
+  }
+  return taken;
 }
 
 template <class Encode>
 void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
-  int error = 0;
-  {
-    std::unique_lock lock(mu_);
-    while (free_.empty() && !dead_.load(std::memory_order_acquire)) {
-      if (full_ == FullPolicy::kFail) {
-        error = EAGAIN;
-        break;
-      }
-      if (room_cv_.wait_until(lock, msg->deadline) == std::cv_status::timeout && free_.empty()) {
-        error = ETIMEDOUT;
-        break;
-      }
-    }
-    if (dead_.load(std::memory_order_acquire)) error = ECONNRESET;
-    if (error == 0) {
-      const uint32_t index = free_.back();
-      Pending& p = pending_[index];
-      if (++p.generation == 0) p.generation = 1;  // id 0 is the hello
-      const uint64_t id = (uint64_t{p.generation} << 32) | index;
-      msg->token = id;
-      // Descriptors go first, so they are there when the server reads the envelope.
-      if (!msg->fds.empty()) {
-        if (auto sent = fds_.Send(id, msg->fds); !sent) {
-          error = sent.error().value == EPIPE ? ECONNRESET : sent.error().value;
-        }
-      }
-      const auto fd_count = static_cast<uint16_t>(msg->fds.size());
-      // The ring has a cell for every slot, so a push finds room unless a misbehaving
-      // peer stopped taking requests.
-      if (error == 0 && !segment_->requests.TryPush([&](Cell& c) { encode(c, *msg, id, fd_count); })) error = EAGAIN;
-      if (error == 0) {
-        msg->fds.clear();  // they travelled; the server has its copies
-        free_.pop_back();
-        if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_add(1, std::memory_order_relaxed);
-        p.msg = std::move(msg);
-        in_flight_.fetch_add(1, std::memory_order_relaxed);
+  int error = dead_.load(std::memory_order_acquire) ? ECONNRESET : 0;
+  std::optional<uint32_t> index;
+  if (error == 0 && !(index = TakeFreeSlot())) error = WaitForSlot(*msg, index);
+  uint64_t id = 0;
+  if (error == 0) {
+    Slot& slot = slots_[*index];
+    if (++slot.generation == 0) slot.generation = 1;  // id 0 is the hello
+    id = (uint64_t{slot.generation} << 32) | *index;
+    msg->token = id;
+    // Descriptors go first, so they are there when the server reads the envelope.
+    if (!msg->fds.empty()) {
+      if (auto sent = fds_.Send(id, msg->fds); !sent) {
+        error = sent.error().value == EPIPE ? ECONNRESET : sent.error().value;
       }
     }
+    const auto fd_count = static_cast<uint16_t>(msg->fds.size());
+    const bool async = (msg->flags() & kMsgSync) == 0;
+    // The ring has a cell for every slot, so a push finds room unless a misbehaving
+    // peer stopped taking requests. The message passes to its slot inside the push,
+    // after it is encoded and before the cell is published.
+    if (error == 0 && !segment_->requests.TryPush([&](Cell& c) {
+          encode(c, *msg, id, fd_count);
+          msg->fds.clear();  // they travelled; the server has its copies
+          in_flight_.fetch_add(1, std::memory_order_relaxed);
+          if (async) async_in_flight_.fetch_add(1, std::memory_order_relaxed);
+          slot.msg = msg.release();
+          slot.owner.store(id, std::memory_order_release);
+        })) {
+      error = EAGAIN;
+    }
+    if (error != 0) ReturnSlot(*index);
   }
   if (error != 0) {
     counters().refused.fetch_add(1, std::memory_order_relaxed);
     Reply(std::move(msg), error);
     return;
   }
-  segment_->header->requests_ec.Notify();
+  segment_->header->requests_ec.Notify();  // a full fence, then: is the server asleep?
+  // The server may have died while we sent, after OnPeerDeath looked at our slot:
+  // either it saw the slot taken, or (the fence above orders it) we see dead_.
+  if (dead_.load(std::memory_order_relaxed)) {
+    if (MessagePtr lost = TakePending(id)) Reply(std::move(lost), ECONNRESET);
+  }
 }
 
 void ShmClientPort::Put(MessagePtr msg) {
@@ -445,19 +491,14 @@ void ShmClientPort::PutRawForTest(MessagePtr msg, std::span<const std::byte> byt
 
 MessagePtr ShmClientPort::TakePending(uint64_t id) {
   const auto index = static_cast<uint32_t>(id & 0xffffffffu);
-  const auto generation = static_cast<uint32_t>(id >> 32);
-  MessagePtr msg;
-  {
-    std::lock_guard lock(mu_);
-    if (index >= pending_.size()) return nullptr;
-    Pending& p = pending_[index];
-    if (!p.msg || p.generation != generation) return nullptr;
-    msg = std::move(p.msg);
-    free_.push_back(index);
-    in_flight_.fetch_sub(1, std::memory_order_relaxed);
-    if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
-  }
-  room_cv_.notify_one();
+  if (id == 0 || index >= slot_count_) return nullptr;
+  Slot& slot = slots_[index];
+  uint64_t expected = id;
+  if (!slot.owner.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) return nullptr;
+  MessagePtr msg(std::exchange(slot.msg, nullptr));
+  in_flight_.fetch_sub(1, std::memory_order_relaxed);
+  if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
+  ReturnSlot(index);
   return msg;
 }
 
@@ -592,7 +633,7 @@ void ShmClientPort::WatchPeer() noexcept {
 }
 
 void ShmClientPort::OnPeerDeath() noexcept {
-  dead_.store(true, std::memory_order_release);
+  dead_.store(true, std::memory_order_seq_cst);  // before looking at the slots: see Enqueue
   segment_->header->replies_ec.NotifyAlways();  // the reply thread exits
   size_t lost_count = 0;
   try {
@@ -601,18 +642,7 @@ void ShmClientPort::OnPeerDeath() noexcept {
       std::lock_guard role(drain_mu_);
       Drain();
     }
-    std::vector<MessagePtr> lost;
-    {
-      std::lock_guard lock(mu_);
-      for (uint32_t i = 0; i < pending_.size(); ++i) {
-        if (!pending_[i].msg) continue;
-        if ((pending_[i].msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
-        lost.push_back(std::move(pending_[i].msg));
-        free_.push_back(i);
-        in_flight_.fetch_sub(1, std::memory_order_relaxed);
-      }
-    }
-    room_cv_.notify_all();
+    std::vector<MessagePtr> lost = TakeAllPending();
     lost_count = lost.size();
     for (auto& m : lost) {
       counters().refused.fetch_add(1, std::memory_order_relaxed);

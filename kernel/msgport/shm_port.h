@@ -24,6 +24,7 @@
 #include <condition_variable>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <thread>
@@ -31,6 +32,7 @@
 
 #include "kernel/msgport/fd_channel.h"
 #include "kernel/msgport/message_queue.h"
+#include "kernel/msgport/ring.h"
 #include "kernel/msgport/port.h"
 
 namespace ulsp::msgport {
@@ -102,15 +104,33 @@ class ShmClientPort final : public Port {
   const FullPolicy full_;
   bool name_unlinked_ = false;
 
-  struct Pending {
-    MessagePtr msg;
-    uint32_t generation = 0;
+  // Messages in flight, one slot each. A slot's `owner` holds the id of the message
+  // in it (0: free); whoever moves it from that id to 0 — the reply, the server's
+  // death, the destructor — owns the message, so exactly one of them replies it.
+  struct Slot {
+    std::atomic<uint64_t> owner{0};
+    Message* msg = nullptr;   // written before owner is set, read after it is taken
+    uint32_t generation = 0;  // by the thread that took the slot from free_slots_ only
   };
-  mutable std::mutex mu_;  // guards pending_, free_; taken after drain_mu_ when both
+  struct FreeCell {
+    std::atomic<uint64_t> seq;
+    uint32_t index;
+  };
+  std::optional<uint32_t> TakeFreeSlot() noexcept;
+  void ReturnSlot(uint32_t index) noexcept;
+  // Waits (FullPolicy::kWait) for a free slot until msg's deadline; 0 or an errno.
+  int WaitForSlot(const Message& msg, std::optional<uint32_t>& index);
+  std::vector<MessagePtr> TakeAllPending();
+
+  const uint32_t slot_count_;
+  std::unique_ptr<Slot[]> slots_;
+  RingIndex free_index_;
+  std::unique_ptr<FreeCell[]> free_cells_;
+  Ring<FreeCell> free_slots_;  // indices of free slots, each at most once: lock-free
+  std::mutex room_mu_;         // only for senders waiting for a free slot
   std::condition_variable room_cv_;
-  std::vector<Pending> pending_;
-  std::vector<uint32_t> free_;
-  std::atomic<uint32_t> in_flight_{0};        // pending_ entries in use (read without mu_)
+  std::atomic<uint32_t> room_waiters_{0};
+  std::atomic<uint32_t> in_flight_{0};        // slots in use
   std::atomic<uint32_t> async_in_flight_{0};  // of those, sent without DoMsg
 
   std::mutex drain_mu_;  // the right to pop the reply ring

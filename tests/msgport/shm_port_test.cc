@@ -137,12 +137,15 @@ TEST(ShmPort, KillingTheServerRepliesEveryOutstandingMessage_ECONNRESET_Within10
     else ADD_FAILURE() << "unexpected error " << r->error;
   }
   sync_caller.join();
-  const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(
+  const auto took = std::chrono::duration_cast<std::chrono::microseconds>(
       std::max(last_reply, Clock::now()) - killed_at);
+  RecordProperty("us_from_kill_to_last_reply", static_cast<int>(took.count()));
+  std::printf("from kill -9 to the last of %d replies: %lld us (%d answered, %d ECONNRESET)\n", kCount,
+              static_cast<long long>(took.count()), ok, reset);
   EXPECT_EQ(sync_error.load(), ECONNRESET);
   EXPECT_EQ(ok + reset, kCount);
   EXPECT_GT(reset, 100);
-  EXPECT_LE(took.count(), 100) << "outstanding messages must fail within 100 ms of the death";
+  EXPECT_LE(took.count(), 100'000) << "outstanding messages must fail within 100 ms of the death";
   EXPECT_FALSE(replies.TryTake()) << "a message got two replies";
   EXPECT_FALSE(s.port->peer_alive());
   EXPECT_EQ(s.port->outstanding(), 0u);
