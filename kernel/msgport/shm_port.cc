@@ -35,7 +35,7 @@ constexpr int64_t kLeaseNs = 1'000'000;
 // The longest a reply to an asynchronous message may wait when the thread that held
 // the lease stops polling without ending it. Synchronous waiters never wait on this:
 // they end the lease before they sleep.
-constexpr auto kLeaseBackstop = std::chrono::milliseconds(10);
+constexpr auto kLeaseBackstop = std::chrono::milliseconds(2);
 constexpr auto kIdleSleep = std::chrono::milliseconds(100);
 constexpr auto kFdWait = std::chrono::seconds(1);  // descriptors are sent before the envelope
 
@@ -425,6 +425,7 @@ std::vector<MessagePtr> ShmClientPort::TakeAllPending() {
 template <class Encode>
 void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
   int error = dead_.load(std::memory_order_acquire) ? ECONNRESET : 0;
+  const bool async = (msg->flags() & kMsgSync) == 0;  // sent without DoMsg
   std::optional<uint32_t> index;
   if (error == 0 && !(index = TakeFreeSlot())) error = WaitForSlot(*msg, index);
   uint64_t id = 0;
@@ -440,7 +441,6 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
       }
     }
     const auto fd_count = static_cast<uint16_t>(msg->fds.size());
-    const bool async = (msg->flags() & kMsgSync) == 0;
     // The ring has a cell for every slot, so a push finds room unless a misbehaving
     // peer stopped taking requests. The message passes to its slot inside the push,
     // after it is encoded and before the cell is published.
@@ -448,7 +448,7 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
           encode(c, *msg, id, fd_count);
           msg->fds.clear();  // they travelled; the server has its copies
           in_flight_.fetch_add(1, std::memory_order_relaxed);
-          if (async) async_in_flight_.fetch_add(1, std::memory_order_relaxed);
+          if (async) async_in_flight_.fetch_add(1, std::memory_order_seq_cst);
           slot.msg = msg.release();
           slot.owner.store(id, std::memory_order_release);
         })) {
@@ -461,7 +461,14 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
     Reply(std::move(msg), error);
     return;
   }
-  segment_->header->requests_ec.Notify();  // a full fence, then: is the server asleep?
+  auto& h = *segment_->header;
+  h.requests_ec.Notify();  // a full fence, then: is the server asleep?
+  // See DispatchReplies: a lease running and the reply thread idle for long means no
+  // one would deliver this reply soon.
+  if (async && idle_.load(std::memory_order_seq_cst) &&
+      h.reply_poll_until_ns.load(std::memory_order_relaxed) != 0) {
+    h.replies_ec.NotifyAlways();
+  }
   // The server may have died while we sent, after OnPeerDeath looked at our slot:
   // either it saw the slot taken, or (the fence above orders it) we see dead_.
   if (dead_.load(std::memory_order_relaxed)) {
@@ -609,16 +616,21 @@ void ShmClientPort::DispatchReplies() noexcept {
       continue;
     }
     // While a lease runs the server does not wake us. Should its holder stop polling
-    // without ending it (a ReplyQueue whose owner went on to other work), replies to
-    // asynchronous messages would wait for nobody: look again every kLeaseBackstop
-    // while such messages are in flight. (Not at every lease end: on two cores each
-    // wake-up preempts the very threads that are doing the work.)
+    // without ending it (a ReplyQueue whose owner went on to other work), a reply to
+    // an asynchronous message could wait for nobody: while such messages are in
+    // flight, look again every kLeaseBackstop. (Not at every lease end: on two cores
+    // each wake-up preempts the threads doing the work.) Saying we are idle first, and
+    // Enqueue counting an asynchronous message first, means one of us sees the other:
+    // Enqueue wakes an idle reply thread, which then takes the shorter sleep.
+    idle_.store(true, std::memory_order_seq_cst);
     auto sleep = std::chrono::nanoseconds(shm::kIdleSleep);
-    if (h.reply_poll_until_ns.load(std::memory_order_relaxed) != 0 &&
-        async_in_flight_.load(std::memory_order_relaxed) != 0) {
+    if (h.reply_poll_until_ns.load(std::memory_order_seq_cst) != 0 &&
+        async_in_flight_.load(std::memory_order_seq_cst) != 0) {
       sleep = shm::kLeaseBackstop;
+      idle_.store(false, std::memory_order_relaxed);
     }
     h.replies_ec.Wait(key, sleep);
+    idle_.store(false, std::memory_order_relaxed);
   }
 }
 

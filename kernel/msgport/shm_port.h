@@ -135,6 +135,7 @@ class ShmClientPort final : public Port {
 
   std::mutex drain_mu_;  // the right to pop the reply ring
   std::atomic<bool> dead_{false};
+  std::atomic<bool> idle_{false};  // the reply thread sleeps for long (see DispatchReplies)
   std::atomic<bool> stopping_{false};
   std::thread watcher_;
   std::thread dispatcher_;
