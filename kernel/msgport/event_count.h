@@ -24,6 +24,14 @@ namespace ulsp::msgport {
 
 inline void CpuRelax() noexcept { __builtin_ia32_pause(); }
 
+// How long a thread with nothing to do spins before it sleeps on a futex, everywhere
+// in the message ports. It must outlast the other side's futex wake-up, or a side
+// that slept once makes its peer sleep too, and every message then costs wake-ups
+// (seen at 50 us on a shared 2-vCPU VM, where a wake-up can take that long:
+// throughput fell to 0.2 M msg/s and stayed there). The price is a core busy for
+// this long after the last message.
+constexpr auto kSpinTime = std::chrono::microseconds(200);
+
 // futex(2) on a 32-bit word that may be shared between processes.
 inline long FutexWait(std::atomic<uint32_t>* word, uint32_t expected, const timespec* timeout) noexcept {
   return ::syscall(SYS_futex, reinterpret_cast<uint32_t*>(word), FUTEX_WAIT, expected, timeout, nullptr, 0);

@@ -8,7 +8,6 @@
 namespace ulsp::msgport {
 
 namespace {
-constexpr auto kSpinTime = std::chrono::microseconds(50);
 constexpr auto kMaxSleep = std::chrono::milliseconds(100);
 }  // namespace
 

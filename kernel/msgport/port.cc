@@ -7,10 +7,6 @@
 
 namespace ulsp::msgport {
 
-// How long a thread waiting for a reply spins before it sleeps on a futex. A round
-// trip through shared memory takes about a microsecond; a futex wake-up five.
-constexpr auto kSpinTime = std::chrono::microseconds(50);
-
 void MessageDeleter::operator()(Message* msg) const noexcept {
   if (msg == nullptr) return;
   if ((msg->flags() & kMsgDone) == 0) {

@@ -68,7 +68,6 @@ MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
   if (helped_ != nullptr) {
     // Deliver our own replies while they come quickly, then let the port's thread.
     // The clock is read (and the lease renewed) once per 64 polls, not per message.
-    constexpr auto kSpin = std::chrono::microseconds(50);
     Deadline spin_end = kNoDeadline;
     bool progressed_recently = false;
     for (int i = 0;; ++i) {
@@ -81,7 +80,7 @@ MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
       if ((i & 63) == 63) {
         helped_->Helping(true);
         const Deadline now = Clock::now();
-        if (progressed_recently || spin_end == kNoDeadline) spin_end = std::min(deadline, now + kSpin);
+        if (progressed_recently || spin_end == kNoDeadline) spin_end = std::min(deadline, now + kSpinTime);
         progressed_recently = false;
         if (now >= spin_end) break;
       }

@@ -149,10 +149,11 @@ TEST(ShmPort, KillingTheServerRepliesEveryOutstandingMessage_ECONNRESET_Within10
   EXPECT_FALSE(replies.TryTake()) << "a message got two replies";
   EXPECT_FALSE(s.port->peer_alive());
   EXPECT_EQ(s.port->outstanding(), 0u);
-  // Later sends fail at once.
+  // Later sends fail at once (the bug would wait for the 10 s deadline; the bound
+  // leaves room for a loaded machine).
   const auto start = Clock::now();
   EXPECT_EQ(Answer(*s.port, Make(kEcho)), ECONNRESET);
-  EXPECT_LT(Clock::now() - start, 10ms);
+  EXPECT_LT(Clock::now() - start, 1s);
 }
 
 TEST(ShmPort, ServerThatExitsInTheMiddleOfAMessage) {
@@ -288,7 +289,7 @@ TEST(ShmPort, RepliesArriveWhenTheLeaseHolderStopsPolling) {
     worst = std::max(worst, Clock::now() - start);
   }
   RecordProperty("worst_us", static_cast<int>(std::chrono::duration_cast<std::chrono::microseconds>(worst).count()));
-  // The bound is the reply thread's backstop (2 ms). 50 ms leaves room for a loaded
+  // The bound is the reply thread's backstop (10 ms). 50 ms leaves room for a loaded
   // machine and sanitizer builds, and still fails the bug this guards against: the
   // reply thread in its 100 ms idle sleep while a reply waited for nobody.
   EXPECT_LT(worst, 50ms);
