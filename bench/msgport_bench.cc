@@ -201,8 +201,8 @@ struct MessageQueueEcho {
 // The floor: two processes bouncing one cache line (a spinning counter), no queue,
 // no encoding, no sleeping while measured. What any shared-memory design pays at
 // least. The child spins only while it is asked (it would take a core from every
-// other subject): idle for 10 ms, it sleeps on the word's futex, and a parent that
-// gets no answer within a few microseconds wakes it.
+// other subject): idle for kSpinTime, it sleeps on the word's futex, and a parent
+// that gets no answer within a few microseconds wakes it.
 struct SpinPingPong {
   void* mem = ::mmap(nullptr, 4096, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
   std::atomic<uint32_t>* word;
@@ -216,7 +216,7 @@ struct SpinPingPong {
         auto idle_since = Clock::now();
         for (int i = 0; word->load(std::memory_order_acquire) != expect; ++i) {
           CpuRelax();
-          if ((i & 1023) == 1023 && Clock::now() - idle_since > std::chrono::milliseconds(10)) {
+          if ((i & 1023) == 1023 && Clock::now() - idle_since > kSpinTime) {
             timespec ts = ToTimespec(std::chrono::milliseconds(100));
             FutexWait(word, expect - 1, &ts);
             idle_since = Clock::now();
