@@ -86,9 +86,13 @@ struct Child {
   }
 };
 
-void ReadFull(int fd, char* buf, size_t n) {
+// Moves exactly n bytes with `io` (read or write), through short transfers and
+// EINTR. A closed peer ends this process: only echo children and the measuring
+// parent use it, and the parent's peers never close first.
+template <class Io>
+void Exactly(Io io, int fd, char* buf, size_t n) {
   while (n > 0) {
-    ssize_t r = ::read(fd, buf, n);
+    ssize_t r = io(fd, buf, n);
     if (r <= 0) {
       if (r < 0 && errno == EINTR) continue;
       ::_exit(0);
@@ -97,16 +101,18 @@ void ReadFull(int fd, char* buf, size_t n) {
     n -= static_cast<size_t>(r);
   }
 }
-void WriteFull(int fd, const char* buf, size_t n) {
-  while (n > 0) {
-    ssize_t r = ::write(fd, buf, n);
-    if (r <= 0) {
-      if (r < 0 && errno == EINTR) continue;
-      ::_exit(0);
-    }
-    buf += r;
-    n -= static_cast<size_t>(r);
-  }
+void ReadFull(int fd, char* buf, size_t n) { Exactly(::read, fd, buf, n); }
+void WriteFull(int fd, char* buf, size_t n) { Exactly(::write, fd, buf, n); }
+
+// For placement experiments: ULSP_BENCH_CLIENT_CPU / ULSP_BENCH_SERVER_CPU pin the
+// measuring process and the shared-memory server to one CPU each.
+void PinToCpuFrom(const char* env) {
+  const char* cpu = std::getenv(env);
+  if (cpu == nullptr) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
+  ::sched_setaffinity(0, sizeof set, &set);
 }
 
 // Something whose round trip is measured: `one` does one round trip.
@@ -250,12 +256,7 @@ struct ShmServer {
     UniqueFd theirs = (*p)->TakeServerSocket();
     std::string segment = (*p)->segment_name();
     if (child.Fork()) {
-      if (const char* cpu = std::getenv("ULSP_BENCH_SERVER_CPU")) {  // placement experiments
-        cpu_set_t set;
-        CPU_ZERO(&set);
-        CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
-        ::sched_setaffinity(0, sizeof set, &set);
-      }
+      PinToCpuFrom("ULSP_BENCH_SERVER_CPU");
       ::dup2(theirs.get(), 3);  // clears close-on-exec
       ::execl(self, self, "--serve", segment.c_str(), "3", nullptr);
       ::_exit(127);
@@ -288,6 +289,20 @@ std::function<void()> PortRoundTrip(Port& port) {
   };
 }
 
+// How many times a second `one` runs, over one round.
+double Rate(const std::function<void()>& one) {
+  uint64_t done = 0;
+  const auto start = Clock::now();
+  const auto end = start + RoundTime();
+  auto now = start;
+  while (now < end) {
+    for (int k = 0; k < 1024; ++k) one();
+    done += 1024;
+    now = Clock::now();
+  }
+  return static_cast<double>(done) / std::chrono::duration<double>(now - start).count();
+}
+
 // Messages per second through `port` with `in_flight` outstanding at all times, for
 // one round.
 double PortThroughput(Port& port, int in_flight) {
@@ -299,43 +314,24 @@ double PortThroughput(Port& port, int in_flight) {
     m->reply_port = &replies;
     Send(port, std::move(m));
   }
-  uint64_t done = 0;
-  const auto start = Clock::now();
-  const auto end = start + RoundTime();
-  auto now = start;
-  while (now < end) {
-    for (int k = 0; k < 1024; ++k) {
-      MessagePtr r = replies.Wait(After(std::chrono::seconds(10)));
-      if (!r || r->error != 0) {
-        std::fprintf(stderr, "ulsp-msgport-bench: %s: throughput reply failed\n", port.name().c_str());
-        std::exit(2);
-      }
-      ++done;
-      Send(port, std::move(r));
+  const double rate = Rate([&] {
+    MessagePtr r = replies.Wait(After(std::chrono::seconds(10)));
+    if (!r || r->error != 0) {
+      std::fprintf(stderr, "ulsp-msgport-bench: %s: throughput reply failed\n", port.name().c_str());
+      std::exit(2);
     }
-    now = Clock::now();
-  }
-  const double secs = std::chrono::duration<double>(now - start).count();
+    Send(port, std::move(r));
+  });
   for (int i = 0; i < in_flight; ++i) (void)replies.Wait(After(std::chrono::seconds(10)));
-  return static_cast<double>(done) / secs;
+  return rate;
 }
 
 // The same over a socketpair to a forked echo: `in_flight` messages written ahead.
 double SocketpairThroughput(FdEcho& echo, int in_flight) {
   for (int i = 0; i < in_flight; ++i) WriteFull(echo.wr, echo.buf.data(), echo.buf.size());
-  uint64_t done = 0;
-  const auto start = Clock::now();
-  const auto end = start + RoundTime();
-  auto now = start;
-  while (now < end) {
-    for (int k = 0; k < 1024; ++k) {
-      echo.RoundTrip();
-      ++done;
-    }
-    now = Clock::now();
-  }
+  const double rate = Rate([&] { echo.RoundTrip(); });
   for (int i = 0; i < in_flight; ++i) ReadFull(echo.rd, echo.buf.data(), echo.buf.size());
-  return static_cast<double>(done) / std::chrono::duration<double>(now - start).count();
+  return rate;
 }
 
 const char* Verdict(bool ok) { return ok ? "met" : "NOT MET"; }
@@ -363,12 +359,7 @@ int main(int argc, char** argv) {
       return help ? 0 : 2;
     }
   }
-  if (const char* cpu = std::getenv("ULSP_BENCH_CLIENT_CPU")) {  // placement experiments
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    CPU_SET(std::strtoul(cpu, nullptr, 10), &set);
-    ::sched_setaffinity(0, sizeof set, &set);
-  }
+  PinToCpuFrom("ULSP_BENCH_CLIENT_CPU");
 
   Echo echo;
   DirectPort direct("direct", echo);

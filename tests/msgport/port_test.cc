@@ -21,6 +21,7 @@ namespace {
 using namespace std::chrono_literals;
 using testing::Bytes;
 using testing::From;
+using testing::SendTo;
 
 // A message that counts live instances, to prove late replies free what they own.
 struct CountedMessage : Message {
@@ -137,9 +138,7 @@ TEST(ThreadPort, AsyncSendsGetExactlyOneReplyEach) {
   ReplyQueue replies("replies", 8192);
   constexpr uint64_t kCount = 5000;
   for (uint64_t i = 0; i < kCount; ++i) {
-    MessagePtr m = CountedMessage::Make(i);
-    m->reply_port = &replies;
-    Send(port, std::move(m));
+    SendTo(port, CountedMessage::Make(i), replies);
   }
   std::set<uint64_t> seen;
   for (uint64_t i = 0; i < kCount; ++i) {
@@ -324,8 +323,7 @@ TEST(ExactlyOneReply, DestroyingAThreadPortRepliesQueuedMessages_ECONNRESET) {
     for (uint64_t i = 0; i < 300; ++i) {
       MessagePtr m = Message::Make();
       m->payload = Bytes(i);
-      m->reply_port = &replies;
-      Send(port, std::move(m));
+      SendTo(port, std::move(m), replies);
     }
   }
   std::lock_guard lock(replies.mu);
@@ -345,8 +343,7 @@ TEST(FullQueue, FailPolicyRepliesEAGAIN) {
   for (uint64_t i = 0; i < 20; ++i) {
     MessagePtr m = Message::Make();
     m->payload = Bytes(i);
-    m->reply_port = &replies;
-    Send(port, std::move(m));
+    SendTo(port, std::move(m), replies);
   }
   {
     std::lock_guard lock(replies.mu);
@@ -370,9 +367,7 @@ TEST(FullQueue, WaitPolicyWaitsUntilTheDeadlineThenETIMEDOUT) {
   ThreadPort port("thread", gated, 2, FullPolicy::kWait);
   ReplyQueue replies("replies");
   for (int i = 0; i < 3; ++i) {  // one with the server, two queued
-    MessagePtr m = Message::Make();
-    m->reply_port = &replies;
-    Send(port, std::move(m));
+    SendTo(port, Message::Make(), replies);
   }
   std::this_thread::sleep_for(10ms);
   auto start = Clock::now();

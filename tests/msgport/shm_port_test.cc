@@ -115,9 +115,7 @@ TEST(ShmPort, KillingTheServerRepliesEveryOutstandingMessage_ECONNRESET_Within10
   replies.Help(*s.port);
   constexpr int kCount = 400;
   for (int i = 0; i < kCount; ++i) {
-    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{2000}));
-    m->reply_port = &replies;
-    Send(*s.port, std::move(m));
+    SendTo(*s.port, Make(kSleepUs, Bytes(uint32_t{2000})), replies);
   }
   // A synchronous caller waiting too, from another thread.
   std::atomic<int> sync_error{-1};
@@ -216,9 +214,7 @@ TEST(ShmPort, FullPolicyFailRepliesEAGAIN) {
   ASSERT_TRUE(s.port);
   ReplyQueue replies("replies");
   for (int i = 0; i < 12; ++i) {
-    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{20000}));
-    m->reply_port = &replies;
-    Send(*s.port, std::move(m));
+    SendTo(*s.port, Make(kSleepUs, Bytes(uint32_t{20000})), replies);
   }
   int again = 0, ok = 0;
   for (int i = 0; i < 12; ++i) {
@@ -235,9 +231,7 @@ TEST(ShmPort, FullPolicyWaitTimesOutAtTheMessagesDeadline) {
   ASSERT_TRUE(s.port);
   ReplyQueue replies("replies");
   for (int i = 0; i < 2; ++i) {
-    MessagePtr m = Make(kSleepUs, Bytes(uint32_t{300000}));
-    m->reply_port = &replies;
-    Send(*s.port, std::move(m));
+    SendTo(*s.port, Make(kSleepUs, Bytes(uint32_t{300000})), replies);
   }
   const auto start = Clock::now();
   auto r = DoMsg(*s.port, Make(kEcho), After(50ms));
@@ -273,9 +267,7 @@ TEST(ShmPort, RepliesArriveWhenTheLeaseHolderStopsPolling) {
   Clock::duration worst{};
   for (int round = 0; round < 20; ++round) {
     for (int i = 0; i < 64; ++i) {  // a burst that renews the lease
-      MessagePtr m = Make(kEcho);
-      m->reply_port = &helper;
-      Send(*s.port, std::move(m));
+      SendTo(*s.port, Make(kEcho), helper);
       ASSERT_TRUE(helper.Wait(After(5s)));
     }
     // At once, while the lease runs: a message whose reply nobody polls for.

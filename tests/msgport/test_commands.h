@@ -6,6 +6,8 @@
 #include <cstring>
 #include <vector>
 
+#include "kernel/msgport/port.h"
+
 namespace ulsp::msgport::testing {
 
 enum TestCommand : uint32_t {
@@ -26,6 +28,12 @@ std::vector<std::byte> Bytes(const T& value) {
   std::memcpy(b.data(), &value, sizeof(T));
   return b;
 }
+// Sends msg to port asynchronously, its reply to go to `replies`.
+inline void SendTo(Port& port, MessagePtr msg, Port& replies) {
+  msg->reply_port = &replies;
+  Send(port, std::move(msg));
+}
+
 template <class T>
 T From(const std::vector<std::byte>& b) {
   T value{};
