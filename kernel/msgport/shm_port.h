@@ -65,6 +65,7 @@ class ShmClientPort final : public Port {
   // Waits for the server's hello, then unlinks the segment's name and starts watching
   // the server. With a pid, its pidfd is watched too (for a server whose children keep
   // the socket open). Fails with ETIMEDOUT, or ECONNRESET when the server went away.
+  // Call it once. Messages put before it returns wait in the ring.
   Result<void> WaitForServer(Deadline deadline, pid_t server_pid = 0);
 
   bool peer_alive() const noexcept { return !dead_.load(std::memory_order_acquire); }
@@ -143,7 +144,8 @@ class ShmClientPort final : public Port {
 
 // The serving side, in the ULSP's process. Serve runs the loop in the calling
 // thread; PutReply (called through Reply) is thread-safe, so a server may reply from
-// any thread.
+// any thread. The port must outlive every message it delivered: a server that keeps
+// messages to reply later replies them (or drops them) before the port goes.
 class ShmServerPort final : public Port {
  public:
   // Maps the segment, checks its layout, and says hello on `socket`. EINVAL for a
@@ -153,7 +155,8 @@ class ShmServerPort final : public Port {
 
   // Serves requests with `server` until the client goes away or Stop is called.
   void Serve(Server& server);
-  // Makes Serve return soon; callable from any thread or a signal-free context.
+  // Makes Serve return soon. Callable from any thread, and from a signal handler (it
+  // is an atomic store and a futex wake).
   void Stop() noexcept;
 
   void Put(MessagePtr msg) override;       // not a request port on this side: EINVAL
