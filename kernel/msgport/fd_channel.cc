@@ -81,6 +81,11 @@ FdChannel::PumpResult FdChannel::ReadFrame() {
   // waiting for its id learns it was bad.
   if (!well_formed) fds.clear();
   std::lock_guard lock(mu_);
+  if (!well_formed) ++dropped_;
+  if (stash_.size() >= kMaxStashed && !stash_.contains(header.id)) {
+    ++dropped_;  // descriptors close here
+    return PumpResult::kFrame;
+  }
   stash_[header.id] = Frame{well_formed, std::move(fds)};
   return PumpResult::kFrame;
 }
@@ -140,6 +145,11 @@ Result<std::vector<UniqueFd>> FdChannel::Take(uint64_t id, size_t count, Deadlin
 bool FdChannel::closed() const {
   std::lock_guard lock(mu_);
   return closed_;
+}
+
+uint64_t FdChannel::dropped() const {
+  std::lock_guard lock(mu_);
+  return dropped_;
 }
 
 void FdChannel::Discard(uint64_t id) {

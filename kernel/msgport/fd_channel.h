@@ -25,6 +25,10 @@ class FdChannel {
  public:
   // Most descriptors one message may carry.
   static constexpr size_t kMaxFds = 64;
+  // Most frames kept waiting for their envelope. A peer that sends more (frames for
+  // ids it never sends envelopes for) has them dropped, descriptors closed, so it
+  // cannot pin this process's memory or descriptor table.
+  static constexpr size_t kMaxStashed = 4096;
 
   // Takes ownership of a SOCK_SEQPACKET socket.
   explicit FdChannel(UniqueFd socket) : socket_(std::move(socket)) {}
@@ -48,6 +52,8 @@ class FdChannel {
   PumpResult Pump(std::chrono::milliseconds timeout, int extra_fd = -1);
 
   bool closed() const;
+  // Frames dropped: malformed, or beyond kMaxStashed.
+  uint64_t dropped() const;
   // Drops stashed frames (their descriptors close) whose id is no longer wanted.
   void Discard(uint64_t id);
   int fd() const noexcept { return socket_.get(); }
@@ -66,6 +72,7 @@ class FdChannel {
   std::unordered_map<uint64_t, Frame> stash_;
   bool reading_ = false;
   bool closed_ = false;
+  uint64_t dropped_ = 0;
 };
 
 }  // namespace ulsp::msgport

@@ -33,8 +33,9 @@ void Send(Port& port, MessagePtr msg) {
 
 void Reply(MessagePtr msg, int error) {
   msg->error = error;
-  uint32_t f = msg->flags_.load(std::memory_order_relaxed);
-  msg->flags_.store((f & ~kMsgQueued) | kMsgReplied | kMsgDone, std::memory_order_release);
+  // Read-modify-write: the sender may be setting ABORTED at this very moment.
+  const uint32_t before = msg->flags_.fetch_or(kMsgReplied | kMsgDone, std::memory_order_acq_rel);
+  if (before & kMsgQueued) msg->flags_.fetch_and(~kMsgQueued, std::memory_order_acq_rel);
   Port* reply_port = msg->reply_port;
   if (reply_port != nullptr) {
     reply_port->PutReply(std::move(msg));
@@ -86,14 +87,6 @@ void SyncWaiter::PutReply(MessagePtr msg) {
     if (state_.compare_exchange_weak(s, kReplied, std::memory_order_acq_rel)) break;
   }
   if (s == kSleeping) FutexWake(&state_, 1);
-}
-
-bool SyncWaiter::Spin(int iterations) noexcept {
-  for (int i = 0; i < iterations; ++i) {
-    if (Ready()) return true;
-    CpuRelax();
-  }
-  return Ready();
 }
 
 bool SyncWaiter::Wait(Deadline deadline) noexcept {

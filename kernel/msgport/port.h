@@ -123,8 +123,6 @@ class SyncWaiter final : public Port {
   bool Ready() const noexcept { return state_.load(std::memory_order_acquire) == kReplied; }
   // Spins, then sleeps on the futex, until the reply or the deadline. Returns Ready().
   bool Wait(Deadline deadline) noexcept;
-  // Spins for a while only (no sleep); returns Ready().
-  bool Spin(int iterations) noexcept;
 
  private:
   friend Result<MessagePtr> DoMsg(Port&, MessagePtr, Deadline);
