@@ -252,7 +252,7 @@ void ShmClientPort::PutRawForTest(MessagePtr msg, std::span<const std::byte> byt
   });
 }
 
-MessagePtr ShmClientPort::TakePending(uint64_t id) {
+MessagePtr ShmClientPort::TakePending(uint64_t id) noexcept {
   const auto index = static_cast<uint32_t>(id & 0xffffffffu);
   if (id == 0 || index >= slot_count_) return nullptr;
   Slot& slot = slots_[index];
@@ -274,7 +274,7 @@ bool ShmClientPort::Drain() {
     uint64_t id = 0;
     uint16_t fd_count = 0;
     std::string why;
-    const bool popped = segment_->replies.TryPop([&](Cell& c) {
+    const bool popped = segment_->replies.TryPop([&](Cell& c) noexcept {
       id = c.id;
       msg = TakePending(id);
       if (!msg) return;  // a stale or forged id: nobody waits for it
@@ -450,16 +450,18 @@ void ShmServerPort::Put(MessagePtr msg) {
 }
 
 bool ShmServerPort::ServeOne(Server& server) {
-  MessagePtr msg;
+  if (!segment_->requests.HasReady()) return false;
+  // Everything that may throw happens before the pop: a cell taken and never
+  // released would stall the ring.
+  MessagePtr msg = spare_.TryPopQuiet();  // a replied message, kept with its buffer
+  if (!msg) msg = Message::Make();
   shm::Decoded decoded;
   int decode_error = 0;
   uint64_t cell_id = 0;
   std::string why;
   const uint32_t slot_bytes = segment_->slot_bytes();
-  const bool popped = segment_->requests.TryPop([&](Cell& c) {
+  const bool popped = segment_->requests.TryPop([&](Cell& c) noexcept {
     cell_id = c.id;
-    msg = spare_.TryPopQuiet();  // a replied message, kept with its buffer
-    if (!msg) msg = Message::Make();
     auto d = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
     if (d) {
       decoded = *d;
@@ -467,7 +469,10 @@ bool ShmServerPort::ServeOne(Server& server) {
       decode_error = d.error().value;
     }
   });
-  if (!popped) return false;
+  if (!popped) {
+    (void)spare_.TryPushQuiet(msg);
+    return false;
+  }
   counters().put.fetch_add(1, std::memory_order_relaxed);
   msg->token = cell_id;
   msg->reply_port = this;

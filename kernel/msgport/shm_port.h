@@ -87,7 +87,8 @@ class ShmClientPort final : public Port {
   // an errno when it cannot be sent.
   template <class Encode>
   void Enqueue(MessagePtr msg, Encode&& encode);
-  MessagePtr TakePending(uint64_t id);
+  // Takes the message in flight with this id (nullptr when none: stale or forged).
+  MessagePtr TakePending(uint64_t id) noexcept;
   bool Drain();  // drain_mu_ held
   // Ends this client's reply-polling lease (see Header::reply_poll_until_ns) and makes
   // sure a reply that came meanwhile reaches the reply thread.
