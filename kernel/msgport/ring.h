@@ -44,13 +44,20 @@ class Ring {
 
   size_t capacity() const noexcept { return mask_ + 1; }
 
+  // Retries of one push or pop while other parties move the index. Honest contention
+  // between a few threads settles in a handful.
+  static constexpr int kMaxRetries = 1 << 16;
+
   // Claims a free cell, calls fill(cell) to write it in place, publishes it. Returns
-  // false, without calling fill, when the ring is full.
+  // false, without calling fill, when the ring is full — or when the indices stay
+  // inconsistent for kMaxRetries tries, which only a peer that scribbled on a shared
+  // ring causes: the caller is never kept spinning by the other process.
   template <class Fill>
   bool TryPush(Fill&& fill) noexcept(noexcept(fill(std::declval<Cell&>()))) {
     uint64_t pos = index_->tail.load(std::memory_order_relaxed);
     Cell* cell;
-    for (;;) {
+    for (int tries = 0;; ++tries) {
+      if (tries == kMaxRetries) return false;
       cell = &At(pos);
       uint64_t seq = cell->seq.load(std::memory_order_acquire);
       auto diff = static_cast<int64_t>(seq - pos);
@@ -74,12 +81,14 @@ class Ring {
   }
 
   // Takes the oldest cell, calls take(cell) to read it in place, frees it. Returns
-  // false, without calling take, when the ring is empty.
+  // false, without calling take, when the ring is empty (or, as for TryPush, its
+  // indices stay inconsistent).
   template <class Take>
   bool TryPop(Take&& take) noexcept(noexcept(take(std::declval<Cell&>()))) {
     uint64_t pos = index_->head.load(std::memory_order_relaxed);
     Cell* cell;
-    for (;;) {
+    for (int tries = 0;; ++tries) {
+      if (tries == kMaxRetries) return false;
       cell = &At(pos);
       uint64_t seq = cell->seq.load(std::memory_order_acquire);
       auto diff = static_cast<int64_t>(seq - (pos + 1));

@@ -570,6 +570,13 @@ void ShmServerPort::PutReply(MessagePtr msg) {
   if (msg->payload.capacity() <= kMaxSparePayload) (void)spare_.TryPushQuiet(msg);
 }
 
+void ShmServerPort::ScribbleForTest() noexcept {
+  auto& h = *segment_->header;
+  h.slot_bytes = 1u << 30;
+  h.slots = 3;
+  h.requests.tail.store(0x5eed5eed5eed5eedULL, std::memory_order_relaxed);
+}
+
 void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
   const uint64_t id = msg->token;
   const uint32_t slot_bytes = segment_->slot_bytes();

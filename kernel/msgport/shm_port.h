@@ -165,6 +165,9 @@ class ShmServerPort final : public Port {
 
   // Test hook: replies `msg` with raw bytes in place of its encoded envelope.
   void ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len);
+  // Test hook for a hostile or broken server: overwrites the shared header's layout
+  // fields and the request ring's producer index with garbage.
+  void ScribbleForTest() noexcept;
 
  private:
   ShmServerPort(std::unique_ptr<shm::Segment> segment, UniqueFd socket);

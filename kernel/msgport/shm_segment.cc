@@ -34,7 +34,7 @@ Result<std::unique_ptr<Segment>> CreateSegment(const std::string& name, uint32_t
     h->slot_bytes = slot_bytes;
     h->creator_pid = static_cast<uint32_t>(::getpid());
     h->total_size = size;
-    seg->Bind();
+    seg->Bind(slots, slot_bytes);
     seg->requests.Initialise();
     seg->replies.Initialise();
   } catch (const bip::interprocess_exception& e) {
@@ -52,14 +52,18 @@ Result<std::unique_ptr<Segment>> OpenSegment(const std::string& name) {
     bip::offset_t size = 0;
     if (!seg->object.get_size(size) || static_cast<size_t>(size) < sizeof(Header)) return Fail(EINVAL);
     seg->region = bip::mapped_region(seg->object, bip::read_write);
-    auto* h = static_cast<Header*>(seg->region.get_address());
-    // The creator is not trusted: the layout must match the mapping exactly.
-    if (h->magic != kMagic || h->version != kVersion || h->slots == 0 || !std::has_single_bit(h->slots) ||
-        h->slot_bytes < 64 || h->slot_bytes % 8 != 0 || h->slot_bytes > (64u << 20) ||
-        TotalSize(h->slots, h->slot_bytes) != static_cast<size_t>(size) || h->total_size != static_cast<size_t>(size)) {
+    const auto* h = static_cast<const volatile Header*>(seg->region.get_address());
+    // The creator is not trusted: read each field once, and the layout must match the
+    // mapping exactly.
+    const uint64_t magic = h->magic;
+    const uint32_t version = h->version, slots = h->slots, slot_bytes = h->slot_bytes;
+    const uint64_t total_size = h->total_size;
+    if (magic != kMagic || version != kVersion || slots == 0 || !std::has_single_bit(slots) || slot_bytes < 64 ||
+        slot_bytes % 8 != 0 || slot_bytes > (64u << 20) || TotalSize(slots, slot_bytes) != static_cast<size_t>(size) ||
+        total_size != static_cast<size_t>(size)) {
       return Fail(EINVAL);
     }
-    seg->Bind();
+    seg->Bind(slots, slot_bytes);
   } catch (const bip::interprocess_exception& e) {
     int err = e.get_native_error();
     return Fail(err != 0 ? err : EIO);

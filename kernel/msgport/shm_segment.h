@@ -68,6 +68,10 @@ constexpr size_t TotalSize(uint32_t slots, uint32_t slot_bytes) {
 }
 
 // The mapping and the views of its two rings. Owns the Boost.Interprocess objects.
+//
+// The layout (slots, slot size) is read from the header once, checked, and kept here:
+// the header stays writable by the other process, which must not be able to move a
+// cell's bounds under us afterwards.
 struct Segment {
   bip::shared_memory_object object;
   bip::mapped_region region;
@@ -75,14 +79,19 @@ struct Segment {
   Ring<Cell> requests;
   Ring<Cell> replies;
 
-  void Bind() {
+  // Views the mapping with a checked layout.
+  void Bind(uint32_t slots, uint32_t slot_bytes) {
     header = static_cast<Header*>(region.get_address());
+    slot_bytes_ = slot_bytes;
     auto* base = static_cast<std::byte*>(region.get_address()) + RoundUp(sizeof(Header), 64);
-    size_t stride = Stride(header->slot_bytes);
-    requests = Ring<Cell>(&header->requests, base, header->slots, stride);
-    replies = Ring<Cell>(&header->replies, base + header->slots * stride, header->slots, stride);
+    size_t stride = Stride(slot_bytes);
+    requests = Ring<Cell>(&header->requests, base, slots, stride);
+    replies = Ring<Cell>(&header->replies, base + slots * stride, slots, stride);
   }
-  uint32_t slot_bytes() const { return header->slot_bytes; }
+  uint32_t slot_bytes() const { return slot_bytes_; }
+
+ private:
+  uint32_t slot_bytes_ = 0;
 };
 
 // Words an Envelope needs beyond its payload: the root pointer and the struct (4 data

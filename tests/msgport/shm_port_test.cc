@@ -209,6 +209,24 @@ TEST(ShmPort, CorruptReplyIsRefused_EBADMSG_AndThePortKeepsServing) {
   EXPECT_EQ(s.port->counters().bad_input.load(), 20u);
 }
 
+TEST(ShmPort, AServerThatScribblesOnTheSegmentCannotHurtTheClient) {
+  // The header and the rings are writable by both processes. The client checked the
+  // layout once and keeps it: a server that rewrites the slot size cannot make it read
+  // past a cell (the reply below claims 64 MiB), and a scribbled ring index cannot
+  // keep it spinning. It gets errors, and it stays up.
+  auto s = SpawnServer({.slots = 16, .slot_bytes = 512});
+  ASSERT_TRUE(s.port);
+  EXPECT_EQ(Answer(*s.port, Make(kScribble)), EBADMSG);
+  for (int i = 0; i < 5; ++i) {
+    const auto start = Clock::now();
+    int e = Answer(*s.port, Make(kEcho), After(5s));
+    EXPECT_TRUE(e == EAGAIN || e == EBADMSG || e == -ETIMEDOUT || e == 0) << e;
+    EXPECT_LT(Clock::now() - start, 6s);
+  }
+  s.Kill();
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), ECONNRESET);
+}
+
 TEST(ShmPort, FullPolicyFailRepliesEAGAIN) {
   auto s = SpawnServer({.slots = 4, .slot_bytes = 256, .full = FullPolicy::kFail});
   ASSERT_TRUE(s.port);

@@ -56,6 +56,12 @@ class TestServer final : public Server {
         port_.ReplyRawForTest(std::move(msg), garbage, static_cast<uint32_t>(garbage.size()));
         return;
       }
+      case kScribble: {
+        port_.ScribbleForTest();
+        std::vector<std::byte> garbage(64, std::byte{0x5A});
+        port_.ReplyRawForTest(std::move(msg), garbage, 64u << 20);
+        return;
+      }
       case kCrash:
         ::_exit(9);
       case kPid:

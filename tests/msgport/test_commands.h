@@ -20,6 +20,8 @@ enum TestCommand : uint32_t {
   kCrash = 7,         // _exit(9) without replying
   kPid = 8,           // reply with the server's pid
   kBigReply = 9,      // payload: uint32 size; reply with that many bytes
+  kScribble = 10,     // scribble on the shared header and request ring, then reply with a cell
+                      // that claims 64 MiB
 };
 
 template <class T>
