@@ -245,6 +245,20 @@ void ShmClientPort::Put(MessagePtr msg) {
   });
 }
 
+void ShmClientPort::Drop(Message& msg) {
+  const uint64_t id = msg.token;  // written when it was sent, by the sender
+  const auto index = static_cast<uint32_t>(id & 0xffffffffu);
+  if (id == 0 || index >= slot_count_ || dead_.load(std::memory_order_acquire)) return;
+  if (slots_[index].owner.load(std::memory_order_acquire) != id) return;  // already answered
+  Message abort(shm::kAbortCommand);
+  abort.flags_.store(kMsgAborted, std::memory_order_relaxed);
+  const uint32_t slot_bytes = segment_->slot_bytes();
+  // An envelope without payload always fits (slot_bytes >= 128 was checked).
+  if (segment_->requests.TryPush([&](Cell& c) noexcept { (void)shm::EncodeCell(c, slot_bytes, abort, id, 0, 0); })) {
+    segment_->header->requests_ec.Notify();
+  }
+}
+
 void ShmClientPort::PutRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
   const uint32_t slot_bytes = segment_->slot_bytes();
   Enqueue(std::move(msg), [&](Cell& c, const Message&, uint64_t id, uint16_t) {
@@ -435,7 +449,10 @@ Result<std::unique_ptr<ShmServerPort>> ShmServerPort::Attach(const std::string& 
 ShmServerPort::ShmServerPort(std::unique_ptr<shm::Segment> segment, UniqueFd socket)
     : Port("shm-server:" + std::string(segment->object.get_name())),
       segment_(std::move(segment)),
-      fds_(std::move(socket)) {}
+      fds_(std::move(socket)),
+      slot_count_(segment_->requests.capacity()),
+      in_service_(std::make_unique<std::atomic<Message*>[]>(slot_count_)),
+      spare_(2 * slot_count_ + 2) {}
 
 ShmServerPort::~ShmServerPort() = default;
 
@@ -470,7 +487,7 @@ bool ShmServerPort::ServeOne(Server& server) {
     }
   });
   if (!popped) {
-    (void)spare_.TryPushQuiet(msg);
+    Recycle(std::move(msg));
     return false;
   }
   counters().put.fetch_add(1, std::memory_order_relaxed);
@@ -487,6 +504,11 @@ bool ShmServerPort::ServeOne(Server& server) {
     Reply(std::move(msg), decode_error);
     return true;
   }
+  if (decoded.command == shm::kAbortCommand) {
+    MarkAborted(cell_id);
+    Recycle(std::move(msg));  // no message, no reply
+    return true;
+  }
   msg->command = decoded.command;
   if (decoded.flags & kMsgAborted) msg->flags_.fetch_or(kMsgAborted, std::memory_order_relaxed);
   if (decoded.deadline_ns != 0) msg->deadline = Deadline(std::chrono::nanoseconds(decoded.deadline_ns));
@@ -499,8 +521,21 @@ bool ShmServerPort::ServeOne(Server& server) {
     }
     msg->fds = std::move(*fds);
   }
+  const size_t slot = cell_id & 0xffffffffu;
+  if (slot < slot_count_) in_service_[slot].store(msg.get(), std::memory_order_release);
   server.Serve(std::move(msg));
   return true;
+}
+
+void ShmServerPort::MarkAborted(uint64_t id) noexcept {
+  const size_t slot = id & 0xffffffffu;
+  if (slot >= slot_count_) return;
+  // The message may be being replied on another thread right now; replied messages
+  // are pooled, never freed, while the port lives (see spare_), and only this thread
+  // reuses them, after this returns: the worst is a mark on a message just replied,
+  // which its next use clears.
+  Message* m = in_service_[slot].load(std::memory_order_acquire);
+  if (m != nullptr && m->token == id) m->flags_.fetch_or(kMsgAborted, std::memory_order_acq_rel);
 }
 
 void ShmServerPort::Serve(Server& server) {
@@ -545,8 +580,8 @@ void ShmServerPort::PushReply(Encode&& encode) {
 }
 
 void ShmServerPort::PutReply(MessagePtr msg) {
-  counters().replied.fetch_add(1, std::memory_order_relaxed);
   const uint64_t id = msg->token;
+  counters().replied.fetch_add(1, std::memory_order_relaxed);
   int error = msg->error;
   if (!msg->fds.empty()) {
     if (auto sent = fds_.Send(id, msg->fds); !sent) {
@@ -563,11 +598,21 @@ void ShmServerPort::PutReply(MessagePtr msg) {
     if (fd_count != 0) fds_.Discard(id);
     (void)shm::EncodeCell(c, slot_bytes, *msg, id, EMSGSIZE, 0);
   });
-  // Keep the message (and its payload's capacity) for the next request; a message no
-  // longer in flight with no reply port is simply deleted wherever it ends up.
+  Recycle(std::move(msg));
+}
+
+void ShmServerPort::Recycle(MessagePtr msg) noexcept {
+  // Out of service first: an abort for its id must no longer find it.
+  if (const size_t slot = msg->token & 0xffffffffu; slot < slot_count_) {
+    Message* expected = msg.get();
+    in_service_[slot].compare_exchange_strong(expected, nullptr, std::memory_order_acq_rel);
+  }
+  // Kept with (up to a size) its payload's capacity for the next request. With no
+  // reply port, it is simply deleted when the pool goes with the port.
   msg->reply_port = nullptr;
   msg->fds.clear();
-  if (msg->payload.capacity() <= kMaxSparePayload) (void)spare_.TryPushQuiet(msg);
+  if (msg->payload.capacity() > kMaxSparePayload) std::vector<std::byte>().swap(msg->payload);
+  (void)spare_.TryPushQuiet(msg);  // room for all: see spare_
 }
 
 void ShmServerPort::ScribbleForTest() noexcept {
@@ -580,8 +625,8 @@ void ShmServerPort::ScribbleForTest() noexcept {
 void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
   const uint64_t id = msg->token;
   const uint32_t slot_bytes = segment_->slot_bytes();
-  msg->reply_port = nullptr;  // answered by hand below; the message itself just goes
-  Reply(std::move(msg), 0);
+  msg->flags_.fetch_or(kMsgReplied | kMsgDone, std::memory_order_acq_rel);  // answered by hand below
+  Recycle(std::move(msg));
   PushReply([&](Cell& c) { shm::WriteRawCell(c, id, bytes, claimed_len, slot_bytes); });
 }
 

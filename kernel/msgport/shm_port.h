@@ -73,6 +73,10 @@ class ShmClientPort final : public Port {
 
   void Put(MessagePtr msg) override;
   void WaitSync(SyncWaiter& waiter, Deadline deadline) override;
+  // Forwards the abort to the server (an abort envelope with the message's id), if the
+  // message is still in flight and the request ring has room: best effort, as an abort
+  // is. The server marks the message ABORTED; it still replies exactly once.
+  void Drop(Message& msg) override;
   bool Poll() override;
   void Helping(bool on) override;
 
@@ -175,12 +179,24 @@ class ShmServerPort final : public Port {
   template <class Encode>
   void PushReply(Encode&& encode);
 
+  void MarkAborted(uint64_t id) noexcept;
+  // Takes a message out of service and keeps it for reuse (see spare_).
+  void Recycle(MessagePtr msg) noexcept;
+
   std::unique_ptr<shm::Segment> segment_;
   FdChannel fds_;
   std::atomic<bool> stop_{false};
+  // Messages being served, by the client's slot index (the low half of the id), so an
+  // abort envelope can find its message. Written on delivery, cleared by PutReply.
+  const size_t slot_count_;
+  std::unique_ptr<std::atomic<Message*>[]> in_service_;
   // Replied messages kept for reuse, so serving allocates nothing in the steady state.
+  // Room for every message this port can ever have made (at most one per slot in
+  // service, plus one being prepared), so none is freed while the port lives: an
+  // abort that races a reply may touch a message just replied, never a freed one.
+  // (Only the Serve thread, which also handles aborts, takes messages out of it.)
   static constexpr size_t kMaxSparePayload = 64 * 1024;
-  MessageQueue spare_{64};
+  MessageQueue spare_;
 };
 
 // Removes /dev/shm/ulsp.<pid>.* names whose creating process no longer exists.

@@ -26,6 +26,11 @@ namespace bip = boost::interprocess;
 constexpr uint64_t kMagic = 0x6d68732d70736c75ULL;  // "ulsp-shm"
 constexpr uint32_t kVersion = 1;
 
+// A request envelope with this command is no message: it asks the server to mark the
+// message in service with the same id ABORTED. It gets no reply. Families' commands
+// stay below 0xffff0000.
+constexpr uint32_t kAbortCommand = 0xffffffffu;
+
 // One ring cell. Its sequence number (the ring's) has a cache line to itself: the
 // consumer spins reading it, and if the producer's writes of the message shared that
 // line, the line would move between the two cores once per store. Then the message

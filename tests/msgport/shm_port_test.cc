@@ -224,6 +224,9 @@ TEST(ShmPort, AServerThatScribblesOnTheSegmentCannotHurtTheClient) {
     EXPECT_LT(Clock::now() - start, 6s);
   }
   s.Kill();
+  const auto deadline = Clock::now() + 1s;  // the death is noticed from the socket
+  while (s.port->peer_alive() && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  EXPECT_FALSE(s.port->peer_alive());
   EXPECT_EQ(Answer(*s.port, Make(kEcho)), ECONNRESET);
 }
 
@@ -303,6 +306,36 @@ TEST(ShmPort, RepliesArriveWhenTheLeaseHolderStopsPolling) {
   // machine and sanitizer builds, and still fails the bug this guards against: the
   // reply thread in its 100 ms idle sleep while a reply waited for nobody.
   EXPECT_LT(worst, 50ms);
+}
+
+TEST(ShmPort, AnAbortReachesTheServerProcess) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies");
+  MessagePtr m = Make(kWaitForAbort);
+  Message* raw = m.get();
+  SendTo(*s.port, std::move(m), replies);
+  std::this_thread::sleep_for(20ms);  // with the server's handler by now
+  const auto start = Clock::now();
+  Abort(*raw);  // not replied yet: the handler waits up to 5 s
+  MessagePtr r = replies.Wait(After(10s));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->error, ECANCELED) << "the server never saw the abort";
+  EXPECT_LT(Clock::now() - start, 2s);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
+}
+
+TEST(ShmPort, ADoMsgThatTimesOutAbortsTheServersWork) {
+  auto s = SpawnServer();
+  ASSERT_TRUE(s.port);
+  auto r = DoMsg(*s.port, Make(kWaitForAbort), After(50ms));
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), Errno(ETIMEDOUT));
+  // The server gives up at once on the abort (not after its 5 s), and the late reply
+  // frees the slot.
+  const auto deadline = Clock::now() + 2s;
+  while (s.port->outstanding() != 0 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(s.port->outstanding(), 0u);
 }
 
 TEST(ShmPort, SegmentNameIsGoneOnceTheServerAttached) {

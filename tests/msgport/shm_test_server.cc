@@ -9,6 +9,7 @@
 #include <cstdlib>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "kernel/msgport/shm_port.h"
 #include "tests/msgport/test_commands.h"
@@ -21,6 +22,10 @@ using namespace ulsp::msgport::testing;
 class TestServer final : public Server {
  public:
   explicit TestServer(ShmServerPort& port) : port_(port) {}
+  // Joins the handlers still running: the port must outlive their messages.
+  ~TestServer() {
+    for (auto& t : waiters_) t.join();
+  }
 
   void Serve(MessagePtr msg) noexcept override {
     switch (msg->command) {
@@ -62,6 +67,15 @@ class TestServer final : public Server {
         port_.ReplyRawForTest(std::move(msg), garbage, 64u << 20);
         return;
       }
+      case kWaitForAbort:
+        // Off the serving thread, which must stay free to take the abort envelope.
+        waiters_.emplace_back([m = std::move(msg)]() mutable {
+          const auto end = Clock::now() + std::chrono::seconds(5);
+          while (!m->aborted() && Clock::now() < end) std::this_thread::sleep_for(std::chrono::microseconds(200));
+          const int error = m->aborted() ? ECANCELED : ETIMEDOUT;
+          Reply(std::move(m), error);
+        });
+        return;
       case kCrash:
         ::_exit(9);
       case kPid:
@@ -79,6 +93,7 @@ class TestServer final : public Server {
 
  private:
   ShmServerPort& port_;
+  std::vector<std::thread> waiters_;
 };
 
 }  // namespace

@@ -22,6 +22,8 @@ enum TestCommand : uint32_t {
   kBigReply = 9,      // payload: uint32 size; reply with that many bytes
   kScribble = 10,     // scribble on the shared header and request ring, then reply with a cell
                       // that claims 64 MiB
+  kWaitForAbort = 11, // on another thread, wait up to 5 s for the message to be aborted:
+                      // reply ECANCELED when it is, ETIMEDOUT when not
 };
 
 template <class T>
