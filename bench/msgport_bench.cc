@@ -383,6 +383,26 @@ double SocketpairThroughput(FdEcho& echo, int in_flight) {
 
 const char* Verdict(bool ok) { return ok ? "met" : "NOT MET"; }
 
+// CPU time this virtual machine lost to its hypervisor ("steal", /proc/stat), and all
+// CPU time, in clock ticks: a vCPU descheduled in the middle of a spin is what makes
+// these figures swing, so each run says how much of it there was.
+struct CpuTicks {
+  uint64_t steal = 0, total = 0;
+  static CpuTicks Now() {
+    CpuTicks t;
+    if (FILE* f = std::fopen("/proc/stat", "r")) {
+      unsigned long long v[10] = {};
+      if (std::fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4],
+                      &v[5], &v[6], &v[7], &v[8], &v[9]) >= 8) {
+        for (int i = 0; i < 8; ++i) t.total += v[i];
+        t.steal = v[7];
+      }
+      std::fclose(f);
+    }
+    return t;
+  }
+};
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -456,6 +476,7 @@ int main(int argc, char** argv) {
   std::printf("ulsp message-port benchmark: %zu-byte payload, %.1f s per measurement in %d interleaved rounds, %ld CPUs\n",
               g_payload, g_seconds, g_rounds, ::sysconf(_SC_NPROCESSORS_ONLN));
   std::printf("(figures are medians over the rounds; every subject is measured in every round)\n\n");
+  const CpuTicks ticks_before = CpuTicks::Now();
   for (int r = 0; r < g_rounds; ++r) {
     for (auto& subject : subjects) subject.MeasureRound();
     shm_tput.push_back(PortThroughput(*shm.port, 64));
@@ -464,6 +485,13 @@ int main(int argc, char** argv) {
     sp_tput_rounds.push_back(SocketpairThroughput(socket_tput, 64));
   }
 
+  const CpuTicks ticks_after = CpuTicks::Now();
+  const double steal = ticks_after.total > ticks_before.total
+                           ? 100.0 * static_cast<double>(ticks_after.steal - ticks_before.steal) /
+                                 static_cast<double>(ticks_after.total - ticks_before.total)
+                           : 0;
+  std::printf("CPU time stolen by the hypervisor during the run: %.1f%%%s\n\n", steal,
+              steal > 2 ? " (high: expect spread, and the shared-memory port's spins cut short)" : "");
   std::printf("Round trip (DoMsg, or write+read for baselines)\n");
   std::printf("  %-48s %10s %10s %14s\n", "", "p50", "p99", "p50 / shm p50");
   for (const auto& r : subjects) {
