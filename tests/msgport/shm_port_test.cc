@@ -11,6 +11,7 @@
 #include <boost/interprocess/shared_memory_object.hpp>
 #include <filesystem>
 #include <fstream>
+#include <random>
 #include <set>
 #include <thread>
 
@@ -335,6 +336,61 @@ TEST(ShmPort, ADoMsgThatTimesOutAbortsTheServersWork) {
   // frees the slot.
   const auto deadline = Clock::now() + 2s;
   while (s.port->outstanding() != 0 && Clock::now() < deadline) std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(s.port->outstanding(), 0u);
+}
+
+TEST(ShmPort, MixedSyncAndAsyncTrafficLosesNoWakeUp) {
+  // Every hand-off between spinning, polling under a lease, and sleeping on a futex,
+  // on both sides, at random: synchronous callers that pause (so their waits sleep
+  // and end leases), an asynchronous sender whose ReplyQueue helps the port and one
+  // whose does not (served by the reply thread), and a server whose work takes a
+  // random 0-300 us (so it goes idle and sleeps). A lost wake-up shows as a message
+  // answered late (the sleeps are 100 ms) or never.
+  auto s = SpawnServer({.slots = 64, .slot_bytes = 256});
+  ASSERT_TRUE(s.port);
+  std::atomic<int> late{0}, failed{0}, done{0};
+  constexpr auto kLate = 90ms;
+  const auto until = Clock::now() + 1500ms;
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 4; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(t));
+      while (Clock::now() < until) {
+        const auto start = Clock::now();
+        int e = Answer(*s.port, Make(kSleepUs, Bytes(static_cast<uint32_t>(rng() % 300))), After(5s));
+        if (e != 0) failed.fetch_add(1);
+        if (Clock::now() - start > kLate) late.fetch_add(1);
+        done.fetch_add(1);
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 400));
+      }
+    });
+  }
+  for (int t = 0; t < 2; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(static_cast<unsigned>(100 + t));
+      ReplyQueue replies("async");
+      if (t == 0) replies.Help(*s.port);
+      while (Clock::now() < until) {
+        const int burst = 1 + static_cast<int>(rng() % 8);
+        const auto start = Clock::now();
+        for (int i = 0; i < burst; ++i) SendTo(*s.port, Make(kSleepUs, Bytes(static_cast<uint32_t>(rng() % 300))), replies);
+        for (int i = 0; i < burst; ++i) {
+          MessagePtr r = replies.Wait(After(5s));
+          if (!r || r->error != 0) failed.fetch_add(1);
+          done.fetch_add(1);
+        }
+        // The burst's replies come one after another from a server doing 0-300 us of
+        // work each, behind the other threads' messages: allow for that.
+        if (Clock::now() - start > kLate + std::chrono::milliseconds(burst * 3)) late.fetch_add(1);
+        std::this_thread::sleep_for(std::chrono::microseconds(rng() % 2000));
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  RecordProperty("messages", done.load());
+  EXPECT_GT(done.load(), 500);
+  EXPECT_EQ(failed.load(), 0);
+  EXPECT_EQ(late.load(), 0) << "answers that took a sleep's length: a wake-up was lost";
   EXPECT_EQ(s.port->outstanding(), 0u);
 }
 
