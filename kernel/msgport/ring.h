@@ -113,6 +113,31 @@ class Ring {
     return true;
   }
 
+  // TryPop for a ring with one consumer at a time (the caller guarantees it): the
+  // head moves with a plain store, no compare-and-swap.
+  template <class Take>
+  bool TryPopSingleConsumer(Take&& take) noexcept(noexcept(take(std::declval<Cell&>()))) {
+    const uint64_t pos = index_->head.load(std::memory_order_relaxed);
+    Cell* cell = &At(pos);
+    // Anything but "published for pos" is empty, or a peer's scribbling: not ours.
+    if (cell->seq.load(std::memory_order_acquire) != pos + 1) return false;
+    index_->head.store(pos + 1, std::memory_order_relaxed);
+    for (size_t off = 64; off < stride_ && off < 256; off += 64) {
+      __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
+    }
+    __builtin_prefetch(&At(pos + 1));
+    take(*cell);
+    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
+    return true;
+  }
+
+  // Cells pushed and not yet popped (a snapshot).
+  uint64_t Depth() const noexcept {
+    const uint64_t head = index_->head.load(std::memory_order_acquire);
+    const uint64_t tail = index_->tail.load(std::memory_order_acquire);
+    return tail > head ? tail - head : 0;
+  }
+
   // True when a pop would find a published cell now (a hint under concurrency).
   bool HasReady() const noexcept {
     uint64_t pos = index_->head.load(std::memory_order_seq_cst);

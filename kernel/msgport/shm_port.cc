@@ -21,11 +21,6 @@ namespace shm {
 
 // How long a reply-polling lease lasts (renewed at half-life while a thread polls).
 constexpr int64_t kLeaseNs = 1'000'000;
-// The longest a reply to an asynchronous message may wait when the thread that held
-// the lease stops polling without ending it. Synchronous waiters never wait on this:
-// they end the lease before they sleep. Shorter costs throughput: each look is a
-// wake-up that preempts a working thread on a two-core machine (2 ms: -25%).
-constexpr auto kLeaseBackstop = std::chrono::milliseconds(10);
 constexpr auto kIdleSleep = std::chrono::milliseconds(100);
 constexpr auto kFdWait = std::chrono::seconds(1);  // descriptors are sent before the envelope
 
@@ -181,7 +176,6 @@ std::vector<MessagePtr> ShmClientPort::TakeAllPending() {
 template <class Encode>
 void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
   int error = dead_.load(std::memory_order_acquire) ? ECONNRESET : 0;
-  const bool async = (msg->flags() & kMsgSync) == 0;  // sent without DoMsg
   std::optional<uint32_t> index;
   if (error == 0 && !(index = TakeFreeSlot())) error = WaitForSlot(*msg, index);
   uint64_t id = 0;
@@ -204,7 +198,6 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
           encode(c, *msg, id, fd_count);
           msg->fds.clear();  // they travelled; the server has its copies
           in_flight_.fetch_add(1, std::memory_order_relaxed);
-          if (async) async_in_flight_.fetch_add(1, std::memory_order_seq_cst);
           slot.msg = msg.release();
           slot.owner.store(id, std::memory_order_release);
         })) {
@@ -217,14 +210,7 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
     Reply(std::move(msg), error);
     return;
   }
-  auto& h = *segment_->header;
-  h.requests_ec.Notify();  // a full fence, then: is the server asleep?
-  // See DispatchReplies: a lease running and the reply thread idle for long means no
-  // one would deliver this reply soon.
-  if (async && idle_.load(std::memory_order_seq_cst) &&
-      h.reply_poll_until_ns.load(std::memory_order_relaxed) != 0) {
-    h.replies_ec.NotifyAlways();
-  }
+  segment_->header->requests_ec.Notify();  // a full fence, then: is the server asleep?
   // The server may have died while we sent, after OnPeerDeath looked at our slot:
   // either it saw the slot taken, or (the fence above orders it) we see dead_.
   if (dead_.load(std::memory_order_relaxed)) {
@@ -274,7 +260,6 @@ MessagePtr ShmClientPort::TakePending(uint64_t id) noexcept {
   if (!slot.owner.compare_exchange_strong(expected, 0, std::memory_order_acq_rel)) return nullptr;
   MessagePtr msg(std::exchange(slot.msg, nullptr));
   in_flight_.fetch_sub(1, std::memory_order_relaxed);
-  if ((msg->flags() & kMsgSync) == 0) async_in_flight_.fetch_sub(1, std::memory_order_relaxed);
   ReturnSlot(index);
   return msg;
 }
@@ -288,7 +273,7 @@ bool ShmClientPort::Drain() {
     uint64_t id = 0;
     uint16_t fd_count = 0;
     std::string why;
-    const bool popped = segment_->replies.TryPop([&](Cell& c) noexcept {
+    const bool popped = segment_->replies.TryPopSingleConsumer([&](Cell& c) noexcept {
       id = c.id;
       msg = TakePending(id);
       if (!msg) return;  // a stale or forged id: nobody waits for it
@@ -376,31 +361,20 @@ void ShmClientPort::WaitSync(SyncWaiter& waiter, Deadline deadline) {
 }
 
 void ShmClientPort::DispatchReplies() noexcept {
-  auto& h = *segment_->header;
+  // Sleeps until the server announces a reply: one that nobody polls for. While a
+  // lease runs the server does not announce; should the lease's holder stop polling
+  // without ending it, the server sees the lease run out with its replies still
+  // unread, and announces then (ShmServerPort::Serve).
+  auto& ec = segment_->header->replies_ec;
   while (!stopping_.load(std::memory_order_acquire) && !dead_.load(std::memory_order_acquire)) {
-    uint32_t key = h.replies_ec.Prepare();
+    uint32_t key = ec.Prepare();
     if (segment_->replies.HasReady()) {
-      h.replies_ec.Cancel();
+      ec.Cancel();
       std::lock_guard role(drain_mu_);
       Drain();
       continue;
     }
-    // While a lease runs the server does not wake us. Should its holder stop polling
-    // without ending it (a ReplyQueue whose owner went on to other work), a reply to
-    // an asynchronous message could wait for nobody: while such messages are in
-    // flight, look again every kLeaseBackstop. (Not at every lease end: on two cores
-    // each wake-up preempts the threads doing the work.) Saying we are idle first, and
-    // Enqueue counting an asynchronous message first, means one of us sees the other:
-    // Enqueue wakes an idle reply thread, which then takes the shorter sleep.
-    idle_.store(true, std::memory_order_seq_cst);
-    auto sleep = std::chrono::nanoseconds(shm::kIdleSleep);
-    if (h.reply_poll_until_ns.load(std::memory_order_seq_cst) != 0 &&
-        async_in_flight_.load(std::memory_order_seq_cst) != 0) {
-      sleep = shm::kLeaseBackstop;
-      idle_.store(false, std::memory_order_relaxed);
-    }
-    h.replies_ec.Wait(key, sleep);
-    idle_.store(false, std::memory_order_relaxed);
+    ec.Wait(key, shm::kIdleSleep);
   }
 }
 
@@ -477,7 +451,7 @@ bool ShmServerPort::ServeOne(Server& server) {
   uint64_t cell_id = 0;
   std::string why;
   const uint32_t slot_bytes = segment_->slot_bytes();
-  const bool popped = segment_->requests.TryPop([&](Cell& c) noexcept {
+  const bool popped = segment_->requests.TryPopSingleConsumer([&](Cell& c) noexcept {
     cell_id = c.id;
     auto d = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
     if (d) {
@@ -539,7 +513,7 @@ void ShmServerPort::MarkAborted(uint64_t id) noexcept {
 }
 
 void ShmServerPort::Serve(Server& server) {
-  auto& ec = segment_->header->requests_ec;
+  auto& h = *segment_->header;
   while (!stop_.load(std::memory_order_acquire)) {
     if (ServeOne(server)) continue;
     const Deadline spin_end = Clock::now() + kSpinTime;
@@ -547,15 +521,18 @@ void ShmServerPort::Serve(Server& server) {
     for (int i = 0; !got; ++i) {
       got = segment_->requests.HasReady() || stop_.load(std::memory_order_relaxed);
       CpuRelax();
-      if ((i & 63) == 63 && Clock::now() >= spin_end) break;
+      if ((i & 63) == 63) {
+        AnnounceUnreadReplies();
+        if (Clock::now() >= spin_end) break;
+      }
     }
     if (got) continue;
-    uint32_t key = ec.Prepare();
+    uint32_t key = h.requests_ec.Prepare();
     if (segment_->requests.HasReady() || stop_.load(std::memory_order_acquire)) {
-      ec.Cancel();
+      h.requests_ec.Cancel();
       continue;
     }
-    ec.Wait(key, shm::kIdleSleep);
+    h.requests_ec.Wait(key, AnnounceUnreadReplies());
     // Idle: is the client still there? (Reads any descriptor frames into the stash.)
     if (!segment_->requests.HasReady() &&
         fds_.Pump(std::chrono::milliseconds(0)) == FdChannel::PumpResult::kClosed) {
@@ -563,6 +540,21 @@ void ShmServerPort::Serve(Server& server) {
       return;
     }
   }
+}
+
+std::chrono::nanoseconds ShmServerPort::AnnounceUnreadReplies() noexcept {
+  // Replies pushed while the client's lease ran were not announced. If they are still
+  // unread and the lease has run out, its holder stopped polling: wake the client's
+  // reply thread. While the lease still runs, sleep no longer than it does.
+  auto& h = *segment_->header;
+  if (segment_->replies.Depth() == 0) return shm::kIdleSleep;
+  const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_acquire);
+  const int64_t now = shm::NowNs();
+  if (lease == 0 || lease <= now) {
+    h.replies_ec.Notify();
+    return shm::kIdleSleep;
+  }
+  return std::min<std::chrono::nanoseconds>(shm::kIdleSleep, std::chrono::nanoseconds(lease - now));
 }
 
 template <class Encode>

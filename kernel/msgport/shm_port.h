@@ -136,12 +136,10 @@ class ShmClientPort final : public Port {
   std::mutex room_mu_;         // only for senders waiting for a free slot
   std::condition_variable room_cv_;
   std::atomic<uint32_t> room_waiters_{0};
-  std::atomic<uint32_t> in_flight_{0};        // slots in use
-  std::atomic<uint32_t> async_in_flight_{0};  // of those, sent without DoMsg
+  std::atomic<uint32_t> in_flight_{0};  // slots in use
 
   std::mutex drain_mu_;  // the right to pop the reply ring
   std::atomic<bool> dead_{false};
-  std::atomic<bool> idle_{false};  // the reply thread sleeps for long (see DispatchReplies)
   std::atomic<bool> stopping_{false};
   std::thread watcher_;
   std::thread dispatcher_;
@@ -180,6 +178,9 @@ class ShmServerPort final : public Port {
   void PushReply(Encode&& encode);
 
   void MarkAborted(uint64_t id) noexcept;
+  // Wakes the client's reply thread if replies wait unread after the client's lease
+  // ran out; returns how long the server may sleep before looking again.
+  std::chrono::nanoseconds AnnounceUnreadReplies() noexcept;
   // Takes a message out of service and keeps it for reuse (see spare_).
   void Recycle(MessagePtr msg) noexcept;
 

@@ -279,8 +279,8 @@ TEST(ShmPort, RepliesArriveWhenTheLeaseHolderStopsPolling) {
   // A ReplyQueue that helps the port takes a lease (the server stops waking the
   // client's reply thread) and keeps it when its owner goes off to other work. A
   // reply meant for someone else that lands while the lease still runs is not
-  // announced by the server: the reply thread must find it by itself (its backstop),
-  // not leave it waiting for a next reply that may never come.
+  // announced when it is pushed: the server must announce it once the lease runs out
+  // (1 ms), not leave it waiting for a next reply that may never come.
   auto s = SpawnServer();
   ASSERT_TRUE(s.port);
   ReplyQueue helper("helper");
@@ -303,9 +303,9 @@ TEST(ShmPort, RepliesArriveWhenTheLeaseHolderStopsPolling) {
     worst = std::max(worst, Clock::now() - start);
   }
   RecordProperty("worst_us", static_cast<int>(std::chrono::duration_cast<std::chrono::microseconds>(worst).count()));
-  // The bound is the reply thread's backstop (10 ms). 50 ms leaves room for a loaded
-  // machine and sanitizer builds, and still fails the bug this guards against: the
-  // reply thread in its 100 ms idle sleep while a reply waited for nobody.
+  // The bound is the lease (1 ms). 50 ms leaves room for a loaded machine and
+  // sanitizer builds, and still fails the bug this guards against: the reply thread
+  // in its 100 ms idle sleep while a reply waited for nobody.
   EXPECT_LT(worst, 50ms);
 }
 
@@ -330,8 +330,13 @@ TEST(ShmPort, ADoMsgThatTimesOutAbortsTheServersWork) {
   auto s = SpawnServer();
   ASSERT_TRUE(s.port);
   auto r = DoMsg(*s.port, Make(kWaitForAbort), After(50ms));
-  ASSERT_FALSE(r.has_value());
-  EXPECT_EQ(r.error(), Errno(ETIMEDOUT));
+  // ETIMEDOUT; or, if this thread was preempted between forwarding the abort and
+  // giving up, the server's ECANCELED won the race and is the answer.
+  if (r.has_value()) {
+    EXPECT_EQ((*r)->error, ECANCELED);
+  } else {
+    EXPECT_EQ(r.error(), Errno(ETIMEDOUT));
+  }
   // The server gives up at once on the abort (not after its 5 s), and the late reply
   // frees the slot.
   const auto deadline = Clock::now() + 2s;
