@@ -523,6 +523,13 @@ int main(int argc, char** argv) {
 
   std::printf("Targets (issue 2)\n");
   std::printf("  shared-memory p50 <= 1 us:                  %7.0f ns   %s\n", s.p50(), Verdict(s.p50() <= 1000));
+  // The issue gives its targets with the baselines of a reference machine of this
+  // kind; the spinning ping-pong is the one that measures the memory system alone.
+  constexpr double kReferenceFloorNs = 130;
+  const Subject& floor = subjects[6];
+  const double scaled = s.p50() / floor.p50() * kReferenceFloorNs;
+  std::printf("    scaled by the floor (%.0f ns here, %.0f ns on the reference machine): %.0f ns   %s\n", floor.p50(),
+              kReferenceFloorNs, scaled, Verdict(scaled <= 1000));
   std::printf("  shared-memory >= 8x faster than socketpair: %7.1fx      %s\n", sp_subject.p50() / s.p50(),
               Verdict(sp_subject.p50() / s.p50() >= 8));
   std::printf("  direct port <= 50 ns:                       %7.1f ns   %s\n", d.p50(), Verdict(d.p50() <= 50));
