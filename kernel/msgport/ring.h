@@ -100,17 +100,7 @@ class Ring {
         pos = index_->head.load(std::memory_order_relaxed);
       }
     }
-    // A cell larger than a cache line was written by another core: ask for all its
-    // lines at once, so reading it pays one miss's latency instead of one per line.
-    // And the next cell's sequence number, which the next pop (or the consumer's
-    // spinning) reads first.
-    for (size_t off = 64; off < stride_ && off < 256; off += 64) {
-      __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
-    }
-    __builtin_prefetch(&At(pos + 1));
-    take(*cell);
-    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
-    return true;
+    return Consume(cell, pos, take);
   }
 
   // TryPop for a ring with one consumer at a time (the caller guarantees it): the
@@ -122,13 +112,7 @@ class Ring {
     // Anything but "published for pos" is empty, or a peer's scribbling: not ours.
     if (cell->seq.load(std::memory_order_acquire) != pos + 1) return false;
     index_->head.store(pos + 1, std::memory_order_relaxed);
-    for (size_t off = 64; off < stride_ && off < 256; off += 64) {
-      __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
-    }
-    __builtin_prefetch(&At(pos + 1));
-    take(*cell);
-    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
-    return true;
+    return Consume(cell, pos, take);
   }
 
   // Cells pushed and not yet popped (a snapshot).
@@ -145,6 +129,22 @@ class Ring {
   }
 
  private:
+  // Reads the claimed cell at pos with take, then frees it for the producers.
+  template <class Take>
+  bool Consume(Cell* cell, uint64_t pos, Take& take) noexcept(noexcept(take(std::declval<Cell&>()))) {
+    // A cell larger than a cache line was written by another core: ask for all its
+    // lines at once, so reading it pays one miss's latency instead of one per line.
+    // And the next cell's sequence number, which the next pop (or the consumer's
+    // spinning) reads first.
+    for (size_t off = 64; off < stride_ && off < 256; off += 64) {
+      __builtin_prefetch(reinterpret_cast<const std::byte*>(cell) + off);
+    }
+    __builtin_prefetch(&At(pos + 1));
+    take(*cell);
+    cell->seq.store(pos + mask_ + 1, std::memory_order_release);
+    return true;
+  }
+
   Cell& At(uint64_t pos) const noexcept {
     return *std::launder(reinterpret_cast<Cell*>(cells_ + (pos & mask_) * stride_));
   }
