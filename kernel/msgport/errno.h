@@ -20,8 +20,6 @@ struct Errno {
   constexpr explicit Errno(int v) noexcept : value(v) {}
   // The C library's description ("Connection reset by peer"); thread-safe.
   std::string Describe() const { return strerrordesc_np(value) ? strerrordesc_np(value) : "errno " + std::to_string(value); }
-  // The symbolic name ("ECONNRESET").
-  std::string Name() const { return strerrorname_np(value) ? strerrorname_np(value) : "E" + std::to_string(value); }
   friend constexpr bool operator==(Errno, Errno) = default;
 };
 

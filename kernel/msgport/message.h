@@ -34,7 +34,8 @@ enum MsgFlag : uint32_t {
   kMsgDone = 1u << 0,       // not in flight: never sent, or replied
   kMsgReplied = 1u << 1,    // a reply was made
   kMsgSync = 1u << 2,       // sent by DoMsg; a thread waits for it
-  kMsgAbortable = 1u << 3,  // the sender may abort it
+  kMsgAbortable = 1u << 3,  // DragonFly's "the sender may abort it": kept across sends for
+                            // families that want it; Abort itself does not require it
   kMsgAborted = 1u << 4,    // an abort was requested
   kMsgQueued = 1u << 5,     // sits in a port's queue, not yet taken by the server
 };
