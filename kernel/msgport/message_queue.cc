@@ -88,10 +88,6 @@ void MessageQueue::WakeAll() noexcept {
   not_full_.NotifyAlways();
 }
 
-size_t MessageQueue::depth() const noexcept {
-  uint64_t tail = index_.tail.load(std::memory_order_relaxed);
-  uint64_t head = index_.head.load(std::memory_order_relaxed);
-  return tail > head ? static_cast<size_t>(tail - head) : 0;
-}
+size_t MessageQueue::depth() const noexcept { return static_cast<size_t>(ring_.Depth()); }
 
 }  // namespace ulsp::msgport

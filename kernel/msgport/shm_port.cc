@@ -545,15 +545,20 @@ std::chrono::nanoseconds ShmServerPort::AnnounceUnreadReplies() noexcept {
   // Replies pushed while the client's lease ran were not announced. If they are still
   // unread and the lease has run out, its holder stopped polling: wake the client's
   // reply thread. While the lease still runs, sleep no longer than it does.
-  auto& h = *segment_->header;
   if (segment_->replies.Depth() == 0) return shm::kIdleSleep;
-  const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_acquire);
-  const int64_t now = shm::NowNs();
-  if (lease == 0 || lease <= now) {
-    h.replies_ec.Notify();
+  const int64_t left = LeaseLeftNs();
+  if (left == 0) {
+    segment_->header->replies_ec.Notify();
     return shm::kIdleSleep;
   }
-  return std::min<std::chrono::nanoseconds>(shm::kIdleSleep, std::chrono::nanoseconds(lease - now));
+  return std::min<std::chrono::nanoseconds>(shm::kIdleSleep, std::chrono::nanoseconds(left));
+}
+
+int64_t ShmServerPort::LeaseLeftNs() const noexcept {
+  const int64_t lease = segment_->header->reply_poll_until_ns.load(std::memory_order_acquire);
+  if (lease == 0) return 0;
+  const int64_t now = shm::NowNs();
+  return lease > now ? lease - now : 0;
 }
 
 template <class Encode>
@@ -564,10 +569,8 @@ void ShmServerPort::PushReply(Encode&& encode) {
     if (fds_.closed() || i > 1'000'000) return;
     if (i > 1000) std::this_thread::yield();
   }
-  auto& h = *segment_->header;
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  const int64_t lease = h.reply_poll_until_ns.load(std::memory_order_relaxed);
-  if (lease == 0 || lease <= shm::NowNs()) h.replies_ec.NotifyFenced();
+  std::atomic_thread_fence(std::memory_order_seq_cst);  // the push before the lease read
+  if (LeaseLeftNs() == 0) segment_->header->replies_ec.NotifyFenced();
 }
 
 void ShmServerPort::PutReply(MessagePtr msg) {

@@ -181,6 +181,8 @@ class ShmServerPort final : public Port {
   // Wakes the client's reply thread if replies wait unread after the client's lease
   // ran out; returns how long the server may sleep before looking again.
   std::chrono::nanoseconds AnnounceUnreadReplies() noexcept;
+  // How long the client's reply-polling lease still runs (0: none, or run out).
+  int64_t LeaseLeftNs() const noexcept;
   // Takes a message out of service and keeps it for reuse (see spare_).
   void Recycle(MessagePtr msg) noexcept;
 
