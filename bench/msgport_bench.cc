@@ -31,6 +31,7 @@
 
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/shm_port.h"
+#include "kernel/msgport/reply_queue.h"
 #include "kernel/msgport/thread_port.h"
 
 namespace {

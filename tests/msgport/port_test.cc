@@ -13,6 +13,7 @@
 
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/thread_port.h"
+#include "kernel/msgport/reply_queue.h"
 #include "tests/msgport/test_commands.h"
 
 namespace ulsp::msgport {

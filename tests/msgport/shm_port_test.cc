@@ -2,6 +2,7 @@
 // ways, the death of the server (kill -9) with many messages outstanding, hostile
 // frames in the rings, stale segments, and many threads and processes at once.
 #include "kernel/msgport/shm_port.h"
+#include "kernel/msgport/reply_queue.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
