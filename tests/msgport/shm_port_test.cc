@@ -2,7 +2,6 @@
 // ways, the death of the server (kill -9) with many messages outstanding, hostile
 // frames in the rings, stale segments, and many threads and processes at once.
 #include "kernel/msgport/shm_port.h"
-#include "kernel/msgport/reply_queue.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -16,7 +15,7 @@
 #include <set>
 #include <thread>
 
-#include "kernel/msgport/thread_port.h"
+#include "kernel/msgport/reply_queue.h"
 #include "tests/msgport/spawned_server.h"
 #include "tests/msgport/test_commands.h"
 
