@@ -399,6 +399,31 @@ TEST(ShmPort, MixedSyncAndAsyncTrafficLosesNoWakeUp) {
   EXPECT_EQ(s.port->outstanding(), 0u);
 }
 
+TEST(ShmPort, StopEndsTheServersLoop) {
+  // Client and server in one process: Serve on a thread, then Stop from another.
+  class Echo final : public Server {
+    void Serve(MessagePtr msg) noexcept override { Reply(std::move(msg), 0); }
+  } echo;
+  auto client = ShmClientPort::Create("in-process");
+  ASSERT_TRUE(client.has_value());
+  auto server = ShmServerPort::Attach((*client)->segment_name(), (*client)->TakeServerSocket());
+  ASSERT_TRUE(server.has_value());
+  ASSERT_TRUE((*client)->WaitForServer(After(5s)).has_value());
+  std::atomic<bool> returned{false};
+  std::thread loop([&] {
+    (*server)->Serve(echo);
+    returned.store(true);
+  });
+  EXPECT_EQ(Answer(**client, Make(kEcho, Bytes(uint64_t{7}))), 0);
+  std::this_thread::sleep_for(5ms);  // let it go idle, and to sleep
+  const auto start = Clock::now();
+  (*server)->Stop();
+  loop.join();
+  EXPECT_TRUE(returned.load());
+  // The loop sleeps up to 100 ms when idle: Stop must wake it, not wait that out.
+  EXPECT_LT(Clock::now() - start, 50ms);
+}
+
 TEST(ShmPort, SegmentNameIsGoneOnceTheServerAttached) {
   auto port = ShmClientPort::Create("x");
   ASSERT_TRUE(port.has_value());
