@@ -45,6 +45,7 @@ double g_seconds = 2.0;  // per subject, split over the rounds
 int g_rounds = 5;
 size_t g_payload = 64;
 std::string g_only;  // one subject alone, for profiling: see the usage line
+bool g_hog = false;  // run a busy process beside the measurements (oversubscribed CPUs)
 
 Clock::duration RoundTime() {
   return std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(g_seconds / g_rounds));
@@ -413,6 +414,8 @@ int main(int argc, char** argv) {
       g_seconds = std::atof(argv[++i]);
     } else if (std::strcmp(argv[i], "--rounds") == 0 && i + 1 < argc) {
       g_rounds = std::max(1, std::atoi(argv[++i]));
+    } else if (std::strcmp(argv[i], "--hog") == 0) {
+      g_hog = true;
     } else if (std::strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
       g_only = argv[++i];
     } else if (std::strcmp(argv[i], "--payload") == 0 && i + 1 < argc) {
@@ -421,13 +424,19 @@ int main(int argc, char** argv) {
       const bool help = std::strcmp(argv[i], "--help") == 0 || std::strcmp(argv[i], "-h") == 0;
       if (!help) std::fprintf(stderr, "ulsp-msgport-bench: unknown argument '%s'\n", argv[i]);
       std::fprintf(help ? stdout : stderr,
-                   "usage: %s [--seconds S] [--rounds N] [--payload BYTES] [--only shm-latency|shm-throughput|shm-throughput-on-arrival|spin]\n"
-                   "  S seconds per measurement (default 2), split over N interleaved rounds (default 5)\n",
+                   "usage: %s [--seconds S] [--rounds N] [--payload BYTES] [--hog]\n"
+                   "          [--only shm-latency|shm-throughput|shm-throughput-on-arrival|spin]\n"
+                   "  S seconds per measurement (default 2), split over N interleaved rounds (default 5)\n"
+                   "  --hog: a busy process competes for the CPUs throughout (oversubscribed machine)\n",
                    argv[0]);
       return help ? 0 : 2;
     }
   }
   PinToCpuFrom("ULSP_BENCH_CLIENT_CPU");
+  Child hog;
+  if (g_hog && hog.Fork()) {
+    for (;;) asm volatile("" ::: "memory");  // busy, never blocking, until killed
+  }
 
   Echo echo;
   DirectPort direct("direct", echo);
@@ -474,8 +483,9 @@ int main(int argc, char** argv) {
     return 0;
   }
 
-  std::printf("ulsp message-port benchmark: %zu-byte payload, %.1f s per measurement in %d interleaved rounds, %ld CPUs\n",
-              g_payload, g_seconds, g_rounds, ::sysconf(_SC_NPROCESSORS_ONLN));
+  std::printf("ulsp message-port benchmark: %zu-byte payload, %.1f s per measurement in %d interleaved rounds, %ld CPUs%s\n",
+              g_payload, g_seconds, g_rounds, ::sysconf(_SC_NPROCESSORS_ONLN),
+              g_hog ? ", a busy process competing throughout" : "");
   std::printf("(figures are medians over the rounds; every subject is measured in every round)\n\n");
   const CpuTicks ticks_before = CpuTicks::Now();
   for (int r = 0; r < g_rounds; ++r) {

@@ -63,10 +63,11 @@ MessagePtr MessageQueue::TryPop() noexcept {
 
 MessagePtr MessageQueue::Pop(Deadline deadline, const std::atomic<bool>* stop) noexcept {
   const Deadline spin_end = std::min(deadline, Clock::now() + kSpinTime);
+  SpinPause pause;
   for (int i = 0;; ++i) {
     if (MessagePtr m = TryPop()) return m;
     if (stop && stop->load(std::memory_order_acquire)) return nullptr;
-    CpuRelax();
+    pause();
     if ((i & 63) == 63 && Clock::now() >= spin_end) break;
   }
   for (;;) {

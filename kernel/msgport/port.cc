@@ -91,8 +91,9 @@ void SyncWaiter::PutReply(MessagePtr msg) {
 
 bool SyncWaiter::Wait(Deadline deadline) noexcept {
   const Deadline spin_end = std::min(deadline, Clock::now() + kSpinTime);
+  SpinPause pause;
   for (int i = 0; !Ready(); ++i) {
-    CpuRelax();
+    pause();
     if ((i & 63) == 63 && Clock::now() >= spin_end) break;
   }
   while (!Ready()) {

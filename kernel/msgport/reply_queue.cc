@@ -29,6 +29,7 @@ MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
     // Deliver our own replies while they come quickly, then let the port's thread.
     // The clock is read (and the lease renewed) once per 64 polls, not per message.
     Deadline spin_end = kNoDeadline;
+    SpinPause pause;
     bool progressed_recently = false;
     for (int i = 0;; ++i) {
       bool progressed = helped_->Poll();
@@ -36,7 +37,11 @@ MessagePtr ReplyQueue::Wait(Deadline deadline) noexcept {
       // Returning keeps the lease: the caller is likely to wait again soon, and the
       // port bounds what a lease left running can delay.
       if (MessagePtr m = queue_.TryPop()) return m;
-      if (!progressed) CpuRelax();
+      if (progressed) {
+        pause.Reset();
+      } else {
+        pause();
+      }
       if ((i & 63) == 63) {
         helped_->Helping(true);
         const Deadline now = Clock::now();

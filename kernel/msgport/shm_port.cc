@@ -349,8 +349,9 @@ void ShmClientPort::WaitSync(SyncWaiter& waiter, Deadline deadline) {
   const Deadline now = Clock::now();
   const Deadline spin_end = std::min(deadline, now + kSpinTime);
   RenewLease(std::chrono::duration_cast<std::chrono::nanoseconds>(now.time_since_epoch()).count());
+  SpinPause pause;
   for (int i = 0; !waiter.Ready(); ++i) {
-    if (!Poll()) CpuRelax();
+    if (!Poll()) pause();
     if ((i & 63) == 63 && Clock::now() >= spin_end) break;
   }
   // Keep the lease while nothing else is in flight: the next DoMsg of this thread
@@ -517,9 +518,10 @@ void ShmServerPort::Serve(Server& server) {
     if (ServeOne(server)) continue;
     const Deadline spin_end = Clock::now() + kSpinTime;
     bool got = false;
+    SpinPause pause;
     for (int i = 0; !got; ++i) {
       got = segment_->requests.HasReady() || stop_.load(std::memory_order_relaxed);
-      CpuRelax();
+      pause();
       if ((i & 63) == 63) {
         AnnounceUnreadReplies();
         if (Clock::now() >= spin_end) break;
