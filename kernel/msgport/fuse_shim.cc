@@ -1,0 +1,543 @@
+#include "kernel/msgport/fuse_shim.h"
+
+#include <fuse3/fuse_lowlevel.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <new>
+#include <thread>
+#include <vector>
+
+#include "kernel/msgport/log.h"
+
+namespace ulsp::msgport {
+
+// Answers the kernel: every reply to a VfsMessage the shim sent lands here, on
+// whichever thread made it.
+class FuseShim::ReplyPort final : public Port {
+ public:
+  explicit ReplyPort(FuseShim& shim) : Port("fuse-replies"), shim_(shim) {}
+  void Put(MessagePtr msg) override { Reply(std::move(msg), EINVAL); }  // not a request port
+  void PutReply(MessagePtr msg) override;
+
+ private:
+  FuseShim& shim_;
+};
+
+namespace {
+
+void AnswerKernel(VfsMessage& m) noexcept {
+  fuse_req_t r = m.fuse_req;
+  if (r == nullptr) return;  // forget: the kernel wants no answer
+  const VfsRequest& q = m.req;
+  int err = m.error;
+  if (err != 0) {
+    if (q.op == VfsOp::kLookup && err == ENOENT && q.timeout > 0) {
+      fuse_entry_param negative{};  // lets the kernel cache "no such name"
+      negative.entry_timeout = q.timeout;
+      fuse_reply_entry(r, &negative);
+      return;
+    }
+    if (err < 0 || err > 4095) err = EIO;  // a server's bug must not confuse the kernel
+    fuse_reply_err(r, err);
+    return;
+  }
+  auto open_info = [&q] {
+    fuse_file_info fi{};
+    fi.fh = q.open.fh;
+    fi.direct_io = q.open.direct_io;
+    fi.keep_cache = q.open.keep_cache;
+    fi.nonseekable = q.open.nonseekable;
+    fi.cache_readdir = q.open.cache_readdir;
+    return fi;
+  };
+  switch (q.op) {
+    case VfsOp::kLookup:
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kLink:
+      fuse_reply_entry(r, &q.entry);
+      return;
+    case VfsOp::kGetAttr:
+    case VfsOp::kSetAttr:
+      fuse_reply_attr(r, &q.out_attr, q.timeout);
+      return;
+    case VfsOp::kReadLink: {
+      std::string target(q.out.begin(), q.out.end());
+      fuse_reply_readlink(r, target.c_str());
+      return;
+    }
+    case VfsOp::kOpen:
+    case VfsOp::kOpenDir: {
+      fuse_file_info fi = open_info();
+      fuse_reply_open(r, &fi);
+      return;
+    }
+    case VfsOp::kCreate: {
+      fuse_file_info fi = open_info();
+      fuse_reply_create(r, &q.entry, &fi);
+      return;
+    }
+    case VfsOp::kRead:
+      if (q.out_fd >= 0) {
+        fuse_bufvec buf = FUSE_BUFVEC_INIT(q.size);
+        buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
+        buf.buf[0].fd = q.out_fd;
+        buf.buf[0].pos = q.offset;
+        fuse_reply_data(r, &buf, FUSE_BUF_SPLICE_MOVE);
+        return;
+      }
+      fuse_reply_buf(r, q.out.data(), q.out.size());
+      return;
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+      fuse_reply_buf(r, q.out.data(), q.out.size());
+      return;
+    case VfsOp::kWrite:
+    case VfsOp::kCopyFileRange:
+      fuse_reply_write(r, q.out_size);
+      return;
+    case VfsOp::kStatFs:
+      fuse_reply_statfs(r, &q.statfs);
+      return;
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr:
+      if (q.size == 0) {
+        fuse_reply_xattr(r, q.out_size);
+      } else {
+        fuse_reply_buf(r, q.out.data(), q.out.size());
+      }
+      return;
+    case VfsOp::kLseek:
+      fuse_reply_lseek(r, static_cast<off_t>(q.out_size));
+      return;
+    default:
+      fuse_reply_err(r, 0);
+      return;
+  }
+}
+
+}  // namespace
+
+void FuseShim::ReplyPort::PutReply(MessagePtr msg) {
+  // Answer first, free after: fuse_reply_* waits for a running interrupt callback,
+  // which may still touch the message.
+  AnswerKernel(static_cast<VfsMessage&>(*msg));
+  msg.reset();
+  shim_.in_flight_.fetch_sub(1, std::memory_order_relaxed);
+}
+
+// The libfuse callbacks. Each is noexcept: nothing may unwind into libfuse.
+struct FuseOps {
+  static FuseShim& Shim(fuse_req_t req) { return *static_cast<FuseShim*>(fuse_req_userdata(req)); }
+
+  // A message for `req`, with the caller's credentials. nullptr (and the kernel
+  // answered ENOMEM) when memory ran out.
+  static std::unique_ptr<VfsMessage> Begin(fuse_req_t req, VfsOp op, fuse_ino_t node) noexcept {
+    VfsMessage* m = new (std::nothrow) VfsMessage(op);
+    if (m == nullptr) {
+      fuse_reply_err(req, ENOMEM);
+      return nullptr;
+    }
+    m->fuse_req = req;
+    const fuse_ctx* ctx = fuse_req_ctx(req);
+    m->req.ctx = {ctx->uid, ctx->gid, ctx->pid, ctx->umask};
+    m->req.node = node;
+    m->req.timeout = Shim(req).options_.timeout;
+    return std::unique_ptr<VfsMessage>(m);
+  }
+
+  static void OnInterrupt(fuse_req_t, void* data) noexcept { Abort(*static_cast<VfsMessage*>(data)); }
+
+  // Sends `m` to the mount's port; its reply answers the kernel.
+  static void Submit(std::unique_ptr<VfsMessage> m, bool interruptible = false) noexcept {
+    if (!m) return;
+    FuseShim& shim = Shim(m->fuse_req);
+    m->reply_port = shim.replies_.get();
+    m->req.fd_reply_ok = shim.options_.splice_read && shim.serves_inline_;
+    shim.in_flight_.fetch_add(1, std::memory_order_relaxed);
+    if (interruptible && !shim.serves_inline_) fuse_req_interrupt_func(m->fuse_req, OnInterrupt, m.get());
+    try {
+      Send(shim.port_, MessagePtr(m.release()));
+    } catch (...) {
+      // Send owned the message: destroying it unreplied answered the kernel (EIO).
+      Logger("fuse")->error("sending a request failed");
+    }
+  }
+
+  // Names must be copied: the kernel's buffer is reused once the callback returns.
+  static void Named(fuse_req_t req, VfsOp op, fuse_ino_t parent, const char* name) noexcept try {
+    auto m = Begin(req, op, parent);
+    if (!m) return;
+    m->req.name = name;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+
+  static void Plain(fuse_req_t req, VfsOp op, fuse_ino_t node, fuse_file_info* fi = nullptr,
+                    bool interruptible = false) noexcept {
+    auto m = Begin(req, op, node);
+    if (!m) return;
+    if (fi != nullptr) {
+      m->req.fh = fi->fh;
+      m->req.has_fh = true;
+      m->req.flags = fi->flags;
+    }
+    Submit(std::move(m), interruptible);
+  }
+
+  static void Init(void* userdata, fuse_conn_info* conn) noexcept {
+    auto& shim = *static_cast<FuseShim*>(userdata);
+    if (shim.options_.splice_read && (conn->capable & FUSE_CAP_SPLICE_WRITE))
+      conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+    if (conn->capable & FUSE_CAP_READDIRPLUS) conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
+    if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
+    if (shim.options_.on_ready) {
+      try {
+        shim.options_.on_ready();
+      } catch (...) {
+        Logger("fuse")->error("the ready callback failed");
+      }
+    }
+  }
+
+  static void Lookup(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+    Named(req, VfsOp::kLookup, parent, name);
+  }
+  static void Forget(fuse_req_t req, fuse_ino_t node, uint64_t nlookup) noexcept {
+    ForgetOne(req, node, nlookup);
+    fuse_reply_none(req);
+  }
+  static void ForgetMulti(fuse_req_t req, size_t count, fuse_forget_data* forgets) noexcept {
+    for (size_t i = 0; i < count; ++i) ForgetOne(req, forgets[i].ino, forgets[i].nlookup);
+    fuse_reply_none(req);
+  }
+  static void ForgetOne(fuse_req_t req, fuse_ino_t node, uint64_t nlookup) noexcept {
+    auto m = Begin(req, VfsOp::kForget, node);
+    if (!m) return;
+    m->fuse_req = nullptr;  // forget has no answer; `req` is answered by the caller
+    m->req.count = nlookup;
+    FuseShim& shim = Shim(req);
+    m->reply_port = nullptr;
+    try {
+      Send(shim.port_, MessagePtr(m.release()));
+    } catch (...) {
+      Logger("fuse")->error("sending a forget failed");
+    }
+  }
+  static void GetAttr(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kGetAttr, node, fi); }
+  static void SetAttr(fuse_req_t req, fuse_ino_t node, struct stat* attr, int to_set, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kSetAttr, node);
+    if (!m) return;
+    if (fi != nullptr) {
+      m->req.fh = fi->fh;
+      m->req.has_fh = true;
+    }
+    m->req.attr = *attr;
+    m->req.flags = to_set;
+    Submit(std::move(m));
+  }
+  static void ReadLink(fuse_req_t req, fuse_ino_t node) noexcept { Plain(req, VfsOp::kReadLink, node); }
+  static void MkNod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) noexcept try {
+    auto m = Begin(req, VfsOp::kMkNod, parent);
+    if (!m) return;
+    m->req.name = name;
+    m->req.mode = mode;
+    m->req.rdev = rdev;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void MkDir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) noexcept try {
+    auto m = Begin(req, VfsOp::kMkDir, parent);
+    if (!m) return;
+    m->req.name = name;
+    m->req.mode = mode;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Unlink(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+    Named(req, VfsOp::kUnlink, parent, name);
+  }
+  static void RmDir(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+    Named(req, VfsOp::kRmDir, parent, name);
+  }
+  static void Symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) noexcept try {
+    auto m = Begin(req, VfsOp::kSymlink, parent);
+    if (!m) return;
+    m->req.name = name;
+    m->req.name2 = link;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+                     const char* newname, unsigned flags) noexcept try {
+    auto m = Begin(req, VfsOp::kRename, parent);
+    if (!m) return;
+    m->req.name = name;
+    m->req.node2 = newparent;
+    m->req.name2 = newname;
+    m->req.flags = static_cast<int>(flags);
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Link(fuse_req_t req, fuse_ino_t node, fuse_ino_t newparent, const char* newname) noexcept try {
+    auto m = Begin(req, VfsOp::kLink, node);
+    if (!m) return;
+    m->req.node2 = newparent;
+    m->req.name2 = newname;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Open(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
+    Plain(req, VfsOp::kOpen, node, fi, /*interruptible=*/true);
+  }
+  static void Read(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kRead, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.size = size;
+    m->req.offset = off;
+    Submit(std::move(m), /*interruptible=*/true);
+  }
+  static void Write(fuse_req_t req, fuse_ino_t node, const char* buf, size_t size, off_t off,
+                    fuse_file_info* fi) noexcept try {
+    auto m = Begin(req, VfsOp::kWrite, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.offset = off;
+    m->req.flags = fi->flags;
+    if (Shim(req).serves_inline_) {
+      m->req.in = {buf, size};  // answered before this callback returns
+    } else {
+      m->in_copy.assign(buf, buf + size);  // libfuse reuses `buf` once we return
+      m->req.in = {m->in_copy.data(), m->in_copy.size()};
+    }
+    Submit(std::move(m), /*interruptible=*/true);
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Flush(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
+    Plain(req, VfsOp::kFlush, node, fi, /*interruptible=*/true);
+  }
+  static void Release(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kRelease, node, fi); }
+  static void Fsync(fuse_req_t req, fuse_ino_t node, int datasync, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kFsync, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.flags = datasync;
+    Submit(std::move(m), /*interruptible=*/true);
+  }
+  static void OpenDir(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kOpenDir, node, fi); }
+  static void ReadDirAny(fuse_req_t req, VfsOp op, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, op, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.size = size;
+    m->req.offset = off;
+    Submit(std::move(m));
+  }
+  static void ReadDir(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
+    ReadDirAny(req, VfsOp::kReadDir, node, size, off, fi);
+  }
+  static void ReadDirPlus(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
+    ReadDirAny(req, VfsOp::kReadDirPlus, node, size, off, fi);
+  }
+  static void ReleaseDir(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kReleaseDir, node, fi); }
+  static void FsyncDir(fuse_req_t req, fuse_ino_t node, int datasync, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kFsyncDir, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.flags = datasync;
+    Submit(std::move(m));
+  }
+  static void StatFs(fuse_req_t req, fuse_ino_t node) noexcept { Plain(req, VfsOp::kStatFs, node); }
+  static void SetXattr(fuse_req_t req, fuse_ino_t node, const char* name, const char* value, size_t size,
+                       int flags) noexcept try {
+    auto m = Begin(req, VfsOp::kSetXattr, node);
+    if (!m) return;
+    m->req.name = name;
+    m->in_copy.assign(value, value + size);
+    m->req.in = {m->in_copy.data(), m->in_copy.size()};
+    m->req.flags = flags;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void GetXattr(fuse_req_t req, fuse_ino_t node, const char* name, size_t size) noexcept try {
+    auto m = Begin(req, VfsOp::kGetXattr, node);
+    if (!m) return;
+    m->req.name = name;
+    m->req.size = size;
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void ListXattr(fuse_req_t req, fuse_ino_t node, size_t size) noexcept {
+    auto m = Begin(req, VfsOp::kListXattr, node);
+    if (!m) return;
+    m->req.size = size;
+    Submit(std::move(m));
+  }
+  static void RemoveXattr(fuse_req_t req, fuse_ino_t node, const char* name) noexcept {
+    Named(req, VfsOp::kRemoveXattr, node, name);
+  }
+  static void Access(fuse_req_t req, fuse_ino_t node, int mask) noexcept {
+    auto m = Begin(req, VfsOp::kAccess, node);
+    if (!m) return;
+    m->req.flags = mask;
+    Submit(std::move(m));
+  }
+  static void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) noexcept try {
+    auto m = Begin(req, VfsOp::kCreate, parent);
+    if (!m) return;
+    m->req.name = name;
+    m->req.mode = mode;
+    m->req.flags = fi->flags;
+    Submit(std::move(m), /*interruptible=*/true);
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
+  static void Fallocate(fuse_req_t req, fuse_ino_t node, int mode, off_t offset, off_t length,
+                        fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kFallocate, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.flags = mode;
+    m->req.offset = offset;
+    m->req.offset2 = length;
+    Submit(std::move(m), /*interruptible=*/true);
+  }
+  static void CopyFileRange(fuse_req_t req, fuse_ino_t in_node, off_t in_off, fuse_file_info* in_fi,
+                            fuse_ino_t out_node, off_t out_off, fuse_file_info* out_fi, size_t len,
+                            int flags) noexcept {
+    auto m = Begin(req, VfsOp::kCopyFileRange, in_node);
+    if (!m) return;
+    m->req.fh = in_fi->fh;
+    m->req.offset = in_off;
+    m->req.node2 = out_node;
+    m->req.fh2 = out_fi->fh;
+    m->req.offset2 = out_off;
+    m->req.size = len;
+    m->req.flags = flags;
+    Submit(std::move(m), /*interruptible=*/true);
+  }
+  static void Lseek(fuse_req_t req, fuse_ino_t node, off_t off, int whence, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kLseek, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.offset = off;
+    m->req.flags = whence;
+    Submit(std::move(m));
+  }
+
+  static fuse_lowlevel_ops Table() {
+    fuse_lowlevel_ops ops{};
+    ops.init = Init;
+    ops.lookup = Lookup;
+    ops.forget = Forget;
+    ops.forget_multi = ForgetMulti;
+    ops.getattr = GetAttr;
+    ops.setattr = SetAttr;
+    ops.readlink = ReadLink;
+    ops.mknod = MkNod;
+    ops.mkdir = MkDir;
+    ops.unlink = Unlink;
+    ops.rmdir = RmDir;
+    ops.symlink = Symlink;
+    ops.rename = Rename;
+    ops.link = Link;
+    ops.open = Open;
+    ops.read = Read;
+    ops.write = Write;
+    ops.flush = Flush;
+    ops.release = Release;
+    ops.fsync = Fsync;
+    ops.opendir = OpenDir;
+    ops.readdir = ReadDir;
+    ops.readdirplus = ReadDirPlus;
+    ops.releasedir = ReleaseDir;
+    ops.fsyncdir = FsyncDir;
+    ops.statfs = StatFs;
+    ops.setxattr = SetXattr;
+    ops.getxattr = GetXattr;
+    ops.listxattr = ListXattr;
+    ops.removexattr = RemoveXattr;
+    ops.access = Access;
+    ops.create = Create;
+    ops.fallocate = Fallocate;
+    ops.copy_file_range = CopyFileRange;
+    ops.lseek = Lseek;
+    return ops;
+  }
+};
+
+FuseShim::FuseShim(Options options, Port& port)
+    : options_(std::move(options)), port_(port), replies_(std::make_unique<ReplyPort>(*this)) {}
+
+Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, bool serves_inline) {
+  std::unique_ptr<FuseShim> shim(new FuseShim(std::move(options), port));
+  shim->serves_inline_ = serves_inline;
+  const Options& o = shim->options_;
+  // libfuse parses options from an argv; fsname is escaped for its comma syntax.
+  std::string fsname;
+  for (char c : o.fsname) {
+    if (c == ',' || c == '\\') fsname += '\\';
+    fsname += c;
+  }
+  std::string opts = "fsname=" + fsname + ",subtype=ulsp,default_permissions";
+  if (o.allow_other) opts += ",allow_other";
+  // Device nodes and set-user-ID files work as on the file system underneath (libfuse
+  // would mount nodev,nosuid); only root may ask for that.
+  if (::geteuid() == 0) opts += ",dev,suid";
+  std::vector<std::string> argv_s = {"ulsp", "-o", opts};
+  if (o.debug) argv_s.push_back("-d");
+  std::vector<char*> argv;
+  for (auto& s : argv_s) argv.push_back(s.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+  static const fuse_lowlevel_ops kOps = FuseOps::Table();
+  shim->session_ = fuse_session_new(&args, &kOps, sizeof kOps, shim.get());
+  fuse_opt_free_args(&args);
+  if (shim->session_ == nullptr) return Fail(EINVAL);
+  if (fuse_session_mount(shim->session_, o.mountpoint.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
+  shim->mounted_ = true;
+  return shim;
+}
+
+FuseShim::~FuseShim() {
+  if (session_ == nullptr) return;
+  // Replies still due would answer a destroyed session: wait for them (a port
+  // replies every message, ECONNRESET at worst).
+  for (int i = 0; i < 5000 && in_flight_.load(std::memory_order_relaxed) > 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  if (signals_) fuse_remove_signal_handlers(session_);
+  if (mounted_) fuse_session_unmount(session_);
+  fuse_session_destroy(session_);
+}
+
+int FuseShim::Serve() {
+  fuse_loop_config* config = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_clone_fd(config, options_.clone_fd ? 1 : 0);
+  fuse_loop_cfg_set_max_threads(config, options_.max_threads);
+  fuse_loop_cfg_set_idle_threads(config, std::min(options_.max_threads, 8u));
+  const int rc = fuse_session_loop_mt(session_, config);
+  fuse_loop_cfg_destroy(config);
+  return rc < 0 ? -rc : 0;
+}
+
+void FuseShim::Exit() { fuse_session_exit(session_); }
+
+void FuseShim::HandleSignals() {
+  if (!signals_ && fuse_set_signal_handlers(session_) == 0) signals_ = true;
+}
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,78 @@
+// FuseShim: the kernel end of a mount. It owns the libfuse3 low-level session (the
+// /dev/fuse connection), turns each kernel request into a VfsMessage sent to the
+// mount's port, and turns each reply into the matching fuse_reply_* on the thread
+// that delivers it. Replies may come in any order and from any thread, so several
+// requests are in flight at once (libfuse's multi-threaded loop, with a cloned
+// /dev/fuse descriptor per worker).
+//
+// Kernel interrupts become Abort on the message (the server may still answer in
+// full; it replies exactly once either way).
+//
+// Ownership: the port must outlive the shim. Serve runs on one caller thread (plus
+// libfuse's workers); Exit may be called from any thread or a signal handler's
+// thread.
+#pragma once
+
+#include <atomic>
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "kernel/msgport/errno.h"
+#include "kernel/msgport/port.h"
+#include "kernel/msgport/vfs_message.h"
+
+struct fuse_session;
+
+namespace ulsp::msgport {
+
+class FuseShim {
+ public:
+  struct Options {
+    std::string mountpoint;
+    std::string fsname = "ulsp";      // the "source" column of /proc/mounts
+    double timeout = 1.0;             // entry and attribute cache, seconds (0: none)
+    bool allow_other = true;          // other users may use the mount (needs root)
+    unsigned max_threads = 16;        // libfuse workers at most
+    bool clone_fd = true;             // a /dev/fuse clone per worker
+    bool splice_read = true;          // reads answered from a descriptor are spliced
+    bool debug = false;               // libfuse's own request log on stderr
+    std::function<void()> on_ready;   // called once the kernel's INIT is answered
+  };
+
+  // Mounts `options.mountpoint` (as fuse.ulsp) with `port` serving the requests.
+  // `serves_inline`: the port answers every message before Send returns (a direct
+  // port in this process), so request data is lent rather than copied and reads may
+  // be answered from the server's descriptors. Fails with EINVAL when libfuse
+  // refuses the options, or the errno of the mount.
+  static Result<std::unique_ptr<FuseShim>> Mount(Options options, Port& port, bool serves_inline);
+  ~FuseShim();  // unmounts (if still mounted) and ends the session
+
+  // Serves kernel requests until the file system is unmounted or Exit is called.
+  // Blocks. Returns 0, or the errno that ended the loop.
+  int Serve();
+  // Makes Serve return soon (it also unmounts when the shim is destroyed).
+  void Exit();
+  // Installs SIGINT/SIGTERM/SIGHUP handlers that end Serve.
+  void HandleSignals();
+
+  // Requests sent to the port and not yet answered.
+  uint64_t InFlight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
+
+ private:
+  class ReplyPort;
+  FuseShim(Options options, Port& port);
+
+  Options options_;
+  Port& port_;
+  std::unique_ptr<ReplyPort> replies_;
+  fuse_session* session_ = nullptr;
+  bool serves_inline_ = false;
+  bool mounted_ = false;
+  bool signals_ = false;
+  std::atomic<uint64_t> in_flight_{0};
+
+  friend struct FuseOps;
+};
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,41 @@
+#include "kernel/msgport/vfs_message.h"
+
+#include <array>
+
+namespace ulsp::msgport {
+namespace {
+
+constexpr std::array<std::string_view, static_cast<size_t>(VfsOp::kCount)> kNames = {
+    "?",         "lookup",    "forget",      "getattr",  "setattr",     "readlink",   "mknod",
+    "mkdir",     "unlink",    "rmdir",       "symlink",  "rename",      "link",       "open",
+    "read",      "write",     "flush",       "release",  "fsync",       "opendir",    "readdir",
+    "readdirplus", "releasedir", "fsyncdir", "statfs",   "setxattr",    "getxattr",   "listxattr",
+    "removexattr", "access",  "create",      "fallocate", "copy_file_range", "lseek"};
+
+}  // namespace
+
+std::string_view VfsOpName(VfsOp op) noexcept {
+  const auto i = static_cast<size_t>(op);
+  return i < kNames.size() ? kNames[i] : "?";
+}
+
+bool VfsOpIsIdempotent(VfsOp op) noexcept {
+  switch (op) {
+    case VfsOp::kLookup:  // counts a lookup, but the kernel counts it only if answered
+    case VfsOp::kGetAttr:
+    case VfsOp::kReadLink:
+    case VfsOp::kRead:
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+    case VfsOp::kStatFs:
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr:
+    case VfsOp::kAccess:
+    case VfsOp::kLseek:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,144 @@
+// The VFS message family: one kernel file-system request (a FUSE low-level operation)
+// as a message, with its arguments and, after the reply, its results.
+//
+// The FUSE shim (fuse_shim.h) makes one VfsMessage per kernel request and sends it to
+// the mount's port; the server (a layer stack, ulsp/vfs) fills the results and
+// replies; the shim's reply port turns the reply into the matching fuse_reply_*.
+// Inside a process the message travels as it is (no encoding). Node ids are the
+// serving stack's: 1 is the root, the others are whatever its lookups returned.
+#pragma once
+
+#include <fuse3/fuse_lowlevel.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernel/msgport/message.h"
+
+namespace ulsp::msgport {
+
+// The operations, after DESIGN.md's list. The value is Message::command.
+enum class VfsOp : uint32_t {
+  kLookup = 1,
+  kForget,
+  kGetAttr,
+  kSetAttr,
+  kReadLink,
+  kMkNod,
+  kMkDir,
+  kUnlink,
+  kRmDir,
+  kSymlink,
+  kRename,
+  kLink,
+  kOpen,
+  kRead,
+  kWrite,
+  kFlush,
+  kRelease,
+  kFsync,
+  kOpenDir,
+  kReadDir,
+  kReadDirPlus,
+  kReleaseDir,
+  kFsyncDir,
+  kStatFs,
+  kSetXattr,
+  kGetXattr,
+  kListXattr,
+  kRemoveXattr,
+  kAccess,
+  kCreate,
+  kFallocate,
+  kCopyFileRange,
+  kLseek,
+  kCount,  // not an operation: one past the last
+};
+
+// "lookup", "getattr", ... (for logs and traces).
+std::string_view VfsOpName(VfsOp op) noexcept;
+
+// Which operations never change anything, so they may be sent again to a restarted
+// server. Forget is not among them (it changes lookup counts).
+bool VfsOpIsIdempotent(VfsOp op) noexcept;
+
+// Who asks: the calling thread's credentials as the kernel reports them.
+struct VfsContext {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  pid_t pid = 0;
+  mode_t umask = 0;
+};
+
+// What an open (or opendir, or create) answers besides the node.
+struct VfsOpenReply {
+  uint64_t fh = 0;
+  bool direct_io = false;
+  bool keep_cache = false;
+  bool nonseekable = false;
+  bool cache_readdir = false;
+};
+
+// One request and its results. Fields are used as each operation's comment in
+// fuse_lowlevel.h describes; those an operation does not use stay at their defaults.
+struct VfsRequest {
+  VfsOp op = VfsOp::kLookup;
+  VfsContext ctx;
+
+  // --- arguments ---
+  uint64_t node = 0;      // the node asked about; the parent for name operations
+  std::string name;       // a name in `node`; an xattr's name
+  uint64_t node2 = 0;     // rename: new parent; link: new parent; copy_file_range: out node
+  std::string name2;      // rename, link: new name; symlink: the link's target
+  uint64_t fh = 0;        // open file or directory handle (from open/opendir/create)
+  uint64_t fh2 = 0;       // copy_file_range: out handle
+  bool has_fh = false;    // getattr, setattr: whether `fh` is set
+  int64_t offset = 0;     // read, write, readdir, fallocate, lseek, copy_file_range (in)
+  int64_t offset2 = 0;    // copy_file_range: out offset; fallocate: length
+  uint64_t size = 0;      // read, readdir, getxattr, listxattr: room; copy_file_range: length
+  uint64_t count = 0;     // forget: lookups to drop
+  int flags = 0;          // open/create flags, rename flags, setattr's FUSE_SET_ATTR_*
+                          // mask, xattr flags, fsync datasync, lseek whence, access mask,
+                          // fallocate mode
+  mode_t mode = 0;        // create, mkdir, mknod
+  dev_t rdev = 0;         // mknod
+  struct stat attr {};    // setattr: the new values (those in `flags`)
+  std::span<const char> in;  // write data, setxattr value: borrowed from the sender,
+                             // valid until the reply
+  double timeout = 1.0;      // seconds the kernel may cache entries and attributes
+  bool fd_reply_ok = false;  // read: the sender shares the server's descriptors (same
+                             // process), so the server may answer with `out_fd`
+
+  // readdir(plus): upper layers may hide names. Called by the layer that lists the
+  // directory for each name other than "." and ".."; false hides it.
+  std::function<bool(std::string_view name)> admit;
+
+  // --- results (valid when the reply's error is 0) ---
+  fuse_entry_param entry{};  // lookup, mknod, mkdir, symlink, link, create
+  struct stat out_attr {};   // getattr, setattr
+  VfsOpenReply open;         // open, opendir, create
+  std::vector<char> out;     // read data; readlink target; xattr value or list;
+                             // readdir(plus): the kernel's dirent records
+  int out_fd = -1;           // read, when fd_reply_ok: the data is `size` bytes of this
+                             // descriptor at `offset` (spliced to the kernel), not `out`
+  uint64_t out_size = 0;     // write, copy_file_range: bytes; getxattr/listxattr with
+                             // size 0: the size needed; lseek: the new offset
+  struct statvfs statfs {};  // statfs
+};
+
+// A VFS request as a message. The shim keeps its kernel request handle in `fuse_req`.
+class VfsMessage final : public Message {
+ public:
+  explicit VfsMessage(VfsOp op) noexcept : Message(static_cast<uint32_t>(op)) { req.op = op; }
+  VfsRequest req;
+  fuse_req_t fuse_req = nullptr;
+  std::vector<char> in_copy;  // the sender's copy of `req.in`, when it cannot lend it
+};
+
+}  // namespace ulsp::msgport

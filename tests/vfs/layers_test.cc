@@ -1,0 +1,134 @@
+// Unit tests of the layers without a mount: stack specs, the view's rules, trace's
+// JSON, and passthrough's node table driven with requests directly.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <fstream>
+
+#include "tests/vfs/mount_fixture.h"
+#include "ulsp/vfs/passthrough.h"
+#include "ulsp/vfs/stack.h"
+#include "ulsp/vfs/trace.h"
+#include "ulsp/vfs/view.h"
+
+namespace ulsp::vfs {
+namespace {
+
+TEST(StackSpec, ParsesLayersTopFirst) {
+  auto s = ParseStackSpec("trace:/t.jsonl,view:/a.txt,passthrough:/src");
+  ASSERT_TRUE(s) << s.error();
+  ASSERT_EQ(s->size(), 3u);
+  EXPECT_EQ((*s)[0].name, "trace");
+  EXPECT_EQ((*s)[0].argument, "/t.jsonl");
+  EXPECT_EQ((*s)[2].name, "passthrough");
+  EXPECT_EQ((*s)[2].argument, "/src");
+}
+
+TEST(StackSpec, RefusesWhatIsWrongByName) {
+  EXPECT_EQ(ParseStackSpec("").error(), "empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
+  EXPECT_EQ(ParseStackSpec("passthrough").error(),
+            "layer 'passthrough' needs an argument (passthrough:DIR, trace:LOG, view:ALLOWLIST)");
+  EXPECT_EQ(ParseStackSpec("passthrough:/a,trace:/t").error(),
+            "layer 'passthrough' must be the last (bottom) layer of the stack");
+  EXPECT_EQ(ParseStackSpec("view:/a").error(), "layer 'view' needs a layer below it: end the stack with passthrough:DIR");
+  EXPECT_EQ(ParseStackSpec("passthrough:/a,").error(), "empty layer at position 2 of the stack");
+}
+
+TEST(View, AdmitsListedPathsTheirSubtreesAndAncestors) {
+  auto v = ViewLayer::FromPaths({"/usr/lib/x", "  /etc/hosts  # comment", "# only a comment", "", "//opt//a/"}, "list",
+                                nullptr);
+  ASSERT_TRUE(v) << v.error();
+  for (auto p : {"/", "/usr", "/usr/lib", "/usr/lib/x", "/usr/lib/x/y/z", "/etc", "/etc/hosts", "/opt/a", "/opt/a/b"})
+    EXPECT_TRUE((*v)->Visible(p)) << p;
+  for (auto p : {"/usr/bin", "/usr/lib/xy", "/usr/lib/y", "/etc/passwd", "/var", "/opt/b", "/etc/hosts2"})
+    EXPECT_FALSE((*v)->Visible(p)) << p;
+}
+
+TEST(View, RefusesBadLinesWithFileAndLine) {
+  EXPECT_EQ(ViewLayer::FromPaths({"/a", "b"}, "allow.txt", nullptr).error(),
+            "allow.txt:2: 'b' is not an absolute path without '.' or '..' components");
+  EXPECT_EQ(ViewLayer::FromPaths({"/a/../etc"}, "allow.txt", nullptr).error(),
+            "allow.txt:1: '/a/../etc' is not an absolute path without '.' or '..' components");
+}
+
+TEST(Trace, QuotesEveryByteAsValidJson) {
+  EXPECT_EQ(JsonQuote("plain/name.txt"), "\"plain/name.txt\"");
+  EXPECT_EQ(JsonQuote("a\"b\\c"), "\"a\\\"b\\\\c\"");
+  EXPECT_EQ(JsonQuote(std::string("\n\x01\xff", 3)), "\"\\u000a\\u0001\\u00ff\"");
+}
+
+// Drives passthrough with requests as the shim would make them.
+class PassthroughTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(testing::Shell("mkdir -p " + dir_ / "root/d && echo data > " + dir_ / "root/d/f && ln -s /etc/passwd " +
+                             dir_ / "root/escape"),
+              0);
+    auto p = PassthroughLayer::Open(dir_ / "root");
+    ASSERT_TRUE(p);
+    layer_ = std::move(*p);
+  }
+  uint64_t Lookup(uint64_t parent, const std::string& name, int* err = nullptr) {
+    VfsRequest r;
+    r.op = VfsOp::kLookup;
+    r.node = parent;
+    r.name = name;
+    const int e = layer_->Serve(r);
+    if (err != nullptr) *err = e;
+    return e == 0 ? r.entry.ino : 0;
+  }
+  void Forget(uint64_t node, uint64_t n) {
+    VfsRequest r;
+    r.op = VfsOp::kForget;
+    r.node = node;
+    r.count = n;
+    EXPECT_EQ(layer_->Serve(r), 0);
+  }
+  testing::TempDir dir_;
+  std::unique_ptr<PassthroughLayer> layer_;
+};
+
+TEST_F(PassthroughTest, LookupCountsFollowTheKernelsAndForgetDropsNodes) {
+  EXPECT_EQ(layer_->NodeCount(), 1u);  // the root
+  const uint64_t d = Lookup(kRootNode, "d");
+  const uint64_t f = Lookup(d, "f");
+  ASSERT_NE(f, 0u);
+  EXPECT_EQ(Lookup(d, "f"), f);  // the same inode is the same node
+  EXPECT_EQ(layer_->NodeCount(), 3u);
+  EXPECT_EQ(layer_->PathOf(f), "/d/f");
+  Forget(f, 1);
+  EXPECT_EQ(layer_->NodeCount(), 3u);  // one lookup still held
+  Forget(f, 1);
+  EXPECT_EQ(layer_->NodeCount(), 2u);
+  // A forgotten id is stale even when its slot is reused.
+  VfsRequest r;
+  r.op = VfsOp::kGetAttr;
+  r.node = f;
+  EXPECT_EQ(layer_->Serve(r), ESTALE);
+  const uint64_t again = Lookup(d, "f");
+  EXPECT_NE(again, f);
+  EXPECT_EQ(again & 0xffffffffu, f & 0xffffffffu);  // same slot, new generation
+}
+
+TEST_F(PassthroughTest, NeverLeavesItsRoot) {
+  int err = 0;
+  EXPECT_EQ(Lookup(kRootNode, "..", &err), kRootNode);  // ".." of the root is the root
+  EXPECT_EQ(Lookup(kRootNode, "d/f", &err), 0u);
+  EXPECT_EQ(err, EINVAL);
+  // A symlink is a node of its own, never followed by the server.
+  const uint64_t link = Lookup(kRootNode, "escape");
+  VfsRequest r;
+  r.op = VfsOp::kGetAttr;
+  r.node = link;
+  ASSERT_EQ(layer_->Serve(r), 0);
+  EXPECT_TRUE(S_ISLNK(r.out_attr.st_mode));
+  VfsRequest o;
+  o.op = VfsOp::kOpen;
+  o.node = link;
+  o.flags = O_RDONLY;
+  EXPECT_EQ(layer_->Serve(o), ELOOP);  // opening the link itself, as O_NOFOLLOW would
+}
+
+}  // namespace
+}  // namespace ulsp::vfs

@@ -1,0 +1,256 @@
+// Real mounts, real programs: cp -a, tar, diff -r, git, python3 and parallel writers
+// through `ulsp mount`, over passthrough alone and over a stack (trace on view on
+// passthrough). Every test mounts on a fresh directory and leaves nothing behind.
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+
+#include <fstream>
+#include <sstream>
+
+#include "tests/vfs/mount_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+const std::string kPython = "/usr/bin/python3";
+const std::string kSemantics = std::string(ULSP_TESTS_DIR) + "/vfs/semantics.py";
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+// One mount for a test: a source directory, a mount point, and what serves it.
+// `kind` is "passthrough" or "stack" (trace, then view admitting /work, on passthrough).
+class MountTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(::mkdir((dir_ / "src").c_str(), 0755), 0);
+    ASSERT_EQ(::mkdir((dir_ / "mnt").c_str(), 0755), 0);
+    ASSERT_EQ(::mkdir((dir_ / "src/work").c_str(), 0777), 0);
+    ASSERT_EQ(::chmod((dir_ / "src/work").c_str(), 0777), 0);
+    std::vector<std::string> args;
+    if (GetParam() == "passthrough") {
+      args = {dir_ / "src"};
+    } else {
+      std::ofstream(dir_ / "allow.txt") << "# the test's working tree\n/work\n";
+      args = {"--stack", "trace:" + (dir_ / "trace.jsonl") + ",view:" + (dir_ / "allow.txt") + ",passthrough:" +
+                             (dir_ / "src")};
+    }
+    mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << "the mount did not come up; server log:\n" << ReadFile(dir_ / "server.log");
+    work_ = mount_->path() + "/work";
+  }
+  void TearDown() override {
+    if (mount_) {
+      EXPECT_EQ(mount_->Stop(), 0) << "the server did not exit cleanly; log:\n" << ReadFile(dir_ / "server.log");
+    }
+  }
+
+  TempDir dir_;
+  std::unique_ptr<ServedMount> mount_;
+  std::string work_;  // where tests write, inside the mount
+};
+
+TEST_P(MountTest, CpArchiveThenDiffMatchesSourceAndDisk) {
+  ASSERT_EQ(Shell("cp -a /usr/include/linux " + work_ + "/linux"), 0);
+  EXPECT_EQ(Shell("diff -r /usr/include/linux " + work_ + "/linux"), 0);
+  // What the mount reports is what is on disk underneath.
+  EXPECT_EQ(Shell("diff -r " + dir_ / "src/work/linux" + " " + work_ + "/linux"), 0);
+  EXPECT_EQ(Output("cd /usr/include/linux && find . -printf '%p %m %s %T@\\n' | sort"),
+            Output("cd " + work_ + "/linux && find . -printf '%p %m %s %T@\\n' | sort"));
+}
+
+TEST_P(MountTest, TarExtractAndCreateRoundTrip) {
+  ASSERT_EQ(Shell("set -o pipefail; tar -C /usr/include -cf - linux sound | tar -C " + work_ + " -xf -"), 0);
+  ASSERT_EQ(Shell("tar -C " + work_ + " -cf " + dir_ / "out.tar" + " linux sound"), 0);
+  ASSERT_EQ(::mkdir((dir_ / "native").c_str(), 0755), 0);
+  ASSERT_EQ(Shell("tar -C " + dir_ / "native" + " -xf " + dir_ / "out.tar"), 0);
+  EXPECT_EQ(Shell("diff -r /usr/include/linux " + dir_ / "native/linux"), 0);
+  EXPECT_EQ(Shell("diff -r /usr/include/sound " + dir_ / "native/sound"), 0);
+}
+
+TEST_P(MountTest, GitInitAddCommitStatus) {
+  const std::string repo = work_ + "/repo";
+  const std::string git = "git -C " + repo + " -c user.name=t -c user.email=t@example.invalid ";
+  ASSERT_EQ(Shell("mkdir " + repo + " && cp -a /usr/include/linux/netfilter " + repo + "/"), 0);
+  ASSERT_EQ(Shell(git + "init -q"), 0);
+  ASSERT_EQ(Shell(git + "add ."), 0);
+  ASSERT_EQ(Shell(git + "commit -qm first"), 0);
+  EXPECT_EQ(Output(git + "status --porcelain"), "");
+  ASSERT_EQ(Shell("echo change >> " + repo + "/netfilter/xt_mark.h"), 0);
+  EXPECT_EQ(Output(git + "status --porcelain"), " M netfilter/xt_mark.h\n");
+  ASSERT_EQ(Shell(git + "commit -qam second"), 0);
+  EXPECT_EQ(Output(git + "rev-list --count HEAD"), "2\n");
+  EXPECT_EQ(Shell(git + "fsck --no-progress 2>/dev/null"), 0);
+}
+
+// The semantics script gives the same answers natively and through the mount.
+TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForRoot) {
+  ASSERT_EQ(::mkdir((dir_ / "native").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((work_ + "/sem").c_str(), 0755), 0);
+  const std::string native = Output(kPython + " " + kSemantics + " " + dir_ / "native" + " root", true);
+  const std::string mounted = Output(kPython + " " + kSemantics + " " + work_ + "/sem root", true);
+  ASSERT_NE(native.find("unlink-hardlink:"), std::string::npos) << native;
+  EXPECT_EQ(native, mounted);
+}
+
+TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
+  // A world-writable directory with a root-owned file, and a sticky directory holding
+  // another, in both places.
+  auto prepare = [](const std::string& d) {
+    return Shell("mkdir -m 777 " + d + " && chmod 777 " + d + " && echo x > " + d + "/theirs && mkdir " + d +
+                 "/sticky && chmod 1777 " + d + "/sticky && echo y > " + d + "/sticky/theirs");
+  };
+  ASSERT_EQ(prepare(dir_ / "native"), 0);
+  ASSERT_EQ(prepare(work_ + "/user"), 0);
+  const std::string as_nobody = "setpriv --reuid nobody --regid nogroup --clear-groups " + kPython + " " + kSemantics;
+  const std::string native = Output(as_nobody + " " + dir_ / "native user", true);
+  const std::string mounted = Output(as_nobody + " " + work_ + "/user user", true);
+  ASSERT_NE(native.find("unlink-theirs-sticky: EPERM"), std::string::npos) << native;
+  ASSERT_NE(native.find("uid=65534"), std::string::npos) << native;
+  EXPECT_EQ(native, mounted);
+}
+
+TEST_P(MountTest, ParallelWritersLoseNothing) {
+  // 8 writers, each making 100 files and appending 100 lines to one shared log.
+  const std::string script = R"PY(
+import os, sys
+d, n = sys.argv[1], int(sys.argv[2])
+log = os.open(os.path.join(d, "shared.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+for i in range(100):
+    with open(os.path.join(d, f"w{n}-{i}"), "wb") as f:
+        f.write(bytes([n]) * (1000 + i))
+    os.write(log, f"writer {n} line {i}\n".encode())
+os.close(log)
+)PY";
+  std::ofstream(dir_ / "writer.py") << script;
+  std::string cmd;
+  for (int n = 0; n < 8; ++n) cmd += kPython + " " + dir_ / "writer.py" + " " + work_ + " " + std::to_string(n) + " & ";
+  ASSERT_EQ(Shell(cmd + "wait"), 0);
+  EXPECT_EQ(Output("wc -l < " + dir_ / "src/work/shared.log"), "800\n");
+  EXPECT_EQ(Output("ls " + work_ + " | grep -c '^w'"), "800\n");
+  for (int n = 0; n < 8; ++n) {
+    struct stat st {};
+    ASSERT_EQ(::stat((dir_ / "src/work/w" + std::to_string(n) + "-99").c_str(), &st), 0);
+    EXPECT_EQ(st.st_size, 1099);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
+// --- the stack's own layers, seen through a mount ---
+
+class StackTest : public ::testing::Test {
+ protected:
+  void Mount(const std::string& spec) {
+    mount_ = std::make_unique<ServedMount>(std::vector<std::string>{"--stack", spec}, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+  }
+  void SetUp() override {
+    ASSERT_EQ(Shell("mkdir -p " + dir_ / "mnt " + dir_ / "src/pub/sub " + dir_ / "src/secret && echo a > " +
+                    dir_ / "src/pub/a && echo s > " + dir_ / "src/secret/s && echo t > " + dir_ / "src/top"),
+              0);
+  }
+  TempDir dir_;
+  std::unique_ptr<ServedMount> mount_;
+};
+
+TEST_F(StackTest, ViewShowsOnlyWhatItsListAdmits) {
+  std::ofstream(dir_ / "allow.txt") << "/pub\n/top\n";
+  Mount("view:" + dir_ / "allow.txt" + ",passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  EXPECT_EQ(Output("ls " + m), "pub\ntop\n");
+  EXPECT_EQ(Output("cat " + m + "/pub/a"), "a\n");
+  EXPECT_NE(Shell("cat " + m + "/secret/s 2>/dev/null"), 0);
+  EXPECT_EQ(Output("stat -c %n " + m + "/secret 2>&1 | grep -c 'No such file'"), "1\n");
+  // New names: inside an admitted tree yes, elsewhere refused.
+  EXPECT_EQ(Shell("echo n > " + m + "/pub/new"), 0);
+  EXPECT_EQ(Output("echo n 2>&1 > " + m + "/other | grep -c 'Permission denied'", true), "1\n");
+  EXPECT_EQ(Output("mv " + m + "/pub/new " + m + "/moved 2>&1 | grep -c 'Permission denied'"), "1\n");
+}
+
+TEST_F(StackTest, TraceRecordsEveryAccessAsAJsonLine) {
+  Mount("trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  ASSERT_EQ(Shell("cat " + m + "/pub/a > /dev/null && ! cat " + m + "/pub/missing 2>/dev/null && mv " + m + "/top " + m +
+                  "/pub/top2"),
+            0);
+  mount_->Stop();
+  // Every line parses; the accesses above are there with their results.
+  const std::string check = R"PY(
+import json, sys
+ops = [json.loads(l) for l in open(sys.argv[1])]
+assert all({"time", "pid", "uid", "op", "path", "result"} <= set(o) for o in ops), ops[:3]
+def has(op, path, result, to=None):
+    return any(o["op"] == op and o["path"] == path and o["result"] == result and o.get("to") == to for o in ops)
+assert has("open", "/pub/a", "ok"), [o for o in ops if o["op"] == "open"]
+assert has("read", "/pub/a", "ok")
+assert has("lookup", "/pub/missing", "ENOENT")
+assert has("rename", "/top", "ok", to="/pub/top2")
+print("ok", len(ops))
+)PY";
+  std::ofstream(dir_ / "check.py") << check;
+  EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + dir_ / "t.jsonl", true).substr(0, 3), "ok ");
+}
+
+// --- the command line ---
+
+class CommandLineTest : public ::testing::Test {
+ protected:
+  std::string Ulsp(const std::string& args) { return Output(std::string(ULSP_BIN) + " " + args, true); }
+  bool Mounted(const std::string& p) {
+    char resolved[PATH_MAX];
+    return ::realpath(p.c_str(), resolved) != nullptr && core::IsMountPoint(resolved);
+  }
+  TempDir dir_;
+};
+
+TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
+  ASSERT_EQ(Ulsp("mount " + dir_ / "src " + dir_ / "mnt"), "");
+  EXPECT_TRUE(Mounted(dir_ / "mnt"));
+  EXPECT_EQ(ReadFile(dir_ / "mnt/f"), "hi\n");  // live at once, no waiting
+  EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
+  EXPECT_FALSE(Mounted(dir_ / "mnt"));
+  EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "ulsp umount: " + dir_ / "mnt" + ": not a ulsp mount\n");
+}
+
+TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
+  const std::string mnt = dir_ / "mnt";
+  struct Case {
+    std::string args, expected;
+  } cases[] = {
+      {"mount --stack bogus:/x " + mnt, "ulsp mount: unknown layer 'bogus' (known: passthrough:DIR, trace:LOG, view:ALLOWLIST)\n"},
+      {"mount --stack trace:/tmp/x.jsonl " + mnt,
+       "ulsp mount: layer 'trace' needs a layer below it: end the stack with passthrough:DIR\n"},
+      {"mount --stack passthrough:" + dir_ / "src" + ",, " + mnt, "ulsp mount: empty layer at position 2 of the stack\n"},
+      {"mount " + dir_ / "nope " + mnt, "ulsp mount: passthrough:" + dir_ / "nope" + ": No such file or directory\n"},
+      {"mount --stack view:" + dir_ / "nolist,passthrough:" + dir_ / "src " + mnt,
+       "ulsp mount: view:" + dir_ / "nolist" + ": cannot read the allow-list: No such file or directory\n"},
+      {"mount " + dir_ / "src " + dir_ / "nomnt", "ulsp mount: " + dir_ / "nomnt" + ": mount point: No such file or directory\n"},
+      {"mount " + dir_ / "src " + mnt + " --timeout -1", "ulsp mount: --timeout must be 0 or more seconds\n"},
+  };
+  for (const auto& c : cases) {
+    EXPECT_EQ(Ulsp(c.args), c.expected) << c.args;
+    EXPECT_FALSE(Mounted(mnt)) << c.args;
+  }
+  std::ofstream(dir_ / "bad-list") << "/ok\nrelative/path\n";
+  EXPECT_EQ(Ulsp("mount --stack view:" + dir_ / "bad-list,passthrough:" + dir_ / "src " + mnt),
+            "ulsp mount: view:" + dir_ / "bad-list" +
+                ":2: 'relative/path' is not an absolute path without '.' or '..' components\n");
+  // A busy mount point: mounted once already.
+  ASSERT_EQ(Ulsp("mount " + dir_ / "src " + mnt), "");
+  EXPECT_EQ(Ulsp("mount " + dir_ / "src " + mnt),
+            "ulsp mount: " + mnt + ": mount point is busy (something is already mounted there)\n");
+  EXPECT_EQ(Ulsp("umount " + mnt), "");
+  EXPECT_FALSE(Mounted(mnt));
+}
+
+}  // namespace
+}  // namespace ulsp::testing

@@ -1,0 +1,191 @@
+#!/usr/bin/python3
+"""Exercises file-system semantics in a directory and prints what happened, one line
+per step, with nothing that differs between two correct file systems (no inode
+numbers, no absolute times except those the script sets). The test runs it in a
+directory of the native file system and in the same place through a mount, and
+compares the two outputs line by line: the mount must behave as ext4 underneath.
+
+Usage: semantics.py DIR [root|user]
+  root: the caller is root (device nodes, chown, RENAME_* flags).
+  user: the caller is unprivileged; DIR holds `theirs` (a root-owned file) and
+        `sticky/` (mode 1777, holding `sticky/theirs`, root-owned).
+"""
+import ctypes
+import errno
+import fcntl
+import os
+import stat
+import sys
+
+d = sys.argv[1]
+who = sys.argv[2] if len(sys.argv) > 2 else "root"
+out = []
+
+
+def p(step, value):
+    out.append(f"{step}: {value}")
+
+
+def attempt(step, fn, *args):
+    try:
+        r = fn(*args)
+        p(step, "ok" if r is None else r)
+    except OSError as e:
+        p(step, errno.errorcode.get(e.errno, e.errno))
+
+
+def describe(path, follow=False):
+    st = os.stat(path, follow_symlinks=follow)
+    kind = stat.S_IFMT(st.st_mode)
+    size = st.st_size if not stat.S_ISDIR(st.st_mode) else "-"
+    return f"mode={stat.filemode(st.st_mode)} nlink={st.st_nlink} size={size} uid={st.st_uid} gid={st.st_gid} kind={kind:o}"
+
+
+def j(*parts):
+    return os.path.join(d, *parts)
+
+
+libc = ctypes.CDLL(None, use_errno=True)
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+
+
+def renameat2(a, b, flags):
+    if libc.renameat2(-100, a.encode(), -100, b.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# --- files, sizes, appends, truncation ---
+with open(j("a.txt"), "w") as f:
+    f.write("hello\n")
+p("create", describe(j("a.txt")))
+fd = os.open(j("a.txt"), os.O_WRONLY | os.O_APPEND)
+os.lseek(fd, 0, os.SEEK_SET)
+os.write(fd, b"appended\n")
+os.close(fd)
+p("append", open(j("a.txt")).read().replace("\n", "|"))
+os.truncate(j("a.txt"), 3)
+p("truncate-path", describe(j("a.txt")))
+with open(j("a.txt"), "r+") as f:
+    f.truncate(10)
+p("truncate-fd", open(j("a.txt"), "rb").read())
+attempt("excl-create", os.open, j("a.txt"), os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+attempt("open-missing", os.open, j("missing"), os.O_RDONLY)
+attempt("open-dir-for-write", os.open, d, os.O_WRONLY)
+
+# --- sparse file past 4 GiB ---
+fd = os.open(j("sparse"), os.O_CREAT | os.O_RDWR, 0o600)
+os.pwrite(fd, b"end", 5 * 1024 * 1024 * 1024)
+st = os.fstat(fd)
+p("sparse", f"size={st.st_size} blocks_small={st.st_blocks < 64}")
+p("sparse-read", os.pread(fd, 3, 5 * 1024 * 1024 * 1024))
+p("sparse-hole", os.pread(fd, 4, 4096) == b"\0\0\0\0")
+try:
+    p("seek-data", os.lseek(fd, 0, os.SEEK_DATA))
+except OSError as e:
+    p("seek-data", errno.errorcode[e.errno])
+os.close(fd)
+os.unlink(j("sparse"))
+
+# --- timestamps ---
+os.utime(j("a.txt"), ns=(1_000_000_123, 2_000_000_456))
+st = os.stat(j("a.txt"))
+p("utimensat-ns", f"{st.st_atime_ns} {st.st_mtime_ns}")
+os.utime(j("a.txt"), ns=(3_000_000_789, 2_000_000_456))
+p("utimensat-atime", os.stat(j("a.txt")).st_atime_ns)
+
+# --- directories, links, symlinks ---
+os.mkdir(j("dir"), 0o750)
+p("mkdir", describe(j("dir")))
+attempt("mkdir-exists", os.mkdir, j("dir"))
+os.link(j("a.txt"), j("dir", "hard"))
+p("hardlink", describe(j("a.txt")))
+p("hardlink-same", os.stat(j("a.txt")).st_ino == os.stat(j("dir", "hard")).st_ino)
+os.symlink("../a.txt", j("dir", "sym"))
+p("symlink", os.readlink(j("dir", "sym")))
+p("symlink-lstat", describe(j("dir", "sym")))
+p("symlink-follow", open(j("dir", "sym"), "rb").read())
+os.symlink("/etc/passwd-does-not-exist", j("dangling"))
+attempt("dangling-open", os.open, j("dangling"), os.O_RDONLY)
+attempt("rmdir-nonempty", os.rmdir, j("dir"))
+attempt("unlink-dir", os.unlink, j("dir"))
+p("listdir", sorted(os.listdir(d)))
+p("listdir-sub", sorted(os.listdir(j("dir"))))
+
+# --- rename and its flags ---
+with open(j("b.txt"), "w") as f:
+    f.write("bee")
+attempt("rename-noreplace", renameat2, j("a.txt"), j("b.txt"), RENAME_NOREPLACE)
+attempt("rename-exchange", renameat2, j("a.txt"), j("b.txt"), RENAME_EXCHANGE)
+p("after-exchange", (open(j("a.txt"), "rb").read(), open(j("b.txt"), "rb").read()))
+os.rename(j("b.txt"), j("dir", "moved"))
+p("rename-into-dir", sorted(os.listdir(j("dir"))))
+attempt("rename-missing", os.rename, j("nothing"), j("x"))
+attempt("rename-dir-over-file", os.rename, j("dir"), j("a.txt"))
+
+# --- fifos, device nodes ---
+os.mkfifo(j("fifo"), 0o640)
+p("fifo", describe(j("fifo")))
+if who == "root":
+    os.mknod(j("null"), 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+    p("chardev", f"{describe(j('null'))} rdev={os.major(os.stat(j('null')).st_rdev)},{os.minor(os.stat(j('null')).st_rdev)}")
+    with open(j("null"), "wb") as f:
+        f.write(b"into the void")
+    p("chardev-write", "ok")
+else:
+    attempt("mknod-as-user", os.mknod, j("null"), 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+
+# --- permissions and ownership ---
+os.chmod(j("a.txt"), 0o4755 if who == "root" else 0o755)
+p("chmod", describe(j("a.txt")))
+os.chmod(j("a.txt"), 0o600)
+if who == "root":
+    os.chown(j("a.txt"), 1234, 5678)
+    p("chown", describe(j("a.txt")))
+    os.lchown(j("dir", "sym"), 99, 99)
+    p("lchown", describe(j("dir", "sym")))
+    os.chown(j("a.txt"), 0, 0)
+else:
+    attempt("chown-as-user", os.chown, j("a.txt"), 0, 0)
+    attempt("open-theirs-write", os.open, j("theirs"), os.O_WRONLY)
+    attempt("chmod-theirs", os.chmod, j("theirs"), 0o777)
+    attempt("utime-theirs", os.utime, j("theirs"), (1, 1))
+    attempt("unlink-theirs-sticky", os.unlink, j("sticky", "theirs"))
+    with open(j("sticky", "mine"), "w") as f:
+        f.write("mine")
+    p("create-in-sticky", describe(j("sticky", "mine")))
+    attempt("unlink-mine-sticky", os.unlink, j("sticky", "mine"))
+    os.chmod(j("dir"), 0o500)
+    attempt("create-in-readonly-dir", os.open, j("dir", "new"), os.O_CREAT | os.O_WRONLY)
+    os.chmod(j("dir"), 0o750)
+    os.chmod(j("a.txt"), 0o000)
+    attempt("open-mode-000", os.open, j("a.txt"), os.O_RDONLY)
+    os.chmod(j("a.txt"), 0o600)
+attempt("access-r", os.access, j("a.txt"), os.R_OK)
+
+# --- xattrs ---
+try:
+    os.setxattr(j("a.txt"), "user.colour", b"blue")
+    p("xattr-get", os.getxattr(j("a.txt"), "user.colour"))
+    p("xattr-list", sorted(x for x in os.listxattr(j("a.txt")) if x.startswith("user.")))
+    os.removexattr(j("a.txt"), "user.colour")
+    attempt("xattr-removed", os.getxattr, j("a.txt"), "user.colour")
+except OSError as e:
+    p("xattr", errno.errorcode[e.errno])
+attempt("xattr-missing", os.getxattr, j("a.txt"), "user.none")
+
+# --- locks ---
+fd = os.open(j("a.txt"), os.O_RDWR)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+p("posix-lock", "ok")
+fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+p("flock", "ok")
+os.close(fd)
+
+# --- statfs, cleanup ---
+sv = os.statvfs(d)
+p("statfs", f"bsize>0={sv.f_bsize > 0} namemax={sv.f_namemax}")
+os.unlink(j("dir", "hard"))
+p("unlink-hardlink", describe(j("a.txt")))
+
+print("\n".join(out))

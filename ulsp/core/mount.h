@@ -1,0 +1,32 @@
+// `ulsp mount` and `ulsp umount`: mount a layer stack on a directory through the
+// FUSE shim, and take it away again.
+#pragma once
+
+#include <string>
+
+namespace ulsp::core {
+
+struct MountArgs {
+  std::string mountpoint;
+  std::string stack;        // SPEC; empty when `source` is given
+  std::string source;       // a directory: short for --stack passthrough:SOURCE
+  bool isolated = false;    // serve the stack in its own process
+  bool foreground = false;  // serve in this process until unmounted or signalled
+  bool debug = false;       // libfuse's request log (implies foreground)
+  double timeout = 1.0;     // entry and attribute cache, seconds
+  std::string log_file;     // where a background server writes its log
+};
+
+// Mounts; returns once the mount is live (or, in the foreground, once it is gone).
+// Prints a one-line error naming what was wrong and returns 1; nothing is left
+// mounted then.
+int Mount(const MountArgs& args);
+
+// Unmounts a ulsp mount; the server exits once the kernel lets go. Returns 0 or
+// prints a one-line error and returns 1.
+int Umount(const std::string& mountpoint);
+
+// Whether `path` (absolute, resolved) is a mount point, and its file-system type.
+bool IsMountPoint(const std::string& path, std::string* fstype = nullptr);
+
+}  // namespace ulsp::core

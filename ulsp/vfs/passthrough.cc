@@ -1,0 +1,643 @@
+#include "ulsp/vfs/passthrough.h"
+
+#include <fcntl.h>
+#include <sys/file.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <fstream>
+#include <new>
+
+#include "kernel/msgport/log.h"
+
+namespace ulsp::vfs {
+namespace {
+
+constexpr uint64_t MakeId(uint32_t index, uint32_t generation) {
+  return (static_cast<uint64_t>(generation) << 32) | index;
+}
+constexpr uint32_t IndexOf(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffffu); }
+constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
+
+// 0 or the errno of a system call made through Sys.
+template <class F>
+int Errno0(F&& call) {
+  auto r = Sys(std::forward<F>(call));
+  return r ? 0 : r.error().value;
+}
+
+// "/proc/self/fd/N": the way to reach an O_PATH descriptor's file with calls that
+// take no descriptor (open, xattrs, truncate, utimens).
+struct ProcPath {
+  char buf[32];
+  explicit ProcPath(int fd) { std::snprintf(buf, sizeof buf, "/proc/self/fd/%d", fd); }
+  const char* c_str() const { return buf; }
+};
+
+bool ValidName(std::string_view name) {
+  return !name.empty() && name.size() <= 255 && name.find('/') == std::string_view::npos &&
+         name.find('\0') == std::string_view::npos;
+}
+
+}  // namespace
+
+PassthroughLayer::DirHandle::~DirHandle() {
+  if (dir != nullptr) closedir(dir);
+}
+
+Result<std::unique_ptr<PassthroughLayer>> PassthroughLayer::Open(const std::string& root) {
+  auto fd = Sys([&] { return ::open(root.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC); });
+  if (!fd) return std::unexpected(fd.error());
+  UniqueFd root_fd(*fd);
+  struct stat st {};
+  if (auto r = Sys([&] { return ::fstat(root_fd.get(), &st); }); !r) return std::unexpected(r.error());
+  // The kernel has applied the caller's umask already; the server's own must not
+  // mask a second time.
+  ::umask(0);
+  // Every node the kernel holds is a descriptor: allow as many as the system lets
+  // this process have (root may raise its hard limit to fs.nr_open).
+  struct rlimit files {1024, 1024};
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0) {
+    rlim_t most = files.rlim_max;
+    if (std::ifstream nr_open("/proc/sys/fs/nr_open"); nr_open >> most && most > files.rlim_max) {
+      struct rlimit raised = {most, most};
+      if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) files = raised;
+    }
+    files.rlim_cur = files.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &files);
+  }
+  auto dir_fd = Sys([&] { return ::openat(root_fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (!dir_fd) return std::unexpected(dir_fd.error());
+  auto layer = std::unique_ptr<PassthroughLayer>(new PassthroughLayer(std::move(root_fd), st));
+  layer->root_dir_fd_.Reset(*dir_fd);
+  // Keep a quarter of the descriptors (at least 1024) for open files, directories and
+  // libfuse; nodes beyond the rest are kept as file handles.
+  const rlim_t limit = files.rlim_cur;
+  const rlim_t reserve = std::max<rlim_t>(limit / 4, 1024);
+  layer->fd_budget_ = limit > reserve ? static_cast<size_t>(limit - reserve) : 0;
+  return layer;
+}
+
+PassthroughLayer::PassthroughLayer(UniqueFd root_fd, struct stat root_st) : Layer(nullptr) {
+  nodes_.resize(2);
+  Node& root = nodes_[1];
+  root.fd = std::move(root_fd);
+  root.dev = root_st.st_dev;
+  root.ino = root_st.st_ino;
+  root.nlookup = 1;
+  root_dev_ = root.dev;
+  fds_held_ = 1;
+  by_inode_[{root.dev, root.ino}] = 1;
+  live_ = 1;
+}
+
+PassthroughLayer::~PassthroughLayer() = default;
+
+size_t PassthroughLayer::NodeCount() const {
+  std::shared_lock lock(table_mu_);
+  return live_;
+}
+
+PassthroughLayer::FdRef PassthroughLayer::NodeFd(uint64_t node) const {
+  const uint32_t index = IndexOf(node);
+  std::string handle;
+  {
+    std::shared_lock lock(table_mu_);
+    if (index == 0 || index >= nodes_.size()) return {};
+    const Node& n = nodes_[index];
+    if (n.generation != GenerationOf(node) || n.nlookup == 0) return {};
+    if (n.fd) return FdRef(n.fd.get());
+    handle = n.handle;
+  }
+  // A node kept as a file handle: open it for this request only.
+  auto* fh = reinterpret_cast<file_handle*>(handle.data());
+  const int fd = ::open_by_handle_at(root_dir_fd_.get(), fh, O_PATH | O_CLOEXEC);
+  return fd < 0 ? FdRef() : FdRef(UniqueFd(fd));
+}
+
+std::string PassthroughLayer::PathOf(uint64_t node) const {
+  std::vector<std::string_view> parts;
+  std::shared_lock lock(table_mu_);
+  for (int depth = 0; node != kRootNode; ++depth) {
+    const uint32_t index = IndexOf(node);
+    if (depth > 4096 || index == 0 || index >= nodes_.size()) return "";
+    const Node& n = nodes_[index];
+    if (n.generation != GenerationOf(node) || n.nlookup == 0 || n.name.empty()) return "";
+    parts.push_back(n.name);
+    node = n.parent;
+  }
+  if (parts.empty()) return "/";
+  std::string path;
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) {
+    path += '/';
+    path += *it;
+  }
+  return path;
+}
+
+uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t parent,
+                                    std::string_view name) {
+  UniqueFd unused;  // closed after the lock is released
+  std::unique_lock lock(table_mu_);
+  if (auto it = by_inode_.find({st.st_dev, st.st_ino}); it != by_inode_.end()) {
+    Node& n = nodes_[it->second];
+    ++n.nlookup;
+    if (it->second != 1) {
+      n.parent = parent;
+      n.name.assign(name);
+    }
+    unused = std::move(fd);
+    return MakeId(it->second, n.generation);
+  }
+  uint32_t index;
+  if (!free_.empty()) {
+    index = free_.back();
+    free_.pop_back();
+  } else {
+    index = static_cast<uint32_t>(nodes_.size());
+    nodes_.emplace_back();
+  }
+  Node& n = nodes_[index];
+  n.handle.clear();
+  if (fds_held_ >= fd_budget_ && st.st_dev == root_dev_) {
+    // Out of descriptors to keep: keep the inode's file handle instead (the kernel may
+    // hold more nodes than this process may have descriptors).
+    std::string handle(sizeof(file_handle) + MAX_HANDLE_SZ, '\0');
+    auto* fh = reinterpret_cast<file_handle*>(handle.data());
+    fh->handle_bytes = MAX_HANDLE_SZ;
+    int mount_id = 0;
+    if (::name_to_handle_at(fd.get(), "", fh, &mount_id, AT_EMPTY_PATH) == 0) {
+      handle.resize(sizeof(file_handle) + fh->handle_bytes);
+      n.handle = std::move(handle);
+      unused = std::move(fd);
+    }
+  }
+  if (fd) ++fds_held_;
+  n.fd = std::move(fd);
+  n.dev = st.st_dev;
+  n.ino = st.st_ino;
+  n.nlookup = 1;
+  n.parent = parent;
+  n.name.assign(name);
+  by_inode_[{n.dev, n.ino}] = index;
+  ++live_;
+  return MakeId(index, n.generation);
+}
+
+void PassthroughLayer::Forget(uint64_t node, uint64_t count) {
+  UniqueFd closing;
+  std::unique_lock lock(table_mu_);
+  const uint32_t index = IndexOf(node);
+  if (index <= 1 || index >= nodes_.size()) return;  // the root is never dropped
+  Node& n = nodes_[index];
+  if (n.generation != GenerationOf(node) || n.nlookup == 0) return;
+  n.nlookup -= std::min(count, n.nlookup);
+  if (n.nlookup > 0) return;
+  by_inode_.erase({n.dev, n.ino});
+  if (n.fd) --fds_held_;
+  closing = std::move(n.fd);
+  n.handle.clear();
+  n.handle.shrink_to_fit();
+  n.name.clear();
+  n.name.shrink_to_fit();
+  ++n.generation;
+  free_.push_back(index);
+  --live_;
+}
+
+int PassthroughLayer::DoLookup(VfsRequest& req, uint64_t parent, std::string_view name,
+                               fuse_entry_param& e) {
+  if (!ValidName(name)) return name.empty() ? ENOENT : EINVAL;
+  const FdRef pfd = NodeFd(parent);
+  if (pfd < 0) return ESTALE;
+  std::string component(name);
+  // The kernel resolves "." and ".." itself; a server that is asked anyway never
+  // climbs above its root.
+  if (component == ".." && parent == kRootNode) component = ".";
+  auto fd = Sys([&] { return ::openat(pfd, component.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC); });
+  if (!fd) return fd.error().value;
+  UniqueFd node_fd(*fd);
+  e = fuse_entry_param{};
+  if (int err = Errno0([&] { return ::fstatat(node_fd.get(), "", &e.attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); }))
+    return err;
+  const bool dots = component == "." || component == "..";
+  e.ino = Remember(std::move(node_fd), e.attr, parent, dots ? std::string_view() : name);
+  e.generation = GenerationOf(e.ino);
+  e.attr_timeout = req.timeout;
+  e.entry_timeout = req.timeout;
+  return 0;
+}
+
+int PassthroughLayer::GiveToCaller(const VfsRequest& req, int parent_fd, const char* name) {
+  if (req.ctx.uid == 0 && req.ctx.gid == 0) return 0;
+  struct stat parent_st {};
+  if (int err = Errno0([&] { return ::fstat(parent_fd, &parent_st); })) return err;
+  const gid_t gid = (parent_st.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : req.ctx.gid;
+  if (int err = Errno0([&] { return ::fchownat(parent_fd, name, req.ctx.uid, gid, AT_SYMLINK_NOFOLLOW); }))
+    return err;
+  // chown clears set-user-ID and set-group-ID bits; the caller asked for them.
+  if ((req.mode & (S_ISUID | S_ISGID)) && !S_ISLNK(req.mode) && !S_ISDIR(req.mode))
+    return Errno0([&] { return ::fchmodat(parent_fd, name, req.mode & 07777, 0); });
+  return 0;
+}
+
+int PassthroughLayer::GetAttr(VfsRequest& req) {
+  if (req.has_fh) return Errno0([&] { return ::fstat(static_cast<int>(req.fh), &req.out_attr); });
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  return Errno0([&] { return ::fstatat(fd, "", &req.out_attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); });
+}
+
+int PassthroughLayer::SetAttr(VfsRequest& req) {
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  const int valid = req.flags;
+  const int ifd = req.has_fh ? static_cast<int>(req.fh) : -1;
+  const ProcPath proc(fd);
+  const struct stat& a = req.attr;
+  if (valid & FUSE_SET_ATTR_MODE) {
+    int err = ifd >= 0 ? Errno0([&] { return ::fchmod(ifd, a.st_mode); })
+                       : Errno0([&] { return ::chmod(proc.c_str(), a.st_mode); });
+    if (err) return err;
+  }
+  if (valid & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) {
+    const uid_t uid = (valid & FUSE_SET_ATTR_UID) ? a.st_uid : static_cast<uid_t>(-1);
+    const gid_t gid = (valid & FUSE_SET_ATTR_GID) ? a.st_gid : static_cast<gid_t>(-1);
+    if (int err = Errno0([&] { return ::fchownat(fd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); }))
+      return err;
+  }
+  if (valid & FUSE_SET_ATTR_SIZE) {
+    int err = ifd >= 0 ? Errno0([&] { return ::ftruncate(ifd, a.st_size); })
+                       : Errno0([&] { return ::truncate(proc.c_str(), a.st_size); });
+    if (err) return err;
+  }
+  if (valid & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) {
+    struct timespec tv[2];
+    tv[0].tv_sec = tv[1].tv_sec = 0;
+    tv[0].tv_nsec = tv[1].tv_nsec = UTIME_OMIT;
+    if (valid & FUSE_SET_ATTR_ATIME_NOW) tv[0].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_ATIME) tv[0] = a.st_atim;
+    if (valid & FUSE_SET_ATTR_MTIME_NOW) tv[1].tv_nsec = UTIME_NOW;
+    else if (valid & FUSE_SET_ATTR_MTIME) tv[1] = a.st_mtim;
+    int err = ifd >= 0 ? Errno0([&] { return ::futimens(ifd, tv); })
+                       : Errno0([&] { return ::utimensat(AT_FDCWD, proc.c_str(), tv, 0); });
+    if (err) return err;
+  }
+  req.has_fh = false;
+  return GetAttr(req);
+}
+
+int PassthroughLayer::Create(VfsRequest& req) {
+  if (!ValidName(req.name)) return EINVAL;
+  const FdRef pfd = NodeFd(req.node);
+  if (pfd < 0) return ESTALE;
+  auto fd = Sys([&] {
+    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, req.mode);
+  });
+  if (!fd) return fd.error().value;
+  UniqueFd file(*fd);
+  if (int err = GiveToCaller(req, pfd, req.name.c_str())) return err;
+  if (int err = DoLookup(req, req.node, req.name, req.entry)) return err;
+  req.open = {};
+  req.open.fh = static_cast<uint64_t>(file.release());
+  return 0;
+}
+
+int PassthroughLayer::MakeNode(VfsRequest& req) {
+  if (!ValidName(req.name)) return EINVAL;
+  const FdRef pfd = NodeFd(req.node);
+  if (pfd < 0) return ESTALE;
+  const char* name = req.name.c_str();
+  int err = 0;
+  switch (req.op) {
+    case VfsOp::kMkDir:
+      err = Errno0([&] { return ::mkdirat(pfd, name, req.mode); });
+      req.mode |= S_IFDIR;
+      break;
+    case VfsOp::kMkNod:
+      err = Errno0([&] { return ::mknodat(pfd, name, req.mode, req.rdev); });
+      break;
+    case VfsOp::kSymlink:
+      err = Errno0([&] { return ::symlinkat(req.name2.c_str(), pfd, name); });
+      req.mode = S_IFLNK | 0777;
+      break;
+    default:
+      return ENOSYS;
+  }
+  if (err) return err;
+  if ((err = GiveToCaller(req, pfd, name))) return err;
+  return DoLookup(req, req.node, req.name, req.entry);
+}
+
+int PassthroughLayer::Rename(VfsRequest& req) {
+  if (!ValidName(req.name) || !ValidName(req.name2)) return EINVAL;
+  const FdRef pfd = NodeFd(req.node);
+  const FdRef npfd = NodeFd(req.node2);
+  if (pfd < 0 || npfd < 0) return ESTALE;
+  if (int err = Errno0([&] {
+        return ::renameat2(pfd, req.name.c_str(), npfd, req.name2.c_str(), static_cast<unsigned>(req.flags));
+      }))
+    return err;
+  // Keep the moved nodes' names current, for PathOf.
+  auto rename_node = [&](int dir_fd, const std::string& name, uint64_t parent) {
+    struct stat st {};
+    if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return;
+    std::unique_lock lock(table_mu_);
+    auto it = by_inode_.find({st.st_dev, st.st_ino});
+    if (it == by_inode_.end() || it->second == 1) return;
+    nodes_[it->second].parent = parent;
+    nodes_[it->second].name = name;
+  };
+  rename_node(npfd, req.name2, req.node2);
+  if (req.flags & RENAME_EXCHANGE) rename_node(pfd, req.name, req.node);
+  return 0;
+}
+
+int PassthroughLayer::Link(VfsRequest& req) {
+  if (!ValidName(req.name2)) return EINVAL;
+  const FdRef fd = NodeFd(req.node);
+  const FdRef npfd = NodeFd(req.node2);
+  if (fd < 0 || npfd < 0) return ESTALE;
+  // AT_EMPTY_PATH links the very inode the node holds (the server has
+  // CAP_DAC_READ_SEARCH, which it needs).
+  if (int err = Errno0([&] { return ::linkat(fd, "", npfd, req.name2.c_str(), AT_EMPTY_PATH); })) return err;
+  return DoLookup(req, req.node2, req.name2, req.entry);
+}
+
+int PassthroughLayer::Open(VfsRequest& req) {
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  const ProcPath proc(fd);
+  auto file = Sys([&] { return ::open(proc.c_str(), (req.flags | O_CLOEXEC) & ~(O_NOFOLLOW | O_CREAT | O_EXCL)); });
+  if (!file) return file.error().value;
+  req.open = {};
+  req.open.fh = static_cast<uint64_t>(*file);
+  return 0;
+}
+
+int PassthroughLayer::Read(VfsRequest& req) {
+  if (req.size > (64u << 20)) return EINVAL;
+  if (req.fd_reply_ok) {  // the shim splices straight from the file
+    req.out_fd = static_cast<int>(req.fh);
+    return 0;
+  }
+  req.out.resize(req.size);
+  auto n = Sys([&] { return ::pread(static_cast<int>(req.fh), req.out.data(), req.size, req.offset); });
+  if (!n) return n.error().value;
+  req.out.resize(static_cast<size_t>(*n));
+  return 0;
+}
+
+int PassthroughLayer::Write(VfsRequest& req) {
+  auto n = Sys([&] { return ::pwrite(static_cast<int>(req.fh), req.in.data(), req.in.size(), req.offset); });
+  if (!n) return n.error().value;
+  req.out_size = static_cast<uint64_t>(*n);
+  return 0;
+}
+
+int PassthroughLayer::OpenDir(VfsRequest& req) {
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  auto dfd = Sys([&] { return ::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (!dfd) return dfd.error().value;
+  auto handle = std::make_unique<DirHandle>();
+  handle->dir = ::fdopendir(*dfd);
+  if (handle->dir == nullptr) {
+    const int err = errno;
+    ::close(*dfd);
+    return err;
+  }
+  std::lock_guard lock(dirs_mu_);
+  uint32_t index;
+  if (!free_dirs_.empty()) {
+    index = free_dirs_.back();
+    free_dirs_.pop_back();
+    dirs_[index] = std::move(handle);
+  } else {
+    index = static_cast<uint32_t>(dirs_.size());
+    dirs_.push_back(std::move(handle));
+  }
+  req.open = {};
+  req.open.fh = index + 1u;
+  return 0;
+}
+
+int PassthroughLayer::ReleaseDir(VfsRequest& req) {
+  std::unique_ptr<DirHandle> handle;
+  std::lock_guard lock(dirs_mu_);
+  if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+  handle = std::move(dirs_[req.fh - 1]);
+  free_dirs_.push_back(static_cast<uint32_t>(req.fh - 1));
+  return 0;
+}
+
+int PassthroughLayer::ReadDir(VfsRequest& req, bool plus) {
+  DirHandle* handle = nullptr;
+  {
+    std::lock_guard lock(dirs_mu_);
+    if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+    handle = dirs_[req.fh - 1].get();  // lives until releasedir, which the kernel
+                                       // sends only after this request is answered
+  }
+  std::lock_guard lock(handle->mu);
+  if (req.offset != handle->offset) {
+    ::seekdir(handle->dir, req.offset);
+    handle->pending = nullptr;
+    handle->offset = req.offset;
+  }
+  const size_t room = std::min<uint64_t>(req.size, 1u << 20);
+  req.out.resize(room);
+  size_t used = 0;
+  for (;;) {
+    struct dirent* d = handle->pending;
+    if (d == nullptr) {
+      errno = 0;
+      d = ::readdir(handle->dir);
+      if (d == nullptr) {
+        if (errno != 0 && used == 0) return errno;
+        break;
+      }
+    }
+    handle->pending = d;
+    const std::string_view name(d->d_name);
+    const bool dots = name == "." || name == "..";
+    const off_t next = d->d_off;
+    if (!dots && req.admit && !req.admit(name)) {
+      handle->pending = nullptr;
+      handle->offset = next;
+      continue;
+    }
+    size_t size;
+    if (plus) {
+      fuse_entry_param e{};
+      if (dots) {
+        e.attr.st_ino = d->d_ino;
+        e.attr.st_mode = static_cast<mode_t>(d->d_type) << 12;
+      } else if (DoLookup(req, req.node, name, e) != 0) {
+        handle->pending = nullptr;  // vanished since it was listed
+        handle->offset = next;
+        continue;
+      }
+      size = fuse_add_direntry_plus(nullptr, req.out.data() + used, room - used, d->d_name, &e, next);
+      if (size > room - used && !dots) Forget(e.ino, 1);
+    } else {
+      struct stat st {};
+      st.st_ino = d->d_ino;
+      st.st_mode = static_cast<mode_t>(d->d_type) << 12;
+      size = fuse_add_direntry(nullptr, req.out.data() + used, room - used, d->d_name, &st, next);
+    }
+    if (size > room - used) break;  // stays pending for the next call
+    used += size;
+    handle->pending = nullptr;
+    handle->offset = next;
+  }
+  req.out.resize(used);
+  return 0;
+}
+
+int PassthroughLayer::Xattr(VfsRequest& req) {
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  const ProcPath proc(fd);
+  const size_t room = std::min<uint64_t>(req.size, 1u << 16);
+  switch (req.op) {
+    case VfsOp::kSetXattr:
+      return Errno0([&] { return ::setxattr(proc.c_str(), req.name.c_str(), req.in.data(), req.in.size(), req.flags); });
+    case VfsOp::kRemoveXattr:
+      return Errno0([&] { return ::removexattr(proc.c_str(), req.name.c_str()); });
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr: {
+      req.out.resize(room);
+      auto n = req.op == VfsOp::kGetXattr
+                   ? Sys([&] { return ::getxattr(proc.c_str(), req.name.c_str(), req.out.data(), room); })
+                   : Sys([&] { return ::listxattr(proc.c_str(), req.out.data(), room); });
+      if (!n) return n.error().value;
+      req.out_size = static_cast<uint64_t>(*n);
+      req.out.resize(room == 0 ? 0 : static_cast<size_t>(*n));
+      return 0;
+    }
+    default:
+      return ENOSYS;
+  }
+}
+
+int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
+  switch (req.op) {
+    case VfsOp::kLookup:
+      return DoLookup(req, req.node, req.name, req.entry);
+    case VfsOp::kForget:
+      Forget(req.node, req.count);
+      return 0;
+    case VfsOp::kGetAttr:
+      return GetAttr(req);
+    case VfsOp::kSetAttr:
+      return SetAttr(req);
+    case VfsOp::kReadLink: {
+      const FdRef fd = NodeFd(req.node);
+      if (fd < 0) return ESTALE;
+      req.out.resize(PATH_MAX);
+      auto n = Sys([&] { return ::readlinkat(fd, "", req.out.data(), req.out.size()); });
+      if (!n) return n.error().value;
+      req.out.resize(static_cast<size_t>(*n));
+      return 0;
+    }
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+      return MakeNode(req);
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir: {
+      if (!ValidName(req.name)) return EINVAL;
+      const FdRef pfd = NodeFd(req.node);
+      if (pfd < 0) return ESTALE;
+      const int flag = req.op == VfsOp::kRmDir ? AT_REMOVEDIR : 0;
+      return Errno0([&] { return ::unlinkat(pfd, req.name.c_str(), flag); });
+    }
+    case VfsOp::kRename:
+      return Rename(req);
+    case VfsOp::kLink:
+      return Link(req);
+    case VfsOp::kOpen:
+      return Open(req);
+    case VfsOp::kRead:
+      return Read(req);
+    case VfsOp::kWrite:
+      return Write(req);
+    case VfsOp::kFlush:
+      // close() of a duplicate reports delayed write errors, as close(2) would.
+      return Errno0([&] { return ::close(::dup(static_cast<int>(req.fh))); });
+    case VfsOp::kRelease:
+      ::close(static_cast<int>(req.fh));
+      return 0;
+    case VfsOp::kFsync:
+      return req.flags ? Errno0([&] { return ::fdatasync(static_cast<int>(req.fh)); })
+                       : Errno0([&] { return ::fsync(static_cast<int>(req.fh)); });
+    case VfsOp::kOpenDir:
+      return OpenDir(req);
+    case VfsOp::kReadDir:
+      return ReadDir(req, false);
+    case VfsOp::kReadDirPlus:
+      return ReadDir(req, true);
+    case VfsOp::kReleaseDir:
+      return ReleaseDir(req);
+    case VfsOp::kFsyncDir: {
+      DIR* dir = nullptr;
+      {
+        std::lock_guard lock(dirs_mu_);
+        if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+        dir = dirs_[req.fh - 1]->dir;
+      }
+      return Errno0([&] { return ::fsync(::dirfd(dir)); });
+    }
+    case VfsOp::kStatFs: {
+      const FdRef fd = NodeFd(req.node);
+      if (fd < 0) return ESTALE;
+      return Errno0([&] { return ::fstatvfs(fd, &req.statfs); });
+    }
+    case VfsOp::kSetXattr:
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr:
+    case VfsOp::kRemoveXattr:
+      return Xattr(req);
+    case VfsOp::kAccess: {
+      const FdRef fd = NodeFd(req.node);
+      if (fd < 0) return ESTALE;
+      return Errno0([&] { return ::faccessat(AT_FDCWD, ProcPath(fd).c_str(), req.flags, AT_EACCESS); });
+    }
+    case VfsOp::kCreate:
+      return Create(req);
+    case VfsOp::kFallocate:
+      return Errno0([&] { return ::fallocate(static_cast<int>(req.fh), req.flags, req.offset, req.offset2); });
+    case VfsOp::kCopyFileRange: {
+      loff_t in_off = req.offset;
+      loff_t out_off = req.offset2;
+      auto n = Sys([&] {
+        return ::copy_file_range(static_cast<int>(req.fh), &in_off, static_cast<int>(req.fh2), &out_off, req.size,
+                                 static_cast<unsigned>(req.flags));
+      });
+      if (!n) return n.error().value;
+      req.out_size = static_cast<uint64_t>(*n);
+      return 0;
+    }
+    case VfsOp::kLseek: {
+      auto off = Sys([&] { return ::lseek(static_cast<int>(req.fh), req.offset, req.flags); });
+      if (!off) return off.error().value;
+      req.out_size = static_cast<uint64_t>(*off);
+      return 0;
+    }
+    case VfsOp::kCount:
+      break;
+  }
+  return ENOSYS;
+} catch (const std::bad_alloc&) {
+  return ENOMEM;
+} catch (const std::exception& e) {
+  Logger("vfs")->error("passthrough: {} failed: {}", msgport::VfsOpName(req.op), e.what());
+  return EIO;
+}
+
+}  // namespace ulsp::vfs

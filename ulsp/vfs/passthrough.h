@@ -1,0 +1,133 @@
+// PassthroughLayer: serves a real directory. Every node the kernel knows is held as
+// an O_PATH descriptor, and every operation is an *at call relative to one, so the
+// server never walks a path a symlink could redirect and never leaves its root
+// (names are single components; ".." at the root is the root).
+//
+// Node ids are table indices with a generation (STYLE 8): the kernel's lookup count
+// is kept per node, and forget drops the node (and closes its descriptor) at zero.
+// The kernel may hold more nodes than the process may have descriptors (here the hard
+// limit is 20000): past a budget, nodes keep the inode's file handle instead and are
+// opened (open_by_handle_at) for each request that needs them.
+// Hard links of one inode share a node. Open files are their descriptors (fh is the
+// fd number); open directories are entries of a handle table.
+//
+// Permissions: the mount uses the kernel's checks (default_permissions), so the
+// server acts as root; it gives new nodes to the caller (uid, and gid unless the
+// parent directory is set-group-ID), as ext4 would have.
+//
+// Thread-safe: Serve runs on any number of threads. Lock order: table_mu_, then a
+// directory handle's mu.
+#pragma once
+
+#include <dirent.h>
+#include <sys/types.h>
+
+#include <atomic>
+#include <deque>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "kernel/msgport/errno.h"
+#include "kernel/msgport/unique_fd.h"
+#include "ulsp/vfs/layer.h"
+
+namespace ulsp::vfs {
+
+class PassthroughLayer final : public Layer {
+ public:
+  // Opens `root` (a directory). Sets the process's umask to 0 (the kernel applies the
+  // caller's) and raises its descriptor limit as far as it may (a node is a
+  // descriptor; root goes to fs.nr_open). Fails with the errno of the open, or ENOTDIR.
+  static Result<std::unique_ptr<PassthroughLayer>> Open(const std::string& root);
+  ~PassthroughLayer() override;
+
+  int Serve(VfsRequest& req) noexcept override;
+  std::string PathOf(uint64_t node) const override;
+  size_t NodeCount() const override;
+  std::string_view Name() const noexcept override { return "passthrough"; }
+
+ private:
+  struct Node {
+    UniqueFd fd;         // O_PATH; or, past the descriptor budget, none and:
+    std::string handle;  // the inode's struct file_handle (name_to_handle_at)
+    dev_t dev = 0;
+    ino_t ino = 0;
+    uint64_t nlookup = 0;
+    uint32_t generation = 0;
+    uint64_t parent = 0;  // node id of the directory it was last looked up in
+    std::string name;     // the name it was last looked up by
+  };
+  struct DirHandle {
+    std::mutex mu;
+    DIR* dir = nullptr;
+    off_t offset = 0;
+    struct dirent* pending = nullptr;  // read but not yet sent (did not fit)
+    ~DirHandle();
+  };
+  struct InodeKey {
+    dev_t dev;
+    ino_t ino;
+    bool operator==(const InodeKey&) const = default;
+  };
+  struct InodeKeyHash {
+    size_t operator()(const InodeKey& k) const noexcept { return std::hash<uint64_t>()(k.ino * 31 + k.dev); }
+  };
+
+  explicit PassthroughLayer(UniqueFd root_fd, struct stat root_st);
+
+  // A node's O_PATH descriptor for the length of a request: the node's own, or one
+  // opened from its file handle. Converts to the descriptor; -1 when the id is not
+  // one the kernel holds.
+  class FdRef {
+   public:
+    FdRef() = default;
+    explicit FdRef(int borrowed) : fd_(borrowed) {}
+    explicit FdRef(UniqueFd owned) : fd_(owned.get()), owned_(std::move(owned)) {}
+    operator int() const noexcept { return fd_; }  // NOLINT: used as the fd it is
+
+   private:
+    int fd_ = -1;
+    UniqueFd owned_;
+  };
+  FdRef NodeFd(uint64_t node) const;
+  // Looks `name` up in `parent` and counts one kernel lookup on the result.
+  int DoLookup(VfsRequest& req, uint64_t parent, std::string_view name, fuse_entry_param& e);
+  // Registers an opened node (the kernel now holds one more lookup on it).
+  uint64_t Remember(UniqueFd fd, const struct stat& st, uint64_t parent, std::string_view name);
+  void Forget(uint64_t node, uint64_t count);
+  // Gives a node just created to the caller (see the class comment).
+  int GiveToCaller(const VfsRequest& req, int parent_fd, const char* name);
+
+  int GetAttr(VfsRequest& req);
+  int SetAttr(VfsRequest& req);
+  int Create(VfsRequest& req);
+  int MakeNode(VfsRequest& req);
+  int Rename(VfsRequest& req);
+  int Link(VfsRequest& req);
+  int Open(VfsRequest& req);
+  int Read(VfsRequest& req);
+  int Write(VfsRequest& req);
+  int OpenDir(VfsRequest& req);
+  int ReadDir(VfsRequest& req, bool plus);
+  int ReleaseDir(VfsRequest& req);
+  int Xattr(VfsRequest& req);
+
+  mutable std::shared_mutex table_mu_;
+  std::deque<Node> nodes_;  // index 0 unused; index 1 is the root
+  std::vector<uint32_t> free_;
+  std::unordered_map<InodeKey, uint32_t, InodeKeyHash> by_inode_;
+  size_t live_ = 0;
+  dev_t root_dev_ = 0;
+  UniqueFd root_dir_fd_;  // O_RDONLY: open_by_handle_at will not take an O_PATH one
+  size_t fd_budget_ = 0;  // node descriptors kept at most
+  size_t fds_held_ = 0;   // node descriptors kept now (under table_mu_)
+
+  std::mutex dirs_mu_;
+  std::vector<std::unique_ptr<DirHandle>> dirs_;  // fh = index + 1
+  std::vector<uint32_t> free_dirs_;
+};
+
+}  // namespace ulsp::vfs

@@ -1,0 +1,78 @@
+#include "ulsp/vfs/stack.h"
+
+#include "kernel/msgport/vfs_message.h"
+#include "ulsp/vfs/passthrough.h"
+#include "ulsp/vfs/trace.h"
+#include "ulsp/vfs/view.h"
+
+namespace ulsp::vfs {
+namespace {
+
+constexpr std::string_view kKnown = "passthrough:DIR, trace:LOG, view:ALLOWLIST";
+
+bool IsBottom(std::string_view name) { return name == "passthrough"; }
+
+}  // namespace
+
+std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_view spec) {
+  std::vector<LayerSpec> layers;
+  if (spec.empty()) return std::unexpected("empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
+  size_t start = 0;
+  while (start <= spec.size()) {
+    size_t comma = spec.find(',', start);
+    if (comma == std::string_view::npos) comma = spec.size();
+    std::string_view item = spec.substr(start, comma - start);
+    if (item.empty()) return std::unexpected("empty layer at position " + std::to_string(layers.size() + 1) + " of the stack");
+    const size_t colon = item.find(':');
+    LayerSpec layer{std::string(item.substr(0, colon)),
+                    colon == std::string_view::npos ? std::string() : std::string(item.substr(colon + 1))};
+    if (layer.name != "passthrough" && layer.name != "trace" && layer.name != "view")
+      return std::unexpected("unknown layer '" + layer.name + "' (known: " + std::string(kKnown) + ")");
+    if (layer.argument.empty()) return std::unexpected("layer '" + layer.name + "' needs an argument (" + std::string(kKnown) + ")");
+    layers.push_back(std::move(layer));
+    start = comma + 1;
+  }
+  for (size_t i = 0; i < layers.size(); ++i) {
+    const bool last = i + 1 == layers.size();
+    if (last && !IsBottom(layers[i].name))
+      return std::unexpected("layer '" + layers[i].name + "' needs a layer below it: end the stack with passthrough:DIR");
+    if (!last && IsBottom(layers[i].name))
+      return std::unexpected("layer '" + layers[i].name + "' must be the last (bottom) layer of the stack");
+  }
+  return layers;
+}
+
+std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view spec) {
+  auto layers = ParseStackSpec(spec);
+  if (!layers) return std::unexpected(layers.error());
+  std::unique_ptr<Layer> below;
+  for (auto it = layers->rbegin(); it != layers->rend(); ++it) {
+    const LayerSpec& l = *it;
+    if (l.name == "passthrough") {
+      auto p = PassthroughLayer::Open(l.argument);
+      if (!p) return std::unexpected("passthrough:" + l.argument + ": " + p.error().Describe());
+      below = std::move(*p);
+    } else if (l.name == "trace") {
+      auto t = TraceLayer::Open(l.argument, std::move(below));
+      if (!t) return std::unexpected("trace:" + l.argument + ": cannot open the log: " + t.error().Describe());
+      below = std::move(*t);
+    } else if (l.name == "view") {
+      auto v = ViewLayer::Open(l.argument, std::move(below));
+      if (!v) return std::unexpected("view:" + v.error());
+      below = std::move(*v);
+    }
+  }
+  return below;
+}
+
+void StackServer::Serve(msgport::MessagePtr msg) noexcept {
+  auto* m = dynamic_cast<msgport::VfsMessage*>(msg.get());
+  if (m == nullptr) {
+    msgport::Reply(std::move(msg), EINVAL);
+    return;
+  }
+  const int err = top_->Serve(m->req);
+  msgport::Reply(std::move(msg), err);
+}
+
+}  // namespace ulsp::vfs

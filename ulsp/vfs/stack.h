@@ -1,0 +1,43 @@
+// A layer stack from its SPEC, and the server that serves VFS messages with it.
+//
+// SPEC lists layers top first, comma-separated, each `name[:argument]`, for example
+// `trace:/tmp/access.jsonl,view:/tmp/allow.txt,passthrough:/srv/src`. The last layer
+// is a bottom layer (passthrough); the others sit on the one after them.
+#pragma once
+
+#include <expected>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "kernel/msgport/port.h"
+#include "ulsp/vfs/layer.h"
+
+namespace ulsp::vfs {
+
+struct LayerSpec {
+  std::string name;
+  std::string argument;
+};
+
+// Splits SPEC. Fails with a one-line message naming the bad part.
+std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_view spec);
+
+// Builds the layers SPEC names, opening what they need (directories, logs, lists).
+// Fails with a one-line message naming the layer and what was wrong.
+std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view spec);
+
+// Serves VfsMessages with a stack: each message goes through the top layer and is
+// replied with its result. Thread-safe as the layers are (they all are).
+class StackServer final : public msgport::Server {
+ public:
+  explicit StackServer(std::unique_ptr<Layer> top) : top_(std::move(top)) {}
+  void Serve(msgport::MessagePtr msg) noexcept override;
+  Layer& top() const noexcept { return *top_; }
+
+ private:
+  std::unique_ptr<Layer> top_;
+};
+
+}  // namespace ulsp::vfs

@@ -1,0 +1,96 @@
+#include "ulsp/vfs/trace.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <ctime>
+
+#include <fmt/format.h>
+
+#include "kernel/msgport/log.h"
+
+namespace ulsp::vfs {
+
+std::string JsonQuote(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  out += '"';
+  for (char ch : s) {
+    const auto c = static_cast<unsigned char>(ch);
+    // Names are bytes, not UTF-8: control characters and bytes above 0x7e become
+    // \u00XX so every line stays valid JSON (the byte value is kept for a reader).
+    if (c == '"' || c == '\\') {
+      out.push_back('\\');
+      out.push_back(ch);
+    } else if (c < 0x20 || c >= 0x7f) {
+      static constexpr char kHex[] = "0123456789abcdef";
+      const char esc[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 15]};
+      out.append(esc, sizeof esc);
+    } else {
+      out.push_back(ch);
+    }
+  }
+  out += '"';
+  return out;
+}
+
+Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path, std::unique_ptr<Layer> lower) {
+  auto fd = Sys([&] { return ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644); });
+  if (!fd) return std::unexpected(fd.error());
+  return std::unique_ptr<TraceLayer>(new TraceLayer(UniqueFd(*fd), std::move(lower)));
+}
+
+int TraceLayer::Serve(VfsRequest& req) noexcept {
+  if (req.op == VfsOp::kForget) return Down(req);
+  // Paths are taken before the request runs: a rename or forget changes them. A
+  // failure to log never changes what the request does.
+  std::string path, path2;
+  try {
+    path = PathOf(req.node);
+    switch (req.op) {
+      case VfsOp::kLookup:
+      case VfsOp::kMkNod:
+      case VfsOp::kMkDir:
+      case VfsOp::kUnlink:
+      case VfsOp::kRmDir:
+      case VfsOp::kSymlink:
+      case VfsOp::kCreate:
+        path = JoinPath(path, req.name);
+        break;
+      case VfsOp::kRename:
+        path = JoinPath(path, req.name);
+        path2 = JoinPath(PathOf(req.node2), req.name2);
+        break;
+      case VfsOp::kLink:
+        path2 = JoinPath(PathOf(req.node2), req.name2);
+        break;
+      default:
+        break;
+    }
+  } catch (...) {
+    path.assign(1, '?');
+  }
+  const int err = Down(req);
+  try {
+    struct timespec now {};
+    clock_gettime(CLOCK_REALTIME, &now);
+    struct tm utc {};
+    gmtime_r(&now.tv_sec, &utc);
+    const char* result = err == 0 ? "ok" : strerrorname_np(err);
+    std::string line = fmt::format(
+        R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z","pid":{},"uid":{},"op":"{}","path":{})",
+        utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, now.tv_nsec / 1000,
+        req.ctx.pid, req.ctx.uid, msgport::VfsOpName(req.op), JsonQuote(path));
+    if (!path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(path2));
+    line += fmt::format(R"(,"result":"{}"}})", result != nullptr ? result : "?");
+    line += '\n';
+    if (::write(log_.get(), line.data(), line.size()) < 0)
+      Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
+  } catch (...) {
+    Logger("vfs")->warn("trace: a record was lost (out of memory)");
+  }
+  return err;
+}
+
+}  // namespace ulsp::vfs

@@ -1,0 +1,46 @@
+// ViewLayer: shows only what an allow-list admits; everything else does not exist
+// (lookups answer ENOENT, directory listings leave it out, and creating a name the
+// list does not admit answers EACCES).
+//
+// The allow-list is a text file, one absolute path per line (paths inside the
+// mount), '#' starts a comment. A listed path admits itself and everything beneath
+// it; its ancestors are visible as directories, so it can be reached, but their other
+// entries are not. Thread-safe: the list is read once, then only read.
+#pragma once
+
+#include <expected>
+#include <string>
+#include <unordered_set>
+#include <vector>
+
+#include "ulsp/vfs/layer.h"
+
+namespace ulsp::vfs {
+
+class ViewLayer final : public Layer {
+ public:
+  // Reads the allow-list at `list_path`. Fails with a message naming the file, and the
+  // line when a line is bad (not absolute, or holding "." or ".." components).
+  static std::expected<std::unique_ptr<ViewLayer>, std::string> Open(const std::string& list_path,
+                                                                     std::unique_ptr<Layer> lower);
+  // The same, from paths already in memory (`source` names them in errors).
+  static std::expected<std::unique_ptr<ViewLayer>, std::string> FromPaths(const std::vector<std::string>& paths,
+                                                                          const std::string& source,
+                                                                          std::unique_ptr<Layer> lower);
+
+  int Serve(VfsRequest& req) noexcept override;
+  std::string_view Name() const noexcept override { return "view"; }
+
+  // Whether `path` (absolute, normalized) is visible.
+  bool Visible(std::string_view path) const;
+
+ private:
+  explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) {}
+  // The path a name operation would make or touch.
+  std::string ChildPath(uint64_t parent, std::string_view name) const { return JoinPath(PathOf(parent), name); }
+
+  std::unordered_set<std::string> admitted_;   // listed paths: themselves and beneath
+  std::unordered_set<std::string> ancestors_;  // directories on the way to them
+};
+
+}  // namespace ulsp::vfs
