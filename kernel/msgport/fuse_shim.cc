@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "kernel/msgport/fuse_loop.h"
 #include "kernel/msgport/log.h"
 
 namespace ulsp::msgport {
@@ -525,13 +526,10 @@ FuseShim::~FuseShim() {
 }
 
 int FuseShim::Serve() {
-  fuse_loop_config* config = fuse_loop_cfg_create();
-  fuse_loop_cfg_set_clone_fd(config, options_.clone_fd ? 1 : 0);
-  fuse_loop_cfg_set_max_threads(config, options_.max_threads);
-  fuse_loop_cfg_set_idle_threads(config, std::min(options_.max_threads, 8u));
-  const int rc = fuse_session_loop_mt(session_, config);
-  fuse_loop_cfg_destroy(config);
-  return rc < 0 ? -rc : 0;
+  FuseLoop::Options loop;
+  loop.spin = options_.spin;
+  loop.max_threads = options_.max_threads;
+  return FuseLoop(session_, loop).Run();
 }
 
 void FuseShim::Exit() { fuse_session_exit(session_); }

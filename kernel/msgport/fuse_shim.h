@@ -2,8 +2,8 @@
 // /dev/fuse connection), turns each kernel request into a VfsMessage sent to the
 // mount's port, and turns each reply into the matching fuse_reply_* on the thread
 // that delivers it. Replies may come in any order and from any thread, so several
-// requests are in flight at once (libfuse's multi-threaded loop, with a cloned
-// /dev/fuse descriptor per worker).
+// requests are in flight at once. Requests are read by a FuseLoop (fuse_loop.h): one
+// spinning leader, and spares that take over from a request that blocks.
 //
 // Kernel interrupts become Abort on the message (the server may still answer in
 // full; it replies exactly once either way).
@@ -14,6 +14,7 @@
 #pragma once
 
 #include <atomic>
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -33,8 +34,9 @@ class FuseShim {
     std::string fsname = "ulsp";      // the "source" column of /proc/mounts
     double timeout = 1.0;             // entry and attribute cache, seconds (0: none)
     bool allow_other = true;          // other users may use the mount (needs root)
-    unsigned max_threads = 16;        // libfuse workers at most
-    bool clone_fd = true;             // a /dev/fuse clone per worker
+    unsigned max_threads = 16;        // threads reading requests, at most
+    std::chrono::nanoseconds spin{std::chrono::microseconds(50)};  // polling after a
+                                      // request before sleeping (0: sleep at once)
     bool splice_read = true;          // reads answered from a descriptor are spliced
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered

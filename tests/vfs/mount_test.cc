@@ -6,6 +6,7 @@
 #include <sys/stat.h>
 
 #include <fstream>
+#include <thread>
 #include <sstream>
 
 #include "tests/vfs/mount_fixture.h"
@@ -24,7 +25,8 @@ std::string ReadFile(const std::string& path) {
 }
 
 // One mount for a test: a source directory, a mount point, and what serves it.
-// `kind` is "passthrough" or "stack" (trace, then view admitting /work, on passthrough).
+// The parameter is "passthrough", "stack" (trace, then view admitting /work, on
+// passthrough) or "memfs".
 class MountTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -35,6 +37,8 @@ class MountTest : public ::testing::TestWithParam<std::string> {
     std::vector<std::string> args;
     if (GetParam() == "passthrough") {
       args = {dir_ / "src"};
+    } else if (GetParam() == "memfs") {
+      args = {"--stack", "memfs:8G"};
     } else {
       std::ofstream(dir_ / "allow.txt") << "# the test's working tree\n/work\n";
       args = {"--stack", "trace:" + (dir_ / "trace.jsonl") + ",view:" + (dir_ / "allow.txt") + ",passthrough:" +
@@ -43,6 +47,15 @@ class MountTest : public ::testing::TestWithParam<std::string> {
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
     ASSERT_TRUE(mount_->ok()) << "the mount did not come up; server log:\n" << ReadFile(dir_ / "server.log");
     work_ = mount_->path() + "/work";
+    if (GetParam() == "memfs") {
+      ASSERT_EQ(::mkdir(work_.c_str(), 0777), 0);
+      ASSERT_EQ(::chmod(work_.c_str(), 0777), 0);
+    }
+  }
+  // Where `rel` (inside /work) is stored: on disk under src/, or, for memfs, only
+  // in the mount.
+  std::string Stored(const std::string& rel) const {
+    return GetParam() == "memfs" ? work_ + "/" + rel : dir_ / "src/work/" + rel;
   }
   void TearDown() override {
     if (mount_) {
@@ -59,9 +72,11 @@ TEST_P(MountTest, CpArchiveThenDiffMatchesSourceAndDisk) {
   ASSERT_EQ(Shell("cp -a /usr/include/linux " + work_ + "/linux"), 0);
   EXPECT_EQ(Shell("diff -r /usr/include/linux " + work_ + "/linux"), 0);
   // What the mount reports is what is on disk underneath.
-  EXPECT_EQ(Shell("diff -r " + dir_ / "src/work/linux" + " " + work_ + "/linux"), 0);
-  EXPECT_EQ(Output("cd /usr/include/linux && find . -printf '%p %m %s %T@\\n' | sort"),
-            Output("cd " + work_ + "/linux && find . -printf '%p %m %s %T@\\n' | sort"));
+  EXPECT_EQ(Shell("diff -r " + Stored("linux") + " " + work_ + "/linux"), 0);
+  // Names, types, modes, file sizes and modification times (a directory's size is the
+  // file system's own business).
+  const std::string listing = " && find . -printf '%p %y %m %T@ ' \\( -type d -printf '\\n' -o -printf '%s\\n' \\) | sort";
+  EXPECT_EQ(Output("cd /usr/include/linux" + listing), Output("cd " + work_ + "/linux" + listing));
 }
 
 TEST_P(MountTest, TarExtractAndCreateRoundTrip) {
@@ -131,16 +146,27 @@ os.close(log)
   std::string cmd;
   for (int n = 0; n < 8; ++n) cmd += kPython + " " + dir_ / "writer.py" + " " + work_ + " " + std::to_string(n) + " & ";
   ASSERT_EQ(Shell(cmd + "wait"), 0);
-  EXPECT_EQ(Output("wc -l < " + dir_ / "src/work/shared.log"), "800\n");
+  EXPECT_EQ(Output("wc -l < " + Stored("shared.log")), "800\n");
   EXPECT_EQ(Output("ls " + work_ + " | grep -c '^w'"), "800\n");
   for (int n = 0; n < 8; ++n) {
     struct stat st {};
-    ASSERT_EQ(::stat((dir_ / "src/work/w" + std::to_string(n) + "-99").c_str(), &st), 0);
+    ASSERT_EQ(::stat(Stored("w" + std::to_string(n) + "-99").c_str(), &st), 0);
     EXPECT_EQ(st.st_size, 1099);
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack"),
+// A request that blocks in the server (opening a FIFO waits for the other end) must
+// not stall the others: the other end's open comes through the same mount.
+TEST_P(MountTest, ABlockedRequestDoesNotStallTheOthers) {
+  ASSERT_EQ(::mkfifo((work_ + "/fifo").c_str(), 0644), 0);
+  ASSERT_EQ(Shell("(timeout 20 cat " + work_ + "/fifo > " + dir_ / "got" + " &) ; sleep 0.2; echo hello > " + Stored("plain") + "; " +
+                  "timeout 20 sh -c 'cat " + work_ + "/plain > " + work_ + "/fifo'"),
+            0);
+  for (int i = 0; i < 200 && ReadFile(dir_ / "got").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(ReadFile(dir_ / "got"), "hello\n");
+}
+
+INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack", "memfs"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // --- the stack's own layers, seen through a mount ---
@@ -220,15 +246,30 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "ulsp umount: " + dir_ / "mnt" + ": not a ulsp mount\n");
 }
 
+// A background server builds its stack after it forks: the trace's writer thread
+// must be alive in the server, so lines reach the log while the mount lives.
+TEST_F(CommandLineTest, ABackgroundTraceWritesWhileTheMountLives) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
+  ASSERT_EQ(Ulsp("mount --stack trace:" + dir_ / "t.jsonl,passthrough:" + dir_ / "src " + dir_ / "mnt"), "");
+  EXPECT_EQ(ReadFile(dir_ / "mnt/f"), "hi\n");
+  std::string log;
+  for (int i = 0; i < 100 && log.find("\"op\":\"read\"") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    log = ReadFile(dir_ / "t.jsonl");
+  }
+  EXPECT_NE(log.find("\"op\":\"read\",\"path\":\"/f\""), std::string::npos) << log;
+  EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
+}
+
 TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
   const std::string mnt = dir_ / "mnt";
   struct Case {
     std::string args, expected;
   } cases[] = {
-      {"mount --stack bogus:/x " + mnt, "ulsp mount: unknown layer 'bogus' (known: passthrough:DIR, trace:LOG, view:ALLOWLIST)\n"},
+      {"mount --stack bogus:/x " + mnt, "ulsp mount: unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, trace:LOG, view:ALLOWLIST)\n"},
       {"mount --stack trace:/tmp/x.jsonl " + mnt,
-       "ulsp mount: layer 'trace' needs a layer below it: end the stack with passthrough:DIR\n"},
+       "ulsp mount: layer 'trace' needs a layer below it: end the stack with passthrough:DIR or memfs:SIZE\n"},
       {"mount --stack passthrough:" + dir_ / "src" + ",, " + mnt, "ulsp mount: empty layer at position 2 of the stack\n"},
       {"mount " + dir_ / "nope " + mnt, "ulsp mount: passthrough:" + dir_ / "nope" + ": No such file or directory\n"},
       {"mount --stack view:" + dir_ / "nolist,passthrough:" + dir_ / "src " + mnt,

@@ -120,14 +120,16 @@ int Mount(const MountArgs& in) {
   if (args.isolated)
     return Error("--isolated is not built yet (the stack can only serve in the mounting process for now)");
 
-  auto top = vfs::BuildStack(spec);
-  if (!top) return Error(top.error());
   const std::string fsname = args.stack.empty() ? args.source : spec;
+  if (args.foreground) {
+    auto top = vfs::BuildStack(spec);
+    if (!top) return Error(top.error());
+    return Serve(args, std::move(*top), fsname, -1);
+  }
 
-  if (args.foreground) return Serve(args, std::move(*top), fsname, -1);
-
-  // Background: the child mounts and serves; the parent returns once the kernel's
-  // INIT is answered (the mount is live), or prints the child's error.
+  // Background: the child builds the stack (layers may start threads, which a fork
+  // would not carry), mounts and serves; the parent returns once the kernel's INIT is
+  // answered (the mount is live), or prints the child's error.
   int pipe_fds[2];
   if (::pipe2(pipe_fds, O_CLOEXEC) != 0) return Error(std::string("pipe: ") + std::strerror(errno));
   const pid_t child = ::fork();
@@ -135,6 +137,11 @@ int Mount(const MountArgs& in) {
   if (child == 0) {
     ::close(pipe_fds[0]);
     ::setsid();
+    auto top = vfs::BuildStack(spec);  // relative paths are the caller's
+    if (!top) {
+      WriteAll(pipe_fds[1], top.error() + "\n");
+      _exit(1);
+    }
     if (::chdir("/") != 0) _exit(1);
     const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
     const int log_fd = args.log_file.empty()
@@ -148,7 +155,6 @@ int Mount(const MountArgs& in) {
     _exit(Serve(args, std::move(*top), fsname, pipe_fds[1]));
   }
   ::close(pipe_fds[1]);
-  top->reset();
   std::string answer;
   char buf[512];
   for (;;) {

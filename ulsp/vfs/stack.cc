@@ -1,6 +1,7 @@
 #include "ulsp/vfs/stack.h"
 
 #include "kernel/msgport/vfs_message.h"
+#include "ulsp/vfs/memfs.h"
 #include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/trace.h"
 #include "ulsp/vfs/view.h"
@@ -8,9 +9,9 @@
 namespace ulsp::vfs {
 namespace {
 
-constexpr std::string_view kKnown = "passthrough:DIR, trace:LOG, view:ALLOWLIST";
+constexpr std::string_view kKnown = "passthrough:DIR, memfs:SIZE, trace:LOG, view:ALLOWLIST";
 
-bool IsBottom(std::string_view name) { return name == "passthrough"; }
+bool IsBottom(std::string_view name) { return name == "passthrough" || name == "memfs"; }
 
 }  // namespace
 
@@ -26,7 +27,7 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
     const size_t colon = item.find(':');
     LayerSpec layer{std::string(item.substr(0, colon)),
                     colon == std::string_view::npos ? std::string() : std::string(item.substr(colon + 1))};
-    if (layer.name != "passthrough" && layer.name != "trace" && layer.name != "view")
+    if (layer.name != "passthrough" && layer.name != "memfs" && layer.name != "trace" && layer.name != "view")
       return std::unexpected("unknown layer '" + layer.name + "' (known: " + std::string(kKnown) + ")");
     if (layer.argument.empty()) return std::unexpected("layer '" + layer.name + "' needs an argument (" + std::string(kKnown) + ")");
     layers.push_back(std::move(layer));
@@ -35,7 +36,8 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
   for (size_t i = 0; i < layers.size(); ++i) {
     const bool last = i + 1 == layers.size();
     if (last && !IsBottom(layers[i].name))
-      return std::unexpected("layer '" + layers[i].name + "' needs a layer below it: end the stack with passthrough:DIR");
+      return std::unexpected("layer '" + layers[i].name +
+                             "' needs a layer below it: end the stack with passthrough:DIR or memfs:SIZE");
     if (!last && IsBottom(layers[i].name))
       return std::unexpected("layer '" + layers[i].name + "' must be the last (bottom) layer of the stack");
   }
@@ -52,6 +54,10 @@ std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view s
       auto p = PassthroughLayer::Open(l.argument);
       if (!p) return std::unexpected("passthrough:" + l.argument + ": " + p.error().Describe());
       below = std::move(*p);
+    } else if (l.name == "memfs") {
+      auto m = MemfsLayer::Create(l.argument);
+      if (!m) return std::unexpected(m.error());
+      below = std::move(*m);
     } else if (l.name == "trace") {
       auto t = TraceLayer::Open(l.argument, std::move(below));
       if (!t) return std::unexpected("trace:" + l.argument + ": cannot open the log: " + t.error().Describe());

@@ -2,7 +2,7 @@
 //
 // SPEC lists layers top first, comma-separated, each `name[:argument]`, for example
 // `trace:/tmp/access.jsonl,view:/tmp/allow.txt,passthrough:/srv/src`. The last layer
-// is a bottom layer (passthrough); the others sit on the one after them.
+// is a bottom layer (passthrough or memfs); the others sit on the one after them.
 #pragma once
 
 #include <expected>

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <chrono>
 #include <ctime>
 
 #include <fmt/format.h>
@@ -39,6 +40,49 @@ Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path
   auto fd = Sys([&] { return ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644); });
   if (!fd) return std::unexpected(fd.error());
   return std::unique_ptr<TraceLayer>(new TraceLayer(UniqueFd(*fd), std::move(lower)));
+}
+
+TraceLayer::TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower)
+    : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {}
+
+TraceLayer::~TraceLayer() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_one();
+  flusher_.join();
+  std::lock_guard lock(mu_);
+  FlushLocked();
+}
+
+void TraceLayer::FlushLocked() {
+  size_t done = 0;
+  while (done < pending_.size()) {
+    const ssize_t n = ::write(log_.get(), pending_.data() + done, pending_.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      if (!warned_) Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
+      warned_ = true;
+      break;
+    }
+    done += static_cast<size_t>(n);
+  }
+  pending_.clear();
+}
+
+void TraceLayer::Flusher() {
+  std::unique_lock lock(mu_);
+  while (!stopping_) {
+    cv_.wait_for(lock, std::chrono::milliseconds(50));
+    if (!pending_.empty()) FlushLocked();
+  }
+}
+
+void TraceLayer::Append(const std::string& line) {
+  std::lock_guard lock(mu_);
+  pending_ += line;
+  if (pending_.size() >= (64u << 10)) FlushLocked();
 }
 
 int TraceLayer::Serve(VfsRequest& req) noexcept {
@@ -85,8 +129,7 @@ int TraceLayer::Serve(VfsRequest& req) noexcept {
     if (!path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(path2));
     line += fmt::format(R"(,"result":"{}"}})", result != nullptr ? result : "?");
     line += '\n';
-    if (::write(log_.get(), line.data(), line.size()) < 0)
-      Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
+    Append(line);
   } catch (...) {
     Logger("vfs")->warn("trace: a record was lost (out of memory)");
   }
