@@ -14,6 +14,9 @@
 
 namespace ulsp::msgport {
 
+// The largest read or write the kernel sends when requests cross to another process.
+constexpr unsigned kMaxRelayedIo = 128u << 10;
+
 // Answers the kernel: every reply to a VfsMessage the shim sent lands here, on
 // whichever thread made it.
 class FuseShim::ReplyPort final : public Port {
@@ -198,6 +201,10 @@ struct FuseOps {
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
+    if (!shim.serves_inline_) {  // a request and its answer must fit a port's slot
+      conn->max_write = kMaxRelayedIo;
+      conn->max_read = kMaxRelayedIo;
+    }
     if (shim.options_.on_ready) {
       try {
         shim.options_.on_ready();
@@ -497,6 +504,7 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
   }
   std::string opts = "fsname=" + fsname + ",subtype=ulsp,default_permissions";
   if (o.allow_other) opts += ",allow_other";
+  if (!serves_inline) opts += ",max_read=" + std::to_string(kMaxRelayedIo);
   // Device nodes and set-user-ID files work as on the file system underneath (libfuse
   // would mount nodev,nosuid); only root may ask for that.
   if (::geteuid() == 0) opts += ",dev,suid";

@@ -139,6 +139,14 @@ class VfsMessage final : public Message {
   VfsRequest req;
   fuse_req_t fuse_req = nullptr;
   std::vector<char> in_copy;  // the sender's copy of `req.in`, when it cannot lend it
+  // A relaying port's bookkeeping (ulsp/core/isolated.h): the kernel's ids while the
+  // request carries the server's, where the reply goes next, and how often it was sent.
+  struct Relay {
+    uint64_t node = 0, node2 = 0, fh = 0, fh2 = 0;
+    Port* reply_port = nullptr;
+    uint32_t sends = 0;
+    uint64_t epoch = 0;  // which server it was last sent to
+  } relay;
 };
 
 }  // namespace ulsp::msgport

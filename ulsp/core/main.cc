@@ -3,6 +3,7 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include "ulsp/core/isolated.h"
 #include "ulsp/core/mount.h"
 #include "version.h"
 
@@ -28,7 +29,16 @@ int main(int argc, char** argv) {
   CLI::App* umount_cmd = app.add_subcommand("umount", "Unmount a ulsp mount");
   umount_cmd->add_option("MOUNTPOINT", umount_point)->required();
 
+  // The isolated server's entry (ulsp mount --isolated starts it): hidden from help.
+  std::string serve_segment, serve_spec;
+  int serve_fd = -1;
+  CLI::App* serve_cmd = app.add_subcommand("__serve-vfs", "")->group("");
+  serve_cmd->add_option("SEGMENT", serve_segment)->required();
+  serve_cmd->add_option("SOCKET_FD", serve_fd)->required();
+  serve_cmd->add_option("SPEC", serve_spec)->required();
+
   CLI11_PARSE(app, argc, argv);
+  if (serve_cmd->parsed()) return ulsp::core::ServeIsolated(serve_segment, serve_fd, serve_spec);
   if (mount_cmd->parsed()) {
     mount.mountpoint = mount_positional.back();
     if (mount_positional.size() == 2) mount.source = mount_positional.front();

@@ -15,6 +15,7 @@
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/fuse_shim.h"
 #include "kernel/msgport/log.h"
+#include "ulsp/core/isolated.h"
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::core {
@@ -52,9 +53,28 @@ void WriteAll(int fd, const std::string& s) {
 
 // Serves `args` in this process until unmounted. `ready_fd` (or -1) hears "ok\n" once
 // the mount is live, or the error. Returns the exit status.
-int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::string& fsname, int ready_fd) {
-  vfs::StackServer server(std::move(top));
-  msgport::DirectPort port("vfs:" + args.mountpoint, server);
+int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::string& spec, const std::string& fsname,
+          int ready_fd) {
+  // In-process: the stack serves in the thread that reads the request (a direct
+  // port). Isolated: a supervised server process, through a shared-memory port.
+  std::unique_ptr<vfs::StackServer> server;
+  std::unique_ptr<msgport::Port> port;
+  if (args.isolated) {
+    char self[PATH_MAX];
+    const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
+    if (n <= 0) return Error(std::string("/proc/self/exe: ") + std::strerror(errno));
+    self[n] = '\0';
+    auto isolated = IsolatedPort::Start({spec, self});
+    if (!isolated) {
+      const std::string message = "the isolated server did not start (its error is above, or in the --log file)";
+      if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
+      return Error(message);
+    }
+    port = std::move(*isolated);
+  } else {
+    server = std::make_unique<vfs::StackServer>(std::move(top));
+    port = std::make_unique<msgport::DirectPort>("vfs:" + args.mountpoint, *server);
+  }
   msgport::FuseShim::Options options;
   options.mountpoint = args.mountpoint;
   options.fsname = fsname;
@@ -63,7 +83,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.on_ready = [ready_fd] {
     if (ready_fd >= 0) WriteAll(ready_fd, "ok\n");
   };
-  auto shim = msgport::FuseShim::Mount(options, port, /*serves_inline=*/true);
+  auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/!args.isolated);
   if (!shim) {
     const std::string message = args.mountpoint + ": mounting failed: " + shim.error().Describe();
     if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
@@ -106,7 +126,9 @@ int Mount(const MountArgs& in) {
   if (args.stack.empty() && args.source.empty()) return Error("give --stack SPEC or a SOURCE directory");
   if (!args.stack.empty() && !args.source.empty()) return Error("give --stack SPEC or SOURCE, not both");
   if (args.timeout < 0) return Error("--timeout must be 0 or more seconds");
-  const std::string spec = args.stack.empty() ? "passthrough:" + args.source : args.stack;
+  auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? "passthrough:" + args.source : args.stack);
+  if (!absolute) return Error(absolute.error());
+  const std::string spec = *absolute;
 
   char resolved[PATH_MAX];
   if (::realpath(args.mountpoint.c_str(), resolved) == nullptr)
@@ -117,14 +139,22 @@ int Mount(const MountArgs& in) {
   if (!S_ISDIR(st.st_mode)) return Error(args.mountpoint + ": mount point is not a directory");
   if (IsMountPoint(args.mountpoint))
     return Error(args.mountpoint + ": mount point is busy (something is already mounted there)");
-  if (args.isolated)
-    return Error("--isolated is not built yet (the stack can only serve in the mounting process for now)");
 
   const std::string fsname = args.stack.empty() ? args.source : spec;
+  if (args.isolated) {
+    // The server process builds the stack; build it here once too, so a bad stack is
+    // reported before anything starts (and destroy it before forking).
+    auto check = vfs::BuildStack(spec);
+    if (!check) return Error(check.error());
+  }
   if (args.foreground) {
-    auto top = vfs::BuildStack(spec);
-    if (!top) return Error(top.error());
-    return Serve(args, std::move(*top), fsname, -1);
+    std::unique_ptr<vfs::Layer> top;
+    if (!args.isolated) {
+      auto built = vfs::BuildStack(spec);
+      if (!built) return Error(built.error());
+      top = std::move(*built);
+    }
+    return Serve(args, std::move(top), spec, fsname, -1);
   }
 
   // Background: the child builds the stack (layers may start threads, which a fork
@@ -137,10 +167,14 @@ int Mount(const MountArgs& in) {
   if (child == 0) {
     ::close(pipe_fds[0]);
     ::setsid();
-    auto top = vfs::BuildStack(spec);  // relative paths are the caller's
-    if (!top) {
-      WriteAll(pipe_fds[1], top.error() + "\n");
-      _exit(1);
+    std::unique_ptr<vfs::Layer> top;
+    if (!args.isolated) {
+      auto built = vfs::BuildStack(spec);  // relative paths are the caller's
+      if (!built) {
+        WriteAll(pipe_fds[1], built.error() + "\n");
+        _exit(1);
+      }
+      top = std::move(*built);
     }
     if (::chdir("/") != 0) _exit(1);
     const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
@@ -152,7 +186,7 @@ int Mount(const MountArgs& in) {
       ::dup2(null_fd, 1);
     }
     if (log_fd >= 0) ::dup2(log_fd, 2);
-    _exit(Serve(args, std::move(*top), fsname, pipe_fds[1]));
+    _exit(Serve(args, std::move(top), spec, fsname, pipe_fds[1]));
   }
   ::close(pipe_fds[1]);
   std::string answer;

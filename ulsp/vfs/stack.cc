@@ -1,5 +1,7 @@
 #include "ulsp/vfs/stack.h"
 
+#include <filesystem>
+
 #include "kernel/msgport/vfs_message.h"
 #include "ulsp/vfs/memfs.h"
 #include "ulsp/vfs/passthrough.h"
@@ -42,6 +44,26 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
       return std::unexpected("layer '" + layers[i].name + "' must be the last (bottom) layer of the stack");
   }
   return layers;
+}
+
+std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec) {
+  auto layers = ParseStackSpec(spec);
+  if (!layers) return std::unexpected(layers.error());
+  std::string out;
+  for (const LayerSpec& l : *layers) {
+    if (!out.empty()) out += ',';
+    out += l.name;
+    out += ':';
+    if (l.name == "memfs") {
+      out += l.argument;  // a size, not a path
+    } else {
+      std::error_code ec;
+      auto path = std::filesystem::absolute(l.argument, ec);
+      if (ec) return std::unexpected(l.name + ":" + l.argument + ": " + ec.message());
+      out += path.lexically_normal().string();
+    }
+  }
+  return out;
 }
 
 std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view spec) {

@@ -24,6 +24,10 @@ struct LayerSpec {
 // Splits SPEC. Fails with a one-line message naming the bad part.
 std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_view spec);
 
+// SPEC with every path argument made absolute (against the current directory), so
+// it means the same in a process that runs elsewhere.
+std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec);
+
 // Builds the layers SPEC names, opening what they need (directories, logs, lists).
 // Fails with a one-line message naming the layer and what was wrong.
 std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view spec);

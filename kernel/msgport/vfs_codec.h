@@ -1,0 +1,30 @@
+// VfsRequest across a process boundary (vfs.capnp): the shim encodes a request into a
+// message's payload, the isolated ULSP decodes it, serves it and encodes the results,
+// and the shim decodes them into the original request.
+//
+// Decoding treats its input as hostile (it comes from another process): a frame that
+// is not a valid message of the schema, or whose fields exceed the kernel's limits,
+// is refused with EBADMSG and leaves the request untouched or partly filled.
+#pragma once
+
+#include <cstddef>
+#include <span>
+#include <vector>
+
+#include "kernel/msgport/errno.h"
+#include "kernel/msgport/vfs_message.h"
+
+namespace ulsp::msgport {
+
+// Writes req's arguments into `out` (replacing its contents).
+void EncodeVfsRequest(const VfsRequest& req, std::vector<std::byte>& out);
+// Reads arguments into `req` (its op comes from the envelope's command). `in` data
+// is copied into `storage`, which must live as long as req.in is used.
+Result<void> DecodeVfsRequest(std::span<const std::byte> bytes, VfsRequest& req, std::vector<char>& storage);
+
+// Writes req's results (those its op has) into `out`.
+void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out);
+// Reads results into `req`.
+Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req);
+
+}  // namespace ulsp::msgport

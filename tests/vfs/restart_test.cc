@@ -1,0 +1,160 @@
+// Isolated mode: the layer stack in its own process, killed with SIGKILL again and
+// again while real programs use the mount. The mount must survive every time, no
+// program may hang, and every write acknowledged before a kill must be on disk.
+#include <dirent.h>
+#include <gtest/gtest.h>
+#include <signal.h>
+
+#include <fstream>
+#include <random>
+#include <sstream>
+#include <thread>
+
+#include "tests/vfs/mount_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+class RestartTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && cp -a /usr/include/linux " + dir_ / "src/"), 0);
+    std::vector<std::string> args = {"--isolated", "--stack"};
+    if (GetParam() == "passthrough") {
+      args.push_back("passthrough:" + dir_ / "src");
+    } else {
+      std::ofstream(dir_ / "allow.txt") << "/linux\n/out\n/log\n";
+      args.push_back("trace:" + dir_ / "t.jsonl,view:" + dir_ / "allow.txt,passthrough:" + dir_ / "src");
+    }
+    mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
+    ASSERT_GT(ServerPid(), 0) << "no isolated server process";
+  }
+  void TearDown() override {
+    if (mount_) mount_->Stop();
+  }
+
+  // The isolated server: the mount process's child running __serve-vfs. (Servers are
+  // started by the supervisor thread, so the main thread's children list misses them:
+  // scan /proc for the parent.)
+  pid_t ServerPid() const {
+    DIR* proc = ::opendir("/proc");
+    pid_t found = -1;
+    while (struct dirent* e = proc ? ::readdir(proc) : nullptr) {
+      const pid_t pid = std::atoi(e->d_name);
+      if (pid <= 0) continue;
+      const std::string status = ReadAll("/proc/" + std::string(e->d_name) + "/status");
+      const size_t at = status.find("PPid:\t");
+      if (at == std::string::npos || std::atoi(status.c_str() + at + 6) != mount_->pid()) continue;
+      if (ReadAll("/proc/" + std::string(e->d_name) + "/cmdline").find("__serve-vfs") != std::string::npos) found = pid;
+    }
+    if (proc) ::closedir(proc);
+    return found;
+  }
+  // Kills the server and waits (up to 10 s) for a new one to be serving.
+  void KillServer() {
+    const pid_t old = ServerPid();
+    ASSERT_GT(old, 0);
+    ASSERT_EQ(::kill(old, SIGKILL), 0);
+    for (int i = 0; i < 1000; ++i) {
+      const pid_t now = ServerPid();
+      if (now > 0 && now != old) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    FAIL() << "no new server 10 s after the kill";
+  }
+
+  TempDir dir_;
+  std::unique_ptr<ServedMount> mount_;
+  std::mt19937 rng_{42};
+};
+
+// tar and cp -a, each interrupted by a kill, 50 times: nothing hangs (timeout's 124),
+// and the mount serves afterwards.
+TEST_P(RestartTest, KillDuringTarAndCpFiftyTimes) {
+  const std::string m = mount_->path();
+  int tar_ok = 0, cp_ok = 0;
+  for (int i = 0; i < 50; ++i) {
+    std::uniform_int_distribution<int> delay_ms(0, 60);
+    const bool tar = i % 2 == 0;
+    const std::string cmd =
+        tar ? "timeout 60 tar -C " + m + " -cf - linux > /dev/null 2>&1"
+            : "rm -rf " + dir_ / "src/out" + " && timeout 60 cp -a " + dir_ / "src/linux/netfilter " + m + "/out 2>/dev/null";
+    std::thread killer([&] {
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms(rng_)));
+      KillServer();
+    });
+    const int rc = Shell(cmd);
+    killer.join();
+    ASSERT_NE(rc, 124) << "iteration " << i << ": " << (tar ? "tar" : "cp -a") << " hung";
+    (tar ? tar_ok : cp_ok) += rc == 0;
+  }
+  RecordProperty("tar_runs_ok_of_25", tar_ok);
+  RecordProperty("cp_runs_ok_of_25", cp_ok);
+  // Reads are resent to the new server, so tar should mostly not notice the kills.
+  EXPECT_GE(tar_ok, 20) << "tar runs that saw no error";
+  // The mount serves: the tree reads back whole, and new files can be made.
+  EXPECT_EQ(Shell("timeout 60 diff -r /usr/include/linux " + m + "/linux"), 0);
+  EXPECT_EQ(Shell("rm -rf " + m + "/out && timeout 60 cp -a /usr/include/linux " + m + "/out && diff -r /usr/include/linux " +
+                  m + "/out"),
+            0);
+}
+
+// A writer appends numbered records through the mount and notes each one the kernel
+// acknowledged; the server is killed ten times meanwhile. Every acknowledged record
+// must be in the file on disk, in order.
+TEST_P(RestartTest, EveryAcknowledgedWriteSurvivesTheKills) {
+  const std::string writer = R"PY(
+import os, sys, time
+path, acks, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+ack = open(acks, "w", buffering=1)
+i = 0
+while i < n:
+    rec = f"record {i:06d}\n".encode()
+    try:
+        os.write(fd, rec)
+    except OSError:
+        # The write died with the server and was not acknowledged: write it again.
+        time.sleep(0.01)
+        continue
+    ack.write(f"{i}\n")
+    i += 1
+os.close(fd)
+)PY";
+  std::ofstream(dir_ / "writer.py") << writer;
+  std::thread killer([&] {
+    for (int k = 0; k < 10; ++k) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(100));
+      KillServer();
+    }
+  });
+  const int rc = Shell("timeout 120 /usr/bin/python3 " + dir_ / "writer.py " + mount_->path() + "/log " + dir_ / "acks 1000");
+  killer.join();
+  ASSERT_EQ(rc, 0) << "the writer failed or hung";
+  std::istringstream disk(ReadAll(dir_ / "src/log"));
+  std::istringstream acks(ReadAll(dir_ / "acks"));
+  std::string line;
+  std::vector<std::string> records;
+  while (std::getline(disk, line)) records.push_back(line);
+  int acked = 0;
+  for (int i; acks >> i; ++acked) {
+    char want[32];
+    std::snprintf(want, sizeof want, "record %06d", i);
+    ASSERT_NE(std::find(records.begin(), records.end(), want), records.end()) << "acknowledged but lost: " << want;
+  }
+  EXPECT_EQ(acked, 1000);
+}
+
+INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
+}  // namespace
+}  // namespace ulsp::testing

@@ -1,0 +1,707 @@
+#include "ulsp/core/isolated.h"
+
+#include <fcntl.h>
+#include <linux/fuse.h>
+#include <poll.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstring>
+
+#include "kernel/msgport/log.h"
+#include "kernel/msgport/vfs_codec.h"
+#include "ulsp/vfs/stack.h"
+
+namespace ulsp::core {
+
+using msgport::MessagePtr;
+using msgport::VfsMessage;
+using msgport::VfsOp;
+
+namespace {
+
+constexpr uint64_t kRootServerNode = FUSE_ROOT_ID;  // the root is 1 on both sides
+
+constexpr uint64_t MakeId(uint32_t index, uint32_t generation) {
+  return (static_cast<uint64_t>(generation) << 32) | index;
+}
+constexpr uint32_t IndexOf(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffffu); }
+constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
+
+constexpr unsigned kMaxSpawnFailures = 8;  // servers in a row that never said hello
+constexpr uint32_t kMaxSends = 3;          // an idempotent request survives 2 deaths
+
+bool UsesHandle(const msgport::VfsRequest& r) {
+  switch (r.op) {
+    case VfsOp::kRead:
+    case VfsOp::kWrite:
+    case VfsOp::kFlush:
+    case VfsOp::kRelease:
+    case VfsOp::kFsync:
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+    case VfsOp::kReleaseDir:
+    case VfsOp::kFsyncDir:
+    case VfsOp::kFallocate:
+    case VfsOp::kCopyFileRange:
+    case VfsOp::kLseek:
+      return true;
+    case VfsOp::kGetAttr:
+    case VfsOp::kSetAttr:
+      return r.has_fh;
+    default:
+      return false;
+  }
+}
+
+// Whether a request may be sent again to a new server after the one serving it died.
+// The idempotent operations, and those whose effect died with the server: an open
+// (without O_TRUNC) or opendir makes a new handle; flush, fsync and release act on a
+// handle the new server reopens (release: answered at once, nothing is open there).
+// Not: writes, creations, removals, renames, attribute changes.
+bool Resendable(const msgport::VfsRequest& r) {
+  switch (r.op) {
+    case VfsOp::kOpen:
+      return (r.flags & O_TRUNC) == 0;
+    case VfsOp::kOpenDir:
+    case VfsOp::kFlush:
+    case VfsOp::kFsync:
+    case VfsOp::kFsyncDir:
+    case VfsOp::kRelease:
+    case VfsOp::kReleaseDir:
+      return true;
+    default:
+      return msgport::VfsOpIsIdempotent(r.op);
+  }
+}
+
+bool UsesNode2(VfsOp op) { return op == VfsOp::kRename || op == VfsOp::kLink || op == VfsOp::kCopyFileRange; }
+
+// Replies `msg` to the port the shim gave it (its relay's), with `error`.
+void Answer(MessagePtr msg, int error) {
+  auto& m = static_cast<VfsMessage&>(*msg);
+  msg->reply_port = m.relay.reply_port;
+  msgport::Reply(std::move(msg), error);
+}
+
+// A request made by the port itself (re-finding a node or reopening a handle after a
+// restart), sent and waited for. Returns the replied request, or an errno.
+Result<std::unique_ptr<VfsMessage>> Ask(msgport::ShmClientPort& server, std::unique_ptr<VfsMessage> m) {
+  msgport::EncodeVfsRequest(m->req, m->payload);
+  auto reply = msgport::DoMsg(server, MessagePtr(m.release()), msgport::After(std::chrono::seconds(10)));
+  if (!reply) return std::unexpected(reply.error());
+  std::unique_ptr<VfsMessage> back(static_cast<VfsMessage*>(reply->release()));
+  if (back->error != 0) return Fail(back->error);
+  if (!msgport::DecodeVfsReply(back->payload, back->req)) return Fail(EIO);
+  return back;
+}
+
+}  // namespace
+
+IsolatedPort::IsolatedPort(Options options) : Port("vfs-isolated"), options_(std::move(options)) {
+  nodes_.resize(2);
+  nodes_[1].in_use = true;
+  nodes_[1].nlookup = 1;
+}
+
+Result<std::unique_ptr<IsolatedPort>> IsolatedPort::Start(Options options) {
+  std::unique_ptr<IsolatedPort> port(new IsolatedPort(std::move(options)));
+  pid_t pid = 0;
+  Server first = port->Spawn(&pid);
+  if (!first) return Fail(ECHILD);
+  port->server_ = std::move(first);
+  port->epoch_ = 1;
+  port->server_pid_ = pid;
+  port->map_epoch_ = 1;
+  port->supervisor_ = std::thread([p = port.get()] { p->Supervise(); });
+  return port;
+}
+
+IsolatedPort::~IsolatedPort() {
+  {
+    std::lock_guard lock(server_mu_);
+    stopping_ = true;
+  }
+  server_cv_.notify_all();
+  if (pid_t pid = server_pid_.load(); pid > 0) ::kill(pid, SIGTERM);
+  if (supervisor_.joinable()) supervisor_.join();
+  std::vector<MessagePtr> waiting;
+  Server last;
+  {
+    std::lock_guard lock(server_mu_);
+    waiting.swap(waiting_);
+    last = std::move(server_);
+  }
+  last.reset();
+  retired_.clear();
+  for (auto& m : waiting) Answer(std::move(m), EIO);
+}
+
+IsolatedPort::Server IsolatedPort::Spawn(pid_t* pid) {
+  msgport::ShmPortOptions options;
+  options.slots = 64;
+  options.slot_bytes = 136u << 10;  // a 128 KiB read or write and its envelope
+  auto port = msgport::ShmClientPort::Create("vfs", options);
+  if (!port) {
+    Logger("vfs")->error("isolated server: cannot make its port: {}", port.error().Describe());
+    return nullptr;
+  }
+  UniqueFd theirs = (*port)->TakeServerSocket();
+  UniqueFd high(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, 100));
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, high.get(), 3);
+  std::string segment = (*port)->segment_name();
+  std::string binary = options_.ulsp_binary;
+  std::string spec = options_.spec;
+  char arg0[] = "ulsp", cmd[] = "__serve-vfs", three[] = "3";
+  char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
+  const int rc = ::posix_spawn(pid, binary.c_str(), &fa, nullptr, argv, environ);
+  posix_spawn_file_actions_destroy(&fa);
+  if (rc != 0) {
+    Logger("vfs")->error("isolated server: cannot start {}: {}", binary, std::strerror(rc));
+    return nullptr;
+  }
+  if (auto ok = (*port)->WaitForServer(msgport::After(std::chrono::seconds(10)), *pid); !ok) {
+    ::kill(*pid, SIGKILL);
+    int status = 0;
+    ::waitpid(*pid, &status, 0);
+    Logger("vfs")->error("isolated server {} did not start ({})", *pid,
+                         WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status)) : "killed");
+    return nullptr;
+  }
+  return Server(port->release());
+}
+
+void IsolatedPort::Supervise() {
+  unsigned spawn_failures = 0;
+  unsigned quick_deaths = 0;
+  for (;;) {
+    Server server;
+    pid_t pid = 0;
+    {
+      std::lock_guard lock(server_mu_);
+      if (stopping_) return;
+      server = server_;
+      pid = server_pid_.load();
+    }
+    const auto started = std::chrono::steady_clock::now();
+    const uint64_t answered_before = answered_.load();
+    if (server) {
+      // Wait for the server's death (the destructor's SIGTERM ends this too).
+      const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+      if (pidfd >= 0) {
+        pollfd p{pidfd, POLLIN, 0};
+        while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+        }
+        ::close(pidfd);
+      }
+      int status = 0;
+      ::waitpid(pid, &status, 0);
+      {
+        std::lock_guard lock(server_mu_);
+        if (server_ == server) server_.reset();  // requests wait in waiting_ from now on
+        server_pid_ = 0;
+        if (stopping_) {
+          retired_.push_back(std::move(server));
+          return;
+        }
+      }
+      Logger("vfs")->warn("isolated server {} died ({}); restarting it", pid,
+                          WIFSIGNALED(status) ? std::string("signal ") + strsignal(WTERMSIG(status))
+                                              : "exit status " + std::to_string(WEXITSTATUS(status)));
+      // Its port replies what was outstanding (ECONNRESET) once it notices; the
+      // replies come back through PutReply and wait for the next server. The port is
+      // destroyed here, on this thread, once nobody else holds it (never on its own
+      // reply thread, which its destructor joins).
+      retired_.push_back(std::move(server));
+      std::erase_if(retired_, [](const Server& s) { return s.use_count() == 1; });
+      // A crash loop is a server that dies soon after it starts without answering
+      // anything; one killed while it serves (by a user, by a test) is restarted at once.
+      const auto lived = std::chrono::steady_clock::now() - started;
+      const bool useless = lived < std::chrono::seconds(1) && answered_.load() == answered_before;
+      quick_deaths = useless ? quick_deaths + 1 : 0;
+    }
+    // Back-off against crash loops: 0, then 100 ms doubling to 5 s.
+    const unsigned tries = quick_deaths + spawn_failures;
+    if (tries > 0) {
+      const auto delay = std::min<std::chrono::milliseconds>(
+          std::chrono::milliseconds(100 << std::min(tries - 1, 6u)), std::chrono::seconds(5));
+      std::unique_lock lock(server_mu_);
+      if (server_cv_.wait_for(lock, delay, [this] { return stopping_; })) return;
+    }
+    pid_t new_pid = 0;
+    Server next = Spawn(&new_pid);
+    std::vector<MessagePtr> waiting;
+    {
+      std::lock_guard lock(server_mu_);
+      if (stopping_) {
+        if (next) ::kill(new_pid, SIGKILL), ::waitpid(new_pid, nullptr, 0);
+        return;
+      }
+      if (!next) {
+        if (++spawn_failures < kMaxSpawnFailures) continue;
+        Logger("vfs")->error("isolated server: {} starts failed in a row; answering EIO from now on", spawn_failures);
+        broken_ = true;
+        waiting.swap(waiting_);
+      } else {
+        spawn_failures = 0;
+        server_ = next;
+        server_pid_ = new_pid;
+        ++epoch_;
+        restarts_.fetch_add(1);
+        waiting.swap(waiting_);
+      }
+    }
+    if (next) {
+      std::lock_guard lock(map_mu_);
+      by_server_id_.clear();  // the new server's ids start afresh
+      ++map_epoch_;
+    }
+    for (auto& m : waiting) {
+      if (broken_) {
+        Answer(std::move(m), EIO);
+      } else {
+        Forward(std::move(m));
+      }
+    }
+    if (broken_) return;
+  }
+}
+
+IsolatedPort::Server IsolatedPort::Current(uint64_t* epoch) const {
+  std::lock_guard lock(server_mu_);
+  *epoch = epoch_;
+  return server_;
+}
+
+size_t IsolatedPort::NodeCount() const {
+  std::lock_guard lock(map_mu_);
+  return live_nodes_;
+}
+
+std::string IsolatedPort::Key(uint64_t parent, std::string_view name) {
+  std::string key = std::to_string(parent);
+  key += '/';
+  key += name;
+  return key;
+}
+
+IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
+  const uint32_t index = IndexOf(kernel_id);
+  if (index == 0 || index >= nodes_.size()) return nullptr;
+  KNode& n = nodes_[index];
+  return n.in_use && n.generation == GenerationOf(kernel_id) ? &n : nullptr;
+}
+
+uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name) {
+  if (server_id == kRootServerNode) return kRootServerNode;
+  uint32_t index = 0;
+  if (epoch == map_epoch_) {
+    if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) index = it->second;
+  } else if (auto it = by_name_.find(Key(parent, name)); it != by_name_.end()) {
+    index = it->second;  // an answer from a server that has died since: match by name
+  }
+  if (index != 0) {
+    KNode& n = nodes_[index];
+    ++n.nlookup;
+    if (n.epoch == epoch) ++n.server_lookups;
+    by_name_.erase(Key(n.parent, n.name));
+    n.parent = parent;
+    n.name.assign(name);
+    by_name_[Key(parent, name)] = index;
+    return MakeId(index, n.generation);
+  }
+  if (!free_nodes_.empty()) {
+    index = free_nodes_.back();
+    free_nodes_.pop_back();
+  } else {
+    index = static_cast<uint32_t>(nodes_.size());
+    nodes_.emplace_back();
+  }
+  KNode& n = nodes_[index];
+  n.in_use = true;
+  n.server_id = server_id;
+  n.epoch = epoch;
+  n.parent = parent;
+  n.name.assign(name);
+  n.nlookup = 1;
+  n.server_lookups = 1;
+  if (epoch == map_epoch_) by_server_id_[server_id] = index;
+  by_name_[Key(parent, name)] = index;
+  ++live_nodes_;
+  return MakeId(index, n.generation);
+}
+
+void IsolatedPort::ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<std::pair<uint64_t, uint64_t>>& forgets) {
+  if (kernel_id == kRootServerNode) return;
+  KNode* n = Node(kernel_id);
+  if (n == nullptr) return;
+  n->nlookup -= std::min(count, n->nlookup);
+  if (n->nlookup > 0) return;
+  const uint32_t index = IndexOf(kernel_id);
+  if (n->epoch == map_epoch_) {
+    forgets.emplace_back(n->server_id, n->server_lookups);
+    if (auto it = by_server_id_.find(n->server_id); it != by_server_id_.end() && it->second == index)
+      by_server_id_.erase(it);
+  }
+  if (auto it = by_name_.find(Key(n->parent, n->name)); it != by_name_.end() && it->second == index) by_name_.erase(it);
+  const uint32_t generation = n->generation + 1;
+  *n = KNode{};
+  n->generation = generation;
+  free_nodes_.push_back(index);
+  --live_nodes_;
+}
+
+uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint64_t epoch,
+                                  std::unique_lock<std::mutex>& lock, int depth) {
+  if (kernel_id == kRootServerNode) return kRootServerNode;
+  KNode* n = Node(kernel_id);
+  if (n == nullptr || depth > 256) return 0;
+  if (n->epoch == epoch) return n->server_id;
+  // Known to a server that died: find it again in this one by its name.
+  const uint64_t parent = ServerNode(n->parent, server, epoch, lock, depth + 1);
+  n = Node(kernel_id);
+  if (parent == 0 || n == nullptr || n->name.empty()) return 0;
+  auto ask = std::make_unique<VfsMessage>(VfsOp::kLookup);
+  ask->req.node = parent;
+  ask->req.name = n->name;
+  lock.unlock();  // replies (ours too) are delivered through PutReply, which locks
+  auto found = Ask(*server, std::move(ask));
+  lock.lock();
+  if (!found) return 0;
+  const uint64_t server_id = (*found)->req.entry.ino;
+  n = Node(kernel_id);
+  if (n == nullptr || n->epoch == epoch) {
+    // Gone meanwhile, or found by another request first: give our lookup back.
+    pending_forgets_.emplace_back(server_id, 1);
+    return n == nullptr ? 0 : n->server_id;
+  }
+  n->server_id = server_id;
+  n->epoch = epoch;
+  n->server_lookups = 1;
+  by_server_id_[server_id] = IndexOf(kernel_id);
+  return server_id;
+}
+
+uint64_t IsolatedPort::ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch,
+                                    std::unique_lock<std::mutex>& lock) {
+  if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return 0;
+  KHandle h = handles_[kernel_fh - 1];
+  if (h.epoch == epoch) return h.server_fh;
+  // Opened in a server that died: open it again in this one.
+  const uint64_t node = ServerNode(h.node, server, epoch, lock, 0);
+  if (node == 0) return 0;
+  auto ask = std::make_unique<VfsMessage>(h.dir ? VfsOp::kOpenDir : VfsOp::kOpen);
+  ask->req.node = node;
+  ask->req.flags = h.flags;
+  lock.unlock();
+  auto opened = Ask(*server, std::move(ask));
+  lock.lock();
+  if (!opened) return 0;
+  KHandle& now = handles_[kernel_fh - 1];
+  if (!now.in_use) return 0;
+  now.server_fh = (*opened)->req.open.fh;
+  now.epoch = epoch;
+  return now.server_fh;
+}
+
+void IsolatedPort::Put(MessagePtr msg) {
+  auto* m = dynamic_cast<VfsMessage*>(msg.get());
+  if (m == nullptr) {
+    msgport::Reply(std::move(msg), EINVAL);
+    return;
+  }
+  m->relay.reply_port = msg->reply_port;
+  m->relay.node = m->req.node;
+  m->relay.node2 = m->req.node2;
+  m->relay.fh = m->req.fh;
+  m->relay.fh2 = m->req.fh2;
+  m->relay.sends = 0;
+  Forward(std::move(msg));
+}
+
+void IsolatedPort::SendForgets(const Server& server) {
+  std::vector<std::pair<uint64_t, uint64_t>> forgets;
+  {
+    std::lock_guard lock(map_mu_);
+    forgets.swap(pending_forgets_);
+  }
+  for (auto [id, count] : forgets) {
+    auto f = std::make_unique<VfsMessage>(VfsOp::kForget);
+    f->req.node = id;
+    f->req.count = count;
+    msgport::EncodeVfsRequest(f->req, f->payload);
+    f->reply_port = nullptr;
+    msgport::Send(*server, MessagePtr(f.release()));
+  }
+}
+
+void IsolatedPort::Forward(MessagePtr msg) {
+  auto& m = static_cast<VfsMessage&>(*msg);
+  msgport::VfsRequest& r = m.req;
+  r.node = m.relay.node;
+  r.node2 = m.relay.node2;
+  r.fh = m.relay.fh;
+  r.fh2 = m.relay.fh2;
+
+  uint64_t epoch = 0;
+  Server server = Current(&epoch);
+  if (r.op == VfsOp::kForget) {
+    {
+      std::lock_guard lock(map_mu_);
+      ForgetLocked(r.node, r.count, pending_forgets_);
+    }
+    if (server) SendForgets(server);
+    Answer(std::move(msg), 0);
+    return;
+  }
+  if (!server) {
+    std::unique_lock lock(server_mu_);
+    if (broken_ || stopping_) {
+      lock.unlock();
+      Answer(std::move(msg), EIO);
+      return;
+    }
+    if (server_ == nullptr) {
+      waiting_.push_back(std::move(msg));  // sent when the next server is up
+      return;
+    }
+    server = server_;
+    epoch = epoch_;
+  }
+  int error = 0;
+  {
+    std::unique_lock lock(map_mu_);
+    const bool release = r.op == VfsOp::kRelease || r.op == VfsOp::kReleaseDir;
+    if (release && (r.fh == 0 || r.fh > handles_.size() || handles_[r.fh - 1].epoch != epoch)) {
+      // Opened in a server that died: nothing to close there.
+      if (r.fh != 0 && r.fh <= handles_.size() && handles_[r.fh - 1].in_use) {
+        handles_[r.fh - 1] = KHandle{};
+        free_handles_.push_back(static_cast<uint32_t>(r.fh - 1));
+      }
+      lock.unlock();
+      Answer(std::move(msg), 0);
+      return;
+    }
+    r.node = ServerNode(m.relay.node, server, epoch, lock, 0);
+    if (r.node == 0) error = ESTALE;
+    if (!error && UsesNode2(r.op)) {
+      r.node2 = ServerNode(m.relay.node2, server, epoch, lock, 0);
+      if (r.node2 == 0) error = ESTALE;
+    }
+    if (!error && UsesHandle(r)) {
+      r.fh = ServerHandle(m.relay.fh, server, epoch, lock);
+      if (r.fh == 0) error = EBADF;
+      if (!error && r.op == VfsOp::kCopyFileRange) {
+        r.fh2 = ServerHandle(m.relay.fh2, server, epoch, lock);
+        if (r.fh2 == 0) error = EBADF;
+      }
+    }
+  }
+  SendForgets(server);
+  if (error) {
+    Answer(std::move(msg), error);
+    return;
+  }
+  msgport::EncodeVfsRequest(r, msg->payload);
+  m.relay.epoch = epoch;
+  ++m.relay.sends;
+  msg->reply_port = this;
+  msgport::Send(*server, std::move(msg));
+}
+
+void IsolatedPort::Translate(VfsMessage& m) {
+  msgport::VfsRequest& r = m.req;
+  std::lock_guard lock(map_mu_);
+  const uint64_t epoch = m.relay.epoch;
+  auto new_handle = [&](uint64_t server_fh, uint64_t node, int flags, bool dir) {
+    uint32_t index;
+    if (!free_handles_.empty()) {
+      index = free_handles_.back();
+      free_handles_.pop_back();
+    } else {
+      index = static_cast<uint32_t>(handles_.size());
+      handles_.emplace_back();
+    }
+    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
+    return uint64_t{index} + 1;
+  };
+  switch (r.op) {
+    case VfsOp::kLookup:
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kLink:
+    case VfsOp::kCreate: {
+      const bool link = r.op == VfsOp::kLink;
+      const uint64_t id = KernelNode(r.entry.ino, epoch, link ? m.relay.node2 : m.relay.node, link ? r.name2 : r.name);
+      r.entry.ino = id;
+      r.entry.generation = GenerationOf(id);
+      if (r.op == VfsOp::kCreate) r.open.fh = new_handle(r.open.fh, id, r.flags, false);
+      break;
+    }
+    case VfsOp::kOpen:
+    case VfsOp::kOpenDir:
+      r.open.fh = new_handle(r.open.fh, m.relay.node, r.flags, r.op == VfsOp::kOpenDir);
+      break;
+    case VfsOp::kRelease:
+    case VfsOp::kReleaseDir:
+      if (m.relay.fh != 0 && m.relay.fh <= handles_.size()) {
+        handles_[m.relay.fh - 1] = KHandle{};
+        free_handles_.push_back(static_cast<uint32_t>(m.relay.fh - 1));
+      }
+      break;
+    case VfsOp::kReadDirPlus: {
+      // The records carry the server's node ids: give the kernel its own.
+      size_t pos = 0;
+      while (pos + FUSE_NAME_OFFSET_DIRENTPLUS <= r.out.size()) {
+        fuse_direntplus d;
+        std::memcpy(&d, r.out.data() + pos, sizeof d);
+        const size_t size = FUSE_DIRENTPLUS_SIZE(&d);
+        if (pos + size > r.out.size() || d.dirent.namelen > 255) break;
+        if (d.entry_out.nodeid != 0) {
+          const std::string_view name(r.out.data() + pos + FUSE_NAME_OFFSET_DIRENTPLUS, d.dirent.namelen);
+          const uint64_t id = KernelNode(d.entry_out.nodeid, epoch, m.relay.node, name);
+          d.entry_out.nodeid = id;
+          d.entry_out.generation = GenerationOf(id);
+          std::memcpy(r.out.data() + pos, &d, sizeof d.entry_out);
+        }
+        pos += size;
+      }
+      break;
+    }
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir:
+      by_name_.erase(Key(m.relay.node, r.name));
+      break;
+    case VfsOp::kRename: {
+      const std::string from = Key(m.relay.node, r.name), to = Key(m.relay.node2, r.name2);
+      auto a = by_name_.find(from);
+      const uint32_t moving = a == by_name_.end() ? 0 : a->second;
+      auto b = by_name_.find(to);
+      const uint32_t other = b == by_name_.end() ? 0 : b->second;
+      by_name_.erase(from);
+      by_name_.erase(to);
+      if (moving != 0) {
+        nodes_[moving].parent = m.relay.node2;
+        nodes_[moving].name = r.name2;
+        by_name_[to] = moving;
+      }
+      if ((r.flags & RENAME_EXCHANGE) && other != 0) {
+        nodes_[other].parent = m.relay.node;
+        nodes_[other].name = r.name;
+        by_name_[from] = other;
+      }
+      break;
+    }
+    default:
+      break;
+  }
+}
+
+void IsolatedPort::PutReply(MessagePtr msg) {
+  auto& m = static_cast<VfsMessage&>(*msg);
+  if (msg->error == ECONNRESET) {  // the server died with it
+    if (Resendable(m.req) && m.relay.sends < kMaxSends) {
+      {
+        // The supervisor may not have seen the death yet: take that server out of
+        // service now, so this request (and every new one) waits for the next.
+        std::lock_guard lock(server_mu_);
+        if (server_ != nullptr && epoch_ == m.relay.epoch) server_ = nullptr;
+        if (server_ == nullptr && !broken_ && !stopping_) {
+          waiting_.push_back(std::move(msg));
+          return;
+        }
+      }
+      Forward(std::move(msg));
+      return;
+    }
+    msg->error = EIO;
+  } else {
+    answered_.fetch_add(1, std::memory_order_relaxed);
+  }
+  if (msg->error == 0) {
+    if (!msgport::DecodeVfsReply(msg->payload, m.req)) {
+      Logger("vfs")->error("isolated server: a malformed {} reply; answering EIO", msgport::VfsOpName(m.req.op));
+      msg->error = EIO;
+    } else {
+      try {
+        Translate(m);
+      } catch (...) {
+        msg->error = ENOMEM;
+      }
+    }
+  }
+  msgport::Port* up = m.relay.reply_port;
+  msg->reply_port = up;
+  if (up != nullptr) {
+    up->PutReply(std::move(msg));
+  } else {
+    msg.reset();
+  }
+}
+
+// --- the server process ------------------------------------------------------------
+
+namespace {
+
+class IsolatedServer final : public msgport::Server {
+ public:
+  explicit IsolatedServer(vfs::Layer& top) : top_(top) {}
+  void Serve(MessagePtr msg) noexcept override {
+    if (msg->command == 0 || msg->command >= static_cast<uint32_t>(VfsOp::kCount)) {
+      msgport::Reply(std::move(msg), EINVAL);
+      return;
+    }
+    msgport::VfsRequest req;
+    req.op = static_cast<VfsOp>(msg->command);
+    std::vector<char> storage;
+    if (!msgport::DecodeVfsRequest(msg->payload, req, storage)) {
+      msgport::Reply(std::move(msg), EBADMSG);
+      return;
+    }
+    const int error = top_.Serve(req);
+    try {
+      if (error == 0) {
+        msgport::EncodeVfsReply(req, msg->payload);
+      } else {
+        msg->payload.clear();
+      }
+      msgport::Reply(std::move(msg), error);
+    } catch (...) {
+      msgport::Reply(std::move(msg), ENOMEM);
+    }
+  }
+
+ private:
+  vfs::Layer& top_;
+};
+
+}  // namespace
+
+int ServeIsolated(const std::string& segment, int socket_fd, const std::string& spec) {
+  // The stack first: a server that cannot build it never says hello, and the shim
+  // reports that it did not start.
+  auto top = vfs::BuildStack(spec);
+  if (!top) {
+    std::fprintf(stderr, "ulsp: isolated server: %s\n", top.error().c_str());
+    return 1;
+  }
+  auto port = msgport::ShmServerPort::Attach(segment, UniqueFd(socket_fd));
+  if (!port) {
+    std::fprintf(stderr, "ulsp: isolated server: cannot attach to %s: %s\n", segment.c_str(),
+                 port.error().Describe().c_str());
+    return 1;
+  }
+  IsolatedServer server(**top);
+  (*port)->Serve(server);
+  return 0;
+}
+
+}  // namespace ulsp::core

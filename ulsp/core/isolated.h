@@ -1,0 +1,137 @@
+// Isolated mode: the layer stack runs in its own ULSP process, reached through a
+// shared-memory port, and a supervisor restarts it when it dies.
+//
+// IsolatedPort is the port the FUSE shim sends to. It owns what the kernel relies on,
+// so a restart loses none of it:
+//  - node ids: the kernel's ids are the port's own (table index + generation), each
+//    mapped to the current server's id, with the name it was looked up by. After a
+//    restart, a node is found again in the new server by looking its path up, one
+//    component at a time, on the first request that needs it;
+//  - open file and directory handles: the kernel's handles are the port's own, each
+//    remembering its node and open flags; after a restart a handle is opened again
+//    in the new server on first use.
+// A request in flight when the server dies is sent again to the new server when that
+// is safe (lookup, getattr, read, readdir, open without O_TRUNC, flush, fsync,
+// release ...), and answered EIO otherwise (write, create, unlink, rename, setattr). A
+// server killed while it serves is restarted at once; one that dies within a second of
+// starting without answering anything is restarted with back-off (100 ms doubling to
+// 5 s); after 8 starts in a row that fail before the server says hello, the port gives
+// up and answers EIO, so no program waits forever.
+//
+// Thread-safety: Put and PutReply may be called from any thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "kernel/msgport/errno.h"
+#include "kernel/msgport/port.h"
+#include "kernel/msgport/shm_port.h"
+#include "kernel/msgport/vfs_message.h"
+
+namespace ulsp::core {
+
+class IsolatedPort final : public msgport::Port {
+ public:
+  struct Options {
+    std::string spec;         // the stack the server builds
+    std::string ulsp_binary;  // the program to run as the server (this one)
+  };
+  // Starts the first server and waits for it. Fails with the errno of the start, or
+  // ECHILD when the server exited before serving (it says why on its stderr).
+  static Result<std::unique_ptr<IsolatedPort>> Start(Options options);
+  ~IsolatedPort() override;  // stops the supervisor and the server
+
+  void Put(msgport::MessagePtr msg) override;
+  void PutReply(msgport::MessagePtr msg) override;
+
+  pid_t server_pid() const noexcept { return server_pid_.load(); }
+  uint64_t restarts() const noexcept { return restarts_.load(); }
+  size_t NodeCount() const;
+
+ private:
+  struct KNode {
+    bool in_use = false;
+    uint32_t generation = 0;
+    uint64_t server_id = 0;   // valid in `epoch` only
+    uint64_t epoch = 0;
+    uint64_t parent = 0;      // kernel id
+    std::string name;
+    uint64_t nlookup = 0;         // the kernel's count
+    uint64_t server_lookups = 0;  // lookups the current server counted for us
+  };
+  struct KHandle {
+    bool in_use = false;
+    uint64_t server_fh = 0;
+    uint64_t epoch = 0;
+    uint64_t node = 0;  // kernel id
+    int flags = 0;
+    bool dir = false;
+  };
+  using Server = std::shared_ptr<msgport::ShmClientPort>;
+
+  explicit IsolatedPort(Options options);
+  // Runs a server; returns its port once it said hello, or nullptr.
+  Server Spawn(pid_t* pid);
+  void Supervise();
+  Server Current(uint64_t* epoch) const;
+
+  // With map_mu_ held. Translations of the kernel's ids to the current server's;
+  // 0 when the node or handle is gone (ESTALE / EBADF).
+  uint64_t ServerNode(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock,
+                      int depth);
+  uint64_t ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
+  uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name);
+  // Drops `count` kernel lookups; at zero the node goes, and what the server counted
+  // for it is added to `forgets` (server id, count), to be sent without the lock.
+  void ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<std::pair<uint64_t, uint64_t>>& forgets);
+  void SendForgets(const Server& server);
+  KNode* Node(uint64_t kernel_id);
+  static std::string Key(uint64_t parent, std::string_view name);
+
+  // Translates a request to the current server and sends it (or queues it while no
+  // server runs). Replies it itself when it cannot be sent.
+  void Forward(msgport::MessagePtr msg);
+  void Translate(msgport::VfsMessage& m);  // the reply's ids, back to the kernel's
+
+  const Options options_;
+
+  mutable std::mutex map_mu_;  // guards the node and handle tables
+  std::deque<KNode> nodes_;    // index 0 unused, 1 the root
+  std::vector<uint32_t> free_nodes_;
+  std::unordered_map<uint64_t, uint32_t> by_server_id_;  // current epoch only
+  std::unordered_map<std::string, uint32_t> by_name_;    // "parent/name" -> index
+  std::deque<KHandle> handles_;                           // fh = index + 1
+  std::vector<uint32_t> free_handles_;
+  size_t live_nodes_ = 1;
+  uint64_t map_epoch_ = 0;  // the epoch the tables' server ids belong to
+  std::vector<std::pair<uint64_t, uint64_t>> pending_forgets_;  // (server id, count)
+
+  mutable std::mutex server_mu_;  // guards the fields below
+  std::condition_variable server_cv_;
+  Server server_;
+  uint64_t epoch_ = 0;
+  bool broken_ = false;  // gave up restarting
+  bool stopping_ = false;
+  std::vector<msgport::MessagePtr> waiting_;  // sent while no server runs
+  std::atomic<pid_t> server_pid_{0};
+  std::atomic<uint64_t> restarts_{0};
+  std::atomic<uint64_t> answered_{0};  // replies from servers (for crash-loop detection)
+  std::vector<Server> retired_;  // dead servers' ports, destroyed by the supervisor
+  std::thread supervisor_;
+};
+
+// The server process's main: attaches to the segment, builds the stack, serves until
+// the shim goes away. Returns the exit status.
+int ServeIsolated(const std::string& segment, int socket_fd, const std::string& spec);
+
+}  // namespace ulsp::core
