@@ -136,7 +136,7 @@ def main():
         for r in range(args.rounds):
             for w in WORKLOADS:
                 for c in configs:
-                    dest = os.path.join(out, f"copy-{c.name}")
+                    dest = os.path.join(out, "copy-" + c.name.replace(" ", "-"))
                     if c.mount_args is None:
                         root = src
                         t = timed(workload_cmd(w, root, dest))
@@ -146,7 +146,7 @@ def main():
                         run([ulsp, "mount", *mount_args, mnt])
                         try:
                             root = mnt if w != "cp -a" else src
-                            dest_m = os.path.join(mnt, f"copy-{c.name}")
+                            dest_m = os.path.join(mnt, "copy-" + c.name.replace(" ", "-"))
                             t = timed(workload_cmd(w, root, dest_m))
                             pid = server_pid(mnt)
                             if pid:  # the shim, plus the isolated server when there is one

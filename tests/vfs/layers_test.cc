@@ -28,7 +28,7 @@ TEST(StackSpec, ParsesLayersTopFirst) {
 TEST(StackSpec, RefusesWhatIsWrongByName) {
   EXPECT_EQ(ParseStackSpec("").error(), "empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
   EXPECT_EQ(ParseStackSpec("passthrough").error(),
-            "layer 'passthrough' needs an argument (passthrough:DIR, memfs:SIZE, trace:LOG, view:ALLOWLIST)");
+            "layer 'passthrough' needs an argument (passthrough:DIR, memfs:SIZE, overlay:UPPERDIR, trace:LOG, view:ALLOWLIST)");
   EXPECT_EQ(ParseStackSpec("passthrough:/a,trace:/t").error(),
             "layer 'passthrough' must be the last (bottom) layer of the stack");
   EXPECT_EQ(ParseStackSpec("view:/a").error(), "layer 'view' needs a layer below it: end the stack with passthrough:DIR or memfs:SIZE");

@@ -26,7 +26,7 @@ std::string ReadFile(const std::string& path) {
 
 // One mount for a test: a source directory, a mount point, and what serves it.
 // The parameter is "passthrough", "stack" (trace, then view admitting /work, on
-// passthrough) or "memfs".
+// passthrough), "memfs", or "overlay" (an upper directory over passthrough of src/).
 class MountTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -39,6 +39,9 @@ class MountTest : public ::testing::TestWithParam<std::string> {
       args = {dir_ / "src"};
     } else if (GetParam() == "memfs") {
       args = {"--stack", "memfs:8G"};
+    } else if (GetParam() == "overlay") {
+      ASSERT_EQ(::mkdir((dir_ / "upper").c_str(), 0755), 0);
+      args = {"--stack", "overlay:" + (dir_ / "upper") + ",passthrough:" + (dir_ / "src")};
     } else {
       std::ofstream(dir_ / "allow.txt") << "# the test's working tree\n/work\n";
       args = {"--stack", "trace:" + (dir_ / "trace.jsonl") + ",view:" + (dir_ / "allow.txt") + ",passthrough:" +
@@ -55,7 +58,9 @@ class MountTest : public ::testing::TestWithParam<std::string> {
   // Where `rel` (inside /work) is stored: on disk under src/, or, for memfs, only
   // in the mount.
   std::string Stored(const std::string& rel) const {
-    return GetParam() == "memfs" ? work_ + "/" + rel : dir_ / "src/work/" + rel;
+    if (GetParam() == "memfs") return work_ + "/" + rel;
+    if (GetParam() == "overlay") return dir_ / "upper/work/" + rel;  // changes land above
+    return dir_ / "src/work/" + rel;
   }
   void TearDown() override {
     if (mount_) {
@@ -166,7 +171,7 @@ TEST_P(MountTest, ABlockedRequestDoesNotStallTheOthers) {
   EXPECT_EQ(ReadFile(dir_ / "got"), "hello\n");
 }
 
-INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack", "memfs"),
+INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack", "memfs", "overlay"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // --- the stack's own layers, seen through a mount ---
@@ -224,6 +229,36 @@ print("ok", len(ops))
   EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + dir_ / "t.jsonl", true).substr(0, 3), "ok ");
 }
 
+// The overlay keeps the lower tree as it was: changes, removals and new files land in
+// the upper directory (copy-up, whiteouts, opaque directories), and the merged view
+// is what a program sees. A git repository in the lower tree is used through it.
+TEST_F(StackTest, OverlayWritesAboveAndNeverBelow) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "upper && cp -a /usr/include/linux/netfilter " + dir_ / "src/pub/nf && cd " +
+                  dir_ / "src/pub/nf && git init -q && git add . && git -c user.name=t -c user.email=t@e.invalid commit -qm base"),
+            0);
+  const std::string before = Output("cd " + dir_ / "src" + " && find . -printf '%p %s %T@\\n' | sort && cat pub/a secret/s");
+  Mount("overlay:" + dir_ / "upper,passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  EXPECT_EQ(Shell("echo changed > " + m + "/pub/a"), 0);                    // copy-up of a file
+  EXPECT_EQ(Shell("rm " + m + "/top && rm -r " + m + "/secret"), 0);         // whiteouts
+  EXPECT_EQ(Shell("mkdir " + m + "/secret && touch " + m + "/secret/new"), 0);  // opaque: s stays hidden
+  EXPECT_EQ(Shell("mv " + m + "/pub/sub " + m + "/moved"), 0);               // an empty lower directory
+  EXPECT_EQ(Shell("mv " + m + "/pub/nf " + m + "/nf2"), 0);                  // EXDEV: mv copies
+  EXPECT_EQ(Output("cat " + m + "/pub/a"), "changed\n");
+  EXPECT_EQ(Output("ls " + m), "moved\nnf2\npub\nsecret\n");
+  EXPECT_EQ(Output("ls " + m + "/secret"), "new\n");
+  EXPECT_EQ(Shell("test -e " + m + "/top"), 1);
+  EXPECT_EQ(Shell("echo more >> " + m + "/nf2/xt_mark.h"), 0);
+  EXPECT_EQ(Output("git -C " + m + "/nf2 status --porcelain"), " M xt_mark.h\n");
+  EXPECT_EQ(Shell("diff -r /usr/include/linux/netfilter/xt_esp.h " + m + "/nf2/xt_esp.h"), 0);
+  // Below: exactly as before.
+  mount_->Stop();
+  EXPECT_EQ(Output("cd " + dir_ / "src" + " && find . -printf '%p %s %T@\\n' | sort && cat pub/a secret/s"), before);
+  // Above: the copies and the whiteouts (character devices 0:0).
+  EXPECT_EQ(Output("cat " + dir_ / "upper/pub/a"), "changed\n");
+  EXPECT_EQ(Output("stat -c '%F %t:%T' " + dir_ / "upper/top"), "character special file 0:0\n");
+}
+
 // --- the command line ---
 
 class CommandLineTest : public ::testing::Test {
@@ -267,7 +302,7 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   struct Case {
     std::string args, expected;
   } cases[] = {
-      {"mount --stack bogus:/x " + mnt, "ulsp mount: unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, trace:LOG, view:ALLOWLIST)\n"},
+      {"mount --stack bogus:/x " + mnt, "ulsp mount: unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, overlay:UPPERDIR, trace:LOG, view:ALLOWLIST)\n"},
       {"mount --stack trace:/tmp/x.jsonl " + mnt,
        "ulsp mount: layer 'trace' needs a layer below it: end the stack with passthrough:DIR or memfs:SIZE\n"},
       {"mount --stack passthrough:" + dir_ / "src" + ",, " + mnt, "ulsp mount: empty layer at position 2 of the stack\n"},

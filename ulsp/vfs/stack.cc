@@ -4,6 +4,7 @@
 
 #include "kernel/msgport/vfs_message.h"
 #include "ulsp/vfs/memfs.h"
+#include "ulsp/vfs/overlay.h"
 #include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/trace.h"
 #include "ulsp/vfs/view.h"
@@ -11,7 +12,7 @@
 namespace ulsp::vfs {
 namespace {
 
-constexpr std::string_view kKnown = "passthrough:DIR, memfs:SIZE, trace:LOG, view:ALLOWLIST";
+constexpr std::string_view kKnown = "passthrough:DIR, memfs:SIZE, overlay:UPPERDIR, trace:LOG, view:ALLOWLIST";
 
 bool IsBottom(std::string_view name) { return name == "passthrough" || name == "memfs"; }
 
@@ -29,7 +30,8 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
     const size_t colon = item.find(':');
     LayerSpec layer{std::string(item.substr(0, colon)),
                     colon == std::string_view::npos ? std::string() : std::string(item.substr(colon + 1))};
-    if (layer.name != "passthrough" && layer.name != "memfs" && layer.name != "trace" && layer.name != "view")
+    if (layer.name != "passthrough" && layer.name != "memfs" && layer.name != "overlay" && layer.name != "trace" &&
+        layer.name != "view")
       return std::unexpected("unknown layer '" + layer.name + "' (known: " + std::string(kKnown) + ")");
     if (layer.argument.empty()) return std::unexpected("layer '" + layer.name + "' needs an argument (" + std::string(kKnown) + ")");
     layers.push_back(std::move(layer));
@@ -80,6 +82,10 @@ std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view s
       auto m = MemfsLayer::Create(l.argument);
       if (!m) return std::unexpected(m.error());
       below = std::move(*m);
+    } else if (l.name == "overlay") {
+      auto o = OverlayLayer::Open(l.argument, std::move(below));
+      if (!o) return std::unexpected(o.error());
+      below = std::move(*o);
     } else if (l.name == "trace") {
       auto t = TraceLayer::Open(l.argument, std::move(below));
       if (!t) return std::unexpected("trace:" + l.argument + ": cannot open the log: " + t.error().Describe());

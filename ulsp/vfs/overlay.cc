@@ -1,0 +1,803 @@
+#include "ulsp/vfs/overlay.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
+
+#include <cstring>
+#include <new>
+#include <set>
+
+#include "kernel/msgport/log.h"
+#include "ulsp/vfs/passthrough.h"
+
+namespace ulsp::vfs {
+namespace {
+
+constexpr const char* kOpaque = "user.ulsp.opaque";
+
+constexpr uint64_t MakeId(uint32_t index, uint32_t generation) {
+  return (static_cast<uint64_t>(generation) << 32) | index;
+}
+constexpr uint32_t IndexOf(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffffu); }
+constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
+
+bool IsWhiteout(const struct stat& st) { return S_ISCHR(st.st_mode) && st.st_rdev == 0; }
+
+// A request of the overlay's own to a layer below, on behalf of `req`'s caller.
+VfsRequest Sub(const VfsRequest& req, VfsOp op, uint64_t node) {
+  VfsRequest s;
+  s.op = op;
+  s.ctx = req.ctx;
+  s.node = node;
+  s.timeout = req.timeout;
+  return s;
+}
+// The same as the overlay itself (root): for copy-ups and whiteouts, which the caller
+// did not ask for and must not be refused.
+VfsRequest Own(const VfsRequest& req, VfsOp op, uint64_t node) {
+  VfsRequest s = Sub(req, op, node);
+  s.ctx = {};
+  return s;
+}
+
+void Forget(Layer& layer, uint64_t node, uint64_t count) {
+  if (node == 0 || node == kRootNode) return;
+  VfsRequest f;
+  f.op = VfsOp::kForget;
+  f.node = node;
+  f.count = count;
+  layer.Serve(f);
+}
+
+void TakeResults(VfsRequest& to, VfsRequest& from) {
+  to.entry = from.entry;
+  to.out_attr = from.out_attr;
+  to.open = from.open;
+  to.out = std::move(from.out);
+  to.out_fd = from.out_fd;
+  to.out_size = from.out_size;
+  to.statfs = from.statfs;
+}
+
+// Calls `fn(name, d_type, ino)` for every entry of `dir` in `layer` but "." and "..".
+template <class F>
+int ForEachEntry(Layer& layer, const VfsRequest& req, uint64_t dir, F&& fn) {
+  VfsRequest open = Own(req, VfsOp::kOpenDir, dir);
+  if (int err = layer.Serve(open)) return err;
+  int result = 0;
+  int64_t offset = 0;
+  for (;;) {
+    VfsRequest rd = Own(req, VfsOp::kReadDir, dir);
+    rd.fh = open.open.fh;
+    rd.size = 64 << 10;
+    rd.offset = offset;
+    if ((result = layer.Serve(rd)) != 0 || rd.out.empty()) break;
+    size_t pos = 0;
+    while (pos + FUSE_NAME_OFFSET <= rd.out.size()) {
+      fuse_dirent d;
+      std::memcpy(&d, rd.out.data() + pos, sizeof d);
+      const size_t size = FUSE_DIRENT_SIZE(&d);
+      if (pos + size > rd.out.size()) break;
+      const std::string name(rd.out.data() + pos + FUSE_NAME_OFFSET, d.namelen);
+      if (name != "." && name != "..") fn(name, d.type, d.ino);
+      offset = static_cast<int64_t>(d.off);
+      pos += size;
+    }
+  }
+  VfsRequest close = Own(req, VfsOp::kReleaseDir, dir);
+  close.fh = open.open.fh;
+  layer.Serve(close);
+  return result;
+}
+
+}  // namespace
+
+std::expected<std::unique_ptr<OverlayLayer>, std::string> OverlayLayer::Open(const std::string& upper_dir,
+                                                                            std::unique_ptr<Layer> lower) {
+  auto upper = PassthroughLayer::Open(upper_dir);
+  if (!upper) return std::unexpected("overlay:" + upper_dir + ": " + upper.error().Describe());
+  return std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));
+}
+
+OverlayLayer::OverlayLayer(std::unique_ptr<Layer> upper, std::unique_ptr<Layer> lower)
+    : Layer(std::move(lower)), upper_(std::move(upper)) {
+  nodes_.resize(2);
+  ONode& root = nodes_[1];
+  root.in_use = true;
+  root.upper = kRootNode;
+  root.lower = kRootNode;
+  root.dir = true;
+  root.nlookup = 1;
+  root.parent = kRootNode;
+}
+
+OverlayLayer::~OverlayLayer() = default;
+
+bool OverlayLayer::Get(uint64_t id, ONode* out) const {
+  std::lock_guard lock(mu_);
+  const uint32_t index = IndexOf(id);
+  if (index == 0 || index >= nodes_.size()) return false;
+  const ONode& n = nodes_[index];
+  if (!n.in_use || n.generation != GenerationOf(id)) return false;
+  *out = n;
+  return true;
+}
+
+size_t OverlayLayer::NodeCount() const {
+  std::lock_guard lock(mu_);
+  return live_;
+}
+
+std::string OverlayLayer::PathOf(uint64_t node) const {
+  std::vector<std::string> parts;
+  for (int depth = 0; node != kRootNode; ++depth) {
+    ONode n;
+    if (depth > 4096 || !Get(node, &n) || n.name.empty()) return "";
+    parts.push_back(n.name);
+    node = n.parent;
+  }
+  if (parts.empty()) return "/";
+  std::string path;
+  for (auto it = parts.rbegin(); it != parts.rend(); ++it) path += "/" + *it;
+  return path;
+}
+
+uint64_t OverlayLayer::Register(uint64_t parent, std::string_view name, uint64_t up, uint64_t lo, bool dir,
+                                bool opaque) {
+  uint64_t drop_upper = 0, drop_lower = 0;
+  uint64_t id;
+  {
+    std::lock_guard lock(mu_);
+    const std::string key = up ? "U" + std::to_string(up) : "L" + std::to_string(lo);
+    if (auto it = by_key_.find(key); it != by_key_.end()) {
+      ONode& n = nodes_[it->second];
+      ++n.nlookup;
+      n.parent = parent;
+      n.name.assign(name);
+      // The node holds one lookup on each side already: give back the new ones.
+      if (up) drop_upper = up;
+      if (lo && n.lower == 0 && !n.opaque) {
+        n.lower = lo;
+      } else if (lo) {
+        drop_lower = lo;
+      }
+      id = MakeId(it->second, n.generation);
+    } else {
+      uint32_t index;
+      if (!free_.empty()) {
+        index = free_.back();
+        free_.pop_back();
+      } else {
+        index = static_cast<uint32_t>(nodes_.size());
+        nodes_.emplace_back();
+      }
+      ONode& n = nodes_[index];
+      const uint32_t generation = n.generation;
+      n = ONode{true, generation, up, lo, parent, std::string(name), 1, dir, opaque};
+      by_key_[key] = index;
+      if (up && lo) by_key_["L" + std::to_string(lo)] = index;
+      ++live_;
+      id = MakeId(index, generation);
+    }
+  }
+  Forget(*upper_, drop_upper, 1);
+  if (drop_lower) Forget(*lower(), drop_lower, 1);
+  return id;
+}
+
+void OverlayLayer::Drop(uint64_t id, uint64_t count) {
+  uint64_t up = 0, lo = 0;
+  {
+    std::lock_guard lock(mu_);
+    const uint32_t index = IndexOf(id);
+    if (index <= 1 || index >= nodes_.size()) return;
+    ONode& n = nodes_[index];
+    if (!n.in_use || n.generation != GenerationOf(id)) return;
+    n.nlookup -= std::min(count, n.nlookup);
+    if (n.nlookup > 0) return;
+    up = n.upper;
+    lo = n.lower;
+    for (const std::string& key : {"U" + std::to_string(up), "L" + std::to_string(lo)}) {
+      if (auto it = by_key_.find(key); it != by_key_.end() && it->second == index) by_key_.erase(it);
+    }
+    const uint32_t generation = n.generation + 1;
+    n = ONode{};
+    n.generation = generation;
+    free_.push_back(index);
+    --live_;
+  }
+  Forget(*upper_, up, 1);
+  if (lo) Forget(*lower(), lo, 1);
+}
+
+int OverlayLayer::Lookup(const VfsRequest& req, uint64_t parent, const std::string& name, fuse_entry_param& e) {
+  ONode p;
+  if (!Get(parent, &p)) return ESTALE;
+  uint64_t up = 0, lo = 0;
+  struct stat ust {}, lst {};
+  bool opaque = false;
+  if (p.upper) {
+    VfsRequest s = Own(req, VfsOp::kLookup, p.upper);
+    s.name = name;
+    const int err = upper_->Serve(s);
+    if (err == 0) {
+      if (IsWhiteout(s.entry.attr)) {
+        Forget(*upper_, s.entry.ino, 1);
+        return ENOENT;
+      }
+      up = s.entry.ino;
+      ust = s.entry.attr;
+      if (S_ISDIR(ust.st_mode)) {
+        VfsRequest x = Own(req, VfsOp::kGetXattr, up);
+        x.name = kOpaque;
+        opaque = upper_->Serve(x) == 0;
+      }
+    } else if (err != ENOENT) {
+      return err;
+    }
+  }
+  if (p.lower && !p.opaque && !(up && (!S_ISDIR(ust.st_mode) || opaque))) {
+    VfsRequest s = Own(req, VfsOp::kLookup, p.lower);
+    s.name = name;
+    const int err = lower()->Serve(s);
+    if (err == 0) {
+      if (up && !S_ISDIR(s.entry.attr.st_mode)) {
+        Forget(*lower(), s.entry.ino, 1);  // an upper directory hides a lower file
+      } else {
+        lo = s.entry.ino;
+        lst = s.entry.attr;
+      }
+    } else if (err != ENOENT && !up) {
+      return err;
+    }
+  }
+  if (!up && !lo) return ENOENT;
+  const struct stat& st = up ? ust : lst;
+  const uint64_t id = Register(parent, name, up, lo, S_ISDIR(st.st_mode), opaque);
+  e = fuse_entry_param{};
+  e.ino = id;
+  e.generation = GenerationOf(id);
+  e.attr = st;
+  e.attr_timeout = e.entry_timeout = req.timeout;
+  return 0;
+}
+
+bool OverlayLayer::InLower(const VfsRequest& req, const ONode& parent, const std::string& name) {
+  if (parent.lower == 0 || parent.opaque) return false;
+  VfsRequest s = Own(req, VfsOp::kLookup, parent.lower);
+  s.name = name;
+  if (lower()->Serve(s) != 0) return false;
+  Forget(*lower(), s.entry.ino, 1);
+  return true;
+}
+
+int OverlayLayer::RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
+  VfsRequest s = Own(req, VfsOp::kLookup, upper_parent);
+  s.name = name;
+  if (upper_->Serve(s) != 0) return 0;
+  Forget(*upper_, s.entry.ino, 1);
+  if (!IsWhiteout(s.entry.attr)) return 0;
+  VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
+  u.name = name;
+  return upper_->Serve(u);
+}
+
+int OverlayLayer::Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
+  VfsRequest w = Own(req, VfsOp::kMkNod, upper_parent);
+  w.name = name;
+  w.mode = S_IFCHR;
+  w.rdev = 0;
+  const int err = upper_->Serve(w);
+  if (err == 0) Forget(*upper_, w.entry.ino, 1);
+  return err;
+}
+
+int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t upper_parent, const std::string& name,
+                           const struct stat& st, uint64_t* made) {
+  VfsRequest c = Own(req, VfsOp::kCreate, upper_parent);
+  c.name = name;
+  c.mode = st.st_mode & 07777;
+  c.flags = O_WRONLY | O_CREAT | O_EXCL;
+  if (int err = upper_->Serve(c)) return err;
+  *made = c.entry.ino;
+  VfsRequest o = Own(req, VfsOp::kOpen, lower_node);
+  o.flags = O_RDONLY;
+  int err = lower()->Serve(o);
+  for (int64_t offset = 0; err == 0;) {
+    VfsRequest r = Own(req, VfsOp::kRead, lower_node);
+    r.fh = o.open.fh;
+    r.size = 128 << 10;
+    r.offset = offset;
+    if ((err = lower()->Serve(r)) != 0 || r.out.empty()) break;
+    VfsRequest w = Own(req, VfsOp::kWrite, *made);
+    w.fh = c.open.fh;
+    w.in = {r.out.data(), r.out.size()};
+    w.offset = offset;
+    if ((err = upper_->Serve(w)) != 0) break;
+    offset += static_cast<int64_t>(r.out.size());
+  }
+  for (auto [layer, fh, node] : {std::tuple{upper_.get(), c.open.fh, *made}, std::tuple{lower(), o.open.fh, lower_node}}) {
+    VfsRequest rel = Own(req, VfsOp::kRelease, node);
+    rel.fh = fh;
+    layer->Serve(rel);
+  }
+  return err;
+}
+
+int OverlayLayer::CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper) {
+  std::lock_guard copying(copy_mu_);
+  ONode n;
+  if (!Get(id, &n)) return ESTALE;
+  if (n.upper) {
+    *upper = n.upper;
+    return 0;
+  }
+  uint64_t parent_upper = 0;
+  if (int err = CopyUp(req, n.parent, &parent_upper)) return err;
+  VfsRequest g = Own(req, VfsOp::kGetAttr, n.lower);
+  if (int err = lower()->Serve(g)) return err;
+  const struct stat st = g.out_attr;
+  if (int err = RemoveWhiteout(req, parent_upper, n.name)) return err;
+  uint64_t made = 0;
+  int err = 0;
+  if (S_ISREG(st.st_mode)) {
+    err = CopyFile(req, n.lower, parent_upper, n.name, st, &made);
+  } else {
+    VfsRequest m = Own(req, VfsOp::kMkNod, parent_upper);
+    m.name = n.name;
+    m.mode = st.st_mode;
+    m.rdev = st.st_rdev;
+    if (S_ISDIR(st.st_mode)) {
+      m.op = VfsOp::kMkDir;
+      m.mode = st.st_mode & 07777;
+    } else if (S_ISLNK(st.st_mode)) {
+      VfsRequest l = Own(req, VfsOp::kReadLink, n.lower);
+      if ((err = lower()->Serve(l)) != 0) return err;
+      m.op = VfsOp::kSymlink;
+      m.name2.assign(l.out.begin(), l.out.end());
+    }
+    err = upper_->Serve(m);
+    made = m.entry.ino;
+  }
+  if (err) return err;
+  // Owner, mode (set-ID bits included) and times, as below.
+  VfsRequest a = Own(req, VfsOp::kSetAttr, made);
+  a.attr = st;
+  a.flags = FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME;
+  if (!S_ISLNK(st.st_mode)) a.flags |= FUSE_SET_ATTR_MODE;
+  if (S_ISLNK(st.st_mode)) a.flags &= ~(FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME);
+  upper_->Serve(a);
+  {
+    std::lock_guard lock(mu_);
+    ONode& node = nodes_[IndexOf(id)];
+    if (node.in_use && node.generation == GenerationOf(id)) {
+      node.upper = made;
+      by_key_["U" + std::to_string(made)] = IndexOf(id);
+    }
+  }
+  *upper = made;
+  return 0;
+}
+
+int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
+  std::set<std::string> seen;
+  if (dir.upper) {
+    int err = ForEachEntry(*upper_, req, dir.upper, [&](const std::string& name, uint32_t type, uint64_t ino) {
+      if (name == "." || name == "..") return;
+      if (type == DT_CHR) {  // maybe a whiteout
+        VfsRequest s = Own(req, VfsOp::kLookup, dir.upper);
+        s.name = name;
+        if (upper_->Serve(s) == 0) {
+          Forget(*upper_, s.entry.ino, 1);
+          if (IsWhiteout(s.entry.attr)) {
+            seen.insert(name);
+            return;
+          }
+        }
+      }
+      seen.insert(name);
+      out.entries.push_back({name, type, ino});
+    });
+    if (err) return err;
+  }
+  if (dir.lower && !dir.opaque) {
+    int err = ForEachEntry(*lower(), req, dir.lower, [&](const std::string& name, uint32_t type, uint64_t ino) {
+      if (!seen.contains(name)) out.entries.push_back({name, type, ino});
+    });
+    if (err) return err;
+  }
+  return 0;
+}
+
+int OverlayLayer::Make(VfsRequest& req) {
+  ONode p;
+  if (!Get(req.node, &p)) return ESTALE;
+  fuse_entry_param existing;
+  if (Lookup(req, req.node, req.name, existing) == 0) {
+    Drop(existing.ino, 1);
+    return EEXIST;
+  }
+  uint64_t pu = 0;
+  if (int err = CopyUp(req, req.node, &pu)) return err;
+  Get(req.node, &p);
+  const bool below = InLower(req, p, req.name);
+  if (int err = RemoveWhiteout(req, pu, req.name)) return err;
+  VfsRequest s = req;
+  s.node = pu;
+  if (int err = upper_->Serve(s)) return err;
+  bool opaque = false;
+  if (req.op == VfsOp::kMkDir && below) {  // hide the removed lower directory's entries
+    VfsRequest x = Own(req, VfsOp::kSetXattr, s.entry.ino);
+    x.name = kOpaque;
+    x.in = {"y", 1};
+    upper_->Serve(x);
+    opaque = true;
+  }
+  TakeResults(req, s);
+  const uint64_t id = Register(req.node, req.name, s.entry.ino, 0, S_ISDIR(s.entry.attr.st_mode), opaque);
+  req.entry.ino = id;
+  req.entry.generation = GenerationOf(id);
+  if (req.op == VfsOp::kCreate) req.open.fh = (s.open.fh << 1) | 1;
+  return 0;
+}
+
+int OverlayLayer::Remove(VfsRequest& req) {
+  fuse_entry_param e;
+  if (int err = Lookup(req, req.node, req.name, e)) return err;
+  ONode c;
+  Get(e.ino, &c);
+  Drop(e.ino, 1);
+  const bool rmdir = req.op == VfsOp::kRmDir;
+  if (rmdir && !c.dir) return ENOTDIR;
+  if (!rmdir && c.dir) return EISDIR;
+  if (rmdir) {
+    DirList l;
+    if (int err = List(req, c, l)) return err;
+    if (!l.entries.empty()) return ENOTEMPTY;
+  }
+  uint64_t pu = 0;
+  if (int err = CopyUp(req, req.node, &pu)) return err;
+  ONode p;
+  Get(req.node, &p);
+  const bool below = InLower(req, p, req.name);
+  if (c.upper) {
+    if (rmdir) {  // its whiteouts go first
+      std::vector<std::string> whiteouts;
+      ForEachEntry(*upper_, req, c.upper, [&](const std::string& name, uint32_t, uint64_t) { whiteouts.push_back(name); });
+      for (const auto& name : whiteouts) {
+        VfsRequest u = Own(req, VfsOp::kUnlink, c.upper);
+        u.name = name;
+        upper_->Serve(u);
+      }
+    }
+    VfsRequest s = req;
+    s.node = pu;
+    if (int err = upper_->Serve(s)) return err;
+  }
+  return below ? Whiteout(req, pu, req.name) : 0;
+}
+
+// Marks the upper directory `upper_dir` (overlay node `id`) opaque: the lower
+// directory of the same name stays hidden behind it.
+void OverlayLayer::MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir) {
+  VfsRequest x = Own(req, VfsOp::kSetXattr, upper_dir);
+  x.name = kOpaque;
+  x.in = {"y", 1};
+  if (upper_->Serve(x) != 0) return;
+  std::lock_guard lock(mu_);
+  const uint32_t index = IndexOf(id);
+  if (index < nodes_.size() && nodes_[index].in_use && nodes_[index].generation == GenerationOf(id)) {
+    nodes_[index].opaque = true;  // its `lower`, if any, is still held and dropped with it
+  }
+}
+
+// RENAME_EXCHANGE: both names exist and swap. Each side is copied up; a directory
+// with lower entries cannot move (EXDEV, as for a plain rename). A directory that
+// lands on a name with a lower directory hides it (opaque).
+int OverlayLayer::Exchange(VfsRequest& req) {
+  fuse_entry_param a, b;
+  if (int err = Lookup(req, req.node, req.name, a)) return err;
+  if (int err = Lookup(req, req.node2, req.name2, b)) {
+    Drop(a.ino, 1);
+    return err;
+  }
+  ONode na, nb;
+  Get(a.ino, &na);
+  Get(b.ino, &nb);
+  int err = 0;
+  uint64_t au = 0, bu = 0, pu = 0, pu2 = 0;
+  if ((na.dir && na.lower) || (nb.dir && nb.lower)) {
+    err = EXDEV;
+  } else if ((err = CopyUp(req, a.ino, &au)) == 0 && (err = CopyUp(req, b.ino, &bu)) == 0 &&
+             (err = CopyUp(req, req.node, &pu)) == 0 && (err = CopyUp(req, req.node2, &pu2)) == 0) {
+    VfsRequest s = req;
+    s.node = pu;
+    s.node2 = pu2;
+    err = upper_->Serve(s);
+  }
+  if (err == 0) {
+    ONode p, p2;
+    Get(req.node, &p);
+    Get(req.node2, &p2);
+    if (na.dir && InLower(req, p2, req.name2)) MarkOpaque(req, a.ino, au);
+    if (nb.dir && InLower(req, p, req.name)) MarkOpaque(req, b.ino, bu);
+    std::lock_guard lock(mu_);
+    for (auto [id, parent, name] : {std::tuple{a.ino, req.node2, &req.name2}, std::tuple{b.ino, req.node, &req.name}}) {
+      const uint32_t index = IndexOf(id);
+      if (index < nodes_.size() && nodes_[index].in_use && nodes_[index].generation == GenerationOf(id)) {
+        nodes_[index].parent = parent;
+        nodes_[index].name = *name;
+      }
+    }
+  }
+  Drop(a.ino, 1);
+  Drop(b.ino, 1);
+  return err;
+}
+
+int OverlayLayer::Rename(VfsRequest& req) {
+  if (req.flags & RENAME_EXCHANGE) return Exchange(req);
+  fuse_entry_param e;
+  if (int err = Lookup(req, req.node, req.name, e)) return err;
+  ONode c;
+  Get(e.ino, &c);
+  Drop(e.ino, 1);
+  if (c.dir && c.lower) return EXDEV;  // as overlayfs without redirect_dir
+  fuse_entry_param t;
+  bool target_below = false;
+  if (Lookup(req, req.node2, req.name2, t) == 0) {
+    ONode target;
+    Get(t.ino, &target);
+    Drop(t.ino, 1);
+    if (req.flags & RENAME_NOREPLACE) return EEXIST;
+    if (c.dir && !target.dir) return ENOTDIR;
+    if (!c.dir && target.dir) return EISDIR;
+    if (target.dir) {
+      DirList l;
+      if (int err = List(req, target, l)) return err;
+      if (!l.entries.empty()) return ENOTEMPTY;
+      if (target.upper) {  // an emptied merged directory: drop its whiteouts
+        ForEachEntry(*upper_, req, target.upper, [&](const std::string& name, uint32_t, uint64_t) {
+          VfsRequest u = Own(req, VfsOp::kUnlink, target.upper);
+          u.name = name;
+          upper_->Serve(u);
+        });
+      }
+    }
+    target_below = target.lower != 0;
+  }
+  uint64_t cu = 0, pu = 0, pu2 = 0;
+  if (int err = CopyUp(req, e.ino, &cu)) {
+    if (err != ESTALE) return err;
+  }
+  if (int err = CopyUp(req, req.node, &pu)) return err;
+  if (int err = CopyUp(req, req.node2, &pu2)) return err;
+  ONode p;
+  Get(req.node, &p);
+  const bool below = InLower(req, p, req.name);
+  if (int err = RemoveWhiteout(req, pu2, req.name2)) return err;
+  VfsRequest s = req;
+  s.node = pu;
+  s.node2 = pu2;
+  s.flags = req.flags & RENAME_NOREPLACE;
+  if (int err = upper_->Serve(s)) return err;
+  if (c.dir && target_below) MarkOpaque(req, e.ino, cu);  // it hides the one it replaced below
+  if (below) Whiteout(req, pu, req.name);
+  {
+    std::lock_guard lock(mu_);
+    const uint32_t index = IndexOf(e.ino);
+    if (index < nodes_.size() && nodes_[index].in_use && nodes_[index].generation == GenerationOf(e.ino)) {
+      nodes_[index].parent = req.node2;
+      nodes_[index].name = req.name2;
+    }
+  }
+  return 0;
+}
+
+int OverlayLayer::Open(VfsRequest& req) {
+  ONode n;
+  if (!Get(req.node, &n)) return ESTALE;
+  const bool writes = (req.flags & O_ACCMODE) != O_RDONLY || (req.flags & O_TRUNC);
+  uint64_t up = n.upper;
+  if (writes && (up == 0)) {
+    if (int err = CopyUp(req, req.node, &up)) return err;
+  }
+  VfsRequest s = req;
+  s.node = up ? up : n.lower;
+  Layer& layer = up ? *upper_ : *lower();
+  if (int err = layer.Serve(s)) return err;
+  TakeResults(req, s);
+  req.open.fh = (s.open.fh << 1) | (up ? 1 : 0);
+  return 0;
+}
+
+int OverlayLayer::WithHandle(VfsRequest& req) {
+  ONode n;
+  if (!Get(req.node, &n)) return ESTALE;
+  const bool up = (req.fh & 1) != 0;
+  if (up ? n.upper == 0 : n.lower == 0) return EBADF;
+  VfsRequest s = req;
+  s.fh = req.fh >> 1;
+  s.node = up ? n.upper : n.lower;
+  Layer& layer = up ? *upper_ : *lower();
+  const int err = layer.Serve(s);
+  if (err == 0) TakeResults(req, s);
+  return err;
+}
+
+int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
+  DirList* list = nullptr;
+  {
+    std::lock_guard lock(mu_);
+    if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+    list = dirs_[req.fh - 1].get();  // kept until releasedir, after this request
+  }
+  const size_t room = std::min<uint64_t>(req.size, 1u << 20);
+  req.out.resize(room);
+  size_t used = 0;
+  // Offsets: 1 after ".", 2 after "..", 3 + i after entry i.
+  for (int64_t i = std::max<int64_t>(req.offset, 0); i < static_cast<int64_t>(list->entries.size()) + 2; ++i) {
+    const bool dots = i < 2;
+    const DirEntry* entry = dots ? nullptr : &list->entries[static_cast<size_t>(i - 2)];
+    const std::string name = dots ? (i == 0 ? "." : "..") : entry->name;
+    if (!dots && req.admit && !req.admit(name)) continue;
+    size_t size;
+    if (plus) {
+      fuse_entry_param e{};
+      if (dots) {
+        e.attr.st_mode = S_IFDIR;
+      } else if (Lookup(req, req.node, name, e) != 0) {
+        continue;  // gone since the listing
+      }
+      size = fuse_add_direntry_plus(nullptr, req.out.data() + used, room - used, name.c_str(), &e, i + 1);
+      if (size > room - used && !dots) Drop(e.ino, 1);
+    } else {
+      struct stat st {};
+      st.st_mode = dots ? S_IFDIR : entry->type << 12;
+      st.st_ino = dots ? 1 : entry->ino;
+      size = fuse_add_direntry(nullptr, req.out.data() + used, room - used, name.c_str(), &st, i + 1);
+    }
+    if (size > room - used) break;
+    used += size;
+  }
+  req.out.resize(used);
+  return 0;
+}
+
+int OverlayLayer::Serve(VfsRequest& req) noexcept try {
+  ONode n;
+  switch (req.op) {
+    case VfsOp::kLookup:
+      return Lookup(req, req.node, req.name, req.entry);
+    case VfsOp::kForget:
+      Drop(req.node, req.count);
+      return 0;
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kCreate:
+      return Make(req);
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir:
+      return Remove(req);
+    case VfsOp::kRename:
+      return Rename(req);
+    case VfsOp::kLink: {
+      uint64_t up = 0, pu = 0;
+      if (int err = CopyUp(req, req.node, &up)) return err;
+      if (int err = CopyUp(req, req.node2, &pu)) return err;
+      fuse_entry_param existing;
+      if (Lookup(req, req.node2, req.name2, existing) == 0) {
+        Drop(existing.ino, 1);
+        return EEXIST;
+      }
+      if (int err = RemoveWhiteout(req, pu, req.name2)) return err;
+      VfsRequest s = req;
+      s.node = up;
+      s.node2 = pu;
+      if (int err = upper_->Serve(s)) return err;
+      TakeResults(req, s);
+      const uint64_t id = Register(req.node2, req.name2, s.entry.ino, 0, false, false);
+      req.entry.ino = id;
+      req.entry.generation = GenerationOf(id);
+      return 0;
+    }
+    case VfsOp::kOpen:
+      return Open(req);
+    case VfsOp::kGetAttr:
+    case VfsOp::kReadLink:
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr:
+    case VfsOp::kAccess: {
+      if (req.op == VfsOp::kGetAttr && req.has_fh) return WithHandle(req);
+      if (!Get(req.node, &n)) return ESTALE;
+      VfsRequest s = req;
+      s.node = n.upper ? n.upper : n.lower;
+      Layer& layer = n.upper ? *upper_ : *lower();
+      if (req.op == VfsOp::kGetXattr && req.name == kOpaque) return ENODATA;
+      const int err = layer.Serve(s);
+      if (err == 0) TakeResults(req, s);
+      if (err == 0 && req.op == VfsOp::kListXattr && req.size > 0) {  // hide the overlay's own mark
+        std::string list(req.out.begin(), req.out.end());
+        const std::string mark = std::string(kOpaque) + '\0';
+        if (auto at = list.find(mark); at != std::string::npos) list.erase(at, mark.size());
+        req.out.assign(list.begin(), list.end());
+      }
+      return err;
+    }
+    case VfsOp::kSetAttr:
+    case VfsOp::kSetXattr:
+    case VfsOp::kRemoveXattr: {
+      uint64_t up = 0;
+      if (int err = CopyUp(req, req.node, &up)) return err;
+      VfsRequest s = req;
+      s.node = up;
+      if (req.has_fh && (req.fh & 1)) {
+        s.fh = req.fh >> 1;
+      } else {
+        s.has_fh = false;  // a lower handle: the change goes to the copy
+      }
+      const int err = upper_->Serve(s);
+      if (err == 0) TakeResults(req, s);
+      return err;
+    }
+    case VfsOp::kRead:
+    case VfsOp::kWrite:
+    case VfsOp::kFlush:
+    case VfsOp::kRelease:
+    case VfsOp::kFsync:
+    case VfsOp::kFallocate:
+    case VfsOp::kLseek:
+      return WithHandle(req);
+    case VfsOp::kOpenDir: {
+      if (!Get(req.node, &n)) return ESTALE;
+      auto list = std::make_unique<DirList>();
+      if (int err = List(req, n, *list)) return err;
+      std::lock_guard lock(mu_);
+      uint32_t index;
+      if (!free_dirs_.empty()) {
+        index = free_dirs_.back();
+        free_dirs_.pop_back();
+        dirs_[index] = std::move(list);
+      } else {
+        index = static_cast<uint32_t>(dirs_.size());
+        dirs_.push_back(std::move(list));
+      }
+      req.open = {};
+      req.open.fh = index + 1u;
+      return 0;
+    }
+    case VfsOp::kReadDir:
+      return ReadDir(req, false);
+    case VfsOp::kReadDirPlus:
+      return ReadDir(req, true);
+    case VfsOp::kReleaseDir: {
+      std::lock_guard lock(mu_);
+      if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+      dirs_[req.fh - 1].reset();
+      free_dirs_.push_back(static_cast<uint32_t>(req.fh - 1));
+      return 0;
+    }
+    case VfsOp::kFsyncDir:
+      return 0;
+    case VfsOp::kStatFs: {
+      VfsRequest s = Sub(req, VfsOp::kStatFs, kRootNode);
+      const int err = upper_->Serve(s);
+      if (err == 0) req.statfs = s.statfs;
+      return err;
+    }
+    case VfsOp::kCopyFileRange:
+      return EOPNOTSUPP;  // the kernel falls back to read and write
+    case VfsOp::kCount:
+      break;
+  }
+  return ENOSYS;
+} catch (const std::bad_alloc&) {
+  return ENOMEM;
+} catch (const std::exception& e) {
+  Logger("vfs")->error("overlay: {} failed: {}", msgport::VfsOpName(req.op), e.what());
+  return EIO;
+}
+
+}  // namespace ulsp::vfs

@@ -1,0 +1,95 @@
+// OverlayLayer: a read-only lower tree (the layer below it in the stack) and a
+// writable upper directory (its argument), merged. The lower tree is never written:
+// changing a file copies it up first (data, mode, owner, times), a removed name that
+// exists below becomes a whiteout in the upper directory (a character device 0:0, as
+// the kernel's overlayfs makes them), and a directory made where one was removed is
+// marked opaque (xattr user.ulsp.opaque) so the lower one's entries stay hidden.
+//
+// Limits, as overlayfs without redirect_dir: renaming (or exchanging) a directory that
+// has lower entries answers EXDEV (mv then copies and deletes).
+// Copy-up writes a sparse file's holes as zeros.
+//
+// Node ids are the layer's own (index + generation); each holds one lookup on its
+// upper and lower nodes, dropped when the kernel forgets it. Thread-safe: the tables
+// under one mutex, copy-ups serialized by another.
+#pragma once
+
+#include <deque>
+#include <expected>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "ulsp/vfs/layer.h"
+
+namespace ulsp::vfs {
+
+class OverlayLayer final : public Layer {
+ public:
+  // `upper_dir` must be a writable directory on a file system with user xattrs.
+  static std::expected<std::unique_ptr<OverlayLayer>, std::string> Open(const std::string& upper_dir,
+                                                                        std::unique_ptr<Layer> lower);
+  ~OverlayLayer() override;
+
+  int Serve(VfsRequest& req) noexcept override;
+  std::string PathOf(uint64_t node) const override;
+  size_t NodeCount() const override;
+  std::string_view Name() const noexcept override { return "overlay"; }
+
+ private:
+  struct ONode {
+    bool in_use = false;
+    uint32_t generation = 0;
+    uint64_t upper = 0;  // node in the upper layer (0: none yet)
+    uint64_t lower = 0;  // node in the lower layer (0: none)
+    uint64_t parent = 0;
+    std::string name;
+    uint64_t nlookup = 0;
+    bool dir = false;
+    bool opaque = false;  // an upper directory that hides the lower one
+  };
+  struct DirEntry {
+    std::string name;
+    uint32_t type = 0;  // d_type
+    uint64_t ino = 0;   // as the layer that holds it reports (0 hides an entry from ls)
+  };
+  struct DirList {
+    std::vector<DirEntry> entries;
+  };
+
+  OverlayLayer(std::unique_ptr<Layer> upper, std::unique_ptr<Layer> lower);
+  bool Get(uint64_t id, ONode* out) const;
+  uint64_t Register(uint64_t parent, std::string_view name, uint64_t upper, uint64_t lower, bool dir, bool opaque);
+  void Drop(uint64_t id, uint64_t count);
+
+  int Lookup(const VfsRequest& req, uint64_t parent, const std::string& name, fuse_entry_param& e);
+  int CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper);
+  int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
+               const struct stat& st, uint64_t* made);
+  int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
+  int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
+  bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
+  int List(const VfsRequest& req, const ONode& dir, DirList& out);
+  int Make(VfsRequest& req);
+  int Remove(VfsRequest& req);
+  int Rename(VfsRequest& req);
+  int Exchange(VfsRequest& req);
+  void MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir);
+  int Open(VfsRequest& req);
+  int ReadDir(VfsRequest& req, bool plus);
+  int WithHandle(VfsRequest& req);
+
+  std::unique_ptr<Layer> upper_;
+  mutable std::mutex mu_;  // the tables
+  std::deque<ONode> nodes_;
+  std::vector<uint32_t> free_;
+  std::unordered_map<std::string, uint32_t> by_key_;  // "U<upper>" or "L<lower>" -> index
+  size_t live_ = 1;
+  std::recursive_mutex copy_mu_;  // one copy-up at a time (a copy-up copies its parents up)
+  std::deque<std::unique_ptr<DirList>> dirs_;  // directory handles: fh = index + 1
+  std::vector<uint32_t> free_dirs_;
+};
+
+}  // namespace ulsp::vfs
