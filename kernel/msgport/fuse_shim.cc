@@ -517,6 +517,13 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
   shim->session_ = fuse_session_new(&args, &kOps, sizeof kOps, shim.get());
   fuse_opt_free_args(&args);
   if (shim->session_ == nullptr) return Fail(EINVAL);
+  if (o.premounted_fd >= 0) {
+    // libfuse takes a descriptor given as /dev/fd/N as already mounted, and closes it
+    // when the session ends.
+    const std::string fd_path = "/dev/fd/" + std::to_string(o.premounted_fd);
+    if (fuse_session_mount(shim->session_, fd_path.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
+    return shim;
+  }
   if (fuse_session_mount(shim->session_, o.mountpoint.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
   shim->mounted_ = true;
   return shim;

@@ -40,9 +40,13 @@ class FuseShim {
     bool splice_read = true;          // reads answered from a descriptor are spliced
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
+    int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a
+                                      // process in another mount namespace): the shim
+                                      // serves it, takes ownership, and never unmounts
   };
 
-  // Mounts `options.mountpoint` (as fuse.ulsp) with `port` serving the requests.
+  // Mounts `options.mountpoint` (as fuse.ulsp), or takes `options.premounted_fd`,
+  // with `port` serving the requests.
   // `serves_inline`: the port answers every message before Send returns (a direct
   // port in this process), so request data is lent rather than copied and reads may
   // be answered from the server's descriptors. Fails with EINVAL when libfuse

@@ -3,15 +3,17 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include "ulsp/core/group.h"
 #include "ulsp/core/isolated.h"
 #include "ulsp/core/mount.h"
+#include "ulsp/core/registry.h"
 #include "version.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"ulsp: user-level server processes for file-system and network requests"};
   app.set_version_flag("--version", std::string("ulsp ") + ULSP_VERSION);
   app.require_subcommand(0, 1);
-  app.footer("Subcommands still to come: run, policy, agent, ps (see README.md).");
+  app.footer("Subcommands still to come: agent (see README.md).");
 
   ulsp::core::MountArgs mount;
   CLI::App* mount_cmd = app.add_subcommand("mount", "Mount a layer stack on a directory; returns once it is live");
@@ -29,6 +31,22 @@ int main(int argc, char** argv) {
   CLI::App* umount_cmd = app.add_subcommand("umount", "Unmount a ulsp mount");
   umount_cmd->add_option("MOUNTPOINT", umount_point)->required();
 
+  ulsp::core::RunArgs run;
+  CLI::App* run_cmd = app.add_subcommand("run", "Run a command in a process group behind ULSPs; exits with its status");
+  run_cmd->add_option("--policy", run.policy, "The policy file (TOML)")->required();
+  run_cmd->add_option("--group", run.group, "The policy's group (may be left out when it has one)");
+  run_cmd->add_option("command", run.command, "-- COMMAND [ARG...]")->required();
+
+  CLI::App* policy_cmd = app.add_subcommand("policy", "Policy files");
+  policy_cmd->require_subcommand(1);
+  std::string check_file;
+  CLI::App* check_cmd = policy_cmd->add_subcommand("check", "Validate a policy file; runs nothing");
+  check_cmd->add_option("FILE", check_file)->required();
+
+  bool ps_json = false;
+  CLI::App* ps_cmd = app.add_subcommand("ps", "Live groups, mounts, ULSPs and ports, with their counters");
+  ps_cmd->add_flag("--json", ps_json, "As JSON");
+
   // The isolated server's entry (ulsp mount --isolated starts it): hidden from help.
   std::string serve_segment, serve_spec;
   int serve_fd = -1;
@@ -45,6 +63,9 @@ int main(int argc, char** argv) {
     return ulsp::core::Mount(mount);
   }
   if (umount_cmd->parsed()) return ulsp::core::Umount(umount_point);
+  if (run_cmd->parsed()) return ulsp::core::Run(run);
+  if (check_cmd->parsed()) return ulsp::core::CheckPolicy(check_file);
+  if (ps_cmd->parsed()) return ulsp::core::Ps(ps_json);
   std::fputs(app.help().c_str(), stdout);
   return 0;
 }

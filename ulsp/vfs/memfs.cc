@@ -11,6 +11,7 @@
 #include <new>
 
 #include "kernel/msgport/log.h"
+#include "ulsp/vfs/size.h"
 
 namespace ulsp::vfs {
 namespace {
@@ -35,23 +36,10 @@ struct timespec Now() {
 }  // namespace
 
 std::expected<std::unique_ptr<MemfsLayer>, std::string> MemfsLayer::Create(const std::string& capacity) {
-  uint64_t bytes = 0;
-  size_t used = 0;
-  try {
-    bytes = std::stoull(capacity, &used);
-  } catch (...) {
-    used = 0;
-  }
-  const std::string unit = used == 0 ? "" : capacity.substr(used);
-  uint64_t scale = 0;
-  if (unit.empty()) scale = 1;
-  else if (unit == "K" || unit == "k") scale = 1ull << 10;
-  else if (unit == "M" || unit == "m") scale = 1ull << 20;
-  else if (unit == "G" || unit == "g") scale = 1ull << 30;
-  else if (unit == "T" || unit == "t") scale = 1ull << 40;
-  if (used == 0 || scale == 0 || bytes == 0 || bytes > (1ull << 50) / scale)
+  const auto bytes = ParseSize(capacity);
+  if (!bytes)
     return std::unexpected("memfs:" + capacity + ": the size must be a number of bytes, optionally with K, M, G or T");
-  return std::unique_ptr<MemfsLayer>(new MemfsLayer(bytes * scale));
+  return std::unique_ptr<MemfsLayer>(new MemfsLayer(*bytes));
 }
 
 MemfsLayer::MemfsLayer(uint64_t capacity) : Layer(nullptr), capacity_(capacity) {

@@ -1,0 +1,100 @@
+// The kernel end of a sandboxed group's networking: a seccomp filter that sends the
+// group's networking system calls to a listener descriptor (SECCOMP_RET_USER_NOTIF),
+// and SeccompShim, which reads those notifications, turns each into a NetMessage
+// (net_message.h) for the group's net ULSP, and turns the reply into the kernel's
+// answer.
+//
+// What the filter sends (x86-64): socket, socketpair, connect, bind, listen, accept,
+// accept4, sendto with an address or MSG_FASTOPEN, sendmsg, sendmmsg, and
+// setsockopt(TCP_FASTOPEN_CONNECT). What it refuses outright: io_uring_setup (ENOSYS:
+// io_uring's socket and connect operations never pass through seccomp), setns
+// (EPERM), and every networking entry of the 32-bit ABI, socketcall included
+// (EACCES): this kernel runs `int $0x80` from any process. Other architectures' calls
+// kill the process (libseccomp's default).
+//
+// Safety (seccomp_unotify(2)): a pointer argument is copied out of the caller once,
+// the notification is checked to be still alive after the copy, and the ULSP decides
+// on the copy. The shim never answers CONTINUE for a call whose pointer argument the
+// ULSP decided on (the ULSP performs those calls itself).
+#pragma once
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "kernel/msgport/errno.h"
+#include "kernel/msgport/port.h"
+#include "kernel/msgport/unique_fd.h"
+
+struct seccomp_notif;
+
+namespace ulsp::msgport {
+
+// Loads the group filter into the calling process, which must be single-threaded
+// (it applies to this thread and everything it starts afterwards; no_new_privs is
+// set first). Returns the listener descriptor. Fails with the errno libseccomp
+// reports.
+Result<UniqueFd> LoadGroupFilter();
+
+class SeccompShim {
+ public:
+  struct Options {
+    unsigned max_workers = 64;            // notifications served at once, at most
+    size_t copy_limit = 1u << 20;         // bytes of data copied from one send (a
+                                          // stream send is cut there; a datagram
+                                          // larger than it fails with EMSGSIZE)
+  };
+  struct Counters {
+    std::atomic<uint64_t> notifications{0};
+    std::atomic<uint64_t> continued{0};
+    std::atomic<uint64_t> answered{0};   // a value or an errno
+    std::atomic<uint64_t> installed{0};  // a ULSP socket put in place of the caller's
+    std::atomic<uint64_t> vanished{0};   // the caller was gone before the answer
+    std::atomic<uint64_t> in_flight{0};
+    std::atomic<uint64_t> workers{0};
+  };
+
+  // Serves `listener` with `port` (the net ULSP's), which must outlive the shim.
+  // Starts its threads; fails with the errno of thread creation.
+  static Result<std::unique_ptr<SeccompShim>> Start(UniqueFd listener, Port& port, Options options);
+  ~SeccompShim();  // Stop(), then joins
+  SeccompShim(const SeccompShim&) = delete;
+  SeccompShim& operator=(const SeccompShim&) = delete;
+
+  // Stops reading notifications; those being served finish first. Any thread.
+  void Stop();
+  // Blocks until the filter has no more processes (the group is gone) or Stop.
+  void WaitUntilIdle();
+
+  const Counters& counters() const noexcept { return counters_; }
+
+ private:
+  SeccompShim(UniqueFd listener, Port& port, Options options);
+  void Receive();
+  void Work();
+  void Handle(const seccomp_notif& n) noexcept;
+
+  UniqueFd listener_;
+  UniqueFd stop_fd_;  // eventfd: wakes the receiver
+  Port& port_;
+  const Options options_;
+  Counters counters_;
+  uint64_t own_netns_cookie_ = 0;
+
+  std::mutex mu_;  // guards the queue, idle_ and stopping_
+  std::condition_variable cv_;
+  std::condition_variable done_cv_;
+  std::deque<std::vector<char>> queue_;  // raw struct seccomp_notif, each
+  unsigned idle_ = 0;
+  bool stopping_ = false;
+  bool gone_ = false;  // the filter lost its last process
+  std::thread receiver_;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace ulsp::msgport

@@ -1,0 +1,281 @@
+#include "ulsp/core/group_init.h"
+
+#include <fcntl.h>
+#include <linux/capability.h>
+#include <net/if.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/ioctl.h>
+#include <sys/mount.h>
+#include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+
+#include "kernel/msgport/seccomp_shim.h"
+
+namespace ulsp::core {
+namespace {
+
+int g_sock = -1;
+volatile pid_t g_command = 0;
+
+void Say(const std::string& text, int fd_to_pass = -1) {
+  msghdr h{};
+  iovec iov{const_cast<char*>(text.data()), text.size()};
+  h.msg_iov = &iov;
+  h.msg_iovlen = 1;
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
+  if (fd_to_pass >= 0) {
+    h.msg_control = control;
+    h.msg_controllen = sizeof control;
+    cmsghdr* c = CMSG_FIRSTHDR(&h);
+    c->cmsg_level = SOL_SOCKET;
+    c->cmsg_type = SCM_RIGHTS;
+    c->cmsg_len = CMSG_LEN(sizeof(int));
+    std::memcpy(CMSG_DATA(c), &fd_to_pass, sizeof(int));
+  }
+  // write(2), not send: once the seccomp filter is loaded, sendmsg would wait for the
+  // very supervisor it is talking to.
+  if (fd_to_pass < 0) {
+    while (::write(g_sock, text.data(), text.size()) < 0 && errno == EINTR) {
+    }
+    return;
+  }
+  while (::sendmsg(g_sock, &h, MSG_NOSIGNAL) < 0 && errno == EINTR) {
+  }
+}
+
+[[noreturn]] void Die(const std::string& what) {
+  Say("error " + what);
+  _exit(125);
+}
+
+std::string Errno(const std::string& what) { return what + ": " + std::strerror(errno); }
+
+// Waits for the supervisor's answer to a step; dies unless it is "ok".
+void Expect(const std::string& step) {
+  char buf[4096];
+  ssize_t n;
+  while ((n = ::read(g_sock, buf, sizeof buf)) < 0 && errno == EINTR) {
+  }
+  if (n <= 0) _exit(125);  // the supervisor is gone; it says why
+  const std::string answer(buf, static_cast<size_t>(n));
+  if (answer != "ok") Die(step + ": " + answer);
+}
+
+bool Exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+void BindOver(const std::string& source, const std::string& target, bool recursive) {
+  if (!Exists(target)) return;  // nothing there to cover: the view does not have it
+  if (::mount(source.c_str(), target.c_str(), nullptr, MS_BIND | (recursive ? MS_REC : 0), nullptr) != 0)
+    Die(Errno("binding " + source + " on " + target));
+}
+
+void LoopbackUp() {
+  const int s = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  if (s < 0) Die(Errno("socket"));
+  ifreq ifr{};
+  std::strncpy(ifr.ifr_name, "lo", IFNAMSIZ - 1);
+  if (::ioctl(s, SIOCGIFFLAGS, &ifr) != 0) Die(Errno("lo"));
+  ifr.ifr_flags = static_cast<short>(ifr.ifr_flags | IFF_UP | IFF_RUNNING);
+  if (::ioctl(s, SIOCSIFFLAGS, &ifr) != 0) Die(Errno("bringing lo up"));
+  ::close(s);
+}
+
+// Docker's default capabilities, and reading files as root does.
+constexpr int kKeptCaps[] = {CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_KILL,
+                             CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_NET_RAW, CAP_SYS_CHROOT,
+                             CAP_MKNOD, CAP_AUDIT_WRITE, CAP_SETFCAP};
+
+void DropCapabilities() {
+  int last = CAP_LAST_CAP;
+  if (std::ifstream f("/proc/sys/kernel/cap_last_cap"); f) f >> last;
+  uint64_t keep = 0;
+  for (int c : kKeptCaps) keep |= 1ull << c;
+  for (int c = 0; c <= last; ++c) {
+    if ((keep >> c) & 1) continue;
+    if (::prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0 && errno != EINVAL) Die(Errno("dropping capability " + std::to_string(c)));
+  }
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2] = {};
+  if (::syscall(SYS_capget, &header, data) != 0) Die(Errno("capget"));
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t mask = static_cast<uint32_t>(keep >> (32 * i));
+    data[i].effective &= mask;
+    data[i].permitted &= mask;
+    data[i].inheritable &= mask;
+  }
+  if (::syscall(SYS_capset, &header, data) != 0) Die(Errno("capset"));
+  ::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+}
+
+void Limit(int resource, const std::optional<uint64_t>& value, const char* name) {
+  if (!value) return;
+  rlimit r{static_cast<rlim_t>(*value), static_cast<rlim_t>(*value)};
+  if (::setrlimit(resource, &r) != 0) Die(Errno(std::string("limit ") + name));
+}
+
+constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
+
+void Forward(int sig, siginfo_t* info, void*) {
+  // Keyboard signals reach the command from the terminal itself: forward only those
+  // another process sent (the supervisor, passing on its own).
+  if ((sig == SIGINT || sig == SIGQUIT) && info->si_code != SI_USER) return;
+  if (g_command > 0) ::kill(g_command, sig);
+}
+
+int StatusOf(int wait_status) {
+  if (WIFEXITED(wait_status)) return WEXITSTATUS(wait_status);
+  if (WIFSIGNALED(wait_status)) return 128 + WTERMSIG(wait_status);
+  return 125;
+}
+
+// Without a pid namespace: kill what the command left behind (this process is their
+// subreaper, so orphans come to it), until nothing is left.
+void KillLeftovers() {
+  const std::string children = "/proc/self/task/" + std::to_string(::getpid()) + "/children";
+  for (int round = 0; round < 1000; ++round) {
+    std::ifstream in(children);
+    std::vector<pid_t> pids;
+    for (pid_t p; in >> p;) pids.push_back(p);
+    if (pids.empty()) return;
+    for (pid_t p : pids) ::kill(p, SIGKILL);
+    while (::waitpid(-1, nullptr, 0) > 0) {
+    }
+  }
+}
+
+}  // namespace
+
+void GroupMain(const GroupPlan& plan, int sock) {
+  g_sock = sock;
+  if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) _exit(125);
+  if (plan.pid_namespace) {
+    if (::unshare(CLONE_NEWPID) != 0) Die(Errno("unshare(CLONE_NEWPID)"));
+    const pid_t init = ::fork();
+    if (init < 0) Die(Errno("fork"));
+    if (init > 0) {
+      // The process between the supervisor and the group's pid 1: it only waits.
+      for (int sig : kForwarded) ::signal(sig, SIG_IGN);
+      ::close(g_sock);
+      int status = 0;
+      while (::waitpid(init, &status, 0) < 0 && errno == EINTR) {
+      }
+      _exit(StatusOf(status));
+    }
+    if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) _exit(125);
+  }
+  if (::unshare(CLONE_NEWNS | CLONE_NEWNET) != 0) Die(Errno("unshare(CLONE_NEWNS | CLONE_NEWNET)"));
+  Say("hello");  // the supervisor reads this process's host pid off the message
+  LoopbackUp();
+  if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) Die(Errno("making / private"));
+
+  const std::string& prefix = plan.staging;
+  for (size_t i = 0; i < plan.mounts.size(); ++i) {
+    const GroupPlan::Mount& m = plan.mounts[i];
+    const std::string target = m.path == "/" ? prefix : prefix + m.path;
+    if (!Exists(target)) Die("mount point " + m.path + " does not exist");
+    const int fd = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
+    if (fd < 0) Die(Errno("/dev/fuse"));
+    std::string opts = "fd=" + std::to_string(fd) + ",rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other";
+    if (m.isolated) opts += ",max_read=131072";
+    if (::mount(m.fsname.c_str(), target.c_str(), "fuse.ulsp", MS_NOSUID, opts.c_str()) != 0)
+      Die(Errno("mounting the stack on " + m.path));
+    Say("mount " + std::to_string(i), fd);
+    ::close(fd);
+    Expect("mount " + m.path);
+  }
+  if (!prefix.empty()) {
+    BindOver("/dev", prefix + "/dev", true);
+    BindOver("/sys", prefix + "/sys", true);
+    if (!plan.pid_namespace) BindOver("/proc", prefix + "/proc", true);
+  }
+  if (plan.pid_namespace && Exists(prefix + "/proc")) {
+    if (::mount("proc", (prefix + "/proc").c_str(), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0)
+      Die(Errno("mounting /proc"));
+  }
+  if (plan.private_tmp && Exists(prefix + "/tmp")) {
+    if (::mount("tmpfs", (prefix + "/tmp").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
+      Die(Errno("mounting a private /tmp"));
+  }
+  BindOver(plan.resolv_conf, prefix + "/etc/resolv.conf", false);
+  BindOver(plan.hosts, prefix + "/etc/hosts", false);
+  if (!prefix.empty()) {
+    if (::chdir(prefix.c_str()) != 0) Die(Errno("chdir " + prefix));
+    if (::syscall(SYS_pivot_root, ".", ".") != 0) Die(Errno("pivot_root"));
+    if (::umount2(".", MNT_DETACH) != 0) Die(Errno("detaching the old root"));
+  }
+  if (::chdir(plan.cwd.c_str()) != 0 && ::chdir("/") != 0) Die(Errno("chdir /"));
+
+  Limit(RLIMIT_CPU, plan.cpu_seconds, "cpu_seconds");
+  Limit(RLIMIT_AS, plan.memory_bytes, "memory");
+  Limit(RLIMIT_NOFILE, plan.open_files, "open_files");
+  Limit(RLIMIT_FSIZE, plan.file_size_bytes, "file_size");
+  if (!plan.pid_namespace) ::prctl(PR_SET_CHILD_SUBREAPER, 1);
+  DropCapabilities();
+
+  struct sigaction sa {};
+  sa.sa_sigaction = Forward;
+  sa.sa_flags = SA_SIGINFO | SA_RESTART;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : kForwarded) ::sigaction(sig, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_DFL);
+  sigset_t none;
+  sigemptyset(&none);
+  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+
+  auto listener = msgport::LoadGroupFilter();
+  if (!listener) Die("loading the seccomp filter: " + listener.error().Describe());
+  Say("listener " + std::to_string(listener->get()));
+  Expect("seccomp");
+  listener->Reset();
+  ::close(g_sock);
+
+  std::vector<char*> argv;
+  for (const std::string& a : plan.command) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  const pid_t command = ::fork();
+  if (command < 0) {
+    std::fprintf(stderr, "ulsp run: fork: %s\n", std::strerror(errno));
+    _exit(125);
+  }
+  if (command == 0) {
+    for (int sig : kForwarded) ::signal(sig, SIG_DFL);
+    ::execvp(argv[0], argv.data());
+    const int err = errno;
+    std::fprintf(stderr, "ulsp run: %s: %s\n", argv[0], std::strerror(err));
+    _exit(err == ENOENT ? 127 : 126);
+  }
+  g_command = command;
+  int code = 125;
+  for (;;) {
+    int status = 0;
+    const pid_t p = ::waitpid(-1, &status, 0);
+    if (p < 0) {
+      if (errno == EINTR) continue;
+      break;
+    }
+    if (p == command) {
+      code = StatusOf(status);
+      break;
+    }
+  }
+  g_command = 0;
+  if (!plan.pid_namespace) KillLeftovers();
+  _exit(code);
+}
+
+}  // namespace ulsp::core

@@ -1,0 +1,123 @@
+#include "ulsp/net/caller_fs.h"
+
+#include <fcntl.h>
+#include <grp.h>
+#include <sched.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
+#include <fstream>
+#include <sstream>
+
+namespace ulsp::net {
+namespace {
+
+// The caller's umask and file-system credentials, from /proc/TID/status.
+struct Creds {
+  mode_t umask = 022;
+  uid_t fsuid = 0;
+  gid_t fsgid = 0;
+  std::vector<gid_t> groups;
+};
+
+Result<Creds> ReadCreds(pid_t tid) {
+  std::ifstream in("/proc/" + std::to_string(tid) + "/status");
+  if (!in) return Fail(ESRCH);
+  Creds c;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream f(line.substr(line.find(':') + 1));
+    if (line.rfind("Umask:", 0) == 0) {
+      std::string octal;
+      f >> octal;
+      c.umask = static_cast<mode_t>(std::stoul(octal, nullptr, 8));
+    } else if (line.rfind("Uid:", 0) == 0) {
+      uid_t real, effective, saved;
+      f >> real >> effective >> saved >> c.fsuid;
+    } else if (line.rfind("Gid:", 0) == 0) {
+      gid_t real, effective, saved;
+      f >> real >> effective >> saved >> c.fsgid;
+    } else if (line.rfind("Groups:", 0) == 0) {
+      for (gid_t g; f >> g;) c.groups.push_back(g);
+    }
+  }
+  return c;
+}
+
+// Per-thread credential calls (glibc's wrappers change every thread of the process).
+void SetFsIds(uid_t uid, gid_t gid, const std::vector<gid_t>& groups) {
+  ::syscall(SYS_setgroups, groups.size(), groups.data());
+  ::syscall(SYS_setfsgid, gid);
+  ::syscall(SYS_setfsuid, uid);
+}
+
+thread_local bool fs_unshared = false;
+
+}  // namespace
+
+Result<CallerFs> CallerFs::Enter(pid_t tid) {
+  if (!fs_unshared) {
+    if (auto r = Sys([] { return ::unshare(CLONE_FS); }); !r) return std::unexpected(r.error());
+    fs_unshared = true;
+  }
+  auto creds = ReadCreds(tid);
+  if (!creds) return std::unexpected(creds.error());
+  const std::string proc = "/proc/" + std::to_string(tid);
+  auto root = Sys([&] { return ::open((proc + "/root").c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC); });
+  if (!root) return std::unexpected(root.error());
+  UniqueFd caller_root(*root);
+  auto cwd = Sys([&] { return ::open((proc + "/cwd").c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC); });
+  if (!cwd) return std::unexpected(cwd.error());
+  UniqueFd caller_cwd(*cwd);
+
+  CallerFs c;
+  auto own_root = Sys([] { return ::open("/", O_PATH | O_DIRECTORY | O_CLOEXEC); });
+  auto own_cwd = Sys([] { return ::open(".", O_PATH | O_DIRECTORY | O_CLOEXEC); });
+  if (!own_root || !own_cwd) return Fail(EMFILE);
+  c.own_root_.Reset(*own_root);
+  c.own_cwd_.Reset(*own_cwd);
+  c.own_fsuid_ = static_cast<uid_t>(::syscall(SYS_setfsuid, -1));
+  c.own_fsgid_ = static_cast<gid_t>(::syscall(SYS_setfsgid, -1));
+  const int n = ::getgroups(0, nullptr);
+  c.own_groups_.resize(static_cast<size_t>(std::max(n, 0)));
+  if (n > 0) ::getgroups(n, c.own_groups_.data());
+  c.own_umask_ = ::umask(creds->umask);
+  c.active_ = true;  // from here on, Leave puts things back
+  if (::fchdir(caller_root.get()) != 0 || ::chroot(".") != 0 || ::fchdir(caller_cwd.get()) != 0) {
+    const int err = errno;
+    c.Leave();
+    return Fail(err);
+  }
+  SetFsIds(creds->fsuid, creds->fsgid, creds->groups);
+  return c;
+}
+
+CallerFs::CallerFs(CallerFs&& other) noexcept
+    : active_(std::exchange(other.active_, false)),
+      own_root_(std::move(other.own_root_)),
+      own_cwd_(std::move(other.own_cwd_)),
+      own_umask_(other.own_umask_),
+      own_fsuid_(other.own_fsuid_),
+      own_fsgid_(other.own_fsgid_),
+      own_groups_(std::move(other.own_groups_)) {}
+
+CallerFs::~CallerFs() { Leave(); }
+
+void CallerFs::Leave() noexcept {
+  if (!active_) return;
+  active_ = false;
+  SetFsIds(own_fsuid_, own_fsgid_, own_groups_);
+  ::umask(own_umask_);
+  // Back to our own root: chroot to the directory the descriptor names.
+  if (::fchdir(own_root_.get()) == 0) (void)::chroot(".");
+  (void)::fchdir(own_cwd_.get());
+}
+
+std::string CallerFs::Cwd() const {
+  char buf[PATH_MAX];
+  if (::getcwd(buf, sizeof buf) == nullptr) return "";
+  return buf;
+}
+
+}  // namespace ulsp::net

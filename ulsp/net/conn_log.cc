@@ -1,0 +1,72 @@
+#include "ulsp/net/conn_log.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <ctime>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+namespace ulsp::net {
+
+std::expected<std::unique_ptr<ConnLog>, std::string> ConnLog::Open(const std::string& path, std::string group) {
+  std::unique_ptr<ConnLog> log(new ConnLog());
+  log->group_ = std::move(group);
+  if (path.empty()) return log;
+  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return std::unexpected(path + ": cannot open the connection log: " + std::strerror(errno));
+  log->fd_.Reset(fd);
+  return log;
+}
+
+std::string ProgramOf(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/cmdline");
+  std::string argv0;
+  std::getline(in, argv0, '\0');
+  return argv0;
+}
+
+void ConnLog::Write(const LogEntry& e) noexcept {
+  if (!fd_) return;
+  try {
+    const auto now = std::chrono::system_clock::now();
+    const auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
+    const std::time_t secs = static_cast<std::time_t>(us / 1000000);
+    std::tm tm{};
+    ::gmtime_r(&secs, &tm);
+    char stamp[64];
+    std::snprintf(stamp, sizeof stamp, "%04d-%02d-%02dT%02d:%02d:%02d.%06lldZ", tm.tm_year + 1900, tm.tm_mon + 1,
+                  tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec, static_cast<long long>(us % 1000000));
+    nlohmann::ordered_json j;
+    j["time"] = stamp;
+    j["group"] = group_;
+    j["pid"] = e.pid;
+    j["argv0"] = ProgramOf(e.pid);
+    j["call"] = e.call;
+    if (!e.proto.empty()) j["proto"] = e.proto;
+    if (!e.path.empty()) {
+      j["path"] = e.path;
+    } else if (!e.address.empty()) {
+      j["address"] = e.address;
+      j["port"] = e.port;
+    }
+    if (!e.name.empty()) j["name"] = e.name;
+    if (e.call == "resolve") j["addresses"] = e.addresses;
+    j["verdict"] = e.verdict;
+    j["rule"] = e.rule;
+    // Bytes that are not UTF-8 (a hostile path) are replaced, not refused.
+    std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+    const ssize_t n = ::write(fd_.get(), line.data(), line.size());
+    if (n == static_cast<ssize_t>(line.size())) {
+      lines_.fetch_add(1, std::memory_order_relaxed);
+    } else {
+      failures_.fetch_add(1, std::memory_order_relaxed);
+    }
+  } catch (...) {
+    failures_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+}  // namespace ulsp::net

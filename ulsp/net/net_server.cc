@@ -1,0 +1,657 @@
+#include "ulsp/net/net_server.h"
+
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstring>
+#include <new>
+
+#include "kernel/msgport/log.h"
+#include "ulsp/net/caller_fs.h"
+
+namespace ulsp::net {
+
+using msgport::NetCall;
+using msgport::NetDatagram;
+using msgport::NetRequest;
+using msgport::NetVerdict;
+
+namespace {
+
+void Return(NetRequest& q, int64_t value) {
+  q.verdict = NetVerdict::kReturn;
+  q.value = value;
+}
+void Error(NetRequest& q, int error) {
+  q.verdict = NetVerdict::kError;
+  q.error = error;
+}
+void Continue(NetRequest& q) { q.verdict = NetVerdict::kContinue; }
+
+bool Nonblocking(int fd) {
+  const int fl = ::fcntl(fd, F_GETFL);
+  return fl >= 0 && (fl & O_NONBLOCK) != 0;
+}
+
+sa_family_t FamilyOf(const std::vector<char>& addr) {
+  sa_family_t f = AF_UNSPEC;
+  if (addr.size() >= sizeof f) std::memcpy(&f, addr.data(), sizeof f);
+  return f;
+}
+
+const sockaddr* AsSockaddr(const std::vector<char>& addr) {
+  return reinterpret_cast<const sockaddr*>(addr.data());  // NOLINT: bytes of a sockaddr
+}
+
+bool IsResolver(const Endpoint& e) {
+  auto v4 = e.V4();
+  return v4 && std::equal(v4->begin(), v4->end(), kResolverV4) && e.port == kResolverPort;
+}
+
+// Waits until `fd` is writable, asking now and then whether the caller still waits.
+// 0 when writable; EINTR when the caller is gone; ETIMEDOUT after `limit` (0: none).
+int WaitWritable(int fd, const NetRequest& q, std::chrono::milliseconds limit) {
+  const auto start = std::chrono::steady_clock::now();
+  for (;;) {
+    pollfd p{fd, POLLOUT, 0};
+    const int r = ::poll(&p, 1, 100);
+    if (r > 0) return 0;
+    if (r < 0 && errno != EINTR) return errno;
+    if (q.still_waiting && !q.still_waiting()) return EINTR;
+    if (limit.count() > 0 && std::chrono::steady_clock::now() - start >= limit) return ETIMEDOUT;
+  }
+}
+
+// The caller's SO_SNDTIMEO (0: none): how long its blocking connect or send waits.
+std::chrono::milliseconds SendTimeout(int fd) {
+  timeval tv{};
+  socklen_t len = sizeof tv;
+  if (::getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) != 0) return std::chrono::milliseconds(0);
+  return std::chrono::milliseconds(tv.tv_sec * 1000 + tv.tv_usec / 1000);
+}
+
+// Connects `fd` (non-blocking) and, for a blocking caller, waits as the kernel would.
+// 0, EINPROGRESS (a non-blocking caller, or its send timeout passed), or an errno.
+int ConnectOn(int fd, const std::vector<char>& addr, bool caller_nonblocking, const NetRequest& q,
+              std::chrono::milliseconds timeout) {
+  if (::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0) return 0;
+  if (errno != EINPROGRESS) return errno;
+  if (caller_nonblocking) return EINPROGRESS;
+  const int w = WaitWritable(fd, q, timeout);
+  if (w == ETIMEDOUT) return EINPROGRESS;
+  if (w != 0) return w;
+  int err = 0;
+  socklen_t len = sizeof err;
+  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
+  return err;
+}
+
+// Integer socket options a connection carries over to the ULSP's socket.
+struct IntOption {
+  int level, name;
+  bool stream_only;
+};
+constexpr IntOption kIntOptions[] = {
+    {SOL_SOCKET, SO_REUSEADDR, false},     {SOL_SOCKET, SO_REUSEPORT, false},
+    {SOL_SOCKET, SO_KEEPALIVE, false},     {SOL_SOCKET, SO_BROADCAST, false},
+    {SOL_SOCKET, SO_OOBINLINE, false},     {SOL_SOCKET, SO_PRIORITY, false},
+    {SOL_SOCKET, SO_RCVLOWAT, false},      {SOL_SOCKET, SO_TIMESTAMP, false},
+    {IPPROTO_TCP, TCP_NODELAY, true},      {IPPROTO_TCP, TCP_KEEPIDLE, true},
+    {IPPROTO_TCP, TCP_KEEPINTVL, true},    {IPPROTO_TCP, TCP_KEEPCNT, true},
+    {IPPROTO_TCP, TCP_USER_TIMEOUT, true}, {IPPROTO_TCP, TCP_CORK, true},
+};
+constexpr IntOption kV4Options[] = {{IPPROTO_IP, IP_TOS, false},     {IPPROTO_IP, IP_TTL, false},
+                                    {IPPROTO_IP, IP_RECVERR, false}, {IPPROTO_IP, IP_PKTINFO, false},
+                                    {IPPROTO_IP, IP_RECVTOS, false}, {IPPROTO_IP, IP_MTU_DISCOVER, false}};
+constexpr IntOption kV6Options[] = {{IPPROTO_IPV6, IPV6_V6ONLY, false},      {IPPROTO_IPV6, IPV6_TCLASS, false},
+                                    {IPPROTO_IPV6, IPV6_UNICAST_HOPS, false}, {IPPROTO_IPV6, IPV6_RECVERR, false},
+                                    {IPPROTO_IPV6, IPV6_RECVPKTINFO, false}};
+
+void CopyOptions(int from, int to, int family, bool stream) {
+  auto copy = [&](const IntOption& o) {
+    if (o.stream_only && !stream) return;
+    int v = 0, fresh = 0;
+    socklen_t len = sizeof v, flen = sizeof fresh;
+    if (::getsockopt(from, o.level, o.name, &v, &len) != 0) return;
+    if (::getsockopt(to, o.level, o.name, &fresh, &flen) == 0 && fresh == v) return;
+    (void)::setsockopt(to, o.level, o.name, &v, sizeof v);
+  };
+  for (const auto& o : kIntOptions) copy(o);
+  if (family == AF_INET) {
+    for (const auto& o : kV4Options) copy(o);
+  } else {
+    for (const auto& o : kV6Options) copy(o);
+  }
+  for (int name : {SO_RCVBUF, SO_SNDBUF}) {  // only what the caller changed (Linux reports
+    int v = 0, fresh = 0;                   // double what was set)
+    socklen_t len = sizeof v, flen = sizeof fresh;
+    if (::getsockopt(from, SOL_SOCKET, name, &v, &len) == 0 && ::getsockopt(to, SOL_SOCKET, name, &fresh, &flen) == 0 &&
+        v != fresh) {
+      const int half = v / 2;
+      (void)::setsockopt(to, SOL_SOCKET, name, &half, sizeof half);
+    }
+  }
+  for (int name : {SO_RCVTIMEO, SO_SNDTIMEO}) {
+    timeval tv{};
+    socklen_t len = sizeof tv;
+    if (::getsockopt(from, SOL_SOCKET, name, &tv, &len) == 0 && (tv.tv_sec != 0 || tv.tv_usec != 0))
+      (void)::setsockopt(to, SOL_SOCKET, name, &tv, sizeof tv);
+  }
+  linger l{};
+  socklen_t llen = sizeof l;
+  if (::getsockopt(from, SOL_SOCKET, SO_LINGER, &l, &llen) == 0 && l.l_onoff != 0)
+    (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
+}
+
+// Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
+int TranslateRights(std::vector<char>& control, int pidfd, std::vector<UniqueFd>& held) {
+  if (control.empty()) return 0;
+  msghdr h{};
+  h.msg_control = control.data();
+  h.msg_controllen = control.size();
+  for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
+    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return EINVAL;
+    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
+    const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    auto* fds = reinterpret_cast<int*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
+    for (size_t i = 0; i < count; ++i) {
+      int theirs;
+      std::memcpy(&theirs, fds + i, sizeof theirs);
+      const long ours = ::syscall(SYS_pidfd_getfd, pidfd, theirs, 0);
+      if (ours < 0) return EBADF;
+      held.emplace_back(static_cast<int>(ours));
+      const int v = static_cast<int>(ours);
+      std::memcpy(fds + i, &v, sizeof v);
+    }
+  }
+  return 0;
+}
+
+// Sends one datagram (or stream chunk) on `fd`, with `name` (or none), as the caller's
+// call would: waiting when its socket blocks, raising SIGPIPE in it when the kernel
+// would have. Returns the bytes sent, or -errno.
+int64_t SendOn(int fd, const NetDatagram& d, const std::vector<char>* name, int flags, bool stream,
+               const NetRequest& q, std::vector<char>& control) {
+  std::vector<UniqueFd> held;
+  if (int err = TranslateRights(control, q.pidfd.get(), held)) return -err;
+  const bool wait = !(flags & MSG_DONTWAIT) && !Nonblocking(fd);
+  const auto timeout = wait ? SendTimeout(fd) : std::chrono::milliseconds(0);
+  size_t sent = 0;
+  for (;;) {
+    iovec iov{const_cast<char*>(d.data.data()) + sent, d.data.size() - sent};
+    msghdr h{};
+    if (name != nullptr && !name->empty()) {
+      h.msg_name = const_cast<char*>(name->data());
+      h.msg_namelen = static_cast<socklen_t>(name->size());
+    }
+    h.msg_iov = &iov;
+    h.msg_iovlen = 1;
+    if (sent == 0 && !control.empty()) {
+      h.msg_control = control.data();
+      h.msg_controllen = control.size();
+    }
+    const ssize_t n = ::sendmsg(fd, &h, (flags & ~MSG_FASTOPEN) | MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (n >= 0) {
+      sent += static_cast<size_t>(n);
+      if (!stream || !wait || sent >= d.data.size()) return static_cast<int64_t>(sent);
+      continue;  // a blocking stream send sends everything
+    }
+    const int err = errno;
+    if (err == EINTR) continue;
+    if ((err == EAGAIN || err == EWOULDBLOCK) && wait) {
+      const int w = WaitWritable(fd, q, timeout);
+      if (w == 0) continue;
+      if (sent > 0) return static_cast<int64_t>(sent);
+      return -(w == ETIMEDOUT ? EAGAIN : w);
+    }
+    if (sent > 0) return static_cast<int64_t>(sent);
+    if (err == EPIPE && !(flags & MSG_NOSIGNAL)) ::syscall(SYS_tgkill, q.tgid, q.tid, SIGPIPE);
+    return -err;
+  }
+}
+
+std::string UnixPath(const std::vector<char>& addr) {
+  const size_t off = offsetof(sockaddr_un, sun_path);
+  if (addr.size() <= off) return "";
+  std::string p(addr.data() + off, addr.size() - off);
+  if (const size_t nul = p.find('\0'); nul != std::string::npos && !p.empty() && p[0] != '\0') p.resize(nul);
+  return p;
+}
+
+}  // namespace
+
+NetServer::NetServer(NetConfig config, ConnLog& log, NameMemory& names)
+    : config_(std::move(config)), log_(log), names_(names) {}
+
+void NetServer::Serve(msgport::MessagePtr msg) noexcept {
+  auto& m = static_cast<msgport::NetMessage&>(*msg);
+  try {
+    ServeRequest(m.req);
+  } catch (const std::bad_alloc&) {
+    Error(m.req, ENOMEM);
+  } catch (const std::exception& e) {
+    Logger("net")->error("{}: serving {} failed: {}", config_.group, msgport::NetCallName(m.req.call), e.what());
+    Error(m.req, EIO);
+  }
+  counters_.served.fetch_add(1, std::memory_order_relaxed);
+  msgport::Reply(std::move(msg), 0);
+}
+
+void NetServer::Note(const NetRequest& q, LogEntry e) {
+  e.pid = q.tgid;
+  if (e.call.empty()) e.call = std::string(msgport::NetCallName(q.call));
+  if (e.verdict == "deny") {
+    counters_.denied.fetch_add(1, std::memory_order_relaxed);
+  } else if (e.verdict == "log") {
+    counters_.logged.fetch_add(1, std::memory_order_relaxed);
+  } else if (e.verdict == "group") {
+    counters_.kept.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    counters_.allowed.fetch_add(1, std::memory_order_relaxed);
+  }
+  if (e.verdict == "deny" || e.verdict == "log") {
+    const std::string where = e.path.empty() ? e.address + ":" + std::to_string(e.port) : e.path;
+    Logger("net")->info("group {}: {} {} {}{} by {}", config_.group, e.verdict == "deny" ? "denied" : "logged", e.call,
+                        where, e.name.empty() ? "" : " (" + e.name + ")", e.rule);
+  }
+  log_.Write(e);
+}
+
+void NetServer::ServeRequest(NetRequest& q) {
+  if (q.fd_error != 0) return Error(q, q.fd_error);
+  if (q.copy_error != 0) return Error(q, q.copy_error);
+  switch (q.call) {
+    case NetCall::kSocket: {
+      const int family = static_cast<int>(q.args[0]);
+      const int protocol = static_cast<int>(q.args[2]);
+      if (family != AF_UNIX && family != AF_INET && family != AF_INET6 && family != AF_NETLINK) {
+        // AF_VSOCK would reach the hypervisor, AF_PACKET and others the wire.
+        Note(q, {.call = "socket", .proto = "family " + std::to_string(family), .verdict = "deny", .rule = "families"});
+        return Error(q, EAFNOSUPPORT);
+      }
+      if ((family == AF_INET || family == AF_INET6) && protocol == IPPROTO_SCTP) {
+        // SCTP carries addresses in its sends and options, past this ULSP's checks.
+        Note(q, {.call = "socket", .proto = "sctp", .verdict = "deny", .rule = "protocols"});
+        return Error(q, EPROTONOSUPPORT);
+      }
+      return Continue(q);
+    }
+    case NetCall::kSocketPair:
+    case NetCall::kListen:
+    case NetCall::kAccept:
+    case NetCall::kAccept4:
+    case NetCall::kSetSockOpt:
+      return Continue(q);  // no pointer argument carries a decision
+    case NetCall::kConnect:
+      return Connect(q);
+    case NetCall::kBind:
+      return Bind(q);
+    case NetCall::kSendTo:
+    case NetCall::kSendMsg:
+    case NetCall::kSendMmsg:
+      return Send(q);
+    case NetCall::kCount:
+      break;
+  }
+  Error(q, ENOSYS);
+}
+
+Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
+  UniqueFd own_ns;
+  if (in_group) {
+    auto self = Sys([] { return ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC); });
+    if (!self) return std::unexpected(self.error());
+    own_ns.Reset(*self);
+    if (auto r = Sys([&] { return ::setns(config_.group_netns.get(), CLONE_NEWNET); }); !r) return std::unexpected(r.error());
+  }
+  const int fd = ::socket(q.family, q.type | SOCK_CLOEXEC | SOCK_NONBLOCK, q.protocol);
+  const int err = errno;
+  if (in_group && ::setns(own_ns.get(), CLONE_NEWNET) != 0) {
+    // This thread would stay in the group's namespace: never let it serve again.
+    Logger("net")->critical("cannot return to the ULSP's network namespace: {}", std::strerror(errno));
+    std::abort();
+  }
+  if (fd < 0) return Fail(err);
+  UniqueFd s(fd);
+  CopyOptions(q.socket.get(), s.get(), q.family, q.type == SOCK_STREAM);
+  // A port the caller bound goes with it (best effort: it may be taken on this side).
+  sockaddr_storage local{};
+  socklen_t len = sizeof local;
+  if (::getsockname(q.socket.get(), reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+    uint16_t port = 0;
+    if (local.ss_family == AF_INET) port = reinterpret_cast<sockaddr_in*>(&local)->sin_port;
+    if (local.ss_family == AF_INET6) port = reinterpret_cast<sockaddr_in6*>(&local)->sin6_port;
+    if (port != 0) {
+      sockaddr_storage any{};
+      any.ss_family = local.ss_family;
+      if (local.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&any)->sin_port = port;
+      if (local.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(&any)->sin6_port = port;
+      if (::bind(s.get(), reinterpret_cast<sockaddr*>(&any), len) != 0)
+        Logger("net")->debug("group {}: could not keep local port {}: {}", config_.group, ntohs(port), std::strerror(errno));
+    }
+  }
+  return s;
+}
+
+bool NetServer::BoundByGroup(dev_t dev, ino_t ino) {
+  std::lock_guard lock(bound_mu_);
+  return bound_.contains({dev, ino});
+}
+
+void NetServer::Connect(NetRequest& q) {
+  if (q.family == AF_UNIX) return ConnectUnix(q);
+  const int dup = q.socket.get();
+  auto on_dup = [&] {
+    const int r = ::connect(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size()));
+    if (r == 0) return Return(q, 0);
+    Error(q, errno);
+  };
+  if (q.family != AF_INET && q.family != AF_INET6) {
+    // Netlink and the like: inside the group they reach nothing outside it.
+    if (q.host_netns) {
+      Note(q, {.proto = "family " + std::to_string(q.family), .verdict = "deny", .rule = "a socket from outside the group"});
+      return Error(q, EACCES);
+    }
+    return on_dup();
+  }
+  if (FamilyOf(q.addr) == AF_UNSPEC && q.addr.size() >= sizeof(sa_family_t)) return on_dup();  // dissolves
+  auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
+  if (!ep) return Error(q, ep.error());
+  const bool stream = q.type == SOCK_STREAM;
+  const std::string proto = stream ? "tcp" : "udp";
+  LogEntry e{.proto = proto, .address = ep->AddressString(), .port = ep->port};
+
+  const bool resolver = IsResolver(*ep);
+  if (resolver || (config_.loopback_group && ep->IsLoopback())) {
+    if (!resolver) Note(q, [&] { auto x = e; x.verdict = "group"; x.rule = "loopback = \"group\""; return x; }());
+    if (!q.host_netns) return on_dup();
+    auto s = SocketLike(q, /*in_group=*/true);  // a host socket: one of the group's replaces it
+    if (!s) return Error(q, s.error().value);
+    const bool nonblocking = Nonblocking(dup);
+    const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
+    if (r != 0 && r != EINPROGRESS) return Error(q, r);
+    if (!nonblocking) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+    q.install = std::move(*s);
+    return r == 0 ? Return(q, 0) : Error(q, r);
+  }
+
+  const Decision d = config_.rules.Decide(Call::kConnect, stream ? Proto::kTcp : Proto::kUdp, *ep, names_.NamesOf(*ep));
+  e.name = d.name;
+  e.verdict = std::string(ActionName(d.action));
+  e.rule = config_.rules.Describe(d.rule);
+  Note(q, e);
+  if (!d.allowed()) return Error(q, EACCES);
+  if (q.host_netns) return on_dup();  // already the ULSP's: connect it where it is
+  if (stream) {
+    sockaddr_storage peer{};
+    socklen_t len = sizeof peer;
+    if (::getpeername(dup, reinterpret_cast<sockaddr*>(&peer), &len) == 0) return Error(q, EISCONN);
+  }
+  auto s = SocketLike(q, /*in_group=*/false);
+  if (!s) return Error(q, s.error().value);
+  const bool nonblocking = Nonblocking(dup);
+  const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
+  if (r != 0 && r != EINPROGRESS) return Error(q, r);
+  if (!nonblocking) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+  q.install = std::move(*s);
+  return r == 0 ? Return(q, 0) : Error(q, r);
+}
+
+NetServer::UnixTarget NetServer::OpenUnixTarget(const NetRequest& q, const std::string& path) {
+  UnixTarget t;
+  struct stat st {};
+  {
+    auto ctx = CallerFs::Enter(q.tid);
+    if (!ctx) {
+      t.error = ctx.error().value == ESRCH ? EINTR : ctx.error().value;
+      return t;
+    }
+    t.shown = path[0] == '/' ? path : ctx->Cwd() + "/" + path;
+    const int fd = ::open(path.c_str(), O_PATH | O_CLOEXEC);  // follows links, as connect does
+    if (fd < 0) {
+      t.error = errno;
+      return t;
+    }
+    t.fd.Reset(fd);
+    if (::fstat(fd, &st) != 0) {
+      t.error = errno;
+      return t;
+    }
+    t.is_socket = S_ISSOCK(st.st_mode);
+    // connect needs write permission on the socket file, checked as the caller.
+    if (t.is_socket && ::syscall(SYS_faccessat2, fd, "", W_OK, AT_EACCESS | AT_EMPTY_PATH) != 0) {
+      t.error = errno;
+      return t;
+    }
+  }  // back in our own root: /proc/thread-self is ours again
+  t.bound = t.is_socket && BoundByGroup(st.st_dev, st.st_ino);
+  // The inode found is the one reached: through our descriptor, not the path again.
+  const std::string pinned = "/proc/thread-self/fd/" + std::to_string(t.fd.get());
+  sockaddr_un un{};
+  un.sun_family = AF_UNIX;
+  std::memcpy(un.sun_path, pinned.c_str(), pinned.size() + 1);
+  const auto* bytes = reinterpret_cast<const char*>(&un);
+  t.name.assign(bytes, bytes + offsetof(sockaddr_un, sun_path) + pinned.size() + 1);
+  return t;
+}
+
+LogEntry NetServer::DecideUnix(const UnixTarget& t) {
+  LogEntry e{.proto = "unix", .path = t.shown};
+  if (t.bound) {
+    e.verdict = "group";
+    e.rule = "bound by the group";
+  } else {
+    const Decision d = config_.rules.DecidePath(t.shown);
+    e.verdict = std::string(ActionName(d.action));
+    e.rule = config_.rules.Describe(d.rule);
+  }
+  return e;
+}
+
+void NetServer::ConnectUnix(NetRequest& q) {
+  const int dup = q.socket.get();
+  const std::string path = UnixPath(q.addr);
+  if (path.empty() || path[0] == '\0') {
+    // Abstract (or unnamed): the names of the socket's own network namespace.
+    if (q.host_netns && !path.empty()) {
+      Note(q, {.proto = "unix", .path = "@" + path.substr(1), .verdict = "deny", .rule = "a socket from outside the group"});
+      return Error(q, EACCES);
+    }
+    if (::connect(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0) return Return(q, 0);
+    return Error(q, errno);
+  }
+  const UnixTarget t = OpenUnixTarget(q, path);
+  if (t.error != 0) return Error(q, t.error);  // as the caller's own connect would fail
+  if (!t.is_socket) return Error(q, ECONNREFUSED);
+  const LogEntry e = DecideUnix(t);
+  Note(q, e);
+  if (e.verdict == "deny") return Error(q, EACCES);
+  if (::connect(dup, AsSockaddr(t.name), static_cast<socklen_t>(t.name.size())) == 0) return Return(q, 0);
+  Error(q, errno);
+}
+
+void NetServer::BindUnix(NetRequest& q) {
+  const int dup = q.socket.get();
+  const std::string path = UnixPath(q.addr);
+  if (path.empty() || path[0] == '\0') {
+    if (q.host_netns && !path.empty()) {
+      Note(q, {.proto = "unix", .path = "@" + path.substr(1), .verdict = "deny", .rule = "a socket from outside the group"});
+      return Error(q, EACCES);
+    }
+    if (::bind(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0) return Return(q, 0);
+    return Error(q, errno);
+  }
+  // A socket file is a file: the group's view decides where it may make one.
+  auto ctx = CallerFs::Enter(q.tid);
+  if (!ctx) return Error(q, ctx.error().value == ESRCH ? EINTR : ctx.error().value);
+  if (::bind(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) == 0) {
+    std::lock_guard lock(bound_mu_);
+    bound_.insert({st.st_dev, st.st_ino});
+  }
+  Return(q, 0);
+}
+
+void NetServer::Bind(NetRequest& q) {
+  if (q.family == AF_UNIX) return BindUnix(q);
+  const int dup = q.socket.get();
+  auto on_dup = [&] {
+    if (::bind(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0) return Return(q, 0);
+    Error(q, errno);
+  };
+  if (q.family != AF_INET && q.family != AF_INET6) {
+    if (q.host_netns) return Error(q, EACCES);
+    return on_dup();
+  }
+  auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
+  if (!ep) return Error(q, ep.error());
+  const bool stream = q.type == SOCK_STREAM;
+  LogEntry e{.proto = stream ? "tcp" : "udp", .address = ep->AddressString(), .port = ep->port};
+  const Decision d = config_.rules.Decide(Call::kBind, stream ? Proto::kTcp : Proto::kUdp, *ep, {});
+  if (d.rule < 0) {
+    // No bind rule: the socket stays in the group's namespace, reachable from the group only.
+    e.rule = "no bind rule";
+    if (q.host_netns) {
+      e.verdict = "deny";
+      Note(q, e);
+      return Error(q, EACCES);
+    }
+    e.verdict = "group";
+    Note(q, e);
+    return on_dup();
+  }
+  e.verdict = std::string(ActionName(d.action));
+  e.rule = config_.rules.Describe(d.rule);
+  Note(q, e);
+  if (!d.allowed()) return Error(q, EACCES);
+  if (q.host_netns) return on_dup();
+  auto s = SocketLike(q, /*in_group=*/false);
+  if (!s) return Error(q, s.error().value);
+  if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
+  if (!Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+  q.install = std::move(*s);
+  Return(q, 0);
+}
+
+void NetServer::Send(NetRequest& q) {
+  const int flags = static_cast<int>(q.call == NetCall::kSendMsg ? q.args[2] : q.args[3]);
+  const bool stream = q.type == SOCK_STREAM || q.type == SOCK_SEQPACKET;
+  const bool inet = q.family == AF_INET || q.family == AF_INET6;
+  int target = q.socket.get();  // where the data goes: the caller's socket, or ours
+  bool target_in_group = !q.host_netns;
+  int64_t sent_msgs = 0;
+  int64_t last = 0;
+
+  for (size_t i = 0; i < q.msgs.size(); ++i) {
+    NetDatagram& d = q.msgs[i];
+    const std::vector<char>* name = d.name.empty() ? nullptr : &d.name;
+    int64_t n = 0;
+    UnixTarget unix_target;  // a UNIX path, pinned
+    if (stream && inet && (flags & MSG_FASTOPEN) && name != nullptr) {
+      // A connect that carries data: decide and connect as connect() would, then send.
+      NetRequest c;
+      c.call = NetCall::kConnect;
+      c.tid = q.tid;
+      c.tgid = q.tgid;
+      c.args[0] = q.args[0];
+      c.socket.Reset(::dup(q.socket.get()));
+      c.family = q.family;
+      c.type = q.type;
+      c.protocol = q.protocol;
+      c.host_netns = q.host_netns;
+      c.addr = d.name;
+      c.still_waiting = q.still_waiting;
+      Connect(c);
+      if (c.verdict == NetVerdict::kError && c.error != EINPROGRESS) return Error(q, c.error);
+      if (c.install) {
+        q.install = std::move(c.install);
+        target = q.install.get();
+      }
+      name = nullptr;
+    } else if (!stream && name != nullptr) {
+      if (inet) {
+        auto ep = Endpoint::FromSockaddr(name->data(), name->size());
+        if (!ep) {
+          if (sent_msgs > 0) break;
+          return Error(q, ep.error());
+        }
+        const bool resolver = IsResolver(*ep);
+        if (resolver || (config_.loopback_group && ep->IsLoopback())) {
+          if (!target_in_group) {  // the ULSP's socket must not reach the host's loopback
+            if (sent_msgs > 0) break;
+            return Error(q, EACCES);
+          }
+          if (!resolver) {
+            Note(q, {.proto = "udp", .address = ep->AddressString(), .port = ep->port, .verdict = "group",
+                     .rule = "loopback = \"group\""});
+          }
+        } else {
+          const Decision dec = config_.rules.Decide(Call::kConnect, Proto::kUdp, *ep, names_.NamesOf(*ep));
+          Note(q, {.proto = "udp", .address = ep->AddressString(), .port = ep->port, .name = dec.name,
+                   .verdict = std::string(ActionName(dec.action)), .rule = config_.rules.Describe(dec.rule)});
+          if (!dec.allowed()) {
+            if (sent_msgs > 0) break;
+            return Error(q, EACCES);
+          }
+          if (target_in_group) {  // from now on the group's socket is one of the ULSP's
+            auto s = SocketLike(q, /*in_group=*/false);
+            if (!s) return Error(q, s.error().value);
+            if (!Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+            q.install = std::move(*s);
+            target = q.install.get();
+            target_in_group = false;
+          }
+        }
+      } else if (q.family == AF_UNIX) {
+        const std::string path = UnixPath(*name);
+        if (path.empty() || path[0] == '\0') {
+          if (!target_in_group && !path.empty()) return Error(q, EACCES);
+        } else {
+          unix_target = OpenUnixTarget(q, path);
+          int err = unix_target.error;
+          if (err == 0 && !unix_target.is_socket) err = ECONNREFUSED;
+          if (err == 0) {
+            const LogEntry e = DecideUnix(unix_target);
+            Note(q, e);
+            if (e.verdict == "deny") err = EACCES;
+          }
+          if (err != 0) {
+            if (sent_msgs > 0) break;
+            return Error(q, err);
+          }
+          name = &unix_target.name;
+        }
+      } else if (!target_in_group) {
+        return Error(q, EACCES);
+      }
+    }
+    n = SendOn(target, d, name, flags, stream, q, d.control);
+    if (n < 0) {
+      if (sent_msgs > 0) break;
+      return Error(q, static_cast<int>(-n));
+    }
+    last = n;
+    ++sent_msgs;
+    if (d.len_at != 0) {
+      const uint32_t len = static_cast<uint32_t>(n);
+      q.writes.push_back({d.len_at, std::vector<char>(reinterpret_cast<const char*>(&len),
+                                                       reinterpret_cast<const char*>(&len) + sizeof len)});
+    }
+    if (stream && static_cast<size_t>(n) < d.data.size()) break;
+  }
+  if (q.call == NetCall::kSendMmsg) return Return(q, sent_msgs);
+  Return(q, last);
+}
+
+}  // namespace ulsp::net
