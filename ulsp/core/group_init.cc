@@ -1,6 +1,7 @@
 #include "ulsp/core/group_init.h"
 
 #include <fcntl.h>
+#include <linux/close_range.h>
 #include <linux/capability.h>
 #include <net/if.h>
 #include <sched.h>
@@ -183,6 +184,11 @@ void GroupMain(const GroupPlan& plan, int sock) {
   LoopbackUp();
   if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) Die(Errno("making / private"));
 
+  // The files bound over /etc/resolv.conf and /etc/hosts are opened now: a mount of
+  // the group's may cover where they are.
+  const int resolv_fd = ::open(plan.resolv_conf.c_str(), O_PATH | O_CLOEXEC);
+  const int hosts_fd = ::open(plan.hosts.c_str(), O_PATH | O_CLOEXEC);
+  if (resolv_fd < 0 || hosts_fd < 0) Die(Errno("opening " + plan.resolv_conf));
   const std::string& prefix = plan.staging;
   for (size_t i = 0; i < plan.mounts.size(); ++i) {
     const GroupPlan::Mount& m = plan.mounts[i];
@@ -211,8 +217,10 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (::mount("tmpfs", (prefix + "/tmp").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
       Die(Errno("mounting a private /tmp"));
   }
-  BindOver(plan.resolv_conf, prefix + "/etc/resolv.conf", false);
-  BindOver(plan.hosts, prefix + "/etc/hosts", false);
+  BindOver("/proc/self/fd/" + std::to_string(resolv_fd), prefix + "/etc/resolv.conf", false);
+  BindOver("/proc/self/fd/" + std::to_string(hosts_fd), prefix + "/etc/hosts", false);
+  ::close(resolv_fd);
+  ::close(hosts_fd);
   if (!prefix.empty()) {
     if (::chdir(prefix.c_str()) != 0) Die(Errno("chdir " + prefix));
     if (::syscall(SYS_pivot_root, ".", ".") != 0) Die(Errno("pivot_root"));
@@ -254,6 +262,9 @@ void GroupMain(const GroupPlan& plan, int sock) {
   }
   if (command == 0) {
     for (int sig : kForwarded) ::signal(sig, SIG_DFL);
+    // Only standard input, output and error go in: a socket inherited from outside
+    // the group (opened before `ulsp run`) would be a way around its rules.
+    ::syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC);
     ::execvp(argv[0], argv.data());
     const int err = errno;
     std::fprintf(stderr, "ulsp run: %s: %s\n", argv[0], std::strerror(err));

@@ -229,7 +229,7 @@ class Parser {
     std::string spec;
     for (const vfs::LayerSpec& l : *layers) {
       std::string arg = l.name == "memfs" ? l.argument : PathFromFile(l.argument);
-      if (l.name == "passthrough" || l.name == "overlay") {
+      if (l.name == "passthrough") {
         struct stat st {};
         if (::stat(arg.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
           Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + l.name + ":" + arg + " is not a directory");

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <climits>
 #include <cstring>
 #include <new>
 
@@ -437,6 +438,11 @@ NetServer::UnixTarget NetServer::OpenUnixTarget(const NetRequest& q, const std::
   t.bound = t.is_socket && BoundByGroup(st.st_dev, st.st_ino);
   // The inode found is the one reached: through our descriptor, not the path again.
   const std::string pinned = "/proc/thread-self/fd/" + std::to_string(t.fd.get());
+  // Rules are about where the path leads (links followed), read off the pinned
+  // inode: the path as the group's mount namespace names it.
+  char where[PATH_MAX];
+  const ssize_t n = ::readlink(pinned.c_str(), where, sizeof where - 1);
+  if (n > 0 && where[0] == '/') t.shown.assign(where, static_cast<size_t>(n));
   sockaddr_un un{};
   un.sun_family = AF_UNIX;
   std::memcpy(un.sun_path, pinned.c_str(), pinned.size() + 1);

@@ -5,6 +5,7 @@
 #include <linux/fuse.h>
 
 #include <cstring>
+#include <filesystem>
 #include <new>
 #include <set>
 
@@ -95,6 +96,8 @@ int ForEachEntry(Layer& layer, const VfsRequest& req, uint64_t dir, F&& fn) {
 
 std::expected<std::unique_ptr<OverlayLayer>, std::string> OverlayLayer::Open(const std::string& upper_dir,
                                                                             std::unique_ptr<Layer> lower) {
+  std::error_code ec;
+  std::filesystem::create_directories(upper_dir, ec);  // a fresh upper directory is made
   auto upper = PassthroughLayer::Open(upper_dir);
   if (!upper) return std::unexpected("overlay:" + upper_dir + ": " + upper.error().Describe());
   return std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));

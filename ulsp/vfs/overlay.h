@@ -28,7 +28,8 @@ namespace ulsp::vfs {
 
 class OverlayLayer final : public Layer {
  public:
-  // `upper_dir` must be a writable directory on a file system with user xattrs.
+  // `upper_dir` must be (or is made as) a writable directory on a file system with
+  // user xattrs.
   static std::expected<std::unique_ptr<OverlayLayer>, std::string> Open(const std::string& upper_dir,
                                                                         std::unique_ptr<Layer> lower);
   ~OverlayLayer() override;

@@ -1,0 +1,148 @@
+// Policy files: what a good one becomes, and the one-line refusal (FILE:LINE: reason)
+// for each kind of mistake. The shipped examples in policies/ must all pass.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+
+#include "ulsp/core/policy.h"
+
+namespace ulsp::core {
+namespace {
+
+std::string Refusal(const std::string& text) {
+  auto p = ParsePolicy(text, "p.toml");
+  return p ? "accepted" : p.error();
+}
+
+TEST(Policy, ReadsGroupsMountsRulesAndLimits) {
+  auto p = ParsePolicy(R"(
+[group.build]
+net_default = "deny"
+log = "/var/log/ulsp/build.jsonl"
+loopback = "group"
+pid_namespace = false
+private_tmp = true
+hosts = { "db.internal" = "10.0.0.5", "Two.Internal" = ["10.0.0.6", "fd00::6"] }
+
+[[group.build.mount]]
+path  = "/usr/local/src/"
+stack = "overlay:/tmp/build-upper,passthrough:/usr/share/doc"
+
+[[group.build.mount]]
+path = "/"
+stack = "trace:/tmp/t.jsonl,passthrough:/"
+timeout = 0
+
+[[group.build.net]]
+action = "allow"
+proto  = "tcp"
+to     = "127.0.0.1/32"
+ports  = "8000-8099"
+
+[[group.build.net]]
+action = "log"
+proto = "udp"
+to = "db.internal"
+ports = 53
+
+[group.build.limits]
+wall_seconds = 600
+memory = "2G"
+open_files = 1024
+
+[group.web]
+net_default = "allow"
+)",
+                       "/etc/p.toml");
+  ASSERT_TRUE(p.has_value()) << p.error();
+  ASSERT_EQ(p->groups.size(), 2u);
+  const GroupPolicy& g = p->groups.at("build");
+  EXPECT_FALSE(g.net.default_allow());
+  EXPECT_EQ(g.log, "/var/log/ulsp/build.jsonl");
+  EXPECT_TRUE(g.loopback_group);
+  EXPECT_FALSE(g.pid_namespace);
+  EXPECT_TRUE(g.private_tmp);
+  ASSERT_EQ(g.mounts.size(), 2u);
+  EXPECT_EQ(g.mounts[0].path, "/");  // parents first
+  EXPECT_EQ(g.mounts[0].timeout, 0.0);
+  EXPECT_EQ(g.mounts[1].path, "/usr/local/src");
+  EXPECT_EQ(g.mounts[1].where, "/etc/p.toml:10");
+  ASSERT_EQ(g.net.rules().size(), 2u);
+  EXPECT_EQ(g.net.rules()[0].port_lo, 8000);
+  EXPECT_EQ(g.net.rules()[1].host, "db.internal");
+  EXPECT_EQ(g.net.rules()[1].port_lo, 53);
+  EXPECT_EQ(g.net.Describe(1), "rule 2 (/etc/p.toml:25)");
+  EXPECT_EQ(*g.limits.wall_seconds, 600u);
+  EXPECT_EQ(*g.limits.memory_bytes, 2ull << 30);
+  EXPECT_FALSE(g.limits.cpu_seconds.has_value());
+  EXPECT_EQ(g.hosts.at("two.internal"), (std::vector<std::string>{"10.0.0.6", "fd00::6"}));
+  EXPECT_TRUE(p->groups.at("web").net.default_allow());
+  EXPECT_TRUE(p->groups.at("web").pid_namespace);
+
+  EXPECT_EQ((*p->Group("web"))->name, "web");
+  EXPECT_EQ(p->Group("").error(), "/etc/p.toml: holds 2 groups (build, web): say which with --group NAME");
+  EXPECT_EQ(p->Group("nope").error(), "/etc/p.toml: no group 'nope' (groups: build, web)");
+}
+
+TEST(Policy, RelativePathsAreTheFilesDirectorys) {
+  auto p = ParsePolicy("[group.g]\nlog = \"logs/c.jsonl\"\n[[group.g.mount]]\npath = \"/x\"\nstack = \"overlay:up,memfs:1M\"\n",
+                       "/srv/policies/p.toml");
+  ASSERT_TRUE(p.has_value()) << p.error();
+  EXPECT_EQ(p->groups.at("g").log, "/srv/policies/logs/c.jsonl");
+  EXPECT_EQ(p->groups.at("g").mounts[0].stack, "overlay:/srv/policies/up,memfs:1M");
+}
+
+TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
+  EXPECT_EQ(Refusal("[group.g]\nnet_defualt = \"deny\"\n"),
+            "p.toml:2: unknown key 'net_defualt' in [group.g] (known: net_default, log, loopback, pid_namespace, "
+            "private_tmp, mount, net, limits, hosts)");
+  EXPECT_EQ(Refusal("[group.g]\nnet_default = \"maybe\"\n"), "p.toml:2: net_default must be \"allow\" or \"deny\", not \"maybe\"");
+  EXPECT_EQ(Refusal("[group.g]\npid_namespace = \"yes\"\n"), "p.toml:2: `pid_namespace` in [group.g] must be true or false");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"allow\"\nto = \"10.0.0.0/40\"\n"),
+            "p.toml:4: '10.0.0.0/40': the prefix length must be 0 to 32");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"allow\"\nto = \"10.0.0.1\"\nports = \"80-\"\n"),
+            "p.toml:5: ports '80-': give a port (80), a range (8000-8099) or \"any\"");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"permit\"\n"),
+            "p.toml:3: action must be \"allow\", \"deny\" or \"log\", not \"permit\"");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\nproto = \"tcp\"\n"), "p.toml:2: a [[group.g.net]] rule needs `action`");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"allow\"\nport = 80\n"),
+            "p.toml:4: unknown key 'port' in a [[group.g.net]] rule (known: action, proto, to, ports, call)");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"bogus:/y,memfs:1M\"\n"),
+            "p.toml:4: stack \"bogus:/y,memfs:1M\": unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, "
+            "overlay:UPPERDIR, trace:LOG, view:ALLOWLIST)");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"passthrough:/nonexistent/dir\"\n"),
+            "p.toml:4: stack \"passthrough:/nonexistent/dir\": passthrough:/nonexistent/dir is not a directory");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\n[[group.g.mount]]\npath = \"/x/\"\n"
+                    "stack = \"memfs:2M\"\n"),
+            "p.toml:5: mount point /x overlaps the mount at p.toml:2 (one stack per mount point)");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"x\"\nstack = \"memfs:1M\"\n"), "p.toml:3: mount path 'x' must be absolute");
+  EXPECT_EQ(Refusal("[group.g]\n[group.g.limits]\nmemory = \"lots\"\n"),
+            "p.toml:3: `memory` in [group.g.limits]: give bytes, optionally with K, M, G or T");
+  EXPECT_EQ(Refusal("[group.g]\n[group.g.limits]\nwall_seconds = -1\n"), "p.toml:3: `wall_seconds` in [group.g.limits] must be more than 0");
+  EXPECT_EQ(Refusal("[group.g]\nhosts = { \"db\" = \"10.0.0.300\" }\n"), "p.toml:2: hosts: '10.0.0.300' is not an IPv4 or IPv6 address");
+  EXPECT_EQ(Refusal("[group.g]\nmount = 3\n"), "p.toml:2: `mount` in [group.g] must be an array of tables: write [[group.g.mount]]");
+  EXPECT_EQ(Refusal("group = 1\n"), "p.toml:1: `group` must be a table of groups: write [group.NAME]");
+  EXPECT_EQ(Refusal("[groups.g]\n"), "p.toml:1: unknown key 'groups' in the file (known: group)");
+  EXPECT_EQ(Refusal(""), "p.toml: no groups: declare one with [group.NAME]");
+  EXPECT_EQ(Refusal("[group.g\n"), "p.toml:1: Error while parsing table header: expected ']', saw '\\n'");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"allow\"\nproto = \"unix\"\nto = \"/run/x\"\nports = 1\n"),
+            "p.toml:6: a UNIX socket rule has no ports");
+}
+
+TEST(Policy, MissingFileIsNamed) {
+  EXPECT_EQ(LoadPolicy("/nonexistent/p.toml").error(), "/nonexistent/p.toml: No such file or directory");
+}
+
+TEST(Policy, TheShippedExamplesAreValid) {
+  int seen = 0;
+  for (const auto& e : std::filesystem::directory_iterator(std::string(ULSP_SOURCE_DIR) + "/policies")) {
+    if (e.path().extension() != ".toml") continue;
+    ++seen;
+    auto p = LoadPolicy(e.path().string());
+    EXPECT_TRUE(p.has_value()) << p.error();
+  }
+  EXPECT_GE(seen, 3);
+}
+
+}  // namespace
+}  // namespace ulsp::core

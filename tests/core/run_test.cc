@@ -1,0 +1,176 @@
+// `ulsp run` as a user meets it: the command's exit status, its own pid namespace,
+// its mounts (seen by the group only, gone with it), what it leaves behind (nothing),
+// limits, signals, capabilities, `ulsp ps`, and policies refused before anything runs.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <signal.h>
+
+#include <chrono>
+
+#include "tests/core/group_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+const std::string kOpen = "[group.g]\nnet_default = \"allow\"\n";
+
+class RunTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    // Nothing of the group may outlive it.
+    EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n");
+    EXPECT_EQ(Output("pgrep -f 'sleep 98765[4]' | wc -l"), "0\n");
+    EXPECT_EQ(Output("ls " + dir_ / "run" + " 2>/dev/null | wc -l"), "0\n");
+  }
+  TempDir dir_;
+};
+
+TEST_F(RunTest, ExitsWithTheCommandsStatusAsAShellReportsIt) {
+  EXPECT_EQ(RunInGroup(dir_, kOpen, "exit 7").status, 7);
+  EXPECT_EQ(RunInGroup(dir_, kOpen, "true").status, 0);
+  EXPECT_EQ(RunInGroup(dir_, kOpen, "kill -TERM $$").status, 128 + SIGTERM);
+  EXPECT_EQ(RunInGroup(dir_, kOpen, "kill -KILL $$").status, 128 + SIGKILL);
+  // A command that cannot be started: 127, as a shell says it.
+  std::ofstream(dir_ / "p.toml") << kOpen;
+  EXPECT_EQ(Shell("ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "p.toml" +
+                  " -- /nonexistent/cmd 2> " + dir_ / "err"),
+            127);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: /nonexistent/cmd: No such file or directory\n");
+  auto r = RunInGroup(dir_, kOpen, "echo out; echo err >&2; exit 3");
+  EXPECT_EQ(r.out, "out\n");
+  EXPECT_EQ(r.err, "err\n");
+}
+
+TEST_F(RunTest, TheGroupHasItsOwnPidNamespaceAndLeavesNothingBehind) {
+  auto r = RunInGroup(dir_, kOpen, "echo $$; ls /proc | grep -c '^[0-9]'; (sleep 987654 &); setsid sleep 987654 & echo started");
+  EXPECT_EQ(r.status, 0) << r.err;
+  std::istringstream out(r.out);
+  int pid = 0, processes = 0;
+  std::string started;
+  out >> pid >> processes >> started;
+  EXPECT_EQ(pid, 2);  // 1 is the group's init
+  EXPECT_LE(processes, 4);
+  EXPECT_EQ(started, "started");
+  // TearDown: no `sleep 987654` is left.
+}
+
+TEST_F(RunTest, WithoutAPidNamespaceLeftoversAreStillKilled) {
+  auto r = RunInGroup(dir_, kOpen + "pid_namespace = false\n",
+                      "echo $$; (sleep 987654 &); setsid sleep 987654 & nohup sleep 987654 > /dev/null 2>&1 & echo started");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_NE(r.out.substr(0, 2), "2\n");
+  EXPECT_NE(r.out.find("started"), std::string::npos);
+}
+
+TEST_F(RunTest, MountsAreTheGroupsAloneAndGoWithIt) {
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "scratch " + dir_ / "src/sub && echo original > " + dir_ / "src/sub/file"), 0);
+  const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "scratch" + "\"\nstack = \"memfs:64M\"\n" +
+                             "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"overlay:" + dir_ / "upper" +
+                             ",passthrough:" + dir_ / "src" + "\"\n";
+  // Seen from outside while the group runs: nothing is mounted here.
+  auto r = RunInGroup(dir_, policy,
+                      "echo hello > " + dir_ / "scratch/note" + " && cat " + dir_ / "scratch/note" + " && grep -c ' fuse.ulsp ' /proc/self/mountinfo"
+                      " && echo changed > " + dir_ / "src/sub/file" + " && touch " + dir_ / "src/new" +
+                      " && cat " + dir_ / "src/sub/file" + " && grep -c ' fuse.ulsp ' /proc/1/mountinfo");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "hello\n2\nchanged\n2\n");
+  EXPECT_EQ(Output("ls -A " + dir_ / "scratch"), "");               // memfs: gone with the group
+  EXPECT_EQ(Output("cat " + dir_ / "src/sub/file"), "original\n");  // overlay: below unchanged
+  EXPECT_EQ(Output("cat " + dir_ / "upper/sub/file"), "changed\n"); // ... the change above
+  EXPECT_EQ(Output("ls " + dir_ / "upper"), "new\nsub\n");
+}
+
+TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {
+  const std::string policy = kOpen + "private_tmp = true\n[[group.g.mount]]\npath = \"/\"\nstack = \"trace:" + dir_ / "trace.jsonl" +
+                             ",passthrough:/\"\n";
+  auto r = RunInGroup(dir_, policy,
+                      "awk '$5 == \"/\"' /proc/self/mountinfo | grep -c fuse.ulsp; echo x > /dev/null && echo devnull; ls /sys/kernel > /dev/null && echo sys; "
+                      "touch /tmp/ulsp-private-987; ls /tmp; /usr/bin/env true && echo env");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "1\ndevnull\nsys\nulsp-private-987\nenv\n");
+  EXPECT_NE(Shell("test -e /tmp/ulsp-private-987"), 0);
+  // What the command opened went through the stack.
+  EXPECT_NE(Output("grep -c '\"path\":\"/usr/bin/env\"' " + dir_ / "trace.jsonl"), "0\n");
+}
+
+TEST_F(RunTest, TheWallLimitEndsTheGroup) {
+  const auto start = std::chrono::steady_clock::now();
+  auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nwall_seconds = 1\n", "sleep 987654");
+  const auto took = std::chrono::steady_clock::now() - start;
+  EXPECT_EQ(r.status, 124);
+  EXPECT_EQ(r.err, "ulsp run: group g ran past its wall_seconds limit (1 s): killed\n");
+  EXPECT_LT(took, std::chrono::seconds(10));
+}
+
+TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
+  auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nopen_files = 77\nfile_size = \"1M\"\n",
+                      "ulimit -n; ulimit -f; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
+                      "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80425ff\nno-unshare\n");
+}
+
+TEST_F(RunTest, SignalsReachTheCommand) {
+  std::ofstream(dir_ / "p.toml") << kOpen;
+  const std::string cmd = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "p.toml" +
+                          " -- bash -c 'trap \"echo got TERM; exit 3\" TERM; echo ready; sleep 987654 & wait' > " + dir_ / "out" +
+                          " & pid=$!; for i in $(seq 100); do grep -q ready " + dir_ / "out" +
+                          " && break; sleep 0.05; done; kill -TERM $pid; wait $pid";
+  EXPECT_EQ(Shell(cmd), 3);
+  EXPECT_EQ(Output("cat " + dir_ / "out"), "ready\ngot TERM\n");
+}
+
+TEST_F(RunTest, PsShowsTheGroupWhileItLives) {
+  // The mount covers the directory that holds the policy and the registry: the group
+  // still gets its resolv.conf (opened before the mounts are made).
+  std::ofstream(dir_ / "p.toml") << kOpen << "[[group.g.mount]]\npath = \"" + dir_.path() + "\"\nstack = \"memfs:1M\"\n";
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- sleep 3 & echo $! > " + dir_ / "pid"), 0);
+  nlohmann::json ps;
+  for (int i = 0; i < 100; ++i) {
+    ps = nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json"));
+    if (!ps.empty()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_EQ(ps.size(), 1u);
+  EXPECT_EQ(ps[0]["kind"], "run");
+  EXPECT_EQ(ps[0]["command"], "sleep 3");
+  ASSERT_EQ(ps[0]["groups"].size(), 1u);
+  EXPECT_EQ(ps[0]["groups"][0]["name"], "g");
+  EXPECT_GT(ps[0]["groups"][0]["init_pid"].get<int>(), 0);
+  ASSERT_EQ(ps[0]["mounts"].size(), 1u);
+  EXPECT_EQ(ps[0]["mounts"][0]["stack"], "memfs:1M");
+  EXPECT_GE(ps[0]["ports"].size(), 2u);  // the mount's and the net ULSP's
+  const std::string table = Output(env + ULSP_BIN + " ps");
+  EXPECT_NE(table.find("GROUPS"), std::string::npos) << table;
+  EXPECT_NE(table.find("memfs:1M"), std::string::npos) << table;
+  EXPECT_EQ(Shell("wait $(cat " + dir_ / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir_ / "pid" + ") 2>/dev/null; do sleep 0.1; done"), 0);
+  EXPECT_EQ(Output(env + ULSP_BIN + " ps --json"), "[]\n");
+}
+
+TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {
+  auto r = RunInGroup(dir_, "[group.g]\n[[group.g.net]]\naction = \"allow\"\nto = \"10.0.0.0/99\"\n", "touch " + dir_ / "ran");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" + ":4: '10.0.0.0/99': the prefix length must be 0 to 32\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
+  r = RunInGroup(dir_, "[group.a]\n[group.b]\n", "true");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" + ": holds 2 groups (a, b): say which with --group NAME\n");
+  r = RunInGroup(dir_, kOpen + "[[group.g.mount]]\npath = \"/nonexistent-mount-point\"\nstack = \"memfs:1M\"\n", "touch " + dir_ / "ran");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: mount point /nonexistent-mount-point does not exist\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
+}
+
+TEST_F(RunTest, PolicyCheckSaysWhatIsWrongOrOk) {
+  std::ofstream(dir_ / "good.toml") << kOpen;
+  std::ofstream(dir_ / "bad.toml") << "[group.g]\nloopback = \"yes\"\n";
+  EXPECT_EQ(Output(std::string(ULSP_BIN) + " policy check " + dir_ / "good.toml" + " 2>&1"),
+            dir_ / "good.toml" + ": ok: g (0 mounts, 0 net rules, net_default allow)\n");
+  EXPECT_EQ(Shell(std::string(ULSP_BIN) + " policy check " + dir_ / "bad.toml" + " 2> " + dir_ / "err"), 1);
+  EXPECT_EQ(Output("cat " + dir_ / "err"),
+            "ulsp policy check: " + dir_ / "bad.toml" + ":2: loopback must be \"group\" or \"host\", not \"yes\"\n");
+}
+
+}  // namespace
+}  // namespace ulsp::testing

@@ -1,0 +1,255 @@
+// The networking ULSP with real clients in real groups: curl, python3 and a UDP client
+// against servers on the host's loopback, allowed and denied by address, port and
+// name; then the bypass suite, each case a way around the filter that must not reach
+// a denied server; then malformed input, which gets the kernel's own errors.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <sys/socket.h>
+
+#include <chrono>
+
+#include "tests/core/group_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+const std::string kProbe = PROBE_BIN;
+const std::string kPython = "/usr/bin/python3";
+
+class NetTest : public ::testing::Test {
+ protected:
+  // A group that may reach allowed_ (TCP) and udp_ok_ (UDP) and nothing else.
+  std::string Policy(const std::string& extra = "", const std::string& head = "") const {
+    return "[group.t]\nnet_default = \"deny\"\nlog = \"" + dir_ / "conn.jsonl" + "\"\n" + head +
+           "hosts = { \"allowed.internal\" = \"127.0.0.1\", \"blocked.internal\" = \"127.0.0.1\" }\n"
+           "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"127.0.0.1/32\"\nports = " +
+           std::to_string(allowed_.port()) +
+           "\n[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"127.0.0.1\"\nports = " +
+           std::to_string(udp_ok_.port()) + "\n[[group.t.net]]\naction = \"deny\"\nto = \"blocked.internal\"\n" + extra;
+  }
+  std::string P(const HostTcpServer& s) const { return std::to_string(s.port()); }
+  std::string P(const HostUdpEcho& s) const { return std::to_string(s.port()); }
+
+  TempDir dir_;
+  HostTcpServer allowed_, denied_;
+  HostUdpEcho udp_ok_, udp_no_;
+};
+
+TEST_F(NetTest, CurlAndPythonReachWhatTheRulesAllowAndNothingElse) {
+  // A real HTTP server on the host's loopback, on a port only this rule allows.
+  const int http = FreePort();
+  ASSERT_EQ(Shell("mkdir " + dir_ / "www" + " && echo served > " + dir_ / "www/index.html"), 0);
+  ASSERT_EQ(Shell("(" + kPython + " -m http.server " + std::to_string(http) + " --bind 127.0.0.1 --directory " + dir_ / "www" +
+                  " > /dev/null 2>&1 & echo $! > " + dir_ / "http.pid" + ")"),
+            0);
+  struct Killer {
+    std::string pidfile;
+    ~Killer() { Shell("kill $(cat " + pidfile + ") 2>/dev/null"); }
+  } killer{dir_ / "http.pid"};
+  ASSERT_EQ(Shell("for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:" + std::to_string(http) +
+                  "/ && exit 0; sleep 0.05; done; exit 1"),
+            0);
+  const std::string rule = "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"allowed.internal\"\nports = " +
+                           std::to_string(http) + "\n";
+  auto r = RunInGroup(dir_, Policy(rule),
+                      "curl -sS http://allowed.internal:" + std::to_string(http) + "/index.html; "
+                      "curl -sS -m 5 http://127.0.0.1:" + P(denied_) + "/ ; echo \"curl denied: $?\"; " +
+                      kPython + " -c 'import urllib.request as u; print(u.urlopen(\"http://allowed.internal:" +
+                      std::to_string(http) + "/index.html\").read().decode().strip())'; " +
+                      kPython + " -c 'import urllib.request as u; u.urlopen(\"http://blocked.internal:" + std::to_string(http) +
+                      "/\")' 2>&1 | tail -1");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "served\ncurl denied: 7\nserved\nurllib.error.URLError: <urlopen error [Errno -2] Name or service not known>\n")
+      << r.err;
+  EXPECT_EQ(denied_.accepted(), 0);
+  // The connection log: the allowed connect, named; the denied one (the address is
+  // still the one the name gave, so the log says so); the refused name.
+  std::string log;
+  for (const auto& line : Lines(dir_ / "conn.jsonl")) {
+    auto j = nlohmann::json::parse(line);
+    EXPECT_TRUE(j.contains("time") && j.contains("pid") && j.contains("argv0") && j.contains("verdict") && j.contains("rule"));
+    if (j["call"] == "connect") {
+      log += j["argv0"].get<std::string>().substr(j["argv0"].get<std::string>().rfind('/') + 1) + " " +
+             j["address"].get<std::string>() + ":" + std::to_string(j["port"].get<int>()) + " " +
+             j.value("name", "-") + " " + j["verdict"].get<std::string>() + "\n";
+    } else if (j["call"] == "resolve") {
+      log += "resolve " + j["name"].get<std::string>() + " " + j["verdict"].get<std::string>() + "\n";
+    }
+  }
+  const std::string h = std::to_string(http);
+  EXPECT_EQ(log, "resolve allowed.internal allow\ncurl 127.0.0.1:" + h + " allowed.internal allow\ncurl 127.0.0.1:" +
+                     P(denied_) + " allowed.internal deny\nresolve allowed.internal allow\npython3 127.0.0.1:" + h +
+                     " allowed.internal allow\nresolve blocked.internal deny\n");
+}
+
+TEST_F(NetTest, UdpClientsGetTheirEchoesOnlyFromAllowedServers) {
+  auto r = RunInGroup(dir_, Policy(),
+                      kPython + " -c 'import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                                "s.settimeout(2)\ns.sendto(b\"py\", (\"127.0.0.1\", " + P(udp_ok_) + "))\nprint(s.recv(100).decode())\n"
+                                "try:\n  s.sendto(b\"py\", (\"127.0.0.1\", " + P(udp_no_) + "))\nexcept OSError as e: print(e.strerror)'; " +
+                          kProbe + " udp-sendmsg 127.0.0.1 " + P(udp_ok_) + "; " + kProbe + " udp-sendmmsg 127.0.0.1 " + P(udp_ok_) +
+                          "; " + kProbe + " udp-connect 127.0.0.1 " + P(udp_ok_) + "; " + kProbe + " udp-connect 127.0.0.1 " + P(udp_no_));
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out,
+            "echo py\nPermission denied\nsent 4\ngot: echo ping\nsent 2 messages, lengths 4 4\ngot: echo ping\n"
+            "sent 4\ngot: echo ping\nconnect: EACCES\n");
+  EXPECT_EQ(udp_no_.received(), 0);
+  EXPECT_EQ(udp_ok_.received(), 5);
+}
+
+// --- the bypass suite: every case aims at a denied server and must not reach it ---
+
+TEST_F(NetTest, RawSyscallsThe32BitAbiAndIoUringAreRefused) {
+  auto r = RunInGroup(dir_, Policy(),
+                      kProbe + " tcp-raw 127.0.0.1 " + P(denied_) + "; " + kProbe + " int80; " + kProbe + " iouring; " + kProbe +
+                          " tcp-raw 127.0.0.1 " + P(allowed_));
+  EXPECT_EQ(r.out, "connect: EACCES\nsocket: EACCES\nsocketcall: EACCES\nio_uring_setup: ENOSYS\nconnect: ok\ngot: hello " +
+                       P(allowed_) + "\n")
+      << r.err;
+  EXPECT_EQ(denied_.accepted(), 0);
+  EXPECT_EQ(allowed_.accepted(), 1);
+}
+
+TEST_F(NetTest, AddressedSendsAndFastOpenAreDecidedToo) {
+  auto r = RunInGroup(dir_, Policy(),
+                      kProbe + " udp-sendmsg 127.0.0.1 " + P(udp_no_) + "; " + kProbe + " udp-sendmmsg 127.0.0.1 " + P(udp_no_) +
+                          "; " + kProbe + " udp-sendto 127.0.0.1 " + P(udp_no_) + "; " + kProbe + " fastopen 127.0.0.1 " +
+                          P(denied_) + "; " + kProbe + " fastopen 127.0.0.1 " + P(allowed_));
+  EXPECT_EQ(r.out, "send: EACCES\nsend: EACCES\nsend: EACCES\nsendto: EACCES\nsendto: 3\ngot: hello " + P(allowed_) + "\n")
+      << r.err;
+  EXPECT_EQ(udp_no_.received(), 0);
+  EXPECT_EQ(denied_.accepted(), 0);
+}
+
+TEST_F(NetTest, ASecondThreadRewritingTheAddressNeverWins) {
+  // The address is copied once and the ULSP connects its own socket to the copy, so
+  // whichever port the copy held is the one reached, and it was the one decided on.
+  auto r = RunInGroup(dir_, Policy(), kProbe + " race 127.0.0.1 " + P(allowed_) + " " + P(denied_) + " 400", 120);
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(denied_.accepted(), 0) << r.out;
+  EXPECT_NE(r.out.find("reached-denied 0,"), std::string::npos) << r.out;
+  EXPECT_GT(allowed_.accepted(), 0) << r.out;
+}
+
+TEST_F(NetTest, HostUnixSocketsNeedARule) {
+  HostUnixServer host(dir_ / "host.sock");
+  auto r = RunInGroup(dir_, Policy(), kProbe + " unix " + dir_ / "host.sock" + "; cd " + dir_.path() + " && " + kProbe + " unix host.sock");
+  EXPECT_EQ(r.out, "connect: EACCES\nconnect: EACCES\n") << r.err;
+  EXPECT_EQ(host.accepted(), 0);
+  // Allowed by path; a link to it is the same socket, decided by where it leads.
+  ASSERT_EQ(::symlink((dir_ / "host.sock").c_str(), (dir_ / "link.sock").c_str()), 0);
+  r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"unix\"\nto = \"" + dir_ / "host.sock" + "\"\n"),
+                 kProbe + " unix " + dir_ / "link.sock");
+  EXPECT_EQ(r.out, "connect: ok\ngot: hello unix\n") << r.err;
+  EXPECT_EQ(host.accepted(), 1);
+  // Sockets the group makes itself are its own to use.
+  r = RunInGroup(dir_, Policy(),
+                 kPython + " -c 'import socket,os\np=\"" + dir_ / "own.sock" + "\"\ns=socket.socket(socket.AF_UNIX)\ns.bind(p)\n"
+                           "s.listen()\nc=socket.socket(socket.AF_UNIX)\nc.connect(p)\na,_=s.accept()\na.send(b\"mine\")\n"
+                           "print(c.recv(10).decode())\nos.unlink(p)'");
+  EXPECT_EQ(r.out, "mine\n") << r.err;
+}
+
+TEST_F(NetTest, InheritedAndPassedSocketsAreNoWayOut) {
+  HostTcpServer outside;
+  // fd 3: a TCP connection opened before the group; stdin: a UDP socket of the host's.
+  auto r = RunInGroup(dir_, Policy(), kProbe + " inherited 127.0.0.1 " + P(udp_no_), 60,
+                      "3<>/dev/tcp/127.0.0.1/" + P(outside) + " 0<>/dev/udp/127.0.0.1/" + P(udp_ok_));
+  EXPECT_EQ(r.out, "fd 3: EBADF\nstdin sendto: EACCES\n") << r.err;
+  EXPECT_EQ(udp_no_.received(), 0);
+  // A UDP socket the ULSP made (after an allowed send), passed to another process.
+  r = RunInGroup(dir_, Policy(), kProbe + " passfd 127.0.0.1 " + P(udp_ok_) + " " + P(udp_no_));
+  EXPECT_EQ(r.out, "allowed: sent\npassed, denied: EACCES\nsame process, denied: EACCES\n") << r.err;
+  EXPECT_EQ(udp_no_.received(), 0);
+}
+
+TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
+  const std::string cmd = kProbe + " malformed 127.0.0.1 " + P(allowed_);
+  const std::string native = Output(cmd);
+  auto r = RunInGroup(dir_, Policy(), cmd);
+  // The group refuses AF_VSOCK (it would reach the hypervisor); everything else is
+  // what the kernel itself answers.
+  auto without_vsock = [](std::string s) {
+    const size_t at = s.find("vsock: ");
+    return s.erase(at, s.find('\n', at) - at + 1);
+  };
+  EXPECT_EQ(without_vsock(r.out), without_vsock(native)) << r.err;
+  EXPECT_NE(r.out.find("vsock: EAFNOSUPPORT\n"), std::string::npos);
+  EXPECT_NE(r.out.find("short: EINVAL\n"), std::string::npos);
+  EXPECT_NE(r.out.find("bad pointer: EFAULT\n"), std::string::npos);
+  EXPECT_NE(r.out.find("good: ok\ngot: hello"), std::string::npos) << r.out;
+}
+
+TEST_F(NetTest, ASlowConnectDoesNotStallTheOthers) {
+  // A listener whose queue is full drops new SYNs: connecting to it takes seconds.
+  const int slow = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  socklen_t len = sizeof a;
+  ASSERT_EQ(::bind(slow, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
+  ASSERT_EQ(::listen(slow, 0), 0);
+  ::getsockname(slow, reinterpret_cast<sockaddr*>(&a), &len);
+  std::vector<int> fillers;
+  for (int i = 0; i < 4; ++i) {
+    const int c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+    ::connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a);
+    fillers.push_back(c);
+  }
+  const std::string slow_port = std::to_string(ntohs(a.sin_port));
+  const std::string rule = "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"127.0.0.1\"\nports = " + slow_port + "\n";
+  // Three slow connects in flight, then twenty quick ones, timed inside the group.
+  auto r = RunInGroup(dir_, Policy(rule),
+                      "for i in 1 2 3; do timeout 8 " + kProbe + " tcp-raw 127.0.0.1 " + slow_port + " > /dev/null & done; sleep 0.5; "
+                      "start=$(date +%s%N); for i in $(seq 20); do " + kProbe + " tcp-raw 127.0.0.1 " + P(allowed_) +
+                      " > /dev/null; done; echo $(( ($(date +%s%N) - start) / 1000000 )); jobs -r | wc -l; kill %1 %2 %3 2>/dev/null; wait");
+  for (int c : fillers) ::close(c);
+  ::close(slow);
+  std::istringstream out(r.out);
+  long ms = -1, still_running = -1;
+  out >> ms >> still_running;
+  EXPECT_EQ(allowed_.accepted(), 20) << r.out << r.err;
+  EXPECT_LT(ms, 4000) << "twenty connects waited behind the slow ones";
+  EXPECT_EQ(still_running, 3) << "the slow connects should still be waiting";
+}
+
+TEST_F(NetTest, LoopbackGroupKeepsTheGroupsOwnLoopback) {
+  const int port = FreePort();
+  auto r = RunInGroup(dir_, Policy("", "loopback = \"group\"\n"),
+                      kProbe + " serve-once " + std::to_string(port) + " & sleep 0.3; " + kProbe + " tcp-raw 127.0.0.1 " +
+                          std::to_string(port) + "; wait; " + kProbe + " tcp-raw 127.0.0.1 " + P(allowed_));
+  EXPECT_EQ(r.out, "listening\nconnect: ok\ngot: hello from the group\nconnect: ECONNREFUSED\n") << r.err;
+  EXPECT_EQ(allowed_.accepted(), 0);  // the host's loopback is not the group's
+}
+
+TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
+  const int port = FreePort();
+  const std::string bind_rule = "[[group.t.net]]\naction = \"allow\"\ncall = \"bind\"\nproto = \"tcp\"\nto = \"0.0.0.0/0\"\nports = " +
+                                std::to_string(port) + "\n";
+  std::string got;
+  std::thread client([&] {
+    for (int i = 0; i < 100 && got.empty(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      got = Output("timeout 2 bash -c 'exec 3<>/dev/tcp/127.0.0.1/" + std::to_string(port) + " && cat <&3' 2>/dev/null");
+    }
+  });
+  auto r = RunInGroup(dir_, Policy(bind_rule), "timeout 10 " + kProbe + " serve-once " + std::to_string(port));
+  client.join();
+  EXPECT_EQ(got, "hello from the group\n") << r.out << r.err;
+  // Without the rule the server listens inside the group only: the host never gets in.
+  got.clear();
+  std::thread client2([&] {
+    for (int i = 0; i < 20; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      got += Output("timeout 1 bash -c 'exec 3<>/dev/tcp/127.0.0.1/" + std::to_string(port) + " && cat <&3' 2>/dev/null");
+    }
+  });
+  r = RunInGroup(dir_, Policy(), "timeout 2 " + kProbe + " serve-once " + std::to_string(port));
+  client2.join();
+  EXPECT_EQ(r.out, "listening\n") << r.err;
+  EXPECT_EQ(got, "");
+}
+
+}  // namespace
+}  // namespace ulsp::testing
