@@ -1,5 +1,8 @@
 #include "kernel/msgport/net_message.h"
 
+#include <fstream>
+#include <string>
+
 namespace ulsp::msgport {
 
 std::string_view NetCallName(NetCall call) noexcept {
@@ -18,6 +21,20 @@ std::string_view NetCallName(NetCall call) noexcept {
     case NetCall::kCount: break;
   }
   return "?";
+}
+
+pid_t NetRequest::Process() const {
+  if (process_ == 0) {
+    std::ifstream status("/proc/" + std::to_string(tid) + "/status");
+    for (std::string line; std::getline(status, line);) {
+      if (line.rfind("Tgid:", 0) == 0) {
+        process_ = static_cast<pid_t>(std::stol(line.substr(5)));
+        break;
+      }
+    }
+    if (process_ == 0) process_ = tid;  // gone: the thread's id is the best left
+  }
+  return process_;
 }
 
 }  // namespace ulsp::msgport

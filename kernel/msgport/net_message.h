@@ -62,7 +62,6 @@ enum class NetVerdict {
 struct NetRequest {
   NetCall call = NetCall::kSocket;
   pid_t tid = 0;   // the calling thread (host pid namespace)
-  pid_t tgid = 0;  // its process
   uint64_t args[6] = {};
 
   // --- the socket named by args[0], for calls that name one ---
@@ -71,7 +70,6 @@ struct NetRequest {
   int type = 0;          // SO_TYPE
   int protocol = 0;      // SO_PROTOCOL
   bool host_netns = false;  // the socket lives in the ULSP's network namespace
-  bool fd_cloexec = false;  // the caller's descriptor has FD_CLOEXEC
   int fd_error = 0;      // why there is no socket: EBADF, ENOTSOCK
 
   // --- pointer arguments, copied once ---
@@ -84,6 +82,9 @@ struct NetRequest {
   // signal). A ULSP that waits on the network asks it now and then, and gives up.
   std::function<bool()> still_waiting;
 
+  // The calling thread's process (read from /proc on first use, then kept).
+  pid_t Process() const;
+
   // --- results ---
   NetVerdict verdict = NetVerdict::kError;
   int64_t value = 0;
@@ -94,6 +95,8 @@ struct NetRequest {
     std::vector<char> bytes;
   };
   std::vector<Write> writes;  // caller memory to fill before answering (sendmmsg's msg_len)
+
+  mutable pid_t process_ = 0;  // Process()'s cache
 };
 
 class NetMessage final : public Message {

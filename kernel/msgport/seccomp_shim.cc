@@ -220,23 +220,28 @@ Result<std::unique_ptr<SeccompShim>> SeccompShim::Start(UniqueFd listener, Port&
     UniqueFd probe(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
     if (probe) shim->own_netns_cookie_ = NetnsCookie(probe.get());
   }
+  seccomp_notif_sizes sizes{};
+  if (::syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) != 0) sizes.seccomp_notif = sizeof(seccomp_notif);
+  shim->notif_size_ = std::max<size_t>(sizes.seccomp_notif, sizeof(seccomp_notif));
+  std::lock_guard lock(shim->mu_);
   try {
-    shim->receiver_ = std::thread([s = shim.get()] { s->Receive(); });
+    shim->threads_.emplace_back([s = shim.get()] { s->Work(); });
   } catch (const std::system_error& e) {
     return Fail(e.code().value());
   }
+  shim->counters_.workers.store(1, std::memory_order_relaxed);
   return shim;
 }
 
 SeccompShim::~SeccompShim() {
   Stop();
-  if (receiver_.joinable()) receiver_.join();
   {
     std::lock_guard lock(mu_);
     stopping_ = true;
   }
   cv_.notify_all();
-  for (auto& t : workers_) t.join();
+  // No thread starts once stopping_ is set, so the list is final.
+  for (auto& t : threads_) t.join();
 }
 
 void SeccompShim::Stop() {
@@ -246,54 +251,69 @@ void SeccompShim::Stop() {
 
 void SeccompShim::WaitUntilIdle() {
   std::unique_lock lock(mu_);
-  done_cv_.wait(lock, [this] { return gone_; });
+  done_cv_.wait(lock, [this] { return gone_ || stopping_; });
 }
 
-void SeccompShim::Receive() {
-  seccomp_notif_sizes sizes{};
-  if (::syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) != 0) sizes.seccomp_notif = sizeof(seccomp_notif);
-  const size_t size = std::max<size_t>(sizes.seccomp_notif, sizeof(seccomp_notif));
+int SeccompShim::ReceiveOne(std::vector<char>& buf) {
   for (;;) {
     pollfd p[2] = {{listener_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
-    auto r = Sys([&] { return ::poll(p, 2, -1); });
-    if (!r) break;
-    if (p[1].revents != 0) break;
-    if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) break;  // no process uses the filter any more
+    // Spin a little first: a program that makes call after call (connect right after
+    // socket) finds the receiver awake, and no thread has to be woken.
+    int n = 0;
+    const auto spin_until = std::chrono::steady_clock::now() + options_.spin;
+    do {
+      n = ::poll(p, 2, 0);
+    } while (n == 0 && std::chrono::steady_clock::now() < spin_until);
+    if (n == 0) n = ::poll(p, 2, -1);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return -1;
+    }
+    if (p[1].revents != 0) return 0;
+    if (p[0].revents & (POLLHUP | POLLERR | POLLNVAL)) return -1;  // no process uses the filter any more
     if (!(p[0].revents & POLLIN)) continue;
-    std::vector<char> buf(size, 0);
+    std::fill(buf.begin(), buf.end(), 0);
     if (::ioctl(listener_.get(), SECCOMP_IOCTL_NOTIF_RECV, buf.data()) != 0) {
       if (errno == EINTR || errno == ENOENT) continue;  // the caller went away meanwhile
       Logger("net")->error("seccomp: receiving a notification failed: {}", std::strerror(errno));
-      break;
+      return -1;
     }
-    counters_.notifications.fetch_add(1, std::memory_order_relaxed);
-    counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
-    std::lock_guard lock(mu_);
-    queue_.push_back(std::move(buf));
-    if (idle_ == 0 && workers_.size() < options_.max_workers) {
-      try {
-        workers_.emplace_back([this] { Work(); });
-        counters_.workers.store(workers_.size(), std::memory_order_relaxed);
-      } catch (const std::system_error&) {
-        if (workers_.empty()) Logger("net")->error("seccomp: cannot start a worker thread");
-      }
-    }
-    cv_.notify_one();
+    return 1;
   }
-  std::lock_guard lock(mu_);
-  gone_ = true;
-  done_cv_.notify_all();
 }
 
 void SeccompShim::Work() {
+  std::vector<char> buf(notif_size_);
   std::unique_lock lock(mu_);
   for (;;) {
     ++idle_;
-    cv_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+    cv_.wait(lock, [this] { return stopping_ || gone_ || !receiving_; });
     --idle_;
-    if (queue_.empty()) return;  // stopping, and nothing left
-    std::vector<char> buf = std::move(queue_.front());
-    queue_.pop_front();
+    if (stopping_ || gone_) return;
+    receiving_ = true;
+    lock.unlock();
+    const int got = ReceiveOne(buf);
+    lock.lock();
+    receiving_ = false;
+    if (got <= 0) {
+      if (got < 0) gone_ = true;
+      done_cv_.notify_all();
+      cv_.notify_all();
+      return;
+    }
+    counters_.notifications.fetch_add(1, std::memory_order_relaxed);
+    counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
+    // Hand the receiving on (to a thread that waits, or a new one), then serve this
+    // notification here: it never waits for a second thread to wake.
+    if (idle_ == 0 && threads_.size() < options_.max_workers && !stopping_) {
+      try {
+        threads_.emplace_back([this] { Work(); });
+        counters_.workers.store(threads_.size(), std::memory_order_relaxed);
+      } catch (const std::system_error&) {
+        Logger("net")->warn("seccomp: cannot start another worker thread ({} serve)", threads_.size());
+      }
+    }
+    cv_.notify_one();
     lock.unlock();
     seccomp_notif n;
     std::memcpy(&n, buf.data(), sizeof n);
@@ -337,12 +357,6 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
     if (!pidfd) return answer(0, EINTR, false);  // gone; the answer goes nowhere
     q.pidfd.Reset(*pidfd);
     if (!valid()) return counters_.vanished.fetch_add(1, std::memory_order_relaxed), void();
-    {
-      std::ifstream status("/proc/" + std::to_string(q.tid) + "/status");
-      for (std::string line; std::getline(status, line);)
-        if (line.rfind("Tgid:", 0) == 0) q.tgid = static_cast<pid_t>(std::stol(line.substr(5)));
-    }
-
     const bool names_socket = call == NetCall::kConnect || call == NetCall::kBind || call == NetCall::kSendTo ||
                               call == NetCall::kSendMsg || call == NetCall::kSendMmsg;
     if (names_socket) {
@@ -364,7 +378,6 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
           len = sizeof(int);
           ::getsockopt(q.socket.get(), SOL_SOCKET, SO_PROTOCOL, &q.protocol, &len);
           q.host_netns = own_netns_cookie_ != 0 && NetnsCookie(q.socket.get()) == own_netns_cookie_;
-          q.fd_cloexec = CloseOnExec(q.tid, target);
         }
       }
     }
@@ -458,7 +471,9 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
       add.flags = SECCOMP_ADDFD_FLAG_SETFD;
       add.srcfd = static_cast<uint32_t>(r.install.get());
       add.newfd = static_cast<uint32_t>(r.args[0]);
-      add.newfd_flags = r.fd_cloexec ? O_CLOEXEC : 0;
+      // The replacement keeps the caller's close-on-exec flag (read only now: it
+      // costs a /proc read, and most calls install nothing).
+      add.newfd_flags = CloseOnExec(r.tid, static_cast<int>(r.args[0])) ? O_CLOEXEC : 0;
       if (::ioctl(lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {
         counters_.vanished.fetch_add(1, std::memory_order_relaxed);
         return;  // the caller is gone (or interrupted: its call restarts and comes again)

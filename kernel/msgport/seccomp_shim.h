@@ -21,7 +21,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
-#include <deque>
+#include <chrono>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -48,6 +48,8 @@ class SeccompShim {
     size_t copy_limit = 1u << 20;         // bytes of data copied from one send (a
                                           // stream send is cut there; a datagram
                                           // larger than it fails with EMSGSIZE)
+    std::chrono::nanoseconds spin{std::chrono::microseconds(50)};  // polling after a
+                                          // notification before sleeping
   };
   struct Counters {
     std::atomic<uint64_t> notifications{0};
@@ -75,26 +77,32 @@ class SeccompShim {
 
  private:
   SeccompShim(UniqueFd listener, Port& port, Options options);
-  void Receive();
+  // Threads take turns: one at a time (the receiver) waits for the kernel; when a
+  // notification comes it hands the receiving on to an idle thread (starting one, up
+  // to max_workers) and serves the notification itself. So a notification never waits
+  // for a second thread to wake, and a slow one never holds up the next.
   void Work();
+  // Waits for one notification into `buf`. 1: got one; 0: Stop; -1: the filter has
+  // no process left (or the listener failed).
+  int ReceiveOne(std::vector<char>& buf);
   void Handle(const seccomp_notif& n) noexcept;
 
   UniqueFd listener_;
-  UniqueFd stop_fd_;  // eventfd: wakes the receiver
+  UniqueFd stop_fd_;  // eventfd: stays readable once Stop wrote it
   Port& port_;
   const Options options_;
   Counters counters_;
   uint64_t own_netns_cookie_ = 0;
+  size_t notif_size_ = 0;
 
-  std::mutex mu_;  // guards the queue, idle_ and stopping_
-  std::condition_variable cv_;
-  std::condition_variable done_cv_;
-  std::deque<std::vector<char>> queue_;  // raw struct seccomp_notif, each
+  std::mutex mu_;  // guards everything below
+  std::condition_variable cv_;       // idle threads wait for the receiving
+  std::condition_variable done_cv_;  // WaitUntilIdle
   unsigned idle_ = 0;
+  bool receiving_ = false;
   bool stopping_ = false;
   bool gone_ = false;  // the filter lost its last process
-  std::thread receiver_;
-  std::vector<std::thread> workers_;
+  std::vector<std::thread> threads_;
 };
 
 }  // namespace ulsp::msgport

@@ -48,7 +48,10 @@ TEST_F(RunTest, TheGroupHasItsOwnPidNamespaceAndLeavesNothingBehind) {
   int pid = 0, processes = 0;
   std::string started;
   out >> pid >> processes >> started;
-  EXPECT_EQ(pid, 2);  // 1 is the group's init
+  // 1 is the group's init; the command is 2 (3 or so in a TSan build, whose runtime
+  // gives the init a thread of its own, which takes a pid too).
+  EXPECT_GE(pid, 2);
+  EXPECT_LE(pid, 4);
   EXPECT_LE(processes, 4);
   EXPECT_EQ(started, "started");
   // TearDown: no `sleep 987654` is left.

@@ -10,6 +10,7 @@
 #include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/resource.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -28,7 +29,6 @@ namespace ulsp::core {
 namespace {
 
 int g_sock = -1;
-volatile pid_t g_command = 0;
 
 void Say(const std::string& text, int fd_to_pass = -1) {
   msghdr h{};
@@ -131,13 +131,6 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name)
 
 constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
-void Forward(int sig, siginfo_t* info, void*) {
-  // Keyboard signals reach the command from the terminal itself: forward only those
-  // another process sent (the supervisor, passing on its own).
-  if ((sig == SIGINT || sig == SIGQUIT) && info->si_code != SI_USER) return;
-  if (g_command > 0) ::kill(g_command, sig);
-}
-
 int StatusOf(int wait_status) {
   if (WIFEXITED(wait_status)) return WEXITSTATUS(wait_status);
   if (WIFSIGNALED(wait_status)) return 128 + WTERMSIG(wait_status);
@@ -235,15 +228,16 @@ void GroupMain(const GroupPlan& plan, int sock) {
   if (!plan.pid_namespace) ::prctl(PR_SET_CHILD_SUBREAPER, 1);
   DropCapabilities();
 
-  struct sigaction sa {};
-  sa.sa_sigaction = Forward;
-  sa.sa_flags = SA_SIGINFO | SA_RESTART;
-  sigemptyset(&sa.sa_mask);
-  for (int sig : kForwarded) ::sigaction(sig, &sa, nullptr);
+  // Signals are taken through a signalfd, not handlers: the init waits for them and
+  // for its children in one place, and nothing runs in a signal handler.
   ::signal(SIGPIPE, SIG_DFL);
-  sigset_t none;
-  sigemptyset(&none);
-  ::sigprocmask(SIG_SETMASK, &none, nullptr);
+  sigset_t taken;
+  sigemptyset(&taken);
+  for (int sig : kForwarded) sigaddset(&taken, sig);
+  sigaddset(&taken, SIGCHLD);
+  ::sigprocmask(SIG_BLOCK, &taken, nullptr);
+  const int sigfd = ::signalfd(-1, &taken, SFD_CLOEXEC);
+  if (sigfd < 0) Die(Errno("signalfd"));
 
   auto listener = msgport::LoadGroupFilter();
   if (!listener) Die("loading the seccomp filter: " + listener.error().Describe());
@@ -261,7 +255,9 @@ void GroupMain(const GroupPlan& plan, int sock) {
     _exit(125);
   }
   if (command == 0) {
-    for (int sig : kForwarded) ::signal(sig, SIG_DFL);
+    sigset_t none;
+    sigemptyset(&none);
+    ::sigprocmask(SIG_SETMASK, &none, nullptr);
     // Only standard input, output and error go in: a socket inherited from outside
     // the group (opened before `ulsp run`) would be a way around its rules.
     ::syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC);
@@ -270,21 +266,30 @@ void GroupMain(const GroupPlan& plan, int sock) {
     std::fprintf(stderr, "ulsp run: %s: %s\n", argv[0], std::strerror(err));
     _exit(err == ENOENT ? 127 : 126);
   }
-  g_command = command;
   int code = 125;
-  for (;;) {
-    int status = 0;
-    const pid_t p = ::waitpid(-1, &status, 0);
-    if (p < 0) {
-      if (errno == EINTR) continue;
+  for (bool running = true; running;) {
+    signalfd_siginfo si{};
+    const ssize_t n = ::read(sigfd, &si, sizeof si);
+    if (n != sizeof si) {
+      if (n < 0 && errno == EINTR) continue;
       break;
     }
-    if (p == command) {
-      code = StatusOf(status);
-      break;
+    const int sig = static_cast<int>(si.ssi_signo);
+    if (sig == SIGCHLD) {
+      int status = 0;
+      for (pid_t p; (p = ::waitpid(-1, &status, WNOHANG)) > 0;) {
+        if (p == command) {
+          code = StatusOf(status);
+          running = false;
+        }
+      }
+      continue;
     }
+    // Keyboard signals reach the command from the terminal itself: pass on only
+    // those another process sent (the supervisor, passing on its own).
+    if ((sig == SIGINT || sig == SIGQUIT) && si.ssi_code != SI_USER) continue;
+    ::kill(command, sig);
   }
-  g_command = 0;
   if (!plan.pid_namespace) KillLeftovers();
   _exit(code);
 }

@@ -216,7 +216,7 @@ int64_t SendOn(int fd, const NetDatagram& d, const std::vector<char>* name, int 
       return -(w == ETIMEDOUT ? EAGAIN : w);
     }
     if (sent > 0) return static_cast<int64_t>(sent);
-    if (err == EPIPE && !(flags & MSG_NOSIGNAL)) ::syscall(SYS_tgkill, q.tgid, q.tid, SIGPIPE);
+    if (err == EPIPE && !(flags & MSG_NOSIGNAL)) ::syscall(SYS_tgkill, q.Process(), q.tid, SIGPIPE);
     return -err;
   }
 }
@@ -249,7 +249,7 @@ void NetServer::Serve(msgport::MessagePtr msg) noexcept {
 }
 
 void NetServer::Note(const NetRequest& q, LogEntry e) {
-  e.pid = q.tgid;
+  if (log_.enabled()) e.pid = q.Process();  // a /proc read: only for the log
   if (e.call.empty()) e.call = std::string(msgport::NetCallName(q.call));
   if (e.verdict == "deny") {
     counters_.denied.fetch_add(1, std::memory_order_relaxed);
@@ -569,7 +569,6 @@ void NetServer::Send(NetRequest& q) {
       NetRequest c;
       c.call = NetCall::kConnect;
       c.tid = q.tid;
-      c.tgid = q.tgid;
       c.args[0] = q.args[0];
       c.socket.Reset(::dup(q.socket.get()));
       c.family = q.family;

@@ -133,7 +133,7 @@ bool Cidr::Contains(const Endpoint& e) const noexcept {
   }
   int bits = prefix;
   for (size_t i = 0; bits > 0; ++i, bits -= 8) {
-    const uint8_t mask = bits >= 8 ? 0xff : static_cast<uint8_t>(0xff << (8 - bits));
+    const auto mask = static_cast<uint8_t>(bits >= 8 ? 0xff : (0xff << (8 - bits)) & 0xff);
     if ((a[i] & mask) != (addr[i] & mask)) return false;
   }
   return true;
