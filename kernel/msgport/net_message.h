@@ -7,8 +7,9 @@
 // control messages) — the ULSP never reads the caller's memory, and the kernel never
 // re-reads it for a decision. The ULSP decides and fills the results: let the call
 // run as it is (only for calls whose pointer arguments carry no decision), answer
-// with a value or an errno, and maybe install a socket of its own in place of the
-// caller's descriptor and write results back into the caller's memory.
+// with a value or an errno, give the caller a new descriptor (a socket of the
+// ULSP's), and maybe install a socket of its own in place of the caller's descriptor
+// and write results back into the caller's memory.
 #pragma once
 
 #include <sys/types.h>
@@ -54,9 +55,11 @@ struct NetDatagram {
 
 // Where the net ULSP's answer goes.
 enum class NetVerdict {
-  kContinue,  // the kernel runs the call as the caller made it
+  kContinue,  // the kernel runs the call as the caller made it (after `install`, if set)
   kReturn,    // the call returns `value`
   kError,     // the call fails with `error`
+  kNewFd,     // the call returns a new descriptor of the caller's: `install`, added
+              // and answered in one step (socket), close-on-exec when `value` is 1
 };
 
 struct NetRequest {
@@ -89,7 +92,8 @@ struct NetRequest {
   NetVerdict verdict = NetVerdict::kError;
   int64_t value = 0;
   int error = EACCES;   // positive; the shim makes it negative for the kernel
-  UniqueFd install;     // put this socket at the caller's descriptor args[0]
+  UniqueFd install;     // put this socket at the caller's descriptor args[0] (or, with
+                        // kNewFd, at a new one)
   struct Write {
     uint64_t at;
     std::vector<char> bytes;

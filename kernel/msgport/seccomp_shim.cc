@@ -121,13 +121,18 @@ uint64_t NetnsCookie(int fd) {
 }
 
 // Whether descriptor `fd` of thread `tid` has FD_CLOEXEC (fdinfo's flags carry it as
-// O_CLOEXEC).
+// O_CLOEXEC). Read with plain system calls: this is on a connect's path.
 bool CloseOnExec(pid_t tid, int fd) {
-  std::ifstream in("/proc/" + std::to_string(tid) + "/fdinfo/" + std::to_string(fd));
-  for (std::string line; std::getline(in, line);) {
-    if (line.rfind("flags:", 0) == 0) return (std::stoul(line.substr(6), nullptr, 8) & O_CLOEXEC) != 0;
-  }
-  return false;
+  char path[64];
+  std::snprintf(path, sizeof path, "/proc/%d/fdinfo/%d", tid, fd);
+  UniqueFd info(::open(path, O_RDONLY | O_CLOEXEC));
+  if (!info) return false;
+  char buf[256];
+  const ssize_t n = ::read(info.get(), buf, sizeof buf - 1);
+  if (n <= 0) return false;
+  buf[n] = '\0';
+  const char* flags = std::strstr(buf, "flags:");
+  return flags != nullptr && (std::strtoul(flags + 6, nullptr, 8) & O_CLOEXEC) != 0;
 }
 
 NetCall CallOf(int nr) {
@@ -213,8 +218,8 @@ Result<std::unique_ptr<SeccompShim>> SeccompShim::Start(UniqueFd listener, Port&
   auto efd = Sys([] { return ::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK); });
   if (!efd) return std::unexpected(efd.error());
   shim->stop_fd_.Reset(*efd);
-  // The caller sleeps in the kernel until answered; waking the reader on the caller's
-  // CPU keeps the round trip near 5 µs here. Older kernels lack the flag: fine.
+  // The caller sleeps in the kernel until answered; the answer wakes it on this CPU,
+  // which keeps the tail of a round trip short here. Older kernels lack the flag.
   (void)::ioctl(shim->listener_.get(), SECCOMP_IOCTL_NOTIF_SET_FLAGS, SECCOMP_USER_NOTIF_FD_SYNC_WAKE_UP);
   {
     UniqueFd probe(::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
@@ -223,9 +228,10 @@ Result<std::unique_ptr<SeccompShim>> SeccompShim::Start(UniqueFd listener, Port&
   seccomp_notif_sizes sizes{};
   if (::syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) != 0) sizes.seccomp_notif = sizeof(seccomp_notif);
   shim->notif_size_ = std::max<size_t>(sizes.seccomp_notif, sizeof(seccomp_notif));
-  std::lock_guard lock(shim->mu_);
   try {
-    shim->threads_.emplace_back([s = shim.get()] { s->Work(); });
+    shim->watchdog_ = std::thread([s = shim.get()] { s->Watchdog(); });
+    std::lock_guard lock(shim->mu_);
+    shim->threads_.emplace_back([s = shim.get()] { s->Work(0); });
   } catch (const std::system_error& e) {
     return Fail(e.code().value());
   }
@@ -240,6 +246,8 @@ SeccompShim::~SeccompShim() {
     stopping_ = true;
   }
   cv_.notify_all();
+  watch_cv_.notify_all();
+  if (watchdog_.joinable()) watchdog_.join();
   // No thread starts once stopping_ is set, so the list is final.
   for (auto& t : threads_) t.join();
 }
@@ -254,16 +262,22 @@ void SeccompShim::WaitUntilIdle() {
   done_cv_.wait(lock, [this] { return gone_ || stopping_; });
 }
 
+int64_t SeccompShim::NowNs() noexcept {
+  timespec ts{};
+  ::clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
 int SeccompShim::ReceiveOne(std::vector<char>& buf) {
   for (;;) {
     pollfd p[2] = {{listener_.get(), POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}};
     // Spin a little first: a program that makes call after call (connect right after
-    // socket) finds the receiver awake, and no thread has to be woken.
+    // socket) finds the leader awake, and no thread has to be woken.
     int n = 0;
-    const auto spin_until = std::chrono::steady_clock::now() + options_.spin;
+    const int64_t spin_until = NowNs() + options_.spin.count();
     do {
       n = ::poll(p, 2, 0);
-    } while (n == 0 && std::chrono::steady_clock::now() < spin_until);
+    } while (n == 0 && NowNs() < spin_until);
     if (n == 0) n = ::poll(p, 2, -1);
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -282,44 +296,91 @@ int SeccompShim::ReceiveOne(std::vector<char>& buf) {
   }
 }
 
-void SeccompShim::Work() {
+void SeccompShim::Work(int id) {
   std::vector<char> buf(notif_size_);
   std::unique_lock lock(mu_);
   for (;;) {
-    ++idle_;
-    cv_.wait(lock, [this] { return stopping_ || gone_ || !receiving_; });
-    --idle_;
+    ++spares_;
+    cv_.wait(lock, [this] { return stopping_ || gone_ || leader_.load() == -1; });
+    --spares_;
     if (stopping_ || gone_) return;
-    receiving_ = true;
+    leader_.store(id);
     lock.unlock();
-    const int got = ReceiveOne(buf);
+    const bool more = Lead(id, buf);
     lock.lock();
-    receiving_ = false;
-    if (got <= 0) {
-      if (got < 0) gone_ = true;
-      done_cv_.notify_all();
+    if (!more) {
       cv_.notify_all();
+      watch_cv_.notify_all();
+      done_cv_.notify_all();
       return;
+    }
+  }
+}
+
+bool SeccompShim::Lead(int id, std::vector<char>& buf) {
+  for (;;) {
+    const int got = ReceiveOne(buf);
+    if (got <= 0) {
+      std::lock_guard lock(mu_);
+      if (got < 0) gone_ = true;
+      else stopping_ = true;
+      return false;
     }
     counters_.notifications.fetch_add(1, std::memory_order_relaxed);
     counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
-    // Hand the receiving on (to a thread that waits, or a new one), then serve this
-    // notification here: it never waits for a second thread to wake.
-    if (idle_ == 0 && threads_.size() < options_.max_workers && !stopping_) {
+    if (!active_hint_.load(std::memory_order_relaxed)) {
+      std::lock_guard lock(mu_);
+      if (!active_) {
+        active_ = true;
+        watch_cv_.notify_one();
+      }
+      active_hint_.store(true, std::memory_order_relaxed);
+    }
+    busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
+    seccomp_notif n;
+    std::memcpy(&n, buf.data(), sizeof n);
+    Handle(n);
+    counters_.in_flight.fetch_sub(1, std::memory_order_relaxed);
+    if (leader_.load() != id) return true;  // the watchdog gave the lead away meanwhile
+    busy_since_ns_.store(0, std::memory_order_relaxed);
+  }
+}
+
+void SeccompShim::Watchdog() {
+  std::unique_lock lock(mu_);
+  unsigned idle_ticks = 0;
+  while (!stopping_ && !gone_) {
+    if (!active_) {
+      watch_cv_.wait(lock, [this] { return stopping_ || gone_ || active_; });
+      idle_ticks = 0;
+      continue;
+    }
+    watch_cv_.wait_for(lock, options_.takeover);
+    if (stopping_ || gone_) break;
+    const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
+    if (since == 0) {
+      if (++idle_ticks > 50) {  // quiet for a while: rest until the next notification
+        active_ = false;
+        active_hint_.store(false, std::memory_order_relaxed);
+      }
+      continue;
+    }
+    idle_ticks = 0;
+    if (NowNs() - since < options_.takeover.count() || leader_.load() == -1) continue;
+    // The leader is held up by one notification (a slow connect, a blocked send): a
+    // spare leads from now on.
+    busy_since_ns_.store(0, std::memory_order_relaxed);
+    leader_.store(-1);
+    if (spares_ == 0 && threads_.size() < options_.max_workers) {
       try {
-        threads_.emplace_back([this] { Work(); });
+        const int id = static_cast<int>(threads_.size());
+        threads_.emplace_back([this, id] { Work(id); });
         counters_.workers.store(threads_.size(), std::memory_order_relaxed);
       } catch (const std::system_error&) {
         Logger("net")->warn("seccomp: cannot start another worker thread ({} serve)", threads_.size());
       }
     }
     cv_.notify_one();
-    lock.unlock();
-    seccomp_notif n;
-    std::memcpy(&n, buf.data(), sizeof n);
-    Handle(n);
-    counters_.in_flight.fetch_sub(1, std::memory_order_relaxed);
-    lock.lock();
   }
 }
 
@@ -353,26 +414,28 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
     std::copy(std::begin(n.data.args), std::end(n.data.args), q.args);
     q.still_waiting = valid;
 
-    auto pidfd = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_open, q.tid, PIDFD_THREAD)); });
-    if (!pidfd) return answer(0, EINTR, false);  // gone; the answer goes nowhere
-    q.pidfd.Reset(*pidfd);
-    if (!valid()) return counters_.vanished.fetch_add(1, std::memory_order_relaxed), void();
+    // Calls that name a socket (or may carry descriptors) need the caller's thread: a
+    // pidfd, shown to be the caller's by the notification being alive after.
     const bool names_socket = call == NetCall::kConnect || call == NetCall::kBind || call == NetCall::kSendTo ||
-                              call == NetCall::kSendMsg || call == NetCall::kSendMmsg;
+                              call == NetCall::kSendMsg || call == NetCall::kSendMmsg || call == NetCall::kListen;
     if (names_socket) {
+      auto pidfd = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_open, q.tid, PIDFD_THREAD)); });
+      if (!pidfd) return answer(0, EINTR, false);  // gone; the answer goes nowhere
+      q.pidfd.Reset(*pidfd);
+      // No check yet that the pidfd is the caller's: the one below, after everything
+      // is read, covers it (had the caller died and its tid been reused before
+      // pidfd_open, its notification would be gone by then, and all is thrown away).
       const int target = static_cast<int>(q.args[0]);
       auto dup = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_getfd, q.pidfd.get(), target, 0)); });
+      socklen_t len = sizeof(int);
       if (!dup) {
         q.fd_error = EBADF;
       } else {
         q.socket.Reset(*dup);
-        struct stat st {};
-        if (::fstat(q.socket.get(), &st) != 0 || !S_ISSOCK(st.st_mode)) {
-          q.fd_error = ENOTSOCK;
+        if (::getsockopt(q.socket.get(), SOL_SOCKET, SO_DOMAIN, &q.family, &len) != 0) {
+          q.fd_error = ENOTSOCK;  // (the only error a valid descriptor gets here)
           q.socket.Reset();
         } else {
-          socklen_t len = sizeof(int);
-          ::getsockopt(q.socket.get(), SOL_SOCKET, SO_DOMAIN, &q.family, &len);
           len = sizeof(int);
           ::getsockopt(q.socket.get(), SOL_SOCKET, SO_TYPE, &q.type, &len);
           len = sizeof(int);
@@ -454,16 +517,31 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
     auto& m = static_cast<NetMessage&>(**replied);
     NetRequest& r = m.req;
     if (m.error != 0) return answer(0, m.error, false);  // the port's own failure
-    if (r.verdict == NetVerdict::kContinue) {
+    if (r.verdict == NetVerdict::kContinue &&
+        (call == NetCall::kConnect || call == NetCall::kBind || call == NetCall::kSendTo ||
+         call == NetCall::kSendMsg || call == NetCall::kSendMmsg)) {
       // Safe only for calls without a pointer argument the ULSP decided on; the net
       // ULSP answers kContinue only for those (socket, socketpair, listen, accept,
       // setsockopt) — checked here again, since this is the security boundary.
-      if (call == NetCall::kConnect || call == NetCall::kBind || call == NetCall::kSendTo ||
-          call == NetCall::kSendMsg || call == NetCall::kSendMmsg) {
-        Logger("net")->error("seccomp: the net ULSP answered CONTINUE for {}; refused", NetCallName(call));
-        return answer(0, EACCES, false);
+      Logger("net")->error("seccomp: the net ULSP answered CONTINUE for {}; refused", NetCallName(call));
+      return answer(0, EACCES, false);
+    }
+    if (r.verdict == NetVerdict::kNewFd && r.install) {
+      // Installed and answered in one step: the call returns the new descriptor.
+      seccomp_notif_addfd add{};
+      add.id = n.id;
+      add.flags = SECCOMP_ADDFD_FLAG_SEND;
+      add.srcfd = static_cast<uint32_t>(r.install.get());
+      add.newfd_flags = r.value == 1 ? O_CLOEXEC : 0;
+      if (::ioctl(lfd, SECCOMP_IOCTL_NOTIF_ADDFD, &add) < 0) {
+        // Gone, or out of descriptors (EMFILE): then the call fails as it would have.
+        if (errno == EMFILE || errno == ENFILE) return answer(0, errno, false);
+        counters_.vanished.fetch_add(1, std::memory_order_relaxed);
+        return;
       }
-      return answer(0, 0, true);
+      counters_.installed.fetch_add(1, std::memory_order_relaxed);
+      counters_.answered.fetch_add(1, std::memory_order_relaxed);
+      return;
     }
     if (r.install) {
       seccomp_notif_addfd add{};
@@ -481,6 +559,7 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
       counters_.installed.fetch_add(1, std::memory_order_relaxed);
     }
     for (const NetRequest::Write& w : r.writes) (void)WriteMem(r.tid, w.at, w.bytes.data(), w.bytes.size());
+    if (r.verdict == NetVerdict::kContinue) return answer(0, 0, true);  // after the install, if any
     if (r.verdict == NetVerdict::kReturn) return answer(r.value, 0, false);
     return answer(0, r.error > 0 ? r.error : EIO, false);
   } catch (const std::bad_alloc&) {

@@ -50,6 +50,8 @@ class SeccompShim {
                                           // larger than it fails with EMSGSIZE)
     std::chrono::nanoseconds spin{std::chrono::microseconds(50)};  // polling after a
                                           // notification before sleeping
+    std::chrono::nanoseconds takeover{std::chrono::milliseconds(2)};  // a notification
+                                          // served longer than this hands the lead on
   };
   struct Counters {
     std::atomic<uint64_t> notifications{0};
@@ -77,15 +79,24 @@ class SeccompShim {
 
  private:
   SeccompShim(UniqueFd listener, Port& port, Options options);
-  // Threads take turns: one at a time (the receiver) waits for the kernel; when a
-  // notification comes it hands the receiving on to an idle thread (starting one, up
-  // to max_workers) and serves the notification itself. So a notification never waits
-  // for a second thread to wake, and a slow one never holds up the next.
-  void Work();
+  // One thread at a time, the leader, receives notifications and serves each itself,
+  // spinning for `spin` after each before it sleeps in poll(2): a notification never
+  // waits for a thread to be woken, and a program making call after call finds the
+  // leader awake. A watchdog checks, every `takeover` while notifications flow,
+  // whether the leader has been inside one notification longer than that; if so a
+  // spare (started if none waits, up to max_workers) leads from then on, and the old
+  // leader joins the spares when it is done. So a slow connect holds the others up
+  // for `takeover` at most. (The FUSE side does the same: fuse_loop.h.)
+  void Work(int id);
+  // Receives and serves while this thread leads. False when the shim stops or the
+  // filter has no process left.
+  bool Lead(int id, std::vector<char>& buf);
+  void Watchdog();
   // Waits for one notification into `buf`. 1: got one; 0: Stop; -1: the filter has
   // no process left (or the listener failed).
   int ReceiveOne(std::vector<char>& buf);
   void Handle(const seccomp_notif& n) noexcept;
+  static int64_t NowNs() noexcept;
 
   UniqueFd listener_;
   UniqueFd stop_fd_;  // eventfd: stays readable once Stop wrote it
@@ -95,14 +106,20 @@ class SeccompShim {
   uint64_t own_netns_cookie_ = 0;
   size_t notif_size_ = 0;
 
-  std::mutex mu_;  // guards everything below
-  std::condition_variable cv_;       // idle threads wait for the receiving
-  std::condition_variable done_cv_;  // WaitUntilIdle
-  unsigned idle_ = 0;
-  bool receiving_ = false;
+  std::mutex mu_;  // guards what follows, up to the atomics
+  std::condition_variable cv_;        // spares wait for the lead
+  std::condition_variable watch_cv_;  // the watchdog waits for activity
+  std::condition_variable done_cv_;   // WaitUntilIdle
+  unsigned spares_ = 0;
+  bool active_ = false;  // notifications flow: the watchdog ticks
   bool stopping_ = false;
-  bool gone_ = false;  // the filter lost its last process
+  bool gone_ = false;    // the filter lost its last process
   std::vector<std::thread> threads_;
+  std::thread watchdog_;
+
+  std::atomic<int> leader_{-1};            // the leading thread's id, -1 when none
+  std::atomic<int64_t> busy_since_ns_{0};  // when the leader's notification began, 0 if idle
+  std::atomic<bool> active_hint_{false};   // active_, read without the lock
 };
 
 }  // namespace ulsp::msgport

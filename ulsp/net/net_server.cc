@@ -15,7 +15,10 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <new>
+#include <tuple>
 
 #include "kernel/msgport/log.h"
 #include "ulsp/net/caller_fs.h"
@@ -81,76 +84,154 @@ std::chrono::milliseconds SendTimeout(int fd) {
   return std::chrono::milliseconds(tv.tv_sec * 1000 + tv.tv_usec / 1000);
 }
 
-// Connects `fd` (non-blocking) and, for a blocking caller, waits as the kernel would.
-// 0, EINPROGRESS (a non-blocking caller, or its send timeout passed), or an errno.
+// Connects `fd` as the caller's connect would: at once for a non-blocking caller
+// (EINPROGRESS), else waiting — first in a plain blocking connect bounded at 100 ms
+// (a loopback or LAN connect completes there, at native cost), then, for a slow one,
+// in a poll loop that notices when the caller is gone. `timeout` is the caller's
+// SO_SNDTIMEO (0: none): past it the answer is EINPROGRESS, as the kernel's.
+// Returns 0, EINPROGRESS or an errno; `fd` is left blocking as the caller's was.
 int ConnectOn(int fd, const std::vector<char>& addr, bool caller_nonblocking, const NetRequest& q,
               std::chrono::milliseconds timeout) {
-  if (::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0) return 0;
-  if (errno != EINPROGRESS) return errno;
-  if (caller_nonblocking) return EINPROGRESS;
-  const int w = WaitWritable(fd, q, timeout);
-  if (w == ETIMEDOUT) return EINPROGRESS;
-  if (w != 0) return w;
-  int err = 0;
-  socklen_t len = sizeof err;
-  if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0) return errno;
-  return err;
+  if (caller_nonblocking) {
+    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+    if (::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0) return 0;
+    return errno;
+  }
+  const auto first = timeout.count() > 0 ? std::min(timeout, std::chrono::milliseconds(100)) : std::chrono::milliseconds(100);
+  timeval tv{static_cast<time_t>(first.count() / 1000), static_cast<suseconds_t>((first.count() % 1000) * 1000)};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  int r = ::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0 ? 0 : errno;
+  if (r == EINPROGRESS && (timeout.count() == 0 || timeout > first)) {
+    const int w = WaitWritable(fd, q, timeout.count() > 0 ? timeout - first : timeout);
+    if (w == ETIMEDOUT) {
+      r = EINPROGRESS;
+    } else if (w != 0) {
+      r = w;
+    } else {
+      int err = 0;
+      socklen_t len = sizeof err;
+      r = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 ? errno : err;
+    }
+  }
+  timeval caller{static_cast<time_t>(timeout.count() / 1000), static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &caller, sizeof caller);
+  return r;
 }
 
-// Integer socket options a connection carries over to the ULSP's socket.
-struct IntOption {
-  int level, name;
-  bool stream_only;
-};
-constexpr IntOption kIntOptions[] = {
-    {SOL_SOCKET, SO_REUSEADDR, false},     {SOL_SOCKET, SO_REUSEPORT, false},
-    {SOL_SOCKET, SO_KEEPALIVE, false},     {SOL_SOCKET, SO_BROADCAST, false},
-    {SOL_SOCKET, SO_OOBINLINE, false},     {SOL_SOCKET, SO_PRIORITY, false},
-    {SOL_SOCKET, SO_RCVLOWAT, false},      {SOL_SOCKET, SO_TIMESTAMP, false},
-    {IPPROTO_TCP, TCP_NODELAY, true},      {IPPROTO_TCP, TCP_KEEPIDLE, true},
-    {IPPROTO_TCP, TCP_KEEPINTVL, true},    {IPPROTO_TCP, TCP_KEEPCNT, true},
-    {IPPROTO_TCP, TCP_USER_TIMEOUT, true}, {IPPROTO_TCP, TCP_CORK, true},
-};
-constexpr IntOption kV4Options[] = {{IPPROTO_IP, IP_TOS, false},     {IPPROTO_IP, IP_TTL, false},
-                                    {IPPROTO_IP, IP_RECVERR, false}, {IPPROTO_IP, IP_PKTINFO, false},
-                                    {IPPROTO_IP, IP_RECVTOS, false}, {IPPROTO_IP, IP_MTU_DISCOVER, false}};
-constexpr IntOption kV6Options[] = {{IPPROTO_IPV6, IPV6_V6ONLY, false},      {IPPROTO_IPV6, IPV6_TCLASS, false},
-                                    {IPPROTO_IPV6, IPV6_UNICAST_HOPS, false}, {IPPROTO_IPV6, IPV6_RECVERR, false},
-                                    {IPPROTO_IPV6, IPV6_RECVPKTINFO, false}};
+// Connects the caller's own socket (shared with the caller through a duplicate) as
+// its connect would: at once when it is non-blocking; else waiting — spinning a
+// little (a loopback or LAN handshake ends within microseconds), then in a poll loop
+// that notices when the caller is gone, with the caller's SO_SNDTIMEO. While it
+// waits, the shared file is non-blocking (the caller is inside this very connect).
+// Returns 0, EINPROGRESS or an errno.
+int ConnectShared(int fd, const NetRequest& q) {
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) return errno;
+  if (flags & O_NONBLOCK) return ::connect(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
+  ::fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+  int r = ::connect(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
+  if (r == EINPROGRESS) {
+    pollfd p{fd, POLLOUT, 0};
+    const auto spin_until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    while (::poll(&p, 1, 0) == 0 && std::chrono::steady_clock::now() < spin_until) {
+    }
+    const int w = p.revents != 0 ? 0 : WaitWritable(fd, q, SendTimeout(fd));
+    if (w == ETIMEDOUT) {
+      r = EINPROGRESS;
+    } else if (w != 0) {
+      r = w;
+    } else {
+      int err = 0;
+      socklen_t len = sizeof err;
+      r = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 ? errno : err;
+    }
+  }
+  ::fcntl(fd, F_SETFL, flags);
+  return r;
+}
 
-void CopyOptions(int from, int to, int family, bool stream) {
-  auto copy = [&](const IntOption& o) {
-    if (o.stream_only && !stream) return;
-    int v = 0, fresh = 0;
-    socklen_t len = sizeof v, flen = sizeof fresh;
+// The socket options a connection carries over to the ULSP's socket: those programs
+// set before they connect. Each is read from the caller's socket and set on ours
+// only when it differs from a fresh socket's value (cached per kind of socket), so a
+// connect pays about one getsockopt per option.
+struct Option {
+  int level, name;
+  enum { kAll, kStream, kDatagram } applies;
+};
+constexpr Option kOptions[] = {
+    {SOL_SOCKET, SO_REUSEADDR, Option::kAll},      {SOL_SOCKET, SO_REUSEPORT, Option::kAll},
+    {SOL_SOCKET, SO_KEEPALIVE, Option::kStream},   {SOL_SOCKET, SO_BROADCAST, Option::kDatagram},
+    {SOL_SOCKET, SO_TIMESTAMP, Option::kDatagram}, {SOL_SOCKET, SO_RCVBUF, Option::kAll},
+    {SOL_SOCKET, SO_SNDBUF, Option::kAll},         {IPPROTO_TCP, TCP_NODELAY, Option::kStream},
+};
+constexpr Option kV4Options[] = {{IPPROTO_IP, IP_RECVERR, Option::kDatagram}, {IPPROTO_IP, IP_PKTINFO, Option::kDatagram}};
+constexpr Option kV6Options[] = {{IPPROTO_IPV6, IPV6_V6ONLY, Option::kAll},
+                                 {IPPROTO_IPV6, IPV6_RECVERR, Option::kDatagram},
+                                 {IPPROTO_IPV6, IPV6_RECVPKTINFO, Option::kDatagram}};
+// Set only when SO_KEEPALIVE is on.
+constexpr Option kKeepAlive[] = {{IPPROTO_TCP, TCP_KEEPIDLE, Option::kStream},
+                                 {IPPROTO_TCP, TCP_KEEPINTVL, Option::kStream},
+                                 {IPPROTO_TCP, TCP_KEEPCNT, Option::kStream}};
+
+// A fresh socket's value of each option, per (family, type, protocol).
+class FreshValues {
+ public:
+  int Get(int family, int type, int protocol, const Option& o) {
+    const Key key{family, type, protocol, o.level, o.name};
+    {
+      std::lock_guard lock(mu_);
+      if (auto it = values_.find(key); it != values_.end()) return it->second;
+    }
+    int v = -1;
+    UniqueFd s(::socket(family, type | SOCK_CLOEXEC, protocol));
+    socklen_t len = sizeof v;
+    if (s) (void)::getsockopt(s.get(), o.level, o.name, &v, &len);
+    std::lock_guard lock(mu_);
+    values_[key] = v;
+    return v;
+  }
+
+ private:
+  using Key = std::tuple<int, int, int, int, int>;
+  std::mutex mu_;
+  std::map<Key, int> values_;
+};
+
+FreshValues& Fresh() {
+  static FreshValues values;
+  return values;
+}
+
+void CopyOptions(const NetRequest& q, int to) {
+  const int from = q.socket.get();
+  const bool stream = q.type == SOCK_STREAM;
+  bool keepalive = false;
+  auto copy = [&](const Option& o) {
+    if ((o.applies == Option::kStream && !stream) || (o.applies == Option::kDatagram && stream)) return;
+    int v = 0;
+    socklen_t len = sizeof v;
     if (::getsockopt(from, o.level, o.name, &v, &len) != 0) return;
-    if (::getsockopt(to, o.level, o.name, &fresh, &flen) == 0 && fresh == v) return;
+    if (o.level == SOL_SOCKET && o.name == SO_KEEPALIVE) keepalive = v != 0;
+    if (v == Fresh().Get(q.family, q.type, q.protocol, o)) return;
+    if (o.level == SOL_SOCKET && (o.name == SO_RCVBUF || o.name == SO_SNDBUF)) v /= 2;  // Linux reports double
     (void)::setsockopt(to, o.level, o.name, &v, sizeof v);
   };
-  for (const auto& o : kIntOptions) copy(o);
-  if (family == AF_INET) {
+  for (const auto& o : kOptions) copy(o);
+  if (q.family == AF_INET) {
     for (const auto& o : kV4Options) copy(o);
   } else {
     for (const auto& o : kV6Options) copy(o);
   }
-  for (int name : {SO_RCVBUF, SO_SNDBUF}) {  // only what the caller changed (Linux reports
-    int v = 0, fresh = 0;                   // double what was set)
-    socklen_t len = sizeof v, flen = sizeof fresh;
-    if (::getsockopt(from, SOL_SOCKET, name, &v, &len) == 0 && ::getsockopt(to, SOL_SOCKET, name, &fresh, &flen) == 0 &&
-        v != fresh) {
-      const int half = v / 2;
-      (void)::setsockopt(to, SOL_SOCKET, name, &half, sizeof half);
-    }
+  if (keepalive) {
+    for (const auto& o : kKeepAlive) copy(o);
   }
-  for (int name : {SO_RCVTIMEO, SO_SNDTIMEO}) {
-    timeval tv{};
-    socklen_t len = sizeof tv;
-    if (::getsockopt(from, SOL_SOCKET, name, &tv, &len) == 0 && (tv.tv_sec != 0 || tv.tv_usec != 0))
-      (void)::setsockopt(to, SOL_SOCKET, name, &tv, sizeof tv);
-  }
+  timeval tv{};
+  socklen_t len = sizeof tv;
+  if (::getsockopt(from, SOL_SOCKET, SO_RCVTIMEO, &tv, &len) == 0 && (tv.tv_sec != 0 || tv.tv_usec != 0))
+    (void)::setsockopt(to, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
   linger l{};
-  socklen_t llen = sizeof l;
-  if (::getsockopt(from, SOL_SOCKET, SO_LINGER, &l, &llen) == 0 && l.l_onoff != 0)
+  len = sizeof l;
+  if (::getsockopt(from, SOL_SOCKET, SO_LINGER, &l, &len) == 0 && l.l_onoff != 0)
     (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
@@ -285,10 +366,26 @@ void NetServer::ServeRequest(NetRequest& q) {
         Note(q, {.call = "socket", .proto = "sctp", .verdict = "deny", .rule = "protocols"});
         return Error(q, EPROTONOSUPPORT);
       }
-      return Continue(q);
+      const int base_type = static_cast<int>(q.args[1]) & 0xf;  // SOCK_TYPE_MASK
+      const bool tcp = base_type == SOCK_STREAM && (protocol == 0 || protocol == IPPROTO_TCP);
+      const bool udp = base_type == SOCK_DGRAM && (protocol == 0 || protocol == IPPROTO_UDP);
+      if ((family == AF_INET || family == AF_INET6) && (tcp || udp)) {
+        // TCP and UDP sockets are made here, in the ULSP's namespace, and handed over:
+        // every way out of them (connect, addressed sends, bind, listen) comes back
+        // here to be decided, and an allowed connect then needs no socket swapped in.
+        const int type = static_cast<int>(q.args[1]);
+        const int fd = ::socket(family, type | SOCK_CLOEXEC, protocol);
+        if (fd < 0) return Error(q, errno);  // what the kernel says of these arguments
+        q.install.Reset(fd);
+        q.verdict = NetVerdict::kNewFd;
+        q.value = (type & SOCK_CLOEXEC) ? 1 : 0;
+        return;
+      }
+      return Continue(q);  // UNIX, NETLINK, raw and ICMP sockets: inside the group
     }
-    case NetCall::kSocketPair:
     case NetCall::kListen:
+      return Listen(q);
+    case NetCall::kSocketPair:
     case NetCall::kAccept:
     case NetCall::kAccept4:
     case NetCall::kSetSockOpt:
@@ -315,7 +412,7 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
     own_ns.Reset(*self);
     if (auto r = Sys([&] { return ::setns(config_.group_netns.get(), CLONE_NEWNET); }); !r) return std::unexpected(r.error());
   }
-  const int fd = ::socket(q.family, q.type | SOCK_CLOEXEC | SOCK_NONBLOCK, q.protocol);
+  const int fd = ::socket(q.family, q.type | SOCK_CLOEXEC, q.protocol);
   const int err = errno;
   if (in_group && ::setns(own_ns.get(), CLONE_NEWNET) != 0) {
     // This thread would stay in the group's namespace: never let it serve again.
@@ -324,7 +421,7 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
   }
   if (fd < 0) return Fail(err);
   UniqueFd s(fd);
-  CopyOptions(q.socket.get(), s.get(), q.family, q.type == SOCK_STREAM);
+  CopyOptions(q, s.get());
   // A port the caller bound goes with it (best effort: it may be taken on this side).
   sockaddr_storage local{};
   socklen_t len = sizeof local;
@@ -381,7 +478,6 @@ void NetServer::Connect(NetRequest& q) {
     const bool nonblocking = Nonblocking(dup);
     const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
     if (r != 0 && r != EINPROGRESS) return Error(q, r);
-    if (!nonblocking) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
     q.install = std::move(*s);
     return r == 0 ? Return(q, 0) : Error(q, r);
   }
@@ -392,7 +488,13 @@ void NetServer::Connect(NetRequest& q) {
   e.rule = config_.rules.Describe(d.rule);
   Note(q, e);
   if (!d.allowed()) return Error(q, EACCES);
-  if (q.host_netns) return on_dup();  // already the ULSP's: connect it where it is
+  if (q.host_netns) {
+    // The usual case: the socket is already the ULSP's (made at socket()). Connect it
+    // where it is, as the caller's own connect would.
+    const int r = ConnectShared(dup, q);
+    return r == 0 ? Return(q, 0) : Error(q, r);
+  }
+  // A socket of the group's (bound inside it): one of the ULSP's takes its place.
   if (stream) {
     sockaddr_storage peer{};
     socklen_t len = sizeof peer;
@@ -403,9 +505,29 @@ void NetServer::Connect(NetRequest& q) {
   const bool nonblocking = Nonblocking(dup);
   const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
   if (r != 0 && r != EINPROGRESS) return Error(q, r);
-  if (!nonblocking) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
   q.install = std::move(*s);
   return r == 0 ? Return(q, 0) : Error(q, r);
+}
+
+void NetServer::Listen(NetRequest& q) {
+  // An unbound TCP socket of the ULSP's would listen on an ephemeral port of the
+  // host: it listens inside the group instead (only a bind rule opens a host port).
+  if ((q.family == AF_INET || q.family == AF_INET6) && q.host_netns) {
+    sockaddr_storage local{};
+    socklen_t len = sizeof local;
+    uint16_t port = 0;
+    if (::getsockname(q.socket.get(), reinterpret_cast<sockaddr*>(&local), &len) == 0) {
+      if (local.ss_family == AF_INET) port = reinterpret_cast<sockaddr_in*>(&local)->sin_port;
+      if (local.ss_family == AF_INET6) port = reinterpret_cast<sockaddr_in6*>(&local)->sin6_port;
+    }
+    if (port == 0) {
+      auto s = SocketLike(q, /*in_group=*/true);
+      if (!s) return Error(q, s.error().value);
+      if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
+      q.install = std::move(*s);
+    }
+  }
+  Continue(q);
 }
 
 NetServer::UnixTarget NetServer::OpenUnixTarget(const NetRequest& q, const std::string& path) {
@@ -526,16 +648,18 @@ void NetServer::Bind(NetRequest& q) {
   LogEntry e{.proto = stream ? "tcp" : "udp", .address = ep->AddressString(), .port = ep->port};
   const Decision d = config_.rules.Decide(Call::kBind, stream ? Proto::kTcp : Proto::kUdp, *ep, {});
   if (d.rule < 0) {
-    // No bind rule: the socket stays in the group's namespace, reachable from the group only.
+    // No bind rule: the socket is bound inside the group's namespace, reachable from
+    // the group only (a socket of the ULSP's is swapped for one made there).
     e.rule = "no bind rule";
-    if (q.host_netns) {
-      e.verdict = "deny";
-      Note(q, e);
-      return Error(q, EACCES);
-    }
     e.verdict = "group";
     Note(q, e);
-    return on_dup();
+    if (!q.host_netns) return on_dup();
+    auto s = SocketLike(q, /*in_group=*/true);
+    if (!s) return Error(q, s.error().value);
+    if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
+    if (Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
+    q.install = std::move(*s);
+    return Return(q, 0);
   }
   e.verdict = std::string(ActionName(d.action));
   e.rule = config_.rules.Describe(d.rule);
@@ -545,7 +669,7 @@ void NetServer::Bind(NetRequest& q) {
   auto s = SocketLike(q, /*in_group=*/false);
   if (!s) return Error(q, s.error().value);
   if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
-  if (!Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+  if (Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
   q.install = std::move(*s);
   Return(q, 0);
 }
@@ -612,7 +736,7 @@ void NetServer::Send(NetRequest& q) {
           if (target_in_group) {  // from now on the group's socket is one of the ULSP's
             auto s = SocketLike(q, /*in_group=*/false);
             if (!s) return Error(q, s.error().value);
-            if (!Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) & ~O_NONBLOCK);
+            if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
             q.install = std::move(*s);
             target = q.install.get();
             target_in_group = false;

@@ -72,6 +72,7 @@ class NetServer final : public msgport::Server {
   void ServeRequest(msgport::NetRequest& q);
   void Connect(msgport::NetRequest& q);
   void Bind(msgport::NetRequest& q);
+  void Listen(msgport::NetRequest& q);
   void Send(msgport::NetRequest& q);
   void ConnectUnix(msgport::NetRequest& q);
   void BindUnix(msgport::NetRequest& q);
