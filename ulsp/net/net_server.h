@@ -4,24 +4,28 @@
 // namespace, so the kernel never re-reads the caller's memory for a decision.
 //
 // How each call is served (docs/groups.md has the table):
-//  - connect, and sendto/sendmsg with MSG_FASTOPEN: an allowed TCP or UDP connection
-//    is made on a socket of the ULSP's (same family, type, protocol and options), which
-//    then replaces the caller's descriptor (seccomp ADDFD with SETFD); the data flows
-//    natively from then on. A denied one fails with EACCES.
+//  - socket (TCP, UDP): the ULSP makes the socket, in its own network namespace, and
+//    hands it to the caller (ADDFD with SEND). Everything that leads out of it comes
+//    back here: connect, addressed sends, bind, listen.
+//  - connect, and sendto/sendmsg with MSG_FASTOPEN: decided; an allowed one is made on
+//    the caller's own socket (a pidfd_getfd duplicate), to the address copied once;
+//    the data then flows natively. A denied one fails with EACCES.
 //  - sendto/sendmsg/sendmmsg with addresses: each datagram is decided and sent by the
-//    ULSP (from its own socket, which replaces an unbound group socket the first time);
-//    the bytes were copied out of the caller once.
-//  - bind: kept inside the group's network namespace (reachable only from the group),
-//    unless a `call = "bind"` rule allows binding on the host.
+//    ULSP from the caller's socket (the bytes were copied out of the caller once).
+//  - bind: without a `call = "bind"` rule the socket is swapped (ADDFD with SETFD) for
+//    one made in the group's network namespace, reachable from the group only; with
+//    an allowing rule it is bound on the host. listen on an unbound socket: swapped
+//    the same way first.
 //  - UNIX sockets: bind, connect and send act with the caller's root, directory and
 //    credentials (caller_fs.h); connecting to a path is allowed when the group bound
 //    it or a `proto = "unix"` rule allows it. Abstract names live in the group's own
 //    namespace.
-//  - socket: families other than UNIX, INET, INET6 and NETLINK fail with
-//    EAFNOSUPPORT, SCTP with EPROTONOSUPPORT; the rest, and socketpair, listen, accept
-//    and setsockopt, run as they are (no pointer argument carries a decision).
-//  - loopback = "group": 127.0.0.0/8 and ::1 stay in the group's namespace. The
-//    group's resolver (127.0.0.53:53, resolver.h) is always reached there.
+//  - socket of other kinds: UNIX, NETLINK, raw and ICMP run inside the group; other
+//    families fail with EAFNOSUPPORT, SCTP with EPROTONOSUPPORT. socketpair, accept
+//    and setsockopt run as they are (no pointer argument carries a decision).
+//  - loopback = "group": 127.0.0.0/8 and ::1 stay in the group's namespace (the socket
+//    is swapped for one made there). The group's resolver (127.0.0.53:53,
+//    resolver.h) is always reached there.
 //
 // Thread-safety: Serve runs on many threads at once (one per notification in flight);
 // a slow connect blocks only its own thread.
