@@ -133,19 +133,38 @@ int Run(const RunArgs& args) {
   if (!policy) return Error(policy.error());
   auto chosen = policy->Group(args.group);
   if (!chosen) return Error(chosen.error());
-  const GroupPolicy& group = **chosen;
+  GroupRun run;
+  run.policy = *chosen;
+  run.policy_file = std::filesystem::absolute(policy->file).string();
+  run.command = args.command;
+  return RunGroup(run);
+}
+
+int RunGroup(GroupRun& run) {
+  const std::string prefix = run.who;
+  auto Error = [&prefix](const std::string& message) {
+    std::fprintf(stderr, "%s: %s\n", prefix.c_str(), message.c_str());
+    return kUlspFailed;
+  };
+  const GroupPolicy& group = *run.policy;
+  if (run.command.empty()) return Error("give the command to run after --");
   if (::geteuid() != 0) return Error("needs root (it makes namespaces and mounts, and serves seccomp notifications)");
   ::signal(SIGPIPE, SIG_IGN);  // the net ULSP writes to sockets the group may close
 
   // The stacks, before anything starts: a bad one is reported and nothing runs.
   std::vector<std::unique_ptr<MountServer>> mounts;
-  for (const MountPolicy& mp : group.mounts) {
+  for (size_t i = 0; i < group.mounts.size(); ++i) {
+    const MountPolicy& mp = group.mounts[i];
     auto m = std::make_unique<MountServer>();
     m->policy = mp;
-    auto built = vfs::BuildStack(mp.stack);
-    if (!built) return Error(mp.where + ": " + built.error());
+    std::unique_ptr<vfs::Layer> top = i < run.stacks.size() ? std::move(run.stacks[i]) : nullptr;
+    if (!top) {
+      auto built = vfs::BuildStack(mp.stack);
+      if (!built) return Error(mp.where + ": " + built.error());
+      top = std::move(*built);
+    }
     if (!mp.isolated) {
-      m->server = std::make_unique<vfs::StackServer>(std::move(*built));
+      m->server = std::make_unique<vfs::StackServer>(std::move(top));
       m->port = std::make_unique<msgport::DirectPort>("vfs:" + group.name + ":" + mp.path, *m->server);
     }
     mounts.push_back(std::move(m));
@@ -184,7 +203,7 @@ int Run(const RunArgs& args) {
   plan.private_tmp = group.private_tmp;
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
-  plan.command = args.command;
+  plan.command = run.command;
   plan.cpu_seconds = group.limits.cpu_seconds;
   plan.memory_bytes = group.limits.memory_bytes;
   plan.open_files = group.limits.open_files;
@@ -257,6 +276,7 @@ int Run(const RunArgs& args) {
     if (said.text.empty()) break;  // the group's init is gone: its status says why
     if (said.text == "hello") {
       init_pid = said.pid;
+      if (run.on_started) run.on_started(init_pid);
       auto ns = Sys([&] { return ::open(("/proc/" + std::to_string(init_pid) + "/ns/net").c_str(), O_RDONLY | O_CLOEXEC); });
       if (!ns) {
         failure = "the group's network namespace: " + ns.error().Describe();
@@ -344,10 +364,10 @@ int Run(const RunArgs& args) {
   if (failure.empty()) {
     auto c = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
       s.kind = "run";
-      s.command = Join(args.command);
+      s.command = Join(run.command);
       StatusBuilder::Group g;
       g.name = group.name;
-      g.policy = std::filesystem::absolute(policy->file).string();
+      g.policy = run.policy_file;
       g.init_pid = init_pid;
       g.net_default = group.net.default_allow() ? "allow" : "deny";
       if (net_server) {
@@ -412,7 +432,7 @@ int Run(const RunArgs& args) {
       }
       if (timer && (p[2].revents & POLLIN)) {
         timed_out = true;
-        std::fprintf(stderr, "ulsp run: group %s ran past its wall_seconds limit (%llu s): killed\n", group.name.c_str(),
+        std::fprintf(stderr, "%s: group %s ran past its wall_seconds limit (%llu s): killed\n", prefix.c_str(), group.name.c_str(),
                      static_cast<unsigned long long>(*group.limits.wall_seconds));
         if (init_pid > 0) ::kill(init_pid, SIGKILL);
         timer.Reset();

@@ -12,8 +12,15 @@
 // Needs root (namespaces, mounts, seccomp listeners in other processes).
 #pragma once
 
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include "ulsp/core/policy.h"
+#include "ulsp/vfs/layer.h"
 
 namespace ulsp::core {
 
@@ -24,6 +31,24 @@ struct RunArgs {
 };
 
 int Run(const RunArgs& args);
+
+// A group described in code (what Run makes of a policy file, and what
+// examples/pkgdep-vfs builds itself).
+struct GroupRun {
+  const GroupPolicy* policy = nullptr;  // must outlive the run
+  std::string policy_file;              // shown by `ulsp ps`
+  std::vector<std::string> command;
+  // Stacks the caller made, by mount index; a missing or null one is built from the
+  // mount's SPEC. Taken by RunGroup.
+  std::vector<std::unique_ptr<vfs::Layer>> stacks;
+  // Called once the group's init exists (its pid in the host's namespace), before
+  // its mounts are served: a layer that reads the group's /proc needs it.
+  std::function<void(pid_t init_pid)> on_started;
+  std::string who = "ulsp run";  // starts ulsp's own error lines
+};
+
+// Runs a group; returns as Run does (the command's status, 124, 125, 126, 127).
+int RunGroup(GroupRun& run);
 
 // `ulsp policy check FILE`: prints "FILE: ok (groups: ...)" and returns 0, or the
 // reason (FILE:LINE: ...) on stderr and returns 1.

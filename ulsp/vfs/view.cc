@@ -62,7 +62,15 @@ std::expected<std::unique_ptr<ViewLayer>, std::string> ViewLayer::FromPaths(cons
   return view;
 }
 
+std::unique_ptr<ViewLayer> ViewLayer::FromPredicate(std::function<bool(std::string_view)> visible,
+                                                    std::unique_ptr<Layer> lower) {
+  std::unique_ptr<ViewLayer> view(new ViewLayer(std::move(lower)));
+  view->predicate_ = std::move(visible);
+  return view;
+}
+
 bool ViewLayer::Visible(std::string_view path) const {
+  if (predicate_) return path == "/" || predicate_(path);
   if (path == "/" || admitted_.contains("/")) return true;
   std::string key(path);
   if (ancestors_.contains(key)) return true;

@@ -1,4 +1,4 @@
-// ViewLayer: shows only what an allow-list admits; everything else does not exist
+// ViewLayer: shows only what an allow-list (or a predicate) admits; everything else does not exist
 // (lookups answer ENOENT, directory listings leave it out, and creating a name the
 // list does not admit answers EACCES).
 //
@@ -9,6 +9,7 @@
 #pragma once
 
 #include <expected>
+#include <functional>
 #include <string>
 #include <unordered_set>
 #include <vector>
@@ -23,6 +24,10 @@ class ViewLayer final : public Layer {
   // line when a line is bad (not absolute, or holding "." or ".." components).
   static std::expected<std::unique_ptr<ViewLayer>, std::string> Open(const std::string& list_path,
                                                                      std::unique_ptr<Layer> lower);
+  // A view decided by a function instead of a list: `visible(path)` answers for every
+  // path (absolute, normalized) the layer is asked about; it must be thread-safe.
+  static std::unique_ptr<ViewLayer> FromPredicate(std::function<bool(std::string_view path)> visible,
+                                                  std::unique_ptr<Layer> lower);
   // The same, from paths already in memory (`source` names them in errors).
   static std::expected<std::unique_ptr<ViewLayer>, std::string> FromPaths(const std::vector<std::string>& paths,
                                                                           const std::string& source,
@@ -41,6 +46,7 @@ class ViewLayer final : public Layer {
 
   std::unordered_set<std::string> admitted_;   // listed paths: themselves and beneath
   std::unordered_set<std::string> ancestors_;  // directories on the way to them
+  std::function<bool(std::string_view)> predicate_;  // instead of the list, when set
 };
 
 }  // namespace ulsp::vfs

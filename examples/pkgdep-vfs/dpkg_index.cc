@@ -1,0 +1,324 @@
+#include "examples/pkgdep-vfs/dpkg_index.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <climits>
+#include <cstring>
+#include <deque>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+namespace pkgdep {
+namespace {
+
+std::string_view Trim(std::string_view s) {
+  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
+  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r')) s.remove_suffix(1);
+  return s;
+}
+
+// "libc6:amd64" -> "libc6"
+std::string BareName(std::string_view name) {
+  const size_t colon = name.find(':');
+  return std::string(name.substr(0, colon));
+}
+
+// "a (>= 1) | b:any [amd64], c" -> {{a, b}, {c}}
+std::vector<std::vector<std::string>> Relations(std::string_view text) {
+  std::vector<std::vector<std::string>> out;
+  size_t start = 0;
+  while (start <= text.size()) {
+    size_t comma = text.find(',', start);
+    if (comma == std::string_view::npos) comma = text.size();
+    std::vector<std::string> group;
+    std::string_view item = text.substr(start, comma - start);
+    size_t s2 = 0;
+    while (s2 <= item.size()) {
+      size_t bar = item.find('|', s2);
+      if (bar == std::string_view::npos) bar = item.size();
+      std::string_view alt = Trim(item.substr(s2, bar - s2));
+      const size_t cut = alt.find_first_of(" ([<");
+      alt = Trim(alt.substr(0, cut));
+      if (!alt.empty()) group.push_back(BareName(alt));
+      s2 = bar + 1;
+    }
+    if (!group.empty()) out.push_back(std::move(group));
+    start = comma + 1;
+  }
+  return out;
+}
+
+bool ReadLines(const std::string& path, std::vector<std::string>& lines) {
+  std::ifstream in(path);
+  if (!in) return false;
+  for (std::string line; std::getline(in, line);) lines.push_back(std::move(line));
+  return true;
+}
+
+}  // namespace
+
+std::string DpkgIndex::Canonical(std::string_view path) {
+  static constexpr std::string_view kMerged[] = {"/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"};
+  for (std::string_view top : kMerged) {
+    if (path.starts_with(top) && (path.size() == top.size() || path[top.size()] == '/')) {
+      std::string usr = "/usr";
+      usr += path;
+      return usr;
+    }
+  }
+  return std::string(path);
+}
+
+std::expected<DpkgIndex, std::string> DpkgIndex::Load(const std::string& admin_dir) {
+  DpkgIndex index;
+  // status: the installed packages and their relations.
+  {
+    const std::string path = admin_dir + "/status";
+    std::ifstream in(path);
+    if (!in) return std::unexpected(path + ": " + std::strerror(errno));
+    Package p;
+    bool installed = false;
+    std::string key;
+    std::map<std::string, std::string> fields;
+    auto finish = [&] {
+      if (installed && !p.name.empty()) {
+        p.essential = fields["Essential"] == "yes";
+        p.depends = Relations(fields["Depends"]);
+        p.pre_depends = Relations(fields["Pre-Depends"]);
+        p.recommends = Relations(fields["Recommends"]);
+        p.suggests = Relations(fields["Suggests"]);
+        for (const auto& g : Relations(fields["Provides"]))
+          for (const auto& v : g) p.provides.push_back(v);
+        for (const auto& v : p.provides) index.provided_by_[v].push_back(p.name);
+        index.packages_[p.name] = std::move(p);
+      }
+      p = Package{};
+      installed = false;
+      fields.clear();
+    };
+    for (std::string line; std::getline(in, line);) {
+      if (line.empty()) {
+        finish();
+        continue;
+      }
+      if (line[0] == ' ' || line[0] == '\t') {
+        if (!key.empty()) {
+          std::string& value = fields[key];
+          value += ' ';
+          value += Trim(line);
+        }
+        continue;
+      }
+      const size_t colon = line.find(':');
+      if (colon == std::string::npos) continue;
+      key = line.substr(0, colon);
+      const std::string value(Trim(std::string_view(line).substr(colon + 1)));
+      if (key == "Package") {
+        p.name = value;
+      } else if (key == "Status") {
+        installed = value.ends_with(" installed");
+      } else {
+        fields[key] = value;
+      }
+    }
+    finish();
+    if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
+  }
+  // info/*.list: who owns which path.
+  {
+    const std::string dir = admin_dir + "/info";
+    DIR* d = ::opendir(dir.c_str());
+    if (d == nullptr) return std::unexpected(dir + ": " + std::strerror(errno));
+    std::vector<std::string> lists;
+    while (dirent* e = ::readdir(d)) {
+      std::string_view n = e->d_name;
+      if (n.ends_with(".list")) lists.emplace_back(n);
+    }
+    ::closedir(d);
+    std::sort(lists.begin(), lists.end());
+    for (const std::string& file : lists) {
+      const std::string name = BareName(std::string_view(file).substr(0, file.size() - 5));
+      if (!index.packages_.contains(name)) continue;  // a list left by a removed package
+      const auto id = static_cast<uint32_t>(index.names_.size());
+      index.names_.push_back(name);
+      const std::string path = dir + "/" + file;
+      const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+      if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
+      std::string& text = index.text_.emplace_back();
+      char buf[65536];
+      for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) != 0;) {
+        if (n < 0) {
+          if (errno == EINTR) continue;
+          ::close(fd);
+          return std::unexpected(path + ": " + std::strerror(errno));
+        }
+        text.append(buf, static_cast<size_t>(n));
+      }
+      ::close(fd);
+      std::string_view rest = text;
+      while (!rest.empty()) {
+        const size_t nl = rest.find('\n');
+        std::string_view line = rest.substr(0, nl);
+        rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
+        if (line.empty() || line == "/.") continue;
+        std::string canonical = Canonical(line);
+        if (canonical.size() != line.size()) line = index.text_.emplace_back(std::move(canonical));
+        index.entries_.emplace_back(line, id);
+      }
+    }
+    std::sort(index.entries_.begin(), index.entries_.end());
+    index.entries_.erase(std::unique(index.entries_.begin(), index.entries_.end()), index.entries_.end());
+  }
+  auto id_of = [&index](const std::string& name) -> int64_t {
+    auto it = std::find(index.names_.begin(), index.names_.end(), name);
+    return it == index.names_.end() ? -1 : it - index.names_.begin();
+  };
+  // diversions: three lines each — the diverted path, where it went, by whom.
+  {
+    std::vector<std::string> lines;
+    if (ReadLines(admin_dir + "/diversions", lines)) {
+      for (size_t i = 0; i + 2 < lines.size(); i += 3) {
+        const std::string from = Canonical(lines[i]), to = Canonical(lines[i + 1]);
+        const std::string& by = lines[i + 2];
+        std::vector<uint32_t> original = index.ListedOwners(from);
+        std::vector<uint32_t> at_from, at_to;
+        const int64_t by_id = id_of(by);
+        if (by_id >= 0) at_from.push_back(static_cast<uint32_t>(by_id));  // ":" is a local diversion
+        for (uint32_t o : original)
+          if (static_cast<int64_t>(o) != by_id) at_to.push_back(o);
+        index.diverted_[from] = at_from;
+        if (!at_to.empty()) index.diverted_[to] = at_to;
+      }
+    }
+  }
+  // alternatives: the links update-alternatives manages, and where they lead now.
+  {
+    const std::string dir = admin_dir + "/alternatives";
+    if (DIR* d = ::opendir(dir.c_str())) {
+      while (dirent* e = ::readdir(d)) {
+        const std::string name = e->d_name;
+        if (name == "." || name == "..") continue;
+        std::vector<std::string> lines;
+        if (!ReadLines(dir + "/" + name, lines) || lines.size() < 2) continue;
+        index.alternative_links_[Canonical(lines[1])] = "/etc/alternatives/" + name;
+        index.alternative_links_["/etc/alternatives/" + name] = "/etc/alternatives/" + name;
+        for (size_t i = 2; i + 1 < lines.size() && !lines[i].empty(); i += 2) {
+          index.alternative_links_[Canonical(lines[i + 1])] = "/etc/alternatives/" + lines[i];
+          index.alternative_links_["/etc/alternatives/" + lines[i]] = "/etc/alternatives/" + lines[i];
+        }
+      }
+      ::closedir(d);
+    }
+  }
+  return index;
+}
+
+const Package* DpkgIndex::Find(std::string_view name) const {
+  auto it = packages_.find(BareName(name));
+  return it == packages_.end() ? nullptr : &it->second;
+}
+
+std::vector<const Package*> DpkgIndex::Satisfying(std::string_view name) const {
+  std::vector<const Package*> out;
+  if (const Package* p = Find(name)) out.push_back(p);
+  if (auto it = provided_by_.find(BareName(name)); it != provided_by_.end()) {
+    for (const std::string& provider : it->second) {
+      const Package* p = Find(provider);
+      if (p != nullptr && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+    }
+  }
+  return out;
+}
+
+std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {
+  std::string canonical = Canonical(path);
+  if (auto alt = alternative_links_.find(canonical); alt != alternative_links_.end()) {
+    char target[PATH_MAX];
+    const ssize_t n = ::readlink(alt->second.c_str(), target, sizeof target - 1);
+    if (n > 0) canonical = Canonical(std::string_view(target, static_cast<size_t>(n)));
+  }
+  std::vector<std::string> out;
+  auto it = diverted_.find(canonical);
+  for (uint32_t id : it != diverted_.end() ? it->second : ListedOwners(canonical)) out.push_back(names_[id]);
+  return out;
+}
+
+std::vector<uint32_t> DpkgIndex::ListedOwners(std::string_view canonical) const {
+  std::vector<uint32_t> out;
+  auto it = std::lower_bound(entries_.begin(), entries_.end(), canonical,
+                             [](const auto& e, std::string_view p) { return e.first < p; });
+  for (; it != entries_.end() && it->first == canonical; ++it) out.push_back(it->second);
+  return out;
+}
+
+std::vector<std::string> DpkgIndex::EssentialPackages() const {
+  std::vector<std::string> out;
+  for (const auto& [name, p] : packages_)
+    if (p.essential) out.push_back(name);
+  return out;
+}
+
+std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, const std::vector<std::string>& roots) {
+  Closure c;
+  c.roots = roots;
+  // Follows Depends and Pre-Depends from what `todo` holds, adding to c.declared.
+  auto follow = [&](std::deque<std::string> todo) {
+    while (!todo.empty()) {
+      const Package* p = index.Find(todo.front());
+      todo.pop_front();
+      if (p == nullptr) continue;
+      for (const auto* relations : {&p->pre_depends, &p->depends}) {
+        for (const auto& group : *relations) {
+          bool satisfied = false;
+          for (const std::string& alt : group) {
+            for (const Package* q : index.Satisfying(alt)) {
+              satisfied = true;
+              if (c.declared.emplace(q->name, (relations == &p->depends ? "Depends of " : "Pre-Depends of ") + p->name).second)
+                todo.push_back(q->name);
+            }
+          }
+          if (!satisfied) {
+            std::string text;
+            for (const std::string& alt : group) text += (text.empty() ? "" : " | ") + alt;
+            c.unsatisfied.push_back(p->name + ": " + text);
+          }
+        }
+      }
+    }
+  };
+  std::deque<std::string> todo;
+  for (const std::string& r : roots) {
+    const Package* p = index.Find(r);
+    if (p == nullptr) return std::unexpected("no installed package '" + r + "' (dpkg -l lists what is installed)");
+    if (c.declared.emplace(p->name, "named").second) todo.push_back(p->name);
+  }
+  follow(std::move(todo));
+  // What the named packages recommend or suggest (not what the essential set does).
+  std::vector<std::string> own(c.declared.size());
+  std::transform(c.declared.begin(), c.declared.end(), own.begin(), [](const auto& kv) { return kv.first; });
+  todo.clear();
+  for (const std::string& e : index.EssentialPackages())
+    if (c.declared.emplace(e, "essential").second) todo.push_back(e);
+  follow(std::move(todo));
+  for (const std::string& name : own) {
+    const Package* p = index.Find(name);
+    for (const auto* relations : {&p->recommends, &p->suggests}) {
+      for (const auto& group : *relations) {
+        for (const std::string& alt : group) {
+          for (const Package* q : index.Satisfying(alt)) {
+            if (c.declared.contains(q->name)) continue;
+            c.recommended.emplace(q->name, (relations == &p->recommends ? "Recommends of " : "Suggests of ") + name);
+          }
+        }
+      }
+    }
+  }
+  return c;
+}
+
+}  // namespace pkgdep

@@ -1,0 +1,88 @@
+// DpkgIndex: what dpkg knows about the installed system, read once from its own
+// database (/var/lib/dpkg: status, info/*.list, diversions, alternatives) and
+// indexed for the questions pkgdep-vfs asks: which packages own this path, what does
+// this package declare it depends on.
+//
+// Debian 12 facts it accounts for:
+//  - merged /usr: /bin, /sbin, /lib* are links into /usr, and dpkg records some
+//    files under one spelling and some under the other; every path is looked up in
+//    its /usr spelling (Canonical).
+//  - diversions: a diverted path belongs to the package that diverted it; the
+//    original's file, moved aside, to the original package.
+//  - alternatives: /etc/alternatives/NAME and the links that point at it (/usr/bin/
+//    editor) belong to no package; the package owning the current target counts.
+//
+// Immutable after Load; every method is thread-safe.
+#pragma once
+
+#include <deque>
+#include <expected>
+#include <map>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <vector>
+
+namespace pkgdep {
+
+struct Package {
+  std::string name;  // without an architecture qualifier
+  bool essential = false;
+  // Each relation is a list of alternatives ("a | b"), names only (versions and
+  // architecture qualifiers dropped).
+  std::vector<std::vector<std::string>> depends, pre_depends, recommends, suggests;
+  std::vector<std::string> provides;
+};
+
+class DpkgIndex {
+ public:
+  // Reads the database under `admin_dir` (dpkg's, /var/lib/dpkg). Fails with a message
+  // naming the file that could not be read.
+  static std::expected<DpkgIndex, std::string> Load(const std::string& admin_dir = "/var/lib/dpkg");
+
+  // The installed package `name` (an ":arch" qualifier is ignored), or nullptr.
+  const Package* Find(std::string_view name) const;
+  // Installed packages that are, or provide, `name`.
+  std::vector<const Package*> Satisfying(std::string_view name) const;
+  // Packages owning `path` (any spelling; links of alternatives resolved). Empty for
+  // files owned by no package.
+  std::vector<std::string> Owners(std::string_view path) const;
+  // Every installed package with Essential: yes.
+  std::vector<std::string> EssentialPackages() const;
+
+  size_t package_count() const noexcept { return packages_.size(); }
+  size_t path_count() const noexcept { return entries_.size(); }
+
+  // The /usr spelling of a path on a merged-/usr system ("/bin/sh" -> "/usr/bin/sh").
+  static std::string Canonical(std::string_view path);
+
+ private:
+  std::vector<uint32_t> ListedOwners(std::string_view canonical) const;  // from the .list files
+  std::map<std::string, Package, std::less<>> packages_;
+  std::unordered_map<std::string, std::vector<std::string>> provided_by_;  // virtual -> providers
+  // Every (path, package id) of the .list files, sorted by path: ~160k entries here,
+  // built in one sort with no allocation per path (the paths point into `text_`).
+  std::vector<std::pair<std::string_view, uint32_t>> entries_;
+  std::deque<std::string> text_;  // the .list files' contents, and canonical spellings
+  std::unordered_map<std::string, std::vector<uint32_t>> diverted_;         // path -> owners, after diversions
+  std::vector<std::string> names_;                                          // package id -> name
+  std::unordered_map<std::string, std::string> alternative_links_;          // link path -> /etc/alternatives/NAME
+};
+
+// What a package (or a list of them) declares: its Depends and Pre-Depends, followed
+// transitively, plus every Essential package and what they depend on (Debian policy
+// lets every package rely on those). Recommends and Suggests of the declared packages
+// are kept apart: they are never counted as declared.
+struct Closure {
+  std::vector<std::string> roots;                    // what the user named
+  std::map<std::string, std::string> declared;       // package -> why ("root", "essential", "Depends of X")
+  std::map<std::string, std::string> recommended;    // package -> "Recommends of X" / "Suggests of X"
+  std::vector<std::string> unsatisfied;              // declared relations no installed package satisfies
+
+  bool Declares(const std::string& p) const { return declared.contains(p); }
+};
+
+// Fails with "no installed package 'X'" for a root that is not installed.
+std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, const std::vector<std::string>& roots);
+
+}  // namespace pkgdep

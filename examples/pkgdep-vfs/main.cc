@@ -1,0 +1,300 @@
+// pkgdep-vfs: does a command need only what its package declares?
+//
+//   pkgdep-vfs check (--package NAME | --deps PKG,PKG...) [--mode observe|enforce]
+//                    [--confirm] [--json FILE] [--allow-unowned FILE] -- COMMAND [ARG...]
+//
+// Runs COMMAND in an ulsp process group whose root is a layer stack over the real
+// root — record (which remembers every access), then, in enforce mode, a view that
+// hides every file owned only by undeclared packages, then passthrough:/ — and
+// reports what it touched that the package does not declare. See README.md.
+//
+// Exit status: 0 nothing undeclared, 1 undeclared dependencies found, 2 a usage or
+// environment error (with a message that says which).
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "examples/pkgdep-vfs/dpkg_index.h"
+#include "examples/pkgdep-vfs/record_layer.h"
+#include "examples/pkgdep-vfs/report.h"
+#include "ulsp/core/group.h"
+#include "ulsp/vfs/passthrough.h"
+#include "ulsp/vfs/view.h"
+
+namespace pkgdep {
+namespace {
+
+constexpr int kUsage = 2;
+
+int Fail(const std::string& message) {
+  std::fprintf(stderr, "pkgdep-vfs: %s\n", message.c_str());
+  return kUsage;
+}
+
+// Where a command name leads, as a shell would look for it; "" when nowhere.
+std::string Which(const std::string& command) {
+  if (command.find('/') != std::string::npos) return ::access(command.c_str(), X_OK) == 0 ? command : "";
+  const char* path = std::getenv("PATH");
+  std::stringstream dirs(path != nullptr ? path : "/usr/local/bin:/usr/bin:/bin");
+  for (std::string dir; std::getline(dirs, dir, ':');) {
+    const std::string candidate = (dir.empty() ? "." : dir) + "/" + command;
+    struct stat st {};
+    if (::stat(candidate.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::access(candidate.c_str(), X_OK) == 0) return candidate;
+  }
+  return "";
+}
+
+// Standard output and error of a run, kept in files while it runs.
+class Capture {
+ public:
+  Capture() {
+    char out[] = "/tmp/pkgdep-vfs.out.XXXXXX", err[] = "/tmp/pkgdep-vfs.err.XXXXXX";
+    out_fd_ = ::mkstemp(out);
+    err_fd_ = ::mkstemp(err);
+    ::unlink(out);
+    ::unlink(err);
+    saved_out_ = ::dup(1);
+    saved_err_ = ::dup(2);
+    std::fflush(stdout);
+    std::fflush(stderr);
+    ::dup2(out_fd_, 1);
+    ::dup2(err_fd_, 2);
+  }
+  ~Capture() { Restore(); }
+  // Puts the real standard output and error back; returns what the run wrote.
+  std::pair<std::string, std::string> Restore() {
+    if (saved_out_ < 0) return {out_, err_};
+    std::fflush(stdout);
+    std::fflush(stderr);
+    ::dup2(saved_out_, 1);
+    ::dup2(saved_err_, 2);
+    ::close(saved_out_);
+    ::close(saved_err_);
+    saved_out_ = saved_err_ = -1;
+    out_ = ReadAll(out_fd_);
+    err_ = ReadAll(err_fd_);
+    return {out_, err_};
+  }
+
+ private:
+  static std::string ReadAll(int fd) {
+    std::string s;
+    ::lseek(fd, 0, SEEK_SET);
+    char buf[65536];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;) s.append(buf, static_cast<size_t>(n));
+    ::close(fd);
+    return s;
+  }
+  int out_fd_ = -1, err_fd_ = -1, saved_out_ = -1, saved_err_ = -1;
+  std::string out_, err_;
+};
+
+struct Run {
+  int status = 0;
+  std::string out, err;
+  std::map<std::string, Touch> record;
+  double seconds = 0;
+};
+
+// Runs the command once in a group rooted at record[,view(hide)],passthrough:/.
+// `hide` (may be empty) says which paths do not exist. Fails (125) when ulsp could
+// not make the group; it said why on stderr.
+Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::string_view)> hide, bool capture,
+            bool progress, int progress_fd) {
+  Run result;
+  auto passthrough = ulsp::vfs::PassthroughLayer::Open("/");
+  if (!passthrough) {
+    result.status = 125;
+    std::fprintf(stderr, "pkgdep-vfs: passthrough of /: %s\n", passthrough.error().Describe().c_str());
+    return result;
+  }
+  std::unique_ptr<ulsp::vfs::Layer> below = std::move(*passthrough);
+  if (hide) {
+    below = ulsp::vfs::ViewLayer::FromPredicate([hide = std::move(hide)](std::string_view p) { return !hide(p); },
+                                                std::move(below));
+  }
+  auto recorder = std::make_shared<Recording>();
+  auto record = std::make_unique<RecordLayer>(recorder, std::move(below));
+
+  ulsp::core::GroupPolicy policy;
+  policy.name = "pkgdep";
+  policy.net = ulsp::net::RuleSet({}, /*default_allow=*/true);
+  policy.pid_namespace = true;
+  policy.private_tmp = true;
+  ulsp::core::MountPolicy root;
+  root.path = "/";
+  root.stack = hide ? "record,view(undeclared hidden),passthrough:/" : "record,passthrough:/";
+  root.timeout = 5.0;
+  root.where = "pkgdep-vfs";
+  policy.mounts.push_back(root);
+
+  ulsp::core::GroupRun run;
+  run.policy = &policy;
+  run.policy_file = "(pkgdep-vfs)";
+  run.command = command;
+  run.stacks.push_back(std::move(record));
+  run.on_started = [recorder](pid_t init) { recorder->SetGroupInit(init); };
+  run.who = "pkgdep-vfs";
+
+  // A progress line for runs longer than a few seconds.
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  const auto start = std::chrono::steady_clock::now();
+  std::thread progress_thread;
+  if (progress) {
+    progress_thread = std::thread([&] {
+      std::unique_lock lock(mu);
+      for (int tick = 1; !cv.wait_for(lock, std::chrono::seconds(1), [&] { return done; }); ++tick) {
+        if (tick < 3 || tick % 5 != 0) continue;
+        const std::string line = "pkgdep-vfs: running for " + std::to_string(tick) + " s: " +
+                                 std::to_string(recorder->size()) + " paths, " + std::to_string(recorder->processes()) +
+                                 " processes\n";
+        (void)!::write(progress_fd, line.data(), line.size());
+      }
+    });
+  }
+  {
+    std::optional<Capture> cap;
+    if (capture) cap.emplace();
+    result.status = ulsp::core::RunGroup(run);
+    if (cap) std::tie(result.out, result.err) = cap->Restore();
+  }
+  {
+    std::lock_guard lock(mu);
+    done = true;
+  }
+  cv.notify_all();
+  if (progress_thread.joinable()) progress_thread.join();
+  result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.record = recorder->Snapshot();  // the layer went with the group's stack; the record stays
+  return result;
+}
+
+std::vector<std::string> Split(const std::string& list) {
+  std::vector<std::string> out;
+  std::stringstream s(list);
+  for (std::string item; std::getline(s, item, ',');) {
+    if (!item.empty()) out.push_back(item);
+  }
+  return out;
+}
+
+int Check(const std::string& package, const std::string& deps, const std::string& mode, bool confirm,
+          const std::string& json_file, const std::string& allow_file, const std::vector<std::string>& command) {
+  if (package.empty() == deps.empty()) return Fail("give either --package NAME or --deps PKG,PKG...");
+  if (mode != "observe" && mode != "enforce") return Fail("--mode is observe or enforce, not '" + mode + "'");
+  if (command.empty()) return Fail("give the command to check after --");
+  if (::geteuid() != 0) return Fail("needs root (it runs the command in an ulsp process group)");
+  if (Which(command[0]).empty()) return Fail(command[0] + ": command not found");
+  std::vector<std::string> allow = DefaultUnownedAllowList();
+  if (!allow_file.empty()) {
+    std::ifstream in(allow_file);
+    if (!in) return Fail(allow_file + ": cannot read the allow-list: " + std::strerror(errno));
+    for (std::string line; std::getline(in, line);) {
+      if (line.empty() || line[0] == '#') continue;
+      if (line[0] != '/' && !line.starts_with("*/"))
+        return Fail(allow_file + ": '" + line + "' is neither an absolute path prefix nor */NAME/");
+      allow.push_back(line);
+    }
+  }
+  auto index = DpkgIndex::Load();
+  if (!index) return Fail(index.error());
+  auto closure = DeclaredClosure(*index, package.empty() ? Split(deps) : std::vector<std::string>{package});
+  if (!closure) return Fail(closure.error());
+
+  Report report;
+  report.mode = mode;
+  report.command = command;
+  report.closure = *closure;
+  const int progress_fd = ::dup(2);
+  const DpkgIndex& idx = *index;
+  const Closure& c = *closure;
+  // Enforce: a path is hidden when every package owning it is undeclared.
+  std::function<bool(std::string_view)> hide;
+  if (mode == "enforce") {
+    hide = [&idx, &c](std::string_view path) {
+      const auto owners = idx.Owners(path);
+      if (owners.empty()) return false;
+      return std::none_of(owners.begin(), owners.end(), [&c](const std::string& o) { return c.Declares(o); });
+    };
+  }
+  Run first = RunOnce(command, hide, confirm, true, progress_fd);
+  if (first.status == 125 && first.record.empty()) {
+    ::close(progress_fd);
+    return kUsage;  // ulsp could not make the group: it said why
+  }
+  if (confirm) {  // what the command said, as it would have without the capture
+    std::fwrite(first.out.data(), 1, first.out.size(), stdout);
+    std::fwrite(first.err.data(), 1, first.err.size(), stderr);
+    std::fflush(stdout);
+  }
+  report.status = first.status;
+  report.seconds = first.seconds;
+  Attribute(idx, first.record, allow, report);
+
+  if (confirm && mode == "observe") {
+    for (const auto& [p, findings] : report.undeclared) {
+      const std::string without = p;
+      auto hide_one = [&idx, without](std::string_view path) {
+        const auto owners = idx.Owners(path);
+        return !owners.empty() && std::all_of(owners.begin(), owners.end(), [&](const std::string& o) { return o == without; });
+      };
+      std::fprintf(stderr, "pkgdep-vfs: confirming %s: running again without it\n", without.c_str());
+      Run again = RunOnce(command, hide_one, true, false, progress_fd);
+      report.confirmed[without] = again.status != first.status ? "hard (exit status " + std::to_string(first.status) + " -> " +
+                                                                     std::to_string(again.status) + ")"
+                                  : (again.out != first.out || again.err != first.err) ? "soft (same exit status, different output)"
+                                                                                        : "none (same exit status and output)";
+    }
+  }
+  ::close(progress_fd);
+  const std::string text = report.Text();
+  std::fwrite(text.data(), 1, text.size(), stdout);
+  if (!json_file.empty()) {
+    std::ofstream out(json_file);
+    out << report.Json();
+    if (!out) return Fail(json_file + ": cannot write the JSON report");
+  }
+  return report.Verdict();
+}
+
+}  // namespace
+}  // namespace pkgdep
+
+int main(int argc, char** argv) {
+  CLI::App app{"pkgdep-vfs: does a command need only what its Debian package declares?"};
+  app.require_subcommand(1, 1);
+  std::string package, deps, mode = "observe", json_file, allow_file;
+  bool confirm = false;
+  std::vector<std::string> command;
+  CLI::App* check = app.add_subcommand("check", "Run COMMAND in a recorded (or restricted) view and report");
+  check->add_option("--package", package, "The package whose declarations count (its Depends, transitively)");
+  check->add_option("--deps", deps, "Declared packages, comma-separated (instead of --package)");
+  check->add_option("--mode", mode, "observe (everything visible, all recorded) or enforce (only the declared)")
+      ->capture_default_str();
+  check->add_flag("--confirm", confirm, "Run again without each undeclared package: hard, soft or no difference");
+  check->add_option("--json", json_file, "Also write the report as JSON to FILE");
+  check->add_option("--allow-unowned", allow_file, "More unowned path prefixes not to report, one per line");
+  check->add_option("command", command, "-- COMMAND [ARG...]");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    app.exit(e);
+    return 2;
+  }
+  return pkgdep::Check(package, deps, mode, confirm, json_file, allow_file, command);
+}

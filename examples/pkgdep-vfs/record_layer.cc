@@ -1,0 +1,216 @@
+#include "examples/pkgdep-vfs/record_layer.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <new>
+
+namespace pkgdep {
+
+using ulsp::vfs::JoinPath;
+using ulsp::vfs::VfsOp;
+using ulsp::vfs::VfsRequest;
+
+namespace {
+constexpr int kExecFlag = 0x20;  // __FMODE_EXEC: the kernel opens an executable with it
+}  // namespace
+
+std::string_view UseName(Use u) noexcept {
+  switch (u) {
+    case Use::kMissing: return "not found";
+    case Use::kProbe: return "probed";
+    case Use::kListed: return "listed";
+    case Use::kReadLink: return "link read";
+    case Use::kOpened: return "opened";
+    case Use::kWritten: return "written";
+    case Use::kExecuted: return "executed";
+  }
+  return "?";
+}
+
+Recording::Recording() {
+  opener_ = std::thread([this] { OpenGroupProc(); });
+}
+
+Recording::~Recording() {
+  {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+  }
+  cv_.notify_all();
+  opener_.join();
+  if (const int fd = proc_fd_.load(); fd >= 0) ::close(fd);
+}
+
+void Recording::SetGroupInit(pid_t init) {
+  std::lock_guard lock(mu_);
+  init_ = init;
+  cv_.notify_all();
+}
+
+void Recording::OpenGroupProc() {
+  struct stat host {};
+  ::stat("/proc", &host);
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [this] { return stopping_ || init_ > 0; });
+  const std::string path = "/proc/" + std::to_string(init_) + "/root/proc";
+  // Until the group has mounted its own /proc there, the path leads to the host's.
+  while (!stopping_) {
+    lock.unlock();
+    const int fd = ::open(path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+    struct stat st {};
+    if (fd >= 0 && ::fstat(fd, &st) == 0 && st.st_dev != host.st_dev) {
+      proc_fd_.store(fd);
+      return;
+    }
+    if (fd >= 0) ::close(fd);
+    lock.lock();
+    cv_.wait_for(lock, std::chrono::milliseconds(2));
+  }
+}
+
+std::string Recording::ArgvOf(pid_t pid) {
+  // Read each time: a process's argv changes when it executes another program.
+  std::string argv;
+  const int proc = proc_fd_.load();
+  if (proc < 0 || pid <= 0) return argv;
+  const std::string path = std::to_string(pid) + "/cmdline";
+  const int fd = ::openat(proc, path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return argv;
+  char buf[512];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  for (ssize_t i = 0; i < n; ++i) argv += buf[i] == '\0' ? ' ' : buf[i];
+  while (!argv.empty() && argv.back() == ' ') argv.pop_back();
+  return argv;
+}
+
+void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
+  if (path.empty()) return;
+  std::lock_guard lock(mu_);
+  pids_.insert(pid);
+  // A program being executed is opened before its process has its new argv: those
+  // entries get it at the process's next access (or keep the old one if none comes).
+  // (The kernel opens the program's interpreter before the exec is done, with the
+  // old argv still in place: only a changed argv is the new one.)
+  if (auto it = pending_exec_.find(pid); it != pending_exec_.end() && use != Use::kExecuted) {
+    const std::string argv = ArgvOf(pid);
+    if (argv != it->second.before) {
+      for (const std::string& p : it->second.paths) {
+        auto t = touched_.find(p);
+        if (t != touched_.end() && t->second.pid == pid) t->second.argv = argv;
+      }
+      pending_exec_.erase(it);
+    }
+  }
+  auto [it, fresh] = touched_.try_emplace(path);
+  Touch& t = it->second;
+  if (!fresh && use <= t.use) return;
+  t.use = use;
+  t.dir = t.dir || dir;
+  t.pid = pid;
+  t.argv = ArgvOf(pid);
+  if (use == Use::kExecuted) {
+    auto& pending = pending_exec_[pid];
+    if (pending.paths.empty()) pending.before = t.argv;
+    pending.paths.push_back(path);
+  }
+}
+
+int RecordLayer::Serve(VfsRequest& req) noexcept try {
+  const pid_t pid = req.ctx.pid;
+  switch (req.op) {
+    case VfsOp::kLookup: {
+      const std::string path = JoinPath(PathOf(req.node), req.name);
+      const int err = Down(req);
+      if (err == 0) {
+        Note(path, Use::kProbe, S_ISDIR(req.entry.attr.st_mode), pid);
+      } else if (err == ENOENT) {
+        Note(path, Use::kMissing, false, pid);
+      }
+      return err;
+    }
+    case VfsOp::kGetAttr:
+    case VfsOp::kAccess:
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr: {
+      const int err = Down(req);
+      if (err == 0) Note(PathOf(req.node), Use::kProbe, req.op == VfsOp::kGetAttr && S_ISDIR(req.out_attr.st_mode), pid);
+      return err;
+    }
+    case VfsOp::kOpenDir: {
+      const int err = Down(req);
+      if (err == 0) Note(PathOf(req.node), Use::kListed, true, pid);
+      return err;
+    }
+    case VfsOp::kReadLink: {
+      const int err = Down(req);
+      if (err == 0) Note(PathOf(req.node), Use::kReadLink, false, pid);
+      return err;
+    }
+    case VfsOp::kOpen: {
+      const int err = Down(req);
+      if (err != 0) return err;
+      Use use = Use::kOpened;
+      if (req.flags & kExecFlag) {
+        use = Use::kExecuted;
+      } else if ((req.flags & O_ACCMODE) != O_RDONLY || (req.flags & O_TRUNC)) {
+        use = Use::kWritten;
+      }
+      Note(PathOf(req.node), use, false, pid);
+      return 0;
+    }
+    case VfsOp::kCreate:
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir: {
+      const std::string path = JoinPath(PathOf(req.node), req.name);
+      const int err = Down(req);
+      if (err == 0) Note(path, Use::kWritten, req.op == VfsOp::kMkDir || req.op == VfsOp::kRmDir, pid);
+      return err;
+    }
+    case VfsOp::kRename:
+    case VfsOp::kLink: {
+      const std::string from = req.op == VfsOp::kRename ? JoinPath(PathOf(req.node), req.name) : PathOf(req.node);
+      const std::string to = JoinPath(PathOf(req.node2), req.name2);
+      const int err = Down(req);
+      if (err == 0) {
+        Note(from, Use::kWritten, false, pid);
+        Note(to, Use::kWritten, false, pid);
+      }
+      return err;
+    }
+    case VfsOp::kSetAttr:
+    case VfsOp::kSetXattr:
+    case VfsOp::kRemoveXattr: {
+      const int err = Down(req);
+      if (err == 0) Note(PathOf(req.node), Use::kWritten, false, pid);
+      return err;
+    }
+    default:
+      return Down(req);
+  }
+} catch (const std::bad_alloc&) {
+  return ENOMEM;
+}
+
+std::map<std::string, Touch> Recording::Snapshot() const {
+  std::lock_guard lock(mu_);
+  return {touched_.begin(), touched_.end()};
+}
+
+size_t Recording::size() const {
+  std::lock_guard lock(mu_);
+  return touched_.size();
+}
+
+size_t Recording::processes() const {
+  std::lock_guard lock(mu_);
+  return pids_.size();
+}
+
+}  // namespace pkgdep

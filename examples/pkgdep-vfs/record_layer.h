@@ -1,0 +1,100 @@
+// RecordLayer: a VFS layer that remembers every path the group touched through the
+// stack below it, how (the strongest use seen), and the first process — pid and
+// argv — that touched it that way. pkgdep-vfs puts it on top of the group's root
+// stack and reads it when the command is done.
+//
+// Uses, weakest first: a lookup that found nothing, a lookup or stat (a probe), a
+// directory listing, reading a symlink, opening, writing, executing. Probes are not
+// uses: a program that looks for a file and goes on without it does not need it.
+// The kernel caches lookups and attributes for the mount's timeout, so every first
+// access is seen, not every repetition — which is all this record needs.
+//
+// The argv of a process is read from the group's own /proc (its pids are the group's)
+// through a descriptor opened once, by a thread of the layer's own, as soon as the
+// group has mounted it: reading it by path from a request of this very mount would go
+// through this mount again, which a FUSE server must never do.
+//
+// Thread-safe (Serve runs on many threads).
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <map>
+#include <memory>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <string>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+#include "ulsp/vfs/layer.h"
+
+namespace pkgdep {
+
+enum class Use : uint8_t { kMissing, kProbe, kListed, kReadLink, kOpened, kWritten, kExecuted };
+std::string_view UseName(Use u) noexcept;  // "not found", "probed", "listed", ...
+inline bool IsUse(Use u) noexcept { return u >= Use::kReadLink; }
+
+struct Touch {
+  Use use = Use::kMissing;
+  bool dir = false;
+  pid_t pid = 0;      // in the group's pid namespace
+  std::string argv;   // of that process, as its /proc/PID/cmdline said
+};
+
+// What a RecordLayer saw. Owned by whoever reads it (shared with the layer, which
+// goes when the group's stack does).
+class Recording {
+ public:
+  Recording();
+  ~Recording();
+  Recording(const Recording&) = delete;
+  Recording& operator=(const Recording&) = delete;
+
+  // The group's init (host pid): its /proc is /proc/INIT/root/proc. Until the group
+  // has mounted it, argv is not read.
+  void SetGroupInit(pid_t init);
+  // Records that `path` was touched this way by `pid` (keeps the strongest use).
+  void Note(const std::string& path, Use use, bool dir, pid_t pid);
+
+  // What has been recorded so far, by path.
+  std::map<std::string, Touch> Snapshot() const;
+  size_t size() const;
+  size_t processes() const;
+
+ private:
+  void OpenGroupProc();           // the opener thread
+  std::string ArgvOf(pid_t pid);  // with mu_ held
+
+  std::atomic<int> proc_fd_{-1};  // the group's /proc, once open
+  std::thread opener_;
+  mutable std::mutex mu_;  // guards what follows
+  std::condition_variable cv_;
+  pid_t init_ = 0;
+  bool stopping_ = false;
+  std::unordered_map<std::string, Touch> touched_;
+  std::unordered_set<pid_t> pids_;  // processes seen
+  struct PendingExec {
+    std::string before;               // the argv before the exec
+    std::vector<std::string> paths;   // executed, waiting for the new argv
+  };
+  std::unordered_map<pid_t, PendingExec> pending_exec_;
+};
+
+class RecordLayer final : public ulsp::vfs::Layer {
+ public:
+  RecordLayer(std::shared_ptr<Recording> recording, std::unique_ptr<ulsp::vfs::Layer> lower)
+      : Layer(std::move(lower)), rec_(std::move(recording)) {}
+
+  int Serve(ulsp::vfs::VfsRequest& req) noexcept override;
+  std::string_view Name() const noexcept override { return "record"; }
+
+ private:
+  void Note(const std::string& path, Use use, bool dir, pid_t pid) { rec_->Note(path, use, dir, pid); }
+  std::shared_ptr<Recording> rec_;
+};
+
+}  // namespace pkgdep

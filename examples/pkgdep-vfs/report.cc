@@ -1,0 +1,211 @@
+#include "examples/pkgdep-vfs/report.h"
+
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace pkgdep {
+namespace {
+
+bool Allowed(const std::string& path, const std::vector<std::string>& allow) {
+  for (const std::string& a : allow) {
+    if (a.starts_with("*/")) {
+      if (path.find(a.substr(1)) != std::string::npos) return true;
+    } else if (path.starts_with(a)) {
+      return true;
+    }
+  }
+  return false;
+}
+
+std::string Shorten(const std::string& s, size_t max) {
+  return s.size() <= max ? s : s.substr(0, max - 3) + "...";
+}
+
+void Section(std::ostringstream& out, const std::string& title, const std::map<std::string, std::vector<Finding>>& by_package,
+             const std::map<std::string, std::string>* why = nullptr, size_t per_package = 8) {
+  if (by_package.empty()) return;
+  out << "\n" << title << " (" << by_package.size() << "):\n";
+  for (const auto& [package, findings] : by_package) {
+    out << "  " << package;
+    if (why != nullptr) {
+      if (auto it = why->find(package); it != why->end()) out << "  (" << it->second << ")";
+    }
+    out << "\n";
+    for (size_t i = 0; i < findings.size() && i < per_package; ++i) {
+      const Finding& f = findings[i];
+      out << "    " << f.path << "  " << UseName(f.touch.use) << " by pid " << f.touch.pid;
+      if (!f.touch.argv.empty()) out << " (" << Shorten(f.touch.argv, 60) << ")";
+      out << "\n";
+    }
+    if (findings.size() > per_package) out << "    ... and " << findings.size() - per_package << " more\n";
+  }
+}
+
+nlohmann::ordered_json FindingsJson(const std::vector<Finding>& findings) {
+  auto a = nlohmann::ordered_json::array();
+  for (const Finding& f : findings) {
+    a.push_back({{"path", f.path}, {"use", std::string(UseName(f.touch.use))}, {"pid", f.touch.pid}, {"argv", f.touch.argv}});
+  }
+  return a;
+}
+
+nlohmann::ordered_json ByPackageJson(const std::map<std::string, std::vector<Finding>>& m) {
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const auto& [p, f] : m) j[p] = FindingsJson(f);
+  return j;
+}
+
+}  // namespace
+
+std::vector<std::string> DefaultUnownedAllowList() {
+  return {"/etc/ld.so.cache", "/etc/passwd", "/etc/group", "/etc/shadow", "/etc/gshadow", "/etc/nsswitch.conf",
+          "/etc/localtime", "/etc/hosts", "/etc/resolv.conf", "/etc/host.conf", "/etc/hostname", "/etc/mtab",
+          "/etc/machine-id", "/etc/ssl/certs/", "/etc/alternatives/", "/usr/lib/locale/locale-archive",
+          "/var/cache/", "/var/lib/", "/var/log/", "/var/tmp/", "/run/", "/tmp/", "/root/", "/home/", "*/__pycache__/",
+          "/usr/local/"};
+}
+
+void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& record, const std::vector<std::string>& allow,
+               Report& report) {
+  report.paths = record.size();
+  std::set<std::string> used;
+  for (const auto& [path, touch] : record) {
+    const std::vector<std::string> owners = index.Owners(path);
+    if (owners.empty()) {
+      if (IsUse(touch.use) && !touch.dir && !Allowed(path, allow)) report.unowned.push_back({path, touch});
+      continue;
+    }
+    bool declared = false;
+    for (const std::string& o : owners) {
+      if (report.closure.Declares(o)) {
+        declared = true;
+        if (IsUse(touch.use) && !touch.dir) used.insert(o);
+      }
+    }
+    if (declared) continue;
+    if (touch.dir) continue;  // directories are ways to files, not uses
+    for (const std::string& o : owners) {
+      if (report.mode == "enforce" && touch.use == Use::kMissing) {
+        // The view hid it: it exists, but its package is not declared.
+        report.hidden[o].push_back({path, touch});
+      } else if (IsUse(touch.use)) {
+        if (report.closure.recommended.contains(o)) {
+          report.recommended[o].push_back({path, touch});
+        } else {
+          report.undeclared[o].push_back({path, touch});
+        }
+      } else if (touch.use != Use::kMissing) {
+        report.probed[o].push_back({path, touch});
+      }
+    }
+  }
+  // A package both used and probed is a used one.
+  for (const auto& [p, f] : report.undeclared) report.probed.erase(p);
+  for (const auto& [p, f] : report.recommended) report.probed.erase(p);
+  // "Declared, never used": the package's own declarations (what was named, and their
+  // Depends chain), not what the essential set pulls in for everyone.
+  std::set<std::string> own;
+  for (const std::string& r : report.closure.roots) {
+    if (const Package* p = index.Find(r)) own.insert(p->name);
+  }
+  for (bool grew = true; grew;) {
+    grew = false;
+    for (const auto& [package, why] : report.closure.declared) {
+      if (own.contains(package)) continue;
+      for (const std::string& o : own) {
+        if (why == "Depends of " + o || why == "Pre-Depends of " + o) {
+          own.insert(package);
+          grew = true;
+          break;
+        }
+      }
+    }
+  }
+  for (const std::string& p : own)
+    if (!used.contains(p)) report.untouched.push_back(p);
+}
+
+int Report::Verdict() const {
+  if (mode == "enforce") return status != 0 && !hidden.empty() ? 1 : 0;
+  return undeclared.empty() ? 0 : 1;
+}
+
+std::string Report::Text() const {
+  std::ostringstream out;
+  std::string cmd;
+  for (const auto& a : command) cmd += (cmd.empty() ? "" : " ") + a;
+  size_t essentials = 0;
+  for (const auto& [p, why] : closure.declared)
+    if (why == "essential") ++essentials;
+  std::string roots;
+  for (const auto& r : closure.roots) roots += (roots.empty() ? "" : ", ") + r;
+  out << "pkgdep-vfs: " << Shorten(cmd, 70) << "\n";
+  out << "  mode " << mode << "; declared: " << roots << " and " << closure.declared.size() - closure.roots.size()
+      << " packages more (Depends, Pre-Depends, " << essentials << " essential); exit status " << status << " after "
+      << static_cast<int>(seconds * 1000) / 1000.0 << " s; " << paths << " paths touched\n";
+  Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared);
+  std::map<std::string, std::string> why;
+  for (const auto& [p, f] : recommended) why[p] = closure.recommended.at(p);
+  Section(out, "Used, but only Recommended or Suggested (never counted as declared)", recommended, &why);
+  Section(out, "Hidden by enforce mode: looked for, owned only by undeclared packages", hidden);
+  Section(out, "Probed only (looked up or listed, never opened: not uses)", probed, nullptr, 3);
+  if (!unowned.empty()) {
+    out << "\nUsed, owned by no package (" << unowned.size() << "):\n";
+    for (size_t i = 0; i < unowned.size() && i < 12; ++i) {
+      out << "  " << unowned[i].path << "  " << UseName(unowned[i].touch.use) << " by pid " << unowned[i].touch.pid << "\n";
+    }
+    if (unowned.size() > 12) out << "  ... and " << unowned.size() - 12 << " more\n";
+  }
+  if (!untouched.empty()) {
+    std::string list;
+    for (const auto& p : untouched) list += (list.empty() ? "" : ", ") + p;
+    out << "\nDeclared, never used (" << untouched.size() << "): " << list << "\n";
+  }
+  if (!closure.unsatisfied.empty()) {
+    out << "\nDeclared relations no installed package satisfies (" << closure.unsatisfied.size() << "):\n";
+    for (const auto& u : closure.unsatisfied) out << "  " << u << "\n";
+  }
+  if (!confirmed.empty()) {
+    out << "\nConfirmed by running again without each (hard: exit status changed; soft: output changed):\n";
+    for (const auto& [p, verdict] : confirmed) out << "  " << p << ": " << verdict << "\n";
+  }
+  out << "\n";
+  if (mode == "enforce") {
+    out << (Verdict() == 1 ? "Result: the command failed with only its declared dependencies visible (exit 1)\n"
+                           : "Result: the command ran with only its declared dependencies visible (exit 0)\n");
+  } else if (undeclared.empty()) {
+    out << "Result: nothing undeclared (exit 0)\n";
+  } else {
+    out << "Result: " << undeclared.size() << " undeclared dependenc" << (undeclared.size() == 1 ? "y" : "ies") << " (exit 1)\n";
+  }
+  return out.str();
+}
+
+std::string Report::Json() const {
+  nlohmann::ordered_json j;
+  j["command"] = command;
+  j["mode"] = mode;
+  j["status"] = status;
+  j["seconds"] = seconds;
+  j["roots"] = closure.roots;
+  j["declared"] = closure.declared;
+  j["recommended"] = closure.recommended;
+  j["unsatisfied"] = closure.unsatisfied;
+  j["paths_touched"] = paths;
+  j["undeclared"] = ByPackageJson(undeclared);
+  j["recommended_only"] = ByPackageJson(recommended);
+  j["hidden"] = ByPackageJson(hidden);
+  j["probed_only"] = ByPackageJson(probed);
+  j["unowned"] = FindingsJson(unowned);
+  j["untouched"] = untouched;
+  j["confirmed"] = confirmed;
+  j["verdict"] = Verdict();
+  return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+}
+
+}  // namespace pkgdep

@@ -1,0 +1,51 @@
+// What pkgdep-vfs found: every path the command touched, attributed to the packages
+// that own it and judged against what the package declares.
+#pragma once
+
+#include <map>
+#include <string>
+#include <vector>
+
+#include "examples/pkgdep-vfs/dpkg_index.h"
+#include "examples/pkgdep-vfs/record_layer.h"
+
+namespace pkgdep {
+
+struct Finding {
+  std::string path;
+  Touch touch;
+};
+
+struct Report {
+  std::string mode;  // "observe" or "enforce"
+  std::vector<std::string> command;
+  int status = 0;    // the command's exit status in the (first) run
+  double seconds = 0;
+  Closure closure;
+
+  std::map<std::string, std::vector<Finding>> undeclared;  // package -> files it used
+  std::map<std::string, std::vector<Finding>> recommended;  // used, but only Recommended/Suggested
+  std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
+  std::map<std::string, std::vector<Finding>> hidden;       // enforce: looked for, but hidden
+  std::vector<Finding> unowned;                             // used, owned by no package
+  std::vector<std::string> untouched;                       // declared (not for being essential), never used
+  size_t paths = 0;                                         // paths seen in all
+  std::map<std::string, std::string> confirmed;             // --confirm: package -> hard, soft, none
+
+  // The exit status pkgdep-vfs ends with: 1 when undeclared dependencies were found
+  // (observe: an undeclared package used; enforce: the command failed and had looked
+  // for hidden files), else 0.
+  int Verdict() const;
+  std::string Text() const;
+  std::string Json() const;
+};
+
+// Files owned by no package that every program reads (and generated caches), as path
+// prefixes; "*/__pycache__/" matches anywhere. Extended by --allow-unowned.
+std::vector<std::string> DefaultUnownedAllowList();
+
+// Attributes what `record` saw. `allow` lists unowned paths not to report.
+void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& record,
+               const std::vector<std::string>& allow, Report& report);
+
+}  // namespace pkgdep

@@ -1,0 +1,173 @@
+// pkgdep-vfs on real Debian programs, each case with the truth it rests on, checked
+// here against dpkg itself before pkgdep-vfs is asked.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <fstream>
+
+#include "examples/pkgdep-vfs/dpkg_index.h"
+#include "tests/vfs/mount_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+const std::string kPkgdep = PKGDEP_BIN;
+
+struct Result {
+  int status;
+  std::string out, err;
+  nlohmann::json json;
+};
+
+class PkgdepTest : public ::testing::Test {
+ protected:
+  Result Check(const std::string& args) {
+    const int status = Shell(kPkgdep + " check " + args.substr(0, args.find(" -- ")) + " --json " + dir_ / "r.json" +
+                             args.substr(args.find(" -- ")) + " > " + dir_ / "out" + " 2> " + dir_ / "err");
+    Result r{status, Output("cat " + dir_ / "out"), Output("cat " + dir_ / "err"), nullptr};
+    std::ifstream in(dir_ / "r.json");
+    if (in) r.json = nlohmann::json::parse(in, nullptr, false);
+    return r;
+  }
+  // The truth behind a case: what dpkg says, asked directly.
+  static std::string Dpkg(const std::string& query) { return Output("dpkg-query " + query + " 2>/dev/null"); }
+  void TearDown() override { EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n"); }
+  TempDir dir_;
+};
+
+// coreutils declares no Python: its Depends and Pre-Depends are C libraries. Running
+// python3 "as coreutils" uses python3's interpreter, owned by python3.11-minimal.
+TEST_F(PkgdepTest, ACommandThatUsesAnUndeclaredPackageIsCaught) {
+  ASSERT_EQ(Dpkg("-W -f='${Pre-Depends} ${Depends}' coreutils").find("python"), std::string::npos);
+  ASSERT_EQ(Dpkg("-S /usr/bin/python3.11"), "python3.11-minimal: /usr/bin/python3.11\n");
+  auto r = Check("--deps coreutils -- /usr/bin/python3 -c 'print(40 + 2)'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 3), "42\n");  // the command ran as usual
+  ASSERT_TRUE(r.json.is_object()) << r.out;
+  ASSERT_TRUE(r.json["undeclared"].contains("python3.11-minimal")) << r.out;
+  bool executed = false;
+  for (const auto& f : r.json["undeclared"]["python3.11-minimal"]) {
+    if (f["path"] == "/usr/bin/python3.11" && f["use"] == "executed") {
+      executed = true;
+      EXPECT_EQ(f["argv"], "/usr/bin/python3 -c print(40 + 2)");  // the process, after its exec
+      EXPECT_GE(f["pid"].get<int>(), 2);
+    }
+  }
+  EXPECT_TRUE(executed) << r.out;
+  EXPECT_NE(r.out.find("Undeclared dependencies"), std::string::npos);
+  EXPECT_EQ(r.json["verdict"], 1);
+}
+
+// A real Debian finding: libssl3 reads /etc/ssl/openssl.cnf, which the openssl
+// package ships, and neither curl nor libcurl4 nor libssl3 depends on openssl.
+TEST_F(PkgdepTest, CurlReadsOpensslsConfigurationWithoutDeclaringIt) {
+  ASSERT_EQ(Dpkg("-S /etc/ssl/openssl.cnf"), "openssl: /etc/ssl/openssl.cnf\n");
+  for (const char* p : {"curl", "libcurl4", "libssl3"})
+    ASSERT_EQ(Dpkg(std::string("-W -f='${Pre-Depends} ${Depends}' ") + p).find("openssl"), std::string::npos) << p;
+  auto r = Check("--package curl -- curl --version");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  ASSERT_TRUE(r.json["undeclared"].contains("openssl")) << r.out;
+  EXPECT_EQ(r.json["undeclared"]["openssl"][0]["path"], "/etc/ssl/openssl.cnf");
+  EXPECT_EQ(r.json["undeclared"]["openssl"][0]["argv"], "curl --version");
+}
+
+// ls of coreutils' own documentation: ls is coreutils, its libraries are coreutils'
+// Pre-Depends, the rest is essential.
+TEST_F(PkgdepTest, ACommandThatDeclaresEverythingIsClean) {
+  ASSERT_EQ(Dpkg("-S /bin/ls"), "coreutils: /bin/ls\n");  // dpkg spells it /bin (merged /usr)
+  auto r = Check("--package coreutils -- ls /usr/share/doc/coreutils");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("copyright\n"), std::string::npos);
+  EXPECT_TRUE(r.json["undeclared"].empty()) << r.out;
+  EXPECT_NE(r.out.find("Result: nothing undeclared (exit 0)"), std::string::npos);
+}
+
+// test -e and ls of a directory look and list, and open nothing of python's: probes.
+TEST_F(PkgdepTest, ACommandThatOnlyProbesIsNotCharged) {
+  auto r = Check("--deps coreutils -- sh -c 'test -e /usr/bin/python3.11 && ls /usr/lib/python3.11 > /dev/null; echo $?'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 2), "0\n");
+  EXPECT_TRUE(r.json["undeclared"].empty()) << r.out;
+  EXPECT_TRUE(r.json["probed_only"].contains("python3.11-minimal")) << r.out;
+}
+
+// Enforce: python3 is not in coreutils' closure, so /usr/bin/python3 does not exist.
+TEST_F(PkgdepTest, EnforceModeMakesTheUndeclaredUseFail) {
+  auto r = Check("--mode enforce --deps coreutils -- /usr/bin/python3 -c 'print(1)'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_EQ(r.json["status"], 127);  // as on a system without python3: not found
+  EXPECT_TRUE(r.json["hidden"].contains("python3-minimal")) << r.out;
+  EXPECT_NE(r.err.find("/usr/bin/python3: No such file or directory"), std::string::npos) << r.err;
+  // What is declared stays visible.
+  r = Check("--mode enforce --package coreutils -- ls /usr/share/doc/coreutils");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_NE(r.out.find("copyright\n"), std::string::npos);
+}
+
+// cc is an alternative: /usr/bin/cc and /etc/alternatives/cc are owned by no package,
+// and lead to gcc's /usr/bin/gcc; gcc counts, and neither link is "unowned".
+TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
+  ASSERT_EQ(Dpkg("-S /usr/bin/cc"), "");
+  ASSERT_EQ(Output("readlink /etc/alternatives/cc"), "/usr/bin/gcc\n");
+  auto r = Check("--deps coreutils -- cc --version");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_TRUE(r.json["undeclared"].contains("gcc")) << r.out;
+  for (const auto& u : r.json["unowned"]) {
+    EXPECT_NE(u["path"], "/usr/bin/cc");
+    EXPECT_NE(u["path"], "/etc/alternatives/cc");
+  }
+}
+
+TEST_F(PkgdepTest, ConfirmClassifiesByRunningWithoutEach) {
+  auto r = Check("--confirm --deps coreutils -- /usr/bin/python3 -c 'print(1)'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  ASSERT_TRUE(r.json["confirmed"].contains("python3.11-minimal")) << r.out;
+  EXPECT_EQ(r.json["confirmed"]["python3.11-minimal"].get<std::string>().substr(0, 4), "hard");
+  EXPECT_EQ(r.out.substr(0, 2), "1\n");  // the first run's output still reaches the user
+}
+
+TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
+  auto r = Check("--package no-such-package-here -- true");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: no installed package 'no-such-package-here' (dpkg -l lists what is installed)\n");
+  r = Check("--package coreutils -- /nonexistent/program");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: /nonexistent/program: command not found\n");
+  r = Check("--package coreutils --deps tar -- true");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: give either --package NAME or --deps PKG,PKG...\n");
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode is observe or enforce, not 'strict'\n");
+}
+
+// The index against dpkg's own answers, merged /usr and diversions included.
+TEST(DpkgIndex, AgreesWithDpkgQuery) {
+  auto index = pkgdep::DpkgIndex::Load();
+  ASSERT_TRUE(index.has_value()) << index.error();
+  EXPECT_GT(index->path_count(), 10000u);
+  EXPECT_EQ(index->Owners("/usr/bin/ls"), std::vector<std::string>{"coreutils"});
+  EXPECT_EQ(index->Owners("/bin/ls"), std::vector<std::string>{"coreutils"});  // merged /usr
+  EXPECT_EQ(pkgdep::DpkgIndex::Canonical("/lib/x86_64-linux-gnu/libc.so.6"), "/usr/lib/x86_64-linux-gnu/libc.so.6");
+  EXPECT_EQ(pkgdep::DpkgIndex::Canonical("/libexec/x"), "/libexec/x");
+  EXPECT_EQ(pkgdep::DpkgIndex::Canonical("/binary"), "/binary");
+  EXPECT_TRUE(index->Owners("/etc/passwd").empty());
+  // Every diversion: the diverted path is the diverter's.
+  std::ifstream div("/var/lib/dpkg/diversions");
+  std::string from, to, by;
+  while (std::getline(div, from) && std::getline(div, to) && std::getline(div, by)) {
+    if (by == ":") continue;
+    EXPECT_EQ(index->Owners(from), std::vector<std::string>{by}) << from;
+  }
+  auto closure = pkgdep::DeclaredClosure(*index, {"coreutils"});
+  ASSERT_TRUE(closure.has_value());
+  EXPECT_EQ(closure->declared.at("coreutils"), "named");
+  EXPECT_EQ(closure->declared.at("libc6"), "Pre-Depends of coreutils");
+  EXPECT_EQ(closure->declared.at("dash"), "essential");
+  EXPECT_FALSE(closure->Declares("python3-minimal"));
+  EXPECT_EQ(pkgdep::DeclaredClosure(*index, {"nope-nope"}).error(), "no installed package 'nope-nope' (dpkg -l lists what is installed)");
+}
+
+}  // namespace
+}  // namespace ulsp::testing
