@@ -204,6 +204,7 @@ int RunGroup(GroupRun& run) {
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
   plan.command = run.command;
+  plan.who = run.who;
   plan.cpu_seconds = group.limits.cpu_seconds;
   plan.memory_bytes = group.limits.memory_bytes;
   plan.open_files = group.limits.open_files;

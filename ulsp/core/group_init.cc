@@ -251,7 +251,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   argv.push_back(nullptr);
   const pid_t command = ::fork();
   if (command < 0) {
-    std::fprintf(stderr, "ulsp run: fork: %s\n", std::strerror(errno));
+    std::fprintf(stderr, "%s: fork: %s\n", plan.who.c_str(), std::strerror(errno));
     _exit(125);
   }
   if (command == 0) {
@@ -263,7 +263,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
     ::syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC);
     ::execvp(argv[0], argv.data());
     const int err = errno;
-    std::fprintf(stderr, "ulsp run: %s: %s\n", argv[0], std::strerror(err));
+    std::fprintf(stderr, "%s: %s: %s\n", plan.who.c_str(), argv[0], std::strerror(err));
     _exit(err == ENOENT ? 127 : 126);
   }
   int code = 125;

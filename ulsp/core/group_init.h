@@ -40,6 +40,7 @@ struct GroupPlan {
   bool private_tmp = false;
   std::string cwd;            // the command's directory (falls back to /)
   std::vector<std::string> command;
+  std::string who = "ulsp run";  // starts the error line when the command cannot start
   std::optional<uint64_t> cpu_seconds, memory_bytes, open_files, file_size_bytes;
 };
 
