@@ -62,20 +62,35 @@ bool ReadLines(const std::string& path, std::vector<std::string>& lines) {
 
 }  // namespace
 
-std::string DpkgIndex::Canonical(std::string_view path) {
+namespace {
+// Whether `path` is under one of the directories merged /usr links into /usr.
+bool NeedsUsr(std::string_view path) {
   static constexpr std::string_view kMerged[] = {"/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"};
+  if (path.size() < 4 || path[0] != '/' || (path[1] != 'b' && path[1] != 's' && path[1] != 'l')) return false;
   for (std::string_view top : kMerged) {
-    if (path.starts_with(top) && (path.size() == top.size() || path[top.size()] == '/')) {
-      std::string usr = "/usr";
-      usr += path;
-      return usr;
-    }
+    if (path.starts_with(top) && (path.size() == top.size() || path[top.size()] == '/')) return true;
   }
-  return std::string(path);
+  return false;
+}
+}  // namespace
+
+std::string DpkgIndex::Canonical(std::string_view path) {
+  if (!NeedsUsr(path)) return std::string(path);
+  std::string usr = "/usr";
+  usr += path;
+  return usr;
 }
 
 std::expected<DpkgIndex, std::string> DpkgIndex::Load(const std::string& admin_dir) {
+  auto index = LoadPackages(admin_dir);
+  if (!index) return index;
+  if (auto files = index->LoadFiles(); !files) return std::unexpected(files.error());
+  return index;
+}
+
+std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string& admin_dir) {
   DpkgIndex index;
+  index.admin_dir_ = admin_dir;
   // status: the installed packages and their relations.
   {
     const std::string path = admin_dir + "/status";
@@ -129,6 +144,12 @@ std::expected<DpkgIndex, std::string> DpkgIndex::Load(const std::string& admin_d
     finish();
     if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
   }
+  return index;
+}
+
+std::expected<void, std::string> DpkgIndex::LoadFiles() {
+  const std::string& admin_dir = admin_dir_;
+  DpkgIndex& index = *this;
   // info/*.list: who owns which path.
   {
     const std::string dir = admin_dir + "/info";
@@ -166,13 +187,13 @@ std::expected<DpkgIndex, std::string> DpkgIndex::Load(const std::string& admin_d
         std::string_view line = rest.substr(0, nl);
         rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
         if (line.empty() || line == "/.") continue;
-        std::string canonical = Canonical(line);
-        if (canonical.size() != line.size()) line = index.text_.emplace_back(std::move(canonical));
-        index.entries_.emplace_back(line, id);
+        if (NeedsUsr(line)) line = index.text_.emplace_back(Canonical(line));
+        index.entries_.push_back({std::hash<std::string_view>()(line), id, line});
       }
     }
-    std::sort(index.entries_.begin(), index.entries_.end());
-    index.entries_.erase(std::unique(index.entries_.begin(), index.entries_.end()), index.entries_.end());
+    // Sorted by the path's hash (integers compare fast; a path's entries are neighbours).
+    std::sort(index.entries_.begin(), index.entries_.end(),
+              [](const Entry& a, const Entry& b) { return a.hash != b.hash ? a.hash < b.hash : a.owner < b.owner; });
   }
   auto id_of = [&index](const std::string& name) -> int64_t {
     auto it = std::find(index.names_.begin(), index.names_.end(), name);
@@ -215,7 +236,7 @@ std::expected<DpkgIndex, std::string> DpkgIndex::Load(const std::string& admin_d
       ::closedir(d);
     }
   }
-  return index;
+  return {};
 }
 
 const Package* DpkgIndex::Find(std::string_view name) const {
@@ -250,9 +271,11 @@ std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {
 
 std::vector<uint32_t> DpkgIndex::ListedOwners(std::string_view canonical) const {
   std::vector<uint32_t> out;
-  auto it = std::lower_bound(entries_.begin(), entries_.end(), canonical,
-                             [](const auto& e, std::string_view p) { return e.first < p; });
-  for (; it != entries_.end() && it->first == canonical; ++it) out.push_back(it->second);
+  const size_t hash = std::hash<std::string_view>()(canonical);
+  auto it = std::lower_bound(entries_.begin(), entries_.end(), hash, [](const Entry& e, size_t h) { return e.hash < h; });
+  for (; it != entries_.end() && it->hash == hash; ++it) {
+    if (it->path == canonical && std::find(out.begin(), out.end(), it->owner) == out.end()) out.push_back(it->owner);
+  }
   return out;
 }
 

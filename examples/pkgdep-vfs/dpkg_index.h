@@ -39,6 +39,11 @@ class DpkgIndex {
   // Reads the database under `admin_dir` (dpkg's, /var/lib/dpkg). Fails with a message
   // naming the file that could not be read.
   static std::expected<DpkgIndex, std::string> Load(const std::string& admin_dir = "/var/lib/dpkg");
+  // The same in two steps: the packages (fast: status alone), then who owns which path
+  // (info/*.list, diversions, alternatives), which may run on another thread while
+  // nothing else uses the index. Owners() answers nothing before LoadFiles.
+  static std::expected<DpkgIndex, std::string> LoadPackages(const std::string& admin_dir = "/var/lib/dpkg");
+  std::expected<void, std::string> LoadFiles();
 
   // The installed package `name` (an ":arch" qualifier is ignored), or nullptr.
   const Package* Find(std::string_view name) const;
@@ -58,11 +63,18 @@ class DpkgIndex {
 
  private:
   std::vector<uint32_t> ListedOwners(std::string_view canonical) const;  // from the .list files
+  std::string admin_dir_;
   std::map<std::string, Package, std::less<>> packages_;
   std::unordered_map<std::string, std::vector<std::string>> provided_by_;  // virtual -> providers
-  // Every (path, package id) of the .list files, sorted by path: ~160k entries here,
-  // built in one sort with no allocation per path (the paths point into `text_`).
-  std::vector<std::pair<std::string_view, uint32_t>> entries_;
+  // Every (path, package id) of the .list files, sorted by the path's hash: ~160k
+  // entries here, built in one sort with no allocation per path (the paths point
+  // into `text_`).
+  struct Entry {
+    size_t hash;
+    uint32_t owner;
+    std::string_view path;
+  };
+  std::vector<Entry> entries_;
   std::deque<std::string> text_;  // the .list files' contents, and canonical spellings
   std::unordered_map<std::string, std::vector<uint32_t>> diverted_;         // path -> owners, after diversions
   std::vector<std::string> names_;                                          // package id -> name

@@ -209,10 +209,26 @@ int Check(const std::string& package, const std::string& deps, const std::string
       allow.push_back(line);
     }
   }
-  auto index = DpkgIndex::Load();
+  auto index = DpkgIndex::LoadPackages();
   if (!index) return Fail(index.error());
   auto closure = DeclaredClosure(*index, package.empty() ? Split(deps) : std::vector<std::string>{package});
   if (!closure) return Fail(closure.error());
+  // Who owns which path is needed before the run only to hide the undeclared
+  // (enforce); observing, it is read while the command runs.
+  std::expected<void, std::string> files;
+  std::thread files_loader;
+  if (mode == "enforce") {
+    files = index->LoadFiles();
+    if (!files) return Fail(files.error());
+  } else {
+    files_loader = std::thread([&] { files = index->LoadFiles(); });
+  }
+  struct Joiner {
+    std::thread& t;
+    ~Joiner() {
+      if (t.joinable()) t.join();
+    }
+  } joiner{files_loader};
 
   Report report;
   report.mode = mode;
@@ -242,6 +258,8 @@ int Check(const std::string& package, const std::string& deps, const std::string
   }
   report.status = first.status;
   report.seconds = first.seconds;
+  if (files_loader.joinable()) files_loader.join();
+  if (!files) return Fail(files.error());
   Attribute(idx, first.record, allow, report);
 
   if (confirm && mode == "observe") {

@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <thread>
@@ -543,6 +544,7 @@ FuseShim::~FuseShim() {
 int FuseShim::Serve() {
   FuseLoop::Options loop;
   loop.spin = options_.spin;
+  if (const char* sp = std::getenv("ULSP_FUSE_SPIN_US")) loop.spin = std::chrono::microseconds(std::atoi(sp));
   loop.max_threads = options_.max_threads;
   return FuseLoop(session_, loop).Run();
 }
