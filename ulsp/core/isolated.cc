@@ -91,7 +91,7 @@ void Answer(MessagePtr msg, int error) {
 
 // A request made by the port itself (re-finding a node or reopening a handle after a
 // restart), sent and waited for. Returns the replied request, or an errno.
-Result<std::unique_ptr<VfsMessage>> Ask(msgport::ShmClientPort& server, std::unique_ptr<VfsMessage> m) {
+Result<std::unique_ptr<VfsMessage>> Ask(msgport::Port& server, std::unique_ptr<VfsMessage> m) {
   msgport::EncodeVfsRequest(m->req, m->payload);
   auto reply = msgport::DoMsg(server, MessagePtr(m.release()), msgport::After(std::chrono::seconds(10)));
   if (!reply) return std::unexpected(reply.error());
@@ -103,33 +103,114 @@ Result<std::unique_ptr<VfsMessage>> Ask(msgport::ShmClientPort& server, std::uni
 
 }  // namespace
 
-IsolatedPort::IsolatedPort(Options options) : Port("vfs-isolated"), options_(std::move(options)) {
+// Servers that are processes of this program (`ulsp __serve-vfs`), on shared memory.
+class ProcessSource final : public ServerSource {
+ public:
+  explicit ProcessSource(IsolatedPort::Options options) : options_(std::move(options)) {}
+
+  std::shared_ptr<msgport::Port> Start(pid_t* pid) override {
+    msgport::ShmPortOptions options;
+    options.slots = 64;
+    options.slot_bytes = 136u << 10;  // a 128 KiB read or write and its envelope
+    auto port = msgport::ShmClientPort::Create("vfs", options);
+    if (!port) {
+      Logger("vfs")->error("isolated server: cannot make its port: {}", port.error().Describe());
+      return nullptr;
+    }
+    UniqueFd theirs = (*port)->TakeServerSocket();
+    UniqueFd high(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, 100));
+    posix_spawn_file_actions_t fa;
+    posix_spawn_file_actions_init(&fa);
+    posix_spawn_file_actions_adddup2(&fa, high.get(), 3);
+    std::string segment = (*port)->segment_name();
+    std::string binary = options_.ulsp_binary;
+    std::string spec = options_.spec;
+    char arg0[] = "ulsp", cmd[] = "__serve-vfs", three[] = "3";
+    char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
+    const int rc = ::posix_spawn(pid, binary.c_str(), &fa, nullptr, argv, environ);
+    posix_spawn_file_actions_destroy(&fa);
+    if (rc != 0) {
+      Logger("vfs")->error("isolated server: cannot start {}: {}", binary, std::strerror(rc));
+      return nullptr;
+    }
+    if (auto ok = (*port)->WaitForServer(msgport::After(std::chrono::seconds(10)), *pid); !ok) {
+      ::kill(*pid, SIGKILL);
+      int status = 0;
+      ::waitpid(*pid, &status, 0);
+      Logger("vfs")->error("isolated server {} did not start ({})", *pid,
+                           WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status)) : "killed");
+      return nullptr;
+    }
+    return std::shared_ptr<msgport::Port>(port->release());
+  }
+
+  void WaitGone(const std::shared_ptr<msgport::Port>&, pid_t pid) override {
+    const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+    if (pidfd >= 0) {
+      pollfd p{pidfd, POLLIN, 0};
+      while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
+      }
+      ::close(pidfd);
+    }
+    int status = 0;
+    ::waitpid(pid, &status, 0);
+    last_status_ = status;
+  }
+
+  void Interrupt(const std::shared_ptr<msgport::Port>&, pid_t pid) override {
+    if (pid > 0) ::kill(pid, SIGTERM);
+  }
+
+  bool resend_in_flight() const override { return true; }
+  unsigned max_start_failures() const override { return kMaxSpawnFailures; }
+  std::chrono::milliseconds wait_limit() const override { return std::chrono::milliseconds(0); }
+  std::string kind() const override { return "shared memory"; }
+  int last_status() const { return last_status_; }
+
+ private:
+  IsolatedPort::Options options_;
+  int last_status_ = 0;
+};
+
+IsolatedPort::IsolatedPort(std::unique_ptr<ServerSource> source)
+    : Port("vfs-isolated"), source_(std::move(source)) {
   nodes_.resize(2);
   nodes_[1].in_use = true;
   nodes_[1].nlookup = 1;
 }
 
 Result<std::unique_ptr<IsolatedPort>> IsolatedPort::Start(Options options) {
-  std::unique_ptr<IsolatedPort> port(new IsolatedPort(std::move(options)));
+  auto port = StartWith(std::make_unique<ProcessSource>(std::move(options)));
+  if (!port) return Fail(ECHILD);
+  return port;
+}
+
+Result<std::unique_ptr<IsolatedPort>> IsolatedPort::StartWith(std::unique_ptr<ServerSource> source) {
+  std::unique_ptr<IsolatedPort> port(new IsolatedPort(std::move(source)));
   pid_t pid = 0;
-  Server first = port->Spawn(&pid);
-  if (!first) return Fail(ECHILD);
+  Server first = port->source_->Start(&pid);
+  if (!first) return Fail(ECONNREFUSED);
   port->server_ = std::move(first);
   port->epoch_ = 1;
   port->server_pid_ = pid;
   port->map_epoch_ = 1;
   port->supervisor_ = std::thread([p = port.get()] { p->Supervise(); });
+  if (port->source_->wait_limit().count() > 0) port->sweeper_ = std::thread([p = port.get()] { p->Sweep(); });
   return port;
 }
 
 IsolatedPort::~IsolatedPort() {
+  Server current;
   {
     std::lock_guard lock(server_mu_);
     stopping_ = true;
+    current = server_;
   }
   server_cv_.notify_all();
-  if (pid_t pid = server_pid_.load(); pid > 0) ::kill(pid, SIGTERM);
+  source_->Interrupt(current, server_pid_.load());
+  current.reset();
   if (supervisor_.joinable()) supervisor_.join();
+  if (sweeper_.joinable()) sweeper_.join();
   std::vector<MessagePtr> waiting;
   Server last;
   {
@@ -142,40 +223,30 @@ IsolatedPort::~IsolatedPort() {
   for (auto& m : waiting) Answer(std::move(m), EIO);
 }
 
-IsolatedPort::Server IsolatedPort::Spawn(pid_t* pid) {
-  msgport::ShmPortOptions options;
-  options.slots = 64;
-  options.slot_bytes = 136u << 10;  // a 128 KiB read or write and its envelope
-  auto port = msgport::ShmClientPort::Create("vfs", options);
-  if (!port) {
-    Logger("vfs")->error("isolated server: cannot make its port: {}", port.error().Describe());
-    return nullptr;
+bool IsolatedPort::serving() const {
+  std::lock_guard lock(server_mu_);
+  return server_ != nullptr;
+}
+
+void IsolatedPort::Sweep() {
+  std::unique_lock lock(server_mu_);
+  while (!stopping_) {
+    server_cv_.wait_for(lock, std::chrono::milliseconds(100));
+    const auto now = msgport::Clock::now();
+    std::vector<MessagePtr> expired;
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+      if ((*it)->deadline <= now) {
+        expired.push_back(std::move(*it));
+        it = waiting_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+    if (expired.empty()) continue;
+    lock.unlock();
+    for (auto& m : expired) Answer(std::move(m), ETIMEDOUT);
+    lock.lock();
   }
-  UniqueFd theirs = (*port)->TakeServerSocket();
-  UniqueFd high(::fcntl(theirs.get(), F_DUPFD_CLOEXEC, 100));
-  posix_spawn_file_actions_t fa;
-  posix_spawn_file_actions_init(&fa);
-  posix_spawn_file_actions_adddup2(&fa, high.get(), 3);
-  std::string segment = (*port)->segment_name();
-  std::string binary = options_.ulsp_binary;
-  std::string spec = options_.spec;
-  char arg0[] = "ulsp", cmd[] = "__serve-vfs", three[] = "3";
-  char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
-  const int rc = ::posix_spawn(pid, binary.c_str(), &fa, nullptr, argv, environ);
-  posix_spawn_file_actions_destroy(&fa);
-  if (rc != 0) {
-    Logger("vfs")->error("isolated server: cannot start {}: {}", binary, std::strerror(rc));
-    return nullptr;
-  }
-  if (auto ok = (*port)->WaitForServer(msgport::After(std::chrono::seconds(10)), *pid); !ok) {
-    ::kill(*pid, SIGKILL);
-    int status = 0;
-    ::waitpid(*pid, &status, 0);
-    Logger("vfs")->error("isolated server {} did not start ({})", *pid,
-                         WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status)) : "killed");
-    return nullptr;
-  }
-  return Server(port->release());
 }
 
 void IsolatedPort::Supervise() {
@@ -193,16 +264,8 @@ void IsolatedPort::Supervise() {
     const auto started = std::chrono::steady_clock::now();
     const uint64_t answered_before = answered_.load();
     if (server) {
-      // Wait for the server's death (the destructor's SIGTERM ends this too).
-      const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
-      if (pidfd >= 0) {
-        pollfd p{pidfd, POLLIN, 0};
-        while (::poll(&p, 1, -1) < 0 && errno == EINTR) {
-        }
-        ::close(pidfd);
-      }
-      int status = 0;
-      ::waitpid(pid, &status, 0);
+      // Wait for the server's end (the destructor's Interrupt ends this too).
+      source_->WaitGone(server, pid);
       {
         std::lock_guard lock(server_mu_);
         if (server_ == server) server_.reset();  // requests wait in waiting_ from now on
@@ -212,9 +275,14 @@ void IsolatedPort::Supervise() {
           return;
         }
       }
-      Logger("vfs")->warn("isolated server {} died ({}); restarting it", pid,
-                          WIFSIGNALED(status) ? std::string("signal ") + strsignal(WTERMSIG(status))
-                                              : "exit status " + std::to_string(WEXITSTATUS(status)));
+      if (pid > 0) {
+        const int status = static_cast<ProcessSource&>(*source_).last_status();
+        Logger("vfs")->warn("isolated server {} died ({}); restarting it", pid,
+                            WIFSIGNALED(status) ? std::string("signal ") + strsignal(WTERMSIG(status))
+                                                : "exit status " + std::to_string(WEXITSTATUS(status)));
+      } else {
+        Logger("vfs")->warn("{} server {} is gone; reconnecting", source_->kind(), source_->peer());
+      }
       // Its port replies what was outstanding (ECONNRESET) once it notices; the
       // replies come back through PutReply and wait for the next server. The port is
       // destroyed here, on this thread, once nobody else holds it (never on its own
@@ -236,16 +304,24 @@ void IsolatedPort::Supervise() {
       if (server_cv_.wait_for(lock, delay, [this] { return stopping_; })) return;
     }
     pid_t new_pid = 0;
-    Server next = Spawn(&new_pid);
+    Server next = source_->Start(&new_pid);
     std::vector<MessagePtr> waiting;
     {
       std::lock_guard lock(server_mu_);
       if (stopping_) {
-        if (next) ::kill(new_pid, SIGKILL), ::waitpid(new_pid, nullptr, 0);
+        if (next) {
+          source_->Interrupt(next, new_pid);
+          if (new_pid > 0) ::waitpid(new_pid, nullptr, 0);
+        }
         return;
       }
       if (!next) {
-        if (++spawn_failures < kMaxSpawnFailures) continue;
+        const unsigned most = source_->max_start_failures();
+        if (most == 0) {
+          spawn_failures = std::min(spawn_failures + 1, 6u);  // back off, and try again for ever
+          continue;
+        }
+        if (++spawn_failures < most) continue;
         Logger("vfs")->error("isolated server: {} starts failed in a row; answering EIO from now on", spawn_failures);
         broken_ = true;
         waiting.swap(waiting_);
@@ -469,6 +545,8 @@ void IsolatedPort::Forward(MessagePtr msg) {
       return;
     }
     if (server_ == nullptr) {
+      const auto limit = source_->wait_limit();
+      if (limit.count() > 0 && msg->deadline == msgport::kNoDeadline) msg->deadline = msgport::After(limit);
       waiting_.push_back(std::move(msg));  // sent when the next server is up
       return;
     }
@@ -607,7 +685,12 @@ void IsolatedPort::Translate(VfsMessage& m) {
 
 void IsolatedPort::PutReply(MessagePtr msg) {
   auto& m = static_cast<VfsMessage&>(*msg);
-  if (msg->error == ECONNRESET) {  // the server died with it
+  if (msg->error == ECONNRESET && !source_->resend_in_flight()) {
+    // The server went with it; this kind of server's requests fail then (a remote
+    // agent may have done it or not). Take that server out of service at once.
+    std::lock_guard lock(server_mu_);
+    if (server_ != nullptr && epoch_ == m.relay.epoch) server_ = nullptr;
+  } else if (msg->error == ECONNRESET) {  // the server died with it
     if (Resendable(m.req) && m.relay.sends < kMaxSends) {
       {
         // The supervisor may not have seen the death yet: take that server out of

@@ -24,6 +24,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <deque>
 #include <memory>
@@ -40,15 +41,46 @@
 
 namespace ulsp::core {
 
+// Where an IsolatedPort's servers come from: each is started (a process spawned, a
+// connection to an agent made), watched until it is gone, and replaced. Called from
+// the port's supervisor thread, but for Interrupt.
+class ServerSource {
+ public:
+  virtual ~ServerSource() = default;
+  // A new server, ready for requests, and its pid (0 when it is no process of ours);
+  // nullptr when none could be had (the reason went to the log).
+  virtual std::shared_ptr<msgport::Port> Start(pid_t* pid) = 0;
+  // Blocks until `server` is gone (its process died, its connection ended), or
+  // Interrupt was called.
+  virtual void WaitGone(const std::shared_ptr<msgport::Port>& server, pid_t pid) = 0;
+  // Ends the current server's life (any thread): the port is going.
+  virtual void Interrupt(const std::shared_ptr<msgport::Port>& server, pid_t pid) = 0;
+  // Requests in flight when a server goes: sent again to the next one when safe
+  // (true), or answered with the error (ECONNRESET).
+  virtual bool resend_in_flight() const = 0;
+  // Starts failing in a row before the port gives up and answers EIO (0: never).
+  virtual unsigned max_start_failures() const = 0;
+  // How long a request waits while there is no server before it is answered
+  // ETIMEDOUT (0: until one comes).
+  virtual std::chrono::milliseconds wait_limit() const = 0;
+  // For `ulsp ps`.
+  virtual std::string kind() const = 0;
+  virtual std::string peer() const { return ""; }
+  virtual double rtt_us() const { return 0; }
+};
+
 class IsolatedPort final : public msgport::Port {
  public:
   struct Options {
     std::string spec;         // the stack the server builds
     std::string ulsp_binary;  // the program to run as the server (this one)
   };
-  // Starts the first server and waits for it. Fails with the errno of the start, or
-  // ECHILD when the server exited before serving (it says why on its stderr).
+  // Starts the first server process and waits for it. Fails with the errno of the
+  // start, or ECHILD when the server exited before serving (it says why on its stderr).
   static Result<std::unique_ptr<IsolatedPort>> Start(Options options);
+  // The same with servers from `source` (a translation agent's, say). Fails with
+  // ECONNREFUSED when the first server cannot be had.
+  static Result<std::unique_ptr<IsolatedPort>> StartWith(std::unique_ptr<ServerSource> source);
   ~IsolatedPort() override;  // stops the supervisor and the server
 
   void Put(msgport::MessagePtr msg) override;
@@ -57,6 +89,9 @@ class IsolatedPort final : public msgport::Port {
   pid_t server_pid() const noexcept { return server_pid_.load(); }
   uint64_t restarts() const noexcept { return restarts_.load(); }
   size_t NodeCount() const;
+  const ServerSource& source() const noexcept { return *source_; }
+  // Whether a server serves now.
+  bool serving() const;
 
  private:
   struct KNode {
@@ -77,12 +112,11 @@ class IsolatedPort final : public msgport::Port {
     int flags = 0;
     bool dir = false;
   };
-  using Server = std::shared_ptr<msgport::ShmClientPort>;
+  using Server = std::shared_ptr<msgport::Port>;
 
-  explicit IsolatedPort(Options options);
-  // Runs a server; returns its port once it said hello, or nullptr.
-  Server Spawn(pid_t* pid);
+  explicit IsolatedPort(std::unique_ptr<ServerSource> source);
   void Supervise();
+  void Sweep();  // answers ETIMEDOUT what waited past the source's wait limit
   Server Current(uint64_t* epoch) const;
 
   // With map_mu_ held. Translations of the kernel's ids to the current server's;
@@ -103,7 +137,7 @@ class IsolatedPort final : public msgport::Port {
   void Forward(msgport::MessagePtr msg);
   void Translate(msgport::VfsMessage& m);  // the reply's ids, back to the kernel's
 
-  const Options options_;
+  std::unique_ptr<ServerSource> source_;
 
   mutable std::mutex map_mu_;  // guards the node and handle tables
   std::deque<KNode> nodes_;    // index 0 unused, 1 the root
@@ -122,12 +156,14 @@ class IsolatedPort final : public msgport::Port {
   uint64_t epoch_ = 0;
   bool broken_ = false;  // gave up restarting
   bool stopping_ = false;
-  std::vector<msgport::MessagePtr> waiting_;  // sent while no server runs
+  std::vector<msgport::MessagePtr> waiting_;  // sent while no server runs (their
+                                              // deadline: how long they may wait)
   std::atomic<pid_t> server_pid_{0};
   std::atomic<uint64_t> restarts_{0};
   std::atomic<uint64_t> answered_{0};  // replies from servers (for crash-loop detection)
   std::vector<Server> retired_;  // dead servers' ports, destroyed by the supervisor
   std::thread supervisor_;
+  std::thread sweeper_;
 };
 
 // The server process's main: attaches to the segment, builds the stack, serves until

@@ -3,17 +3,18 @@
 #include <CLI/CLI.hpp>
 #include <cstdio>
 
+#include "ulsp/core/agent.h"
 #include "ulsp/core/group.h"
 #include "ulsp/core/isolated.h"
 #include "ulsp/core/mount.h"
 #include "ulsp/core/registry.h"
+#include "ulsp/vfs/stack.h"
 #include "version.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"ulsp: user-level server processes for file-system and network requests"};
   app.set_version_flag("--version", std::string("ulsp ") + ULSP_VERSION);
   app.require_subcommand(0, 1);
-  app.footer("Subcommands still to come: agent (see README.md).");
 
   ulsp::core::MountArgs mount;
   CLI::App* mount_cmd = app.add_subcommand("mount", "Mount a layer stack on a directory; returns once it is live");
@@ -24,8 +25,27 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--timeout", mount.timeout, "Seconds the kernel caches entries and attributes")
       ->capture_default_str();
   mount_cmd->add_option("--log", mount.log_file, "Where a background server writes its log");
+  mount_cmd->add_option("--remote", mount.remote, "ADDR:PORT/NAME: a stack exported by `ulsp agent serve` on another host");
+  mount_cmd->add_option("--token-file", mount.token_file, "The agent's shared token");
+  mount_cmd->add_option("--tls-cert", mount.tls_cert, "This side's certificate (PEM), for mutual TLS");
+  mount_cmd->add_option("--tls-key", mount.tls_key, "This side's private key (PEM)");
+  mount_cmd->add_option("--tls-ca", mount.tls_ca, "The CA that signed the agent's certificate (PEM)");
+  mount_cmd->add_option("--deadline", mount.deadline, "Seconds a request to the agent may take")->capture_default_str();
   std::vector<std::string> mount_positional;
   mount_cmd->add_option("args", mount_positional, "[SOURCE] MOUNTPOINT")->required()->expected(1, 2);
+
+  ulsp::core::AgentOptions agent;
+  std::string agent_listen;
+  std::vector<std::string> agent_exports;
+  CLI::App* agent_cmd = app.add_subcommand("agent", "Translation agents: ports across the network");
+  agent_cmd->require_subcommand(1);
+  CLI::App* serve_agent_cmd = agent_cmd->add_subcommand("serve", "Export layer stacks to other hosts (foreground)");
+  serve_agent_cmd->add_option("--listen", agent_listen, "ADDR:PORT to listen on")->required();
+  serve_agent_cmd->add_option("--export", agent_exports, "NAME=SPEC, as many as wanted")->required();
+  serve_agent_cmd->add_option("--token-file", agent.token_file, "A shared token clients must present");
+  serve_agent_cmd->add_option("--tls-cert", agent.tls_cert, "The agent's certificate (PEM): mutual TLS");
+  serve_agent_cmd->add_option("--tls-key", agent.tls_key, "The agent's private key (PEM)");
+  serve_agent_cmd->add_option("--tls-ca", agent.tls_ca, "The CA clients' certificates must be signed by (PEM)");
 
   std::string umount_point;
   CLI::App* umount_cmd = app.add_subcommand("umount", "Unmount a ulsp mount");
@@ -64,6 +84,26 @@ int main(int argc, char** argv) {
   }
   if (umount_cmd->parsed()) return ulsp::core::Umount(umount_point);
   if (run_cmd->parsed()) return ulsp::core::Run(run);
+  if (serve_agent_cmd->parsed()) {
+    if (!ulsp::core::SplitHostPort(agent_listen, agent.listen_host, agent.listen_port)) {
+      std::fprintf(stderr, "ulsp agent: --listen '%s': give ADDR:PORT\n", agent_listen.c_str());
+      return 1;
+    }
+    for (const std::string& e : agent_exports) {
+      const size_t eq = e.find('=');
+      if (eq == std::string::npos || eq == 0 || eq + 1 == e.size()) {
+        std::fprintf(stderr, "ulsp agent: --export '%s': give NAME=SPEC\n", e.c_str());
+        return 1;
+      }
+      auto spec = ulsp::vfs::AbsoluteStackSpec(e.substr(eq + 1));
+      if (!spec) {
+        std::fprintf(stderr, "ulsp agent: --export %s: %s\n", e.substr(0, eq).c_str(), spec.error().c_str());
+        return 1;
+      }
+      agent.exports[e.substr(0, eq)] = *spec;
+    }
+    return ulsp::core::ServeAgent(agent);
+  }
   if (check_cmd->parsed()) return ulsp::core::CheckPolicy(check_file);
   if (ps_cmd->parsed()) return ulsp::core::Ps(ps_json);
   std::fputs(app.help().c_str(), stdout);

@@ -9,13 +9,18 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <expected>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/fuse_shim.h"
 #include "kernel/msgport/log.h"
+#include "ulsp/core/agent.h"
 #include "ulsp/core/isolated.h"
+#include "ulsp/core/registry.h"
+#include "ulsp/core/remote_source.h"
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::core {
@@ -40,6 +45,33 @@ int Error(const std::string& message) {
   return 1;
 }
 
+// What --remote and its authentication options name, read (files included).
+std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountArgs& args) {
+  msgport::RemoteOptions o;
+  const size_t slash = args.remote.find('/');
+  if (slash == std::string::npos || slash + 1 == args.remote.size() ||
+      !SplitHostPort(args.remote.substr(0, slash), o.host, o.port))
+    return std::unexpected("--remote '" + args.remote + "': give ADDR:PORT/NAME (e.g. 10.0.0.2:7700/src)");
+  o.name = args.remote.substr(slash + 1);
+  if (!args.token_file.empty()) {
+    if (!ReadWholeFile(args.token_file, o.token)) return std::unexpected(args.token_file + ": " + std::strerror(errno));
+    while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r')) o.token.pop_back();
+  }
+  const bool tls = !args.tls_cert.empty() || !args.tls_key.empty() || !args.tls_ca.empty();
+  if (tls) {
+    if (args.tls_cert.empty() || args.tls_key.empty() || args.tls_ca.empty())
+      return std::unexpected("TLS needs --tls-cert, --tls-key and --tls-ca together");
+    for (auto [path, into] : {std::pair{&args.tls_cert, &o.tls_cert}, std::pair{&args.tls_key, &o.tls_key},
+                              std::pair{&args.tls_ca, &o.tls_ca}}) {
+      if (!ReadWholeFile(*path, *into)) return std::unexpected(*path + ": " + std::strerror(errno));
+    }
+  }
+  if (args.deadline <= 0) return std::unexpected("--deadline must be more than 0 seconds");
+  o.call_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.deadline * 1000));
+  o.connect_timeout = std::min(o.call_timeout, std::chrono::milliseconds(5000));
+  return o;
+}
+
 // Writes everything, retrying short writes; errors are ignored (the reader sees EOF).
 void WriteAll(int fd, const std::string& s) {
   size_t done = 0;
@@ -59,7 +91,26 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   // port). Isolated: a supervised server process, through a shared-memory port.
   std::unique_ptr<vfs::StackServer> server;
   std::unique_ptr<msgport::Port> port;
-  if (args.isolated) {
+  IsolatedPort* relay = nullptr;
+  const RemoteSource* remote = nullptr;
+  if (!args.remote.empty()) {
+    auto options = RemoteOptionsOf(args);
+    if (!options) {
+      if (ready_fd >= 0) WriteAll(ready_fd, options.error() + "\n");
+      return Error(options.error());
+    }
+    auto why = std::make_shared<std::string>();
+    auto source = std::make_unique<RemoteSource>(*options, why);
+    remote = source.get();
+    auto connected = IsolatedPort::StartWith(std::move(source));
+    if (!connected) {
+      const std::string message = args.remote + ": " + *why;
+      if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
+      return Error(message);
+    }
+    relay = connected->get();
+    port = std::move(*connected);
+  } else if (args.isolated) {
     char self[PATH_MAX];
     const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) return Error(std::string("/proc/self/exe: ") + std::strerror(errno));
@@ -70,6 +121,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
       if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
       return Error(message);
     }
+    relay = isolated->get();
     port = std::move(*isolated);
   } else {
     server = std::make_unique<vfs::StackServer>(std::move(top));
@@ -83,16 +135,41 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.on_ready = [ready_fd] {
     if (ready_fd >= 0) WriteAll(ready_fd, "ok\n");
   };
-  auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/!args.isolated);
+  const bool inline_stack = server != nullptr;
+  auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/inline_stack);
   if (!shim) {
     const std::string message = args.mountpoint + ": mounting failed: " + shim.error().Describe();
     if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
     return Error(message);
   }
   (*shim)->HandleSignals();
+  // `ulsp ps` sees the mount while it lives.
+  const std::string run_dir = RuntimeDir() + "/" + std::to_string(::getpid());
+  std::error_code ec;
+  std::filesystem::create_directories(run_dir, ec);
+  msgport::FuseShim* shim_ptr = shim->get();
+  auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
+    s.kind = "mount";
+    s.command = "mount " + fsname + " " + args.mountpoint;
+    s.mounts.push_back({args.mountpoint, fsname, "", args.isolated, port->counters().put.load(), shim_ptr->InFlight(),
+                        server ? server->top().NodeCount() : (relay ? relay->NodeCount() : 0)});
+    if (remote != nullptr) {
+      s.AddPort(*port, "remote", shim_ptr->InFlight(), remote->peer(), remote->state(), remote->rtt_us());
+      s.ulsps.push_back({"vfs " + args.mountpoint, "vfs (remote agent)", 0, relay->restarts(), remote->state()});
+    } else if (relay != nullptr) {
+      s.AddPort(*port, "shared memory", shim_ptr->InFlight());
+      s.ulsps.push_back({"vfs " + args.mountpoint, "vfs (isolated)", relay->server_pid(), relay->restarts(),
+                         relay->serving() ? "serving" : "restarting"});
+    } else {
+      s.AddPort(*port, "direct", shim_ptr->InFlight());
+      s.ulsps.push_back({"vfs " + args.mountpoint, "vfs (in-process)", static_cast<pid_t>(::getpid()), 0, "serving"});
+    }
+  });
   Logger("vfs")->info("serving {} on {}", fsname, args.mountpoint);
   const int rc = (*shim)->Serve();
   if (ready_fd >= 0) ::close(ready_fd);
+  if (control) control->reset();
+  std::filesystem::remove_all(run_dir, ec);
   shim->reset();
   Logger("vfs")->info("{} unmounted", args.mountpoint);
   return rc == 0 ? 0 : 1;
@@ -123,12 +200,26 @@ bool IsMountPoint(const std::string& path, std::string* fstype) {
 int Mount(const MountArgs& in) {
   MountArgs args = in;
   if (args.debug) args.foreground = true;
-  if (args.stack.empty() && args.source.empty()) return Error("give --stack SPEC or a SOURCE directory");
-  if (!args.stack.empty() && !args.source.empty()) return Error("give --stack SPEC or SOURCE, not both");
+  const int given = !args.stack.empty() + !args.source.empty() + !args.remote.empty();
+  if (given == 0) return Error("give --stack SPEC, a SOURCE directory, or --remote ADDR:PORT/NAME");
+  if (given > 1) return Error("give one of --stack SPEC, SOURCE and --remote ADDR:PORT/NAME");
+  if (args.remote.empty() && (!args.token_file.empty() || !args.tls_cert.empty()))
+    return Error("--token-file and --tls-* are for --remote");
+  if (!args.remote.empty()) {
+    if (args.isolated) return Error("--remote and --isolated: a remote stack is isolated already");
+    // The background server runs in /: files named relative to here must not move.
+    for (std::string* path : {&args.token_file, &args.tls_cert, &args.tls_key, &args.tls_ca}) {
+      if (!path->empty()) *path = std::filesystem::absolute(*path).string();
+    }
+    if (auto options = RemoteOptionsOf(args); !options) return Error(options.error());
+  }
   if (args.timeout < 0) return Error("--timeout must be 0 or more seconds");
-  auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? "passthrough:" + args.source : args.stack);
-  if (!absolute) return Error(absolute.error());
-  const std::string spec = *absolute;
+  std::string spec;
+  if (args.remote.empty()) {
+    auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? "passthrough:" + args.source : args.stack);
+    if (!absolute) return Error(absolute.error());
+    spec = *absolute;
+  }
 
   char resolved[PATH_MAX];
   if (::realpath(args.mountpoint.c_str(), resolved) == nullptr)
@@ -140,7 +231,7 @@ int Mount(const MountArgs& in) {
   if (IsMountPoint(args.mountpoint))
     return Error(args.mountpoint + ": mount point is busy (something is already mounted there)");
 
-  const std::string fsname = args.stack.empty() ? args.source : spec;
+  const std::string fsname = !args.remote.empty() ? "remote:" + args.remote : args.stack.empty() ? args.source : spec;
   if (args.isolated) {
     // The server process builds the stack; build it here once too, so a bad stack is
     // reported before anything starts (and destroy it before forking).
@@ -149,7 +240,7 @@ int Mount(const MountArgs& in) {
   }
   if (args.foreground) {
     std::unique_ptr<vfs::Layer> top;
-    if (!args.isolated) {
+    if (!args.isolated && args.remote.empty()) {
       auto built = vfs::BuildStack(spec);
       if (!built) return Error(built.error());
       top = std::move(*built);
@@ -168,7 +259,7 @@ int Mount(const MountArgs& in) {
     ::close(pipe_fds[0]);
     ::setsid();
     std::unique_ptr<vfs::Layer> top;
-    if (!args.isolated) {
+    if (!args.isolated && args.remote.empty()) {
       auto built = vfs::BuildStack(spec);  // relative paths are the caller's
       if (!built) {
         WriteAll(pipe_fds[1], built.error() + "\n");

@@ -15,6 +15,11 @@ struct MountArgs {
   bool debug = false;       // libfuse's request log (implies foreground)
   double timeout = 1.0;     // entry and attribute cache, seconds
   std::string log_file;     // where a background server writes its log
+  // --remote ADDR:PORT/NAME: the stack is served by a translation agent (agent.h).
+  std::string remote;
+  std::string token_file;                 // its shared token, if it wants one
+  std::string tls_cert, tls_key, tls_ca;  // mutual TLS (files)
+  double deadline = 10.0;                 // seconds a request waits for the agent
 };
 
 // Mounts; returns once the mount is live (or, in the foreground, once it is gone).

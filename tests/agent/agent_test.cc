@@ -1,0 +1,220 @@
+// Translation agents between two hosts on one machine: two network namespaces joined
+// by a veth pair, made by the test. The agent serves in host B; the mount is made
+// from host A (its connections cross the veth) and used by real programs. Then the
+// link is cut and the agent killed mid-work (operations fail within the deadline; the
+// mount serves again when they come back, without a remount), peers are refused for
+// a wrong token or certificate, and garbage is sent to the agent's port.
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <thread>
+
+#include "tests/vfs/mount_fixture.h"
+
+namespace ulsp::testing {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+class TwoHosts : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    const std::string id = std::to_string(::getpid() % 100000);
+    a_ = "ulspA" + id;
+    b_ = "ulspB" + id;
+    va_ = "va" + id;
+    vb_ = "vb" + id;
+    subnet_ = "10.199." + std::to_string(::getpid() % 250) + ".";
+    agent_addr_ = subnet_ + "2";
+    ASSERT_EQ(Shell("ip netns add " + a_ + " && ip netns add " + b_ + " && ip link add " + va_ + " type veth peer name " +
+                    vb_ + " && ip link set " + va_ + " netns " + a_ + " && ip link set " + vb_ + " netns " + b_ +
+                    " && ip -n " + a_ + " addr add " + subnet_ + "1/24 dev " + va_ + " && ip -n " + b_ + " addr add " +
+                    subnet_ + "2/24 dev " + vb_ + " && ip -n " + a_ + " link set " + va_ + " up && ip -n " + b_ +
+                    " link set " + vb_ + " up && ip -n " + a_ + " link set lo up && ip -n " + b_ + " link set lo up"),
+              0);
+    ASSERT_EQ(Shell("mkdir -p " + dir_ / "src " + dir_ / "mnt && cp -a /usr/include/linux " + dir_ / "src/linux && echo t0k3n > " +
+                    dir_ / "token && echo wrong > " + dir_ / "wrong"),
+              0);
+  }
+  void TearDown() override {
+    ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
+    StopAgent();
+    for (int i = 0; i < 100 && Shell("pgrep -f 'remote " + agent_addr_ + "' > /dev/null") == 0; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    Shell("pkill -9 -f 'remote " + agent_addr_ + "' 2>/dev/null");
+    Shell("ip netns del " + a_ + " 2>/dev/null; ip netns del " + b_ + " 2>/dev/null");
+    EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n");
+  }
+  // `ulsp agent serve` in host B, in the background; returns once it listens.
+  void StartAgent(const std::string& auth) {
+    const std::string cmd = "nsenter --net=/run/netns/" + b_ + " " + ULSP_BIN + " agent serve --listen " + agent_addr_ +
+                            ":7700 --export src=passthrough:" + dir_ / "src" + " " + auth;
+    ASSERT_EQ(Shell("(" + cmd + " >> " + dir_ / "agent.log" + " 2>&1 & echo $! > " + dir_ / "agent.pid" + ")"), 0);
+    for (int i = 0; i < 200; ++i) {
+      if (Shell("ip netns exec " + b_ + " ss -ltn | grep -q " + agent_addr_ + ":7700") == 0) return;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    FAIL() << "the agent did not listen: " << Output("cat " + dir_ / "agent.log");
+  }
+  void StopAgent(int sig = SIGTERM) {
+    std::string pid = Output("cat " + dir_ / "agent.pid" + " 2>/dev/null");
+    while (!pid.empty() && pid.back() == '\n') pid.pop_back();
+    if (!pid.empty()) Shell("kill -" + std::to_string(sig) + " " + pid + " 2>/dev/null; while kill -0 " + pid + " 2>/dev/null; do sleep 0.05; done");
+    Shell("rm -f " + dir_ / "agent.pid");
+  }
+  // `ulsp mount --remote` from host A. Returns its exit status; stderr in `err`.
+  int Mount(const std::string& auth, std::string* err = nullptr, const std::string& extra = "--deadline 2") {
+    const int rc = Shell("nsenter --net=/run/netns/" + a_ + " " + ULSP_BIN + " mount --remote " + agent_addr_ + ":7700/src " +
+                         auth + " " + extra + " " + dir_ / "mnt" + " 2> " + dir_ / "mount.err");
+    if (err != nullptr) *err = Output("cat " + dir_ / "mount.err");
+    return rc;
+  }
+  // Seconds `command` took, and its status.
+  std::pair<double, int> Timed(const std::string& command) {
+    const auto t0 = Clock::now();
+    const int rc = Shell(command);
+    return {std::chrono::duration<double>(Clock::now() - t0).count(), rc};
+  }
+  // Makes a CA and, signed by it, a certificate for `cn` with the agent's address.
+  void MakeCert(const std::string& ca, const std::string& name, bool make_ca) {
+    const std::string d = dir_.path() + "/";
+    if (make_ca) {
+      ASSERT_EQ(Shell("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj /CN=" + ca +
+                      " -keyout " + d + ca + ".key -out " + d + ca + ".pem 2>/dev/null"),
+                0);
+    }
+    ASSERT_EQ(Shell("openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=" + name + " -keyout " + d + name +
+                    ".key -out " + d + name + ".csr 2>/dev/null && printf 'subjectAltName=IP:" + agent_addr_ + ",DNS:" +
+                    agent_addr_ + ",DNS:" + name + "' > " + d + name + ".ext && openssl x509 -req -in " + d + name +
+                    ".csr -CA " + d + ca + ".pem -CAkey " + d + ca + ".key -CAcreateserial -days 2 -extfile " + d + name +
+                    ".ext -out " + d + name + ".pem 2>/dev/null"),
+              0);
+  }
+  std::string Tls(const std::string& name, const std::string& ca) const {
+    const std::string d = dir_.path() + "/";
+    return "--tls-cert " + d + name + ".pem --tls-key " + d + name + ".key --tls-ca " + d + ca + ".pem";
+  }
+
+  TempDir dir_;
+  std::string a_, b_, va_, vb_, subnet_, agent_addr_;
+};
+
+TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
+  ASSERT_EQ(Shell("cd " + dir_ / "src" + " && mkdir repo && cp -a /usr/include/linux/netfilter repo/ && cd repo && git init -q && "
+                  "git add . && git -c user.name=t -c user.email=t@e.invalid commit -qm base && echo x >> netfilter/xt_mark.h"),
+            0);
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err), 0) << err;
+  const std::string m = dir_ / "mnt";
+  EXPECT_EQ(Shell("diff -r /usr/include/linux " + m + "/linux"), 0);
+  EXPECT_EQ(Shell("set -o pipefail; tar -C /usr/include -cf - sound | tar -C " + m + " -xf -"), 0);  // extract
+  EXPECT_EQ(Shell("diff -r /usr/include/sound " + dir_ / "src/sound"), 0);  // it landed on host B's disk
+  EXPECT_EQ(Shell("tar -C " + m + " -cf " + dir_ / "out.tar" + " linux sound && mkdir " + dir_ / "x && tar -C " + dir_ / "x" +
+                  " -xf " + dir_ / "out.tar" + " && diff -r /usr/include/linux " + dir_ / "x/linux"),
+            0);
+  EXPECT_EQ(Output("git -C " + m + "/repo status --porcelain"), " M netfilter/xt_mark.h\n");
+  // ulsp ps shows the remote port, its peer and state.
+  auto ps = nlohmann::json::parse(Output(std::string(ULSP_BIN) + " ps --json"));
+  bool seen = false;
+  for (const auto& p : ps)
+    for (const auto& port : p["ports"])
+      if (port["kind"] == "remote" && port["peer"] == agent_addr_ + ":7700/src" && port["state"] == "connected") seen = true;
+  EXPECT_TRUE(seen) << ps.dump(2);
+}
+
+TEST_F(TwoHosts, ACutLinkFailsWithinTheDeadlineAndTheMountServesAgainWhenItComesBack) {
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err, "--deadline 2 --timeout 0"), 0) << err;
+  const std::string m = dir_ / "mnt";
+  // A workload in the background: reading every header again and again.
+  ASSERT_EQ(Shell("(sh -c 'for i in $(seq 200); do cat " + m + "/linux/*.h > /dev/null 2>&1; done' & echo $! > " +
+                  dir_ / "loop.pid" + ")"),
+            0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  ASSERT_EQ(Shell("ip -n " + a_ + " link set " + va_ + " down"), 0);
+  auto [took, rc] = Timed("cat " + m + "/linux/stat.h > /dev/null 2>&1");
+  EXPECT_NE(rc, 0);
+  EXPECT_LT(took, 2.0 + 3.0) << "an operation on a dead link outlived its deadline";
+  ASSERT_EQ(Shell("ip -n " + a_ + " link set " + va_ + " up"), 0);
+  bool back = false;
+  const auto until = Clock::now() + std::chrono::seconds(20);
+  while (!back && Clock::now() < until) {
+    back = Shell("cmp -s /usr/include/linux/stat.h " + m + "/linux/stat.h") == 0;
+    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_TRUE(back) << "the mount did not serve again after the link came back";
+  Shell("kill $(cat " + dir_ / "loop.pid" + ") 2>/dev/null; pkill -f 'cat " + m + "' 2>/dev/null");
+}
+
+TEST_F(TwoHosts, AKilledAgentFailsWithinTheDeadlineAndARestartedOneServesTheSameMount) {
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err, "--deadline 2 --timeout 0"), 0) << err;
+  const std::string m = dir_ / "mnt";
+  ASSERT_EQ(Shell("cmp -s /usr/include/linux/stat.h " + m + "/linux/stat.h"), 0);
+  StopAgent(SIGKILL);
+  auto [took, rc] = Timed("cat " + m + "/linux/fs.h > /dev/null 2>&1");
+  EXPECT_NE(rc, 0);
+  EXPECT_LT(took, 2.0 + 3.0);
+  StartAgent("--token-file " + dir_ / "token");
+  bool back = false;
+  const auto until = Clock::now() + std::chrono::seconds(20);
+  while (!back && Clock::now() < until) {
+    back = Shell("cmp -s /usr/include/linux/fs.h " + m + "/linux/fs.h && cd " + m + "/linux && ls netfilter > /dev/null") == 0;
+    if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  }
+  EXPECT_TRUE(back);
+}
+
+TEST_F(TwoHosts, AWrongTokenIsRefusedOnBothSides) {
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  EXPECT_EQ(Mount("--token-file " + dir_ / "wrong", &err), 1);
+  EXPECT_EQ(err, "ulsp mount: " + agent_addr_ + ":7700/src: the agent at " + agent_addr_ + ":7700 refused: wrong token\n");
+  EXPECT_NE(Output("cat " + dir_ / "agent.log").find("refused " + subnet_ + "1: wrong token"), std::string::npos);
+  EXPECT_EQ(Mount("", &err), 1);  // no token at all
+  EXPECT_NE(err.find("refused: wrong token"), std::string::npos) << err;
+}
+
+TEST_F(TwoHosts, MutualTlsAdmitsTheRightCertificatesOnly) {
+  MakeCert("ca", "agent", true);
+  MakeCert("ca", "client", false);
+  MakeCert("other", "stranger", true);
+  StartAgent(Tls("agent", "ca"));
+  std::string err;
+  ASSERT_EQ(Mount(Tls("client", "ca"), &err), 0) << err << Output("cat " + dir_ / "agent.log");
+  EXPECT_EQ(Shell("cmp -s /usr/include/linux/stat.h " + dir_ / "mnt/linux/stat.h"), 0);
+  ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // A client certificate signed by a CA the agent does not trust.
+  EXPECT_EQ(Mount(Tls("stranger", "ca"), &err), 1);
+  EXPECT_NE(err.find("TLS"), std::string::npos) << err;
+  // An agent the client does not trust (the client trusts the other CA).
+  EXPECT_EQ(Mount(Tls("client", "other"), &err), 1);
+  EXPECT_NE(err.find("TLS"), std::string::npos) << err;
+  const std::string log = Output("cat " + dir_ / "agent.log");
+  EXPECT_NE(log.find("refused " + subnet_ + "1"), std::string::npos) << log;
+}
+
+TEST_F(TwoHosts, GarbageAndTruncatedFramesCloseThatConnectionOnly) {
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err), 0) << err;
+  const std::string nsa = "nsenter --net=/run/netns/" + a_ + " ";
+  // Random bytes; a frame header announcing 2^31 words; a frame cut short.
+  const std::string to = "/dev/tcp/" + agent_addr_ + "/7700";
+  EXPECT_EQ(Shell(nsa + "timeout 10 bash -c 'exec 3<>" + to + "; head -c 100000 /dev/urandom >&3; cat <&3 > /dev/null'"), 0);
+  EXPECT_EQ(Shell(nsa + "timeout 10 bash -c 'exec 3<>" + to + "; printf \"\\x00\\x00\\x00\\x00\\xff\\xff\\xff\\x7f\" >&3; cat <&3 > /dev/null'"), 0);
+  EXPECT_EQ(Shell(nsa + "timeout 10 bash -c 'exec 3<>" + to + "; printf \"\\x00\\x00\\x00\\x00\\x10\\x00\\x00\\x00abc\" >&3; exec 3>&-'"), 0);
+  // The agent lives, and its mount serves.
+  EXPECT_EQ(Shell("kill -0 $(cat " + dir_ / "agent.pid" + ")"), 0);
+  EXPECT_EQ(Shell("diff -r /usr/include/linux/netfilter " + dir_ / "mnt/linux/netfilter"), 0);
+}
+
+}  // namespace
+}  // namespace ulsp::testing

@@ -1,0 +1,390 @@
+#include "ulsp/core/agent.h"
+
+#include <arpa/inet.h>
+#include <signal.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include <capnp/rpc-twoparty.h>
+#include <kj/async-io.h>
+#include <kj/async-unix.h>
+#include <kj/compat/tls.h>
+#include <kj/debug.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <mutex>
+#include <sstream>
+#include <thread>
+
+#include "kernel/msgport/agent.capnp.h"
+#include "kernel/msgport/agent_wire.h"
+#include "kernel/msgport/log.h"
+#include "kernel/msgport/vfs_codec.h"
+#include "ulsp/core/registry.h"
+#include "ulsp/vfs/stack.h"
+
+namespace ulsp::core {
+namespace {
+
+using msgport::wire::Agent;
+using msgport::wire::Stack;
+
+using msgport::AgentFrameLimits;
+using msgport::kAgentProtocolVersion;
+
+// Threads that serve requests off the event loop, so a request that blocks (a FIFO,
+// a slow disk) holds up no other.
+class Workers {
+ public:
+  explicit Workers(unsigned n) {
+    for (unsigned i = 0; i < n; ++i) threads_.emplace_back([this] { Run(); });
+  }
+  ~Workers() {
+    {
+      std::lock_guard lock(mu_);
+      stopping_ = true;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+  void Submit(std::function<void()> job) {
+    {
+      std::lock_guard lock(mu_);
+      jobs_.push_back(std::move(job));
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  void Run() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return stopping_ || !jobs_.empty(); });
+      if (jobs_.empty()) return;
+      auto job = std::move(jobs_.front());
+      jobs_.pop_front();
+      lock.unlock();
+      job();
+      lock.lock();
+    }
+  }
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> jobs_;
+  bool stopping_ = false;
+  std::vector<std::thread> threads_;
+};
+
+// One request, served: what a Stack call answers.
+struct Outcome {
+  int32_t error = 0;
+  std::vector<std::byte> reply;
+};
+
+Outcome ServeOne(vfs::Layer& top, uint32_t op, const std::vector<std::byte>& bytes) {
+  Outcome out;
+  if (op == 0 || op >= static_cast<uint32_t>(msgport::VfsOp::kCount)) {
+    out.error = EINVAL;
+    return out;
+  }
+  msgport::VfsRequest req;
+  req.op = static_cast<msgport::VfsOp>(op);
+  std::vector<char> storage;
+  if (!msgport::DecodeVfsRequest(bytes, req, storage)) {
+    out.error = EBADMSG;
+    return out;
+  }
+  out.error = top.Serve(req);
+  if (out.error == 0) {
+    try {
+      msgport::EncodeVfsReply(req, out.reply);
+    } catch (...) {
+      out.error = ENOMEM;
+    }
+  }
+  return out;
+}
+
+// A stack of this connection's: its own node ids and open files, dropped with it.
+class StackImpl final : public Stack::Server {
+ public:
+  StackImpl(std::shared_ptr<vfs::Layer> top, Workers& workers) : top_(std::move(top)), workers_(workers) {}
+
+  kj::Promise<void> call(CallContext context) override {
+    auto params = context.getParams();
+    const uint32_t op = params.getOp();
+    auto data = params.getRequest();
+    auto job = std::make_shared<Job>();
+    job->bytes.resize(data.size());
+    if (data.size() > 0) std::memcpy(job->bytes.data(), data.begin(), data.size());
+    auto paf = kj::newPromiseAndCrossThreadFulfiller<Outcome>();
+    job->done = kj::mv(paf.fulfiller);
+    workers_.Submit([job, op, top = top_]() {
+      Outcome out;
+      try {
+        out = ServeOne(*top, op, job->bytes);
+      } catch (...) {
+        out.error = EIO;
+      }
+      job->done->fulfill(kj::mv(out));
+    });
+    return paf.promise.then([context](Outcome&& out) mutable {
+      auto results = context.getResults();
+      results.setError(out.error);
+      if (!out.reply.empty())
+        results.setReply(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(out.reply.data()), out.reply.size()));
+    });
+  }
+
+  kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
+
+ private:
+  struct Job {
+    std::vector<std::byte> bytes;
+    kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;
+  };
+  std::shared_ptr<vfs::Layer> top_;
+  Workers& workers_;
+};
+
+struct Shared {
+  AgentOptions options;
+  std::string token;
+  Workers* workers = nullptr;
+  std::atomic<uint64_t> connections{0}, refused{0}, attached{0};
+};
+
+// Compares in time that does not depend on where the first difference is.
+bool SameSecret(capnp::Data::Reader given, const std::string& secret) {
+  if (given.size() != secret.size()) return false;
+  unsigned char diff = 0;
+  for (size_t i = 0; i < secret.size(); ++i) diff |= static_cast<unsigned char>(given[i] ^ static_cast<unsigned char>(secret[i]));
+  return diff == 0;
+}
+
+// The bootstrap capability of one connection.
+class AgentImpl final : public Agent::Server {
+ public:
+  AgentImpl(Shared& shared, std::string peer) : shared_(shared), peer_(std::move(peer)) {}
+
+  kj::Promise<void> attach(AttachContext context) override {
+    auto params = context.getParams();
+    const std::string name = params.getName();
+    auto token = params.getToken();
+    if (!shared_.token.empty()) {
+      const bool same = SameSecret(token, shared_.token);
+      if (!same) {
+        ++shared_.refused;
+        Logger("agent")->warn("refused {}: wrong token", peer_);
+        return KJ_EXCEPTION(FAILED, "wrong token");
+      }
+    }
+    auto it = shared_.options.exports.find(name);
+    if (it == shared_.options.exports.end()) {
+      std::string names;
+      for (const auto& [n, spec] : shared_.options.exports) names += (names.empty() ? "" : ", ") + n;
+      Logger("agent")->warn("refused {}: no export '{}'", peer_, name);
+      return KJ_EXCEPTION(FAILED, kj::str("no export '", name.c_str(), "' (exports: ", names.c_str(), ")"));
+    }
+    auto top = vfs::BuildStack(it->second);
+    if (!top) {
+      Logger("agent")->error("export {}: {}", name, top.error());
+      return KJ_EXCEPTION(FAILED, kj::str("export '", name.c_str(), "' cannot be served: ", top.error().c_str()));
+    }
+    ++shared_.attached;
+    Logger("agent")->info("{} attached to {}", peer_, name);
+    auto results = context.getResults();
+    results.setStack(kj::heap<StackImpl>(std::shared_ptr<vfs::Layer>(std::move(*top)), *shared_.workers));
+    results.setVersion(kAgentProtocolVersion);
+    return kj::READY_NOW;
+  }
+
+ private:
+  Shared& shared_;
+  std::string peer_;
+};
+
+// A connection: its stream, its RPC system; gone when the peer goes.
+struct Connection {
+  kj::Own<kj::AsyncIoStream> stream;
+  capnp::TwoPartyVatNetwork network;
+  capnp::RpcSystem<capnp::rpc::twoparty::VatId> rpc;
+  Connection(kj::Own<kj::AsyncIoStream> s, capnp::Capability::Client bootstrap)
+      : stream(kj::mv(s)),
+        network(*stream, capnp::rpc::twoparty::Side::SERVER, AgentFrameLimits()),
+        rpc(capnp::makeRpcServer(network, kj::mv(bootstrap))) {}
+};
+
+}  // namespace
+
+bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port) {
+  const size_t colon = text.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return false;
+  host = text.substr(0, colon);
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
+  unsigned long p = 0;
+  try {
+    size_t used = 0;
+    p = std::stoul(text.substr(colon + 1), &used);
+    if (used != text.size() - colon - 1) return false;
+  } catch (...) {
+    return false;
+  }
+  if (p == 0 || p > 65535) return false;
+  port = static_cast<uint16_t>(p);
+  return true;
+}
+
+bool ReadWholeFile(const std::string& path, std::string& out) {
+  std::ifstream in(path);
+  if (!in) return false;
+  std::stringstream s;
+  s << in.rdbuf();
+  out = s.str();
+  return !in.bad();
+}
+
+int ServeAgent(const AgentOptions& options) {
+  auto fail = [](const std::string& m) {
+    std::fprintf(stderr, "ulsp agent: %s\n", m.c_str());
+    return 1;
+  };
+  if (options.exports.empty()) return fail("give at least one --export NAME=SPEC");
+  for (const auto& [name, spec] : options.exports) {
+    auto check = vfs::BuildStack(spec);  // a bad stack is refused before serving
+    if (!check) return fail("--export " + name + ": " + check.error());
+  }
+  Shared shared;
+  shared.options = options;
+  if (!options.token_file.empty()) {
+    if (!ReadWholeFile(options.token_file, shared.token)) return fail(options.token_file + ": " + std::strerror(errno));
+    while (!shared.token.empty() && (shared.token.back() == '\n' || shared.token.back() == '\r')) shared.token.pop_back();
+    if (shared.token.empty()) return fail(options.token_file + ": the token is empty");
+  }
+  const bool tls = !options.tls_cert.empty() || !options.tls_key.empty() || !options.tls_ca.empty();
+  std::string cert, key, ca;
+  if (tls) {
+    if (options.tls_cert.empty() || options.tls_key.empty() || options.tls_ca.empty())
+      return fail("TLS needs --tls-cert, --tls-key and --tls-ca together");
+    if (!ReadWholeFile(options.tls_cert, cert)) return fail(options.tls_cert + ": " + std::strerror(errno));
+    if (!ReadWholeFile(options.tls_key, key)) return fail(options.tls_key + ": " + std::strerror(errno));
+    if (!ReadWholeFile(options.tls_ca, ca)) return fail(options.tls_ca + ": " + std::strerror(errno));
+  }
+  ::signal(SIGPIPE, SIG_IGN);
+  sigset_t stop;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGINT);
+  sigaddset(&stop, SIGTERM);
+  ::pthread_sigmask(SIG_BLOCK, &stop, nullptr);
+  Workers workers(std::max(1u, options.workers));
+  shared.workers = &workers;
+
+  try {
+    auto io = kj::setupAsyncIo();
+    kj::WaitScope& ws = io.waitScope;
+    kj::Own<kj::TlsContext> tls_context;
+    kj::Own<kj::TlsKeypair> keypair;
+    kj::Vector<kj::TlsCertificate> trusted;
+    if (tls) {
+      try {
+        keypair = kj::heap<kj::TlsKeypair>(kj::TlsKeypair{kj::TlsPrivateKey(key.c_str()), kj::TlsCertificate(cert.c_str())});
+        trusted.add(kj::TlsCertificate(ca.c_str()));
+      } catch (const kj::Exception& e) {
+        return fail("TLS: " + msgport::DescribeKjError(e));
+      }
+      kj::TlsContext::Options o;
+      o.useSystemTrustStore = false;
+      o.verifyClients = true;
+      o.trustedCertificates = trusted.asPtr();
+      o.defaultKeypair = *keypair;
+      o.timer = io.provider->getTimer();
+      o.acceptTimeout = 10 * kj::SECONDS;
+      tls_context = kj::heap<kj::TlsContext>(kj::mv(o));
+    }
+    kj::Own<kj::ConnectionReceiver> listener;
+    try {
+      auto addr = io.provider->getNetwork().parseAddress(options.listen_host, options.listen_port).wait(ws);
+      listener = addr->listen();
+    } catch (const kj::Exception& e) {
+      return fail("listening on " + options.listen_host + ":" + std::to_string(options.listen_port) + ": " + msgport::DescribeKjError(e));
+    }
+    std::string names;
+    for (const auto& [n, spec] : options.exports) names += (names.empty() ? "" : ", ") + n + "=" + spec;
+    Logger("agent")->info("serving {} on {}:{} ({})", names, options.listen_host, listener->getPort(),
+                          tls ? "mutual TLS" : shared.token.empty() ? "no authentication" : "token");
+
+    struct ErrorHandler final : kj::TaskSet::ErrorHandler {
+      void taskFailed(kj::Exception&& e) override { Logger("agent")->warn("a connection ended: {}", msgport::DescribeKjError(e)); }
+    } errors;
+    kj::TaskSet connections(errors);
+    std::function<kj::Promise<void>()> accept = [&]() -> kj::Promise<void> {
+      return listener->accept().then([&](kj::Own<kj::AsyncIoStream>&& stream) {
+        ++shared.connections;
+        std::string peer = "a peer";
+        // A TCP stream knows its peer; a wrapped one may not.
+        struct sockaddr_storage ss {};
+        kj::uint len = sizeof ss;
+        try {
+          stream->getpeername(reinterpret_cast<struct sockaddr*>(&ss), &len);
+          char host[128] = "";
+          if (ss.ss_family == AF_INET) ::inet_ntop(AF_INET, &reinterpret_cast<sockaddr_in*>(&ss)->sin_addr, host, sizeof host);
+          if (ss.ss_family == AF_INET6) ::inet_ntop(AF_INET6, &reinterpret_cast<sockaddr_in6*>(&ss)->sin6_addr, host, sizeof host);
+          if (host[0] != '\0') peer = host;
+        } catch (...) {
+        }
+        kj::Promise<kj::Own<kj::AsyncIoStream>> ready =
+            tls_context ? tls_context->wrapServer(kj::mv(stream)) : kj::Promise<kj::Own<kj::AsyncIoStream>>(kj::mv(stream));
+        connections.add(ready
+                            .then([&shared, peer](kj::Own<kj::AsyncIoStream>&& s) {
+                              auto conn = kj::heap<Connection>(kj::mv(s), kj::heap<AgentImpl>(shared, peer));
+                              auto gone = conn->network.onDisconnect();
+                              return gone.attach(kj::mv(conn)).then([peer] {
+                                Logger("agent")->info("{} disconnected", peer);
+                              });
+                            })
+                            .catch_([peer, &shared](kj::Exception&& e) {
+                              ++shared.refused;
+                              Logger("agent")->warn("refused {}: {}", peer, msgport::DescribeKjError(e));
+                            }));
+        return accept();
+      });
+    };
+    auto accepting = accept().eagerlyEvaluate([](kj::Exception&& e) {
+      Logger("agent")->error("accepting connections failed: {}", msgport::DescribeKjError(e));
+    });
+
+    // `ulsp ps` sees the agent.
+    const std::string run_dir = RuntimeDir() + "/" + std::to_string(::getpid());
+    std::error_code ec;
+    std::filesystem::create_directories(run_dir, ec);
+    auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
+      s.kind = "agent";
+      s.command = "agent serve " + options.listen_host + ":" + std::to_string(options.listen_port) + " " + names;
+      s.ulsps.push_back({"agent", tls ? "agent (mutual TLS)" : "agent", static_cast<pid_t>(::getpid()), 0,
+                         std::to_string(shared.connections.load()) + " connections, " +
+                             std::to_string(shared.attached.load()) + " attached, " + std::to_string(shared.refused.load()) +
+                             " refused"});
+    });
+
+    // Until SIGINT or SIGTERM.
+    const int sfd = ::signalfd(-1, &stop, SFD_CLOEXEC | SFD_NONBLOCK);
+    kj::UnixEventPort::FdObserver observer(io.unixEventPort, sfd, kj::UnixEventPort::FdObserver::OBSERVE_READ);
+    observer.whenBecomesReadable().wait(ws);
+    ::close(sfd);
+    Logger("agent")->info("stopping");
+    if (control) control->reset();
+    std::filesystem::remove_all(run_dir, ec);
+  } catch (const kj::Exception& e) {
+    return fail(msgport::DescribeKjError(e));
+  }
+  return 0;
+}
+
+}  // namespace ulsp::core
