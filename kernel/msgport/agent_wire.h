@@ -12,6 +12,11 @@ namespace ulsp::msgport {
 
 inline constexpr uint32_t kAgentProtocolVersion = 1;
 
+// An open of a regular file this small (or smaller) brings its contents (agent.capnp).
+inline constexpr int64_t kAgentPrefetchMax = 128 * 1024;
+// An opendir brings this much of the listing at most (agent.capnp).
+inline constexpr size_t kAgentListingMax = 256 * 1024;
+
 // A frame larger or deeper than this closes its connection (a request or reply is at
 // most a 128 KiB read or write and its envelope).
 capnp::ReaderOptions AgentFrameLimits();

@@ -38,6 +38,9 @@ class FuseShim {
     std::chrono::nanoseconds spin{std::chrono::microseconds(50)};  // polling after a
                                       // request before sleeping (0: sleep at once)
     bool splice_read = true;          // reads answered from a descriptor are spliced
+    bool readdirplus_always = false;  // every directory listing carries its entries'
+                                      // attributes (the kernel then needs no lookup for
+                                      // them); otherwise the kernel picks, per listing
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a

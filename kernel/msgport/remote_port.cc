@@ -15,6 +15,8 @@
 #include "kernel/msgport/agent.capnp.h"
 #include "kernel/msgport/agent_wire.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/vfs_codec.h"
+#include "kernel/msgport/vfs_message.h"
 
 namespace ulsp::msgport {
 
@@ -33,6 +35,14 @@ std::string DescribeKjError(const kj::Exception& e) {
   if (auto at = text.find("message = "); at != std::string::npos) {
     text = text.substr(at + 10);
     if (auto colon = text.rfind("::"); colon != std::string::npos) text = text.substr(colon + 2);
+    return text;
+  }
+  // A certificate that failed verification: "...not trusted; reason = hostname mismatch".
+  if (auto at = text.find("; reason = "); at != std::string::npos) {
+    std::string why = text.substr(at + 11);
+    text = text.substr(0, at) + ": " + why;
+    if (why == "hostname mismatch")
+      text += " (kj-tls checks the name as a DNS subjectAltName, also for an IP address; see --tls-name)";
     return text;
   }
   if (auto at = text.find("; "); at != std::string::npos && text.rfind("syscall", 0) != 0) text = text.substr(0, at);
@@ -68,7 +78,7 @@ struct RemotePort::Loop {
   kj::Own<capnp::TwoPartyVatNetwork> network;
   kj::Own<capnp::RpcSystem<capnp::rpc::twoparty::VatId>> rpc;
   kj::Maybe<wire::Stack::Client> stack;
-  std::map<uint64_t, MessagePtr> pending;  // sent, not yet answered
+  std::map<uint64_t, Outgoing> pending;  // sent, not yet answered
   uint64_t next_id = 1;
 };
 
@@ -99,19 +109,47 @@ RemotePort::~RemotePort() {
   Close();
   if (thread_.joinable()) thread_.join();
   // Anything that came in after the loop ended.
-  std::deque<MessagePtr> left;
+  std::deque<Outgoing> left;
   {
     std::lock_guard lock(mu_);
     left.swap(inbox_);
   }
-  for (auto& m : left) Reply(std::move(m), ECONNRESET);
+  for (auto& o : left) Reply(std::move(o.msg), ECONNRESET);
+}
+
+void RemotePort::QueueForgets() {
+  auto forgets = cache_.TakeForgets();
+  if (forgets.empty()) return;
+  {
+    std::lock_guard lock(mu_);
+    if (gone_ || closing_) return;  // the agent drops the connection's lookups itself
+    for (auto [node, count] : forgets) {
+      auto f = std::make_unique<VfsMessage>(VfsOp::kForget);
+      f->req.node = node;
+      f->req.count = count;
+      EncodeVfsRequest(f->req, f->payload);
+      f->reply_port = nullptr;
+      inbox_.push_back(Outgoing{MessagePtr(f.release()), 0});
+    }
+  }
+  const uint64_t one = 1;
+  (void)!::write(wake_.get(), &one, sizeof one);
 }
 
 void RemotePort::Put(MessagePtr msg) {
+  uint64_t generation = 0;
+  auto* vfs = dynamic_cast<VfsMessage*>(msg.get());
+  const bool answered = vfs != nullptr && cache_.Answer(*vfs, &generation);
+  if (vfs != nullptr) QueueForgets();
+  if (answered) {
+    counters().replied.fetch_add(1, std::memory_order_relaxed);
+    Reply(std::move(msg), 0);
+    return;
+  }
   {
     std::lock_guard lock(mu_);
     if (!gone_ && !closing_) {
-      inbox_.push_back(std::move(msg));
+      inbox_.push_back(Outgoing{std::move(msg), generation});
       msg = nullptr;
     }
   }
@@ -151,7 +189,7 @@ void RemotePort::Run() {
     alive_ = false;
     cv_.notify_all();
   };
-  std::map<uint64_t, MessagePtr> orphans;  // in flight when the connection ended
+  std::map<uint64_t, Outgoing> orphans;  // in flight when the connection ended
   try {
     Loop loop;
     kj::WaitScope& ws = loop.io.waitScope;
@@ -262,7 +300,7 @@ void RemotePort::Run() {
         uint64_t count;
         while (::read(wake_.get(), &count, sizeof count) > 0) {
         }
-        std::deque<MessagePtr> batch;
+        std::deque<Outgoing> batch;
         bool closing;
         {
           std::lock_guard lock(mu_);
@@ -270,14 +308,15 @@ void RemotePort::Run() {
           closing = closing_;
         }
         if (closing) end_with("closed");
-        for (auto& msg : batch) {
+        for (auto& [msg, generation] : batch) {
           const uint64_t id = loop.next_id++;
           const auto now = Clock::now();
           const auto deadline = msg->deadline != kNoDeadline ? msg->deadline : now + options_.call_timeout;
           auto call = stack.callRequest();
           call.setOp(msg->command);
+          if (msg->command == static_cast<uint32_t>(VfsOp::kOpenDir)) call.setListingChunk(cache_.listing_chunk());
           call.setRequest(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(msg->payload.data()), msg->payload.size()));
-          loop.pending.emplace(id, std::move(msg));
+          loop.pending.emplace(id, Outgoing{std::move(msg), generation});
           in_flight_.fetch_add(1, std::memory_order_relaxed);
           const auto left = std::max<std::chrono::nanoseconds>(deadline - now, std::chrono::nanoseconds(0));
           tasks.add(timer.timeoutAfter(ToKj(left), call.send())
@@ -285,20 +324,34 @@ void RemotePort::Run() {
                             [&, id](capnp::Response<wire::Stack::CallResults>&& r) {
                               auto it = loop.pending.find(id);
                               if (it == loop.pending.end()) return;
-                              MessagePtr m = std::move(it->second);
+                              MessagePtr m = std::move(it->second.msg);
+                              const uint64_t sent_generation = it->second.generation;
                               loop.pending.erase(it);
                               in_flight_.fetch_sub(1, std::memory_order_relaxed);
                               const int error = r.getError();
                               auto data = r.getReply();
                               m->payload.resize(data.size());
                               if (data.size() > 0) std::memcpy(m->payload.data(), data.begin(), data.size());
+                              if (error == 0) {
+                                if (auto* vfs = dynamic_cast<VfsMessage*>(m.get())) {
+                                  auto prefetch = r.getPrefetch();
+                                  std::vector<std::vector<char>> listing;
+                                  for (auto chunk : r.getListing())
+                                    listing.emplace_back(reinterpret_cast<const char*>(chunk.begin()),
+                                                         reinterpret_cast<const char*>(chunk.end()));
+                                  cache_.Learn(*vfs, sent_generation,
+                                               std::as_bytes(std::span(prefetch.begin(), prefetch.size())),
+                                               r.getPrefetchEof(), std::move(listing));
+                                  QueueForgets();
+                                }
+                              }
                               counters().replied.fetch_add(1, std::memory_order_relaxed);
                               Reply(std::move(m), error < 0 || error > 4095 ? EIO : error);
                             },
                             [&, id](kj::Exception&& e) {
                               auto it = loop.pending.find(id);
                               if (it == loop.pending.end()) return;
-                              MessagePtr m = std::move(it->second);
+                              MessagePtr m = std::move(it->second.msg);
                               loop.pending.erase(it);
                               in_flight_.fetch_sub(1, std::memory_order_relaxed);
                               const int error = ErrnoOf(e);
@@ -331,13 +384,13 @@ void RemotePort::Run() {
     finish(std::string("the connection failed: ") + e.what());
   }
   finish("the connection ended");
-  for (auto& [id, m] : orphans) Reply(std::move(m), ECONNRESET);
-  std::deque<MessagePtr> left;
+  for (auto& [id, o] : orphans) Reply(std::move(o.msg), ECONNRESET);
+  std::deque<Outgoing> left;
   {
     std::lock_guard lock(mu_);
     left.swap(inbox_);
   }
-  for (auto& m : left) Reply(std::move(m), ECONNRESET);
+  for (auto& o : left) Reply(std::move(o.msg), ECONNRESET);
 }
 
 }  // namespace ulsp::msgport

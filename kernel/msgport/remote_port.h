@@ -8,7 +8,9 @@
 // connection is watched with a ping every second; when it dies (the peer closed it,
 // the link is down and a ping went unanswered, a frame was malformed), every message
 // in flight is replied ECONNRESET at once, and any not answered by its deadline
-// ETIMEDOUT. A port does not reconnect: the relay that owns it (ulsp/core/isolated.h)
+// ETIMEDOUT. VFS messages (vfs_message.h) may be answered without a round trip, from
+// attributes and prefetched bytes the agent sent before (remote_cache.h). A port does
+// not reconnect: the relay that owns it (ulsp/core/isolated.h)
 // makes a new one, with back-off, and finds its nodes again.
 //
 // Threading: a port runs its own thread with a kj event loop, which owns the
@@ -30,6 +32,7 @@
 #include <thread>
 
 #include "kernel/msgport/port.h"
+#include "kernel/msgport/remote_cache.h"
 #include "kernel/msgport/unique_fd.h"
 
 namespace ulsp::msgport {
@@ -71,19 +74,27 @@ class RemotePort final : public Port {
   uint64_t in_flight() const noexcept { return in_flight_.load(); }
   // Why the connection ended ("" while it lives).
   std::string why_gone() const;
+  RemoteCache::Stats cache_stats() const { return cache_.stats(); }
 
  private:
   explicit RemotePort(RemoteOptions options);
   void Run();  // the port's thread
+  // Puts forget requests for the lookups only the cache knows of.
+  void QueueForgets();
 
   struct Loop;  // the kj side, alive on the port's thread
+  struct Outgoing {
+    MessagePtr msg;
+    uint64_t generation = 0;  // the cache's, when it was put
+  };
   const RemoteOptions options_;
+  RemoteCache cache_;
   std::string peer_;
   UniqueFd wake_;  // eventfd: new messages in the inbox, or close
 
   mutable std::mutex mu_;  // guards what follows
   std::condition_variable cv_;
-  std::deque<MessagePtr> inbox_;
+  std::deque<Outgoing> inbox_;
   bool connected_ = false;  // Connect's answer is in
   std::string error_;       // Connect's failure, or why the connection ended
   bool closing_ = false;

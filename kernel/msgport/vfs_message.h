@@ -9,10 +9,12 @@
 #pragma once
 
 #include <fuse3/fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <span>
 #include <string>
@@ -131,6 +133,21 @@ struct VfsRequest {
                              // size 0: the size needed; lseek: the new offset
   struct statvfs statfs {};  // statfs
 };
+
+// Calls f(record, position) for each record of a readdirplus reply (`out`), in the
+// kernel's fuse_direntplus layout; stops at a record that runs past the end.
+template <typename F>
+void ForEachDirentPlus(std::span<const char> out, F&& f) {
+  size_t pos = 0;
+  while (pos + FUSE_NAME_OFFSET_DIRENTPLUS <= out.size()) {
+    fuse_direntplus d;
+    std::memcpy(&d, out.data() + pos, sizeof d);
+    const size_t size = FUSE_DIRENTPLUS_SIZE(&d);
+    if (pos + size > out.size()) break;
+    f(static_cast<const fuse_direntplus&>(d), pos);
+    pos += size;
+  }
+}
 
 // A VFS request as a message. The shim keeps its kernel request handle in `fuse_req`.
 class VfsMessage final : public Message {

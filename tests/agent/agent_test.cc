@@ -126,6 +126,37 @@ TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
   EXPECT_TRUE(seen) << ps.dump(2);
 }
 
+// What the remote port answers itself (attributes, an open's prefetched bytes, an
+// opendir's listing) never hides a change: this host's at once, the agent host's
+// within the cache timeout, as with the kernel's own cache.
+TEST_F(TwoHosts, ChangesShowAtOnceHereAndWithinTheTimeoutFromTheAgentsHost) {
+  StartAgent("--token-file " + dir_ / "token");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err, "--deadline 5 --timeout 1"), 0) << err;
+  const std::string m = dir_ / "mnt", src = dir_ / "src";
+  EXPECT_EQ(Output("cat " + m + "/linux/stat.h | md5sum"), Output("md5sum < /usr/include/linux/stat.h"));
+  EXPECT_EQ(Output("ls " + m + "/linux | wc -l"), Output("ls /usr/include/linux | wc -l"));
+  // Here: written, grown, listed, renamed, removed.
+  EXPECT_EQ(Output("echo hello > " + m + "/new.txt && stat -c %s " + m + "/new.txt && cat " + m + "/new.txt"), "6\nhello\n");
+  EXPECT_EQ(Output("echo more >> " + m + "/new.txt && stat -c %s " + m + "/new.txt && cat " + m + "/new.txt"),
+            "11\nhello\nmore\n");
+  EXPECT_EQ(Output("ls " + m + " | grep -c new.txt"), "1\n");
+  EXPECT_EQ(Output("mv " + m + "/new.txt " + m + "/linux/moved.txt && ls " + m + "/linux | grep -c moved.txt && cat " + m +
+                   "/linux/moved.txt && ls " + m + " | grep -c new.txt"),
+            "1\nhello\nmore\n0\n");
+  EXPECT_EQ(Output("truncate -s 2 " + m + "/linux/moved.txt && cat " + m + "/linux/moved.txt"), "he");
+  EXPECT_EQ(Shell("rm " + m + "/linux/moved.txt && ! test -e " + m + "/linux/moved.txt"), 0);
+  // There: seen once the timeout is up.
+  ASSERT_EQ(Shell("echo changed there > " + src + "/linux/stat.h && touch " + src + "/linux/added.h && rm " + src +
+                  "/linux/fs.h"),
+            0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  EXPECT_EQ(Output("cat " + m + "/linux/stat.h"), "changed there\n");
+  EXPECT_EQ(Output("stat -c %s " + m + "/linux/stat.h"), "14\n");
+  EXPECT_EQ(Output("ls " + m + "/linux | grep -c -x -e added.h -e fs.h"), "1\n");
+  EXPECT_NE(Shell("test -e " + m + "/linux/fs.h"), 0);
+}
+
 TEST_F(TwoHosts, ACutLinkFailsWithinTheDeadlineAndTheMountServesAgainWhenItComesBack) {
   StartAgent("--token-file " + dir_ / "token");
   std::string err;
@@ -191,6 +222,12 @@ TEST_F(TwoHosts, MutualTlsAdmitsTheRightCertificatesOnly) {
   EXPECT_EQ(Shell("cmp -s /usr/include/linux/stat.h " + dir_ / "mnt/linux/stat.h"), 0);
   ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  // The name checked is the address, or --tls-name: the agent's certificate names "agent".
+  ASSERT_EQ(Mount(Tls("client", "ca") + " --tls-name agent", &err), 0) << err;
+  ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(Mount(Tls("client", "ca") + " --tls-name elsewhere", &err), 1);
+  EXPECT_NE(err.find("hostname mismatch"), std::string::npos) << err;
   // A client certificate signed by a CA the agent does not trust.
   EXPECT_EQ(Mount(Tls("stranger", "ca"), &err), 1);
   EXPECT_NE(err.find("TLS"), std::string::npos) << err;

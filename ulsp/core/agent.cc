@@ -1,8 +1,11 @@
 #include "ulsp/core/agent.h"
 
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <linux/fuse.h>
 #include <signal.h>
 #include <sys/signalfd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <capnp/rpc-twoparty.h>
@@ -26,6 +29,7 @@
 #include "kernel/msgport/agent.capnp.h"
 #include "kernel/msgport/agent_wire.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_codec.h"
 #include "ulsp/core/registry.h"
 #include "ulsp/vfs/stack.h"
@@ -86,25 +90,79 @@ class Workers {
 struct Outcome {
   int32_t error = 0;
   std::vector<std::byte> reply;
+  std::vector<char> prefetch;  // an open's first bytes (agent.capnp)
+  bool prefetch_eof = false;   // ... or: the listing is complete
+  std::vector<std::vector<char>> listing;  // an opendir's readdirplus replies
 };
 
-Outcome ServeOne(vfs::Layer& top, uint32_t op, const std::vector<std::byte>& bytes) {
-  Outcome out;
-  if (op == 0 || op >= static_cast<uint32_t>(msgport::VfsOp::kCount)) {
-    out.error = EINVAL;
-    return out;
+// An opendir: reads the listing through the stack, in the chunks the kernel will ask
+// for, so those requests need no round trip.
+void PrefetchListing(vfs::Layer& top, const msgport::VfsRequest& opendir, uint32_t chunk, Outcome& out) {
+  if (chunk == 0 || opendir.open.cache_readdir) return;
+  chunk = std::min<uint32_t>(chunk, 128 * 1024);
+  size_t total = 0;
+  int64_t offset = 0;
+  while (total + chunk <= msgport::kAgentListingMax) {
+    msgport::VfsRequest rd;
+    rd.op = msgport::VfsOp::kReadDirPlus;
+    rd.ctx = opendir.ctx;
+    rd.node = opendir.node;
+    rd.fh = opendir.open.fh;
+    rd.offset = offset;
+    rd.size = chunk;
+    rd.timeout = opendir.timeout;
+    if (top.Serve(rd) != 0) break;
+    if (rd.out.empty()) {
+      out.prefetch_eof = true;
+      break;
+    }
+    // Where the next one starts: the last record's offset.
+    msgport::ForEachDirentPlus(rd.out, [&](const fuse_direntplus& d, size_t) { offset = static_cast<int64_t>(d.dirent.off); });
+    total += rd.out.size();
+    out.listing.push_back(std::move(rd.out));
   }
+}
+
+// A read-only open of a small regular file: reads the file through the stack, as the
+// kernel's first read will ask, so that read needs no round trip.
+void Prefetch(vfs::Layer& top, const msgport::VfsRequest& open, Outcome& out) {
+  if ((open.flags & O_ACCMODE) != O_RDONLY || (open.flags & O_DIRECT) || open.open.direct_io || open.open.nonseekable)
+    return;
+  msgport::VfsRequest stat;
+  stat.op = msgport::VfsOp::kGetAttr;
+  stat.ctx = open.ctx;
+  stat.node = open.node;
+  if (top.Serve(stat) != 0 || !S_ISREG(stat.out_attr.st_mode) || stat.out_attr.st_size > msgport::kAgentPrefetchMax) return;
+  msgport::VfsRequest read;
+  read.op = msgport::VfsOp::kRead;
+  read.ctx = open.ctx;
+  read.node = open.node;
+  read.fh = open.open.fh;
+  read.has_fh = true;
+  read.offset = 0;
+  read.size = msgport::kAgentPrefetchMax;
+  if (top.Serve(read) != 0 || read.out_fd >= 0) return;
+  out.prefetch = std::move(read.out);
+  out.prefetch_eof = out.prefetch.size() < msgport::kAgentPrefetchMax;
+}
+
+// A request as it came: decoded (its `in` data lives in `storage`).
+struct Request {
   msgport::VfsRequest req;
-  req.op = static_cast<msgport::VfsOp>(op);
   std::vector<char> storage;
-  if (!msgport::DecodeVfsRequest(bytes, req, storage)) {
-    out.error = EBADMSG;
-    return out;
-  }
+  uint32_t listing_chunk = 0;
+  kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;  // served by a worker: the answer
+};
+
+Outcome ServeOne(vfs::Layer& top, Request& r) {
+  Outcome out;
+  msgport::VfsRequest& req = r.req;
   out.error = top.Serve(req);
   if (out.error == 0) {
     try {
       msgport::EncodeVfsReply(req, out.reply);
+      if (req.op == msgport::VfsOp::kOpen) Prefetch(top, req, out);
+      if (req.op == msgport::VfsOp::kOpenDir) PrefetchListing(top, req, r.listing_chunk, out);
     } catch (...) {
       out.error = ENOMEM;
     }
@@ -112,53 +170,109 @@ Outcome ServeOne(vfs::Layer& top, uint32_t op, const std::vector<std::byte>& byt
   return out;
 }
 
+// Whether a request is served on the event loop: it is quick and cannot wait for
+// another program (metadata; the open of a regular file). The others (a FIFO's or a
+// device's open, any read or write, fsync ...) go to a worker, so one that blocks
+// holds up nobody else. Each hand-over to a worker and back costs two thread
+// wake-ups, a good part of a round trip.
+bool Quick(vfs::Layer& top, const msgport::VfsRequest& req) {
+  using msgport::VfsOp;
+  switch (req.op) {
+    case VfsOp::kLookup:
+    case VfsOp::kForget:
+    case VfsOp::kGetAttr:
+    case VfsOp::kReadLink:
+    case VfsOp::kOpenDir:
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+    case VfsOp::kReleaseDir:
+    case VfsOp::kRelease:
+    case VfsOp::kStatFs:
+    case VfsOp::kGetXattr:
+    case VfsOp::kListXattr:
+    case VfsOp::kAccess:
+      return true;
+    case VfsOp::kOpen: {
+      if (req.flags & O_TRUNC) return false;
+      msgport::VfsRequest stat;
+      stat.op = VfsOp::kGetAttr;
+      stat.ctx = req.ctx;
+      stat.node = req.node;
+      return top.Serve(stat) == 0 && S_ISREG(stat.out_attr.st_mode);
+    }
+    default:
+      return false;
+  }
+}
+
+void SetResults(Stack::CallResults::Builder results, const Outcome& out) {
+  results.setError(out.error);
+  auto bytes = [](const auto& v) { return capnp::Data::Reader(reinterpret_cast<const kj::byte*>(v.data()), v.size()); };
+  if (!out.reply.empty()) results.setReply(bytes(out.reply));
+  if (!out.prefetch.empty() || out.prefetch_eof) {
+    results.setPrefetch(bytes(out.prefetch));
+    results.setPrefetchEof(out.prefetch_eof);
+  }
+  if (!out.listing.empty()) {
+    auto listing = results.initListing(static_cast<unsigned>(out.listing.size()));
+    for (unsigned i = 0; i < out.listing.size(); ++i) listing.set(i, bytes(out.listing[i]));
+  }
+}
+
 // A stack of this connection's: its own node ids and open files, dropped with it.
 class StackImpl final : public Stack::Server {
  public:
-  StackImpl(std::shared_ptr<vfs::Layer> top, Workers& workers) : top_(std::move(top)), workers_(workers) {}
+  StackImpl(std::shared_ptr<vfs::Layer> top, Workers& workers, std::atomic<uint64_t>& calls)
+      : top_(std::move(top)), workers_(workers), calls_(calls) {}
 
   kj::Promise<void> call(CallContext context) override {
+    calls_.fetch_add(1, std::memory_order_relaxed);
     auto params = context.getParams();
     const uint32_t op = params.getOp();
+    auto request = std::make_shared<Request>();
+    request->listing_chunk = params.getListingChunk();
+    if (op == 0 || op >= static_cast<uint32_t>(msgport::VfsOp::kCount)) {
+      context.getResults().setError(EINVAL);
+      return kj::READY_NOW;
+    }
+    request->req.op = static_cast<msgport::VfsOp>(op);
     auto data = params.getRequest();
-    auto job = std::make_shared<Job>();
-    job->bytes.resize(data.size());
-    if (data.size() > 0) std::memcpy(job->bytes.data(), data.begin(), data.size());
+    if (!msgport::DecodeVfsRequest(std::as_bytes(std::span(data.begin(), data.size())), request->req, request->storage)) {
+      context.getResults().setError(EBADMSG);
+      return kj::READY_NOW;
+    }
+    context.releaseParams();
+    if (Quick(*top_, request->req)) {
+      SetResults(context.getResults(), ServeOne(*top_, *request));
+      return kj::READY_NOW;
+    }
     auto paf = kj::newPromiseAndCrossThreadFulfiller<Outcome>();
-    job->done = kj::mv(paf.fulfiller);
-    workers_.Submit([job, op, top = top_]() {
+    request->done = kj::mv(paf.fulfiller);
+    workers_.Submit([request, top = top_]() {
       Outcome out;
       try {
-        out = ServeOne(*top, op, job->bytes);
+        out = ServeOne(*top, *request);
       } catch (...) {
         out.error = EIO;
       }
-      job->done->fulfill(kj::mv(out));
+      request->done->fulfill(kj::mv(out));
     });
-    return paf.promise.then([context](Outcome&& out) mutable {
-      auto results = context.getResults();
-      results.setError(out.error);
-      if (!out.reply.empty())
-        results.setReply(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(out.reply.data()), out.reply.size()));
-    });
+    return paf.promise.then([context](Outcome&& out) mutable { SetResults(context.getResults(), out); });
   }
 
   kj::Promise<void> ping(PingContext) override { return kj::READY_NOW; }
 
  private:
-  struct Job {
-    std::vector<std::byte> bytes;
-    kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;
-  };
   std::shared_ptr<vfs::Layer> top_;
   Workers& workers_;
+  std::atomic<uint64_t>& calls_;
 };
 
 struct Shared {
   AgentOptions options;
   std::string token;
   Workers* workers = nullptr;
-  std::atomic<uint64_t> connections{0}, refused{0}, attached{0};
+  std::atomic<uint64_t> connections{0}, refused{0}, attached{0}, calls{0};
 };
 
 // Compares in time that does not depend on where the first difference is.
@@ -201,7 +315,7 @@ class AgentImpl final : public Agent::Server {
     ++shared_.attached;
     Logger("agent")->info("{} attached to {}", peer_, name);
     auto results = context.getResults();
-    results.setStack(kj::heap<StackImpl>(std::shared_ptr<vfs::Layer>(std::move(*top)), *shared_.workers));
+    results.setStack(kj::heap<StackImpl>(std::shared_ptr<vfs::Layer>(std::move(*top)), *shared_.workers, shared_.calls));
     results.setVersion(kAgentProtocolVersion);
     return kj::READY_NOW;
   }
@@ -370,14 +484,15 @@ int ServeAgent(const AgentOptions& options) {
       s.ulsps.push_back({"agent", tls ? "agent (mutual TLS)" : "agent", static_cast<pid_t>(::getpid()), 0,
                          std::to_string(shared.connections.load()) + " connections, " +
                              std::to_string(shared.attached.load()) + " attached, " + std::to_string(shared.refused.load()) +
-                             " refused"});
+                             " refused, " + std::to_string(shared.calls.load()) + " calls"});
     });
 
     // Until SIGINT or SIGTERM.
-    const int sfd = ::signalfd(-1, &stop, SFD_CLOEXEC | SFD_NONBLOCK);
-    kj::UnixEventPort::FdObserver observer(io.unixEventPort, sfd, kj::UnixEventPort::FdObserver::OBSERVE_READ);
-    observer.whenBecomesReadable().wait(ws);
-    ::close(sfd);
+    {
+      const UniqueFd sfd(::signalfd(-1, &stop, SFD_CLOEXEC | SFD_NONBLOCK));  // outlives the observer
+      kj::UnixEventPort::FdObserver observer(io.unixEventPort, sfd.get(), kj::UnixEventPort::FdObserver::OBSERVE_READ);
+      observer.whenBecomesReadable().wait(ws);
+    }
     Logger("agent")->info("stopping");
     if (control) control->reset();
     std::filesystem::remove_all(run_dir, ec);

@@ -637,21 +637,14 @@ void IsolatedPort::Translate(VfsMessage& m) {
       break;
     case VfsOp::kReadDirPlus: {
       // The records carry the server's node ids: give the kernel its own.
-      size_t pos = 0;
-      while (pos + FUSE_NAME_OFFSET_DIRENTPLUS <= r.out.size()) {
-        fuse_direntplus d;
-        std::memcpy(&d, r.out.data() + pos, sizeof d);
-        const size_t size = FUSE_DIRENTPLUS_SIZE(&d);
-        if (pos + size > r.out.size() || d.dirent.namelen > 255) break;
-        if (d.entry_out.nodeid != 0) {
-          const std::string_view name(r.out.data() + pos + FUSE_NAME_OFFSET_DIRENTPLUS, d.dirent.namelen);
-          const uint64_t id = KernelNode(d.entry_out.nodeid, epoch, m.relay.node, name);
-          d.entry_out.nodeid = id;
-          d.entry_out.generation = GenerationOf(id);
-          std::memcpy(r.out.data() + pos, &d, sizeof d.entry_out);
-        }
-        pos += size;
-      }
+      msgport::ForEachDirentPlus(r.out, [&](const fuse_direntplus& record, size_t pos) {
+        if (record.entry_out.nodeid == 0 || record.dirent.namelen > 255) return;
+        fuse_entry_out entry = record.entry_out;
+        const std::string_view name(r.out.data() + pos + FUSE_NAME_OFFSET_DIRENTPLUS, record.dirent.namelen);
+        entry.nodeid = KernelNode(entry.nodeid, epoch, m.relay.node, name);
+        entry.generation = GenerationOf(entry.nodeid);
+        std::memcpy(r.out.data() + pos, &entry, sizeof entry);
+      });
       break;
     }
     case VfsOp::kUnlink:

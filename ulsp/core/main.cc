@@ -30,6 +30,8 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--tls-cert", mount.tls_cert, "This side's certificate (PEM), for mutual TLS");
   mount_cmd->add_option("--tls-key", mount.tls_key, "This side's private key (PEM)");
   mount_cmd->add_option("--tls-ca", mount.tls_ca, "The CA that signed the agent's certificate (PEM)");
+  mount_cmd->add_option("--tls-name", mount.tls_name,
+                        "The DNS name the agent's certificate must carry (default: ADDR of --remote)");
   mount_cmd->add_option("--deadline", mount.deadline, "Seconds a request to the agent may take")->capture_default_str();
   std::vector<std::string> mount_positional;
   mount_cmd->add_option("args", mount_positional, "[SOURCE] MOUNTPOINT")->required()->expected(1, 2);

@@ -65,6 +65,9 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
                               std::pair{&args.tls_ca, &o.tls_ca}}) {
       if (!ReadWholeFile(*path, *into)) return std::unexpected(*path + ": " + std::strerror(errno));
     }
+    o.tls_server_name = args.tls_name;
+  } else if (!args.tls_name.empty()) {
+    return std::unexpected("--tls-name goes with --tls-cert, --tls-key and --tls-ca");
   }
   if (args.deadline <= 0) return std::unexpected("--deadline must be more than 0 seconds");
   o.call_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.deadline * 1000));
@@ -132,6 +135,8 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.fsname = fsname;
   options.timeout = args.timeout;
   options.debug = args.debug;
+  // Over a network a lookup is a round trip: listings bring their entries' attributes.
+  options.readdirplus_always = !args.remote.empty();
   options.on_ready = [ready_fd] {
     if (ready_fd >= 0) WriteAll(ready_fd, "ok\n");
   };

@@ -19,6 +19,8 @@ struct MountArgs {
   std::string remote;
   std::string token_file;                 // its shared token, if it wants one
   std::string tls_cert, tls_key, tls_ca;  // mutual TLS (files)
+  std::string tls_name;                   // the name the agent's certificate must carry
+                                          // (default: the ADDR of --remote)
   double deadline = 10.0;                 // seconds a request waits for the agent
 };
 

@@ -1,0 +1,332 @@
+// RemoteCache: what a remote port answers without a round trip, and when it must not.
+#include "kernel/msgport/remote_cache.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <linux/fuse.h>
+
+#include <algorithm>
+#include <cstring>
+#include <thread>
+
+#include "kernel/msgport/vfs_codec.h"
+
+namespace ulsp::msgport {
+namespace {
+
+// A request as the port gets it (the agent's ids), and the reply the agent sent.
+std::unique_ptr<VfsMessage> Asked(VfsOp op, uint64_t node, double timeout = 1.0) {
+  auto m = std::make_unique<VfsMessage>(op);
+  m->req.node = node;
+  m->req.timeout = timeout;
+  EncodeVfsRequest(m->req, m->payload);
+  return m;
+}
+
+void Replied(VfsMessage& m, const VfsRequest& results) {
+  VfsRequest r = results;
+  r.op = m.req.op;
+  EncodeVfsReply(r, m.payload);
+}
+
+struct stat Attr(ino_t ino, off_t size) {
+  struct stat st {};
+  st.st_ino = ino;
+  st.st_size = size;
+  st.st_mode = S_IFREG | 0644;
+  st.st_nlink = 1;
+  return st;
+}
+
+// Learns node 7's attributes from a getattr answered with `timeout`.
+void LearnGetAttr(RemoteCache& cache, off_t size, double timeout = 1.0) {
+  auto m_owner = Asked(VfsOp::kGetAttr, 7, timeout);
+  VfsMessage& m = *m_owner;
+  uint64_t generation = 0;
+  ASSERT_FALSE(cache.Answer(m, &generation));
+  VfsRequest results;
+  results.out_attr = Attr(70, size);
+  Replied(m, results);
+  cache.Learn(m, generation, {}, false);
+}
+
+// Whether a getattr of `node` is answered from the cache, and with what size.
+bool CachedSize(RemoteCache& cache, uint64_t node, off_t* size) {
+  auto m_owner = Asked(VfsOp::kGetAttr, node);
+  VfsMessage& m = *m_owner;
+  uint64_t generation = 0;
+  if (!cache.Answer(m, &generation)) return false;
+  VfsRequest back;
+  back.op = VfsOp::kGetAttr;
+  EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  *size = back.out_attr.st_size;
+  return true;
+}
+
+TEST(RemoteCache, AGetAttrIsAnsweredFromAnEarlierAnswerWithinItsTimeout) {
+  RemoteCache cache;
+  off_t size = 0;
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+  LearnGetAttr(cache, 1234);
+  ASSERT_TRUE(CachedSize(cache, 7, &size));
+  EXPECT_EQ(size, 1234);
+  EXPECT_FALSE(CachedSize(cache, 8, &size));
+  EXPECT_EQ(cache.stats().attr_hits, 1u);
+}
+
+TEST(RemoteCache, NothingIsKeptPastItsTimeoutOrWithTimeoutZero) {
+  RemoteCache cache;
+  off_t size = 0;
+  LearnGetAttr(cache, 1, 0.0);
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+  LearnGetAttr(cache, 1, 0.05);
+  EXPECT_TRUE(CachedSize(cache, 7, &size));
+  std::this_thread::sleep_for(std::chrono::milliseconds(80));
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+}
+
+TEST(RemoteCache, AChangeEmptiesTheCacheAndAnAnswerSentBeforeItIsNotLearnt) {
+  RemoteCache cache;
+  off_t size = 0;
+  LearnGetAttr(cache, 10);
+  // A write goes out: what was known is gone.
+  auto write_owner = Asked(VfsOp::kWrite, 7);
+  VfsMessage& write = *write_owner;
+  uint64_t wgen = 0;
+  EXPECT_FALSE(cache.Answer(write, &wgen));
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+  // A getattr sent before a write but answered after it says the old size: not kept.
+  auto getattr_owner = Asked(VfsOp::kGetAttr, 7);
+  VfsMessage& getattr = *getattr_owner;
+  uint64_t ggen = 0;
+  EXPECT_FALSE(cache.Answer(getattr, &ggen));
+  auto write2_owner = Asked(VfsOp::kWrite, 7);
+  VfsMessage& write2 = *write2_owner;
+  EXPECT_FALSE(cache.Answer(write2, &wgen));
+  VfsRequest old;
+  old.out_attr = Attr(70, 10);
+  Replied(getattr, old);
+  cache.Learn(getattr, ggen, {}, false);
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+  // A forget lets the agent reuse the id: its attributes go.
+  LearnGetAttr(cache, 20);
+  auto forget_owner = Asked(VfsOp::kForget, 7);
+  VfsMessage& forget = *forget_owner;
+  EXPECT_FALSE(cache.Answer(forget, &wgen));
+  EXPECT_FALSE(CachedSize(cache, 7, &size));
+}
+
+TEST(RemoteCache, ReaddirplusEntriesAnswerGetAttr) {
+  RemoteCache cache;
+  auto m_owner = Asked(VfsOp::kReadDirPlus, 1);
+  VfsMessage& m = *m_owner;
+  uint64_t generation = 0;
+  ASSERT_FALSE(cache.Answer(m, &generation));
+  VfsRequest results;
+  // Two records: nodes 11 and 12, as the kernel's readdirplus buffer holds them.
+  for (uint64_t node : {11u, 12u}) {
+    const std::string name = node == 11 ? "f11" : "f12";
+    fuse_direntplus d{};
+    d.entry_out.nodeid = node;
+    d.entry_out.attr_valid = 1;
+    d.entry_out.attr.ino = node * 10;
+    d.entry_out.attr.size = node * 100;
+    d.entry_out.attr.mode = S_IFREG | 0600;
+    d.dirent.ino = node * 10;
+    d.dirent.namelen = static_cast<uint32_t>(name.size());
+    const size_t at = results.out.size();
+    results.out.resize(at + FUSE_DIRENTPLUS_SIZE(&d));
+    std::memcpy(results.out.data() + at, &d, sizeof d);
+    std::memcpy(results.out.data() + at + FUSE_NAME_OFFSET_DIRENTPLUS, name.data(), name.size());
+  }
+  Replied(m, results);
+  cache.Learn(m, generation, {}, false);
+  off_t size = 0;
+  ASSERT_TRUE(CachedSize(cache, 12, &size));
+  EXPECT_EQ(size, 1200);
+  ASSERT_TRUE(CachedSize(cache, 11, &size));
+  EXPECT_EQ(size, 1100);
+}
+
+// An open of handle 5 on node 7 that brought `data`.
+void LearnOpen(RemoteCache& cache, const std::string& data, bool eof) {
+  auto open_owner = Asked(VfsOp::kOpen, 7);
+  VfsMessage& open = *open_owner;
+  uint64_t generation = 0;
+  ASSERT_FALSE(cache.Answer(open, &generation));
+  VfsRequest results;
+  results.open.fh = 5;
+  Replied(open, results);
+  cache.Learn(open, generation, std::as_bytes(std::span(data.data(), data.size())), eof);
+}
+
+// Whether a read of handle 5 is answered from the cache, and with what.
+bool CachedRead(RemoteCache& cache, int64_t offset, uint64_t size, std::string* got) {
+  VfsMessage m(VfsOp::kRead);
+  m.req.node = 7;
+  m.req.fh = 5;
+  m.req.offset = offset;
+  m.req.size = size;
+  uint64_t generation = 0;
+  if (!cache.Answer(m, &generation)) return false;
+  VfsRequest back;
+  back.op = VfsOp::kRead;
+  EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  got->assign(back.out.begin(), back.out.end());
+  return true;
+}
+
+TEST(RemoteCache, ReadsInsideAnOpensPrefetchNeedNoRoundTrip) {
+  RemoteCache cache;
+  LearnOpen(cache, "hello, world", /*eof=*/true);
+  std::string got;
+  ASSERT_TRUE(CachedRead(cache, 0, 4096, &got));
+  EXPECT_EQ(got, "hello, world");
+  ASSERT_TRUE(CachedRead(cache, 7, 3, &got));
+  EXPECT_EQ(got, "wor");
+  ASSERT_TRUE(CachedRead(cache, 100, 10, &got));  // past the end of a whole file
+  EXPECT_EQ(got, "");
+  EXPECT_EQ(cache.stats().read_hits, 3u);
+  // Released: gone.
+  auto release_owner = Asked(VfsOp::kRelease, 7);
+  VfsMessage& release = *release_owner;
+  release.req.fh = 5;
+  uint64_t generation = 0;
+  EXPECT_FALSE(cache.Answer(release, &generation));
+  EXPECT_FALSE(CachedRead(cache, 0, 10, &got));
+  EXPECT_EQ(cache.stats().prefetched_bytes, 0u);
+}
+
+TEST(RemoteCache, APartialPrefetchAnswersOnlyWhatItHolds) {
+  RemoteCache cache;
+  LearnOpen(cache, std::string(8, 'x'), /*eof=*/false);
+  std::string got;
+  EXPECT_TRUE(CachedRead(cache, 0, 8, &got));
+  EXPECT_FALSE(CachedRead(cache, 4, 8, &got));  // runs past what came: ask the agent
+}
+
+TEST(RemoteCache, AWriteDropsPrefetchedBytes) {
+  RemoteCache cache;
+  LearnOpen(cache, "old", true);
+  auto write_owner = Asked(VfsOp::kWrite, 7);
+  VfsMessage& write = *write_owner;
+  uint64_t generation = 0;
+  EXPECT_FALSE(cache.Answer(write, &generation));
+  std::string got;
+  EXPECT_FALSE(CachedRead(cache, 0, 10, &got));
+}
+
+// A readdirplus reply with one record per node, each record's offset its node id.
+std::vector<char> Chunk(std::initializer_list<uint64_t> nodes) {
+  std::vector<char> out;
+  for (uint64_t node : nodes) {
+    fuse_direntplus d{};
+    d.entry_out.nodeid = node;
+    d.entry_out.attr_valid = 1;
+    d.entry_out.attr.ino = node;
+    d.entry_out.attr.mode = S_IFREG | 0600;
+    d.dirent.ino = node;
+    d.dirent.off = node;
+    d.dirent.namelen = 1;
+    const size_t at = out.size();
+    out.resize(at + FUSE_DIRENTPLUS_SIZE(&d));
+    std::memcpy(out.data() + at, &d, sizeof d);
+    out[at + FUSE_NAME_OFFSET_DIRENTPLUS] = 'x';
+  }
+  return out;
+}
+
+// An opendir of node 1 that came with handle 9 and `chunks`.
+void LearnOpenDir(RemoteCache& cache, std::vector<std::vector<char>> chunks, bool eof, bool changed_meanwhile = false) {
+  auto owner = Asked(VfsOp::kOpenDir, 1);
+  uint64_t generation = 0;
+  ASSERT_FALSE(cache.Answer(*owner, &generation));
+  if (changed_meanwhile) {
+    auto mkdir = Asked(VfsOp::kMkDir, 1);
+    uint64_t ignored = 0;
+    ASSERT_FALSE(cache.Answer(*mkdir, &ignored));
+  }
+  VfsRequest results;
+  results.open.fh = 9;
+  Replied(*owner, results);
+  cache.Learn(*owner, generation, {}, eof, std::move(chunks));
+}
+
+// Asks a readdirplus of handle 9; the records' node ids when answered from the cache.
+bool CachedListing(RemoteCache& cache, int64_t offset, uint64_t size, std::vector<uint64_t>* nodes) {
+  VfsMessage m(VfsOp::kReadDirPlus);
+  m.req.node = 1;
+  m.req.fh = 9;
+  m.req.offset = offset;
+  m.req.size = size;
+  uint64_t generation = 0;
+  if (!cache.Answer(m, &generation)) return false;
+  VfsRequest back;
+  back.op = VfsOp::kReadDirPlus;
+  EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  nodes->clear();
+  for (size_t pos = 0; pos + FUSE_NAME_OFFSET_DIRENTPLUS <= back.out.size();) {
+    fuse_direntplus d;
+    std::memcpy(&d, back.out.data() + pos, sizeof d);
+    nodes->push_back(d.entry_out.nodeid);
+    pos += FUSE_DIRENTPLUS_SIZE(&d);
+  }
+  return true;
+}
+
+TEST(RemoteCache, AnOpendirsListingAnswersTheReaddirsThatFollowInOrder) {
+  RemoteCache cache;
+  LearnOpenDir(cache, {Chunk({20, 21}), Chunk({22})}, /*eof=*/true);
+  std::vector<uint64_t> nodes;
+  ASSERT_TRUE(CachedListing(cache, 0, 32768, &nodes));
+  EXPECT_EQ(nodes, (std::vector<uint64_t>{20, 21}));
+  ASSERT_TRUE(CachedListing(cache, 21, 32768, &nodes));
+  EXPECT_EQ(nodes, (std::vector<uint64_t>{22}));
+  ASSERT_TRUE(CachedListing(cache, 22, 32768, &nodes));  // the end
+  EXPECT_TRUE(nodes.empty());
+  EXPECT_EQ(cache.stats().listing_hits, 3u);
+  EXPECT_TRUE(cache.TakeForgets().empty());  // every entry went to the kernel
+  off_t size = 0;
+  EXPECT_TRUE(CachedSize(cache, 22, &size));  // and their attributes are known
+}
+
+TEST(RemoteCache, EntriesNotHandedOnAreForgottenInTheAgent) {
+  using Forgets = std::vector<std::pair<uint64_t, uint64_t>>;
+  auto sorted = [](Forgets f) {
+    std::sort(f.begin(), f.end());
+    return f;
+  };
+  {
+    // The kernel asks with less room than a chunk takes: the agent answers from here.
+    RemoteCache cache;
+    LearnOpenDir(cache, {Chunk({20, 21}), Chunk({22})}, true);
+    std::vector<uint64_t> nodes;
+    EXPECT_FALSE(CachedListing(cache, 0, 64, &nodes));
+    EXPECT_EQ(sorted(cache.TakeForgets()), (Forgets{{20, 1}, {21, 1}, {22, 1}}));
+    EXPECT_EQ(cache.listing_chunk(), 32768u);  // 64 is below a page: not a chunk size
+  }
+  {
+    // Closed after the first chunk.
+    RemoteCache cache;
+    LearnOpenDir(cache, {Chunk({20, 21}), Chunk({22})}, true);
+    std::vector<uint64_t> nodes;
+    EXPECT_TRUE(CachedListing(cache, 0, 8192, &nodes));
+    EXPECT_EQ(cache.listing_chunk(), 8192u);  // the next opendir asks in this size
+    auto releasedir = Asked(VfsOp::kReleaseDir, 1);
+    releasedir->req.fh = 9;
+    uint64_t generation = 0;
+    EXPECT_FALSE(cache.Answer(*releasedir, &generation));
+    EXPECT_EQ(cache.TakeForgets(), (Forgets{{22, 1}}));
+  }
+  {
+    // Something changed while the opendir was on its way: nothing is handed on.
+    RemoteCache cache;
+    LearnOpenDir(cache, {Chunk({20, 21})}, true, /*changed_meanwhile=*/true);
+    std::vector<uint64_t> nodes;
+    EXPECT_FALSE(CachedListing(cache, 0, 32768, &nodes));
+    EXPECT_EQ(sorted(cache.TakeForgets()), (Forgets{{20, 1}, {21, 1}}));
+  }
+}
+
+}  // namespace
+}  // namespace ulsp::msgport
