@@ -6,7 +6,9 @@ on B's side; from A it is read through
   local         `ulsp mount TREE` (passthrough, no network: the floor)
   remote        `ulsp mount --remote B:7700/tree`, agent on B, shared token (plain TCP)
   remote-tls    the same with mutual TLS (an encrypted link, as sshfs's is)
-  sshfs         sshfs root@B:TREE, sshd started by this script in B (Debian's defaults)
+  sshfs         sshfs root@B:TREE, sshd started by this script in B (Debian's defaults,
+                but no_contain_symlinks: Debian's sshfs refuses absolute and `..`
+                symlink targets by default, and ulsp hands them on as they are)
 
 Workloads: `find -printf %s` (lstat of every file) and `tar c` of the whole tree into
 a pipe (every byte read). Every measurement is on a fresh mount, so no subject gains
