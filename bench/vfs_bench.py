@@ -105,7 +105,13 @@ def main():
     ap.add_argument("--tree", default="/usr/include")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS),
+                    help="a comma-separated subset of: " + ", ".join(WORKLOADS))
     args = ap.parse_args()
+    workloads = [w for w in WORKLOADS if w in args.workloads.split(",")]
+    if not workloads:
+        sys.exit(f"vfs_bench: --workloads: none of {', '.join(WORKLOADS)}")
+    stretch = "tar c" in workloads
     ulsp = os.path.abspath(args.ulsp)
     if not os.access(ulsp, os.X_OK):
         sys.exit(f"vfs_bench: {ulsp}: not built (run tools/build)")
@@ -128,13 +134,17 @@ def main():
         Config("passthrough", ["--stack", f"passthrough:{src}"]),
         Config("isolated passthrough", ["--isolated", "--stack", f"passthrough:{src}"]),
         Config("trace+passthrough", ["--stack", f"trace:{trace_log},passthrough:{src}"]),
+        # Every read and write through the stack, as trace+passthrough must serve them:
+        # what kernel passthrough saves, and the trace layer's own cost.
+        Config("passthrough, server I/O", ["--no-kernel-passthrough", "--stack", f"passthrough:{src}"]),
+        Config("isolated, server I/O", ["--no-kernel-passthrough", "--isolated", "--stack", f"passthrough:{src}"]),
     ]
-    times = {(c.name, w): [] for c in configs for w in WORKLOADS}
+    times = {(c.name, w): [] for c in configs for w in workloads}
     total0, steal0 = cpu_times()
     memory = {c.name: 0.0 for c in configs}
     try:
         for r in range(args.rounds):
-            for w in WORKLOADS:
+            for w in workloads:
                 for c in configs:
                     dest = os.path.join(out, "copy-" + c.name.replace(" ", "-"))
                     if c.mount_args is None:
@@ -180,29 +190,35 @@ def main():
     print(f"CPU time stolen by the hypervisor during the run: {steal:.1f}%")
     print(f"tree: {args.tree} copied ({nfiles} entries, {size}); {args.rounds} rounds;"
           " times are medians, ratios medians of each round's ratio")
-    print(f"{'configuration':<22}" + "".join(f"{w:>16}" for w in WORKLOADS) + f"{'server peak RSS':>18}")
+    print(f"{'configuration':<24}" + "".join(f"{w:>16}" for w in workloads) + f"{'server peak RSS':>18}")
     for c in configs:
         cells = []
-        for w in WORKLOADS:
+        for w in workloads:
             t = med[(c.name, w)]
             ratio = ratio_of(c.name, "native", w)
             cells.append(f"{t:7.2f}s {ratio:5.1f}x" if c.mount_args else f"{t:7.2f}s      ")
         mem = f"{memory[c.name]:14.1f} MB" if c.mount_args else ""
-        print(f"{c.name:<22}" + "".join(f"{x:>16}" for x in cells) + f"{mem:>18}")
+        print(f"{c.name:<24}" + "".join(f"{x:>16}" for x in cells) + f"{mem:>18}")
     print()
     ok = True
-    for w in WORKLOADS:
+    for w in workloads:
         ratio = ratio_of("passthrough", "native", w)
         good = ratio <= TARGET_INPROC[w]
         ok &= good
         print(f"target: in-process passthrough {w:<6} <= {TARGET_INPROC[w]:5.2f}x native "
               f"(passthrough_hp: {REFERENCE_HP[w]}x): {ratio:5.2f}x {'met' if good else 'MISSED'}")
-    for w in WORKLOADS:
+    if stretch:  # not a target: reported, never failed on
+        ratio = ratio_of("passthrough", "native", "tar c")
+        print(f"stretch: in-process passthrough tar c within 2x native (kernel passthrough): {ratio:5.2f}x "
+              f"{'met' if ratio <= 2 else 'not met'}")
+    for w in workloads:
         ratio = ratio_of("trace+passthrough", "passthrough", w)
         good = ratio <= 1.1
         ok &= good
-        print(f"target: trace+passthrough {w:<6} <= 1.10x passthrough: {ratio:5.2f}x {'met' if good else 'MISSED'}")
-    for w in WORKLOADS:
+        same = ratio_of("trace+passthrough", "passthrough, server I/O", w)
+        print(f"target: trace+passthrough {w:<6} <= 1.10x passthrough: {ratio:5.2f}x {'met' if good else 'MISSED'}"
+              f" ({same:4.2f}x passthrough with server I/O, as trace serves it)")
+    for w in workloads:
         ratio = ratio_of("isolated passthrough", "passthrough", w)
         good = ratio <= 1.2
         ok &= good

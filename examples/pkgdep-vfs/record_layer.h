@@ -87,7 +87,9 @@ class Recording {
 class RecordLayer final : public ulsp::vfs::Layer {
  public:
   RecordLayer(std::shared_ptr<Recording> recording, std::unique_ptr<ulsp::vfs::Layer> lower)
-      : Layer(std::move(lower)), rec_(std::move(recording)) {}
+      : Layer(std::move(lower)), rec_(std::move(recording)) {
+    PassesFileData();  // it records opens; what is read after does not matter
+  }
 
   int Serve(ulsp::vfs::VfsRequest& req) noexcept override;
   std::string_view Name() const noexcept override { return "record"; }

@@ -1,6 +1,8 @@
 #include "kernel/msgport/fuse_shim.h"
 
 #include <fuse3/fuse_lowlevel.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -27,12 +29,107 @@ class FuseShim::ReplyPort final : public Port {
   void PutReply(MessagePtr msg) override;
 
  private:
+  void Answer(VfsMessage& m) noexcept;
+  // An open's or create's answer, on the kernel's own file when the stack gave one.
+  void AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_file_info fi) noexcept;
+
   FuseShim& shim_;
 };
 
 namespace {
 
-void AnswerKernel(VfsMessage& m) noexcept {
+// --- FUSE passthrough (Linux 6.9, protocol 7.40), which libfuse 3.14 neither
+// negotiates nor answers with. The shim adds it on the way out: libfuse writes every
+// reply through IoWritev, which patches the INIT reply and the open replies that the
+// sending thread marked in tl_patch just before.
+namespace kabi {
+struct OutHeader {  // struct fuse_out_header
+  uint32_t len;
+  int32_t error;
+  uint64_t unique;
+};
+constexpr uint32_t kWritebackCache = 1u << 16;       // FUSE_WRITEBACK_CACHE (excludes it)
+constexpr uint32_t kInitExt = 1u << 30;              // FUSE_INIT_EXT: flags2 is read
+constexpr uint32_t kPassthrough2 = 1u << (37 - 32);  // FUSE_PASSTHROUGH, in flags2
+// The mount's stacking depth: backing files may lie on a file system that stacks once
+// (overlayfs, as in most containers); the mount in turn cannot be overlayfs's lower.
+constexpr uint32_t kMaxStackDepth = 2;
+constexpr uint32_t kOpenPassthrough = 1u << 7;  // FOPEN_PASSTHROUGH
+// struct fuse_init_out: flags, flags2, max_stack_depth.
+constexpr size_t kInitFlags = 12, kInitFlags2 = 32, kInitStackDepth = 36;
+// struct fuse_open_out {u64 fh; u32 open_flags; s32 backing_id;} ends an open's and a
+// create's reply.
+constexpr size_t kOpenOutSize = 16, kOpenFlags = 8, kOpenBackingId = 12;
+struct BackingMap {  // struct fuse_backing_map
+  int32_t fd;
+  uint32_t flags;
+  uint64_t padding;
+};
+constexpr unsigned long kBackingOpen = _IOW(229, 1, BackingMap);  // FUSE_DEV_IOC_BACKING_OPEN
+constexpr unsigned long kBackingClose = _IOW(229, 2, uint32_t);   // FUSE_DEV_IOC_BACKING_CLOSE
+}  // namespace kabi
+
+struct ReplyPatch {
+  bool init = false;         // the next reply of this thread answers INIT
+  int32_t backing_id = -1;   // the reply being sent opens a file on this backing id
+};
+thread_local ReplyPatch tl_patch;
+
+template <typename T>
+T Load(const char* p) {
+  T v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename T>
+void Store(char* p, T v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+ssize_t IoWritev(int fd, iovec* iov, int count, void*) {
+  if ((tl_patch.init || tl_patch.backing_id >= 0) && count == 2 && iov[0].iov_len == sizeof(kabi::OutHeader) &&
+      Load<kabi::OutHeader>(static_cast<const char*>(iov[0].iov_base)).error == 0) {
+    // libfuse's reply body is its own writable local, sent once.
+    char* body = static_cast<char*>(iov[1].iov_base);
+    const size_t size = iov[1].iov_len;
+    if (tl_patch.init && size >= kabi::kInitStackDepth + 4) {
+      const auto flags = Load<uint32_t>(body + kabi::kInitFlags);
+      if (!(flags & kabi::kWritebackCache)) {
+        Store<uint32_t>(body + kabi::kInitFlags, flags | kabi::kInitExt);
+        Store<uint32_t>(body + kabi::kInitFlags2, Load<uint32_t>(body + kabi::kInitFlags2) | kabi::kPassthrough2);
+        Store<uint32_t>(body + kabi::kInitStackDepth, kabi::kMaxStackDepth);
+      }
+    } else if (tl_patch.backing_id >= 0 && size >= kabi::kOpenOutSize) {
+      char* out = body + size - kabi::kOpenOutSize;
+      Store<uint32_t>(out + kabi::kOpenFlags, Load<uint32_t>(out + kabi::kOpenFlags) | kabi::kOpenPassthrough);
+      Store<int32_t>(out + kabi::kOpenBackingId, tl_patch.backing_id);
+    }
+  }
+  tl_patch.init = false;
+  return ::writev(fd, iov, count);
+}
+ssize_t IoRead(int fd, void* buf, size_t len, void*) { return ::read(fd, buf, len); }
+ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags, void*) {
+  return ::splice(fdin, offin, fdout, offout, len, flags);
+}
+const fuse_custom_io kPassthroughIo = {IoWritev, IoRead, IoSplice, IoSplice};
+
+}  // namespace
+
+void FuseShim::ReplyPort::AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_file_info fi) noexcept {
+  const uint64_t node = q.op == VfsOp::kCreate ? q.entry.ino : q.node;
+  // The kernel takes a passthrough open with no flags but direct I/O and no-flush.
+  const bool passthrough = q.open.backing_fd >= 0 && !fi.nonseekable && !fi.cache_readdir;
+  const int32_t id = passthrough ? shim_.AcquireBacking(node, q.open.fh, q.open.backing_fd) : -1;
+  if (id >= 0) fi.keep_cache = 0;  // no FUSE page cache: the backing file's serves
+  tl_patch.backing_id = id;
+  const int sent = q.op == VfsOp::kCreate ? fuse_reply_create(r, &q.entry, &fi) : fuse_reply_open(r, &fi);
+  tl_patch.backing_id = -1;
+  // The kernel gave up on the open (interrupted): it will send no release.
+  if (id >= 0 && sent != 0) shim_.ReleaseBacking(q.open.fh);
+}
+
+void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
   fuse_req_t r = m.fuse_req;
   if (r == nullptr) return;  // forget: the kernel wants no answer
   const VfsRequest& q = m.req;
@@ -74,17 +171,15 @@ void AnswerKernel(VfsMessage& m) noexcept {
       fuse_reply_readlink(r, target.c_str());
       return;
     }
-    case VfsOp::kOpen:
     case VfsOp::kOpenDir: {
       fuse_file_info fi = open_info();
       fuse_reply_open(r, &fi);
       return;
     }
-    case VfsOp::kCreate: {
-      fuse_file_info fi = open_info();
-      fuse_reply_create(r, &q.entry, &fi);
+    case VfsOp::kOpen:
+    case VfsOp::kCreate:
+      AnswerOpen(q, r, open_info());
       return;
-    }
     case VfsOp::kRead:
       if (q.out_fd >= 0) {
         fuse_bufvec buf = FUSE_BUFVEC_INIT(q.size);
@@ -124,12 +219,10 @@ void AnswerKernel(VfsMessage& m) noexcept {
   }
 }
 
-}  // namespace
-
 void FuseShim::ReplyPort::PutReply(MessagePtr msg) {
   // Answer first, free after: fuse_reply_* waits for a running interrupt callback,
   // which may still touch the message.
-  AnswerKernel(static_cast<VfsMessage&>(*msg));
+  Answer(static_cast<VfsMessage&>(*msg));
   msg.reset();
   shim_.in_flight_.fetch_sub(1, std::memory_order_relaxed);
 }
@@ -205,6 +298,11 @@ struct FuseOps {
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
+    if (shim.passthrough_io_) {
+      conn->want &= ~static_cast<unsigned>(FUSE_CAP_WRITEBACK_CACHE);  // the kernel refuses both
+      tl_patch.init = true;  // INIT's reply, sent next from this thread, asks for passthrough
+      shim.passthrough_.store(true);
+    }
     if (!shim.serves_inline_) {  // a request and its answer must fit a port's slot
       conn->max_write = kMaxRelayedIo;
       conn->max_read = kMaxRelayedIo;
@@ -311,7 +409,13 @@ struct FuseOps {
     fuse_reply_err(req, ENOMEM);
   }
   static void Open(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
-    Plain(req, VfsOp::kOpen, node, fi, /*interruptible=*/true);
+    auto m = Begin(req, VfsOp::kOpen, node);
+    if (!m) return;
+    m->req.fh = fi->fh;
+    m->req.has_fh = true;
+    m->req.flags = fi->flags;
+    m->req.kernel_io_ok = Shim(req).KernelPassthrough();
+    Submit(std::move(m), /*interruptible=*/true);
   }
   static void Read(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kRead, node);
@@ -341,7 +445,10 @@ struct FuseOps {
   static void Flush(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
     Plain(req, VfsOp::kFlush, node, fi, /*interruptible=*/true);
   }
-  static void Release(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kRelease, node, fi); }
+  static void Release(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
+    Shim(req).ReleaseBacking(fi->fh);
+    Plain(req, VfsOp::kRelease, node, fi);
+  }
   static void Fsync(fuse_req_t req, fuse_ino_t node, int datasync, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kFsync, node);
     if (!m) return;
@@ -415,6 +522,7 @@ struct FuseOps {
     m->req.name = name;
     m->req.mode = mode;
     m->req.flags = fi->flags;
+    m->req.kernel_io_ok = Shim(req).KernelPassthrough();
     Submit(std::move(m), /*interruptible=*/true);
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
@@ -526,11 +634,69 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
     // when the session ends.
     const std::string fd_path = "/dev/fd/" + std::to_string(o.premounted_fd);
     if (fuse_session_mount(shim->session_, fd_path.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
+    shim->UsePassthroughIo();
     return shim;
   }
   if (fuse_session_mount(shim->session_, o.mountpoint.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
   shim->mounted_ = true;
+  shim->UsePassthroughIo();
   return shim;
+}
+
+void FuseShim::UsePassthroughIo() noexcept {
+  // Whether descriptors come (from a stack in this process, or with an isolated
+  // server's replies) is the port's business: without one an open is served as usual.
+  if (!options_.kernel_passthrough) return;
+  passthrough_io_ = fuse_session_custom_io(session_, &kPassthroughIo, fuse_session_fd(session_)) == 0;
+}
+
+int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept try {
+  std::lock_guard lock(backing_mu_);
+  auto it = backing_.find(node);
+  if (it == backing_.end()) {
+    if (!passthrough_.load()) return -1;
+    kabi::BackingMap map{fd, 0, 0};
+    const int id = ::ioctl(fuse_session_fd(session_), kabi::kBackingOpen, &map);
+    if (id < 0) {
+      const int err = errno;
+      if (err == EPERM || err == ENOTTY || err == EINVAL || err == EOPNOTSUPP) {
+        // Not this kernel, not without CAP_SYS_ADMIN, or not negotiated: from now on
+        // every file's data goes through the stack.
+        passthrough_.store(false);
+        Logger("fuse")->info("{}: the kernel does not take backing files ({}); reads and writes go through the stack",
+                             options_.mountpoint, Errno(err).Describe());
+      } else {
+        // This file only (ELOOP: it lies on a file system stacked too deep).
+        Logger("fuse")->debug("{}: node {} is served without passthrough: {}", options_.mountpoint, node,
+                              Errno(err).Describe());
+      }
+      return -1;
+    }
+    it = backing_.emplace(node, Backing{id, 0}).first;
+  }
+  backed_fh_.emplace(fh, node);
+  ++it->second.opens;
+  return it->second.id;
+} catch (...) {
+  return -1;
+}
+
+void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
+  std::lock_guard lock(backing_mu_);
+  auto h = backed_fh_.find(fh);
+  if (h == backed_fh_.end()) return;
+  auto it = backing_.find(h->second);
+  backed_fh_.erase(h);
+  if (it == backing_.end() || --it->second.opens > 0) return;
+  // Files the kernel opened on this id keep their own reference to the backing file.
+  uint32_t id = static_cast<uint32_t>(it->second.id);
+  ::ioctl(fuse_session_fd(session_), kabi::kBackingClose, &id);
+  backing_.erase(it);
+}
+
+size_t FuseShim::PassthroughOpens() const {
+  std::lock_guard lock(backing_mu_);
+  return backed_fh_.size();
 }
 
 FuseShim::~FuseShim() {

@@ -15,9 +15,12 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/port.h"
@@ -41,6 +44,11 @@ class FuseShim {
     bool readdirplus_always = false;  // every directory listing carries its entries'
                                       // attributes (the kernel then needs no lookup for
                                       // them); otherwise the kernel picks, per listing
+    bool kernel_passthrough = true;   // files the stack lets it (kernel_io_ok and a
+                                      // backing_fd in the open's answer) are read and
+                                      // written by the kernel itself, on the stack's
+                                      // descriptor (FUSE passthrough: Linux 6.9+, root;
+                                      // the mount then cannot be overlayfs's lower)
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a
@@ -68,6 +76,12 @@ class FuseShim {
   // Requests sent to the port and not yet answered.
   uint64_t InFlight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
 
+  // Whether the kernel does reads and writes of files the stack lets it (false until
+  // the kernel's INIT is answered, and once the kernel refused a backing file).
+  bool KernelPassthrough() const noexcept { return passthrough_.load(std::memory_order_relaxed); }
+  // Files open now whose data the kernel reads and writes by itself.
+  size_t PassthroughOpens() const;
+
  private:
   class ReplyPort;
   FuseShim(Options options, Port& port);
@@ -80,6 +94,25 @@ class FuseShim {
   bool mounted_ = false;
   bool signals_ = false;
   std::atomic<uint64_t> in_flight_{0};
+
+  // FUSE passthrough. The kernel wants every open of a node on one backing file, so a
+  // backing id is registered per node while any of its passthrough handles is open.
+  struct Backing {
+    int32_t id = -1;
+    uint32_t opens = 0;
+  };
+  // A backing id for handle `fh` of `node`, whose file is `fd`; -1 when the kernel
+  // will not take it (then the handle's data goes through the stack).
+  int32_t AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept;
+  // Sends replies through the writer that adds passthrough, when it may be used.
+  void UsePassthroughIo() noexcept;
+  // Handle `fh` was released (or its open never reached the kernel).
+  void ReleaseBacking(uint64_t fh) noexcept;
+  bool passthrough_io_ = false;           // replies go out through the patching writer
+  std::atomic<bool> passthrough_{false};  // negotiated, and not refused since
+  mutable std::mutex backing_mu_;
+  std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
+  std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node
 
   friend struct FuseOps;
 };

@@ -46,6 +46,7 @@ struct VfsRequest {
   attr @18 :Attr;
   in @19 :Data;
   timeout @20 :Float64;
+  kernelIoOk @21 :Bool;  # open, create: the shim can give the kernel the file's descriptor
 }
 
 struct VfsReply {
@@ -56,7 +57,8 @@ struct VfsReply {
   entryTimeout @4 :Float64;
   outAttr @5 :Attr;
   openFh @6 :UInt64;
-  openFlags @7 :UInt32;   # bit 0 direct_io, 1 keep_cache, 2 nonseekable, 3 cache_readdir
+  openFlags @7 :UInt32;   # bit 0 direct_io, 1 keep_cache, 2 nonseekable, 3 cache_readdir,
+                          # 4 the message carries the file's descriptor (backing_fd)
   out @8 :Data;
   outSize @9 :UInt64;
   statfs @10 :List(UInt64);  # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax

@@ -102,6 +102,7 @@ void EncodeVfsRequest(const VfsRequest& req, std::vector<std::byte>& out) {
   if (req.op == VfsOp::kSetAttr) PutAttr(r.initAttr(), req.attr);
   r.setIn(Bytes(req.in.data(), req.in.size()));
   r.setTimeout(req.timeout);
+  r.setKernelIoOk(req.kernel_io_ok);
   Flatten(builder, out);
 }
 
@@ -131,6 +132,7 @@ Result<void> DecodeVfsRequest(std::span<const std::byte> bytes, VfsRequest& req,
     req.in = {storage.data(), storage.size()};
     req.timeout = r.getTimeout();
     if (!(req.timeout >= 0 && req.timeout <= 1e9)) req.timeout = 0;
+    req.kernel_io_ok = r.getKernelIoOk();
     return {};
   });
 }
@@ -168,13 +170,13 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
   }
   r.setOpenFh(req.open.fh);
   r.setOpenFlags((req.open.direct_io ? 1u : 0u) | (req.open.keep_cache ? 2u : 0u) | (req.open.nonseekable ? 4u : 0u) |
-                 (req.open.cache_readdir ? 8u : 0u));
+                 (req.open.cache_readdir ? 8u : 0u) | (req.open.backing_fd >= 0 ? 16u : 0u));
   r.setOut(Bytes(req.out.data(), req.out.size()));
   r.setOutSize(req.out_size);
   Flatten(builder, out);
 }
 
-Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req) {
+Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, std::span<const UniqueFd> fds) {
   return Read<wire::VfsReply>(bytes, [&](wire::VfsReply::Reader r) -> Result<void> {
     auto out = r.getOut();
     if (out.size() > kMaxData) return Fail(EBADMSG);
@@ -205,7 +207,8 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req) {
       s.f_namemax = v[10];
     }
     const uint32_t f = r.getOpenFlags();
-    req.open = {r.getOpenFh(), (f & 1) != 0, (f & 2) != 0, (f & 4) != 0, (f & 8) != 0};
+    req.open = {r.getOpenFh(), (f & 1) != 0, (f & 2) != 0, (f & 4) != 0, (f & 8) != 0,
+                (f & 16) != 0 && !fds.empty() ? fds.front().get() : -1};
     req.out.assign(reinterpret_cast<const char*>(out.begin()), reinterpret_cast<const char*>(out.end()));
     req.out_size = r.getOutSize();
     return {};

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernel/msgport/errno.h"
+#include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_message.h"
 
 namespace ulsp::msgport {
@@ -22,9 +23,12 @@ void EncodeVfsRequest(const VfsRequest& req, std::vector<std::byte>& out);
 // is copied into `storage`, which must live as long as req.in is used.
 Result<void> DecodeVfsRequest(std::span<const std::byte> bytes, VfsRequest& req, std::vector<char>& storage);
 
-// Writes req's results (those its op has) into `out`.
+// Writes req's results (those its op has) into `out`. An open's backing_fd is only
+// marked: the sender attaches the descriptor to the message itself.
 void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out);
-// Reads results into `req`.
-Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req);
+// Reads results into `req`. `fds`: the message's descriptors; an open marked as
+// carrying its file's descriptor gets the first as backing_fd (borrowed from the
+// message), or none when the message carries none.
+Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, std::span<const UniqueFd> fds = {});
 
 }  // namespace ulsp::msgport

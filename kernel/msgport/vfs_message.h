@@ -85,6 +85,11 @@ struct VfsOpenReply {
   bool keep_cache = false;
   bool nonseekable = false;
   bool cache_readdir = false;
+  // open, create, when the request's kernel_io_ok: a descriptor of the very file this
+  // handle reads and writes (the layer keeps owning it). The kernel then reads, writes
+  // and maps the file's data on it by itself (FUSE passthrough): read and write
+  // requests for the handle never reach the stack. -1: they do.
+  int backing_fd = -1;
 };
 
 // One request and its results. Fields are used as each operation's comment in
@@ -116,6 +121,10 @@ struct VfsRequest {
   double timeout = 1.0;      // seconds the kernel may cache entries and attributes
   bool fd_reply_ok = false;  // read: the sender shares the server's descriptors (same
                              // process), so the server may answer with `out_fd`
+  bool kernel_io_ok = false;  // open, create: the kernel may do this file's reads and
+                              // writes itself, on `open.backing_fd`. A layer that sees
+                              // or changes file data must clear it before passing the
+                              // request down (Layer::Down does, unless told otherwise)
 
   // readdir(plus): upper layers may hide names. Called by the layer that lists the
   // directory for each name other than "." and ".."; false hides it.

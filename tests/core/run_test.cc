@@ -17,8 +17,8 @@ const std::string kOpen = "[group.g]\nnet_default = \"allow\"\n";
 class RunTest : public ::testing::Test {
  protected:
   void TearDown() override {
-    // Nothing of the group may outlive it.
-    EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n");
+    // Nothing of the group may outlive it (other tests' mounts may be live meanwhile).
+    EXPECT_EQ(Output("grep ' fuse.ulsp ' /proc/self/mountinfo | grep -c ' " + dir_.path() + "'"), "0\n");
     EXPECT_EQ(Output("pgrep -f 'sleep 98765[4]' | wc -l"), "0\n");
     EXPECT_EQ(Output("ls " + dir_ / "run" + " 2>/dev/null | wc -l"), "0\n");
   }

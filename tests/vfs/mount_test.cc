@@ -25,8 +25,9 @@ std::string ReadFile(const std::string& path) {
 }
 
 // One mount for a test: a source directory, a mount point, and what serves it.
-// The parameter is "passthrough", "stack" (trace, then view admitting /work, on
-// passthrough), "memfs", or "overlay" (an upper directory over passthrough of src/).
+// The parameter is "passthrough", "isolated" (passthrough in its own process),
+// "stack" (trace, then view admitting /work, on passthrough), "memfs", or "overlay" (an
+// upper directory over passthrough of src/).
 class MountTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -37,6 +38,8 @@ class MountTest : public ::testing::TestWithParam<std::string> {
     std::vector<std::string> args;
     if (GetParam() == "passthrough") {
       args = {dir_ / "src"};
+    } else if (GetParam() == "isolated") {
+      args = {"--isolated", dir_ / "src"};
     } else if (GetParam() == "memfs") {
       args = {"--stack", "memfs:8G"};
     } else if (GetParam() == "overlay") {
@@ -171,7 +174,7 @@ TEST_P(MountTest, ABlockedRequestDoesNotStallTheOthers) {
   EXPECT_EQ(ReadFile(dir_ / "got"), "hello\n");
 }
 
-INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "stack", "memfs", "overlay"),
+INSTANTIATE_TEST_SUITE_P(Layers, MountTest, ::testing::Values("passthrough", "isolated", "stack", "memfs", "overlay"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // --- the stack's own layers, seen through a mount ---
@@ -228,6 +231,72 @@ print("ok", len(ops))
   std::ofstream(dir_ / "check.py") << check;
   EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + dir_ / "t.jsonl", true).substr(0, 3), "ok ");
 }
+
+// Kernel passthrough: on a passthrough stack (in-process or isolated, under a view)
+// the kernel reads, writes and maps opened files by itself, so no read or write
+// request reaches the server (libfuse's request log, -d, shows none), and what
+// programs see and leave on disk is the same as through the server.
+class KernelPassthroughTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(Shell("mkdir -p " + dir_ / "mnt " + dir_ / "src && head -c 3000000 /dev/urandom > " + dir_ / "src/big"),
+              0);
+    std::ofstream(dir_ / "allow.txt") << "/\n";
+  }
+  // Runs a reader, a writer, an appender and an mmap reader on a mount made with
+  // `args`; returns libfuse's request log.
+  std::string Exercise(std::vector<std::string> args) {
+    args.insert(args.begin(), "-d");
+    ServedMount mount(args, dir_ / "mnt", dir_ / "server.log");
+    EXPECT_TRUE(mount.ok()) << ReadFile(dir_ / "server.log");
+    if (!mount.ok()) return "";
+    const std::string m = mount.path();
+    EXPECT_EQ(Shell("cmp " + dir_ / "src/big " + m + "/big"), 0);
+    EXPECT_EQ(Shell("head -c 1000000 /dev/urandom > " + m + "/new && echo tail >> " + m + "/new && cmp " + m +
+                    "/new " + dir_ / "src/new"),
+                0);
+    EXPECT_EQ(Output("stat -c %s " + m + "/new"), "1000005\n");  // the kernel's size follows its writes
+    // mmap, as the dynamic loader and git use it.
+    const std::string mapped = "import mmap, sys\n"
+                               "f = open(sys.argv[1], 'rb')\n"
+                               "m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)\n"
+                               "sys.exit(0 if m[:] == open(sys.argv[2], 'rb').read() else 1)\n";
+    std::ofstream(dir_ / "mapped.py") << mapped;
+    EXPECT_EQ(Shell(kPython + " " + dir_ / "mapped.py " + m + "/big " + dir_ / "src/big"), 0);
+    EXPECT_EQ(mount.Stop(), 0);
+    return ReadFile(dir_ / "server.log");
+  }
+  static bool Has(const std::string& log, const std::string& opcode) {
+    return log.find("opcode: " + opcode + " (") != std::string::npos;
+  }
+  TempDir dir_;
+};
+
+TEST_P(KernelPassthroughTest, TheKernelReadsAndWritesOpenedFilesItself) {
+  std::vector<std::string> args = {"--stack", "view:" + dir_ / "allow.txt" + ",passthrough:" + dir_ / "src"};
+  if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
+  const std::string log = Exercise(args);
+  EXPECT_TRUE(Has(log, "OPEN")) << log.substr(0, 2000);
+  EXPECT_FALSE(Has(log, "READ")) << "a read reached the server";
+  EXPECT_FALSE(Has(log, "WRITE")) << "a write reached the server";
+}
+
+TEST_P(KernelPassthroughTest, WithoutItOrUnderATraceEveryReadReachesTheStack) {
+  std::vector<std::string> args = {"--no-kernel-passthrough", "--stack", "passthrough:" + dir_ / "src"};
+  if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
+  std::string log = Exercise(args);
+  EXPECT_TRUE(Has(log, "READ"));
+  EXPECT_TRUE(Has(log, "WRITE"));
+  ASSERT_EQ(Shell("rm " + dir_ / "src/new"), 0);
+  args = {"--stack", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src"};
+  if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
+  log = Exercise(args);
+  EXPECT_TRUE(Has(log, "READ"));
+  EXPECT_TRUE(Has(log, "WRITE"));
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, KernelPassthroughTest, ::testing::Values("inprocess", "isolated"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // The overlay keeps the lower tree as it was: changes, removals and new files land in
 // the upper directory (copy-up, whiteouts, opaque directories), and the merged view

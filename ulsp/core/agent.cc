@@ -241,6 +241,7 @@ class StackImpl final : public Stack::Server {
       context.getResults().setError(EBADMSG);
       return kj::READY_NOW;
     }
+    request->req.kernel_io_ok = false;  // no descriptor crosses the network
     context.releaseParams();
     if (Quick(*top_, request->req)) {
       SetResults(context.getResults(), ServeOne(*top_, *request));

@@ -703,7 +703,7 @@ void IsolatedPort::PutReply(MessagePtr msg) {
     answered_.fetch_add(1, std::memory_order_relaxed);
   }
   if (msg->error == 0) {
-    if (!msgport::DecodeVfsReply(msg->payload, m.req)) {
+    if (!msgport::DecodeVfsReply(msg->payload, m.req, msg->fds)) {
       Logger("vfs")->error("isolated server: a malformed {} reply; answering EIO", msgport::VfsOpName(m.req.op));
       msg->error = EIO;
     } else {
@@ -744,6 +744,15 @@ class IsolatedServer final : public msgport::Server {
     }
     const int error = top_.Serve(req);
     try {
+      if (error == 0 && req.open.backing_fd >= 0 && (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate)) {
+        // The shim gives the kernel the file itself; the stack keeps its descriptor.
+        const int copy = ::fcntl(req.open.backing_fd, F_DUPFD_CLOEXEC, 0);
+        if (copy >= 0) {
+          msg->fds.emplace_back(copy);
+        } else {
+          req.open.backing_fd = -1;  // served through the stack, then
+        }
+      }
       if (error == 0) {
         msgport::EncodeVfsReply(req, msg->payload);
       } else {

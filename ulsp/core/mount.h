@@ -14,6 +14,8 @@ struct MountArgs {
   bool foreground = false;  // serve in this process until unmounted or signalled
   bool debug = false;       // libfuse's request log (implies foreground)
   double timeout = 1.0;     // entry and attribute cache, seconds
+  bool kernel_passthrough = true;  // the kernel reads and writes files the stack lets
+                                   // it on their descriptors (FuseShim::Options)
   std::string log_file;     // where a background server writes its log
   // --remote ADDR:PORT/NAME: the stack is served by a translation agent (agent.h).
   std::string remote;

@@ -47,11 +47,21 @@ class Layer {
   Layer* lower() const noexcept { return lower_.get(); }
 
  protected:
-  // Passes `req` to the layer below.
-  int Down(VfsRequest& req) noexcept { return lower_->Serve(req); }
+  // Passes `req` to the layer below. Unless this layer said it passes file data
+  // unchanged, the kernel may not read and write the opened file by itself (it would
+  // bypass this layer's Read and Write).
+  int Down(VfsRequest& req) noexcept {
+    if (!passes_file_data_) req.kernel_io_ok = false;
+    return lower_->Serve(req);
+  }
+  // For a layer that neither sees nor changes what files contain once opened (a
+  // view, a recorder of opens): the kernel may then read and write a file the layers
+  // below opened straight on its descriptor (VfsOpenReply::backing_fd).
+  void PassesFileData() noexcept { passes_file_data_ = true; }
 
  private:
   std::unique_ptr<Layer> lower_;
+  bool passes_file_data_ = false;
 };
 
 // The path of `name` inside the directory whose path is `dir`.

@@ -669,6 +669,9 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
 }
 
 int OverlayLayer::Serve(VfsRequest& req) noexcept try {
+  // A file read through a lower handle may be copied up and written through another:
+  // the kernel could not keep both on one backing file, so the overlay serves data.
+  req.kernel_io_ok = false;
   ONode n;
   switch (req.op) {
     case VfsOp::kLookup:

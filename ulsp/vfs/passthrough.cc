@@ -304,6 +304,7 @@ int PassthroughLayer::Create(VfsRequest& req) {
   if (int err = DoLookup(req, req.node, req.name, req.entry)) return err;
   req.open = {};
   req.open.fh = static_cast<uint64_t>(file.release());
+  if (req.kernel_io_ok) req.open.backing_fd = static_cast<int>(req.open.fh);
   return 0;
 }
 
@@ -380,6 +381,7 @@ int PassthroughLayer::Open(VfsRequest& req) {
   // drops them when the attributes, refreshed every timeout, show a change): a file
   // read by many processes crosses the mount once.
   req.open.keep_cache = req.timeout > 0;
+  if (req.kernel_io_ok) req.open.backing_fd = *file;
   return 0;
 }
 

@@ -40,7 +40,7 @@ class ViewLayer final : public Layer {
   bool Visible(std::string_view path) const;
 
  private:
-  explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) {}
+  explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) { PassesFileData(); }
   // The path a name operation would make or touch.
   std::string ChildPath(uint64_t parent, std::string_view name) const { return JoinPath(PathOf(parent), name); }
 
