@@ -224,7 +224,9 @@ void FuseShim::ReplyPort::PutReply(MessagePtr msg) {
   // which may still touch the message.
   Answer(static_cast<VfsMessage&>(*msg));
   msg.reset();
-  shim_.in_flight_.fetch_sub(1, std::memory_order_relaxed);
+  // Release: the destructor, once it sees no reply due, may close the device this
+  // reply was written to.
+  shim_.in_flight_.fetch_sub(1, std::memory_order_release);
 }
 
 // The libfuse callbacks. Each is noexcept: nothing may unwind into libfuse.
@@ -703,7 +705,7 @@ FuseShim::~FuseShim() {
   if (session_ == nullptr) return;
   // Replies still due would answer a destroyed session: wait for them (a port
   // replies every message, ECONNRESET at worst).
-  for (int i = 0; i < 5000 && in_flight_.load(std::memory_order_relaxed) > 0; ++i)
+  for (int i = 0; i < 5000 && in_flight_.load(std::memory_order_acquire) > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   if (signals_) fuse_remove_signal_handlers(session_);
   if (mounted_) fuse_session_unmount(session_);
