@@ -186,7 +186,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
         buf.buf[0].flags = static_cast<fuse_buf_flags>(FUSE_BUF_IS_FD | FUSE_BUF_FD_SEEK);
         buf.buf[0].fd = q.out_fd;
         buf.buf[0].pos = q.offset;
-        fuse_reply_data(r, &buf, FUSE_BUF_SPLICE_MOVE);
+        fuse_reply_data(r, &buf, static_cast<fuse_buf_copy_flags>(0));
         return;
       }
       fuse_reply_buf(r, q.out.data(), q.out.size());
@@ -292,7 +292,7 @@ struct FuseOps {
   static void Init(void* userdata, fuse_conn_info* conn) noexcept {
     auto& shim = *static_cast<FuseShim*>(userdata);
     if (shim.options_.splice_read && (conn->capable & FUSE_CAP_SPLICE_WRITE))
-      conn->want |= FUSE_CAP_SPLICE_WRITE | FUSE_CAP_SPLICE_MOVE;
+      conn->want |= FUSE_CAP_SPLICE_WRITE;
     if (conn->capable & FUSE_CAP_READDIRPLUS) {
       conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
       if (shim.options_.readdirplus_always) conn->want &= ~static_cast<unsigned>(FUSE_CAP_READDIRPLUS_AUTO);
@@ -717,6 +717,7 @@ int FuseShim::Serve() {
   loop.spin = options_.spin;
   if (const char* sp = std::getenv("ULSP_FUSE_SPIN_US")) loop.spin = std::chrono::microseconds(std::atoi(sp));
   loop.max_threads = options_.max_threads;
+  if (!serves_inline_) loop.helped = &port_;
   return FuseLoop(session_, loop).Run();
 }
 
