@@ -136,8 +136,8 @@ def main():
         Config("trace+passthrough", ["--stack", f"trace:{trace_log},passthrough:{src}"]),
         # Every read and write through the stack, as trace+passthrough must serve them:
         # what kernel passthrough saves, and the trace layer's own cost.
-        Config("passthrough, server I/O", ["--no-kernel-passthrough", "--stack", f"passthrough:{src}"]),
-        Config("isolated, server I/O", ["--no-kernel-passthrough", "--isolated", "--stack", f"passthrough:{src}"]),
+        Config("passthrough, via server", ["--no-kernel-passthrough", "--stack", f"passthrough:{src}"]),
+        Config("isolated, via server", ["--no-kernel-passthrough", "--isolated", "--stack", f"passthrough:{src}"]),
     ]
     times = {(c.name, w): [] for c in configs for w in workloads}
     total0, steal0 = cpu_times()
@@ -215,9 +215,9 @@ def main():
         ratio = ratio_of("trace+passthrough", "passthrough", w)
         good = ratio <= 1.1
         ok &= good
-        same = ratio_of("trace+passthrough", "passthrough, server I/O", w)
+        same = ratio_of("trace+passthrough", "passthrough, via server", w)
         print(f"target: trace+passthrough {w:<6} <= 1.10x passthrough: {ratio:5.2f}x {'met' if good else 'MISSED'}"
-              f" ({same:4.2f}x passthrough with server I/O, as trace serves it)")
+              f" ({same:4.2f}x passthrough via the server, as trace serves it)")
     for w in workloads:
         ratio = ratio_of("isolated passthrough", "passthrough", w)
         good = ratio <= 1.2

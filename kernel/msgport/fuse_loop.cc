@@ -10,6 +10,7 @@
 
 #include "kernel/msgport/event_count.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/port.h"
 
 namespace ulsp::msgport {
 
@@ -77,22 +78,31 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
   auto* buf = static_cast<fuse_buf*>(raw_buf);
   const int fd = fuse_session_fd(session_);
   const int me = static_cast<int>(id);
+  Port* const helped = options_.helped;
   while (!fuse_session_exited(session_)) {
     int res;
     int64_t spin_until = NowNs() + options_.spin.count();
     unsigned spins = 0;
+    if (helped != nullptr) helped->Helping(true);
     for (;;) {
       res = fuse_session_receive_buf(session_, buf);
       if (res != -EAGAIN) break;
+      if (helped != nullptr && helped->Poll()) {
+        spin_until = NowNs() + options_.spin.count();  // a reply answered: more may follow
+        continue;
+      }
       if (++spins % 64 != 0) {
         CpuRelax();
         continue;
       }
+      if (helped != nullptr) helped->Helping(true);  // renews the lease
       if (NowNs() < spin_until) continue;
       // Quiet: sleep until the kernel has a request (or a second passes, to notice
-      // an exit requested from elsewhere).
+      // an exit requested from elsewhere). The port's reply thread delivers meanwhile.
+      if (helped != nullptr) helped->Helping(false);
       pollfd p{fd, POLLIN, 0};
       ::poll(&p, 1, 1000);
+      if (helped != nullptr) helped->Helping(true);
       if (fuse_session_exited(session_)) return false;
       {
         std::lock_guard lock(mu_);

@@ -14,6 +14,11 @@
 // `max_threads`), and the old leader becomes a spare when its request completes. So
 // requests are never stuck behind a blocked one for long, and many can be in flight.
 //
+// A request whose reply comes from another process (an isolated server) is sent on,
+// and the leader, spinning for the next request, delivers the reply itself when it
+// comes (Options::helped): a program that waits for the reply, then makes its next
+// request, finds the leader awake on both ends, and no reply thread is woken.
+//
 // Thread-safety: Run is called once, from one thread; it returns when the session
 // exits (unmount, fuse_session_exit, a signal handler).
 #pragma once
@@ -30,12 +35,18 @@ struct fuse_session;
 
 namespace ulsp::msgport {
 
+class Port;
+
 class FuseLoop {
  public:
   struct Options {
     std::chrono::nanoseconds spin{std::chrono::microseconds(50)};
     std::chrono::nanoseconds takeover{std::chrono::milliseconds(2)};
     unsigned max_threads = 16;
+    // A port whose replies come from another process (nullptr: none). While the
+    // leader polls for kernel requests it also delivers this port's replies, and
+    // says so (Port::Helping), so the port's reply thread need not be woken for them.
+    Port* helped = nullptr;
   };
   FuseLoop(fuse_session* session, Options options) : session_(session), options_(options) {}
 

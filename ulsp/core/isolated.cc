@@ -356,6 +356,17 @@ IsolatedPort::Server IsolatedPort::Current(uint64_t* epoch) const {
   return server_;
 }
 
+bool IsolatedPort::Poll() {
+  uint64_t epoch;
+  const Server server = Current(&epoch);
+  return server != nullptr && server->Poll();
+}
+
+void IsolatedPort::Helping(bool on) {
+  uint64_t epoch;
+  if (const Server server = Current(&epoch)) server->Helping(on);
+}
+
 size_t IsolatedPort::NodeCount() const {
   std::lock_guard lock(map_mu_);
   return live_nodes_;

@@ -85,6 +85,10 @@ class IsolatedPort final : public msgport::Port {
 
   void Put(msgport::MessagePtr msg) override;
   void PutReply(msgport::MessagePtr msg) override;
+  // The current server's: a thread polling for other work (the FUSE loop's leader)
+  // delivers its replies, so the port's reply thread need not be woken.
+  bool Poll() override;
+  void Helping(bool on) override;
 
   pid_t server_pid() const noexcept { return server_pid_.load(); }
   uint64_t restarts() const noexcept { return restarts_.load(); }
