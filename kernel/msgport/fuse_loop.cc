@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <ctime>
 
+#include "kernel/msgport/errno.h"
 #include "kernel/msgport/event_count.h"
 #include "kernel/msgport/log.h"
 #include "kernel/msgport/port.h"
@@ -116,6 +117,9 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
     if (res == -EINTR) continue;
     if (res <= 0) {
       if (res < 0) {
+        // ECONNABORTED: the connection was aborted (sysfs abort, a forced unmount,
+        // a kernel request timeout); the mount is dead for its programs.
+        Logger("fuse")->error("reading the kernel's requests failed: {}; serving ends", Errno(-res).Describe());
         std::lock_guard lock(mu_);
         error_ = -res;
       }

@@ -177,7 +177,11 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   if (control) control->reset();
   std::filesystem::remove_all(run_dir, ec);
   shim->reset();
-  Logger("vfs")->info("{} unmounted", args.mountpoint);
+  if (rc != 0) {
+    Logger("vfs")->error("{}: serving ended with an error: {}", args.mountpoint, Errno(rc).Describe());
+  } else {
+    Logger("vfs")->info("{} unmounted", args.mountpoint);
+  }
   return rc == 0 ? 0 : 1;
 }
 
