@@ -108,10 +108,11 @@ struct Run {
 };
 
 // Runs the command once in a group rooted at record[,view(hide)],passthrough:/.
-// `hide` (may be empty) says which paths do not exist. Fails (125) when ulsp could
-// not make the group; it said why on stderr.
+// `hide` (may be empty) says which paths do not exist. `started` (may be empty) is
+// called once the group's processes are made. Fails (125) when ulsp could not make
+// the group; it said why on stderr.
 Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::string_view)> hide, bool capture,
-            bool progress, int progress_fd) {
+            bool progress, int progress_fd, std::function<void()> started = {}) {
   Run result;
   auto passthrough = ulsp::vfs::PassthroughLayer::Open("/");
   if (!passthrough) {
@@ -144,7 +145,10 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
   run.policy_file = "(pkgdep-vfs)";
   run.command = command;
   run.stacks.push_back(std::move(record));
-  run.on_started = [recorder](pid_t init) { recorder->SetGroupInit(init); };
+  run.on_started = [recorder, started = std::move(started)](pid_t init) {
+    recorder->SetGroupInit(init);
+    if (started) started();
+  };
   run.who = "pkgdep-vfs";
 
   // A progress line for runs longer than a few seconds.
@@ -214,14 +218,20 @@ int Check(const std::string& package, const std::string& deps, const std::string
   auto closure = DeclaredClosure(*index, package.empty() ? Split(deps) : std::vector<std::string>{package});
   if (!closure) return Fail(closure.error());
   // Who owns which path is needed before the run only to hide the undeclared
-  // (enforce); observing, it is read while the command runs.
+  // (enforce); observing, it is read while the command runs. The reader starts once
+  // the group's processes are forked: a thread busy allocating while this process
+  // forks can leave a ThreadSanitizer build's child waiting forever on an allocator
+  // lock (seen in CI), and the group's start does not wait for it anyway.
   std::expected<void, std::string> files;
   std::thread files_loader;
+  std::function<void()> load_files;
   if (mode == "enforce") {
     files = index->LoadFiles();
     if (!files) return Fail(files.error());
   } else {
-    files_loader = std::thread([&] { files = index->LoadFiles(); });
+    load_files = [&] {
+      if (!files_loader.joinable()) files_loader = std::thread([&] { files = index->LoadFiles(); });
+    };
   }
   struct Joiner {
     std::thread& t;
@@ -246,7 +256,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
       return std::none_of(owners.begin(), owners.end(), [&c](const std::string& o) { return c.Declares(o); });
     };
   }
-  Run first = RunOnce(command, hide, confirm, true, progress_fd);
+  Run first = RunOnce(command, hide, confirm, true, progress_fd, load_files);
   if (first.status == 125 && first.record.empty()) {
     ::close(progress_fd);
     return kUsage;  // ulsp could not make the group: it said why
@@ -258,7 +268,11 @@ int Check(const std::string& package, const std::string& deps, const std::string
   }
   report.status = first.status;
   report.seconds = first.seconds;
-  if (files_loader.joinable()) files_loader.join();
+  if (files_loader.joinable()) {
+    files_loader.join();
+  } else if (mode != "enforce") {
+    files = index->LoadFiles();  // the group never said it started
+  }
   if (!files) return Fail(files.error());
   Attribute(idx, first.record, allow, report);
 
