@@ -246,6 +246,8 @@ struct FuseOps {
     m->req.ctx = {ctx->uid, ctx->gid, ctx->pid, ctx->umask};
     m->req.node = node;
     m->req.timeout = Shim(req).options_.timeout;
+    // The stack may give the kernel the file itself (FUSE passthrough).
+    m->req.kernel_io_ok = (op == VfsOp::kOpen || op == VfsOp::kCreate) && Shim(req).KernelPassthrough();
     return std::unique_ptr<VfsMessage>(m);
   }
 
@@ -411,13 +413,7 @@ struct FuseOps {
     fuse_reply_err(req, ENOMEM);
   }
   static void Open(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
-    auto m = Begin(req, VfsOp::kOpen, node);
-    if (!m) return;
-    m->req.fh = fi->fh;
-    m->req.has_fh = true;
-    m->req.flags = fi->flags;
-    m->req.kernel_io_ok = Shim(req).KernelPassthrough();
-    Submit(std::move(m), /*interruptible=*/true);
+    Plain(req, VfsOp::kOpen, node, fi, /*interruptible=*/true);
   }
   static void Read(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kRead, node);
@@ -524,7 +520,6 @@ struct FuseOps {
     m->req.name = name;
     m->req.mode = mode;
     m->req.flags = fi->flags;
-    m->req.kernel_io_ok = Shim(req).KernelPassthrough();
     Submit(std::move(m), /*interruptible=*/true);
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
@@ -684,6 +679,7 @@ int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept tr
 }
 
 void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
+  if (!passthrough_io_) return;  // no handle was ever backed
   std::lock_guard lock(backing_mu_);
   auto h = backed_fh_.find(fh);
   if (h == backed_fh_.end()) return;
@@ -694,11 +690,6 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   uint32_t id = static_cast<uint32_t>(it->second.id);
   ::ioctl(fuse_session_fd(session_), kabi::kBackingClose, &id);
   backing_.erase(it);
-}
-
-size_t FuseShim::PassthroughOpens() const {
-  std::lock_guard lock(backing_mu_);
-  return backed_fh_.size();
 }
 
 FuseShim::~FuseShim() {

@@ -76,12 +76,6 @@ class FuseShim {
   // Requests sent to the port and not yet answered.
   uint64_t InFlight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
 
-  // Whether the kernel does reads and writes of files the stack lets it (false until
-  // the kernel's INIT is answered, and once the kernel refused a backing file).
-  bool KernelPassthrough() const noexcept { return passthrough_.load(std::memory_order_relaxed); }
-  // Files open now whose data the kernel reads and writes by itself.
-  size_t PassthroughOpens() const;
-
  private:
   class ReplyPort;
   FuseShim(Options options, Port& port);
@@ -101,6 +95,9 @@ class FuseShim {
     int32_t id = -1;
     uint32_t opens = 0;
   };
+  // Whether the kernel does reads and writes of files the stack lets it (false until
+  // the kernel's INIT is answered, and once the kernel refused a backing file).
+  bool KernelPassthrough() const noexcept { return passthrough_.load(std::memory_order_relaxed); }
   // A backing id for handle `fh` of `node`, whose file is `fd`; -1 when the kernel
   // will not take it (then the handle's data goes through the stack).
   int32_t AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept;
@@ -110,7 +107,7 @@ class FuseShim {
   void ReleaseBacking(uint64_t fh) noexcept;
   bool passthrough_io_ = false;           // replies go out through the patching writer
   std::atomic<bool> passthrough_{false};  // negotiated, and not refused since
-  mutable std::mutex backing_mu_;
+  std::mutex backing_mu_;
   std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
   std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node
 
