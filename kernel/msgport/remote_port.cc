@@ -106,15 +106,10 @@ std::expected<std::shared_ptr<RemotePort>, std::string> RemotePort::Connect(cons
 }
 
 RemotePort::~RemotePort() {
+  // The thread answers what is in flight and in the inbox as it ends; nothing enters
+  // the inbox once it is gone (Put and QueueForgets check gone_ under mu_).
   Close();
   if (thread_.joinable()) thread_.join();
-  // Anything that came in after the loop ended.
-  std::deque<Outgoing> left;
-  {
-    std::lock_guard lock(mu_);
-    left.swap(inbox_);
-  }
-  for (auto& o : left) Reply(std::move(o.msg), ECONNRESET);
 }
 
 void RemotePort::QueueForgets() {
@@ -132,8 +127,12 @@ void RemotePort::QueueForgets() {
       inbox_.push_back(Outgoing{MessagePtr(f.release()), 0});
     }
   }
+  Wake();
+}
+
+void RemotePort::Wake() noexcept {
   const uint64_t one = 1;
-  (void)!::write(wake_.get(), &one, sizeof one);
+  if (wake_) (void)!::write(wake_.get(), &one, sizeof one);
 }
 
 void RemotePort::Put(MessagePtr msg) {
@@ -158,8 +157,7 @@ void RemotePort::Put(MessagePtr msg) {
     Reply(std::move(msg), ECONNRESET);
     return;
   }
-  const uint64_t one = 1;
-  (void)!::write(wake_.get(), &one, sizeof one);
+  Wake();
 }
 
 void RemotePort::Close() {
@@ -167,8 +165,7 @@ void RemotePort::Close() {
     std::lock_guard lock(mu_);
     closing_ = true;
   }
-  const uint64_t one = 1;
-  if (wake_) (void)!::write(wake_.get(), &one, sizeof one);
+  Wake();
 }
 
 void RemotePort::WaitGone() {
@@ -317,7 +314,6 @@ void RemotePort::Run() {
           if (msg->command == static_cast<uint32_t>(VfsOp::kOpenDir)) call.setListingChunk(cache_.listing_chunk());
           call.setRequest(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(msg->payload.data()), msg->payload.size()));
           loop.pending.emplace(id, Outgoing{std::move(msg), generation});
-          in_flight_.fetch_add(1, std::memory_order_relaxed);
           const auto left = std::max<std::chrono::nanoseconds>(deadline - now, std::chrono::nanoseconds(0));
           tasks.add(timer.timeoutAfter(ToKj(left), call.send())
                         .then(
@@ -327,7 +323,6 @@ void RemotePort::Run() {
                               MessagePtr m = std::move(it->second.msg);
                               const uint64_t sent_generation = it->second.generation;
                               loop.pending.erase(it);
-                              in_flight_.fetch_sub(1, std::memory_order_relaxed);
                               const int error = r.getError();
                               auto data = r.getReply();
                               m->payload.resize(data.size());
@@ -353,7 +348,6 @@ void RemotePort::Run() {
                               if (it == loop.pending.end()) return;
                               MessagePtr m = std::move(it->second.msg);
                               loop.pending.erase(it);
-                              in_flight_.fetch_sub(1, std::memory_order_relaxed);
                               const int error = ErrnoOf(e);
                               if (error == ECONNRESET) end_with("the connection broke (" + DescribeKjError(e) + ")");
                               Reply(std::move(m), error);
@@ -363,10 +357,7 @@ void RemotePort::Run() {
       });
     };
     tasks.add(drain());
-    {
-      const uint64_t one = 1;  // anything put before the loop watched
-      (void)!::write(wake_.get(), &one, sizeof one);
-    }
+    Wake();  // anything put before the loop watched
 
     const std::string why = ended.promise.wait(ws);
     {
@@ -376,7 +367,6 @@ void RemotePort::Run() {
       alive_ = false;
     }
     orphans.swap(loop.pending);
-    in_flight_.store(0);
     // Destroying the loop (tasks, RPC, connection) cancels what is left.
   } catch (const kj::Exception& e) {
     finish("the connection failed: " + DescribeKjError(e));

@@ -71,16 +71,16 @@ class RemotePort final : public Port {
   bool alive() const noexcept { return alive_.load(); }
   const std::string& peer() const noexcept { return peer_; }
   double rtt_us() const noexcept { return rtt_us_.load(); }
-  uint64_t in_flight() const noexcept { return in_flight_.load(); }
   // Why the connection ended ("" while it lives).
   std::string why_gone() const;
-  RemoteCache::Stats cache_stats() const { return cache_.stats(); }
 
  private:
   explicit RemotePort(RemoteOptions options);
   void Run();  // the port's thread
   // Puts forget requests for the lookups only the cache knows of.
   void QueueForgets();
+  // Tells the port's thread to look at the inbox (and at closing_).
+  void Wake() noexcept;
 
   struct Loop;  // the kj side, alive on the port's thread
   struct Outgoing {
@@ -102,7 +102,6 @@ class RemotePort final : public Port {
 
   std::atomic<bool> alive_{false};
   std::atomic<double> rtt_us_{0};
-  std::atomic<uint64_t> in_flight_{0};
   std::thread thread_;
 };
 
