@@ -95,6 +95,18 @@ struct Outcome {
   std::vector<std::vector<char>> listing;  // an opendir's readdirplus replies
 };
 
+// A request of the agent's own on the file or directory `opened` opened, as its
+// caller, through the handle it got.
+msgport::VfsRequest FollowUp(const msgport::VfsRequest& opened, msgport::VfsOp op) {
+  msgport::VfsRequest r;
+  r.op = op;
+  r.ctx = opened.ctx;
+  r.node = opened.node;
+  r.fh = opened.open.fh;
+  r.timeout = opened.timeout;
+  return r;
+}
+
 // An opendir: reads the listing through the stack, in the chunks the kernel will ask
 // for, so those requests need no round trip.
 void PrefetchListing(vfs::Layer& top, const msgport::VfsRequest& opendir, uint32_t chunk, Outcome& out) {
@@ -103,14 +115,9 @@ void PrefetchListing(vfs::Layer& top, const msgport::VfsRequest& opendir, uint32
   size_t total = 0;
   int64_t offset = 0;
   while (total + chunk <= msgport::kAgentListingMax) {
-    msgport::VfsRequest rd;
-    rd.op = msgport::VfsOp::kReadDirPlus;
-    rd.ctx = opendir.ctx;
-    rd.node = opendir.node;
-    rd.fh = opendir.open.fh;
+    msgport::VfsRequest rd = FollowUp(opendir, msgport::VfsOp::kReadDirPlus);
     rd.offset = offset;
     rd.size = chunk;
-    rd.timeout = opendir.timeout;
     if (top.Serve(rd) != 0) break;
     if (rd.out.empty()) {
       out.prefetch_eof = true;
@@ -128,18 +135,10 @@ void PrefetchListing(vfs::Layer& top, const msgport::VfsRequest& opendir, uint32
 void Prefetch(vfs::Layer& top, const msgport::VfsRequest& open, Outcome& out) {
   if ((open.flags & O_ACCMODE) != O_RDONLY || (open.flags & O_DIRECT) || open.open.direct_io || open.open.nonseekable)
     return;
-  msgport::VfsRequest stat;
-  stat.op = msgport::VfsOp::kGetAttr;
-  stat.ctx = open.ctx;
-  stat.node = open.node;
+  msgport::VfsRequest stat = FollowUp(open, msgport::VfsOp::kGetAttr);  // of the node (has_fh false)
   if (top.Serve(stat) != 0 || !S_ISREG(stat.out_attr.st_mode) || stat.out_attr.st_size > msgport::kAgentPrefetchMax) return;
-  msgport::VfsRequest read;
-  read.op = msgport::VfsOp::kRead;
-  read.ctx = open.ctx;
-  read.node = open.node;
-  read.fh = open.open.fh;
+  msgport::VfsRequest read = FollowUp(open, msgport::VfsOp::kRead);
   read.has_fh = true;
-  read.offset = 0;
   read.size = msgport::kAgentPrefetchMax;
   if (top.Serve(read) != 0 || read.out_fd >= 0) return;
   out.prefetch = std::move(read.out);
