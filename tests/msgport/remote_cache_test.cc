@@ -38,6 +38,24 @@ struct stat Attr(ino_t ino, off_t size) {
   return st;
 }
 
+// Appends a readdirplus record, as the kernel's buffer holds it: a regular file.
+void AddRecord(std::vector<char>& out, uint64_t node, const std::string& name, uint64_t ino, uint64_t size,
+               uint64_t off) {
+  fuse_direntplus d{};
+  d.entry_out.nodeid = node;
+  d.entry_out.attr_valid = 1;
+  d.entry_out.attr.ino = ino;
+  d.entry_out.attr.size = size;
+  d.entry_out.attr.mode = S_IFREG | 0600;
+  d.dirent.ino = ino;
+  d.dirent.off = off;
+  d.dirent.namelen = static_cast<uint32_t>(name.size());
+  const size_t at = out.size();
+  out.resize(at + FUSE_DIRENTPLUS_SIZE(&d));
+  std::memcpy(out.data() + at, &d, sizeof d);
+  std::memcpy(out.data() + at + FUSE_NAME_OFFSET_DIRENTPLUS, name.data(), name.size());
+}
+
 // Learns node 7's attributes from a getattr answered with `timeout`.
 void LearnGetAttr(RemoteCache& cache, off_t size, double timeout = 1.0) {
   auto m_owner = Asked(VfsOp::kGetAttr, 7, timeout);
@@ -50,15 +68,20 @@ void LearnGetAttr(RemoteCache& cache, off_t size, double timeout = 1.0) {
   cache.Learn(m, generation, {}, false);
 }
 
-// Whether a getattr of `node` is answered from the cache, and with what size.
-bool CachedSize(RemoteCache& cache, uint64_t node, off_t* size) {
-  auto m_owner = Asked(VfsOp::kGetAttr, node);
-  VfsMessage& m = *m_owner;
+// Whether `m` is answered from the cache; its results, decoded, in `back`.
+bool AnsweredFromCache(RemoteCache& cache, VfsMessage& m, VfsRequest& back) {
   uint64_t generation = 0;
   if (!cache.Answer(m, &generation)) return false;
-  VfsRequest back;
-  back.op = VfsOp::kGetAttr;
+  back.op = m.req.op;
   EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  return true;
+}
+
+// Whether a getattr of `node` is answered from the cache, and with what size.
+bool CachedSize(RemoteCache& cache, uint64_t node, off_t* size) {
+  auto m = Asked(VfsOp::kGetAttr, node);
+  VfsRequest back;
+  if (!AnsweredFromCache(cache, *m, back)) return false;
   *size = back.out_attr.st_size;
   return true;
 }
@@ -123,22 +146,8 @@ TEST(RemoteCache, ReaddirplusEntriesAnswerGetAttr) {
   uint64_t generation = 0;
   ASSERT_FALSE(cache.Answer(m, &generation));
   VfsRequest results;
-  // Two records: nodes 11 and 12, as the kernel's readdirplus buffer holds them.
-  for (uint64_t node : {11u, 12u}) {
-    const std::string name = node == 11 ? "f11" : "f12";
-    fuse_direntplus d{};
-    d.entry_out.nodeid = node;
-    d.entry_out.attr_valid = 1;
-    d.entry_out.attr.ino = node * 10;
-    d.entry_out.attr.size = node * 100;
-    d.entry_out.attr.mode = S_IFREG | 0600;
-    d.dirent.ino = node * 10;
-    d.dirent.namelen = static_cast<uint32_t>(name.size());
-    const size_t at = results.out.size();
-    results.out.resize(at + FUSE_DIRENTPLUS_SIZE(&d));
-    std::memcpy(results.out.data() + at, &d, sizeof d);
-    std::memcpy(results.out.data() + at + FUSE_NAME_OFFSET_DIRENTPLUS, name.data(), name.size());
-  }
+  // Two records: nodes 11 and 12.
+  for (uint64_t node : {11u, 12u}) AddRecord(results.out, node, "f" + std::to_string(node), node * 10, node * 100, 0);
   Replied(m, results);
   cache.Learn(m, generation, {}, false);
   off_t size = 0;
@@ -167,11 +176,8 @@ bool CachedRead(RemoteCache& cache, int64_t offset, uint64_t size, std::string* 
   m.req.fh = 5;
   m.req.offset = offset;
   m.req.size = size;
-  uint64_t generation = 0;
-  if (!cache.Answer(m, &generation)) return false;
   VfsRequest back;
-  back.op = VfsOp::kRead;
-  EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  if (!AnsweredFromCache(cache, m, back)) return false;
   got->assign(back.out.begin(), back.out.end());
   return true;
 }
@@ -219,20 +225,7 @@ TEST(RemoteCache, AWriteDropsPrefetchedBytes) {
 // A readdirplus reply with one record per node, each record's offset its node id.
 std::vector<char> Chunk(std::initializer_list<uint64_t> nodes) {
   std::vector<char> out;
-  for (uint64_t node : nodes) {
-    fuse_direntplus d{};
-    d.entry_out.nodeid = node;
-    d.entry_out.attr_valid = 1;
-    d.entry_out.attr.ino = node;
-    d.entry_out.attr.mode = S_IFREG | 0600;
-    d.dirent.ino = node;
-    d.dirent.off = node;
-    d.dirent.namelen = 1;
-    const size_t at = out.size();
-    out.resize(at + FUSE_DIRENTPLUS_SIZE(&d));
-    std::memcpy(out.data() + at, &d, sizeof d);
-    out[at + FUSE_NAME_OFFSET_DIRENTPLUS] = 'x';
-  }
+  for (uint64_t node : nodes) AddRecord(out, node, "x", node, 0, node);
   return out;
 }
 
@@ -259,18 +252,10 @@ bool CachedListing(RemoteCache& cache, int64_t offset, uint64_t size, std::vecto
   m.req.fh = 9;
   m.req.offset = offset;
   m.req.size = size;
-  uint64_t generation = 0;
-  if (!cache.Answer(m, &generation)) return false;
   VfsRequest back;
-  back.op = VfsOp::kReadDirPlus;
-  EXPECT_TRUE(DecodeVfsReply(m.payload, back));
+  if (!AnsweredFromCache(cache, m, back)) return false;
   nodes->clear();
-  for (size_t pos = 0; pos + FUSE_NAME_OFFSET_DIRENTPLUS <= back.out.size();) {
-    fuse_direntplus d;
-    std::memcpy(&d, back.out.data() + pos, sizeof d);
-    nodes->push_back(d.entry_out.nodeid);
-    pos += FUSE_DIRENTPLUS_SIZE(&d);
-  }
+  ForEachDirentPlus(back.out, [&](const fuse_direntplus& d, size_t) { nodes->push_back(d.entry_out.nodeid); });
   return true;
 }
 
