@@ -284,6 +284,7 @@ int RunGroup(GroupRun& run) {
         break;
       }
       netns.Reset(*ns);
+      Answer(sock.get(), "ok");
     } else if (said.text.rfind("mount ", 0) == 0) {
       const size_t i = std::stoul(said.text.substr(6));
       if (i >= mounts.size() || !said.fd) {
