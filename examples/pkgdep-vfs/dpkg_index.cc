@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -10,6 +12,7 @@
 #include <cstring>
 #include <deque>
 #include <fstream>
+#include <functional>
 #include <set>
 #include <sstream>
 
@@ -72,6 +75,78 @@ bool NeedsUsr(std::string_view path) {
   }
   return false;
 }
+// A fingerprint of the files the index is built from (FNV-1a over what names a file's
+// version: its name, device, inode, size and modification time).
+struct Stamp {
+  uint64_t h = 0xcbf29ce484222325ULL;
+  void Add(std::string_view bytes) {
+    for (char c : bytes) {
+      h ^= static_cast<unsigned char>(c);
+      h *= 0x100000001b3ULL;
+    }
+  }
+  void Add(uint64_t v) { Add(std::string_view(reinterpret_cast<const char*>(&v), sizeof v)); }
+  void File(int dir_fd, const std::string& name) {
+    Add(name);
+    struct stat st {};
+    if (::fstatat(dir_fd, name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return Add(uint64_t{0});
+    for (uint64_t v : {static_cast<uint64_t>(st.st_dev), static_cast<uint64_t>(st.st_ino), static_cast<uint64_t>(st.st_size),
+                       static_cast<uint64_t>(st.st_mtim.tv_sec), static_cast<uint64_t>(st.st_mtim.tv_nsec)})
+      Add(v);
+  }
+};
+
+// The names in `dir` that `keep` admits, sorted; false when it cannot be listed.
+bool ListDir(const std::string& dir, const std::function<bool(std::string_view)>& keep, std::vector<std::string>& out) {
+  DIR* d = ::opendir(dir.c_str());
+  if (d == nullptr) return false;
+  while (dirent* e = ::readdir(d)) {
+    std::string_view n = e->d_name;
+    if (n != "." && n != ".." && keep(n)) out.emplace_back(n);
+  }
+  ::closedir(d);
+  std::sort(out.begin(), out.end());
+  return true;
+}
+
+// The cache file: fixed-width integers in this machine's byte order, strings as a
+// 32-bit length and the bytes. Reading checks every length against what is left.
+constexpr std::string_view kCacheMagic = "pkgdep-vfs file index 2\n";
+
+struct CacheWriter {
+  std::string out;
+  template <typename T>
+  void Int(T v) {
+    out.append(reinterpret_cast<const char*>(&v), sizeof v);
+  }
+  void Str(std::string_view v) {
+    Int(static_cast<uint32_t>(v.size()));
+    out += v;
+  }
+};
+
+struct CacheReader {
+  std::string_view in;
+  bool ok = true;
+  std::string_view Bytes(size_t n) {
+    if (!ok || n > in.size()) {
+      ok = false;
+      return {};
+    }
+    std::string_view b = in.substr(0, n);
+    in.remove_prefix(n);
+    return b;
+  }
+  template <typename T>
+  T Int() {
+    T v{};
+    std::string_view b = Bytes(sizeof v);
+    if (ok) std::memcpy(&v, b.data(), sizeof v);
+    return v;
+  }
+  std::string_view Str() { return Bytes(Int<uint32_t>()); }
+};
+
 }  // namespace
 
 std::string DpkgIndex::Canonical(std::string_view path) {
@@ -94,6 +169,9 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
   // status: the installed packages and their relations.
   {
     const std::string path = admin_dir + "/status";
+    Stamp stamp;
+    stamp.File(AT_FDCWD, path);  // before reading: a change while it is read shows next time
+    index.status_stamp_ = stamp.h;
     std::ifstream in(path);
     if (!in) return std::unexpected(path + ": " + std::strerror(errno));
     Package p;
@@ -147,21 +225,34 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
   return index;
 }
 
-std::expected<void, std::string> DpkgIndex::LoadFiles() {
+std::expected<void, std::string> DpkgIndex::LoadFiles(const std::string& cache_file) {
   const std::string& admin_dir = admin_dir_;
   DpkgIndex& index = *this;
+  const std::string info_dir = admin_dir + "/info", alternatives_dir = admin_dir + "/alternatives";
+  std::vector<std::string> lists, alternatives;
+  if (!ListDir(info_dir, [](std::string_view n) { return n.ends_with(".list"); }, lists))
+    return std::unexpected(info_dir + ": " + std::strerror(errno));
+  (void)ListDir(alternatives_dir, [](std::string_view) { return true; }, alternatives);  // none is fine
+  // Stamped before anything is read, so a change made while this reads shows next time.
+  Stamp stamp;
+  stamp.Add(status_stamp_);
+  stamp.Add(admin_dir);
+  for (const auto& [dir, names] : {std::pair{&info_dir, &lists}, std::pair{&alternatives_dir, &alternatives}}) {
+    const int fd = ::open(dir->c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    for (const std::string& n : *names) stamp.File(fd, n);
+    if (fd >= 0) ::close(fd);
+  }
+  stamp.File(AT_FDCWD, admin_dir + "/diversions");
+  if (!cache_file.empty() && ReadCache(cache_file, stamp.h)) {
+    files_from_cache_ = true;
+    return {};
+  }
   // info/*.list: who owns which path.
   {
-    const std::string dir = admin_dir + "/info";
-    DIR* d = ::opendir(dir.c_str());
-    if (d == nullptr) return std::unexpected(dir + ": " + std::strerror(errno));
-    std::vector<std::string> lists;
-    while (dirent* e = ::readdir(d)) {
-      std::string_view n = e->d_name;
-      if (n.ends_with(".list")) lists.emplace_back(n);
-    }
-    ::closedir(d);
-    std::sort(lists.begin(), lists.end());
+    const std::string& dir = info_dir;
+    std::vector<Entry>& entries = index.built_entries_;
+    std::string& paths = index.built_paths_;
+    std::string text;  // one list file
     for (const std::string& file : lists) {
       const std::string name = BareName(std::string_view(file).substr(0, file.size() - 5));
       if (!index.packages_.contains(name)) continue;  // a list left by a removed package
@@ -170,7 +261,7 @@ std::expected<void, std::string> DpkgIndex::LoadFiles() {
       const std::string path = dir + "/" + file;
       const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
       if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
-      std::string& text = index.text_.emplace_back();
+      text.clear();
       char buf[65536];
       for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) != 0;) {
         if (n < 0) {
@@ -187,12 +278,15 @@ std::expected<void, std::string> DpkgIndex::LoadFiles() {
         std::string_view line = rest.substr(0, nl);
         rest = nl == std::string_view::npos ? std::string_view() : rest.substr(nl + 1);
         if (line.empty() || line == "/.") continue;
-        if (NeedsUsr(line)) line = index.text_.emplace_back(Canonical(line));
-        index.entries_.push_back({std::hash<std::string_view>()(line), id, line});
+        const size_t offset = paths.size();
+        if (NeedsUsr(line)) paths += "/usr";
+        paths += line;
+        const std::string_view canonical = std::string_view(paths).substr(offset);
+        entries.push_back({std::hash<std::string_view>()(canonical), id, static_cast<uint32_t>(canonical.size()), offset});
       }
     }
     // Sorted by the path's hash (integers compare fast; a path's entries are neighbours).
-    std::sort(index.entries_.begin(), index.entries_.end(),
+    std::sort(entries.begin(), entries.end(),
               [](const Entry& a, const Entry& b) { return a.hash != b.hash ? a.hash < b.hash : a.owner < b.owner; });
   }
   auto id_of = [&index](const std::string& name) -> int64_t {
@@ -218,25 +312,111 @@ std::expected<void, std::string> DpkgIndex::LoadFiles() {
     }
   }
   // alternatives: the links update-alternatives manages, and where they lead now.
-  {
-    const std::string dir = admin_dir + "/alternatives";
-    if (DIR* d = ::opendir(dir.c_str())) {
-      while (dirent* e = ::readdir(d)) {
-        const std::string name = e->d_name;
-        if (name == "." || name == "..") continue;
-        std::vector<std::string> lines;
-        if (!ReadLines(dir + "/" + name, lines) || lines.size() < 2) continue;
-        index.alternative_links_[Canonical(lines[1])] = "/etc/alternatives/" + name;
-        index.alternative_links_["/etc/alternatives/" + name] = "/etc/alternatives/" + name;
-        for (size_t i = 2; i + 1 < lines.size() && !lines[i].empty(); i += 2) {
-          index.alternative_links_[Canonical(lines[i + 1])] = "/etc/alternatives/" + lines[i];
-          index.alternative_links_["/etc/alternatives/" + lines[i]] = "/etc/alternatives/" + lines[i];
-        }
-      }
-      ::closedir(d);
+  for (const std::string& name : alternatives) {
+    std::vector<std::string> lines;
+    if (!ReadLines(alternatives_dir + "/" + name, lines) || lines.size() < 2) continue;
+    index.alternative_links_[Canonical(lines[1])] = "/etc/alternatives/" + name;
+    index.alternative_links_["/etc/alternatives/" + name] = "/etc/alternatives/" + name;
+    for (size_t i = 2; i + 1 < lines.size() && !lines[i].empty(); i += 2) {
+      index.alternative_links_[Canonical(lines[i + 1])] = "/etc/alternatives/" + lines[i];
+      index.alternative_links_["/etc/alternatives/" + lines[i]] = "/etc/alternatives/" + lines[i];
     }
   }
+  if (!cache_file.empty()) WriteCache(cache_file, stamp.h);
   return {};
+}
+
+void DpkgIndex::WriteCache(const std::string& file, uint64_t stamp) const {
+  CacheWriter w;
+  w.out += kCacheMagic;
+  w.Int(stamp);
+  w.Int(static_cast<uint64_t>(std::hash<std::string_view>()("/usr/bin/sh")));  // entries are sorted by this hash
+  w.Int(static_cast<uint32_t>(names_.size()));
+  for (const std::string& n : names_) w.Str(n);
+  w.Int(static_cast<uint32_t>(diverted_.size()));
+  for (const auto& [path, owners] : diverted_) {
+    w.Str(path);
+    w.Int(static_cast<uint32_t>(owners.size()));
+    for (uint32_t o : owners) w.Int(o);
+  }
+  w.Int(static_cast<uint32_t>(alternative_links_.size()));
+  for (const auto& [link, name] : alternative_links_) {
+    w.Str(link);
+    w.Str(name);
+  }
+  w.out.resize((w.out.size() + 7) / 8 * 8, '\0');  // the entries are read in place: aligned
+  const auto entries = Entries();
+  const std::string_view paths = Paths();
+  w.Int(static_cast<uint64_t>(entries.size()));
+  w.Int(static_cast<uint64_t>(paths.size()));
+  w.out.append(reinterpret_cast<const char*>(entries.data()), entries.size_bytes());
+  w.out += paths;
+  w.out += kCacheMagic;  // a cut-off file does not end with it
+  // Written aside and renamed over: a reader sees the old file or the new one.
+  const size_t slash = file.rfind('/');
+  if (slash != std::string::npos && slash > 0) ::mkdir(file.substr(0, slash).c_str(), 0755);
+  const std::string tmp = file + ".new." + std::to_string(::getpid());
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return;
+  size_t done = 0;
+  while (done < w.out.size()) {
+    const ssize_t n = ::write(fd, w.out.data() + done, w.out.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) break;
+    done += static_cast<size_t>(n);
+  }
+  const bool written = done == w.out.size() && ::close(fd) == 0;
+  if (!written || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
+}
+
+bool DpkgIndex::ReadCache(const std::string& file, uint64_t stamp) {
+  static_assert(std::is_trivially_copyable_v<Entry> && sizeof(Entry) == 24);
+  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return false;
+  struct stat st {};
+  void* addr = MAP_FAILED;
+  if (::fstat(fd, &st) == 0 && st.st_size > 0) addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (addr == MAP_FAILED) return false;
+  const auto size = static_cast<size_t>(st.st_size);
+  mapping_ = std::shared_ptr<const void>(addr, [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
+  const std::string_view file_bytes(static_cast<const char*>(addr), size);
+  CacheReader r{file_bytes};
+  bool ok = r.Bytes(kCacheMagic.size()) == kCacheMagic && r.Int<uint64_t>() == stamp &&
+            r.Int<uint64_t>() == static_cast<uint64_t>(std::hash<std::string_view>()("/usr/bin/sh"));
+  const auto n_names = ok ? r.Int<uint32_t>() : 0;
+  for (uint32_t i = 0; r.ok && i < n_names; ++i) names_.emplace_back(r.Str());
+  const auto n_diverted = r.Int<uint32_t>();
+  for (uint32_t i = 0; ok && r.ok && i < n_diverted; ++i) {
+    std::vector<uint32_t>& owners = diverted_[std::string(r.Str())];
+    const auto k = r.Int<uint32_t>();
+    for (uint32_t j = 0; r.ok && ok && j < k; ++j) {
+      owners.push_back(r.Int<uint32_t>());
+      ok = owners.back() < names_.size();
+    }
+  }
+  const auto n_links = r.Int<uint32_t>();
+  for (uint32_t i = 0; ok && r.ok && i < n_links; ++i) {
+    const std::string link(r.Str());
+    alternative_links_[link] = std::string(r.Str());
+  }
+  r.Bytes((8 - (file_bytes.size() - r.in.size()) % 8) % 8);
+  const auto n_entries = r.Int<uint64_t>();
+  const auto paths_size = r.Int<uint64_t>();
+  ok = ok && r.ok && n_entries <= r.in.size() / sizeof(Entry);
+  if (ok) {
+    // Read in place (each entry's bounds are checked where it is used).
+    mapped_entries_ = std::span(reinterpret_cast<const Entry*>(r.Bytes(n_entries * sizeof(Entry)).data()), n_entries);
+    mapped_paths_ = r.Bytes(paths_size);
+  }
+  if (ok && r.ok && r.Bytes(kCacheMagic.size()) == kCacheMagic && r.in.empty()) return true;
+  mapping_.reset();
+  mapped_entries_ = {};
+  mapped_paths_ = {};
+  names_.clear();
+  diverted_.clear();
+  alternative_links_.clear();
+  return false;
 }
 
 const Package* DpkgIndex::Find(std::string_view name) const {
@@ -271,10 +451,14 @@ std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {
 
 std::vector<uint32_t> DpkgIndex::ListedOwners(std::string_view canonical) const {
   std::vector<uint32_t> out;
-  const size_t hash = std::hash<std::string_view>()(canonical);
-  auto it = std::lower_bound(entries_.begin(), entries_.end(), hash, [](const Entry& e, size_t h) { return e.hash < h; });
-  for (; it != entries_.end() && it->hash == hash; ++it) {
-    if (it->path == canonical && std::find(out.begin(), out.end(), it->owner) == out.end()) out.push_back(it->owner);
+  const uint64_t hash = std::hash<std::string_view>()(canonical);
+  const auto entries = Entries();
+  const std::string_view paths = Paths();
+  auto it = std::lower_bound(entries.begin(), entries.end(), hash, [](const Entry& e, uint64_t h) { return e.hash < h; });
+  for (; it != entries.end() && it->hash == hash; ++it) {
+    if (it->offset > paths.size() || it->length > paths.size() - it->offset || it->owner >= names_.size()) continue;
+    if (paths.substr(it->offset, it->length) == canonical && std::find(out.begin(), out.end(), it->owner) == out.end())
+      out.push_back(it->owner);
   }
   return out;
 }

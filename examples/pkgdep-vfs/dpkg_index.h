@@ -15,9 +15,10 @@
 // Immutable after Load; every method is thread-safe.
 #pragma once
 
-#include <deque>
 #include <expected>
 #include <map>
+#include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
@@ -43,7 +44,14 @@ class DpkgIndex {
   // (info/*.list, diversions, alternatives), which may run on another thread while
   // nothing else uses the index. Owners() answers nothing before LoadFiles.
   static std::expected<DpkgIndex, std::string> LoadPackages(const std::string& admin_dir = "/var/lib/dpkg");
-  std::expected<void, std::string> LoadFiles();
+  // With a `cache_file`, the file index is kept there between runs and read back
+  // while what it was built from is unchanged: the stamps (name, inode, size,
+  // mtime) of status, of every info/*.list, of diversions and of every alternatives
+  // file. dpkg and update-alternatives replace those files by rename, so each change
+  // they make shows. A missing, stale or damaged cache is rebuilt; one that cannot be
+  // written only costs the next run the time.
+  std::expected<void, std::string> LoadFiles(const std::string& cache_file = "");
+  bool files_from_cache() const noexcept { return files_from_cache_; }
 
   // The installed package `name` (an ":arch" qualifier is ignored), or nullptr.
   const Package* Find(std::string_view name) const;
@@ -56,26 +64,37 @@ class DpkgIndex {
   std::vector<std::string> EssentialPackages() const;
 
   size_t package_count() const noexcept { return packages_.size(); }
-  size_t path_count() const noexcept { return entries_.size(); }
+  size_t path_count() const noexcept { return Entries().size(); }
 
   // The /usr spelling of a path on a merged-/usr system ("/bin/sh" -> "/usr/bin/sh").
   static std::string Canonical(std::string_view path);
 
  private:
   std::vector<uint32_t> ListedOwners(std::string_view canonical) const;  // from the .list files
+  bool ReadCache(const std::string& file, uint64_t stamp);
+  void WriteCache(const std::string& file, uint64_t stamp) const;
   std::string admin_dir_;
+  uint64_t status_stamp_ = 0;  // of status as LoadPackages read it
+  bool files_from_cache_ = false;
   std::map<std::string, Package, std::less<>> packages_;
   std::unordered_map<std::string, std::vector<std::string>> provided_by_;  // virtual -> providers
   // Every (path, package id) of the .list files, sorted by the path's hash: ~160k
-  // entries here, built in one sort with no allocation per path (the paths point
-  // into `text_`).
-  struct Entry {
-    size_t hash;
+  // entries here, built in one sort with no allocation per path. Plain data that
+  // points into `paths_` by offset, so the cache file holds it as it is in memory
+  // and is mapped, not read.
+  struct Entry {  // 24 bytes, no padding: the cache file's layout
+    uint64_t hash;
     uint32_t owner;
-    std::string_view path;
+    uint32_t length;
+    uint64_t offset;  // into paths_
   };
-  std::vector<Entry> entries_;
-  std::deque<std::string> text_;  // the .list files' contents, and canonical spellings
+  std::vector<Entry> built_entries_;
+  std::string built_paths_;              // every path, one after the other
+  std::shared_ptr<const void> mapping_;  // the cache file, when the index came from it
+  std::span<const Entry> mapped_entries_;
+  std::string_view mapped_paths_;
+  std::span<const Entry> Entries() const { return mapping_ ? mapped_entries_ : std::span<const Entry>(built_entries_); }
+  std::string_view Paths() const { return mapping_ ? mapped_paths_ : std::string_view(built_paths_); }
   std::unordered_map<std::string, std::vector<uint32_t>> diverted_;         // path -> owners, after diversions
   std::vector<std::string> names_;                                          // package id -> name
   std::unordered_map<std::string, std::string> alternative_links_;          // link path -> /etc/alternatives/NAME

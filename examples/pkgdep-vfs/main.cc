@@ -36,6 +36,8 @@ namespace pkgdep {
 namespace {
 
 constexpr int kUsage = 2;
+// The file index between runs (DpkgIndex::LoadFiles says when it is used).
+constexpr const char* kIndexCache = "/var/cache/pkgdep-vfs/file-index";
 
 int Fail(const std::string& message) {
   std::fprintf(stderr, "pkgdep-vfs: %s\n", message.c_str());
@@ -226,11 +228,11 @@ int Check(const std::string& package, const std::string& deps, const std::string
   std::thread files_loader;
   std::function<void()> load_files;
   if (mode == "enforce") {
-    files = index->LoadFiles();
+    files = index->LoadFiles(kIndexCache);
     if (!files) return Fail(files.error());
   } else {
     load_files = [&] {
-      if (!files_loader.joinable()) files_loader = std::thread([&] { files = index->LoadFiles(); });
+      if (!files_loader.joinable()) files_loader = std::thread([&] { files = index->LoadFiles(kIndexCache); });
     };
   }
   struct Joiner {
@@ -271,7 +273,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
   if (files_loader.joinable()) {
     files_loader.join();
   } else if (mode != "enforce") {
-    files = index->LoadFiles();  // the group never said it started
+    files = index->LoadFiles(kIndexCache);  // the group never said it started
   }
   if (!files) return Fail(files.error());
   Attribute(idx, first.record, allow, report);

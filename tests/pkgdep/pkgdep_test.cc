@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <filesystem>
 #include <fstream>
 
 #include "examples/pkgdep-vfs/dpkg_index.h"
@@ -167,6 +168,68 @@ TEST(DpkgIndex, AgreesWithDpkgQuery) {
   EXPECT_EQ(closure->declared.at("dash"), "essential");
   EXPECT_FALSE(closure->Declares("python3-minimal"));
   EXPECT_EQ(pkgdep::DeclaredClosure(*index, {"nope-nope"}).error(), "no installed package 'nope-nope' (dpkg -l lists what is installed)");
+}
+
+// The file index kept between runs answers as the database does, and a change made
+// the way dpkg makes it (a new file renamed over the old), a damaged cache or a
+// foreign file in its place each make it rebuild. The database is a copy, so the
+// test can change it.
+TEST(DpkgIndex, ItsCacheAnswersLikeTheDatabaseAndIsRebuiltWhenThatChanges) {
+  TempDir dir;
+  const std::string admin = dir / "dpkg", cache = dir / "cache/file-index";
+  ASSERT_EQ(Shell("mkdir -p " + admin + "/info && cp -a /var/lib/dpkg/status /var/lib/dpkg/diversions "
+                  "/var/lib/dpkg/alternatives " + admin + "/ && cp -a /var/lib/dpkg/info/*.list " + admin + "/info/"),
+            0);
+  auto load = [&](bool expect_cached) {
+    auto index = pkgdep::DpkgIndex::LoadPackages(admin);
+    EXPECT_TRUE(index.has_value());
+    auto files = index->LoadFiles(cache);
+    EXPECT_TRUE(files.has_value()) << files.error();
+    EXPECT_EQ(index->files_from_cache(), expect_cached);
+    return std::move(*index);
+  };
+  const auto uncached = pkgdep::DpkgIndex::Load(admin);
+  ASSERT_TRUE(uncached.has_value());
+  // Paths of every kind: plain, merged /usr, diverted, an alternative's link, unowned.
+  std::vector<std::string> probes = {"/usr/bin/ls", "/bin/ls", "/etc/passwd", "/usr/bin/editor", "/etc/alternatives/editor",
+                                     "/usr/lib/x86_64-linux-gnu/libc.so.6", "/nonexistent"};
+  std::ifstream div("/var/lib/dpkg/diversions");
+  for (std::string line; std::getline(div, line);) probes.push_back(line);
+  std::ifstream list("/var/lib/dpkg/info/libssl3:amd64.list");
+  for (std::string line; std::getline(list, line);) probes.push_back(line);
+  auto same_answers = [&](const pkgdep::DpkgIndex& index) {
+    EXPECT_EQ(index.path_count(), uncached->path_count());
+    for (const std::string& p : probes) EXPECT_EQ(index.Owners(p), uncached->Owners(p)) << p;
+  };
+
+  same_answers(load(false));  // no cache yet: built, and written
+  ASSERT_TRUE(std::filesystem::exists(cache));
+  same_answers(load(true));   // nothing changed: read back
+
+  // dpkg installs a file list: written aside, renamed over the old one.
+  const std::string marker = "/usr/share/doc/coreutils/pkgdep-test-marker";
+  ASSERT_EQ(Shell("cp " + admin + "/info/coreutils.list " + admin + "/info/coreutils.list-new && echo " + marker +
+                  " >> " + admin + "/info/coreutils.list-new && mv " + admin + "/info/coreutils.list-new " + admin +
+                  "/info/coreutils.list"),
+            0);
+  {
+    const auto index = load(false);
+    EXPECT_EQ(index.Owners(marker), std::vector<std::string>{"coreutils"});
+  }
+  EXPECT_EQ(load(true).Owners(marker), std::vector<std::string>{"coreutils"});
+
+  // A cache cut short (a full disk, a crash) and one overwritten with garbage.
+  ASSERT_EQ(::truncate(cache.c_str(), static_cast<off_t>(std::filesystem::file_size(cache) / 2)), 0);
+  EXPECT_EQ(load(false).Owners(marker), std::vector<std::string>{"coreutils"});
+  ASSERT_EQ(Shell("head -c 100000 /dev/urandom > " + cache), 0);
+  EXPECT_EQ(load(false).Owners(marker), std::vector<std::string>{"coreutils"});
+  load(true);  // written again
+
+  // A cache that cannot be written costs only the time.
+  auto index = pkgdep::DpkgIndex::LoadPackages(admin);
+  ASSERT_TRUE(index.has_value());
+  EXPECT_TRUE(index->LoadFiles("/proc/no-such-dir/file-index").has_value());
+  EXPECT_EQ(index->Owners(marker), std::vector<std::string>{"coreutils"});
 }
 
 }  // namespace
