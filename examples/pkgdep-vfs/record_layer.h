@@ -89,6 +89,7 @@ class RecordLayer final : public ulsp::vfs::Layer {
   RecordLayer(std::shared_ptr<Recording> recording, std::unique_ptr<ulsp::vfs::Layer> lower)
       : Layer(std::move(lower)), rec_(std::move(recording)) {
     PassesFileData();  // it records opens; what is read after does not matter
+    ListsThrough();    // and listings, as they are read
   }
 
   int Serve(ulsp::vfs::VfsRequest& req) noexcept override;

@@ -248,6 +248,8 @@ struct FuseOps {
     m->req.timeout = Shim(req).options_.timeout;
     // The stack may give the kernel the file itself (FUSE passthrough).
     m->req.kernel_io_ok = (op == VfsOp::kOpen || op == VfsOp::kCreate) && Shim(req).KernelPassthrough();
+    // The stack may say its listings need no handle (answering ENOSYS).
+    m->req.handleless_ok = op == VfsOp::kOpenDir && Shim(req).handleless_dirs_;
     return std::unique_ptr<VfsMessage>(m);
   }
 
@@ -301,6 +303,7 @@ struct FuseOps {
     }
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    shim.handleless_dirs_ = shim.options_.handleless_dirs && (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
     if (shim.passthrough_io_) {
       conn->want &= ~static_cast<unsigned>(FUSE_CAP_WRITEBACK_CACHE);  // the kernel refuses both

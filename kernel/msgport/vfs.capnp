@@ -47,6 +47,7 @@ struct VfsRequest {
   in @19 :Data;
   timeout @20 :Float64;
   kernelIoOk @21 :Bool;  # open, create: the shim can give the kernel the file's descriptor
+  handlelessOk @22 :Bool;  # opendir: the kernel can list without handles (vfs_message.h)
 }
 
 struct VfsReply {

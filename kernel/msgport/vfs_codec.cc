@@ -103,6 +103,7 @@ void EncodeVfsRequest(const VfsRequest& req, std::vector<std::byte>& out) {
   r.setIn(Bytes(req.in.data(), req.in.size()));
   r.setTimeout(req.timeout);
   r.setKernelIoOk(req.kernel_io_ok);
+  r.setHandlelessOk(req.handleless_ok);
   Flatten(builder, out);
 }
 
@@ -133,6 +134,7 @@ Result<void> DecodeVfsRequest(std::span<const std::byte> bytes, VfsRequest& req,
     req.timeout = r.getTimeout();
     if (!(req.timeout >= 0 && req.timeout <= 1e9)) req.timeout = 0;
     req.kernel_io_ok = r.getKernelIoOk();
+    req.handleless_ok = r.getHandlelessOk();
     return {};
   });
 }

@@ -125,6 +125,12 @@ struct VfsRequest {
                               // writes itself, on `open.backing_fd`. A layer that sees
                               // or changes file data must clear it before passing the
                               // request down (Layer::Down does, unless told otherwise)
+  bool handleless_ok = false;  // opendir: the kernel can list this mount's directories
+                               // without handles. A bottom layer that reads listings
+                               // without one answers ENOSYS, and from then on the kernel
+                               // sends no opendir or releasedir, and readdir with fh 0.
+                               // A layer that keeps state per directory handle must
+                               // clear it before passing the request down
 
   // readdir(plus): upper layers may hide names. Called by the layer that lists the
   // directory for each name other than "." and ".."; false hides it.

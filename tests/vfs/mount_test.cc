@@ -298,6 +298,66 @@ TEST_P(KernelPassthroughTest, WithoutItOrUnderATraceEveryReadReachesTheStack) {
 INSTANTIATE_TEST_SUITE_P(Modes, KernelPassthroughTest, ::testing::Values("inprocess", "isolated"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
+// Listings without handles: a stack whose layers keep nothing per directory handle
+// (here a view on passthrough) answers the first opendir with ENOSYS, and the kernel
+// then sends no opendir or releasedir on the mount, only readdirs with fh 0 (one
+// round trip less per directory). Listings that take many readdirs, and changes made
+// through the mount or beside it, read the same as on the disk. An overlay keeps a
+// handle per listing, so it is opened as before.
+class HandlelessListingTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    // 3000 long names: about 250 KB of entries, many readdir answers.
+    ASSERT_EQ(Shell("mkdir -p " + dir_ / "mnt " + dir_ / "src/many/sub/deeper " + dir_ / "upper && cd " + dir_ /
+                    "src/many && for i in $(seq 3000); do : > entry-$i-with-a-rather-long-name-to-fill-the-buffer; "
+                    "done && echo x > sub/deeper/f"),
+              0);
+    std::ofstream(dir_ / "allow.txt") << "/\n";
+  }
+  static size_t Count(const std::string& log, const std::string& opcode) {
+    size_t n = 0;
+    for (size_t at = 0; (at = log.find("opcode: " + opcode + " (", at)) != std::string::npos; ++at) ++n;
+    return n;
+  }
+  // Lists the tree through a mount made with `stack` and checks it against the disk;
+  // returns libfuse's request log.
+  std::string ListThrough(const std::string& stack) {
+    std::vector<std::string> args = {"-d", "--timeout", "0.3", "--stack", stack};
+    if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
+    ServedMount mount(args, dir_ / "mnt", dir_ / "server.log");
+    EXPECT_TRUE(mount.ok()) << ReadFile(dir_ / "server.log");
+    if (!mount.ok()) return "";
+    const std::string m = mount.path();
+    const std::string native = Output("cd " + dir_ / "src && find . | sort");
+    EXPECT_EQ(Output("cd " + m + " && find . | sort"), native);
+    EXPECT_EQ(Output("ls -f " + m + "/many | sort"), Output("ls -f " + dir_ / "src/many | sort"));
+    // A change through the mount shows at once; one beside it within the timeout.
+    EXPECT_EQ(Shell("touch " + m + "/many/made-through && ls " + m + "/many | grep -qx made-through"), 0);
+    EXPECT_EQ(Shell("touch " + dir_ / "src/many/made-beside && sleep 0.6 && ls " + m + "/many | grep -qx made-beside"), 0);
+    EXPECT_EQ(Shell("rm " + m + "/many/made-through " + m + "/many/made-beside"), 0);
+    EXPECT_EQ(Shell("sleep 0.6 && ! ls " + m + "/many | grep -q made-"), 0);
+    EXPECT_EQ(mount.Stop(), 0);
+    return ReadFile(dir_ / "server.log");
+  }
+  TempDir dir_;
+};
+
+TEST_P(HandlelessListingTest, APassthroughStackIsListedWithoutOpendir) {
+  const std::string log = ListThrough("view:" + dir_ / "allow.txt" + ",passthrough:" + dir_ / "src");
+  EXPECT_LE(Count(log, "OPENDIR"), 1u) << "the kernel kept opening directories";
+  EXPECT_EQ(Count(log, "RELEASEDIR"), 0u);
+  EXPECT_GT(Count(log, "READDIR") + Count(log, "READDIRPLUS"), 10u);
+}
+
+TEST_P(HandlelessListingTest, AnOverlayKeepsItsHandles) {
+  const std::string log = ListThrough("overlay:" + dir_ / "upper" + ",passthrough:" + dir_ / "src");
+  EXPECT_GT(Count(log, "OPENDIR"), 3u);
+  EXPECT_GT(Count(log, "RELEASEDIR"), 3u);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, HandlelessListingTest, ::testing::Values("inprocess", "isolated"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
 // The overlay keeps the lower tree as it was: changes, removals and new files land in
 // the upper directory (copy-up, whiteouts, opaque directories), and the merged view
 // is what a program sees. A git repository in the lower tree is used through it.

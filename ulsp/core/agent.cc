@@ -241,6 +241,7 @@ class StackImpl final : public Stack::Server {
       return kj::READY_NOW;
     }
     request->req.kernel_io_ok = false;  // no descriptor crosses the network
+    request->req.handleless_ok = false;  // an opendir brings its listing with it
     context.releaseParams();
     if (Quick(*top_, request->req)) {
       SetResults(context.getResults(), ServeOne(*top_, *request));

@@ -43,10 +43,7 @@ bool UsesHandle(const msgport::VfsRequest& r) {
     case VfsOp::kFlush:
     case VfsOp::kRelease:
     case VfsOp::kFsync:
-    case VfsOp::kReadDir:
-    case VfsOp::kReadDirPlus:
     case VfsOp::kReleaseDir:
-    case VfsOp::kFsyncDir:
     case VfsOp::kFallocate:
     case VfsOp::kCopyFileRange:
     case VfsOp::kLseek:
@@ -54,6 +51,10 @@ bool UsesHandle(const msgport::VfsRequest& r) {
     case VfsOp::kGetAttr:
     case VfsOp::kSetAttr:
       return r.has_fh;
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+    case VfsOp::kFsyncDir:
+      return r.fh != 0;  // 0: listed without a handle (VfsRequest::handleless_ok)
     default:
       return false;
   }

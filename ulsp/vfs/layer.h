@@ -52,16 +52,22 @@ class Layer {
   // bypass this layer's Read and Write).
   int Down(VfsRequest& req) noexcept {
     if (!passes_file_data_) req.kernel_io_ok = false;
+    if (!lists_through_) req.handleless_ok = false;
     return lower_->Serve(req);
   }
   // For a layer that neither sees nor changes what files contain once opened (a
   // view, a recorder of opens): the kernel may then read and write a file the layers
   // below opened straight on its descriptor (VfsOpenReply::backing_fd).
   void PassesFileData() noexcept { passes_file_data_ = true; }
+  // For a layer that keeps nothing per directory handle (it passes opendir, readdir
+  // and releasedir down, perhaps filtering names): the layers below may then list
+  // without handles (VfsRequest::handleless_ok).
+  void ListsThrough() noexcept { lists_through_ = true; }
 
  private:
   std::unique_ptr<Layer> lower_;
   bool passes_file_data_ = false;
+  bool lists_through_ = false;
 };
 
 // The path of `name` inside the directory whose path is `dir`.

@@ -650,6 +650,7 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
       fuse_entry_param e{};
       if (dots) {
         e.attr.st_mode = S_IFDIR;
+        e.attr.st_ino = 1;  // as without plus: readdir(3) skips an entry whose inode is 0
       } else if (Lookup(req, req.node, name, e) != 0) {
         continue;  // gone since the listing
       }
@@ -672,6 +673,7 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
   // A file read through a lower handle may be copied up and written through another:
   // the kernel could not keep both on one backing file, so the overlay serves data.
   req.kernel_io_ok = false;
+  req.handleless_ok = false;  // a directory handle holds the merged listing
   ONode n;
   switch (req.op) {
     case VfsOp::kLookup:

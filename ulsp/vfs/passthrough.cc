@@ -405,18 +405,26 @@ int PassthroughLayer::Write(VfsRequest& req) {
   return 0;
 }
 
-int PassthroughLayer::OpenDir(VfsRequest& req) {
-  const FdRef fd = NodeFd(req.node);
+int PassthroughLayer::OpenDirStream(uint64_t node, DirHandle& handle) {
+  const FdRef fd = NodeFd(node);
   if (fd < 0) return ESTALE;
   auto dfd = Sys([&] { return ::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
   if (!dfd) return dfd.error().value;
-  auto handle = std::make_unique<DirHandle>();
-  handle->dir = ::fdopendir(*dfd);
-  if (handle->dir == nullptr) {
+  handle.dir = ::fdopendir(*dfd);
+  if (handle.dir == nullptr) {
     const int err = errno;
     ::close(*dfd);
     return err;
   }
+  return 0;
+}
+
+int PassthroughLayer::OpenDir(VfsRequest& req) {
+  // Listings need no handle here (each readdir opens the directory at its offset):
+  // the kernel, told so, sends no opendir and no releasedir again on this mount.
+  if (req.handleless_ok) return ENOSYS;
+  auto handle = std::make_unique<DirHandle>();
+  if (const int err = OpenDirStream(req.node, *handle); err != 0) return err;
   std::lock_guard lock(dirs_mu_);
   uint32_t index;
   if (!free_dirs_.empty()) {
@@ -442,14 +450,24 @@ int PassthroughLayer::ReleaseDir(VfsRequest& req) {
 }
 
 int PassthroughLayer::ReadDir(VfsRequest& req, bool plus) {
+  if (req.fh == 0) {  // no handle (the kernel sends no opendir): one for this read
+    DirHandle once;
+    if (const int err = OpenDirStream(req.node, once); err != 0) return err;
+    return ReadDirFrom(once, req, plus);
+  }
   DirHandle* handle = nullptr;
   {
     std::lock_guard lock(dirs_mu_);
-    if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+    if (req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
     handle = dirs_[req.fh - 1].get();  // lives until releasedir, which the kernel
                                        // sends only after this request is answered
   }
   std::lock_guard lock(handle->mu);
+  return ReadDirFrom(*handle, req, plus);
+}
+
+int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
+  DirHandle* const handle = &dir;
   if (req.offset != handle->offset) {
     ::seekdir(handle->dir, req.offset);
     handle->pending = nullptr;
@@ -594,10 +612,17 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kReleaseDir:
       return ReleaseDir(req);
     case VfsOp::kFsyncDir: {
+      if (req.fh == 0) {  // no handle (the kernel sends no opendir)
+        const FdRef fd = NodeFd(req.node);
+        if (fd < 0) return ESTALE;
+        UniqueFd dir(::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+        if (!dir) return errno;
+        return Errno0([&] { return ::fsync(dir.get()); });
+      }
       DIR* dir = nullptr;
       {
         std::lock_guard lock(dirs_mu_);
-        if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
+        if (req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
         dir = dirs_[req.fh - 1]->dir;
       }
       return Errno0([&] { return ::fsync(::dirfd(dir)); });

@@ -111,7 +111,9 @@ class PassthroughLayer final : public Layer {
   int Read(VfsRequest& req);
   int Write(VfsRequest& req);
   int OpenDir(VfsRequest& req);
+  int OpenDirStream(uint64_t node, DirHandle& handle);
   int ReadDir(VfsRequest& req, bool plus);
+  int ReadDirFrom(DirHandle& handle, VfsRequest& req, bool plus);  // at req.offset
   int ReleaseDir(VfsRequest& req);
   int Xattr(VfsRequest& req);
 

@@ -43,7 +43,9 @@ Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path
 }
 
 TraceLayer::TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower)
-    : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {}
+    : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {
+  ListsThrough();  // it logs listings; nothing of its own is kept per directory handle
+}
 
 TraceLayer::~TraceLayer() {
   {
@@ -121,7 +123,10 @@ int TraceLayer::Serve(VfsRequest& req) noexcept {
     clock_gettime(CLOCK_REALTIME, &now);
     struct tm utc {};
     gmtime_r(&now.tv_sec, &utc);
-    const char* result = err == 0 ? "ok" : strerrorname_np(err);
+    // ENOSYS to a handleless opendir tells the kernel to list without handles: for
+    // the program, its opendir succeeded (and the kernel sends no more of them).
+    const bool listed_without_handle = req.op == VfsOp::kOpenDir && err == ENOSYS && req.handleless_ok;
+    const char* result = err == 0 || listed_without_handle ? "ok" : strerrorname_np(err);
     std::string line = fmt::format(
         R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z","pid":{},"uid":{},"op":"{}","path":{})",
         utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, now.tv_nsec / 1000,

@@ -40,7 +40,10 @@ class ViewLayer final : public Layer {
   bool Visible(std::string_view path) const;
 
  private:
-  explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) { PassesFileData(); }
+  explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) {
+    PassesFileData();
+    ListsThrough();  // names are filtered as they are listed, per request
+  }
   // The path a name operation would make or touch.
   std::string ChildPath(uint64_t parent, std::string_view name) const { return JoinPath(PathOf(parent), name); }
 
