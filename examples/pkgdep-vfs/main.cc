@@ -147,30 +147,30 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
   run.policy_file = "(pkgdep-vfs)";
   run.command = command;
   run.stacks.push_back(std::move(record));
-  run.on_started = [recorder, started = std::move(started)](pid_t init) {
-    recorder->SetGroupInit(init);
-    if (started) started();
-  };
-  run.who = "pkgdep-vfs";
-
   // A progress line for runs longer than a few seconds.
   std::mutex mu;
   std::condition_variable cv;
   bool done = false;
   const auto start = std::chrono::steady_clock::now();
   std::thread progress_thread;
-  if (progress) {
-    progress_thread = std::thread([&] {
-      std::unique_lock lock(mu);
-      for (int tick = 1; !cv.wait_for(lock, std::chrono::seconds(1), [&] { return done; }); ++tick) {
-        if (tick < 3 || tick % 5 != 0) continue;
-        const std::string line = "pkgdep-vfs: running for " + std::to_string(tick) + " s: " +
-                                 std::to_string(recorder->size()) + " paths, " + std::to_string(recorder->processes()) +
-                                 " processes\n";
-        (void)!::write(progress_fd, line.data(), line.size());
-      }
-    });
-  }
+  auto report_progress = [&] {
+    std::unique_lock lock(mu);
+    for (int tick = 1; !cv.wait_for(lock, std::chrono::seconds(1), [&] { return done; }); ++tick) {
+      if (tick < 3 || tick % 5 != 0) continue;
+      const std::string line = "pkgdep-vfs: running for " + std::to_string(tick) + " s: " +
+                               std::to_string(recorder->size()) + " paths, " + std::to_string(recorder->processes()) +
+                               " processes\n";
+      (void)!::write(progress_fd, line.data(), line.size());
+    }
+  };
+  // Threads of this process start once the group's processes are forked (see
+  // Recording::SetGroupInit): none is being set up while RunGroup forks.
+  run.on_started = [&, started = std::move(started)](pid_t init) {
+    recorder->SetGroupInit(init);
+    if (progress) progress_thread = std::thread(report_progress);
+    if (started) started();
+  };
+  run.who = "pkgdep-vfs";
   {
     std::optional<Capture> cap;
     if (capture) cap.emplace();

@@ -30,9 +30,7 @@ std::string_view UseName(Use u) noexcept {
   return "?";
 }
 
-Recording::Recording() {
-  opener_ = std::thread([this] { OpenGroupProc(); });
-}
+Recording::Recording() = default;
 
 Recording::~Recording() {
   {
@@ -40,13 +38,17 @@ Recording::~Recording() {
     stopping_ = true;
   }
   cv_.notify_all();
-  opener_.join();
+  if (opener_.joinable()) opener_.join();
   if (const int fd = proc_fd_.load(); fd >= 0) ::close(fd);
 }
 
 void Recording::SetGroupInit(pid_t init) {
   std::lock_guard lock(mu_);
   init_ = init;
+  // Started only now, after the group's processes are forked: a thread still being
+  // set up when this process forks can hold a sanitizer allocator's lock, which the
+  // child then waits on forever (seen under AddressSanitizer, in seccomp_load).
+  if (!opener_.joinable()) opener_ = std::thread([this] { OpenGroupProc(); });
   cv_.notify_all();
 }
 

@@ -55,7 +55,7 @@ class Recording {
   Recording& operator=(const Recording&) = delete;
 
   // The group's init (host pid): its /proc is /proc/INIT/root/proc. Until the group
-  // has mounted it, argv is not read.
+  // has mounted it, argv is not read. Starts the thread that opens it.
   void SetGroupInit(pid_t init);
   // Records that `path` was touched this way by `pid` (keeps the strongest use).
   void Note(const std::string& path, Use use, bool dir, pid_t pid);
