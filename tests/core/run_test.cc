@@ -6,6 +6,7 @@
 #include <signal.h>
 
 #include <chrono>
+#include <filesystem>
 
 #include "tests/core/group_fixture.h"
 
@@ -149,6 +150,23 @@ TEST_F(RunTest, PsShowsTheGroupWhileItLives) {
   EXPECT_NE(table.find("memfs:1M"), std::string::npos) << table;
   EXPECT_EQ(Shell("wait $(cat " + dir_ / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir_ / "pid" + ") 2>/dev/null; do sleep 0.1; done"), 0);
   EXPECT_EQ(Output(env + ULSP_BIN + " ps --json"), "[]\n");
+}
+
+// A supervisor killed with SIGKILL cannot remove its entry in the runtime directory;
+// the next ulsp process to start does (as `ulsp ps` does), so none stays behind.
+TEST_F(RunTest, WhatAKilledSupervisorLeftIsClearedByTheNextOne) {
+  std::ofstream(dir_ / "p.toml") << kOpen;
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- sleep 30 & echo $! > " + dir_ / "pid"), 0);
+  std::string pid = Output("cat " + dir_ / "pid");
+  pid.erase(pid.find_last_not_of('\n') + 1);
+  for (int i = 0; i < 200 && !std::filesystem::exists(dir_ / "run/" + pid + "/control"); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  ASSERT_TRUE(std::filesystem::exists(dir_ / "run/" + pid + "/control"));
+  ASSERT_EQ(Shell("kill -9 " + pid + "; while kill -0 " + pid + " 2>/dev/null; do sleep 0.05; done"), 0);
+  ASSERT_TRUE(std::filesystem::exists(dir_ / "run/" + pid));  // left behind
+  EXPECT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- true"), 0);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "run/" + pid));
 }
 
 TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {

@@ -149,6 +149,25 @@ nlohmann::ordered_json ToJson(msgport::wire::Status::Reader s) {
 
 bool Alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
 
+// Removes the entries of processes killed before they could clean up (kill -9), and
+// returns the live ones, sorted.
+std::vector<std::filesystem::path> LiveEntries(const std::string& dir) {
+  std::error_code ec;
+  std::vector<std::filesystem::path> live;
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) {
+    const pid_t pid = static_cast<pid_t>(std::atoi(e.path().filename().c_str()));
+    if (pid <= 0) continue;
+    if (Alive(pid)) {
+      live.push_back(e.path());
+    } else {
+      std::error_code rm;
+      std::filesystem::remove_all(e.path(), rm);
+    }
+  }
+  std::sort(live.begin(), live.end());
+  return live;
+}
+
 }  // namespace
 
 std::string RuntimeDir() {
@@ -164,6 +183,7 @@ void StatusBuilder::AddPort(const msgport::Port& port, std::string port_kind, ui
 }
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& dir, Fill fill) {
+  (void)LiveEntries(std::filesystem::path(dir).parent_path());  // what killed processes left
   std::unique_ptr<ControlServer> c(new ControlServer());
   c->path_ = dir + "/control";
   c->fill_ = std::move(fill);
@@ -221,18 +241,8 @@ void ControlServer::Loop() {
 int Ps(bool json) {
   const std::string dir = RuntimeDir();
   nlohmann::ordered_json all = nlohmann::ordered_json::array();
-  std::error_code ec;
-  std::vector<std::filesystem::path> entries;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) entries.push_back(e.path());
-  std::sort(entries.begin(), entries.end());
-  for (const auto& entry : entries) {
-    const std::string name = entry.filename().string();
-    const pid_t pid = static_cast<pid_t>(std::atoi(name.c_str()));
-    if (pid <= 0) continue;
-    if (!Alive(pid)) {  // a process killed before it could clean up: its entry goes
-      std::filesystem::remove_all(entry, ec);
-      continue;
-    }
+  for (const auto& entry : LiveEntries(dir)) {
+    const pid_t pid = static_cast<pid_t>(std::atoi(entry.filename().c_str()));
     const std::string path = entry.string() + "/control";
     UniqueFd s(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
     sockaddr_un addr{};
