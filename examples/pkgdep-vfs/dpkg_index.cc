@@ -356,17 +356,10 @@ void DpkgIndex::WriteCache(const std::string& file, uint64_t stamp) const {
   const size_t slash = file.rfind('/');
   if (slash != std::string::npos && slash > 0) ::mkdir(file.substr(0, slash).c_str(), 0755);
   const std::string tmp = file + ".new." + std::to_string(::getpid());
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
-  if (fd < 0) return;
-  size_t done = 0;
-  while (done < w.out.size()) {
-    const ssize_t n = ::write(fd, w.out.data() + done, w.out.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) break;
-    done += static_cast<size_t>(n);
-  }
-  const bool written = done == w.out.size() && ::close(fd) == 0;
-  if (!written || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
+  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
+  out.write(w.out.data(), static_cast<std::streamsize>(w.out.size()));
+  out.close();
+  if (!out || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
 bool DpkgIndex::ReadCache(const std::string& file, uint64_t stamp) {

@@ -303,7 +303,7 @@ struct FuseOps {
     }
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
     if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
-    shim.handleless_dirs_ = shim.options_.handleless_dirs && (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT);
+    shim.handleless_dirs_ = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
     if (shim.passthrough_io_) {
       conn->want &= ~static_cast<unsigned>(FUSE_CAP_WRITEBACK_CACHE);  // the kernel refuses both

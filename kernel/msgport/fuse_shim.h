@@ -49,10 +49,6 @@ class FuseShim {
                                       // written by the kernel itself, on the stack's
                                       // descriptor (FUSE passthrough: Linux 6.9+, root;
                                       // the mount then cannot be overlayfs's lower)
-    bool handleless_dirs = true;      // a stack whose listings need no directory handle
-                                      // (VfsRequest::handleless_ok) is listed without
-                                      // opendir and releasedir (FUSE no-opendir: one
-                                      // round trip less for every directory read)
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a
@@ -111,7 +107,8 @@ class FuseShim {
   void ReleaseBacking(uint64_t fh) noexcept;
   bool passthrough_io_ = false;           // replies go out through the patching writer
   std::atomic<bool> passthrough_{false};  // negotiated, and not refused since
-  bool handleless_dirs_ = false;          // the kernel lists without opendir if asked
+  bool handleless_dirs_ = false;          // the kernel can list without opendir (FUSE
+                                          // no-opendir), if the stack answers ENOSYS
   std::mutex backing_mu_;
   std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
   std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node

@@ -405,10 +405,14 @@ int PassthroughLayer::Write(VfsRequest& req) {
   return 0;
 }
 
-int PassthroughLayer::OpenDirStream(uint64_t node, DirHandle& handle) {
+Result<int> PassthroughLayer::OpenDirFd(uint64_t node) {
   const FdRef fd = NodeFd(node);
-  if (fd < 0) return ESTALE;
-  auto dfd = Sys([&] { return ::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+  if (fd < 0) return Fail(ESTALE);
+  return Sys([&] { return ::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
+}
+
+int PassthroughLayer::OpenDirStream(uint64_t node, DirHandle& handle) {
+  auto dfd = OpenDirFd(node);
   if (!dfd) return dfd.error().value;
   handle.dir = ::fdopendir(*dfd);
   if (handle.dir == nullptr) {
@@ -467,32 +471,31 @@ int PassthroughLayer::ReadDir(VfsRequest& req, bool plus) {
 }
 
 int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
-  DirHandle* const handle = &dir;
-  if (req.offset != handle->offset) {
-    ::seekdir(handle->dir, req.offset);
-    handle->pending = nullptr;
-    handle->offset = req.offset;
+  if (req.offset != dir.offset) {
+    ::seekdir(dir.dir, req.offset);
+    dir.pending = nullptr;
+    dir.offset = req.offset;
   }
   const size_t room = std::min<uint64_t>(req.size, 1u << 20);
   req.out.resize(room);
   size_t used = 0;
   for (;;) {
-    struct dirent* d = handle->pending;
+    struct dirent* d = dir.pending;
     if (d == nullptr) {
       errno = 0;
-      d = ::readdir(handle->dir);
+      d = ::readdir(dir.dir);
       if (d == nullptr) {
         if (errno != 0 && used == 0) return errno;
         break;
       }
     }
-    handle->pending = d;
+    dir.pending = d;
     const std::string_view name(d->d_name);
     const bool dots = name == "." || name == "..";
     const off_t next = d->d_off;
     if (!dots && req.admit && !req.admit(name)) {
-      handle->pending = nullptr;
-      handle->offset = next;
+      dir.pending = nullptr;
+      dir.offset = next;
       continue;
     }
     size_t size;
@@ -502,8 +505,8 @@ int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
         e.attr.st_ino = d->d_ino;
         e.attr.st_mode = static_cast<mode_t>(d->d_type) << 12;
       } else if (DoLookup(req, req.node, name, e) != 0) {
-        handle->pending = nullptr;  // vanished since it was listed
-        handle->offset = next;
+        dir.pending = nullptr;  // vanished since it was listed
+        dir.offset = next;
         continue;
       }
       size = fuse_add_direntry_plus(nullptr, req.out.data() + used, room - used, d->d_name, &e, next);
@@ -516,8 +519,8 @@ int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
     }
     if (size > room - used) break;  // stays pending for the next call
     used += size;
-    handle->pending = nullptr;
-    handle->offset = next;
+    dir.pending = nullptr;
+    dir.offset = next;
   }
   req.out.resize(used);
   return 0;
@@ -613,10 +616,9 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       return ReleaseDir(req);
     case VfsOp::kFsyncDir: {
       if (req.fh == 0) {  // no handle (the kernel sends no opendir)
-        const FdRef fd = NodeFd(req.node);
-        if (fd < 0) return ESTALE;
-        UniqueFd dir(::openat(fd, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-        if (!dir) return errno;
+        auto dfd = OpenDirFd(req.node);
+        if (!dfd) return dfd.error().value;
+        const UniqueFd dir(*dfd);
         return Errno0([&] { return ::fsync(dir.get()); });
       }
       DIR* dir = nullptr;

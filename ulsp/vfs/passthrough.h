@@ -111,9 +111,10 @@ class PassthroughLayer final : public Layer {
   int Read(VfsRequest& req);
   int Write(VfsRequest& req);
   int OpenDir(VfsRequest& req);
+  Result<int> OpenDirFd(uint64_t node);  // O_RDONLY, to list or fsync
   int OpenDirStream(uint64_t node, DirHandle& handle);
   int ReadDir(VfsRequest& req, bool plus);
-  int ReadDirFrom(DirHandle& handle, VfsRequest& req, bool plus);  // at req.offset
+  int ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus);  // at req.offset
   int ReleaseDir(VfsRequest& req);
   int Xattr(VfsRequest& req);
 
