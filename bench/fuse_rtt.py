@@ -1,0 +1,72 @@
+#!/usr/bin/python3
+"""What one FUSE round trip costs on this machine, and how much of it is the CPUs:
+bench/fuse_rtt (ioctl(TCGETS), then open+close, N each) on a file natively and
+through `ulsp mount --stack passthrough:DIR`, with the program and the server
+
+  unpinned      where the scheduler puts them
+  two CPUs      program on CPU 0, server on CPU 1
+  one CPU       both on CPU 0
+
+in interleaved rounds; prints medians in microseconds. Needs root.
+
+  bench/fuse_rtt.py [--ulsp build/ulsp/core/ulsp] [--rtt build/bench/fuse_rtt] [--rounds 5] [-n 2000]
+"""
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ulsp", default=os.path.join(HERE, "..", "build", "ulsp", "core", "ulsp"))
+    ap.add_argument("--rtt", default=os.path.join(HERE, "..", "build", "bench", "fuse_rtt"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("-n", type=int, default=2000)
+    args = ap.parse_args()
+    ulsp, rtt = os.path.abspath(args.ulsp), os.path.abspath(args.rtt)
+    work = tempfile.mkdtemp(prefix="ulsp-rtt.")
+    src, mnt = os.path.join(work, "src"), os.path.join(work, "mnt")
+    os.makedirs(src)
+    os.makedirs(mnt)
+    with open(os.path.join(src, "f"), "w") as f:
+        f.write("x\n")
+    # (name, server's CPUs or None, program's CPUs or None)
+    subjects = [("native", None, None), ("unpinned", None, None), ("two CPUs", "1", "0"), ("one CPU", "0", "0")]
+    results = {name: ([], []) for name, _, _ in subjects}
+
+    def pin(cpus, cmd):
+        return (["taskset", "-c", cpus] if cpus else []) + cmd
+
+    try:
+        for _ in range(args.rounds):
+            for name, server_cpus, program_cpus in subjects:
+                path = os.path.join(src, "f")
+                if name != "native":
+                    subprocess.run(pin(server_cpus, [ulsp, "mount", "--stack", "passthrough:" + src, mnt]), check=True)
+                    path = os.path.join(mnt, "f")
+                try:
+                    out = subprocess.run(pin(program_cpus, [rtt, path, str(args.n)]), check=True,
+                                         capture_output=True, text=True).stdout.split()
+                finally:
+                    if name != "native":
+                        subprocess.run([ulsp, "umount", mnt], check=True)
+                results[name][0].append(float(out[0]))
+                results[name][1].append(float(out[1]))
+    finally:
+        subprocess.run(["umount", "-l", mnt], stderr=subprocess.DEVNULL)
+        subprocess.run(["rm", "-rf", work])
+    print(f"median of {args.rounds} interleaved rounds of {args.n} calls each; microseconds per call")
+    print(f"  {'program and server':<20} {'ioctl(TCGETS)':>14} {'open+close':>11}")
+    for name, _, _ in subjects:
+        ioctl, opens = results[name]
+        print(f"  {name:<20} {statistics.median(ioctl):14.1f} {statistics.median(opens):11.1f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
