@@ -1,13 +1,16 @@
 #!/usr/bin/python3
 """What one FUSE round trip costs on this machine, and how much of it is the CPUs:
 bench/fuse_rtt (ioctl(TCGETS), then open+close, N each) on a file natively and
-through `ulsp mount --stack passthrough:DIR`, with the program and the server
+through `ulsp mount --stack passthrough:DIR`. Requests read from /dev/fuse
+(`--no-io-uring`), with the program and the server
 
   unpinned      where the scheduler puts them
   two CPUs      program on CPU 0, server on CPU 1
   one CPU       both on CPU 0
 
-in interleaved rounds; prints medians in microseconds. Needs root.
+and requests through FUSE over io_uring (the kernel switch turned on for that mount
+only; the server's thread for each CPU is pinned there), with the program unpinned
+and on CPU 0. Interleaved rounds; prints medians in microseconds. Needs root.
 
   bench/fuse_rtt.py [--ulsp build/ulsp/core/ulsp] [--rtt build/bench/fuse_rtt] [--rounds 5] [-n 2000]
 """
@@ -17,6 +20,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import fuse_uring_switch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -36,7 +41,8 @@ def main():
     with open(os.path.join(src, "f"), "w") as f:
         f.write("x\n")
     # (name, server's CPUs or None, program's CPUs or None)
-    subjects = [("native", None, None), ("unpinned", None, None), ("two CPUs", "1", "0"), ("one CPU", "0", "0")]
+    subjects = [("native", None, None), ("unpinned", None, None), ("two CPUs", "1", "0"), ("one CPU", "0", "0"),
+                ("io_uring, unpinned", None, None), ("io_uring, CPU 0", None, "0")]
     results = {name: ([], []) for name, _, _ in subjects}
 
     def pin(cpus, cmd):
@@ -46,15 +52,20 @@ def main():
         for _ in range(args.rounds):
             for name, server_cpus, program_cpus in subjects:
                 path = os.path.join(src, "f")
-                if name != "native":
-                    subprocess.run(pin(server_cpus, [ulsp, "mount", "--stack", "passthrough:" + src, mnt]), check=True)
-                    path = os.path.join(mnt, "f")
-                try:
-                    out = subprocess.run(pin(program_cpus, [rtt, path, str(args.n)]), check=True,
-                                         capture_output=True, text=True).stdout.split()
-                finally:
+                uring = name.startswith("io_uring")
+                # The switch stays on while the mount lives: the kernel reads it when it
+                # takes the INIT reply, which may come after `ulsp mount` returned.
+                with fuse_uring_switch.enabled(uring):
                     if name != "native":
-                        subprocess.run([ulsp, "umount", mnt], check=True)
+                        subprocess.run(pin(server_cpus, [ulsp, "mount", "--stack", "passthrough:" + src, mnt] +
+                                           ([] if uring else ["--no-io-uring"])), check=True)
+                        path = os.path.join(mnt, "f")
+                    try:
+                        out = subprocess.run(pin(program_cpus, [rtt, path, str(args.n)]), check=True,
+                                             capture_output=True, text=True).stdout.split()
+                    finally:
+                        if name != "native":
+                            subprocess.run([ulsp, "umount", mnt], check=True)
                 results[name][0].append(float(out[0]))
                 results[name][1].append(float(out[1]))
     finally:

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "kernel/msgport/fuse_loop.h"
+#include "kernel/msgport/fuse_uring.h"
 #include "kernel/msgport/log.h"
 
 namespace ulsp::msgport {
@@ -38,10 +39,10 @@ class FuseShim::ReplyPort final : public Port {
 
 namespace {
 
-// --- FUSE passthrough (Linux 6.9, protocol 7.40), which libfuse 3.14 neither
-// negotiates nor answers with. The shim adds it on the way out: libfuse writes every
-// reply through IoWritev, which patches the INIT reply and the open replies that the
-// sending thread marked in tl_patch just before.
+// --- FUSE passthrough (Linux 6.9, protocol 7.40) and FUSE over io_uring (6.14, 7.42),
+// which libfuse 3.14 neither negotiates nor answers with. The shim adds them on the way
+// out: libfuse writes every reply through FuseShim::WriteReply, which patches the INIT
+// reply and the open replies that the sending thread marked in tl_patch just before.
 namespace kabi {
 struct OutHeader {  // struct fuse_out_header
   uint32_t len;
@@ -56,7 +57,10 @@ constexpr uint32_t kPassthrough2 = 1u << (37 - 32);  // FUSE_PASSTHROUGH, in fla
 constexpr uint32_t kMaxStackDepth = 2;
 constexpr uint32_t kOpenPassthrough = 1u << 7;  // FOPEN_PASSTHROUGH
 // struct fuse_init_out: flags, flags2, max_stack_depth.
-constexpr size_t kInitFlags = 12, kInitFlags2 = 32, kInitStackDepth = 36;
+constexpr size_t kInitFlags = 12, kInitMaxWrite = 20, kInitMaxPages = 28, kInitFlags2 = 32, kInitStackDepth = 36;
+constexpr uint32_t kMaxPages = 1u << 22;              // FUSE_MAX_PAGES: max_pages is read
+constexpr uint32_t kParallelDirops = 1u << 18;        // FUSE_PARALLEL_DIROPS
+constexpr uint32_t kOverIoUring2 = 1u << (41 - 32);  // FUSE_OVER_IO_URING, in flags2
 // struct fuse_open_out {u64 fh; u32 open_flags; s32 backing_id;} ends an open's and a
 // create's reply.
 constexpr size_t kOpenOutSize = 16, kOpenFlags = 8, kOpenBackingId = 12;
@@ -70,7 +74,9 @@ constexpr unsigned long kBackingClose = _IOW(229, 2, uint32_t);   // FUSE_DEV_IO
 }  // namespace kabi
 
 struct ReplyPatch {
-  bool init = false;         // the next reply of this thread answers INIT
+  bool init = false;         // the next reply of this thread answers INIT: passthrough
+  bool init_uring = false;   // ... and io_uring
+  bool parallel_dirops = false;  // ... and parallel directory operations
   int32_t backing_id = -1;   // the reply being sent opens a file on this backing id
 };
 thread_local ReplyPatch tl_patch;
@@ -86,35 +92,61 @@ void Store(char* p, T v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-ssize_t IoWritev(int fd, iovec* iov, int count, void*) {
-  if ((tl_patch.init || tl_patch.backing_id >= 0) && count == 2 && iov[0].iov_len == sizeof(kabi::OutHeader) &&
+ssize_t IoRead(int fd, void* buf, size_t len, void*) { return ::read(fd, buf, len); }
+ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags, void*) {
+  return ::splice(fdin, offin, fdout, offout, len, flags);
+}
+
+}  // namespace
+
+ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
+  auto* shim = static_cast<FuseShim*>(userdata);
+  bool start_uring = false;
+  uint32_t max_write = 0, max_pages = 0;
+  if ((tl_patch.init || tl_patch.init_uring || tl_patch.parallel_dirops || tl_patch.backing_id >= 0) && count == 2 &&
+      iov[0].iov_len == sizeof(kabi::OutHeader) &&
       Load<kabi::OutHeader>(static_cast<const char*>(iov[0].iov_base)).error == 0) {
     // libfuse's reply body is its own writable local, sent once.
     char* body = static_cast<char*>(iov[1].iov_base);
     const size_t size = iov[1].iov_len;
-    if (tl_patch.init && size >= kabi::kInitStackDepth + 4) {
-      const auto flags = Load<uint32_t>(body + kabi::kInitFlags);
-      if (!(flags & kabi::kWritebackCache)) {
-        Store<uint32_t>(body + kabi::kInitFlags, flags | kabi::kInitExt);
-        Store<uint32_t>(body + kabi::kInitFlags2, Load<uint32_t>(body + kabi::kInitFlags2) | kabi::kPassthrough2);
+    if ((tl_patch.init || tl_patch.init_uring || tl_patch.parallel_dirops) && size >= kabi::kInitStackDepth + 4) {
+      uint32_t flags = Load<uint32_t>(body + kabi::kInitFlags);
+      if (tl_patch.parallel_dirops) flags |= kabi::kParallelDirops;
+      uint32_t flags2 = Load<uint32_t>(body + kabi::kInitFlags2);
+      if (tl_patch.init && !(flags & kabi::kWritebackCache)) {
+        flags |= kabi::kInitExt;
+        flags2 |= kabi::kPassthrough2;
         Store<uint32_t>(body + kabi::kInitStackDepth, kabi::kMaxStackDepth);
       }
+      if (tl_patch.init_uring) {
+        flags |= kabi::kInitExt;
+        flags2 |= kabi::kOverIoUring2;
+        start_uring = true;
+        max_write = Load<uint32_t>(body + kabi::kInitMaxWrite);
+        if (flags & kabi::kMaxPages) max_pages = Load<uint16_t>(body + kabi::kInitMaxPages);
+      }
+      Store<uint32_t>(body + kabi::kInitFlags, flags);
+      Store<uint32_t>(body + kabi::kInitFlags2, flags2);
     } else if (tl_patch.backing_id >= 0 && size >= kabi::kOpenOutSize) {
       char* out = body + size - kabi::kOpenOutSize;
       Store<uint32_t>(out + kabi::kOpenFlags, Load<uint32_t>(out + kabi::kOpenFlags) | kabi::kOpenPassthrough);
       Store<int32_t>(out + kabi::kOpenBackingId, tl_patch.backing_id);
     }
   }
-  tl_patch.init = false;
-  return ::writev(fd, iov, count);
+  tl_patch.init = tl_patch.init_uring = tl_patch.parallel_dirops = false;
+  if (FuseUring* uring = shim->uring_live_.load(std::memory_order_acquire)) {
+    ssize_t written = 0;
+    if (uring->Reply(iov, count, &written)) return written;
+  }
+  const ssize_t written = ::writev(fd, iov, count);
+  // The kernel took the INIT reply (it is processed inside the write): the rings may
+  // register now.
+  if (start_uring && written >= 0) {
+    shim->uring_->Start(max_write, max_pages);
+    shim->uring_live_.store(shim->uring_.get(), std::memory_order_release);
+  }
+  return written;
 }
-ssize_t IoRead(int fd, void* buf, size_t len, void*) { return ::read(fd, buf, len); }
-ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags, void*) {
-  return ::splice(fdin, offin, fdout, offout, len, flags);
-}
-const fuse_custom_io kPassthroughIo = {IoWritev, IoRead, IoSplice, IoSplice};
-
-}  // namespace
 
 void FuseShim::ReplyPort::AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_file_info fi) noexcept {
   const uint64_t node = q.op == VfsOp::kCreate ? q.entry.ino : q.node;
@@ -295,14 +327,20 @@ struct FuseOps {
 
   static void Init(void* userdata, fuse_conn_info* conn) noexcept {
     auto& shim = *static_cast<FuseShim*>(userdata);
-    if (shim.options_.splice_read && (conn->capable & FUSE_CAP_SPLICE_WRITE))
+    // A spliced reply goes to /dev/fuse, not into a ring's buffer.
+    if (shim.options_.splice_read && !shim.uring_ && (conn->capable & FUSE_CAP_SPLICE_WRITE))
       conn->want |= FUSE_CAP_SPLICE_WRITE;
+    if (shim.uring_) tl_patch.init_uring = true;  // INIT's reply asks for io_uring
     if (conn->capable & FUSE_CAP_READDIRPLUS) {
       conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
       if (shim.options_.readdirplus_always) conn->want &= ~static_cast<unsigned>(FUSE_CAP_READDIRPLUS_AUTO);
     }
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
-    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+    // Lookups and listings in one directory in parallel: without it the kernel holds
+    // the directory's lock across each lookup, and one that blocks in the server (say
+    // on a stopped file system below) stalls every other in that directory. libfuse
+    // 3.14 takes the wish but leaves the flag out of its INIT reply: the writer adds it.
+    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) tl_patch.parallel_dirops = true;
     shim.handleless_dirs_ = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
     if (shim.passthrough_io_) {
@@ -634,20 +672,38 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
     // when the session ends.
     const std::string fd_path = "/dev/fd/" + std::to_string(o.premounted_fd);
     if (fuse_session_mount(shim->session_, fd_path.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
-    shim->UsePassthroughIo();
+    shim->UseCustomIo();
     return shim;
   }
   if (fuse_session_mount(shim->session_, o.mountpoint.c_str()) != 0) return Fail(errno != 0 ? errno : EIO);
   shim->mounted_ = true;
-  shim->UsePassthroughIo();
+  shim->UseCustomIo();
   return shim;
 }
 
-void FuseShim::UsePassthroughIo() noexcept {
+void FuseShim::UseCustomIo() noexcept {
+  if (options_.io_uring && FuseUring::KernelOffers()) {
+    FuseUring::Options uo;
+    if (!serves_inline_) uo.helped = &port_;
+    auto uring = FuseUring::Create(session_, uo);
+    if (uring) {
+      uring_ = std::move(*uring);
+    } else {
+      Logger("fuse")->info("{}: FUSE over io_uring is offered but cannot be set up ({}); requests come through /dev/fuse",
+                           options_.mountpoint, uring.error().Describe());
+    }
+  }
   // Whether descriptors come (from a stack in this process, or with an isolated
   // server's replies) is the port's business: without one an open is served as usual.
-  if (!options_.kernel_passthrough) return;
-  passthrough_io_ = fuse_session_custom_io(session_, &kPassthroughIo, fuse_session_fd(session_)) == 0;
+  static const fuse_custom_io kIo = {WriteReply, IoRead, IoSplice, IoSplice};
+  const bool ok = fuse_session_custom_io(session_, &kIo, fuse_session_fd(session_)) == 0;
+  passthrough_io_ = ok && options_.kernel_passthrough;
+  if (!ok) uring_.reset();
+}
+
+uint64_t FuseShim::UringServed() const noexcept {
+  const FuseUring* uring = uring_live_.load(std::memory_order_acquire);
+  return uring != nullptr ? uring->Served() : 0;
 }
 
 int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept try {
@@ -703,6 +759,13 @@ FuseShim::~FuseShim() {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   if (signals_) fuse_remove_signal_handlers(session_);
   if (mounted_) fuse_session_unmount(session_);
+  if (uring_) {
+    // Its threads feed the session: they stop before it goes.
+    if (const uint64_t n = UringServed(); n > 0)
+      Logger("fuse")->info("{}: {} requests came through io_uring", options_.mountpoint, n);
+    uring_live_.store(nullptr);
+    uring_.reset();
+  }
   fuse_session_destroy(session_);
 }
 

@@ -20,6 +20,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <sys/types.h>
 #include <unordered_map>
 
 #include "kernel/msgport/errno.h"
@@ -27,8 +28,11 @@
 #include "kernel/msgport/vfs_message.h"
 
 struct fuse_session;
+struct iovec;
 
 namespace ulsp::msgport {
+
+class FuseUring;
 
 class FuseShim {
  public:
@@ -49,6 +53,9 @@ class FuseShim {
                                       // written by the kernel itself, on the stack's
                                       // descriptor (FUSE passthrough: Linux 6.9+, root;
                                       // the mount then cannot be overlayfs's lower)
+    bool io_uring = true;             // requests come through FUSE over io_uring, one
+                                      // queue per CPU (fuse_uring.h), when the kernel
+                                      // offers it (the fuse module's enable_uring)
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a
@@ -72,6 +79,9 @@ class FuseShim {
   void Exit();
   // Installs SIGINT/SIGTERM/SIGHUP handlers that end Serve.
   void HandleSignals();
+
+  // Requests that came through FUSE over io_uring (0 when it is not in use).
+  uint64_t UringServed() const noexcept;
 
   // Requests sent to the port and not yet answered.
   uint64_t InFlight() const noexcept { return in_flight_.load(std::memory_order_relaxed); }
@@ -101,8 +111,15 @@ class FuseShim {
   // A backing id for handle `fh` of `node`, whose file is `fd`; -1 when the kernel
   // will not take it (then the handle's data goes through the stack).
   int32_t AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept;
-  // Sends replies through the writer that adds passthrough, when it may be used.
-  void UsePassthroughIo() noexcept;
+  // Sets up FUSE over io_uring if it may be used, and sends every reply through
+  // WriteReply.
+  void UseCustomIo() noexcept;
+  // libfuse's writer (fuse_custom_io): adds what libfuse 3.14 leaves out of the INIT
+  // reply (parallel directory operations, passthrough, io_uring) and passthrough to
+  // open replies, and hands io_uring's replies to it.
+  static ssize_t WriteReply(int fd, iovec* iov, int count, void* userdata);
+  std::unique_ptr<FuseUring> uring_;           // set up before INIT, if offered
+  std::atomic<FuseUring*> uring_live_{nullptr};  // once started: replies go to it
   // Handle `fh` was released (or its open never reached the kernel).
   void ReleaseBacking(uint64_t fh) noexcept;
   bool passthrough_io_ = false;           // replies go out through the patching writer

@@ -90,6 +90,39 @@ class TempDir {
   std::string path_;
 };
 
+// Turns the kernel's switch for FUSE over io_uring (the fuse module's enable_uring) on
+// or off while it lives, and puts back what it found. Mounts made meanwhile are
+// offered io_uring (or not); the switch is read when the kernel takes a mount's INIT
+// reply, so it must outlive that (ServedMount returns after it).
+class KernelUringSwitch {
+ public:
+  static constexpr const char* kParam = "/sys/module/fuse/parameters/enable_uring";
+  explicit KernelUringSwitch(bool on) {
+    if (FILE* f = std::fopen(kParam, "r")) {
+      before_ = std::fgetc(f);
+      std::fclose(f);
+    }
+    ok_ = before_ != EOF && Write(on ? 'Y' : 'N');
+  }
+  ~KernelUringSwitch() {
+    if (before_ != EOF) Write(static_cast<char>(before_));
+  }
+  KernelUringSwitch(const KernelUringSwitch&) = delete;
+  KernelUringSwitch& operator=(const KernelUringSwitch&) = delete;
+  // False when this kernel has no such switch (or it could not be set).
+  bool ok() const { return ok_; }
+
+ private:
+  static bool Write(char c) {
+    FILE* f = std::fopen(kParam, "w");
+    if (f == nullptr) return false;
+    const bool ok = std::fputc(c, f) != EOF;
+    return std::fclose(f) == 0 && ok;
+  }
+  int before_ = EOF;
+  bool ok_ = false;
+};
+
 // A mount served by a child `ulsp mount -f`: mounted by the constructor (check ok()),
 // unmounted and the child reaped by the destructor, killed if it will not go.
 class ServedMount {

@@ -22,12 +22,17 @@ std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
+// The parameter: "passthrough" or "stack" (trace, view, passthrough), both reading
+// /dev/fuse; "uring": passthrough with requests through FUSE over io_uring (the
+// kernel's switch on for the test).
 class RestartTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
+    uring_switch_ = std::make_unique<KernelUringSwitch>(GetParam() == "uring");
+    ASSERT_TRUE(uring_switch_->ok()) << "cannot set " << KernelUringSwitch::kParam;
     ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && cp -a /usr/include/linux " + dir_ / "src/"), 0);
     std::vector<std::string> args = {"--isolated", "--stack"};
-    if (GetParam() == "passthrough") {
+    if (GetParam() == "passthrough" || GetParam() == "uring") {
       args.push_back("passthrough:" + dir_ / "src");
     } else {
       std::ofstream(dir_ / "allow.txt") << "/linux\n/out\n/log\n";
@@ -38,8 +43,17 @@ class RestartTest : public ::testing::TestWithParam<std::string> {
     ASSERT_GT(ServerPid(), 0) << "no isolated server process";
   }
   void TearDown() override {
-    if (mount_) mount_->Stop();
+    if (mount_) {
+      mount_->Stop();
+      if (GetParam() == "uring") {
+        const std::string log = ReadAll(dir_ / "server.log");
+        EXPECT_NE(log.find("requests came through io_uring"), std::string::npos) << log;
+      }
+    }
+    uring_switch_.reset();
   }
+
+  std::unique_ptr<KernelUringSwitch> uring_switch_;
 
   // The isolated server: the mount process's child running __serve-vfs. (Servers are
   // started by the supervisor thread, so the main thread's children list misses them:
@@ -153,7 +167,7 @@ os.close(fd)
   EXPECT_EQ(acked, 1000);
 }
 
-INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack"),
+INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 }  // namespace

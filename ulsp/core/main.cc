@@ -27,6 +27,9 @@ int main(int argc, char** argv) {
   mount_cmd->add_flag("!--no-kernel-passthrough", mount.kernel_passthrough,
                       "Serve every read and write in the stack (by default the kernel reads and writes files a "
                       "passthrough stack opened by itself)");
+  mount_cmd->add_flag("!--no-io-uring", mount.io_uring,
+                      "Read kernel requests from /dev/fuse only (by default they come through FUSE over io_uring, one "
+                      "queue per CPU, when the kernel offers it: /sys/module/fuse/parameters/enable_uring)");
   mount_cmd->add_option("--log", mount.log_file, "Where a background server writes its log");
   mount_cmd->add_option("--remote", mount.remote, "ADDR:PORT/NAME: a stack exported by `ulsp agent serve` on another host");
   mount_cmd->add_option("--token-file", mount.token_file, "The agent's shared token");

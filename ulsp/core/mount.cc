@@ -136,6 +136,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.timeout = args.timeout;
   options.debug = args.debug;
   options.kernel_passthrough = args.kernel_passthrough;
+  options.io_uring = args.io_uring;
   // Over a network a lookup is a round trip: listings bring their entries' attributes.
   options.readdirplus_always = !args.remote.empty();
   options.on_ready = [ready_fd] {

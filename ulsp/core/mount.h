@@ -16,6 +16,8 @@ struct MountArgs {
   double timeout = 1.0;     // entry and attribute cache, seconds
   bool kernel_passthrough = true;  // the kernel reads and writes files the stack lets
                                    // it on their descriptors (FuseShim::Options)
+  bool io_uring = true;     // requests through FUSE over io_uring when the kernel
+                            // offers it (FuseShim::Options)
   std::string log_file;     // where a background server writes its log
   // --remote ADDR:PORT/NAME: the stack is served by a translation agent (agent.h).
   std::string remote;
