@@ -38,7 +38,7 @@ int FuseLoop::Run() {
   watch_cv_.notify_all();
   watchdog.join();
   // Spares wake and leave at once; a thread still inside a request (blocked in the
-  // layer, say on a FIFO nobody will open) is given two seconds.
+  // layer, say on a hung file system below) is given two seconds.
   for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::lock_guard lock(mu_);
   for (auto& t : threads_) {

@@ -8,7 +8,7 @@
 // finds the server awake, and no wake-up is paid to deliver the request. No other
 // thread sleeps on the descriptor, so the kernel has nobody to wake.
 //
-// A request may block (a FIFO, a slow disk, a lock). A watchdog thread checks, every
+// A request may block (a slow disk, a hung file system below a passthrough). A watchdog thread checks, every
 // `takeover` while requests flow, whether the leader has been inside one request
 // longer than that; if so it hands leadership to a spare thread (starting one, up to
 // `max_threads`), and the old leader becomes a spare when its request completes. So

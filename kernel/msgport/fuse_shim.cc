@@ -142,8 +142,9 @@ ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
   // The kernel took the INIT reply (it is processed inside the write): the rings may
   // register now.
   if (start_uring && written >= 0) {
-    shim->uring_->Start(max_write, max_pages);
+    // Live first: a request may come through a ring as soon as its thread registered.
     shim->uring_live_.store(shim->uring_.get(), std::memory_order_release);
+    shim->uring_->Start(max_write, max_pages);
   }
   return written;
 }

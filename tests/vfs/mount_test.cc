@@ -238,6 +238,25 @@ TEST_P(BlockedServerTest, ARequestStuckInTheLayerDoesNotStallItsCpu) {
 INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
+// With io_uring, requests may come through a ring as soon as its thread registered,
+// while the thread that answered INIT is still starting the others: their replies must
+// reach the ring (a reply written to /dev/fuse instead is refused by the kernel, and
+// the program waits for ever). Mount after mount, a program asks at once.
+TEST(UringStartTest, RequestsRightAfterTheMountAreAnswered) {
+  KernelUringSwitch uring(true);
+  ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
+  for (int i = 0; i < 30; ++i) {
+    // `ulsp mount` (background) returns once INIT is answered; the stat follows at once.
+    ASSERT_EQ(Shell("timeout 20 " + std::string(ULSP_BIN) + " mount " + dir / "src " + dir / "mnt" +
+                    " && timeout 10 stat " + dir / "mnt/f" + " > /dev/null"),
+              0)
+        << "mount " << i;
+    ASSERT_EQ(Shell(std::string(ULSP_BIN) + " umount " + dir / "mnt"), 0);
+  }
+}
+
 class StackTest : public ::testing::Test {
  protected:
   void Mount(const std::string& spec) {
