@@ -440,7 +440,9 @@ bool FuseUring::Lead(Queue& q, Worker& me) {
       watching_ = true;
       watch_cv_.notify_one();
     }
-    me.busy_since.store(NowNs(), std::memory_order_relaxed);
+    // Release: a watchdog that takes the queue over (reading this with its CAS) hands
+    // the completion ring, as this thread left it, to the spare.
+    me.busy_since.store(NowNs(), std::memory_order_release);
     tl_handling = &q;
     Handle(q, e);
     if (options_.helped != nullptr && e.unique.load(std::memory_order_acquire) != 0) HelpWith(e);
