@@ -477,6 +477,11 @@ void FuseUring::HelpWith(const Entry& e) noexcept {
 }
 
 void FuseUring::Handle(Queue& q, Entry& e) {
+  // The thread that answered this entry's last request wrote its buffers and its
+  // commit, all before it submitted under sq_mu; the kernel delivered this request
+  // only after that submission. Taking sq_mu makes that order visible to this thread
+  // (and to ThreadSanitizer, which does not see the kernel's part).
+  { std::lock_guard fence(q.sq_mu); }
   kabi::InHeader in;
   std::memcpy(&in, e.header->in_out, sizeof in);
   const uint32_t payload = e.header->ent.payload_sz;
@@ -490,6 +495,7 @@ void FuseUring::Handle(Queue& q, Entry& e) {
     kabi::OutHeader out{sizeof(kabi::OutHeader), -EIO, in.unique};
     std::memcpy(e.header->in_out, &out, sizeof out);
     e.header->ent.payload_sz = 0;
+    e.unique.store(0, std::memory_order_release);  // as Reply does
     Commit(q, e);
     return;
   }
