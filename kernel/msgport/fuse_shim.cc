@@ -74,9 +74,7 @@ constexpr unsigned long kBackingClose = _IOW(229, 2, uint32_t);   // FUSE_DEV_IO
 }  // namespace kabi
 
 struct ReplyPatch {
-  bool init = false;         // the next reply of this thread answers INIT: passthrough
-  bool init_uring = false;   // ... and io_uring
-  bool parallel_dirops = false;  // ... and parallel directory operations
+  bool init = false;         // the next reply of this thread answers INIT
   int32_t backing_id = -1;   // the reply being sent opens a file on this backing id
 };
 thread_local ReplyPatch tl_patch;
@@ -103,22 +101,22 @@ ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
   auto* shim = static_cast<FuseShim*>(userdata);
   bool start_uring = false;
   uint32_t max_write = 0, max_pages = 0;
-  if ((tl_patch.init || tl_patch.init_uring || tl_patch.parallel_dirops || tl_patch.backing_id >= 0) && count == 2 &&
-      iov[0].iov_len == sizeof(kabi::OutHeader) &&
+  if ((tl_patch.init || tl_patch.backing_id >= 0) && count == 2 && iov[0].iov_len == sizeof(kabi::OutHeader) &&
       Load<kabi::OutHeader>(static_cast<const char*>(iov[0].iov_base)).error == 0) {
     // libfuse's reply body is its own writable local, sent once.
     char* body = static_cast<char*>(iov[1].iov_base);
     const size_t size = iov[1].iov_len;
-    if ((tl_patch.init || tl_patch.init_uring || tl_patch.parallel_dirops) && size >= kabi::kInitStackDepth + 4) {
+    if (tl_patch.init && size >= kabi::kInitStackDepth + 4) {
+      // What libfuse 3.14 leaves out, as the shim decided in FuseOps::Init.
       uint32_t flags = Load<uint32_t>(body + kabi::kInitFlags);
-      if (tl_patch.parallel_dirops) flags |= kabi::kParallelDirops;
+      if (shim->parallel_dirops_) flags |= kabi::kParallelDirops;
       uint32_t flags2 = Load<uint32_t>(body + kabi::kInitFlags2);
-      if (tl_patch.init && !(flags & kabi::kWritebackCache)) {
+      if (shim->passthrough_io_ && !(flags & kabi::kWritebackCache)) {
         flags |= kabi::kInitExt;
         flags2 |= kabi::kPassthrough2;
         Store<uint32_t>(body + kabi::kInitStackDepth, kabi::kMaxStackDepth);
       }
-      if (tl_patch.init_uring) {
+      if (shim->uring_) {
         flags |= kabi::kInitExt;
         flags2 |= kabi::kOverIoUring2;
         start_uring = true;
@@ -133,7 +131,7 @@ ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
       Store<int32_t>(out + kabi::kOpenBackingId, tl_patch.backing_id);
     }
   }
-  tl_patch.init = tl_patch.init_uring = tl_patch.parallel_dirops = false;
+  tl_patch.init = false;
   if (FuseUring* uring = shim->uring_live_.load(std::memory_order_acquire)) {
     ssize_t written = 0;
     if (uring->Reply(iov, count, &written)) return written;
@@ -331,7 +329,6 @@ struct FuseOps {
     // A spliced reply goes to /dev/fuse, not into a ring's buffer.
     if (shim.options_.splice_read && !shim.uring_ && (conn->capable & FUSE_CAP_SPLICE_WRITE))
       conn->want |= FUSE_CAP_SPLICE_WRITE;
-    if (shim.uring_) tl_patch.init_uring = true;  // INIT's reply asks for io_uring
     if (conn->capable & FUSE_CAP_READDIRPLUS) {
       conn->want |= FUSE_CAP_READDIRPLUS | FUSE_CAP_READDIRPLUS_AUTO;
       if (shim.options_.readdirplus_always) conn->want &= ~static_cast<unsigned>(FUSE_CAP_READDIRPLUS_AUTO);
@@ -341,14 +338,14 @@ struct FuseOps {
     // the directory's lock across each lookup, and one that blocks in the server (say
     // on a stopped file system below) stalls every other in that directory. libfuse
     // 3.14 takes the wish but leaves the flag out of its INIT reply: the writer adds it.
-    if (conn->capable & FUSE_CAP_PARALLEL_DIROPS) tl_patch.parallel_dirops = true;
+    shim.parallel_dirops_ = (conn->capable & FUSE_CAP_PARALLEL_DIROPS) != 0;
     shim.handleless_dirs_ = (conn->capable & FUSE_CAP_NO_OPENDIR_SUPPORT) != 0;
     conn->want &= ~static_cast<unsigned>(FUSE_CAP_HANDLE_KILLPRIV);
     if (shim.passthrough_io_) {
       conn->want &= ~static_cast<unsigned>(FUSE_CAP_WRITEBACK_CACHE);  // the kernel refuses both
-      tl_patch.init = true;  // INIT's reply, sent next from this thread, asks for passthrough
       shim.passthrough_.store(true);
     }
+    tl_patch.init = true;  // INIT's reply, sent next from this thread, is patched
     if (!shim.serves_inline_) {  // a request and its answer must fit a port's slot
       conn->max_write = kMaxRelayedIo;
       conn->max_read = kMaxRelayedIo;

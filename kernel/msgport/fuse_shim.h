@@ -126,6 +126,8 @@ class FuseShim {
   void ReleaseBacking(uint64_t fh) noexcept;
   bool passthrough_io_ = false;           // replies go out through the patching writer
   std::atomic<bool> passthrough_{false};  // negotiated, and not refused since
+  bool parallel_dirops_ = false;          // INIT's reply asks for parallel directory
+                                          // operations (libfuse 3.14 leaves them out)
   bool handleless_dirs_ = false;          // the kernel can list without opendir (FUSE
                                           // no-opendir), if the stack answers ENOSYS
   std::mutex backing_mu_;

@@ -120,7 +120,6 @@ bool MapBuffers(FuseUring::Entry& e) noexcept;
 }  // namespace
 
 struct FuseUring::Worker {
-  unsigned id = 0;
   bool registered = false;  // its batch of entries is with the kernel
   std::atomic<int64_t> busy_since{0};  // when its request began; 0 idle; kTaken
   std::thread thread;
@@ -179,7 +178,6 @@ Result<std::unique_ptr<FuseUring>> FuseUring::Create(fuse_session* session, Opti
   u->fuse_fd_ = fuse_session_fd(session);
   const unsigned cpus = PossibleCpus();
   if (cpus == 0 || options.depth == 0) return Fail(EINVAL);
-  u->payload_size_ = kPayload;
   for (unsigned qid = 0; qid < cpus; ++qid) {
     auto q = std::make_unique<Queue>();
     q->qid = qid;
@@ -251,11 +249,10 @@ FuseUring::~FuseUring() {
 void FuseUring::Start(uint32_t max_write, uint32_t max_pages) {
   // What the kernel will want of each payload buffer (fuse_uring_create).
   const size_t wanted = std::max<size_t>({kabi::kMinReadBuffer, max_write, size_t{max_pages == 0 ? 32u : max_pages} * kPage});
-  if (wanted > payload_size_)
+  if (wanted > kPayload)
     Logger("fuse")->warn("io_uring: requests of {} bytes exceed the {}-byte buffers; the kernel will keep /dev/fuse",
-                         wanted, payload_size_);
+                         wanted, kPayload);
   std::lock_guard lock(mu_);
-  started_ = true;
   for (auto& q : queues_) {
     if (!StartWorker(*q)) {
       // The kernel now waits for every queue to register: a queue without a thread
@@ -275,7 +272,6 @@ void FuseUring::Start(uint32_t max_write, uint32_t max_pages) {
 bool FuseUring::StartWorker(Queue& q) noexcept try {
   q.workers.push_back(std::make_unique<Worker>());
   Worker* w = q.workers.back().get();
-  w->id = static_cast<unsigned>(q.workers.size() - 1);
   running_.fetch_add(1);
   try {
     w->thread = std::thread([this, &q, w] { Work(q, *w); });
@@ -489,7 +485,7 @@ void FuseUring::Handle(Queue& q, Entry& e) {
   // The kernel put the first argument in op_in and the rest in the payload; libfuse
   // wants them in one piece, after the header.
   const size_t fixed = sizeof in + payload;
-  if (in.len < fixed || in.len - fixed > kabi::kOpInSize || payload > payload_size_ || e.commit_id == 0) {
+  if (in.len < fixed || in.len - fixed > kabi::kOpInSize || payload > kPayload || e.commit_id == 0) {
     Logger("fuse")->error("io_uring: a malformed request on queue {} (length {}, payload {}); answered EIO", q.qid,
                           in.len, payload);
     kabi::OutHeader out{sizeof(kabi::OutHeader), -EIO, in.unique};
@@ -524,7 +520,7 @@ bool FuseUring::Reply(const iovec* iov, int count, ssize_t* written) noexcept {
       if (e.unique.load(std::memory_order_acquire) != out.unique) continue;
       size_t len = 0;
       for (int k = 1; k < count; ++k) len += iov[k].iov_len;
-      if (len > payload_size_) {
+      if (len > kPayload) {
         Logger("fuse")->error("io_uring: a {}-byte reply exceeds the buffer; answered EIO", len);
         out.error = -EIO;
         len = 0;

@@ -82,7 +82,6 @@ class FuseUring {
 
   // Requests delivered through the rings so far.
   uint64_t Served() const noexcept { return served_.load(std::memory_order_relaxed); }
-  unsigned Queues() const noexcept { return static_cast<unsigned>(queues_.size()); }
 
  private:
   struct Worker;
@@ -115,13 +114,11 @@ class FuseUring {
   fuse_session* session_;
   const Options options_;
   int fuse_fd_ = -1;
-  size_t payload_size_ = 0;
   std::vector<std::unique_ptr<Queue>> queues_;
   std::atomic<uint64_t> served_{0};
 
   std::mutex mu_;  // guards the fields below, and every queue's threads
   std::condition_variable watch_cv_;
-  bool started_ = false;
   bool stopping_ = false;
   bool watching_ = false;  // the watchdog ticks (requests flowed lately)
   std::thread watchdog_;
