@@ -2,7 +2,10 @@
 // JSON, and passthrough's node table driven with requests directly.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <fstream>
 
@@ -128,6 +131,36 @@ TEST_F(PassthroughTest, NeverLeavesItsRoot) {
   o.node = link;
   o.flags = O_RDONLY;
   EXPECT_EQ(layer_->Serve(o), ELOOP);  // opening the link itself, as O_NOFOLLOW would
+}
+
+// The kernel grows a descriptor table by doubling it, and in a process with threads
+// each growth waits for an RCU grace period (10-15 ms here), inside whichever request
+// made the node that needed it. Opening a passthrough grows the table up front.
+TEST(PassthroughOpen, GrowsTheDescriptorTableOnce) {
+  auto fd_size = [] {
+    std::ifstream status("/proc/self/status");
+    for (std::string line; std::getline(status, line);) {
+      if (line.starts_with("FDSize:")) return std::stol(line.substr(7));
+    }
+    return -1L;
+  };
+  // In a child: its table is sized for the descriptors it inherits, not this
+  // process's (which earlier tests may have grown).
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    const long before = fd_size();
+    auto layer = PassthroughLayer::Open("/");
+    const long after = fd_size();
+    struct rlimit limit {};
+    ::getrlimit(RLIMIT_NOFILE, &limit);  // as Open left it
+    const long want = static_cast<long>(std::min<rlim_t>(limit.rlim_cur, 65536));
+    std::fprintf(stderr, "FDSize %ld before, %ld after; %ld wanted\n", before, after, want);
+    ::_exit(before > 0 && before < want && layer && after >= want ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's FDSize line says why";
 }
 
 }  // namespace

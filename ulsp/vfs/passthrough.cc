@@ -43,6 +43,22 @@ bool ValidName(std::string_view name) {
          name.find('\0') == std::string_view::npos;
 }
 
+// Grows this process's descriptor table now to hold the first 64Ki descriptors (at
+// most `limit`), so that descriptors for nodes later take no growth. The kernel
+// grows a table by doubling it, and when the process has more than one thread each
+// growth waits for an RCU grace period: 10–15 ms on a 2-vCPU VM, inside whichever
+// request opened the 128th, 256th, 512th … descriptor. The table then costs 512 KiB
+// of kernel memory; it never shrinks.
+void ReserveDescriptorTable(rlim_t limit) {
+  const int last = static_cast<int>(std::min<rlim_t>(limit, rlim_t{1} << 16)) - 1;
+  if (last < 64 || ::fcntl(last, F_GETFD) >= 0) return;  // small enough already, or in use
+  const int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  // F_DUPFD takes the lowest free number from `last` on: `last` itself, free above.
+  if (const int high = ::fcntl(fd, F_DUPFD_CLOEXEC, last); high >= 0) ::close(high);
+  ::close(fd);
+}
+
 }  // namespace
 
 PassthroughLayer::DirHandle::~DirHandle() {
@@ -70,6 +86,7 @@ Result<std::unique_ptr<PassthroughLayer>> PassthroughLayer::Open(const std::stri
     files.rlim_cur = files.rlim_max;
     ::setrlimit(RLIMIT_NOFILE, &files);
   }
+  ReserveDescriptorTable(files.rlim_cur);
   auto dir_fd = Sys([&] { return ::openat(root_fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC); });
   if (!dir_fd) return std::unexpected(dir_fd.error());
   auto layer = std::unique_ptr<PassthroughLayer>(new PassthroughLayer(std::move(root_fd), st));
