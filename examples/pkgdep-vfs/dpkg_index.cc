@@ -172,55 +172,78 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     Stamp stamp;
     stamp.File(AT_FDCWD, path);  // before reading: a change while it is read shows next time
     index.status_stamp_ = stamp.h;
-    std::ifstream in(path);
-    if (!in) return std::unexpected(path + ": " + std::strerror(errno));
+    // Read whole and parsed in place: about 800 KB for 900 packages, most of it
+    // descriptions and conffiles, which are skipped.
+    std::string text;
+    {
+      std::ifstream in(path, std::ios::binary);
+      if (!in) return std::unexpected(path + ": " + std::strerror(errno));
+      std::ostringstream all;
+      all << in.rdbuf();
+      if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
+      text = std::move(all).str();
+    }
+    // The fields a package's relations come from; the others are not kept.
+    enum Field { kNone, kEssential, kDepends, kPreDepends, kRecommends, kSuggests, kProvides, kFields };
+    auto field_of = [](std::string_view key) {
+      if (key == "Essential") return kEssential;
+      if (key == "Depends") return kDepends;
+      if (key == "Pre-Depends") return kPreDepends;
+      if (key == "Recommends") return kRecommends;
+      if (key == "Suggests") return kSuggests;
+      if (key == "Provides") return kProvides;
+      return kNone;
+    };
     Package p;
     bool installed = false;
-    std::string key;
-    std::map<std::string, std::string> fields;
+    Field key = kNone;
+    std::string fields[kFields];
     auto finish = [&] {
       if (installed && !p.name.empty()) {
-        p.essential = fields["Essential"] == "yes";
-        p.depends = Relations(fields["Depends"]);
-        p.pre_depends = Relations(fields["Pre-Depends"]);
-        p.recommends = Relations(fields["Recommends"]);
-        p.suggests = Relations(fields["Suggests"]);
-        for (const auto& g : Relations(fields["Provides"]))
+        p.essential = fields[kEssential] == "yes";
+        p.depends = Relations(fields[kDepends]);
+        p.pre_depends = Relations(fields[kPreDepends]);
+        p.recommends = Relations(fields[kRecommends]);
+        p.suggests = Relations(fields[kSuggests]);
+        for (const auto& g : Relations(fields[kProvides]))
           for (const auto& v : g) p.provides.push_back(v);
         for (const auto& v : p.provides) index.provided_by_[v].push_back(p.name);
         index.packages_[p.name] = std::move(p);
       }
       p = Package{};
       installed = false;
-      fields.clear();
+      for (std::string& f : fields) f.clear();
     };
-    for (std::string line; std::getline(in, line);) {
-      if (line.empty()) {
+    for (std::string_view rest = text; !rest.empty();) {
+      const size_t eol = rest.find('\n');
+      const std::string_view line = rest.substr(0, eol);
+      rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
+      if (line.empty() || line == "\r") {
         finish();
         continue;
       }
-      if (line[0] == ' ' || line[0] == '\t') {
-        if (!key.empty()) {
-          std::string& value = fields[key];
-          value += ' ';
-          value += Trim(line);
+      if (line[0] == ' ' || line[0] == '\t') {  // a continuation of the last field
+        if (key != kNone) {
+          fields[key] += ' ';
+          fields[key] += Trim(line);
         }
         continue;
       }
       const size_t colon = line.find(':');
-      if (colon == std::string::npos) continue;
-      key = line.substr(0, colon);
-      const std::string value(Trim(std::string_view(line).substr(colon + 1)));
-      if (key == "Package") {
+      key = kNone;
+      if (colon == std::string_view::npos) continue;
+      const std::string_view name = line.substr(0, colon);
+      const std::string_view value = Trim(line.substr(colon + 1));
+      if (name == "Package") {
         p.name = value;
-      } else if (key == "Status") {
+      } else if (name == "Status") {
         installed = value.ends_with(" installed");
       } else {
-        fields[key] = value;
+        key = field_of(name);
+        if (key != kNone) fields[key] = value;
       }
     }
     finish();
-    if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
   }
   return index;
 }
@@ -368,7 +391,10 @@ bool DpkgIndex::ReadCache(const std::string& file, uint64_t stamp) {
   if (fd < 0) return false;
   struct stat st {};
   void* addr = MAP_FAILED;
-  if (::fstat(fd, &st) == 0 && st.st_size > 0) addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE, fd, 0);
+  // Populated now: the lookups come after the command, in random order, and would
+  // each fault a page in then; this runs while the command does (observe mode).
+  if (::fstat(fd, &st) == 0 && st.st_size > 0)
+    addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
   ::close(fd);
   if (addr == MAP_FAILED) return false;
   const auto size = static_cast<size_t>(st.st_size);
