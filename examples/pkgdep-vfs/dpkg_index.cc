@@ -56,6 +56,21 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
   return out;
 }
 
+// A file's bytes, or a message naming it.
+std::expected<std::string, std::string> ReadWhole(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return std::unexpected(path + ": " + std::strerror(errno));
+  std::ostringstream all;
+  all << in.rdbuf();
+  if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
+  return std::move(all).str();
+}
+
+// What DeclaredClosure says of a name no installed package has.
+std::string NotInstalled(std::string_view name) {
+  return "no installed package '" + std::string(name) + "' (dpkg -l lists what is installed)";
+}
+
 bool ReadLines(const std::string& path, std::vector<std::string>& lines) {
   std::ifstream in(path);
   if (!in) return false;
@@ -149,6 +164,37 @@ struct CacheReader {
 
 }  // namespace
 
+std::expected<void, std::string> DpkgIndex::CheckInstalled(const std::vector<std::string>& names,
+                                                           const std::string& admin_dir) {
+  auto status = ReadWhole(admin_dir + "/status");
+  if (!status) return std::unexpected(status.error());
+  std::set<std::string, std::less<>> installed;
+  std::string_view package;
+  bool is_installed = false;
+  auto finish = [&] {
+    if (is_installed && !package.empty()) installed.emplace(package);
+    package = {};
+    is_installed = false;
+  };
+  for (std::string_view rest = *status; !rest.empty();) {
+    const size_t eol = rest.find('\n');
+    const std::string_view line = rest.substr(0, eol);
+    rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
+    if (line.empty() || line == "\r") {
+      finish();
+    } else if (line.starts_with("Package:")) {
+      package = Trim(line.substr(8));
+    } else if (line.starts_with("Status:")) {
+      is_installed = Trim(line).ends_with(" installed");
+    }
+  }
+  finish();
+  for (const std::string& name : names) {
+    if (!installed.contains(BareName(name))) return std::unexpected(NotInstalled(name));
+  }
+  return {};
+}
+
 std::string DpkgIndex::Canonical(std::string_view path) {
   if (!NeedsUsr(path)) return std::string(path);
   std::string usr = "/usr";
@@ -174,15 +220,9 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     index.status_stamp_ = stamp.h;
     // Read whole and parsed in place: about 800 KB for 900 packages, most of it
     // descriptions and conffiles, which are skipped.
-    std::string text;
-    {
-      std::ifstream in(path, std::ios::binary);
-      if (!in) return std::unexpected(path + ": " + std::strerror(errno));
-      std::ostringstream all;
-      all << in.rdbuf();
-      if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
-      text = std::move(all).str();
-    }
+    auto status = ReadWhole(path);
+    if (!status) return std::unexpected(status.error());
+    const std::string& text = *status;
     // The fields a package's relations come from; the others are not kept.
     enum Field { kNone, kEssential, kDepends, kPreDepends, kRecommends, kSuggests, kProvides, kFields };
     auto field_of = [](std::string_view key) {
@@ -520,7 +560,7 @@ std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, cons
   std::deque<std::string> todo;
   for (const std::string& r : roots) {
     const Package* p = index.Find(r);
-    if (p == nullptr) return std::unexpected("no installed package '" + r + "' (dpkg -l lists what is installed)");
+    if (p == nullptr) return std::unexpected(NotInstalled(r));
     if (c.declared.emplace(p->name, "named").second) todo.push_back(p->name);
   }
   follow(std::move(todo));

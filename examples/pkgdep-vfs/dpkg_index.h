@@ -44,6 +44,12 @@ class DpkgIndex {
   // (info/*.list, diversions, alternatives), which may run on another thread while
   // nothing else uses the index. Owners() answers nothing before LoadFiles.
   static std::expected<DpkgIndex, std::string> LoadPackages(const std::string& admin_dir = "/var/lib/dpkg");
+  // Whether each of `names` is an installed package (an ":arch" qualifier ignored),
+  // by a scan of status for its Package and Status lines only: a fraction of
+  // LoadPackages' time, for a check that must come before a command runs. Fails
+  // naming the first that is not, as DeclaredClosure would, or the unreadable file.
+  static std::expected<void, std::string> CheckInstalled(const std::vector<std::string>& names,
+                                                         const std::string& admin_dir = "/var/lib/dpkg");
   // With a `cache_file`, the file index is kept there between runs and read back
   // while what it was built from is unchanged: the stamps (name, inode, size,
   // mtime) of status, of every info/*.list, of diversions and of every alternatives

@@ -215,24 +215,34 @@ int Check(const std::string& package, const std::string& deps, const std::string
       allow.push_back(line);
     }
   }
-  auto index = DpkgIndex::LoadPackages();
-  if (!index) return Fail(index.error());
-  auto closure = DeclaredClosure(*index, package.empty() ? Split(deps) : std::vector<std::string>{package});
-  if (!closure) return Fail(closure.error());
-  // Who owns which path is needed before the run only to hide the undeclared
-  // (enforce); observing, it is read while the command runs. The reader starts once
-  // the group's processes are forked: a thread busy allocating while this process
-  // forks can leave a ThreadSanitizer build's child waiting forever on an allocator
-  // lock (seen in CI), and the group's start does not wait for it anyway.
+  const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
+  // The packages, the declared closure and who owns which path. Enforcing, the view
+  // needs them before the run. Observing, they are needed only for the report: a
+  // quick check that the named packages are installed comes first (a bad name must
+  // not run the command), and the rest is read while the command runs. The reader
+  // starts once the group's processes are forked: a thread busy allocating while
+  // this process forks can leave a ThreadSanitizer build's child waiting forever on
+  // an allocator lock (seen in CI), and the group's start does not wait for it anyway.
+  std::expected<DpkgIndex, std::string> index = std::unexpected(std::string("the dpkg database was not read"));
+  std::expected<Closure, std::string> closure = std::unexpected(std::string("the declared closure was not computed"));
   std::expected<void, std::string> files;
-  std::thread files_loader;
-  std::function<void()> load_files;
+  auto load = [&] {
+    index = DpkgIndex::LoadPackages();
+    if (!index) return;
+    closure = DeclaredClosure(*index, roots);
+    if (closure) files = index->LoadFiles(kIndexCache);
+  };
+  std::thread loader;
+  std::function<void()> start_loading;
   if (mode == "enforce") {
-    files = index->LoadFiles(kIndexCache);
+    load();
+    if (!index) return Fail(index.error());
+    if (!closure) return Fail(closure.error());
     if (!files) return Fail(files.error());
   } else {
-    load_files = [&] {
-      if (!files_loader.joinable()) files_loader = std::thread([&] { files = index->LoadFiles(kIndexCache); });
+    if (auto installed = DpkgIndex::CheckInstalled(roots); !installed) return Fail(installed.error());
+    start_loading = [&] {
+      if (!loader.joinable()) loader = std::thread(load);
     };
   }
   struct Joiner {
@@ -240,25 +250,22 @@ int Check(const std::string& package, const std::string& deps, const std::string
     ~Joiner() {
       if (t.joinable()) t.join();
     }
-  } joiner{files_loader};
+  } joiner{loader};
 
   Report report;
   report.mode = mode;
   report.command = command;
-  report.closure = *closure;
   const int progress_fd = ::dup(2);
-  const DpkgIndex& idx = *index;
-  const Closure& c = *closure;
   // Enforce: a path is hidden when every package owning it is undeclared.
   std::function<bool(std::string_view)> hide;
   if (mode == "enforce") {
-    hide = [&idx, &c](std::string_view path) {
+    hide = [&idx = *index, &c = *closure](std::string_view path) {
       const auto owners = idx.Owners(path);
       if (owners.empty()) return false;
       return std::none_of(owners.begin(), owners.end(), [&c](const std::string& o) { return c.Declares(o); });
     };
   }
-  Run first = RunOnce(command, hide, confirm, true, progress_fd, load_files);
+  Run first = RunOnce(command, hide, confirm, true, progress_fd, start_loading);
   if (first.status == 125 && first.record.empty()) {
     ::close(progress_fd);
     return kUsage;  // ulsp could not make the group: it said why
@@ -270,12 +277,16 @@ int Check(const std::string& package, const std::string& deps, const std::string
   }
   report.status = first.status;
   report.seconds = first.seconds;
-  if (files_loader.joinable()) {
-    files_loader.join();
+  if (loader.joinable()) {
+    loader.join();
   } else if (mode != "enforce") {
-    files = index->LoadFiles(kIndexCache);  // the group never said it started
+    load();  // the group never said it started
   }
+  if (!index) return Fail(index.error());
+  if (!closure) return Fail(closure.error());
   if (!files) return Fail(files.error());
+  const DpkgIndex& idx = *index;
+  report.closure = *closure;
   Attribute(idx, first.record, allow, report);
 
   if (confirm && mode == "observe") {

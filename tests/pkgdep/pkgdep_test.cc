@@ -170,6 +170,41 @@ TEST(DpkgIndex, AgreesWithDpkgQuery) {
   EXPECT_EQ(pkgdep::DeclaredClosure(*index, {"nope-nope"}).error(), "no installed package 'nope-nope' (dpkg -l lists what is installed)");
 }
 
+// The quick check made before a run agrees with the full parse on every package
+// status lists, installed or not (a package removed but not purged keeps a
+// paragraph with "deinstall ok config-files"; the copy here adds one).
+TEST(DpkgIndex, CheckInstalledAgreesWithTheFullParse) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "dpkg && cp /var/lib/dpkg/status " + dir / "dpkg/ && printf "
+                  "'Package: gone-but-configured\\nStatus: deinstall ok config-files\\nVersion: 1\\n\\n' >> " +
+                  dir / "dpkg/status"),
+            0);
+  const std::string admin = dir / "dpkg";
+  auto index = pkgdep::DpkgIndex::LoadPackages(admin);
+  ASSERT_TRUE(index.has_value()) << index.error();
+  std::ifstream status(admin + "/status");
+  size_t installed = 0, listed = 0;
+  for (std::string line; std::getline(status, line);) {
+    if (!line.starts_with("Package: ")) continue;
+    const std::string name = line.substr(9);
+    ++listed;
+    const bool full = index->Find(name) != nullptr;
+    installed += full ? 1 : 0;
+    const auto quick = pkgdep::DpkgIndex::CheckInstalled({name}, admin);
+    EXPECT_EQ(quick.has_value(), full) << name;
+    if (!quick) {
+      EXPECT_EQ(quick.error(), "no installed package '" + name + "' (dpkg -l lists what is installed)");
+    }
+  }
+  EXPECT_GT(installed, 100u);
+  EXPECT_LT(installed, listed);  // at least the one added
+  EXPECT_TRUE(pkgdep::DpkgIndex::CheckInstalled({"coreutils", "libc6:amd64"}, admin).has_value());
+  EXPECT_EQ(pkgdep::DpkgIndex::CheckInstalled({"coreutils", "nope-nope"}, admin).error(),
+            "no installed package 'nope-nope' (dpkg -l lists what is installed)");
+  EXPECT_EQ(pkgdep::DpkgIndex::CheckInstalled({"x"}, dir / "missing").error(),
+            dir / "missing/status" + ": No such file or directory");
+}
+
 // The file index kept between runs answers as the database does, and a change made
 // the way dpkg makes it (a new file renamed over the old), a damaged cache or a
 // foreign file in its place each make it rebuild. The database is a copy, so the
