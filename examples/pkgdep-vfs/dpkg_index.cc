@@ -58,12 +58,20 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
 
 // A file's bytes, or a message naming it.
 std::expected<std::string, std::string> ReadWhole(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) return std::unexpected(path + ": " + std::strerror(errno));
-  std::ostringstream all;
-  all << in.rdbuf();
-  if (in.bad()) return std::unexpected(path + ": " + std::strerror(errno));
-  return std::move(all).str();
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
+  std::string bytes;
+  struct stat st {};
+  if (::fstat(fd, &st) == 0 && st.st_size > 0) bytes.reserve(static_cast<size_t>(st.st_size) + 1);
+  char buf[65536];
+  ssize_t n;
+  while ((n = ::read(fd, buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)) {
+    if (n > 0) bytes.append(buf, static_cast<size_t>(n));
+  }
+  const int err = errno;
+  ::close(fd);
+  if (n < 0) return std::unexpected(path + ": " + std::strerror(err));
+  return bytes;
 }
 
 // What DeclaredClosure says of a name no installed package has.
@@ -168,29 +176,24 @@ std::expected<void, std::string> DpkgIndex::CheckInstalled(const std::vector<std
                                                            const std::string& admin_dir) {
   auto status = ReadWhole(admin_dir + "/status");
   if (!status) return std::unexpected(status.error());
-  std::set<std::string, std::less<>> installed;
-  std::string_view package;
-  bool is_installed = false;
-  auto finish = [&] {
-    if (is_installed && !package.empty()) installed.emplace(package);
-    package = {};
-    is_installed = false;
-  };
-  for (std::string_view rest = *status; !rest.empty();) {
-    const size_t eol = rest.find('\n');
-    const std::string_view line = rest.substr(0, eol);
-    rest.remove_prefix(eol == std::string_view::npos ? rest.size() : eol + 1);
-    if (line.empty() || line == "\r") {
-      finish();
-    } else if (line.starts_with("Package:")) {
-      package = Trim(line.substr(8));
-    } else if (line.starts_with("Status:")) {
-      is_installed = Trim(line).ends_with(" installed");
+  // Each paragraph of the name (one per architecture), by its Package line.
+  const std::string_view text = *status;
+  auto installed = [text](std::string_view name) {
+    const std::string line = "Package: " + std::string(name) + "\n";
+    for (size_t at = text.starts_with(line) ? 0 : text.find("\n" + line); at != std::string_view::npos;
+         at = text.find("\n" + line, at + 1)) {
+      const size_t end = text.find("\n\n", at + 1);
+      const std::string_view paragraph = text.substr(at, end == std::string_view::npos ? end : end - at + 1);
+      const size_t status_at = paragraph.find("\nStatus:");
+      if (status_at == std::string_view::npos) continue;
+      const size_t eol = paragraph.find('\n', status_at + 1);
+      if (Trim(paragraph.substr(status_at + 1, eol == std::string_view::npos ? eol : eol - status_at - 1)).ends_with(" installed"))
+        return true;
     }
-  }
-  finish();
+    return false;
+  };
   for (const std::string& name : names) {
-    if (!installed.contains(BareName(name))) return std::unexpected(NotInstalled(name));
+    if (!installed(BareName(name))) return std::unexpected(NotInstalled(name));
   }
   return {};
 }
