@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <fuse3/fuse_lowlevel.h>
 #include <poll.h>
+#include <sched.h>
 
 #include <cerrno>
 #include <cstdlib>
@@ -25,6 +26,16 @@ int FuseLoop::Run() {
   const int fd = fuse_session_fd(session_);
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return errno;
+  if (options_.per_cpu && options_.helped == nullptr) {
+    std::vector<int> cpus;
+    cpu_set_t allowed;
+    CPU_ZERO(&allowed);
+    if (::sched_getaffinity(0, sizeof allowed, &allowed) == 0) {
+      for (int cpu = 0; cpu < CPU_SETSIZE; ++cpu)
+        if (CPU_ISSET(static_cast<size_t>(cpu), &allowed)) cpus.push_back(cpu);
+    }
+    if (cpus.size() > 1 && cpus.size() <= kMaxPerCpuReaders) return RunPerCpu(cpus);
+  }
   std::thread watchdog([this] { Watchdog(); });
   {
     std::lock_guard lock(mu_);
@@ -160,6 +171,123 @@ void FuseLoop::Watchdog() {
       threads_.emplace_back([this, id] { Worker(id); });
     }
     spare_cv_.notify_one();
+  }
+}
+
+int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
+  for (size_t i = 0; i < cpus.size(); ++i) pinned_.push_back(std::make_unique<Reader>());
+  std::thread watchdog([this] { WatchReaders(); });
+  {
+    std::unique_lock lock(mu_);
+    for (size_t i = 0; i < cpus.size(); ++i) {
+      running_.fetch_add(1);
+      threads_.emplace_back([this, i, cpu = cpus[i]] { Read(*pinned_[i], cpu); });
+    }
+    spare_cv_.wait(lock, [this] { return stopping_; });
+  }
+  watch_cv_.notify_all();
+  watchdog.join();
+  // Readers sleeping in poll notice within a second; one still inside a request
+  // (blocked in the layer, say on a hung file system below) is given two.
+  for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  std::lock_guard lock(mu_);
+  for (auto& t : threads_) {
+    if (running_.load() == 0) {
+      t.join();
+    } else {
+      Logger("fuse")->warn("a request is still being served at exit; leaving its thread behind");
+      t.detach();
+    }
+  }
+  return error_;
+}
+
+bool FuseLoop::PinnedReaderIdle() const noexcept {
+  for (const auto& r : pinned_)
+    if (r->busy_since_ns.load(std::memory_order_relaxed) == 0) return true;
+  return false;
+}
+
+void FuseLoop::Read(Reader& self, int cpu) {
+  if (cpu >= 0) {
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(static_cast<size_t>(cpu), &one);
+    (void)::sched_setaffinity(0, sizeof one, &one);  // unpinned if the CPU went away
+  }
+  const int fd = fuse_session_fd(session_);
+  fuse_buf buf{};
+  bool ended = false;
+  while (!ended && !fuse_session_exited(session_)) {
+    const int res = fuse_session_receive_buf(session_, &buf);
+    if (res == -EAGAIN) {
+      if (cpu < 0 && PinnedReaderIdle()) break;  // a spare is needed no more
+      pollfd p{fd, POLLIN, 0};
+      ::poll(&p, 1, 1000);  // a second at most: an exit asked from elsewhere shows
+      if (!reading_active_.exchange(true, std::memory_order_relaxed)) {
+        std::lock_guard lock(mu_);
+        watch_cv_.notify_one();
+      }
+      continue;
+    }
+    if (res == -EINTR) continue;
+    if (res <= 0) {
+      if (res < 0) {
+        // ECONNABORTED: the connection was aborted (sysfs abort, a forced unmount,
+        // a kernel request timeout); the mount is dead for its programs.
+        Logger("fuse")->error("reading the kernel's requests failed: {}; serving ends", Errno(-res).Describe());
+        std::lock_guard lock(mu_);
+        error_ = -res;
+      }
+      ended = true;
+      break;
+    }
+    self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
+    fuse_session_process_buf(session_, &buf);
+    self.busy_since_ns.store(0, std::memory_order_relaxed);
+    if (cpu < 0 && PinnedReaderIdle()) break;
+  }
+  std::free(buf.mem);
+  if (ended || fuse_session_exited(session_)) {
+    std::lock_guard lock(mu_);
+    stopping_ = true;
+    spare_cv_.notify_all();
+  }
+  running_.fetch_sub(1);
+}
+
+void FuseLoop::WatchReaders() {
+  std::unique_lock lock(mu_);
+  unsigned idle_ticks = 0;
+  while (!stopping_) {
+    if (!reading_active_.load(std::memory_order_relaxed)) {
+      watch_cv_.wait(lock, [this] { return stopping_ || reading_active_.load(std::memory_order_relaxed); });
+      idle_ticks = 0;
+      continue;
+    }
+    watch_cv_.wait_for(lock, options_.takeover);
+    if (stopping_) break;
+    // Is any reader free, or inside a request younger than `takeover`?
+    const int64_t now = NowNs();
+    bool serving = false, busy = false;
+    auto look = [&](const Reader& r) {
+      const int64_t since = r.busy_since_ns.load(std::memory_order_relaxed);
+      busy = busy || since != 0;
+      serving = serving || since == 0 || now - since < options_.takeover.count();
+    };
+    for (const auto& r : pinned_) look(*r);
+    for (const auto& r : spare_readers_) look(*r);
+    if (!busy) {
+      if (++idle_ticks > 50) reading_active_.store(false, std::memory_order_relaxed);  // quiet: stop ticking
+      continue;
+    }
+    idle_ticks = 0;
+    if (serving || threads_.size() >= options_.max_threads + pinned_.size()) continue;
+    // Every reader is stuck in a request: a spare reads meanwhile.
+    spare_readers_.push_back(std::make_unique<Reader>());
+    Reader& spare = *spare_readers_.back();
+    running_.fetch_add(1);
+    threads_.emplace_back([this, &spare] { Read(spare, -1); });
   }
 }
 

@@ -2,10 +2,10 @@
 // /dev/fuse connection), turns each kernel request into a VfsMessage sent to the
 // mount's port, and turns each reply into the matching fuse_reply_* on the thread
 // that delivers it. Replies may come in any order and from any thread, so several
-// requests are in flight at once. Requests are read by a FuseLoop (fuse_loop.h): one
-// spinning leader, and spares that take over from a request that blocks; and, when
-// the kernel offers FUSE over io_uring, come through a FuseUring (fuse_uring.h): a
-// queue per CPU, served on that CPU.
+// requests are in flight at once. Requests are read by a FuseLoop (fuse_loop.h): a
+// reader per CPU (in-process) or one spinning leader (isolated), and spares that take
+// over from requests that block; and, when the kernel offers FUSE over io_uring, come
+// through a FuseUring (fuse_uring.h): a queue per CPU, served on that CPU.
 //
 // Kernel interrupts become Abort on the message (the server may still answer in
 // full; it replies exactly once either way).

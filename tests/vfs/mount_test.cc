@@ -235,6 +235,40 @@ TEST_P(BlockedServerTest, ARequestStuckInTheLayerDoesNotStallItsCpu) {
   }
 }
 
+// More requests stuck than the server has readers (one per CPU for /dev/fuse, one
+// per queue for io_uring): spares take over, and a program elsewhere is served.
+TEST_P(BlockedServerTest, MoreStuckRequestsThanReadersLeaveTheRestServed) {
+  KernelUringSwitch uring(GetParam() == "uring");
+  ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/lower " + dir / "mnt " + dir / "inner && echo hello > " + dir / "src/plain"),
+            0);
+  ServedMount lower({dir / "inner"}, dir / "src/lower", dir / "lower.log");
+  ASSERT_TRUE(lower.ok()) << ReadFile(dir / "lower.log");
+  ServedMount mount({dir / "src"}, dir / "mnt", dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
+  // `lower` itself is looked up now, while its server runs (its entry stays cached):
+  // below, each program's request is then a lookup of its own name in it, not a wait
+  // for the one lookup of `lower`.
+  ASSERT_EQ(Shell("stat " + dir / "mnt/lower > /dev/null"), 0);
+  ASSERT_EQ(::kill(lower.pid(), SIGSTOP), 0);
+  struct Resume {  // whatever happens below, the lower server continues
+    pid_t pid;
+    ~Resume() { ::kill(pid, SIGCONT); }
+  } resume{lower.pid()};
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  for (long i = 0; i < 2 * cpus + 2; ++i) {  // distinct names: each its own lookup
+    ASSERT_EQ(Shell("(timeout 20 stat " + dir / "mnt/lower/x" + std::to_string(i) + " > /dev/null 2>&1 &)"), 0);
+  }
+  ASSERT_EQ(Shell("sleep 0.3"), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(Output("timeout 10 cat " + dir / "mnt/plain"), "hello\n");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+  ::kill(lower.pid(), SIGCONT);
+  EXPECT_EQ(mount.Stop(), 0) << ReadFile(dir / "server.log");
+  EXPECT_EQ(lower.Stop(), 0) << ReadFile(dir / "lower.log");
+}
+
 INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
