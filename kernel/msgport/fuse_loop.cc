@@ -42,14 +42,19 @@ int FuseLoop::Run() {
     running_ = 1;
     threads_.emplace_back([this] { Worker(0); });
   }
+  return Finish(watchdog);
+}
+
+int FuseLoop::Finish(std::thread& watchdog) {
   {
     std::unique_lock lock(mu_);
     spare_cv_.wait(lock, [this] { return stopping_; });
   }
   watch_cv_.notify_all();
   watchdog.join();
-  // Spares wake and leave at once; a thread still inside a request (blocked in the
-  // layer, say on a hung file system below) is given two seconds.
+  // Threads waiting for work notice within a second (spares of the leader at once); a
+  // thread still inside a request (blocked in the layer, say on a hung file system
+  // below) is given two.
   for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   std::lock_guard lock(mu_);
   for (auto& t : threads_) {
@@ -178,28 +183,13 @@ int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
   for (size_t i = 0; i < cpus.size(); ++i) pinned_.push_back(std::make_unique<Reader>());
   std::thread watchdog([this] { WatchReaders(); });
   {
-    std::unique_lock lock(mu_);
+    std::lock_guard lock(mu_);
     for (size_t i = 0; i < cpus.size(); ++i) {
       running_.fetch_add(1);
       threads_.emplace_back([this, i, cpu = cpus[i]] { Read(*pinned_[i], cpu); });
     }
-    spare_cv_.wait(lock, [this] { return stopping_; });
   }
-  watch_cv_.notify_all();
-  watchdog.join();
-  // Readers sleeping in poll notice within a second; one still inside a request
-  // (blocked in the layer, say on a hung file system below) is given two.
-  for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  std::lock_guard lock(mu_);
-  for (auto& t : threads_) {
-    if (running_.load() == 0) {
-      t.join();
-    } else {
-      Logger("fuse")->warn("a request is still being served at exit; leaving its thread behind");
-      t.detach();
-    }
-  }
-  return error_;
+  return Finish(watchdog);
 }
 
 bool FuseLoop::PinnedReaderIdle() const noexcept {

@@ -74,6 +74,9 @@ class FuseLoop {
   // the session ended.
   bool Lead(unsigned id, void* buf);
   void Watchdog();
+  // Waits until serving stops, then for the threads (two seconds at most for one
+  // inside a request); returns the errno that ended it, or 0.
+  int Finish(std::thread& watchdog);
   int64_t NowNs() const noexcept;
 
   // Per-CPU readers.

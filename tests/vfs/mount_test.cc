@@ -205,68 +205,63 @@ INSTANTIATE_TEST_SUITE_P(Layers, MountTest,
 // from the same CPU (with io_uring: the same queue, whose thread is the one blocked).
 // The mount's source holds a second mount whose server is stopped (SIGSTOP), so a
 // lookup below it blocks in the first server's layer until that server continues.
-class BlockedServerTest : public ::testing::TestWithParam<std::string> {};
+class BlockedServerTest : public ::testing::TestWithParam<std::string> {
+ protected:
+  void SetUp() override {
+    uring_ = std::make_unique<KernelUringSwitch>(GetParam() == "uring");
+    ASSERT_TRUE(uring_->ok()) << "cannot set " << KernelUringSwitch::kParam;
+    ASSERT_EQ(Shell("mkdir -p " + dir_ / "src/lower " + dir_ / "mnt " + dir_ / "inner && echo hello > " +
+                    dir_ / "src/plain"),
+              0);
+    lower_ = std::make_unique<ServedMount>(std::vector<std::string>{dir_ / "inner"}, dir_ / "src/lower", dir_ / "lower.log");
+    ASSERT_TRUE(lower_->ok()) << ReadFile(dir_ / "lower.log");
+    mount_ = std::make_unique<ServedMount>(std::vector<std::string>{dir_ / "src"}, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    // `lower` itself is looked up now, while its server runs (its entry stays cached):
+    // below, each program's request is a lookup of its own name in it, not a wait for
+    // the one lookup of `lower`. Then its server stops.
+    ASSERT_EQ(Shell("stat " + dir_ / "mnt/lower > /dev/null"), 0);
+    ASSERT_EQ(::kill(lower_->pid(), SIGSTOP), 0);
+    stopped_ = true;
+  }
+  void TearDown() override {
+    if (stopped_) ::kill(lower_->pid(), SIGCONT);  // whatever happened, it continues
+  }
+  // `cat` of a file beside the blocked lookups (on `cpu` if >= 0) is answered at once.
+  void ExpectServed(int cpu) {
+    const std::string pin = cpu >= 0 ? "taskset -c " + std::to_string(cpu) + " " : "";
+    const auto t0 = std::chrono::steady_clock::now();
+    EXPECT_EQ(Output("timeout 10 " + pin + "cat " + dir_ / "mnt/plain"), "hello\n");
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
+    ::kill(lower_->pid(), SIGCONT);
+    stopped_ = false;
+    EXPECT_EQ(mount_->Stop(), 0) << ReadFile(dir_ / "server.log");
+    EXPECT_EQ(lower_->Stop(), 0) << ReadFile(dir_ / "lower.log");
+  }
+  std::unique_ptr<KernelUringSwitch> uring_;
+  TempDir dir_;
+  std::unique_ptr<ServedMount> lower_, mount_;
+  bool stopped_ = false;
+};
 
 TEST_P(BlockedServerTest, ARequestStuckInTheLayerDoesNotStallItsCpu) {
-  KernelUringSwitch uring(GetParam() == "uring");
-  ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
-  TempDir dir;
-  ASSERT_EQ(Shell("mkdir -p " + dir / "src/lower " + dir / "mnt " + dir / "inner && echo hello > " + dir / "src/plain"),
-            0);
-  ServedMount lower({dir / "inner"}, dir / "src/lower", dir / "lower.log");
-  ASSERT_TRUE(lower.ok()) << ReadFile(dir / "lower.log");
-  ServedMount mount({dir / "src"}, dir / "mnt", dir / "server.log");
-  ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
-  ASSERT_EQ(::kill(lower.pid(), SIGSTOP), 0);
-  struct Resume {  // whatever happens below, the lower server continues
-    pid_t pid;
-    ~Resume() { ::kill(pid, SIGCONT); }
-  } resume{lower.pid()};
-  ASSERT_EQ(Shell("(timeout 20 taskset -c 0 stat " + dir / "mnt/lower/x" + " > /dev/null 2>&1 &) ; sleep 0.3"), 0);
-  const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(Output("timeout 10 taskset -c 0 cat " + dir / "mnt/plain"), "hello\n");
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
-  ::kill(lower.pid(), SIGCONT);
-  EXPECT_EQ(mount.Stop(), 0) << ReadFile(dir / "server.log");
-  EXPECT_EQ(lower.Stop(), 0) << ReadFile(dir / "lower.log");
+  ASSERT_EQ(Shell("(timeout 20 taskset -c 0 stat " + dir_ / "mnt/lower/x" + " > /dev/null 2>&1 &) ; sleep 0.3"), 0);
+  ExpectServed(0);
   if (GetParam() == "uring") {
-    EXPECT_NE(ReadFile(dir / "server.log").find("requests came through io_uring"), std::string::npos)
-        << ReadFile(dir / "server.log");
+    EXPECT_NE(ReadFile(dir_ / "server.log").find("requests came through io_uring"), std::string::npos)
+        << ReadFile(dir_ / "server.log");
   }
 }
 
 // More requests stuck than the server has readers (one per CPU for /dev/fuse, one
 // per queue for io_uring): spares take over, and a program elsewhere is served.
 TEST_P(BlockedServerTest, MoreStuckRequestsThanReadersLeaveTheRestServed) {
-  KernelUringSwitch uring(GetParam() == "uring");
-  ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
-  TempDir dir;
-  ASSERT_EQ(Shell("mkdir -p " + dir / "src/lower " + dir / "mnt " + dir / "inner && echo hello > " + dir / "src/plain"),
-            0);
-  ServedMount lower({dir / "inner"}, dir / "src/lower", dir / "lower.log");
-  ASSERT_TRUE(lower.ok()) << ReadFile(dir / "lower.log");
-  ServedMount mount({dir / "src"}, dir / "mnt", dir / "server.log");
-  ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
-  // `lower` itself is looked up now, while its server runs (its entry stays cached):
-  // below, each program's request is then a lookup of its own name in it, not a wait
-  // for the one lookup of `lower`.
-  ASSERT_EQ(Shell("stat " + dir / "mnt/lower > /dev/null"), 0);
-  ASSERT_EQ(::kill(lower.pid(), SIGSTOP), 0);
-  struct Resume {  // whatever happens below, the lower server continues
-    pid_t pid;
-    ~Resume() { ::kill(pid, SIGCONT); }
-  } resume{lower.pid()};
   const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
   for (long i = 0; i < 2 * cpus + 2; ++i) {  // distinct names: each its own lookup
-    ASSERT_EQ(Shell("(timeout 20 stat " + dir / "mnt/lower/x" + std::to_string(i) + " > /dev/null 2>&1 &)"), 0);
+    ASSERT_EQ(Shell("(timeout 20 stat " + dir_ / "mnt/lower/x" + std::to_string(i) + " > /dev/null 2>&1 &)"), 0);
   }
   ASSERT_EQ(Shell("sleep 0.3"), 0);
-  const auto t0 = std::chrono::steady_clock::now();
-  EXPECT_EQ(Output("timeout 10 cat " + dir / "mnt/plain"), "hello\n");
-  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(5));
-  ::kill(lower.pid(), SIGCONT);
-  EXPECT_EQ(mount.Stop(), 0) << ReadFile(dir / "server.log");
-  EXPECT_EQ(lower.Stop(), 0) << ReadFile(dir / "lower.log");
+  ExpectServed(-1);
 }
 
 INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring"),
