@@ -90,9 +90,27 @@ void Store(char* p, T v) {
   std::memcpy(p, &v, sizeof v);
 }
 
-ssize_t IoRead(int fd, void* buf, size_t len, void*) { return ::read(fd, buf, len); }
+// The kernel orders a reply before the requests it leads to: the RELEASE of a file
+// comes only after the reply to its last READ was written, and may be read by another
+// thread, which then closes the descriptor the READ's reply was read from. That order
+// passes through the kernel, where ThreadSanitizer cannot see it; this counter states
+// it: every write to the device releases it first, every read from it acquires it
+// after. (Two atomic operations a request; the kernel gives the real ordering.)
+std::atomic<uint64_t> g_device_order{0};
+void BeforeDeviceWrite() { g_device_order.fetch_add(1, std::memory_order_release); }
+void AfterDeviceRead() { (void)g_device_order.load(std::memory_order_acquire); }
+
+ssize_t IoRead(int fd, void* buf, size_t len, void*) {
+  const ssize_t n = ::read(fd, buf, len);
+  AfterDeviceRead();
+  return n;
+}
+// Both ways: from the device into libfuse's pipe, and from a pipe to the device.
 ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags, void*) {
-  return ::splice(fdin, offin, fdout, offout, len, flags);
+  BeforeDeviceWrite();
+  const ssize_t n = ::splice(fdin, offin, fdout, offout, len, flags);
+  AfterDeviceRead();
+  return n;
 }
 
 }  // namespace
@@ -132,6 +150,7 @@ ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
     }
   }
   tl_patch.init = false;
+  BeforeDeviceWrite();
   if (FuseUring* uring = shim->uring_live_.load(std::memory_order_acquire)) {
     ssize_t written = 0;
     if (uring->Reply(iov, count, &written)) return written;
