@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
 #include <ctime>
@@ -132,13 +133,7 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
     }
     if (res == -EINTR) continue;
     if (res <= 0) {
-      if (res < 0) {
-        // ECONNABORTED: the connection was aborted (sysfs abort, a forced unmount,
-        // a kernel request timeout); the mount is dead for its programs.
-        Logger("fuse")->error("reading the kernel's requests failed: {}; serving ends", Errno(-res).Describe());
-        std::lock_guard lock(mu_);
-        error_ = -res;
-      }
+      if (res < 0) ReadFailed(res);
       return false;
     }
     busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
@@ -192,6 +187,14 @@ int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
   return Finish(watchdog);
 }
 
+void FuseLoop::ReadFailed(int res) {
+  // ECONNABORTED: the connection was aborted (sysfs abort, a forced unmount, a kernel
+  // request timeout); the mount is dead for its programs.
+  Logger("fuse")->error("reading the kernel's requests failed: {}; serving ends", Errno(-res).Describe());
+  std::lock_guard lock(mu_);
+  error_ = -res;
+}
+
 bool FuseLoop::PinnedReaderIdle() const noexcept {
   for (const auto& r : pinned_)
     if (r->busy_since_ns.load(std::memory_order_relaxed) == 0) return true;
@@ -222,13 +225,7 @@ void FuseLoop::Read(Reader& self, int cpu) {
     }
     if (res == -EINTR) continue;
     if (res <= 0) {
-      if (res < 0) {
-        // ECONNABORTED: the connection was aborted (sysfs abort, a forced unmount,
-        // a kernel request timeout); the mount is dead for its programs.
-        Logger("fuse")->error("reading the kernel's requests failed: {}; serving ends", Errno(-res).Describe());
-        std::lock_guard lock(mu_);
-        error_ = -res;
-      }
+      if (res < 0) ReadFailed(res);
       ended = true;
       break;
     }
@@ -238,6 +235,7 @@ void FuseLoop::Read(Reader& self, int cpu) {
     if (cpu < 0 && PinnedReaderIdle()) break;
   }
   std::free(buf.mem);
+  if (cpu < 0) self.gone.store(true, std::memory_order_release);  // its last touch of `self`
   if (ended || fuse_session_exited(session_)) {
     std::lock_guard lock(mu_);
     stopping_ = true;
@@ -257,6 +255,8 @@ void FuseLoop::WatchReaders() {
     }
     watch_cv_.wait_for(lock, options_.takeover);
     if (stopping_) break;
+    // Spares that left are forgotten: a free one would count as serving.
+    std::erase_if(spare_readers_, [](const auto& r) { return r->gone.load(std::memory_order_acquire); });
     // Is any reader free, or inside a request younger than `takeover`?
     const int64_t now = NowNs();
     bool serving = false, busy = false;
@@ -272,12 +272,13 @@ void FuseLoop::WatchReaders() {
       continue;
     }
     idle_ticks = 0;
-    if (serving || threads_.size() >= options_.max_threads + pinned_.size()) continue;
-    // Every reader is stuck in a request: a spare reads meanwhile.
+    if (serving || spare_readers_.size() >= options_.max_threads) continue;
+    // Every reader is stuck in a request: a spare reads meanwhile. Detached: it says
+    // when it is gone, and Finish waits on `running_` for it as for the others.
     spare_readers_.push_back(std::make_unique<Reader>());
     Reader& spare = *spare_readers_.back();
     running_.fetch_add(1);
-    threads_.emplace_back([this, &spare] { Read(spare, -1); });
+    std::thread([this, &spare] { Read(spare, -1); }).detach();
   }
 }
 

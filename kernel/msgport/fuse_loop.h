@@ -82,15 +82,18 @@ class FuseLoop {
   // Per-CPU readers.
   struct Reader {
     std::atomic<int64_t> busy_since_ns{0};  // when its request began, 0 if idle
+    std::atomic<bool> gone{false};          // a spare that left (it touches this no more)
   };
   int RunPerCpu(const std::vector<int>& cpus);
   // Reads and processes requests; `cpu` < 0: a spare, which returns once a pinned
   // reader is idle.
   void Read(Reader& self, int cpu);
   bool PinnedReaderIdle() const noexcept;
+  // Logs a failed read of the device and keeps its errno as the loop's result.
+  void ReadFailed(int res);
   void WatchReaders();
   std::vector<std::unique_ptr<Reader>> pinned_;  // fixed once the readers start
-  std::vector<std::unique_ptr<Reader>> spare_readers_;  // guarded by mu_
+  std::vector<std::unique_ptr<Reader>> spare_readers_;  // live spares (detached threads); guarded by mu_
   std::atomic<bool> reading_active_{false};  // requests are flowing: the watchdog ticks
 
   fuse_session* session_;
