@@ -120,7 +120,6 @@ bool MapBuffers(FuseUring::Entry& e) noexcept;
 }  // namespace
 
 struct FuseUring::Worker {
-  bool registered = false;  // its batch of entries is with the kernel
   std::atomic<int64_t> busy_since{0};  // when its request began; 0 idle; kTaken
   std::thread thread;
 };
@@ -132,14 +131,15 @@ struct FuseUring::Queue {
   UniqueFd wake;  // eventfd: the destructor's knock
   std::mutex sq_mu;  // guards the submission queue and `pending`
   std::vector<unsigned> pending;  // entries answered by other threads, to commit
-  // Room for every worker's batch of entries; the first `used` are registered (each
-  // worker registers its own batch when it first leads: the kernel delivers a request
-  // in the context of the thread that handed it the entry, so a thread stuck in a
-  // request holds back its own entries only).
+  // Room for `max_batches` batches of entries; the first `used` are registered (a
+  // batch each time a thread takes the lead: the kernel delivers a request in the
+  // context of the thread that handed it the entry, so the entries a stuck thread
+  // committed last are of no use until it is free).
   std::unique_ptr<Entry[]> entries;
   unsigned capacity = 0;
   std::atomic<unsigned> used{0};
   unsigned dead = 0;  // entries the kernel ended (leader only)
+  bool full_warned = false;  // under sq_mu
   // Guarded by FuseUring::mu_:
   std::condition_variable cv;  // spares wait for the lead
   Worker* leader = nullptr;
@@ -161,8 +161,10 @@ bool MapBuffers(FuseUring::Entry& e) noexcept {
 }
 
 // The queue whose completion this thread is handling now: a reply made inline only
-// queues its commit, which the thread submits before it waits again.
+// queues its commit, which the thread submits before it waits again. And the entry
+// (looked at first by Reply, which otherwise searches every entry).
 thread_local const void* tl_handling = nullptr;
+thread_local FuseUring::Entry* tl_entry = nullptr;
 }  // namespace
 
 bool FuseUring::KernelOffers() noexcept {
@@ -181,7 +183,7 @@ Result<std::unique_ptr<FuseUring>> FuseUring::Create(fuse_session* session, Opti
   for (unsigned qid = 0; qid < cpus; ++qid) {
     auto q = std::make_unique<Queue>();
     q->qid = qid;
-    q->capacity = options.depth * std::max(1u, options.max_threads);
+    q->capacity = options.depth * std::max({1u, options.max_threads, options.max_batches});
     q->wake.Reset(::eventfd(0, EFD_CLOEXEC));
     if (!q->wake) return Fail(errno);
     io_uring_params params{};
@@ -316,12 +318,11 @@ void FuseUring::Work(Queue& q, Worker& me) {
     const bool first = !q.registered;
     q.registered = true;
     lock.unlock();
-    bool more = true;
-    if (!me.registered) {
-      me.registered = true;
-      more = Register(q, first);
-      if (!more && first) Refuse(q);
-    }
+    // A fresh batch for each lead: after a takeover, the entries the kernel would
+    // use first are the stuck thread's (it committed them), and a request put on one
+    // waits until that thread is free.
+    bool more = Register(q, first);
+    if (!more && first) Refuse(q);
     if (more) more = Lead(q, me);
     lock.lock();
     if (!more) {
@@ -355,7 +356,14 @@ bool FuseUring::Register(Queue& q, bool first) {
   std::lock_guard lock(q.sq_mu);
   const unsigned begin = q.used.load(std::memory_order_relaxed);
   const unsigned end = std::min(q.capacity, begin + options_.depth);
-  if (begin == end) return !first;  // no room for another batch: the old ones serve
+  if (begin == end) {  // no room for another batch: the old ones serve
+    if (!q.full_warned)
+      Logger("fuse")->warn("io_uring: queue {} has registered its {} entries; from now on a request may wait "
+                           "for a thread stuck in another",
+                           q.qid, q.capacity);
+    q.full_warned = true;
+    return !first;
+  }
   for (unsigned i = begin; i < end; ++i) {
     Entry& e = q.entries[i];
     if (!MapBuffers(e)) {
@@ -440,9 +448,11 @@ bool FuseUring::Lead(Queue& q, Worker& me) {
     // the completion ring, as this thread left it, to the spare.
     me.busy_since.store(NowNs(), std::memory_order_release);
     tl_handling = &q;
+    tl_entry = &e;
     Handle(q, e);
     if (options_.helped != nullptr && e.unique.load(std::memory_order_acquire) != 0) HelpWith(e);
     tl_handling = nullptr;
+    tl_entry = nullptr;
     if (me.busy_since.exchange(0) == kTaken) {
       // The watchdog gave the queue to a spare while this request blocked.
       std::lock_guard lock(q.sq_mu);
@@ -512,35 +522,43 @@ bool FuseUring::Reply(const iovec* iov, int count, ssize_t* written) noexcept {
   kabi::OutHeader out;
   std::memcpy(&out, iov[0].iov_base, sizeof out);
   if (out.unique == 0) return false;  // a notification: /dev/fuse only
-  for (auto& qp : queues_) {
-    Queue& q = *qp;
-    const unsigned used = q.used.load(std::memory_order_acquire);
+  // Most replies are made by the thread handling the request, on its entry.
+  Queue* q = nullptr;
+  Entry* e = nullptr;
+  if (tl_entry != nullptr && tl_entry->unique.load(std::memory_order_acquire) == out.unique) {
+    q = static_cast<Queue*>(const_cast<void*>(tl_handling));
+    e = tl_entry;
+  }
+  for (size_t k = 0; e == nullptr && k < queues_.size(); ++k) {
+    const unsigned used = queues_[k]->used.load(std::memory_order_acquire);
     for (unsigned i = 0; i < used; ++i) {
-      Entry& e = q.entries[i];
-      if (e.unique.load(std::memory_order_acquire) != out.unique) continue;
-      size_t len = 0;
-      for (int k = 1; k < count; ++k) len += iov[k].iov_len;
-      if (len > kPayload) {
-        Logger("fuse")->error("io_uring: a {}-byte reply exceeds the buffer; answered EIO", len);
-        out.error = -EIO;
-        len = 0;
-      } else {
-        char* p = e.payload;
-        for (int k = 1; k < count; ++k) {
-          std::memcpy(p, iov[k].iov_base, iov[k].iov_len);
-          p += iov[k].iov_len;
-        }
-      }
-      out.len = static_cast<uint32_t>(sizeof out + len);
-      std::memcpy(e.header->in_out, &out, sizeof out);
-      e.header->ent.payload_sz = static_cast<uint32_t>(len);
-      e.unique.store(0, std::memory_order_release);
-      Commit(q, e);
-      *written = static_cast<ssize_t>(sizeof out + len);
-      return true;
+      if (queues_[k]->entries[i].unique.load(std::memory_order_acquire) != out.unique) continue;
+      q = queues_[k].get();
+      e = &q->entries[i];
+      break;
     }
   }
-  return false;
+  if (e == nullptr) return false;
+  size_t len = 0;
+  for (int k = 1; k < count; ++k) len += iov[k].iov_len;
+  if (len > kPayload) {
+    Logger("fuse")->error("io_uring: a {}-byte reply exceeds the buffer; answered EIO", len);
+    out.error = -EIO;
+    len = 0;
+  } else {
+    char* p = e->payload;
+    for (int k = 1; k < count; ++k) {
+      std::memcpy(p, iov[k].iov_base, iov[k].iov_len);
+      p += iov[k].iov_len;
+    }
+  }
+  out.len = static_cast<uint32_t>(sizeof out + len);
+  std::memcpy(e->header->in_out, &out, sizeof out);
+  e->header->ent.payload_sz = static_cast<uint32_t>(len);
+  e->unique.store(0, std::memory_order_release);
+  Commit(*q, *e);
+  *written = static_cast<ssize_t>(sizeof out + len);
+  return true;
 }
 
 void FuseUring::Commit(Queue& q, Entry& e) noexcept {

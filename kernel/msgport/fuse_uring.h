@@ -17,9 +17,13 @@
 // A request may block in the server (say on a hung file system below a passthrough).
 // A watchdog hands a queue whose thread is stuck in one request for `takeover` to a
 // spare thread, as FuseLoop does for /dev/fuse. The kernel hands a request to the
-// thread that gave it the entry, so the spare registers entries of its own, which the
-// kernel uses first (it takes the entry freed last); the stuck thread's entries serve
-// again once it is free. Up to `max_threads` batches of `depth` entries per CPU.
+// thread that gave it the entry (the one that submitted the entry's last command) and
+// a thread stuck in a request cannot take it: the stuck leader had committed most of
+// the queue's entries. So every thread that takes the lead registers a fresh batch of
+// `depth` entries, which the kernel uses first (it takes the entry freed last); the
+// stuck thread's entries serve again once it is free. Up to `max_threads` threads and
+// `max_batches` batches per CPU; past that, a new leader serves with the old entries,
+// and a request the kernel puts on a stuck thread's entry waits for that thread.
 //
 // Thread-safety: Reply may be called from any thread; Start once, from the thread
 // that wrote the INIT reply. The destructor stops every thread and closes the rings.
@@ -52,6 +56,7 @@ class FuseUring {
     unsigned depth = 8;  // ring entries (requests in flight) per CPU
     std::chrono::nanoseconds takeover{std::chrono::milliseconds(2)};
     unsigned max_threads = 8;  // threads per queue, at most (spares for stuck requests)
+    unsigned max_batches = 64;  // batches of `depth` entries per queue, at most (one per lead)
     // A port whose replies come from another process (nullptr: none): after sending a
     // request there, the queue's thread polls it for the reply for up to `help_spin`.
     Port* helped = nullptr;
