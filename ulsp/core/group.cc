@@ -443,12 +443,15 @@ int RunGroup(GroupRun& run) {
     status = reap();
     if (timed_out) status = kTimedOut;
   }
-  control.reset();
-
   // The group is gone: its namespaces with it. Its mounts went with its mount
   // namespace (the FUSE loops end), and its seccomp filter has no process left.
-  resolver.reset();
+  // Every thread is told first and waited for after: on a virtual machine each
+  // wake-up of an idle CPU may take milliseconds, and these then overlap.
+  if (control) control->Stop();
+  if (resolver) resolver->Stop();
   if (seccomp) seccomp->Stop();
+  control.reset();
+  resolver.reset();
   seccomp.reset();
   for (auto& m : mounts) {
     if (!m->thread.joinable()) continue;

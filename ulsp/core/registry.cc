@@ -207,9 +207,13 @@ Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& d
   return c;
 }
 
-ControlServer::~ControlServer() {
+void ControlServer::Stop() noexcept {
   const uint64_t one = 1;
   if (stop_) (void)!::write(stop_.get(), &one, sizeof one);
+}
+
+ControlServer::~ControlServer() {
+  Stop();
   if (thread_.joinable()) thread_.join();
   ::unlink(path_.c_str());
 }

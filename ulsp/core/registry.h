@@ -70,6 +70,8 @@ class ControlServer {
   // of the socket's bind (a directory that cannot hold it).
   static Result<std::unique_ptr<ControlServer>> Start(const std::string& dir, Fill fill);
   ~ControlServer();  // stops, removes the socket
+  // Asks the server's thread to end, without waiting (the destructor waits).
+  void Stop() noexcept;
 
  private:
   ControlServer() = default;

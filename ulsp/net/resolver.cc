@@ -132,9 +132,13 @@ Result<std::unique_ptr<Resolver>> Resolver::Start(int group_netns, std::string g
   return r;
 }
 
-Resolver::~Resolver() {
+void Resolver::Stop() noexcept {
   const uint64_t one = 1;
   if (stop_) (void)!::write(stop_.get(), &one, sizeof one);
+}
+
+Resolver::~Resolver() {
+  Stop();
   if (receiver_.joinable()) receiver_.join();
   {
     std::lock_guard lock(mu_);

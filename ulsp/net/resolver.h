@@ -59,6 +59,8 @@ class Resolver {
                                                  std::map<std::string, std::vector<std::string>> hosts,
                                                  NameMemory& names, ConnLog& log);
   ~Resolver();
+  // Asks the receiving thread to end, without waiting (the destructor waits).
+  void Stop() noexcept;
   const Counters& counters() const noexcept { return counters_; }
 
  private:
