@@ -56,7 +56,7 @@ class FuseUring {
     unsigned depth = 8;  // ring entries (requests in flight) per CPU
     std::chrono::nanoseconds takeover{std::chrono::milliseconds(2)};
     unsigned max_threads = 8;  // threads per queue, at most (spares for stuck requests)
-    unsigned max_batches = 64;  // batches of `depth` entries per queue, at most (one per lead)
+    unsigned max_batches = 16;  // batches of `depth` entries per queue, at most (one per lead)
     // A port whose replies come from another process (nullptr: none): after sending a
     // request there, the queue's thread polls it for the reply for up to `help_spin`.
     Port* helped = nullptr;
