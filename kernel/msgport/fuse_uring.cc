@@ -355,8 +355,8 @@ void FuseUring::PrepCommand(io_uring_sqe* sqe, const Queue& q, Entry& e, uint32_
 bool FuseUring::Register(Queue& q, bool first) {
   std::lock_guard lock(q.sq_mu);
   const unsigned begin = q.used.load(std::memory_order_relaxed);
-  const unsigned end = std::min(q.capacity, begin + options_.depth);
-  if (begin == end) {  // no room for another batch: the old ones serve
+  const unsigned last = std::min(q.capacity, begin + options_.depth);
+  if (begin == last) {  // no room for another batch: the old ones serve
     if (!q.full_warned)
       Logger("fuse")->warn("io_uring: queue {} has registered its {} entries; from now on a request may wait "
                            "for a thread stuck in another",
@@ -364,21 +364,23 @@ bool FuseUring::Register(Queue& q, bool first) {
     q.full_warned = true;
     return !first;
   }
+  // Buffers first: the batch is the entries that have them. And `used` covers the
+  // batch before any of it is submitted, or a request delivered on an entry beyond
+  // it would be taken for a stray completion and never answered.
+  unsigned end = begin;
+  while (end < last && MapBuffers(q.entries[end])) ++end;
+  if (end < last) Logger("fuse")->warn("io_uring: no memory for more entries on queue {}", q.qid);
+  if (end == begin) return !first;
+  q.used.store(end, std::memory_order_release);
   for (unsigned i = begin; i < end; ++i) {
-    Entry& e = q.entries[i];
-    if (!MapBuffers(e)) {
-      Logger("fuse")->warn("io_uring: no memory for more entries on queue {}", q.qid);
-      return !first;
-    }
     io_uring_sqe* sqe = io_uring_get_sqe(&q.ring);
     if (sqe == nullptr) {
       io_uring_submit(&q.ring);
       sqe = io_uring_get_sqe(&q.ring);
     }
     if (sqe == nullptr) return false;  // cannot happen: the ring has a slot per entry
-    PrepCommand(sqe, q, e, kabi::kRegister);
+    PrepCommand(sqe, q, q.entries[i], kabi::kRegister);
   }
-  q.used.store(end, std::memory_order_release);
   if (first) {
     io_uring_sqe* sqe = io_uring_get_sqe(&q.ring);
     if (sqe == nullptr) return false;
