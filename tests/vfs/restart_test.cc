@@ -82,7 +82,9 @@ class RestartTest : public ::testing::TestWithParam<std::string> {
       if (now > 0 && now != old) return;
       std::this_thread::sleep_for(std::chrono::milliseconds(10));
     }
-    FAIL() << "no new server 10 s after the kill";
+    const std::string log = ReadAll(dir_ / "server.log");
+    FAIL() << "no new server 10 s after the kill; the server's log ends:\n"
+           << log.substr(log.size() > 3000 ? log.size() - 3000 : 0);
   }
 
   TempDir dir_;
@@ -165,6 +167,25 @@ os.close(fd)
     ASSERT_NE(std::find(records.begin(), records.end(), want), records.end()) << "acknowledged but lost: " << want;
   }
   EXPECT_EQ(acked, 1000);
+}
+
+// A server that dies before it says hello (here: its source directory is gone, so
+// it cannot build its stack) is noticed at once, not after the 10 s a start may
+// take, and the next one serves: a program waits only for the back-off.
+TEST_P(RestartTest, AServerThatDiesWhileStartingIsReplacedAtOnce) {
+  ASSERT_EQ(Shell("echo hi > " + dir_ / "src/linux/f"), 0);  // inside what the view admits
+  ASSERT_EQ(::rename((dir_ / "src").c_str(), (dir_ / "away").c_str()), 0);
+  const pid_t old = ServerPid();
+  ASSERT_GT(old, 0);
+  ASSERT_EQ(::kill(old, SIGKILL), 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // a start or two fail meanwhile
+  ASSERT_EQ(::rename((dir_ / "away").c_str(), (dir_ / "src").c_str()), 0);
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(Shell("timeout -s KILL 5 cat " + mount_->path() + "/linux/f > " + dir_ / "got"), 0)
+      << ReadAll(dir_ / "server.log");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(4));
+  EXPECT_EQ(ReadAll(dir_ / "got"), "hi\n");
+  EXPECT_NE(ReadAll(dir_ / "server.log").find("did not start"), std::string::npos) << ReadAll(dir_ / "server.log");
 }
 
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),

@@ -130,6 +130,12 @@ class ProcessSource final : public ServerSource {
     char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
     const int rc = ::posix_spawn(pid, binary.c_str(), &fa, nullptr, argv, environ);
     posix_spawn_file_actions_destroy(&fa);
+    // The server's end of the socket is the server's alone from now on: a server
+    // that dies before it says hello closes it, and the wait below ends at once
+    // (while this process held it too, the wait ran its whole 10 s, and every
+    // program using the mount waited with it).
+    high.Reset();
+    theirs.Reset();
     if (rc != 0) {
       Logger("vfs")->error("isolated server: cannot start {}: {}", binary, std::strerror(rc));
       return nullptr;
