@@ -15,6 +15,19 @@ using ulsp::vfs::VfsRequest;
 
 namespace {
 constexpr int kExecFlag = 0x20;  // __FMODE_EXEC: the kernel opens an executable with it
+
+// A /proc/.../cmdline, its arguments joined by spaces ("" if it cannot be read).
+std::string ReadArgv(int dir_fd, const std::string& path) {
+  std::string argv;
+  const int fd = ::openat(dir_fd, path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return argv;
+  char buf[512];
+  const ssize_t n = ::read(fd, buf, sizeof buf);
+  ::close(fd);
+  for (ssize_t i = 0; i < n; ++i) argv += buf[i] == '\0' ? ' ' : buf[i];
+  while (!argv.empty() && argv.back() == ' ') argv.pop_back();
+  return argv;
+}
 }  // namespace
 
 std::string_view UseName(Use u) noexcept {
@@ -30,7 +43,18 @@ std::string_view UseName(Use u) noexcept {
   return "?";
 }
 
-Recording::Recording() = default;
+Recording::Recording() : own_argv_(ReadArgv(AT_FDCWD, "/proc/self/cmdline")) {}
+
+void Recording::SetCommand(std::string command) {
+  std::lock_guard lock(mu_);
+  command_ = std::move(command);
+}
+
+std::string Recording::Shown(const std::string& argv, pid_t pid) const {
+  // The group's init (pid 1) has this program's argv too, but it is not the command.
+  if (pid != 1 && !command_.empty() && !argv.empty() && argv == own_argv_) return command_ + " (before its exec)";
+  return argv;
+}
 
 Recording::~Recording() {
   {
@@ -75,18 +99,9 @@ void Recording::OpenGroupProc() {
 
 std::string Recording::ArgvOf(pid_t pid) {
   // Read each time: a process's argv changes when it executes another program.
-  std::string argv;
   const int proc = proc_fd_.load();
-  if (proc < 0 || pid <= 0) return argv;
-  const std::string path = std::to_string(pid) + "/cmdline";
-  const int fd = ::openat(proc, path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return argv;
-  char buf[512];
-  const ssize_t n = ::read(fd, buf, sizeof buf);
-  ::close(fd);
-  for (ssize_t i = 0; i < n; ++i) argv += buf[i] == '\0' ? ' ' : buf[i];
-  while (!argv.empty() && argv.back() == ' ') argv.pop_back();
-  return argv;
+  if (proc < 0 || pid <= 0) return {};
+  return ReadArgv(proc, std::to_string(pid) + "/cmdline");
 }
 
 void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
@@ -102,7 +117,7 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
     if (argv != it->second.before) {
       for (const std::string& p : it->second.paths) {
         auto t = touched_.find(p);
-        if (t != touched_.end() && t->second.pid == pid) t->second.argv = argv;
+        if (t != touched_.end() && t->second.pid == pid) t->second.argv = Shown(argv, pid);
       }
       pending_exec_.erase(it);
     }
@@ -113,10 +128,11 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   t.use = use;
   t.dir = t.dir || dir;
   t.pid = pid;
-  t.argv = ArgvOf(pid);
+  const std::string argv = ArgvOf(pid);
+  t.argv = Shown(argv, pid);
   if (use == Use::kExecuted) {
     auto& pending = pending_exec_[pid];
-    if (pending.paths.empty()) pending.before = t.argv;
+    if (pending.paths.empty()) pending.before = argv;
     pending.paths.push_back(path);
   }
 }

@@ -57,6 +57,10 @@ class Recording {
   // The group's init (host pid): its /proc is /proc/INIT/root/proc. Until the group
   // has mounted it, argv is not read. Starts the thread that opens it.
   void SetGroupInit(pid_t init);
+  // The command as the user gave it. A process of the group that still has this
+  // program's argv (forked from it, its exec not done yet, or failed: a command that
+  // does not exist is looked for by it) is shown as "COMMAND (before its exec)".
+  void SetCommand(std::string command);
   // Records that `path` was touched this way by `pid` (keeps the strongest use).
   void Note(const std::string& path, Use use, bool dir, pid_t pid);
 
@@ -68,6 +72,7 @@ class Recording {
  private:
   void OpenGroupProc();           // the opener thread
   std::string ArgvOf(pid_t pid);  // with mu_ held
+  std::string Shown(const std::string& argv, pid_t pid) const;  // with mu_ held
 
   std::atomic<int> proc_fd_{-1};  // the group's /proc, once open
   std::thread opener_;
@@ -75,6 +80,8 @@ class Recording {
   std::condition_variable cv_;
   pid_t init_ = 0;
   bool stopping_ = false;
+  const std::string own_argv_;  // this program's, as /proc/self/cmdline says
+  std::string command_;
   std::unordered_map<std::string, Touch> touched_;
   std::unordered_set<pid_t> pids_;  // processes seen
   struct PendingExec {

@@ -98,6 +98,9 @@ TEST_F(PkgdepTest, EnforceModeMakesTheUndeclaredUseFail) {
   EXPECT_EQ(r.status, 1) << r.out << r.err;
   EXPECT_EQ(r.json["status"], 127);  // as on a system without python3: not found
   EXPECT_TRUE(r.json["hidden"].contains("python3-minimal")) << r.out;
+  // The process that looked for it never became python3: it is named by the command
+  // it was to run, not by pkgdep-vfs's own argv, which it still had.
+  EXPECT_EQ(r.json["hidden"]["python3-minimal"][0]["argv"], "/usr/bin/python3 -c print(1) (before its exec)") << r.out;
   EXPECT_NE(r.err.find("/usr/bin/python3: No such file or directory"), std::string::npos) << r.err;
   // What is declared stays visible.
   r = Check("--mode enforce --package coreutils -- ls /usr/share/doc/coreutils");
