@@ -130,9 +130,7 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
                                                 std::move(below));
   }
   auto recorder = std::make_shared<Recording>();
-  std::string shown;
-  for (const std::string& a : command) shown += (shown.empty() ? "" : " ") + a;
-  recorder->SetCommand(std::move(shown));
+  recorder->SetCommand(ulsp::core::JoinCommand(command));
   auto record = std::make_unique<RecordLayer>(recorder, std::move(below));
 
   ulsp::core::GroupPolicy policy;

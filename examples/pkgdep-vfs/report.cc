@@ -8,6 +8,8 @@
 #include <set>
 #include <sstream>
 
+#include "ulsp/core/group.h"
+
 namespace pkgdep {
 namespace {
 
@@ -137,8 +139,7 @@ int Report::Verdict() const {
 
 std::string Report::Text() const {
   std::ostringstream out;
-  std::string cmd;
-  for (const auto& a : command) cmd += (cmd.empty() ? "" : " ") + a;
+  const std::string cmd = ulsp::core::JoinCommand(command);
   size_t essentials = 0;
   for (const auto& [p, why] : closure.declared)
     if (why == "essential") ++essentials;

@@ -104,13 +104,13 @@ bool WriteFile(const std::string& path, const std::string& content) {
   return static_cast<bool>(out);
 }
 
-std::string Join(const std::vector<std::string>& words) {
+}  // namespace
+
+std::string JoinCommand(const std::vector<std::string>& words) {
   std::string s;
   for (const auto& w : words) s += (s.empty() ? "" : " ") + w;
   return s;
 }
-
-}  // namespace
 
 int CheckPolicy(const std::string& file) {
   auto policy = LoadPolicy(file);
@@ -366,7 +366,7 @@ int RunGroup(GroupRun& run) {
   if (failure.empty()) {
     auto c = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
       s.kind = "run";
-      s.command = Join(run.command);
+      s.command = JoinCommand(run.command);
       StatusBuilder::Group g;
       g.name = group.name;
       g.policy = run.policy_file;

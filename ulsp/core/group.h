@@ -50,6 +50,9 @@ struct GroupRun {
 // Runs a group; returns as Run does (the command's status, 124, 125, 126, 127).
 int RunGroup(GroupRun& run);
 
+// A command's words joined by spaces, as reports and `ulsp ps` show it.
+std::string JoinCommand(const std::vector<std::string>& words);
+
 // `ulsp policy check FILE`: prints "FILE: ok (groups: ...)" and returns 0, or the
 // reason (FILE:LINE: ...) on stderr and returns 1.
 int CheckPolicy(const std::string& file);
