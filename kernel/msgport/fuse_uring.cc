@@ -183,7 +183,7 @@ Result<std::unique_ptr<FuseUring>> FuseUring::Create(fuse_session* session, Opti
   for (unsigned qid = 0; qid < cpus; ++qid) {
     auto q = std::make_unique<Queue>();
     q->qid = qid;
-    q->capacity = options.depth * std::max({1u, options.max_threads, options.max_batches});
+    q->capacity = options.depth * std::max(1u, options.max_batches);
     q->wake.Reset(::eventfd(0, EFD_CLOEXEC));
     if (!q->wake) return Fail(errno);
     io_uring_params params{};
