@@ -110,14 +110,17 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   pids_.insert(pid);
   // A program being executed is opened before its process has its new argv: those
   // entries get it at the process's next access (or keep the old one if none comes).
-  // (The kernel opens the program's interpreter before the exec is done, with the
-  // old argv still in place: only a changed argv is the new one.)
+  // (The kernel looks up and opens the program's interpreter before the exec is done,
+  // with the old argv still in place: only a changed argv is the new one. The old one
+  // may be unknown, "", when the group's /proc was opened just after the exec began:
+  // then this program's own argv, that of the command's process before its exec, is
+  // not the new one either.)
   if (auto it = pending_exec_.find(pid); it != pending_exec_.end() && use != Use::kExecuted) {
     const std::string argv = ArgvOf(pid);
-    if (argv != it->second.before) {
+    if (!argv.empty() && argv != it->second.before && argv != own_argv_) {
       for (const std::string& p : it->second.paths) {
         auto t = touched_.find(p);
-        if (t != touched_.end() && t->second.pid == pid) t->second.argv = Shown(argv, pid);
+        if (t != touched_.end() && t->second.pid == pid) t->second.argv = argv;
       }
       pending_exec_.erase(it);
     }
