@@ -60,7 +60,7 @@ FdChannel::PumpResult FdChannel::ReadFrame() {
   mh.msg_controllen = sizeof control;
   auto n = Sys([&] { return ::recvmsg(socket_.get(), &mh, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
   if (!n) {
-    if (n.error().value == EAGAIN) return PumpResult::kTimeout;
+    if (n.error().value == EAGAIN) return PumpResult::kTimeout;  // nothing there now
     return PumpResult::kClosed;
   }
   if (*n == 0) return PumpResult::kClosed;  // EOF: the peer is gone
@@ -90,30 +90,17 @@ FdChannel::PumpResult FdChannel::ReadFrame() {
   return PumpResult::kFrame;
 }
 
-FdChannel::PumpResult FdChannel::Pump(std::chrono::milliseconds timeout, int extra_fd) {
+FdChannel::PumpResult FdChannel::TryRead(bool* busy) {
   {
-    std::unique_lock lock(mu_);
+    std::lock_guard lock(mu_);
     if (closed_) return PumpResult::kClosed;
     if (reading_) {
-      cv_.wait_for(lock, timeout);
-      return closed_ ? PumpResult::kClosed : PumpResult::kTimeout;
+      *busy = true;
+      return PumpResult::kTimeout;
     }
     reading_ = true;
   }
-  pollfd pfds[2] = {{socket_.get(), POLLIN, 0}, {extra_fd, POLLIN, 0}};
-  PumpResult result = PumpResult::kTimeout;
-  auto ready = Sys([&] { return ::poll(pfds, extra_fd >= 0 ? 2 : 1, static_cast<int>(timeout.count())); });
-  if (ready && *ready > 0) {
-    if (pfds[0].revents & POLLIN) {
-      result = ReadFrame();
-    } else if (pfds[0].revents & (POLLHUP | POLLERR | POLLNVAL)) {
-      result = PumpResult::kClosed;
-    } else if (extra_fd >= 0 && pfds[1].revents != 0) {
-      result = PumpResult::kExtraReady;
-    }
-  } else if (!ready) {
-    result = PumpResult::kClosed;
-  }
+  const PumpResult result = ReadFrame();
   {
     std::lock_guard lock(mu_);
     reading_ = false;
@@ -123,7 +110,40 @@ FdChannel::PumpResult FdChannel::Pump(std::chrono::milliseconds timeout, int ext
   return result;
 }
 
+FdChannel::PumpResult FdChannel::Pump(std::chrono::milliseconds timeout, int extra_fd, bool frames) {
+  {
+    std::lock_guard lock(mu_);
+    if (closed_) return PumpResult::kClosed;
+  }
+  // Without `frames` only the peer's end wakes this poll (POLLHUP is reported
+  // whatever the events asked for); the frames are read by those who Take them.
+  pollfd pfds[2] = {{socket_.get(), static_cast<short>(frames ? POLLIN : POLLRDHUP), 0}, {extra_fd, POLLIN, 0}};
+  auto ready = Sys([&] { return ::poll(pfds, extra_fd >= 0 ? 2 : 1, static_cast<int>(timeout.count())); });
+  if (!ready) {
+    std::lock_guard lock(mu_);
+    closed_ = true;
+    return PumpResult::kClosed;
+  }
+  if (*ready == 0) return PumpResult::kTimeout;
+  if (pfds[0].revents != 0) {
+    // Readable, or the peer's end: frames it sent before it went are still read (they
+    // may answer messages it finished), then its end-of-file closes the channel.
+    PumpResult result = PumpResult::kTimeout;
+    bool busy = false;
+    for (PumpResult r; (r = TryRead(&busy)) != PumpResult::kTimeout;) {
+      result = r;
+      if (r == PumpResult::kClosed) break;
+    }
+    return result;
+  }
+  if (extra_fd >= 0 && pfds[1].revents != 0) return PumpResult::kExtraReady;
+  return PumpResult::kTimeout;
+}
+
 Result<std::vector<UniqueFd>> FdChannel::Take(uint64_t id, size_t count, Deadline deadline) {
+  // The frame is sent before its message's envelope, so it is nearly always in the
+  // socket already: the taker reads it itself rather than wait for a thread that
+  // polls the socket to be woken (on another CPU, through the hypervisor).
   for (;;) {
     {
       std::unique_lock lock(mu_);
@@ -135,10 +155,21 @@ Result<std::vector<UniqueFd>> FdChannel::Take(uint64_t id, size_t count, Deadlin
       }
       if (closed_) return Fail(ECONNRESET);
     }
+    bool busy = false;
+    if (const PumpResult r = TryRead(&busy); r != PumpResult::kTimeout) continue;
     const Deadline now = Clock::now();
     if (now >= deadline) return Fail(ETIMEDOUT);
-    auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
-    (void)Pump(std::min<std::chrono::milliseconds>(left, std::chrono::milliseconds(100)));
+    const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
+    if (busy) {
+      // Another thread is reading a frame (perhaps this one): wait for its news.
+      std::unique_lock lock(mu_);
+      cv_.wait_for(lock, std::chrono::milliseconds(1), [&] { return !reading_ || closed_; });
+      continue;
+    }
+    // Not sent yet. Another taker may read it meanwhile and stash it, which this poll
+    // does not see: it is short, and the stash is looked at again.
+    pollfd p{socket_.get(), POLLIN, 0};
+    (void)::poll(&p, 1, static_cast<int>(std::min<std::chrono::milliseconds>(left, std::chrono::milliseconds(10)).count()));
   }
 }
 

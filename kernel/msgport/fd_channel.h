@@ -4,7 +4,8 @@
 // by its end-of-file, the news that the peer process is gone.
 //
 // Frames that arrive before anyone asks for them wait in a stash keyed by id. Any
-// thread may Send; any thread may Take or Pump, one reading the socket at a time.
+// thread may Send; any thread may Take or Pump. One thread at a time reads a frame
+// (a non-blocking recvmsg and its stashing); none holds that role while it waits.
 #pragma once
 
 #include <condition_variable>
@@ -41,15 +42,19 @@ class FdChannel {
   Result<void> Send(uint64_t id, std::span<const UniqueFd> fds);
 
   // Waits until the frame for `id` has arrived, until `deadline`, reading the socket
-  // when no other thread is. The frame must carry exactly `count` descriptors, else
+  // itself (when no other thread is reading a frame at that moment: then it waits
+  // for that one). The frame must carry exactly `count` descriptors, else
   // they are closed and it fails with EBADMSG. ECONNRESET when the peer is gone,
   // ETIMEDOUT at the deadline.
   Result<std::vector<UniqueFd>> Take(uint64_t id, size_t count, Deadline deadline);
 
   enum class PumpResult { kFrame, kTimeout, kClosed, kExtraReady };
-  // Reads at most one frame into the stash, waiting up to `timeout`; also returns
-  // when `extra_fd` (a pidfd, say; -1 for none) becomes readable.
-  PumpResult Pump(std::chrono::milliseconds timeout, int extra_fd = -1);
+  // Waits up to `timeout` for the socket, then reads the frames there into the
+  // stash (kFrame); also returns when `extra_fd` (a pidfd, say; -1 for none) becomes
+  // readable. With `frames` false it wakes only for the peer's end (kClosed, after
+  // the frames sent before it are read): a thread that watches for that is not woken
+  // for every frame that others Take.
+  PumpResult Pump(std::chrono::milliseconds timeout, int extra_fd = -1, bool frames = true);
 
   bool closed() const;
   // Frames dropped: malformed, or beyond kMaxStashed.
@@ -59,11 +64,14 @@ class FdChannel {
   int fd() const noexcept { return socket_.get(); }
 
  private:
-  // Reads one frame (the socket is readable). Called with reading_ held, mu_ not held.
+  // Reads one frame, without waiting: kTimeout when none is there. Called with
+  // reading_ held, mu_ not held.
   PumpResult ReadFrame();
+  // ReadFrame unless another thread is reading (then kTimeout and *busy).
+  PumpResult TryRead(bool* busy);
 
   UniqueFd socket_;
-  mutable std::mutex mu_;  // guards stash_, reading_, closed_
+  mutable std::mutex mu_;  // guards stash_, reading_, closed_, dropped_
   std::condition_variable cv_;
   struct Frame {
     bool well_formed = true;

@@ -380,7 +380,7 @@ void ShmClientPort::DispatchReplies() noexcept {
 
 void ShmClientPort::WatchPeer() noexcept {
   while (!stopping_.load(std::memory_order_acquire)) {
-    auto r = fds_.Pump(std::chrono::milliseconds(100), pidfd_.get());
+    auto r = fds_.Pump(std::chrono::milliseconds(100), pidfd_.get(), /*frames=*/false);
     if (r == FdChannel::PumpResult::kClosed || r == FdChannel::PumpResult::kExtraReady) {
       OnPeerDeath();
       return;

@@ -9,7 +9,9 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <atomic>
 #include <filesystem>
+#include <thread>
 
 namespace ulsp::msgport {
 namespace {
@@ -102,6 +104,49 @@ TEST(FdChannel, AClosedPeerIsReported) {
   ASSERT_FALSE(got.has_value());
   EXPECT_EQ(got.error(), Errno(ECONNRESET));
   EXPECT_TRUE(p.b->closed());
+}
+
+// A thread that watches only for the peer's end (as a client port's peer watcher
+// does) leaves the frames to their takers: a taker reads its own frame at once
+// rather than wait for a watcher to be woken for it.
+TEST(FdChannel, AWatcherForThePeersEndLeavesTheFramesToTheirTakers) {
+  Pair p;
+  std::atomic<bool> stop{false};
+  std::atomic<int> frames_seen{0};
+  std::thread watcher([&] {
+    while (!stop.load()) {
+      if (p.b->Pump(20ms, -1, /*frames=*/false) == FdChannel::PumpResult::kFrame) frames_seen.fetch_add(1);
+    }
+  });
+  for (uint64_t id = 1; id <= 50; ++id) {
+    std::vector<UniqueFd> one;
+    one.push_back(DevNull());
+    ASSERT_TRUE(p.a->Send(id, one).has_value());
+    auto got = p.b->Take(id, 1, After(2s));
+    ASSERT_TRUE(got.has_value()) << id;
+  }
+  stop.store(true);
+  watcher.join();
+  EXPECT_EQ(frames_seen.load(), 0);
+  EXPECT_FALSE(p.b->closed());
+}
+
+// When the peer goes, the watcher learns it, and the frames it sent before it went
+// are still there for their takers.
+TEST(FdChannel, AWatcherSeesThePeersEndAfterItsLastFrames) {
+  Pair p;
+  std::vector<UniqueFd> one;
+  one.push_back(DevNull());
+  ASSERT_TRUE(p.a->Send(9, one).has_value());
+  p.a.reset();
+  EXPECT_EQ(p.b->Pump(1s, -1, /*frames=*/false), FdChannel::PumpResult::kClosed);
+  EXPECT_TRUE(p.b->closed());
+  auto got = p.b->Take(9, 1, After(2s));
+  ASSERT_TRUE(got.has_value());
+  EXPECT_EQ(got->size(), 1u);
+  auto gone = p.b->Take(10, 0, After(2s));
+  ASSERT_FALSE(gone.has_value());
+  EXPECT_EQ(gone.error(), Errno(ECONNRESET));
 }
 
 }  // namespace
