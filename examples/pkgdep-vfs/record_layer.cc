@@ -107,23 +107,37 @@ std::string Recording::ArgvOf(pid_t pid) {
 void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   if (path.empty()) return;
   std::lock_guard lock(mu_);
-  pids_.insert(pid);
-  // A program being executed is opened before its process has its new argv: those
-  // entries get it at the process's next access (or keep the old one if none comes).
-  // (The kernel looks up and opens the program's interpreter before the exec is done,
-  // with the old argv still in place: only a changed argv is the new one. The old one
-  // may be unknown, "", when the group's /proc was opened just after the exec began:
-  // then this program's own argv, that of the command's process before its exec, is
-  // not the new one either.)
-  if (auto it = pending_exec_.find(pid); it != pending_exec_.end() && use != Use::kExecuted) {
-    const std::string argv = ArgvOf(pid);
-    if (!argv.empty() && argv != it->second.before && argv != own_argv_) {
-      for (const std::string& p : it->second.paths) {
+  Proc& proc = procs_[pid];
+  // A process's argv is read once and kept (a read is three system calls, and a
+  // compiler's first touches run into thousands), except around an exec. A program
+  // being executed is opened before its process has its new argv: those entries get
+  // it at the process's next access (or keep the old one if none comes). The kernel
+  // looks up and opens the program's interpreter before the exec is done, with the
+  // old argv still in place: only a changed argv is the new one. The old one may be
+  // unknown, "", when the group's /proc was opened just after the exec began: then
+  // this program's own argv, that of the command's process before its exec, is not
+  // the new one either.
+  std::string argv;
+  if (use == Use::kExecuted) {
+    if (!proc.execing) {
+      proc.execing = true;
+      proc.before = proc.argv.empty() ? ArgvOf(pid) : proc.argv;
+    }
+    argv = proc.before;
+  } else if (proc.execing) {
+    argv = ArgvOf(pid);
+    if (!argv.empty() && argv != proc.before && argv != own_argv_) {
+      for (const std::string& p : proc.executed) {
         auto t = touched_.find(p);
         if (t != touched_.end() && t->second.pid == pid) t->second.argv = argv;
       }
-      pending_exec_.erase(it);
+      proc.executed.clear();
+      proc.execing = false;
+      proc.argv = argv;
     }
+  } else {
+    if (proc.argv.empty()) proc.argv = ArgvOf(pid);
+    argv = proc.argv;
   }
   auto [it, fresh] = touched_.try_emplace(path);
   Touch& t = it->second;
@@ -131,13 +145,8 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   t.use = use;
   t.dir = t.dir || dir;
   t.pid = pid;
-  const std::string argv = ArgvOf(pid);
   t.argv = Shown(argv, pid);
-  if (use == Use::kExecuted) {
-    auto& pending = pending_exec_[pid];
-    if (pending.paths.empty()) pending.before = argv;
-    pending.paths.push_back(path);
-  }
+  if (use == Use::kExecuted) proc.executed.push_back(path);
 }
 
 int RecordLayer::Serve(VfsRequest& req) noexcept try {
@@ -231,7 +240,7 @@ size_t Recording::size() const {
 
 size_t Recording::processes() const {
   std::lock_guard lock(mu_);
-  return pids_.size();
+  return procs_.size();
 }
 
 }  // namespace pkgdep

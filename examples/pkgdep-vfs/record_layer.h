@@ -27,7 +27,6 @@
 #include <thread>
 #include <string>
 #include <unordered_map>
-#include <unordered_set>
 #include <vector>
 
 #include "ulsp/vfs/layer.h"
@@ -83,12 +82,13 @@ class Recording {
   const std::string own_argv_;  // this program's, as /proc/self/cmdline says
   std::string command_;
   std::unordered_map<std::string, Touch> touched_;
-  std::unordered_set<pid_t> pids_;  // processes seen
-  struct PendingExec {
-    std::string before;               // the argv before the exec
-    std::vector<std::string> paths;   // executed, waiting for the new argv
+  struct Proc {                        // a process seen
+    std::string argv;                  // as first read ("" until the group's /proc opens)
+    bool execing = false;              // it opened a program to execute; argv not yet new
+    std::string before;                // the argv before that exec
+    std::vector<std::string> executed; // its executed paths, waiting for the new argv
   };
-  std::unordered_map<pid_t, PendingExec> pending_exec_;
+  std::unordered_map<pid_t, Proc> procs_;
 };
 
 class RecordLayer final : public ulsp::vfs::Layer {
