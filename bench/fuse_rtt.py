@@ -10,7 +10,10 @@ through `ulsp mount --stack passthrough:DIR`. Requests read from /dev/fuse
 
 and requests through FUSE over io_uring (the kernel switch turned on for that mount
 only; the server's thread for each CPU is pinned there), with the program unpinned
-and on CPU 0. Interleaved rounds; prints medians in microseconds. Needs root.
+and on CPU 0; then both transports with the stack in an isolated server process
+(`--isolated`: one more hop, through a shared-memory port, and an open's descriptor
+passed over a Unix socket). Interleaved rounds; prints medians in microseconds.
+Needs root.
 
   bench/fuse_rtt.py [--ulsp build/ulsp/core/ulsp] [--rtt build/bench/fuse_rtt] [--rounds 5] [-n 2000]
 """
@@ -42,7 +45,8 @@ def main():
         f.write("x\n")
     # (name, server's CPUs or None, program's CPUs or None)
     subjects = [("native", None, None), ("unpinned", None, None), ("two CPUs", "1", "0"), ("one CPU", "0", "0"),
-                ("io_uring, unpinned", None, None), ("io_uring, CPU 0", None, "0")]
+                ("io_uring, unpinned", None, None), ("io_uring, CPU 0", None, "0"),
+                ("isolated", None, None), ("io_uring, isolated", None, None)]
     results = {name: ([], []) for name, _, _ in subjects}
 
     def pin(cpus, cmd):
@@ -58,7 +62,8 @@ def main():
                 with fuse_uring_switch.enabled(uring):
                     if name != "native":
                         subprocess.run(pin(server_cpus, [ulsp, "mount", "--stack", "passthrough:" + src, mnt] +
-                                           ([] if uring else ["--no-io-uring"])), check=True)
+                                           ([] if uring else ["--no-io-uring"]) +
+                                           (["--isolated"] if name.endswith("isolated") else [])), check=True)
                         path = os.path.join(mnt, "f")
                     try:
                         out = subprocess.run(pin(program_cpus, [rtt, path, str(args.n)]), check=True,
