@@ -98,7 +98,8 @@ void Recording::OpenGroupProc() {
 }
 
 std::string Recording::ArgvOf(pid_t pid) {
-  // Read each time: a process's argv changes when it executes another program.
+  // Read now, from the group's /proc. (Note keeps it per process, and reads it again
+  // around an exec.)
   const int proc = proc_fd_.load();
   if (proc < 0 || pid <= 0) return {};
   return ReadArgv(proc, std::to_string(pid) + "/cmdline");

@@ -95,7 +95,7 @@ FdChannel::PumpResult FdChannel::TryRead(bool* busy) {
     std::lock_guard lock(mu_);
     if (closed_) return PumpResult::kClosed;
     if (reading_) {
-      *busy = true;
+      if (busy != nullptr) *busy = true;
       return PumpResult::kTimeout;
     }
     reading_ = true;
@@ -129,8 +129,7 @@ FdChannel::PumpResult FdChannel::Pump(std::chrono::milliseconds timeout, int ext
     // Readable, or the peer's end: frames it sent before it went are still read (they
     // may answer messages it finished), then its end-of-file closes the channel.
     PumpResult result = PumpResult::kTimeout;
-    bool busy = false;
-    for (PumpResult r; (r = TryRead(&busy)) != PumpResult::kTimeout;) {
+    for (PumpResult r; (r = TryRead()) != PumpResult::kTimeout;) {
       result = r;
       if (r == PumpResult::kClosed) break;
     }

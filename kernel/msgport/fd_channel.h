@@ -67,8 +67,8 @@ class FdChannel {
   // Reads one frame, without waiting: kTimeout when none is there. Called with
   // reading_ held, mu_ not held.
   PumpResult ReadFrame();
-  // ReadFrame unless another thread is reading (then kTimeout and *busy).
-  PumpResult TryRead(bool* busy);
+  // ReadFrame unless another thread is reading (then kTimeout, and *busy if given).
+  PumpResult TryRead(bool* busy = nullptr);
 
   UniqueFd socket_;
   mutable std::mutex mu_;  // guards stash_, reading_, closed_, dropped_
