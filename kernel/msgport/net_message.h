@@ -17,6 +17,7 @@
 #include <cerrno>
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -80,7 +81,9 @@ struct NetRequest {
   std::vector<NetDatagram> msgs;    // sendto (one), sendmsg (one), sendmmsg (each)
   int copy_error = 0;               // EFAULT, EINVAL, EMSGSIZE when copying failed
 
-  UniqueFd pidfd;  // the caller's thread, for descriptors named in SCM_RIGHTS
+  // The caller's thread, for descriptors named in SCM_RIGHTS (shared: the shim keeps
+  // a thread's pidfd for its next call).
+  std::shared_ptr<const UniqueFd> pidfd;
   // Whether the caller still waits for the answer (not killed, not interrupted by a
   // signal). A ULSP that waits on the network asks it now and then, and gives up.
   std::function<bool()> still_waiting;

@@ -153,6 +153,7 @@ NetCall CallOf(int nr) {
 }
 
 constexpr size_t kMaxAddr = sizeof(sockaddr_storage);
+constexpr size_t kKeptPidfds = 256;
 constexpr size_t kMaxControl = 64u << 10;
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 
@@ -384,6 +385,23 @@ void SeccompShim::Watchdog() {
   }
 }
 
+std::shared_ptr<const UniqueFd> SeccompShim::KeptPidfd(pid_t tid) {
+  std::lock_guard lock(pidfd_mu_);
+  auto it = pidfds_.find(tid);
+  return it == pidfds_.end() ? nullptr : it->second;
+}
+
+std::shared_ptr<const UniqueFd> SeccompShim::OpenPidfd(pid_t tid) {
+  auto fd = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_open, tid, PIDFD_THREAD)); });
+  if (!fd) return nullptr;
+  UniqueFd owned(*fd);
+  auto pidfd = std::make_shared<const UniqueFd>(std::move(owned));
+  std::lock_guard lock(pidfd_mu_);
+  if (pidfds_.size() >= kKeptPidfds) pidfds_.clear();
+  pidfds_.insert_or_assign(tid, pidfd);
+  return pidfd;
+}
+
 void SeccompShim::Handle(const seccomp_notif& n) noexcept {
   const int lfd = listener_.get();
   auto valid = [lfd, id = n.id] {
@@ -419,14 +437,22 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
     const bool names_socket = call == NetCall::kConnect || call == NetCall::kBind || call == NetCall::kSendTo ||
                               call == NetCall::kSendMsg || call == NetCall::kSendMmsg || call == NetCall::kListen;
     if (names_socket) {
-      auto pidfd = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_open, q.tid, PIDFD_THREAD)); });
-      if (!pidfd) return answer(0, EINTR, false);  // gone; the answer goes nowhere
-      q.pidfd.Reset(*pidfd);
       // No check yet that the pidfd is the caller's: the one below, after everything
       // is read, covers it (had the caller died and its tid been reused before
       // pidfd_open, its notification would be gone by then, and all is thrown away).
+      const bool kept = (q.pidfd = KeptPidfd(q.tid)) != nullptr;
+      if (!kept && !(q.pidfd = OpenPidfd(q.tid))) return answer(0, EINTR, false);  // gone; the answer goes nowhere
       const int target = static_cast<int>(q.args[0]);
-      auto dup = Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_getfd, q.pidfd.get(), target, 0)); });
+      auto getfd = [&] {
+        return Sys([&] { return static_cast<int>(::syscall(SYS_pidfd_getfd, q.pidfd->get(), target, 0)); });
+      };
+      auto dup = getfd();
+      if (!dup && kept) {
+        // Most likely the kept pidfd's thread has ended (ESRCH); a fresh pidfd says
+        // whether the caller's descriptor is bad.
+        if (!(q.pidfd = OpenPidfd(q.tid))) return answer(0, EINTR, false);
+        dup = getfd();
+      }
       socklen_t len = sizeof(int);
       if (!dup) {
         q.fd_error = EBADF;

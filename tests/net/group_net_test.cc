@@ -164,6 +164,16 @@ TEST_F(NetTest, InheritedAndPassedSocketsAreNoWayOut) {
   EXPECT_EQ(udp_no_.received(), 0);
 }
 
+TEST_F(NetTest, AThreadWhoseTidIsReusedIsNotMistakenForTheOldOne) {
+  // The shim keeps each calling thread's pidfd for its next call. Here a thread
+  // connects (its pidfd is kept) and ends; threads are made until one gets the same
+  // tid (no pid namespace, so it is the host's tid the shim sees). The kept pidfd is
+  // the dead thread's, and the new thread's connect must still find its own socket.
+  auto r = RunInGroup(dir_, Policy("", "pid_namespace = false\n"), kProbe + " pid-reuse 127.0.0.1 " + P(allowed_), 120);
+  if (r.out.find("too many tids") != std::string::npos) GTEST_SKIP() << r.out;
+  EXPECT_EQ(r.out, "first: ok\nsame tid: ok\n") << r.err;
+}
+
 TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
   const std::string cmd = kProbe + " malformed 127.0.0.1 " + P(allowed_);
   const std::string native = Output(cmd);

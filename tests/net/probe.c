@@ -14,6 +14,8 @@
 //   probe passfd HOST ALLOWED DENIED   a UDP socket allowed once, passed to a child
 //   probe malformed HOST PORT          bad lengths, pointers and families, then a good one
 //   probe serve-once PORT              (in the group) listen on 127.0.0.1:PORT, answer one
+//   probe pid-reuse HOST PORT          a thread connects and ends; threads are made until
+//                                      one has its tid, and that one connects
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -90,6 +92,51 @@ static int TcpRaw(const char* host, int port) {
   }
   printf("connect: ok\n");
   ReadReply(s);
+  return 0;
+}
+
+// pid-reuse: the thread to connect is the one whose tid is g_reuse_tid (0: any).
+static const char* g_reuse_host;
+static int g_reuse_port;
+static pid_t g_reuse_tid;
+
+static void* ConnectIfTid(void* unused) {
+  (void)unused;
+  const pid_t tid = (pid_t)syscall(SYS_gettid);
+  if (g_reuse_tid != 0 && tid != g_reuse_tid) return NULL;
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct sockaddr_in a = Addr(g_reuse_host, g_reuse_port);
+  const int r = connect(s, (struct sockaddr*)&a, sizeof a);
+  printf("%s: %s\n", g_reuse_tid != 0 ? "same tid" : "first", r == 0 ? "ok" : Name(errno));
+  close(s);
+  return (void*)(intptr_t)tid;
+}
+
+// A thread connects and ends; threads are made until one has its tid (the kernel
+// hands tids out in a cycle of pid_max), and that one connects too.
+static int PidReuse(const char* host, int port) {
+  g_reuse_host = host;
+  g_reuse_port = port;
+  long pid_max = 0;
+  FILE* f = fopen("/proc/sys/kernel/pid_max", "r");
+  if (f == NULL || fscanf(f, "%ld", &pid_max) != 1) pid_max = 0;
+  if (f != NULL) fclose(f);
+  if (pid_max <= 0 || pid_max > (1L << 17)) {
+    printf("pid_max %ld: too many tids to go round\n", pid_max);
+    return 0;
+  }
+  pthread_t t;
+  void* first = NULL;
+  pthread_create(&t, NULL, ConnectIfTid, NULL);
+  pthread_join(t, &first);
+  g_reuse_tid = (pid_t)(intptr_t)first;
+  for (long i = 0; i < 4 * pid_max; ++i) {
+    void* got = NULL;
+    if (pthread_create(&t, NULL, ConnectIfTid, NULL) != 0) continue;
+    pthread_join(t, &got);
+    if (got != NULL) return 0;
+  }
+  printf("tid %d not handed out again\n", (int)g_reuse_tid);
   return 0;
 }
 
@@ -358,6 +405,7 @@ int main(int argc, char** argv) {
   if (strcmp(cmd, "passfd") == 0 && argc == 5) return PassFd(argv[2], atoi(argv[3]), atoi(argv[4]));
   if (strcmp(cmd, "malformed") == 0 && argc == 4) return Malformed(argv[2], atoi(argv[3]));
   if (strcmp(cmd, "serve-once") == 0 && argc == 3) return ServeOnce(atoi(argv[2]));
+  if (strcmp(cmd, "pid-reuse") == 0 && argc == 4) return PidReuse(argv[2], atoi(argv[3]));
   fprintf(stderr, "probe: unknown command or arguments\n");
   return 2;
 }

@@ -265,7 +265,7 @@ int TranslateRights(std::vector<char>& control, int pidfd, std::vector<UniqueFd>
 int64_t SendOn(int fd, const NetDatagram& d, const std::vector<char>* name, int flags, bool stream,
                const NetRequest& q, std::vector<char>& control) {
   std::vector<UniqueFd> held;
-  if (int err = TranslateRights(control, q.pidfd.get(), held)) return -err;
+  if (int err = TranslateRights(control, q.pidfd ? q.pidfd->get() : -1, held)) return -err;
   const bool wait = !(flags & MSG_DONTWAIT) && !Nonblocking(fd);
   const auto timeout = wait ? SendTimeout(fd) : std::chrono::milliseconds(0);
   size_t sent = 0;
