@@ -22,9 +22,10 @@ std::string ReadAll(const std::string& path) {
   return s.str();
 }
 
-// The parameter: "passthrough" or "stack" (trace, view, passthrough), both reading
-// /dev/fuse; "uring": passthrough with requests through FUSE over io_uring (the
-// kernel's switch on for the test).
+// The parameter: "passthrough" or "stack" (trace, view, passthrough, with kernel
+// passthrough off: every read and write is served, and in flight at the kill), both
+// reading /dev/fuse; "uring": passthrough with requests through FUSE over io_uring
+// (the kernel's switch on for the test).
 class RestartTest : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
@@ -36,6 +37,7 @@ class RestartTest : public ::testing::TestWithParam<std::string> {
       args.push_back("passthrough:" + dir_ / "src");
     } else {
       std::ofstream(dir_ / "allow.txt") << "/linux\n/out\n/log\n";
+      args.insert(args.begin(), "--no-kernel-passthrough");
       args.push_back("trace:" + dir_ / "t.jsonl,view:" + dir_ / "allow.txt,passthrough:" + dir_ / "src");
     }
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");

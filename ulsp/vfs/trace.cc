@@ -45,6 +45,9 @@ Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path
 TraceLayer::TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower)
     : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {
   ListsThrough();  // it logs listings; nothing of its own is kept per directory handle
+  // It records opens (with their access mode); what is read and written after is the
+  // kernel's to do when it may (a read or write that reaches it is recorded too).
+  PassesFileData();
 }
 
 TraceLayer::~TraceLayer() {
@@ -54,46 +57,88 @@ TraceLayer::~TraceLayer() {
   }
   cv_.notify_one();
   flusher_.join();
-  std::lock_guard lock(mu_);
-  FlushLocked();
+  try {
+    Write(pending_);  // no other thread is left
+  } catch (const std::bad_alloc&) {
+    Logger("vfs")->warn("trace: {} records were lost (out of memory)", pending_.size());
+  }
 }
 
-void TraceLayer::FlushLocked() {
-  size_t done = 0;
-  while (done < pending_.size()) {
-    const ssize_t n = ::write(log_.get(), pending_.data() + done, pending_.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      if (!warned_) Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
-      warned_ = true;
-      break;
-    }
-    done += static_cast<size_t>(n);
+std::string TraceLayer::Format(const Record& r) {
+  struct tm utc {};
+  gmtime_r(&r.time.tv_sec, &utc);
+  // ENOSYS to a handleless opendir tells the kernel to list without handles: for the
+  // program, its opendir succeeded (and the kernel sends no more of them).
+  const char* result = r.err == 0 || r.listed_without_handle ? "ok" : strerrorname_np(r.err);
+  std::string line = fmt::format(
+      R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z","pid":{},"uid":{},"op":"{}","path":{})",
+      utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, r.time.tv_nsec / 1000,
+      r.pid, r.uid, msgport::VfsOpName(r.op), JsonQuote(r.path));
+  if (!r.path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(r.path2));
+  if (r.op == VfsOp::kOpen || r.op == VfsOp::kCreate) {
+    const int access = r.flags & O_ACCMODE;
+    line += access == O_RDONLY ? R"(,"mode":"r")" : access == O_WRONLY ? R"(,"mode":"w")" : R"(,"mode":"rw")";
   }
-  pending_.clear();
+  line += fmt::format(R"(,"result":"{}"}})", result != nullptr ? result : "?");
+  line += '\n';
+  return line;
+}
+
+void TraceLayer::Write(const std::vector<Record>& records) {
+  std::string text;
+  for (const Record& r : records) {
+    text += Format(r);
+    if (text.size() < (64u << 10) && &r != &records.back()) continue;
+    size_t done = 0;
+    while (done < text.size()) {
+      const ssize_t n = ::write(log_.get(), text.data() + done, text.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        if (!warned_) Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
+        warned_ = true;
+        break;
+      }
+      done += static_cast<size_t>(n);
+    }
+    text.clear();
+  }
 }
 
 void TraceLayer::Flusher() {
+  std::vector<Record> batch;
   std::unique_lock lock(mu_);
   while (!stopping_) {
     cv_.wait_for(lock, std::chrono::milliseconds(50));
-    if (!pending_.empty()) FlushLocked();
+    if (pending_.empty()) continue;
+    batch.swap(pending_);
+    lock.unlock();
+    drained_cv_.notify_all();
+    try {
+      Write(batch);
+    } catch (const std::bad_alloc&) {
+      Logger("vfs")->warn("trace: {} records were lost (out of memory)", batch.size());
+    }
+    batch.clear();
+    lock.lock();
   }
 }
 
-void TraceLayer::Append(const std::string& line) {
-  std::lock_guard lock(mu_);
-  pending_ += line;
-  if (pending_.size() >= (64u << 10)) FlushLocked();
+void TraceLayer::Append(Record&& r) {
+  std::unique_lock lock(mu_);
+  // A log that cannot keep up holds the requests back rather than grow without end.
+  drained_cv_.wait(lock, [this] { return pending_.size() < kMaxPending || stopping_; });
+  pending_.push_back(std::move(r));
+  if (pending_.size() == kWakeAt) cv_.notify_one();
 }
 
 int TraceLayer::Serve(VfsRequest& req) noexcept {
   if (req.op == VfsOp::kForget) return Down(req);
   // Paths are taken before the request runs: a rename or forget changes them. A
-  // failure to log never changes what the request does.
-  std::string path, path2;
+  // failure to log never changes what the request does. The line is made and
+  // written by the flusher thread, off the request's path.
+  Record r;
   try {
-    path = PathOf(req.node);
+    r.path = PathOf(req.node);
     switch (req.op) {
       case VfsOp::kLookup:
       case VfsOp::kMkNod:
@@ -102,39 +147,31 @@ int TraceLayer::Serve(VfsRequest& req) noexcept {
       case VfsOp::kRmDir:
       case VfsOp::kSymlink:
       case VfsOp::kCreate:
-        path = JoinPath(path, req.name);
+        r.path = JoinPath(r.path, req.name);
         break;
       case VfsOp::kRename:
-        path = JoinPath(path, req.name);
-        path2 = JoinPath(PathOf(req.node2), req.name2);
+        r.path = JoinPath(r.path, req.name);
+        r.path2 = JoinPath(PathOf(req.node2), req.name2);
         break;
       case VfsOp::kLink:
-        path2 = JoinPath(PathOf(req.node2), req.name2);
+        r.path2 = JoinPath(PathOf(req.node2), req.name2);
         break;
       default:
         break;
     }
   } catch (...) {
-    path.assign(1, '?');
+    r.path.assign(1, '?');
   }
-  const int err = Down(req);
+  r.op = req.op;
+  r.flags = req.flags;
+  r.pid = req.ctx.pid;
+  r.uid = req.ctx.uid;
+  r.err = Down(req);
+  r.listed_without_handle = req.op == VfsOp::kOpenDir && r.err == ENOSYS && req.handleless_ok;
+  clock_gettime(CLOCK_REALTIME, &r.time);
+  const int err = r.err;
   try {
-    struct timespec now {};
-    clock_gettime(CLOCK_REALTIME, &now);
-    struct tm utc {};
-    gmtime_r(&now.tv_sec, &utc);
-    // ENOSYS to a handleless opendir tells the kernel to list without handles: for
-    // the program, its opendir succeeded (and the kernel sends no more of them).
-    const bool listed_without_handle = req.op == VfsOp::kOpenDir && err == ENOSYS && req.handleless_ok;
-    const char* result = err == 0 || listed_without_handle ? "ok" : strerrorname_np(err);
-    std::string line = fmt::format(
-        R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z","pid":{},"uid":{},"op":"{}","path":{})",
-        utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, now.tv_nsec / 1000,
-        req.ctx.pid, req.ctx.uid, msgport::VfsOpName(req.op), JsonQuote(path));
-    if (!path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(path2));
-    line += fmt::format(R"(,"result":"{}"}})", result != nullptr ? result : "?");
-    line += '\n';
-    Append(line);
+    Append(std::move(r));
   } catch (...) {
     Logger("vfs")->warn("trace: a record was lost (out of memory)");
   }

@@ -1,19 +1,28 @@
 // TraceLayer: records every access that reaches it as one JSON line — time, pid,
-// uid, operation, path (and the second path of rename and link), result — then
-// passes the request down unchanged. Forgets are not accesses and are not recorded.
-// The kernel caches entries and attributes for the mount's timeout, so a trace sees
-// every first access, not every repetition.
+// uid, operation, path (and the second path of rename and link), an open's access
+// mode, result — then passes the request down unchanged. Forgets are not accesses
+// and are not recorded. The kernel caches entries and attributes for the mount's
+// timeout, so a trace sees every first access, not every repetition. It passes file
+// data through: where the mount uses kernel passthrough, the kernel reads and writes
+// an opened file itself, and the trace has its open, not each read and write.
 //
-// Lines are collected in memory and appended to the log in one write(2) every 50 ms,
-// when 64 KiB have gathered, and when the layer is destroyed (the mount ends), so
-// lines from many threads never interleave and tracing costs no system call per
-// access. A server killed with SIGKILL loses at most the last 50 ms of lines.
+// A request leaves a record (the paths, ids, result and time) in memory; a flusher
+// thread makes the lines and appends them to the log every 50 ms (sooner when many
+// gather) in writes of up to 64 KiB, and the rest when the layer is destroyed (the
+// mount ends). So lines from many threads never interleave, and a request pays
+// neither a system call nor the formatting. A server killed with SIGKILL loses at
+// most the last 50 ms of lines. Past kMaxPending records waiting (a log on a disk
+// that cannot keep up), requests wait for the flusher.
 #pragma once
 
+#include <sys/types.h>
+
 #include <condition_variable>
+#include <ctime>
 #include <mutex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/unique_fd.h"
@@ -32,18 +41,34 @@ class TraceLayer final : public Layer {
   std::string_view Name() const noexcept override { return "trace"; }
 
  private:
+  struct Record {
+    timespec time{};
+    pid_t pid = 0;
+    uid_t uid = 0;
+    VfsOp op = VfsOp::kLookup;
+    int flags = 0;  // open and create: their flags (the line shows the access mode)
+    int err = 0;
+    bool listed_without_handle = false;
+    std::string path, path2;
+  };
+  static constexpr size_t kWakeAt = 4096;          // records that wake the flusher early
+  static constexpr size_t kMaxPending = 1u << 16;  // records that hold requests back
+
   TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower);
-  void Append(const std::string& line);
-  // Writes `pending_` out; called with mu_ held.
-  void FlushLocked();
+  void Append(Record&& r);
+  static std::string Format(const Record& r);
+  // Makes the lines of `records` and appends them to the log. Only the flusher (and
+  // the destructor, after it) calls it.
+  void Write(const std::vector<Record>& records);
   void Flusher();
 
   UniqueFd log_;
   std::mutex mu_;
-  std::condition_variable cv_;
-  std::string pending_;  // lines not yet written
+  std::condition_variable cv_;          // the flusher waits here
+  std::condition_variable drained_cv_;  // requests wait here when kMaxPending wait
+  std::vector<Record> pending_;         // records not yet written
   bool stopping_ = false;
-  bool warned_ = false;
+  bool warned_ = false;  // the flusher's (and then the destructor's)
   std::thread flusher_;
 };
 
