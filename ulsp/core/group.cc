@@ -247,7 +247,7 @@ int RunGroup(GroupRun& run) {
   std::unique_ptr<msgport::DirectPort> net_port;
   std::unique_ptr<msgport::SeccompShim> seccomp;
   std::unique_ptr<net::Resolver> resolver;
-  std::string failure;
+  std::string failure, resolver_error;
   char self[PATH_MAX];
   const ssize_t self_len = ::readlink("/proc/self/exe", self, sizeof self - 1);
   self[self_len > 0 ? self_len : 0] = '\0';
@@ -285,6 +285,14 @@ int RunGroup(GroupRun& run) {
       }
       netns.Reset(*ns);
       Answer(sock.get(), "ok");
+      // The resolver starts while the init builds the rest of its world; a failure is
+      // the answer to the last step.
+      auto res = net::Resolver::Start(netns.get(), group.name, group.net, group.hosts, names, **log);
+      if (res) {
+        resolver = std::move(*res);
+      } else {
+        resolver_error = "starting the group's resolver on 127.0.0.53:53: " + res.error().Describe();
+      }
     } else if (said.text.rfind("mount ", 0) == 0) {
       const size_t i = std::stoul(said.text.substr(6));
       if (i >= mounts.size() || !said.fd) {
@@ -347,12 +355,10 @@ int RunGroup(GroupRun& run) {
         continue;
       }
       seccomp = std::move(*shim);
-      auto res = net::Resolver::Start(netns.get(), group.name, net_server->config().rules, group.hosts, names, **log);
-      if (!res) {
-        Answer(sock.get(), "starting the group's resolver on 127.0.0.53:53: " + res.error().Describe());
+      if (!resolver) {
+        Answer(sock.get(), resolver_error);
         continue;
       }
-      resolver = std::move(*res);
       Answer(sock.get(), "ok");
       ready = true;
     } else if (said.text.rfind("error ", 0) == 0) {

@@ -173,12 +173,13 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) _exit(125);
   }
   if (::unshare(CLONE_NEWNS | CLONE_NEWNET) != 0) Die(Errno("unshare(CLONE_NEWNS | CLONE_NEWNET)"));
+  // Loopback first: the supervisor starts the group's resolver (127.0.0.53) on hello.
+  LoopbackUp();
   // The supervisor reads this process's host pid off the message and opens the new
   // network namespace by it, so this process waits until it has: a step that fails
   // later must not take the namespace with it first.
   Say("hello");
   Expect("hello");
-  LoopbackUp();
   if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) Die(Errno("making / private"));
 
   // The files bound over /etc/resolv.conf and /etc/hosts are opened now: a mount of

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <system_error>
 
 #include "kernel/msgport/log.h"
 
@@ -128,7 +129,6 @@ Result<std::unique_ptr<Resolver>> Resolver::Start(int group_netns, std::string g
   if (!efd) return std::unexpected(efd.error());
   r->stop_.Reset(*efd);
   r->receiver_ = std::thread([p = r.get()] { p->Receive(); });
-  for (int i = 0; i < 4; ++i) r->workers_.emplace_back([p = r.get()] { p->Work(); });
   return r;
 }
 
@@ -164,6 +164,16 @@ void Resolver::Receive() {
     if (n < 0) continue;
     query.packet.resize(static_cast<size_t>(n));
     counters_.queries.fetch_add(1, std::memory_order_relaxed);
+    // The workers start with the first query: most groups never look a name up, and
+    // each thread costs the group's start and end a wake-up.
+    if (workers_.empty()) {
+      try {
+        for (int i = 0; i < kWorkers; ++i) workers_.emplace_back([this] { Work(); });
+      } catch (const std::system_error& e) {
+        Logger("net")->error("group {}: resolver: cannot start its workers: {}", group_, e.what());
+        if (workers_.empty()) continue;  // the query goes unanswered; the asker retries
+      }
+    }
     std::lock_guard lock(mu_);
     if (queue_.size() < 1024) queue_.push_back(std::move(query));  // beyond: dropped, as a busy server would
     cv_.notify_one();

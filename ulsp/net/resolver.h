@@ -87,8 +87,9 @@ class Resolver {
   std::condition_variable cv_;
   std::deque<Query> queue_;
   bool stopping_ = false;
+  static constexpr int kWorkers = 4;  // lookups at once (getaddrinfo blocks)
   std::thread receiver_;
-  std::vector<std::thread> workers_;
+  std::vector<std::thread> workers_;  // started by the receiver, at the first query
 };
 
 }  // namespace ulsp::net
