@@ -14,8 +14,8 @@
 //   probe passfd HOST ALLOWED DENIED   a UDP socket allowed once, passed to a child
 //   probe malformed HOST PORT          bad lengths, pointers and families, then a good one
 //   probe serve-once PORT              (in the group) listen on 127.0.0.1:PORT, answer one
-//   probe pid-reuse HOST PORT          a thread connects and ends; threads are made until
-//                                      one has its tid, and that one connects
+//   probe pid-reuse HOST PORT TIDFILE  a thread connects and ends (its tid to TIDFILE);
+//                                      threads are made until one has its tid, which connects
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
@@ -33,6 +33,7 @@
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 static const char* Name(int err) {
@@ -112,31 +113,35 @@ static void* ConnectIfTid(void* unused) {
   return (void*)(intptr_t)tid;
 }
 
-// A thread connects and ends; threads are made until one has its tid (the kernel
-// hands tids out in a cycle of pid_max), and that one connects too.
-static int PidReuse(const char* host, int port) {
+// A thread connects and ends, and its tid is written to TIDFILE; threads are then
+// made until one has that tid (the kernel hands tids out in a cycle of pid_max, and
+// the test may send its allocator back to just below it), and that one connects too.
+static int PidReuse(const char* host, int port, const char* tidfile) {
   g_reuse_host = host;
   g_reuse_port = port;
-  long pid_max = 0;
-  FILE* f = fopen("/proc/sys/kernel/pid_max", "r");
-  if (f == NULL || fscanf(f, "%ld", &pid_max) != 1) pid_max = 0;
-  if (f != NULL) fclose(f);
-  if (pid_max <= 0 || pid_max > (1L << 17)) {
-    printf("pid_max %ld: too many tids to go round\n", pid_max);
-    return 0;
-  }
   pthread_t t;
   void* first = NULL;
   pthread_create(&t, NULL, ConnectIfTid, NULL);
   pthread_join(t, &first);
   g_reuse_tid = (pid_t)(intptr_t)first;
-  for (long i = 0; i < 4 * pid_max; ++i) {
+  fflush(stdout);
+  char tmp[4096];
+  snprintf(tmp, sizeof tmp, "%s.tmp", tidfile);
+  FILE* f = fopen(tmp, "w");
+  if (f == NULL || fprintf(f, "%d\n", (int)g_reuse_tid) < 0 || fclose(f) != 0 || rename(tmp, tidfile) != 0) {
+    printf("cannot write %s\n", tidfile);
+    return 1;
+  }
+  struct timespec start, now;
+  clock_gettime(CLOCK_MONOTONIC, &start);
+  do {
     void* got = NULL;
     if (pthread_create(&t, NULL, ConnectIfTid, NULL) != 0) continue;
     pthread_join(t, &got);
     if (got != NULL) return 0;
-  }
-  printf("tid %d not handed out again\n", (int)g_reuse_tid);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+  } while (now.tv_sec - start.tv_sec < 60);
+  printf("tid %d not handed out again within 60 s\n", (int)g_reuse_tid);
   return 0;
 }
 
@@ -405,7 +410,7 @@ int main(int argc, char** argv) {
   if (strcmp(cmd, "passfd") == 0 && argc == 5) return PassFd(argv[2], atoi(argv[3]), atoi(argv[4]));
   if (strcmp(cmd, "malformed") == 0 && argc == 4) return Malformed(argv[2], atoi(argv[3]));
   if (strcmp(cmd, "serve-once") == 0 && argc == 3) return ServeOnce(atoi(argv[2]));
-  if (strcmp(cmd, "pid-reuse") == 0 && argc == 4) return PidReuse(argv[2], atoi(argv[3]));
+  if (strcmp(cmd, "pid-reuse") == 0 && argc == 5) return PidReuse(argv[2], atoi(argv[3]), argv[4]);
   fprintf(stderr, "probe: unknown command or arguments\n");
   return 2;
 }
