@@ -134,6 +134,7 @@ static int PidReuse(const char* host, int port, const char* tidfile) {
   }
   struct timespec start, now;
   clock_gettime(CLOCK_MONOTONIC, &start);
+  now = start;
   do {
     void* got = NULL;
     if (pthread_create(&t, NULL, ConnectIfTid, NULL) != 0) continue;
