@@ -155,7 +155,7 @@ Result<std::vector<UniqueFd>> FdChannel::Take(uint64_t id, size_t count, Deadlin
       if (closed_) return Fail(ECONNRESET);
     }
     bool busy = false;
-    if (const PumpResult r = TryRead(&busy); r != PumpResult::kTimeout) continue;
+    if (TryRead(&busy) != PumpResult::kTimeout) continue;  // a frame (maybe this one), or the end
     const Deadline now = Clock::now();
     if (now >= deadline) return Fail(ETIMEDOUT);
     const auto left = std::chrono::ceil<std::chrono::milliseconds>(deadline - now);
