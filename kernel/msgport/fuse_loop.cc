@@ -53,7 +53,7 @@ int FuseLoop::Finish(std::thread& watchdog) {
   }
   watch_cv_.notify_all();
   watchdog.join();
-  // Threads waiting for work notice within a second (spares of the leader at once); a
+  // Threads waiting for work wake at once (Options::exit_fd; spares of the leader too); a
   // thread still inside a request (blocked in the layer, say on a hung file system
   // below) is given two.
   for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
@@ -115,11 +115,10 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
       }
       if (helped != nullptr) helped->Helping(true);  // renews the lease
       if (NowNs() < spin_until) continue;
-      // Quiet: sleep until the kernel has a request (or a second passes, to notice
-      // an exit requested from elsewhere). The port's reply thread delivers meanwhile.
+      // Quiet: sleep until the kernel has a request (or an exit is asked). The port's
+      // reply thread delivers meanwhile.
       if (helped != nullptr) helped->Helping(false);
-      pollfd p{fd, POLLIN, 0};
-      ::poll(&p, 1, 1000);
+      WaitForRequest(fd);
       if (helped != nullptr) helped->Helping(true);
       if (fuse_session_exited(session_)) return false;
       {
@@ -142,6 +141,11 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
     busy_since_ns_.store(0, std::memory_order_relaxed);
   }
   return false;
+}
+
+void FuseLoop::WaitForRequest(int fd) const noexcept {
+  pollfd p[2] = {{fd, POLLIN, 0}, {options_.exit_fd, POLLIN, 0}};
+  ::poll(p, options_.exit_fd >= 0 ? 2 : 1, 1000);
 }
 
 void FuseLoop::Watchdog() {
@@ -215,8 +219,7 @@ void FuseLoop::Read(Reader& self, int cpu) {
     const int res = fuse_session_receive_buf(session_, &buf);
     if (res == -EAGAIN) {
       if (cpu < 0 && PinnedReaderIdle()) break;  // a spare is needed no more
-      pollfd p{fd, POLLIN, 0};
-      ::poll(&p, 1, 1000);  // a second at most: an exit asked from elsewhere shows
+      WaitForRequest(fd);
       if (!reading_active_.exchange(true, std::memory_order_relaxed)) {
         std::lock_guard lock(mu_);
         watch_cv_.notify_one();

@@ -61,6 +61,9 @@ class FuseLoop {
     // Per-CPU readers instead of the leader (see above); not with `helped`, whose
     // replies the spinning leader delivers.
     bool per_cpu = true;
+    // Readable when the session has been told to exit (fuse_session_exit wakes no
+    // one): threads waiting for requests wake at once. -1: they notice within a second.
+    int exit_fd = -1;
   };
   static constexpr unsigned kMaxPerCpuReaders = 8;
   FuseLoop(fuse_session* session, Options options) : session_(session), options_(options) {}
@@ -74,6 +77,9 @@ class FuseLoop {
   // the session ended.
   bool Lead(unsigned id, void* buf);
   void Watchdog();
+  // Sleeps until the kernel has a request, the session is told to exit, or a second
+  // passes.
+  void WaitForRequest(int fd) const noexcept;
   // Waits until serving stops, then for the threads (two seconds at most for one
   // inside a request); returns the errno that ended it, or 0.
   int Finish(std::thread& watchdog);

@@ -1,11 +1,13 @@
 #include "kernel/msgport/fuse_shim.h"
 
 #include <fuse3/fuse_lowlevel.h>
+#include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
 #include <chrono>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -668,6 +670,8 @@ FuseShim::FuseShim(Options options, Port& port)
 Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, bool serves_inline) {
   std::unique_ptr<FuseShim> shim(new FuseShim(std::move(options), port));
   shim->serves_inline_ = serves_inline;
+  shim->exit_fd_.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (!shim->exit_fd_) return Fail(errno);
   const Options& o = shim->options_;
   // libfuse parses options from an argv; fsname is escaped for its comma syntax.
   std::string fsname;
@@ -774,13 +778,24 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   backing_.erase(it);
 }
 
+namespace {
+std::atomic<FuseShim*> g_signalled{nullptr};  // the shim HandleSignals ends
+void ExitOnSignal(int) {
+  if (FuseShim* shim = g_signalled.load()) shim->Exit();
+}
+constexpr int kExitSignals[] = {SIGINT, SIGTERM, SIGHUP};
+}  // namespace
+
 FuseShim::~FuseShim() {
   if (session_ == nullptr) return;
   // Replies still due would answer a destroyed session: wait for them (a port
   // replies every message, ECONNRESET at worst).
   for (int i = 0; i < 5000 && in_flight_.load(std::memory_order_acquire) > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  if (signals_) fuse_remove_signal_handlers(session_);
+  if (signals_) {
+    for (int sig : kExitSignals) ::signal(sig, SIG_DFL);
+    g_signalled.store(nullptr);
+  }
   if (mounted_) fuse_session_unmount(session_);
   if (uring_) {
     // Its threads feed the session: they stop before it goes.
@@ -797,14 +812,27 @@ int FuseShim::Serve() {
   loop.spin = options_.spin;
   if (const char* sp = std::getenv("ULSP_FUSE_SPIN_US")) loop.spin = std::chrono::microseconds(std::atoi(sp));
   loop.max_threads = options_.max_threads;
+  loop.exit_fd = exit_fd_.get();
   if (!serves_inline_) loop.helped = &port_;
   return FuseLoop(session_, loop).Run();
 }
 
-void FuseShim::Exit() { fuse_session_exit(session_); }
+void FuseShim::Exit() noexcept {
+  fuse_session_exit(session_);
+  const uint64_t one = 1;
+  (void)!::write(exit_fd_.get(), &one, sizeof one);
+}
 
 void FuseShim::HandleSignals() {
-  if (!signals_ && fuse_set_signal_handlers(session_) == 0) signals_ = true;
+  // Not libfuse's handlers: they end the session but wake none of the loop's threads.
+  if (signals_) return;
+  g_signalled.store(this);
+  struct sigaction sa {};
+  sa.sa_handler = ExitOnSignal;
+  sigemptyset(&sa.sa_mask);
+  for (int sig : kExitSignals) ::sigaction(sig, &sa, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);  // as libfuse's: a reply to a vanished kernel request is not fatal
+  signals_ = true;
 }
 
 }  // namespace ulsp::msgport

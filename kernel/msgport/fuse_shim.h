@@ -27,6 +27,7 @@
 
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/port.h"
+#include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_message.h"
 
 struct fuse_session;
@@ -77,9 +78,10 @@ class FuseShim {
   // Serves kernel requests until the file system is unmounted or Exit is called.
   // Blocks. Returns 0, or the errno that ended the loop.
   int Serve();
-  // Makes Serve return soon (it also unmounts when the shim is destroyed).
-  void Exit();
-  // Installs SIGINT/SIGTERM/SIGHUP handlers that end Serve.
+  // Makes Serve return at once: its waiting threads are woken (it also unmounts when
+  // the shim is destroyed). Safe in a signal handler.
+  void Exit() noexcept;
+  // Installs SIGINT/SIGTERM/SIGHUP handlers that call Exit (one shim at a time).
   void HandleSignals();
 
   // Requests that came through FUSE over io_uring (0 when it is not in use).
@@ -99,6 +101,7 @@ class FuseShim {
   bool serves_inline_ = false;
   bool mounted_ = false;
   bool signals_ = false;
+  UniqueFd exit_fd_;  // an eventfd, readable once Exit was called: the loop's threads poll it
   std::atomic<uint64_t> in_flight_{0};
 
   // FUSE passthrough. The kernel wants every open of a node on one backing file, so a
