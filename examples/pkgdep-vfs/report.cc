@@ -77,20 +77,20 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   report.paths = record.size();
   std::set<std::string> used;
   for (const auto& [path, touch] : record) {
+    if (touch.dir) continue;  // directories are ways to files, not uses (and hundreds of packages own /usr)
     const std::vector<std::string> owners = index.Owners(path);
     if (owners.empty()) {
-      if (IsUse(touch.use) && !touch.dir && !Allowed(path, allow)) report.unowned.push_back({path, touch});
+      if (IsUse(touch.use) && !Allowed(path, allow)) report.unowned.push_back({path, touch});
       continue;
     }
     bool declared = false;
     for (const std::string& o : owners) {
       if (report.closure.Declares(o)) {
         declared = true;
-        if (IsUse(touch.use) && !touch.dir) used.insert(o);
+        if (IsUse(touch.use)) used.insert(o);
       }
     }
     if (declared) continue;
-    if (touch.dir) continue;  // directories are ways to files, not uses
     for (const std::string& o : owners) {
       if (report.mode == "enforce" && touch.use == Use::kMissing) {
         // The view hid it: it exists, but its package is not declared.

@@ -5,6 +5,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include "examples/pkgdep-vfs/dpkg_index.h"
 #include "tests/vfs/mount_fixture.h"
@@ -157,6 +158,24 @@ TEST(DpkgIndex, AgreesWithDpkgQuery) {
   EXPECT_EQ(pkgdep::DpkgIndex::Canonical("/libexec/x"), "/libexec/x");
   EXPECT_EQ(pkgdep::DpkgIndex::Canonical("/binary"), "/binary");
   EXPECT_TRUE(index->Owners("/etc/passwd").empty());
+  // A directory that hundreds of packages list, some of them (coreutils) both as /bin
+  // and as /usr/bin: every package that lists it, each once.
+  std::set<std::string> listers;
+  for (const auto& e : std::filesystem::directory_iterator("/var/lib/dpkg/info")) {
+    std::string name = e.path().filename();
+    if (!name.ends_with(".list")) continue;
+    std::ifstream list(e.path());
+    for (std::string line; std::getline(list, line);) {
+      if (line != "/bin" && line != "/usr/bin") continue;
+      name.resize(name.size() - 5);
+      listers.insert(name.substr(0, name.find(':')));
+      break;
+    }
+  }
+  const std::vector<std::string> usr_bin = index->Owners("/usr/bin");
+  EXPECT_GT(usr_bin.size(), 100u);
+  EXPECT_EQ(std::set<std::string>(usr_bin.begin(), usr_bin.end()).size(), usr_bin.size()) << "an owner named twice";
+  EXPECT_EQ(std::set<std::string>(usr_bin.begin(), usr_bin.end()), listers);
   // Every diversion: the diverted path is the diverter's.
   std::ifstream div("/var/lib/dpkg/diversions");
   std::string from, to, by;
