@@ -231,6 +231,11 @@ int PassthroughLayer::DoLookup(VfsRequest& req, uint64_t parent, std::string_vie
   if (!ValidName(name)) return name.empty() ? ENOENT : EINVAL;
   const FdRef pfd = NodeFd(parent);
   if (pfd < 0) return ESTALE;
+  return LookupAt(req, pfd, parent, name, e);
+}
+
+int PassthroughLayer::LookupAt(VfsRequest& req, int pfd, uint64_t parent, std::string_view name,
+                               fuse_entry_param& e) {
   std::string component(name);
   // The kernel resolves "." and ".." itself; a server that is asked anyway never
   // climbs above its root.
@@ -521,7 +526,7 @@ int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
       if (dots) {
         e.attr.st_ino = d->d_ino;
         e.attr.st_mode = static_cast<mode_t>(d->d_type) << 12;
-      } else if (DoLookup(req, req.node, name, e) != 0) {
+      } else if (LookupAt(req, ::dirfd(dir.dir), req.node, name, e) != 0) {
         dir.pending = nullptr;  // vanished since it was listed
         dir.offset = next;
         continue;

@@ -95,6 +95,9 @@ class PassthroughLayer final : public Layer {
   FdRef NodeFd(uint64_t node) const;
   // Looks `name` up in `parent` and counts one kernel lookup on the result.
   int DoLookup(VfsRequest& req, uint64_t parent, std::string_view name, fuse_entry_param& e);
+  // The same, with `parent`'s descriptor at hand (a listing's open directory: a
+  // parent kept as a file handle is then not opened again for each of its entries).
+  int LookupAt(VfsRequest& req, int parent_fd, uint64_t parent, std::string_view name, fuse_entry_param& e);
   // Registers an opened node (the kernel now holds one more lookup on it).
   uint64_t Remember(UniqueFd fd, const struct stat& st, uint64_t parent, std::string_view name);
   void Forget(uint64_t node, uint64_t count);
