@@ -373,6 +373,51 @@ TEST_F(StackTest, WithoutKernelPassthroughTraceRecordsEveryReadAndWrite) {
   EXPECT_NE(log.find(R"("op":"write","path":"/pub/a")"), std::string::npos) << log;
 }
 
+// A trace whose log's file system is full: the mount keeps serving, the server's log
+// names the file and the error, no line is left cut in half (a write that stopped
+// inside one is cut back), and once the disk has room the trace says how many lines
+// it lost before going on.
+TEST_F(StackTest, TraceOnAFullDiskDropsWholeLinesAndSaysHowMany) {
+  const std::string logfs = dir_ / "logfs";
+  ASSERT_EQ(Shell("mkdir " + logfs + " && mount -t tmpfs -o size=1m ulsp-test " + logfs), 0);
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{logfs};
+  for (int i = 0; i < 200; ++i) std::ofstream(dir_ / ("src/pub/f" + std::to_string(i))) << i << "\n";
+  // Full but for one page: the first write of lines stops inside one.
+  ASSERT_EQ(Shell("dd if=/dev/zero of=" + logfs + "/fill bs=64k 2>/dev/null; truncate -s -4096 " + logfs + "/fill"), 0);
+  Mount("trace:" + logfs + "/t.jsonl,passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  EXPECT_EQ(Shell("cat " + m + "/pub/f* > /dev/null"), 0);  // about 600 lines: 80 KB
+  std::string server;
+  for (int i = 0; i < 200 && server.find("No space left on device") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    server = ReadFile(dir_ / "server.log");
+  }
+  EXPECT_NE(server.find("trace: writing " + logfs + "/t.jsonl failed: No space left on device"), std::string::npos)
+      << server;
+  ASSERT_EQ(Shell("rm " + logfs + "/fill"), 0);
+  EXPECT_EQ(Shell("cat " + m + "/secret/s > /dev/null"), 0);
+  EXPECT_EQ(mount_->Stop(), 0);
+  const std::string check = R"PY(
+import json, sys
+lines = open(sys.argv[1]).read().split("\n")
+assert lines[-1] == "", "the log ends inside a line"
+ops = [json.loads(l) for l in lines[:-1]]
+lost = [o for o in ops if o["op"] == "lost"]
+assert len(lost) == 1 and lost[0]["count"] > 0 and lost[0]["result"] == "ENOSPC", lost
+after = ops[ops.index(lost[0]) + 1:]
+assert any(o["op"] == "open" and o["path"] == "/secret/s" for o in after), after
+kept = len([o for o in ops[:ops.index(lost[0])] if o["op"] == "open"])
+assert kept + lost[0]["count"] >= 200, (kept, lost)
+print("ok", len(ops), lost[0]["count"])
+)PY";
+  std::ofstream(dir_ / "check.py") << check;
+  EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + logfs + "/t.jsonl", true).substr(0, 3), "ok ")
+      << ReadFile(dir_ / "server.log");
+}
+
 // Kernel passthrough: on a passthrough stack (in-process or isolated, under a view)
 // the kernel reads, writes and maps opened files by itself, so no read or write
 // request reaches the server (libfuse's request log, -d, shows none), and what

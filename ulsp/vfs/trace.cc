@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <chrono>
 #include <ctime>
@@ -39,11 +40,11 @@ std::string JsonQuote(std::string_view s) {
 Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path, std::unique_ptr<Layer> lower) {
   auto fd = Sys([&] { return ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644); });
   if (!fd) return std::unexpected(fd.error());
-  return std::unique_ptr<TraceLayer>(new TraceLayer(UniqueFd(*fd), std::move(lower)));
+  return std::unique_ptr<TraceLayer>(new TraceLayer(UniqueFd(*fd), log_path, std::move(lower)));
 }
 
-TraceLayer::TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower)
-    : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {
+TraceLayer::TraceLayer(UniqueFd log, std::string path, std::unique_ptr<Layer> lower)
+    : Layer(std::move(lower)), log_(std::move(log)), path_(std::move(path)), flusher_([this] { Flusher(); }) {
   ListsThrough();  // it logs listings; nothing of its own is kept per directory handle
   // It records opens (with their access mode); what is read and written after is the
   // kernel's to do when it may (a read or write that reaches it is recorded too).
@@ -62,18 +63,25 @@ TraceLayer::~TraceLayer() {
   } catch (const std::bad_alloc&) {
     Logger("vfs")->warn("trace: {} records were lost (out of memory)", pending_.size());
   }
+  if (lost_ > 0) Logger("vfs")->warn("trace: {} lines at the end were lost: {} could not take them", lost_, path_);
 }
 
-std::string TraceLayer::Format(const Record& r) {
+namespace {
+// A line's start: {"time":"2026-12-02T05:30:00.123456Z" (UTC, microseconds).
+std::string LineStart(const timespec& t) {
   struct tm utc {};
-  gmtime_r(&r.time.tv_sec, &utc);
+  gmtime_r(&t.tv_sec, &utc);
+  return fmt::format(R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z")", utc.tm_year + 1900, utc.tm_mon + 1,
+                     utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, t.tv_nsec / 1000);
+}
+}  // namespace
+
+std::string TraceLayer::Format(const Record& r) {
   // ENOSYS to a handleless opendir tells the kernel to list without handles: for the
   // program, its opendir succeeded (and the kernel sends no more of them).
   const char* result = r.err == 0 || r.listed_without_handle ? "ok" : strerrorname_np(r.err);
-  std::string line = fmt::format(
-      R"({{"time":"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z","pid":{},"uid":{},"op":"{}","path":{})",
-      utc.tm_year + 1900, utc.tm_mon + 1, utc.tm_mday, utc.tm_hour, utc.tm_min, utc.tm_sec, r.time.tv_nsec / 1000,
-      r.pid, r.uid, msgport::VfsOpName(r.op), JsonQuote(r.path));
+  std::string line = LineStart(r.time) + fmt::format(R"(,"pid":{},"uid":{},"op":"{}","path":{})", r.pid, r.uid,
+                                                     msgport::VfsOpName(r.op), JsonQuote(r.path));
   if (!r.path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(r.path2));
   if (r.op == VfsOp::kOpen || r.op == VfsOp::kCreate) {
     const int access = r.flags & O_ACCMODE;
@@ -84,22 +92,58 @@ std::string TraceLayer::Format(const Record& r) {
   return line;
 }
 
+bool TraceLayer::Append(const std::string& text, size_t& written) {
+  written = 0;
+  const off_t start = ::lseek(log_.get(), 0, SEEK_END);
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(log_.get(), text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : ENOSPC;
+      // Back to the last whole line this write took.
+      const size_t nl = done == 0 ? std::string::npos : text.rfind('\n', done - 1);
+      const size_t keep = nl == std::string::npos ? 0 : nl + 1;
+      if (keep < done && start >= 0) (void)!::ftruncate(log_.get(), start + static_cast<off_t>(keep));
+      written = static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(keep), '\n'));
+      errno = err;
+      return false;
+    }
+    done += static_cast<size_t>(n);
+  }
+  written = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
+  return true;
+}
+
 void TraceLayer::Write(const std::vector<Record>& records) {
   std::string text;
   for (const Record& r : records) {
     text += Format(r);
     if (text.size() < (64u << 10) && &r != &records.back()) continue;
-    size_t done = 0;
-    while (done < text.size()) {
-      const ssize_t n = ::write(log_.get(), text.data() + done, text.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        if (!warned_) Logger("vfs")->warn("trace: writing the log failed: {}", std::strerror(errno));
-        warned_ = true;
-        break;
+    if (lost_ > 0) {
+      // Lines were dropped: say how many before the next ones, if the log takes it.
+      timespec now{};
+      ::clock_gettime(CLOCK_REALTIME, &now);
+      const char* why = strerrorname_np(lost_error_);
+      const std::string gap =
+          LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", lost_, why != nullptr ? why : "?") + "\n";
+      size_t taken = 0;
+      if (Append(gap, taken)) {
+        Logger("vfs")->info("trace: writing {} again; {} lines were lost", path_, lost_);
+        lost_ = 0;
       }
-      done += static_cast<size_t>(n);
     }
+    size_t taken = 0;
+    if (lost_ == 0 && Append(text, taken)) {
+      text.clear();
+      continue;
+    }
+    if (lost_ == 0) {
+      lost_error_ = errno;
+      Logger("vfs")->warn("trace: writing {} failed: {}; its lines are dropped and counted until a write succeeds",
+                          path_, std::strerror(lost_error_));
+    }
+    lost_ += static_cast<uint64_t>(std::count(text.begin(), text.end(), '\n')) - taken;
     text.clear();
   }
 }

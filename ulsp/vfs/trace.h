@@ -13,6 +13,14 @@
 // request pays neither a system call nor the formatting. A server killed with SIGKILL loses at
 // most the last 50 ms of lines. Past kMaxPending records waiting (a log on a disk
 // that cannot keep up), requests wait for the flusher.
+//
+// A log that cannot be written (a full disk, a quota, an I/O error) does not stop the
+// mount: the lines are dropped and counted, the server's log says so once (naming the
+// file and the error), and when a write succeeds again the trace first gets a line
+// {"time":...,"op":"lost","count":N,"result":"ENOSPC"}, so a reader knows what is
+// missing. A line is never left cut in half: a write that stopped inside one is cut
+// back to the last whole line (with O_APPEND each write goes at the end, so this
+// assumes no other writer shares the file).
 #pragma once
 
 #include <sys/types.h>
@@ -54,21 +62,28 @@ class TraceLayer final : public Layer {
   static constexpr size_t kWakeAt = 4096;          // records that wake the flusher early
   static constexpr size_t kMaxPending = 1u << 16;  // records that hold requests back
 
-  TraceLayer(UniqueFd log, std::unique_ptr<Layer> lower);
+  TraceLayer(UniqueFd log, std::string path, std::unique_ptr<Layer> lower);
   void Append(Record&& r);
   static std::string Format(const Record& r);
   // Makes the lines of `records` and appends them to the log. Only the flusher (and
   // the destructor, after it) calls it.
   void Write(const std::vector<Record>& records);
+  // Appends `text`, whole lines. False (and nothing of a cut line left in the file)
+  // when the log could not take all of it; `written` says how many lines it took.
+  bool Append(const std::string& text, size_t& written);
   void Flusher();
 
   UniqueFd log_;
+  std::string path_;
   std::mutex mu_;
   std::condition_variable cv_;          // the flusher waits here
   std::condition_variable drained_cv_;  // requests wait here when kMaxPending wait
   std::vector<Record> pending_;         // records not yet written
   bool stopping_ = false;
-  bool warned_ = false;  // the flusher's (and then the destructor's)
+  // The flusher's (and then the destructor's): lines dropped since the log last took
+  // a write, and the error that dropped them.
+  uint64_t lost_ = 0;
+  int lost_error_ = 0;
   std::thread flusher_;
 };
 
