@@ -3,6 +3,10 @@
 #include <spdlog/cfg/helpers.h>
 #include <spdlog/sinks/stdout_color_sinks.h>
 
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdlib>
 #include <mutex>
 
@@ -17,6 +21,26 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& component) {
   logger->set_level(spdlog::level::info);
   if (const char* level = std::getenv("ULSP_LOG")) logger->set_level(spdlog::level::from_str(level));
   return logger;
+}
+
+int AppendWholeLines(int fd, std::string_view text, size_t* lines_written) noexcept {
+  const off_t start = ::lseek(fd, 0, SEEK_END);
+  size_t done = 0;
+  while (done < text.size()) {
+    const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : ENOSPC;
+      const size_t nl = done == 0 ? std::string_view::npos : text.rfind('\n', done - 1);
+      const size_t keep = nl == std::string_view::npos ? 0 : nl + 1;
+      if (keep < done && start >= 0) (void)!::ftruncate(fd, start + static_cast<off_t>(keep));
+      *lines_written = static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(keep), '\n'));
+      return err;
+    }
+    done += static_cast<size_t>(n);
+  }
+  *lines_written = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
+  return 0;
 }
 
 }  // namespace ulsp

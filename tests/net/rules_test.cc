@@ -2,7 +2,16 @@
 // the DNS answers the group's resolver builds.
 #include <arpa/inet.h>
 #include <gtest/gtest.h>
+#include <sys/mount.h>
+#include <unistd.h>
 
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+#include <sstream>
+
+#include "ulsp/net/conn_log.h"
 #include "ulsp/net/names.h"
 #include "ulsp/net/resolver.h"
 #include "ulsp/net/rules.h"
@@ -243,6 +252,49 @@ TEST(Dns, NeverMoreThan512BytesAndNoDataForOtherTypes) {
   EXPECT_EQ((*big)[2] & 0x02, 0);  // not marked truncated: fewer records instead
   auto mx = AnswerDnsQuery(Query("mail.internal", 15), [](const std::string&, uint16_t) { return DnsAnswer{0, {{1, 2, 3, 4}}}; });
   EXPECT_EQ(((*mx)[6] << 8) | (*mx)[7], 0);
+}
+
+// The connection log on a full disk: the decisions go on, no line is left cut in
+// half, and the first line written once there is room says how many were lost.
+TEST(ConnLog, AFullDiskCutsNoLineAndTheLogSaysHowManyWereLost) {
+  char dir_template[] = "/tmp/ulsp-connlog.XXXXXX";
+  ASSERT_NE(::mkdtemp(dir_template), nullptr);
+  const std::string dir = dir_template;
+  ASSERT_EQ(::mount("ulsp-test", dir.c_str(), "tmpfs", 0, "size=64k"), 0) << std::strerror(errno);
+  struct Cleanup {
+    std::string dir;
+    ~Cleanup() {
+      ::umount2(dir.c_str(), MNT_DETACH);
+      ::rmdir(dir.c_str());
+    }
+  } cleanup{dir};
+  // Full but for one page: the log's first lines fit, then one is stopped inside.
+  ASSERT_EQ(std::system(("dd if=/dev/zero of=" + dir + "/fill bs=4k 2>/dev/null; truncate -s -4096 " + dir + "/fill").c_str()), 0);
+  auto log = ConnLog::Open(dir + "/conn.jsonl", "g");
+  ASSERT_TRUE(log.has_value()) << log.error();
+  LogEntry e{.pid = ::getpid(), .call = "connect", .proto = "tcp", .address = "192.0.2.7", .port = 443,
+             .verdict = "deny", .rule = "net_default"};
+  for (int i = 0; i < 40; ++i) (*log)->Write(e);
+  const uint64_t lost = (*log)->failures();
+  EXPECT_GT(lost, 0u);
+  EXPECT_GT((*log)->lines(), 0u);
+  ASSERT_EQ(::unlink((dir + "/fill").c_str()), 0);
+  e.port = 80;
+  (*log)->Write(e);
+  std::ifstream in(dir + "/conn.jsonl");
+  std::stringstream text;
+  text << in.rdbuf();
+  ASSERT_FALSE(text.str().empty());
+  EXPECT_EQ(text.str().back(), '\n');
+  std::vector<nlohmann::json> lines;
+  std::istringstream split(text.str());
+  for (std::string line; std::getline(split, line);) lines.push_back(nlohmann::json::parse(line));  // throws on a cut line
+  ASSERT_GE(lines.size(), 3u);
+  EXPECT_EQ(lines[lines.size() - 2]["call"], "lost");
+  EXPECT_EQ(lines[lines.size() - 2]["count"], lost);
+  EXPECT_EQ(lines[lines.size() - 2]["error"], "ENOSPC");
+  EXPECT_EQ(lines.back()["port"], 80);
+  EXPECT_EQ(lines.size(), 40 - lost + 2);
 }
 
 }  // namespace

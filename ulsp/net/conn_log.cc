@@ -9,6 +9,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
+#include "kernel/msgport/log.h"
+
 namespace ulsp::net {
 
 std::expected<std::unique_ptr<ConnLog>, std::string> ConnLog::Open(const std::string& path, std::string group) {
@@ -18,6 +20,7 @@ std::expected<std::unique_ptr<ConnLog>, std::string> ConnLog::Open(const std::st
   const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return std::unexpected(path + ": cannot open the connection log: " + std::strerror(errno));
   log->fd_.Reset(fd);
+  log->path_ = path;
   return log;
 }
 
@@ -58,12 +61,34 @@ void ConnLog::Write(const LogEntry& e) noexcept {
     j["rule"] = e.rule;
     // Bytes that are not UTF-8 (a hostile path) are replaced, not refused.
     std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
-    const ssize_t n = ::write(fd_.get(), line.data(), line.size());
-    if (n == static_cast<ssize_t>(line.size())) {
-      lines_.fetch_add(1, std::memory_order_relaxed);
-    } else {
-      failures_.fetch_add(1, std::memory_order_relaxed);
+    std::lock_guard lock(mu_);
+    size_t taken = 0;
+    if (lost_ > 0) {
+      nlohmann::ordered_json gap;
+      gap["time"] = stamp;
+      gap["group"] = group_;
+      gap["call"] = "lost";
+      gap["count"] = lost_;
+      const char* why = strerrorname_np(lost_error_);
+      gap["error"] = why != nullptr ? why : "?";
+      if (AppendWholeLines(fd_.get(), gap.dump() + "\n", &taken) == 0) {
+        Logger("net")->info("group {}: writing {} again; {} lines were lost", group_, path_, lost_);
+        lost_ = 0;
+      }
     }
+    const int err = lost_ == 0 ? AppendWholeLines(fd_.get(), line, &taken) : lost_error_;
+    if (err == 0) {
+      lines_.fetch_add(1, std::memory_order_relaxed);
+      return;
+    }
+    if (lost_ == 0) {
+      lost_error_ = err;
+      Logger("net")->warn("group {}: writing the connection log {} failed: {}; its lines are counted and dropped "
+                          "until a write succeeds",
+                          group_, path_, std::strerror(err));
+    }
+    ++lost_;
+    failures_.fetch_add(1, std::memory_order_relaxed);
   } catch (...) {
     failures_.fetch_add(1, std::memory_order_relaxed);
   }

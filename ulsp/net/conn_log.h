@@ -14,6 +14,7 @@
 #include <atomic>
 #include <expected>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -40,7 +41,9 @@ class ConnLog {
   static std::expected<std::unique_ptr<ConnLog>, std::string> Open(const std::string& path, std::string group);
 
   // Writes one line (nothing when there is no log). The program name is read from
-  // /proc. Never throws; a failed write is counted.
+  // /proc. Never throws. A log that cannot be written (a full disk) is warned about
+  // once, naming it; its lines are then counted as failures, and the first line
+  // written again is {"time":...,"group":...,"call":"lost","count":N,"error":"ENOSPC"}.
   void Write(const LogEntry& e) noexcept;
   uint64_t lines() const noexcept { return lines_; }
   uint64_t failures() const noexcept { return failures_; }
@@ -50,7 +53,10 @@ class ConnLog {
  private:
   ConnLog() = default;
   UniqueFd fd_;
-  std::string group_;
+  std::string path_, group_;
+  std::mutex mu_;           // one writer at a time: a cut line is cut back
+  uint64_t lost_ = 0;       // lines not written since the last that was
+  int lost_error_ = 0;
   std::atomic<uint64_t> lines_{0};
   std::atomic<uint64_t> failures_{0};
 };

@@ -92,29 +92,6 @@ std::string TraceLayer::Format(const Record& r) {
   return line;
 }
 
-bool TraceLayer::Append(const std::string& text, size_t& written) {
-  written = 0;
-  const off_t start = ::lseek(log_.get(), 0, SEEK_END);
-  size_t done = 0;
-  while (done < text.size()) {
-    const ssize_t n = ::write(log_.get(), text.data() + done, text.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      const int err = n < 0 ? errno : ENOSPC;
-      // Back to the last whole line this write took.
-      const size_t nl = done == 0 ? std::string::npos : text.rfind('\n', done - 1);
-      const size_t keep = nl == std::string::npos ? 0 : nl + 1;
-      if (keep < done && start >= 0) (void)!::ftruncate(log_.get(), start + static_cast<off_t>(keep));
-      written = static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(keep), '\n'));
-      errno = err;
-      return false;
-    }
-    done += static_cast<size_t>(n);
-  }
-  written = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
-  return true;
-}
-
 void TraceLayer::Write(const std::vector<Record>& records) {
   std::string text;
   for (const Record& r : records) {
@@ -128,18 +105,19 @@ void TraceLayer::Write(const std::vector<Record>& records) {
       const std::string gap =
           LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", lost_, why != nullptr ? why : "?") + "\n";
       size_t taken = 0;
-      if (Append(gap, taken)) {
+      if (AppendWholeLines(log_.get(), gap, &taken) == 0) {
         Logger("vfs")->info("trace: writing {} again; {} lines were lost", path_, lost_);
         lost_ = 0;
       }
     }
     size_t taken = 0;
-    if (lost_ == 0 && Append(text, taken)) {
+    const int err = lost_ == 0 ? AppendWholeLines(log_.get(), text, &taken) : lost_error_;
+    if (err == 0) {
       text.clear();
       continue;
     }
     if (lost_ == 0) {
-      lost_error_ = errno;
+      lost_error_ = err;
       Logger("vfs")->warn("trace: writing {} failed: {}; its lines are dropped and counted until a write succeeds",
                           path_, std::strerror(lost_error_));
     }

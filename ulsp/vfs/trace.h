@@ -68,9 +68,6 @@ class TraceLayer final : public Layer {
   // Makes the lines of `records` and appends them to the log. Only the flusher (and
   // the destructor, after it) calls it.
   void Write(const std::vector<Record>& records);
-  // Appends `text`, whole lines. False (and nothing of a cut line left in the file)
-  // when the log could not take all of it; `written` says how many lines it took.
-  bool Append(const std::string& text, size_t& written);
   void Flusher();
 
   UniqueFd log_;
