@@ -74,6 +74,34 @@ std::expected<std::string, std::string> ReadWhole(const std::string& path) {
   return bytes;
 }
 
+// A file's bytes, mapped (an empty file maps to nothing). `populate`: all its pages
+// now, for lookups that would otherwise each fault one in.
+struct Mapped {
+  std::shared_ptr<const void> keep;
+  std::string_view bytes;
+};
+std::expected<Mapped, std::string> MapWhole(const std::string& path, bool populate) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
+  struct stat st {};
+  void* addr = nullptr;
+  int err = 0;
+  if (::fstat(fd, &st) != 0) {
+    err = errno;
+  } else if (st.st_size > 0) {
+    addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd, 0);
+    if (addr == MAP_FAILED) err = errno;
+  }
+  ::close(fd);
+  if (err != 0) return std::unexpected(path + ": " + std::strerror(err));
+  Mapped m;
+  if (addr == nullptr) return m;
+  const auto size = static_cast<size_t>(st.st_size);
+  m.keep = std::shared_ptr<const void>(addr, [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
+  m.bytes = std::string_view(static_cast<const char*>(addr), size);
+  return m;
+}
+
 // What DeclaredClosure says of a name no installed package has.
 std::string NotInstalled(std::string_view name) {
   return "no installed package '" + std::string(name) + "' (dpkg -l lists what is installed)";
@@ -174,14 +202,23 @@ struct CacheReader {
 
 std::expected<void, std::string> DpkgIndex::CheckInstalled(const std::vector<std::string>& names,
                                                            const std::string& admin_dir) {
-  auto status = ReadWhole(admin_dir + "/status");
+  // Mapped, not read: this runs before the command starts, and reading the 800 KB
+  // into fresh memory (its page faults) took 0.5-0.7 ms; the search touches only
+  // the pages up to the names' paragraphs.
+  auto status = MapWhole(admin_dir + "/status", false);
   if (!status) return std::unexpected(status.error());
   // Each paragraph of the name (one per architecture), by its Package line.
-  const std::string_view text = *status;
-  auto installed = [text](std::string_view name) {
+  const std::string_view text = status->bytes;
+  auto find = [text](std::string_view needle, size_t from) {
+    if (from > text.size()) return std::string_view::npos;
+    const void* hit = ::memmem(text.data() + from, text.size() - from, needle.data(), needle.size());
+    return hit == nullptr ? std::string_view::npos : static_cast<size_t>(static_cast<const char*>(hit) - text.data());
+  };
+  auto installed = [text, &find](std::string_view name) {
     const std::string line = "Package: " + std::string(name) + "\n";
-    for (size_t at = text.starts_with(line) ? 0 : text.find("\n" + line); at != std::string_view::npos;
-         at = text.find("\n" + line, at + 1)) {
+    const std::string after_newline = "\n" + line;
+    for (size_t at = text.starts_with(line) ? 0 : find(after_newline, 0); at != std::string_view::npos;
+         at = find(after_newline, at + 1)) {
       const size_t end = text.find("\n\n", at + 1);
       const std::string_view paragraph = text.substr(at, end == std::string_view::npos ? end : end - at + 1);
       const size_t status_at = paragraph.find("\nStatus:");
@@ -430,19 +467,12 @@ void DpkgIndex::WriteCache(const std::string& file, uint64_t stamp) const {
 
 bool DpkgIndex::ReadCache(const std::string& file, uint64_t stamp) {
   static_assert(std::is_trivially_copyable_v<Entry> && sizeof(Entry) == 24);
-  const int fd = ::open(file.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return false;
-  struct stat st {};
-  void* addr = MAP_FAILED;
   // Populated now: the lookups come after the command, in random order, and would
   // each fault a page in then; this runs while the command does (observe mode).
-  if (::fstat(fd, &st) == 0 && st.st_size > 0)
-    addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
-  ::close(fd);
-  if (addr == MAP_FAILED) return false;
-  const auto size = static_cast<size_t>(st.st_size);
-  mapping_ = std::shared_ptr<const void>(addr, [size](const void* p) { ::munmap(const_cast<void*>(p), size); });
-  const std::string_view file_bytes(static_cast<const char*>(addr), size);
+  auto mapped = MapWhole(file, true);
+  if (!mapped || mapped->bytes.empty()) return false;
+  mapping_ = std::move(mapped->keep);
+  const std::string_view file_bytes = mapped->bytes;
   CacheReader r{file_bytes};
   bool ok = r.Bytes(kCacheMagic.size()) == kCacheMagic && r.Int<uint64_t>() == stamp &&
             r.Int<uint64_t>() == static_cast<uint64_t>(std::hash<std::string_view>()("/usr/bin/sh"));
