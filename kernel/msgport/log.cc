@@ -23,7 +23,7 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& component) {
   return logger;
 }
 
-int AppendWholeLines(int fd, std::string_view text, size_t* lines_written) noexcept {
+int AppendWholeLines(int fd, std::string_view text, size_t* lines_written, bool all_or_nothing) noexcept {
   const off_t start = ::lseek(fd, 0, SEEK_END);
   size_t done = 0;
   while (done < text.size()) {
@@ -31,7 +31,7 @@ int AppendWholeLines(int fd, std::string_view text, size_t* lines_written) noexc
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       const int err = n < 0 ? errno : ENOSPC;
-      const size_t nl = done == 0 ? std::string_view::npos : text.rfind('\n', done - 1);
+      const size_t nl = done == 0 || all_or_nothing ? std::string_view::npos : text.rfind('\n', done - 1);
       const size_t keep = nl == std::string_view::npos ? 0 : nl + 1;
       if (keep < done && start >= 0) (void)!::ftruncate(fd, start + static_cast<off_t>(keep));
       *lines_written = static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(keep), '\n'));

@@ -62,8 +62,9 @@ void ConnLog::Write(const LogEntry& e) noexcept {
     // Bytes that are not UTF-8 (a hostile path) are replaced, not refused.
     std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
     std::lock_guard lock(mu_);
-    size_t taken = 0;
     if (lost_ > 0) {
+      // After lines were dropped, a line that says how many goes first, and only
+      // together with this one: a gap line is always followed by a line.
       nlohmann::ordered_json gap;
       gap["time"] = stamp;
       gap["group"] = group_;
@@ -71,13 +72,13 @@ void ConnLog::Write(const LogEntry& e) noexcept {
       gap["count"] = lost_;
       const char* why = strerrorname_np(lost_error_);
       gap["error"] = why != nullptr ? why : "?";
-      if (AppendWholeLines(fd_.get(), gap.dump() + "\n", &taken) == 0) {
-        Logger("net")->info("group {}: writing {} again; {} lines were lost", group_, path_, lost_);
-        lost_ = 0;
-      }
+      line = gap.dump() + "\n" + line;
     }
-    const int err = lost_ == 0 ? AppendWholeLines(fd_.get(), line, &taken) : lost_error_;
+    size_t taken = 0;
+    const int err = AppendWholeLines(fd_.get(), line, &taken, /*all_or_nothing=*/lost_ > 0);
     if (err == 0) {
+      if (lost_ > 0) Logger("net")->info("group {}: writing {} again; {} lines were lost", group_, path_, lost_);
+      lost_ = 0;
       lines_.fetch_add(1, std::memory_order_relaxed);
       return;
     }

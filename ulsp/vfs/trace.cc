@@ -98,25 +98,25 @@ void TraceLayer::Write(const std::vector<Record>& records) {
     text += Format(r);
     if (text.size() < (64u << 10) && &r != &records.back()) continue;
     if (lost_ > 0) {
-      // Lines were dropped: say how many before the next ones, if the log takes it.
+      // Lines were dropped: a line that says how many goes first, and only together
+      // with these (a gap line is always followed by lines).
       timespec now{};
       ::clock_gettime(CLOCK_REALTIME, &now);
       const char* why = strerrorname_np(lost_error_);
-      const std::string gap =
-          LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", lost_, why != nullptr ? why : "?") + "\n";
-      size_t taken = 0;
-      if (AppendWholeLines(log_.get(), gap, &taken) == 0) {
-        Logger("vfs")->info("trace: writing {} again; {} lines were lost", path_, lost_);
-        lost_ = 0;
-      }
+      text.insert(0, LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", lost_,
+                                                  why != nullptr ? why : "?") + "\n");
     }
     size_t taken = 0;
-    const int err = lost_ == 0 ? AppendWholeLines(log_.get(), text, &taken) : lost_error_;
+    const int err = AppendWholeLines(log_.get(), text, &taken, /*all_or_nothing=*/lost_ > 0);
     if (err == 0) {
+      if (lost_ > 0) Logger("vfs")->info("trace: writing {} again; {} lines were lost", path_, lost_);
+      lost_ = 0;
       text.clear();
       continue;
     }
-    if (lost_ == 0) {
+    if (lost_ > 0) {
+      text.erase(0, text.find('\n') + 1);  // the gap line is not one of the lost
+    } else {
       lost_error_ = err;
       Logger("vfs")->warn("trace: writing {} failed: {}; its lines are dropped and counted until a write succeeds",
                           path_, std::strerror(lost_error_));
