@@ -56,26 +56,8 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
   return out;
 }
 
-// A file's bytes, or a message naming it.
-std::expected<std::string, std::string> ReadWhole(const std::string& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
-  std::string bytes;
-  struct stat st {};
-  if (::fstat(fd, &st) == 0 && st.st_size > 0) bytes.reserve(static_cast<size_t>(st.st_size) + 1);
-  char buf[65536];
-  ssize_t n;
-  while ((n = ::read(fd, buf, sizeof buf)) > 0 || (n < 0 && errno == EINTR)) {
-    if (n > 0) bytes.append(buf, static_cast<size_t>(n));
-  }
-  const int err = errno;
-  ::close(fd);
-  if (n < 0) return std::unexpected(path + ": " + std::strerror(err));
-  return bytes;
-}
-
-// A file's bytes, mapped (an empty file maps to nothing). `populate`: all its pages
-// now, for lookups that would otherwise each fault one in.
+// A file's bytes, mapped (an empty file maps to nothing), or a message naming it.
+// `populate`: all its pages now, for lookups that would otherwise each fault one in.
 struct Mapped {
   std::shared_ptr<const void> keep;
   std::string_view bytes;
@@ -258,11 +240,11 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     Stamp stamp;
     stamp.File(AT_FDCWD, path);  // before reading: a change while it is read shows next time
     index.status_stamp_ = stamp.h;
-    // Read whole and parsed in place: about 800 KB for 900 packages, most of it
-    // descriptions and conffiles, which are skipped.
-    auto status = ReadWhole(path);
+    // Mapped and parsed in place: about 800 KB for 900 packages, most of it
+    // descriptions and conffiles, which are skipped (what is kept is copied).
+    auto status = MapWhole(path, false);
     if (!status) return std::unexpected(status.error());
-    const std::string& text = *status;
+    const std::string_view text = status->bytes;
     // The fields a package's relations come from; the others are not kept.
     enum Field { kNone, kEssential, kDepends, kPreDepends, kRecommends, kSuggests, kProvides, kFields };
     auto field_of = [](std::string_view key) {

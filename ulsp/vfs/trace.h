@@ -10,9 +10,9 @@
 // thread makes the lines and appends them to the log every 50 ms (sooner when many
 // gather) in writes of about 64 KiB of whole lines, and the rest when the layer is
 // destroyed (the mount ends). So lines from many threads never interleave, and a
-// request pays neither a system call nor the formatting. A server killed with SIGKILL loses at
-// most the last 50 ms of lines. Past kMaxPending records waiting (a log on a disk
-// that cannot keep up), requests wait for the flusher.
+// request pays neither a system call nor the formatting. A server killed with
+// SIGKILL loses at most the last 50 ms of lines. Past kMaxPending records waiting (a
+// log on a disk that cannot keep up), requests wait for the flusher.
 //
 // A log that cannot be written (a full disk, a quota, an I/O error) does not stop the
 // mount: the lines are dropped and counted, the server's log says so once (naming the
