@@ -24,7 +24,6 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& component) {
 }
 
 int AppendWholeLines(int fd, std::string_view text, size_t* lines_written, bool all_or_nothing) noexcept {
-  const off_t start = ::lseek(fd, 0, SEEK_END);
   size_t done = 0;
   while (done < text.size()) {
     const ssize_t n = ::write(fd, text.data() + done, text.size() - done);
@@ -33,7 +32,12 @@ int AppendWholeLines(int fd, std::string_view text, size_t* lines_written, bool 
       const int err = n < 0 ? errno : ENOSPC;
       const size_t nl = done == 0 || all_or_nothing ? std::string_view::npos : text.rfind('\n', done - 1);
       const size_t keep = nl == std::string_view::npos ? 0 : nl + 1;
-      if (keep < done && start >= 0) (void)!::ftruncate(fd, start + static_cast<off_t>(keep));
+      // The file ends where this write stopped (no other writer): cut back from there.
+      // Only a failure pays the lseek.
+      if (keep < done) {
+        if (const off_t end = ::lseek(fd, 0, SEEK_END); end >= static_cast<off_t>(done - keep))
+          (void)!::ftruncate(fd, end - static_cast<off_t>(done - keep));
+      }
       *lines_written = static_cast<size_t>(std::count(text.begin(), text.begin() + static_cast<std::ptrdiff_t>(keep), '\n'));
       return err;
     }
