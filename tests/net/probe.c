@@ -7,6 +7,7 @@
 //   probe udp-connect HOST PORT        connect + send, then the echo
 //   probe fastopen HOST PORT           sendto(MSG_FASTOPEN) with an address
 //   probe int80                        socket and socketcall through the 32-bit ABI
+//                                      ("no-abi" where the kernel has none)
 //   probe iouring                      io_uring_setup
 //   probe race HOST ALLOWED DENIED N   a thread rewrites the sockaddr during connects
 //   probe unix PATH | unix-dgram PATH  a UNIX socket path
@@ -24,6 +25,8 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -213,7 +216,24 @@ static long Int80(long nr, long a, long b, long c) {
   return r;
 }
 
+// A kernel without the 32-bit ABI (IA32 emulation off, or a VM that does not pass the
+// gate on) answers `int $0x80` with a general protection fault: SIGSEGV, reported as
+// "no-abi" instead of killing the probe.
+static sigjmp_buf g_int80_fault;
+static void Int80Faulted(int sig) {
+  (void)sig;
+  siglongjmp(g_int80_fault, 1);
+}
+
 static int Int80Probe(void) {
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = Int80Faulted;
+  sigaction(SIGSEGV, &sa, NULL);
+  if (sigsetjmp(g_int80_fault, 1) != 0) {
+    printf("socket: no-abi\nsocketcall: no-abi\n");
+    return 0;
+  }
   long r = Int80(359, AF_INET, SOCK_STREAM, 0);  // i386 socket
   printf("socket: %s\n", r >= 0 ? "ok" : Name((int)-r));
   uint32_t* args = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
