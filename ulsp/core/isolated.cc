@@ -346,6 +346,7 @@ void IsolatedPort::Supervise() {
       by_server_id_.clear();  // the new server's ids start afresh
       ++map_epoch_;
     }
+    if (next && new_pid > 0) Logger("vfs")->info("isolated server {} serves (it said hello)", new_pid);
     for (auto& m : waiting) {
       if (broken_) {
         Answer(std::move(m), EIO);
