@@ -8,7 +8,9 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <mutex>
+#include <string_view>
 
 namespace ulsp {
 
@@ -23,6 +25,12 @@ std::shared_ptr<spdlog::logger> Logger(const std::string& component) {
   return logger;
 }
 
+namespace {
+
+// Appends `text`, whole lines, to `fd`. Returns 0, or the errno of a write that
+// failed (ENOSPC); then a line the write stopped inside is cut back off the file
+// (all of `text` with `all_or_nothing`), and `*lines_written` says how many lines
+// it kept.
 int AppendWholeLines(int fd, std::string_view text, size_t* lines_written, bool all_or_nothing) noexcept {
   size_t done = 0;
   while (done < text.size()) {
@@ -45,6 +53,36 @@ int AppendWholeLines(int fd, std::string_view text, size_t* lines_written, bool 
   }
   *lines_written = static_cast<size_t>(std::count(text.begin(), text.end(), '\n'));
   return 0;
+}
+
+}  // namespace
+
+LineLog::LineLog(UniqueFd fd, std::string path, std::string component, std::string who)
+    : fd_(std::move(fd)), path_(std::move(path)), component_(std::move(component)), who_(std::move(who)) {}
+
+bool LineLog::Append(std::string_view text, const GapLine& gap) {
+  const auto lines = static_cast<uint64_t>(std::count(text.begin(), text.end(), '\n'));
+  std::string with_gap;
+  if (lost_ > 0) {
+    const char* why = strerrorname_np(lost_error_);
+    with_gap = gap(lost_, why != nullptr ? why : "?");
+    with_gap += text;
+    text = with_gap;
+  }
+  size_t taken = 0;
+  const int err = AppendWholeLines(fd_.get(), text, &taken, /*all_or_nothing=*/lost_ > 0);
+  if (err == 0) {
+    if (lost_ > 0) Logger(component_)->info("{}: writing {} again; {} lines were lost", who_, path_, lost_);
+    lost_ = 0;
+    return true;
+  }
+  if (lost_ == 0) {
+    lost_error_ = err;
+    Logger(component_)->warn("{}: writing {} failed: {}; its lines are dropped and counted until a write succeeds", who_,
+                             path_, std::strerror(err));
+  }
+  lost_ += lines - taken;  // after a loss nothing is taken: all or nothing
+  return false;
 }
 
 }  // namespace ulsp

@@ -19,8 +19,7 @@ std::expected<std::unique_ptr<ConnLog>, std::string> ConnLog::Open(const std::st
   if (path.empty()) return log;
   const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
   if (fd < 0) return std::unexpected(path + ": cannot open the connection log: " + std::strerror(errno));
-  log->fd_.Reset(fd);
-  log->path_ = path;
+  log->log_ = LineLog(UniqueFd(fd), path, "net", "group " + log->group_ + ": the connection log");
   return log;
 }
 
@@ -32,7 +31,7 @@ std::string ProgramOf(pid_t pid) {
 }
 
 void ConnLog::Write(const LogEntry& e) noexcept {
-  if (!fd_) return;
+  if (!log_.enabled()) return;
   try {
     const auto now = std::chrono::system_clock::now();
     const auto us = std::chrono::duration_cast<std::chrono::microseconds>(now.time_since_epoch()).count();
@@ -62,34 +61,17 @@ void ConnLog::Write(const LogEntry& e) noexcept {
     // Bytes that are not UTF-8 (a hostile path) are replaced, not refused.
     std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
     std::lock_guard lock(mu_);
-    if (lost_ > 0) {
-      // After lines were dropped, a line that says how many goes first, and only
-      // together with this one: a gap line is always followed by a line.
+    // After lines were dropped, the first write that succeeds says how many.
+    const bool written = log_.Append(line, [&](uint64_t count, const char* error) {
       nlohmann::ordered_json gap;
       gap["time"] = stamp;
       gap["group"] = group_;
       gap["call"] = "lost";
-      gap["count"] = lost_;
-      const char* why = strerrorname_np(lost_error_);
-      gap["error"] = why != nullptr ? why : "?";
-      line = gap.dump() + "\n" + line;
-    }
-    size_t taken = 0;
-    const int err = AppendWholeLines(fd_.get(), line, &taken, /*all_or_nothing=*/lost_ > 0);
-    if (err == 0) {
-      if (lost_ > 0) Logger("net")->info("group {}: writing {} again; {} lines were lost", group_, path_, lost_);
-      lost_ = 0;
-      lines_.fetch_add(1, std::memory_order_relaxed);
-      return;
-    }
-    if (lost_ == 0) {
-      lost_error_ = err;
-      Logger("net")->warn("group {}: writing the connection log {} failed: {}; its lines are counted and dropped "
-                          "until a write succeeds",
-                          group_, path_, std::strerror(err));
-    }
-    ++lost_;
-    failures_.fetch_add(1, std::memory_order_relaxed);
+      gap["count"] = count;
+      gap["error"] = error;
+      return gap.dump() + "\n";
+    });
+    (written ? lines_ : failures_).fetch_add(1, std::memory_order_relaxed);
   } catch (...) {
     failures_.fetch_add(1, std::memory_order_relaxed);
   }

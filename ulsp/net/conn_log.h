@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "kernel/msgport/unique_fd.h"
+#include "kernel/msgport/log.h"
 
 namespace ulsp::net {
 
@@ -48,15 +48,13 @@ class ConnLog {
   uint64_t lines() const noexcept { return lines_; }
   uint64_t failures() const noexcept { return failures_; }
 
-  bool enabled() const noexcept { return fd_.valid(); }
+  bool enabled() const noexcept { return log_.enabled(); }
 
  private:
   ConnLog() = default;
-  UniqueFd fd_;
-  std::string path_, group_;
-  std::mutex mu_;           // one writer at a time: a cut line is cut back
-  uint64_t lost_ = 0;       // lines not written since the last that was
-  int lost_error_ = 0;
+  std::string group_;
+  std::mutex mu_;  // one writer at a time: a cut line is cut back
+  LineLog log_;
   std::atomic<uint64_t> lines_{0};
   std::atomic<uint64_t> failures_{0};
 };

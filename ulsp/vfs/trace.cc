@@ -3,7 +3,6 @@
 #include <fcntl.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstring>
 #include <chrono>
 #include <ctime>
@@ -40,11 +39,11 @@ std::string JsonQuote(std::string_view s) {
 Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path, std::unique_ptr<Layer> lower) {
   auto fd = Sys([&] { return ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644); });
   if (!fd) return std::unexpected(fd.error());
-  return std::unique_ptr<TraceLayer>(new TraceLayer(UniqueFd(*fd), log_path, std::move(lower)));
+  return std::unique_ptr<TraceLayer>(new TraceLayer(LineLog(UniqueFd(*fd), log_path, "vfs", "trace"), std::move(lower)));
 }
 
-TraceLayer::TraceLayer(UniqueFd log, std::string path, std::unique_ptr<Layer> lower)
-    : Layer(std::move(lower)), log_(std::move(log)), path_(std::move(path)), flusher_([this] { Flusher(); }) {
+TraceLayer::TraceLayer(LineLog log, std::unique_ptr<Layer> lower)
+    : Layer(std::move(lower)), log_(std::move(log)), flusher_([this] { Flusher(); }) {
   ListsThrough();  // it logs listings; nothing of its own is kept per directory handle
   // It records opens (with their access mode); what is read and written after is the
   // kernel's to do when it may (a read or write that reaches it is recorded too).
@@ -63,7 +62,8 @@ TraceLayer::~TraceLayer() {
   } catch (const std::bad_alloc&) {
     Logger("vfs")->warn("trace: {} records were lost (out of memory)", pending_.size());
   }
-  if (lost_ > 0) Logger("vfs")->warn("trace: {} lines at the end were lost: {} could not take them", lost_, path_);
+  if (log_.lost() > 0)
+    Logger("vfs")->warn("trace: {} lines at the end were lost: {} could not take them", log_.lost(), log_.path());
 }
 
 namespace {
@@ -97,31 +97,12 @@ void TraceLayer::Write(const std::vector<Record>& records) {
   for (const Record& r : records) {
     text += Format(r);
     if (text.size() < (64u << 10) && &r != &records.back()) continue;
-    if (lost_ > 0) {
-      // Lines were dropped: a line that says how many goes first, and only together
-      // with these (a gap line is always followed by lines).
+    // After lines were dropped, the first write that succeeds says how many.
+    (void)log_.Append(text, [](uint64_t count, const char* error) {
       timespec now{};
       ::clock_gettime(CLOCK_REALTIME, &now);
-      const char* why = strerrorname_np(lost_error_);
-      text.insert(0, LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", lost_,
-                                                  why != nullptr ? why : "?") + "\n");
-    }
-    size_t taken = 0;
-    const int err = AppendWholeLines(log_.get(), text, &taken, /*all_or_nothing=*/lost_ > 0);
-    if (err == 0) {
-      if (lost_ > 0) Logger("vfs")->info("trace: writing {} again; {} lines were lost", path_, lost_);
-      lost_ = 0;
-      text.clear();
-      continue;
-    }
-    if (lost_ > 0) {
-      text.erase(0, text.find('\n') + 1);  // the gap line is not one of the lost
-    } else {
-      lost_error_ = err;
-      Logger("vfs")->warn("trace: writing {} failed: {}; its lines are dropped and counted until a write succeeds",
-                          path_, std::strerror(lost_error_));
-    }
-    lost_ += static_cast<uint64_t>(std::count(text.begin(), text.end(), '\n')) - taken;
+      return LineStart(now) + fmt::format(R"(,"op":"lost","count":{},"result":"{}"}})", count, error) + "\n";
+    });
     text.clear();
   }
 }

@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "kernel/msgport/errno.h"
+#include "kernel/msgport/log.h"
 #include "kernel/msgport/unique_fd.h"
 #include "ulsp/vfs/layer.h"
 
@@ -62,7 +63,7 @@ class TraceLayer final : public Layer {
   static constexpr size_t kWakeAt = 4096;          // records that wake the flusher early
   static constexpr size_t kMaxPending = 1u << 16;  // records that hold requests back
 
-  TraceLayer(UniqueFd log, std::string path, std::unique_ptr<Layer> lower);
+  TraceLayer(LineLog log, std::unique_ptr<Layer> lower);
   void Append(Record&& r);
   static std::string Format(const Record& r);
   // Makes the lines of `records` and appends them to the log. Only the flusher (and
@@ -70,17 +71,12 @@ class TraceLayer final : public Layer {
   void Write(const std::vector<Record>& records);
   void Flusher();
 
-  UniqueFd log_;
-  std::string path_;
+  LineLog log_;  // the flusher's (and then the destructor's)
   std::mutex mu_;
   std::condition_variable cv_;          // the flusher waits here
   std::condition_variable drained_cv_;  // requests wait here when kMaxPending wait
   std::vector<Record> pending_;         // records not yet written
   bool stopping_ = false;
-  // The flusher's (and then the destructor's): lines dropped since the log last took
-  // a write, and the error that dropped them.
-  uint64_t lost_ = 0;
-  int lost_error_ = 0;
   std::thread flusher_;
 };
 
