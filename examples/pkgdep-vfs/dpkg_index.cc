@@ -58,11 +58,13 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
 
 // A file's bytes, mapped (an empty file maps to nothing), or a message naming it.
 // `populate`: all its pages now, for lookups that would otherwise each fault one in.
+// `private_only`: refuse a file that another user owns or may write (EPERM), whose
+// bytes are not ours to trust — or to keep mapped, as they could be cut short.
 struct Mapped {
   std::shared_ptr<const void> keep;
   std::string_view bytes;
 };
-std::expected<Mapped, std::string> MapWhole(const std::string& path, bool populate) {
+std::expected<Mapped, std::string> MapWhole(const std::string& path, bool populate, bool private_only = false) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
   struct stat st {};
@@ -70,6 +72,8 @@ std::expected<Mapped, std::string> MapWhole(const std::string& path, bool popula
   int err = 0;
   if (::fstat(fd, &st) != 0) {
     err = errno;
+  } else if (private_only && (st.st_uid != ::geteuid() || (st.st_mode & (S_IWGRP | S_IWOTH)) != 0)) {
+    err = EPERM;
   } else if (st.st_size > 0) {
     addr = ::mmap(nullptr, static_cast<size_t>(st.st_size), PROT_READ, MAP_PRIVATE | (populate ? MAP_POPULATE : 0), fd, 0);
     if (addr == MAP_FAILED) err = errno;
@@ -440,18 +444,28 @@ void DpkgIndex::WriteCache(const std::string& file, uint64_t stamp) const {
   // Written aside and renamed over: a reader sees the old file or the new one.
   const size_t slash = file.rfind('/');
   if (slash != std::string::npos && slash > 0) ::mkdir(file.substr(0, slash).c_str(), 0755);
+  // Readable by all, writable by us alone, whatever the umask (ReadCache refuses
+  // anything else): a user who could write it could change what pkgdep-vfs reports.
   const std::string tmp = file + ".new." + std::to_string(::getpid());
-  std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
-  out.write(w.out.data(), static_cast<std::streamsize>(w.out.size()));
-  out.close();
-  if (!out || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
+  ::unlink(tmp.c_str());  // left by a killed run of a process with our pid
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+  if (fd < 0) return;
+  bool ok = ::fchmod(fd, 0644) == 0;
+  for (std::string_view rest = w.out; ok && !rest.empty();) {
+    const ssize_t n = ::write(fd, rest.data(), rest.size());
+    if (n < 0 && errno == EINTR) continue;
+    ok = n > 0;
+    if (ok) rest.remove_prefix(static_cast<size_t>(n));
+  }
+  ok = ::close(fd) == 0 && ok;
+  if (!ok || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
 }
 
 bool DpkgIndex::ReadCache(const std::string& file, uint64_t stamp) {
   static_assert(std::is_trivially_copyable_v<Entry> && sizeof(Entry) == 24);
   // Populated now: the lookups come after the command, in random order, and would
   // each fault a page in then; this runs while the command does (observe mode).
-  auto mapped = MapWhole(file, true);
+  auto mapped = MapWhole(file, true, /*private_only=*/true);
   if (!mapped || mapped->bytes.empty()) return false;
   mapping_ = std::move(mapped->keep);
   const std::string_view file_bytes = mapped->bytes;

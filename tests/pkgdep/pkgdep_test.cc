@@ -1,6 +1,8 @@
 // pkgdep-vfs on real Debian programs, each case with the truth it rests on, checked
 // here against dpkg itself before pkgdep-vfs is asked.
 #include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
 #include <nlohmann/json.hpp>
 
 #include <filesystem>
@@ -229,8 +231,8 @@ TEST(DpkgIndex, CheckInstalledAgreesWithTheFullParse) {
 
 // The file index kept between runs answers as the database does, and a change made
 // the way dpkg makes it (a new file renamed over the old), a damaged cache or a
-// foreign file in its place each make it rebuild. The database is a copy, so the
-// test can change it.
+// foreign file in its place, or one that others could have written, each make it
+// rebuild. The database is a copy, so the test can change it.
 TEST(DpkgIndex, ItsCacheAnswersLikeTheDatabaseAndIsRebuiltWhenThatChanges) {
   TempDir dir;
   const std::string admin = dir / "dpkg", cache = dir / "cache/file-index";
@@ -281,6 +283,22 @@ TEST(DpkgIndex, ItsCacheAnswersLikeTheDatabaseAndIsRebuiltWhenThatChanges) {
   ASSERT_EQ(Shell("head -c 100000 /dev/urandom > " + cache), 0);
   EXPECT_EQ(load(false).Owners(marker), std::vector<std::string>{"coreutils"});
   load(true);  // written again
+
+  // Whatever the umask, the cache is writable by its owner alone; one that another
+  // user may write, or owns, is not believed (it could say anything) and is replaced.
+  const mode_t old_umask = ::umask(0);
+  ASSERT_EQ(::unlink(cache.c_str()), 0);
+  load(false);
+  ::umask(old_umask);
+  auto mode_of = [&] { return std::filesystem::status(cache).permissions(); };
+  EXPECT_EQ(mode_of(), std::filesystem::perms(0644));
+  load(true);
+  ASSERT_EQ(::chmod(cache.c_str(), 0666), 0);
+  load(false);
+  EXPECT_EQ(mode_of(), std::filesystem::perms(0644));
+  ASSERT_EQ(::chown(cache.c_str(), 65534, 65534), 0);  // nobody's
+  load(false);
+  load(true);
 
   // A cache that cannot be written costs only the time.
   auto index = pkgdep::DpkgIndex::LoadPackages(admin);
