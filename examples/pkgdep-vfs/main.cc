@@ -30,6 +30,7 @@
 #include "examples/pkgdep-vfs/dpkg_index.h"
 #include "examples/pkgdep-vfs/record_layer.h"
 #include "examples/pkgdep-vfs/report.h"
+#include "kernel/msgport/own_file.h"
 #include "ulsp/core/group.h"
 #include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/view.h"
@@ -318,9 +319,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
   const std::string text = report.Text();
   std::fwrite(text.data(), 1, text.size(), stdout);
   if (!json_file.empty()) {
-    std::ofstream out(json_file);
-    out << report.Json();
-    if (!out) return Fail(json_file + ": cannot write the JSON report");
+    if (auto w = ulsp::WriteOwnFile(json_file, report.Json()); !w) return Fail("cannot write the JSON report: " + w.error());
   }
   return report.Verdict();
 }

@@ -181,6 +181,17 @@ TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {
   EXPECT_EQ(r.status, 125);
   EXPECT_EQ(r.err, "ulsp run: mount point /nonexistent-mount-point does not exist\n");
   EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
+  // A connection log at a path another user controls: their link would have root
+  // append to whatever it names.
+  const std::string link = dir_ / "their-link", precious = dir_ / "precious";
+  ASSERT_EQ(Shell("echo keep > " + precious + " && ln -s " + precious + " " + link + " && chown -h 65534 " + link), 0);
+  r = RunInGroup(dir_, "[group.g]\nlog = \"" + link + "\"\n", "touch " + dir_ / "ran");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: the connection log " + link +
+                       ": a symbolic link owned by uid 65534, neither yours nor root's: refusing to use what another user "
+                       "controls\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
+  EXPECT_EQ(Output("cat " + precious), "keep\n");
 }
 
 TEST_F(RunTest, PolicyCheckSaysWhatIsWrongOrOk) {

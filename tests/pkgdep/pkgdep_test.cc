@@ -147,6 +147,15 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode is observe or enforce, not 'strict'\n");
+  // A JSON report at a path another user controls: their link would have root
+  // overwrite whatever it names. The report is still printed; the exit says why.
+  const std::string link = dir_ / "their-link", precious = dir_ / "precious";
+  ASSERT_EQ(Shell("echo keep > " + precious + " && ln -s " + precious + " " + link + " && chown -h 65534 " + link), 0);
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --json " + link + " -- true > /dev/null 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: cannot write the JSON report: " + link +
+                                               ": a symbolic link owned by uid 65534, neither yours nor root's: refusing "
+                                               "to use what another user controls\n");
+  EXPECT_EQ(Output("cat " + precious), "keep\n");
 }
 
 // The index against dpkg's own answers, merged /usr and diversions included.

@@ -654,6 +654,23 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
     EXPECT_EQ(Ulsp(c.args), c.expected) << c.args;
     EXPECT_FALSE(Mounted(mnt)) << c.args;
   }
+  // What another user controls (as one could have made it in /tmp beforehand): their
+  // directory as an overlay's upper (their files would shadow the lower layer's),
+  // their link as the trace's log or the server's (root would write through it).
+  const std::string theirs = dir_ / "their-upper", link = dir_ / "their-link", precious = dir_ / "precious";
+  ASSERT_EQ(Shell("mkdir " + theirs + " && chown 65534 " + theirs + " && echo keep > " + precious + " && ln -s " +
+                  precious + " " + link + " && chown -h 65534 " + link),
+            0);
+  const std::string refused = ", neither yours nor root's: refusing to use what another user controls\n";
+  EXPECT_EQ(Ulsp("mount --stack overlay:" + theirs + ",passthrough:" + dir_ / "src " + mnt),
+            "ulsp mount: overlay:" + theirs + ": a directory owned by uid 65534" + refused);
+  EXPECT_EQ(Ulsp("mount --stack trace:" + link + ",passthrough:" + dir_ / "src " + mnt),
+            "ulsp mount: trace: cannot open the log " + link + ": a symbolic link owned by uid 65534" + refused);
+  EXPECT_EQ(Ulsp("mount --log " + link + " " + dir_ / "src " + mnt),
+            "ulsp mount: the log " + link + ": a symbolic link owned by uid 65534" + refused);
+  EXPECT_FALSE(Mounted(mnt));
+  EXPECT_EQ(ReadFile(precious), "keep\n");
+
   std::ofstream(dir_ / "bad-list") << "/ok\nrelative/path\n";
   EXPECT_EQ(Ulsp("mount --stack view:" + dir_ / "bad-list,passthrough:" + dir_ / "src " + mnt),
             "ulsp mount: view:" + dir_ / "bad-list" +

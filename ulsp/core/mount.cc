@@ -17,6 +17,7 @@
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/fuse_shim.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 #include "ulsp/core/agent.h"
 #include "ulsp/core/isolated.h"
 #include "ulsp/core/registry.h"
@@ -280,9 +281,15 @@ int Mount(const MountArgs& in) {
     }
     if (::chdir("/") != 0) _exit(1);
     const int null_fd = ::open("/dev/null", O_RDWR | O_CLOEXEC);
-    const int log_fd = args.log_file.empty()
-                           ? null_fd
-                           : ::open(args.log_file.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    int log_fd = null_fd;
+    if (!args.log_file.empty()) {
+      auto log = OpenOwnFile(args.log_file, /*append=*/true);
+      if (!log) {
+        WriteAll(pipe_fds[1], "the log " + log.error() + "\n");
+        _exit(1);
+      }
+      log_fd = log->release();
+    }
     if (null_fd >= 0) {
       ::dup2(null_fd, 0);
       ::dup2(null_fd, 1);

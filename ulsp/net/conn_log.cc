@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 
 namespace ulsp::net {
 
@@ -17,9 +18,9 @@ std::expected<std::unique_ptr<ConnLog>, std::string> ConnLog::Open(const std::st
   std::unique_ptr<ConnLog> log(new ConnLog());
   log->group_ = std::move(group);
   if (path.empty()) return log;
-  const int fd = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0644);
-  if (fd < 0) return std::unexpected(path + ": cannot open the connection log: " + std::strerror(errno));
-  log->log_ = LineLog(UniqueFd(fd), path, "net", "group " + log->group_ + ": the connection log");
+  auto fd = OpenOwnFile(path, /*append=*/true);
+  if (!fd) return std::unexpected("the connection log " + fd.error());
+  log->log_ = LineLog(std::move(*fd), path, "net", "group " + log->group_ + ": the connection log");
   return log;
 }
 

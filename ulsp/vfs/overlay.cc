@@ -10,6 +10,7 @@
 #include <set>
 
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 #include "ulsp/vfs/passthrough.h"
 
 namespace ulsp::vfs {
@@ -96,8 +97,9 @@ int ForEachEntry(Layer& layer, const VfsRequest& req, uint64_t dir, F&& fn) {
 
 std::expected<std::unique_ptr<OverlayLayer>, std::string> OverlayLayer::Open(const std::string& upper_dir,
                                                                             std::unique_ptr<Layer> lower) {
-  std::error_code ec;
-  std::filesystem::create_directories(upper_dir, ec);  // a fresh upper directory is made
+  // A fresh upper directory is made. Another user's would let them choose what the
+  // stack serves (their files shadow the lower layer's).
+  if (auto own = MakeOwnDirectory(upper_dir); !own) return std::unexpected("overlay:" + own.error());
   auto upper = PassthroughLayer::Open(upper_dir);
   if (!upper) return std::unexpected("overlay:" + upper_dir + ": " + upper.error().Describe());
   return std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));

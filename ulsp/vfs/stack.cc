@@ -88,7 +88,7 @@ std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view s
       below = std::move(*o);
     } else if (l.name == "trace") {
       auto t = TraceLayer::Open(l.argument, std::move(below));
-      if (!t) return std::unexpected("trace:" + l.argument + ": cannot open the log: " + t.error().Describe());
+      if (!t) return std::unexpected("trace: cannot open the log " + t.error());
       below = std::move(*t);
     } else if (l.name == "view") {
       auto v = ViewLayer::Open(l.argument, std::move(below));

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 
 namespace ulsp::vfs {
 
@@ -36,10 +37,11 @@ std::string JsonQuote(std::string_view s) {
   return out;
 }
 
-Result<std::unique_ptr<TraceLayer>> TraceLayer::Open(const std::string& log_path, std::unique_ptr<Layer> lower) {
-  auto fd = Sys([&] { return ::open(log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644); });
+std::expected<std::unique_ptr<TraceLayer>, std::string> TraceLayer::Open(const std::string& log_path,
+                                                                        std::unique_ptr<Layer> lower) {
+  auto fd = OpenOwnFile(log_path, /*append=*/true);
   if (!fd) return std::unexpected(fd.error());
-  return std::unique_ptr<TraceLayer>(new TraceLayer(LineLog(UniqueFd(*fd), log_path, "vfs", "trace"), std::move(lower)));
+  return std::unique_ptr<TraceLayer>(new TraceLayer(LineLog(std::move(*fd), log_path, "vfs", "trace"), std::move(lower)));
 }
 
 TraceLayer::TraceLayer(LineLog log, std::unique_ptr<Layer> lower)

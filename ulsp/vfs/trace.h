@@ -41,8 +41,10 @@ namespace ulsp::vfs {
 
 class TraceLayer final : public Layer {
  public:
-  // Appends to `log_path` (created 0644 if missing). Fails with the open's errno.
-  static Result<std::unique_ptr<TraceLayer>> Open(const std::string& log_path, std::unique_ptr<Layer> lower);
+  // Appends to `log_path` (created 0644 if missing; see OpenOwnFile for what is
+  // refused). Fails with a message that names the path.
+  static std::expected<std::unique_ptr<TraceLayer>, std::string> Open(const std::string& log_path,
+                                                                   std::unique_ptr<Layer> lower);
 
   ~TraceLayer() override;  // writes what is still gathered
 

