@@ -63,6 +63,8 @@ def make_keys():
            f"-extfile {d}/{name}.ext -out {d}/{name}.pem 2>/dev/null")
     with open(f"{d}/token", "w") as f:
         f.write("bench-token\n")
+    # Secrets are their owner's alone, or ulsp refuses them (as ssh does a private key).
+    sh(f"chmod 600 {d}/token {d}/*.key")
     sh(f"ssh-keygen -q -t ed25519 -N '' -f {d}/host_key && ssh-keygen -q -t ed25519 -N '' -f {d}/user_key")
     shutil.copy(f"{d}/user_key.pub", f"{d}/authorized_keys")
     with open(f"{d}/sshd_config", "w") as f:

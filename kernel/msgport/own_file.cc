@@ -69,6 +69,30 @@ std::expected<void, std::string> WriteOwnFile(const std::string& path, std::stri
   return {};
 }
 
+std::expected<std::string, std::string> ReadSecretFile(const std::string& path) {
+  auto fd = Sys([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY); });
+  if (!fd) return std::unexpected(path + ": " + fd.error().Describe());
+  UniqueFd file(*fd);
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  if (!S_ISREG(st.st_mode)) return std::unexpected(path + ": not a regular file");
+  if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a secret", st.st_uid));
+  if ((st.st_mode & 077) != 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+    return std::unexpected(path + ": other users may read or write this secret (mode " + mode +
+                           "): make it its owner's alone (chmod 600 " + path + ")");
+  }
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    auto n = Sys([&] { return ::read(file.get(), buf, sizeof buf); });
+    if (!n) return std::unexpected(path + ": " + n.error().Describe());
+    if (*n == 0) return out;
+    out.append(buf, static_cast<size_t>(*n));
+  }
+}
+
 std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
   struct stat link {};
   const auto is_link = OurLink(path, link);

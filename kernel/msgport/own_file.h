@@ -25,6 +25,11 @@ std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool a
 // does. A short write (a full disk) is an error that names the path.
 std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content);
 
+// Reads a secret (a shared token, a TLS private key) whole, as ssh reads a private
+// key: refused, with a message that names the path and says how to mend it, when
+// another user owns the file or any other user may read or write it.
+std::expected<std::string, std::string> ReadSecretFile(const std::string& path);
+
 // Makes directory `path` (0755, parents as needed) when missing, and checks that it
 // is the caller's or root's and that no other user may write in it (followed through
 // a symbolic link that is itself the caller's or root's). What is wrong, in a message

@@ -36,7 +36,7 @@ class TwoHosts : public ::testing::Test {
                     " link set " + vb_ + " up && ip -n " + a_ + " link set lo up && ip -n " + b_ + " link set lo up"),
               0);
     ASSERT_EQ(Shell("mkdir -p " + dir_ / "src " + dir_ / "mnt && cp -a /usr/include/linux " + dir_ / "src/linux && echo t0k3n > " +
-                    dir_ / "token && echo wrong > " + dir_ / "wrong"),
+                    dir_ / "token && echo wrong > " + dir_ / "wrong && chmod 600 " + dir_ / "token " + dir_ / "wrong"),
               0);
   }
   void TearDown() override {
@@ -90,7 +90,7 @@ class TwoHosts : public ::testing::Test {
                     ".key -out " + d + name + ".csr 2>/dev/null && printf 'subjectAltName=IP:" + agent_addr_ + ",DNS:" +
                     agent_addr_ + ",DNS:" + name + "' > " + d + name + ".ext && openssl x509 -req -in " + d + name +
                     ".csr -CA " + d + ca + ".pem -CAkey " + d + ca + ".key -CAcreateserial -days 2 -extfile " + d + name +
-                    ".ext -out " + d + name + ".pem 2>/dev/null"),
+                    ".ext -out " + d + name + ".pem 2>/dev/null && chmod 600 " + d + "*.key"),
               0);
   }
   std::string Tls(const std::string& name, const std::string& ca) const {
@@ -210,6 +210,32 @@ TEST_F(TwoHosts, AWrongTokenIsRefusedOnBothSides) {
   EXPECT_NE(Output("cat " + dir_ / "agent.log").find("refused " + subnet_ + "1: wrong token"), std::string::npos);
   EXPECT_EQ(Mount("", &err), 1);  // no token at all
   EXPECT_NE(err.find("refused: wrong token"), std::string::npos) << err;
+}
+
+// A secret others may read is no secret: both sides refuse it, as ssh does a private
+// key, and say how to mend it.
+TEST_F(TwoHosts, ASecretOthersMayReadIsRefused) {
+  const std::string token = dir_ / "token";
+  ASSERT_EQ(::chmod(token.c_str(), 0644), 0);
+  const std::string refused = token + ": other users may read or write this secret (mode 0644): make it its owner's " +
+                              "alone (chmod 600 " + token + ")\n";
+  std::string err;
+  EXPECT_EQ(Mount("--token-file " + token, &err), 1);
+  EXPECT_EQ(err, "ulsp mount: " + refused);
+  // The agent, as StartAgent starts it, in the foreground: it must stop before listening.
+  auto agent = [&](const std::string& auth) {
+    return Shell("nsenter --net=/run/netns/" + b_ + " " + ULSP_BIN + " agent serve --listen " + agent_addr_ +
+                 ":7700 --export src=passthrough:" + dir_ / "src " + auth + " 2> " + dir_ / "agent.err");
+  };
+  EXPECT_EQ(agent("--token-file " + token), 1);
+  EXPECT_EQ(Output("cat " + dir_ / "agent.err"), "ulsp agent: " + refused);
+  MakeCert("ca", "agent", true);
+  const std::string key = dir_ / "agent.key";
+  ASSERT_EQ(::chmod(key.c_str(), 0640), 0);
+  EXPECT_EQ(agent(Tls("agent", "ca")), 1);
+  EXPECT_EQ(Output("cat " + dir_ / "agent.err"), "ulsp agent: " + key +
+                                                     ": other users may read or write this secret (mode 0640): make it "
+                                                     "its owner's alone (chmod 600 " + key + ")\n");
 }
 
 TEST_F(TwoHosts, MutualTlsAdmitsTheRightCertificatesOnly) {

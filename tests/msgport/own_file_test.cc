@@ -1,4 +1,4 @@
-// OpenOwnFile, WriteOwnFile and MakeOwnDirectory, as root (the tests run as root),
+// OpenOwnFile, WriteOwnFile, ReadSecretFile and MakeOwnDirectory, as root (the tests run as root),
 // against what another user (nobody, uid 65534) could have put in a directory that
 // everyone may write. Each refusal must leave what it refused untouched.
 #include "kernel/msgport/own_file.h"
@@ -106,6 +106,32 @@ TEST(OwnFile, AFifoWithoutAReaderFailsInsteadOfHanging) {
   ::close(reader);
   ASSERT_FALSE(fd.has_value());
   EXPECT_NE(fd.error().find("a FIFO owned by uid 65534"), std::string::npos) << fd.error();
+}
+
+TEST(SecretFile, IsReadOnlyWhenItIsItsOwnersAlone) {
+  TempDir dir;
+  const std::string token = dir / "token";
+  Put(token, "t0k3n\n");
+  ASSERT_EQ(::chmod(token.c_str(), 0600), 0);
+  auto s = ReadSecretFile(token);
+  ASSERT_TRUE(s.has_value()) << s.error();
+  EXPECT_EQ(*s, "t0k3n\n");
+  for (mode_t mode : {0644u, 0640u, 0604u, 0620u}) {
+    ASSERT_EQ(::chmod(token.c_str(), mode), 0);
+    s = ReadSecretFile(token);
+    ASSERT_FALSE(s.has_value()) << mode;
+    char m[8];
+    std::snprintf(m, sizeof m, "%04o", mode);
+    EXPECT_EQ(s.error(), token + ": other users may read or write this secret (mode " + m +
+                             "): make it its owner's alone (chmod 600 " + token + ")");
+  }
+  ASSERT_EQ(::chmod(token.c_str(), 0600), 0);
+  ASSERT_EQ(::chown(token.c_str(), kNobody, kNobody), 0);
+  s = ReadSecretFile(token);
+  ASSERT_FALSE(s.has_value());
+  EXPECT_NE(s.error().find("a secret owned by uid 65534"), std::string::npos) << s.error();
+  EXPECT_EQ(ReadSecretFile(dir / "none").error(), dir / "none" + ": No such file or directory");
+  EXPECT_EQ(ReadSecretFile(dir.path()).error(), dir.path() + ": not a regular file");
 }
 
 TEST(OwnDirectory, MakesItAndItsParentsForUsAlone) {

@@ -29,6 +29,7 @@
 #include "kernel/msgport/agent.capnp.h"
 #include "kernel/msgport/agent_wire.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 #include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_codec.h"
 #include "ulsp/core/registry.h"
@@ -379,7 +380,9 @@ int ServeAgent(const AgentOptions& options) {
   Shared shared;
   shared.options = options;
   if (!options.token_file.empty()) {
-    if (!ReadWholeFile(options.token_file, shared.token)) return fail(options.token_file + ": " + std::strerror(errno));
+    auto token = ReadSecretFile(options.token_file);
+    if (!token) return fail(token.error());
+    shared.token = std::move(*token);
     while (!shared.token.empty() && (shared.token.back() == '\n' || shared.token.back() == '\r')) shared.token.pop_back();
     if (shared.token.empty()) return fail(options.token_file + ": the token is empty");
   }
@@ -389,7 +392,9 @@ int ServeAgent(const AgentOptions& options) {
     if (options.tls_cert.empty() || options.tls_key.empty() || options.tls_ca.empty())
       return fail("TLS needs --tls-cert, --tls-key and --tls-ca together");
     if (!ReadWholeFile(options.tls_cert, cert)) return fail(options.tls_cert + ": " + std::strerror(errno));
-    if (!ReadWholeFile(options.tls_key, key)) return fail(options.tls_key + ": " + std::strerror(errno));
+    auto secret = ReadSecretFile(options.tls_key);
+    if (!secret) return fail(secret.error());
+    key = std::move(*secret);
     if (!ReadWholeFile(options.tls_ca, ca)) return fail(options.tls_ca + ": " + std::strerror(errno));
   }
   ::signal(SIGPIPE, SIG_IGN);

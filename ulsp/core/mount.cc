@@ -55,17 +55,21 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
     return std::unexpected("--remote '" + args.remote + "': give ADDR:PORT/NAME (e.g. 10.0.0.2:7700/src)");
   o.name = args.remote.substr(slash + 1);
   if (!args.token_file.empty()) {
-    if (!ReadWholeFile(args.token_file, o.token)) return std::unexpected(args.token_file + ": " + std::strerror(errno));
+    auto token = ReadSecretFile(args.token_file);
+    if (!token) return std::unexpected(token.error());
+    o.token = std::move(*token);
     while (!o.token.empty() && (o.token.back() == '\n' || o.token.back() == '\r')) o.token.pop_back();
   }
   const bool tls = !args.tls_cert.empty() || !args.tls_key.empty() || !args.tls_ca.empty();
   if (tls) {
     if (args.tls_cert.empty() || args.tls_key.empty() || args.tls_ca.empty())
       return std::unexpected("TLS needs --tls-cert, --tls-key and --tls-ca together");
-    for (auto [path, into] : {std::pair{&args.tls_cert, &o.tls_cert}, std::pair{&args.tls_key, &o.tls_key},
-                              std::pair{&args.tls_ca, &o.tls_ca}}) {
+    for (auto [path, into] : {std::pair{&args.tls_cert, &o.tls_cert}, std::pair{&args.tls_ca, &o.tls_ca}}) {
       if (!ReadWholeFile(*path, *into)) return std::unexpected(*path + ": " + std::strerror(errno));
     }
+    auto key = ReadSecretFile(args.tls_key);
+    if (!key) return std::unexpected(key.error());
+    o.tls_key = std::move(*key);
     o.tls_server_name = args.tls_name;
   } else if (!args.tls_name.empty()) {
     return std::unexpected("--tls-name goes with --tls-cert, --tls-key and --tls-ca");
