@@ -4,6 +4,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 
@@ -14,6 +15,13 @@ namespace ulsp {
 namespace {
 
 bool Ours(uid_t uid) { return uid == ::geteuid() || uid == 0; }
+
+// "0644".
+std::string ModeOf(const struct stat& st) {
+  char mode[8];
+  std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
+  return mode;
+}
 
 std::string NotOurs(const std::string& path, const char* what, uid_t uid) {
   return path + ": " + what + " owned by uid " + std::to_string(uid) +
@@ -78,9 +86,7 @@ std::expected<std::string, std::string> ReadSecretFile(const std::string& path) 
   if (!S_ISREG(st.st_mode)) return std::unexpected(path + ": not a regular file");
   if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a secret", st.st_uid));
   if ((st.st_mode & 077) != 0) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
-    return std::unexpected(path + ": other users may read or write this secret (mode " + mode +
+    return std::unexpected(path + ": other users may read or write this secret (mode " + ModeOf(st) +
                            "): make it its owner's alone (chmod 600 " + path + ")");
   }
   std::string out;
@@ -110,9 +116,7 @@ std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
   if (!S_ISDIR(st.st_mode)) return std::unexpected(path + ": not a directory");
   if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a directory", st.st_uid));
   if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", st.st_mode & 07777);
-    return std::unexpected(path + ": a directory other users may write (mode " + mode +
+    return std::unexpected(path + ": a directory other users may write (mode " + ModeOf(st) +
                            "): what they put there would be served as yours");
   }
   return {};
