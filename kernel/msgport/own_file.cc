@@ -1,9 +1,11 @@
 #include "kernel/msgport/own_file.h"
 
 #include <fcntl.h>
+#include <stdlib.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -14,7 +16,26 @@ namespace ulsp {
 
 namespace {
 
-bool Ours(uid_t uid) { return uid == ::geteuid() || uid == 0; }
+// Whether what `path` names, owned by `owner`, may be trusted: it is the caller's or
+// root's, or it lies in a directory that its owner alone may write, so that nobody
+// else could have put it there (`sudo ulsp ...` with a file in the user's own home;
+// the kernel's fs.protected_* rules also trust a directory's owner).
+bool Trusted(uid_t owner, const std::string& path) {
+  if (owner == ::geteuid() || owner == 0) return true;
+  auto p = std::filesystem::path(path).lexically_normal();
+  if (p.filename().empty()) p = p.parent_path();  // "dir/"
+  const std::string parent = p.has_parent_path() ? p.parent_path().string() : ".";
+  struct stat dir {};
+  if (::stat(parent.c_str(), &dir) != 0) return false;
+  return dir.st_uid == owner && (dir.st_mode & (S_IWGRP | S_IWOTH)) == 0;
+}
+
+// Where a symbolic link at `path` leads (the path itself when it is none).
+std::string Resolved(const std::string& path, bool is_link) {
+  if (!is_link) return path;
+  char real[PATH_MAX];
+  return ::realpath(path.c_str(), real) != nullptr ? std::string(real) : path;
+}
 
 // "0644".
 std::string ModeOf(const struct stat& st) {
@@ -25,14 +46,14 @@ std::string ModeOf(const struct stat& st) {
 
 std::string NotOurs(const std::string& path, const char* what, uid_t uid) {
   return path + ": " + what + " owned by uid " + std::to_string(uid) +
-         ", neither yours nor root's: refusing to use what another user controls";
+         ", neither yours, root's nor its directory owner's: refusing to use what another user controls";
 }
 
 // Whether `path` is a symbolic link (then `link` holds its lstat), refused when it is
 // another user's. A missing path is no link.
 std::expected<bool, std::string> OurLink(const std::string& path, struct stat& link) {
   if (::lstat(path.c_str(), &link) != 0 || !S_ISLNK(link.st_mode)) return false;
-  if (!Ours(link.st_uid)) return std::unexpected(NotOurs(path, "a symbolic link", link.st_uid));
+  if (!Trusted(link.st_uid, path)) return std::unexpected(NotOurs(path, "a symbolic link", link.st_uid));
   return true;
 }
 
@@ -56,9 +77,10 @@ std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool a
     if (::lstat(path.c_str(), &now) != 0 || now.st_dev != link.st_dev || now.st_ino != link.st_ino)
       return std::unexpected(path + ": the symbolic link changed while it was opened");
   }
-  if ((S_ISREG(st.st_mode) || S_ISFIFO(st.st_mode)) && !Ours(st.st_uid))
+  if ((S_ISREG(st.st_mode) || S_ISFIFO(st.st_mode)) && !Trusted(st.st_uid, Resolved(path, *is_link)))
     return std::unexpected(NotOurs(path, S_ISREG(st.st_mode) ? "a file" : "a FIFO", st.st_uid));
-  if (::fcntl(file.get(), F_SETFL, append ? O_APPEND : 0) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+  if (::fcntl(file.get(), F_SETFL, append ? O_APPEND : 0) != 0)
+    return std::unexpected(path + ": " + std::strerror(errno));
   if (!append && S_ISREG(st.st_mode) && ::ftruncate(file.get(), 0) != 0)
     return std::unexpected(path + ": " + std::strerror(errno));
   return file;
@@ -84,7 +106,7 @@ std::expected<std::string, std::string> ReadSecretFile(const std::string& path) 
   struct stat st {};
   if (::fstat(file.get(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
   if (!S_ISREG(st.st_mode)) return std::unexpected(path + ": not a regular file");
-  if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a secret", st.st_uid));
+  if (!Trusted(st.st_uid, Resolved(path, true))) return std::unexpected(NotOurs(path, "a secret", st.st_uid));
   if ((st.st_mode & 077) != 0) {
     return std::unexpected(path + ": other users may read or write this secret (mode " + ModeOf(st) +
                            "): make it its owner's alone (chmod 600 " + path + ")");
@@ -108,13 +130,14 @@ std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
     std::string so_far;
     for (const auto& part : std::filesystem::path(path).lexically_normal()) {
       so_far = so_far.empty() || so_far == "/" ? so_far + part.string() : so_far + "/" + part.string();
-      if (::mkdir(so_far.c_str(), 0755) != 0 && errno != EEXIST) return std::unexpected(so_far + ": " + std::strerror(errno));
+      if (::mkdir(so_far.c_str(), 0755) != 0 && errno != EEXIST)
+        return std::unexpected(so_far + ": " + std::strerror(errno));
     }
   }
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
   if (!S_ISDIR(st.st_mode)) return std::unexpected(path + ": not a directory");
-  if (!Ours(st.st_uid)) return std::unexpected(NotOurs(path, "a directory", st.st_uid));
+  if (!Trusted(st.st_uid, Resolved(path, *is_link))) return std::unexpected(NotOurs(path, "a directory", st.st_uid));
   if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0) {
     return std::unexpected(path + ": a directory other users may write (mode " + ModeOf(st) +
                            "): what they put there would be served as yours");

@@ -4,6 +4,10 @@
 // default, kept by systems without systemd's sysctl.d), a local user could otherwise
 // plant a symbolic link or a file of their own at the path beforehand and have root
 // write through it (into /etc/shadow), or serve a group files of their choosing.
+//
+// Trusted here: what is the caller's or root's, and what the owner of a directory
+// that only they may write made in it (`sudo ulsp ...` with files in the user's own
+// home), as the kernel's fs.protected_* rules also judge.
 #pragma once
 
 #include <expected>
@@ -16,8 +20,8 @@ namespace ulsp {
 
 // Opens `path` for writing, appended to (`append`) or emptied, made 0644 if missing.
 // Refused, with a message that names the path and says why: a symbolic link there
-// that is neither the caller's nor root's, or an existing file or FIFO that is
-// neither (checked before anything of it changes). Character devices (/dev/null, a
+// that is not trusted, or an existing file or FIFO that is not (checked before
+// anything of it changes). Character devices (/dev/null, a
 // terminal) are written as they are.
 std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append);
 
@@ -27,13 +31,13 @@ std::expected<void, std::string> WriteOwnFile(const std::string& path, std::stri
 
 // Reads a secret (a shared token, a TLS private key) whole, as ssh reads a private
 // key: refused, with a message that names the path and says how to mend it, when
-// another user owns the file or any other user may read or write it.
+// the file is not trusted or any other user may read or write it.
 std::expected<std::string, std::string> ReadSecretFile(const std::string& path);
 
 // Makes directory `path` (0755, parents as needed) when missing, and checks that it
-// is the caller's or root's and that no other user may write in it (followed through
-// a symbolic link that is itself the caller's or root's). What is wrong, in a message
-// that names the path, else nothing.
+// is trusted and that no other user may write in it (followed through a symbolic
+// link that is trusted too). What is wrong, in a message that names the path, else
+// nothing.
 std::expected<void, std::string> MakeOwnDirectory(const std::string& path);
 
 }  // namespace ulsp

@@ -188,8 +188,8 @@ TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {
   r = RunInGroup(dir_, "[group.g]\nlog = \"" + link + "\"\n", "touch " + dir_ / "ran");
   EXPECT_EQ(r.status, 125);
   EXPECT_EQ(r.err, "ulsp run: the connection log " + link +
-                       ": a symbolic link owned by uid 65534, neither yours nor root's: refusing to use what another user "
-                       "controls\n");
+                       ": a symbolic link owned by uid 65534, neither yours, root's nor its directory owner's: "
+                       "refusing to use what another user controls\n");
   EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
   EXPECT_EQ(Output("cat " + precious), "keep\n");
 }

@@ -18,6 +18,8 @@ namespace ulsp::testing {
 namespace {
 
 constexpr uid_t kNobody = 65534;
+constexpr const char* kRefused =
+    ", neither yours, root's nor its directory owner's: refusing to use what another user controls";
 
 std::string Read(const std::string& path) {
   std::ifstream in(path);
@@ -67,8 +69,7 @@ TEST(OwnFile, RefusesAnotherUsersFileAndLeavesItAlone) {
   for (bool append : {true, false}) {
     auto fd = OpenOwnFile(theirs, append);
     ASSERT_FALSE(fd.has_value());
-    EXPECT_EQ(fd.error(), theirs + ": a file owned by uid 65534, neither yours nor root's: refusing to use what another user "
-                                   "controls");
+    EXPECT_EQ(fd.error(), theirs + ": a file owned by uid 65534" + kRefused);
   }
   EXPECT_FALSE(WriteOwnFile(theirs, "ours\n").has_value());
   EXPECT_EQ(Read(theirs), "theirs\n");  // not emptied, not appended to
@@ -106,6 +107,38 @@ TEST(OwnFile, AFifoWithoutAReaderFailsInsteadOfHanging) {
   ::close(reader);
   ASSERT_FALSE(fd.has_value());
   EXPECT_NE(fd.error().find("a FIFO owned by uid 65534"), std::string::npos) << fd.error();
+}
+
+// `sudo ulsp ...` with files in the user's own home: in a directory that only its
+// owner may write, what that owner made is theirs to give, as the kernel's
+// fs.protected_* rules also judge.
+TEST(OwnFile, TrustsWhatTheOwnerOfAPrivateDirectoryMade) {
+  TempDir dir;
+  const std::string home = dir / "home";
+  ASSERT_EQ(::mkdir(home.c_str(), 0755), 0);
+  const std::string log = home + "/log", target = home + "/target", link = home + "/link", token = home + "/token",
+                    upper = home + "/upper";
+  Put(log, "old\n");
+  Put(target, "");
+  ASSERT_EQ(::symlink(target.c_str(), link.c_str()), 0);
+  Put(token, "t0k3n");
+  ASSERT_EQ(::chmod(token.c_str(), 0600), 0);
+  ASSERT_EQ(::mkdir(upper.c_str(), 0755), 0);
+  ASSERT_EQ(Shell("chown -hR 65534:65534 " + home), 0);
+  auto fd = OpenOwnFile(log, true);
+  EXPECT_TRUE(fd.has_value()) << fd.error();
+  EXPECT_TRUE(WriteOwnFile(link, "through their link\n").has_value());
+  EXPECT_EQ(Read(target), "through their link\n");
+  auto s = ReadSecretFile(token);
+  EXPECT_TRUE(s.has_value()) << s.error();
+  auto d = MakeOwnDirectory(upper);
+  EXPECT_TRUE(d.has_value()) << d.error();
+  // Once others may write that directory, none of it is theirs to give any more.
+  ASSERT_EQ(::chmod(home.c_str(), 0775), 0);
+  EXPECT_FALSE(OpenOwnFile(log, true).has_value());
+  EXPECT_FALSE(WriteOwnFile(link, "x").has_value());
+  EXPECT_FALSE(ReadSecretFile(token).has_value());
+  EXPECT_FALSE(MakeOwnDirectory(upper).has_value());
 }
 
 TEST(SecretFile, IsReadOnlyWhenItIsItsOwnersAlone) {
@@ -155,8 +188,7 @@ TEST(OwnDirectory, RefusesOneAnotherUserControls) {
   ASSERT_EQ(::chown(theirs.c_str(), kNobody, kNobody), 0);
   auto r = MakeOwnDirectory(theirs);
   ASSERT_FALSE(r.has_value());
-  EXPECT_EQ(r.error(), theirs + ": a directory owned by uid 65534, neither yours nor root's: refusing to use what another "
-                                "user controls");
+  EXPECT_EQ(r.error(), theirs + ": a directory owned by uid 65534" + kRefused);
   // Ours, but everyone may write in it.
   ASSERT_EQ(::chown(theirs.c_str(), 0, 0), 0);
   ASSERT_EQ(::chmod(theirs.c_str(), 01777), 0);

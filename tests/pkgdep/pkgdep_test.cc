@@ -153,8 +153,8 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   ASSERT_EQ(Shell("echo keep > " + precious + " && ln -s " + precious + " " + link + " && chown -h 65534 " + link), 0);
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --json " + link + " -- true > /dev/null 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: cannot write the JSON report: " + link +
-                                               ": a symbolic link owned by uid 65534, neither yours nor root's: refusing "
-                                               "to use what another user controls\n");
+                                               ": a symbolic link owned by uid 65534, neither yours, root's nor its "
+                                               "directory owner's: refusing to use what another user controls\n");
   EXPECT_EQ(Output("cat " + precious), "keep\n");
 }
 

@@ -661,7 +661,8 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   ASSERT_EQ(Shell("mkdir " + theirs + " && chown 65534 " + theirs + " && echo keep > " + precious + " && ln -s " +
                   precious + " " + link + " && chown -h 65534 " + link),
             0);
-  const std::string refused = ", neither yours nor root's: refusing to use what another user controls\n";
+  const std::string refused =
+      ", neither yours, root's nor its directory owner's: refusing to use what another user controls\n";
   EXPECT_EQ(Ulsp("mount --stack overlay:" + theirs + ",passthrough:" + dir_ / "src " + mnt),
             "ulsp mount: overlay:" + theirs + ": a directory owned by uid 65534" + refused);
   EXPECT_EQ(Ulsp("mount --stack trace:" + link + ",passthrough:" + dir_ / "src " + mnt),
