@@ -49,9 +49,21 @@ std::string NotOurs(const std::string& path, const char* what, uid_t uid) {
          ", neither yours, root's nor its directory owner's: refusing to use what another user controls";
 }
 
-// Whether `path` is a symbolic link (then `link` holds its lstat), refused when it is
-// another user's. A missing path is no link.
+// Whether `path` is a symbolic link (then `link` holds its lstat), refused when it,
+// or a link on the way to it (/tmp/theirs/log, /tmp/theirs -> /etc), is not trusted.
+// A missing path is no link. Called before and after the path is used: a link put
+// on the way meanwhile is found by the second call.
 std::expected<bool, std::string> OurLink(const std::string& path, struct stat& link) {
+  std::filesystem::path so_far;
+  const std::filesystem::path whole(path);
+  for (auto part = whole.begin(); part != whole.end(); ++part) {
+    so_far /= *part;
+    if (std::next(part) == whole.end()) break;  // the path itself: below
+    struct stat st {};
+    if (::lstat(so_far.c_str(), &st) != 0) break;  // missing: nothing further to follow
+    if (S_ISLNK(st.st_mode) && !Trusted(st.st_uid, so_far.string()))
+      return std::unexpected(path + ": on the way, " + NotOurs(so_far.string(), "a symbolic link", st.st_uid));
+  }
   if (::lstat(path.c_str(), &link) != 0 || !S_ISLNK(link.st_mode)) return false;
   if (!Trusted(link.st_uid, path)) return std::unexpected(NotOurs(path, "a symbolic link", link.st_uid));
   return true;
@@ -72,11 +84,11 @@ std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool a
   UniqueFd file(*fd);
   struct stat st {};
   if (::fstat(file.get(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
-  if (*is_link) {
-    struct stat now {};
-    if (::lstat(path.c_str(), &now) != 0 || now.st_dev != link.st_dev || now.st_ino != link.st_ino)
-      return std::unexpected(path + ": the symbolic link changed while it was opened");
-  }
+  struct stat now {};
+  const auto still = OurLink(path, now);
+  if (!still) return std::unexpected(still.error());
+  if (*still != *is_link || (*is_link && (now.st_dev != link.st_dev || now.st_ino != link.st_ino)))
+    return std::unexpected(path + ": the symbolic link changed while it was opened");
   if ((S_ISREG(st.st_mode) || S_ISFIFO(st.st_mode)) && !Trusted(st.st_uid, Resolved(path, *is_link)))
     return std::unexpected(NotOurs(path, S_ISREG(st.st_mode) ? "a file" : "a FIFO", st.st_uid));
   if (::fcntl(file.get(), F_SETFL, append ? O_APPEND : 0) != 0)
@@ -100,6 +112,8 @@ std::expected<void, std::string> WriteOwnFile(const std::string& path, std::stri
 }
 
 std::expected<std::string, std::string> ReadSecretFile(const std::string& path) {
+  struct stat link {};
+  if (const auto is_link = OurLink(path, link); !is_link) return std::unexpected(is_link.error());
   auto fd = Sys([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY); });
   if (!fd) return std::unexpected(path + ": " + fd.error().Describe());
   UniqueFd file(*fd);
@@ -134,6 +148,7 @@ std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
         return std::unexpected(so_far + ": " + std::strerror(errno));
     }
   }
+  if (const auto again = OurLink(path, link); !again) return std::unexpected(again.error());  // put there meanwhile
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return std::unexpected(path + ": " + std::strerror(errno));
   if (!S_ISDIR(st.st_mode)) return std::unexpected(path + ": not a directory");

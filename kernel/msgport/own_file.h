@@ -20,8 +20,8 @@ namespace ulsp {
 
 // Opens `path` for writing, appended to (`append`) or emptied, made 0644 if missing.
 // Refused, with a message that names the path and says why: a symbolic link there
-// that is not trusted, or an existing file or FIFO that is not (checked before
-// anything of it changes). Character devices (/dev/null, a
+// or on the way there that is not trusted, or an existing file or FIFO that is not
+// (checked before anything of it changes). Character devices (/dev/null, a
 // terminal) are written as they are.
 std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append);
 
@@ -31,12 +31,13 @@ std::expected<void, std::string> WriteOwnFile(const std::string& path, std::stri
 
 // Reads a secret (a shared token, a TLS private key) whole, as ssh reads a private
 // key: refused, with a message that names the path and says how to mend it, when
-// the file is not trusted or any other user may read or write it.
+// the file (or a symbolic link to it or on the way) is not trusted, or any other
+// user may read or write it.
 std::expected<std::string, std::string> ReadSecretFile(const std::string& path);
 
 // Makes directory `path` (0755, parents as needed) when missing, and checks that it
-// is trusted and that no other user may write in it (followed through a symbolic
-// link that is trusted too). What is wrong, in a message that names the path, else
+// is trusted and that no other user may write in it (followed through symbolic
+// links, at the end or on the way, that are trusted too). What is wrong, in a message that names the path, else
 // nothing.
 std::expected<void, std::string> MakeOwnDirectory(const std::string& path);
 

@@ -93,6 +93,37 @@ TEST(OwnFile, FollowsOnlyOurOwnSymbolicLinks) {
   EXPECT_EQ(Read(precious), "through our link\n");
 }
 
+// A link on the way counts as much as one at the end: /tmp/theirs -> /etc would have
+// root make /etc/log.
+TEST(OwnFile, FollowsNoOtherUsersLinkOnTheWay) {
+  TempDir dir;
+  ASSERT_EQ(::chmod(dir.path().c_str(), 01777), 0);
+  const std::string etc = dir / "etc", theirs = dir / "theirs";
+  ASSERT_EQ(::mkdir(etc.c_str(), 0755), 0);
+  Put(etc + "/token", "root's");
+  ASSERT_EQ(::chmod((etc + "/token").c_str(), 0600), 0);
+  ASSERT_EQ(::symlink(etc.c_str(), theirs.c_str()), 0);
+  ASSERT_EQ(::lchown(theirs.c_str(), kNobody, kNobody), 0);
+  const std::string on_the_way = ": on the way, " + theirs + ": a symbolic link owned by uid 65534" + kRefused;
+  auto fd = OpenOwnFile(theirs + "/log", true);
+  ASSERT_FALSE(fd.has_value());
+  EXPECT_EQ(fd.error(), theirs + "/log" + on_the_way);
+  EXPECT_FALSE(WriteOwnFile(theirs + "/token", "x").has_value());
+  auto d = MakeOwnDirectory(theirs + "/upper/deeper");
+  ASSERT_FALSE(d.has_value());
+  EXPECT_EQ(d.error(), theirs + "/upper/deeper" + on_the_way);
+  EXPECT_EQ(ReadSecretFile(theirs + "/token").error(), theirs + "/token" + on_the_way);
+  EXPECT_EQ(Read(etc + "/token"), "root's");
+  EXPECT_FALSE(std::filesystem::exists(etc + "/log"));
+  EXPECT_FALSE(std::filesystem::exists(etc + "/upper"));
+  // Root's link on the way (/var/run -> /run) is followed.
+  ASSERT_EQ(::lchown(theirs.c_str(), 0, 0), 0);
+  EXPECT_TRUE(WriteOwnFile(theirs + "/log", "ok\n").has_value());
+  EXPECT_EQ(Read(etc + "/log"), "ok\n");
+  EXPECT_TRUE(MakeOwnDirectory(theirs + "/upper/deeper").has_value());
+  EXPECT_TRUE(ReadSecretFile(theirs + "/token").has_value());
+}
+
 TEST(OwnFile, AFifoWithoutAReaderFailsInsteadOfHanging) {
   TempDir dir;
   const std::string fifo = dir / "fifo";
