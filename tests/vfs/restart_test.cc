@@ -166,11 +166,28 @@ os.close(fd)
   std::string line;
   std::vector<std::string> records;
   while (std::getline(disk, line)) records.push_back(line);
+  // What the disk holds around record `i`: enough to tell a lost write from one
+  // overwritten or cut short.
+  auto around = [&records](int i) {
+    char near[32];
+    std::string out;
+    for (int j = std::max(0, i - 2); j <= i + 2; ++j) {
+      std::snprintf(near, sizeof near, "record %06d", j);
+      const auto it = std::find(records.begin(), records.end(), near);
+      if (it == records.end()) continue;
+      const auto at = it - records.begin();
+      out += "\n  line " + std::to_string(at) + ": " + *it;
+      if (at + 1 < static_cast<long>(records.size())) out += " | next: " + records[static_cast<size_t>(at + 1)];
+    }
+    return out + "\n  (" + std::to_string(records.size()) + " lines on disk)";
+  };
   int acked = 0;
   for (int i; acks >> i; ++acked) {
     char want[32];
     std::snprintf(want, sizeof want, "record %06d", i);
-    ASSERT_NE(std::find(records.begin(), records.end(), want), records.end()) << "acknowledged but lost: " << want;
+    ASSERT_NE(std::find(records.begin(), records.end(), want), records.end())
+        << "acknowledged but lost: " << want << "; the disk around it:" << around(i) << "\n"
+        << ReadAll(dir_ / "server.log").substr(0, 4000);
   }
   EXPECT_EQ(acked, 1000);
 }
