@@ -16,6 +16,8 @@
 #include <set>
 #include <sstream>
 
+#include "kernel/msgport/own_file.h"
+
 namespace pkgdep {
 namespace {
 
@@ -450,13 +452,7 @@ void DpkgIndex::WriteCache(const std::string& file, uint64_t stamp) const {
   ::unlink(tmp.c_str());  // left by a killed run of a process with our pid
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
   if (fd < 0) return;
-  bool ok = ::fchmod(fd, 0644) == 0;
-  for (std::string_view rest = w.out; ok && !rest.empty();) {
-    const ssize_t n = ::write(fd, rest.data(), rest.size());
-    if (n < 0 && errno == EINTR) continue;
-    ok = n > 0;
-    if (ok) rest.remove_prefix(static_cast<size_t>(n));
-  }
+  bool ok = ::fchmod(fd, 0644) == 0 && ulsp::WriteAll(fd, w.out).has_value();
   ok = ::close(fd) == 0 && ok;
   if (!ok || ::rename(tmp.c_str(), file.c_str()) != 0) ::unlink(tmp.c_str());
 }

@@ -98,15 +98,20 @@ std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool a
   return file;
 }
 
+Result<void> WriteAll(int fd, std::string_view content) {
+  while (!content.empty()) {
+    auto n = Sys([&] { return ::write(fd, content.data(), content.size()); });
+    if (!n) return std::unexpected(n.error());
+    if (*n == 0) return Fail(ENOSPC);
+    content.remove_prefix(static_cast<size_t>(*n));
+  }
+  return {};
+}
+
 std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content) {
   auto fd = OpenOwnFile(path, /*append=*/false);
   if (!fd) return std::unexpected(fd.error());
-  while (!content.empty()) {
-    auto n = Sys([&] { return ::write(fd->get(), content.data(), content.size()); });
-    if (!n) return std::unexpected(path + ": " + n.error().Describe());
-    if (*n == 0) return std::unexpected(path + ": " + Errno(ENOSPC).Describe());
-    content.remove_prefix(static_cast<size_t>(*n));
-  }
+  if (auto w = WriteAll(fd->get(), content); !w) return std::unexpected(path + ": " + w.error().Describe());
   if (::close(fd->release()) != 0) return std::unexpected(path + ": " + std::strerror(errno));
   return {};
 }

@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 
+#include "kernel/msgport/errno.h"
 #include "kernel/msgport/unique_fd.h"
 
 namespace ulsp {
@@ -24,6 +25,10 @@ namespace ulsp {
 // (checked before anything of it changes). Character devices (/dev/null, a
 // terminal) are written as they are.
 std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append);
+
+// Writes all of `content` to `fd`, retrying short writes (and EINTR). Fails with the
+// errno of the write that failed (ENOSPC for one that took nothing).
+Result<void> WriteAll(int fd, std::string_view content);
 
 // Writes `content` as the whole of file `path`, opened as OpenOwnFile(path, false)
 // does. A short write (a full disk) is an error that names the path.

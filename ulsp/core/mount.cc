@@ -80,19 +80,9 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
   return o;
 }
 
-// Writes everything, retrying short writes; errors are ignored (the reader sees EOF).
-void WriteAll(int fd, const std::string& s) {
-  size_t done = 0;
-  while (done < s.size()) {
-    ssize_t n = ::write(fd, s.data() + done, s.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return;
-    done += static_cast<size_t>(n);
-  }
-}
-
 // Serves `args` in this process until unmounted. `ready_fd` (or -1) hears "ok\n" once
-// the mount is live, or the error. Returns the exit status.
+// the mount is live, or the error (a write to it that fails is let go: its reader
+// then sees EOF). Returns the exit status.
 int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::string& spec, const std::string& fsname,
           int ready_fd) {
   // In-process: the stack serves in the thread that reads the request (a direct
@@ -104,7 +94,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   if (!args.remote.empty()) {
     auto options = RemoteOptionsOf(args);
     if (!options) {
-      if (ready_fd >= 0) WriteAll(ready_fd, options.error() + "\n");
+      if (ready_fd >= 0) (void)WriteAll(ready_fd, options.error() + "\n");
       return Error(options.error());
     }
     auto why = std::make_shared<std::string>();
@@ -113,7 +103,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
     auto connected = IsolatedPort::StartWith(std::move(source));
     if (!connected) {
       const std::string message = args.remote + ": " + *why;
-      if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
+      if (ready_fd >= 0) (void)WriteAll(ready_fd, message + "\n");
       return Error(message);
     }
     relay = connected->get();
@@ -126,7 +116,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
     auto isolated = IsolatedPort::Start({spec, self});
     if (!isolated) {
       const std::string message = "the isolated server did not start (its error is above, or in the --log file)";
-      if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
+      if (ready_fd >= 0) (void)WriteAll(ready_fd, message + "\n");
       return Error(message);
     }
     relay = isolated->get();
@@ -145,13 +135,13 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   // Over a network a lookup is a round trip: listings bring their entries' attributes.
   options.readdirplus_always = !args.remote.empty();
   options.on_ready = [ready_fd] {
-    if (ready_fd >= 0) WriteAll(ready_fd, "ok\n");
+    if (ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
   };
   const bool inline_stack = server != nullptr;
   auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/inline_stack);
   if (!shim) {
     const std::string message = args.mountpoint + ": mounting failed: " + shim.error().Describe();
-    if (ready_fd >= 0) WriteAll(ready_fd, message + "\n");
+    if (ready_fd >= 0) (void)WriteAll(ready_fd, message + "\n");
     return Error(message);
   }
   (*shim)->HandleSignals();
@@ -278,7 +268,7 @@ int Mount(const MountArgs& in) {
     if (!args.isolated && args.remote.empty()) {
       auto built = vfs::BuildStack(spec);  // relative paths are the caller's
       if (!built) {
-        WriteAll(pipe_fds[1], built.error() + "\n");
+        (void)WriteAll(pipe_fds[1], built.error() + "\n");
         _exit(1);
       }
       top = std::move(*built);
@@ -289,7 +279,7 @@ int Mount(const MountArgs& in) {
     if (!args.log_file.empty()) {
       auto log = OpenOwnFile(args.log_file, /*append=*/true);
       if (!log) {
-        WriteAll(pipe_fds[1], "the log " + log.error() + "\n");
+        (void)WriteAll(pipe_fds[1], "the log " + log.error() + "\n");
         _exit(1);
       }
       log_fd = log->release();

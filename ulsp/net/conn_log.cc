@@ -1,10 +1,8 @@
 #include "ulsp/net/conn_log.h"
 
-#include <fcntl.h>
 #include <unistd.h>
 
 #include <chrono>
-#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <nlohmann/json.hpp>
