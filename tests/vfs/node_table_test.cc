@@ -5,6 +5,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <filesystem>
 #include <fstream>
 #include <thread>
 
@@ -17,6 +18,52 @@
 namespace ulsp::vfs {
 namespace {
 
+// A passthrough of `src` mounted on `mnt`, served by this process (so a test can read
+// its table and count its descriptors); unmounted whatever the test did.
+class InProcessMount {
+ public:
+  InProcessMount(const std::string& src, const std::string& mnt) : mnt_(mnt) {
+    auto layer = PassthroughLayer::Open(src);
+    if (!layer) return;
+    table_ = layer->get();
+    server_ = std::make_unique<StackServer>(std::move(*layer));
+    port_ = std::make_unique<msgport::DirectPort>("vfs", *server_);
+    msgport::FuseShim::Options options;
+    options.mountpoint = mnt;
+    options.timeout = 60;  // long caches: only forget can shrink the table
+    auto shim = msgport::FuseShim::Mount(options, *port_, /*serves_inline=*/true);
+    if (!shim) {
+      error_ = shim.error().Describe();
+      return;
+    }
+    shim_ = std::move(*shim);
+    loop_ = std::thread([this] { shim_->Serve(); });
+  }
+  ~InProcessMount() {
+    if (!loop_.joinable()) return;
+    ::umount2(mnt_.c_str(), MNT_DETACH);
+    loop_.join();
+  }
+  InProcessMount(const InProcessMount&) = delete;
+  InProcessMount& operator=(const InProcessMount&) = delete;
+
+  // Empty when mounted; else why not.
+  std::string error() const { return loop_.joinable() ? "" : (table_ ? error_ : "the passthrough did not open"); }
+  PassthroughLayer& table() { return *table_; }
+
+ private:
+  std::string mnt_, error_;
+  PassthroughLayer* table_ = nullptr;
+  std::unique_ptr<StackServer> server_;
+  std::unique_ptr<msgport::DirectPort> port_;
+  std::unique_ptr<msgport::FuseShim> shim_;
+  std::thread loop_;
+};
+
+size_t OpenDescriptors() {
+  return static_cast<size_t>(std::distance(std::filesystem::directory_iterator("/proc/self/fd"), {}));
+}
+
 TEST(NodeTable, ReturnsNearItsStartingSizeAfterAWalkAndACacheDrop) {
   testing::TempDir dir("/dev/shm");
   ASSERT_EQ(testing::Shell("mkdir " + dir / "mnt " + dir / "src && /usr/bin/python3 -c '\n"
@@ -25,28 +72,13 @@ TEST(NodeTable, ReturnsNearItsStartingSizeAfterAWalkAndACacheDrop) {
                            "    p = os.path.join(sys.argv[1], f\"d{d}\")\n"
                            "    os.mkdir(p)\n"
                            "    for f in range(500):\n"
-                           "        open(os.path.join(p, f\"f{f}\"), \"w\").close()\n"
+                           "        with open(os.path.join(p, f\"f{f}\"), \"w\") as f:\n"
+                           "            f.write(\"x\")\n"
                            "' " + dir / "src"),
             0);
-  auto layer = PassthroughLayer::Open(dir / "src");
-  ASSERT_TRUE(layer);
-  PassthroughLayer* table = layer->get();
-  StackServer server(std::move(*layer));
-  msgport::DirectPort port("vfs", server);
-  msgport::FuseShim::Options options;
-  options.mountpoint = dir / "mnt";
-  options.timeout = 60;  // long caches: only forget can shrink the table
-  auto shim = msgport::FuseShim::Mount(options, port, /*serves_inline=*/true);
-  ASSERT_TRUE(shim) << shim.error().Describe();
-  std::thread loop([&] { (*shim)->Serve(); });
-  struct Unmount {
-    std::string path;
-    std::thread& loop;
-    ~Unmount() {
-      ::umount2(path.c_str(), MNT_DETACH);
-      loop.join();
-    }
-  } unmount{dir / "mnt", loop};
+  InProcessMount mount(dir / "src", dir / "mnt");
+  ASSERT_EQ(mount.error(), "");
+  PassthroughLayer* table = &mount.table();
 
   const size_t start = table->NodeCount();
   // The kernel reclaims inodes on its own while the walk goes (this machine keeps
@@ -62,9 +94,13 @@ TEST(NodeTable, ReturnsNearItsStartingSizeAfterAWalkAndACacheDrop) {
   EXPECT_EQ(testing::Output("find " + dir / "mnt" + " -type f | wc -l"), "100000\n");
   walking = false;
   sampler.join();
-  // Past 20000 nodes the table holds more nodes than the process may have
-  // descriptors (the file-handle path is exercised).
   EXPECT_GE(peak.load(), 20000u) << "the walk should have grown the table";
+  // A listed node takes a descriptor when it is first used: 20000 used nodes are more
+  // than this process may keep where the hard limit is 20000 (here), so the later ones
+  // keep file handles, and the second pass opens those.
+  const std::string some = "find " + dir / "mnt" + " -path '*/d1[0-9][0-9]/*' -type f -print0 | xargs -0 cat | wc -c";
+  EXPECT_EQ(testing::Output(some), "50000\n");
+  EXPECT_EQ(testing::Output(some), "50000\n");
   ASSERT_EQ(testing::Shell("sync && echo 2 > /proc/sys/vm/drop_caches"), 0);
   // Forgets arrive asynchronously after the drop.
   size_t now = table->NodeCount();
@@ -75,6 +111,37 @@ TEST(NodeTable, ReturnsNearItsStartingSizeAfterAWalkAndACacheDrop) {
   EXPECT_LE(now, start + 1000) << "start " << start << ", peak " << peak;
   RecordProperty("peak_nodes", static_cast<int>(peak.load()));
   RecordProperty("nodes_after_drop", static_cast<int>(now));
+}
+
+// A listing (readdirplus) gives the kernel a node for every entry; the server holds
+// each by its name, with no descriptor, until a request needs it. Each is then the
+// inode it was listed as, or none: a name replaced behind the mount's back is looked up
+// again (as ext4 itself would show it), never served as the file it used to be.
+TEST(NodeTable, AListingKeepsNoDescriptorsUntilAnEntryIsUsed) {
+  testing::TempDir dir("/dev/shm");
+  ASSERT_EQ(testing::Shell("mkdir -p " + dir / "mnt " + dir / "src/many " + dir / "src/e/sub && cd " + dir / "src/many" +
+                           " && seq 150 | xargs touch && cd ../e && echo a > a && echo c > c && echo x > x && echo "
+                           "f > sub/f && echo h > h && ln h h2 && echo p > p && echo q > q"),
+            0);
+  InProcessMount mount(dir / "src", dir / "mnt");
+  ASSERT_EQ(mount.error(), "");
+  const size_t nodes = mount.table().NodeCount();
+  const size_t fds = OpenDescriptors();
+  // find lists (its first listing of a directory is a readdirplus) and opens nothing.
+  ASSERT_EQ(testing::Output("find " + dir / "mnt/many | wc -l"), "151\n");
+  EXPECT_GE(mount.table().NodeCount(), nodes + 150);
+  EXPECT_LT(OpenDescriptors(), fds + 10) << "a listed entry took a descriptor";
+
+  // Used: opened (from its parent, then kept), renamed through the mount, linked.
+  ASSERT_EQ(testing::Shell("find " + dir / "mnt/e > /dev/null"), 0);
+  EXPECT_EQ(testing::Output("cat " + dir / "mnt/e/a " + dir / "mnt/e/sub/f"), "a\nf\n");
+  EXPECT_EQ(testing::Output("cd " + dir / "mnt/e && mv x y && mv sub sub2 && cat y sub2/f && ln c c2 && cat c2 h2"),
+            "x\nf\nc\nh\n");
+  // Behind the mount's back: a listed name moved away, and one replaced by another file.
+  ASSERT_EQ(testing::Shell("find " + dir / "mnt/e > /dev/null"), 0);
+  ASSERT_EQ(testing::Shell("cd " + dir / "src/e && mv p p2 && rm q && echo Q > q"), 0);
+  EXPECT_EQ(testing::Output("cat " + dir / "mnt/e/p 2>&1; cat " + dir / "mnt/e/p2 " + dir / "mnt/e/q"),
+            "cat: " + dir / "mnt/e/p" + ": No such file or directory\np\nQ\n");
 }
 
 }  // namespace

@@ -119,9 +119,11 @@ size_t PassthroughLayer::NodeCount() const {
   return live_;
 }
 
-PassthroughLayer::FdRef PassthroughLayer::NodeFd(uint64_t node) const {
+PassthroughLayer::FdRef PassthroughLayer::NodeFd(uint64_t node) {
   const uint32_t index = IndexOf(node);
-  std::string handle;
+  std::string handle, name;
+  uint64_t parent = 0;
+  InodeKey inode{};
   {
     std::shared_lock lock(table_mu_);
     if (index == 0 || index >= nodes_.size()) return {};
@@ -129,11 +131,45 @@ PassthroughLayer::FdRef PassthroughLayer::NodeFd(uint64_t node) const {
     if (n.generation != GenerationOf(node) || n.nlookup == 0) return {};
     if (n.fd) return FdRef(n.fd.get());
     handle = n.handle;
+    parent = n.parent;
+    name = n.name;
+    inode = {n.dev, n.ino};
   }
+  if (handle.empty()) return OpenListed(node, parent, name, inode);
   // A node kept as a file handle: open it for this request only.
   auto* fh = reinterpret_cast<file_handle*>(handle.data());
   const int fd = ::open_by_handle_at(root_dir_fd_.get(), fh, O_PATH | O_CLOEXEC);
   return fd < 0 ? FdRef() : FdRef(UniqueFd(fd));
+}
+
+PassthroughLayer::FdRef PassthroughLayer::OpenListed(uint64_t node, uint64_t parent, std::string name, InodeKey inode) {
+  // Its name may change under a rename in flight: read it again and retry once.
+  for (int attempt = 0;; ++attempt) {
+    UniqueFd fd;
+    struct stat st {};
+    if (const FdRef pfd = NodeFd(parent); pfd >= 0) {
+      fd.Reset(::openat(pfd, name.c_str(), O_PATH | O_NOFOLLOW | O_CLOEXEC));
+      if (fd && ::fstat(fd.get(), &st) != 0) fd.Reset();
+    }
+    UniqueFd unused;  // closed after the lock is released
+    std::unique_lock lock(table_mu_);
+    Node& n = nodes_[IndexOf(node)];
+    if (n.generation != GenerationOf(node) || n.nlookup == 0) return {};
+    if (n.fd) {  // another request opened it meanwhile
+      unused = std::move(fd);
+      return FdRef(n.fd.get());
+    }
+    if (fd && InodeKey{st.st_dev, st.st_ino} == inode) {
+      if (!n.handle.empty()) return FdRef(std::move(fd));
+      unused = Keep(n, std::move(fd));
+      return unused ? FdRef(std::move(unused)) : FdRef(n.fd.get());
+    }
+    // Gone, or another file under its name: renamed or removed behind the mount's back,
+    // unless a rename through it is changing the name now.
+    if (attempt > 0 || (n.parent == parent && n.name == name)) return {};
+    parent = n.parent;
+    name = n.name;
+  }
 }
 
 std::string PassthroughLayer::PathOf(uint64_t node) const {
@@ -156,6 +192,25 @@ std::string PassthroughLayer::PathOf(uint64_t node) const {
   return path;
 }
 
+UniqueFd PassthroughLayer::Keep(Node& n, UniqueFd fd) {
+  if (fds_held_ >= fd_budget_ && n.dev == root_dev_) {
+    // Out of descriptors to keep: keep the inode's file handle instead (the kernel may
+    // hold more nodes than this process may have descriptors).
+    std::string handle(sizeof(file_handle) + MAX_HANDLE_SZ, '\0');
+    auto* fh = reinterpret_cast<file_handle*>(handle.data());
+    fh->handle_bytes = MAX_HANDLE_SZ;
+    int mount_id = 0;
+    if (::name_to_handle_at(fd.get(), "", fh, &mount_id, AT_EMPTY_PATH) == 0) {
+      handle.resize(sizeof(file_handle) + fh->handle_bytes);
+      n.handle = std::move(handle);
+      return fd;
+    }
+  }
+  ++fds_held_;
+  n.fd = std::move(fd);
+  return {};
+}
+
 uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t parent,
                                     std::string_view name) {
   UniqueFd unused;  // closed after the lock is released
@@ -167,7 +222,7 @@ uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t
       n.parent = parent;
       n.name.assign(name);
     }
-    unused = std::move(fd);
+    unused = (fd && !n.fd && n.handle.empty()) ? Keep(n, std::move(fd)) : std::move(fd);
     return MakeId(it->second, n.generation);
   }
   uint32_t index;
@@ -180,23 +235,9 @@ uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t
   }
   Node& n = nodes_[index];
   n.handle.clear();
-  if (fds_held_ >= fd_budget_ && st.st_dev == root_dev_) {
-    // Out of descriptors to keep: keep the inode's file handle instead (the kernel may
-    // hold more nodes than this process may have descriptors).
-    std::string handle(sizeof(file_handle) + MAX_HANDLE_SZ, '\0');
-    auto* fh = reinterpret_cast<file_handle*>(handle.data());
-    fh->handle_bytes = MAX_HANDLE_SZ;
-    int mount_id = 0;
-    if (::name_to_handle_at(fd.get(), "", fh, &mount_id, AT_EMPTY_PATH) == 0) {
-      handle.resize(sizeof(file_handle) + fh->handle_bytes);
-      n.handle = std::move(handle);
-      unused = std::move(fd);
-    }
-  }
-  if (fd) ++fds_held_;
-  n.fd = std::move(fd);
   n.dev = st.st_dev;
   n.ino = st.st_ino;
+  if (fd) unused = Keep(n, std::move(fd));
   n.nlookup = 1;
   n.parent = parent;
   n.name.assign(name);
@@ -248,6 +289,20 @@ int PassthroughLayer::LookupAt(VfsRequest& req, int pfd, uint64_t parent, std::s
     return err;
   const bool dots = component == "." || component == "..";
   e.ino = Remember(std::move(node_fd), e.attr, parent, dots ? std::string_view() : name);
+  e.generation = GenerationOf(e.ino);
+  e.attr_timeout = req.timeout;
+  e.entry_timeout = req.timeout;
+  return 0;
+}
+
+int PassthroughLayer::LookupListed(VfsRequest& req, int dir_fd, uint64_t parent, const char* name,
+                                   fuse_entry_param& e) {
+  e = fuse_entry_param{};
+  if (int err = Errno0([&] { return ::fstatat(dir_fd, name, &e.attr, AT_SYMLINK_NOFOLLOW); })) return err;
+  // A file with other links keeps a descriptor: the kernel may drop the name it was
+  // listed under while it keeps the node through another.
+  if (!S_ISDIR(e.attr.st_mode) && e.attr.st_nlink > 1) return LookupAt(req, dir_fd, parent, name, e);
+  e.ino = Remember(UniqueFd(), e.attr, parent, name);
   e.generation = GenerationOf(e.ino);
   e.attr_timeout = req.timeout;
   e.entry_timeout = req.timeout;
@@ -526,7 +581,7 @@ int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
       if (dots) {
         e.attr.st_ino = d->d_ino;
         e.attr.st_mode = static_cast<mode_t>(d->d_type) << 12;
-      } else if (LookupAt(req, ::dirfd(dir.dir), req.node, name, e) != 0) {
+      } else if (LookupListed(req, ::dirfd(dir.dir), req.node, d->d_name, e) != 0) {
         dir.pending = nullptr;  // vanished since it was listed
         dir.offset = next;
         continue;

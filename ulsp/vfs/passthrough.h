@@ -1,7 +1,9 @@
 // PassthroughLayer: serves a real directory. Every node the kernel knows is held as
 // an O_PATH descriptor, and every operation is an *at call relative to one, so the
 // server never walks a path a symlink could redirect and never leaves its root
-// (names are single components; ".." at the root is the root).
+// (names are single components; ".." at the root is the root). A node a listing
+// (readdirplus) made is held by its directory and name until a request needs it,
+// then opened from there (the same inode, or ESTALE) and kept as a descriptor.
 //
 // Node ids are table indices with a generation (STYLE 8): the kernel's lookup count
 // is kept per node, and forget drops the node (and closes its descriptor) at zero.
@@ -52,7 +54,8 @@ class PassthroughLayer final : public Layer {
  private:
   struct Node {
     UniqueFd fd;         // O_PATH; or, past the descriptor budget, none and:
-    std::string handle;  // the inode's struct file_handle (name_to_handle_at)
+    std::string handle;  // the inode's struct file_handle (name_to_handle_at);
+                         // neither: a listed node, opened by (parent, name) when used
     dev_t dev = 0;
     ino_t ino = 0;
     uint64_t nlookup = 0;
@@ -92,14 +95,26 @@ class PassthroughLayer final : public Layer {
     int fd_ = -1;
     UniqueFd owned_;
   };
-  FdRef NodeFd(uint64_t node) const;
+  FdRef NodeFd(uint64_t node);
+  // NodeFd of a listed node (held by its name): opens it from its parent, checks that
+  // it is still the same inode, and keeps the descriptor (or file handle) from then on.
+  FdRef OpenListed(uint64_t node, uint64_t parent, std::string name, InodeKey inode);
   // Looks `name` up in `parent` and counts one kernel lookup on the result.
   int DoLookup(VfsRequest& req, uint64_t parent, std::string_view name, fuse_entry_param& e);
   // The same, with `parent`'s descriptor at hand (a listing's open directory: a
   // parent kept as a file handle is then not opened again for each of its entries).
   int LookupAt(VfsRequest& req, int parent_fd, uint64_t parent, std::string_view name, fuse_entry_param& e);
-  // Registers an opened node (the kernel now holds one more lookup on it).
+  // A listing's entry, counted as a lookup as LookupAt's, but held by its name (no
+  // descriptor) until a request needs it: most entries of a listing (find, ls -l, a
+  // readdirplus) are never opened, and a descriptor costs an openat and a close, and
+  // past the budget a file handle besides.
+  int LookupListed(VfsRequest& req, int dir_fd, uint64_t parent, const char* name, fuse_entry_param& e);
+  // Registers a node (the kernel now holds one more lookup on it): opened (fd), or
+  // listed (no fd). An opened descriptor given for a listed node is kept.
   uint64_t Remember(UniqueFd fd, const struct stat& st, uint64_t parent, std::string_view name);
+  // Keeps `fd` as the node's descriptor, or past the budget the inode's file handle;
+  // returns the descriptor when it was not kept. Under table_mu_.
+  UniqueFd Keep(Node& n, UniqueFd fd);
   void Forget(uint64_t node, uint64_t count);
   // Gives a node just created to the caller (see the class comment).
   int GiveToCaller(const VfsRequest& req, int parent_fd, const char* name);
