@@ -129,26 +129,44 @@ TEST_P(RestartTest, KillDuringTarAndCpFiftyTimes) {
             0);
 }
 
-// A writer appends numbered records through the mount and notes each one the kernel
-// acknowledged; the server is killed ten times meanwhile. Every acknowledged record
-// must be in the file on disk, in order.
+// A writer appends numbered records through the mount and notes each one whose every
+// byte the kernel acknowledged (after a short count it writes the rest, as a program
+// must); the server is killed ten times meanwhile. Every acknowledged record must be
+// in the file on disk, in order.
 TEST_P(RestartTest, EveryAcknowledgedWriteSurvivesTheKills) {
+  // What each write returned goes to `events` (an error retried, a short count), so a
+  // failure can tell a write answered without being done from one answered short.
   const std::string writer = R"PY(
 import os, sys, time
-path, acks, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-ack = open(acks, "w", buffering=1)
-i = 0
-while i < n:
-    rec = f"record {i:06d}\n".encode()
-    try:
-        os.write(fd, rec)
+path, acks, n, events = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+while True:
+    try:  # a kill may come while the file is being made: make it again
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        break
     except OSError:
-        # The write died with the server and was not acknowledged: write it again.
         time.sleep(0.01)
+ack = open(acks, "w", buffering=1)
+log = open(events, "w", buffering=1)
+i = 0
+rec = None
+while i < n:
+    if rec is None:
+        rec = f"record {i:06d}\n".encode()
+    try:
+        done = os.write(fd, rec)
+    except OSError as e:
+        # The write died with the server and was not acknowledged: write it again.
+        log.write(f"{i} error {e.errno}\n")
+        time.sleep(0.01)
+        continue
+    if done < len(rec):
+        # A short count: the rest is written next, as a program must.
+        log.write(f"{i} short {done} of {len(rec)}\n")
+        rec = rec[done:]
         continue
     ack.write(f"{i}\n")
     i += 1
+    rec = None
 os.close(fd)
 )PY";
   std::ofstream(dir_ / "writer.py") << writer;
@@ -158,7 +176,8 @@ os.close(fd)
       KillServer();
     }
   });
-  const int rc = Shell("timeout 120 /usr/bin/python3 " + dir_ / "writer.py " + mount_->path() + "/log " + dir_ / "acks 1000");
+  const int rc = Shell("timeout 120 /usr/bin/python3 " + dir_ / "writer.py " + mount_->path() + "/log " + dir_ / "acks 1000 " +
+                       dir_ / "events");
   killer.join();
   ASSERT_EQ(rc, 0) << "the writer failed or hung";
   std::istringstream disk(ReadAll(dir_ / "src/log"));
@@ -186,10 +205,14 @@ os.close(fd)
     char want[32];
     std::snprintf(want, sizeof want, "record %06d", i);
     ASSERT_NE(std::find(records.begin(), records.end(), want), records.end())
-        << "acknowledged but lost: " << want << "; the disk around it:" << around(i) << "\n"
-        << ReadAll(dir_ / "server.log").substr(0, 4000);
+        << "acknowledged but lost: " << want << "; the disk around it:" << around(i) << "\nwhat the writes returned:\n"
+        << ReadAll(dir_ / "events") << ReadAll(dir_ / "server.log").substr(0, 4000);
   }
   EXPECT_EQ(acked, 1000);
+  std::istringstream events(ReadAll(dir_ / "events"));
+  int shorts = 0;
+  while (std::getline(events, line)) shorts += line.find(" short ") != std::string::npos;
+  RecordProperty("short_writes", shorts);
 }
 
 // A server that dies before it says hello (here: its source directory is gone, so
