@@ -288,11 +288,16 @@ int PassthroughLayer::LookupAt(VfsRequest& req, int pfd, uint64_t parent, std::s
   if (int err = Errno0([&] { return ::fstatat(node_fd.get(), "", &e.attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); }))
     return err;
   const bool dots = component == "." || component == "..";
-  e.ino = Remember(std::move(node_fd), e.attr, parent, dots ? std::string_view() : name);
+  Enter(req, std::move(node_fd), parent, dots ? std::string_view() : name, e);
+  return 0;
+}
+
+void PassthroughLayer::Enter(const VfsRequest& req, UniqueFd fd, uint64_t parent, std::string_view name,
+                             fuse_entry_param& e) {
+  e.ino = Remember(std::move(fd), e.attr, parent, name);
   e.generation = GenerationOf(e.ino);
   e.attr_timeout = req.timeout;
   e.entry_timeout = req.timeout;
-  return 0;
 }
 
 int PassthroughLayer::LookupListed(VfsRequest& req, int dir_fd, uint64_t parent, const char* name,
@@ -302,10 +307,7 @@ int PassthroughLayer::LookupListed(VfsRequest& req, int dir_fd, uint64_t parent,
   // A file with other links keeps a descriptor: the kernel may drop the name it was
   // listed under while it keeps the node through another.
   if (!S_ISDIR(e.attr.st_mode) && e.attr.st_nlink > 1) return LookupAt(req, dir_fd, parent, name, e);
-  e.ino = Remember(UniqueFd(), e.attr, parent, name);
-  e.generation = GenerationOf(e.ino);
-  e.attr_timeout = req.timeout;
-  e.entry_timeout = req.timeout;
+  Enter(req, UniqueFd(), parent, name, e);
   return 0;
 }
 

@@ -81,9 +81,9 @@ class PassthroughLayer final : public Layer {
 
   explicit PassthroughLayer(UniqueFd root_fd, struct stat root_st);
 
-  // A node's O_PATH descriptor for the length of a request: the node's own, or one
-  // opened from its file handle. Converts to the descriptor; -1 when the id is not
-  // one the kernel holds.
+  // A node's O_PATH descriptor for the length of a request: the node's own (a listed
+  // node's is opened from its directory first, see OpenListed), or one opened from its
+  // file handle. Converts to the descriptor; -1 when the id is not one the kernel holds.
   class FdRef {
    public:
     FdRef() = default;
@@ -105,10 +105,13 @@ class PassthroughLayer final : public Layer {
   // parent kept as a file handle is then not opened again for each of its entries).
   int LookupAt(VfsRequest& req, int parent_fd, uint64_t parent, std::string_view name, fuse_entry_param& e);
   // A listing's entry, counted as a lookup as LookupAt's, but held by its name (no
-  // descriptor) until a request needs it: most entries of a listing (find, ls -l, a
-  // readdirplus) are never opened, and a descriptor costs an openat and a close, and
-  // past the budget a file handle besides.
+  // descriptor) until a request needs it: most entries of a readdirplus are never used
+  // (find opens none), and a descriptor costs an openat and a close, and past the
+  // budget a file handle besides.
   int LookupListed(VfsRequest& req, int dir_fd, uint64_t parent, const char* name, fuse_entry_param& e);
+  // The end of both: registers the node (`fd` or none) and fills `e` (its attributes
+  // already there) with its id and the request's timeouts.
+  void Enter(const VfsRequest& req, UniqueFd fd, uint64_t parent, std::string_view name, fuse_entry_param& e);
   // Registers a node (the kernel now holds one more lookup on it): opened (fd), or
   // listed (no fd). An opened descriptor given for a listed node is kept.
   uint64_t Remember(UniqueFd fd, const struct stat& st, uint64_t parent, std::string_view name);
