@@ -684,5 +684,23 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   EXPECT_FALSE(Mounted(mnt));
 }
 
+// An isolated mount needs a shared-memory segment: with /dev/shm full, `ulsp mount`
+// says so in its one line (the background server's log goes nowhere without --log),
+// and nothing is mounted. /dev/shm is a full 16 KiB tmpfs in a mount namespace of the
+// test's own; the umount after the check ends a server that would have mounted.
+TEST_F(CommandLineTest, AnIsolatedMountWithDevShmFullSaysWhy) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "mnt"), 0);
+  const std::string mnt = dir_ / "mnt", out = dir_ / "out";
+  const int rc = Shell("unshare -m --propagation private sh -c 'mount -t tmpfs -o size=16k tmpfs /dev/shm && "
+                       "head -c 16384 /dev/zero > /dev/shm/fill 2>/dev/null; " +
+                       std::string(ULSP_BIN) + " mount --isolated --stack memfs:1M " + mnt + " 2> " + out +
+                       "; echo status $?  >> " + out + "; grep -c \" " + mnt + " \" /proc/self/mounts >> " + out + "; " +
+                       std::string(ULSP_BIN) + " umount " + mnt + " 2>/dev/null; true'");
+  ASSERT_EQ(rc, 0);
+  EXPECT_EQ(ReadFile(out),
+            "ulsp mount: the isolated server did not start: its shared-memory port (in /dev/shm): No space left on "
+            "device\nstatus 1\n0\n");
+}
+
 }  // namespace
 }  // namespace ulsp::testing

@@ -235,11 +235,11 @@ TEST_P(RestartTest, AServerThatDiesWhileStartingIsReplacedAtOnce) {
   // A start fails meanwhile, and is seen to fail well before the 10 s a start may take
   // (a fixed wait of 300 ms was too short for a start under AddressSanitizer).
   const auto killed = std::chrono::steady_clock::now();
-  while (ReadAll(dir_ / "server.log").find("did not start") == std::string::npos &&
+  while (ReadAll(dir_ / "server.log").find("before serving") == std::string::npos &&
          std::chrono::steady_clock::now() - killed < std::chrono::seconds(5))
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   ASSERT_EQ(::rename((dir_ / "away").c_str(), (dir_ / "src").c_str()), 0);
-  ASSERT_NE(ReadAll(dir_ / "server.log").find("did not start"), std::string::npos)
+  ASSERT_NE(ReadAll(dir_ / "server.log").find("before serving"), std::string::npos)
       << "no failed start seen within 5 s of the kill\n" << ReadAll(dir_ / "server.log");
   const auto t0 = std::chrono::steady_clock::now();
   EXPECT_EQ(Shell("timeout -s KILL 5 cat " + mount_->path() + "/linux/f > " + dir_ / "got"), 0)

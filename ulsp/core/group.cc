@@ -301,9 +301,10 @@ int RunGroup(GroupRun& run) {
       }
       MountServer& m = *mounts[i];
       if (m.policy.isolated) {
-        auto iso = IsolatedPort::Start({m.policy.stack, self});
+        auto why = std::make_shared<std::string>();
+        auto iso = IsolatedPort::Start({m.policy.stack, self, why});
         if (!iso) {
-          Answer(sock.get(), "the isolated server did not start: " + iso.error().Describe());
+          Answer(sock.get(), "the isolated server did not start: " + *why);
           continue;
         }
         m.isolated = iso->get();

@@ -115,7 +115,7 @@ class ProcessSource final : public ServerSource {
     options.slot_bytes = 136u << 10;  // a 128 KiB read or write and its envelope
     auto port = msgport::ShmClientPort::Create("vfs", options);
     if (!port) {
-      Logger("vfs")->error("isolated server: cannot make its port: {}", port.error().Describe());
+      Failed("its shared-memory port (in /dev/shm): " + port.error().Describe());
       return nullptr;
     }
     UniqueFd theirs = (*port)->TakeServerSocket();
@@ -137,15 +137,19 @@ class ProcessSource final : public ServerSource {
     high.Reset();
     theirs.Reset();
     if (rc != 0) {
-      Logger("vfs")->error("isolated server: cannot start {}: {}", binary, std::strerror(rc));
+      Failed("cannot start " + binary + ": " + std::strerror(rc));
       return nullptr;
     }
     if (auto ok = (*port)->WaitForServer(msgport::After(std::chrono::seconds(10)), *pid); !ok) {
       ::kill(*pid, SIGKILL);
       int status = 0;
       ::waitpid(*pid, &status, 0);
-      Logger("vfs")->error("isolated server {} did not start ({})", *pid,
-                           WIFEXITED(status) ? "exit status " + std::to_string(WEXITSTATUS(status)) : "killed");
+      std::string what = " did not say hello within 10 s";
+      if (ok.error().value != ETIMEDOUT && WIFEXITED(status))
+        what = " exited with status " + std::to_string(WEXITSTATUS(status)) + " before serving";
+      else if (ok.error().value != ETIMEDOUT && WIFSIGNALED(status))
+        what = std::string(" died of ") + strsignal(WTERMSIG(status)) + " before serving";
+      Failed("server " + std::to_string(*pid) + what);
       return nullptr;
     }
     return std::shared_ptr<msgport::Port>(port->release());
@@ -175,6 +179,11 @@ class ProcessSource final : public ServerSource {
   int last_status() const { return last_status_; }
 
  private:
+  void Failed(const std::string& why) {
+    Logger("vfs")->error("isolated server: {}", why);
+    if (options_.why) *options_.why = why;
+  }
+
   IsolatedPort::Options options_;
   int last_status_ = 0;
 };

@@ -74,9 +74,14 @@ class IsolatedPort final : public msgport::Port {
   struct Options {
     std::string spec;         // the stack the server builds
     std::string ulsp_binary;  // the program to run as the server (this one)
+    // Set to why a start failed, each time one does ("its shared-memory port (in
+    // /dev/shm): No space left on device"), for the caller's error line: the log may
+    // go nowhere.
+    std::shared_ptr<std::string> why;
   };
-  // Starts the first server process and waits for it. Fails with the errno of the
-  // start, or ECHILD when the server exited before serving (it says why on its stderr).
+  // Starts the first server process and waits for it. Fails with ECHILD when it could
+  // not be started or exited before serving (Options::why says which; the server's
+  // own messages go to its stderr).
   static Result<std::unique_ptr<IsolatedPort>> Start(Options options);
   // The same with servers from `source` (a translation agent's, say). Fails with
   // ECONNREFUSED when the first server cannot be had.

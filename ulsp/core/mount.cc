@@ -113,9 +113,10 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
     const ssize_t n = ::readlink("/proc/self/exe", self, sizeof self - 1);
     if (n <= 0) return Error(std::string("/proc/self/exe: ") + std::strerror(errno));
     self[n] = '\0';
-    auto isolated = IsolatedPort::Start({spec, self});
+    auto why = std::make_shared<std::string>();
+    auto isolated = IsolatedPort::Start({spec, self, why});
     if (!isolated) {
-      const std::string message = "the isolated server did not start (its error is above, or in the --log file)";
+      const std::string message = "the isolated server did not start: " + *why;
       if (ready_fd >= 0) (void)WriteAll(ready_fd, message + "\n");
       return Error(message);
     }
