@@ -181,11 +181,12 @@ struct RunResult {
 
 // Runs `command` (a bash command line) with `ulsp run --policy DIR/policy.toml`, the
 // policy being `policy`, with the registry in DIR/run. Killed after `limit_s`.
+// `wrapper` (may be empty) comes before ulsp in the command line ("setpriv ... ").
 inline RunResult RunInGroup(const TempDir& dir, const std::string& policy, const std::string& command,
-                            int limit_s = 60, const std::string& redirections = "") {
+                            int limit_s = 60, const std::string& redirections = "", const std::string& wrapper = "") {
   std::ofstream(dir / "policy.toml") << policy;
   const std::string line = "ULSP_RUNTIME_DIR=" + dir / "run" + " timeout -s KILL " + std::to_string(limit_s) + " " +
-                           ULSP_BIN + " run --policy " + dir / "policy.toml" + " -- bash -c " + Quote(command) +
+                           wrapper + ULSP_BIN + " run --policy " + dir / "policy.toml" + " -- bash -c " + Quote(command) +
                            " > " + dir / "out" + " 2> " + dir / "err" + " " + redirections;
   RunResult r;
   r.status = Shell(line);

@@ -114,6 +114,20 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
   EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80425ff\nno-unshare\n");
 }
 
+// Without CAP_SYS_RESOURCE (some containers' root), a limit above the hard limit
+// cannot be set: the group gets the hard limit and the user a warning that says so,
+// rather than no group at all. prlimit sets the hard limit; setpriv takes the
+// capability from `ulsp run`.
+TEST_F(RunTest, ALimitAboveAHardLimitThatCannotBeRaisedBecomesIt) {
+  auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nopen_files = 3000\n", "ulimit -n", 60, "",
+                      "prlimit --nofile=1000:2000 setpriv --inh-caps -sys_resource --bounding-set -sys_resource ");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "2000\n");
+  EXPECT_EQ(r.err,
+            "ulsp run: limit open_files = 3000 is above the hard limit 2000, which this process may not raise (it lacks "
+            "CAP_SYS_RESOURCE): the group gets 2000\n");
+}
+
 TEST_F(RunTest, SignalsReachTheCommand) {
   std::ofstream(dir_ / "p.toml") << kOpen;
   const std::string cmd = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "p.toml" +

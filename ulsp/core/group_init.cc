@@ -123,10 +123,22 @@ void DropCapabilities() {
   ::prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
 }
 
-void Limit(int resource, const std::optional<uint64_t>& value, const char* name) {
+// Sets a policy's limit, soft and hard. One above the hard limit that this process
+// may not raise (without CAP_SYS_RESOURCE, as in some containers) becomes that hard
+// limit, with a warning: a lower ceiling still limits, and the policy stays usable.
+void Limit(int resource, const std::optional<uint64_t>& value, const char* name, const std::string& who) {
   if (!value) return;
   rlimit r{static_cast<rlim_t>(*value), static_cast<rlim_t>(*value)};
-  if (::setrlimit(resource, &r) != 0) Die(Errno(std::string("limit ") + name));
+  if (::setrlimit(resource, &r) == 0) return;
+  rlimit now{};
+  if (errno == EPERM && ::getrlimit(resource, &now) == 0 && now.rlim_max < r.rlim_max) {
+    std::fprintf(stderr, "%s: limit %s = %llu is above the hard limit %llu, which this process may not raise (it lacks CAP_SYS_RESOURCE): the group gets %llu\n",
+                 who.c_str(), name, static_cast<unsigned long long>(*value), static_cast<unsigned long long>(now.rlim_max),
+                 static_cast<unsigned long long>(now.rlim_max));
+    r = {now.rlim_max, now.rlim_max};
+    if (::setrlimit(resource, &r) == 0) return;
+  }
+  Die(Errno(std::string("limit ") + name));
 }
 
 constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
@@ -226,10 +238,10 @@ void GroupMain(const GroupPlan& plan, int sock) {
   }
   if (::chdir(plan.cwd.c_str()) != 0 && ::chdir("/") != 0) Die(Errno("chdir /"));
 
-  Limit(RLIMIT_CPU, plan.cpu_seconds, "cpu_seconds");
-  Limit(RLIMIT_AS, plan.memory_bytes, "memory");
-  Limit(RLIMIT_NOFILE, plan.open_files, "open_files");
-  Limit(RLIMIT_FSIZE, plan.file_size_bytes, "file_size");
+  Limit(RLIMIT_CPU, plan.cpu_seconds, "cpu_seconds", plan.who);
+  Limit(RLIMIT_AS, plan.memory_bytes, "memory", plan.who);
+  Limit(RLIMIT_NOFILE, plan.open_files, "open_files", plan.who);
+  Limit(RLIMIT_FSIZE, plan.file_size_bytes, "file_size", plan.who);
   if (!plan.pid_namespace) ::prctl(PR_SET_CHILD_SUBREAPER, 1);
   DropCapabilities();
 
