@@ -3,6 +3,7 @@
 // passthrough). Every test mounts on a fresh directory and leaves nothing behind.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -593,6 +594,35 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
   EXPECT_FALSE(Mounted(dir_ / "mnt"));
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "ulsp umount: " + dir_ / "mnt" + ": not a ulsp mount\n");
+}
+
+// `ulsp ps` counts an isolated mount's requests at its relay port as put and, once
+// answered, replied: every request gets one answer, so when the mount is quiet the
+// two agree (the relay's replies go straight to the shim, and were once not counted).
+TEST_F(CommandLineTest, PsCountsTheAnswersOfAnIsolatedMount) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount --isolated " + dir_ / "src " + dir_ / "mnt", true), "");
+  EXPECT_EQ(Output("cat " + dir_ / "mnt/f; ls " + dir_ / "mnt/nope 2>&1 >/dev/null | wc -l"), "hi\n1\n");
+  uint64_t put = 0, replied = 0, refused = 0;
+  bool seen = false;
+  for (int i = 0; i < 100; ++i) {  // the release after cat is answered in the background
+    for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
+      for (const auto& q : p["ports"]) {
+        if (q["name"].get<std::string>() != "vfs-isolated") continue;
+        seen = true;
+        put = q["put"].get<uint64_t>();
+        replied = q["replied"].get<uint64_t>();
+        refused = q["refused"].get<uint64_t>();
+      }
+    if (seen && put == replied) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(seen);
+  EXPECT_GE(put, 4u);  // lookups, open, read, release at least
+  EXPECT_EQ(replied, put);
+  EXPECT_EQ(refused, 0u);
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
 }
 
 // A background server builds its stack after it forks: the trace's writer thread

@@ -83,8 +83,10 @@ bool Resendable(const msgport::VfsRequest& r) {
 
 bool UsesNode2(VfsOp op) { return op == VfsOp::kRename || op == VfsOp::kLink || op == VfsOp::kCopyFileRange; }
 
-// Replies `msg` to the port the shim gave it (its relay's), with `error`.
-void Answer(MessagePtr msg, int error) {
+// Replies `msg` to the port the shim gave it (its relay's), with `error`, counting it
+// in `counters` (of the relay: `ulsp ps` shows them) as replied or refused.
+void Answer(msgport::PortCounters& counters, MessagePtr msg, int error) {
+  (error == 0 ? counters.replied : counters.refused).fetch_add(1, std::memory_order_relaxed);
   auto& m = static_cast<VfsMessage&>(*msg);
   msg->reply_port = m.relay.reply_port;
   msgport::Reply(std::move(msg), error);
@@ -236,7 +238,7 @@ IsolatedPort::~IsolatedPort() {
   }
   last.reset();
   retired_.clear();
-  for (auto& m : waiting) Answer(std::move(m), EIO);
+  for (auto& m : waiting) Answer(counters(), std::move(m), EIO);
 }
 
 bool IsolatedPort::serving() const {
@@ -260,7 +262,7 @@ void IsolatedPort::Sweep() {
     }
     if (expired.empty()) continue;
     lock.unlock();
-    for (auto& m : expired) Answer(std::move(m), ETIMEDOUT);
+    for (auto& m : expired) Answer(counters(), std::move(m), ETIMEDOUT);
     lock.lock();
   }
 }
@@ -358,7 +360,7 @@ void IsolatedPort::Supervise() {
     if (next && new_pid > 0) Logger("vfs")->info("isolated server {} serves (it said hello)", new_pid);
     for (auto& m : waiting) {
       if (broken_) {
-        Answer(std::move(m), EIO);
+        Answer(counters(), std::move(m), EIO);
       } else {
         Forward(std::move(m));
       }
@@ -562,14 +564,14 @@ void IsolatedPort::Forward(MessagePtr msg) {
       ForgetLocked(r.node, r.count, pending_forgets_);
     }
     if (server) SendForgets(server);
-    Answer(std::move(msg), 0);
+    Answer(counters(), std::move(msg), 0);
     return;
   }
   if (!server) {
     std::unique_lock lock(server_mu_);
     if (broken_ || stopping_) {
       lock.unlock();
-      Answer(std::move(msg), EIO);
+      Answer(counters(), std::move(msg), EIO);
       return;
     }
     if (server_ == nullptr) {
@@ -592,7 +594,7 @@ void IsolatedPort::Forward(MessagePtr msg) {
         free_handles_.push_back(static_cast<uint32_t>(r.fh - 1));
       }
       lock.unlock();
-      Answer(std::move(msg), 0);
+      Answer(counters(), std::move(msg), 0);
       return;
     }
     r.node = ServerNode(m.relay.node, server, epoch, lock, 0);
@@ -612,7 +614,7 @@ void IsolatedPort::Forward(MessagePtr msg) {
   }
   SendForgets(server);
   if (error) {
-    Answer(std::move(msg), error);
+    Answer(counters(), std::move(msg), error);
     return;
   }
   msgport::EncodeVfsRequest(r, msg->payload);
@@ -742,6 +744,7 @@ void IsolatedPort::PutReply(MessagePtr msg) {
       }
     }
   }
+  counters().replied.fetch_add(1, std::memory_order_relaxed);  // the server's answer, whatever its errno
   msgport::Port* up = m.relay.reply_port;
   msg->reply_port = up;
   if (up != nullptr) {
