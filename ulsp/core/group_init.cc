@@ -132,9 +132,11 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name,
   if (::setrlimit(resource, &r) == 0) return;
   rlimit now{};
   if (errno == EPERM && ::getrlimit(resource, &now) == 0 && now.rlim_max < r.rlim_max) {
-    std::fprintf(stderr, "%s: limit %s = %llu is above the hard limit %llu, which this process may not raise (it lacks CAP_SYS_RESOURCE): the group gets %llu\n",
-                 who.c_str(), name, static_cast<unsigned long long>(*value), static_cast<unsigned long long>(now.rlim_max),
-                 static_cast<unsigned long long>(now.rlim_max));
+    const auto hard = static_cast<unsigned long long>(now.rlim_max);
+    std::fprintf(stderr,
+                 "%s: limit %s = %llu is above the hard limit %llu, which this process may not raise "
+                 "(it lacks CAP_SYS_RESOURCE): the group gets %llu\n",
+                 who.c_str(), name, static_cast<unsigned long long>(*value), hard, hard);
     r = {now.rlim_max, now.rlim_max};
     if (::setrlimit(resource, &r) == 0) return;
   }
