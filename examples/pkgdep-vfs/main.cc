@@ -344,10 +344,10 @@ int main(int argc, char** argv) {
   check->add_option("command", command, "-- COMMAND [ARG...]");
   try {
     app.parse(argc, argv);
-  } catch (const CLI::CallForHelp& e) {
+  } catch (const CLI::Success& e) {  // --help, --version
     return app.exit(e);
   } catch (const CLI::ParseError& e) {
-    app.exit(e);
+    std::fprintf(stderr, "pkgdep-vfs: %s (see pkgdep-vfs%s --help)\n", e.what(), check->parsed() ? " check" : "");
     return 2;
   }
   return pkgdep::Check(package, deps, mode, confirm, json_file, allow_file, command);

@@ -128,6 +128,17 @@ TEST_F(RunTest, ALimitAboveAHardLimitThatCannotBeRaisedBecomesIt) {
             "CAP_SYS_RESOURCE): the group gets 2000\n");
 }
 
+// A usage error is ulsp's own failure: 125 and one line, never a status that could
+// be the command's (CLI11's own codes were 106 and 109).
+TEST_F(RunTest, AUsageErrorExits125WithOneLine) {
+  EXPECT_EQ(Shell(std::string(ULSP_BIN) + " run -- true 2> " + dir_ / "err"), 125);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: --policy is required (see ulsp run --help)\n");
+  EXPECT_EQ(Shell(std::string(ULSP_BIN) + " run --policy " + dir_ / "p.toml 2> " + dir_ / "err"), 125);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: COMMAND is required (see ulsp run --help)\n");
+  EXPECT_EQ(Shell(std::string(ULSP_BIN) + " frobnicate 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp: The following argument was not expected: frobnicate (see ulsp --help)\n");
+}
+
 TEST_F(RunTest, SignalsReachTheCommand) {
   std::ofstream(dir_ / "p.toml") << kOpen;
   const std::string cmd = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "p.toml" +

@@ -147,6 +147,8 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode is observe or enforce, not 'strict'\n");
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode: 1 required TEXT missing (see pkgdep-vfs check --help)\n");
   // A JSON report at a path another user controls: their link would have root
   // overwrite whatever it names. The report is still printed; the exit says why.
   const std::string link = dir_ / "their-link", precious = dir_ / "precious";

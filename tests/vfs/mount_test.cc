@@ -679,6 +679,9 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
        "ulsp mount: view:" + dir_ / "nolist" + ": cannot read the allow-list: No such file or directory\n"},
       {"mount " + dir_ / "src " + dir_ / "nomnt", "ulsp mount: " + dir_ / "nomnt" + ": mount point: No such file or directory\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout -1", "ulsp mount: --timeout must be 0 or more seconds\n"},
+      {"mount", "ulsp mount: MOUNTPOINT is required (see ulsp mount --help)\n"},
+      {"mount " + dir_ / "src " + mnt + " --timeout soon",
+       "ulsp mount: Could not convert: --timeout = soon (see ulsp mount --help)\n"},
   };
   for (const auto& c : cases) {
     EXPECT_EQ(Ulsp(c.args), c.expected) << c.args;

@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
                         "The DNS name the agent's certificate must carry (default: ADDR of --remote)");
   mount_cmd->add_option("--deadline", mount.deadline, "Seconds a request to the agent may take")->capture_default_str();
   std::vector<std::string> mount_positional;
-  mount_cmd->add_option("args", mount_positional, "[SOURCE] MOUNTPOINT")->required()->expected(1, 2);
+  mount_cmd->add_option("MOUNTPOINT", mount_positional, "[SOURCE] MOUNTPOINT")->required()->expected(1, 2);
 
   ulsp::core::AgentOptions agent;
   std::string agent_listen;
@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   CLI::App* run_cmd = app.add_subcommand("run", "Run a command in a process group behind ULSPs; exits with its status");
   run_cmd->add_option("--policy", run.policy, "The policy file (TOML)")->required();
   run_cmd->add_option("--group", run.group, "The policy's group (may be left out when it has one)");
-  run_cmd->add_option("command", run.command, "-- COMMAND [ARG...]")->required();
+  run_cmd->add_option("COMMAND", run.command, "-- COMMAND [ARG...]")->required();
 
   CLI::App* policy_cmd = app.add_subcommand("policy", "Policy files");
   policy_cmd->require_subcommand(1);
@@ -83,7 +83,21 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("SOCKET_FD", serve_fd)->required();
   serve_cmd->add_option("SPEC", serve_spec)->required();
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::Success& e) {  // --help, --version
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // One line that names the subcommand. `ulsp run` exits 125 when ulsp itself
+    // fails (docs/groups.md), so a caller can tell it from the command's status;
+    // the others exit 2, as usage errors conventionally do.
+    const CLI::App* sub = nullptr;
+    for (const CLI::App* c : {mount_cmd, umount_cmd, run_cmd, agent_cmd, policy_cmd, ps_cmd})
+      if (argc > 1 && c->get_name() == argv[1]) sub = c;
+    const std::string who = sub != nullptr ? "ulsp " + sub->get_name() : "ulsp";
+    std::fprintf(stderr, "%s: %s (see %s --help)\n", who.c_str(), e.what(), who.c_str());
+    return sub == run_cmd ? 125 : 2;
+  }
   if (serve_cmd->parsed()) return ulsp::core::ServeIsolated(serve_segment, serve_fd, serve_spec);
   if (mount_cmd->parsed()) {
     mount.mountpoint = mount_positional.back();
