@@ -30,8 +30,9 @@ std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool a
 // errno of the write that failed (ENOSPC for one that took nothing).
 Result<void> WriteAll(int fd, std::string_view content);
 
-// Writes `content` as the whole of file `path`, opened as OpenOwnFile(path, false)
-// does. A short write (a full disk) is an error that names the path.
+// Writes `content` as the whole of file `path`, opened as OpenOwnFile does. A full
+// disk is an error that names the path, and leaves a file that was there unchanged
+// (its blocks are reserved before the old content goes).
 std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content);
 
 // Reads a secret (a shared token, a TLS private key) whole, as ssh reads a private

@@ -43,6 +43,32 @@ struct Umask {
   ~Umask() { ::umask(old); }
 };
 
+// A report rewritten on a full disk: the error names the path, and the report that
+// was there is still whole. The disk is a 64 KiB tmpfs, unmounted however the test
+// ends.
+TEST(OwnFile, AFullDiskLeavesTheOldFileWhole) {
+  TempDir dir;
+  const std::string disk = dir / "disk", report = dir / "disk/report.json";
+  ASSERT_EQ(::mkdir(disk.c_str(), 0755), 0);
+  ASSERT_EQ(Shell("mount -t tmpfs -o size=64k tmpfs " + disk), 0);
+  struct Unmount {
+    std::string at;
+    ~Unmount() { (void)Shell("umount " + at); }
+  } unmount{disk};
+  ASSERT_TRUE(WriteOwnFile(report, "{\"old\": true}\n").has_value());
+  (void)Shell("head -c 1M /dev/zero > " + disk + "/fill 2>/dev/null");  // fills the rest
+  const auto w = WriteOwnFile(report, std::string(32 << 10, 'x'));
+  ASSERT_FALSE(w.has_value());
+  EXPECT_EQ(w.error(), report + ": No space left on device");
+  EXPECT_EQ(Read(report), "{\"old\": true}\n");
+  // With room again, the new content replaces the old whole, shorter or longer.
+  ASSERT_EQ(::unlink((disk + "/fill").c_str()), 0);
+  ASSERT_TRUE(WriteOwnFile(report, std::string(32 << 10, 'x')).has_value());
+  EXPECT_EQ(Read(report), std::string(32 << 10, 'x'));
+  ASSERT_TRUE(WriteOwnFile(report, "short\n").has_value());
+  EXPECT_EQ(Read(report), "short\n");
+}
+
 TEST(OwnFile, MakesAndAppendsToAFileOfOurs) {
   TempDir dir;
   const std::string log = dir / "log";
