@@ -68,7 +68,8 @@ struct NetRequest {
   pid_t tid = 0;   // the calling thread (host pid namespace)
   uint64_t args[6] = {};
 
-  // --- the socket named by args[0], for calls that name one ---
+  // --- the socket named by args[0], for calls that name one (for a socket() the
+  // ULSP answers kNewFd: the kind of the socket it made, for the shim to keep) ---
   UniqueFd socket;       // a duplicate of the caller's descriptor (same open file)
   int family = 0;        // SO_DOMAIN
   int type = 0;          // SO_TYPE

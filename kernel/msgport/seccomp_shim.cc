@@ -154,6 +154,8 @@ NetCall CallOf(int nr) {
 
 constexpr size_t kMaxAddr = sizeof(sockaddr_storage);
 constexpr size_t kKeptPidfds = 256;
+// Sockets whose kind is kept; past this, all are let go (most are closed by then).
+constexpr size_t kKeptKinds = 4096;
 constexpr size_t kMaxControl = 64u << 10;
 constexpr size_t kMaxIov = 1024;  // UIO_MAXIOV
 
@@ -402,6 +404,45 @@ std::shared_ptr<const UniqueFd> SeccompShim::OpenPidfd(pid_t tid) {
   return pidfd;
 }
 
+std::optional<SeccompShim::SocketKind> SeccompShim::KnownKind(uint64_t cookie) {
+  std::lock_guard lock(kinds_mu_);
+  auto it = kinds_.find(cookie);
+  if (it == kinds_.end()) return std::nullopt;
+  return it->second;
+}
+
+void SeccompShim::KeepKind(uint64_t cookie, const SocketKind& kind) {
+  std::lock_guard lock(kinds_mu_);
+  if (kinds_.size() >= kKeptKinds) kinds_.clear();
+  kinds_.insert_or_assign(cookie, kind);
+}
+
+void SeccompShim::ReadKind(NetRequest& q) {
+  const int s = q.socket.get();
+  uint64_t cookie = 0;
+  socklen_t len = sizeof cookie;
+  if (::getsockopt(s, SOL_SOCKET, SO_COOKIE, &cookie, &len) != 0) {
+    q.fd_error = ENOTSOCK;  // (the only error a valid descriptor gets here)
+    q.socket.Reset();
+    return;
+  }
+  if (auto kind = KnownKind(cookie)) {
+    q.family = kind->family;
+    q.type = kind->type;
+    q.protocol = kind->protocol;
+    q.host_netns = kind->host_netns;
+    return;
+  }
+  len = sizeof(int);
+  ::getsockopt(s, SOL_SOCKET, SO_DOMAIN, &q.family, &len);
+  len = sizeof(int);
+  ::getsockopt(s, SOL_SOCKET, SO_TYPE, &q.type, &len);
+  len = sizeof(int);
+  ::getsockopt(s, SOL_SOCKET, SO_PROTOCOL, &q.protocol, &len);
+  q.host_netns = own_netns_cookie_ != 0 && NetnsCookie(s) == own_netns_cookie_;
+  KeepKind(cookie, {q.family, q.type, q.protocol, q.host_netns});
+}
+
 void SeccompShim::Handle(const seccomp_notif& n) noexcept {
   const int lfd = listener_.get();
   auto valid = [lfd, id = n.id] {
@@ -453,21 +494,11 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
         if (!(q.pidfd = OpenPidfd(q.tid))) return answer(0, EINTR, false);
         dup = getfd();
       }
-      socklen_t len = sizeof(int);
       if (!dup) {
         q.fd_error = EBADF;
       } else {
         q.socket.Reset(*dup);
-        if (::getsockopt(q.socket.get(), SOL_SOCKET, SO_DOMAIN, &q.family, &len) != 0) {
-          q.fd_error = ENOTSOCK;  // (the only error a valid descriptor gets here)
-          q.socket.Reset();
-        } else {
-          len = sizeof(int);
-          ::getsockopt(q.socket.get(), SOL_SOCKET, SO_TYPE, &q.type, &len);
-          len = sizeof(int);
-          ::getsockopt(q.socket.get(), SOL_SOCKET, SO_PROTOCOL, &q.protocol, &len);
-          q.host_netns = own_netns_cookie_ != 0 && NetnsCookie(q.socket.get()) == own_netns_cookie_;
-        }
+        ReadKind(q);
       }
     }
     const bool stream = q.type == SOCK_STREAM || q.type == SOCK_SEQPACKET;
@@ -533,7 +564,11 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
           break;
       }
     }
-    if (!valid()) {
+    // What was read of the caller (its descriptor, its memory) was its own only if
+    // its notification is still alive now. The other calls (socket, socketpair,
+    // accept, setsockopt) read nothing: an answer to a caller gone meanwhile just
+    // goes nowhere, and the check would cost a system call on every socket().
+    if (names_socket && !valid()) {
       counters_.vanished.fetch_add(1, std::memory_order_relaxed);
       return;
     }
@@ -567,6 +602,14 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
       }
       counters_.installed.fetch_add(1, std::memory_order_relaxed);
       counters_.answered.fetch_add(1, std::memory_order_relaxed);
+      if (call == NetCall::kSocket && r.family != 0) {
+        // A socket the ULSP made: its kind is known now, and its first connect
+        // need not ask.
+        uint64_t cookie = 0;
+        socklen_t len = sizeof cookie;
+        if (::getsockopt(r.install.get(), SOL_SOCKET, SO_COOKIE, &cookie, &len) == 0)
+          KeepKind(cookie, {r.family, r.type, r.protocol, r.host_netns});
+      }
       return;
     }
     if (r.install) {

@@ -20,6 +20,34 @@ namespace {
 const std::string kProbe = PROBE_BIN;
 const std::string kPython = "/usr/bin/python3";
 
+// A listener on the host's loopback whose queue is full: it drops new SYNs, so a
+// connect to it takes seconds. `port` is empty if it could not be made.
+struct FullListener {
+  FullListener() {
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd, 0) != 0) return;
+    ::getsockname(fd, reinterpret_cast<sockaddr*>(&a), &len);
+    for (int i = 0; i < 4; ++i) {
+      const int c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+      ::connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a);
+      fillers.push_back(c);
+    }
+    port = std::to_string(ntohs(a.sin_port));
+  }
+  ~FullListener() {
+    for (int c : fillers) ::close(c);
+    ::close(fd);
+  }
+  FullListener(const FullListener&) = delete;
+  FullListener& operator=(const FullListener&) = delete;
+  int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  std::vector<int> fillers;
+  std::string port;
+};
+
 class NetTest : public ::testing::Test {
  protected:
   // A group that may reach allowed_ (TCP) and udp_ok_ (UDP) and nothing else.
@@ -218,36 +246,45 @@ TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
 }
 
 TEST_F(NetTest, ASlowConnectDoesNotStallTheOthers) {
-  // A listener whose queue is full drops new SYNs: connecting to it takes seconds.
-  const int slow = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  sockaddr_in a{};
-  a.sin_family = AF_INET;
-  a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof a;
-  ASSERT_EQ(::bind(slow, reinterpret_cast<sockaddr*>(&a), sizeof a), 0);
-  ASSERT_EQ(::listen(slow, 0), 0);
-  ::getsockname(slow, reinterpret_cast<sockaddr*>(&a), &len);
-  std::vector<int> fillers;
-  for (int i = 0; i < 4; ++i) {
-    const int c = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    ::connect(c, reinterpret_cast<sockaddr*>(&a), sizeof a);
-    fillers.push_back(c);
-  }
-  const std::string slow_port = std::to_string(ntohs(a.sin_port));
+  const FullListener slow;
+  ASSERT_FALSE(slow.port.empty());
+  const std::string& slow_port = slow.port;
   const std::string rule = "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"127.0.0.1\"\nports = " + slow_port + "\n";
   // Three slow connects in flight, then twenty quick ones, timed inside the group.
   auto r = RunInGroup(dir_, Policy(rule),
                       "for i in 1 2 3; do timeout 8 " + kProbe + " tcp-raw 127.0.0.1 " + slow_port + " > /dev/null & done; sleep 0.5; "
                       "start=$(date +%s%N); for i in $(seq 20); do " + kProbe + " tcp-raw 127.0.0.1 " + P(allowed_) +
                       " > /dev/null; done; echo $(( ($(date +%s%N) - start) / 1000000 )); jobs -r | wc -l; kill %1 %2 %3 2>/dev/null; wait");
-  for (int c : fillers) ::close(c);
-  ::close(slow);
   std::istringstream out(r.out);
   long ms = -1, still_running = -1;
   out >> ms >> still_running;
   EXPECT_EQ(allowed_.accepted(), 20) << r.out << r.err;
   EXPECT_LT(ms, 4000) << "twenty connects waited behind the slow ones";
   EXPECT_EQ(still_running, 3) << "the slow connects should still be waiting";
+}
+
+TEST_F(NetTest, ABlockingConnectKeepsTheCallersTimeout) {
+  // The ULSP connects the caller's socket with a wait of its own (SO_SNDTIMEO of at
+  // most 100 ms, then a poll loop): the caller must see what its own connect would
+  // show, read here natively first, and find its socket's options as it left them.
+  const FullListener slow;
+  ASSERT_FALSE(slow.port.empty());
+  const std::string& slow_port = slow.port;
+  const std::string rule = "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"127.0.0.1\"\nports = " + slow_port + "\n";
+  // Quick (allowed server), and slow with a timeout shorter and one longer than the
+  // ULSP's own first wait.
+  const std::string cmds = kProbe + " tcp-timeout 127.0.0.1 " + P(allowed_) + " 2000; " + kProbe + " tcp-timeout 127.0.0.1 " +
+                           slow_port + " 40; " + kProbe + " tcp-timeout 127.0.0.1 " + slow_port + " 400";
+  const std::string expected =
+      "connect: ok at once; SO_SNDTIMEO 2000 ms; blocking\n"
+      "connect: EINPROGRESS at the timeout; SO_SNDTIMEO 40 ms; blocking\n"
+      "connect: EINPROGRESS at the timeout; SO_SNDTIMEO 400 ms; blocking\n";
+  // (The kernel keeps a timeout in clock ticks: 40 and 400 ms are whole ticks at any
+  // usual HZ, and read back as set.)
+  const std::string native = Output(cmds);
+  EXPECT_EQ(native, expected) << "natively";
+  auto r = RunInGroup(dir_, Policy(rule), cmds);
+  EXPECT_EQ(r.out, native) << r.err;
 }
 
 TEST_F(NetTest, LoopbackGroupKeepsTheGroupsOwnLoopback) {

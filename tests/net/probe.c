@@ -3,6 +3,8 @@
 // ("ok", an errno name, what the peer said); the tests decide what should have.
 //
 //   probe tcp-raw HOST PORT            socket + syscall(SYS_connect), then read a line
+//   probe tcp-timeout HOST PORT MS     a blocking connect with SO_SNDTIMEO MS: its answer,
+//                                      when it came, and the socket's options after
 //   probe udp-sendto|udp-sendmsg|udp-sendmmsg HOST PORT   a datagram, then the echo
 //   probe udp-connect HOST PORT        connect + send, then the echo
 //   probe fastopen HOST PORT           sendto(MSG_FASTOPEN) with an address
@@ -20,6 +22,7 @@
 #define _GNU_SOURCE
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
@@ -97,6 +100,27 @@ static int TcpRaw(const char* host, int port) {
   }
   printf("connect: ok\n");
   ReadReply(s);
+  return 0;
+}
+
+static int TcpTimeout(const char* host, int port, int ms) {
+  int s = socket(AF_INET, SOCK_STREAM, 0);
+  struct timeval tv = {ms / 1000, (ms % 1000) * 1000};
+  setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  struct sockaddr_in a = Addr(host, port);
+  struct timespec t0, t1;
+  clock_gettime(CLOCK_MONOTONIC, &t0);
+  const int r = connect(s, (struct sockaddr*)&a, sizeof a);
+  const int err = errno;
+  clock_gettime(CLOCK_MONOTONIC, &t1);
+  const long took = (t1.tv_sec - t0.tv_sec) * 1000 + (t1.tv_nsec - t0.tv_nsec) / 1000000;
+  struct timeval back = {0, 0};
+  socklen_t len = sizeof back;
+  getsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &back, &len);
+  const int fl = fcntl(s, F_GETFL);
+  const char* when = took < ms / 2 ? "at once" : took >= ms * 9 / 10 && took < ms + 1000 ? "at the timeout" : "late";
+  printf("connect: %s %s; SO_SNDTIMEO %ld ms; %s\n", r == 0 ? "ok" : Name(err), when,
+         (long)(back.tv_sec * 1000 + back.tv_usec / 1000), (fl & O_NONBLOCK) ? "non-blocking" : "blocking");
   return 0;
 }
 
@@ -427,6 +451,7 @@ int main(int argc, char** argv) {
   if (argc < 2) return 2;
   const char* cmd = argv[1];
   if (strcmp(cmd, "tcp-raw") == 0 && argc == 4) return TcpRaw(argv[2], atoi(argv[3]));
+  if (strcmp(cmd, "tcp-timeout") == 0 && argc == 5) return TcpTimeout(argv[2], atoi(argv[3]), atoi(argv[4]));
   if (strncmp(cmd, "udp-", 4) == 0 && argc == 4) return Udp(cmd, argv[2], atoi(argv[3]));
   if (strcmp(cmd, "fastopen") == 0 && argc == 4) return FastOpen(argv[2], atoi(argv[3]));
   if (strcmp(cmd, "int80") == 0) return Int80Probe();
