@@ -219,6 +219,16 @@ int Check(const std::string& package, const std::string& deps, const std::string
       allow.push_back(line);
     }
   }
+  if (!json_file.empty()) {
+    // A report path that cannot be written is said now, not after a long run: opened
+    // as the report will be (the same checks), and let go again (a file it had to
+    // make is removed: the run may yet fail before there is a report).
+    struct stat before {};
+    const bool existed = ::lstat(json_file.c_str(), &before) == 0;
+    auto fd = ulsp::OpenOwnFile(json_file, /*append=*/true);
+    if (!fd) return Fail("cannot write the JSON report: " + fd.error());
+    if (!existed) ::unlink(json_file.c_str());
+  }
   const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
   // The packages, the declared closure and who owns which path. Enforcing, the view
   // needs them before the run. Observing, they are needed only for the report: a

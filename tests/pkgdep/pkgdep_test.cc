@@ -150,14 +150,24 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode: 1 required TEXT missing (see pkgdep-vfs check --help)\n");
   // A JSON report at a path another user controls: their link would have root
-  // overwrite whatever it names. The report is still printed; the exit says why.
-  const std::string link = dir_ / "their-link", precious = dir_ / "precious";
+  // overwrite whatever it names. Said before the command runs (which would make `ran`).
+  const std::string link = dir_ / "their-link", precious = dir_ / "precious", ran = dir_ / "ran";
   ASSERT_EQ(Shell("echo keep > " + precious + " && ln -s " + precious + " " + link + " && chown -h 65534 " + link), 0);
-  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --json " + link + " -- true > /dev/null 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --json " + link + " -- touch " + ran + " > /dev/null 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: cannot write the JSON report: " + link +
                                                ": a symbolic link owned by uid 65534, neither yours, root's nor its "
                                                "directory owner's: refusing to use what another user controls\n");
   EXPECT_EQ(Output("cat " + precious), "keep\n");
+  // A report in a directory that does not exist: said before the run too.
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --json " + dir_ / "no/such/dir/r.json" + " -- touch " + ran +
+                  " > /dev/null 2> " + dir_ / "err"),
+            2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"),
+            "pkgdep-vfs: cannot write the JSON report: " + dir_ / "no/such/dir/r.json" + ": No such file or directory\n");
+  EXPECT_FALSE(std::filesystem::exists(ran)) << "the command ran although its report could not be written";
+  // A check that fails before there is a report leaves no empty file behind.
+  EXPECT_EQ(Shell(kPkgdep + " check --package no-such-package-here --json " + dir_ / "new.json" + " -- true 2> /dev/null"), 2);
+  EXPECT_FALSE(std::filesystem::exists(dir_ / "new.json"));
 }
 
 // The index against dpkg's own answers, merged /usr and diversions included.
