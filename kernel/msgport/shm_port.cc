@@ -440,8 +440,9 @@ void ShmServerPort::Put(MessagePtr msg) {
   Reply(std::move(msg), EINVAL);
 }
 
-bool ShmServerPort::ServeOne(Server& server) {
+bool ShmServerPort::ServeOne(Server& server, std::atomic<int64_t>& busy_since) {
   if (!segment_->requests.HasReady()) return false;
+  std::unique_lock take(take_mu_);
   // Everything that may throw happens before the pop: a cell taken and never
   // released would stall the ring.
   MessagePtr msg = spare_.TryPopQuiet();  // a replied message, kept with its buffer
@@ -497,7 +498,16 @@ bool ShmServerPort::ServeOne(Server& server) {
   }
   const size_t slot = cell_id & 0xffffffffu;
   if (slot < slot_count_) in_service_[slot].store(msg.get(), std::memory_order_release);
+  take.unlock();
+  if (!active_hint_.load(std::memory_order_relaxed) && slot_count_used_ > 1) {
+    std::lock_guard lock(watch_mu_);
+    active_ = true;
+    active_hint_.store(true, std::memory_order_relaxed);
+    watch_cv_.notify_one();
+  }
+  busy_since.store(shm::NowNs(), std::memory_order_relaxed);
   server.Serve(std::move(msg));
+  busy_since.store(0, std::memory_order_relaxed);
   return true;
 }
 
@@ -505,17 +515,22 @@ void ShmServerPort::MarkAborted(uint64_t id) noexcept {
   const size_t slot = id & 0xffffffffu;
   if (slot >= slot_count_) return;
   // The message may be being replied on another thread right now; replied messages
-  // are pooled, never freed, while the port lives (see spare_), and only this thread
-  // reuses them, after this returns: the worst is a mark on a message just replied,
-  // which its next use clears.
+  // are pooled, never freed, while the port lives (see spare_), and are reused only
+  // under take_mu_, which the caller holds: the worst is a mark on a message just
+  // replied, which its next use clears.
   Message* m = in_service_[slot].load(std::memory_order_acquire);
   if (m != nullptr && m->token == id) m->flags_.fetch_or(kMsgAborted, std::memory_order_acq_rel);
 }
 
-void ShmServerPort::Serve(Server& server) {
+void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover) {
+  slot_count_used_ = 1 + max_helpers;
+  slots_ = std::make_unique<Slot[]>(slot_count_used_);
+  std::thread watchdog;
+  if (max_helpers > 0) watchdog = std::thread([&] { Watch(server, max_helpers, takeover); });
   auto& h = *segment_->header;
+  std::atomic<int64_t>& busy_since = slots_[0].busy_since;
   while (!stop_.load(std::memory_order_acquire)) {
-    if (ServeOne(server)) continue;
+    if (ServeOne(server, busy_since)) continue;
     const Deadline spin_end = Clock::now() + kSpinTime;
     bool got = false;
     SpinPause pause;
@@ -538,7 +553,93 @@ void ShmServerPort::Serve(Server& server) {
     if (!segment_->requests.HasReady() &&
         fds_.Pump(std::chrono::milliseconds(0)) == FdChannel::PumpResult::kClosed) {
       Logger("msgport")->info("{}: client gone, serving stops", name());
-      return;
+      break;
+    }
+  }
+  if (!watchdog.joinable()) return;
+  {
+    std::lock_guard lock(watch_mu_);
+    serving_done_ = true;
+  }
+  watch_cv_.notify_one();
+  watchdog.join();
+  // Helpers stop too (a helper inside a request finishes it first).
+  stop_.store(true, std::memory_order_release);
+  h.requests_ec.NotifyAlways();
+  for (size_t i = 1; i < slot_count_used_; ++i) {
+    if (slots_[i].thread.joinable()) slots_[i].thread.join();
+  }
+}
+
+void ShmServerPort::Help(Server& server, size_t slot, std::chrono::nanoseconds takeover) {
+  auto& ec = segment_->header->requests_ec;
+  Slot& me = slots_[slot];
+  // Needed no more once a thread started before this one is free: then it serves
+  // what comes (a free thread spins or sleeps on the ring, as this one would).
+  auto earlier_free = [&] {
+    for (size_t i = 0; i < slot; ++i) {
+      if ((i == 0 || slots_[i].running.load(std::memory_order_acquire)) &&
+          slots_[i].busy_since.load(std::memory_order_relaxed) == 0)
+        return true;
+    }
+    return false;
+  };
+  while (!stop_.load(std::memory_order_acquire)) {
+    if (ServeOne(server, me.busy_since)) continue;
+    if (earlier_free()) break;
+    const uint32_t key = ec.Prepare();
+    if (segment_->requests.HasReady() || stop_.load(std::memory_order_acquire)) {
+      ec.Cancel();
+      continue;
+    }
+    ec.Wait(key, takeover);
+  }
+  me.running.store(false, std::memory_order_release);
+}
+
+void ShmServerPort::Watch(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover) {
+  std::unique_lock lock(watch_mu_);
+  unsigned quiet = 0;
+  while (!serving_done_) {
+    if (!active_) {
+      watch_cv_.wait(lock, [this] { return serving_done_ || active_; });
+      quiet = 0;
+      continue;
+    }
+    watch_cv_.wait_for(lock, takeover);
+    if (serving_done_) break;
+    // Held up: every thread serving is inside a request begun at least `takeover` ago.
+    const int64_t now = shm::NowNs();
+    bool any_busy = false, all_held = true;
+    for (size_t i = 0; i <= max_helpers; ++i) {
+      if (i > 0 && !slots_[i].running.load(std::memory_order_acquire)) continue;
+      const int64_t since = slots_[i].busy_since.load(std::memory_order_relaxed);
+      any_busy = any_busy || since != 0;
+      if (since == 0 || now - since < takeover.count()) all_held = false;
+    }
+    if (!any_busy) {
+      if (++quiet > 50) {  // quiet for a while: rest until requests flow again
+        active_ = false;
+        active_hint_.store(false, std::memory_order_relaxed);
+      }
+      continue;
+    }
+    quiet = 0;
+    if (!all_held || !segment_->requests.HasReady()) continue;
+    for (size_t i = 1; i <= max_helpers; ++i) {
+      Slot& s = slots_[i];
+      if (s.running.load(std::memory_order_acquire)) continue;
+      if (s.thread.joinable()) s.thread.join();  // one that left
+      s.busy_since.store(0, std::memory_order_relaxed);
+      s.running.store(true, std::memory_order_release);
+      try {
+        s.thread = std::thread([this, &server, i, takeover] { Help(server, i, takeover); });
+        Logger("msgport")->debug("{}: every serving thread is held up; helper {} serves", name(), i);
+      } catch (const std::system_error&) {
+        s.running.store(false, std::memory_order_release);
+        Logger("msgport")->warn("{}: cannot start a helper thread", name());
+      }
+      break;
     }
   }
 }

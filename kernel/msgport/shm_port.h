@@ -21,6 +21,7 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <memory>
 #include <mutex>
@@ -156,8 +157,16 @@ class ShmServerPort final : public Port {
   static Result<std::unique_ptr<ShmServerPort>> Attach(const std::string& segment_name, UniqueFd socket);
   ~ShmServerPort() override;
 
-  // Serves requests with `server` until the client goes away or Stop is called.
-  void Serve(Server& server);
+  // Serves requests with `server` on the calling thread until the client goes away
+  // or Stop is called. With `max_helpers` > 0, a request that blocks in the server (a
+  // hung file system below) does not stall the others: when every thread serving has
+  // been inside one request for `takeover` while more wait, a helper thread starts
+  // (up to max_helpers) and serves them, and leaves again once a thread started
+  // before it is free and nothing waits. Server::Serve is then called on several
+  // threads at once. Serve returns once its helpers have (a request blocked for good
+  // keeps it, as it keeps a server without helpers).
+  void Serve(Server& server, size_t max_helpers = 0,
+             std::chrono::nanoseconds takeover = std::chrono::milliseconds(2));
   // Makes Serve return soon. Callable from any thread, and from a signal handler (it
   // is an atomic store and a futex wake).
   void Stop() noexcept;
@@ -173,7 +182,13 @@ class ShmServerPort final : public Port {
 
  private:
   ShmServerPort(std::unique_ptr<shm::Segment> segment, UniqueFd socket);
-  bool ServeOne(Server& server);
+  // Takes one request, if one is there, and serves it; `busy_since` holds when it
+  // began while it is served (0 otherwise), for the watchdog.
+  bool ServeOne(Server& server, std::atomic<int64_t>& busy_since);
+  // A helper's loop, in serving slot `slot` (1..max_helpers).
+  void Help(Server& server, size_t slot, std::chrono::nanoseconds takeover);
+  // Starts helpers while every serving thread is held up (see Serve).
+  void Watch(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover);
   template <class Encode>
   void PushReply(Encode&& encode);
 
@@ -197,9 +212,29 @@ class ShmServerPort final : public Port {
   // Room for every message this port can ever have made (at most one per slot in
   // service, plus one being prepared), so none is freed while the port lives: an
   // abort that races a reply may touch a message just replied, never a freed one.
-  // (Only the Serve thread, which also handles aborts, takes messages out of it.)
+  // (Only the thread holding take_mu_, which also marks aborts, takes messages out.)
   static constexpr size_t kMaxSparePayload = 64 * 1024;
   MessageQueue spare_;
+
+  // The right to take requests out (the request ring's one consumer), to reuse spare
+  // messages and to mark aborts: held by one serving thread at a time, never while
+  // it serves.
+  std::mutex take_mu_;
+  // Serving threads by slot (0: Serve's caller; then helpers): when each began the
+  // request it serves (0: none), and whether a helper runs in the slot.
+  struct Slot {
+    std::atomic<int64_t> busy_since{0};
+    std::atomic<bool> running{false};
+    std::thread thread;  // a helper's (joined before the slot is used again)
+  };
+  std::unique_ptr<Slot[]> slots_;
+  size_t slot_count_used_ = 1;  // 1 + max_helpers, for this Serve
+  // The watchdog ticks only while requests flow; it rests after a quiet spell.
+  std::atomic<bool> active_hint_{false};
+  std::mutex watch_mu_;  // guards active_, serving_done_
+  std::condition_variable watch_cv_;
+  bool active_ = false;
+  bool serving_done_ = false;
 };
 
 // Removes /dev/shm/ulsp.<pid>.* names whose creating process no longer exists.

@@ -204,7 +204,8 @@ INSTANTIATE_TEST_SUITE_P(Layers, MountTest,
 // --- the stack's own layers, seen through a mount ---
 
 // A request that blocks inside the server must not stall the others, even those made
-// from the same CPU (with io_uring: the same queue, whose thread is the one blocked).
+// from the same CPU (with io_uring: the same queue, whose thread is the one blocked;
+// isolated: the server process's thread, whose helpers then serve).
 // The mount's source holds a second mount whose server is stopped (SIGSTOP), so a
 // lookup below it blocks in the first server's layer until that server continues.
 class BlockedServerTest : public ::testing::TestWithParam<std::string> {
@@ -217,7 +218,9 @@ class BlockedServerTest : public ::testing::TestWithParam<std::string> {
               0);
     lower_ = std::make_unique<ServedMount>(std::vector<std::string>{dir_ / "inner"}, dir_ / "src/lower", dir_ / "lower.log");
     ASSERT_TRUE(lower_->ok()) << ReadFile(dir_ / "lower.log");
-    mount_ = std::make_unique<ServedMount>(std::vector<std::string>{dir_ / "src"}, dir_ / "mnt", dir_ / "server.log");
+    std::vector<std::string> args{dir_ / "src"};
+    if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
+    mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
     ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
     // `lower` itself is looked up now, while its server runs (its entry stays cached):
     // below, each program's request is a lookup of its own name in it, not a wait for
@@ -282,7 +285,7 @@ TEST_P(BlockedServerTest, MoreStuckRequestsThanReadersLeaveTheRestServed) {
   ExpectServed(-1);
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring"),
+INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring", "isolated"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // With io_uring, requests may come through a ring as soon as its thread registered,

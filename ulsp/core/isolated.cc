@@ -758,6 +758,9 @@ void IsolatedPort::PutReply(MessagePtr msg) {
 
 namespace {
 
+// Most requests an isolated server serves at once beside one held up in its stack.
+constexpr size_t kIsolatedHelpers = 16;
+
 class IsolatedServer final : public msgport::Server {
  public:
   explicit IsolatedServer(vfs::Layer& top) : top_(top) {}
@@ -816,7 +819,9 @@ int ServeIsolated(const std::string& segment, int socket_fd, const std::string& 
     return 1;
   }
   IsolatedServer server(**top);
-  (*port)->Serve(server);
+  // A request held up in the stack (a hung file system below) leaves the others to
+  // helper threads, as an in-process mount's spare readers do.
+  (*port)->Serve(server, kIsolatedHelpers);
   return 0;
 }
 
