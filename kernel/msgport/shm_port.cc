@@ -499,7 +499,11 @@ bool ShmServerPort::ServeOne(Server& server, std::atomic<int64_t>& busy_since) {
   const size_t slot = cell_id & 0xffffffffu;
   if (slot < slot_count_) in_service_[slot].store(msg.get(), std::memory_order_release);
   take.unlock();
-  if (!active_hint_.load(std::memory_order_relaxed) && slot_count_used_ > 1) {
+  if (serving_count_ == 1) {  // no helpers: nobody looks at busy_since
+    server.Serve(std::move(msg));
+    return true;
+  }
+  if (!active_hint_.load(std::memory_order_relaxed)) {
     std::lock_guard lock(watch_mu_);
     active_ = true;
     active_hint_.store(true, std::memory_order_relaxed);
@@ -523,12 +527,13 @@ void ShmServerPort::MarkAborted(uint64_t id) noexcept {
 }
 
 void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover) {
-  slot_count_used_ = 1 + max_helpers;
-  slots_ = std::make_unique<Slot[]>(slot_count_used_);
+  serving_count_ = 1 + max_helpers;
+  takeover_ = takeover;
+  serving_ = std::make_unique<Serving[]>(serving_count_);
   std::thread watchdog;
-  if (max_helpers > 0) watchdog = std::thread([&] { Watch(server, max_helpers, takeover); });
+  if (max_helpers > 0) watchdog = std::thread([&] { Watch(server); });
   auto& h = *segment_->header;
-  std::atomic<int64_t>& busy_since = slots_[0].busy_since;
+  std::atomic<int64_t>& busy_since = serving_[0].busy_since;
   while (!stop_.load(std::memory_order_acquire)) {
     if (ServeOne(server, busy_since)) continue;
     const Deadline spin_end = Clock::now() + kSpinTime;
@@ -566,20 +571,20 @@ void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanos
   // Helpers stop too (a helper inside a request finishes it first).
   stop_.store(true, std::memory_order_release);
   h.requests_ec.NotifyAlways();
-  for (size_t i = 1; i < slot_count_used_; ++i) {
-    if (slots_[i].thread.joinable()) slots_[i].thread.join();
+  for (size_t i = 1; i < serving_count_; ++i) {
+    if (serving_[i].thread.joinable()) serving_[i].thread.join();
   }
 }
 
-void ShmServerPort::Help(Server& server, size_t slot, std::chrono::nanoseconds takeover) {
+void ShmServerPort::Help(Server& server, size_t slot) {
   auto& ec = segment_->header->requests_ec;
-  Slot& me = slots_[slot];
+  Serving& me = serving_[slot];
   // Needed no more once a thread started before this one is free: then it serves
   // what comes (a free thread spins or sleeps on the ring, as this one would).
   auto earlier_free = [&] {
     for (size_t i = 0; i < slot; ++i) {
-      if ((i == 0 || slots_[i].running.load(std::memory_order_acquire)) &&
-          slots_[i].busy_since.load(std::memory_order_relaxed) == 0)
+      if ((i == 0 || serving_[i].running.load(std::memory_order_acquire)) &&
+          serving_[i].busy_since.load(std::memory_order_relaxed) == 0)
         return true;
     }
     return false;
@@ -592,12 +597,12 @@ void ShmServerPort::Help(Server& server, size_t slot, std::chrono::nanoseconds t
       ec.Cancel();
       continue;
     }
-    ec.Wait(key, takeover);
+    ec.Wait(key, takeover_);
   }
   me.running.store(false, std::memory_order_release);
 }
 
-void ShmServerPort::Watch(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover) {
+void ShmServerPort::Watch(Server& server) {
   std::unique_lock lock(watch_mu_);
   unsigned quiet = 0;
   while (!serving_done_) {
@@ -606,16 +611,16 @@ void ShmServerPort::Watch(Server& server, size_t max_helpers, std::chrono::nanos
       quiet = 0;
       continue;
     }
-    watch_cv_.wait_for(lock, takeover);
+    watch_cv_.wait_for(lock, takeover_);
     if (serving_done_) break;
-    // Held up: every thread serving is inside a request begun at least `takeover` ago.
+    // Held up: every thread serving is inside a request begun at least takeover_ ago.
     const int64_t now = shm::NowNs();
     bool any_busy = false, all_held = true;
-    for (size_t i = 0; i <= max_helpers; ++i) {
-      if (i > 0 && !slots_[i].running.load(std::memory_order_acquire)) continue;
-      const int64_t since = slots_[i].busy_since.load(std::memory_order_relaxed);
+    for (size_t i = 0; i < serving_count_; ++i) {
+      if (i > 0 && !serving_[i].running.load(std::memory_order_acquire)) continue;
+      const int64_t since = serving_[i].busy_since.load(std::memory_order_relaxed);
       any_busy = any_busy || since != 0;
-      if (since == 0 || now - since < takeover.count()) all_held = false;
+      if (since == 0 || now - since < takeover_.count()) all_held = false;
     }
     if (!any_busy) {
       if (++quiet > 50) {  // quiet for a while: rest until requests flow again
@@ -626,14 +631,14 @@ void ShmServerPort::Watch(Server& server, size_t max_helpers, std::chrono::nanos
     }
     quiet = 0;
     if (!all_held || !segment_->requests.HasReady()) continue;
-    for (size_t i = 1; i <= max_helpers; ++i) {
-      Slot& s = slots_[i];
+    for (size_t i = 1; i < serving_count_; ++i) {
+      Serving& s = serving_[i];
       if (s.running.load(std::memory_order_acquire)) continue;
       if (s.thread.joinable()) s.thread.join();  // one that left
       s.busy_since.store(0, std::memory_order_relaxed);
       s.running.store(true, std::memory_order_release);
       try {
-        s.thread = std::thread([this, &server, i, takeover] { Help(server, i, takeover); });
+        s.thread = std::thread([this, &server, i] { Help(server, i); });
         Logger("msgport")->debug("{}: every serving thread is held up; helper {} serves", name(), i);
       } catch (const std::system_error&) {
         s.running.store(false, std::memory_order_release);

@@ -185,10 +185,10 @@ class ShmServerPort final : public Port {
   // Takes one request, if one is there, and serves it; `busy_since` holds when it
   // began while it is served (0 otherwise), for the watchdog.
   bool ServeOne(Server& server, std::atomic<int64_t>& busy_since);
-  // A helper's loop, in serving slot `slot` (1..max_helpers).
-  void Help(Server& server, size_t slot, std::chrono::nanoseconds takeover);
+  // A helper's loop, in serving slot `slot` (1..serving_count_ - 1).
+  void Help(Server& server, size_t slot);
   // Starts helpers while every serving thread is held up (see Serve).
-  void Watch(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover);
+  void Watch(Server& server);
   template <class Encode>
   void PushReply(Encode&& encode);
 
@@ -222,13 +222,14 @@ class ShmServerPort final : public Port {
   std::mutex take_mu_;
   // Serving threads by slot (0: Serve's caller; then helpers): when each began the
   // request it serves (0: none), and whether a helper runs in the slot.
-  struct Slot {
+  struct Serving {
     std::atomic<int64_t> busy_since{0};
     std::atomic<bool> running{false};
     std::thread thread;  // a helper's (joined before the slot is used again)
   };
-  std::unique_ptr<Slot[]> slots_;
-  size_t slot_count_used_ = 1;  // 1 + max_helpers, for this Serve
+  std::unique_ptr<Serving[]> serving_;
+  size_t serving_count_ = 1;  // 1 + max_helpers, for this Serve
+  std::chrono::nanoseconds takeover_{};
   // The watchdog ticks only while requests flow; it rests after a quiet spell.
   std::atomic<bool> active_hint_{false};
   std::mutex watch_mu_;  // guards active_, serving_done_

@@ -76,69 +76,38 @@ int WaitWritable(int fd, const NetRequest& q, std::chrono::milliseconds limit) {
   }
 }
 
-// The caller's SO_SNDTIMEO (0: none): how long its blocking connect or send waits.
-std::chrono::milliseconds SendTimeout(int fd) {
+// The caller's SO_SNDTIMEO as it is (zero, none, when it cannot be read).
+timeval SendTimeoutOf(int fd) {
   timeval tv{};
   socklen_t len = sizeof tv;
-  if (::getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) != 0) return std::chrono::milliseconds(0);
+  if (::getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, &len) != 0) return timeval{};
+  return tv;
+}
+
+// The same in milliseconds (0: none): how long its blocking connect or send waits.
+std::chrono::milliseconds SendTimeout(int fd) {
+  const timeval tv = SendTimeoutOf(fd);
   return std::chrono::milliseconds(tv.tv_sec * 1000 + tv.tv_usec / 1000);
 }
 
-// Connects `fd` as the caller's connect would: at once for a non-blocking caller
-// (EINPROGRESS), else waiting — first in a plain blocking connect bounded at 100 ms
-// (a loopback or LAN connect completes there, at native cost), then, for a slow one,
-// in a poll loop that notices when the caller is gone. `timeout` is the caller's
-// SO_SNDTIMEO (0: none): past it the answer is EINPROGRESS, as the kernel's.
-// Returns 0, EINPROGRESS or an errno; `fd` is left blocking as the caller's was.
-int ConnectOn(int fd, const std::vector<char>& addr, bool caller_nonblocking, const NetRequest& q,
-              std::chrono::milliseconds timeout) {
-  if (caller_nonblocking) {
-    ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
-    if (::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0) return 0;
-    return errno;
-  }
-  const auto first = timeout.count() > 0 ? std::min(timeout, std::chrono::milliseconds(100)) : std::chrono::milliseconds(100);
-  timeval tv{static_cast<time_t>(first.count() / 1000), static_cast<suseconds_t>((first.count() % 1000) * 1000)};
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  int r = ::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0 ? 0 : errno;
-  if (r == EINPROGRESS && (timeout.count() == 0 || timeout > first)) {
-    const int w = WaitWritable(fd, q, timeout.count() > 0 ? timeout - first : timeout);
-    if (w == ETIMEDOUT) {
-      r = EINPROGRESS;
-    } else if (w != 0) {
-      r = w;
-    } else {
-      int err = 0;
-      socklen_t len = sizeof err;
-      r = ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 ? errno : err;
-    }
-  }
-  timeval caller{static_cast<time_t>(timeout.count() / 1000), static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
-  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &caller, sizeof caller);
-  return r;
-}
-
-// Connects the caller's own socket (shared with the caller through a duplicate) as
-// its connect would: the connect blocks or not as the caller's file does, but a
-// blocking one waits here at most 100 ms (SO_SNDTIMEO bounds it, and is the
-// caller's again right after): a loopback or LAN handshake ends well within that,
-// in four system calls (a non-blocking connect, a poll and SO_ERROR took six). A
-// slower one then waits in a poll loop that notices when the caller is gone, up to
-// the caller's own SO_SNDTIMEO. Returns 0, EINPROGRESS or an errno.
-int ConnectShared(int fd, const NetRequest& q) {
+// Connects `fd` as a caller's connect would, `caller` being the caller's SO_SNDTIMEO
+// (zero: none) and fd's O_NONBLOCK the caller's: a non-blocking one answers at once
+// (EINPROGRESS); a blocking one waits here at most 100 ms (SO_SNDTIMEO bounds it,
+// and is `caller` again right after), where a loopback or LAN handshake ends, in
+// three system calls besides the connect's own; a slower one then waits in a poll
+// loop that notices when the caller is gone, up to `caller`. Past it the answer is
+// EINPROGRESS, as the kernel's. Returns 0, EINPROGRESS or an errno.
+int ConnectAsCaller(int fd, const std::vector<char>& addr, const NetRequest& q, const timeval& caller) {
   using std::chrono::microseconds;
-  timeval caller{};
-  socklen_t len = sizeof caller;
-  if (::getsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &caller, &len) != 0) return errno;
   const microseconds limit = std::chrono::seconds(caller.tv_sec) + microseconds(caller.tv_usec);  // 0: none
   const microseconds first = limit.count() > 0 ? std::min<microseconds>(limit, std::chrono::milliseconds(100))
                                                : std::chrono::milliseconds(100);
   const timeval bound{static_cast<time_t>(first.count() / 1000000), static_cast<suseconds_t>(first.count() % 1000000)};
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &bound, sizeof bound);
-  int r = ::connect(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
+  const int r = ::connect(fd, AsSockaddr(addr), static_cast<socklen_t>(addr.size())) == 0 ? 0 : errno;
   ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &caller, sizeof caller);
-  // EINPROGRESS: the caller's file is non-blocking (that is its answer), or the bound
-  // passed; EINTR: a signal to this thread cut the wait short.
+  // EINPROGRESS: the file is non-blocking (that is the answer), or the bound passed;
+  // EINTR: a signal to this thread cut the wait short.
   if (r != EINPROGRESS && r != EINTR) return r;
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0) return errno;
@@ -151,9 +120,19 @@ int ConnectShared(int fd, const NetRequest& q) {
   if (w == ETIMEDOUT) return EINPROGRESS;
   if (w != 0) return w;
   int err = 0;
-  len = sizeof err;
+  socklen_t len = sizeof err;
   return ::getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len) != 0 ? errno : err;
 }
+
+// Connects the ULSP's socket `fd`, made to take the place of the caller's `caller_fd`,
+// as the caller's connect would (its O_NONBLOCK and SO_SNDTIMEO carried over).
+int ConnectOn(int fd, const std::vector<char>& addr, const NetRequest& q, int caller_fd) {
+  if (Nonblocking(caller_fd)) ::fcntl(fd, F_SETFL, ::fcntl(fd, F_GETFL) | O_NONBLOCK);
+  return ConnectAsCaller(fd, addr, q, SendTimeoutOf(caller_fd));
+}
+
+// Connects the caller's own socket (shared with the caller through a duplicate).
+int ConnectShared(int fd, const NetRequest& q) { return ConnectAsCaller(fd, q.addr, q, SendTimeoutOf(fd)); }
 
 // The socket options a connection carries over to the ULSP's socket: those programs
 // set before they connect. Each is read from the caller's socket and set on ours
@@ -485,8 +464,7 @@ void NetServer::Connect(NetRequest& q) {
     if (!q.host_netns) return on_dup();
     auto s = SocketLike(q, /*in_group=*/true);  // a host socket: one of the group's replaces it
     if (!s) return Error(q, s.error().value);
-    const bool nonblocking = Nonblocking(dup);
-    const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
+    const int r = ConnectOn(s->get(), q.addr, q, dup);
     if (r != 0 && r != EINPROGRESS) return Error(q, r);
     q.install = std::move(*s);
     return r == 0 ? Return(q, 0) : Error(q, r);
@@ -512,8 +490,7 @@ void NetServer::Connect(NetRequest& q) {
   }
   auto s = SocketLike(q, /*in_group=*/false);
   if (!s) return Error(q, s.error().value);
-  const bool nonblocking = Nonblocking(dup);
-  const int r = ConnectOn(s->get(), q.addr, nonblocking, q, SendTimeout(dup));
+  const int r = ConnectOn(s->get(), q.addr, q, dup);
   if (r != 0 && r != EINPROGRESS) return Error(q, r);
   q.install = std::move(*s);
   return r == 0 ? Return(q, 0) : Error(q, r);
