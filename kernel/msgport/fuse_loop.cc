@@ -37,22 +37,26 @@ int FuseLoop::Run() {
     }
     if (cpus.size() > 1 && cpus.size() <= kMaxPerCpuReaders) return RunPerCpu(cpus);
   }
-  std::thread watchdog([this] { Watchdog(); });
+  StartWatchdog([this] { return CheckLeader(); });
   {
     std::lock_guard lock(mu_);
     running_ = 1;
     threads_.emplace_back([this] { Worker(0); });
   }
-  return Finish(watchdog);
+  return Finish();
 }
 
-int FuseLoop::Finish(std::thread& watchdog) {
+void FuseLoop::StartWatchdog(std::function<bool()> check) {
+  watchdog_.emplace(options_.takeover, std::move(check));
+  if (!watchdog_->Start()) Logger("fuse")->warn("cannot start the watchdog; a request that blocks stalls the others");
+}
+
+int FuseLoop::Finish() {
   {
     std::unique_lock lock(mu_);
     spare_cv_.wait(lock, [this] { return stopping_; });
   }
-  watch_cv_.notify_all();
-  watchdog.join();
+  watchdog_->Stop();
   // Threads waiting for work wake at once (Options::exit_fd; spares of the leader too); a
   // thread still inside a request (blocked in the layer, say on a hung file system
   // below) is given two.
@@ -121,13 +125,6 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
       WaitForRequest(fd);
       if (helped != nullptr) helped->Helping(true);
       if (fuse_session_exited(session_)) return false;
-      {
-        std::lock_guard lock(mu_);
-        if (!active_) {
-          active_ = true;
-          watch_cv_.notify_one();
-        }
-      }
       spin_until = NowNs() + options_.spin.count();
     }
     if (res == -EINTR) continue;
@@ -136,6 +133,7 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
       return false;
     }
     busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
+    watchdog_->Wake();
     fuse_session_process_buf(session_, buf);
     if (leader_.load() != me) return true;  // the watchdog gave the lead away
     busy_since_ns_.store(0, std::memory_order_relaxed);
@@ -148,39 +146,26 @@ void FuseLoop::WaitForRequest(int fd) const noexcept {
   ::poll(p, options_.exit_fd >= 0 ? 2 : 1, 1000);
 }
 
-void FuseLoop::Watchdog() {
-  std::unique_lock lock(mu_);
-  unsigned idle_ticks = 0;
-  while (!stopping_) {
-    if (!active_) {
-      watch_cv_.wait(lock, [this] { return stopping_ || active_; });
-      idle_ticks = 0;
-      continue;
-    }
-    watch_cv_.wait_for(lock, options_.takeover);
-    if (stopping_) break;
-    const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
-    if (since == 0) {
-      if (++idle_ticks > 50) active_ = false;  // nothing for a while: stop ticking
-      continue;
-    }
-    idle_ticks = 0;
-    if (NowNs() - since < options_.takeover.count() || leader_.load() == -1) continue;
-    // The leader is stuck in a request: a spare leads from now on.
-    busy_since_ns_.store(0, std::memory_order_relaxed);
-    leader_.store(-1);
-    if (spares_ == 0 && threads_.size() < options_.max_threads) {
-      const unsigned id = static_cast<unsigned>(threads_.size());
-      running_.fetch_add(1);
-      threads_.emplace_back([this, id] { Worker(id); });
-    }
-    spare_cv_.notify_one();
+bool FuseLoop::CheckLeader() {
+  std::lock_guard lock(mu_);
+  const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
+  if (since == 0) return false;
+  if (stopping_ || NowNs() - since < options_.takeover.count() || leader_.load() == -1) return true;
+  // The leader is stuck in a request: a spare leads from now on.
+  busy_since_ns_.store(0, std::memory_order_relaxed);
+  leader_.store(-1);
+  if (spares_ == 0 && threads_.size() < options_.max_threads) {
+    const unsigned id = static_cast<unsigned>(threads_.size());
+    running_.fetch_add(1);
+    threads_.emplace_back([this, id] { Worker(id); });
   }
+  spare_cv_.notify_one();
+  return true;
 }
 
 int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
   for (size_t i = 0; i < cpus.size(); ++i) pinned_.push_back(std::make_unique<Reader>());
-  std::thread watchdog([this] { WatchReaders(); });
+  StartWatchdog([this] { return CheckReaders(); });
   {
     std::lock_guard lock(mu_);
     for (size_t i = 0; i < cpus.size(); ++i) {
@@ -188,7 +173,7 @@ int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
       threads_.emplace_back([this, i, cpu = cpus[i]] { Read(*pinned_[i], cpu); });
     }
   }
-  return Finish(watchdog);
+  return Finish();
 }
 
 void FuseLoop::ReadFailed(int res) {
@@ -220,10 +205,6 @@ void FuseLoop::Read(Reader& self, int cpu) {
     if (res == -EAGAIN) {
       if (cpu < 0 && PinnedReaderIdle()) break;  // a spare is needed no more
       WaitForRequest(fd);
-      if (!reading_active_.exchange(true, std::memory_order_relaxed)) {
-        std::lock_guard lock(mu_);
-        watch_cv_.notify_one();
-      }
       continue;
     }
     if (res == -EINTR) continue;
@@ -233,6 +214,7 @@ void FuseLoop::Read(Reader& self, int cpu) {
       break;
     }
     self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
+    watchdog_->Wake();
     fuse_session_process_buf(session_, &buf);
     self.busy_since_ns.store(0, std::memory_order_relaxed);
     if (cpu < 0 && PinnedReaderIdle()) break;
@@ -247,42 +229,29 @@ void FuseLoop::Read(Reader& self, int cpu) {
   running_.fetch_sub(1);
 }
 
-void FuseLoop::WatchReaders() {
-  std::unique_lock lock(mu_);
-  unsigned idle_ticks = 0;
-  while (!stopping_) {
-    if (!reading_active_.load(std::memory_order_relaxed)) {
-      watch_cv_.wait(lock, [this] { return stopping_ || reading_active_.load(std::memory_order_relaxed); });
-      idle_ticks = 0;
-      continue;
-    }
-    watch_cv_.wait_for(lock, options_.takeover);
-    if (stopping_) break;
-    // Spares that left are forgotten: a free one would count as serving.
-    std::erase_if(spare_readers_, [](const auto& r) { return r->gone.load(std::memory_order_acquire); });
-    // Is any reader free, or inside a request younger than `takeover`?
-    const int64_t now = NowNs();
-    bool serving = false, busy = false;
-    auto look = [&](const Reader& r) {
-      const int64_t since = r.busy_since_ns.load(std::memory_order_relaxed);
-      busy = busy || since != 0;
-      serving = serving || since == 0 || now - since < options_.takeover.count();
-    };
-    for (const auto& r : pinned_) look(*r);
-    for (const auto& r : spare_readers_) look(*r);
-    if (!busy) {
-      if (++idle_ticks > 50) reading_active_.store(false, std::memory_order_relaxed);  // quiet: stop ticking
-      continue;
-    }
-    idle_ticks = 0;
-    if (serving || spare_readers_.size() >= options_.max_threads) continue;
-    // Every reader is stuck in a request: a spare reads meanwhile. Detached: it says
-    // when it is gone, and Finish waits on `running_` for it as for the others.
-    spare_readers_.push_back(std::make_unique<Reader>());
-    Reader& spare = *spare_readers_.back();
-    running_.fetch_add(1);
-    std::thread([this, &spare] { Read(spare, -1); }).detach();
-  }
+bool FuseLoop::CheckReaders() {
+  std::lock_guard lock(mu_);
+  // Spares that left are forgotten: a free one would count as serving.
+  std::erase_if(spare_readers_, [](const auto& r) { return r->gone.load(std::memory_order_acquire); });
+  // Is any reader free, or inside a request younger than `takeover`?
+  const int64_t now = NowNs();
+  bool serving = false, busy = false;
+  auto look = [&](const Reader& r) {
+    const int64_t since = r.busy_since_ns.load(std::memory_order_relaxed);
+    busy = busy || since != 0;
+    serving = serving || since == 0 || now - since < options_.takeover.count();
+  };
+  for (const auto& r : pinned_) look(*r);
+  for (const auto& r : spare_readers_) look(*r);
+  if (!busy) return false;
+  if (serving || stopping_ || spare_readers_.size() >= options_.max_threads) return true;
+  // Every reader is stuck in a request: a spare reads meanwhile. Detached: it says
+  // when it is gone, and Finish waits on `running_` for it as for the others.
+  spare_readers_.push_back(std::make_unique<Reader>());
+  Reader& spare = *spare_readers_.back();
+  running_.fetch_add(1);
+  std::thread([this, &spare] { Read(spare, -1); }).detach();
+  return true;
 }
 
 }  // namespace ulsp::msgport

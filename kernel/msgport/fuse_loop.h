@@ -37,10 +37,14 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
+
+#include "kernel/msgport/watchdog.h"
 
 struct fuse_session;
 
@@ -76,13 +80,18 @@ class FuseLoop {
   // Reads and processes requests while this thread is the leader. Returns false when
   // the session ended.
   bool Lead(unsigned id, void* buf);
-  void Watchdog();
+  // The watchdog's looks (leader; per-CPU readers): hand the lead to a spare, or start
+  // a spare reader, when every thread reading is held up in one request. Return
+  // whether one is inside a request.
+  bool CheckLeader();
+  bool CheckReaders();
+  void StartWatchdog(std::function<bool()> check);
   // Sleeps until the kernel has a request, the session is told to exit, or a second
   // passes.
   void WaitForRequest(int fd) const noexcept;
   // Waits until serving stops, then for the threads (two seconds at most for one
   // inside a request); returns the errno that ended it, or 0.
-  int Finish(std::thread& watchdog);
+  int Finish();
   int64_t NowNs() const noexcept;
 
   // Per-CPU readers.
@@ -97,19 +106,15 @@ class FuseLoop {
   bool PinnedReaderIdle() const noexcept;
   // Logs a failed read of the device and keeps its errno as the loop's result.
   void ReadFailed(int res);
-  void WatchReaders();
   std::vector<std::unique_ptr<Reader>> pinned_;  // fixed once the readers start
   std::vector<std::unique_ptr<Reader>> spare_readers_;  // live spares (detached threads); guarded by mu_
-  std::atomic<bool> reading_active_{false};  // requests are flowing: the watchdog ticks
 
   fuse_session* session_;
   const Options options_;
 
   std::mutex mu_;  // guards the fields below it, and thread start/stop
   std::condition_variable spare_cv_;  // spares wait for leadership
-  std::condition_variable watch_cv_;  // the watchdog waits for activity
   bool stopping_ = false;
-  bool active_ = false;  // requests are flowing: the watchdog ticks
   unsigned spares_ = 0;
   int error_ = 0;
   std::vector<std::thread> threads_;
@@ -117,6 +122,7 @@ class FuseLoop {
   std::atomic<int> leader_{-1};            // the leader's id, -1 when none
   std::atomic<int64_t> busy_since_ns_{0};  // when the leader's request began, 0 if idle
   std::atomic<unsigned> running_{0};       // worker threads not yet finished
+  std::optional<Watchdog> watchdog_;       // set by Run
 };
 
 }  // namespace ulsp::msgport

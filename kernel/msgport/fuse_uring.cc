@@ -212,8 +212,7 @@ FuseUring::~FuseUring() {
     if (q->wake) (void)!::write(q->wake.get(), &one, sizeof one);
     q->cv.notify_all();
   }
-  watch_cv_.notify_all();
-  if (watchdog_.joinable()) watchdog_.join();
+  watchdog_.Stop();
   // A thread still inside a request (blocked in the layer) is given two seconds.
   for (int i = 0; i < 2000 && running_.load() > 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(1));
   bool left_behind = false;
@@ -263,9 +262,7 @@ void FuseUring::Start(uint32_t max_write, uint32_t max_pages) {
       Refuse(*q);
     }
   }
-  try {
-    watchdog_ = std::thread([this] { Watchdog(); });
-  } catch (...) {
+  if (!watchdog_.Start()) {
     Logger("fuse")->warn("io_uring: cannot start the watchdog; a blocked request stalls its CPU's queue");
   }
   Logger("fuse")->info("io_uring: {} queues of {} entries", queues_.size(), options_.depth);
@@ -440,15 +437,10 @@ bool FuseUring::Lead(Queue& q, Worker& me) {
       if (++q.dead == q.used.load(std::memory_order_relaxed)) return false;
       continue;
     }
-    if (!watch_wanted_.load(std::memory_order_relaxed)) {
-      watch_wanted_.store(true, std::memory_order_relaxed);
-      std::lock_guard lock(mu_);
-      watching_ = true;
-      watch_cv_.notify_one();
-    }
     // Release: a watchdog that takes the queue over (reading this with its CAS) hands
     // the completion ring, as this thread left it, to the spare.
     me.busy_since.store(NowNs(), std::memory_order_release);
+    watchdog_.Wake();
     tl_handling = &q;
     tl_entry = &e;
     Handle(q, e);
@@ -596,43 +588,29 @@ void FuseUring::PrepCommit(Queue& q, Entry& e) noexcept {
   PrepCommand(sqe, q, e, kabi::kCommitAndFetch);
 }
 
-void FuseUring::Watchdog() {
-  std::unique_lock lock(mu_);
-  unsigned idle_ticks = 0;
-  while (!stopping_) {
-    if (!watching_) {
-      watch_cv_.wait(lock, [this] { return stopping_ || watching_; });
-      idle_ticks = 0;
-      continue;
+bool FuseUring::CheckHeldUp() {
+  std::lock_guard lock(mu_);
+  if (stopping_) return false;
+  const int64_t now = NowNs();
+  bool busy = false;
+  for (auto& qp : queues_) {
+    Queue& q = *qp;
+    Worker* w = q.leader;
+    if (w == nullptr || q.ended) continue;
+    int64_t since = w->busy_since.load(std::memory_order_relaxed);
+    if (since <= 0) continue;
+    busy = true;
+    if (now - since < options_.takeover.count()) continue;
+    // Stuck in one request: a spare leads the queue from now on (the old leader
+    // learns it when its request ends).
+    if (!w->busy_since.compare_exchange_strong(since, kTaken)) continue;
+    q.leader = nullptr;
+    if (q.spares == 0 && q.workers.size() < options_.max_threads) {
+      if (!StartWorker(q)) Logger("fuse")->warn("io_uring: cannot start another thread for queue {}", q.qid);
     }
-    watch_cv_.wait_for(lock, options_.takeover);
-    if (stopping_) break;
-    const int64_t now = NowNs();
-    bool busy = false;
-    for (auto& qp : queues_) {
-      Queue& q = *qp;
-      Worker* w = q.leader;
-      if (w == nullptr || q.ended) continue;
-      int64_t since = w->busy_since.load(std::memory_order_relaxed);
-      if (since <= 0) continue;
-      busy = true;
-      if (now - since < options_.takeover.count()) continue;
-      // Stuck in one request: a spare leads the queue from now on (the old leader
-      // learns it when its request ends).
-      if (!w->busy_since.compare_exchange_strong(since, kTaken)) continue;
-      q.leader = nullptr;
-      if (q.spares == 0 && q.workers.size() < options_.max_threads) {
-        if (!StartWorker(q)) Logger("fuse")->warn("io_uring: cannot start another thread for queue {}", q.qid);
-      }
-      q.cv.notify_one();
-    }
-    if (busy) {
-      idle_ticks = 0;
-    } else if (++idle_ticks > 50) {  // nothing for a while: stop ticking
-      watching_ = false;
-      watch_wanted_.store(false, std::memory_order_relaxed);
-    }
+    q.cv.notify_one();
   }
+  return busy;
 }
 
 }  // namespace ulsp::msgport

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "kernel/msgport/errno.h"
+#include "kernel/msgport/watchdog.h"
 
 struct fuse_session;
 struct iovec;
@@ -114,7 +115,9 @@ class FuseUring {
   // Hands e back to the kernel: queued for the queue's thread to submit.
   void Commit(Queue& q, Entry& e) noexcept;
   void PrepCommit(Queue& q, Entry& e) noexcept;  // under q.sq_mu
-  void Watchdog();
+  // The watchdog's look: hands a queue whose leader is held up to a spare; returns
+  // whether a request is being served.
+  bool CheckHeldUp();
 
   fuse_session* session_;
   const Options options_;
@@ -123,13 +126,10 @@ class FuseUring {
   std::atomic<uint64_t> served_{0};
 
   std::mutex mu_;  // guards the fields below, and every queue's threads
-  std::condition_variable watch_cv_;
   bool stopping_ = false;
-  bool watching_ = false;  // the watchdog ticks (requests flowed lately)
-  std::thread watchdog_;
-  std::atomic<bool> watch_wanted_{false};
   std::atomic<bool> stop_{false};
   std::atomic<unsigned> running_{0};  // worker threads not yet finished
+  Watchdog watchdog_{options_.takeover, [this] { return CheckHeldUp(); }};  // from Start
 };
 
 }  // namespace ulsp::msgport

@@ -231,8 +231,8 @@ Result<std::unique_ptr<SeccompShim>> SeccompShim::Start(UniqueFd listener, Port&
   seccomp_notif_sizes sizes{};
   if (::syscall(SYS_seccomp, SECCOMP_GET_NOTIF_SIZES, 0, &sizes) != 0) sizes.seccomp_notif = sizeof(seccomp_notif);
   shim->notif_size_ = std::max<size_t>(sizes.seccomp_notif, sizeof(seccomp_notif));
+  if (!shim->watchdog_.Start()) return Fail(EAGAIN);
   try {
-    shim->watchdog_ = std::thread([s = shim.get()] { s->Watchdog(); });
     std::lock_guard lock(shim->mu_);
     shim->threads_.emplace_back([s = shim.get()] { s->Work(0); });
   } catch (const std::system_error& e) {
@@ -249,8 +249,7 @@ SeccompShim::~SeccompShim() {
     stopping_ = true;
   }
   cv_.notify_all();
-  watch_cv_.notify_all();
-  if (watchdog_.joinable()) watchdog_.join();
+  watchdog_.Stop();
   // No thread starts once stopping_ is set, so the list is final.
   for (auto& t : threads_) t.join();
 }
@@ -313,7 +312,6 @@ void SeccompShim::Work(int id) {
     lock.lock();
     if (!more) {
       cv_.notify_all();
-      watch_cv_.notify_all();
       done_cv_.notify_all();
       return;
     }
@@ -331,15 +329,8 @@ bool SeccompShim::Lead(int id, std::vector<char>& buf) {
     }
     counters_.notifications.fetch_add(1, std::memory_order_relaxed);
     counters_.in_flight.fetch_add(1, std::memory_order_relaxed);
-    if (!active_hint_.load(std::memory_order_relaxed)) {
-      std::lock_guard lock(mu_);
-      if (!active_) {
-        active_ = true;
-        watch_cv_.notify_one();
-      }
-      active_hint_.store(true, std::memory_order_relaxed);
-    }
     busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
+    watchdog_.Wake();
     seccomp_notif n;
     std::memcpy(&n, buf.data(), sizeof n);
     Handle(n);
@@ -349,42 +340,27 @@ bool SeccompShim::Lead(int id, std::vector<char>& buf) {
   }
 }
 
-void SeccompShim::Watchdog() {
-  std::unique_lock lock(mu_);
-  unsigned idle_ticks = 0;
-  while (!stopping_ && !gone_) {
-    if (!active_) {
-      watch_cv_.wait(lock, [this] { return stopping_ || gone_ || active_; });
-      idle_ticks = 0;
-      continue;
+bool SeccompShim::CheckHeldUp() {
+  std::lock_guard lock(mu_);
+  if (stopping_ || gone_) return false;
+  const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
+  if (since == 0) return false;
+  if (NowNs() - since < options_.takeover.count() || leader_.load() == -1) return true;
+  // The leader is held up by one notification (a slow connect, a blocked send): a
+  // spare leads from now on.
+  busy_since_ns_.store(0, std::memory_order_relaxed);
+  leader_.store(-1);
+  if (spares_ == 0 && threads_.size() < options_.max_workers) {
+    try {
+      const int id = static_cast<int>(threads_.size());
+      threads_.emplace_back([this, id] { Work(id); });
+      counters_.workers.store(threads_.size(), std::memory_order_relaxed);
+    } catch (const std::system_error&) {
+      Logger("net")->warn("seccomp: cannot start another worker thread ({} serve)", threads_.size());
     }
-    watch_cv_.wait_for(lock, options_.takeover);
-    if (stopping_ || gone_) break;
-    const int64_t since = busy_since_ns_.load(std::memory_order_relaxed);
-    if (since == 0) {
-      if (++idle_ticks > 50) {  // quiet for a while: rest until the next notification
-        active_ = false;
-        active_hint_.store(false, std::memory_order_relaxed);
-      }
-      continue;
-    }
-    idle_ticks = 0;
-    if (NowNs() - since < options_.takeover.count() || leader_.load() == -1) continue;
-    // The leader is held up by one notification (a slow connect, a blocked send): a
-    // spare leads from now on.
-    busy_since_ns_.store(0, std::memory_order_relaxed);
-    leader_.store(-1);
-    if (spares_ == 0 && threads_.size() < options_.max_workers) {
-      try {
-        const int id = static_cast<int>(threads_.size());
-        threads_.emplace_back([this, id] { Work(id); });
-        counters_.workers.store(threads_.size(), std::memory_order_relaxed);
-      } catch (const std::system_error&) {
-        Logger("net")->warn("seccomp: cannot start another worker thread ({} serve)", threads_.size());
-      }
-    }
-    cv_.notify_one();
   }
+  cv_.notify_one();
+  return true;
 }
 
 std::shared_ptr<const UniqueFd> SeccompShim::KeptPidfd(pid_t tid) {

@@ -32,6 +32,7 @@
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/port.h"
 #include "kernel/msgport/unique_fd.h"
+#include "kernel/msgport/watchdog.h"
 
 struct seccomp_notif;
 
@@ -95,7 +96,9 @@ class SeccompShim {
   // Receives and serves while this thread leads. False when the shim stops or the
   // filter has no process left.
   bool Lead(int id, std::vector<char>& buf);
-  void Watchdog();
+  // The watchdog's look: hands the lead to a spare when the leader is held up;
+  // returns whether a notification is being served.
+  bool CheckHeldUp();
   // Waits for one notification into `buf`. 1: got one; 0: Stop; -1: the filter has
   // no process left (or the listener failed).
   int ReceiveOne(std::vector<char>& buf);
@@ -141,18 +144,15 @@ class SeccompShim {
 
   std::mutex mu_;  // guards what follows, up to the atomics
   std::condition_variable cv_;        // spares wait for the lead
-  std::condition_variable watch_cv_;  // the watchdog waits for activity
   std::condition_variable done_cv_;   // WaitUntilIdle
   unsigned spares_ = 0;
-  bool active_ = false;  // notifications flow: the watchdog ticks
   bool stopping_ = false;
   bool gone_ = false;    // the filter lost its last process
   std::vector<std::thread> threads_;
-  std::thread watchdog_;
 
   std::atomic<int> leader_{-1};            // the leading thread's id, -1 when none
   std::atomic<int64_t> busy_since_ns_{0};  // when the leader's notification began, 0 if idle
-  std::atomic<bool> active_hint_{false};   // active_, read without the lock
+  Watchdog watchdog_{options_.takeover, [this] { return CheckHeldUp(); }};
 };
 
 }  // namespace ulsp::msgport

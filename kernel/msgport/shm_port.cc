@@ -503,13 +503,8 @@ bool ShmServerPort::ServeOne(Server& server, std::atomic<int64_t>& busy_since) {
     server.Serve(std::move(msg));
     return true;
   }
-  if (!active_hint_.load(std::memory_order_relaxed)) {
-    std::lock_guard lock(watch_mu_);
-    active_ = true;
-    active_hint_.store(true, std::memory_order_relaxed);
-    watch_cv_.notify_one();
-  }
   busy_since.store(shm::NowNs(), std::memory_order_relaxed);
+  watchdog_->Wake();
   server.Serve(std::move(msg));
   busy_since.store(0, std::memory_order_relaxed);
   return true;
@@ -530,8 +525,13 @@ void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanos
   serving_count_ = 1 + max_helpers;
   takeover_ = takeover;
   serving_ = std::make_unique<Serving[]>(serving_count_);
-  std::thread watchdog;
-  if (max_helpers > 0) watchdog = std::thread([&] { Watch(server); });
+  if (max_helpers > 0) {
+    watchdog_.emplace(takeover, [this, &server] { return CheckHeldUp(server); });
+    if (!watchdog_->Start()) {
+      Logger("msgport")->warn("{}: cannot start the watchdog; a request held up in the server stalls the others", name());
+      serving_count_ = 1;
+    }
+  }
   auto& h = *segment_->header;
   std::atomic<int64_t>& busy_since = serving_[0].busy_since;
   while (!stop_.load(std::memory_order_acquire)) {
@@ -561,13 +561,8 @@ void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanos
       break;
     }
   }
-  if (!watchdog.joinable()) return;
-  {
-    std::lock_guard lock(watch_mu_);
-    serving_done_ = true;
-  }
-  watch_cv_.notify_one();
-  watchdog.join();
+  if (!watchdog_) return;
+  watchdog_.reset();  // stopped: it starts no helper now
   // Helpers stop too (a helper inside a request finishes it first).
   stop_.store(true, std::memory_order_release);
   h.requests_ec.NotifyAlways();
@@ -602,51 +597,34 @@ void ShmServerPort::Help(Server& server, size_t slot) {
   me.running.store(false, std::memory_order_release);
 }
 
-void ShmServerPort::Watch(Server& server) {
-  std::unique_lock lock(watch_mu_);
-  unsigned quiet = 0;
-  while (!serving_done_) {
-    if (!active_) {
-      watch_cv_.wait(lock, [this] { return serving_done_ || active_; });
-      quiet = 0;
-      continue;
-    }
-    watch_cv_.wait_for(lock, takeover_);
-    if (serving_done_) break;
-    // Held up: every thread serving is inside a request begun at least takeover_ ago.
-    const int64_t now = shm::NowNs();
-    bool any_busy = false, all_held = true;
-    for (size_t i = 0; i < serving_count_; ++i) {
-      if (i > 0 && !serving_[i].running.load(std::memory_order_acquire)) continue;
-      const int64_t since = serving_[i].busy_since.load(std::memory_order_relaxed);
-      any_busy = any_busy || since != 0;
-      if (since == 0 || now - since < takeover_.count()) all_held = false;
-    }
-    if (!any_busy) {
-      if (++quiet > 50) {  // quiet for a while: rest until requests flow again
-        active_ = false;
-        active_hint_.store(false, std::memory_order_relaxed);
-      }
-      continue;
-    }
-    quiet = 0;
-    if (!all_held || !segment_->requests.HasReady()) continue;
-    for (size_t i = 1; i < serving_count_; ++i) {
-      Serving& s = serving_[i];
-      if (s.running.load(std::memory_order_acquire)) continue;
-      if (s.thread.joinable()) s.thread.join();  // one that left
-      s.busy_since.store(0, std::memory_order_relaxed);
-      s.running.store(true, std::memory_order_release);
-      try {
-        s.thread = std::thread([this, &server, i] { Help(server, i); });
-        Logger("msgport")->debug("{}: every serving thread is held up; helper {} serves", name(), i);
-      } catch (const std::system_error&) {
-        s.running.store(false, std::memory_order_release);
-        Logger("msgport")->warn("{}: cannot start a helper thread", name());
-      }
-      break;
-    }
+bool ShmServerPort::CheckHeldUp(Server& server) {
+  // Held up: every thread serving is inside a request begun at least takeover_ ago.
+  const int64_t now = shm::NowNs();
+  bool any_busy = false, all_held = true;
+  for (size_t i = 0; i < serving_count_; ++i) {
+    if (i > 0 && !serving_[i].running.load(std::memory_order_acquire)) continue;
+    const int64_t since = serving_[i].busy_since.load(std::memory_order_relaxed);
+    any_busy = any_busy || since != 0;
+    if (since == 0 || now - since < takeover_.count()) all_held = false;
   }
+  if (!any_busy) return false;
+  if (!all_held || !segment_->requests.HasReady()) return true;
+  for (size_t i = 1; i < serving_count_; ++i) {
+    Serving& s = serving_[i];
+    if (s.running.load(std::memory_order_acquire)) continue;
+    if (s.thread.joinable()) s.thread.join();  // one that left
+    s.busy_since.store(0, std::memory_order_relaxed);
+    s.running.store(true, std::memory_order_release);
+    try {
+      s.thread = std::thread([this, &server, i] { Help(server, i); });
+      Logger("msgport")->debug("{}: every serving thread is held up; helper {} serves", name(), i);
+    } catch (const std::system_error&) {
+      s.running.store(false, std::memory_order_release);
+      Logger("msgport")->warn("{}: cannot start a helper thread", name());
+    }
+    break;
+  }
+  return true;
 }
 
 std::chrono::nanoseconds ShmServerPort::AnnounceUnreadReplies() noexcept {

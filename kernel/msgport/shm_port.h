@@ -35,6 +35,7 @@
 #include "kernel/msgport/message_queue.h"
 #include "kernel/msgport/ring.h"
 #include "kernel/msgport/port.h"
+#include "kernel/msgport/watchdog.h"
 
 namespace ulsp::msgport {
 
@@ -187,8 +188,9 @@ class ShmServerPort final : public Port {
   bool ServeOne(Server& server, std::atomic<int64_t>& busy_since);
   // A helper's loop, in serving slot `slot` (1..serving_count_ - 1).
   void Help(Server& server, size_t slot);
-  // Starts helpers while every serving thread is held up (see Serve).
-  void Watch(Server& server);
+  // The watchdog's look: starts a helper when every serving thread is held up (see
+  // Serve); returns whether any serves.
+  bool CheckHeldUp(Server& server);
   template <class Encode>
   void PushReply(Encode&& encode);
 
@@ -230,12 +232,7 @@ class ShmServerPort final : public Port {
   std::unique_ptr<Serving[]> serving_;
   size_t serving_count_ = 1;  // 1 + max_helpers, for this Serve
   std::chrono::nanoseconds takeover_{};
-  // The watchdog ticks only while requests flow; it rests after a quiet spell.
-  std::atomic<bool> active_hint_{false};
-  std::mutex watch_mu_;  // guards active_, serving_done_
-  std::condition_variable watch_cv_;
-  bool active_ = false;
-  bool serving_done_ = false;
+  std::optional<Watchdog> watchdog_;  // with helpers, while Serve runs
 };
 
 // Removes /dev/shm/ulsp.<pid>.* names whose creating process no longer exists.
