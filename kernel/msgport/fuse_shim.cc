@@ -6,11 +6,13 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <charconv>
 #include <chrono>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -810,7 +812,18 @@ FuseShim::~FuseShim() {
 int FuseShim::Serve() {
   FuseLoop::Options loop;
   loop.spin = options_.spin;
-  if (const char* sp = std::getenv("ULSP_FUSE_SPIN_US")) loop.spin = std::chrono::microseconds(std::atoi(sp));
+  if (const char* sp = std::getenv("ULSP_FUSE_SPIN_US")) {
+    // For measurements (docs/vfs.md): how long the leader polls after a request.
+    const std::string_view text(sp);
+    unsigned us = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), us);
+    if (ec == std::errc() && end == text.data() + text.size() && us <= 1'000'000) {
+      loop.spin = std::chrono::microseconds(us);
+    } else {
+      Logger("fuse")->warn("ULSP_FUSE_SPIN_US='{}' is not a number of microseconds up to 1000000; spinning {} µs",
+                           text, std::chrono::duration_cast<std::chrono::microseconds>(loop.spin).count());
+    }
+  }
   loop.max_threads = options_.max_threads;
   loop.exit_fd = exit_fd_.get();
   if (!serves_inline_) loop.helped = &port_;

@@ -322,6 +322,22 @@ class StackTest : public ::testing::Test {
   std::unique_ptr<ServedMount> mount_;
 };
 
+TEST_F(StackTest, ABadSpinSettingIsSaidAndIgnored) {
+  // ULSP_FUSE_SPIN_US tunes how long the FUSE leader polls, for measurements. A value
+  // that is no number of microseconds (here with a unit) is said in the log and the
+  // default kept, not read as 0 (atoi's answer) without a word.
+  ::setenv("ULSP_FUSE_SPIN_US", "50us", 1);
+  struct Unset {
+    ~Unset() { ::unsetenv("ULSP_FUSE_SPIN_US"); }
+  } unset;
+  Mount("passthrough:" + dir_ / "src");
+  EXPECT_EQ(Output("cat " + mount_->path() + "/top"), "t\n");
+  mount_.reset();  // unmounted: the log is complete
+  EXPECT_NE(ReadFile(dir_ / "server.log").find("ULSP_FUSE_SPIN_US='50us' is not a number of microseconds"),
+            std::string::npos)
+      << ReadFile(dir_ / "server.log");
+}
+
 TEST_F(StackTest, ViewShowsOnlyWhatItsListAdmits) {
   std::ofstream(dir_ / "allow.txt") << "/pub\n/top\n";
   Mount("view:" + dir_ / "allow.txt" + ",passthrough:" + dir_ / "src");
