@@ -324,8 +324,8 @@ class StackTest : public ::testing::Test {
 
 TEST_F(StackTest, ABadSpinSettingIsSaidAndIgnored) {
   // ULSP_FUSE_SPIN_US tunes how long the FUSE leader polls, for measurements. A value
-  // that is no number of microseconds (here with a unit) is said in the log and the
-  // default kept, not read as 0 (atoi's answer) without a word.
+  // that is no number of microseconds (here one with a unit, which atoi read as 50)
+  // is said in the log and the default kept, never taken without a word.
   ::setenv("ULSP_FUSE_SPIN_US", "50us", 1);
   struct Unset {
     ~Unset() { ::unsetenv("ULSP_FUSE_SPIN_US"); }
