@@ -29,7 +29,20 @@ struct Owner {
                     }};
 };
 
-// Waits until the watchdog has stopped looking (no look for 20 periods).
+// Waits up to 5 s for `done`. Polled, not slept for a fixed time: on a loaded machine
+// (a sanitizer build beside other tests) the watchdog's thread may be late.
+template <class Done>
+bool Eventually(Done done) {
+  const auto end = std::chrono::steady_clock::now() + 5s;
+  while (!done()) {
+    if (std::chrono::steady_clock::now() >= end) return false;
+    std::this_thread::sleep_for(kPeriod);
+  }
+  return true;
+}
+
+// Waits until the watchdog has stopped looking (no look for 100 periods: longer than
+// a late thread's delay, shorter than its quiet spell of kQuietTicks looks).
 bool WaitUntilResting(const Owner& o, std::chrono::milliseconds limit) {
   const auto end = std::chrono::steady_clock::now() + limit;
   unsigned seen = o.looks.load();
@@ -40,7 +53,7 @@ bool WaitUntilResting(const Owner& o, std::chrono::milliseconds limit) {
     if (now != seen) {
       seen = now;
       still_since = std::chrono::steady_clock::now();
-    } else if (std::chrono::steady_clock::now() - still_since > 20 * kPeriod) {
+    } else if (std::chrono::steady_clock::now() - still_since > 100 * kPeriod) {
       return true;
     }
   }
@@ -55,8 +68,7 @@ TEST(Watchdog, LooksWhileWorkFlowsAndRestsAfterAQuietSpell) {
 
   o.busy = true;
   o.watchdog.Wake();
-  std::this_thread::sleep_for(30 * kPeriod);
-  EXPECT_GE(o.busy_looks.load(), 5u) << "it did not look while work was in progress";
+  EXPECT_TRUE(Eventually([&] { return o.busy_looks.load() >= 5; })) << "it did not look while work was in progress";
 
   o.busy = false;
   ASSERT_TRUE(WaitUntilResting(o, 5s)) << "it kept looking with no work";
@@ -65,10 +77,10 @@ TEST(Watchdog, LooksWhileWorkFlowsAndRestsAfterAQuietSpell) {
   std::this_thread::sleep_for(30 * kPeriod);
   EXPECT_EQ(o.looks.load(), at_rest);
 
+  const unsigned busy_before = o.busy_looks.load();
   o.busy = true;
   o.watchdog.Wake();
-  std::this_thread::sleep_for(30 * kPeriod);
-  EXPECT_GT(o.busy_looks.load(), 5u) << "Wake did not end the rest";
+  EXPECT_TRUE(Eventually([&] { return o.busy_looks.load() > busy_before; })) << "Wake did not end the rest";
   o.watchdog.Stop();
   o.watchdog.Stop();  // idempotent
 }
@@ -99,10 +111,9 @@ TEST(Watchdog, WorkThatComesAsItGoesToRestIsSeen) {
   self = &watchdog;
   ASSERT_TRUE(watchdog.Start());
   watchdog.Wake();  // work came and went before the first look
-  const auto end = std::chrono::steady_clock::now() + 2s;
-  while (busy_looks.load() == 0 && std::chrono::steady_clock::now() < end) std::this_thread::sleep_for(kPeriod);
-  ASSERT_TRUE(came.load()) << "the quiet spell never ended";
-  EXPECT_GT(busy_looks.load(), 0u) << "the item in progress was never looked at: the watchdog went to rest over it";
+  ASSERT_TRUE(Eventually([&] { return came.load(); })) << "the quiet spell never ended";
+  EXPECT_TRUE(Eventually([&] { return busy_looks.load() > 0; }))
+      << "the item in progress was never looked at: the watchdog went to rest over it";
   watchdog.Stop();
 }
 
