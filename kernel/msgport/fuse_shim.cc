@@ -683,6 +683,7 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
   }
   std::string opts = "fsname=" + fsname + ",subtype=ulsp,default_permissions";
   if (o.allow_other) opts += ",allow_other";
+  if (o.read_only) opts += ",ro";
   if (!serves_inline) opts += ",max_read=" + std::to_string(kMaxRelayedIo);
   // Device nodes and set-user-ID files work as on the file system underneath (libfuse
   // would mount nodev,nosuid); only root may ask for that.

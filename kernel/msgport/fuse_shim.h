@@ -59,6 +59,11 @@ class FuseShim {
     bool io_uring = true;             // requests come through FUSE over io_uring, one
                                       // queue per CPU (fuse_uring.h), when the kernel
                                       // offers it (the fuse module's enable_uring)
+    bool read_only = false;           // mounted read-only: the kernel refuses every
+                                      // change (EROFS) before it reaches the stack, and
+                                      // keeps a file's attributes cached across reads
+                                      // (on a writable mount a read drops the cached
+                                      // atime, so the next stat is a GETATTR)
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a

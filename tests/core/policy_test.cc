@@ -32,6 +32,7 @@ stack = "overlay:/tmp/build-upper,passthrough:/usr/share/doc"
 path = "/"
 stack = "trace:/tmp/t.jsonl,passthrough:/"
 timeout = 0
+read_only = true
 
 [[group.build.net]]
 action = "allow"
@@ -65,13 +66,15 @@ net_default = "allow"
   ASSERT_EQ(g.mounts.size(), 2u);
   EXPECT_EQ(g.mounts[0].path, "/");  // parents first
   EXPECT_EQ(g.mounts[0].timeout, 0.0);
+  EXPECT_TRUE(g.mounts[0].read_only);
+  EXPECT_FALSE(g.mounts[1].read_only);
   EXPECT_EQ(g.mounts[1].path, "/usr/local/src");
   EXPECT_EQ(g.mounts[1].where, "/etc/p.toml:10");
   ASSERT_EQ(g.net.rules().size(), 2u);
   EXPECT_EQ(g.net.rules()[0].port_lo, 8000);
   EXPECT_EQ(g.net.rules()[1].host, "db.internal");
   EXPECT_EQ(g.net.rules()[1].port_lo, 53);
-  EXPECT_EQ(g.net.Describe(1), "rule 2 (/etc/p.toml:25)");
+  EXPECT_EQ(g.net.Describe(1), "rule 2 (/etc/p.toml:26)");
   EXPECT_EQ(*g.limits.wall_seconds, 600u);
   EXPECT_EQ(*g.limits.memory_bytes, 2ull << 30);
   EXPECT_FALSE(g.limits.cpu_seconds.has_value());
@@ -115,6 +118,10 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\n[[group.g.mount]]\npath = \"/x/\"\n"
                     "stack = \"memfs:2M\"\n"),
             "p.toml:5: mount point /x overlaps the mount at p.toml:2 (one stack per mount point)");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\nread_only = \"yes\"\n"),
+            "p.toml:5: `read_only` in a [[group.g.mount]] must be true or false");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\nreadonly = true\n"),
+            "p.toml:5: unknown key 'readonly' in a [[group.g.mount]] (known: path, stack, isolated, read_only, timeout)");
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"x\"\nstack = \"memfs:1M\"\n"), "p.toml:3: mount path 'x' must be absolute");
   EXPECT_EQ(Refusal("[group.g]\n[group.g.limits]\nmemory = \"lots\"\n"),
             "p.toml:3: `memory` in [group.g.limits]: give bytes, optionally with K, M, G or T");

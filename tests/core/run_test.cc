@@ -97,6 +97,20 @@ TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {
   EXPECT_NE(Output("grep -c '\"path\":\"/usr/bin/env\"' " + dir_ / "trace.jsonl"), "0\n");
 }
 
+// A read-only root (`read_only = true`): the command reads the system as it is, every
+// change to it is refused as on any read-only mount, and its private /tmp is writable.
+TEST_F(RunTest, AReadOnlyRootRefusesChangesButNotTheGroupsTmp) {
+  const std::string policy = kOpen + "private_tmp = true\n[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n" +
+                             "read_only = true\n";
+  auto r = RunInGroup(dir_, policy,
+                      "cat /etc/hostname > /dev/null && echo read; touch /ulsp-ro-987 2>&1 | grep -c 'Read-only file system'; "
+                      "touch /tmp/x && echo tmp; "
+                      "awk '$5 == \"/\" {print $6}' /proc/self/mountinfo | cut -d, -f1");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "read\n1\ntmp\nro\n");
+  EXPECT_NE(Shell("test -e /ulsp-ro-987"), 0);
+}
+
 TEST_F(RunTest, TheWallLimitEndsTheGroup) {
   const auto start = std::chrono::steady_clock::now();
   auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nwall_seconds = 1\n", "sleep 987654");

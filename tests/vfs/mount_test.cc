@@ -393,6 +393,59 @@ TEST_F(StackTest, WithoutKernelPassthroughTraceRecordsEveryReadAndWrite) {
   EXPECT_NE(log.find(R"("op":"write","path":"/pub/a")"), std::string::npos) << log;
 }
 
+// A read-only mount (-r): every change is refused by the kernel (EROFS) and never
+// reaches the stack, the tree underneath stays as it was, and reading a file leaves
+// its cached attributes valid, so a stat after the read is no request. (On a writable
+// mount the kernel drops a file's cached atime whenever it is read: tar c, which
+// fstats each file after reading it, then makes a GETATTR per file.)
+TEST_F(StackTest, AReadOnlyMountRefusesChangesAndKeepsAttributesAcrossReads) {
+  mount_ = std::make_unique<ServedMount>(
+      std::vector<std::string>{"-r", "--timeout", "60", "--stack", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src"},
+      dir_ / "mnt", dir_ / "server.log");
+  ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+  const std::string m = mount_->path();
+  const std::string listing = "cd " + dir_ / "src" + " && find . -printf '%p %m %s %T@\\n' | sort && cat pub/a top";
+  const std::string before = Output(listing);
+  EXPECT_EQ(Output("awk '$5 == \"" + m + "\" {print $6}' /proc/self/mountinfo | cut -d, -f1"), "ro\n");
+  const std::string reads = R"PY(
+import os, sys
+p = sys.argv[1]
+os.stat(p)
+for _ in range(3):
+    fd = os.open(p, os.O_RDONLY)
+    assert os.read(fd, 100) == b"a\n"
+    os.fstat(fd)
+    os.close(fd)
+    os.stat(p)
+print("ok")
+)PY";
+  std::ofstream(dir_ / "reads.py") << reads;
+  EXPECT_EQ(Output(kPython + " " + dir_ / "reads.py " + m + "/pub/a"), "ok\n");
+  for (const std::string& change :
+       {"touch " + m + "/new", "echo x >> " + m + "/pub/a", "truncate -s 0 " + m + "/pub/a", "rm " + m + "/pub/a",
+        "mkdir " + m + "/d", "mv " + m + "/top " + m + "/pub/top", "chmod 600 " + m + "/top", "ln " + m + "/top " + m + "/h",
+        "ln -s top " + m + "/s", "mkfifo " + m + "/f", "touch -d 2000-01-01 " + m + "/top", "rmdir " + m + "/pub/sub"}) {
+    EXPECT_EQ(Output("(" + change + ") 2>&1 | grep -c 'Read-only file system'"), "1\n") << change;
+  }
+  mount_->Stop();
+  EXPECT_EQ(Output(listing), before);
+  const std::string check = R"PY(
+import json, sys
+ops = [json.loads(l) for l in open(sys.argv[1])]
+changes = [o for o in ops if o["op"] not in ("lookup", "getattr", "open", "read", "flush", "release", "opendir",
+                                              "readdir", "readdirplus", "releasedir", "statfs", "access", "getxattr",
+                                              "listxattr", "readlink", "lseek")]
+assert not changes, changes
+opened = [i for i, o in enumerate(ops) if o["op"] == "open" and o["path"] == "/pub/a"]
+assert len(opened) == 3, [o for o in ops if o["path"] == "/pub/a"]
+again = [o for o in ops[opened[0]:] if o["op"] == "getattr" and o["path"] == "/pub/a"]
+assert not again, again
+print("ok")
+)PY";
+  std::ofstream(dir_ / "check.py") << check;
+  EXPECT_EQ(Output(kPython + " " + dir_ / "check.py " + dir_ / "t.jsonl", true), "ok\n");
+}
+
 // A trace whose log's file system is full: the mount keeps serving, the server's log
 // names the file and the error, no line is left cut in half (a write that stopped
 // inside one is cut back), and once the disk has room the trace says how many lines

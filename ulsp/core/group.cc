@@ -192,7 +192,7 @@ int RunGroup(GroupRun& run) {
     return Error(run_dir + ": cannot write the group's resolv.conf and hosts");
 
   GroupPlan plan;
-  for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated});
+  for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated, m->policy.read_only});
   if (!group.mounts.empty() && group.mounts.front().path == "/") {
     plan.staging = run_dir + "/root";
     std::filesystem::create_directory(plan.staging, ec);

@@ -210,7 +210,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (fd < 0) Die(Errno("/dev/fuse"));
     std::string opts = "fd=" + std::to_string(fd) + ",rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other";
     if (m.isolated) opts += ",max_read=131072";
-    if (::mount(m.fsname.c_str(), target.c_str(), "fuse.ulsp", MS_NOSUID, opts.c_str()) != 0)
+    if (::mount(m.fsname.c_str(), target.c_str(), "fuse.ulsp", MS_NOSUID | (m.read_only ? MS_RDONLY : 0), opts.c_str()) != 0)
       Die(Errno("mounting the stack on " + m.path));
     Say("mount " + std::to_string(i), fd);
     ::close(fd);

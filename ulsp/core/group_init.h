@@ -31,6 +31,7 @@ struct GroupPlan {
     std::string path;    // in the group's view ("/" for its root)
     std::string fsname;  // the "source" column of /proc/mounts
     bool isolated = false;
+    bool read_only = false;
   };
   std::vector<Mount> mounts;  // parents first
   std::string staging;        // where the root stack is mounted before pivot_root ("" if none)

@@ -22,6 +22,8 @@ int main(int argc, char** argv) {
   mount_cmd->add_flag("--isolated", mount.isolated, "Serve the stack in its own process (restarted if it dies)");
   mount_cmd->add_flag("-f,--foreground", mount.foreground, "Serve in this process, logging to stderr");
   mount_cmd->add_flag("-d,--debug", mount.debug, "Log every kernel request (implies -f)");
+  mount_cmd->add_flag("-r,--read-only", mount.read_only,
+                      "Mount read-only: every change is refused (EROFS) by the kernel; reads need fewer requests");
   mount_cmd->add_option("--timeout", mount.timeout, "Seconds the kernel caches entries and attributes")
       ->capture_default_str();
   mount_cmd->add_flag("!--no-kernel-passthrough", mount.kernel_passthrough,

@@ -131,6 +131,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.fsname = fsname;
   options.timeout = args.timeout;
   options.debug = args.debug;
+  options.read_only = args.read_only;
   options.kernel_passthrough = args.kernel_passthrough;
   options.io_uring = args.io_uring;
   // Over a network a lookup is a round trip: listings bring their entries' attributes.

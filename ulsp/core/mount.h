@@ -13,6 +13,7 @@ struct MountArgs {
   bool isolated = false;    // serve the stack in its own process
   bool foreground = false;  // serve in this process until unmounted or signalled
   bool debug = false;       // libfuse's request log (implies foreground)
+  bool read_only = false;   // mounted read-only (FuseShim::Options)
   double timeout = 1.0;     // entry and attribute cache, seconds
   bool kernel_passthrough = true;  // the kernel reads and writes files the stack lets
                                    // it on their descriptors (FuseShim::Options)

@@ -215,7 +215,7 @@ class Parser {
 
   MountPolicy Mount(const std::string& group, const toml::table& t) const {
     const std::string what = "a [[group." + group + ".mount]]";
-    OnlyKeys(t, what, {"path", "stack", "isolated", "timeout"});
+    OnlyKeys(t, what, {"path", "stack", "isolated", "read_only", "timeout"});
     MountPolicy m;
     m.where = Where(t.source());
     const std::string path = String(t, "path", what, true);
@@ -240,6 +240,7 @@ class Parser {
     }
     m.stack = spec;
     m.isolated = Bool(t, "isolated", what, false);
+    m.read_only = Bool(t, "read_only", what, false);
     if (const toml::node* n = t.get("timeout")) {
       if (!n->is_number() || *n->value<double>() < 0) Fail(n->source(), "`timeout` must be 0 or more seconds");
       m.timeout = *n->value<double>();

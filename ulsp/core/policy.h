@@ -23,6 +23,7 @@ struct MountPolicy {
   std::string path;   // absolute, normalized ("/" for the group's root)
   std::string stack;  // a SPEC (ulsp/vfs/stack.h)
   bool isolated = false;
+  bool read_only = false;  // mounted read-only: changes get EROFS from the kernel
   double timeout = 1.0;  // entry and attribute cache, seconds
   std::string where;     // "FILE:LINE"
 };
