@@ -167,13 +167,16 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
       (void)!::write(progress_fd, line.data(), line.size());
     }
   };
-  // Threads of this process start once the group's processes are forked (see
-  // Recording::SetGroupInit): none is being set up while RunGroup forks.
-  run.on_started = [&, started = std::move(started)](pid_t init) {
-    recorder->SetGroupInit(init);
+  // Threads of this process start once the group's processes are forked: a thread
+  // still being set up when this process forks can hold a sanitizer allocator's
+  // lock, which the child then waits on forever (seen under AddressSanitizer).
+  run.on_started = [&, started = std::move(started)](pid_t) {
     if (progress) progress_thread = std::thread(report_progress);
     if (started) started();
   };
+  // The group's /proc, for the argv of each process, is open before the command
+  // starts: a command that fails at once is still named.
+  run.on_built = [&](pid_t init) { recorder->OpenGroupProc(init); };
   run.who = "pkgdep-vfs";
   {
     std::optional<Capture> cap;

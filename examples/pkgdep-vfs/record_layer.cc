@@ -4,7 +4,6 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include <chrono>
 #include <new>
 
 namespace pkgdep {
@@ -57,44 +56,14 @@ std::string Recording::Shown(const std::string& argv, pid_t pid) const {
 }
 
 Recording::~Recording() {
-  {
-    std::lock_guard lock(mu_);
-    stopping_ = true;
-  }
-  cv_.notify_all();
-  if (opener_.joinable()) opener_.join();
   if (const int fd = proc_fd_.load(); fd >= 0) ::close(fd);
 }
 
-void Recording::SetGroupInit(pid_t init) {
-  std::lock_guard lock(mu_);
-  init_ = init;
-  // Started only now, after the group's processes are forked: a thread still being
-  // set up when this process forks can hold a sanitizer allocator's lock, which the
-  // child then waits on forever (seen under AddressSanitizer, in seccomp_load).
-  if (!opener_.joinable()) opener_ = std::thread([this] { OpenGroupProc(); });
-  cv_.notify_all();
-}
-
-void Recording::OpenGroupProc() {
-  struct stat host {};
-  ::stat("/proc", &host);
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [this] { return stopping_ || init_ > 0; });
-  const std::string path = "/proc/" + std::to_string(init_) + "/root/proc";
-  // Until the group has mounted its own /proc there, the path leads to the host's.
-  while (!stopping_) {
-    lock.unlock();
-    const int fd = ::open(path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
-    struct stat st {};
-    if (fd >= 0 && ::fstat(fd, &st) == 0 && st.st_dev != host.st_dev) {
-      proc_fd_.store(fd);
-      return;
-    }
-    if (fd >= 0) ::close(fd);
-    lock.lock();
-    cv_.wait_for(lock, std::chrono::milliseconds(2));
-  }
+void Recording::OpenGroupProc(pid_t init) {
+  const std::string path = "/proc/" + std::to_string(init) + "/root/proc";
+  const int fd = ::open(path.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0) return;  // a group without /proc: no argv, as before it was built
+  if (const int old = proc_fd_.exchange(fd); old >= 0) ::close(old);
 }
 
 std::string Recording::ArgvOf(pid_t pid) {

@@ -10,9 +10,10 @@
 // access is seen, not every repetition — which is all this record needs.
 //
 // The argv of a process is read from the group's own /proc (its pids are the group's)
-// through a descriptor opened once, by a thread of the layer's own, as soon as the
-// group has mounted it: reading it by path from a request of this very mount would go
-// through this mount again, which a FUSE server must never do.
+// through a descriptor opened once, when the group is built and before its command
+// starts, by pkgdep-vfs's main thread: reading it by path from a request of this very
+// mount would go through this mount again, which a FUSE server must never do.
+// Requests before that (the group's init building its world) have no argv.
 //
 // Thread-safe (Serve runs on many threads).
 #pragma once
@@ -22,9 +23,7 @@
 #include <atomic>
 #include <map>
 #include <memory>
-#include <condition_variable>
 #include <mutex>
-#include <thread>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -53,9 +52,9 @@ class Recording {
   Recording(const Recording&) = delete;
   Recording& operator=(const Recording&) = delete;
 
-  // The group's init (host pid): its /proc is /proc/INIT/root/proc. Until the group
-  // has mounted it, argv is not read. Starts the thread that opens it.
-  void SetGroupInit(pid_t init);
+  // Opens the group's /proc, /proc/INIT/root/proc (INIT: the group's init, host
+  // pid), once the group is built. Never from a request of the mount (see above).
+  void OpenGroupProc(pid_t init);
   // The command as the user gave it. A process of the group that still has this
   // program's argv (forked from it, its exec not done yet, or failed: a command that
   // does not exist is looked for by it) is shown as "COMMAND (before its exec)".
@@ -69,16 +68,11 @@ class Recording {
   size_t processes() const;
 
  private:
-  void OpenGroupProc();           // the opener thread
   std::string ArgvOf(pid_t pid);  // with mu_ held
   std::string Shown(const std::string& argv, pid_t pid) const;  // with mu_ held
 
   std::atomic<int> proc_fd_{-1};  // the group's /proc, once open
-  std::thread opener_;
   mutable std::mutex mu_;  // guards what follows
-  std::condition_variable cv_;
-  pid_t init_ = 0;
-  bool stopping_ = false;
   const std::string own_argv_;  // this program's, as /proc/self/cmdline says
   std::string command_;
   std::unordered_map<std::string, Touch> touched_;

@@ -360,6 +360,7 @@ int RunGroup(GroupRun& run) {
         Answer(sock.get(), resolver_error);
         continue;
       }
+      if (run.on_built) run.on_built(init_pid);
       Answer(sock.get(), "ok");
       ready = true;
     } else if (said.text.rfind("error ", 0) == 0) {

@@ -44,6 +44,9 @@ struct GroupRun {
   // Called once the group's init exists (its pid in the host's namespace), before
   // its mounts are served: a layer that reads the group's /proc needs it.
   std::function<void(pid_t init_pid)> on_started;
+  // Called once the group's world is built (its mounts, its /proc, its root in
+  // place) and before its command starts. Its /proc is then /proc/INIT/root/proc.
+  std::function<void(pid_t init_pid)> on_built;
   std::string who = "ulsp run";  // starts ulsp's own error lines
 };
 
