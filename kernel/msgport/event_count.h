@@ -53,6 +53,10 @@ class SpinPause {
     }
   }
   void Reset() noexcept { spins_ = 0; }
+  // Past the pure spins: each pause is a yield, which on a busy CPU can hand it to
+  // another task for a whole timeslice (milliseconds), so a loop that looks at the
+  // clock only every 64th pause may then look 100 ms late.
+  bool yielding() const noexcept { return spins_ >= kPureSpins; }
 
  private:
   static constexpr int kPureSpins = 64;  // a few microseconds: longer than a round trip

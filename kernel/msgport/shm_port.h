@@ -198,6 +198,10 @@ class ShmServerPort final : public Port {
   // Wakes the client's reply thread if replies wait unread after the client's lease
   // ran out; returns how long the server may sleep before looking again.
   std::chrono::nanoseconds AnnounceUnreadReplies() noexcept;
+  // The same for every turn of a spin that yields, once a lease has been over for a
+  // lease's time: it reads the lease first (its line is written once per half lease)
+  // and the reply ring's indices (which move with every reply) only after that.
+  void AnnounceIfLeaseRanOut() noexcept;
   // How long the client's reply-polling lease still runs (0: none, or run out).
   int64_t LeaseLeftNs() const noexcept;
   // Takes a message out of service and keeps it for reuse (see spare_).
