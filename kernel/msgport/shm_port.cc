@@ -651,7 +651,7 @@ void ShmServerPort::AnnounceIfLeaseRanOut() noexcept {
   // pushed (or by EndLease). A lease is given one lease's grace past its end here:
   // announcing the moment it ends woke the client's reply thread while its helper was
   // still about to renew, and cost 10% of the port's throughput through a ReplyQueue
-  // (ulsp-msgport-bench --only shm-throughput, 3.55 against 3.96 M msg/s).
+  // (ulsp-msgport-bench --only shm-throughput: 3.52-3.58 against 3.90-4.03 M msg/s).
   const int64_t lease = segment_->header->reply_poll_until_ns.load(std::memory_order_acquire);
   if (lease == 0 || lease + shm::kLeaseNs > shm::NowNs()) return;
   if (segment_->replies.Depth() != 0) segment_->header->replies_ec.Notify();

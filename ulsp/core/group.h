@@ -42,7 +42,8 @@ struct GroupRun {
   // mount's SPEC. Taken by RunGroup.
   std::vector<std::unique_ptr<vfs::Layer>> stacks;
   // Called once the group's init exists (its pid in the host's namespace), before
-  // its mounts are served: a layer that reads the group's /proc needs it.
+  // its mounts are served. The group's own processes are forked by then (an
+  // isolated mount's server is started later).
   std::function<void(pid_t init_pid)> on_started;
   // Called once the group's world is built (its mounts, its /proc, its root in
   // place) and before its command starts. Its /proc is then /proc/INIT/root/proc.
