@@ -4,6 +4,8 @@
 #include <fuse3/fuse_lowlevel.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
@@ -164,13 +166,17 @@ bool FuseLoop::CheckLeader() {
 }
 
 int FuseLoop::RunPerCpu(const std::vector<int>& cpus) {
-  for (size_t i = 0; i < cpus.size(); ++i) pinned_.push_back(std::make_unique<Reader>());
+  for (size_t i = 0; i < cpus.size(); ++i) {
+    pinned_.push_back(std::make_unique<Reader>());
+    // Without one the reader never rests: every request wakes it.
+    if (options_.rest) pinned_.back()->rest_fd.Reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  }
   StartWatchdog([this] { return CheckReaders(); });
   {
     std::lock_guard lock(mu_);
     for (size_t i = 0; i < cpus.size(); ++i) {
       running_.fetch_add(1);
-      threads_.emplace_back([this, i, cpu = cpus[i]] { Read(*pinned_[i], cpu); });
+      threads_.emplace_back([this, i, cpu = cpus[i]] { Read(*pinned_[i], cpu, i); });
     }
   }
   return Finish();
@@ -190,7 +196,55 @@ bool FuseLoop::PinnedReaderIdle() const noexcept {
   return false;
 }
 
-void FuseLoop::Read(Reader& self, int cpu) {
+void FuseLoop::Took(size_t index) noexcept {
+  // A saturating count: another reader's request takes kStreak / 4 off it, so a race
+  // now and then (an idle CPU's reader is sometimes quicker) keeps the holder, while
+  // a program that moved to another CPU hands the streak to that CPU's reader within
+  // four requests.
+  unsigned streak = streak_.load(std::memory_order_relaxed);
+  if (streak_reader_.load(std::memory_order_relaxed) != index) {
+    if (streak > kStreak / 4) {
+      streak_.store(streak - kStreak / 4, std::memory_order_relaxed);
+    } else {
+      streak_reader_.store(index, std::memory_order_relaxed);
+      streak_.store(1, std::memory_order_relaxed);
+    }
+    return;
+  }
+  if (streak < kStreak) {
+    streak_.store(streak + 1, std::memory_order_relaxed);
+    return;
+  }
+  // Past the streak every request it takes asks again the readers whose rest ended,
+  // once each has been back kGrace: long enough to take a request if its CPU's
+  // program is the one that makes them now.
+  const int64_t now = NowNs();
+  const uint64_t one = 1;
+  for (size_t i = 0; i < pinned_.size(); ++i) {
+    Reader& other = *pinned_[i];
+    if (i == index || !other.rest_fd || other.resting.load(std::memory_order_relaxed) ||
+        now - other.back_ns.load(std::memory_order_relaxed) < kGrace.count() ||
+        other.resting.exchange(true, std::memory_order_relaxed))
+      continue;
+    (void)!::write(other.rest_fd.get(), &one, sizeof one);
+  }
+}
+
+void FuseLoop::WaitOrRest(Reader& self, int fd) noexcept {
+  const bool exit_fd = options_.exit_fd >= 0;
+  pollfd p[3] = {{fd, POLLIN, 0}, {self.rest_fd.get(), POLLIN, 0}, {options_.exit_fd, POLLIN, 0}};
+  // A request waiting comes first; the ask stays for the next wait.
+  if (::poll(p, exit_fd ? 3 : 2, 1000) <= 0 || !(p[1].revents & POLLIN) || (p[0].revents & POLLIN)) return;
+  uint64_t n;
+  (void)!::read(self.rest_fd.get(), &n, sizeof n);
+  rests_.fetch_add(1, std::memory_order_relaxed);
+  // Away from /dev/fuse's wait queue; an exit still ends the rest at once.
+  ::poll(&p[2], exit_fd ? 1 : 0, static_cast<int>(kRest.count()));
+  self.back_ns.store(NowNs(), std::memory_order_relaxed);
+  self.resting.store(false, std::memory_order_relaxed);
+}
+
+void FuseLoop::Read(Reader& self, int cpu, size_t index) {
   if (cpu >= 0) {
     cpu_set_t one;
     CPU_ZERO(&one);
@@ -204,7 +258,11 @@ void FuseLoop::Read(Reader& self, int cpu) {
     const int res = fuse_session_receive_buf(session_, &buf);
     if (res == -EAGAIN) {
       if (cpu < 0 && PinnedReaderIdle()) break;  // a spare is needed no more
-      WaitForRequest(fd);
+      if (cpu >= 0 && self.rest_fd) {
+        WaitOrRest(self, fd);
+      } else {
+        WaitForRequest(fd);
+      }
       continue;
     }
     if (res == -EINTR) continue;
@@ -217,6 +275,7 @@ void FuseLoop::Read(Reader& self, int cpu) {
     watchdog_->Wake();
     fuse_session_process_buf(session_, &buf);
     self.busy_since_ns.store(0, std::memory_order_relaxed);
+    if (cpu >= 0) Took(index);  // after the reply: an ask costs its program nothing
     if (cpu < 0 && PinnedReaderIdle()) break;
   }
   std::free(buf.mem);
@@ -250,7 +309,7 @@ bool FuseLoop::CheckReaders() {
   spare_readers_.push_back(std::make_unique<Reader>());
   Reader& spare = *spare_readers_.back();
   running_.fetch_add(1);
-  std::thread([this, &spare] { Read(spare, -1); }).detach();
+  std::thread([this, &spare] { Read(spare, -1, 0); }).detach();
   return true;
 }
 

@@ -825,10 +825,17 @@ int FuseShim::Serve() {
                            text, std::chrono::duration_cast<std::chrono::microseconds>(loop.spin).count());
     }
   }
+  if (const char* rest = std::getenv("ULSP_FUSE_REST"); rest != nullptr && std::string_view(rest) == "0") {
+    loop.rest = false;  // for measurements (docs/vfs.md): every reader waits for every request
+  }
   loop.max_threads = options_.max_threads;
   loop.exit_fd = exit_fd_.get();
   if (!serves_inline_) loop.helped = &port_;
-  return FuseLoop(session_, loop).Run();
+  FuseLoop serving(session_, loop);
+  const int result = serving.Run();
+  if (const uint64_t rests = serving.Rests(); rests > 0)
+    Logger("fuse")->info("{}: per-CPU readers rested {} times", options_.mountpoint, rests);
+  return result;
 }
 
 void FuseShim::Exit() noexcept {

@@ -288,6 +288,31 @@ TEST_P(BlockedServerTest, MoreStuckRequestsThanReadersLeaveTheRestServed) {
 INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring", "isolated"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
+// Per-CPU readers rest while one program on another CPU makes request after request
+// (fuse_loop.h). A program that then comes to a resting reader's CPU is served, the
+// readers say in the log that they rested, and the mount ends at once.
+TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
+  ASSERT_GE(::sysconf(_SC_NPROCESSORS_ONLN), 2) << "per-CPU readers need two CPUs";
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
+  ServedMount mount({"--no-io-uring", dir / "src"}, dir / "mnt", dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
+  const std::string file = mount.path() + "/f";
+  // 3000 opens from CPU 0 (each an OPEN, and a RELEASE), then at once a program on
+  // CPU 1, while CPU 1's reader rests.
+  const auto t0 = std::chrono::steady_clock::now();
+  EXPECT_EQ(Output("timeout -s KILL 20 taskset -c 0 " + kPython + " -c \"import os\n" +
+                   "for _ in range(3000): os.close(os.open('" + file + "', os.O_RDONLY))\" && " +
+                   "timeout -s KILL 10 taskset -c 1 cat " + file),
+            "hello\n");
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(15));
+  const auto stopped = std::chrono::steady_clock::now();
+  EXPECT_EQ(mount.Stop(), 0) << ReadFile(dir / "server.log");
+  EXPECT_LT(std::chrono::steady_clock::now() - stopped, std::chrono::seconds(5));
+  EXPECT_NE(ReadFile(dir / "server.log").find("per-CPU readers rested"), std::string::npos)
+      << ReadFile(dir / "server.log");
+}
+
 // With io_uring, requests may come through a ring as soon as its thread registered,
 // while the thread that answered INIT is still starting the others: their replies must
 // reach the ring (a reply written to /dev/fuse instead is refused by the kernel, and
