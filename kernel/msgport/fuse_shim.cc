@@ -834,7 +834,7 @@ int FuseShim::Serve() {
   FuseLoop serving(session_, loop);
   const int result = serving.Run();
   if (const uint64_t rests = serving.Rests(); rests > 0)
-    Logger("fuse")->info("{}: per-CPU readers rested {} times", options_.mountpoint, rests);
+    Logger("fuse")->debug("{}: per-CPU readers rested {} times", options_.mountpoint, rests);
   return result;
 }
 

@@ -295,7 +295,9 @@ TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
   ASSERT_GE(::sysconf(_SC_NPROCESSORS_ONLN), 2) << "per-CPU readers need two CPUs";
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
+  ::setenv("ULSP_LOG", "debug", 1);  // the mount logs its rests at debug level
   ServedMount mount({"--no-io-uring", dir / "src"}, dir / "mnt", dir / "server.log");
+  ::unsetenv("ULSP_LOG");
   ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
   const std::string file = mount.path() + "/f";
   // 3000 opens from CPU 0 (each an OPEN, and a RELEASE), then at once a program on
