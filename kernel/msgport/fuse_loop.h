@@ -27,7 +27,8 @@
 // once it has been back kGrace without taking a request. A program on a resting
 // reader's CPU is served from another CPU meanwhile (a dearer round trip), until the
 // rest ends and its own reader takes the streak over, within four requests. Two
-// programs making requests on two CPUs keep every reader in the queue.
+// programs making requests on two CPUs at like rates seldom let a streak build; a
+// light one beside a busy one waits longer (bench/RESULTS.md has the figures).
 //
 // The spinning leader (Options::helped, or per_cpu off). One thread at a time, the
 // leader, reads the descriptor without blocking and processes what it reads. After
