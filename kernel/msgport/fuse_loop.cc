@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <fuse3/fuse_lowlevel.h>
+#include <linux/fuse.h>
 #include <poll.h>
 #include <sched.h>
 #include <sys/eventfd.h>
@@ -10,6 +11,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 
 #include "kernel/msgport/errno.h"
@@ -29,7 +31,7 @@ int FuseLoop::Run() {
   const int fd = fuse_session_fd(session_);
   const int flags = ::fcntl(fd, F_GETFL);
   if (flags < 0 || ::fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0) return errno;
-  if (options_.per_cpu && options_.helped == nullptr) {
+  if (options_.per_cpu && (options_.helped == nullptr || options_.replies_due != nullptr)) {
     std::vector<int> cpus;
     cpu_set_t allowed;
     CPU_ZERO(&allowed);
@@ -244,6 +246,31 @@ void FuseLoop::WaitOrRest(Reader& self, int fd) noexcept {
   self.resting.store(false, std::memory_order_relaxed);
 }
 
+bool FuseLoop::ProgramWaits(const fuse_buf& buf) noexcept {
+  if ((buf.flags & FUSE_BUF_IS_FD) != 0 || buf.mem == nullptr || buf.size < sizeof(fuse_in_header)) return true;
+  fuse_in_header in;
+  std::memcpy(&in, buf.mem, sizeof in);
+  // The kernel sends a release without waiting for its answer, and a forget has none.
+  return in.opcode != FUSE_RELEASE && in.opcode != FUSE_RELEASEDIR && in.opcode != FUSE_FORGET &&
+         in.opcode != FUSE_BATCH_FORGET && in.opcode != FUSE_INTERRUPT;
+}
+
+void FuseLoop::AwaitReplies() noexcept {
+  Port* const helped = options_.helped;
+  if (options_.replies_due->load(std::memory_order_acquire) == 0) return;
+  helped->Helping(true);
+  const int64_t until = NowNs() + options_.spin.count();
+  for (unsigned i = 1; options_.replies_due->load(std::memory_order_acquire) > 0; ++i) {
+    if (helped->Poll()) continue;
+    CpuRelax();
+    if (i % 64 == 0) {
+      if (NowNs() >= until) break;
+      helped->Helping(true);  // renews the lease
+    }
+  }
+  helped->Helping(false);
+}
+
 void FuseLoop::Read(Reader& self, int cpu, size_t index) {
   if (cpu >= 0) {
     cpu_set_t one;
@@ -273,7 +300,9 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     }
     self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
+    const bool awaited = options_.replies_due != nullptr && ProgramWaits(buf);
     fuse_session_process_buf(session_, &buf);
+    if (awaited) AwaitReplies();
     self.busy_since_ns.store(0, std::memory_order_relaxed);
     if (cpu >= 0) Took(index);  // after the reply: an ask costs its program nothing
     if (cpu < 0 && PinnedReaderIdle()) break;

@@ -2,7 +2,7 @@
 // machines where waking a sleeping thread on another CPU is the dominant cost (on
 // this VM an inter-processor interrupt goes through the hypervisor: ~10-15 µs).
 //
-// Per-CPU readers (the default, for ports that answer in the reading thread). A
+// Per-CPU readers (the default). A
 // program that makes a request blocks in the kernel for its answer, so its CPU is
 // free: a thread waiting there is woken without an interrupt, and so is the program
 // when that thread answers. One reader is pinned to each CPU the process may use,
@@ -30,8 +30,15 @@
 // programs making requests on two CPUs at like rates seldom let a streak build; a
 // light one beside a busy one waits longer (bench/RESULTS.md has the figures).
 //
-// The spinning leader (Options::helped, or per_cpu off). One thread at a time, the
-// leader, reads the descriptor without blocking and processes what it reads. After
+// Replies from another process (Options::helped with Options::replies_due: an
+// isolated server). A reader that passed on a request its program waits for polls
+// the helped port for up to `spin`, delivering its replies, so the answer goes to the
+// kernel from the program's CPU and the port's reply thread is not woken. A release,
+// which the kernel does not wait for, is passed on without polling.
+//
+// The spinning leader (one CPU, more than kMaxPerCpuReaders, or per_cpu off). One
+// thread at a time, the leader, reads the descriptor without blocking and processes
+// what it reads. After
 // each request it keeps polling for `spin` before it sleeps in poll(2), so a program
 // that makes request after request finds the server awake. A watchdog checks, every
 // `takeover` while requests flow, whether the leader has been inside one request
@@ -61,6 +68,7 @@
 #include "kernel/msgport/watchdog.h"
 
 struct fuse_session;
+struct fuse_buf;
 
 namespace ulsp::msgport {
 
@@ -73,17 +81,22 @@ class FuseLoop {
     std::chrono::nanoseconds takeover{std::chrono::milliseconds(2)};
     unsigned max_threads = 16;
     // A port whose replies come from another process (nullptr: none). While the
-    // leader polls for kernel requests it also delivers this port's replies, and
-    // says so (Port::Helping), so the port's reply thread need not be woken for them.
+    // leader polls for kernel requests (or a per-CPU reader for its request's reply,
+    // with replies_due) it also delivers this port's replies, and says so
+    // (Port::Helping), so the port's reply thread need not be woken for them.
     Port* helped = nullptr;
-    // Per-CPU readers instead of the leader (see above); not with `helped`, whose
-    // replies the spinning leader delivers.
+    // Per-CPU readers instead of the leader (see above); with `helped`, only when
+    // replies_due is given too.
     bool per_cpu = true;
     // Readable when the session has been told to exit (fuse_session_exit wakes no
     // one): threads waiting for requests wake at once. -1: they notice within a second.
     int exit_fd = -1;
     // Per-CPU readers rest while another CPU's program makes the requests (see above).
     bool rest = true;
+    // With `helped`: the count of requests whose replies are still due (the shim's).
+    // Per-CPU readers then deliver the helped port's replies themselves, polling for
+    // up to `spin` after each request while one is due.
+    const std::atomic<uint64_t>* replies_due = nullptr;
   };
   static constexpr unsigned kMaxPerCpuReaders = 8;
   static constexpr unsigned kStreak = 8;
@@ -129,6 +142,11 @@ class FuseLoop {
   // reader is idle. `index`: a pinned reader's place in pinned_.
   void Read(Reader& self, int cpu, size_t index);
   bool PinnedReaderIdle() const noexcept;
+  // After a request sent to the helped port: delivers its replies while one is due,
+  // for `spin` at most.
+  void AwaitReplies() noexcept;
+  // Whether the program that made the request in `buf` waits for its answer.
+  static bool ProgramWaits(const fuse_buf& buf) noexcept;
   // A pinned reader took (and answered) a request: counts the streak, and past
   // kStreak asks the other pinned readers to rest.
   void Took(size_t index) noexcept;

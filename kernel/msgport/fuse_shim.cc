@@ -830,7 +830,11 @@ int FuseShim::Serve() {
   }
   loop.max_threads = options_.max_threads;
   loop.exit_fd = exit_fd_.get();
-  if (!serves_inline_) loop.helped = &port_;
+  if (!serves_inline_) {
+    // Replies come from another process: the per-CPU readers deliver them.
+    loop.helped = &port_;
+    loop.replies_due = &in_flight_;
+  }
   FuseLoop serving(session_, loop);
   const int result = serving.Run();
   if (const uint64_t rests = serving.Rests(); rests > 0)

@@ -90,7 +90,7 @@ class IsolatedPort final : public msgport::Port {
 
   void Put(msgport::MessagePtr msg) override;
   void PutReply(msgport::MessagePtr msg) override;
-  // The current server's: a thread polling for other work (the FUSE loop's leader)
+  // The current server's: a thread polling for other work (the FUSE loop's readers)
   // delivers its replies, so the port's reply thread need not be woken.
   bool Poll() override;
   void Helping(bool on) override;
