@@ -145,9 +145,11 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
   return false;
 }
 
-void FuseLoop::WaitForRequest(int fd) const noexcept {
-  pollfd p[2] = {{fd, POLLIN, 0}, {options_.exit_fd, POLLIN, 0}};
-  ::poll(p, options_.exit_fd >= 0 ? 2 : 1, 1000);
+bool FuseLoop::WaitForRequest(int fd, int rest_fd) const noexcept {
+  // poll(2) ignores the entries of negative descriptors (no exit_fd, no rest_fd).
+  pollfd p[3] = {{fd, POLLIN, 0}, {options_.exit_fd, POLLIN, 0}, {rest_fd, POLLIN, 0}};
+  // A request waiting comes first; an ask to rest stays for the next wait.
+  return ::poll(p, 3, 1000) > 0 && (p[2].revents & POLLIN) && !(p[0].revents & POLLIN);
 }
 
 bool FuseLoop::CheckLeader() {
@@ -232,16 +234,13 @@ void FuseLoop::Took(size_t index) noexcept {
   }
 }
 
-void FuseLoop::WaitOrRest(Reader& self, int fd) noexcept {
-  const bool exit_fd = options_.exit_fd >= 0;
-  pollfd p[3] = {{fd, POLLIN, 0}, {self.rest_fd.get(), POLLIN, 0}, {options_.exit_fd, POLLIN, 0}};
-  // A request waiting comes first; the ask stays for the next wait.
-  if (::poll(p, exit_fd ? 3 : 2, 1000) <= 0 || !(p[1].revents & POLLIN) || (p[0].revents & POLLIN)) return;
+void FuseLoop::Rest(Reader& self) noexcept {
   uint64_t n;
   (void)!::read(self.rest_fd.get(), &n, sizeof n);
   rests_.fetch_add(1, std::memory_order_relaxed);
   // Away from /dev/fuse's wait queue; an exit still ends the rest at once.
-  ::poll(&p[2], exit_fd ? 1 : 0, static_cast<int>(kRest.count()));
+  pollfd exit{options_.exit_fd, POLLIN, 0};
+  ::poll(&exit, 1, static_cast<int>(kRest.count()));
   self.back_ns.store(NowNs(), std::memory_order_relaxed);
   self.resting.store(false, std::memory_order_relaxed);
 }
@@ -285,11 +284,7 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     const int res = fuse_session_receive_buf(session_, &buf);
     if (res == -EAGAIN) {
       if (cpu < 0 && PinnedReaderIdle()) break;  // a spare is needed no more
-      if (cpu >= 0 && self.rest_fd) {
-        WaitOrRest(self, fd);
-      } else {
-        WaitForRequest(fd);
-      }
+      if (WaitForRequest(fd, self.rest_fd.get())) Rest(self);
       continue;
     }
     if (res == -EINTR) continue;

@@ -120,9 +120,10 @@ class FuseLoop {
   bool CheckLeader();
   bool CheckReaders();
   void StartWatchdog(std::function<bool()> check);
-  // Sleeps until the kernel has a request, the session is told to exit, or a second
-  // passes.
-  void WaitForRequest(int fd) const noexcept;
+  // Sleeps until the kernel has a request, the session is told to exit, a second
+  // passes, or (a pinned reader's `rest_fd`) it is asked to rest: returns true for
+  // that last, when no request waits.
+  bool WaitForRequest(int fd, int rest_fd = -1) const noexcept;
   // Waits until serving stops, then for the threads (two seconds at most for one
   // inside a request); returns the errno that ended it, or 0.
   int Finish();
@@ -150,8 +151,8 @@ class FuseLoop {
   // A pinned reader took (and answered) a request: counts the streak, and past
   // kStreak asks the other pinned readers to rest.
   void Took(size_t index) noexcept;
-  // Waits for a request as WaitForRequest does, and rests instead when asked to.
-  void WaitOrRest(Reader& self, int fd) noexcept;
+  // A pinned reader asked to rest: out of the kernel's wait queue for kRest.
+  void Rest(Reader& self) noexcept;
   // Logs a failed read of the device and keeps its errno as the loop's result.
   void ReadFailed(int res);
   std::vector<std::unique_ptr<Reader>> pinned_;  // fixed once the readers start

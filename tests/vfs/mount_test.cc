@@ -295,9 +295,16 @@ TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
   ASSERT_GE(::sysconf(_SC_NPROCESSORS_ONLN), 2) << "per-CPU readers need two CPUs";
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
-  ::setenv("ULSP_LOG", "debug", 1);  // the mount logs its rests at debug level
+  // The mount logs its rests at debug level; the test's own setting is put back.
+  const char* was = std::getenv("ULSP_LOG");
+  const std::string log_level = was != nullptr ? was : "";
+  ::setenv("ULSP_LOG", "debug", 1);
   ServedMount mount({"--no-io-uring", dir / "src"}, dir / "mnt", dir / "server.log");
-  ::unsetenv("ULSP_LOG");
+  if (was != nullptr) {
+    ::setenv("ULSP_LOG", log_level.c_str(), 1);
+  } else {
+    ::unsetenv("ULSP_LOG");
+  }
   ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
   const std::string file = mount.path() + "/f";
   // 3000 opens from CPU 0 (each an OPEN, and a RELEASE), then at once a program on
