@@ -259,10 +259,14 @@ void FuseLoop::AwaitReplies() noexcept {
   if (options_.replies_due->load(std::memory_order_acquire) == 0) return;
   helped->Helping(true);
   const int64_t until = NowNs() + options_.spin.count();
+  // Past a few microseconds each pause is a yield: the server may be waiting for
+  // this very CPU (a reader that took a request from another CPU's program spins
+  // where the scheduler may have put the server).
+  SpinPause pause;
   for (unsigned i = 1; options_.replies_due->load(std::memory_order_acquire) > 0; ++i) {
     if (helped->Poll()) continue;
-    CpuRelax();
-    if (i % 64 == 0) {
+    pause();
+    if (i % 64 == 0 || pause.yielding()) {
       if (NowNs() >= until) break;
       helped->Helping(true);  // renews the lease
     }
@@ -297,7 +301,11 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     watchdog_->Wake();
     const bool awaited = options_.replies_due != nullptr && ProgramWaits(buf);
     fuse_session_process_buf(session_, &buf);
-    if (awaited) AwaitReplies();
+    if (awaited) {
+      AwaitReplies();
+    } else if (options_.replies_due != nullptr) {
+      options_.helped->Helping(true);
+    }
     self.busy_since_ns.store(0, std::memory_order_relaxed);
     if (cpu >= 0) Took(index);  // after the reply: an ask costs its program nothing
     if (cpu < 0 && PinnedReaderIdle()) break;

@@ -33,8 +33,12 @@
 // Replies from another process (Options::helped with Options::replies_due: an
 // isolated server). A reader that passed on a request its program waits for polls
 // the helped port for up to `spin`, delivering its replies, so the answer goes to the
-// kernel from the program's CPU and the port's reply thread is not woken. A release,
-// which the kernel does not wait for, is passed on without polling.
+// kernel from the program's CPU and the port's reply thread is not woken. Past a few
+// microseconds each look is a sched_yield: the server may be queued on this very CPU
+// (the scheduler puts it where the reader woke it), and a reader spinning there held
+// it off for the whole spin. A release, which the kernel does not wait for, is
+// passed on without polling, the lease kept: its reply is delivered by the next
+// request's reader, or by the reply thread once the lease runs out.
 //
 // The spinning leader (one CPU, more than kMaxPerCpuReaders, or per_cpu off). One
 // thread at a time, the leader, reads the descriptor without blocking and processes

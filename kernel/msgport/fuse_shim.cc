@@ -714,7 +714,7 @@ Result<std::unique_ptr<FuseShim>> FuseShim::Mount(Options options, Port& port, b
 void FuseShim::UseCustomIo() noexcept {
   if (options_.io_uring && FuseUring::KernelOffers()) {
     FuseUring::Options uo;
-    if (!serves_inline_) uo.helped = &port_;
+    if (!serves_inline_ && port_.Pollable()) uo.helped = &port_;
     auto uring = FuseUring::Create(session_, uo);
     if (uring) {
       uring_ = std::move(*uring);
@@ -830,8 +830,9 @@ int FuseShim::Serve() {
   }
   loop.max_threads = options_.max_threads;
   loop.exit_fd = exit_fd_.get();
-  if (!serves_inline_) {
-    // Replies come from another process: the per-CPU readers deliver them.
+  if (!serves_inline_ && port_.Pollable()) {
+    // Replies come from another process, through a ring that the per-CPU readers can
+    // drain: they deliver them. (A remote port's come from its own thread.)
     loop.helped = &port_;
     loop.replies_due = &in_flight_;
   }

@@ -74,6 +74,9 @@ class Port {
   // may be a lease that runs out). "off": the thread is about to sleep, so replies
   // need the port's own thread again. Default: nothing to do.
   virtual void Helping(bool on);
+  // Whether Poll can deliver anything (a port whose replies are drained by whoever
+  // polls); a thread need not wait on Poll for a port that says no.
+  virtual bool Pollable() const noexcept { return false; }
 
   const std::string& name() const noexcept { return name_; }
   PortCounters& counters() noexcept { return counters_; }

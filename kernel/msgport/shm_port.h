@@ -81,6 +81,7 @@ class ShmClientPort final : public Port {
   void Drop(Message& msg) override;
   bool Poll() override;
   void Helping(bool on) override;
+  bool Pollable() const noexcept override { return true; }
 
   // Test hook for hostile input: sends `msg` like Put, but puts `bytes` in the cell
   // in place of its encoded envelope, with `claimed_len` as the cell's length.
