@@ -299,15 +299,20 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     }
     self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
-    const bool awaited = options_.replies_due != nullptr && ProgramWaits(buf);
+    const bool waits = ProgramWaits(buf);
     fuse_session_process_buf(session_, &buf);
-    if (awaited) {
-      AwaitReplies();
-    } else if (options_.replies_due != nullptr) {
-      options_.helped->Helping(true);
+    if (options_.replies_due != nullptr) {
+      if (waits) {
+        AwaitReplies();
+      } else {
+        options_.helped->Helping(true);
+      }
     }
     self.busy_since_ns.store(0, std::memory_order_relaxed);
-    if (cpu >= 0) Took(index);  // after the reply: an ask costs its program nothing
+    // After the reply: an ask costs its program nothing. A request its program does
+    // not wait for (a release sent while the program runs on, which another CPU's
+    // reader is often first to take) says nothing of where the program is.
+    if (cpu >= 0 && waits) Took(index);
     if (cpu < 0 && PinnedReaderIdle()) break;
   }
   std::free(buf.mem);

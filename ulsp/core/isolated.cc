@@ -386,6 +386,12 @@ void IsolatedPort::Helping(bool on) {
   if (const Server server = Current(&epoch)) server->Helping(on);
 }
 
+bool IsolatedPort::Pollable() const noexcept {
+  uint64_t epoch;
+  const Server server = Current(&epoch);
+  return server != nullptr && server->Pollable();
+}
+
 size_t IsolatedPort::NodeCount() const {
   std::lock_guard lock(map_mu_);
   return live_nodes_;

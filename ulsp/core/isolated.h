@@ -94,6 +94,8 @@ class IsolatedPort final : public msgport::Port {
   // delivers its replies, so the port's reply thread need not be woken.
   bool Poll() override;
   void Helping(bool on) override;
+  // The current server's (a restart brings one of the same kind).
+  bool Pollable() const noexcept override;
 
   pid_t server_pid() const noexcept { return server_pid_.load(); }
   uint64_t restarts() const noexcept { return restarts_.load(); }
