@@ -114,6 +114,7 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
       res = fuse_session_receive_buf(session_, buf);
       if (res != -EAGAIN) break;
       if (helped != nullptr && helped->Poll()) {
+        delivered_.fetch_add(1, std::memory_order_relaxed);
         spin_until = NowNs() + options_.spin.count();  // a reply answered: more may follow
         continue;
       }
@@ -264,7 +265,10 @@ void FuseLoop::AwaitReplies() noexcept {
   // where the scheduler may have put the server).
   SpinPause pause;
   for (unsigned i = 1; options_.replies_due->load(std::memory_order_acquire) > 0; ++i) {
-    if (helped->Poll()) continue;
+    if (helped->Poll()) {
+      delivered_.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
     pause();
     if (i % 64 == 0 || pause.yielding()) {
       if (NowNs() >= until) break;

@@ -112,6 +112,8 @@ class FuseLoop {
   int Run();
   // How many times a per-CPU reader rested.
   uint64_t Rests() const noexcept { return rests_.load(std::memory_order_relaxed); }
+  // How many times polling the helped port delivered replies (Options::helped).
+  uint64_t Delivered() const noexcept { return delivered_.load(std::memory_order_relaxed); }
 
  private:
   void Worker(unsigned id);
@@ -163,6 +165,7 @@ class FuseLoop {
   std::atomic<size_t> streak_reader_{SIZE_MAX};  // the pinned reader whose streak it is
   std::atomic<unsigned> streak_{0};              // its count, up to kStreak
   std::atomic<uint64_t> rests_{0};
+  std::atomic<uint64_t> delivered_{0};
   std::vector<std::unique_ptr<Reader>> spare_readers_;  // live spares (detached threads); guarded by mu_
 
   fuse_session* session_;

@@ -840,6 +840,9 @@ int FuseShim::Serve() {
   const int result = serving.Run();
   if (const uint64_t rests = serving.Rests(); rests > 0)
     Logger("fuse")->debug("{}: per-CPU readers rested {} times", options_.mountpoint, rests);
+  if (loop.helped != nullptr)
+    Logger("fuse")->debug("{}: the readers delivered the server's replies {} times", options_.mountpoint,
+                          serving.Delivered());
   return result;
 }
 
