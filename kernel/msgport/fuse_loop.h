@@ -22,7 +22,9 @@
 // made the request an interrupt through the hypervisor: an `ioctl(TCGETS)` made every
 // 20 µs took 15 µs a round trip with a reader on each CPU, 4 µs with the program's
 // reader alone. So once one reader has taken kStreak requests more than the others
-// (one program making request after request on its CPU), it asks the other pinned
+// (one program making request after request on its CPU; only requests a program
+// waits for count, since a release comes while its program runs on and another
+// CPU's reader is often first to it), it asks the other pinned
 // readers to rest: each leaves the kernel's wait queue for kRest, and is asked again
 // once it has been back kGrace without taking a request. A program on a resting
 // reader's CPU is served from another CPU meanwhile (a dearer round trip), until the
