@@ -248,6 +248,39 @@ TEST_P(RestartTest, AServerThatDiesWhileStartingIsReplacedAtOnce) {
   EXPECT_EQ(ReadAll(dir_ / "got"), "hi\n");
 }
 
+// The new server finds each node the kernel holds by the name it has now: names
+// changed through the mount (a rename, an exchange of two names, a hard link) are
+// followed, and after the kill every name reads what it held, and a write through one
+// lands in the file all its links share.
+TEST_P(RestartTest, NodesFollowRenamesAndLinksAcrossAKill) {
+  const std::string d = mount_->path() + "/out";
+  const std::string script = R"PY(
+import ctypes, os, sys
+d = sys.argv[1]
+os.mkdir(d)
+for name, text in (("a", "one\n"), ("x", "ex\n"), ("y", "why\n")):
+    with open(os.path.join(d, name), "w") as f:
+        f.write(text)
+os.link(os.path.join(d, "a"), os.path.join(d, "b"))
+os.rename(os.path.join(d, "a"), os.path.join(d, "c"))
+libc = ctypes.CDLL(None, use_errno=True)
+AT_FDCWD, RENAME_EXCHANGE = -100, 2
+if libc.renameat2(AT_FDCWD, os.path.join(d, "x").encode(), AT_FDCWD, os.path.join(d, "y").encode(), RENAME_EXCHANGE) != 0:
+    sys.exit("renameat2: " + os.strerror(ctypes.get_errno()))
+for name in ("b", "c", "x", "y"):
+    os.stat(os.path.join(d, name))  # the kernel holds each node now
+)PY";
+  std::ofstream(dir_ / "names.py") << script;
+  ASSERT_EQ(Shell("timeout 20 /usr/bin/python3 " + dir_ / "names.py " + d), 0) << ReadAll(dir_ / "server.log");
+  KillServer();
+  EXPECT_EQ(Output("timeout 10 cat " + d + "/c " + d + "/b " + d + "/x " + d + "/y"), "one\none\nwhy\nex\n")
+      << ReadAll(dir_ / "server.log");
+  EXPECT_NE(Shell("test -e " + d + "/a"), 0);
+  EXPECT_EQ(Shell("timeout 10 sh -c 'echo three >> " + d + "/c'"), 0);
+  EXPECT_EQ(ReadAll(dir_ / "src/out/b"), "one\nthree\n");
+  EXPECT_EQ(Output("timeout 10 cat " + d + "/b"), "one\nthree\n");
+}
+
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 

@@ -397,11 +397,21 @@ size_t IsolatedPort::NodeCount() const {
   return live_nodes_;
 }
 
-std::string IsolatedPort::Key(uint64_t parent, std::string_view name) {
-  std::string key = std::to_string(parent);
-  key += '/';
-  key += name;
-  return key;
+void IsolatedPort::Name(uint32_t index) {
+  const KNode& n = nodes_[index];
+  const NameKey key{n.parent, n.name};
+  auto [it, added] = by_name_.try_emplace(key, index);
+  if (added) return;
+  // An entry of another node under the same name views that node's name: replaced
+  // whole, key and all, never just given this index.
+  by_name_.erase(it);
+  by_name_.emplace(key, index);
+}
+
+void IsolatedPort::Unname(uint32_t index) {
+  const KNode& n = nodes_[index];
+  if (auto it = by_name_.find(NameKey{n.parent, n.name}); it != by_name_.end() && it->second == index)
+    by_name_.erase(it);
 }
 
 IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
@@ -416,17 +426,21 @@ uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t p
   uint32_t index = 0;
   if (epoch == map_epoch_) {
     if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) index = it->second;
-  } else if (auto it = by_name_.find(Key(parent, name)); it != by_name_.end()) {
+  } else if (auto it = by_name_.find(NameKey{parent, name}); it != by_name_.end()) {
     index = it->second;  // an answer from a server that has died since: match by name
   }
   if (index != 0) {
     KNode& n = nodes_[index];
     ++n.nlookup;
     if (n.epoch == epoch) ++n.server_lookups;
-    by_name_.erase(Key(n.parent, n.name));
-    n.parent = parent;
-    n.name.assign(name);
-    by_name_[Key(parent, name)] = index;
+    if (n.parent != parent || n.name != name) {  // known by another name (a hard link)
+      Unname(index);
+      n.parent = parent;
+      n.name.assign(name);
+      Name(index);
+    } else if (auto it = by_name_.find(NameKey{parent, name}); it == by_name_.end() || it->second != index) {
+      Name(index);  // the name is this node's again
+    }
     return MakeId(index, n.generation);
   }
   if (!free_nodes_.empty()) {
@@ -445,7 +459,7 @@ uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t p
   n.nlookup = 1;
   n.server_lookups = 1;
   if (epoch == map_epoch_) by_server_id_[server_id] = index;
-  by_name_[Key(parent, name)] = index;
+  Name(index);
   ++live_nodes_;
   return MakeId(index, n.generation);
 }
@@ -462,7 +476,7 @@ void IsolatedPort::ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<
     if (auto it = by_server_id_.find(n->server_id); it != by_server_id_.end() && it->second == index)
       by_server_id_.erase(it);
   }
-  if (auto it = by_name_.find(Key(n->parent, n->name)); it != by_name_.end() && it->second == index) by_name_.erase(it);
+  Unname(index);
   const uint32_t generation = n->generation + 1;
   *n = KNode{};
   n->generation = generation;
@@ -685,10 +699,10 @@ void IsolatedPort::Translate(VfsMessage& m) {
     }
     case VfsOp::kUnlink:
     case VfsOp::kRmDir:
-      by_name_.erase(Key(m.relay.node, r.name));
+      by_name_.erase(NameKey{m.relay.node, r.name});
       break;
     case VfsOp::kRename: {
-      const std::string from = Key(m.relay.node, r.name), to = Key(m.relay.node2, r.name2);
+      const NameKey from{m.relay.node, r.name}, to{m.relay.node2, r.name2};
       auto a = by_name_.find(from);
       const uint32_t moving = a == by_name_.end() ? 0 : a->second;
       auto b = by_name_.find(to);
@@ -698,12 +712,12 @@ void IsolatedPort::Translate(VfsMessage& m) {
       if (moving != 0) {
         nodes_[moving].parent = m.relay.node2;
         nodes_[moving].name = r.name2;
-        by_name_[to] = moving;
+        Name(moving);
       }
       if ((r.flags & RENAME_EXCHANGE) && other != 0) {
         nodes_[other].parent = m.relay.node;
         nodes_[other].name = r.name;
-        by_name_[from] = other;
+        Name(other);
       }
       break;
     }

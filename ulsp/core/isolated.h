@@ -141,7 +141,22 @@ class IsolatedPort final : public msgport::Port {
   void ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<std::pair<uint64_t, uint64_t>>& forgets);
   void SendForgets(const Server& server);
   KNode* Node(uint64_t kernel_id);
-  static std::string Key(uint64_t parent, std::string_view name);
+  // A node's place by name: its parent's kernel id and its name. In by_name_ the
+  // name views the node's own KNode::name (nodes_ is a deque: its elements stay put).
+  struct NameKey {
+    uint64_t parent;
+    std::string_view name;
+    bool operator==(const NameKey&) const = default;
+  };
+  struct NameKeyHash {
+    size_t operator()(const NameKey& k) const noexcept {
+      return std::hash<std::string_view>{}(k.name) ^ (k.parent * 0x9E3779B97F4A7C15ULL);
+    }
+  };
+  // With map_mu_ held: enters nodes_[index] under its parent and name (the key then
+  // views its name), or takes it out if that entry is its own.
+  void Name(uint32_t index);
+  void Unname(uint32_t index);
 
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
@@ -154,7 +169,7 @@ class IsolatedPort final : public msgport::Port {
   std::deque<KNode> nodes_;    // index 0 unused, 1 the root
   std::vector<uint32_t> free_nodes_;
   std::unordered_map<uint64_t, uint32_t> by_server_id_;  // current epoch only
-  std::unordered_map<std::string, uint32_t> by_name_;    // "parent/name" -> index
+  std::unordered_map<NameKey, uint32_t, NameKeyHash> by_name_;  // -> index
   std::deque<KHandle> handles_;                           // fh = index + 1
   std::vector<uint32_t> free_handles_;
   size_t live_nodes_ = 1;
