@@ -288,9 +288,6 @@ TEST_P(BlockedServerTest, MoreStuckRequestsThanReadersLeaveTheRestServed) {
 INSTANTIATE_TEST_SUITE_P(Transports, BlockedServerTest, ::testing::Values("devfuse", "uring", "isolated"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
-// Per-CPU readers rest while one program on another CPU makes request after request
-// (fuse_loop.h). A program that then comes to a resting reader's CPU is served, the
-// readers say in the log that they rested, and the mount ends at once.
 // A mount whose server logs at debug level (the readers' counts); the test's own
 // ULSP_LOG is put back once it started.
 std::unique_ptr<ServedMount> DebugMount(const std::vector<std::string>& args, const TempDir& dir) {
@@ -306,6 +303,9 @@ std::unique_ptr<ServedMount> DebugMount(const std::vector<std::string>& args, co
   return mount;
 }
 
+// Per-CPU readers rest while one program on another CPU makes request after request
+// (fuse_loop.h). A program that then comes to a resting reader's CPU is served, the
+// readers say in the log that they rested, and the mount ends at once.
 TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
   ASSERT_GE(::sysconf(_SC_NPROCESSORS_ONLN), 2) << "per-CPU readers need two CPUs";
   TempDir dir;
