@@ -286,6 +286,24 @@ for name in ("b", "c", "x", "y"):
   EXPECT_EQ(Output("timeout 10 cat " + d + "/b"), "one\nthree\n");
 }
 
+// A new server numbers its nodes afresh, so the first file it meets gets the id the
+// killed server gave the first file it met. A file opened before the kill and still
+// open keeps the kernel's backing file (kernel passthrough); a file opened after the
+// kill must get its own, not the one of the file its new id once meant.
+TEST_P(RestartTest, AFileOpenedAfterAKillReadsItsOwnBytes) {
+  ASSERT_EQ(::mkdir((dir_ / "src/out").c_str(), 0755), 0);  // out: inside what the view admits
+  for (const char* name : {"one", "two"}) std::ofstream(dir_ / ("src/out/" + std::string(name))) << name << "\n";
+  std::ifstream one(mount_->path() + "/out/one");  // the server's first nodes: out, then one, held open
+  std::string line;
+  ASSERT_TRUE(std::getline(one, line));
+  EXPECT_EQ(line, "one");
+  KillServer();
+  EXPECT_EQ(ReadAll(mount_->path() + "/out/two"), "two\n") << ReadAll(dir_ / "server.log");
+  one.seekg(0);
+  ASSERT_TRUE(std::getline(one, line));
+  EXPECT_EQ(line, "one");
+}
+
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 

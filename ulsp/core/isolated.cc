@@ -765,6 +765,13 @@ void IsolatedPort::PutReply(MessagePtr msg) {
     }
   }
   counters().replied.fetch_add(1, std::memory_order_relaxed);  // the server's answer, whatever its errno
+  // The reply goes up with the kernel's ids in it, not this server's: the shim keys
+  // what it keeps per node (a backing file) by them, and a new server numbers its
+  // nodes afresh, so its id of one file may be a dead server's id of another.
+  m.req.node = m.relay.node;
+  m.req.node2 = m.relay.node2;
+  m.req.fh = m.relay.fh;
+  m.req.fh2 = m.relay.fh2;
   msgport::Port* up = m.relay.reply_port;
   msg->reply_port = up;
   if (up != nullptr) {
