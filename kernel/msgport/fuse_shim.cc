@@ -203,6 +203,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
     }
     if (err < 0 || err > 4095) err = EIO;  // a server's bug must not confuse the kernel
     fuse_reply_err(r, err);
+    if (err == EIO) shim_.Unsure(q);
     return;
   }
   auto open_info = [&q] {
@@ -781,6 +782,70 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   backing_.erase(it);
 }
 
+void FuseShim::Unsure(const VfsRequest& q) noexcept try {
+  std::vector<Stale> stale;
+  switch (q.op) {
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kCreate:
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir:
+      stale.push_back({q.node, q.name});
+      break;
+    case VfsOp::kLink:
+      stale.push_back({q.node2, q.name2});
+      stale.push_back({q.node, {}});  // its link count
+      break;
+    case VfsOp::kRename:
+      stale.push_back({q.node, q.name});
+      stale.push_back({q.node2, q.name2});
+      break;
+    case VfsOp::kSetAttr:
+      stale.push_back({q.node, {}});
+      break;
+    default:
+      return;
+  }
+  std::lock_guard lock(stale_mu_);
+  if (stale_stop_) return;
+  stale_.insert(stale_.end(), std::make_move_iterator(stale.begin()), std::make_move_iterator(stale.end()));
+  if (!invalidator_.joinable()) invalidator_ = std::thread([this] { Invalidate(); });
+  stale_cv_.notify_one();
+} catch (...) {
+  Logger("fuse")->warn("{}: out of memory: the kernel's cache of a change answered EIO stays until its timeout",
+                       options_.mountpoint);
+}
+
+void FuseShim::Invalidate() noexcept {
+  std::unique_lock lock(stale_mu_);
+  for (;;) {
+    stale_cv_.wait(lock, [this] { return stale_stop_ || !stale_.empty(); });
+    if (stale_stop_) return;
+    std::vector<Stale> batch;
+    batch.swap(stale_);
+    lock.unlock();
+    for (const Stale& s : batch) {
+      // ENOENT: the kernel holds no such node or name any more, which is as good.
+      const int rc = s.name.empty() ? fuse_lowlevel_notify_inval_inode(session_, s.node, 0, 0)
+                                    : fuse_lowlevel_notify_inval_entry(session_, s.node, s.name.data(), s.name.size());
+      if (rc != 0 && rc != -ENOENT)
+        Logger("fuse")->debug("{}: dropping node {}'s {} from the kernel's cache: {}", options_.mountpoint, s.node,
+                              s.name.empty() ? "attributes" : "entry '" + s.name + "'", Errno(-rc).Describe());
+    }
+    lock.lock();
+  }
+}
+
+void FuseShim::StopInvalidating() noexcept {
+  {
+    std::lock_guard lock(stale_mu_);
+    stale_stop_ = true;
+  }
+  stale_cv_.notify_one();
+  if (invalidator_.joinable()) invalidator_.join();
+}
+
 namespace {
 std::atomic<FuseShim*> g_signalled{nullptr};  // the shim HandleSignals ends
 void ExitOnSignal(int) {
@@ -795,6 +860,9 @@ FuseShim::~FuseShim() {
   // replies every message, ECONNRESET at worst).
   for (int i = 0; i < 5000 && in_flight_.load(std::memory_order_acquire) > 0; ++i)
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  // Before the session goes. (Once every reply went out, whatever it waits for the
+  // kernel to finish ends soon.)
+  StopInvalidating();
   if (signals_) {
     for (int sig : kExitSignals) ::signal(sig, SIG_DFL);
     g_signalled.store(nullptr);

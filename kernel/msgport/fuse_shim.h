@@ -17,13 +17,16 @@
 
 #include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <sys/types.h>
+#include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/port.h"
@@ -141,6 +144,27 @@ class FuseShim {
   std::mutex backing_mu_;
   std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
   std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node
+
+  // A change that was answered EIO may have been made or not (an isolated server died
+  // with it), so what the kernel cached about it may be wrong until its timeout: a
+  // "no such name" after a mkdir, a name after an unlink, a mode after a chmod. Unsure
+  // queues the names (and, for attribute changes, the node) that `q` changed; a thread
+  // of their own drops them from the kernel's caches, after the answer went out. (The
+  // kernel holds the directory's lock until the caller has the answer, and so would
+  // the invalidation; a reply thread that waited for it could hold up the very reply
+  // that ends it.)
+  void Unsure(const VfsRequest& q) noexcept;
+  void Invalidate() noexcept;  // the invalidating thread
+  void StopInvalidating() noexcept;
+  struct Stale {
+    uint64_t node;
+    std::string name;  // empty: the node's attributes and cached data
+  };
+  std::mutex stale_mu_;
+  std::condition_variable stale_cv_;
+  std::vector<Stale> stale_;
+  bool stale_stop_ = false;
+  std::thread invalidator_;  // started when first needed
 
   friend struct FuseOps;
 };

@@ -1,5 +1,6 @@
-// Helpers for tests that mount for real: those of tests/temp_dir.h, and a mount served
-// by a child `ulsp mount -f` process that is unmounted and killed whatever the test did.
+// Helpers for tests that mount for real: those of tests/temp_dir.h, a mount served by a
+// child `ulsp mount -f` process, and a stack mounted and served in the test's own
+// process; each unmounted (and its server gone) whatever the test did.
 #pragma once
 
 #include <signal.h>
@@ -16,8 +17,11 @@
 #include <thread>
 #include <vector>
 
+#include "kernel/msgport/direct_port.h"
+#include "kernel/msgport/fuse_shim.h"
 #include "tests/temp_dir.h"
 #include "ulsp/core/mount.h"
+#include "ulsp/vfs/stack.h"
 
 namespace ulsp::testing {
 
@@ -119,6 +123,49 @@ class ServedMount {
   std::string mountpoint_;
   pid_t pid_ = -1;
   bool ok_ = false;
+};
+
+// A layer stack mounted on `mnt` and served by this process (so a test can reach into
+// its layers); unmounted whatever the test did. `timeout`: the kernel's entry and
+// attribute caches, in seconds.
+class InProcessMount {
+ public:
+  InProcessMount(std::unique_ptr<vfs::Layer> top, const std::string& mnt, double timeout) : mnt_(mnt) {
+    if (!top) {
+      error_ = "no layer";
+      return;
+    }
+    server_ = std::make_unique<vfs::StackServer>(std::move(top));
+    port_ = std::make_unique<msgport::DirectPort>("vfs", *server_);
+    msgport::FuseShim::Options options;
+    options.mountpoint = mnt;
+    options.timeout = timeout;
+    auto shim = msgport::FuseShim::Mount(options, *port_, /*serves_inline=*/true);
+    if (!shim) {
+      error_ = shim.error().Describe();
+      return;
+    }
+    shim_ = std::move(*shim);
+    loop_ = std::thread([this] { shim_->Serve(); });
+  }
+  ~InProcessMount() {
+    if (!loop_.joinable()) return;
+    ::umount2(mnt_.c_str(), MNT_DETACH);
+    loop_.join();
+  }
+  InProcessMount(const InProcessMount&) = delete;
+  InProcessMount& operator=(const InProcessMount&) = delete;
+
+  // Empty when mounted; else why not.
+  const std::string& error() const { return error_; }
+  const msgport::FuseShim& shim() const { return *shim_; }
+
+ private:
+  std::string mnt_, error_;
+  std::unique_ptr<vfs::StackServer> server_;
+  std::unique_ptr<msgport::DirectPort> port_;
+  std::unique_ptr<msgport::FuseShim> shim_;
+  std::thread loop_;
 };
 
 }  // namespace ulsp::testing

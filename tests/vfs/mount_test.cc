@@ -7,11 +7,13 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <atomic>
 #include <fstream>
 #include <thread>
 #include <sstream>
 
 #include "tests/vfs/mount_fixture.h"
+#include "ulsp/vfs/passthrough.h"
 
 namespace ulsp::testing {
 namespace {
@@ -617,6 +619,100 @@ TEST_P(KernelPassthroughTest, WithoutItEveryReadReachesTheStack) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, KernelPassthroughTest, ::testing::Values("inprocess", "isolated"),
+                         [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
+
+// A change answered EIO may have been made: an isolated server that dies between doing
+// a change and answering it is one way (restart_test.cc), this layer is a sure one. It
+// passes every request down and, while `failing`, answers EIO to each change of a name
+// or of attributes the layer below made.
+class DoneButEio final : public vfs::Layer {
+ public:
+  explicit DoneButEio(std::unique_ptr<vfs::Layer> lower) : Layer(std::move(lower)) {}
+  int Serve(msgport::VfsRequest& req) noexcept override {
+    const int error = Down(req);
+    if (error != 0 || !failing.load()) return error;
+    switch (req.op) {
+      case msgport::VfsOp::kMkDir:
+      case msgport::VfsOp::kCreate:
+      case msgport::VfsOp::kUnlink:
+      case msgport::VfsOp::kRename:
+      case msgport::VfsOp::kLink:
+      case msgport::VfsOp::kSetAttr:
+        return EIO;
+      default:
+        return 0;
+    }
+  }
+  std::string_view Name() const noexcept override { return "done-but-eio"; }
+  std::atomic<bool> failing{false};
+};
+
+// After a change answered EIO the kernel asks the stack again about each name and node
+// it touched, rather than trusting what it cached before (here for 60 s): the names
+// and modes read what is on the disk at once. Through /dev/fuse and through io_uring
+// (whose notifications still go to /dev/fuse).
+class UnsureChangeTest : public ::testing::TestWithParam<std::string> {};
+
+TEST_P(UnsureChangeTest, TheKernelForgetsWhatAChangeAnsweredEioMayHaveChanged) {
+  KernelUringSwitch uring(GetParam() == "uring");
+  ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "mnt " + dir / "src && cd " + dir / "src && touch gone moved mode linked && chmod 644 mode"), 0);
+  auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
+  ASSERT_TRUE(passthrough);
+  auto layer = std::make_unique<DoneButEio>(std::move(*passthrough));
+  DoneButEio& eio = *layer;
+  InProcessMount mount(std::move(layer), dir / "mnt", /*timeout=*/60);
+  ASSERT_EQ(mount.error(), "");
+  const std::string m = dir / "mnt";
+  auto exists = [&](const std::string& name) {
+    struct stat st {};
+    return ::lstat((m + "/" + name).c_str(), &st) == 0;
+  };
+  auto mode = [&](const std::string& name) {
+    struct stat st {};
+    return ::lstat((m + "/" + name).c_str(), &st) == 0 ? st.st_mode & 07777 : 0;
+  };
+  // What the kernel caches: four names missing, four present, and a mode.
+  for (const char* name : {"dir", "file", "renamed", "link"}) ASSERT_FALSE(exists(name)) << name;
+  for (const char* name : {"gone", "moved", "linked"}) ASSERT_TRUE(exists(name)) << name;
+  ASSERT_EQ(mode("mode"), 0644u);
+
+  eio.failing = true;
+  auto fails_eio = [](int rc) { return rc == -1 && errno == EIO; };
+  EXPECT_TRUE(fails_eio(::mkdir((m + "/dir").c_str(), 0755)));
+  const int fd = ::open((m + "/file").c_str(), O_CREAT | O_WRONLY, 0644);
+  EXPECT_TRUE(fails_eio(fd));
+  if (fd >= 0) ::close(fd);
+  EXPECT_TRUE(fails_eio(::unlink((m + "/gone").c_str())));
+  EXPECT_TRUE(fails_eio(::rename((m + "/moved").c_str(), (m + "/renamed").c_str())));
+  EXPECT_TRUE(fails_eio(::link((m + "/linked").c_str(), (m + "/link").c_str())));
+  EXPECT_TRUE(fails_eio(::chmod((m + "/mode").c_str(), 0600)));
+  eio.failing = false;
+
+  // The caches are dropped just after each answer, by another thread: allow it a moment.
+  auto truth = [&] {
+    return exists("dir") && exists("file") && !exists("gone") && !exists("moved") && exists("renamed") &&
+           exists("link") && mode("mode") == 0600u;
+  };
+  const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+  while (!truth() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_TRUE(exists("dir"));
+  EXPECT_TRUE(exists("file"));
+  EXPECT_FALSE(exists("gone"));
+  EXPECT_FALSE(exists("moved"));
+  EXPECT_TRUE(exists("renamed"));
+  EXPECT_TRUE(exists("link"));
+  EXPECT_EQ(mode("mode"), 0600u);
+  struct stat st {};
+  ASSERT_EQ(::stat((m + "/linked").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2u) << "the link count of the node linked to";
+  if (GetParam() == "uring") {
+    EXPECT_GT(mount.shim().UringServed(), 0u);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Transports, UnsureChangeTest, ::testing::Values("devfuse", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // Listings without handles: a stack whose layers keep nothing per directory handle

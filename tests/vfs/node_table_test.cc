@@ -9,55 +9,29 @@
 #include <fstream>
 #include <thread>
 
-#include "kernel/msgport/direct_port.h"
-#include "kernel/msgport/fuse_shim.h"
 #include "tests/vfs/mount_fixture.h"
 #include "ulsp/vfs/passthrough.h"
-#include "ulsp/vfs/stack.h"
 
 namespace ulsp::vfs {
 namespace {
 
 // A passthrough of `src` mounted on `mnt`, served by this process (so a test can read
-// its table and count its descriptors); unmounted whatever the test did.
-class InProcessMount {
+// its table and count its descriptors), with long caches: only forget can shrink the
+// table.
+class PassthroughMount {
  public:
-  InProcessMount(const std::string& src, const std::string& mnt) : mnt_(mnt) {
-    auto layer = PassthroughLayer::Open(src);
-    if (!layer) return;
-    table_ = layer->get();
-    server_ = std::make_unique<StackServer>(std::move(*layer));
-    port_ = std::make_unique<msgport::DirectPort>("vfs", *server_);
-    msgport::FuseShim::Options options;
-    options.mountpoint = mnt;
-    options.timeout = 60;  // long caches: only forget can shrink the table
-    auto shim = msgport::FuseShim::Mount(options, *port_, /*serves_inline=*/true);
-    if (!shim) {
-      error_ = shim.error().Describe();
-      return;
-    }
-    shim_ = std::move(*shim);
-    loop_ = std::thread([this] { shim_->Serve(); });
-  }
-  ~InProcessMount() {
-    if (!loop_.joinable()) return;
-    ::umount2(mnt_.c_str(), MNT_DETACH);
-    loop_.join();
-  }
-  InProcessMount(const InProcessMount&) = delete;
-  InProcessMount& operator=(const InProcessMount&) = delete;
-
-  // Empty when mounted; else why not.
-  std::string error() const { return loop_.joinable() ? "" : (table_ ? error_ : "the passthrough did not open"); }
+  PassthroughMount(const std::string& src, const std::string& mnt)
+      : table_(Open(src)), mount_(std::unique_ptr<Layer>(table_), mnt, /*timeout=*/60) {}
+  std::string error() const { return table_ ? mount_.error() : "the passthrough did not open"; }
   PassthroughLayer& table() { return *table_; }
 
  private:
-  std::string mnt_, error_;
-  PassthroughLayer* table_ = nullptr;
-  std::unique_ptr<StackServer> server_;
-  std::unique_ptr<msgport::DirectPort> port_;
-  std::unique_ptr<msgport::FuseShim> shim_;
-  std::thread loop_;
+  static PassthroughLayer* Open(const std::string& src) {
+    auto layer = PassthroughLayer::Open(src);
+    return layer ? layer->release() : nullptr;
+  }
+  PassthroughLayer* table_;  // owned by the mount's stack
+  testing::InProcessMount mount_;
 };
 
 size_t OpenDescriptors() {
@@ -76,7 +50,7 @@ TEST(NodeTable, ReturnsNearItsStartingSizeAfterAWalkAndACacheDrop) {
                            "            f.write(\"x\")\n"
                            "' " + dir / "src"),
             0);
-  InProcessMount mount(dir / "src", dir / "mnt");
+  PassthroughMount mount(dir / "src", dir / "mnt");
   ASSERT_EQ(mount.error(), "");
   PassthroughLayer* table = &mount.table();
 
@@ -123,7 +97,7 @@ TEST(NodeTable, AListingKeepsNoDescriptorsUntilAnEntryIsUsed) {
                            " && seq 150 | xargs touch && cd ../e && echo a > a && echo c > c && echo x > x && echo "
                            "f > sub/f && echo h > h && ln h h2 && echo p > p && echo q > q"),
             0);
-  InProcessMount mount(dir / "src", dir / "mnt");
+  PassthroughMount mount(dir / "src", dir / "mnt");
   ASSERT_EQ(mount.error(), "");
   const size_t nodes = mount.table().NodeCount();
   const size_t fds = OpenDescriptors();

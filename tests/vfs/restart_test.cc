@@ -122,12 +122,11 @@ TEST_P(RestartTest, KillDuringTarAndCpFiftyTimes) {
   RecordProperty("cp_runs_ok_of_25", cp_ok);
   // Reads are resent to the new server, so tar should mostly not notice the kills.
   EXPECT_GE(tar_ok, 20) << "tar runs that saw no error";
-  // The mount serves: the tree reads back whole, and new files can be made. A mkdir
-  // the killed server did but could not answer (the kernel got EIO) leaves the kernel's
-  // cached "no such name" for `out` stale until the entry timeout (1 s) ends, as a
-  // change behind the mount's back would (docs/vfs.md): `rm -rf` would see nothing to
-  // remove and cp's mkdir meet EEXIST (seen once under ThreadSanitizer). Wait it out.
-  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  // The mount serves: the tree reads back whole, and new files can be made. (A mkdir
+  // the killed server did but could not answer, EIO, had the kernel keep "no such
+  // name" for `out` until the entry timeout, and then `rm -rf` saw nothing to remove
+  // and cp's mkdir met EEXIST, once under ThreadSanitizer. The shim now drops such
+  // names from the kernel's cache: docs/vfs.md.)
   EXPECT_EQ(Shell("timeout 60 diff -r /usr/include/linux " + m + "/linux"), 0);
   EXPECT_EQ(Shell("rm -rf " + m + "/out && timeout 60 cp -a /usr/include/linux " + m + "/out && diff -r /usr/include/linux " +
                   m + "/out"),
