@@ -2,6 +2,7 @@
 // again while real programs use the mount. The mount must survive every time, no
 // program may hang, and every write acknowledged before a kill must be on disk.
 #include <dirent.h>
+#include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
 
@@ -301,6 +302,32 @@ TEST_P(RestartTest, AFileOpenedAfterAKillReadsItsOwnBytes) {
   one.seekg(0);
   ASSERT_TRUE(std::getline(one, line));
   EXPECT_EQ(line, "one");
+}
+
+// A file replaced while a program holds it open (saved by writing a new file and
+// renaming it over the old, as editors do; or removed and made again) is not the file
+// the program's descriptor means after a kill: the new server must not find the old
+// node by the name it had. Its reads then see the old bytes (the kernel's backing
+// file) or fail (ESTALE), never the new file's.
+TEST_P(RestartTest, ADescriptorOfAReplacedFileNeverReadsItsReplacement) {
+  const std::string d = mount_->path() + "/out";
+  ASSERT_EQ(Shell("mkdir " + d + " && echo old-saved > " + d + "/saved && echo old-made > " + d + "/made"), 0);
+  // Opened, not read: a read now would leave the old bytes in the kernel's page cache.
+  const int saved = ::open((d + "/saved").c_str(), O_RDONLY | O_CLOEXEC);
+  const int made = ::open((d + "/made").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(saved, 0);
+  ASSERT_GE(made, 0);
+  ASSERT_EQ(Shell("cd " + d + " && echo new-saved > tmp && mv tmp saved && rm made && echo new-made > made"), 0);
+  KillServer();
+  for (const auto& [fd, name] : {std::pair{saved, "saved"}, std::pair{made, "made"}}) {
+    char buf[64] = {};
+    const ssize_t n = ::pread(fd, buf, sizeof buf - 1, 0);
+    const std::string got = n >= 0 ? std::string(buf, static_cast<size_t>(n)) : "error " + std::to_string(errno);
+    EXPECT_TRUE(got == "old-" + std::string(name) + "\n" || got == "error " + std::to_string(ESTALE))
+        << name << " read " << got;
+    ::close(fd);
+  }
+  EXPECT_EQ(Output("cat " + d + "/saved " + d + "/made"), "new-saved\nnew-made\n");
 }
 
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),

@@ -414,6 +414,15 @@ void IsolatedPort::Unname(uint32_t index) {
     by_name_.erase(it);
 }
 
+void IsolatedPort::Orphan(const NameKey& key) {
+  auto it = by_name_.find(key);
+  if (it == by_name_.end()) return;
+  KNode& n = nodes_[it->second];
+  by_name_.erase(it);  // first: the key views the name
+  n.name.clear();
+  n.parent = 0;
+}
+
 IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
   const uint32_t index = IndexOf(kernel_id);
   if (index == 0 || index >= nodes_.size()) return nullptr;
@@ -699,7 +708,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
     }
     case VfsOp::kUnlink:
     case VfsOp::kRmDir:
-      by_name_.erase(NameKey{m.relay.node, r.name});
+      Orphan(NameKey{m.relay.node, r.name});
       break;
     case VfsOp::kRename: {
       const NameKey from{m.relay.node, r.name}, to{m.relay.node2, r.name2};
@@ -708,7 +717,11 @@ void IsolatedPort::Translate(VfsMessage& m) {
       auto b = by_name_.find(to);
       const uint32_t other = b == by_name_.end() ? 0 : b->second;
       by_name_.erase(from);
-      by_name_.erase(to);
+      if ((r.flags & RENAME_EXCHANGE) || other == moving) {
+        by_name_.erase(to);
+      } else {
+        Orphan(to);  // replaced
+      }
       if (moving != 0) {
         nodes_[moving].parent = m.relay.node2;
         nodes_[moving].name = r.name2;

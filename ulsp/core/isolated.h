@@ -157,6 +157,10 @@ class IsolatedPort final : public msgport::Port {
   // views its name), or takes it out if that entry is its own.
   void Name(uint32_t index);
   void Unname(uint32_t index);
+  // With map_mu_ held: the node under `key` lost that name (unlinked, or replaced by a
+  // rename). It keeps no name, so after a restart it is not found again by one (which
+  // may by then be another file's): it answers ESTALE, unless a lookup names it again.
+  void Orphan(const NameKey& key);
 
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
