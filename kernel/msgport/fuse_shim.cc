@@ -203,7 +203,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
     }
     if (err < 0 || err > 4095) err = EIO;  // a server's bug must not confuse the kernel
     fuse_reply_err(r, err);
-    if (err == EIO) shim_.Unsure(q);
+    if (err == EIO || err == ECONNRESET || err == ETIMEDOUT) shim_.Unsure(q);  // done or not: unknown
     return;
   }
   auto open_info = [&q] {

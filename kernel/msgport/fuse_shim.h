@@ -145,8 +145,9 @@ class FuseShim {
   std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
   std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node
 
-  // A change that was answered EIO may have been made or not (an isolated server died
-  // with it), so what the kernel cached about it may be wrong until its timeout: a
+  // A change that was answered EIO, ECONNRESET or ETIMEDOUT may have been made or not
+  // (an isolated server died with it; a remote agent's connection ended or its deadline
+  // passed), so what the kernel cached about it may be wrong until its timeout: a
   // "no such name" after a mkdir, a name after an unlink, a mode after a chmod. Unsure
   // queues the names (and, for attribute changes, the node) that `q` changed; a thread
   // of their own drops them from the kernel's caches, after the answer went out. (The

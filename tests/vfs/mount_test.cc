@@ -623,11 +623,12 @@ INSTANTIATE_TEST_SUITE_P(Modes, KernelPassthroughTest, ::testing::Values("inproc
 
 // A change answered EIO may have been made: an isolated server that dies between doing
 // a change and answering it is one way (restart_test.cc), this layer is a sure one. It
-// passes every request down and, while `failing`, answers EIO to each change of a name
-// or of attributes the layer below made.
+// passes every request down and, while `failing`, answers `error` (EIO; ECONNRESET as
+// for a remote agent's lost connection) to each change of a name or of attributes the
+// layer below made.
 class DoneButEio final : public vfs::Layer {
  public:
-  explicit DoneButEio(std::unique_ptr<vfs::Layer> lower) : Layer(std::move(lower)) {}
+  DoneButEio(std::unique_ptr<vfs::Layer> lower, int error) : Layer(std::move(lower)), error_(error) {}
   int Serve(msgport::VfsRequest& req) noexcept override {
     const int error = Down(req);
     if (error != 0 || !failing.load()) return error;
@@ -638,29 +639,33 @@ class DoneButEio final : public vfs::Layer {
       case msgport::VfsOp::kRename:
       case msgport::VfsOp::kLink:
       case msgport::VfsOp::kSetAttr:
-        return EIO;
+        return error_;
       default:
         return 0;
     }
   }
   std::string_view Name() const noexcept override { return "done-but-eio"; }
   std::atomic<bool> failing{false};
+
+ private:
+  const int error_;
 };
 
 // After a change answered EIO the kernel asks the stack again about each name and node
 // it touched, rather than trusting what it cached before (here for 60 s): the names
 // and modes read what is on the disk at once. Through /dev/fuse and through io_uring
-// (whose notifications still go to /dev/fuse).
+// (whose notifications still go to /dev/fuse); EIO, and ECONNRESET through /dev/fuse.
 class UnsureChangeTest : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(UnsureChangeTest, TheKernelForgetsWhatAChangeAnsweredEioMayHaveChanged) {
   KernelUringSwitch uring(GetParam() == "uring");
+  const int error = GetParam() == "econnreset" ? ECONNRESET : EIO;
   ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "mnt " + dir / "src && cd " + dir / "src && touch gone moved mode linked && chmod 644 mode"), 0);
   auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
   ASSERT_TRUE(passthrough);
-  auto layer = std::make_unique<DoneButEio>(std::move(*passthrough));
+  auto layer = std::make_unique<DoneButEio>(std::move(*passthrough), error);
   DoneButEio& eio = *layer;
   InProcessMount mount(std::move(layer), dir / "mnt", /*timeout=*/60);
   ASSERT_EQ(mount.error(), "");
@@ -679,7 +684,7 @@ TEST_P(UnsureChangeTest, TheKernelForgetsWhatAChangeAnsweredEioMayHaveChanged) {
   ASSERT_EQ(mode("mode"), 0644u);
 
   eio.failing = true;
-  auto fails_eio = [](int rc) { return rc == -1 && errno == EIO; };
+  auto fails_eio = [error](int rc) { return rc == -1 && errno == error; };
   EXPECT_TRUE(fails_eio(::mkdir((m + "/dir").c_str(), 0755)));
   const int fd = ::open((m + "/file").c_str(), O_CREAT | O_WRONLY, 0644);
   EXPECT_TRUE(fails_eio(fd));
@@ -712,7 +717,7 @@ TEST_P(UnsureChangeTest, TheKernelForgetsWhatAChangeAnsweredEioMayHaveChanged) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Transports, UnsureChangeTest, ::testing::Values("devfuse", "uring"),
+INSTANTIATE_TEST_SUITE_P(Transports, UnsureChangeTest, ::testing::Values("devfuse", "uring", "econnreset"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 
 // Listings without handles: a stack whose layers keep nothing per directory handle
