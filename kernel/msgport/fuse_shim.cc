@@ -783,7 +783,8 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
 }
 
 void FuseShim::Unsure(const VfsRequest& q) noexcept try {
-  std::vector<Stale> stale;
+  std::lock_guard lock(stale_mu_);
+  if (stale_stop_) return;
   switch (q.op) {
     case VfsOp::kMkNod:
     case VfsOp::kMkDir:
@@ -791,29 +792,26 @@ void FuseShim::Unsure(const VfsRequest& q) noexcept try {
     case VfsOp::kCreate:
     case VfsOp::kUnlink:
     case VfsOp::kRmDir:
-      stale.push_back({q.node, q.name});
+      stale_.push_back({q.node, q.name});
       break;
     case VfsOp::kLink:
-      stale.push_back({q.node2, q.name2});
-      stale.push_back({q.node, {}});  // its link count
+      stale_.push_back({q.node2, q.name2});
+      stale_.push_back({q.node, {}});  // its link count
       break;
     case VfsOp::kRename:
-      stale.push_back({q.node, q.name});
-      stale.push_back({q.node2, q.name2});
+      stale_.push_back({q.node, q.name});
+      stale_.push_back({q.node2, q.name2});
       break;
     case VfsOp::kSetAttr:
-      stale.push_back({q.node, {}});
+      stale_.push_back({q.node, {}});
       break;
     default:
       return;
   }
-  std::lock_guard lock(stale_mu_);
-  if (stale_stop_) return;
-  stale_.insert(stale_.end(), std::make_move_iterator(stale.begin()), std::make_move_iterator(stale.end()));
   if (!invalidator_.joinable()) invalidator_ = std::thread([this] { Invalidate(); });
   stale_cv_.notify_one();
 } catch (...) {
-  Logger("fuse")->warn("{}: out of memory: the kernel's cache of a change answered EIO stays until its timeout",
+  Logger("fuse")->warn("{}: out of memory: the kernel's cache of a change of unknown outcome stays until its timeout",
                        options_.mountpoint);
 }
 
