@@ -254,6 +254,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
       return;
     case VfsOp::kReadDir:
     case VfsOp::kReadDirPlus:
+      if (q.dir_end) shim_.NoteDirEnd(q);  // before the kernel can ask again
       fuse_reply_buf(r, q.out.data(), q.out.size());
       return;
     case VfsOp::kWrite:
@@ -321,6 +322,7 @@ struct FuseOps {
     if (!m) return;
     FuseShim& shim = Shim(m->fuse_req);
     m->reply_port = shim.replies_.get();
+    shim.DropDirEnds(m->req);
     m->req.fd_reply_ok = shim.options_.splice_read && shim.serves_inline_;
     shim.in_flight_.fetch_add(1, std::memory_order_relaxed);
     if (interruptible && !shim.serves_inline_) fuse_req_interrupt_func(m->fuse_req, OnInterrupt, m.get());
@@ -525,6 +527,10 @@ struct FuseOps {
   }
   static void OpenDir(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kOpenDir, node, fi); }
   static void ReadDirAny(fuse_req_t req, VfsOp op, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
+    if (Shim(req).TakeDirEnd(fuse_req_ctx(req)->pid, node, off)) {
+      fuse_reply_buf(req, nullptr, 0);  // the listing's end, known from its last records
+      return;
+    }
     auto m = Begin(req, op, node);
     if (!m) return;
     m->req.fh = fi->fh;
@@ -782,32 +788,56 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   backing_.erase(it);
 }
 
+void FuseShim::NoteDirEnd(const VfsRequest& q) noexcept try {
+  if (q.out.empty() || q.timeout <= 0) return;  // after nothing, the kernel asks no more
+  int64_t last = 0;
+  if (q.op == VfsOp::kReadDirPlus) {
+    ForEachDirentPlus(q.out, [&](const fuse_direntplus& d, size_t) { last = static_cast<int64_t>(d.dirent.off); });
+  } else {
+    ForEachDirent(q.out, [&](const fuse_dirent& d, size_t) { last = static_cast<int64_t>(d.off); });
+  }
+  const auto now = std::chrono::steady_clock::now();
+  const auto until = now + std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                               std::chrono::duration<double>(std::min(q.timeout, 3600.0)));
+  std::lock_guard lock(dir_end_mu_);
+  if (dir_ends_.size() >= 1024) {  // listings left unfinished: keep the table small
+    std::erase_if(dir_ends_, [&](const auto& e) { return e.second.until <= now; });
+    if (dir_ends_.size() >= 1024) dir_ends_.clear();
+  }
+  dir_ends_[q.node] = {q.ctx.pid, last, until};
+  any_dir_end_.store(true, std::memory_order_relaxed);
+} catch (...) {
+  // Out of memory: the kernel's last question goes to the stack, as without this.
+}
+
+bool FuseShim::TakeDirEnd(pid_t pid, uint64_t node, int64_t offset) noexcept {
+  if (offset == 0 || !any_dir_end_.load(std::memory_order_relaxed)) return false;
+  std::lock_guard lock(dir_end_mu_);
+  auto it = dir_ends_.find(node);
+  if (it == dir_ends_.end() || it->second.pid != pid || it->second.offset != offset) return false;
+  const bool fresh = std::chrono::steady_clock::now() < it->second.until;
+  dir_ends_.erase(it);
+  if (dir_ends_.empty()) any_dir_end_.store(false, std::memory_order_relaxed);
+  return fresh;
+}
+
+void FuseShim::DropDirEnds(const VfsRequest& q) noexcept {
+  ChangedName names[2];
+  const int n = ChangedNames(q, names);
+  if (n == 0 || !any_dir_end_.load(std::memory_order_relaxed)) return;
+  std::lock_guard lock(dir_end_mu_);
+  for (int i = 0; i < n; ++i) dir_ends_.erase(names[i].dir);
+}
+
 void FuseShim::Unsure(const VfsRequest& q) noexcept try {
+  ChangedName names[2];
+  const int n = ChangedNames(q, names);
+  const bool attrs = q.op == VfsOp::kSetAttr || q.op == VfsOp::kLink;  // link: the link count
+  if (n == 0 && !attrs) return;
   std::lock_guard lock(stale_mu_);
   if (stale_stop_) return;
-  switch (q.op) {
-    case VfsOp::kMkNod:
-    case VfsOp::kMkDir:
-    case VfsOp::kSymlink:
-    case VfsOp::kCreate:
-    case VfsOp::kUnlink:
-    case VfsOp::kRmDir:
-      stale_.push_back({q.node, q.name});
-      break;
-    case VfsOp::kLink:
-      stale_.push_back({q.node2, q.name2});
-      stale_.push_back({q.node, {}});  // its link count
-      break;
-    case VfsOp::kRename:
-      stale_.push_back({q.node, q.name});
-      stale_.push_back({q.node2, q.name2});
-      break;
-    case VfsOp::kSetAttr:
-      stale_.push_back({q.node, {}});
-      break;
-    default:
-      return;
-  }
+  for (int i = 0; i < n; ++i) stale_.push_back({names[i].dir, std::string(names[i].name)});
+  if (attrs) stale_.push_back({q.node, {}});
   if (!invalidator_.joinable()) invalidator_ = std::thread([this] { Invalidate(); });
   stale_cv_.notify_one();
 } catch (...) {

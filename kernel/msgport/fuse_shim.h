@@ -167,6 +167,24 @@ class FuseShim {
   bool stale_stop_ = false;
   std::thread invalidator_;  // started when first needed
 
+  // The end of a listing. The kernel asks once more after a directory's last records,
+  // at the last one's offset, to hear that nothing follows. When the stack said so with
+  // those records (VfsRequest::dir_end), that question, from the same caller and within
+  // the mount's entry timeout, is answered here, empty, and not sent: it would cost a
+  // round trip to the stack for every directory listed. A change of names in the
+  // directory through the mount drops what is noted of it.
+  void NoteDirEnd(const VfsRequest& q) noexcept;           // q: a readdir(plus) answered
+  bool TakeDirEnd(pid_t pid, uint64_t node, int64_t offset) noexcept;
+  void DropDirEnds(const VfsRequest& q) noexcept;          // q: any request being sent
+  struct DirEnd {
+    pid_t pid;
+    int64_t offset;
+    std::chrono::steady_clock::time_point until;
+  };
+  std::mutex dir_end_mu_;
+  std::unordered_map<uint64_t, DirEnd> dir_ends_;  // directory node -> its listing's end
+  std::atomic<bool> any_dir_end_{false};           // dir_ends_ may be non-empty
+
   friend struct FuseOps;
 };
 

@@ -63,4 +63,5 @@ struct VfsReply {
   out @8 :Data;
   outSize @9 :UInt64;
   statfs @10 :List(UInt64);  # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
+  dirEnd @11 :Bool;          # readdir(plus): nothing follows `out` (VfsRequest::dir_end)
 }

@@ -175,6 +175,7 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
                  (req.open.cache_readdir ? 8u : 0u) | (req.open.backing_fd >= 0 ? 16u : 0u));
   r.setOut(Bytes(req.out.data(), req.out.size()));
   r.setOutSize(req.out_size);
+  r.setDirEnd(req.dir_end);
   Flatten(builder, out);
 }
 
@@ -213,6 +214,7 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, s
                 (f & 16) != 0 && !fds.empty() ? fds.front().get() : -1};
     req.out.assign(reinterpret_cast<const char*>(out.begin()), reinterpret_cast<const char*>(out.end()));
     req.out_size = r.getOutSize();
+    req.dir_end = r.getDirEnd();
     return {};
   });
 }

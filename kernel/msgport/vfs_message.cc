@@ -38,4 +38,26 @@ bool VfsOpIsIdempotent(VfsOp op) noexcept {
   }
 }
 
+int ChangedNames(const VfsRequest& q, ChangedName (&out)[2]) noexcept {
+  switch (q.op) {
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kCreate:
+    case VfsOp::kUnlink:
+    case VfsOp::kRmDir:
+      out[0] = {q.node, q.name};
+      return 1;
+    case VfsOp::kLink:  // `node` is the file linked to
+      out[0] = {q.node2, q.name2};
+      return 1;
+    case VfsOp::kRename:
+      out[0] = {q.node, q.name};
+      out[1] = {q.node2, q.name2};
+      return 2;
+    default:
+      return 0;
+  }
+}
+
 }  // namespace ulsp::msgport

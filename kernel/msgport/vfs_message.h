@@ -147,6 +147,9 @@ struct VfsRequest {
   uint64_t out_size = 0;     // write, copy_file_range: bytes; getxattr/listxattr with
                              // size 0: the size needed; lseek: the new offset
   struct statvfs statfs {};  // statfs
+  bool dir_end = false;      // readdir(plus): nothing follows the records in `out` (a
+                             // listing at the last one's offset would find nothing).
+                             // False when a layer does not know
 };
 
 // Calls f(record, position) for each record of a readdirplus reply (`out`), in the
@@ -163,6 +166,29 @@ void ForEachDirentPlus(std::span<const char> out, F&& f) {
     pos += size;
   }
 }
+
+// Calls f(record, position) for each record of a readdir reply (`out`), in the kernel's
+// fuse_dirent layout; stops at a record that runs past the end.
+template <typename F>
+void ForEachDirent(std::span<const char> out, F&& f) {
+  size_t pos = 0;
+  while (pos + FUSE_NAME_OFFSET <= out.size()) {
+    fuse_dirent d;
+    std::memcpy(&d, out.data() + pos, sizeof d);
+    const size_t size = FUSE_DIRENT_SIZE(&d);
+    if (pos + size > out.size()) break;
+    f(static_cast<const fuse_dirent&>(d), pos);
+    pos += size;
+  }
+}
+
+// The names a request makes, removes or moves, as (directory node, name): none, one,
+// or two (a rename's old and new). Returns how many it wrote to `out`.
+struct ChangedName {
+  uint64_t dir;
+  std::string_view name;
+};
+int ChangedNames(const VfsRequest& q, ChangedName (&out)[2]) noexcept;
 
 // A VFS request as a message. The shim keeps its kernel request handle in `fuse_req`.
 class VfsMessage final : public Message {

@@ -313,5 +313,23 @@ TEST(RemoteCache, EntriesNotHandedOnAreForgottenInTheAgent) {
   }
 }
 
+// A listing's end (VfsRequest::dir_end) crosses with its records to an isolated server's
+// or a remote agent's client: the shim answers the kernel's last readdir with it.
+TEST(VfsCodec, AListingsEndCrossesWithItsRecords) {
+  for (const bool end : {false, true}) {
+    auto m = Asked(VfsOp::kReadDirPlus, 7);
+    VfsRequest results;
+    results.out = {'r', 'e', 'c'};
+    results.dir_end = end;
+    Replied(*m, results);
+    VfsRequest back;
+    back.op = VfsOp::kReadDirPlus;
+    back.dir_end = !end;
+    ASSERT_TRUE(DecodeVfsReply(m->payload, back));
+    EXPECT_EQ(back.dir_end, end);
+    EXPECT_EQ(back.out, results.out);
+  }
+}
+
 }  // namespace
 }  // namespace ulsp::msgport

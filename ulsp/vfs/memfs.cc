@@ -454,9 +454,13 @@ int MemfsLayer::ReadDir(VfsRequest& req, bool plus) {
     req.out.resize(used);
     return 0;
   }
+  req.dir_end = true;  // unless the room runs out
   for (auto it = dir->by_cookie.upper_bound(std::max<uint64_t>(offset, 2)); it != dir->by_cookie.end(); ++it) {
     if (req.admit && !req.admit(it->second.first)) continue;
-    if (!add(it->second.first.c_str(), it->second.second, false, it->first)) break;
+    if (!add(it->second.first.c_str(), it->second.second, false, it->first)) {
+      req.dir_end = false;
+      break;
+    }
   }
   req.out.resize(used);
   return 0;

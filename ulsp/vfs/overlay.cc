@@ -59,6 +59,7 @@ void TakeResults(VfsRequest& to, VfsRequest& from) {
   to.out = std::move(from.out);
   to.out_fd = from.out_fd;
   to.out_size = from.out_size;
+  to.dir_end = from.dir_end;
   to.statfs = from.statfs;
 }
 
@@ -75,17 +76,12 @@ int ForEachEntry(Layer& layer, const VfsRequest& req, uint64_t dir, F&& fn) {
     rd.size = 64 << 10;
     rd.offset = offset;
     if ((result = layer.Serve(rd)) != 0 || rd.out.empty()) break;
-    size_t pos = 0;
-    while (pos + FUSE_NAME_OFFSET <= rd.out.size()) {
-      fuse_dirent d;
-      std::memcpy(&d, rd.out.data() + pos, sizeof d);
-      const size_t size = FUSE_DIRENT_SIZE(&d);
-      if (pos + size > rd.out.size()) break;
+    msgport::ForEachDirent(rd.out, [&](const fuse_dirent& d, size_t pos) {
       const std::string name(rd.out.data() + pos + FUSE_NAME_OFFSET, d.namelen);
       if (name != "." && name != "..") fn(name, d.type, d.ino);
       offset = static_cast<int64_t>(d.off);
-      pos += size;
-    }
+    });
+    if (rd.dir_end) break;
   }
   VfsRequest close = Own(req, VfsOp::kReleaseDir, dir);
   close.fh = open.open.fh;
@@ -642,6 +638,7 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
   req.out.resize(room);
   size_t used = 0;
   // Offsets: 1 after ".", 2 after "..", 3 + i after entry i.
+  req.dir_end = true;  // unless the room runs out
   for (int64_t i = std::max<int64_t>(req.offset, 0); i < static_cast<int64_t>(list->entries.size()) + 2; ++i) {
     const bool dots = i < 2;
     const DirEntry* entry = dots ? nullptr : &list->entries[static_cast<size_t>(i - 2)];
@@ -664,7 +661,10 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
       st.st_ino = dots ? 1 : entry->ino;
       size = fuse_add_direntry(nullptr, req.out.data() + used, room - used, name.c_str(), &st, i + 1);
     }
-    if (size > room - used) break;
+    if (size > room - used) {
+      req.dir_end = false;
+      break;
+    }
     used += size;
   }
   req.out.resize(used);

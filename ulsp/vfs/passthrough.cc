@@ -565,6 +565,7 @@ int PassthroughLayer::ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus) {
       d = ::readdir(dir.dir);
       if (d == nullptr) {
         if (errno != 0 && used == 0) return errno;
+        req.dir_end = errno == 0;
         break;
       }
     }
