@@ -330,6 +330,30 @@ TEST_P(RestartTest, ADescriptorOfAReplacedFileNeverReadsItsReplacement) {
   EXPECT_EQ(Output("cat " + d + "/saved " + d + "/made"), "new-saved\nnew-made\n");
 }
 
+// A file replaced beside the mount (on the disk below it) while a program holds it:
+// after a kill, the new server finds a file by the old one's name, but not the old
+// file: a passthrough stack's inode numbers are the disk's, so the port tells them
+// apart and the program's descriptor answers ESTALE, not the new file's attributes.
+// The name itself, looked up again, is the new file.
+TEST_P(RestartTest, AFileReplacedBesideTheMountIsNotFoundInItsPlace) {
+  const std::string m = mount_->path() + "/out";
+  ASSERT_EQ(Shell("mkdir " + m + " && echo old > " + m + "/f"), 0);
+  const int fd = ::open((m + "/f").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(Shell("cd " + dir_ / "src/out" + " && echo a-longer-new-file > tmp && mv tmp f"), 0);
+  KillServer();
+  struct statx stx {};
+  const int rc = ::statx(fd, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_SIZE, &stx);
+  const int err = errno;
+  EXPECT_EQ(rc, -1) << "the descriptor of the replaced file has size " << stx.stx_size << " (the new file's is 18)";
+  EXPECT_EQ(err, ESTALE);
+  ::close(fd);
+  struct statx now {};
+  ASSERT_EQ(::statx(AT_FDCWD, (m + "/f").c_str(), AT_STATX_FORCE_SYNC, STATX_SIZE, &now), 0);
+  EXPECT_EQ(now.stx_size, 18u);
+  EXPECT_EQ(ReadAll(m + "/f"), "a-longer-new-file\n");
+}
+
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),
                          [](const ::testing::TestParamInfo<std::string>& p) { return p.param; });
 

@@ -175,6 +175,13 @@ class ProcessSource final : public ServerSource {
   }
 
   bool resend_in_flight() const override { return true; }
+  // A passthrough stack's numbers are the files' own on the disk; an overlay's change
+  // at copy-up, memfs's die with the server.
+  bool stable_inode_numbers() const override {
+    auto layers = vfs::ParseStackSpec(options_.spec);
+    if (!layers || layers->empty() || layers->back().name != "passthrough") return false;
+    return std::none_of(layers->begin(), layers->end(), [](const vfs::LayerSpec& l) { return l.name == "overlay"; });
+  }
   unsigned max_start_failures() const override { return kMaxSpawnFailures; }
   std::chrono::milliseconds wait_limit() const override { return std::chrono::milliseconds(0); }
   std::string kind() const override { return "shared memory"; }
@@ -191,7 +198,7 @@ class ProcessSource final : public ServerSource {
 };
 
 IsolatedPort::IsolatedPort(std::unique_ptr<ServerSource> source)
-    : Port("vfs-isolated"), source_(std::move(source)) {
+    : Port("vfs-isolated"), source_(std::move(source)), check_identity_(source_->stable_inode_numbers()) {
   nodes_.resize(2);
   nodes_[1].in_use = true;
   nodes_[1].nlookup = 1;
@@ -430,16 +437,18 @@ IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
   return n.in_use && n.generation == GenerationOf(kernel_id) ? &n : nullptr;
 }
 
-uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name) {
+uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name,
+                                  uint64_t ino) {
   if (server_id == kRootServerNode) return kRootServerNode;
   uint32_t index = 0;
   if (epoch == map_epoch_) {
     if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) index = it->second;
-  } else if (auto it = by_name_.find(NameKey{parent, name}); it != by_name_.end()) {
+  } else if (auto it = by_name_.find(NameKey{parent, name}); it != by_name_.end() && SameFile(nodes_[it->second].ino, ino)) {
     index = it->second;  // an answer from a server that has died since: match by name
   }
   if (index != 0) {
     KNode& n = nodes_[index];
+    if (ino != 0) n.ino = ino;  // the latest (an overlay's copy-up changes it)
     ++n.nlookup;
     if (n.epoch == epoch) ++n.server_lookups;
     if (n.parent != parent || n.name != name) {  // known by another name (a hard link)
@@ -465,6 +474,7 @@ uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t p
   n.epoch = epoch;
   n.parent = parent;
   n.name.assign(name);
+  n.ino = ino;
   n.nlookup = 1;
   n.server_lookups = 1;
   if (epoch == map_epoch_) by_server_id_[server_id] = index;
@@ -516,6 +526,15 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
     // Gone meanwhile, or found by another request first: give our lookup back.
     pending_forgets_.emplace_back(server_id, 1);
     return n == nullptr ? 0 : n->server_id;
+  }
+  if (!SameFile(n->ino, (*found)->req.entry.attr.st_ino)) {
+    // The name is another file's now (replaced beside the mount, or by a change the
+    // dead server made but did not answer): this node has no name to be found by.
+    pending_forgets_.emplace_back(server_id, 1);
+    Unname(IndexOf(kernel_id));
+    n->name.clear();
+    n->parent = 0;
+    return 0;
   }
   n->server_id = server_id;
   n->epoch = epoch;
@@ -677,12 +696,17 @@ void IsolatedPort::Translate(VfsMessage& m) {
     case VfsOp::kLink:
     case VfsOp::kCreate: {
       const bool link = r.op == VfsOp::kLink;
-      const uint64_t id = KernelNode(r.entry.ino, epoch, link ? m.relay.node2 : m.relay.node, link ? r.name2 : r.name);
+      const uint64_t id = KernelNode(r.entry.ino, epoch, link ? m.relay.node2 : m.relay.node, link ? r.name2 : r.name,
+                                     r.entry.attr.st_ino);
       r.entry.ino = id;
       r.entry.generation = GenerationOf(id);
       if (r.op == VfsOp::kCreate) r.open.fh = new_handle(r.open.fh, id, r.flags, false);
       break;
     }
+    case VfsOp::kGetAttr:
+    case VfsOp::kSetAttr:
+      if (KNode* n = Node(m.relay.node); n != nullptr && r.out_attr.st_ino != 0) n->ino = r.out_attr.st_ino;
+      break;
     case VfsOp::kOpen:
     case VfsOp::kOpenDir:
       r.open.fh = new_handle(r.open.fh, m.relay.node, r.flags, r.op == VfsOp::kOpenDir);
@@ -700,7 +724,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
         if (record.entry_out.nodeid == 0 || record.dirent.namelen > 255) return;
         fuse_entry_out entry = record.entry_out;
         const std::string_view name(r.out.data() + pos + FUSE_NAME_OFFSET_DIRENTPLUS, record.dirent.namelen);
-        entry.nodeid = KernelNode(entry.nodeid, epoch, m.relay.node, name);
+        entry.nodeid = KernelNode(entry.nodeid, epoch, m.relay.node, name, entry.attr.ino);
         entry.generation = GenerationOf(entry.nodeid);
         std::memcpy(r.out.data() + pos, &entry, sizeof entry);
       });

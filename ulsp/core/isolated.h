@@ -65,6 +65,11 @@ class ServerSource {
   virtual std::chrono::milliseconds wait_limit() const = 0;
   // For `ulsp ps`.
   virtual std::string kind() const = 0;
+  // Whether each file keeps its inode number (st_ino) for as long as it lives, in
+  // every server of this source: then a node found again by name in a new server must
+  // have the number it had, or the name now means another file (ESTALE). False when a
+  // layer may change it (overlay's copy-up) or it is not known.
+  virtual bool stable_inode_numbers() const { return false; }
   virtual std::string peer() const { return ""; }
   virtual double rtt_us() const { return 0; }
 };
@@ -112,6 +117,7 @@ class IsolatedPort final : public msgport::Port {
     uint64_t epoch = 0;
     uint64_t parent = 0;      // kernel id
     std::string name;
+    uint64_t ino = 0;             // the stack's st_ino for it, as last answered (0: unknown)
     uint64_t nlookup = 0;         // the kernel's count
     uint64_t server_lookups = 0;  // lookups the current server counted for us
   };
@@ -135,7 +141,12 @@ class IsolatedPort final : public msgport::Port {
   uint64_t ServerNode(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock,
                       int depth);
   uint64_t ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
-  uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name);
+  // The kernel's id for the node a server answered (`ino`: its st_ino, 0 unknown).
+  uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name, uint64_t ino);
+  // Whether a node known as `known` (st_ino) may be the one found with `found`.
+  bool SameFile(uint64_t known, uint64_t found) const noexcept {
+    return !check_identity_ || known == 0 || found == 0 || known == found;
+  }
   // Drops `count` kernel lookups; at zero the node goes, and what the server counted
   // for it is added to `forgets` (server id, count), to be sent without the lock.
   void ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<std::pair<uint64_t, uint64_t>>& forgets);
@@ -168,6 +179,7 @@ class IsolatedPort final : public msgport::Port {
   void Translate(msgport::VfsMessage& m);  // the reply's ids, back to the kernel's
 
   std::unique_ptr<ServerSource> source_;
+  const bool check_identity_;  // source_->stable_inode_numbers()
 
   mutable std::mutex map_mu_;  // guards the node and handle tables
   std::deque<KNode> nodes_;    // index 0 unused, 1 the root
