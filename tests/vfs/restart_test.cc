@@ -6,12 +6,16 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <condition_variable>
+#include <cstring>
 #include <fstream>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <thread>
 
 #include "tests/vfs/mount_fixture.h"
+#include "ulsp/vfs/passthrough.h"
 
 namespace ulsp::testing {
 namespace {
@@ -21,6 +25,24 @@ std::string ReadAll(const std::string& path) {
   std::stringstream s;
   s << in.rdbuf();
   return s.str();
+}
+
+// The isolated server of the mount process `mount`: its child running __serve-vfs, or
+// -1. (Servers are started by the supervisor thread, so the main thread's children
+// list misses them: scan /proc for the parent.)
+pid_t IsolatedServerOf(pid_t mount) {
+  DIR* proc = ::opendir("/proc");
+  pid_t found = -1;
+  while (struct dirent* e = proc ? ::readdir(proc) : nullptr) {
+    const pid_t pid = std::atoi(e->d_name);
+    if (pid <= 0) continue;
+    const std::string status = ReadAll("/proc/" + std::string(e->d_name) + "/status");
+    const size_t at = status.find("PPid:\t");
+    if (at == std::string::npos || std::atoi(status.c_str() + at + 6) != mount) continue;
+    if (ReadAll("/proc/" + std::string(e->d_name) + "/cmdline").find("__serve-vfs") != std::string::npos) found = pid;
+  }
+  if (proc) ::closedir(proc);
+  return found;
 }
 
 // The parameter: "passthrough" or "stack" (trace, view, passthrough, with kernel
@@ -58,23 +80,7 @@ class RestartTest : public ::testing::TestWithParam<std::string> {
 
   std::unique_ptr<KernelUringSwitch> uring_switch_;
 
-  // The isolated server: the mount process's child running __serve-vfs. (Servers are
-  // started by the supervisor thread, so the main thread's children list misses them:
-  // scan /proc for the parent.)
-  pid_t ServerPid() const {
-    DIR* proc = ::opendir("/proc");
-    pid_t found = -1;
-    while (struct dirent* e = proc ? ::readdir(proc) : nullptr) {
-      const pid_t pid = std::atoi(e->d_name);
-      if (pid <= 0) continue;
-      const std::string status = ReadAll("/proc/" + std::string(e->d_name) + "/status");
-      const size_t at = status.find("PPid:\t");
-      if (at == std::string::npos || std::atoi(status.c_str() + at + 6) != mount_->pid()) continue;
-      if (ReadAll("/proc/" + std::string(e->d_name) + "/cmdline").find("__serve-vfs") != std::string::npos) found = pid;
-    }
-    if (proc) ::closedir(proc);
-    return found;
-  }
+  pid_t ServerPid() const { return IsolatedServerOf(mount_->pid()); }
   // Kills the server and waits (up to 10 s) for a new one to be serving: one that
   // has said hello, as the mount's log tells. (Killed before that, it would count as
   // a start that failed, and a slow start, as under a sanitizer, would fail them all.)
@@ -352,6 +358,97 @@ TEST_P(RestartTest, AFileReplacedBesideTheMountIsNotFoundInItsPlace) {
   ASSERT_EQ(::statx(AT_FDCWD, (m + "/f").c_str(), AT_STATX_FORCE_SYNC, STATX_SIZE, &now), 0);
   EXPECT_EQ(now.stx_size, 18u);
   EXPECT_EQ(ReadAll(m + "/f"), "a-longer-new-file\n");
+}
+
+// For the disk below an isolated mount: does each rename, then holds its answer until
+// released, so that the isolated server doing it can be killed with the rename done
+// and not answered.
+class RenameThenHold final : public vfs::Layer {
+ public:
+  explicit RenameThenHold(std::unique_ptr<vfs::Layer> lower) : Layer(std::move(lower)) {}
+  int Serve(msgport::VfsRequest& req) noexcept override {
+    const int error = Down(req);
+    if (req.op == msgport::VfsOp::kRename) {
+      std::unique_lock lock(mu_);
+      renamed_ = true;
+      cv_.notify_all();
+      cv_.wait(lock, [this] { return released_; });
+    }
+    return error;
+  }
+  std::string_view Name() const noexcept override { return "rename-then-hold"; }
+  bool WaitRenamed() {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(10), [this] { return renamed_; });
+  }
+  void Release() {
+    std::lock_guard lock(mu_);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool renamed_ = false, released_ = false;
+};
+
+// A rename the isolated server did but could not answer (killed between the two) is
+// answered EIO, and a program's descriptor of the renamed file still works after the
+// restart: the mount finds the node by its new name, which leads to a file of the same
+// inode number. (Before, it kept only the old name, which found nothing: ESTALE.)
+TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "low " + dir / "mnt"), 0);
+  auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
+  ASSERT_TRUE(passthrough);
+  auto layer = std::make_unique<RenameThenHold>(std::move(*passthrough));
+  RenameThenHold& hold = *layer;
+  InProcessMount lower(std::move(layer), dir / "low", /*timeout=*/1);
+  ASSERT_EQ(lower.error(), "");
+  ServedMount mount({"--isolated", "--stack", "passthrough:" + dir / "low"}, dir / "mnt", dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+  const std::string m = mount.path();
+  ASSERT_EQ(Shell("echo hello > " + m + "/a"), 0);
+  const int fd = ::open((m + "/a").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  int rename_rc = 0, rename_errno = 0;
+  std::thread renamer([&] {
+    rename_rc = ::rename((m + "/a").c_str(), (m + "/b").c_str());
+    rename_errno = errno;
+  });
+  struct Joiner {  // whatever fails below, the held rename is let go and waited for
+    RenameThenHold& hold;
+    std::thread& t;
+    ~Joiner() {
+      hold.Release();
+      if (t.joinable()) t.join();
+    }
+  } joiner{hold, renamer};
+  ASSERT_TRUE(hold.WaitRenamed()) << "the rename did not reach the disk below";
+  const pid_t old = IsolatedServerOf(mount.pid());
+  ASSERT_GT(old, 0);
+  ASSERT_EQ(::kill(old, SIGKILL), 0);
+  hold.Release();  // the server dies once its rename returns
+  bool serving = false;
+  for (int i = 0; i < 1000 && !serving; ++i) {
+    const pid_t now = IsolatedServerOf(mount.pid());
+    serving = now > 0 && now != old &&
+              ReadAll(dir / "server.log").find("isolated server " + std::to_string(now) + " serves") != std::string::npos;
+    if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  ASSERT_TRUE(serving) << ReadAll(dir / "server.log");
+  renamer.join();
+  EXPECT_EQ(rename_rc, -1);
+  EXPECT_EQ(rename_errno, EIO);
+  struct statx stx {};
+  EXPECT_EQ(::statx(fd, "", AT_EMPTY_PATH | AT_STATX_FORCE_SYNC, STATX_SIZE, &stx), 0) << std::strerror(errno);
+  EXPECT_EQ(stx.stx_size, 6u);
+  char buf[16] = {};
+  EXPECT_EQ(::pread(fd, buf, sizeof buf, 0), 6) << std::strerror(errno);
+  EXPECT_STREQ(buf, "hello\n");
+  ::close(fd);
+  EXPECT_EQ(Output("ls " + m), "b\n");
 }
 
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),

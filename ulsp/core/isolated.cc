@@ -428,6 +428,7 @@ void IsolatedPort::Orphan(const NameKey& key) {
   by_name_.erase(it);  // first: the key views the name
   n.name.clear();
   n.parent = 0;
+  n.renamed_name.clear();
 }
 
 IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
@@ -509,38 +510,76 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
   KNode* n = Node(kernel_id);
   if (n == nullptr || depth > 256) return 0;
   if (n->epoch == epoch) return n->server_id;
-  // Known to a server that died: find it again in this one by its name.
-  const uint64_t parent = ServerNode(n->parent, server, epoch, lock, depth + 1);
-  n = Node(kernel_id);
-  if (parent == 0 || n == nullptr || n->name.empty()) return 0;
-  auto ask = std::make_unique<VfsMessage>(VfsOp::kLookup);
-  ask->req.node = parent;
-  ask->req.name = n->name;
-  lock.unlock();  // replies (ours too) are delivered through PutReply, which locks
-  auto found = Ask(*server, std::move(ask));
-  lock.lock();
-  if (!found) return 0;
-  const uint64_t server_id = (*found)->req.entry.ino;
-  n = Node(kernel_id);
-  if (n == nullptr || n->epoch == epoch) {
-    // Gone meanwhile, or found by another request first: give our lookup back.
-    pending_forgets_.emplace_back(server_id, 1);
-    return n == nullptr ? 0 : n->server_id;
+  // Known to a server that died: find it again in this one by its name; failing that,
+  // by the name a rename answered EIO may have given it (with the inode number known).
+  bool another_file = false;
+  for (const bool renamed : {false, true}) {
+    if (renamed && (!check_identity_ || n->ino == 0 || n->renamed_name.empty())) break;
+    const uint64_t kernel_parent = renamed ? n->renamed_parent : n->parent;
+    const uint64_t parent = ServerNode(kernel_parent, server, epoch, lock, depth + 1);
+    n = Node(kernel_id);
+    if (n == nullptr) return 0;
+    std::string name = renamed ? n->renamed_name : n->name;
+    if (parent == 0 || name.empty()) continue;
+    auto ask = std::make_unique<VfsMessage>(VfsOp::kLookup);
+    ask->req.node = parent;
+    ask->req.name = name;
+    lock.unlock();  // replies (ours too) are delivered through PutReply, which locks
+    auto found = Ask(*server, std::move(ask));
+    lock.lock();
+    n = Node(kernel_id);
+    if (!found) {
+      if (n == nullptr) return 0;
+      continue;
+    }
+    const uint64_t server_id = (*found)->req.entry.ino;
+    if (n == nullptr || n->epoch == epoch) {
+      // Gone meanwhile, or found by another request first: give our lookup back.
+      pending_forgets_.emplace_back(server_id, 1);
+      return n == nullptr ? 0 : n->server_id;
+    }
+    const uint64_t ino = (*found)->req.entry.attr.st_ino;
+    if (renamed ? ino != n->ino : !SameFile(n->ino, ino)) {
+      // The name is another file's now (replaced beside the mount, or by a change the
+      // dead server made but did not answer).
+      pending_forgets_.emplace_back(server_id, 1);
+      another_file |= !renamed;
+      continue;
+    }
+    const uint32_t index = IndexOf(kernel_id);
+    if (renamed) {  // the rename was done
+      Unname(index);
+      n->parent = kernel_parent;
+      n->name = std::move(name);
+      Name(index);
+    }
+    n->renamed_parent = 0;
+    n->renamed_name.clear();
+    n->server_id = server_id;
+    n->epoch = epoch;
+    n->server_lookups = 1;
+    by_server_id_[server_id] = index;
+    return server_id;
   }
-  if (!SameFile(n->ino, (*found)->req.entry.attr.st_ino)) {
-    // The name is another file's now (replaced beside the mount, or by a change the
-    // dead server made but did not answer): this node has no name to be found by.
-    pending_forgets_.emplace_back(server_id, 1);
+  if (another_file && n != nullptr) {  // no name to be found by any more
     Unname(IndexOf(kernel_id));
     n->name.clear();
     n->parent = 0;
-    return 0;
+    n->renamed_name.clear();
   }
-  n->server_id = server_id;
-  n->epoch = epoch;
-  n->server_lookups = 1;
-  by_server_id_[server_id] = IndexOf(kernel_id);
-  return server_id;
+  return 0;
+}
+
+void IsolatedPort::MaybeRenamed(const VfsMessage& m) {
+  std::lock_guard lock(map_mu_);
+  auto note = [this](const NameKey& from, uint64_t parent, const std::string& name) {
+    if (auto it = by_name_.find(from); it != by_name_.end()) {
+      nodes_[it->second].renamed_parent = parent;
+      nodes_[it->second].renamed_name = name;
+    }
+  };
+  note(NameKey{m.relay.node, m.req.name}, m.relay.node2, m.req.name2);
+  if (m.req.flags & RENAME_EXCHANGE) note(NameKey{m.relay.node2, m.req.name2}, m.relay.node, m.req.name);
 }
 
 uint64_t IsolatedPort::ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch,
@@ -786,6 +825,13 @@ void IsolatedPort::PutReply(MessagePtr msg) {
       return;
     }
     msg->error = EIO;
+    if (m.req.op == VfsOp::kRename && check_identity_) {
+      try {
+        MaybeRenamed(m);  // done or not: the node may be found by either name
+      } catch (...) {
+        // Out of memory: the node is found by its old name only, as without this.
+      }
+    }
   } else {
     answered_.fetch_add(1, std::memory_order_relaxed);
   }

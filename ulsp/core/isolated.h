@@ -118,6 +118,11 @@ class IsolatedPort final : public msgport::Port {
     uint64_t parent = 0;      // kernel id
     std::string name;
     uint64_t ino = 0;             // the stack's st_ino for it, as last answered (0: unknown)
+    // The name a rename of it answered EIO (its server died with it) gave it, if the
+    // rename was done: tried after a restart when its name finds nothing, or another
+    // file, and taken if it finds a file of the same inode number.
+    uint64_t renamed_parent = 0;  // kernel id
+    std::string renamed_name;
     uint64_t nlookup = 0;         // the kernel's count
     uint64_t server_lookups = 0;  // lookups the current server counted for us
   };
@@ -141,6 +146,9 @@ class IsolatedPort final : public msgport::Port {
   uint64_t ServerNode(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock,
                       int depth);
   uint64_t ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
+  // A rename in `m` was answered EIO, done or not: notes the name each node it moves
+  // may have now.
+  void MaybeRenamed(const msgport::VfsMessage& m);
   // The kernel's id for the node a server answered (`ino`: its st_ino, 0 unknown).
   uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name, uint64_t ino);
   // Whether a node known as `known` (st_ino) may be the one found with `found`.
