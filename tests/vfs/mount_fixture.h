@@ -3,10 +3,12 @@
 // process; each unmounted (and its server gone) whatever the test did.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <signal.h>
 #include <spawn.h>
 #include <stdlib.h>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -24,6 +26,19 @@
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::testing {
+
+// A test that serves a passthrough layer in its own process leaves the process's umask
+// at 0 (PassthroughLayer::Open: the kernel applies the callers'). Each test starts
+// with a shell's 022 again, as when CTest runs it alone, so that running many in one
+// process (vfs_test by hand) means the same: a directory a later test makes is not
+// left writable by all.
+struct UmaskPerTest final : ::testing::EmptyTestEventListener {
+  void OnTestStart(const ::testing::TestInfo&) override { ::umask(022); }
+};
+inline const bool kUmaskPerTest = [] {
+  ::testing::UnitTest::GetInstance()->listeners().Append(new UmaskPerTest);
+  return true;
+}();
 
 // Turns the kernel's switch for FUSE over io_uring (the fuse module's enable_uring) on
 // or off while it lives, and puts back what it found. Mounts made meanwhile are
