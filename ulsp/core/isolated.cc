@@ -422,10 +422,12 @@ void IsolatedPort::Unname(uint32_t index) {
 }
 
 void IsolatedPort::Orphan(const NameKey& key) {
-  auto it = by_name_.find(key);
-  if (it == by_name_.end()) return;
-  KNode& n = nodes_[it->second];
-  by_name_.erase(it);  // first: the key views the name
+  if (auto it = by_name_.find(key); it != by_name_.end()) Disown(it->second);
+}
+
+void IsolatedPort::Disown(uint32_t index) {
+  Unname(index);  // first: the table's key views the name
+  KNode& n = nodes_[index];
   n.name.clear();
   n.parent = 0;
   n.renamed_name.clear();
@@ -561,12 +563,7 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
     by_server_id_[server_id] = index;
     return server_id;
   }
-  if (another_file && n != nullptr) {  // no name to be found by any more
-    Unname(IndexOf(kernel_id));
-    n->name.clear();
-    n->parent = 0;
-    n->renamed_name.clear();
-  }
+  if (another_file && n != nullptr) Disown(IndexOf(kernel_id));  // no name to be found by any more
   return 0;
 }
 

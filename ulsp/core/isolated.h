@@ -180,6 +180,7 @@ class IsolatedPort final : public msgport::Port {
   // rename). It keeps no name, so after a restart it is not found again by one (which
   // may by then be another file's): it answers ESTALE, unless a lookup names it again.
   void Orphan(const NameKey& key);
+  void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
 
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
