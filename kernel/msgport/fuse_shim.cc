@@ -805,26 +805,24 @@ void FuseShim::NoteDirEnd(const VfsRequest& q) noexcept try {
     if (dir_ends_.size() >= 1024) dir_ends_.clear();
   }
   dir_ends_[q.node] = {q.ctx.pid, last, until};
-  any_dir_end_.store(true, std::memory_order_relaxed);
 } catch (...) {
   // Out of memory: the kernel's last question goes to the stack, as without this.
 }
 
 bool FuseShim::TakeDirEnd(pid_t pid, uint64_t node, int64_t offset) noexcept {
-  if (offset == 0 || !any_dir_end_.load(std::memory_order_relaxed)) return false;
+  if (offset == 0) return false;
   std::lock_guard lock(dir_end_mu_);
   auto it = dir_ends_.find(node);
   if (it == dir_ends_.end() || it->second.pid != pid || it->second.offset != offset) return false;
   const bool fresh = std::chrono::steady_clock::now() < it->second.until;
   dir_ends_.erase(it);
-  if (dir_ends_.empty()) any_dir_end_.store(false, std::memory_order_relaxed);
   return fresh;
 }
 
 void FuseShim::DropDirEnds(const VfsRequest& q) noexcept {
   ChangedName names[2];
   const int n = ChangedNames(q, names);
-  if (n == 0 || !any_dir_end_.load(std::memory_order_relaxed)) return;
+  if (n == 0) return;
   std::lock_guard lock(dir_end_mu_);
   for (int i = 0; i < n; ++i) dir_ends_.erase(names[i].dir);
 }

@@ -183,7 +183,6 @@ class FuseShim {
   };
   std::mutex dir_end_mu_;
   std::unordered_map<uint64_t, DirEnd> dir_ends_;  // directory node -> its listing's end
-  std::atomic<bool> any_dir_end_{false};           // dir_ends_ may be non-empty
 
   friend struct FuseOps;
 };
