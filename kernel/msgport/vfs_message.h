@@ -19,6 +19,8 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "kernel/msgport/message.h"
@@ -152,34 +154,35 @@ struct VfsRequest {
                              // False when a layer does not know
 };
 
-// Calls f(record, position) for each record of a readdirplus reply (`out`), in the
-// kernel's fuse_direntplus layout; stops at a record that runs past the end.
-template <typename F>
-void ForEachDirentPlus(std::span<const char> out, F&& f) {
+// Calls f(record, position) for each record of a readdir reply (`out`) in the kernel's
+// layout, `Record` being fuse_dirent (readdir) or fuse_direntplus (readdirplus); stops
+// at a record that runs past the end. (Each record's name follows its fixed part.)
+template <typename Record, typename F>
+void ForEachRecord(std::span<const char> out, F&& f) {
+  static_assert(std::is_same_v<Record, fuse_dirent> || std::is_same_v<Record, fuse_direntplus>);
+  static_assert(sizeof(fuse_dirent) == FUSE_NAME_OFFSET && sizeof(fuse_direntplus) == FUSE_NAME_OFFSET_DIRENTPLUS);
   size_t pos = 0;
-  while (pos + FUSE_NAME_OFFSET_DIRENTPLUS <= out.size()) {
-    fuse_direntplus d;
+  while (pos + sizeof(Record) <= out.size()) {
+    Record d;
     std::memcpy(&d, out.data() + pos, sizeof d);
-    const size_t size = FUSE_DIRENTPLUS_SIZE(&d);
+    size_t size;
+    if constexpr (std::is_same_v<Record, fuse_direntplus>) {
+      size = FUSE_DIRENTPLUS_SIZE(&d);
+    } else {
+      size = FUSE_DIRENT_SIZE(&d);
+    }
     if (pos + size > out.size()) break;
-    f(static_cast<const fuse_direntplus&>(d), pos);
+    f(static_cast<const Record&>(d), pos);
     pos += size;
   }
 }
-
-// Calls f(record, position) for each record of a readdir reply (`out`), in the kernel's
-// fuse_dirent layout; stops at a record that runs past the end.
+template <typename F>
+void ForEachDirentPlus(std::span<const char> out, F&& f) {
+  ForEachRecord<fuse_direntplus>(out, std::forward<F>(f));
+}
 template <typename F>
 void ForEachDirent(std::span<const char> out, F&& f) {
-  size_t pos = 0;
-  while (pos + FUSE_NAME_OFFSET <= out.size()) {
-    fuse_dirent d;
-    std::memcpy(&d, out.data() + pos, sizeof d);
-    const size_t size = FUSE_DIRENT_SIZE(&d);
-    if (pos + size > out.size()) break;
-    f(static_cast<const fuse_dirent&>(d), pos);
-    pos += size;
-  }
+  ForEachRecord<fuse_dirent>(out, std::forward<F>(f));
 }
 
 // The names a request makes, removes or moves, as (directory node, name): none, one,
