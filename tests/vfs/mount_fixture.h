@@ -23,6 +23,7 @@
 #include "kernel/msgport/fuse_shim.h"
 #include "tests/temp_dir.h"
 #include "ulsp/core/mount.h"
+#include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::testing {
@@ -139,6 +140,15 @@ class ServedMount {
   pid_t pid_ = -1;
   bool ok_ = false;
 };
+
+// A test's layer `L` (made with its lower layer, then `args`) on passthrough of `src`,
+// to be mounted with InProcessMount; nullptr when `src` cannot be opened.
+template <class L, class... Args>
+std::unique_ptr<L> OnPassthrough(const std::string& src, Args&&... args) {
+  auto passthrough = vfs::PassthroughLayer::Open(src);
+  if (!passthrough) return nullptr;
+  return std::make_unique<L>(std::move(*passthrough), std::forward<Args>(args)...);
+}
 
 // A layer stack mounted on `mnt` and served by this process (so a test can reach into
 // its layers); unmounted whatever the test did. `timeout`: the kernel's entry and

@@ -17,7 +17,6 @@
 
 #include "tests/vfs/mount_fixture.h"
 #include "ulsp/vfs/memfs.h"
-#include "ulsp/vfs/passthrough.h"
 
 namespace ulsp::testing {
 namespace {
@@ -667,9 +666,8 @@ TEST_P(UnsureChangeTest, TheKernelForgetsWhatAChangeAnsweredEioMayHaveChanged) {
   ASSERT_TRUE(uring.ok()) << "cannot set " << KernelUringSwitch::kParam;
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "mnt " + dir / "src && cd " + dir / "src && touch gone moved mode linked && chmod 644 mode"), 0);
-  auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
-  ASSERT_TRUE(passthrough);
-  auto layer = std::make_unique<DoneButEio>(std::move(*passthrough), error);
+  auto layer = OnPassthrough<DoneButEio>(dir / "src", error);
+  ASSERT_TRUE(layer);
   DoneButEio& eio = *layer;
   InProcessMount mount(std::move(layer), dir / "mnt", /*timeout=*/60);
   ASSERT_EQ(mount.error(), "");
@@ -765,9 +763,8 @@ TEST(ListingEndTest, TheShimAnswersTheLastQuestionOfAListing) {
   ASSERT_EQ(Shell("mkdir -p " + dir / "mnt " + dir / "src/empty " + dir / "src/few " + dir / "src/many && cd " +
                   dir / "src && touch few/a few/b few/c && for i in $(seq 800); do : > many/entry-$i-with-a-long-name; done"),
             0);
-  auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
-  ASSERT_TRUE(passthrough);
-  auto layer = std::make_unique<CountListings>(std::move(*passthrough));
+  auto layer = OnPassthrough<CountListings>(dir / "src");
+  ASSERT_TRUE(layer);
   CountListings& count = *layer;
   {
     InProcessMount mount(std::move(layer), dir / "mnt", /*timeout=*/60);

@@ -15,7 +15,6 @@
 #include <thread>
 
 #include "tests/vfs/mount_fixture.h"
-#include "ulsp/vfs/passthrough.h"
 
 namespace ulsp::testing {
 namespace {
@@ -43,6 +42,22 @@ pid_t IsolatedServerOf(pid_t mount) {
   }
   if (proc) ::closedir(proc);
   return found;
+}
+
+// Waits (up to 10 s) for a server of the mount process `mount` other than `old` to be
+// serving: one that has said hello, as the mount's log at `log` tells. (Killed before
+// that, it would count as a start that failed, and a slow start, as under a sanitizer,
+// would fail them all.) False, with the log's end in `why`, when none came.
+bool NewServerServes(pid_t mount, pid_t old, const std::string& log, std::string* why) {
+  for (int i = 0; i < 1000; ++i) {
+    const pid_t now = IsolatedServerOf(mount);
+    if (now > 0 && now != old && ReadAll(log).find("isolated server " + std::to_string(now) + " serves") != std::string::npos)
+      return true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  const std::string text = ReadAll(log);
+  *why = "no new server 10 s after the kill; the server's log ends:\n" + text.substr(text.size() > 3000 ? text.size() - 3000 : 0);
+  return false;
 }
 
 // The parameter: "passthrough" or "stack" (trace, view, passthrough, with kernel
@@ -81,23 +96,13 @@ class RestartTest : public ::testing::TestWithParam<std::string> {
   std::unique_ptr<KernelUringSwitch> uring_switch_;
 
   pid_t ServerPid() const { return IsolatedServerOf(mount_->pid()); }
-  // Kills the server and waits (up to 10 s) for a new one to be serving: one that
-  // has said hello, as the mount's log tells. (Killed before that, it would count as
-  // a start that failed, and a slow start, as under a sanitizer, would fail them all.)
+  // Kills the server and waits for a new one to be serving (NewServerServes).
   void KillServer() {
     const pid_t old = ServerPid();
     ASSERT_GT(old, 0);
     ASSERT_EQ(::kill(old, SIGKILL), 0);
-    for (int i = 0; i < 1000; ++i) {
-      const pid_t now = ServerPid();
-      if (now > 0 && now != old &&
-          ReadAll(dir_ / "server.log").find("isolated server " + std::to_string(now) + " serves") != std::string::npos)
-        return;
-      std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    }
-    const std::string log = ReadAll(dir_ / "server.log");
-    FAIL() << "no new server 10 s after the kill; the server's log ends:\n"
-           << log.substr(log.size() > 3000 ? log.size() - 3000 : 0);
+    std::string why;
+    ASSERT_TRUE(NewServerServes(mount_->pid(), old, dir_ / "server.log", &why)) << why;
   }
 
   TempDir dir_;
@@ -400,9 +405,8 @@ class RenameThenHold final : public vfs::Layer {
 TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "low " + dir / "mnt"), 0);
-  auto passthrough = vfs::PassthroughLayer::Open(dir / "src");
-  ASSERT_TRUE(passthrough);
-  auto layer = std::make_unique<RenameThenHold>(std::move(*passthrough));
+  auto layer = OnPassthrough<RenameThenHold>(dir / "src");
+  ASSERT_TRUE(layer);
   RenameThenHold& hold = *layer;
   InProcessMount lower(std::move(layer), dir / "low", /*timeout=*/1);
   ASSERT_EQ(lower.error(), "");
@@ -430,14 +434,8 @@ TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
   ASSERT_GT(old, 0);
   ASSERT_EQ(::kill(old, SIGKILL), 0);
   hold.Release();  // the server dies once its rename returns
-  bool serving = false;
-  for (int i = 0; i < 1000 && !serving; ++i) {
-    const pid_t now = IsolatedServerOf(mount.pid());
-    serving = now > 0 && now != old &&
-              ReadAll(dir / "server.log").find("isolated server " + std::to_string(now) + " serves") != std::string::npos;
-    if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  ASSERT_TRUE(serving) << ReadAll(dir / "server.log");
+  std::string why;
+  ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
   renamer.join();
   EXPECT_EQ(rename_rc, -1);
   EXPECT_EQ(rename_errno, EIO);
