@@ -34,13 +34,16 @@ std::string ReadFile(const std::string& path) {
 // One mount for a test: a source directory, a mount point, and what serves it.
 // The parameter is "passthrough", "isolated" (passthrough in its own process),
 // "stack" (trace, then view admitting /work, on passthrough, with kernel passthrough
-// off so that every read and write is served by the stack), "memfs", or "overlay" (an
-// upper directory over passthrough of src/); "uring" and "uring-isolated" are
-// passthrough and isolated with requests through FUSE over io_uring (the kernel's
-// switch on for the test), and the others read /dev/fuse (the switch off).
+// off so that every read and write is served by the stack), "memfs", "isolated-memfs"
+// (memfs in its own process: its handles are 0, which the isolated port once took for
+// no handle, answering EBADF), or "overlay" (an upper directory over passthrough of
+// src/); "uring" and "uring-isolated" are passthrough and isolated with requests
+// through FUSE over io_uring (the kernel's switch on for the test), and the others
+// read /dev/fuse (the switch off).
 class MountTest : public ::testing::TestWithParam<std::string> {
  protected:
   bool Uring() const { return GetParam().starts_with("uring"); }
+  bool Memfs() const { return GetParam().ends_with("memfs"); }
   void SetUp() override {
     uring_switch_ = std::make_unique<KernelUringSwitch>(Uring());
     ASSERT_TRUE(uring_switch_->ok()) << "cannot set " << KernelUringSwitch::kParam;
@@ -53,8 +56,9 @@ class MountTest : public ::testing::TestWithParam<std::string> {
       args = {dir_ / "src"};
     } else if (GetParam() == "isolated" || GetParam() == "uring-isolated") {
       args = {"--isolated", dir_ / "src"};
-    } else if (GetParam() == "memfs") {
+    } else if (Memfs()) {
       args = {"--stack", "memfs:8G"};
+      if (GetParam() == "isolated-memfs") args.insert(args.begin(), "--isolated");
     } else if (GetParam() == "overlay") {
       ASSERT_EQ(::mkdir((dir_ / "upper").c_str(), 0755), 0);
       args = {"--stack", "overlay:" + (dir_ / "upper") + ",passthrough:" + (dir_ / "src")};
@@ -66,7 +70,7 @@ class MountTest : public ::testing::TestWithParam<std::string> {
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
     ASSERT_TRUE(mount_->ok()) << "the mount did not come up; server log:\n" << ReadFile(dir_ / "server.log");
     work_ = mount_->path() + "/work";
-    if (GetParam() == "memfs") {
+    if (Memfs()) {
       ASSERT_EQ(::mkdir(work_.c_str(), 0777), 0);
       ASSERT_EQ(::chmod(work_.c_str(), 0777), 0);
     }
@@ -74,7 +78,7 @@ class MountTest : public ::testing::TestWithParam<std::string> {
   // Where `rel` (inside /work) is stored: on disk under src/, or, for memfs, only
   // in the mount.
   std::string Stored(const std::string& rel) const {
-    if (GetParam() == "memfs") return work_ + "/" + rel;
+    if (Memfs()) return work_ + "/" + rel;
     if (GetParam() == "overlay") return dir_ / "upper/work/" + rel;  // changes land above
     return dir_ / "src/work/" + rel;
   }
@@ -198,8 +202,8 @@ TEST_P(MountTest, AFifoJoinsTwoPrograms) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, MountTest,
-                         ::testing::Values("passthrough", "isolated", "stack", "memfs", "overlay", "uring",
-                                           "uring-isolated"),
+                         ::testing::Values("passthrough", "isolated", "stack", "memfs", "isolated-memfs", "overlay",
+                                           "uring", "uring-isolated"),
                          [](const ::testing::TestParamInfo<std::string>& p) {
                            std::string name = p.param;
                            std::replace(name.begin(), name.end(), '-', '_');

@@ -579,23 +579,23 @@ void IsolatedPort::MaybeRenamed(const VfsMessage& m) {
   if (m.req.flags & RENAME_EXCHANGE) note(NameKey{m.relay.node2, m.req.name2}, m.relay.node, m.req.name);
 }
 
-uint64_t IsolatedPort::ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch,
-                                    std::unique_lock<std::mutex>& lock) {
-  if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return 0;
+std::optional<uint64_t> IsolatedPort::ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch,
+                                                   std::unique_lock<std::mutex>& lock) {
+  if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return std::nullopt;
   KHandle h = handles_[kernel_fh - 1];
   if (h.epoch == epoch) return h.server_fh;
   // Opened in a server that died: open it again in this one.
   const uint64_t node = ServerNode(h.node, server, epoch, lock, 0);
-  if (node == 0) return 0;
+  if (node == 0) return std::nullopt;
   auto ask = std::make_unique<VfsMessage>(h.dir ? VfsOp::kOpenDir : VfsOp::kOpen);
   ask->req.node = node;
   ask->req.flags = h.flags;
   lock.unlock();
   auto opened = Ask(*server, std::move(ask));
   lock.lock();
-  if (!opened) return 0;
+  if (!opened) return std::nullopt;
   KHandle& now = handles_[kernel_fh - 1];
-  if (!now.in_use) return 0;
+  if (!now.in_use) return std::nullopt;
   now.server_fh = (*opened)->req.open.fh;
   now.epoch = epoch;
   return now.server_fh;
@@ -688,11 +688,13 @@ void IsolatedPort::Forward(MessagePtr msg) {
       if (r.node2 == 0) error = ESTALE;
     }
     if (!error && UsesHandle(r)) {
-      r.fh = ServerHandle(m.relay.fh, server, epoch, lock);
-      if (r.fh == 0) error = EBADF;
+      const std::optional<uint64_t> fh = ServerHandle(m.relay.fh, server, epoch, lock);
+      if (!fh) error = EBADF;
+      r.fh = fh.value_or(0);
       if (!error && r.op == VfsOp::kCopyFileRange) {
-        r.fh2 = ServerHandle(m.relay.fh2, server, epoch, lock);
-        if (r.fh2 == 0) error = EBADF;
+        const std::optional<uint64_t> fh2 = ServerHandle(m.relay.fh2, server, epoch, lock);
+        if (!fh2) error = EBADF;
+        r.fh2 = fh2.value_or(0);
       }
     }
   }

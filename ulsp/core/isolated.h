@@ -29,6 +29,7 @@
 #include <deque>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -141,11 +142,13 @@ class IsolatedPort final : public msgport::Port {
   void Sweep();  // answers ETIMEDOUT what waited past the source's wait limit
   Server Current(uint64_t* epoch) const;
 
-  // With map_mu_ held. Translations of the kernel's ids to the current server's;
-  // 0 when the node or handle is gone (ESTALE / EBADF).
+  // With map_mu_ held. Translations of the kernel's ids to the current server's:
+  // a node 0 when it is gone (ESTALE), no handle when it is gone (EBADF; a server's
+  // handle may be any number, memfs gives 0).
   uint64_t ServerNode(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock,
                       int depth);
-  uint64_t ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
+  std::optional<uint64_t> ServerHandle(uint64_t kernel_fh, const Server& server, uint64_t epoch,
+                                       std::unique_lock<std::mutex>& lock);
   // A rename in `m` was answered EIO, done or not: notes the name each node it moves
   // may have now.
   void MaybeRenamed(const msgport::VfsMessage& m);
