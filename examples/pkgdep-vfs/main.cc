@@ -208,6 +208,8 @@ int Check(const std::string& package, const std::string& deps, const std::string
           const std::string& json_file, const std::string& allow_file, const std::vector<std::string>& command) {
   if (package.empty() == deps.empty()) return Fail("give either --package NAME or --deps PKG,PKG...");
   if (mode != "observe" && mode != "enforce") return Fail("--mode is observe or enforce, not '" + mode + "'");
+  const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
+  if (roots.empty()) return Fail("--deps '" + deps + "' names no package (give PKG,PKG...)");
   if (command.empty()) return Fail("give the command to check after --");
   if (::geteuid() != 0) return Fail("needs root (it runs the command in an ulsp process group)");
   if (Which(command[0]).empty()) return Fail(command[0] + ": command not found");
@@ -232,7 +234,6 @@ int Check(const std::string& package, const std::string& deps, const std::string
     if (!fd) return Fail("cannot write the JSON report: " + fd.error());
     if (!existed) ::unlink(json_file.c_str());
   }
-  const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
   // The packages, the declared closure and who owns which path. Enforcing, the view
   // needs them before the run. Observing, they are needed only for the report: a
   // quick check that the named packages are installed comes first (a bad name must

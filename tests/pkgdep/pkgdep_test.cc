@@ -143,6 +143,9 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   r = Check("--package coreutils --deps tar -- true");
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "pkgdep-vfs: give either --package NAME or --deps PKG,PKG...\n");
+  r = Check("--deps , -- true");  // once taken as a declaration of nothing
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: --deps ',' names no package (give PKG,PKG...)\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
