@@ -238,6 +238,10 @@ TEST_F(RunTest, PolicyCheckSaysWhatIsWrongOrOk) {
   std::ofstream(dir_ / "bad.toml") << "[group.g]\nloopback = \"yes\"\n";
   EXPECT_EQ(Output(std::string(ULSP_BIN) + " policy check " + dir_ / "good.toml" + " 2>&1"),
             dir_ / "good.toml" + ": ok: g (0 mounts, 0 net rules, net_default allow)\n");
+  std::ofstream(dir_ / "one.toml") << "[group.g]\n[[group.g.mount]]\npath = \"/mnt\"\nstack = \"memfs:1M\"\n"
+                                     << "[[group.g.net]]\naction = \"allow\"\nto = \"127.0.0.1/32\"\n";
+  EXPECT_EQ(Output(std::string(ULSP_BIN) + " policy check " + dir_ / "one.toml" + " 2>&1"),
+            dir_ / "one.toml" + ": ok: g (1 mount, 1 net rule, net_default deny)\n");
   EXPECT_EQ(Shell(std::string(ULSP_BIN) + " policy check " + dir_ / "bad.toml" + " 2> " + dir_ / "err"), 1);
   EXPECT_EQ(Output("cat " + dir_ / "err"),
             "ulsp policy check: " + dir_ / "bad.toml" + ":2: loopback must be \"group\" or \"host\", not \"yes\"\n");

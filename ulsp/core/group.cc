@@ -118,10 +118,11 @@ int CheckPolicy(const std::string& file) {
     std::fprintf(stderr, "ulsp policy check: %s\n", policy.error().c_str());
     return 1;
   }
+  auto count = [](size_t n, const char* what) { return std::to_string(n) + " " + what + (n == 1 ? "" : "s"); };
   std::string names;
   for (const auto& [name, g] : policy->groups) {
-    names += (names.empty() ? "" : ", ") + name + " (" + std::to_string(g.mounts.size()) + " mounts, " +
-             std::to_string(g.net.rules().size()) + " net rules, net_default " + (g.net.default_allow() ? "allow" : "deny") + ")";
+    names += (names.empty() ? "" : ", ") + name + " (" + count(g.mounts.size(), "mount") + ", " +
+             count(g.net.rules().size(), "net rule") + ", net_default " + (g.net.default_allow() ? "allow" : "deny") + ")";
   }
   std::printf("%s: ok: %s\n", file.c_str(), names.c_str());
   return 0;
