@@ -84,6 +84,26 @@ TEST_F(RunTest, MountsAreTheGroupsAloneAndGoWithIt) {
   EXPECT_EQ(Output("ls " + dir_ / "upper"), "new\nsub\n");
 }
 
+// Isolated mounts: their servers are processes `ulsp run` starts, and stops with
+// SIGTERM when the command ends. `ulsp run` blocks SIGTERM (to forward it to the
+// group), and servers once inherited that mask: they never ended, nor did `ulsp run`.
+TEST_F(RunTest, IsolatedMountsServeTheGroupAndEndWithIt) {
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "scratch " + dir_ / "src && echo original > " + dir_ / "src/file"), 0);
+  const std::string overlay = "overlay:" + dir_ / "upper" + ",passthrough:" + dir_ / "src";
+  const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "scratch" +
+                             "\"\nstack = \"memfs:64M\"\nisolated = true\n" + "[[group.g.mount]]\npath = \"" +
+                             dir_ / "src" + "\"\nstack = \"" + overlay + "\"\nisolated = true\n";
+  auto r = RunInGroup(dir_, policy,
+                      "echo hello > " + dir_ / "scratch/note" + " && cat " + dir_ / "scratch/note" + " && echo changed > " +
+                          dir_ / "src/file" + " && cat " + dir_ / "src/file",
+                      /*limit_s=*/20);
+  EXPECT_EQ(r.status, 0) << r.err;  // 137: killed by the test's timeout
+  EXPECT_EQ(r.out, "hello\nchanged\n");
+  EXPECT_EQ(Output("cat " + dir_ / "upper/file"), "changed\n");
+  EXPECT_EQ(Output("pgrep -f -- '__serve-vf[s] .*" + overlay + "' | wc -l"), "0\n");
+  Shell("pkill -KILL -f -- '__serve-vf[s] .*" + overlay + "'");  // if the check above failed
+}
+
 TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {
   const std::string policy = kOpen + "private_tmp = true\n[[group.g.mount]]\npath = \"/\"\nstack = \"trace:" + dir_ / "trace.jsonl" +
                              ",passthrough:/\"\n";

@@ -130,7 +130,20 @@ class ProcessSource final : public ServerSource {
     std::string spec = options_.spec;
     char arg0[] = "ulsp", cmd[] = "__serve-vfs", three[] = "3";
     char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
-    const int rc = ::posix_spawn(pid, binary.c_str(), &fa, nullptr, argv, environ);
+    // The server is stopped by SIGTERM (Interrupt): it must not inherit this process's
+    // mask (`ulsp run` blocks SIGTERM to forward it to its group, and a server that
+    // kept it blocked never ended, nor did `ulsp run`) nor an ignored SIGTERM.
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    sigset_t none, term;
+    sigemptyset(&none);
+    sigemptyset(&term);
+    sigaddset(&term, SIGTERM);
+    posix_spawnattr_setsigmask(&attr, &none);
+    posix_spawnattr_setsigdefault(&attr, &term);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    const int rc = ::posix_spawn(pid, binary.c_str(), &fa, &attr, argv, environ);
+    posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
     // The server's end of the socket is the server's alone from now on: a server
     // that dies before it says hello closes it, and the wait below ends at once
