@@ -407,7 +407,13 @@ void ShmClientPort::OnPeerDeath() noexcept {
   } catch (const std::exception& e) {
     Logger("msgport")->error("{}: while failing outstanding messages: {}", name(), e.what());
   }
-  Logger("msgport")->warn("{}: server gone; {} outstanding message(s) replied ECONNRESET", name(), lost_count);
+  // A server stopped on purpose leaves nothing outstanding; one that died says so
+  // through whoever supervises it.
+  if (lost_count > 0) {
+    Logger("msgport")->warn("{}: server gone; {} outstanding message(s) replied ECONNRESET", name(), lost_count);
+  } else {
+    Logger("msgport")->debug("{}: server gone; nothing was outstanding", name());
+  }
 }
 
 // --- server -----------------------------------------------------------------------

@@ -101,7 +101,18 @@ TEST_F(RunTest, IsolatedMountsServeTheGroupAndEndWithIt) {
   EXPECT_EQ(r.out, "hello\nchanged\n");
   EXPECT_EQ(Output("cat " + dir_ / "upper/file"), "changed\n");
   EXPECT_EQ(Output("pgrep -f -- '__serve-vf[s] .*" + overlay + "' | wc -l"), "0\n");
-  Shell("pkill -KILL -f -- '__serve-vf[s] .*" + overlay + "'");  // if the check above failed
+  // A terminal's ^C: SIGINT to the whole foreground process group. It reaches ulsp
+  // and the command, not the servers (in a group of their own), which once died of it
+  // and were restarted under the programs' feet.
+  const std::string started = dir_ / "started";
+  EXPECT_EQ(Shell("cd " + dir_.path() + " && (setsid bash -c 'echo $$ > pgid; exec env ULSP_RUNTIME_DIR=" + dir_ / "run" +
+                  " timeout -s KILL 20 " + ULSP_BIN + " run --policy " + dir_ / "policy.toml" + " -- sh -c \"echo hi > " +
+                  dir_ / "scratch/x && touch " + started + " && sleep 30\"' 2> err & "
+                  "for i in $(seq 200); do test -e " + started + " && break; sleep 0.05; done; "
+                  "kill -INT -- -$(cat pgid); wait; exit 0)"),
+            0);
+  EXPECT_EQ(Output("grep -c restarting " + dir_ / "err"), "0\n") << Output("cat " + dir_ / "err");
+  Shell("pkill -KILL -f -- '__serve-vf[s] .*" + overlay + "'");  // if a check above failed
 }
 
 TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {

@@ -132,7 +132,9 @@ class ProcessSource final : public ServerSource {
     char* argv[] = {arg0, cmd, segment.data(), three, spec.data(), nullptr};
     // The server is stopped by SIGTERM (Interrupt): it must not inherit this process's
     // mask (`ulsp run` blocks SIGTERM to forward it to its group, and a server that
-    // kept it blocked never ended, nor did `ulsp run`) nor an ignored SIGTERM.
+    // kept it blocked never ended, nor did `ulsp run`) nor an ignored SIGTERM. In a
+    // process group of its own, a terminal's ^C (SIGINT to the foreground group)
+    // reaches ulsp and the programs, not the server, which would die of it midway.
     posix_spawnattr_t attr;
     posix_spawnattr_init(&attr);
     sigset_t none, term;
@@ -141,7 +143,8 @@ class ProcessSource final : public ServerSource {
     sigaddset(&term, SIGTERM);
     posix_spawnattr_setsigmask(&attr, &none);
     posix_spawnattr_setsigdefault(&attr, &term);
-    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setpgroup(&attr, 0);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF | POSIX_SPAWN_SETPGROUP);
     const int rc = ::posix_spawn(pid, binary.c_str(), &fa, &attr, argv, environ);
     posix_spawnattr_destroy(&attr);
     posix_spawn_file_actions_destroy(&fa);
