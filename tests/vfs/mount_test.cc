@@ -995,6 +995,11 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
        "ulsp mount: view:" + dir_ / "nolist" + ": cannot read the allow-list: No such file or directory\n"},
       {"mount " + dir_ / "src " + dir_ / "nomnt", "ulsp mount: " + dir_ / "nomnt" + ": mount point: No such file or directory\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout -1", "ulsp mount: --timeout must be 0 or more seconds\n"},
+      // Once mounted, a lookup of mnt/ through the mount reached the mount itself and
+      // held it busy: `ulsp umount` could not end it.
+      {"mount " + dir_.path() + " " + mnt,
+       "ulsp mount: " + mnt + ": mount point is inside passthrough:" + dir_.path() +
+           ", so the mount would contain itself: mount it outside that directory\n"},
       {"mount", "ulsp mount: MOUNTPOINT is required (see ulsp mount --help)\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout soon",
        "ulsp mount: Could not convert: --timeout = soon (see ulsp mount --help)\n"},

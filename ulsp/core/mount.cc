@@ -238,6 +238,18 @@ int Mount(const MountArgs& in) {
   if (!S_ISDIR(st.st_mode)) return Error(args.mountpoint + ": mount point is not a directory");
   if (IsMountPoint(args.mountpoint))
     return Error(args.mountpoint + ": mount point is busy (something is already mounted there)");
+  // A passthrough directory that holds the mount point would reach the mount through
+  // it: its lookups cross into the mount, and the descriptor that takes keeps the
+  // mount busy for good (`ulsp umount` then cannot end it).
+  if (auto layers = vfs::ParseStackSpec(spec)) {
+    for (const vfs::LayerSpec& layer : *layers) {
+      if (layer.name != "passthrough" || ::realpath(layer.argument.c_str(), resolved) == nullptr) continue;
+      const std::string root = resolved;
+      if (args.mountpoint == root || args.mountpoint.starts_with(root == "/" ? root : root + "/"))
+        return Error(args.mountpoint + ": mount point is inside passthrough:" + root +
+                     ", so the mount would contain itself: mount it outside that directory");
+    }
+  }
 
   const std::string fsname = !args.remote.empty() ? "remote:" + args.remote : args.stack.empty() ? args.source : spec;
   if (args.isolated) {
