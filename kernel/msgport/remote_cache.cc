@@ -155,7 +155,7 @@ bool RemoteCache::Answer(VfsMessage& m, uint64_t* generation) {
       attrs_.erase(it);
     }
   } else if (r.op == VfsOp::kRead) {
-    auto it = prefetched_.find(r.fh);
+    auto it = prefetched_.find({r.node, r.fh});
     if (it != prefetched_.end() && r.offset >= 0) {
       const std::vector<char>& data = it->second.data;
       const uint64_t offset = static_cast<uint64_t>(r.offset);
@@ -173,7 +173,7 @@ bool RemoteCache::Answer(VfsMessage& m, uint64_t* generation) {
   } else if (r.op == VfsOp::kReadDirPlus || r.op == VfsOp::kReadDir) {
     if (r.op == VfsOp::kReadDirPlus && r.size >= 4096)
       listing_chunk_ = std::min<uint32_t>(listing_chunk_, static_cast<uint32_t>(std::min<uint64_t>(r.size, 1u << 20)));
-    auto it = listings_.find(r.fh);
+    auto it = listings_.find({r.node, r.fh});
     if (it != listings_.end()) {
       Listing& l = it->second;
       const bool plus = r.op == VfsOp::kReadDirPlus;
@@ -196,7 +196,7 @@ bool RemoteCache::Answer(VfsMessage& m, uint64_t* generation) {
       listings_.erase(it);
     }
   } else if (r.op == VfsOp::kReleaseDir) {
-    auto it = listings_.find(r.fh);
+    auto it = listings_.find({r.node, r.fh});
     if (it != listings_.end()) {
       DropListingLocked(it->second);
       listings_.erase(it);
@@ -204,7 +204,7 @@ bool RemoteCache::Answer(VfsMessage& m, uint64_t* generation) {
   } else if (r.op == VfsOp::kForget) {
     attrs_.erase(r.node);  // the agent may give the id to another file
   } else if (r.op == VfsOp::kRelease) {
-    auto it = prefetched_.find(r.fh);
+    auto it = prefetched_.find({r.node, r.fh});
     if (it != prefetched_.end()) {
       prefetched_bytes_ -= it->second.data.size();
       prefetched_.erase(it);
@@ -264,14 +264,14 @@ void RemoteCache::Learn(const VfsMessage& m, uint64_t generation, std::span<cons
         l.chunks.push_back(std::move(chunk));
       }
       l.end = offset;
-      auto [it, fresh] = listings_.try_emplace(got.open.fh);
+      auto [it, fresh] = listings_.try_emplace({asked.node, got.open.fh});
       if (!fresh) DropListingLocked(it->second);
       it->second = std::move(l);
       break;
     }
     case VfsOp::kOpen:
       if ((prefetch_eof || !prefetch.empty()) && prefetched_bytes_ + prefetch.size() <= max_prefetch_bytes_) {
-        Prefetched& p = prefetched_[got.open.fh];
+        Prefetched& p = prefetched_[{asked.node, got.open.fh}];
         prefetched_bytes_ -= p.data.size();
         p.data.assign(reinterpret_cast<const char*>(prefetch.data()),
                       reinterpret_cast<const char*>(prefetch.data() + prefetch.size()));

@@ -32,6 +32,7 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <span>
 #include <unordered_map>
@@ -95,8 +96,12 @@ class RemoteCache {
   mutable std::mutex mu_;
   uint64_t generation_ = 0;  // counts changes: answers to older requests are not learnt
   std::unordered_map<uint64_t, Attr> attrs_;             // by the agent's node id
-  std::unordered_map<uint64_t, Prefetched> prefetched_;  // by the agent's handle
-  std::unordered_map<uint64_t, Listing> listings_;       // by the agent's dir handle
+  // By node and the agent's handle: a handle alone names nothing (memfs gives every
+  // file and directory the handle 0, and a cache by handle once read one file's
+  // prefetched bytes as another's).
+  using HandleKey = std::pair<uint64_t, uint64_t>;  // (node, handle)
+  std::map<HandleKey, Prefetched> prefetched_;
+  std::map<HandleKey, Listing> listings_;
   uint32_t listing_chunk_ = 32 * 1024;  // the smallest readdirplus size asked yet
   std::unordered_map<uint64_t, uint64_t> forgets_;  // node -> lookups to forget
   size_t prefetched_bytes_ = 0;

@@ -157,23 +157,25 @@ TEST(RemoteCache, ReaddirplusEntriesAnswerGetAttr) {
   EXPECT_EQ(size, 1100);
 }
 
-// An open of handle 5 on node 7 that brought `data`.
-void LearnOpen(RemoteCache& cache, const std::string& data, bool eof) {
-  auto open_owner = Asked(VfsOp::kOpen, 7);
+// An open of node `node` (7) answered with handle `fh` (5) that brought `data`.
+void LearnOpen(RemoteCache& cache, const std::string& data, bool eof, uint64_t node = 7, uint64_t fh = 5) {
+  auto open_owner = Asked(VfsOp::kOpen, node);
   VfsMessage& open = *open_owner;
   uint64_t generation = 0;
   ASSERT_FALSE(cache.Answer(open, &generation));
   VfsRequest results;
-  results.open.fh = 5;
+  results.open.fh = fh;
   Replied(open, results);
   cache.Learn(open, generation, std::as_bytes(std::span(data.data(), data.size())), eof);
 }
 
-// Whether a read of handle 5 is answered from the cache, and with what.
-bool CachedRead(RemoteCache& cache, int64_t offset, uint64_t size, std::string* got) {
+// Whether a read of handle `fh` (5) of node `node` (7) is answered from the cache,
+// and with what.
+bool CachedRead(RemoteCache& cache, int64_t offset, uint64_t size, std::string* got, uint64_t node = 7,
+                uint64_t fh = 5) {
   VfsMessage m(VfsOp::kRead);
-  m.req.node = 7;
-  m.req.fh = 5;
+  m.req.node = node;
+  m.req.fh = fh;
   m.req.offset = offset;
   m.req.size = size;
   VfsRequest back;
@@ -203,6 +205,26 @@ TEST(RemoteCache, ReadsInsideAnOpensPrefetchNeedNoRoundTrip) {
   EXPECT_EQ(cache.stats().prefetched_bytes, 0u);
 }
 
+// memfs answers every open with the handle 0: the bytes are kept by node and handle
+// (kept by handle alone, a read of the first file answered the second's bytes).
+TEST(RemoteCache, FilesOpenedWithTheSameHandleKeepTheirOwnBytes) {
+  RemoteCache cache;
+  LearnOpen(cache, "AAAA", /*eof=*/true, /*node=*/7, /*fh=*/0);
+  LearnOpen(cache, "BBBB", /*eof=*/true, /*node=*/8, /*fh=*/0);
+  std::string got;
+  ASSERT_TRUE(CachedRead(cache, 0, 10, &got, 7, 0));
+  EXPECT_EQ(got, "AAAA");
+  ASSERT_TRUE(CachedRead(cache, 0, 10, &got, 8, 0));
+  EXPECT_EQ(got, "BBBB");
+  auto release_owner = Asked(VfsOp::kRelease, 8);  // the second's release leaves the first's
+  release_owner->req.fh = 0;
+  uint64_t generation = 0;
+  EXPECT_FALSE(cache.Answer(*release_owner, &generation));
+  ASSERT_TRUE(CachedRead(cache, 0, 10, &got, 7, 0));
+  EXPECT_EQ(got, "AAAA");
+  EXPECT_FALSE(CachedRead(cache, 0, 10, &got, 8, 0));
+}
+
 TEST(RemoteCache, APartialPrefetchAnswersOnlyWhatItHolds) {
   RemoteCache cache;
   LearnOpen(cache, std::string(8, 'x'), /*eof=*/false);
@@ -229,9 +251,10 @@ std::vector<char> Chunk(std::initializer_list<uint64_t> nodes) {
   return out;
 }
 
-// An opendir of node 1 that came with handle 9 and `chunks`.
-void LearnOpenDir(RemoteCache& cache, std::vector<std::vector<char>> chunks, bool eof, bool changed_meanwhile = false) {
-  auto owner = Asked(VfsOp::kOpenDir, 1);
+// An opendir of node `node` (1) that came with handle `fh` (9) and `chunks`.
+void LearnOpenDir(RemoteCache& cache, std::vector<std::vector<char>> chunks, bool eof, bool changed_meanwhile = false,
+                  uint64_t node = 1, uint64_t fh = 9) {
+  auto owner = Asked(VfsOp::kOpenDir, node);
   uint64_t generation = 0;
   ASSERT_FALSE(cache.Answer(*owner, &generation));
   if (changed_meanwhile) {
@@ -240,16 +263,18 @@ void LearnOpenDir(RemoteCache& cache, std::vector<std::vector<char>> chunks, boo
     ASSERT_FALSE(cache.Answer(*mkdir, &ignored));
   }
   VfsRequest results;
-  results.open.fh = 9;
+  results.open.fh = fh;
   Replied(*owner, results);
   cache.Learn(*owner, generation, {}, eof, std::move(chunks));
 }
 
-// Asks a readdirplus of handle 9; the records' node ids when answered from the cache.
-bool CachedListing(RemoteCache& cache, int64_t offset, uint64_t size, std::vector<uint64_t>* nodes) {
+// Asks a readdirplus of handle `fh` (9) of node `node` (1); the records' node ids
+// when answered from the cache.
+bool CachedListing(RemoteCache& cache, int64_t offset, uint64_t size, std::vector<uint64_t>* nodes, uint64_t node = 1,
+                   uint64_t fh = 9) {
   VfsMessage m(VfsOp::kReadDirPlus);
-  m.req.node = 1;
-  m.req.fh = 9;
+  m.req.node = node;
+  m.req.fh = fh;
   m.req.offset = offset;
   m.req.size = size;
   VfsRequest back;
@@ -273,6 +298,19 @@ TEST(RemoteCache, AnOpendirsListingAnswersTheReaddirsThatFollowInOrder) {
   EXPECT_TRUE(cache.TakeForgets().empty());  // every entry went to the kernel
   off_t size = 0;
   EXPECT_TRUE(CachedSize(cache, 22, &size));  // and their attributes are known
+}
+
+// Two directories open at once with memfs's handle 0 (a find in a directory it is
+// listing): each listing answers its own directory's readdirs.
+TEST(RemoteCache, DirectoriesOpenedWithTheSameHandleKeepTheirOwnListings) {
+  RemoteCache cache;
+  LearnOpenDir(cache, {Chunk({20, 21})}, /*eof=*/true, false, /*node=*/1, /*fh=*/0);
+  LearnOpenDir(cache, {Chunk({30, 31})}, /*eof=*/true, false, /*node=*/2, /*fh=*/0);
+  std::vector<uint64_t> nodes;
+  ASSERT_TRUE(CachedListing(cache, 0, 32768, &nodes, 1, 0));
+  EXPECT_EQ(nodes, (std::vector<uint64_t>{20, 21}));
+  ASSERT_TRUE(CachedListing(cache, 0, 32768, &nodes, 2, 0));
+  EXPECT_EQ(nodes, (std::vector<uint64_t>{30, 31}));
 }
 
 TEST(RemoteCache, EntriesNotHandedOnAreForgottenInTheAgent) {
