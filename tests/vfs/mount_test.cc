@@ -910,6 +910,10 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
   EXPECT_FALSE(Mounted(dir_ / "mnt"));
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "ulsp umount: " + dir_ / "mnt" + ": not a ulsp mount\n");
+  // A SOURCE given relative to where ulsp ran is shown (mount, df, ps) as its full path.
+  ASSERT_EQ(Shell("cd " + dir_.path() + " && " + ULSP_BIN + " mount src mnt"), 0);
+  EXPECT_EQ(Output("findmnt -n -o SOURCE " + dir_ / "mnt"), dir_ / "src\n");
+  EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
 }
 
 // `ulsp ps` counts an isolated mount's requests at its relay port as put and, once

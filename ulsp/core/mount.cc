@@ -251,7 +251,11 @@ int Mount(const MountArgs& in) {
     }
   }
 
-  const std::string fsname = !args.remote.empty() ? "remote:" + args.remote : args.stack.empty() ? args.source : spec;
+  // What `mount`, `df` and `ulsp ps` show: the source as a path that means something
+  // from anywhere (the SOURCE as typed may be relative).
+  const std::string fsname = !args.remote.empty() ? "remote:" + args.remote
+                             : args.stack.empty() ? spec.substr(spec.find(':') + 1)
+                                                  : spec;
   if (args.isolated) {
     // The server process builds the stack; build it here once too, so a bad stack is
     // reported before anything starts (and destroy it before forking).
