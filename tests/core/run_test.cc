@@ -111,6 +111,7 @@ TEST_F(RunTest, IsolatedMountsServeTheGroupAndEndWithIt) {
                   "for i in $(seq 200); do test -e " + started + " && break; sleep 0.05; done; "
                   "kill -INT -- -$(cat pgid); wait; exit 0)"),
             0);
+  EXPECT_EQ(Shell("test -e " + started), 0) << "the command never ran: the check below would prove nothing";
   EXPECT_EQ(Output("grep -c restarting " + dir_ / "err"), "0\n") << Output("cat " + dir_ / "err");
   Shell("pkill -KILL -f -- '__serve-vf[s] .*" + overlay + "'");  // if a check above failed
 }
