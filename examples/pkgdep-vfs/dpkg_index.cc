@@ -13,6 +13,7 @@
 #include <deque>
 #include <fstream>
 #include <functional>
+#include <optional>
 #include <set>
 #include <sstream>
 
@@ -217,8 +218,25 @@ std::expected<void, std::string> DpkgIndex::CheckInstalled(const std::vector<std
     }
     return false;
   };
+  // Each name is a relation as a Depends field writes it ("a (>= 1) | b"): one of its
+  // alternatives installed is enough. A virtual package is installed when a provider
+  // is, which only the full parse tells; it is read for such a name alone.
+  std::optional<DpkgIndex> full;
   for (const std::string& name : names) {
-    if (!installed(BareName(name))) return std::unexpected(NotInstalled(name));
+    const auto groups = Relations(name);
+    bool found = false;
+    for (const auto& group : groups)
+      for (const std::string& alt : group) found = found || installed(alt);
+    if (!found && !groups.empty()) {
+      if (!full) {
+        auto loaded = LoadPackages(admin_dir);
+        if (!loaded) return std::unexpected(loaded.error());
+        full = std::move(*loaded);
+      }
+      for (const auto& group : groups)
+        for (const std::string& alt : group) found = found || !full->Satisfying(alt).empty();
+    }
+    if (!found) return std::unexpected(NotInstalled(name));
   }
   return {};
 }
@@ -587,9 +605,17 @@ std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, cons
   };
   std::deque<std::string> todo;
   for (const std::string& r : roots) {
-    const Package* p = index.Find(r);
-    if (p == nullptr) return std::unexpected(NotInstalled(r));
-    if (c.declared.emplace(p->name, "named").second) todo.push_back(p->name);
+    // A relation, as in a Depends field: every installed alternative and provider.
+    bool found = false;
+    for (const auto& group : Relations(r)) {
+      for (const std::string& alt : group) {
+        for (const Package* q : index.Satisfying(alt)) {
+          found = true;
+          if (c.declared.emplace(q->name, "named").second) todo.push_back(q->name);
+        }
+      }
+    }
+    if (!found) return std::unexpected(NotInstalled(r));
   }
   follow(std::move(todo));
   // What the named packages recommend or suggest (not what the essential set does).

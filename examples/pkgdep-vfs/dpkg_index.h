@@ -44,10 +44,12 @@ class DpkgIndex {
   // (info/*.list, diversions, alternatives), which may run on another thread while
   // nothing else uses the index. Owners() answers nothing before LoadFiles.
   static std::expected<DpkgIndex, std::string> LoadPackages(const std::string& admin_dir = "/var/lib/dpkg");
-  // Whether each of `names` is an installed package (an ":arch" qualifier ignored),
+  // Whether each of `names`, a relation as a Depends field writes it ("a (>= 1) | b",
+  // an ":arch" qualifier and versions ignored), is satisfied by an installed package,
   // by a scan of status for its Package and Status lines only: a fraction of
-  // LoadPackages' time, for a check that must come before a command runs. Fails
-  // naming the first that is not, as DeclaredClosure would, or the unreadable file.
+  // LoadPackages' time, for a check that must come before a command runs (a virtual
+  // package alone needs the full parse). Fails naming the first that is not, as
+  // DeclaredClosure would, or the unreadable file.
   static std::expected<void, std::string> CheckInstalled(const std::vector<std::string>& names,
                                                          const std::string& admin_dir = "/var/lib/dpkg");
   // With a `cache_file`, the file index is kept there between runs and read back
@@ -119,7 +121,9 @@ struct Closure {
   bool Declares(const std::string& p) const { return declared.contains(p); }
 };
 
-// Fails with "no installed package 'X'" for a root that is not installed.
+// Each root is a relation as in a Depends field: every installed alternative and
+// provider of it is declared ("named"). Fails with "no installed package 'X'" for a
+// root that no installed package satisfies.
 std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, const std::vector<std::string>& roots);
 
 }  // namespace pkgdep

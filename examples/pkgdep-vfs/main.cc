@@ -199,7 +199,9 @@ std::vector<std::string> Split(const std::string& list) {
   std::vector<std::string> out;
   std::stringstream s(list);
   for (std::string item; std::getline(s, item, ',');) {
-    if (!item.empty()) out.push_back(item);
+    const size_t first = item.find_first_not_of(" \t");
+    if (first == std::string::npos) continue;
+    out.push_back(item.substr(first, item.find_last_not_of(" \t") - first + 1));
   }
   return out;
 }
@@ -349,7 +351,9 @@ int main(int argc, char** argv) {
   std::vector<std::string> command;
   CLI::App* check = app.add_subcommand("check", "Run COMMAND in a recorded (or restricted) view and report");
   check->add_option("--package", package, "The package whose declarations count (its Depends, transitively)");
-  check->add_option("--deps", deps, "Declared packages, comma-separated (instead of --package)");
+  check->add_option("--deps", deps,
+                    "Declared packages, as a Depends field writes them: comma-separated, with alternatives "
+                    "(a | b) and virtual packages (instead of --package)");
   check->add_option("--mode", mode, "observe (everything visible, all recorded) or enforce (only the declared)")
       ->capture_default_str();
   check->add_flag("--confirm", confirm, "Run again without each undeclared package: hard, soft or no difference");

@@ -112,8 +112,8 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   // "Declared, never used": the package's own declarations (what was named, and their
   // Depends chain), not what the essential set pulls in for everyone.
   std::set<std::string> own;
-  for (const std::string& r : report.closure.roots) {
-    if (const Package* p = index.Find(r)) own.insert(p->name);
+  for (const auto& [package, why] : report.closure.declared) {
+    if (why == "named") own.insert(package);
   }
   for (bool grew = true; grew;) {
     grew = false;

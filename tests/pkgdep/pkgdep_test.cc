@@ -125,6 +125,28 @@ TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
   }
 }
 
+// --deps takes what a Depends field says: "awk" is a virtual package (no package is
+// named awk; the installed mawk provides it), "a | b" holds when either is installed,
+// and a version is part of the relation. Each was once "no installed package".
+TEST_F(PkgdepTest, DepsAreWrittenAsADependsField) {
+  ASSERT_NE(Dpkg("-W -f '${Status}' awk"), "install ok installed");
+  ASSERT_EQ(Dpkg("-W -f '${Status} ${Provides}' mawk"), "install ok installed awk");
+  auto r = Check("--deps 'awk, libc6 (>= 2.36)' -- awk 'BEGIN { print 6 * 7 }'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 3), "42\n");
+  EXPECT_EQ(r.json["roots"], nlohmann::json({"awk", "libc6 (>= 2.36)"}));
+  EXPECT_EQ(r.json["declared"]["mawk"], "named") << r.out;
+  EXPECT_EQ(r.json["declared"]["libc6"], "named") << r.out;
+  EXPECT_TRUE(r.json["undeclared"].empty()) << r.out;
+  // Enforcing, what the provider ships stays visible; an absent alternative is no harm.
+  r = Check("--mode enforce --deps 'no-such-package-here | awk' -- awk 'BEGIN { print 6 * 7 }'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 3), "42\n");
+  r = Check("--deps 'coreutils, no-such-a | no-such-b' -- true");
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: no installed package 'no-such-a | no-such-b' (dpkg -l lists what is installed)\n");
+}
+
 TEST_F(PkgdepTest, ConfirmClassifiesByRunningWithoutEach) {
   auto r = Check("--confirm --deps coreutils -- /usr/bin/python3 -c 'print(1)'");
   EXPECT_EQ(r.status, 1) << r.out << r.err;
@@ -247,6 +269,9 @@ TEST(DpkgIndex, CheckInstalledAgreesWithTheFullParse) {
   EXPECT_GT(installed, 100u);
   EXPECT_LT(installed, listed);  // at least the one added
   EXPECT_TRUE(pkgdep::DpkgIndex::CheckInstalled({"coreutils", "libc6:amd64"}, admin).has_value());
+  EXPECT_TRUE(pkgdep::DpkgIndex::CheckInstalled({"awk", "nope-nope | coreutils (>= 1)"}, admin).has_value());
+  EXPECT_EQ(pkgdep::DpkgIndex::CheckInstalled({"awk", "nope-nope | nada"}, admin).error(),
+            "no installed package 'nope-nope | nada' (dpkg -l lists what is installed)");
   EXPECT_EQ(pkgdep::DpkgIndex::CheckInstalled({"coreutils", "nope-nope"}, admin).error(),
             "no installed package 'nope-nope' (dpkg -l lists what is installed)");
   EXPECT_EQ(pkgdep::DpkgIndex::CheckInstalled({"x"}, dir / "missing").error(),
