@@ -2,6 +2,7 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -536,6 +537,27 @@ std::vector<const Package*> DpkgIndex::Satisfying(std::string_view name) const {
     }
   }
   return out;
+}
+
+bool DpkgIndex::ShipsOnlyDocumentation(std::string_view name) const {
+  // info/NAME.list, or NAME:ARCH.list for a package that is Multi-Arch: same.
+  const std::string base = admin_dir_ + "/info/" + BareName(name);
+  std::vector<std::string> lines;
+  if (!ReadLines(base + ".list", lines)) {
+    glob_t found{};
+    if (::glob((base + ":*.list").c_str(), 0, nullptr, &found) == 0 && found.gl_pathc == 1)
+      ReadLines(found.gl_pathv[0], lines);
+    ::globfree(&found);
+  }
+  if (lines.empty()) return false;
+  static constexpr std::string_view kDocumentation[] = {"/usr/share/doc/", "/usr/share/doc-base/", "/usr/share/lintian/"};
+  for (const std::string& line : lines) {
+    if (std::ranges::any_of(kDocumentation, [&](std::string_view d) { return line.starts_with(d); })) continue;
+    struct stat st {};
+    if (::lstat(line.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) continue;  // /usr, /usr/share ...: shared
+    return false;
+  }
+  return true;
 }
 
 std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {

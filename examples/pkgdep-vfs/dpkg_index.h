@@ -68,6 +68,10 @@ class DpkgIndex {
   // Packages owning `path` (any spelling; links of alternatives resolved). Empty for
   // files owned by no package.
   std::vector<std::string> Owners(std::string_view path) const;
+  // Whether the installed package `name` ships nothing a program could use: every
+  // file it lists is documentation (/usr/share/doc, doc-base, lintian), as with
+  // gcc-12-base. False when its list cannot be read.
+  bool ShipsOnlyDocumentation(std::string_view name) const;
   // Every installed package with Essential: yes.
   std::vector<std::string> EssentialPackages() const;
 

@@ -78,6 +78,12 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   std::set<std::string> used;
   for (const auto& [path, touch] : record) {
     if (touch.dir) continue;  // directories are ways to files, not uses (and hundreds of packages own /usr)
+    // So is merged /usr's /lib, a link the loader's path crosses: the packages own
+    // it as the directory /usr/lib, which hundreds of them list. (A link a package
+    // ships, to a directory or not, stays a use of it: without the package it fails.)
+    struct stat st {};
+    if (touch.use == Use::kReadLink && ::lstat(DpkgIndex::Canonical(path).c_str(), &st) == 0 && S_ISDIR(st.st_mode))
+      continue;
     const std::vector<std::string> owners = index.Owners(path);
     if (owners.empty()) {
       if (IsUse(touch.use) && !Allowed(path, allow)) report.unowned.push_back({path, touch});
@@ -128,8 +134,10 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       }
     }
   }
+  // A package of documentation alone (gcc-12-base, which libgcc-s1 depends on) is
+  // never used by any program: listing it would be noise in every report.
   for (const std::string& p : own)
-    if (!used.contains(p)) report.untouched.push_back(p);
+    if (!used.contains(p) && !index.ShipsOnlyDocumentation(p)) report.untouched.push_back(p);
 }
 
 int Report::Verdict() const {

@@ -86,6 +86,25 @@ TEST_F(PkgdepTest, ACommandThatDeclaresEverythingIsClean) {
   EXPECT_NE(r.out.find("Result: nothing undeclared (exit 0)"), std::string::npos);
 }
 
+// "Declared, never used" as tar: /usr/bin/true is coreutils' and loads libc alone, so
+// tar and what only tar pre-depends on (libacl1) go unused. Two things must not hide
+// that or pad it: the loader crossing merged /usr's /lib link to /usr/lib (which
+// hundreds of packages list, tar and libacl1 among them) is no use of them, and
+// gcc-12-base (a Depends of libgcc-s1) ships only documentation, which no program uses.
+TEST_F(PkgdepTest, DeclaredButNeverUsedListsWhatTheCommandCouldDoWithout) {
+  ASSERT_EQ(Output("ldd /usr/bin/true | grep -c -e libacl -e libselinux"), "0\n");
+  ASSERT_EQ(Output("readlink /lib"), "usr/lib\n");
+  ASSERT_EQ(Dpkg("-S /usr/lib | tr ',' '\\n' | grep -c -w -e tar -e libacl1"), "2\n");
+  ASSERT_EQ(Dpkg("-L gcc-12-base | grep -v -c -e ^/usr/share/doc -e '^/\\.$' -e '^/usr$' -e '^/usr/share$'"), "0\n");
+  auto r = Check("--package tar -- true");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  const auto untouched = r.json["untouched"].get<std::set<std::string>>();
+  EXPECT_TRUE(untouched.contains("tar")) << r.out;
+  EXPECT_TRUE(untouched.contains("libacl1")) << r.out;
+  EXPECT_FALSE(untouched.contains("libc6")) << r.out;
+  EXPECT_FALSE(untouched.contains("gcc-12-base")) << r.out;
+}
+
 // test -e and ls of a directory look and list, and open nothing of python's: probes.
 TEST_F(PkgdepTest, ACommandThatOnlyProbesIsNotCharged) {
   auto r = Check("--deps coreutils -- sh -c 'test -e /usr/bin/python3.11 && ls /usr/lib/python3.11 > /dev/null; echo $?'");
