@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <signal.h>
+#include <sys/stat.h>
 
 #include <chrono>
 #include <filesystem>
@@ -82,6 +83,23 @@ TEST_F(RunTest, MountsAreTheGroupsAloneAndGoWithIt) {
   EXPECT_EQ(Output("cat " + dir_ / "src/sub/file"), "original\n");  // overlay: below unchanged
   EXPECT_EQ(Output("cat " + dir_ / "upper/sub/file"), "changed\n"); // ... the change above
   EXPECT_EQ(Output("ls " + dir_ / "upper"), "new\nsub\n");
+}
+
+// The command gets the umask `ulsp run` was started with. A passthrough layer sets
+// its process's umask to 0 (the kernel has masked a new file's mode already), and the
+// group's command once inherited that: everything it made was world-writable.
+TEST_F(RunTest, TheCommandKeepsItsCallersUmask) {
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "src"), 0);
+  const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" +
+                             dir_ / "src" + "\"\n";
+  const mode_t before = ::umask(027);
+  auto r = RunInGroup(dir_, policy,
+                      "umask && cd " + dir_ / "src" + " && touch file && mkdir dir && stat -c '%a %n' file dir && "
+                      "touch " + dir_ / "plain" + " && stat -c %a " + dir_ / "plain");
+  ::umask(before);
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "0027\n640 file\n750 dir\n640\n");
+  EXPECT_EQ(Output("stat -c '%a %n' " + dir_ / "src/file"), "640 " + dir_ / "src/file" + "\n");  // on disk too
 }
 
 // Isolated mounts: their servers are processes `ulsp run` starts, and stops with

@@ -141,6 +141,17 @@ int Run(const RunArgs& args) {
   return RunGroup(run);
 }
 
+namespace {
+// The umask this program was started with, taken before main: a passthrough layer,
+// which may be built before RunGroup (pkgdep-vfs builds its stack first), sets the
+// process's umask to 0, and the group's command must not inherit that.
+const mode_t kStartUmask = [] {
+  const mode_t m = ::umask(022);
+  ::umask(m);
+  return m;
+}();
+}  // namespace
+
 int RunGroup(GroupRun& run) {
   const std::string prefix = run.who;
   auto Error = [&prefix](const std::string& message) {
@@ -204,6 +215,7 @@ int RunGroup(GroupRun& run) {
   plan.private_tmp = group.private_tmp;
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
+  plan.umask = kStartUmask;
   plan.command = run.command;
   plan.who = run.who;
   plan.cpu_seconds = group.limits.cpu_seconds;

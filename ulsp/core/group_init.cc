@@ -277,6 +277,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
     sigset_t none;
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
+    ::umask(plan.umask);
     // Only standard input, output and error go in: a socket inherited from outside
     // the group (opened before `ulsp run`) would be a way around its rules.
     ::syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC);

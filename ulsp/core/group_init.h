@@ -17,6 +17,8 @@
 // behind before it exits; with one, the kernel does.
 #pragma once
 
+#include <sys/types.h>
+
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -40,6 +42,7 @@ struct GroupPlan {
   bool pid_namespace = true;
   bool private_tmp = false;
   std::string cwd;            // the command's directory (falls back to /)
+  mode_t umask = 022;         // the command's umask: the one ulsp was started with
   std::vector<std::string> command;
   std::string who = "ulsp run";  // starts the error line when the command cannot start
   std::optional<uint64_t> cpu_seconds, memory_bytes, open_files, file_size_bytes;
