@@ -85,20 +85,23 @@ TEST_F(RunTest, MountsAreTheGroupsAloneAndGoWithIt) {
   EXPECT_EQ(Output("ls " + dir_ / "upper"), "new\nsub\n");
 }
 
-// The command gets the umask `ulsp run` was started with. A passthrough layer sets
-// its process's umask to 0 (the kernel has masked a new file's mode already), and the
-// group's command once inherited that: everything it made was world-writable.
-TEST_F(RunTest, TheCommandKeepsItsCallersUmask) {
+// The command gets the umask and open-file limit `ulsp run` was started with. A
+// passthrough layer sets its process's umask to 0 (the kernel has masked a new file's
+// mode already) and raises its open-file limit to the hard one (a million for root),
+// and the group's command once inherited both: everything it made was
+// world-writable, and a program that closes every descriptor up to its limit was slow.
+TEST_F(RunTest, TheCommandKeepsItsCallersUmaskAndOpenFileLimit) {
   ASSERT_EQ(Shell("mkdir -p " + dir_ / "src"), 0);
   const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" +
                              dir_ / "src" + "\"\n";
   const mode_t before = ::umask(027);
   auto r = RunInGroup(dir_, policy,
                       "umask && cd " + dir_ / "src" + " && touch file && mkdir dir && stat -c '%a %n' file dir && "
-                      "touch " + dir_ / "plain" + " && stat -c %a " + dir_ / "plain");
+                      "touch " + dir_ / "plain" + " && stat -c %a " + dir_ / "plain" + " && ulimit -Sn",
+                      60, "", "prlimit --nofile=512:4096 ");
   ::umask(before);
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "0027\n640 file\n750 dir\n640\n");
+  EXPECT_EQ(r.out, "0027\n640 file\n750 dir\n640\n512\n");
   EXPECT_EQ(Output("stat -c '%a %n' " + dir_ / "src/file"), "640 " + dir_ / "src/file" + "\n");  // on disk too
 }
 

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/resource.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -142,13 +143,20 @@ int Run(const RunArgs& args) {
 }
 
 namespace {
-// The umask this program was started with, taken before main: a passthrough layer,
-// which may be built before RunGroup (pkgdep-vfs builds its stack first), sets the
-// process's umask to 0, and the group's command must not inherit that.
-const mode_t kStartUmask = [] {
-  const mode_t m = ::umask(022);
-  ::umask(m);
-  return m;
+// The umask and open-file limit this program was started with, taken before main: a
+// passthrough layer, which may be built before RunGroup (pkgdep-vfs builds its stack
+// first), sets the process's umask to 0 and its open-file limit as high as it may go
+// (a million with root's hard limit), and the group's command must inherit neither.
+struct Start {
+  mode_t umask = 022;
+  rlimit files{};
+};
+const Start kStart = [] {
+  Start s;
+  s.umask = ::umask(022);
+  ::umask(s.umask);
+  if (::getrlimit(RLIMIT_NOFILE, &s.files) != 0) s.files = {};
+  return s;
 }();
 }  // namespace
 
@@ -215,7 +223,9 @@ int RunGroup(GroupRun& run) {
   plan.private_tmp = group.private_tmp;
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
-  plan.umask = kStartUmask;
+  plan.umask = kStart.umask;
+  plan.files_soft = kStart.files.rlim_cur;
+  plan.files_hard = kStart.files.rlim_max;
   plan.command = run.command;
   plan.who = run.who;
   plan.cpu_seconds = group.limits.cpu_seconds;

@@ -240,6 +240,10 @@ void GroupMain(const GroupPlan& plan, int sock) {
   }
   if (::chdir(plan.cwd.c_str()) != 0 && ::chdir("/") != 0) Die(Errno("chdir /"));
 
+  if (plan.files_hard != 0) {  // the caller's, not the one a passthrough layer raised
+    const rlimit files{plan.files_soft, plan.files_hard};
+    ::setrlimit(RLIMIT_NOFILE, &files);
+  }
   Limit(RLIMIT_CPU, plan.cpu_seconds, "cpu_seconds", plan.who);
   Limit(RLIMIT_AS, plan.memory_bytes, "memory", plan.who);
   Limit(RLIMIT_NOFILE, plan.open_files, "open_files", plan.who);

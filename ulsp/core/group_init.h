@@ -43,6 +43,8 @@ struct GroupPlan {
   bool private_tmp = false;
   std::string cwd;            // the command's directory (falls back to /)
   mode_t umask = 022;         // the command's umask: the one ulsp was started with
+  uint64_t files_soft = 0;    // the command's open-file limit before the policy's (0: as is)
+  uint64_t files_hard = 0;
   std::vector<std::string> command;
   std::string who = "ulsp run";  // starts the error line when the command cannot start
   std::optional<uint64_t> cpu_seconds, memory_bytes, open_files, file_size_bytes;
