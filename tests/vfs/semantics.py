@@ -55,6 +55,19 @@ def renameat2(a, b, flags):
         raise OSError(e, os.strerror(e))
 
 
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 1, 2, 16
+
+
+def fallocate(path, mode, offset, length):
+    fd = os.open(path, os.O_RDWR)
+    try:
+        if libc.fallocate(fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+    finally:
+        os.close(fd)
+
+
 # --- files, sizes, appends, truncation ---
 with open(j("a.txt"), "w") as f:
     f.write("hello\n")
@@ -87,6 +100,22 @@ except OSError as e:
 os.close(fd)
 os.unlink(j("sparse"))
 
+# --- fallocate: reserve past the end, punch a hole, zero a range ---
+with open(j("alloc"), "wb") as f:
+    f.write(b"x" * 10000)
+attempt("fallocate-keep-size", fallocate, j("alloc"), FALLOC_FL_KEEP_SIZE, 0, 1 << 20)
+p("keep-size", os.stat(j("alloc")).st_size)
+attempt("punch-hole", fallocate, j("alloc"), FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, 4096)
+attempt("zero-range", fallocate, j("alloc"), FALLOC_FL_ZERO_RANGE, 8000, 4000)
+p("after-punch-and-zero", (open(j("alloc"), "rb").read().count(b"x"), os.stat(j("alloc")).st_size))
+os.unlink(j("alloc"))
+
+# --- names ---
+attempt("name-255", lambda: os.close(os.open(j("n" * 255), os.O_CREAT | os.O_WRONLY, 0o644)))
+attempt("name-256", os.open, j("n" * 256), os.O_CREAT | os.O_WRONLY, 0o644)
+attempt("lookup-256", os.stat, j("n" * 256))
+os.unlink(j("n" * 255))
+
 # --- timestamps ---
 os.utime(j("a.txt"), ns=(1_000_000_123, 2_000_000_456))
 st = os.stat(j("a.txt"))
@@ -109,6 +138,14 @@ os.symlink("/etc/passwd-does-not-exist", j("dangling"))
 attempt("dangling-open", os.open, j("dangling"), os.O_RDONLY)
 attempt("rmdir-nonempty", os.rmdir, j("dir"))
 attempt("unlink-dir", os.unlink, j("dir"))
+os.mkdir(j("dir", "sub"))
+p("dir-nlink", (os.stat(j("dir")).st_nlink, os.stat(j("dir", "sub")).st_nlink))
+attempt("rename-into-itself", os.rename, j("dir"), j("dir", "sub", "x"))
+os.mkdir(j("empty"))
+attempt("rename-dir-over-nonempty-dir", os.rename, j("empty"), j("dir"))
+attempt("rename-dir-over-empty-dir", os.rename, j("dir", "sub"), j("empty"))
+p("dir-nlink-after", (os.stat(j("dir")).st_nlink, sorted(os.listdir(j("dir")))))
+os.rmdir(j("empty"))
 p("listdir", sorted(os.listdir(d)))
 p("listdir-sub", sorted(os.listdir(j("dir"))))
 
@@ -145,6 +182,16 @@ if who == "root":
     os.lchown(j("dir", "sym"), 99, 99)
     p("lchown", describe(j("dir", "sym")))
     os.chown(j("a.txt"), 0, 0)
+    # A set-group-ID directory: what is made in it takes its group, subdirectories the bit.
+    os.mkdir(j("sgid"))
+    os.chown(j("sgid"), 0, 1234)
+    os.chmod(j("sgid"), 0o2775)
+    os.close(os.open(j("sgid", "f"), os.O_CREAT | os.O_WRONLY, 0o644))
+    os.mkdir(j("sgid", "d"))
+    p("setgid-dir", (describe(j("sgid", "f")), describe(j("sgid", "d"))))
+    os.unlink(j("sgid", "f"))
+    os.rmdir(j("sgid", "d"))
+    os.rmdir(j("sgid"))
 else:
     attempt("chown-as-user", os.chown, j("a.txt"), 0, 0)
     attempt("open-theirs-write", os.open, j("theirs"), os.O_WRONLY)

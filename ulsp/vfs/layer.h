@@ -7,6 +7,8 @@
 // flight); every layer must allow that. A layer lives as long as the stack.
 #pragma once
 
+#include <cerrno>
+#include <climits>
 #include <cstddef>
 #include <memory>
 #include <string>
@@ -71,6 +73,15 @@ class Layer {
 };
 
 // The path of `name` inside the directory whose path is `dir`.
+// What a file system answers for a name it is given to make, link or look up: 0 for a
+// good one, ENAMETOOLONG past NAME_MAX (as ext4 says), EINVAL for an empty name or one
+// holding '/' or NUL (which only a hostile peer sends; the kernel never does).
+inline int NameError(std::string_view name) noexcept {
+  if (name.size() > NAME_MAX) return ENAMETOOLONG;
+  return name.empty() || name.find('/') != std::string_view::npos || name.find('\0') != std::string_view::npos ? EINVAL
+                                                                                                                : 0;
+}
+
 inline std::string JoinPath(std::string_view dir, std::string_view name) {
   std::string p(dir);
   if (p.empty() || p.back() != '/') p += '/';

@@ -1,6 +1,7 @@
 #include "ulsp/vfs/memfs.h"
 
 #include <fcntl.h>
+#include <linux/falloc.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -22,9 +23,10 @@ constexpr uint64_t MakeId(uint32_t index, uint32_t generation) {
 constexpr uint32_t IndexOf(uint64_t id) { return static_cast<uint32_t>(id & 0xffffffffu); }
 constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
 
-bool ValidName(std::string_view name) {
-  return !name.empty() && name.size() <= 255 && name != "." && name != ".." &&
-         name.find('/') == std::string_view::npos && name.find('\0') == std::string_view::npos;
+// NameError, and "." and ".." are never names to make.
+int MakeableName(std::string_view name) {
+  if (int err = NameError(name)) return err;
+  return name == "." || name == ".." ? EINVAL : 0;
 }
 
 struct timespec Now() {
@@ -178,7 +180,7 @@ int MemfsLayer::Lookup(VfsRequest& req) {
     return 0;
   }
   auto it = dir->children.find(req.name);
-  if (it == dir->children.end()) return ENOENT;
+  if (it == dir->children.end()) return req.name.size() > NAME_MAX ? ENAMETOOLONG : ENOENT;  // as ext4 says
   Fill(req.entry, dir->by_cookie[it->second].second, req);
   return 0;
 }
@@ -228,7 +230,7 @@ int MemfsLayer::SetAttr(VfsRequest& req) {
 }
 
 int MemfsLayer::Make(VfsRequest& req) {
-  if (!ValidName(req.name)) return req.name.size() > 255 ? ENAMETOOLONG : EINVAL;
+  if (int err = MakeableName(req.name)) return err;
   std::unique_lock lock(mu_);
   Node* dir = Get(req.node);
   if (dir == nullptr) return ESTALE;
@@ -298,7 +300,7 @@ int MemfsLayer::Remove(VfsRequest& req) {
 }
 
 int MemfsLayer::Rename(VfsRequest& req) {
-  if (!ValidName(req.name2)) return EINVAL;
+  if (int err = MakeableName(req.name2)) return err;
   const unsigned flags = static_cast<unsigned>(req.flags);
   if (flags & ~static_cast<unsigned>(RENAME_NOREPLACE | RENAME_EXCHANGE)) return EINVAL;
   std::unique_lock lock(mu_);
@@ -411,6 +413,59 @@ int MemfsLayer::Write(VfsRequest& req) {
   n->st.st_blocks = static_cast<blkcnt_t>(n->pages.size() * (kPage / 512));
   Touch(n->st, true);
   req.out_size = req.in.size();
+  return 0;
+}
+
+// fallocate(2) as tmpfs answers it: plain and FALLOC_FL_KEEP_SIZE reserve zeroed pages
+// (so that writing there cannot fail for space), FALLOC_FL_PUNCH_HOLE zeroes a range
+// and frees the pages wholly inside it, FALLOC_FL_ZERO_RANGE zeroes and reserves.
+// Collapsing and inserting ranges are not supported (EOPNOTSUPP, as tmpfs says).
+int MemfsLayer::Allocate(VfsRequest& req) {
+  const int mode = req.flags;
+  if ((mode & ~(FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE)) != 0) return EOPNOTSUPP;
+  const bool punch = (mode & FALLOC_FL_PUNCH_HOLE) != 0, zero = (mode & FALLOC_FL_ZERO_RANGE) != 0;
+  if ((punch && zero) || (punch && (mode & FALLOC_FL_KEEP_SIZE) == 0)) return EOPNOTSUPP;
+  if (req.offset < 0 || req.offset2 <= 0) return EINVAL;
+  std::unique_lock lock(mu_);
+  Node* n = Get(req.node);
+  if (n == nullptr) return ESTALE;
+  if (!S_ISREG(n->st.st_mode)) return S_ISDIR(n->st.st_mode) ? EISDIR : ENODEV;
+  const uint64_t start = static_cast<uint64_t>(req.offset), end = start + static_cast<uint64_t>(req.offset2);
+  if (end > (1ull << 50) || end < start) return EFBIG;
+  const uint64_t first = start / kPage, last = (end + kPage - 1) / kPage;  // pages [first, last)
+  // Zeroes [from, to) of a page that is kept.
+  auto clear = [&](std::vector<char>& page, uint64_t p) {
+    const uint64_t from = std::max(start, p * kPage), to = std::min(end, (p + 1) * kPage);
+    std::fill(page.begin() + static_cast<long>(from - p * kPage), page.begin() + static_cast<long>(to - p * kPage), '\0');
+  };
+  if (punch) {
+    for (auto it = n->pages.lower_bound(first); it != n->pages.end() && it->first < last;) {
+      if (start <= it->first * kPage && (it->first + 1) * kPage <= end) {
+        it = n->pages.erase(it);
+        --used_pages_;
+      } else {
+        clear(it->second, it->first);
+        ++it;
+      }
+    }
+  } else {
+    uint64_t have = 0;
+    for (auto it = n->pages.lower_bound(first); it != n->pages.end() && it->first < last; ++it) ++have;
+    if ((used_pages_ + (last - first - have)) * kPage > capacity_) return ENOSPC;
+    for (uint64_t p = first; p < last; ++p) {
+      auto [it, added] = n->pages.try_emplace(p);
+      if (added) {
+        it->second.assign(kPage, '\0');
+        ++used_pages_;
+      } else if (zero) {
+        clear(it->second, p);
+      }
+    }
+  }
+  n->st.st_blocks = static_cast<blkcnt_t>(n->pages.size() * (kPage / 512));
+  const bool grows = !punch && (mode & FALLOC_FL_KEEP_SIZE) == 0 && end > static_cast<uint64_t>(n->st.st_size);
+  if (grows) n->st.st_size = static_cast<off_t>(end);
+  if (grows || punch || zero) Touch(n->st, true);
   return 0;
 }
 
@@ -574,7 +629,7 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kRename:
       return Rename(req);
     case VfsOp::kLink: {
-      if (!ValidName(req.name2)) return EINVAL;
+      if (int err = MakeableName(req.name2)) return err;
       std::unique_lock lock(mu_);
       Node* n = Get(req.node);
       Node* dir = Get(req.node2);
@@ -636,19 +691,8 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kListXattr:
     case VfsOp::kRemoveXattr:
       return Xattr(req);
-    case VfsOp::kFallocate: {
-      if (req.flags != 0) return EOPNOTSUPP;
-      std::unique_lock lock(mu_);
-      Node* n = Get(req.node);
-      if (n == nullptr) return ESTALE;
-      const uint64_t end = static_cast<uint64_t>(req.offset + req.offset2);
-      if (end > static_cast<uint64_t>(n->st.st_size)) {
-        if (end > capacity_) return ENOSPC;
-        n->st.st_size = static_cast<off_t>(end);
-        Touch(n->st, true);
-      }
-      return 0;
-    }
+    case VfsOp::kFallocate:
+      return Allocate(req);
     case VfsOp::kLseek:
       return Seek(req);
     case VfsOp::kCopyFileRange:

@@ -72,6 +72,7 @@ class MemfsLayer final : public Layer {
   int Rename(VfsRequest& req);
   int Read(VfsRequest& req);
   int Write(VfsRequest& req);
+  int Allocate(VfsRequest& req);
   int Truncate(Node& n, uint64_t size);
   int ReadDir(VfsRequest& req, bool plus);
   int Xattr(VfsRequest& req);

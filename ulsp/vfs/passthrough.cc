@@ -38,11 +38,6 @@ struct ProcPath {
   const char* c_str() const { return buf; }
 };
 
-bool ValidName(std::string_view name) {
-  return !name.empty() && name.size() <= 255 && name.find('/') == std::string_view::npos &&
-         name.find('\0') == std::string_view::npos;
-}
-
 // Grows this process's descriptor table now to hold the first 64Ki descriptors (at
 // most `limit`), so that descriptors for nodes later take no growth. The kernel
 // grows a table by doubling it, and when the process has more than one thread each
@@ -269,7 +264,8 @@ void PassthroughLayer::Forget(uint64_t node, uint64_t count) {
 
 int PassthroughLayer::DoLookup(VfsRequest& req, uint64_t parent, std::string_view name,
                                fuse_entry_param& e) {
-  if (!ValidName(name)) return name.empty() ? ENOENT : EINVAL;
+  if (name.empty()) return ENOENT;
+  if (int err = NameError(name)) return err;
   const FdRef pfd = NodeFd(parent);
   if (pfd < 0) return ESTALE;
   return LookupAt(req, pfd, parent, name, e);
@@ -371,7 +367,7 @@ int PassthroughLayer::SetAttr(VfsRequest& req) {
 }
 
 int PassthroughLayer::Create(VfsRequest& req) {
-  if (!ValidName(req.name)) return EINVAL;
+  if (int err = NameError(req.name)) return err;
   const FdRef pfd = NodeFd(req.node);
   if (pfd < 0) return ESTALE;
   auto fd = Sys([&] {
@@ -388,7 +384,7 @@ int PassthroughLayer::Create(VfsRequest& req) {
 }
 
 int PassthroughLayer::MakeNode(VfsRequest& req) {
-  if (!ValidName(req.name)) return EINVAL;
+  if (int err = NameError(req.name)) return err;
   const FdRef pfd = NodeFd(req.node);
   if (pfd < 0) return ESTALE;
   const char* name = req.name.c_str();
@@ -414,7 +410,8 @@ int PassthroughLayer::MakeNode(VfsRequest& req) {
 }
 
 int PassthroughLayer::Rename(VfsRequest& req) {
-  if (!ValidName(req.name) || !ValidName(req.name2)) return EINVAL;
+  for (std::string_view name : {std::string_view(req.name), std::string_view(req.name2)})
+    if (int err = NameError(name)) return err;
   const FdRef pfd = NodeFd(req.node);
   const FdRef npfd = NodeFd(req.node2);
   if (pfd < 0 || npfd < 0) return ESTALE;
@@ -438,7 +435,7 @@ int PassthroughLayer::Rename(VfsRequest& req) {
 }
 
 int PassthroughLayer::Link(VfsRequest& req) {
-  if (!ValidName(req.name2)) return EINVAL;
+  if (int err = NameError(req.name2)) return err;
   const FdRef fd = NodeFd(req.node);
   const FdRef npfd = NodeFd(req.node2);
   if (fd < 0 || npfd < 0) return ESTALE;
@@ -658,7 +655,7 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       return MakeNode(req);
     case VfsOp::kUnlink:
     case VfsOp::kRmDir: {
-      if (!ValidName(req.name)) return EINVAL;
+      if (int err = NameError(req.name)) return err;
       const FdRef pfd = NodeFd(req.node);
       if (pfd < 0) return ESTALE;
       const int flag = req.op == VfsOp::kRmDir ? AT_REMOVEDIR : 0;
