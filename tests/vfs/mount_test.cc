@@ -890,6 +890,37 @@ TEST_F(StackTest, OverlayWritesAboveAndNeverBelow) {
   EXPECT_EQ(Output("stat -c '%F %t:%T' " + dir_ / "upper/top"), "character special file 0:0\n");
 }
 
+// Copy-up keeps what is below: extended attributes (a program's file capabilities,
+// user attributes), and a file hard-linked below parts from its other names as in
+// overlayfs without its index. Once, a change through one name was copied up under
+// the other (both names were one node, keyed by the lower file), so after a remount
+// the name written showed the old bytes and the other the new; and no attribute was
+// copied (ping lost cap_net_raw).
+TEST_F(StackTest, OverlayCopyUpKeepsXattrsAndPartsHardLinks) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "upper && echo orig > " + dir_ / "src/a && ln " + dir_ / "src/a " + dir_ / "src/b" +
+                  " && " + kPython + " -c \"import os; os.setxattr('" + dir_ / "src/a" + "', 'user.colour', b'blue')\"" +
+                  " && cp /usr/bin/true " + dir_ / "src/tool" + " && setcap cap_net_raw+ep " + dir_ / "src/tool"),
+            0);
+  auto colour = [](const std::string& path) {
+    return Output(kPython + " -c \"import os; print(os.getxattr('" + path + "', 'user.colour').decode())\"");
+  };
+  const std::string spec = "overlay:" + dir_ / "upper,passthrough:" + dir_ / "src";
+  Mount(spec);
+  std::string m = mount_->path();
+  EXPECT_EQ(Shell("echo more >> " + m + "/a && touch " + m + "/tool"), 0);
+  EXPECT_EQ(Output("cat " + m + "/a " + m + "/b"), "orig\nmore\norig\n");
+  EXPECT_EQ(colour(m + "/a"), "blue\n");
+  EXPECT_EQ(Output("getcap " + m + "/tool"), m + "/tool cap_net_raw=ep\n");
+  mount_.reset();
+  EXPECT_EQ(Output("ls " + dir_ / "upper"), "a\ntool\n");
+  EXPECT_EQ(colour(dir_ / "upper/a"), "blue\n");
+  EXPECT_EQ(Output("getcap " + dir_ / "upper/tool"), dir_ / "upper/tool" + " cap_net_raw=ep\n");
+  Mount(spec);  // the same, fresh
+  m = mount_->path();
+  EXPECT_EQ(Output("cat " + m + "/a " + m + "/b"), "orig\nmore\norig\n");
+  EXPECT_EQ(Output("cat " + dir_ / "src/a"), "orig\n");  // below: untouched
+}
+
 // --- the command line ---
 
 class CommandLineTest : public ::testing::Test {

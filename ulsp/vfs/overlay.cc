@@ -148,9 +148,11 @@ uint64_t OverlayLayer::Register(uint64_t parent, std::string_view name, uint64_t
                                 bool opaque) {
   uint64_t drop_upper = 0, drop_lower = 0;
   uint64_t id;
+  const std::string lower_key =
+      lo == 0 ? "" : "L" + std::to_string(lo) + (dir ? "" : ":" + std::to_string(parent) + "/" + std::string(name));
   {
     std::lock_guard lock(mu_);
-    const std::string key = up ? "U" + std::to_string(up) : "L" + std::to_string(lo);
+    const std::string key = up ? "U" + std::to_string(up) : lower_key;
     if (auto it = by_key_.find(key); it != by_key_.end()) {
       ONode& n = nodes_[it->second];
       ++n.nlookup;
@@ -175,9 +177,9 @@ uint64_t OverlayLayer::Register(uint64_t parent, std::string_view name, uint64_t
       }
       ONode& n = nodes_[index];
       const uint32_t generation = n.generation;
-      n = ONode{true, generation, up, lo, parent, std::string(name), 1, dir, opaque};
+      n = ONode{true, generation, up, lo, parent, std::string(name), 1, dir, opaque, lower_key};
       by_key_[key] = index;
-      if (up && lo) by_key_["L" + std::to_string(lo)] = index;
+      if (up && lo) by_key_[lower_key] = index;
       ++live_;
       id = MakeId(index, generation);
     }
@@ -199,7 +201,7 @@ void OverlayLayer::Drop(uint64_t id, uint64_t count) {
     if (n.nlookup > 0) return;
     up = n.upper;
     lo = n.lower;
-    for (const std::string& key : {"U" + std::to_string(up), "L" + std::to_string(lo)}) {
+    for (const std::string& key : {"U" + std::to_string(up), n.lower_key}) {
       if (auto it = by_key_.find(key); it != by_key_.end() && it->second == index) by_key_.erase(it);
     }
     const uint32_t generation = n.generation + 1;
@@ -326,6 +328,29 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
   return err;
 }
 
+void OverlayLayer::CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made) {
+  VfsRequest list = Own(req, VfsOp::kListXattr, lower_node);
+  list.size = 1 << 16;
+  if (lower()->Serve(list) != 0) return;  // none, or a layer without them
+  for (size_t at = 0; at < list.out.size();) {
+    const std::string name(list.out.data() + at, strnlen(list.out.data() + at, list.out.size() - at));
+    at += name.size() + 1;
+    if (name.empty() || name == kOpaque) continue;
+    VfsRequest get = Own(req, VfsOp::kGetXattr, lower_node);
+    get.name = name;
+    get.size = 1 << 16;
+    if (lower()->Serve(get) != 0) continue;  // removed meanwhile
+    VfsRequest set = Own(req, VfsOp::kSetXattr, made);
+    set.name = name;
+    set.in = {get.out.data(), get.out.size()};
+    // One the upper file system refuses is said, not fatal: the copy's data is right,
+    // and failing now would leave the half-made copy in the way of the next try.
+    if (int err = upper_->Serve(set); err != 0)
+      Logger("vfs")->warn("overlay: copying up {}: extended attribute {} not copied: {}", PathOf(id), name,
+                          std::strerror(err));
+  }
+}
+
 int OverlayLayer::CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper) {
   std::lock_guard copying(copy_mu_);
   ONode n;
@@ -362,13 +387,15 @@ int OverlayLayer::CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper) {
     made = m.entry.ino;
   }
   if (err) return err;
-  // Owner, mode (set-ID bits included) and times, as below.
+  // Owner, mode (set-ID bits included) and times, as below; then the extended
+  // attributes (a chown would clear file capabilities set before it).
   VfsRequest a = Own(req, VfsOp::kSetAttr, made);
   a.attr = st;
   a.flags = FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID | FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME;
   if (!S_ISLNK(st.st_mode)) a.flags |= FUSE_SET_ATTR_MODE;
   if (S_ISLNK(st.st_mode)) a.flags &= ~(FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME);
   upper_->Serve(a);
+  CopyXattrs(req, id, n.lower, made);
   {
     std::lock_guard lock(mu_);
     ONode& node = nodes_[IndexOf(id)];

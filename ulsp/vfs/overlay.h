@@ -9,6 +9,9 @@
 // has lower entries answers EXDEV (mv then copies and deletes).
 // Copy-up writes a sparse file's holes as zeros.
 //
+// Copy-up copies extended attributes too (file capabilities, user.*), as overlayfs
+// does. Names hard-linked below part on copy-up, as in overlayfs without its index.
+//
 // Node ids are the layer's own (index + generation); each holds one lookup on its
 // upper and lower nodes, dropped when the kernel forgets it. Thread-safe: the tables
 // under one mutex, copy-ups serialized by another.
@@ -50,6 +53,7 @@ class OverlayLayer final : public Layer {
     uint64_t nlookup = 0;
     bool dir = false;
     bool opaque = false;  // an upper directory that hides the lower one
+    std::string lower_key;  // its by_key_ entry for the lower node ("" if none)
   };
   struct DirEntry {
     std::string name;
@@ -69,6 +73,7 @@ class OverlayLayer final : public Layer {
   int CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper);
   int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
                const struct stat& st, uint64_t* made);
+  void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
@@ -86,7 +91,11 @@ class OverlayLayer final : public Layer {
   mutable std::mutex mu_;  // the tables
   std::deque<ONode> nodes_;
   std::vector<uint32_t> free_;
-  std::unordered_map<std::string, uint32_t> by_key_;  // "U<upper>" or "L<lower>" -> index
+  // "U<upper>" -> index; a lower directory "L<lower>" -> index; a lower non-directory
+  // "L<lower>:<parent>/<name>" -> index: the names of a file hard-linked below are
+  // separate nodes, so copying one up leaves the others showing the lower file (as
+  // overlayfs without its index does), never the copy under another name.
+  std::unordered_map<std::string, uint32_t> by_key_;
   size_t live_ = 1;
   std::recursive_mutex copy_mu_;  // one copy-up at a time (a copy-up copies its parents up)
   std::deque<std::unique_ptr<DirList>> dirs_;  // directory handles: fh = index + 1
