@@ -107,6 +107,7 @@ class Capture {
 
 struct Run {
   int status = 0;
+  bool ulsp_failed = false;  // the group was not made, or its command not started (status 125)
   std::string out, err;
   std::map<std::string, Touch> record;
   double seconds = 0;
@@ -122,6 +123,7 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
   auto passthrough = ulsp::vfs::PassthroughLayer::Open("/");
   if (!passthrough) {
     result.status = 125;
+    result.ulsp_failed = true;
     std::fprintf(stderr, "pkgdep-vfs: passthrough of /: %s\n", passthrough.error().Describe().c_str());
     return result;
   }
@@ -182,6 +184,7 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
     std::optional<Capture> cap;
     if (capture) cap.emplace();
     result.status = ulsp::core::RunGroup(run);
+    result.ulsp_failed = !run.failure.empty();
     if (cap) std::tie(result.out, result.err) = cap->Restore();
   }
   {
@@ -293,7 +296,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
     };
   }
   Run first = RunOnce(command, hide, confirm, true, progress_fd, start_loading);
-  if (first.status == 125 && first.record.empty()) {
+  if (first.ulsp_failed) {
     ::close(progress_fd);
     return kUsage;  // ulsp could not make the group: it said why
   }

@@ -105,6 +105,21 @@ TEST_F(RunTest, TheCommandKeepsItsCallersUmaskAndOpenFileLimit) {
   EXPECT_EQ(Output("stat -c '%a %n' " + dir_ / "src/file"), "640 " + dir_ / "src/file" + "\n");  // on disk too
 }
 
+// A command started where the group cannot go (here a directory in /tmp, with the
+// group's /tmp its own) does not start: it once ran from "/" instead, and its relative
+// paths named the host's files there (`touch x` made /x).
+TEST_F(RunTest, ACurrentDirectoryTheGroupDoesNotSeeIsAnError) {
+  const std::string name = "ulsp-made-by-run-test-" + std::to_string(::getpid());
+  auto r = RunInGroup(dir_, kOpen + "private_tmp = true\n", "touch " + name, 60, "", "env -C " + dir_.path() + " ");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: the current directory " + dir_.path() +
+                       " is not in the group (its /tmp is a private one): No such file or directory: start it from "
+                       "a directory the group sees\n");
+  EXPECT_FALSE(std::filesystem::exists("/" + name));
+  EXPECT_FALSE(std::filesystem::exists(dir_ / name));
+  std::filesystem::remove("/" + name);
+}
+
 // Isolated mounts: their servers are processes `ulsp run` starts, and stops with
 // SIGTERM when the command ends. `ulsp run` blocks SIGTERM (to forward it to the
 // group), and servers once inherited that mask: they never ended, nor did `ulsp run`.

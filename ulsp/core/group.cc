@@ -491,6 +491,7 @@ int RunGroup(GroupRun& run) {
   stop_mounts();
   mounts.clear();
   if (!failure.empty()) {
+    run.failure = failure;
     Error(failure);
     return kUlspFailed;
   }

@@ -49,6 +49,9 @@ struct GroupRun {
   // place) and before its command starts. Its /proc is then /proc/INIT/root/proc.
   std::function<void(pid_t init_pid)> on_built;
   std::string who = "ulsp run";  // starts ulsp's own error lines
+  // Out: why ulsp could not make the group or start its command ("" when it did), as
+  // said on stderr; RunGroup then returns 125, which a command may return too.
+  std::string failure;
 };
 
 // Runs a group; returns as Run does (the command's status, 124, 125, 126, 127).

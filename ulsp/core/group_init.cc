@@ -238,7 +238,14 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (::syscall(SYS_pivot_root, ".", ".") != 0) Die(Errno("pivot_root"));
     if (::umount2(".", MNT_DETACH) != 0) Die(Errno("detaching the old root"));
   }
-  if (::chdir(plan.cwd.c_str()) != 0 && ::chdir("/") != 0) Die(Errno("chdir /"));
+  // Where the command was started, or nowhere: run from "/" instead, its relative
+  // paths would name other files (for a root stack over "/", the host's own).
+  if (::chdir(plan.cwd.c_str()) != 0) {
+    const bool in_tmp = plan.private_tmp && (plan.cwd == "/tmp" || plan.cwd.starts_with("/tmp/"));
+    Die(Errno("the current directory " + plan.cwd + " is not in the group" +
+              (in_tmp ? " (its /tmp is a private one)" : "")) +
+        ": start it from a directory the group sees");
+  }
 
   if (plan.files_hard != 0) {  // the caller's, not the one a passthrough layer raised
     const rlimit files{plan.files_soft, plan.files_hard};
