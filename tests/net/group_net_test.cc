@@ -8,6 +8,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <cstring>
 #include <fstream>
 #include <iostream>
 #include <thread>
@@ -322,6 +323,31 @@ TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
   client2.join();
   EXPECT_EQ(r.out, "listening\n") << r.err;
   EXPECT_EQ(got, "");
+}
+
+// The shipped example, as its comment runs it: python3's http.server in the group,
+// reached from the host. It binds "::" (a dual-stack socket); the example once
+// allowed only 0.0.0.0/0, so the server listened inside the group alone.
+TEST_F(NetTest, TheShippedServerPolicyLetsTheHostReachPythonsHttpServer) {
+  std::string policy = Output(std::string("cat ") + POLICIES_DIR + "/sandboxed-server.toml");
+  ASSERT_NE(policy.find("8080"), std::string::npos);
+  const std::string port = std::to_string(FreePort());
+  for (size_t at; (at = policy.find("8080")) != std::string::npos;) policy.replace(at, 4, port);
+  const size_t log = policy.find("/tmp/ulsp-server-connections.jsonl");
+  ASSERT_NE(log, std::string::npos);
+  policy.replace(log, std::strlen("/tmp/ulsp-server-connections.jsonl"), dir_ / "conn.jsonl");
+  std::string v4, v6;
+  std::thread client([&] {
+    for (int i = 0; i < 100 && v4 != "200"; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+      v4 = Output("curl -s -o /dev/null -w '%{http_code}' http://127.0.0.1:" + port + "/");
+    }
+    v6 = Output("curl -s -o /dev/null -w '%{http_code}' 'http://[::1]:" + port + "/'");
+  });
+  auto r = RunInGroup(dir_, policy, "timeout 6 " + kPython + " -m http.server " + port + " --directory " + dir_.path());
+  client.join();
+  EXPECT_EQ(v4, "200") << r.err;
+  EXPECT_EQ(v6, "200") << r.err;
 }
 
 }  // namespace
