@@ -229,7 +229,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
       allow.push_back(line);
     }
   }
-  if (!json_file.empty()) {
+  if (!json_file.empty() && json_file != "-") {
     // A report path that cannot be written is said now, not after a long run: opened
     // as the report will be (the same checks), and let go again (a file it had to
     // make is removed: the run may yet fail before there is a report).
@@ -335,9 +335,15 @@ int Check(const std::string& package, const std::string& deps, const std::string
     }
   }
   ::close(progress_fd);
+  // With --json -, standard output gets the JSON and the text goes to standard error.
   const std::string text = report.Text();
-  std::fwrite(text.data(), 1, text.size(), stdout);
-  if (!json_file.empty()) {
+  std::fwrite(text.data(), 1, text.size(), json_file == "-" ? stderr : stdout);
+  std::fflush(stdout);
+  if (json_file == "-") {
+    const std::string json = report.Json();
+    std::fwrite(json.data(), 1, json.size(), stdout);
+    if (std::fflush(stdout) != 0) return Fail(std::string("cannot write the JSON report to standard output: ") + std::strerror(errno));
+  } else if (!json_file.empty()) {
     if (auto w = ulsp::WriteOwnFile(json_file, report.Json()); !w) return Fail("cannot write the JSON report: " + w.error());
   }
   return report.Verdict();
@@ -360,7 +366,7 @@ int main(int argc, char** argv) {
   check->add_option("--mode", mode, "observe (everything visible, all recorded) or enforce (only the declared)")
       ->capture_default_str();
   check->add_flag("--confirm", confirm, "Run again without each undeclared package: hard, soft or no difference");
-  check->add_option("--json", json_file, "Also write the report as JSON to FILE");
+  check->add_option("--json", json_file, "Also write the report as JSON to FILE (-: standard output, the text then on standard error)");
   check->add_option("--allow-unowned", allow_file, "More unowned path prefixes not to report, one per line");
   check->add_option("command", command, "-- COMMAND [ARG...]");
   try {

@@ -166,6 +166,22 @@ TEST_F(PkgdepTest, DepsAreWrittenAsADependsField) {
   EXPECT_EQ(r.err, "pkgdep-vfs: no installed package 'no-such-a | no-such-b' (dpkg -l lists what is installed)\n");
 }
 
+// --json - is standard output, as the convention goes: the JSON alone there (the text
+// report on standard error), never a file named "-" in the current directory.
+TEST_F(PkgdepTest, JsonDashIsStandardOutput) {
+  const std::string out = dir_ / "stdout", err = dir_ / "stderr";
+  ASSERT_FALSE(std::filesystem::exists("/-"));
+  struct Remove {
+    ~Remove() { std::filesystem::remove("/-"); }  // should it be made after all
+  } remove;
+  ASSERT_EQ(Shell("cd / && " + kPkgdep + " check --deps coreutils --json - -- true > " + out + " 2> " + err), 0);
+  const auto json = nlohmann::json::parse(Output("cat " + out), nullptr, false);
+  ASSERT_FALSE(json.is_discarded()) << Output("cat " + out);
+  EXPECT_EQ(json["roots"], nlohmann::json({"coreutils"}));
+  EXPECT_NE(Output("cat " + err).find("Result: nothing undeclared (exit 0)"), std::string::npos);
+  EXPECT_FALSE(std::filesystem::exists("/-"));
+}
+
 TEST_F(PkgdepTest, ConfirmClassifiesByRunningWithoutEach) {
   auto r = Check("--confirm --deps coreutils -- /usr/bin/python3 -c 'print(1)'");
   EXPECT_EQ(r.status, 1) << r.out << r.err;
