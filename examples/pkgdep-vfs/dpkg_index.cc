@@ -2,7 +2,6 @@
 
 #include <dirent.h>
 #include <fcntl.h>
-#include <glob.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -271,9 +270,10 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     if (!status) return std::unexpected(status.error());
     const std::string_view text = status->bytes;
     // The fields a package's relations come from; the others are not kept.
-    enum Field { kNone, kEssential, kDepends, kPreDepends, kRecommends, kSuggests, kProvides, kFields };
+    enum Field { kNone, kEssential, kDepends, kPreDepends, kRecommends, kSuggests, kProvides, kArchitecture, kFields };
     auto field_of = [](std::string_view key) {
       if (key == "Essential") return kEssential;
+      if (key == "Architecture") return kArchitecture;
       if (key == "Depends") return kDepends;
       if (key == "Pre-Depends") return kPreDepends;
       if (key == "Recommends") return kRecommends;
@@ -288,6 +288,7 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     auto finish = [&] {
       if (installed && !p.name.empty()) {
         p.essential = fields[kEssential] == "yes";
+        p.architecture = fields[kArchitecture];
         p.depends = Relations(fields[kDepends]);
         p.pre_depends = Relations(fields[kPreDepends]);
         p.recommends = Relations(fields[kRecommends]);
@@ -540,24 +541,24 @@ std::vector<const Package*> DpkgIndex::Satisfying(std::string_view name) const {
 }
 
 bool DpkgIndex::ShipsOnlyDocumentation(std::string_view name) const {
-  // info/NAME.list, or NAME:ARCH.list for a package that is Multi-Arch: same.
-  const std::string base = admin_dir_ + "/info/" + BareName(name);
-  std::vector<std::string> lines;
-  if (!ReadLines(base + ".list", lines)) {
-    glob_t found{};
-    if (::glob((base + ":*.list").c_str(), 0, nullptr, &found) == 0 && found.gl_pathc == 1)
-      ReadLines(found.gl_pathv[0], lines);
-    ::globfree(&found);
-  }
-  if (lines.empty()) return false;
+  const Package* p = Find(name);
+  if (p == nullptr) return false;
+  // info/NAME.list, or NAME:ARCH.list for a package that is Multi-Arch: same. Read
+  // up to the first file that is not documentation (most packages: a few lines).
+  const std::string base = admin_dir_ + "/info/" + p->name;
+  std::ifstream list(base + ".list");
+  if (!list) list.open(base + ":" + p->architecture + ".list");
+  if (!list) return false;
   static constexpr std::string_view kDocumentation[] = {"/usr/share/doc/", "/usr/share/doc-base/", "/usr/share/lintian/"};
-  for (const std::string& line : lines) {
+  bool any = false;
+  for (std::string line; std::getline(list, line);) {
+    any = true;
     if (std::ranges::any_of(kDocumentation, [&](std::string_view d) { return line.starts_with(d); })) continue;
     struct stat st {};
     if (::lstat(line.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) continue;  // /usr, /usr/share ...: shared
     return false;
   }
-  return true;
+  return any;
 }
 
 std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {

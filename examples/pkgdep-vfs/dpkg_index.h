@@ -28,6 +28,7 @@ namespace pkgdep {
 
 struct Package {
   std::string name;  // without an architecture qualifier
+  std::string architecture;  // its Architecture field (amd64, all ...)
   bool essential = false;
   // Each relation is a list of alternatives ("a | b"), names only (versions and
   // architecture qualifiers dropped).
