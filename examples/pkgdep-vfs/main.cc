@@ -213,6 +213,8 @@ int Check(const std::string& package, const std::string& deps, const std::string
           const std::string& json_file, const std::string& allow_file, const std::vector<std::string>& command) {
   if (package.empty() == deps.empty()) return Fail("give either --package NAME or --deps PKG,PKG...");
   if (mode != "observe" && mode != "enforce") return Fail("--mode is observe or enforce, not '" + mode + "'");
+  if (confirm && mode == "enforce")
+    return Fail("--confirm reruns an observed command without each undeclared package: give it with --mode observe");
   const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
   if (roots.empty()) return Fail("--deps '" + deps + "' names no package (give PKG,PKG...)");
   if (command.empty()) return Fail("give the command to check after --");
@@ -319,7 +321,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
   report.closure = *closure;
   Attribute(idx, first.record, allow, report);
 
-  if (confirm && mode == "observe") {
+  if (confirm) {  // observe mode only (checked above)
     for (const auto& [p, findings] : report.undeclared) {
       const std::string without = p;
       auto hide_one = [&idx, without](std::string_view path) {

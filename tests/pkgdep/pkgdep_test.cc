@@ -207,6 +207,11 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode is observe or enforce, not 'strict'\n");
+  // --confirm classifies what observe mode found; with enforce it was silently dropped.
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode enforce --confirm -- true 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"),
+            "pkgdep-vfs: --confirm reruns an observed command without each undeclared package: give it with --mode "
+            "observe\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: --mode: 1 required TEXT missing (see pkgdep-vfs check --help)\n");
   // A JSON report at a path another user controls: their link would have root
