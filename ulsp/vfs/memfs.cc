@@ -40,7 +40,8 @@ struct timespec Now() {
 std::expected<std::unique_ptr<MemfsLayer>, std::string> MemfsLayer::Create(const std::string& capacity) {
   const auto bytes = ParseSize(capacity);
   if (!bytes)
-    return std::unexpected("memfs:" + capacity + ": the size must be a number of bytes, optionally with K, M, G or T");
+    return std::unexpected("memfs:" + capacity +
+                           ": the size must be a number of bytes from 1 to 1024T, optionally with K, M, G or T");
   return std::unique_ptr<MemfsLayer>(new MemfsLayer(*bytes));
 }
 
