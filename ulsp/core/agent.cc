@@ -481,9 +481,10 @@ int ServeAgent(const AgentOptions& options) {
     });
 
     // `ulsp ps` sees the agent.
-    const std::string run_dir = RuntimeDir() + "/" + std::to_string(::getpid());
+    auto made = MakeRunDir();
+    if (!made) Logger("agent")->warn("`ulsp ps` will not list this agent: {}", made.error());
+    const std::string run_dir = made ? *made : std::string();  // "": no control socket
     std::error_code ec;
-    std::filesystem::create_directories(run_dir, ec);
     auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
       s.kind = "agent";
       s.command = "agent serve " + options.listen_host + ":" + std::to_string(options.listen_port) + " " + names;

@@ -24,6 +24,7 @@
 #include "kernel/msgport/direct_port.h"
 #include "kernel/msgport/fuse_shim.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 #include "kernel/msgport/seccomp_shim.h"
 #include "ulsp/core/group_init.h"
 #include "ulsp/core/isolated.h"
@@ -99,10 +100,10 @@ Said Hear(int sock) {
 
 void Answer(int sock, const std::string& text) { (void)::send(sock, text.data(), text.size(), MSG_NOSIGNAL); }
 
+// Readable by all, writable by its owner, whatever the umask (a passthrough layer sets 0).
 bool WriteFile(const std::string& path, const std::string& content) {
-  std::ofstream out(path);
-  out << content;
-  return static_cast<bool>(out);
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644));
+  return fd.get() >= 0 && ::fchmod(fd.get(), 0644) == 0 && ulsp::WriteAll(fd.get(), content).has_value();
 }
 
 }  // namespace
@@ -193,10 +194,10 @@ int RunGroup(GroupRun& run) {
   if (!log) return Error(log.error());
 
   // What the group sees of the network's configuration, and where its root is built.
-  const std::string run_dir = RuntimeDir() + "/" + std::to_string(::getpid());
+  auto made = MakeRunDir();
+  if (!made) return Error(made.error());
+  const std::string run_dir = *made;
   std::error_code ec;
-  std::filesystem::create_directories(run_dir, ec);
-  if (ec) return Error(run_dir + ": " + ec.message());
   struct Cleanup {
     std::string dir;
     ~Cleanup() {
@@ -215,7 +216,7 @@ int RunGroup(GroupRun& run) {
   for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated, m->policy.read_only});
   if (!group.mounts.empty() && group.mounts.front().path == "/") {
     plan.staging = run_dir + "/root";
-    std::filesystem::create_directory(plan.staging, ec);
+    ::mkdir(plan.staging.c_str(), 0755);  // 0755 whatever the umask (a passthrough layer sets 0)
   }
   plan.resolv_conf = run_dir + "/resolv.conf";
   plan.hosts = run_dir + "/hosts";

@@ -148,9 +148,10 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   }
   (*shim)->HandleSignals();
   // `ulsp ps` sees the mount while it lives.
-  const std::string run_dir = RuntimeDir() + "/" + std::to_string(::getpid());
+  auto made = MakeRunDir();
+  if (!made) Logger("vfs")->warn("`ulsp ps` will not list this mount: {}", made.error());
+  const std::string run_dir = made ? *made : std::string();  // "": no control socket
   std::error_code ec;
-  std::filesystem::create_directories(run_dir, ec);
   msgport::FuseShim* shim_ptr = shim->get();
   auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
     s.kind = "mount";

@@ -10,6 +10,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <cerrno>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -175,6 +176,29 @@ std::string RuntimeDir() {
   return dir != nullptr && *dir != '\0' ? dir : "/run/ulsp";
 }
 
+std::expected<std::string, std::string> MakeRunDir() {
+  const std::string top = RuntimeDir();
+  std::error_code ec;
+  std::filesystem::create_directories(std::filesystem::path(top).parent_path(), ec);
+  struct stat st {};
+  if (::mkdir(top.c_str(), 01777) == 0 || errno == EEXIST) {
+    // Made here, or by an earlier ulsp whose umask was 0: sticky, open to all.
+    if (::lstat(top.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() && (st.st_mode & 07777) != 01777)
+      ::chmod(top.c_str(), 01777);
+  } else {
+    return std::unexpected(top + ": " + std::strerror(errno));
+  }
+  const std::string dir = top + "/" + std::to_string(::getpid());
+  if (::mkdir(dir.c_str(), 0755) != 0) {
+    if (errno != EEXIST) return std::unexpected(dir + ": " + std::strerror(errno));
+    // Left by an earlier process with this pid: ours to take again, or no one's.
+    if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid())
+      return std::unexpected(dir + ": exists and is not this user's directory: refusing to use it");
+  }
+  if (::chmod(dir.c_str(), 0755) != 0) return std::unexpected(dir + ": " + std::strerror(errno));
+  return dir;
+}
+
 void StatusBuilder::AddPort(const msgport::Port& port, std::string port_kind, uint64_t in_flight, std::string peer,
                             std::string state, double rtt_us) {
   const auto& c = port.counters();
@@ -183,6 +207,7 @@ void StatusBuilder::AddPort(const msgport::Port& port, std::string port_kind, ui
 }
 
 Result<std::unique_ptr<ControlServer>> ControlServer::Start(const std::string& dir, Fill fill) {
+  if (dir.empty()) return Fail(ENOENT);  // MakeRunDir failed: not listed
   (void)LiveEntries(std::filesystem::path(dir).parent_path());  // what killed processes left
   std::unique_ptr<ControlServer> c(new ControlServer());
   c->path_ = dir + "/control";

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <expected>
 #include <functional>
 #include <memory>
 #include <string>
@@ -23,6 +24,12 @@ namespace ulsp::core {
 
 // /run/ulsp, or $ULSP_RUNTIME_DIR.
 std::string RuntimeDir();
+// Makes RuntimeDir()/PID, this process's directory there, and returns its path, or
+// says why it cannot. Modes are explicit, whatever the umask (a passthrough layer sets
+// 0): RuntimeDir() is sticky and open to all, as /tmp is (anyone's ulsp registers
+// there; no one removes or replaces another's entry), and PID's directory is 0755 and
+// must be this user's.
+std::expected<std::string, std::string> MakeRunDir();
 
 // What a process reports; mirrors control.capnp's Status.
 struct StatusBuilder {
