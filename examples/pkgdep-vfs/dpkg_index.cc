@@ -602,22 +602,27 @@ std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, cons
   Closure c;
   c.roots = roots;
   // Follows Depends and Pre-Depends from what `todo` holds, adding to c.declared.
+  // Declares every installed alternative and provider of one relation ("a | b"), for
+  // `why`; whether any was installed.
+  auto declare = [&](const std::vector<std::string>& group, const std::string& why, std::deque<std::string>& todo) {
+    bool satisfied = false;
+    for (const std::string& alt : group) {
+      for (const Package* q : index.Satisfying(alt)) {
+        satisfied = true;
+        if (c.declared.emplace(q->name, why).second) todo.push_back(q->name);
+      }
+    }
+    return satisfied;
+  };
   auto follow = [&](std::deque<std::string> todo) {
     while (!todo.empty()) {
       const Package* p = index.Find(todo.front());
       todo.pop_front();
       if (p == nullptr) continue;
       for (const auto* relations : {&p->pre_depends, &p->depends}) {
+        const std::string why = (relations == &p->depends ? "Depends of " : "Pre-Depends of ") + p->name;
         for (const auto& group : *relations) {
-          bool satisfied = false;
-          for (const std::string& alt : group) {
-            for (const Package* q : index.Satisfying(alt)) {
-              satisfied = true;
-              if (c.declared.emplace(q->name, (relations == &p->depends ? "Depends of " : "Pre-Depends of ") + p->name).second)
-                todo.push_back(q->name);
-            }
-          }
-          if (!satisfied) {
+          if (!declare(group, why, todo)) {
             std::string text;
             for (const std::string& alt : group) text += (text.empty() ? "" : " | ") + alt;
             c.unsatisfied.push_back(p->name + ": " + text);
@@ -627,17 +632,9 @@ std::expected<Closure, std::string> DeclaredClosure(const DpkgIndex& index, cons
     }
   };
   std::deque<std::string> todo;
-  for (const std::string& r : roots) {
-    // A relation, as in a Depends field: every installed alternative and provider.
+  for (const std::string& r : roots) {  // each a relation, as in a Depends field
     bool found = false;
-    for (const auto& group : Relations(r)) {
-      for (const std::string& alt : group) {
-        for (const Package* q : index.Satisfying(alt)) {
-          found = true;
-          if (c.declared.emplace(q->name, "named").second) todo.push_back(q->name);
-        }
-      }
-    }
+    for (const auto& group : Relations(r)) found = declare(group, "named", todo) || found;
     if (!found) return std::unexpected(NotInstalled(r));
   }
   follow(std::move(todo));
