@@ -231,14 +231,20 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
             "pkgdep-vfs: cannot write the JSON report: " + dir_ / "no/such/dir/r.json" + ": No such file or directory\n");
   EXPECT_FALSE(std::filesystem::exists(ran)) << "the command ran although its report could not be written";
   // Started from a directory the group cannot see (its /tmp is its own): said, and
-  // nothing runs (it once ran from "/" and reported on a command that did not run).
-  EXPECT_EQ(Shell("cd " + dir_.path() + " && " + kPkgdep + " check --package coreutils -- touch " + ran +
+  // nothing runs. It once ran from "/", where `touch NAME` made the host's /NAME, and
+  // reported on it with exit 0.
+  const std::string name = "pkgdep-made-by-test-" + std::to_string(::getpid());
+  struct Remove {
+    std::string path;
+    ~Remove() { std::filesystem::remove(path); }  // should it be made after all
+  } remove{"/" + name};
+  EXPECT_EQ(Shell("cd " + dir_.path() + " && " + kPkgdep + " check --package coreutils -- touch " + name +
                   " > /dev/null 2> " + dir_ / "err"),
             2);
   EXPECT_NE(Output("cat " + dir_ / "err").find("pkgdep-vfs: the current directory " + dir_.path() + " is not in the group"),
             std::string::npos)
       << Output("cat " + dir_ / "err");
-  EXPECT_FALSE(std::filesystem::exists(ran));
+  EXPECT_FALSE(std::filesystem::exists("/" + name));
   // A check that fails before there is a report leaves no empty file behind.
   EXPECT_EQ(Shell(kPkgdep + " check --package no-such-package-here --json " + dir_ / "new.json" + " -- true 2> /dev/null"), 2);
   EXPECT_FALSE(std::filesystem::exists(dir_ / "new.json"));
