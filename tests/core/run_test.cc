@@ -108,7 +108,8 @@ TEST_F(RunTest, TheCommandKeepsItsCallersUmaskAndOpenFileLimit) {
 // What ulsp makes for `ulsp ps` and the group (its runtime directory, the group's
 // resolv.conf and hosts) has modes of its own, not the umask of 0 that a passthrough
 // layer sets: they were once 0777 and 0666, so any user could rewrite the resolver a
-// group was given, or put a control socket of theirs in root's place.
+// group was given, or put a control socket of theirs in root's place. (Not sticky
+// 1777 either: another user could then make /run/ulsp/PID for a coming pid first.)
 TEST_F(RunTest, WhatUlspMakesIsNotWorldWritable) {
   ASSERT_EQ(Shell("mkdir -p " + dir_ / "src"), 0);
   const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" +
@@ -116,7 +117,7 @@ TEST_F(RunTest, WhatUlspMakesIsNotWorldWritable) {
   const std::string run = dir_ / "run";
   auto r = RunInGroup(dir_, policy, "stat -c %a " + run + " " + run + "/*/ " + run + "/*/resolv.conf " + run + "/*/hosts");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "1777\n755\n644\n644\n");
+  EXPECT_EQ(r.out, "755\n755\n644\n644\n");
 }
 
 // A command started where the group cannot go (here a directory in /tmp, with the

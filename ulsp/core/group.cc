@@ -100,12 +100,6 @@ Said Hear(int sock) {
 
 void Answer(int sock, const std::string& text) { (void)::send(sock, text.data(), text.size(), MSG_NOSIGNAL); }
 
-// Readable by all, writable by its owner, whatever the umask (a passthrough layer sets 0).
-bool WriteFile(const std::string& path, const std::string& content) {
-  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0644));
-  return fd.get() >= 0 && ::fchmod(fd.get(), 0644) == 0 && ulsp::WriteAll(fd.get(), content).has_value();
-}
-
 }  // namespace
 
 std::string JoinCommand(const std::vector<std::string>& words) {
@@ -207,10 +201,12 @@ int RunGroup(GroupRun& run) {
   } cleanup{run_dir};
   char host[HOST_NAME_MAX + 1] = "localhost";
   ::gethostname(host, sizeof host);
-  if (!WriteFile(run_dir + "/resolv.conf", "# the group's resolver: ulsp's net ULSP\nnameserver 127.0.0.53\n") ||
-      !WriteFile(run_dir + "/hosts", std::string("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t") +
-                                         host + "\n"))
-    return Error(run_dir + ": cannot write the group's resolv.conf and hosts");
+  // 0644 whatever the umask (a passthrough layer sets 0), as OpenOwnFile makes them.
+  for (const auto& [name, content] :
+       {std::pair<std::string, std::string>{"resolv.conf", "# the group's resolver: ulsp's net ULSP\nnameserver 127.0.0.53\n"},
+        {"hosts", std::string("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t") + host + "\n"}}) {
+    if (auto w = WriteOwnFile(run_dir + "/" + name, content); !w) return Error("the group's " + name + ": " + w.error());
+  }
 
   GroupPlan plan;
   for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated, m->policy.read_only});

@@ -21,6 +21,7 @@
 
 #include "kernel/msgport/control.capnp.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/own_file.h"
 
 namespace ulsp::core {
 namespace {
@@ -178,24 +179,15 @@ std::string RuntimeDir() {
 
 std::expected<std::string, std::string> MakeRunDir() {
   const std::string top = RuntimeDir();
-  std::error_code ec;
-  std::filesystem::create_directories(std::filesystem::path(top).parent_path(), ec);
+  // One an earlier ulsp made while its umask was a passthrough layer's 0 (0777) is
+  // this user's to mend; MakeOwnDirectory refuses what others may write.
   struct stat st {};
-  if (::mkdir(top.c_str(), 01777) == 0 || errno == EEXIST) {
-    // Made here, or by an earlier ulsp whose umask was 0: sticky, open to all.
-    if (::lstat(top.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() && (st.st_mode & 07777) != 01777)
-      ::chmod(top.c_str(), 01777);
-  } else {
-    return std::unexpected(top + ": " + std::strerror(errno));
-  }
+  if (::lstat(top.c_str(), &st) == 0 && S_ISDIR(st.st_mode) && st.st_uid == ::geteuid() && (st.st_mode & (022 | S_ISVTX)) != 0)
+    ::chmod(top.c_str(), st.st_mode & 0755);
   const std::string dir = top + "/" + std::to_string(::getpid());
-  if (::mkdir(dir.c_str(), 0755) != 0) {
-    if (errno != EEXIST) return std::unexpected(dir + ": " + std::strerror(errno));
-    // Left by an earlier process with this pid: ours to take again, or no one's.
-    if (::lstat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode) || st.st_uid != ::geteuid())
-      return std::unexpected(dir + ": exists and is not this user's directory: refusing to use it");
+  for (const std::string& d : {top, dir}) {
+    if (auto made = MakeOwnDirectory(d); !made) return std::unexpected(made.error());
   }
-  if (::chmod(dir.c_str(), 0755) != 0) return std::unexpected(dir + ": " + std::strerror(errno));
   return dir;
 }
 

@@ -25,10 +25,8 @@ namespace ulsp::core {
 // /run/ulsp, or $ULSP_RUNTIME_DIR.
 std::string RuntimeDir();
 // Makes RuntimeDir()/PID, this process's directory there, and returns its path, or
-// says why it cannot. Modes are explicit, whatever the umask (a passthrough layer sets
-// 0): RuntimeDir() is sticky and open to all, as /tmp is (anyone's ulsp registers
-// there; no one removes or replaces another's entry), and PID's directory is 0755 and
-// must be this user's.
+// says why it cannot. Both are 0755 whatever the umask (a passthrough layer sets 0),
+// and both must be trusted and writable by no other user (MakeOwnDirectory).
 std::expected<std::string, std::string> MakeRunDir();
 
 // What a process reports; mirrors control.capnp's Status.
