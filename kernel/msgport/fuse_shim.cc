@@ -194,6 +194,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
   if (r == nullptr) return;  // forget: the kernel wants no answer
   const VfsRequest& q = m.req;
   int err = m.error;
+  if (!q.changed.empty()) shim_.DropAttributes(q);
   if (err != 0) {
     if (q.op == VfsOp::kLookup && err == ENOENT && q.timeout > 0) {
       fuse_entry_param negative{};  // lets the kernel cache "no such name"
@@ -841,6 +842,16 @@ void FuseShim::Unsure(const VfsRequest& q) noexcept try {
 } catch (...) {
   Logger("fuse")->warn("{}: out of memory: the kernel's cache of a change of unknown outcome stays until its timeout",
                        options_.mountpoint);
+}
+
+void FuseShim::DropAttributes(const VfsRequest& q) noexcept {
+  for (uint64_t node : q.changed) {
+    // A negative offset: the attributes only. ENOENT: the kernel holds no such node.
+    const int rc = fuse_lowlevel_notify_inval_inode(session_, node, -1, 0);
+    if (rc != 0 && rc != -ENOENT)
+      Logger("fuse")->debug("{}: dropping node {}'s attributes from the kernel's cache: {}", options_.mountpoint,
+                            node, Errno(-rc).Describe());
+  }
 }
 
 void FuseShim::Invalidate() noexcept {

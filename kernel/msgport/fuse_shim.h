@@ -155,6 +155,11 @@ class FuseShim {
   // the invalidation; a reply thread that waited for it could hold up the very reply
   // that ends it.)
   void Unsure(const VfsRequest& q) noexcept;
+  // Drops the cached attributes of the nodes a request changed as a side effect
+  // (VfsRequest::changed), before its answer: the caller's next stat must see them.
+  // Done at once, unlike Unsure's: dropping attributes alone (no cached data) takes
+  // no lock the kernel could be holding for the request.
+  void DropAttributes(const VfsRequest& q) noexcept;
   void Invalidate() noexcept;  // the invalidating thread
   void StopInvalidating() noexcept;
   struct Stale {

@@ -64,4 +64,5 @@ struct VfsReply {
   outSize @9 :UInt64;
   statfs @10 :List(UInt64);  # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
   dirEnd @11 :Bool;          # readdir(plus): nothing follows `out` (VfsRequest::dir_end)
+  changed @12 :List(UInt64); # nodes whose attributes changed besides (VfsRequest::changed)
 }

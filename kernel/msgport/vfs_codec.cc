@@ -11,6 +11,7 @@ namespace ulsp::msgport {
 namespace {
 
 constexpr size_t kMaxData = (1u << 20) + 4096;  // the largest read, write or dirent buffer
+constexpr size_t kMaxChanged = 1u << 14;  // VfsRequest::changed: more than the deepest path gives
 constexpr size_t kMaxName = 4096;               // a symlink target (PATH_MAX)
 
 void PutAttr(wire::Attr::Builder a, const struct stat& st) {
@@ -176,6 +177,10 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
   r.setOut(Bytes(req.out.data(), req.out.size()));
   r.setOutSize(req.out_size);
   r.setDirEnd(req.dir_end);
+  if (!req.changed.empty()) {
+    auto changed = r.initChanged(static_cast<unsigned>(req.changed.size()));
+    for (unsigned i = 0; i < changed.size(); ++i) changed.set(i, req.changed[i]);
+  }
   Flatten(builder, out);
 }
 
@@ -215,6 +220,10 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, s
     req.out.assign(reinterpret_cast<const char*>(out.begin()), reinterpret_cast<const char*>(out.end()));
     req.out_size = r.getOutSize();
     req.dir_end = r.getDirEnd();
+    auto changed = r.getChanged();
+    if (changed.size() > kMaxChanged) return Fail(EBADMSG);
+    req.changed.clear();
+    for (uint64_t node : changed) req.changed.push_back(node);
     return {};
   });
 }

@@ -152,6 +152,11 @@ struct VfsRequest {
   bool dir_end = false;      // readdir(plus): nothing follows the records in `out` (a
                              // listing at the last one's offset would find nothing).
                              // False when a layer does not know
+  std::vector<uint64_t> changed;  // nodes besides those named above whose attributes this
+                                  // request changed as a side effect (an overlay's copy-up
+                                  // gives a file's directories their upper copies: new
+                                  // inode numbers and ctimes). The shim drops their
+                                  // attributes from the kernel's cache before it answers
 };
 
 // Calls f(record, position) for each record of a readdir reply (`out`) in the kernel's

@@ -921,6 +921,33 @@ TEST_F(StackTest, OverlayCopyUpKeepsXattrsAndPartsHardLinks) {
   EXPECT_EQ(Output("cat " + dir_ / "src/a"), "orig\n");  // below: untouched
 }
 
+// A copy-up makes upper copies of the written file's directories, which have their own
+// inode numbers and change times; the kernel must learn them at once, not when its
+// cached attributes expire. Once it did not: `tar c` run within the attribute timeout
+// after a write said "file changed as we read it" of a directory above it (its ctime
+// moved under tar), and `stat` showed the lower directory's inode number.
+TEST_F(StackTest, ACopyUpsNewDirectoriesAreSeenAtOnce) {
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "upper " + dir_ / "src/d1/d2"), 0);
+  for (const char* mode : {"", "--isolated"}) {
+    SCOPED_TRACE(*mode ? mode : "in-process");
+    ASSERT_EQ(Shell("rm -rf " + dir_ / "upper/*"), 0);
+    std::vector<std::string> args = {"--timeout", "60", "--stack", "overlay:" + dir_ / "upper,passthrough:" + dir_ / "src"};
+    if (*mode) args.insert(args.begin(), mode);
+    mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    const std::string m = mount_->path();
+    const std::string ids = " -c '%n %i %Z' ";
+    ASSERT_EQ(Shell("stat" + ids + m + "/pub " + m + "/d1 " + m + "/d1/d2 >/dev/null"), 0);  // now cached
+    ASSERT_EQ(Shell("echo x > " + m + "/d1/d2/new && echo y >> " + m + "/pub/a"), 0);   // copy-ups
+    auto seen = [&](const std::string& root) {
+      return Output("cd " + root + " && stat" + ids + "pub d1 d1/d2");
+    };
+    EXPECT_EQ(seen(m), seen(dir_ / "upper"));
+    EXPECT_EQ(Shell("cd " + m + " && tar cf /dev/null ."), 0);
+    mount_.reset();
+  }
+}
+
 // --- the command line ---
 
 class CommandLineTest : public ::testing::Test {

@@ -742,6 +742,17 @@ void IsolatedPort::Translate(VfsMessage& m) {
     handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
     return uint64_t{index} + 1;
   };
+  // Nodes whose attributes changed besides: by the kernel's ids. One the kernel does
+  // not hold (or one of a server that died since) has nothing cached to drop.
+  size_t kept = 0;
+  for (const uint64_t server_id : r.changed) {
+    if (server_id == kRootServerNode) {
+      r.changed[kept++] = kRootServerNode;
+    } else if (auto it = by_server_id_.find(server_id); epoch == map_epoch_ && it != by_server_id_.end()) {
+      r.changed[kept++] = MakeId(it->second, nodes_[it->second].generation);
+    }
+  }
+  r.changed.resize(kept);
   switch (r.op) {
     case VfsOp::kLookup:
     case VfsOp::kMkNod:

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <new>
@@ -351,7 +352,7 @@ void OverlayLayer::CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower
   }
 }
 
-int OverlayLayer::CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper) {
+int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   std::lock_guard copying(copy_mu_);
   ONode n;
   if (!Get(id, &n)) return ESTALE;
@@ -404,6 +405,9 @@ int OverlayLayer::CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper) {
       by_key_["U" + std::to_string(made)] = IndexOf(id);
     }
   }
+  // Its inode number and ctime are the copy's now, and its directory has a new entry.
+  for (uint64_t changed : {n.parent, id})
+    if (std::ranges::find(req.changed, changed) == req.changed.end()) req.changed.push_back(changed);
   *upper = made;
   return 0;
 }

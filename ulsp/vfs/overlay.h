@@ -70,7 +70,9 @@ class OverlayLayer final : public Layer {
   void Drop(uint64_t id, uint64_t count);
 
   int Lookup(const VfsRequest& req, uint64_t parent, const std::string& name, fuse_entry_param& e);
-  int CopyUp(const VfsRequest& req, uint64_t id, uint64_t* upper);
+  // Gives node `id` (and its directories) upper copies, once; each node copied and
+  // the directory it was made in go to req.changed, as their attributes changed.
+  int CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper);
   int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
                const struct stat& st, uint64_t* made);
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
