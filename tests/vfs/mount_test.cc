@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -972,6 +973,45 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   ASSERT_EQ(Shell("cd " + dir_.path() + " && " + ULSP_BIN + " mount src mnt"), 0);
   EXPECT_EQ(Output("findmnt -n -o SOURCE " + dir_ / "mnt"), dir_ / "src\n");
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
+}
+
+// A user mounts and unmounts a tree of their own, through fusermount3, as with any
+// FUSE file system. Once every mount asked for allow_other, which fusermount3 refuses
+// a user unless /etc/fuse.conf says user_allow_other, so no user could mount at all;
+// and `ulsp umount` called umount2, which only root may.
+TEST_F(CommandLineTest, AUserMountsTheirOwnTree) {
+  struct DeviceMode {  // /dev/fuse as the test needs it, then as it was
+    struct stat st {};
+    explicit DeviceMode(mode_t mode) {
+      if (::stat("/dev/fuse", &st) == 0) ::chmod("/dev/fuse", mode);
+    }
+    ~DeviceMode() { ::chmod("/dev/fuse", st.st_mode & 07777); }
+  };
+  const std::string home = dir_ / "home";
+  ASSERT_EQ(Shell("mkdir -p " + home + "/src " + home + "/mnt && echo hi > " + home + "/src/f && chown -R nobody:nogroup " +
+                  home),
+            0);
+  const std::string as_nobody = "cd " + home + " && setpriv --reuid nobody --regid nogroup --clear-groups ";
+  const std::string ulsp = std::string(ULSP_BIN);
+  {
+    DeviceMode closed(0600);  // a machine where FUSE is root's alone: said so
+    EXPECT_EQ(Output(as_nobody + ulsp + " mount src mnt", true),
+              "ulsp mount: " + home + "/mnt: mounting failed: Permission denied (/dev/fuse: Permission denied: FUSE is "
+              "root's alone on this machine)\n");
+  }
+  DeviceMode open(0666);  // as Debian has it
+  ASSERT_EQ(Output(as_nobody + ulsp + " mount src mnt", true), "");
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{home + "/mnt"};
+  EXPECT_TRUE(Mounted(home + "/mnt"));
+  EXPECT_EQ(Output(as_nobody + "sh -c 'cat mnt/f && echo new > mnt/g && stat -c %U mnt/g && cat src/g'"),
+            "hi\nnobody\nnew\n");
+  EXPECT_EQ(Output(as_nobody + ulsp + " umount mnt", true), "");
+  EXPECT_FALSE(Mounted(home + "/mnt"));
+  EXPECT_EQ(Shell("for i in $(seq 100); do pgrep -u nobody -x ulsp >/dev/null || exit 0; sleep 0.05; done; exit 1"), 0)
+      << "the server outlived its mount";
 }
 
 // `ulsp ps` counts an isolated mount's requests at its relay port as put and, once

@@ -1,10 +1,13 @@
 #include "ulsp/core/mount.h"
 
 #include <fcntl.h>
+#include <spawn.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -39,6 +42,19 @@ std::string Unescape(const std::string& s) {
     }
   }
   return out;
+}
+
+// Whether fusermount3 lets a user mount with allow_other: /etc/fuse.conf says
+// user_allow_other on a line of its own (blanks and a # comment aside).
+bool UsersMayAllowOthers(const char* conf = "/etc/fuse.conf") {
+  std::ifstream in(conf);
+  for (std::string line; std::getline(in, line);) {
+    line.erase(std::min(line.find('#'), line.size()));
+    std::istringstream words(line);
+    std::string word, more;
+    if (words >> word && word == "user_allow_other" && !(words >> more)) return true;
+  }
+  return false;
 }
 
 int Error(const std::string& message) {
@@ -134,6 +150,12 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   options.read_only = args.read_only;
   options.kernel_passthrough = args.kernel_passthrough;
   options.io_uring = args.io_uring;
+  // Other users may use the mount, as they may use the tree beneath, when root mounts
+  // it or the system lets users say so; fusermount3 refuses the mount otherwise.
+  options.allow_other = ::geteuid() == 0 || UsersMayAllowOthers();
+  if (!options.allow_other)
+    Logger("vfs")->info("{}: only you may use this mount (user_allow_other is not set in /etc/fuse.conf)",
+                        args.mountpoint);
   // Over a network a lookup is a round trip: listings bring their entries' attributes.
   options.readdirplus_always = !args.remote.empty();
   options.on_ready = [ready_fd] {
@@ -142,7 +164,9 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   const bool inline_stack = server != nullptr;
   auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/inline_stack);
   if (!shim) {
-    const std::string message = args.mountpoint + ": mounting failed: " + shim.error().Describe();
+    std::string message = args.mountpoint + ": mounting failed: " + shim.error().Describe();
+    if (::access("/dev/fuse", R_OK | W_OK) != 0)
+      message += " (/dev/fuse: " + Errno(errno).Describe() + ": FUSE is root's alone on this machine)";
     if (ready_fd >= 0) (void)WriteAll(ready_fd, message + "\n");
     return Error(message);
   }
@@ -342,12 +366,23 @@ int Umount(const std::string& mountpoint) {
     std::fprintf(stderr, "ulsp umount: %s: not a ulsp mount\n", resolved);
     return 1;
   }
-  if (::umount2(resolved, 0) != 0) {
-    std::fprintf(stderr, "ulsp umount: %s: %s\n", resolved,
-                 errno == EBUSY ? "busy (a program is using it)" : std::strerror(errno));
-    return 1;
+  if (::umount2(resolved, 0) == 0) return 0;
+  if (errno == EPERM && ::geteuid() != 0) {
+    // A user's own mount: fusermount3, set-user-ID root, takes it away (and says why not).
+    const char* argv[] = {"fusermount3", "-u", "--", resolved, nullptr};
+    pid_t pid = -1;
+    int status = 0;
+    if (::posix_spawnp(&pid, argv[0], nullptr, nullptr, const_cast<char* const*>(argv), environ) != 0 ||
+        ::waitpid(pid, &status, 0) != pid) {
+      std::fprintf(stderr, "ulsp umount: %s: only root or fusermount3 may unmount it, and fusermount3 did not run\n",
+                   resolved);
+      return 1;
+    }
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
   }
-  return 0;
+  std::fprintf(stderr, "ulsp umount: %s: %s\n", resolved,
+               errno == EBUSY ? "busy (a program is using it)" : std::strerror(errno));
+  return 1;
 }
 
 }  // namespace ulsp::core
