@@ -111,19 +111,25 @@ Result<void> WriteAll(int fd, std::string_view content) {
 std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content) {
   // Opened without emptying it, and emptied only once the disk has room for the new
   // content: a full disk leaves an earlier file as it was, not cut short.
+  // A file this makes is removed again if it cannot be written whole: no empty or
+  // partial report is left where there was none.
+  struct stat before {};
+  const bool existed = ::lstat(path.c_str(), &before) == 0;
   auto fd = OpenOwnFile(path, /*append=*/true);
   if (!fd) return std::unexpected(fd.error());
   struct stat st {};
-  if (::fstat(fd->get(), &st) != 0 || ::fcntl(fd->get(), F_SETFL, 0) != 0)
-    return std::unexpected(path + ": " + std::strerror(errno));
+  auto fail = [&](std::string why) {
+    if (!existed && S_ISREG(st.st_mode)) ::unlink(path.c_str());
+    return std::unexpected(path + ": " + std::move(why));
+  };
+  if (::fstat(fd->get(), &st) != 0 || ::fcntl(fd->get(), F_SETFL, 0) != 0) return fail(std::strerror(errno));
   const bool regular = S_ISREG(st.st_mode);
   if (regular && !content.empty() && ::fallocate(fd->get(), 0, 0, static_cast<off_t>(content.size())) != 0 &&
       errno != EOPNOTSUPP)
-    return std::unexpected(path + ": " + std::strerror(errno));
-  if (auto w = WriteAll(fd->get(), content); !w) return std::unexpected(path + ": " + w.error().Describe());
-  if (regular && ::ftruncate(fd->get(), static_cast<off_t>(content.size())) != 0)
-    return std::unexpected(path + ": " + std::strerror(errno));
-  if (::close(fd->release()) != 0) return std::unexpected(path + ": " + std::strerror(errno));
+    return fail(std::strerror(errno));
+  if (auto w = WriteAll(fd->get(), content); !w) return fail(w.error().Describe());
+  if (regular && ::ftruncate(fd->get(), static_cast<off_t>(content.size())) != 0) return fail(std::strerror(errno));
+  if (::close(fd->release()) != 0) return fail(std::strerror(errno));
   return {};
 }
 

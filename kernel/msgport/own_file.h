@@ -32,7 +32,7 @@ Result<void> WriteAll(int fd, std::string_view content);
 
 // Writes `content` as the whole of file `path`, opened as OpenOwnFile does. A full
 // disk is an error that names the path, and leaves a file that was there unchanged
-// (its blocks are reserved before the old content goes).
+// (its blocks are reserved before the old content goes), and makes none that was not.
 std::expected<void, std::string> WriteOwnFile(const std::string& path, std::string_view content);
 
 // Reads a secret (a shared token, a TLS private key) whole, as ssh reads a private

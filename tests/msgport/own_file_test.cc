@@ -61,6 +61,12 @@ TEST(OwnFile, AFullDiskLeavesTheOldFileWhole) {
   ASSERT_FALSE(w.has_value());
   EXPECT_EQ(w.error(), report + ": No space left on device");
   EXPECT_EQ(Read(report), "{\"old\": true}\n");
+  // A report that was not there is not left behind empty (it once was, 0 bytes).
+  const std::string fresh = dir / "disk/fresh.json";
+  const auto f = WriteOwnFile(fresh, std::string(32 << 10, 'x'));
+  ASSERT_FALSE(f.has_value());
+  EXPECT_EQ(f.error(), fresh + ": No space left on device");
+  EXPECT_NE(::access(fresh.c_str(), F_OK), 0) << fresh << " was left behind";
   // With room again, the new content replaces the old whole, shorter or longer.
   ASSERT_EQ(::unlink((disk + "/fill").c_str()), 0);
   ASSERT_TRUE(WriteOwnFile(report, std::string(32 << 10, 'x')).has_value());
