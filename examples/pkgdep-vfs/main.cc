@@ -286,6 +286,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
 
   Report report;
   report.mode = mode;
+  report.checks_a_package = !package.empty();
   report.command = command;
   const int progress_fd = ::dup(2);
   // Enforce: a path is hidden when every package owning it is undeclared.

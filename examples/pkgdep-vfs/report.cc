@@ -115,24 +115,19 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   // A package both used and probed is a used one.
   for (const auto& [p, f] : report.undeclared) report.probed.erase(p);
   for (const auto& [p, f] : report.recommended) report.probed.erase(p);
-  // "Declared, never used": the package's own declarations (what was named, and their
-  // Depends chain), not what the essential set pulls in for everyone.
+  // "Declared, never used": the declarations of whoever is checked, each of which it
+  // could drop: with --deps the packages named; with --package that package and its
+  // own Depends and Pre-Depends. Not what those depend on in turn (their maintainers'
+  // declarations, not this one's), nor the essential set.
   std::set<std::string> own;
   for (const auto& [package, why] : report.closure.declared) {
     if (why == "named") own.insert(package);
   }
-  for (bool grew = true; grew;) {
-    grew = false;
-    for (const auto& [package, why] : report.closure.declared) {
-      if (own.contains(package)) continue;
-      for (const std::string& o : own) {
-        if (why == "Depends of " + o || why == "Pre-Depends of " + o) {
-          own.insert(package);
-          grew = true;
-          break;
-        }
-      }
-    }
+  if (report.checks_a_package) {
+    const std::set<std::string> named = own;
+    for (const auto& [package, why] : report.closure.declared)
+      for (const std::string& o : named)
+        if (why == "Depends of " + o || why == "Pre-Depends of " + o) own.insert(package);
   }
   // A package of documentation alone (gcc-12-base, which libgcc-s1 depends on) is
   // never used by any program: listing it would be noise in every report.

@@ -18,6 +18,7 @@ struct Finding {
 
 struct Report {
   std::string mode;  // "observe" or "enforce"
+  bool checks_a_package = false;  // --package (its Depends are its declarations), not --deps
   std::vector<std::string> command;
   int status = 0;    // the command's exit status in the (first) run
   double seconds = 0;

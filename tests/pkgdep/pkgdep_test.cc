@@ -103,6 +103,11 @@ TEST_F(PkgdepTest, DeclaredButNeverUsedListsWhatTheCommandCouldDoWithout) {
   EXPECT_TRUE(untouched.contains("libacl1")) << r.out;
   EXPECT_FALSE(untouched.contains("libc6")) << r.out;
   EXPECT_FALSE(untouched.contains("gcc-12-base")) << r.out;
+  // Given as --deps, tar is the declaration and libacl1 tar's own: only tar is listed
+  // (once the whole Depends chain was, thirty packages for --deps make,gcc,libc6-dev).
+  r = Check("--deps tar -- true");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.json["untouched"], nlohmann::json::array({"tar"})) << r.out;
 }
 
 // test -e and ls of a directory look and list, and open nothing of python's: probes.
