@@ -22,8 +22,11 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
 
@@ -32,6 +35,7 @@
 #include "examples/pkgdep-vfs/report.h"
 #include "kernel/msgport/own_file.h"
 #include "ulsp/core/group.h"
+#include "ulsp/vfs/overlay.h"
 #include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/view.h"
 
@@ -113,21 +117,52 @@ struct Run {
   double seconds = 0;
 };
 
-// Runs the command once in a group rooted at record[,view(hide)],passthrough:/.
-// `hide` (may be empty) says which paths do not exist. `started` (may be empty) is
+// A directory for a run's scratch layer, removed with what the run wrote in it.
+class ScratchDir {
+ public:
+  ScratchDir() {
+    std::string tmpl = "/var/tmp/pkgdep-vfs.XXXXXX";
+    if (::mkdtemp(tmpl.data()) != nullptr) path_ = tmpl;
+  }
+  ~ScratchDir() {
+    std::error_code ec;
+    if (!path_.empty()) std::filesystem::remove_all(path_, ec);
+  }
+  ScratchDir(const ScratchDir&) = delete;
+  ScratchDir& operator=(const ScratchDir&) = delete;
+  const std::string& path() const { return path_; }  // "" when it could not be made
+
+ private:
+  std::string path_;
+};
+
+// Runs the command once in a group rooted at record[,view(hide)][,overlay],passthrough:/.
+// `hide` (may be empty) says which paths do not exist. `scratch`: what the command
+// writes goes to an overlay's upper directory, removed after the run, so that runs
+// compared with each other start from the same files. `started` (may be empty) is
 // called once the group's processes are made. Fails (125) when ulsp could not make
 // the group; it said why on stderr.
-Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::string_view)> hide, bool capture,
-            bool progress, int progress_fd, std::function<void()> started = {}) {
+Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::string_view)> hide, bool scratch,
+            bool capture, bool progress, int progress_fd, std::function<void()> started = {}) {
   Run result;
-  auto passthrough = ulsp::vfs::PassthroughLayer::Open("/");
-  if (!passthrough) {
+  auto fail = [&](const std::string& what) {
     result.status = 125;
     result.ulsp_failed = true;
-    std::fprintf(stderr, "pkgdep-vfs: passthrough of /: %s\n", passthrough.error().Describe().c_str());
+    std::fprintf(stderr, "pkgdep-vfs: %s\n", what.c_str());
     return result;
-  }
+  };
+  auto passthrough = ulsp::vfs::PassthroughLayer::Open("/");
+  if (!passthrough) return fail("passthrough of /: " + passthrough.error().Describe());
   std::unique_ptr<ulsp::vfs::Layer> below = std::move(*passthrough);
+  std::optional<ScratchDir> upper;
+  if (scratch) {
+    upper.emplace();
+    if (upper->path().empty())
+      return fail(std::string("cannot make a scratch directory in /var/tmp for --confirm: ") + std::strerror(errno));
+    auto overlay = ulsp::vfs::OverlayLayer::Open(upper->path(), std::move(below));
+    if (!overlay) return fail("a scratch layer for --confirm: " + overlay.error());
+    below = std::move(*overlay);
+  }
   if (hide) {
     below = ulsp::vfs::ViewLayer::FromPredicate([hide = std::move(hide)](std::string_view p) { return !hide(p); },
                                                 std::move(below));
@@ -143,7 +178,8 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
   policy.private_tmp = true;
   ulsp::core::MountPolicy root;
   root.path = "/";
-  root.stack = hide ? "record,view(undeclared hidden),passthrough:/" : "record,passthrough:/";
+  root.stack = std::string("record,") + (hide ? "view(undeclared hidden)," : "") +
+               (scratch ? "overlay:" + upper->path() + "," : "") + "passthrough:/";
   root.timeout = 5.0;
   root.where = "pkgdep-vfs";
   policy.mounts.push_back(root);
@@ -298,7 +334,9 @@ int Check(const std::string& package, const std::string& deps, const std::string
       return std::none_of(owners.begin(), owners.end(), [&c](const std::string& o) { return c.Declares(o); });
     };
   }
-  Run first = RunOnce(command, hide, confirm, true, progress_fd, start_loading);
+  // --confirm compares runs, so none may see another's changes (a second `make` would
+  // find the first one's output up to date): each writes to a scratch layer.
+  Run first = RunOnce(command, hide, /*scratch=*/confirm, /*capture=*/confirm, true, progress_fd, start_loading);
   if (first.ulsp_failed) {
     ::close(progress_fd);
     return kUsage;  // ulsp could not make the group: it said why
@@ -330,7 +368,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
         return !owners.empty() && std::all_of(owners.begin(), owners.end(), [&](const std::string& o) { return o == without; });
       };
       std::fprintf(stderr, "pkgdep-vfs: confirming %s: running again without it\n", without.c_str());
-      Run again = RunOnce(command, hide_one, true, false, progress_fd);
+      Run again = RunOnce(command, hide_one, /*scratch=*/true, /*capture=*/true, false, progress_fd);
       report.confirmed[without] = again.status != first.status ? "hard (exit status " + std::to_string(first.status) + " -> " +
                                                                      std::to_string(again.status) + ")"
                                   : (again.out != first.out || again.err != first.err) ? "soft (same exit status, different output)"

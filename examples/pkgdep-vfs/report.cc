@@ -175,7 +175,8 @@ std::string Report::Text() const {
     for (const auto& u : closure.unsatisfied) out << "  " << u << "\n";
   }
   if (!confirmed.empty()) {
-    out << "\nConfirmed by running again without each (hard: exit status changed; soft: output changed):\n";
+    out << "\nConfirmed by running again without each (hard: exit status changed; soft: output changed;\n"
+           "every run wrote to a scratch layer, removed after it: the command's changes to files were not kept):\n";
     for (const auto& [p, verdict] : confirmed) out << "  " << p << ": " << verdict << "\n";
   }
   out << "\n";

@@ -195,6 +195,30 @@ TEST_F(PkgdepTest, ConfirmClassifiesByRunningWithoutEach) {
   EXPECT_EQ(r.out.substr(0, 2), "1\n");  // the first run's output still reaches the user
 }
 
+// Runs compared must start from the same files. Here, as with make, the command does
+// its work only if its output is not there yet: once, the rerun without python found
+// the first run's output, did nothing, and the finding was called "soft". Each run
+// now writes to a scratch layer, and nothing of them is left (the report says so).
+TEST_F(PkgdepTest, ConfirmRunsDoNotSeeEachOthersChanges) {
+  char tmpl[] = "/var/tmp/pkgdep-test.XXXXXX";  // not in /tmp: the group's /tmp is its own
+  ASSERT_NE(::mkdtemp(tmpl), nullptr);
+  struct Remove {
+    std::string dir;
+    ~Remove() { std::filesystem::remove_all(dir); }
+  } remove{tmpl};
+  const std::string work = tmpl;
+  const std::string scratch_before = Output("ls -d /var/tmp/pkgdep-vfs.* 2>/dev/null | wc -l");
+  auto r = Check("--confirm --deps coreutils -- sh -c 'cd " + work +
+                 " && if [ -e out ]; then echo up to date; else /usr/bin/python3 -c pass && echo made > out && cat out; fi'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 5), "made\n");
+  ASSERT_TRUE(r.json["confirmed"].contains("python3.11-minimal")) << r.out;
+  EXPECT_EQ(r.json["confirmed"]["python3.11-minimal"].get<std::string>().substr(0, 4), "hard") << r.out;
+  EXPECT_NE(r.out.find("the command's changes to files were not kept"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(work + "/out"));
+  EXPECT_EQ(Output("ls -d /var/tmp/pkgdep-vfs.* 2>/dev/null | wc -l"), scratch_before);
+}
+
 TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   auto r = Check("--package no-such-package-here -- true");
   EXPECT_EQ(r.status, 2);
