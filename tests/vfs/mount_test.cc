@@ -185,7 +185,7 @@ os.close(log)
   EXPECT_EQ(Output("ls " + work_ + " | grep -c '^w'"), "800\n");
   for (int n = 0; n < 8; ++n) {
     struct stat st {};
-    ASSERT_EQ(::stat(Stored("w" + std::to_string(n) + "-99").c_str(), &st), 0);
+    ASSERT_EQ(::stat(Stored(std::string("w").append(std::to_string(n)).append("-99")).c_str(), &st), 0);
     EXPECT_EQ(st.st_size, 1099);
   }
 }
@@ -1012,6 +1012,29 @@ TEST_F(CommandLineTest, AUserMountsTheirOwnTree) {
   EXPECT_FALSE(Mounted(home + "/mnt"));
   EXPECT_EQ(Shell("for i in $(seq 100); do pgrep -u nobody -x ulsp >/dev/null || exit 0; sleep 0.05; done; exit 1"), 0)
       << "the server outlived its mount";
+}
+
+// A mount point's name is bytes, not always UTF-8 (here Latin-1's é). `ulsp ps
+// --json` once died on it (an uncaught nlohmann type_error, abort); the name now shows
+// with U+FFFD for what is not UTF-8, as in the text listing's terminal.
+TEST_F(CommandLineTest, PsJsonListsAMountWhoseNameIsNotUtf8) {
+  std::string mnt = dir_ / "caf", shown = mnt;
+  mnt += '\xe9';
+  shown += "\xef\xbf\xbd";  // U+FFFD
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src '" + mnt + "'"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount " + dir_ / "src '" + mnt + "'", true), "");
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{mnt};
+  const nlohmann::json all = nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json", true), nullptr, false);
+  ASSERT_TRUE(all.is_array()) << all;
+  bool seen = false;
+  for (const auto& p : all)
+    for (const auto& m : p["mounts"]) seen = seen || m["path"] == shown;
+  EXPECT_TRUE(seen) << all.dump(2);
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount '" + mnt + "'", true), "");
 }
 
 // `ulsp ps` counts an isolated mount's requests at its relay port as put and, once

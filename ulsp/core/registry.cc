@@ -281,7 +281,8 @@ int Ps(bool json) {
     }
   }
   if (json) {
-    std::printf("%s\n", all.dump(2).c_str());
+    // Names are bytes; what is not UTF-8 shows as U+FFFD (nlohmann would throw).
+    std::printf("%s\n", all.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
   if (all.empty()) {
