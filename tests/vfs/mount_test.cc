@@ -1128,6 +1128,11 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
       {"mount", "ulsp mount: MOUNTPOINT is required (see ulsp mount --help)\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout soon",
        "ulsp mount: Could not convert: --timeout = soon (see ulsp mount --help)\n"},
+      // An upper directory that takes no new names: once mounted, and every change
+      // through it failed with "No such file or directory".
+      {"mount --stack overlay:/proc,passthrough:" + dir_ / "src " + mnt,
+       "ulsp mount: overlay:/proc: cannot make directories there (No such file or directory): the upper directory "
+       "must be writable\n"},
   };
   for (const auto& c : cases) {
     EXPECT_EQ(Ulsp(c.args), c.expected) << c.args;

@@ -2,6 +2,8 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <sys/xattr.h>
+#include <unistd.h>
 #include <linux/fuse.h>
 
 #include <algorithm>
@@ -97,6 +99,19 @@ std::expected<std::unique_ptr<OverlayLayer>, std::string> OverlayLayer::Open(con
   // A fresh upper directory is made. Another user's would let them choose what the
   // stack serves (their files shadow the lower layer's).
   if (auto own = MakeOwnDirectory(upper_dir); !own) return std::unexpected("overlay:" + own.error());
+  // What copy-ups and opaque directories will need, tried now: an upper directory
+  // that takes no new names (/proc, a read-only file system) or no user xattrs would
+  // fail every change later, with errors that do not say why.
+  const std::string probe = upper_dir + "/.ulsp-probe." + std::to_string(::getpid());
+  if (::mkdir(probe.c_str(), 0700) != 0)
+    return std::unexpected("overlay:" + upper_dir + ": cannot make directories there (" + std::strerror(errno) +
+                           "): the upper directory must be writable");
+  const bool xattrs = ::setxattr(probe.c_str(), kOpaque, "y", 1, 0) == 0;
+  const int xattr_errno = errno;
+  ::rmdir(probe.c_str());
+  if (!xattrs)
+    return std::unexpected("overlay:" + upper_dir + ": its file system keeps no user extended attributes (" +
+                           std::strerror(xattr_errno) + "), which the overlay needs to mark opaque directories");
   auto upper = PassthroughLayer::Open(upper_dir);
   if (!upper) return std::unexpected("overlay:" + upper_dir + ": " + upper.error().Describe());
   return std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));
