@@ -325,6 +325,38 @@ TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
   EXPECT_EQ(got, "");
 }
 
+// The shipped client policy's rule on localhost. Programs find localhost in the
+// group's /etc/hosts (and curl knows it by itself), never asking the group's resolver,
+// so the name was never remembered for 127.0.0.1 and the rule admitted nothing: curl
+// and urllib to localhost were refused by net_default.
+TEST_F(NetTest, TheShippedClientPolicysRuleOnLocalhostAdmitsIt) {
+  std::string policy = Output(std::string("cat ") + POLICIES_DIR + "/named-hosts.toml");
+  const int http = FreePort();
+  for (auto [from, to] : {std::pair<std::string, std::string>{"8000-8099", std::to_string(http)},
+                          {"/tmp/ulsp-client-connections.jsonl", dir_ / "conn.jsonl"}}) {
+    const size_t at = policy.find(from);
+    ASSERT_NE(at, std::string::npos) << from;
+    policy.replace(at, from.size(), to);
+  }
+  ASSERT_EQ(Shell("mkdir " + dir_ / "www" + " && echo served > " + dir_ / "www/index.html"), 0);
+  ASSERT_EQ(Shell("(" + kPython + " -m http.server " + std::to_string(http) + " --bind 127.0.0.1 --directory " + dir_ / "www" +
+                  " > /dev/null 2>&1 & echo $! > " + dir_ / "http.pid" + ")"),
+            0);
+  struct Killer {
+    std::string pidfile;
+    ~Killer() { Shell("kill $(cat " + pidfile + ") 2>/dev/null"); }
+  } killer{dir_ / "http.pid"};
+  const std::string url = "http://localhost:" + std::to_string(http) + "/index.html";
+  ASSERT_EQ(Shell("for i in $(seq 100); do curl -s -o /dev/null " + url + " && exit 0; sleep 0.05; done; exit 1"), 0);
+  auto r = RunInGroup(dir_, policy,
+                      "curl -sS " + url + "; " + kPython + " -c 'import urllib.request as u; print(u.urlopen(\"" + url +
+                          "\").read().decode().strip())'; curl -sS -m 5 http://localhost:" + P(denied_) +
+                          "/ 2>/dev/null; echo \"other port: $?\"");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "served\nserved\nother port: 7\n") << r.err;
+  EXPECT_EQ(denied_.accepted(), 0);
+}
+
 // The shipped example, as its comment runs it: python3's http.server in the group,
 // reached from the host. It binds "::" (a dual-stack socket); the example once
 // allowed only 0.0.0.0/0, so the server listened inside the group alone.

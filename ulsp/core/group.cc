@@ -201,10 +201,17 @@ int RunGroup(GroupRun& run) {
   } cleanup{run_dir};
   char host[HOST_NAME_MAX + 1] = "localhost";
   ::gethostname(host, sizeof host);
+  // The group's /etc/hosts: address, then its names.
+  const std::vector<std::vector<std::string>> local_hosts = {
+      {"127.0.0.1", "localhost"}, {"::1", "localhost", "ip6-localhost", "ip6-loopback"}, {"127.0.1.1", host}};
+  std::string hosts_file;
+  for (const auto& line : local_hosts) {
+    for (size_t i = 0; i < line.size(); ++i) hosts_file += line[i] + (i == 0 ? "\t" : i + 1 < line.size() ? " " : "\n");
+  }
   // 0644 whatever the umask (a passthrough layer sets 0), as OpenOwnFile makes them.
   for (const auto& [name, content] :
        {std::pair<std::string, std::string>{"resolv.conf", "# the group's resolver: ulsp's net ULSP\nnameserver 127.0.0.53\n"},
-        {"hosts", std::string("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t") + host + "\n"}}) {
+        {"hosts", hosts_file}}) {
     if (auto w = WriteOwnFile(run_dir + "/" + name, content); !w) return Error("the group's " + name + ": " + w.error());
   }
 
@@ -263,6 +270,14 @@ int RunGroup(GroupRun& run) {
   pid_t init_pid = 0;
   UniqueFd netns;
   net::NameMemory names;
+  // Programs find these names in the group's /etc/hosts (curl knows localhost by
+  // itself), never asking the resolver: they are remembered as if resolved, so a rule
+  // on localhost admits 127.0.0.1 and ::1.
+  for (const auto& line : local_hosts) {
+    const auto address = net::Cidr::Parse(line[0]);
+    if (!address) continue;
+    for (size_t i = 1; i < line.size(); ++i) names.Remember(line[i], {address->family, address->addr, 0});
+  }
   std::unique_ptr<net::NetServer> net_server;
   std::unique_ptr<msgport::DirectPort> net_port;
   std::unique_ptr<msgport::SeccompShim> seccomp;
