@@ -61,6 +61,19 @@ class NetTest : public ::testing::Test {
            std::to_string(udp_ok_.port()) + "\n[[group.t.net]]\naction = \"deny\"\nto = \"blocked.internal\"\n" + extra;
   }
   std::string P(const HostTcpServer& s) const { return std::to_string(s.port()); }
+  // python3's http.server on the host's loopback, serving "served\n" as /index.html
+  // until the test ends. Its port, once it answers; 0 if it does not.
+  int ServeHttp() {
+    const int port = FreePort();
+    if (Shell("mkdir " + dir_ / "www" + " && echo served > " + dir_ / "www/index.html") != 0 ||
+        Shell("(" + kPython + " -m http.server " + std::to_string(port) + " --bind 127.0.0.1 --directory " +
+              dir_ / "www" + " > /dev/null 2>&1 & echo $! > " + dir_ / "http.pid" + ")") != 0)
+      return 0;
+    const bool up = Shell("for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:" + std::to_string(port) +
+                          "/ && exit 0; sleep 0.05; done; exit 1") == 0;
+    return up ? port : 0;
+  }
+  void TearDown() override { Shell("test -e " + dir_ / "http.pid" + " && kill $(cat " + dir_ / "http.pid" + ")"); }
   std::string P(const HostUdpEcho& s) const { return std::to_string(s.port()); }
 
   TempDir dir_;
@@ -70,18 +83,8 @@ class NetTest : public ::testing::Test {
 
 TEST_F(NetTest, CurlAndPythonReachWhatTheRulesAllowAndNothingElse) {
   // A real HTTP server on the host's loopback, on a port only this rule allows.
-  const int http = FreePort();
-  ASSERT_EQ(Shell("mkdir " + dir_ / "www" + " && echo served > " + dir_ / "www/index.html"), 0);
-  ASSERT_EQ(Shell("(" + kPython + " -m http.server " + std::to_string(http) + " --bind 127.0.0.1 --directory " + dir_ / "www" +
-                  " > /dev/null 2>&1 & echo $! > " + dir_ / "http.pid" + ")"),
-            0);
-  struct Killer {
-    std::string pidfile;
-    ~Killer() { Shell("kill $(cat " + pidfile + ") 2>/dev/null"); }
-  } killer{dir_ / "http.pid"};
-  ASSERT_EQ(Shell("for i in $(seq 100); do curl -s -o /dev/null http://127.0.0.1:" + std::to_string(http) +
-                  "/ && exit 0; sleep 0.05; done; exit 1"),
-            0);
+  const int http = ServeHttp();
+  ASSERT_GT(http, 0);
   const std::string rule = "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"allowed.internal\"\nports = " +
                            std::to_string(http) + "\n";
   auto r = RunInGroup(dir_, Policy(rule),
@@ -331,23 +334,15 @@ TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
 // and urllib to localhost were refused by net_default.
 TEST_F(NetTest, TheShippedClientPolicysRuleOnLocalhostAdmitsIt) {
   std::string policy = Output(std::string("cat ") + POLICIES_DIR + "/named-hosts.toml");
-  const int http = FreePort();
+  const int http = ServeHttp();
+  ASSERT_GT(http, 0);
   for (auto [from, to] : {std::pair<std::string, std::string>{"8000-8099", std::to_string(http)},
                           {"/tmp/ulsp-client-connections.jsonl", dir_ / "conn.jsonl"}}) {
     const size_t at = policy.find(from);
     ASSERT_NE(at, std::string::npos) << from;
     policy.replace(at, from.size(), to);
   }
-  ASSERT_EQ(Shell("mkdir " + dir_ / "www" + " && echo served > " + dir_ / "www/index.html"), 0);
-  ASSERT_EQ(Shell("(" + kPython + " -m http.server " + std::to_string(http) + " --bind 127.0.0.1 --directory " + dir_ / "www" +
-                  " > /dev/null 2>&1 & echo $! > " + dir_ / "http.pid" + ")"),
-            0);
-  struct Killer {
-    std::string pidfile;
-    ~Killer() { Shell("kill $(cat " + pidfile + ") 2>/dev/null"); }
-  } killer{dir_ / "http.pid"};
   const std::string url = "http://localhost:" + std::to_string(http) + "/index.html";
-  ASSERT_EQ(Shell("for i in $(seq 100); do curl -s -o /dev/null " + url + " && exit 0; sleep 0.05; done; exit 1"), 0);
   auto r = RunInGroup(dir_, policy,
                       "curl -sS " + url + "; " + kPython + " -c 'import urllib.request as u; print(u.urlopen(\"" + url +
                           "\").read().decode().strip())'; curl -sS -m 5 http://localhost:" + P(denied_) +
