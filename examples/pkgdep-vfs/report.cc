@@ -86,7 +86,13 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       continue;
     const std::vector<std::string> owners = index.Owners(path);
     if (owners.empty()) {
-      if (IsUse(touch.use) && !Allowed(path, allow)) report.unowned.push_back({path, touch});
+      // What the command wrote is its own output (a build's objects, a repository it
+      // made), not a dependency: listed apart.
+      if (touch.use == Use::kWritten) {
+        report.written.push_back({path, touch});
+      } else if (IsUse(touch.use) && !Allowed(path, allow)) {
+        report.unowned.push_back({path, touch});
+      }
       continue;
     }
     bool declared = false;
@@ -165,6 +171,11 @@ std::string Report::Text() const {
     }
     if (unowned.size() > 12) out << "  ... and " << unowned.size() - 12 << " more\n";
   }
+  if (!written.empty()) {
+    out << "\nWritten by the command, owned by no package (its output, not dependencies) (" << written.size() << "):\n";
+    for (size_t i = 0; i < written.size() && i < 5; ++i) out << "  " << written[i].path << "\n";
+    if (written.size() > 5) out << "  ... and " << written.size() - 5 << " more\n";
+  }
   if (!untouched.empty()) {
     std::string list;
     for (const auto& p : untouched) list += (list.empty() ? "" : ", ") + p;
@@ -207,6 +218,7 @@ std::string Report::Json() const {
   j["hidden"] = ByPackageJson(hidden);
   j["probed_only"] = ByPackageJson(probed);
   j["unowned"] = FindingsJson(unowned);
+  j["written"] = FindingsJson(written);
   j["untouched"] = untouched;
   j["confirmed"] = confirmed;
   j["verdict"] = Verdict();

@@ -29,6 +29,7 @@ struct Report {
   std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
   std::map<std::string, std::vector<Finding>> hidden;       // enforce: looked for, but hidden
   std::vector<Finding> unowned;                             // used, owned by no package
+  std::vector<Finding> written;                             // written by the command, owned by no package
   std::vector<std::string> untouched;                       // declared (not for being essential), never used
   size_t paths = 0;                                         // paths seen in all
   std::map<std::string, std::string> confirmed;             // --confirm: package -> hard, soft, none

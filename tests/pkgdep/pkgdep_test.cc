@@ -149,6 +149,30 @@ TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
   }
 }
 
+// A file the command reads that no package owns is worth a look (a configuration
+// nobody ships); one it writes is its output. Once, every file `git init` and a
+// commit wrote was listed as "used, owned by no package", burying the one it read.
+TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
+  // Here, not in /tmp or /var/tmp: those are allow-listed (and /tmp is the group's own).
+  std::string work = (std::filesystem::current_path() / "pkgdep-test.XXXXXX").string();
+  ASSERT_NE(::mkdtemp(work.data()), nullptr);
+  struct Remove {
+    std::string dir;
+    ~Remove() { std::filesystem::remove_all(dir); }
+  } remove{work};
+  ASSERT_EQ(Shell("echo settings > " + work + "/in"), 0);
+  auto r = Check("--deps coreutils -- sh -c 'cat " + work + "/in > " + work + "/out'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  ASSERT_EQ(r.json["unowned"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["unowned"][0]["path"], work + "/in");
+  ASSERT_EQ(r.json["written"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["written"][0]["path"], work + "/out");
+  EXPECT_NE(r.out.find("Written by the command, owned by no package (its output, not dependencies) (1):\n  " + work +
+                       "/out\n"),
+            std::string::npos)
+      << r.out;
+}
+
 // --deps takes what a Depends field says: "awk" is a virtual package (no package is
 // named awk; the installed mawk provides it), "a | b" holds when either is installed,
 // and a version is part of the relation. Each was once "no installed package".
