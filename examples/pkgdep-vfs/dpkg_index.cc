@@ -571,6 +571,18 @@ std::vector<std::string> DpkgIndex::Owners(std::string_view path) const {
   std::vector<std::string> out;
   auto it = diverted_.find(canonical);
   for (uint32_t id : it != diverted_.end() ? it->second : ListedOwners(canonical)) out.push_back(names_[id]);
+  if (out.empty()) {
+    // DIR/__pycache__/NAME.TAG[.opt-N].pyc (PEP 3147) is compiled from DIR/NAME.py when
+    // the package is installed (py3compile), and dpkg lists only the source: Python
+    // runs the one and only stats the other, so the source's owners own it.
+    constexpr std::string_view kCache = "/__pycache__/";
+    const size_t at = canonical.rfind(kCache);
+    if (at != std::string::npos && canonical.ends_with(".pyc") && canonical.find('/', at + kCache.size()) == std::string::npos) {
+      const std::string_view file = std::string_view(canonical).substr(at + kCache.size());
+      const std::string source = canonical.substr(0, at + 1) + std::string(file.substr(0, file.find('.'))) + ".py";
+      for (uint32_t id : ListedOwners(source)) out.push_back(names_[id]);
+    }
+  }
   return out;
 }
 

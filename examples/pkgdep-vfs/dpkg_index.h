@@ -66,8 +66,9 @@ class DpkgIndex {
   const Package* Find(std::string_view name) const;
   // Installed packages that are, or provide, `name`.
   std::vector<const Package*> Satisfying(std::string_view name) const;
-  // Packages owning `path` (any spelling; links of alternatives resolved). Empty for
-  // files owned by no package.
+  // Packages owning `path` (any spelling; links of alternatives resolved; a Python
+  // module's __pycache__/NAME.*.pyc is its NAME.py's owners'). Empty for files owned
+  // by no package.
   std::vector<std::string> Owners(std::string_view path) const;
   // Whether the installed package `name` ships nothing a program could use: every
   // file it lists is documentation (/usr/share/doc, doc-base, lintian), as with

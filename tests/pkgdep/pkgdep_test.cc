@@ -149,6 +149,23 @@ TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
   }
 }
 
+// Python runs a module from its __pycache__/NAME.cpython-311.pyc, made at install
+// (py3compile) and listed by no package, and only stats NAME.py. Once, a module's
+// package was therefore "probed only", never used: an undeclared Python library went
+// unreported, and a declared one was "declared, never used".
+TEST_F(PkgdepTest, APythonModulesCompiledCacheCountsForItsPackage) {
+  const std::string dir = "/usr/lib/python3.11/json";
+  ASSERT_EQ(Dpkg("-S " + dir + "/__init__.py"), "libpython3.11-stdlib:amd64: " + dir + "/__init__.py\n");
+  ASSERT_EQ(Dpkg("-S " + dir + "/__pycache__/__init__.cpython-311.pyc"), "");
+  ASSERT_TRUE(std::filesystem::exists(dir + "/__pycache__/__init__.cpython-311.pyc"));
+  auto r = Check("--deps coreutils -- /usr/bin/python3 -c 'import json'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  bool ran = false;
+  for (const auto& f : r.json["undeclared"]["libpython3.11-stdlib"])
+    ran = ran || (f["path"] == dir + "/__pycache__/__init__.cpython-311.pyc" && f["use"] == "opened");
+  EXPECT_TRUE(ran) << r.out;
+}
+
 // A file the command reads that no package owns is worth a look (a configuration
 // nobody ships); one it writes is its output. Once, every file `git init` and a
 // commit wrote was listed as "used, owned by no package", burying the one it read.
