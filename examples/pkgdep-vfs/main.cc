@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -260,10 +261,17 @@ int Check(const std::string& package, const std::string& deps, const std::string
   if (!allow_file.empty()) {
     std::ifstream in(allow_file);
     if (!in) return Fail(allow_file + ": cannot read the allow-list: " + std::strerror(errno));
+    int number = 0;
     for (std::string line; std::getline(in, line);) {
+      ++number;
+      // Blanks around a prefix (a CR of a file written on Windows) are not part of it:
+      // kept, the prefix would silently match nothing.
+      line.erase(0, std::min(line.find_first_not_of(" \t\r"), line.size()));
+      line.erase(line.find_last_not_of(" \t\r") + 1);
       if (line.empty() || line[0] == '#') continue;
       if (line[0] != '/' && !line.starts_with("*/"))
-        return Fail(allow_file + ": '" + line + "' is neither an absolute path prefix nor */NAME/");
+        return Fail(allow_file + ":" + std::to_string(number) + ": '" + line +
+                    "' is neither an absolute path prefix nor */NAME/");
       allow.push_back(line);
     }
   }

@@ -190,6 +190,30 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
       << r.out;
 }
 
+// --allow-unowned adds prefixes of unowned files not to report. A file written on
+// Windows ends its lines in CR, which once stayed part of the prefix, so that it
+// matched nothing; and a bad line was named without its number.
+TEST_F(PkgdepTest, AnAllowListOfUnownedFilesIsReadAsWritten) {
+  std::string work = (std::filesystem::current_path() / "pkgdep-test.XXXXXX").string();
+  ASSERT_NE(::mkdtemp(work.data()), nullptr);
+  struct Remove {
+    std::string dir;
+    ~Remove() { std::filesystem::remove_all(dir); }
+  } remove{work};
+  ASSERT_EQ(Shell("echo settings > " + work + "/in"), 0);
+  std::ofstream(dir_ / "allow") << "# ours\r\n\r\n  " << work << "/\r\n";
+  const std::string command = " -- cat " + work + "/in";
+  auto r = Check("--deps coreutils" + command);
+  EXPECT_EQ(r.json["unowned"].size(), 1u) << r.out;  // reported without the list
+  r = Check("--deps coreutils --allow-unowned " + dir_ / "allow" + command);
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_TRUE(r.json["unowned"].empty()) << r.out;
+  std::ofstream(dir_ / "bad") << "/ok/\n# fine\nrelative/\n";
+  r = Check("--deps coreutils --allow-unowned " + dir_ / "bad" + command);
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: " + dir_ / "bad" + ":3: 'relative/' is neither an absolute path prefix nor */NAME/\n");
+}
+
 // --deps takes what a Depends field says: "awk" is a virtual package (no package is
 // named awk; the installed mawk provides it), "a | b" holds when either is installed,
 // and a version is part of the relation. Each was once "no installed package".
