@@ -35,7 +35,20 @@ class PkgdepTest : public ::testing::Test {
   }
   // The truth behind a case: what dpkg says, asked directly.
   static std::string Dpkg(const std::string& query) { return Output("dpkg-query " + query + " 2>/dev/null"); }
-  void TearDown() override { EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n"); }
+  // A directory for the command to work in, removed when the test ends. Here, not in
+  // /tmp or /var/tmp: those are allow-listed (and /tmp is the group's own). "" if it
+  // could not be made.
+  std::string WorkDir() {
+    std::string dir = (std::filesystem::current_path() / "pkgdep-test.XXXXXX").string();
+    if (::mkdtemp(dir.data()) == nullptr) return "";
+    work_dirs_.push_back(dir);
+    return dir;
+  }
+  void TearDown() override {
+    for (const auto& d : work_dirs_) std::filesystem::remove_all(d);
+    EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n");
+  }
+  std::vector<std::string> work_dirs_;
   TempDir dir_;
 };
 
@@ -170,13 +183,8 @@ TEST_F(PkgdepTest, APythonModulesCompiledCacheCountsForItsPackage) {
 // nobody ships); one it writes is its output. Once, every file `git init` and a
 // commit wrote was listed as "used, owned by no package", burying the one it read.
 TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
-  // Here, not in /tmp or /var/tmp: those are allow-listed (and /tmp is the group's own).
-  std::string work = (std::filesystem::current_path() / "pkgdep-test.XXXXXX").string();
-  ASSERT_NE(::mkdtemp(work.data()), nullptr);
-  struct Remove {
-    std::string dir;
-    ~Remove() { std::filesystem::remove_all(dir); }
-  } remove{work};
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
   ASSERT_EQ(Shell("echo settings > " + work + "/in"), 0);
   auto r = Check("--deps coreutils -- sh -c 'cat " + work + "/in > " + work + "/out'");
   EXPECT_EQ(r.status, 0) << r.out << r.err;
@@ -194,12 +202,8 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
 // Windows ends its lines in CR, which once stayed part of the prefix, so that it
 // matched nothing; and a bad line was named without its number.
 TEST_F(PkgdepTest, AnAllowListOfUnownedFilesIsReadAsWritten) {
-  std::string work = (std::filesystem::current_path() / "pkgdep-test.XXXXXX").string();
-  ASSERT_NE(::mkdtemp(work.data()), nullptr);
-  struct Remove {
-    std::string dir;
-    ~Remove() { std::filesystem::remove_all(dir); }
-  } remove{work};
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
   ASSERT_EQ(Shell("echo settings > " + work + "/in"), 0);
   std::ofstream(dir_ / "allow") << "# ours\r\n\r\n  " << work << "/\r\n";
   const std::string command = " -- cat " + work + "/in";
@@ -265,13 +269,8 @@ TEST_F(PkgdepTest, ConfirmClassifiesByRunningWithoutEach) {
 // the first run's output, did nothing, and the finding was called "soft". Each run
 // now writes to a scratch layer, and nothing of them is left (the report says so).
 TEST_F(PkgdepTest, ConfirmRunsDoNotSeeEachOthersChanges) {
-  char tmpl[] = "/var/tmp/pkgdep-test.XXXXXX";  // not in /tmp: the group's /tmp is its own
-  ASSERT_NE(::mkdtemp(tmpl), nullptr);
-  struct Remove {
-    std::string dir;
-    ~Remove() { std::filesystem::remove_all(dir); }
-  } remove{tmpl};
-  const std::string work = tmpl;
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
   const std::string scratch_before = Output("ls -d /var/tmp/pkgdep-vfs.* 2>/dev/null | wc -l");
   auto r = Check("--confirm --deps coreutils -- sh -c 'cd " + work +
                  " && if [ -e out ]; then echo up to date; else /usr/bin/python3 -c pass && echo made > out && cat out; fi'");
