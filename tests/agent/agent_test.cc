@@ -280,5 +280,22 @@ TEST_F(TwoHosts, GarbageAndTruncatedFramesCloseThatConnectionOnly) {
   EXPECT_EQ(Shell("diff -r /usr/include/linux/netfilter " + dir_ / "mnt/linux/netfilter"), 0);
 }
 
+// What an agent would export is checked before it listens. A name given twice once
+// served the last of its stacks without a word.
+TEST(AgentCommandLine, BadExportsAreRefusedBeforeItListens) {
+  TempDir dir;
+  ASSERT_EQ(Shell("echo t0k3n > " + dir / "token && chmod 600 " + dir / "token"), 0);
+  auto serve = [&](const std::string& exports) {
+    return Output("timeout 5 " + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:1 --token-file " + dir / "token " + exports,
+                  true);
+  };
+  EXPECT_EQ(serve("--export src=passthrough:/usr/share/doc --export src=memfs:1M"),
+            "ulsp agent: --export src: the name is given twice\n");
+  EXPECT_EQ(serve("--export src"), "ulsp agent: --export 'src': give NAME=SPEC\n");
+  EXPECT_EQ(serve("--export src=bogus:/"),
+            "ulsp agent: --export src: unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, overlay:UPPERDIR, "
+            "trace:LOG, view:ALLOWLIST)\n");
+}
+
 }  // namespace
 }  // namespace ulsp::testing

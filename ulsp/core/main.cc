@@ -124,7 +124,10 @@ int main(int argc, char** argv) {
         std::fprintf(stderr, "ulsp agent: --export %s: %s\n", e.substr(0, eq).c_str(), spec.error().c_str());
         return 1;
       }
-      agent.exports[e.substr(0, eq)] = *spec;
+      if (!agent.exports.emplace(e.substr(0, eq), *spec).second) {  // once, the last one won without a word
+        std::fprintf(stderr, "ulsp agent: --export %s: the name is given twice\n", e.substr(0, eq).c_str());
+        return 1;
+      }
     }
     return ulsp::core::ServeAgent(agent);
   }
