@@ -34,7 +34,8 @@ std::string BareName(std::string_view name) {
   return std::string(name.substr(0, colon));
 }
 
-// "a (>= 1) | b:any [amd64], c" -> {{a, b}, {c}}
+// "a (>= 1) | b:any [amd64], c" -> {{a, b:any}, {c}}: an ":arch" qualifier is kept,
+// for Satisfying.
 std::vector<std::vector<std::string>> Relations(std::string_view text) {
   std::vector<std::vector<std::string>> out;
   size_t start = 0;
@@ -50,7 +51,7 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
       std::string_view alt = Trim(item.substr(s2, bar - s2));
       const size_t cut = alt.find_first_of(" ([<");
       alt = Trim(alt.substr(0, cut));
-      if (!alt.empty()) group.push_back(BareName(alt));
+      if (!alt.empty()) group.emplace_back(alt);
       s2 = bar + 1;
     }
     if (!group.empty()) out.push_back(std::move(group));
@@ -220,7 +221,8 @@ std::expected<void, std::string> DpkgIndex::CheckInstalled(const std::vector<std
   };
   // Each name is a relation as a Depends field writes it ("a (>= 1) | b"): one of its
   // alternatives installed is enough. A virtual package is installed when a provider
-  // is, which only the full parse tells; it is read for such a name alone.
+  // is, and a name with an ":arch" is when that architecture's is, which only the full
+  // parse tells; it is read for such a name alone.
   std::optional<DpkgIndex> full;
   for (const std::string& name : names) {
     const auto groups = Relations(name);
@@ -294,7 +296,7 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
         p.recommends = Relations(fields[kRecommends]);
         p.suggests = Relations(fields[kSuggests]);
         for (const auto& g : Relations(fields[kProvides]))
-          for (const auto& v : g) p.provides.push_back(v);
+          for (const auto& v : g) p.provides.push_back(BareName(v));
         for (const auto& v : p.provides) index.provided_by_[v].push_back(p.name);
         index.packages_[p.name] = std::move(p);
       }
@@ -529,12 +531,24 @@ const Package* DpkgIndex::Find(std::string_view name) const {
 }
 
 std::vector<const Package*> DpkgIndex::Satisfying(std::string_view name) const {
+  // The qualifier, as dpkg reads it: "NAME:any" is any architecture's, "NAME:native"
+  // or "NAME:amd64" (the native one) also an Architecture: all package's, and
+  // "NAME:i386" only that architecture's.
+  const size_t colon = name.find(':');
+  const std::string_view arch = colon == std::string_view::npos ? "" : name.substr(colon + 1);
+  const Package* dpkg = Find("dpkg");
+  const std::string_view native = dpkg != nullptr ? std::string_view(dpkg->architecture) : arch;
+  auto admits = [&](const Package& p) {
+    if (arch.empty() || arch == "any") return true;
+    if (arch == "native" || arch == native) return p.architecture == native || p.architecture == "all";
+    return p.architecture == arch;
+  };
   std::vector<const Package*> out;
-  if (const Package* p = Find(name)) out.push_back(p);
+  if (const Package* p = Find(name); p != nullptr && admits(*p)) out.push_back(p);
   if (auto it = provided_by_.find(BareName(name)); it != provided_by_.end()) {
     for (const std::string& provider : it->second) {
       const Package* p = Find(provider);
-      if (p != nullptr && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
+      if (p != nullptr && admits(*p) && std::find(out.begin(), out.end(), p) == out.end()) out.push_back(p);
     }
   }
   return out;

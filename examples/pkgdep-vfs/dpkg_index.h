@@ -64,7 +64,8 @@ class DpkgIndex {
 
   // The installed package `name` (an ":arch" qualifier is ignored), or nullptr.
   const Package* Find(std::string_view name) const;
-  // Installed packages that are, or provide, `name`.
+  // Installed packages that are, or provide, `name`, of the architecture its ":arch"
+  // qualifier names, as dpkg matches it (":any" is any; none is the package's own).
   std::vector<const Package*> Satisfying(std::string_view name) const;
   // Packages owning `path` (any spelling; links of alternatives resolved; a Python
   // module's __pycache__/NAME.*.pyc is its NAME.py's owners'). Empty for files owned

@@ -388,6 +388,38 @@ TEST(DpkgIndex, AgreesWithDpkgQuery) {
   EXPECT_EQ(pkgdep::DeclaredClosure(*index, {"nope-nope"}).error(), "no installed package 'nope-nope' (dpkg -l lists what is installed)");
 }
 
+// A name may carry an ":arch", as in a Depends field or `dpkg -s NAME:ARCH`: that
+// architecture's package alone counts, an Architecture: all one counts as the native
+// architecture's, and ":any" is any. "coreutils:i386" was once taken for the amd64
+// coreutils installed here.
+TEST(DpkgIndex, AnArchitectureQualifierIsMatchedAsDpkgMatchesIt) {
+  const std::string native = Output("dpkg --print-architecture | tr -d '\\n'");
+  const std::string foreign = native == "i386" ? "arm64" : "i386";
+  ASSERT_EQ(Output("dpkg-query -W -f '${Architecture}' coreutils"), native);
+  ASSERT_EQ(Output("dpkg-query -W -f '${Architecture}' tzdata"), "all");
+  ASSERT_NE(Output("dpkg-query -W -f '${Status}' coreutils:" + foreign + " 2>/dev/null"), "install ok installed");
+  ASSERT_EQ(Shell("grep -q '^Depends:.*perl:any' /var/lib/dpkg/status"), 0);  // dpkg-dev's, for one
+  auto index = pkgdep::DpkgIndex::LoadPackages();
+  ASSERT_TRUE(index.has_value()) << index.error();
+  for (const std::string& name : std::vector<std::string>{"coreutils:" + native, "coreutils:any", "coreutils:native", "tzdata:" + native, "tzdata:all"}) {
+    EXPECT_EQ(index->Satisfying(name).size(), 1u) << name;
+    EXPECT_TRUE(pkgdep::DpkgIndex::CheckInstalled({name}).has_value()) << name;
+  }
+  const std::string wrong = "coreutils:" + foreign;
+  EXPECT_TRUE(index->Satisfying(wrong).empty());
+  const auto installed = pkgdep::DpkgIndex::CheckInstalled({wrong});
+  ASSERT_FALSE(installed.has_value());
+  EXPECT_EQ(installed.error(), "no installed package '" + wrong + "' (dpkg -l lists what is installed)");
+  const auto refused = pkgdep::DeclaredClosure(*index, {wrong});
+  ASSERT_FALSE(refused.has_value());
+  EXPECT_EQ(refused.error(), "no installed package '" + wrong + "' (dpkg -l lists what is installed)");
+  EXPECT_TRUE(pkgdep::DeclaredClosure(*index, {wrong + " | tzdata"}).has_value());
+  // A qualified Depends is still followed: dpkg-dev's perl:any declares perl.
+  auto closure = pkgdep::DeclaredClosure(*index, {"dpkg-dev:" + native});
+  ASSERT_TRUE(closure.has_value()) << closure.error();
+  EXPECT_EQ(closure->declared.at("perl"), "Depends of dpkg-dev");
+}
+
 // The quick check made before a run agrees with the full parse on every package
 // status lists, installed or not (a package removed but not purged keeps a
 // paragraph with "deinstall ok config-files"; the copy here adds one).
