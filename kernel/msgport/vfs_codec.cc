@@ -223,6 +223,7 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, s
     auto changed = r.getChanged();
     if (changed.size() > kMaxChanged) return Fail(EBADMSG);
     req.changed.clear();
+    req.changed.reserve(changed.size());
     for (uint64_t node : changed) req.changed.push_back(node);
     return {};
   });

@@ -46,8 +46,8 @@ std::string Unescape(const std::string& s) {
 
 // Whether fusermount3 lets a user mount with allow_other: /etc/fuse.conf says
 // user_allow_other on a line of its own (blanks and a # comment aside).
-bool UsersMayAllowOthers(const char* conf = "/etc/fuse.conf") {
-  std::ifstream in(conf);
+bool UsersMayAllowOthers() {
+  std::ifstream in("/etc/fuse.conf");
   for (std::string line; std::getline(in, line);) {
     line.erase(std::min(line.find('#'), line.size()));
     std::istringstream words(line);
