@@ -131,6 +131,7 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
   EXPECT_EQ(Refusal("group = 1\n"), "p.toml:1: `group` must be a table of groups: write [group.NAME]");
   EXPECT_EQ(Refusal("[groups.g]\n"), "p.toml:1: unknown key 'groups' in the file (known: group)");
   EXPECT_EQ(Refusal(""), "p.toml: no groups: declare one with [group.NAME]");
+  EXPECT_EQ(Refusal("[group]\n"), "p.toml:1: no groups: declare one with [group.NAME]");
   EXPECT_EQ(Refusal("[group.g\n"), "p.toml:1: Error while parsing table header: expected ']', saw '\\n'");
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.net]]\naction = \"allow\"\nproto = \"unix\"\nto = \"/run/x\"\nports = 1\n"),
             "p.toml:6: a UNIX socket rule has no ports");

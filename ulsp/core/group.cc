@@ -216,7 +216,7 @@ int RunGroup(GroupRun& run) {
   }
 
   GroupPlan plan;
-  for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated, m->policy.read_only});
+  for (const auto& m : mounts) plan.mounts.push_back({m->policy.path, m->policy.stack, m->policy.isolated, m->policy.read_only, m->policy.where});
   if (!group.mounts.empty() && group.mounts.front().path == "/") {
     plan.staging = run_dir + "/root";
     ::mkdir(plan.staging.c_str(), 0755);  // 0755 whatever the umask (a passthrough layer sets 0)

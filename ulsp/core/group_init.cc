@@ -205,7 +205,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   for (size_t i = 0; i < plan.mounts.size(); ++i) {
     const GroupPlan::Mount& m = plan.mounts[i];
     const std::string target = m.path == "/" ? prefix : prefix + m.path;
-    if (!Exists(target)) Die("mount point " + m.path + " does not exist");
+    if (!Exists(target)) Die(m.where + ": mount point " + m.path + " does not exist");
     const int fd = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
     if (fd < 0) Die(Errno("/dev/fuse"));
     std::string opts = "fd=" + std::to_string(fd) + ",rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other";

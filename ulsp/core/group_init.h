@@ -34,6 +34,7 @@ struct GroupPlan {
     std::string fsname;  // the "source" column of /proc/mounts
     bool isolated = false;
     bool read_only = false;
+    std::string where;  // the policy's FILE:LINE, for errors
   };
   std::vector<Mount> mounts;  // parents first
   std::string staging;        // where the root stack is mounted before pivot_root ("" if none)

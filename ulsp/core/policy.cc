@@ -285,6 +285,7 @@ std::expected<Policy, std::string> ParsePolicy(std::string_view text, const std:
     if (groups == nullptr) return std::unexpected(file + ": no groups: declare one with [group.NAME]");
     const toml::table* table = groups->as_table();
     if (table == nullptr) parser.Fail(groups->source(), "`group` must be a table of groups: write [group.NAME]");
+    if (table->empty()) parser.Fail(groups->source(), "no groups: declare one with [group.NAME]");
     for (auto&& [key, node] : *table) {
       const toml::table* g = node.as_table();
       if (g == nullptr) parser.Fail(key.source(), "group." + std::string(key.str()) + " must be a table: write [group." + std::string(key.str()) + "]");
