@@ -103,6 +103,13 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       }
     }
     if (declared) continue;
+    // A hidden directory is listed once with the packages that ship it: a search
+    // path (perl's /usr/lib/x86_64-linux-gnu/perl5) is shipped by dozens.
+    if (report.mode == "enforce" && touch.use == Use::kMissing &&
+        ::stat(DpkgIndex::Canonical(path).c_str(), &st) == 0 && S_ISDIR(st.st_mode)) {
+      report.hidden_directories.push_back({{path, touch}, owners});
+      continue;
+    }
     for (const std::string& o : owners) {
       if (report.mode == "enforce" && touch.use == Use::kMissing) {
         // The view hid it: it exists, but its package is not declared.
@@ -142,7 +149,7 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
 }
 
 int Report::Verdict() const {
-  if (mode == "enforce") return status != 0 && !hidden.empty() ? 1 : 0;
+  if (mode == "enforce") return status != 0 && !(hidden.empty() && hidden_directories.empty()) ? 1 : 0;
   return undeclared.empty() ? 0 : 1;
 }
 
@@ -163,6 +170,18 @@ std::string Report::Text() const {
   for (const auto& [p, f] : recommended) why[p] = closure.recommended.at(p);
   Section(out, "Used, but only Recommended or Suggested (never counted as declared)", recommended, &why);
   Section(out, "Hidden by enforce mode: looked for, owned only by undeclared packages", hidden);
+  if (!hidden_directories.empty()) {
+    out << "\nHidden by enforce mode: directories looked for, shipped only by undeclared packages ("
+        << hidden_directories.size() << "):\n";
+    for (const auto& [f, packages] : hidden_directories) {
+      out << "  " << f.path << "  " << UseName(f.touch.use) << " by pid " << f.touch.pid;
+      if (!f.touch.argv.empty()) out << " (" << Shorten(f.touch.argv, 60) << ")";
+      out << "\n    shipped by ";
+      for (size_t i = 0; i < packages.size() && i < 6; ++i) out << (i == 0 ? "" : ", ") << packages[i];
+      if (packages.size() > 6) out << " and " << packages.size() - 6 << " more";
+      out << "\n";
+    }
+  }
   Section(out, "Probed only (looked up or listed, never opened: not uses)", probed, nullptr, 3);
   if (!unowned.empty()) {
     out << "\nUsed, owned by no package (" << unowned.size() << "):\n";
@@ -216,6 +235,11 @@ std::string Report::Json() const {
   j["undeclared"] = ByPackageJson(undeclared);
   j["recommended_only"] = ByPackageJson(recommended);
   j["hidden"] = ByPackageJson(hidden);
+  j["hidden_directories"] = nlohmann::ordered_json::array();
+  for (const auto& [f, packages] : hidden_directories) {
+    j["hidden_directories"].push_back(FindingsJson({f})[0]);
+    j["hidden_directories"].back()["packages"] = packages;
+  }
   j["probed_only"] = ByPackageJson(probed);
   j["unowned"] = FindingsJson(unowned);
   j["written"] = FindingsJson(written);

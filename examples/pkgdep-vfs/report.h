@@ -16,6 +16,12 @@ struct Finding {
   Touch touch;
 };
 
+// A directory enforce mode hid, and the undeclared packages that ship it.
+struct HiddenDirectory {
+  Finding finding;
+  std::vector<std::string> packages;
+};
+
 struct Report {
   std::string mode;  // "observe" or "enforce"
   bool checks_a_package = false;  // --package (its Depends are its declarations), not --deps
@@ -27,7 +33,8 @@ struct Report {
   std::map<std::string, std::vector<Finding>> undeclared;  // package -> files it used
   std::map<std::string, std::vector<Finding>> recommended;  // used, but only Recommended/Suggested
   std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
-  std::map<std::string, std::vector<Finding>> hidden;       // enforce: looked for, but hidden
+  std::map<std::string, std::vector<Finding>> hidden;       // enforce: files looked for, but hidden
+  std::vector<HiddenDirectory> hidden_directories;          // enforce: directories looked for, but hidden
   std::vector<Finding> unowned;                             // used, owned by no package
   std::vector<Finding> written;                             // written by the command, owned by no package
   std::vector<std::string> untouched;                       // declared (not for being essential), never used
@@ -36,7 +43,7 @@ struct Report {
 
   // The exit status pkgdep-vfs ends with: 1 when undeclared dependencies were found
   // (observe: an undeclared package used; enforce: the command failed and had looked
-  // for hidden files), else 0.
+  // for hidden files or directories), else 0.
   int Verdict() const;
   std::string Text() const;
   std::string Json() const;

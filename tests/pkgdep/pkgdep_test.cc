@@ -123,6 +123,43 @@ TEST_F(PkgdepTest, DeclaredButNeverUsedListsWhatTheCommandCouldDoWithout) {
   EXPECT_EQ(r.json["untouched"], nlohmann::json::array({"tar"})) << r.out;
 }
 
+// Enforce: a hidden directory is listed once, with every undeclared package that
+// ships it, not once under each: perl looks for modules in /usr/lib/ARCH/perl5,
+// which every installed XS module package ships (libhtml-parser-perl, which
+// devscripts pulls in, at least), none of them in perl's closure. A listing of a
+// hidden directory fails as on a system without its package, and that is a finding.
+TEST_F(PkgdepTest, AHiddenDirectoryIsListedOnceWithThePackagesThatShipIt) {
+  const std::string search = "/usr/lib/" + Output("gcc -print-multiarch | tr -d '\\n'") + "/perl5";
+  // "a:amd64, b: /usr/lib/x86_64-linux-gnu/perl5" -> a b, one a line, sorted
+  const std::string listed =
+      Output("dpkg-query -S " + search + " | sed 's/: \\/.*//' | tr -d ' ' | tr , '\\n' | sed 's/:.*//' | sort");
+  ASSERT_FALSE(listed.empty()) << search;
+  std::vector<std::string> owners;
+  std::istringstream in(listed);
+  for (std::string line; std::getline(in, line);) owners.push_back(line);
+  auto r = Check("--mode enforce --deps perl -- perl -MJSON::PP -e 'print 6 * 7'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.out.substr(0, 2), "42");
+  auto hidden = [](const nlohmann::json& report, const std::string& path) {
+    for (const auto& d : report["hidden_directories"])
+      if (d["path"] == path) return d;
+    return nlohmann::json();
+  };
+  const nlohmann::json entry = hidden(r.json, search);
+  ASSERT_TRUE(entry.is_object()) << r.out;
+  EXPECT_EQ(entry["use"], "not found");
+  auto packages = entry["packages"].get<std::vector<std::string>>();
+  std::sort(packages.begin(), packages.end());
+  EXPECT_EQ(packages, owners);
+  for (const auto& [package, findings] : r.json["hidden"].items())
+    for (const auto& f : findings) EXPECT_NE(f["path"], search) << package;
+  EXPECT_EQ(r.out.find(search + "  not found", r.out.find(search + "  not found") + 1), std::string::npos) << r.out;
+  r = Check("--mode enforce --deps coreutils -- ls /usr/share/doc/curl");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_EQ(r.json["status"], 2);
+  EXPECT_EQ(hidden(r.json, "/usr/share/doc/curl")["packages"], nlohmann::json({"curl"})) << r.out;
+}
+
 // test -e and ls of a directory look and list, and open nothing of python's: probes.
 TEST_F(PkgdepTest, ACommandThatOnlyProbesIsNotCharged) {
   auto r = Check("--deps coreutils -- sh -c 'test -e /usr/bin/python3.11 && ls /usr/lib/python3.11 > /dev/null; echo $?'");
