@@ -8,6 +8,7 @@
 
 namespace pkgdep {
 
+using ulsp::vfs::IsTmpfile;
 using ulsp::vfs::JoinPath;
 using ulsp::vfs::VfsOp;
 using ulsp::vfs::VfsRequest;
@@ -168,6 +169,7 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kSymlink:
     case VfsOp::kUnlink:
     case VfsOp::kRmDir: {
+      if (IsTmpfile(req)) return Down(req);  // no path yet: a link names what it wrote
       const std::string path = JoinPath(PathOf(req.node), req.name);
       const int err = Down(req);
       if (err == 0) Note(path, Use::kWritten, req.op == VfsOp::kMkDir || req.op == VfsOp::kRmDir, pid);
@@ -179,7 +181,7 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
       const std::string to = JoinPath(PathOf(req.node2), req.name2);
       const int err = Down(req);
       if (err == 0) {
-        Note(from, Use::kWritten, false, pid);
+        if (!from.empty()) Note(from, Use::kWritten, false, pid);  // "" for an O_TMPFILE file
         Note(to, Use::kWritten, false, pid);
       }
       return err;

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstddef>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
@@ -139,6 +140,7 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
     }
     busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
+    TmpfileAsCreate(*buf);
     fuse_session_process_buf(session_, buf);
     if (leader_.load() != me) return true;  // the watchdog gave the lead away
     busy_since_ns_.store(0, std::memory_order_relaxed);
@@ -246,6 +248,17 @@ void FuseLoop::Rest(Reader& self) noexcept {
   self.resting.store(false, std::memory_order_relaxed);
 }
 
+void TmpfileAsCreate(fuse_buf& buf) noexcept {
+  constexpr uint32_t kTmpfile = 51;  // FUSE_TMPFILE, which libfuse 3.14's header lacks
+  if ((buf.flags & FUSE_BUF_IS_FD) != 0 || buf.mem == nullptr || buf.size < sizeof(fuse_in_header)) return;
+  auto* opcode = static_cast<char*>(buf.mem) + offsetof(fuse_in_header, opcode);
+  uint32_t op;
+  std::memcpy(&op, opcode, sizeof op);
+  if (op != kTmpfile) return;
+  op = FUSE_CREATE;
+  std::memcpy(opcode, &op, sizeof op);
+}
+
 bool FuseLoop::ProgramWaits(const fuse_buf& buf) noexcept {
   if ((buf.flags & FUSE_BUF_IS_FD) != 0 || buf.mem == nullptr || buf.size < sizeof(fuse_in_header)) return true;
   fuse_in_header in;
@@ -304,6 +317,7 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
     const bool waits = ProgramWaits(buf);
+    TmpfileAsCreate(buf);
     fuse_session_process_buf(session_, &buf);
     if (options_.replies_due != nullptr) {
       if (waits) {

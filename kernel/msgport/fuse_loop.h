@@ -78,6 +78,13 @@ struct fuse_buf;
 
 namespace ulsp::msgport {
 
+// FUSE_TMPFILE (an open(2) with O_TMPFILE; Linux 6.1) is a FUSE_CREATE in all but its
+// opcode: the same fuse_create_in, then the name "/", which no create can carry, and
+// the same reply. libfuse 3.14 knows no TMPFILE and would answer ENOSYS (the kernel
+// then answers EOPNOTSUPP for the mount's life), so a request read into `buf` is
+// handed to libfuse as a create, and FuseShim serves a create of "/" as a tmpfile.
+void TmpfileAsCreate(fuse_buf& buf) noexcept;
+
 class Port;
 
 class FuseLoop {

@@ -593,9 +593,13 @@ struct FuseOps {
   static void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) noexcept try {
     auto m = Begin(req, VfsOp::kCreate, parent);
     if (!m) return;
-    m->req.name = name;
     m->req.mode = mode;
     m->req.flags = fi->flags;
+    if (std::string_view(name) == "/") {  // a FUSE_TMPFILE (TmpfileAsCreate)
+      m->req.flags = (fi->flags & ~O_CREAT) | O_TMPFILE;
+    } else {
+      m->req.name = name;
+    }
     Submit(std::move(m), /*interruptible=*/true);
   } catch (...) {
     fuse_reply_err(req, ENOMEM);

@@ -17,6 +17,7 @@
 #include <system_error>
 
 #include "kernel/msgport/event_count.h"
+#include "kernel/msgport/fuse_loop.h"
 #include "kernel/msgport/log.h"
 #include "kernel/msgport/port.h"
 #include "kernel/msgport/unique_fd.h"
@@ -508,6 +509,7 @@ void FuseUring::Handle(Queue& q, Entry& e) {
   fuse_buf buf{};
   buf.mem = start;
   buf.size = in.len;
+  TmpfileAsCreate(buf);
   fuse_session_process_buf(session_, &buf);
 }
 

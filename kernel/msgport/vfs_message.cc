@@ -46,6 +46,7 @@ int ChangedNames(const VfsRequest& q, ChangedName (&out)[2]) noexcept {
     case VfsOp::kCreate:
     case VfsOp::kUnlink:
     case VfsOp::kRmDir:
+      if (q.name.empty()) return 0;  // an O_TMPFILE create makes no name
       out[0] = {q.node, q.name};
       return 1;
     case VfsOp::kLink:  // `node` is the file linked to

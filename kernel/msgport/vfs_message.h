@@ -8,6 +8,7 @@
 // serving stack's: 1 is the root, the others are whatever its lookups returned.
 #pragma once
 
+#include <fcntl.h>
 #include <fuse3/fuse_lowlevel.h>
 #include <linux/fuse.h>
 #include <sys/stat.h>
@@ -102,7 +103,8 @@ struct VfsRequest {
 
   // --- arguments ---
   uint64_t node = 0;      // the node asked about; the parent for name operations
-  std::string name;       // a name in `node`; an xattr's name
+  std::string name;       // a name in `node`; an xattr's name. A create with O_TMPFILE
+                          // in `flags` has none: it makes an unnamed file in `node`
   uint64_t node2 = 0;     // rename: new parent; link: new parent; copy_file_range: out node
   std::string name2;      // rename, link: new name; symlink: the link's target
   uint64_t fh = 0;        // open file or directory handle (from open/opendir/create)
@@ -158,6 +160,13 @@ struct VfsRequest {
                                   // inode numbers and ctimes). The shim drops their
                                   // attributes from the kernel's cache before it answers
 };
+
+// Whether `r` makes an unnamed file, as open(2) with O_TMPFILE does: a create with
+// O_TMPFILE in its flags and no name. The file can be linked to a name later (unless
+// O_EXCL was given); unlinked, it goes when its last handle and lookup go.
+inline bool IsTmpfile(const VfsRequest& r) noexcept {
+  return r.op == VfsOp::kCreate && (r.flags & O_TMPFILE) == O_TMPFILE;
+}
 
 // Calls f(record, position) for each record of a readdir reply (`out`) in the kernel's
 // layout, `Record` being fuse_dirent (readdir) or fuse_direntplus (readdirplus); stops

@@ -133,6 +133,45 @@ TEST_F(PassthroughTest, NeverLeavesItsRoot) {
   EXPECT_EQ(layer_->Serve(o), ELOOP);  // opening the link itself, as O_NOFOLLOW would
 }
 
+// O_TMPFILE: the file has a node (its inode's) and no path until a link names it;
+// a view makes one only in a directory below an admitted path.
+TEST_F(PassthroughTest, AnUnnamedFileIsANodeUntilForgottenAndAViewAdmitsIt) {
+  auto tmpfile = [](Layer& layer, uint64_t dir, VfsRequest& r) {
+    r = VfsRequest{};
+    r.op = VfsOp::kCreate;
+    r.node = dir;
+    r.flags = O_TMPFILE | O_RDWR;
+    r.mode = 0600;
+    return layer.Serve(r);
+  };
+  const uint64_t d = Lookup(kRootNode, "d");
+  VfsRequest t;
+  ASSERT_EQ(tmpfile(*layer_, d, t), 0);
+  ::close(static_cast<int>(t.open.fh));
+  EXPECT_EQ(t.entry.attr.st_nlink, 0u);
+  EXPECT_EQ(layer_->NodeCount(), 3u);  // the root, d and the unnamed file
+  EXPECT_EQ(layer_->PathOf(t.entry.ino), "");
+  EXPECT_EQ(testing::Shell("ls " + dir_ / "root/d | grep -vx f"), 1);  // nothing new listed
+  VfsRequest l;
+  l.op = VfsOp::kLink;
+  l.node = t.entry.ino;
+  l.node2 = d;
+  l.name2 = "named";
+  ASSERT_EQ(layer_->Serve(l), 0);
+  EXPECT_EQ(l.entry.ino, t.entry.ino);
+  EXPECT_EQ(layer_->PathOf(t.entry.ino), "/d/named");
+  Forget(t.entry.ino, 2);
+  EXPECT_EQ(layer_->NodeCount(), 2u);
+
+  std::unique_ptr<Layer> lower = std::move(layer_);
+  auto view = ViewLayer::FromPaths({"/d"}, "list", std::move(lower));
+  ASSERT_TRUE(view) << view.error();
+  VfsRequest r;
+  EXPECT_EQ(tmpfile(**view, kRootNode, r), EACCES);  // "/" is only on the way to /d
+  ASSERT_EQ(tmpfile(**view, d, r), 0);
+  ::close(static_cast<int>(r.open.fh));
+}
+
 // The kernel grows a descriptor table by doubling it, and in a process with threads
 // each growth waits for an RCU grace period (10-15 ms here), inside whichever request
 // made the node that needed it. Opening a passthrough grows the table up front.

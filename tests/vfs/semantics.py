@@ -160,6 +160,24 @@ p("rename-into-dir", sorted(os.listdir(j("dir"))))
 attempt("rename-missing", os.rename, j("nothing"), j("x"))
 attempt("rename-dir-over-file", os.rename, j("dir"), j("a.txt"))
 
+# --- O_TMPFILE: a file with no name, linked to one later (never, with O_EXCL) ---
+fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
+os.write(fd, b"unnamed")
+p("tmpfile", describe(f"/proc/self/fd/{fd}", follow=True))
+p("tmpfile-listed", sorted(os.listdir(d)))
+dfd = os.open(d, os.O_PATH)
+attempt("tmpfile-link", lambda: os.link(f"/proc/self/fd/{fd}", "tmp-linked", dst_dir_fd=dfd))  # AT_SYMLINK_FOLLOW
+os.close(fd)
+p("tmpfile-linked", describe(j("tmp-linked")) + " " + repr(open(j("tmp-linked"), "rb").read()))
+fd = os.open(d, os.O_TMPFILE | os.O_RDWR | os.O_EXCL, 0o600)
+attempt("tmpfile-excl-link", lambda: os.link(f"/proc/self/fd/{fd}", "tmp-never", dst_dir_fd=dfd))
+os.close(fd)
+os.close(dfd)
+attempt("tmpfile-read-only", os.open, d, os.O_TMPFILE | os.O_RDONLY)
+attempt("tmpfile-in-a-file", os.open, j("tmp-linked"), os.O_TMPFILE | os.O_RDWR)
+os.unlink(j("tmp-linked"))
+p("tmpfile-gone", sorted(os.listdir(d)))
+
 # --- fifos, device nodes ---
 os.mkfifo(j("fifo"), 0o640)
 p("fifo", describe(j("fifo")))

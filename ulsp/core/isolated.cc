@@ -422,6 +422,7 @@ size_t IsolatedPort::NodeCount() const {
 
 void IsolatedPort::Name(uint32_t index) {
   const KNode& n = nodes_[index];
+  if (n.name.empty()) return;  // an O_TMPFILE file, which no name finds
   const NameKey key{n.parent, n.name};
   auto [it, added] = by_name_.try_emplace(key, index);
   if (added) return;

@@ -19,6 +19,7 @@
 namespace ulsp::vfs {
 
 using msgport::VfsOp;
+using msgport::IsTmpfile;
 using msgport::VfsRequest;
 
 inline constexpr uint64_t kRootNode = FUSE_ROOT_ID;

@@ -231,6 +231,18 @@ int MemfsLayer::SetAttr(VfsRequest& req) {
 }
 
 int MemfsLayer::Make(VfsRequest& req) {
+  if (IsTmpfile(req)) {  // a file in no directory, until a link gives it a name
+    std::unique_lock lock(mu_);
+    Node* dir = Get(req.node);
+    if (dir == nullptr) return ESTALE;
+    if (!S_ISDIR(dir->st.st_mode)) return ENOTDIR;
+    const uint64_t id = NewNode(req, *dir, S_IFREG | (req.mode & 07777));
+    Get(id)->st.st_nlink = 0;
+    Fill(req.entry, id, req);
+    req.open = {};
+    req.open.fh = (req.flags & O_APPEND) ? 1 : 0;
+    return 0;
+  }
   if (int err = MakeableName(req.name)) return err;
   std::unique_lock lock(mu_);
   Node* dir = Get(req.node);

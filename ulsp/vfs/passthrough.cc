@@ -367,6 +367,7 @@ int PassthroughLayer::SetAttr(VfsRequest& req) {
 }
 
 int PassthroughLayer::Create(VfsRequest& req) {
+  if (IsTmpfile(req)) return Tmpfile(req);
   if (int err = NameError(req.name)) return err;
   const FdRef pfd = NodeFd(req.node);
   if (pfd < 0) return ESTALE;
@@ -377,6 +378,37 @@ int PassthroughLayer::Create(VfsRequest& req) {
   UniqueFd file(*fd);
   if (int err = GiveToCaller(req, pfd, req.name.c_str())) return err;
   if (int err = DoLookup(req, req.node, req.name, req.entry)) return err;
+  req.open = {};
+  req.open.fh = static_cast<uint64_t>(file.release());
+  if (req.kernel_io_ok) req.open.backing_fd = static_cast<int>(req.open.fh);
+  return 0;
+}
+
+// An unnamed file in the directory `req.node`, made by the file system below with
+// O_TMPFILE. No name leads to it, so its node keeps a descriptor (an O_PATH one,
+// reopened through /proc); a link (AT_EMPTY_PATH) gives it a name, unless O_EXCL
+// said it may have none (the kernel checks that on both sides).
+int PassthroughLayer::Tmpfile(VfsRequest& req) {
+  const FdRef pfd = NodeFd(req.node);
+  if (pfd < 0) return ESTALE;
+  auto fd = Sys([&] { return ::openat(pfd, ".", (req.flags | O_CLOEXEC) & ~(O_PATH | O_CREAT | O_NOFOLLOW), req.mode); });
+  if (!fd) return fd.error().value;
+  UniqueFd file(*fd);
+  if (req.ctx.uid != 0 || req.ctx.gid != 0) {  // the caller's, as GiveToCaller makes a named file
+    struct stat parent_st {};
+    if (int err = Errno0([&] { return ::fstat(pfd, &parent_st); })) return err;
+    const gid_t gid = (parent_st.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : req.ctx.gid;
+    if (int err = Errno0([&] { return ::fchown(file.get(), req.ctx.uid, gid); })) return err;
+    if (req.mode & (S_ISUID | S_ISGID))
+      if (int err = Errno0([&] { return ::fchmod(file.get(), req.mode & 07777); })) return err;
+  }
+  const ProcPath proc(file.get());
+  auto node_fd = Sys([&] { return ::open(proc.c_str(), O_PATH | O_CLOEXEC); });
+  if (!node_fd) return node_fd.error().value;
+  UniqueFd node(*node_fd);
+  req.entry = fuse_entry_param{};
+  if (int err = Errno0([&] { return ::fstat(node.get(), &req.entry.attr); })) return err;
+  Enter(req, std::move(node), req.node, {}, req.entry);
   req.open = {};
   req.open.fh = static_cast<uint64_t>(file.release());
   if (req.kernel_io_ok) req.open.backing_fd = static_cast<int>(req.open.fh);

@@ -125,6 +125,7 @@ class PassthroughLayer final : public Layer {
   int GetAttr(VfsRequest& req);
   int SetAttr(VfsRequest& req);
   int Create(VfsRequest& req);
+  int Tmpfile(VfsRequest& req);
   int MakeNode(VfsRequest& req);
   int Rename(VfsRequest& req);
   int Link(VfsRequest& req);

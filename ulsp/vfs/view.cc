@@ -83,7 +83,18 @@ bool ViewLayer::Visible(std::string_view path) const {
   }
 }
 
+bool ViewLayer::AdmitsBelow(std::string_view dir) const {
+  if (predicate_) return Visible(dir);
+  for (std::string key(dir);;) {
+    if (admitted_.contains(key) || admitted_.contains("/")) return true;
+    const size_t slash = key.rfind('/');
+    if (slash == 0 || slash == std::string::npos) return false;
+    key.resize(slash);
+  }
+}
+
 int ViewLayer::Serve(VfsRequest& req) noexcept try {
+  if (IsTmpfile(req)) return AdmitsBelow(PathOf(req.node)) ? Down(req) : EACCES;  // O_TMPFILE: a file with no name
   switch (req.op) {
     case VfsOp::kLookup:
     case VfsOp::kUnlink:

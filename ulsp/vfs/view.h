@@ -38,6 +38,8 @@ class ViewLayer final : public Layer {
 
   // Whether `path` (absolute, normalized) is visible.
   bool Visible(std::string_view path) const;
+  // Whether what is below `dir` is admitted (not just `dir` on the way to something).
+  bool AdmitsBelow(std::string_view dir) const;
 
  private:
   explicit ViewLayer(std::unique_ptr<Layer> lower) : Layer(std::move(lower)) {
