@@ -235,6 +235,21 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
       << r.out;
 }
 
+// A file made with O_TMPFILE has no name until a link gives it one: what was written
+// is the linked name, not the directory it was made in (nor an empty path).
+TEST_F(PkgdepTest, AnUnnamedFileCountsAsWrittenUnderTheNameItIsLinkedTo) {
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
+  auto r = Check("--deps coreutils,python3 -- /usr/bin/python3 -c 'import os\n"
+                 "fd = os.open(\"" + work + "\", os.O_TMPFILE | os.O_RDWR, 0o644)\n"
+                 "os.write(fd, b\"made\")\n"
+                 "os.link(\"/proc/self/fd/%d\" % fd, \"" + work + "/named\", follow_symlinks=True, dst_dir_fd=os.open(\"/\", os.O_PATH))'");
+  EXPECT_EQ(r.json["status"], 0) << r.out << r.err;  // (python's start-up may use undeclared packages)
+  EXPECT_EQ(Output("cat " + work + "/named"), "made");
+  ASSERT_EQ(r.json["written"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["written"][0]["path"], work + "/named");
+}
+
 // --allow-unowned adds prefixes of unowned files not to report. A file written on
 // Windows ends its lines in CR, which once stayed part of the prefix, so that it
 // matched nothing; and a bad line was named without its number.
