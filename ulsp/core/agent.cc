@@ -166,6 +166,12 @@ Outcome ServeOne(vfs::Layer& top, Request& r) {
     } catch (...) {
       out.error = ENOMEM;
     }
+  } else if (!req.changed.empty()) {
+    try {
+      msgport::EncodeVfsReply(req, out.reply);  // the nodes a failed request changed
+    } catch (...) {
+      out.reply.clear();
+    }
   }
   return out;
 }

@@ -727,6 +727,20 @@ void IsolatedPort::Forward(MessagePtr msg) {
   msgport::Send(*server, std::move(msg));
 }
 
+void IsolatedPort::TranslateChanged(std::vector<uint64_t>& changed, uint64_t epoch) {
+  // Nodes whose attributes changed besides: by the kernel's ids. One the kernel does
+  // not hold (or one of a server that died since) has nothing cached to drop.
+  size_t kept = 0;
+  for (const uint64_t server_id : changed) {
+    if (server_id == kRootServerNode) {
+      changed[kept++] = kRootServerNode;
+    } else if (auto it = by_server_id_.find(server_id); epoch == map_epoch_ && it != by_server_id_.end()) {
+      changed[kept++] = MakeId(it->second, nodes_[it->second].generation);
+    }
+  }
+  changed.resize(kept);
+}
+
 void IsolatedPort::Translate(VfsMessage& m) {
   msgport::VfsRequest& r = m.req;
   std::lock_guard lock(map_mu_);
@@ -743,17 +757,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
     handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
     return uint64_t{index} + 1;
   };
-  // Nodes whose attributes changed besides: by the kernel's ids. One the kernel does
-  // not hold (or one of a server that died since) has nothing cached to drop.
-  size_t kept = 0;
-  for (const uint64_t server_id : r.changed) {
-    if (server_id == kRootServerNode) {
-      r.changed[kept++] = kRootServerNode;
-    } else if (auto it = by_server_id_.find(server_id); epoch == map_epoch_ && it != by_server_id_.end()) {
-      r.changed[kept++] = MakeId(it->second, nodes_[it->second].generation);
-    }
-  }
-  r.changed.resize(kept);
+  TranslateChanged(r.changed, epoch);
   switch (r.op) {
     case VfsOp::kLookup:
     case VfsOp::kMkNod:
@@ -873,6 +877,20 @@ void IsolatedPort::PutReply(MessagePtr msg) {
         msg->error = ENOMEM;
       }
     }
+  } else if (!msg->payload.empty()) {
+    // A failed request that changed nodes on its way (an overlay's copy-up before the
+    // upper layer refused) says which: only that is taken from its answer.
+    try {
+      msgport::VfsRequest got;
+      got.op = m.req.op;
+      if (msgport::DecodeVfsReply(msg->payload, got)) {
+        std::lock_guard lock(map_mu_);
+        TranslateChanged(got.changed, m.relay.epoch);
+        m.req.changed = std::move(got.changed);
+      }
+    } catch (...) {
+      // Out of memory: the kernel's cached attributes stay until their timeout.
+    }
   }
   counters().replied.fetch_add(1, std::memory_order_relaxed);  // the server's answer, whatever its errno
   // The reply goes up with the kernel's ids in it, not this server's: the shim keys
@@ -924,7 +942,7 @@ class IsolatedServer final : public msgport::Server {
           req.open.backing_fd = -1;  // served through the stack, then
         }
       }
-      if (error == 0) {
+      if (error == 0 || !req.changed.empty()) {  // a failure carries the nodes it changed
         msgport::EncodeVfsReply(req, msg->payload);
       } else {
         msg->payload.clear();

@@ -189,6 +189,8 @@ class IsolatedPort final : public msgport::Port {
   // server runs). Replies it itself when it cannot be sent.
   void Forward(msgport::MessagePtr msg);
   void Translate(msgport::VfsMessage& m);  // the reply's ids, back to the kernel's
+  // `changed`'s server ids as the kernel's (map_mu_ held): those it holds.
+  void TranslateChanged(std::vector<uint64_t>& changed, uint64_t epoch);
 
   std::unique_ptr<ServerSource> source_;
   const bool check_identity_;  // source_->stable_inode_numbers()
