@@ -137,6 +137,60 @@ class ScratchDir {
   std::string path_;
 };
 
+// --confirm runs the command more than once, and every run must read what the first
+// one read. Standard input from a pipe or a socket is therefore kept whole before the
+// first run, in an unnamed file in /var/tmp that becomes standard input (read from its
+// start by every run). A regular file is rewound to where it stood. A terminal or
+// another device is left as it is: each run reads from it what comes.
+class KeptStdin {
+ public:
+  static constexpr off_t kMax = off_t{1} << 30;  // 1 GiB: an endless producer ends here
+
+  // "" once kept (or when there is nothing to keep), else what went wrong.
+  std::string Keep() {
+    struct stat st {};
+    if (::fstat(0, &st) != 0) return "";  // no standard input
+    if (S_ISREG(st.st_mode)) {
+      start_ = ::lseek(0, 0, SEEK_CUR);
+      return "";
+    }
+    if (!S_ISFIFO(st.st_mode) && !S_ISSOCK(st.st_mode)) return "";
+    const int fd = ::open("/var/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+    if (fd < 0) return std::string("cannot keep standard input in /var/tmp for --confirm: ") + std::strerror(errno);
+    ulsp::UniqueFd file(fd);
+    char buf[65536];
+    off_t kept = 0;
+    for (;;) {
+      const ssize_t n = ::read(0, buf, sizeof buf);
+      if (n == 0) break;
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return std::string("reading standard input to keep it for --confirm: ") + std::strerror(errno);
+      }
+      if ((kept += n) > kMax)
+        return "standard input goes on past 1 GiB: --confirm gives every run the same input and keeps it for them "
+               "(feed it from a file, or leave --confirm out)";
+      for (ssize_t done = 0; done < n;) {
+        const ssize_t w = ::write(file.get(), buf + done, static_cast<size_t>(n - done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w < 0) return std::string("cannot keep standard input in /var/tmp for --confirm: ") + std::strerror(errno);
+        done += w;
+      }
+    }
+    if (::dup2(file.get(), 0) < 0) return std::string("standard input: ") + std::strerror(errno);
+    start_ = 0;
+    Rewind();
+    return "";
+  }
+  // Before each run: standard input from where the first run began.
+  void Rewind() const {
+    if (start_ >= 0) ::lseek(0, start_, SEEK_SET);
+  }
+
+ private:
+  off_t start_ = -1;  // where each run starts reading; -1: left as it is
+};
+
 // Runs the command once in a group rooted at record[,view(hide)][,overlay],passthrough:/.
 // `hide` (may be empty) says which paths do not exist. `scratch`: what the command
 // writes goes to an overlay's upper directory, removed after the run, so that runs
@@ -343,7 +397,15 @@ int Check(const std::string& package, const std::string& deps, const std::string
     };
   }
   // --confirm compares runs, so none may see another's changes (a second `make` would
-  // find the first one's output up to date): each writes to a scratch layer.
+  // find the first one's output up to date): each writes to a scratch layer, and each
+  // reads the same standard input.
+  KeptStdin input;
+  if (confirm) {
+    if (const std::string error = input.Keep(); !error.empty()) {
+      ::close(progress_fd);
+      return Fail(error);
+    }
+  }
   Run first = RunOnce(command, hide, /*scratch=*/confirm, /*capture=*/confirm, true, progress_fd, start_loading);
   if (first.ulsp_failed) {
     ::close(progress_fd);
@@ -376,6 +438,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
         return !owners.empty() && std::all_of(owners.begin(), owners.end(), [&](const std::string& o) { return o == without; });
       };
       std::fprintf(stderr, "pkgdep-vfs: confirming %s: running again without it\n", without.c_str());
+      input.Rewind();
       Run again = RunOnce(command, hide_one, /*scratch=*/true, /*capture=*/true, false, progress_fd);
       report.confirmed[without] = again.status != first.status ? "hard (exit status " + std::to_string(first.status) + " -> " +
                                                                      std::to_string(again.status) + ")"

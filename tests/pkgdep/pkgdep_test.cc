@@ -335,6 +335,31 @@ TEST_F(PkgdepTest, ConfirmRunsDoNotSeeEachOthersChanges) {
   EXPECT_EQ(Output("ls -d /var/tmp/pkgdep-vfs.* 2>/dev/null | wc -l"), scratch_before);
 }
 
+// Runs compared must read the same input. Once, the first run read all of a piped
+// standard input, the rerun without curl read nothing, printed something else, and
+// curl, whose file only went to /dev/null, was called "soft". A pipe's input is now
+// kept for every run, a file is rewound, and an endless producer is refused.
+TEST_F(PkgdepTest, ConfirmRunsReadTheSameStandardInput) {
+  ASSERT_EQ(Shell("test -r /usr/share/doc/curl/copyright"), 0);
+  const std::string command =
+      " check --confirm --deps coreutils --json " + dir_ / "r.json" +
+      " -- sh -c 'read x; head -c 9 /usr/share/doc/curl/copyright > /dev/null 2>&1; echo \"got $x\"' > " + dir_ / "out";
+  ASSERT_EQ(Shell("echo hi > " + dir_ / "in"), 0);
+  for (const std::string& feed : {"cat " + dir_ / "in" + " | " + kPkgdep, kPkgdep + " < " + dir_ / "in"}) {
+    SCOPED_TRACE(feed);
+    EXPECT_EQ(Shell(feed + command + " 2>/dev/null"), 1);
+    EXPECT_EQ(Output("head -1 " + dir_ / "out"), "got hi\n");
+    std::ifstream in(dir_ / "r.json");
+    const auto json = nlohmann::json::parse(in, nullptr, false);
+    ASSERT_TRUE(json.is_object() && json["confirmed"].contains("curl")) << Output("cat " + dir_ / "out");
+    EXPECT_EQ(json["confirmed"]["curl"], "none (same exit status and output)");
+  }
+  EXPECT_EQ(Shell("yes | " + kPkgdep + command + " 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"),
+            "pkgdep-vfs: standard input goes on past 1 GiB: --confirm gives every run the same input and keeps it for "
+            "them (feed it from a file, or leave --confirm out)\n");
+}
+
 TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   auto r = Check("--package no-such-package-here -- true");
   EXPECT_EQ(r.status, 2);
