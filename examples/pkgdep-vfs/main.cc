@@ -113,6 +113,7 @@ class Capture {
 struct Run {
   int status = 0;
   bool ulsp_failed = false;  // the group was not made, or its command not started (status 125)
+  int interrupted_by = 0;    // a signal asking pkgdep-vfs to stop came during the run
   std::string out, err;
   std::map<std::string, Touch> record;
   double seconds = 0;
@@ -276,6 +277,7 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
     if (capture) cap.emplace();
     result.status = ulsp::core::RunGroup(run);
     result.ulsp_failed = !run.failure.empty();
+    result.interrupted_by = run.interrupted_by;
     if (cap) std::tie(result.out, result.err) = cap->Restore();
   }
   {
@@ -430,7 +432,10 @@ int Check(const std::string& package, const std::string& deps, const std::string
   report.closure = *closure;
   Attribute(idx, first.record, allow, report);
 
-  if (confirm) {  // observe mode only (checked above)
+  // A check stopped by ^C (or SIGTERM, SIGHUP) reports what it saw, confirms nothing
+  // (a rerun would compare against a command cut short), and ends as one so stopped.
+  int interrupted_by = first.interrupted_by;
+  if (confirm && interrupted_by == 0) {  // observe mode only (checked above)
     for (const auto& [p, findings] : report.undeclared) {
       const std::string without = p;
       auto hide_one = [&idx, without](std::string_view path) {
@@ -440,6 +445,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
       std::fprintf(stderr, "pkgdep-vfs: confirming %s: running again without it\n", without.c_str());
       input.Rewind();
       Run again = RunOnce(command, hide_one, /*scratch=*/true, /*capture=*/true, false, progress_fd);
+      if ((interrupted_by = again.interrupted_by) != 0) break;
       report.confirmed[without] = again.status != first.status ? "hard (exit status " + std::to_string(first.status) + " -> " +
                                                                      std::to_string(again.status) + ")"
                                   : (again.out != first.out || again.err != first.err) ? "soft (same exit status, different output)"
@@ -447,6 +453,8 @@ int Check(const std::string& package, const std::string& deps, const std::string
     }
   }
   ::close(progress_fd);
+  report.interrupted_by = interrupted_by;
+  report.confirm_cut_short = confirm && report.confirmed.size() < report.undeclared.size();
   // With --json -, standard output gets the JSON and the text goes to standard error.
   const std::string text = report.Text();
   std::fwrite(text.data(), 1, text.size(), json_file == "-" ? stderr : stdout);

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -148,7 +149,13 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
     if (!used.contains(p) && !index.ShipsOnlyDocumentation(p)) report.untouched.push_back(p);
 }
 
+std::string Report::Interruption() const {
+  const char* name = interrupted_by != 0 ? sigabbrev_np(interrupted_by) : nullptr;
+  return name != nullptr ? std::string("SIG") + name : "signal " + std::to_string(interrupted_by);
+}
+
 int Report::Verdict() const {
+  if (interrupted_by != 0) return 128 + interrupted_by;
   if (mode == "enforce") return status != 0 && !(hidden.empty() && hidden_directories.empty()) ? 1 : 0;
   return undeclared.empty() ? 0 : 1;
 }
@@ -210,7 +217,11 @@ std::string Report::Text() const {
     for (const auto& [p, verdict] : confirmed) out << "  " << p << ": " << verdict << "\n";
   }
   out << "\n";
-  if (mode == "enforce") {
+  if (interrupted_by != 0) {
+    out << "Result: interrupted by " << Interruption() << " (exit " << Verdict() << "); what the command did until then: "
+        << undeclared.size() << " undeclared dependenc" << (undeclared.size() == 1 ? "y" : "ies")
+        << (confirm_cut_short ? ", not all confirmed" : "") << "\n";
+  } else if (mode == "enforce") {
     out << (Verdict() == 1 ? "Result: the command failed with only its declared dependencies visible (exit 1)\n"
                            : "Result: the command ran with only its declared dependencies visible (exit 0)\n");
   } else if (undeclared.empty()) {
@@ -245,6 +256,7 @@ std::string Report::Json() const {
   j["written"] = FindingsJson(written);
   j["untouched"] = untouched;
   j["confirmed"] = confirmed;
+  if (interrupted_by != 0) j["interrupted"] = Interruption();
   j["verdict"] = Verdict();
   return j.dump(2, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
 }

@@ -40,11 +40,14 @@ struct Report {
   std::vector<std::string> untouched;                       // declared (not for being essential), never used
   size_t paths = 0;                                         // paths seen in all
   std::map<std::string, std::string> confirmed;             // --confirm: package -> hard, soft, none
+  int interrupted_by = 0;                                   // the signal that stopped the check (^C: SIGINT)
+  bool confirm_cut_short = false;                           // --confirm did not get through every finding
 
   // The exit status pkgdep-vfs ends with: 1 when undeclared dependencies were found
   // (observe: an undeclared package used; enforce: the command failed and had looked
-  // for hidden files or directories), else 0.
+  // for hidden files or directories), else 0; 128 + the signal when one stopped it.
   int Verdict() const;
+  std::string Interruption() const;  // "SIGINT"
   std::string Text() const;
   std::string Json() const;
 };

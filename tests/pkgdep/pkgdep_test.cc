@@ -360,6 +360,33 @@ TEST_F(PkgdepTest, ConfirmRunsReadTheSameStandardInput) {
             "them (feed it from a file, or leave --confirm out)\n");
 }
 
+// A check stopped by a signal (^C, a CI job's SIGTERM) reports what the command did
+// until then, confirms nothing more, and ends as a stopped program does (128 + the
+// signal), so a calling script stops too. Once it reran the cut-short command for
+// --confirm and called curl "hard (exit status 143 -> 0)", then exited 1.
+TEST_F(PkgdepTest, AnInterruptedCheckReportsWhatItSawAndStops) {
+  // The command's sleep, seen from here, says it read curl's file: with --confirm its
+  // files go to a scratch layer, so it cannot say so by writing one.
+  const std::string sleep = "sleep 29.713";
+  const auto began = std::chrono::steady_clock::now();
+  const int status = Shell(kPkgdep + " check --confirm --deps coreutils --json " + dir_ / "r.json" +
+                           " -- sh -c 'cat /usr/share/doc/curl/copyright > /dev/null; exec " + sleep + "' > " +
+                           dir_ / "out" + " 2>&1 & pid=$!; for i in $(seq 200); do pgrep -fx '" + sleep +
+                           "' > /dev/null && break; sleep 0.05; done; kill -TERM $pid; wait $pid");
+  EXPECT_LT(std::chrono::steady_clock::now() - began, std::chrono::seconds(9));
+  EXPECT_EQ(status, 128 + SIGTERM) << Output("cat " + dir_ / "out");
+  std::ifstream in(dir_ / "r.json");
+  const auto json = nlohmann::json::parse(in, nullptr, false);
+  ASSERT_TRUE(json.is_object()) << Output("cat " + dir_ / "out");
+  EXPECT_EQ(json["interrupted"], "SIGTERM");
+  EXPECT_EQ(json["verdict"], 128 + SIGTERM);
+  EXPECT_TRUE(json["undeclared"].contains("curl")) << Output("cat " + dir_ / "out");
+  EXPECT_TRUE(json["confirmed"].empty());
+  EXPECT_NE(Output("cat " + dir_ / "out").find("Result: interrupted by SIGTERM (exit 143)"), std::string::npos)
+      << Output("cat " + dir_ / "out");
+  EXPECT_EQ(Shell("pgrep -fx '" + sleep + "'"), 1);  // the group went with it
+}
+
 TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   auto r = Check("--package no-such-package-here -- true");
   EXPECT_EQ(r.status, 2);

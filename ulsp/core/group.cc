@@ -471,6 +471,7 @@ int RunGroup(GroupRun& run) {
         signalfd_siginfo si{};
         if (::read(sigfd.get(), &si, sizeof si) == sizeof si && init_pid > 0) {
           const int sig = static_cast<int>(si.ssi_signo);
+          if (sig == SIGINT || sig == SIGQUIT || sig == SIGTERM || sig == SIGHUP) run.interrupted_by = sig;
           // Keyboard signals already reached the command from the terminal.
           if ((sig != SIGINT && sig != SIGQUIT) || si.ssi_code == SI_USER) ::kill(init_pid, sig);
         }

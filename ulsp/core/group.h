@@ -52,6 +52,9 @@ struct GroupRun {
   // Out: why ulsp could not make the group or start its command ("" when it did), as
   // said on stderr; RunGroup then returns 125, which a command may return too.
   std::string failure;
+  // Out: the last signal asking it to stop (SIGINT, SIGQUIT, SIGTERM, SIGHUP) that
+  // reached ulsp while the group ran (and went on to the group), or 0.
+  int interrupted_by = 0;
 };
 
 // Runs a group; returns as Run does (the command's status, 124, 125, 126, 127).
