@@ -209,8 +209,8 @@ TEST_F(TwoHosts, AWrongTokenIsRefusedOnBothSides) {
   EXPECT_EQ(Mount("--token-file " + dir_ / "wrong", &err), 1);
   EXPECT_EQ(err, "ulsp mount: " + agent_addr_ + ":7700/src: the agent at " + agent_addr_ + ":7700 refused: wrong token\n");
   EXPECT_NE(Output("cat " + dir_ / "agent.log").find("refused " + subnet_ + "1: wrong token"), std::string::npos);
-  EXPECT_EQ(Mount("", &err), 1);  // no token at all
-  EXPECT_NE(err.find("refused: wrong token"), std::string::npos) << err;
+  EXPECT_EQ(Mount("", &err), 1);  // no token at all: said so (it was "wrong token")
+  EXPECT_NE(err.find("refused: no token (this agent asks for one: give --token-file)"), std::string::npos) << err;
 }
 
 // A secret others may read is no secret: both sides refuse it, as ssh does a private

@@ -301,6 +301,11 @@ class AgentImpl final : public Agent::Server {
     const std::string name = params.getName();
     auto token = params.getToken();
     if (!shared_.token.empty()) {
+      if (token.size() == 0) {  // a mount without --token-file: tell it what is missing
+        ++shared_.refused;
+        Logger("agent")->warn("refused {}: no token", peer_);
+        return KJ_EXCEPTION(FAILED, "no token (this agent asks for one: give --token-file)");
+      }
       const bool same = SameSecret(token, shared_.token);
       if (!same) {
         ++shared_.refused;
