@@ -3,6 +3,7 @@
 #include <capnp/message.h>
 #include <capnp/serialize.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "kernel/msgport/vfs.capnp.h"
@@ -182,6 +183,33 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
     for (unsigned i = 0; i < changed.size(); ++i) changed.set(i, req.changed[i]);
   }
   Flatten(builder, out);
+}
+
+namespace {
+constexpr char kFailedMark[8] = {'u', 'l', 's', 'p', 'f', 'a', 'i', 'l'};  // a word: what follows stays aligned
+}  // namespace
+
+void EncodeFailedVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
+  capnp::MallocMessageBuilder builder;
+  auto r = builder.initRoot<wire::VfsReply>();
+  auto changed = r.initChanged(static_cast<unsigned>(std::min(req.changed.size(), kMaxChanged)));
+  for (unsigned i = 0; i < changed.size(); ++i) changed.set(i, req.changed[i]);
+  Flatten(builder, out);
+  out.insert(out.begin(), reinterpret_cast<const std::byte*>(kFailedMark),
+             reinterpret_cast<const std::byte*>(kFailedMark) + sizeof kFailedMark);
+}
+
+std::vector<uint64_t> DecodeFailedVfsReply(std::span<const std::byte> bytes) {
+  std::vector<uint64_t> nodes;
+  if (bytes.size() <= sizeof kFailedMark || std::memcmp(bytes.data(), kFailedMark, sizeof kFailedMark) != 0) return nodes;
+  (void)Read<wire::VfsReply>(bytes.subspan(sizeof kFailedMark), [&](wire::VfsReply::Reader r) -> Result<void> {
+    auto changed = r.getChanged();
+    if (changed.size() > kMaxChanged) return Fail(EBADMSG);
+    nodes.reserve(changed.size());
+    for (uint64_t node : changed) nodes.push_back(node);
+    return {};
+  });
+  return nodes;
 }
 
 Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, std::span<const UniqueFd> fds) {

@@ -31,4 +31,13 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out);
 // message), or none when the message carries none.
 Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, std::span<const UniqueFd> fds = {});
 
+// A failed request's answer may carry the nodes it changed on its way (an overlay's
+// copy-up before the last step failed), and nothing else. It is marked, so that a
+// payload a port answers an error with by itself (a request whose server died keeps
+// the request's bytes) is never read as one: a flat Cap'n Proto message starts with
+// its segment count, which the mark does not.
+void EncodeFailedVfsReply(const VfsRequest& req, std::vector<std::byte>& out);
+// The nodes in a failed request's answer; none when `bytes` is not such an answer.
+std::vector<uint64_t> DecodeFailedVfsReply(std::span<const std::byte> bytes);
+
 }  // namespace ulsp::msgport

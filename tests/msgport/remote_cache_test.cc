@@ -369,5 +369,30 @@ TEST(VfsCodec, AListingsEndCrossesWithItsRecords) {
   }
 }
 
+// A failed request's answer carries only the nodes it changed, marked as such: a
+// port's own error answer keeps the request's bytes (a server died), and neither they
+// nor a success reply may be read as one.
+TEST(VfsCodec, AFailedRequestsAnswerCarriesOnlyItsChangedNodesAndIsMarked) {
+  VfsRequest failed;
+  failed.op = VfsOp::kSetXattr;
+  failed.changed = {7, 9, 1};
+  std::vector<std::byte> bytes;
+  EncodeFailedVfsReply(failed, bytes);
+  EXPECT_EQ(DecodeFailedVfsReply(bytes), (std::vector<uint64_t>{7, 9, 1}));
+  std::vector<std::byte> request;
+  VfsRequest asked;
+  asked.op = VfsOp::kSetXattr;
+  asked.node = 7;
+  asked.name = "foo.bar";
+  EncodeVfsRequest(asked, request);
+  EXPECT_TRUE(DecodeFailedVfsReply(request).empty());
+  std::vector<std::byte> reply;
+  EncodeVfsReply(failed, reply);
+  EXPECT_TRUE(DecodeFailedVfsReply(reply).empty());
+  std::vector<std::byte> cut(bytes.begin(), bytes.begin() + 12);  // the mark, then garbage
+  EXPECT_TRUE(DecodeFailedVfsReply(cut).empty());
+  EXPECT_TRUE(DecodeFailedVfsReply({}).empty());
+}
+
 }  // namespace
 }  // namespace ulsp::msgport

@@ -168,7 +168,7 @@ Outcome ServeOne(vfs::Layer& top, Request& r) {
     }
   } else if (!req.changed.empty()) {
     try {
-      msgport::EncodeVfsReply(req, out.reply);  // the nodes a failed request changed
+      msgport::EncodeFailedVfsReply(req, out.reply);  // the nodes it changed on its way
     } catch (...) {
       out.reply.clear();
     }

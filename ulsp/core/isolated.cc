@@ -879,14 +879,13 @@ void IsolatedPort::PutReply(MessagePtr msg) {
     }
   } else if (!msg->payload.empty()) {
     // A failed request that changed nodes on its way (an overlay's copy-up before the
-    // upper layer refused) says which: only that is taken from its answer.
+    // upper layer refused) says which (EncodeFailedVfsReply).
     try {
-      msgport::VfsRequest got;
-      got.op = m.req.op;
-      if (msgport::DecodeVfsReply(msg->payload, got)) {
+      std::vector<uint64_t> changed = msgport::DecodeFailedVfsReply(msg->payload);
+      if (!changed.empty()) {
         std::lock_guard lock(map_mu_);
-        TranslateChanged(got.changed, m.relay.epoch);
-        m.req.changed = std::move(got.changed);
+        TranslateChanged(changed, m.relay.epoch);
+        m.req.changed = std::move(changed);
       }
     } catch (...) {
       // Out of memory: the kernel's cached attributes stay until their timeout.
@@ -942,8 +941,10 @@ class IsolatedServer final : public msgport::Server {
           req.open.backing_fd = -1;  // served through the stack, then
         }
       }
-      if (error == 0 || !req.changed.empty()) {  // a failure carries the nodes it changed
+      if (error == 0) {
         msgport::EncodeVfsReply(req, msg->payload);
+      } else if (!req.changed.empty()) {
+        msgport::EncodeFailedVfsReply(req, msg->payload);  // the nodes it changed on its way
       } else {
         msg->payload.clear();
       }
