@@ -1045,6 +1045,27 @@ TEST_F(CommandLineTest, PsJsonListsAMountWhoseNameIsNotUtf8) {
   EXPECT_EQ(Output(env + ULSP_BIN + " umount '" + mnt + "'", true), "");
 }
 
+// A control socket is its owner's alone (0600): another user's `ulsp ps` cannot ask
+// root's mount, and once said "no ulsp process is serving anything" while it served.
+TEST_F(CommandLineTest, PsSaysWhatItMayNotAsk) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount " + dir_ / "src " + dir_ / "mnt", true), "");
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{dir_ / "mnt"};
+  const std::string pid = Output("ls " + dir_ / "run");
+  ASSERT_FALSE(pid.empty());
+  const std::string as_nobody = env + "setpriv --reuid nobody --regid nogroup --clear-groups " + ULSP_BIN + " ps";
+  EXPECT_EQ(Output(as_nobody + " 2>/dev/null"), "");
+  EXPECT_EQ(Output(as_nobody + " 2>&1 >/dev/null"),
+            "ulsp ps: not shown, as only their owners may ask them (run ulsp ps as root or as that user): pid " + pid);
+  EXPECT_EQ(Output(as_nobody + " --json 2>/dev/null"), "[]\n");
+  EXPECT_NE(Output(env + ULSP_BIN + " ps"), "no ulsp process is serving anything\n");
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
+}
+
 // `ulsp ps` counts an isolated mount's requests at its relay port as put and, once
 // answered, replied: every request gets one answer, so when the mount is quiet the
 // two agree (the relay's replies go straight to the shim, and were once not counted).

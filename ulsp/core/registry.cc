@@ -262,6 +262,7 @@ void ControlServer::Loop() {
 int Ps(bool json) {
   const std::string dir = RuntimeDir();
   nlohmann::ordered_json all = nlohmann::ordered_json::array();
+  std::string hidden;  // pids whose control socket another user owns
   for (const auto& entry : LiveEntries(dir)) {
     const pid_t pid = static_cast<pid_t>(std::atoi(entry.filename().c_str()));
     const std::string path = entry.string() + "/control";
@@ -272,7 +273,12 @@ int Ps(bool json) {
     std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
     timeval tv{2, 0};
     ::setsockopt(s.get(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    if (::connect(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) continue;  // starting or ending
+    if (::connect(s.get(), reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
+      if (errno == EACCES) {  // its owner's alone (0600): say so, not that nothing serves
+        hidden += (hidden.empty() ? "" : ", ") + std::to_string(pid);
+      }
+      continue;  // else starting or ending
+    }
     try {
       capnp::StreamFdMessageReader reader(s.get());
       all.push_back(ToJson(reader.getRoot<msgport::wire::Status>()));
@@ -280,13 +286,17 @@ int Ps(bool json) {
       std::fprintf(stderr, "ulsp ps: pid %d did not answer: %s\n", pid, e.what());
     }
   }
+  if (!hidden.empty()) {
+    std::fprintf(stderr, "ulsp ps: not shown, as only their owners may ask them (run ulsp ps as root or as that user): "
+                 "pid %s\n", hidden.c_str());
+  }
   if (json) {
     // Names are bytes; what is not UTF-8 shows as U+FFFD (nlohmann would throw).
     std::printf("%s\n", all.dump(2, ' ', false, nlohmann::json::error_handler_t::replace).c_str());
     return 0;
   }
   if (all.empty()) {
-    std::printf("no ulsp process is serving anything\n");
+    if (hidden.empty()) std::printf("no ulsp process is serving anything\n");
     return 0;
   }
   std::printf("%-8s %-6s %-20s %s\n", "PID", "KIND", "STARTED", "COMMAND");
