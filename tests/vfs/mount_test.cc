@@ -999,7 +999,10 @@ TEST_F(CommandLineTest, AUserMountsTheirOwnTree) {
   ASSERT_EQ(Shell("mkdir -p " + home + "/src " + home + "/mnt && echo hi > " + home + "/src/f && chown -R nobody:nogroup " +
                   home),
             0);
-  const std::string as_nobody = "cd " + home + " && setpriv --reuid nobody --regid nogroup --clear-groups ";
+  // Their runtime directory, for `ulsp ps`, in their home here (XDG_RUNTIME_DIR), not
+  // /tmp/ulsp-65534 (the default without one), which would outlive the test.
+  const std::string as_nobody =
+      "cd " + home + " && setpriv --reuid nobody --regid nogroup --clear-groups env XDG_RUNTIME_DIR=" + home + " ";
   const std::string ulsp = std::string(ULSP_BIN);
   {
     DeviceMode closed(0600);  // a machine where FUSE is root's alone: said so
@@ -1020,6 +1023,21 @@ TEST_F(CommandLineTest, AUserMountsTheirOwnTree) {
   EXPECT_FALSE(Mounted(home + "/mnt"));
   EXPECT_EQ(Shell("for i in $(seq 100); do pgrep -u nobody -x ulsp >/dev/null || exit 0; sleep 0.05; done; exit 1"), 0)
       << "the server outlived its mount";
+  // A user's memfs is theirs to write in, in-process and isolated (its root was
+  // root's), and their own `ulsp ps` lists it (their runtime directory is their own:
+  // here $XDG_RUNTIME_DIR/ulsp; it was /run/ulsp, which a user may not write).
+  const std::string& xdg = as_nobody;
+  for (const char* isolated : {"", "--isolated "}) {
+    SCOPED_TRACE(isolated);
+    ASSERT_EQ(Output(xdg + ulsp + " mount " + isolated + "--stack memfs:1M mnt", true), "");
+    EXPECT_EQ(Output(as_nobody + "sh -c 'echo mine > mnt/f && stat -c %U:%G mnt mnt/f && cat mnt/f'"),
+              "nobody:nogroup\nnobody:nogroup\nmine\n");
+    EXPECT_NE(Output(xdg + ulsp + " ps", true).find(home + "/mnt"), std::string::npos) << Output(xdg + ulsp + " ps", true);
+    EXPECT_EQ(Output(xdg + ulsp + " umount mnt", true), "");
+    EXPECT_FALSE(Mounted(home + "/mnt"));
+  }
+  EXPECT_EQ(Shell("for i in $(seq 100); do pgrep -u nobody -x ulsp >/dev/null || exit 0; sleep 0.05; done; exit 1"), 0)
+      << "a server outlived its mount";
 }
 
 // A mount point's name is bytes, not always UTF-8 (here Latin-1's é). `ulsp ps

@@ -174,7 +174,10 @@ std::vector<std::filesystem::path> LiveEntries(const std::string& dir) {
 
 std::string RuntimeDir() {
   const char* dir = std::getenv("ULSP_RUNTIME_DIR");
-  return dir != nullptr && *dir != '\0' ? dir : "/run/ulsp";
+  if (dir != nullptr && *dir != '\0') return dir;
+  if (::geteuid() == 0) return "/run/ulsp";
+  if (const char* xdg = std::getenv("XDG_RUNTIME_DIR"); xdg != nullptr && xdg[0] == '/') return std::string(xdg) + "/ulsp";
+  return "/tmp/ulsp-" + std::to_string(::geteuid());  // MakeOwnDirectory refuses one another user made
 }
 
 std::expected<std::string, std::string> MakeRunDir() {

@@ -22,7 +22,9 @@
 
 namespace ulsp::core {
 
-// /run/ulsp, or $ULSP_RUNTIME_DIR.
+// $ULSP_RUNTIME_DIR; else root's /run/ulsp, or a user's own: $XDG_RUNTIME_DIR/ulsp
+// (/run/user/UID/ulsp under systemd), or /tmp/ulsp-UID without one. A user may not
+// write /run/ulsp, so their mounts were in no directory `ulsp ps` reads.
 std::string RuntimeDir();
 // Makes RuntimeDir()/PID, this process's directory there, and returns its path, or
 // says why it cannot. Both are 0755 whatever the umask (a passthrough layer sets 0),

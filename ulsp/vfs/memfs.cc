@@ -51,6 +51,10 @@ MemfsLayer::MemfsLayer(uint64_t capacity) : Layer(nullptr), capacity_(capacity) 
   root.in_use = true;
   root.nlookup = 1;
   root.st.st_mode = S_IFDIR | 0755;
+  // Whoever mounts it owns its root (as a user's tmpfs with uid=): a user's memfs is
+  // theirs to write in.
+  root.st.st_uid = ::geteuid();
+  root.st.st_gid = ::getegid();
   root.st.st_nlink = 2;
   root.st.st_ino = 1;
   root.st.st_blksize = kPage;
