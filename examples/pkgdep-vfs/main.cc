@@ -162,21 +162,14 @@ class KeptStdin {
     char buf[65536];
     off_t kept = 0;
     for (;;) {
-      const ssize_t n = ::read(0, buf, sizeof buf);
-      if (n == 0) break;
-      if (n < 0) {
-        if (errno == EINTR) continue;
-        return std::string("reading standard input to keep it for --confirm: ") + std::strerror(errno);
-      }
-      if ((kept += n) > kMax)
+      auto n = ulsp::Sys([&] { return ::read(0, buf, sizeof buf); });
+      if (!n) return "reading standard input to keep it for --confirm: " + n.error().Describe();
+      if (*n == 0) break;
+      if ((kept += *n) > kMax)
         return "standard input goes on past 1 GiB: --confirm gives every run the same input and keeps it for them "
                "(feed it from a file, or leave --confirm out)";
-      for (ssize_t done = 0; done < n;) {
-        const ssize_t w = ::write(file.get(), buf + done, static_cast<size_t>(n - done));
-        if (w < 0 && errno == EINTR) continue;
-        if (w < 0) return std::string("cannot keep standard input in /var/tmp for --confirm: ") + std::strerror(errno);
-        done += w;
-      }
+      if (auto w = ulsp::WriteAll(file.get(), {buf, static_cast<size_t>(*n)}); !w)
+        return "cannot keep standard input in /var/tmp for --confirm: " + w.error().Describe();
     }
     if (::dup2(file.get(), 0) < 0) return std::string("standard input: ") + std::strerror(errno);
     start_ = 0;
