@@ -335,6 +335,8 @@ std::expected<DpkgIndex, std::string> DpkgIndex::LoadPackages(const std::string&
     }
     finish();
   }
+  // dpkg's own package is of the native architecture (Architecture: all counts as it).
+  if (const Package* dpkg = index.Find("dpkg")) index.native_architecture_ = dpkg->architecture;
   return index;
 }
 
@@ -536,8 +538,7 @@ std::vector<const Package*> DpkgIndex::Satisfying(std::string_view name) const {
   // "NAME:i386" only that architecture's.
   const size_t colon = name.find(':');
   const std::string_view arch = colon == std::string_view::npos ? "" : name.substr(colon + 1);
-  const Package* dpkg = Find("dpkg");
-  const std::string_view native = dpkg != nullptr ? std::string_view(dpkg->architecture) : arch;
+  const std::string_view native = native_architecture_.empty() ? arch : std::string_view(native_architecture_);
   auto admits = [&](const Package& p) {
     if (arch.empty() || arch == "any") return true;
     if (arch == "native" || arch == native) return p.architecture == native || p.architecture == "all";

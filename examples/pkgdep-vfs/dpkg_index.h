@@ -89,6 +89,7 @@ class DpkgIndex {
   bool ReadCache(const std::string& file, uint64_t stamp);
   void WriteCache(const std::string& file, uint64_t stamp) const;
   std::string admin_dir_;
+  std::string native_architecture_;  // dpkg's ("" without it)
   uint64_t status_stamp_ = 0;  // of status as LoadPackages read it
   bool files_from_cache_ = false;
   std::map<std::string, Package, std::less<>> packages_;
