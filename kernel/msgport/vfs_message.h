@@ -164,9 +164,8 @@ struct VfsRequest {
 // Whether `r` makes an unnamed file, as open(2) with O_TMPFILE does: a create with
 // O_TMPFILE in its flags and no name. The file can be linked to a name later (unless
 // O_EXCL was given); unlinked, it goes when its last handle and lookup go.
-inline bool IsTmpfile(const VfsRequest& r) noexcept {
-  return r.op == VfsOp::kCreate && (r.flags & O_TMPFILE) == O_TMPFILE;
-}
+inline bool IsTmpfile(VfsOp op, int flags) noexcept { return op == VfsOp::kCreate && (flags & O_TMPFILE) == O_TMPFILE; }
+inline bool IsTmpfile(const VfsRequest& r) noexcept { return IsTmpfile(r.op, r.flags); }
 
 // Calls f(record, position) for each record of a readdir reply (`out`) in the kernel's
 // layout, `Record` being fuse_dirent (readdir) or fuse_direntplus (readdirplus); stops

@@ -307,16 +307,20 @@ int PassthroughLayer::LookupListed(VfsRequest& req, int dir_fd, uint64_t parent,
   return 0;
 }
 
-int PassthroughLayer::GiveToCaller(const VfsRequest& req, int parent_fd, const char* name) {
+int PassthroughLayer::GiveToCaller(const VfsRequest& req, int parent_fd, const char* name, int file_fd) {
   if (req.ctx.uid == 0 && req.ctx.gid == 0) return 0;
   struct stat parent_st {};
   if (int err = Errno0([&] { return ::fstat(parent_fd, &parent_st); })) return err;
   const gid_t gid = (parent_st.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : req.ctx.gid;
-  if (int err = Errno0([&] { return ::fchownat(parent_fd, name, req.ctx.uid, gid, AT_SYMLINK_NOFOLLOW); }))
+  if (int err = Errno0([&] {
+        return file_fd >= 0 ? ::fchown(file_fd, req.ctx.uid, gid) : ::fchownat(parent_fd, name, req.ctx.uid, gid, AT_SYMLINK_NOFOLLOW);
+      }))
     return err;
   // chown clears set-user-ID and set-group-ID bits; the caller asked for them.
   if ((req.mode & (S_ISUID | S_ISGID)) && !S_ISLNK(req.mode) && !S_ISDIR(req.mode))
-    return Errno0([&] { return ::fchmodat(parent_fd, name, req.mode & 07777, 0); });
+    return Errno0([&] {
+      return file_fd >= 0 ? ::fchmod(file_fd, req.mode & 07777) : ::fchmodat(parent_fd, name, req.mode & 07777, 0);
+    });
   return 0;
 }
 
@@ -394,14 +398,7 @@ int PassthroughLayer::Tmpfile(VfsRequest& req) {
   auto fd = Sys([&] { return ::openat(pfd, ".", (req.flags | O_CLOEXEC) & ~(O_PATH | O_CREAT | O_NOFOLLOW), req.mode); });
   if (!fd) return fd.error().value;
   UniqueFd file(*fd);
-  if (req.ctx.uid != 0 || req.ctx.gid != 0) {  // the caller's, as GiveToCaller makes a named file
-    struct stat parent_st {};
-    if (int err = Errno0([&] { return ::fstat(pfd, &parent_st); })) return err;
-    const gid_t gid = (parent_st.st_mode & S_ISGID) ? static_cast<gid_t>(-1) : req.ctx.gid;
-    if (int err = Errno0([&] { return ::fchown(file.get(), req.ctx.uid, gid); })) return err;
-    if (req.mode & (S_ISUID | S_ISGID))
-      if (int err = Errno0([&] { return ::fchmod(file.get(), req.mode & 07777); })) return err;
-  }
+  if (int err = GiveToCaller(req, pfd, nullptr, file.get())) return err;
   const ProcPath proc(file.get());
   auto node_fd = Sys([&] { return ::open(proc.c_str(), O_PATH | O_CLOEXEC); });
   if (!node_fd) return node_fd.error().value;

@@ -119,8 +119,9 @@ class PassthroughLayer final : public Layer {
   // returns the descriptor when it was not kept. Under table_mu_.
   UniqueFd Keep(Node& n, UniqueFd fd);
   void Forget(uint64_t node, uint64_t count);
-  // Gives a node just created to the caller (see the class comment).
-  int GiveToCaller(const VfsRequest& req, int parent_fd, const char* name);
+  // Gives a node just created to the caller (see the class comment): `name` in
+  // `parent_fd`, or the open file `file_fd` (an O_TMPFILE one, which has no name).
+  int GiveToCaller(const VfsRequest& req, int parent_fd, const char* name, int file_fd = -1);
 
   int GetAttr(VfsRequest& req);
   int SetAttr(VfsRequest& req);

@@ -82,9 +82,9 @@ std::string TraceLayer::Format(const Record& r) {
   // ENOSYS to a handleless opendir tells the kernel to list without handles: for the
   // program, its opendir succeeded (and the kernel sends no more of them).
   const char* result = r.err == 0 || r.listed_without_handle ? "ok" : strerrorname_np(r.err);
-  const bool tmpfile = r.op == VfsOp::kCreate && (r.flags & O_TMPFILE) == O_TMPFILE;
   std::string line = LineStart(r.time) + fmt::format(R"(,"pid":{},"uid":{},"op":"{}","path":{})", r.pid, r.uid,
-                                                     tmpfile ? "tmpfile" : msgport::VfsOpName(r.op), JsonQuote(r.path));
+                                                     IsTmpfile(r.op, r.flags) ? "tmpfile" : msgport::VfsOpName(r.op),
+                                                     JsonQuote(r.path));
   if (!r.path2.empty()) line += fmt::format(R"(,"to":{})", JsonQuote(r.path2));
   if (r.op == VfsOp::kOpen || r.op == VfsOp::kCreate) {
     const int access = r.flags & O_ACCMODE;
