@@ -71,25 +71,18 @@ std::unique_ptr<ViewLayer> ViewLayer::FromPredicate(std::function<bool(std::stri
 
 bool ViewLayer::Visible(std::string_view path) const {
   if (predicate_) return path == "/" || predicate_(path);
-  if (path == "/" || admitted_.contains("/")) return true;
-  std::string key(path);
-  if (ancestors_.contains(key)) return true;
-  // The path itself or any directory above it listed.
-  for (;;) {
-    if (admitted_.contains(key)) return true;
-    const size_t slash = key.rfind('/');
-    if (slash == 0 || slash == std::string::npos) return false;
-    key.resize(slash);
-  }
+  return path == "/" || ancestors_.contains(path) || AdmitsBelow(path);
 }
 
 bool ViewLayer::AdmitsBelow(std::string_view dir) const {
   if (predicate_) return Visible(dir);
-  for (std::string key(dir);;) {
-    if (admitted_.contains(key) || admitted_.contains("/")) return true;
+  if (admitted_.contains("/")) return true;
+  // `dir` itself or any directory above it listed.
+  for (std::string_view key = dir;;) {
+    if (admitted_.contains(key)) return true;
     const size_t slash = key.rfind('/');
-    if (slash == 0 || slash == std::string::npos) return false;
-    key.resize(slash);
+    if (slash == 0 || slash == std::string_view::npos) return false;
+    key = key.substr(0, slash);
   }
 }
 

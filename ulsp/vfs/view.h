@@ -49,8 +49,15 @@ class ViewLayer final : public Layer {
   // The path a name operation would make or touch.
   std::string ChildPath(uint64_t parent, std::string_view name) const { return JoinPath(PathOf(parent), name); }
 
-  std::unordered_set<std::string> admitted_;   // listed paths: themselves and beneath
-  std::unordered_set<std::string> ancestors_;  // directories on the way to them
+  // Looked up by string_view, with no copy of the path (a lookup asks for each
+  // directory above it).
+  struct PathHash {
+    using is_transparent = void;
+    size_t operator()(std::string_view s) const noexcept { return std::hash<std::string_view>{}(s); }
+  };
+  using PathSet = std::unordered_set<std::string, PathHash, std::equal_to<>>;
+  PathSet admitted_;   // listed paths: themselves and beneath
+  PathSet ancestors_;  // directories on the way to them
   std::function<bool(std::string_view)> predicate_;  // instead of the list, when set
 };
 
