@@ -235,24 +235,13 @@ int MemfsLayer::SetAttr(VfsRequest& req) {
 }
 
 int MemfsLayer::Make(VfsRequest& req) {
-  if (IsTmpfile(req)) {  // a file in no directory, until a link gives it a name
-    std::unique_lock lock(mu_);
-    Node* dir = Get(req.node);
-    if (dir == nullptr) return ESTALE;
-    if (!S_ISDIR(dir->st.st_mode)) return ENOTDIR;
-    const uint64_t id = NewNode(req, *dir, S_IFREG | (req.mode & 07777));
-    Get(id)->st.st_nlink = 0;
-    Fill(req.entry, id, req);
-    req.open = {};
-    req.open.fh = (req.flags & O_APPEND) ? 1 : 0;
-    return 0;
-  }
-  if (int err = MakeableName(req.name)) return err;
+  const bool unnamed = IsTmpfile(req);  // a file in no directory, until a link gives it a name
+  if (int err = unnamed ? 0 : MakeableName(req.name)) return err;
   std::unique_lock lock(mu_);
   Node* dir = Get(req.node);
   if (dir == nullptr) return ESTALE;
   if (!S_ISDIR(dir->st.st_mode)) return ENOTDIR;
-  if (dir->children.contains(req.name)) {
+  if (!unnamed && dir->children.contains(req.name)) {
     if (req.op == VfsOp::kCreate && !(req.flags & O_EXCL)) {
       // create of an existing name opens it (the kernel usually looks up first).
       const uint64_t id = dir->by_cookie[dir->children[req.name]].second;
@@ -283,7 +272,11 @@ int MemfsLayer::Make(VfsRequest& req) {
     n.target = req.name2;
     n.st.st_size = static_cast<off_t>(req.name2.size());
   }
-  Link(*dir, dir_id, req.name, id);
+  if (unnamed) {
+    n.st.st_nlink = 0;
+  } else {
+    Link(*dir, dir_id, req.name, id);
+  }
   if (S_ISDIR(mode)) ++dir->st.st_nlink;
   Fill(req.entry, id, req);
   if (req.op == VfsOp::kCreate) {

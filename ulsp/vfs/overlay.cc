@@ -460,29 +460,19 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
 int OverlayLayer::Make(VfsRequest& req) {
   ONode p;
   if (!Get(req.node, &p)) return ESTALE;
-  if (IsTmpfile(req)) {  // made in the upper copy of the directory; it has no name to hide
-    uint64_t pu = 0;
-    if (int err = CopyUp(req, req.node, &pu)) return err;
-    VfsRequest s = req;
-    s.node = pu;
-    if (int err = upper_->Serve(s)) return err;
-    TakeResults(req, s);
-    const uint64_t id = Register(req.node, "", s.entry.ino, 0, false, false);
-    req.entry.ino = id;
-    req.entry.generation = GenerationOf(id);
-    req.open.fh = (s.open.fh << 1) | 1;
-    return 0;
-  }
+  // An O_TMPFILE file is made in the upper copy of the directory too; it has no name
+  // that could exist already, be below or be whited out.
+  const bool unnamed = IsTmpfile(req);
   fuse_entry_param existing;
-  if (Lookup(req, req.node, req.name, existing) == 0) {
+  if (!unnamed && Lookup(req, req.node, req.name, existing) == 0) {
     Drop(existing.ino, 1);
     return EEXIST;
   }
   uint64_t pu = 0;
   if (int err = CopyUp(req, req.node, &pu)) return err;
   Get(req.node, &p);
-  const bool below = InLower(req, p, req.name);
-  if (int err = RemoveWhiteout(req, pu, req.name)) return err;
+  const bool below = !unnamed && InLower(req, p, req.name);
+  if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;
   VfsRequest s = req;
   s.node = pu;
   if (int err = upper_->Serve(s)) return err;
