@@ -140,8 +140,7 @@ bool FuseLoop::Lead(unsigned id, void* raw_buf) {
     }
     busy_since_ns_.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
-    TmpfileAsCreate(*buf);
-    fuse_session_process_buf(session_, buf);
+    ProcessRequest(session_, *buf);
     if (leader_.load() != me) return true;  // the watchdog gave the lead away
     busy_since_ns_.store(0, std::memory_order_relaxed);
   }
@@ -248,15 +247,18 @@ void FuseLoop::Rest(Reader& self) noexcept {
   self.resting.store(false, std::memory_order_relaxed);
 }
 
-void TmpfileAsCreate(fuse_buf& buf) noexcept {
+void ProcessRequest(fuse_session* session, fuse_buf& buf) noexcept {
   constexpr uint32_t kTmpfile = 51;  // FUSE_TMPFILE, which libfuse 3.14's header lacks
-  if ((buf.flags & FUSE_BUF_IS_FD) != 0 || buf.mem == nullptr || buf.size < sizeof(fuse_in_header)) return;
-  auto* opcode = static_cast<char*>(buf.mem) + offsetof(fuse_in_header, opcode);
-  uint32_t op;
-  std::memcpy(&op, opcode, sizeof op);
-  if (op != kTmpfile) return;
-  op = FUSE_CREATE;
-  std::memcpy(opcode, &op, sizeof op);
+  if ((buf.flags & FUSE_BUF_IS_FD) == 0 && buf.mem != nullptr && buf.size >= sizeof(fuse_in_header)) {
+    auto* opcode = static_cast<char*>(buf.mem) + offsetof(fuse_in_header, opcode);
+    uint32_t op;
+    std::memcpy(&op, opcode, sizeof op);
+    if (op == kTmpfile) {
+      op = FUSE_CREATE;
+      std::memcpy(opcode, &op, sizeof op);
+    }
+  }
+  fuse_session_process_buf(session, &buf);
 }
 
 bool FuseLoop::ProgramWaits(const fuse_buf& buf) noexcept {
@@ -317,8 +319,7 @@ void FuseLoop::Read(Reader& self, int cpu, size_t index) {
     self.busy_since_ns.store(NowNs(), std::memory_order_relaxed);
     watchdog_->Wake();
     const bool waits = ProgramWaits(buf);
-    TmpfileAsCreate(buf);
-    fuse_session_process_buf(session_, &buf);
+    ProcessRequest(session_, buf);
     if (options_.replies_due != nullptr) {
       if (waits) {
         AwaitReplies();

@@ -78,12 +78,14 @@ struct fuse_buf;
 
 namespace ulsp::msgport {
 
-// FUSE_TMPFILE (an open(2) with O_TMPFILE; Linux 6.1) is a FUSE_CREATE in all but its
-// opcode: the same fuse_create_in, then the name "/", which no create can carry, and
-// the same reply. libfuse 3.14 knows no TMPFILE and would answer ENOSYS (the kernel
-// then answers EOPNOTSUPP for the mount's life), so a request read into `buf` is
-// handed to libfuse as a create, and FuseShim serves a create of "/" as a tmpfile.
-void TmpfileAsCreate(fuse_buf& buf) noexcept;
+// Hands a request read from the kernel into `buf` to libfuse (fuse_session_process_buf),
+// which every reader (the loop's and io_uring's) does through here. FUSE_TMPFILE (an
+// open(2) with O_TMPFILE; Linux 6.1) is a FUSE_CREATE in all but its opcode: the same
+// fuse_create_in, then the name "/", which no create can carry, and the same reply.
+// libfuse 3.14 knows no TMPFILE and would answer ENOSYS (the kernel then answers
+// EOPNOTSUPP for the mount's life), so it goes to libfuse as a create, and FuseShim
+// serves a create of "/" as a tmpfile.
+void ProcessRequest(fuse_session* session, fuse_buf& buf) noexcept;
 
 class Port;
 

@@ -595,7 +595,7 @@ struct FuseOps {
     if (!m) return;
     m->req.mode = mode;
     m->req.flags = fi->flags;
-    if (std::string_view(name) == "/") {  // a FUSE_TMPFILE (TmpfileAsCreate)
+    if (std::string_view(name) == "/") {  // a FUSE_TMPFILE (ProcessRequest)
       m->req.flags = (fi->flags & ~O_CREAT) | O_TMPFILE;
     } else {
       m->req.name = name;

@@ -509,8 +509,7 @@ void FuseUring::Handle(Queue& q, Entry& e) {
   fuse_buf buf{};
   buf.mem = start;
   buf.size = in.len;
-  TmpfileAsCreate(buf);
-  fuse_session_process_buf(session_, &buf);
+  ProcessRequest(session_, buf);
 }
 
 bool FuseUring::Reply(const iovec* iov, int count, ssize_t* written) noexcept {
