@@ -152,16 +152,43 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
       return err;
     }
     case VfsOp::kOpen: {
+      // Opened for writing, the file is written by its first write (below), not by
+      // the open; truncating it writes it at once.
+      const bool writable = (req.flags & O_ACCMODE) != O_RDONLY && !(req.flags & O_TRUNC);
+      if (writable) req.kernel_io_ok = false;
       const int err = Down(req);
       if (err != 0) return err;
       Use use = Use::kOpened;
       if (req.flags & kExecFlag) {
         use = Use::kExecuted;
-      } else if ((req.flags & O_ACCMODE) != O_RDONLY || (req.flags & O_TRUNC)) {
+      } else if (req.flags & O_TRUNC) {
         use = Use::kWritten;
       }
-      Note(PathOf(req.node), use, false, pid);
+      std::string path = PathOf(req.node);
+      Note(path, use, false, pid);
+      if (writable) {
+        std::lock_guard lock(unwritten_mu_);
+        unwritten_.insert_or_assign(req.open.fh, Opener{std::move(path), pid});
+      }
       return 0;
+    }
+    case VfsOp::kWrite:
+    case VfsOp::kFallocate: {
+      const int err = Down(req);
+      if (err == 0) Wrote(req.fh);
+      return err;
+    }
+    case VfsOp::kCopyFileRange: {
+      const int err = Down(req);
+      if (err == 0) Wrote(req.fh2);
+      return err;
+    }
+    case VfsOp::kRelease: {
+      {
+        std::lock_guard lock(unwritten_mu_);
+        unwritten_.erase(req.fh);
+      }
+      return Down(req);
     }
     case VfsOp::kCreate:
     case VfsOp::kMkNod:
@@ -198,6 +225,14 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
   }
 } catch (const std::bad_alloc&) {
   return ENOMEM;
+}
+
+void RecordLayer::Wrote(uint64_t fh) {
+  std::lock_guard lock(unwritten_mu_);
+  const auto it = unwritten_.find(fh);
+  if (it == unwritten_.end()) return;  // written already, or made by this command
+  Note(it->second.path, Use::kWritten, false, it->second.pid);
+  unwritten_.erase(it);
 }
 
 std::map<std::string, Touch> Recording::Snapshot() const {

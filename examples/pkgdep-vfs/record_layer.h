@@ -98,7 +98,18 @@ class RecordLayer final : public ulsp::vfs::Layer {
 
  private:
   void Note(const std::string& path, Use use, bool dir, pid_t pid) { rec_->Note(path, use, dir, pid); }
+  void Wrote(uint64_t fh);  // a write, fallocate or copy into handle `fh`
+
   std::shared_ptr<Recording> rec_;
+  // Handles opened for writing that have not written yet: a file opened read-write
+  // and left as it was is an input, not the command's output. (Their reads and
+  // writes come through this layer, not the kernel's passthrough.)
+  struct Opener {
+    std::string path;
+    pid_t pid;
+  };
+  std::mutex unwritten_mu_;
+  std::unordered_map<uint64_t, Opener> unwritten_;  // by handle
 };
 
 }  // namespace pkgdep

@@ -235,6 +235,27 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
       << r.out;
 }
 
+// A file opened for writing is written by a write, not by the open: one opened
+// read-write and only read (a database a program opens "r+" and reads) is an input,
+// worth a look if no package owns it. Once, every file opened for writing was listed
+// as the command's output, hiding the inputs among them.
+TEST_F(PkgdepTest, AFileOpenedForWritingButLeftAsItWasIsAnInputNotOutput) {
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
+  ASSERT_EQ(Shell("echo settings > " + work + "/kept && echo log > " + work + "/changed"), 0);
+  auto r = Check("--deps coreutils,dash -- sh -c 'exec 3<>" + work + "/kept && cat <&3 && echo more >> " + work +
+                 "/changed'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(Output("cat " + work + "/kept " + work + "/changed"), "settings\nlog\nmore\n");
+  ASSERT_EQ(r.json["unowned"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["unowned"][0]["path"], work + "/kept");
+  EXPECT_EQ(r.json["unowned"][0]["use"], "opened");
+  ASSERT_EQ(r.json["written"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["written"][0]["path"], work + "/changed");
+  EXPECT_EQ(r.json["written"][0]["argv"], "sh -c exec 3<>" + work + "/kept && cat <&3 && echo more >> " + work +
+                                              "/changed");
+}
+
 // A file made with O_TMPFILE has no name until a link gives it one: what was written
 // is the linked name, not the directory it was made in (nor an empty path).
 TEST_F(PkgdepTest, AnUnnamedFileCountsAsWrittenUnderTheNameItIsLinkedTo) {
