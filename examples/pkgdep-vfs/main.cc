@@ -423,6 +423,12 @@ int Check(const std::string& package, const std::string& deps, const std::string
   if (!files) return Fail(files.error());
   const DpkgIndex& idx = *index;
   report.closure = *closure;
+  // The command runs in pkgdep-vfs's working directory. A tree no package owns (a
+  // source tree, not /, /usr or /etc) is the command's own.
+  std::error_code cwd_error;
+  if (const std::string cwd = std::filesystem::current_path(cwd_error).string();
+      !cwd_error && cwd != "/" && idx.Owners(cwd).empty())
+    report.own_tree = cwd;
   Attribute(idx, first.record, allow, report);
 
   // A check stopped by ^C (or SIGTERM, SIGHUP) reports what it saw, confirms nothing

@@ -89,8 +89,12 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
     if (owners.empty()) {
       // What the command wrote is its own output (a build's objects, a repository it
       // made), not a dependency: listed apart.
+      // What it read from its working directory's tree, when no package owns that,
+      // is its own too (a build's sources, a test suite's data): counted, not listed.
       if (touch.use == Use::kWritten) {
         report.written.push_back({path, touch});
+      } else if (IsUse(touch.use) && !report.own_tree.empty() && path.starts_with(report.own_tree + "/")) {
+        ++report.own_files;
       } else if (IsUse(touch.use) && !Allowed(path, allow)) {
         report.unowned.push_back({path, touch});
       }
@@ -197,6 +201,9 @@ std::string Report::Text() const {
     }
     if (unowned.size() > 12) out << "  ... and " << unowned.size() - 12 << " more\n";
   }
+  if (own_files != 0)
+    out << "\nUsed from the working directory " << own_tree << ", owned by no package (the command's own, not listed): "
+        << own_files << " file" << (own_files == 1 ? "" : "s") << "\n";
   if (!written.empty()) {
     out << "\nWritten by the command, owned by no package (its output, not dependencies) (" << written.size() << "):\n";
     for (size_t i = 0; i < written.size() && i < 5; ++i) out << "  " << written[i].path << "\n";
@@ -254,6 +261,8 @@ std::string Report::Json() const {
   j["probed_only"] = ByPackageJson(probed);
   j["unowned"] = FindingsJson(unowned);
   j["written"] = FindingsJson(written);
+  j["own_tree"] = own_tree.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(own_tree);
+  j["own_files"] = own_files;
   j["untouched"] = untouched;
   j["confirmed"] = confirmed;
   if (interrupted_by != 0) j["interrupted"] = Interruption();

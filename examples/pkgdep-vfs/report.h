@@ -37,6 +37,8 @@ struct Report {
   std::vector<HiddenDirectory> hidden_directories;          // enforce: directories looked for, but hidden
   std::vector<Finding> unowned;                             // used, owned by no package
   std::vector<Finding> written;                             // written by the command, owned by no package
+  std::string own_tree;  // the command's working directory when no package owns it ("" if one does)
+  size_t own_files = 0;  // files of own_tree used, owned by no package: the command's own, not listed
   std::vector<std::string> untouched;                       // declared (not for being essential), never used
   size_t paths = 0;                                         // paths seen in all
   std::map<std::string, std::string> confirmed;             // --confirm: package -> hard, soft, none
@@ -56,7 +58,8 @@ struct Report {
 // prefixes; "*/__pycache__/" matches anywhere. Extended by --allow-unowned.
 std::vector<std::string> DefaultUnownedAllowList();
 
-// Attributes what `record` saw. `allow` lists unowned paths not to report.
+// Attributes what `record` saw. `allow` lists unowned paths not to report; files
+// under `report.own_tree` (when set) are counted, not listed.
 void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& record,
                const std::vector<std::string>& allow, Report& report);
 

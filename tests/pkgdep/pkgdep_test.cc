@@ -25,8 +25,10 @@ struct Result {
 
 class PkgdepTest : public ::testing::Test {
  protected:
-  Result Check(const std::string& args) {
-    const int status = Shell(kPkgdep + " check " + args.substr(0, args.find(" -- ")) + " --json " + dir_ / "r.json" +
+  // Runs pkgdep-vfs check ARGS from `cwd` (by default "/", which packages own: no
+  // file is the command's own).
+  Result Check(const std::string& args, const std::string& cwd = "/") {
+    const int status = Shell("cd " + cwd + " && " + kPkgdep + " check " + args.substr(0, args.find(" -- ")) + " --json " + dir_ / "r.json" +
                              args.substr(args.find(" -- ")) + " > " + dir_ / "out" + " 2> " + dir_ / "err");
     Result r{status, Output("cat " + dir_ / "out"), Output("cat " + dir_ / "err"), nullptr};
     std::ifstream in(dir_ / "r.json");
@@ -254,6 +256,32 @@ TEST_F(PkgdepTest, AFileOpenedForWritingButLeftAsItWasIsAnInputNotOutput) {
   EXPECT_EQ(r.json["written"][0]["path"], work + "/changed");
   EXPECT_EQ(r.json["written"][0]["argv"], "sh -c exec 3<>" + work + "/kept && cat <&3 && echo more >> " + work +
                                               "/changed");
+}
+
+// A build reads its own sources: files under its working directory, which no package
+// owns. Once, each was listed as "used, owned by no package", burying what the build
+// read from elsewhere. A working directory a package owns (/, /etc) is no one's own.
+TEST_F(PkgdepTest, FilesOfTheWorkingDirectorysTreeAreTheCommandsOwn) {
+  const std::string work = WorkDir(), other = WorkDir();
+  ASSERT_FALSE(work.empty() || other.empty());
+  ASSERT_EQ(Dpkg("-S " + work), "");
+  ASSERT_EQ(Shell("mkdir " + work + "/src && echo a > " + work + "/src/a.c && echo b > " + other + "/b.h"), 0);
+  const std::string command = "--deps coreutils -- cat src/a.c " + other + "/b.h";
+  auto r = Check(command, work);
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.json["own_tree"], work);
+  EXPECT_EQ(r.json["own_files"], 1);
+  ASSERT_EQ(r.json["unowned"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["unowned"][0]["path"], other + "/b.h");
+  EXPECT_NE(r.out.find("\nUsed from the working directory " + work +
+                       ", owned by no package (the command's own, not listed): 1 file\n"),
+            std::string::npos)
+      << r.out;
+  ASSERT_TRUE(Dpkg("-S /etc").ends_with(": /etc\n"));
+  r = Check("--deps coreutils -- cat " + work + "/src/a.c", "/etc");
+  EXPECT_TRUE(r.json["own_tree"].is_null()) << r.out;
+  ASSERT_EQ(r.json["unowned"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["unowned"][0]["path"], work + "/src/a.c");
 }
 
 // A file made with O_TMPFILE has no name until a link gives it one: what was written
