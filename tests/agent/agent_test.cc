@@ -297,5 +297,54 @@ TEST(AgentCommandLine, BadExportsAreRefusedBeforeItListens) {
             "trace:LOG, view:ALLOWLIST)\n");
 }
 
+// The TLS files are checked before anything connects or listens. Once, a file that
+// was no certificate gave "TLS: no start line", and a key of another certificate
+// made the peer hang up ("ssl connection ended during write"), naming no file.
+TEST(AgentCommandLine, TlsFilesThatCannotWorkAreNamedBeforeAnythingConnects) {
+  TempDir dir;
+  const std::string d = dir.path() + "/";
+  const std::string ec = " -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes ";
+  auto make = [&](const std::string& name, const std::string& dates) {
+    return "openssl req" + ec + "-subj /CN=" + name + " -keyout " + d + name + ".key -out " + d + name +
+           ".csr 2>/dev/null && openssl ca -batch -config " + d + "ca.cnf -cert " + d + "ca.pem -keyfile " + d +
+           "ca.key -in " + d + name + ".csr -out " + d + name + ".pem " + dates + " 2>/dev/null";
+  };
+  ASSERT_EQ(Shell("cd " + d + " && openssl req -x509" + ec + "-days 2 -subj /CN=ca -keyout ca.key -out ca.pem 2>/dev/null && "
+                  "mkdir db && touch db/index.txt && echo 01 > db/serial && printf '[ca]\\ndefault_ca=d\\n[d]\\n"
+                  "database=" + d + "db/index.txt\\nnew_certs_dir=" + d + "db\\nserial=" + d + "db/serial\\n"
+                  "default_md=sha256\\npolicy=p\\n[p]\\ncommonName=supplied\\n' > ca.cnf"),
+            0);
+  ASSERT_EQ(Shell(make("a", "-days 2") + " && " + make("b", "-days 2") + " && " +
+                  make("old", "-startdate 20200101000000Z -enddate 20200201000000Z") + " && " +
+                  make("later", "-startdate 20990101000000Z -enddate 20990201000000Z") + " && echo junk > " + d +
+                  "junk.pem && chmod 600 " + d + "*.key " + d + "junk.pem && mkdir " + d + "mnt"),
+            0);
+  auto mount = [&](const std::string& cert, const std::string& key, const std::string& ca) {
+    return Output("timeout 10 " + std::string(ULSP_BIN) + " mount --remote 127.0.0.1:1/src --tls-cert " + d + cert +
+                      " --tls-key " + d + key + " --tls-ca " + d + ca + " " + d + "mnt",
+                  true);
+  };
+  EXPECT_EQ(mount("junk.pem", "a.key", "ca.pem"),
+            "ulsp mount: --tls-cert " + d + "junk.pem: not a PEM certificate (-----BEGIN CERTIFICATE-----)\n");
+  EXPECT_EQ(mount("a.pem", "a.key", "junk.pem"),
+            "ulsp mount: --tls-ca " + d + "junk.pem: not a PEM certificate (-----BEGIN CERTIFICATE-----)\n");
+  EXPECT_EQ(mount("a.pem", "junk.pem", "ca.pem"), "ulsp mount: --tls-key " + d +
+                                                      "junk.pem: not a PEM private key without a passphrase "
+                                                      "(-----BEGIN PRIVATE KEY-----)\n");
+  EXPECT_EQ(mount("a.pem", "b.key", "ca.pem"),
+            "ulsp mount: --tls-key " + d + "b.key is not the private key of --tls-cert " + d + "a.pem\n");
+  EXPECT_EQ(mount("old.pem", "old.key", "ca.pem"),
+            "ulsp mount: --tls-cert " + d + "old.pem expired on Feb  1 00:00:00 2020 GMT\n");
+  EXPECT_EQ(mount("later.pem", "later.key", "ca.pem"),
+            "ulsp mount: --tls-cert " + d + "later.pem is not valid before Jan  1 00:00:00 2099 GMT\n");
+  // Good files get as far as connecting (nothing listens on port 1).
+  EXPECT_NE(mount("a.pem", "a.key", "ca.pem").find("connecting to 127.0.0.1:1"), std::string::npos);
+  EXPECT_EQ(Output("grep -c ' fuse.ulsp ' /proc/self/mountinfo"), "0\n");
+  EXPECT_EQ(Output("timeout 5 " + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:1 --export src=memfs:1M --tls-cert " +
+                       d + "b.pem --tls-key " + d + "a.key --tls-ca " + d + "ca.pem",
+                   true),
+            "ulsp agent: --tls-key " + d + "a.key is not the private key of --tls-cert " + d + "b.pem\n");
+}
+
 }  // namespace
 }  // namespace ulsp::testing

@@ -33,6 +33,7 @@
 #include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_codec.h"
 #include "ulsp/core/registry.h"
+#include "ulsp/core/tls_files.h"
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::core {
@@ -398,15 +399,11 @@ int ServeAgent(const AgentOptions& options) {
     if (shared.token.empty()) return fail(options.token_file + ": the token is empty");
   }
   const bool tls = !options.tls_cert.empty() || !options.tls_key.empty() || !options.tls_ca.empty();
-  std::string cert, key, ca;
+  TlsFiles tls_files;
   if (tls) {
-    if (options.tls_cert.empty() || options.tls_key.empty() || options.tls_ca.empty())
-      return fail("TLS needs --tls-cert, --tls-key and --tls-ca together");
-    if (!ReadWholeFile(options.tls_cert, cert)) return fail(options.tls_cert + ": " + std::strerror(errno));
-    auto secret = ReadSecretFile(options.tls_key);
-    if (!secret) return fail(secret.error());
-    key = std::move(*secret);
-    if (!ReadWholeFile(options.tls_ca, ca)) return fail(options.tls_ca + ": " + std::strerror(errno));
+    auto read = ReadTlsFiles(options.tls_cert, options.tls_key, options.tls_ca);
+    if (!read) return fail(read.error());
+    tls_files = std::move(*read);
   }
   ::signal(SIGPIPE, SIG_IGN);
   sigset_t stop;
@@ -425,8 +422,9 @@ int ServeAgent(const AgentOptions& options) {
     kj::Vector<kj::TlsCertificate> trusted;
     if (tls) {
       try {
-        keypair = kj::heap<kj::TlsKeypair>(kj::TlsKeypair{kj::TlsPrivateKey(key.c_str()), kj::TlsCertificate(cert.c_str())});
-        trusted.add(kj::TlsCertificate(ca.c_str()));
+        keypair = kj::heap<kj::TlsKeypair>(
+            kj::TlsKeypair{kj::TlsPrivateKey(tls_files.key.c_str()), kj::TlsCertificate(tls_files.cert.c_str())});
+        trusted.add(kj::TlsCertificate(tls_files.ca.c_str()));
       } catch (const kj::Exception& e) {
         return fail("TLS: " + msgport::DescribeKjError(e));
       }

@@ -25,6 +25,7 @@
 #include "ulsp/core/isolated.h"
 #include "ulsp/core/registry.h"
 #include "ulsp/core/remote_source.h"
+#include "ulsp/core/tls_files.h"
 #include "ulsp/vfs/stack.h"
 
 namespace ulsp::core {
@@ -78,14 +79,11 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
   }
   const bool tls = !args.tls_cert.empty() || !args.tls_key.empty() || !args.tls_ca.empty();
   if (tls) {
-    if (args.tls_cert.empty() || args.tls_key.empty() || args.tls_ca.empty())
-      return std::unexpected("TLS needs --tls-cert, --tls-key and --tls-ca together");
-    for (auto [path, into] : {std::pair{&args.tls_cert, &o.tls_cert}, std::pair{&args.tls_ca, &o.tls_ca}}) {
-      if (!ReadWholeFile(*path, *into)) return std::unexpected(*path + ": " + std::strerror(errno));
-    }
-    auto key = ReadSecretFile(args.tls_key);
-    if (!key) return std::unexpected(key.error());
-    o.tls_key = std::move(*key);
+    auto files = ReadTlsFiles(args.tls_cert, args.tls_key, args.tls_ca);
+    if (!files) return std::unexpected(files.error());
+    o.tls_cert = std::move(files->cert);
+    o.tls_key = std::move(files->key);
+    o.tls_ca = std::move(files->ca);
     o.tls_server_name = args.tls_name;
   } else if (!args.tls_name.empty()) {
     return std::unexpected("--tls-name goes with --tls-cert, --tls-key and --tls-ca");
