@@ -245,8 +245,12 @@ void RemotePort::Run() {
         }
         loop.stack = reply.getStack();
       } catch (const kj::Exception& e) {
-        const std::string how = loop.tls ? "TLS with " + peer_ + ": the agent closed the connection (" : "the agent at " + peer_ + " closed the connection (";
-        finish(e.getType() == kj::Exception::Type::DISCONNECTED ? how + DescribeKjError(e) + ")"
+        // An agent with mutual TLS hangs up on a client that starts without: it reads
+        // the client's first bytes as a bad handshake.
+        const std::string how = loop.tls ? "TLS with " + peer_ + ": the agent closed the connection (" + DescribeKjError(e) + ")"
+                                         : "the agent at " + peer_ + " closed the connection (" + DescribeKjError(e) +
+                                               "): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca";
+        finish(e.getType() == kj::Exception::Type::DISCONNECTED ? how
                                                                 : "the agent at " + peer_ + " refused: " + DescribeKjError(e));
         return;
       }

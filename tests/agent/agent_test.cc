@@ -261,6 +261,12 @@ TEST_F(TwoHosts, MutualTlsAdmitsTheRightCertificatesOnly) {
   // An agent the client does not trust (the client trusts the other CA).
   EXPECT_EQ(Mount(Tls("client", "other"), &err), 1);
   EXPECT_NE(err.find("TLS"), std::string::npos) << err;
+  // A client without TLS: the agent hangs up, and the client says what may be missing.
+  EXPECT_EQ(Mount("", &err), 1);
+  EXPECT_NE(err.find("closed the connection (Peer disconnected.): if it asks for mutual TLS, give --tls-cert, --tls-key "
+                     "and --tls-ca\n"),
+            std::string::npos)
+      << err;
   const std::string log = Output("cat " + dir_ / "agent.log");
   EXPECT_NE(log.find("refused " + subnet_ + "1"), std::string::npos) << log;
 }
