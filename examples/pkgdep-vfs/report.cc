@@ -88,9 +88,8 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
     const std::vector<std::string> owners = index.Owners(path);
     if (owners.empty()) {
       // What the command wrote is its own output (a build's objects, a repository it
-      // made), not a dependency: listed apart.
-      // What it read from its working directory's tree, when no package owns that,
-      // is its own too (a build's sources, a test suite's data): counted, not listed.
+      // made), not a dependency: listed apart. What it used from its working tree
+      // (own_tree) is its own too (a build's sources): counted, not listed.
       if (touch.use == Use::kWritten) {
         report.written.push_back({path, touch});
       } else if (IsUse(touch.use) && !report.own_tree.empty() && path.starts_with(report.own_tree + "/")) {

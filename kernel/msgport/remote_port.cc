@@ -247,11 +247,15 @@ void RemotePort::Run() {
       } catch (const kj::Exception& e) {
         // An agent with mutual TLS hangs up on a client that starts without: it reads
         // the client's first bytes as a bad handshake.
-        const std::string how = loop.tls ? "TLS with " + peer_ + ": the agent closed the connection (" + DescribeKjError(e) + ")"
-                                         : "the agent at " + peer_ + " closed the connection (" + DescribeKjError(e) +
-                                               "): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca";
-        finish(e.getType() == kj::Exception::Type::DISCONNECTED ? how
-                                                                : "the agent at " + peer_ + " refused: " + DescribeKjError(e));
+        const std::string why = DescribeKjError(e);
+        if (e.getType() != kj::Exception::Type::DISCONNECTED) {
+          finish("the agent at " + peer_ + " refused: " + why);
+        } else if (loop.tls) {
+          finish("TLS with " + peer_ + ": the agent closed the connection (" + why + ")");
+        } else {
+          finish("the agent at " + peer_ + " closed the connection (" + why +
+                 "): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca");
+        }
         return;
       }
     }

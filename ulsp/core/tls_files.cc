@@ -67,7 +67,8 @@ std::expected<TlsFiles, std::string> ReadTlsFiles(const std::string& cert_path, 
   if (!pkey)
     return std::unexpected("--tls-key " + key_path +
                            ": not a PEM private key without a passphrase (-----BEGIN PRIVATE KEY-----)");
-  if (X509_check_private_key(cert.get(), pkey.get()) != 1) return std::unexpected("--tls-key " + key_path + " is not the private key of --tls-cert " + cert_path);
+  if (X509_check_private_key(cert.get(), pkey.get()) != 1)
+    return std::unexpected("--tls-key " + key_path + " is not the private key of --tls-cert " + cert_path);
   if (X509_cmp_current_time(X509_get0_notBefore(cert.get())) >= 0)
     return std::unexpected("--tls-cert " + cert_path + " is not valid before " + Time(X509_get0_notBefore(cert.get())));
   if (X509_cmp_current_time(X509_get0_notAfter(cert.get())) <= 0)
