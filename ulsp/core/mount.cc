@@ -344,6 +344,10 @@ int Mount(const MountArgs& in) {
   }
   ::close(pipe_fds[0]);
   if (answer == "ok\n") return 0;
+  // The server failed and is exiting: wait for it, so that a failed mount leaves no
+  // process behind, not even one for init to reap.
+  while (::waitpid(child, nullptr, 0) < 0 && errno == EINTR) {
+  }
   if (answer.empty()) return Error(args.mountpoint + ": the server exited before the mount was live");
   std::fprintf(stderr, "ulsp mount: %s", answer.c_str());
   return 1;
