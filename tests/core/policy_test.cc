@@ -93,6 +93,12 @@ TEST(Policy, RelativePathsAreTheFilesDirectorys) {
   ASSERT_TRUE(p.has_value()) << p.error();
   EXPECT_EQ(p->groups.at("g").log, "/srv/policies/logs/c.jsonl");
   EXPECT_EQ(p->groups.at("g").mounts[0].stack, "overlay:/srv/policies/up,memfs:1M");
+  // `ulsp ps` once showed passthrough:.. as "passthrough:/srv/" (policies/offline-build.toml).
+  p = ParsePolicy("[group.g]\n[[group.g.mount]]\npath = \"/x/\"\nstack = \"overlay:up/,passthrough:..\"\n",
+                  "/srv/policies/p.toml");
+  ASSERT_TRUE(p.has_value()) << p.error();
+  EXPECT_EQ(p->groups.at("g").mounts[0].path, "/x");
+  EXPECT_EQ(p->groups.at("g").mounts[0].stack, "overlay:/srv/policies/up,passthrough:/srv");
 }
 
 TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {

@@ -28,6 +28,13 @@ TEST(StackSpec, ParsesLayersTopFirst) {
   EXPECT_EQ((*s)[2].argument, "/src");
 }
 
+TEST(StackSpec, PathsAreMadeAbsoluteAndNormal) {
+  EXPECT_EQ(AbsoluteStackSpec("trace:/t/./x.jsonl,overlay:/up/,passthrough:/src/dir/..").value(),
+            "trace:/t/x.jsonl,overlay:/up,passthrough:/src");
+  EXPECT_EQ(AbsoluteStackSpec("passthrough:/src/..").value(), "passthrough:/");
+  EXPECT_EQ(AbsoluteStackSpec("memfs:1M").value(), "memfs:1M");
+}
+
 TEST(StackSpec, RefusesWhatIsWrongByName) {
   EXPECT_EQ(ParseStackSpec("").error(), "empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
   EXPECT_EQ(ParseStackSpec("passthrough").error(),

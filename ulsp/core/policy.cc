@@ -80,8 +80,8 @@ class Parser {
 
   // A path from the file, relative to the file's directory.
   std::string PathFromFile(const std::string& p) const {
-    if (p.empty() || p.front() == '/') return p;
-    return (std::filesystem::path(dir_) / p).lexically_normal().string();
+    if (p.empty()) return p;
+    return vfs::NormalPath(p.front() == '/' ? std::filesystem::path(p) : std::filesystem::path(dir_) / p);
   }
 
   GroupPolicy Group(const std::string& name, const toml::table& g) const {
@@ -220,8 +220,7 @@ class Parser {
     m.where = Where(t.source());
     const std::string path = String(t, "path", what, true);
     if (path.empty() || path.front() != '/') Fail(t.get("path")->source(), "mount path '" + path + "' must be absolute");
-    m.path = std::filesystem::path(path).lexically_normal().string();
-    while (m.path.size() > 1 && m.path.back() == '/') m.path.pop_back();
+    m.path = vfs::NormalPath(path);
     if (m.path.find("/..") != std::string::npos) Fail(t.get("path")->source(), "mount path '" + path + "' must not use ..");
     const std::string stack = String(t, "stack", what, true);
     auto layers = vfs::ParseStackSpec(stack);

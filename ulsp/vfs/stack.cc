@@ -48,6 +48,12 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
   return layers;
 }
 
+std::string NormalPath(const std::filesystem::path& path) {
+  std::string s = path.lexically_normal().string();
+  while (s.size() > 1 && s.back() == '/') s.pop_back();
+  return s;
+}
+
 std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec) {
   auto layers = ParseStackSpec(spec);
   if (!layers) return std::unexpected(layers.error());
@@ -62,7 +68,7 @@ std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec)
       std::error_code ec;
       auto path = std::filesystem::absolute(l.argument, ec);
       if (ec) return std::unexpected(l.name + ":" + l.argument + ": " + ec.message());
-      out += path.lexically_normal().string();
+      out += NormalPath(path);
     }
   }
   return out;

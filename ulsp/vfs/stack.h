@@ -6,6 +6,7 @@
 #pragma once
 
 #include <expected>
+#include <filesystem>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -23,6 +24,10 @@ struct LayerSpec {
 
 // Splits SPEC. Fails with a one-line message naming the bad part.
 std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_view spec);
+
+// PATH lexically normalised ("a/./b/.." is "a"), with no '/' at its end but the root's:
+// "/src/.." is "/", "/src/dir/.." is "/src". What `mount` and `ulsp ps` show.
+std::string NormalPath(const std::filesystem::path& path);
 
 // SPEC with every path argument made absolute (against the current directory), so
 // it means the same in a process that runs elsewhere.
