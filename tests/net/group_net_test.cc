@@ -99,6 +99,9 @@ TEST_F(NetTest, CurlAndPythonReachWhatTheRulesAllowAndNothingElse) {
             "served\ncurl denied: 7\nserved\nurllib.error.URLError: <urlopen error [Errno -2] Name or service not known>\n")
       << r.err;
   EXPECT_EQ(denied_.accepted(), 0);
+  EXPECT_NE(r.err.find("group t: denied tcp connect 127.0.0.1:" + P(denied_) + " (allowed.internal) by net_default\n"),
+            std::string::npos)
+      << r.err;
   // The connection log: the allowed connect, named; the denied one (the address is
   // still the one the name gave, so the log says so); the refused name.
   std::string log;
@@ -132,6 +135,7 @@ TEST_F(NetTest, UdpClientsGetTheirEchoesOnlyFromAllowedServers) {
             "sent 4\ngot: echo ping\nconnect: EACCES\n");
   EXPECT_EQ(udp_no_.received(), 0);
   EXPECT_EQ(udp_ok_.received(), 5);
+  EXPECT_NE(r.err.find("denied udp connect 127.0.0.1:" + P(udp_no_) + " "), std::string::npos) << r.err;
 }
 
 // --- the bypass suite: every case aims at a denied server and must not reach it ---

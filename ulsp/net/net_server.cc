@@ -326,9 +326,12 @@ void NetServer::Note(const NetRequest& q, LogEntry e) {
     counters_.allowed.fetch_add(1, std::memory_order_relaxed);
   }
   if (e.verdict == "deny" || e.verdict == "log") {
-    const std::string where = e.path.empty() ? e.address + ":" + std::to_string(e.port) : e.path;
-    Logger("net")->info("group {}: {} {} {}{} by {}", config_.group, e.verdict == "deny" ? "denied" : "logged", e.call,
-                        where, e.name.empty() ? "" : " (" + e.name + ")", e.rule);
+    // "denied udp connect [::1]:53 (localhost) by net_default": the protocol, since a
+    // rule may admit TCP to an address and not UDP (glibc probes with UDP connects).
+    const std::string host = e.address.find(':') != std::string::npos ? "[" + e.address + "]" : e.address;
+    const std::string where = e.path.empty() ? host + ":" + std::to_string(e.port) : e.path;
+    Logger("net")->info("group {}: {} {}{}{} {}{} by {}", config_.group, e.verdict == "deny" ? "denied" : "logged", e.proto,
+                        e.proto.empty() ? "" : " ", e.call, where, e.name.empty() ? "" : " (" + e.name + ")", e.rule);
   }
   log_.Write(e);
 }
