@@ -1086,6 +1086,33 @@ TEST_F(CommandLineTest, PsSaysWhatItMayNotAsk) {
   EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
 }
 
+// `ulsp umount` returns once the mount's server has ended, so that what runs after it
+// finds the trace complete and no server left. It once returned when the kernel let
+// go; the server, still stopping, was then left to race what came next (a test's
+// removal of its directory, which it emptied at the same time).
+TEST_F(CommandLineTest, UmountReturnsOnceTheServerHasEnded) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  for (const std::string isolated : {"", "--isolated "}) {
+    ASSERT_EQ(Output(env + ULSP_BIN + " mount " + isolated + "--stack trace:" + dir_ / "t.jsonl,passthrough:" + dir_ / "src " +
+                         dir_ / "mnt",
+                     true),
+              "");
+    pid_t server = 0;
+    for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
+      if (p["kind"] == "mount") server = p["pid"].get<pid_t>();
+    ASSERT_GT(server, 1);
+    ASSERT_EQ(Shell("echo hi > " + dir_ / "mnt/f"), 0);
+    EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
+    // Gone, or a zombie that init has yet to reap.
+    const std::string state = Output("awk '{print $3}' /proc/" + std::to_string(server) + "/stat 2>/dev/null");
+    EXPECT_TRUE(state.empty() || state == "Z\n") << isolated << "state " << state;
+    EXPECT_NE(ReadFile(dir_ / "t.jsonl").find(R"("op":"release","path":"/f")"), std::string::npos) << isolated;
+    EXPECT_EQ(Output("ls " + dir_ / "run"), "") << isolated;
+    ::unlink((dir_ / "t.jsonl").c_str());
+  }
+}
+
 // `ulsp ps` counts an isolated mount's requests at its relay port as put and, once
 // answered, replied: every request gets one answer, so when the mount is quiet the
 // two agree (the relay's replies go straight to the shim, and were once not counted).

@@ -958,6 +958,19 @@ class IsolatedServer final : public msgport::Server {
   vfs::Layer& top_;
 };
 
+// The port a SIGTERM stops (the supervisor's way to end the server at unmount): the
+// stack is then destroyed in order, and a trace writes its last lines. Before, the
+// signal's default action ended the process, and what the trace held was lost.
+msgport::ShmServerPort* g_serving = nullptr;
+
+extern "C" void OnTerm(int) {
+  static volatile sig_atomic_t again = 0;
+  if (again) _exit(128 + SIGTERM);
+  again = 1;
+  ::alarm(2);  // a request held up for good must not keep it: SIGALRM's default ends it
+  if (g_serving != nullptr) g_serving->Stop();
+}
+
 }  // namespace
 
 int ServeIsolated(const std::string& segment, int socket_fd, const std::string& spec) {
@@ -975,6 +988,10 @@ int ServeIsolated(const std::string& segment, int socket_fd, const std::string& 
     return 1;
   }
   IsolatedServer server(**top);
+  g_serving = port->get();
+  struct sigaction term {};
+  term.sa_handler = OnTerm;
+  ::sigaction(SIGTERM, &term, nullptr);
   // A request held up in the stack (a hung file system below) leaves the others to
   // helper threads, as an in-process mount's spare readers do.
   (*port)->Serve(server, kIsolatedHelpers);

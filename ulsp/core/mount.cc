@@ -1,13 +1,16 @@
 #include "ulsp/core/mount.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <spawn.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdio>
 #include <cstdlib>
@@ -156,9 +159,14 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
                         args.mountpoint);
   // Over a network a lookup is a round trip: listings bring their entries' attributes.
   options.readdirplus_always = !args.remote.empty();
-  options.on_ready = [ready_fd] {
-    if (ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
+  // "ok" once the kernel's INIT is answered and `ulsp ps` can list the mount, so that
+  // what runs after `ulsp mount` finds both. Once, a slow server made its run directory
+  // after its caller had removed the directory above it, and so made that again.
+  auto steps_left = std::make_shared<std::atomic<int>>(2);
+  auto step_done = [ready_fd, steps_left] {
+    if (steps_left->fetch_sub(1) == 1 && ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
   };
+  options.on_ready = step_done;
   const bool inline_stack = server != nullptr;
   auto shim = msgport::FuseShim::Mount(options, *port, /*serves_inline=*/inline_stack);
   if (!shim) {
@@ -192,6 +200,7 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
       s.ulsps.push_back({"vfs " + args.mountpoint, "vfs (in-process)", static_cast<pid_t>(::getpid()), 0, "serving"});
     }
   });
+  step_done();
   Logger("vfs")->info("serving {} on {}", fsname, args.mountpoint);
   const int rc = (*shim)->Serve();
   if (ready_fd >= 0) ::close(ready_fd);
@@ -368,7 +377,19 @@ int Umount(const std::string& mountpoint) {
     std::fprintf(stderr, "ulsp umount: %s: not a ulsp mount\n", resolved);
     return 1;
   }
-  if (::umount2(resolved, 0) == 0) return 0;
+  // The server ends a moment after the kernel lets go of the mount (it writes its
+  // trace's last lines, stops its isolated server): wait for it, so that what runs
+  // after `ulsp umount` finds it done. Held as a pidfd, its pid cannot be reused.
+  const pid_t server = MountServerPid(resolved);
+  UniqueFd server_fd(server > 0 ? static_cast<int>(::syscall(SYS_pidfd_open, server, 0)) : -1);
+  auto done = [&] {
+    pollfd p{server_fd.get(), POLLIN, 0};
+    if (server_fd && ::poll(&p, 1, 10'000) == 0)
+      std::fprintf(stderr, "ulsp umount: %s: unmounted, but its server (pid %d) is still running after 10 s\n", resolved,
+                   static_cast<int>(server));
+    return 0;
+  };
+  if (::umount2(resolved, 0) == 0) return done();
   if (errno == EPERM && ::geteuid() != 0) {
     // A user's own mount: fusermount3, set-user-ID root, takes it away (and says why not).
     const char* argv[] = {"fusermount3", "-u", "--", resolved, nullptr};
@@ -380,7 +401,7 @@ int Umount(const std::string& mountpoint) {
                    resolved);
       return 1;
     }
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? 0 : 1;
+    return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? done() : 1;
   }
   std::fprintf(stderr, "ulsp umount: %s: %s\n", resolved,
                errno == EBUSY ? "busy (a program is using it)" : std::strerror(errno));

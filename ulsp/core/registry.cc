@@ -262,10 +262,12 @@ void ControlServer::Loop() {
   }
 }
 
-int Ps(bool json) {
+namespace {
+// Every live process's status, as `ulsp ps --json` prints it. `hidden` gets the pids
+// whose control socket another user owns.
+nlohmann::ordered_json Statuses(const char* who, std::string& hidden) {
   const std::string dir = RuntimeDir();
   nlohmann::ordered_json all = nlohmann::ordered_json::array();
-  std::string hidden;  // pids whose control socket another user owns
   for (const auto& entry : LiveEntries(dir)) {
     const pid_t pid = static_cast<pid_t>(std::atoi(entry.filename().c_str()));
     const std::string path = entry.string() + "/control";
@@ -286,9 +288,26 @@ int Ps(bool json) {
       capnp::StreamFdMessageReader reader(s.get());
       all.push_back(ToJson(reader.getRoot<msgport::wire::Status>()));
     } catch (const std::exception& e) {
-      std::fprintf(stderr, "ulsp ps: pid %d did not answer: %s\n", pid, e.what());
+      std::fprintf(stderr, "%s: pid %d did not answer: %s\n", who, pid, e.what());
     }
   }
+  return all;
+}
+}  // namespace
+
+pid_t MountServerPid(const std::string& mountpoint) {
+  std::string hidden;
+  for (const auto& s : Statuses("ulsp umount", hidden)) {
+    if (s["kind"] != "mount") continue;
+    for (const auto& m : s["mounts"])
+      if (m["path"] == mountpoint) return s["pid"].get<pid_t>();
+  }
+  return 0;
+}
+
+int Ps(bool json) {
+  std::string hidden;  // pids whose control socket another user owns
+  const nlohmann::ordered_json all = Statuses("ulsp ps", hidden);
   if (!hidden.empty()) {
     std::fprintf(stderr, "ulsp ps: not shown, as only their owners may ask them (run ulsp ps as root or as that user): "
                  "pid %s\n", hidden.c_str());

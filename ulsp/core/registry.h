@@ -90,6 +90,10 @@ class ControlServer {
   std::thread thread_;
 };
 
+// The pid of the `ulsp mount` process that serves MOUNTPOINT (as it was given to it,
+// absolute), or 0 when no process this user may ask says it does.
+pid_t MountServerPid(const std::string& mountpoint);
+
 // `ulsp ps [--json]`: prints every live ulsp process's status. Returns 0.
 int Ps(bool json);
 
