@@ -1086,6 +1086,27 @@ TEST_F(CommandLineTest, PsSaysWhatItMayNotAsk) {
   EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
 }
 
+// A stopped server (SIGSTOP, a debugger) is named in one line, and the others are
+// listed. The line once ended in kj's stack trace.
+TEST_F(CommandLineTest, PsNamesAStoppedServerInOneLine) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt " + dir_ / "mnt2"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount " + dir_ / "src " + dir_ / "mnt", true), "");
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount " + dir_ / "src " + dir_ / "mnt2", true), "");
+  pid_t stopped = 0;
+  for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
+    if (p["mounts"][0]["path"] == dir_ / "mnt") stopped = p["pid"].get<pid_t>();
+  ASSERT_GT(stopped, 1);
+  ASSERT_EQ(::kill(stopped, SIGSTOP), 0);
+  const std::string out = Output(env + ULSP_BIN + " ps 2>" + dir_ / "err");
+  ::kill(stopped, SIGCONT);
+  EXPECT_EQ(ReadFile(dir_ / "err"),
+            "ulsp ps: pid " + std::to_string(stopped) + " did not answer within 2 s (is it stopped?)\n");
+  EXPECT_NE(out.find(dir_ / "mnt2"), std::string::npos) << out;
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt2", true), "");
+}
+
 // `ulsp umount` returns once the mount's server has ended, so that what runs after it
 // finds the trace complete and no server left. It once returned when the kernel let
 // go; the server, still stopping, was then left to race what came next (a test's

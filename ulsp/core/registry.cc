@@ -284,9 +284,17 @@ nlohmann::ordered_json Statuses(const char* who, std::string& hidden) {
       }
       continue;  // else starting or ending
     }
+    // A stopped process (SIGSTOP, a debugger) accepts and never answers.
+    pollfd answer{s.get(), POLLIN, 0};
+    if (::poll(&answer, 1, 2000) == 0) {
+      std::fprintf(stderr, "%s: pid %d did not answer within 2 s (is it stopped?)\n", who, pid);
+      continue;
+    }
     try {
       capnp::StreamFdMessageReader reader(s.get());
       all.push_back(ToJson(reader.getRoot<msgport::wire::Status>()));
+    } catch (const kj::Exception& e) {  // its description, without kj's stack trace
+      std::fprintf(stderr, "%s: pid %d did not answer: %s\n", who, pid, e.getDescription().cStr());
     } catch (const std::exception& e) {
       std::fprintf(stderr, "%s: pid %d did not answer: %s\n", who, pid, e.what());
     }
