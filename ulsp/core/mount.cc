@@ -159,9 +159,10 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
                         args.mountpoint);
   // Over a network a lookup is a round trip: listings bring their entries' attributes.
   options.readdirplus_always = !args.remote.empty();
-  // "ok" once the kernel's INIT is answered and `ulsp ps` can list the mount, so that
-  // what runs after `ulsp mount` finds both. Once, a slow server made its run directory
-  // after its caller had removed the directory above it, and so made that again.
+  // "ok" once the kernel's INIT is answered and `ulsp ps` can list the mount (its
+  // control socket is made after the shim mounts), so that what runs after `ulsp
+  // mount` finds both, and a caller that removes the runtime directory after `ulsp
+  // umount` does not race the server making its entry there.
   auto steps_left = std::make_shared<std::atomic<int>>(2);
   auto step_done = [ready_fd, steps_left] {
     if (steps_left->fetch_sub(1) == 1 && ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
