@@ -1109,8 +1109,7 @@ TEST_F(CommandLineTest, PsNamesAStoppedServerInOneLine) {
 
 // `ulsp umount` returns once the mount's server has ended, so that what runs after it
 // finds the trace complete and no server left. It once returned when the kernel let
-// go; the server, still stopping, was then left to race what came next (a test's
-// removal of its directory, which it emptied at the same time).
+// go, while an isolated server was still running and its trace's last lines unwritten.
 TEST_F(CommandLineTest, UmountReturnsOnceTheServerHasEnded) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
   const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";

@@ -163,9 +163,9 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
   // control socket is made after the shim mounts), so that what runs after `ulsp
   // mount` finds both, and a caller that removes the runtime directory after `ulsp
   // umount` does not race the server making its entry there.
-  auto steps_left = std::make_shared<std::atomic<int>>(2);
-  auto step_done = [ready_fd, steps_left] {
-    if (steps_left->fetch_sub(1) == 1 && ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
+  std::atomic<int> steps_left{2};  // outlives the shim, whose reader calls on_ready
+  auto step_done = [ready_fd, &steps_left] {
+    if (steps_left.fetch_sub(1) == 1 && ready_fd >= 0) (void)WriteAll(ready_fd, "ok\n");
   };
   options.on_ready = step_done;
   const bool inline_stack = server != nullptr;
