@@ -430,6 +430,20 @@ int Check(const std::string& package, const std::string& deps, const std::string
       !cwd_error && cwd != "/" && idx.Owners(cwd).empty())
     report.own_tree = cwd;
   Attribute(idx, first.record, allow, report);
+  // A command named without a path that PATH finds outside the package system (a
+  // pyenv shim, /usr/local/bin) shadows a packaged program: say which.
+  if (const std::string found = Which(command[0]); command[0].find('/') == std::string::npos && idx.Owners(found).empty()) {
+    for (const char* dir : {"/usr/bin/", "/usr/sbin/", "/bin/", "/sbin/"}) {
+      const std::string packaged = dir + command[0];
+      const auto owners = idx.Owners(packaged);
+      if (owners.empty() || ::access(packaged.c_str(), X_OK) != 0) continue;
+      report.command_path = found;
+      report.packaged_command = packaged + " (";
+      for (size_t i = 0; i < owners.size(); ++i) report.packaged_command += (i == 0 ? "" : ", ") + owners[i];
+      report.packaged_command += ")";
+      break;
+    }
+  }
 
   // A check stopped by ^C (or SIGTERM, SIGHUP) reports what it saw, confirms nothing
   // (a rerun would compare against a command cut short), and ends as one so stopped.

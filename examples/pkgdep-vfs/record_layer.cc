@@ -112,6 +112,7 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   }
   auto [it, fresh] = touched_.try_emplace(path);
   Touch& t = it->second;
+  t.written = t.written || use == Use::kWritten;
   if (!fresh && use <= t.use) return;
   t.use = use;
   t.dir = t.dir || dir;

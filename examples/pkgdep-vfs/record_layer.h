@@ -39,6 +39,7 @@ inline bool IsUse(Use u) noexcept { return u >= Use::kReadLink; }
 struct Touch {
   Use use = Use::kMissing;
   bool dir = false;
+  bool written = false;  // written at some point (a program a build made, then ran)
   pid_t pid = 0;      // in the group's pid namespace
   std::string argv;   // of that process, as its /proc/PID/cmdline said
 };

@@ -90,10 +90,15 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       // What the command wrote is its own output (a build's objects, a repository it
       // made), not a dependency: listed apart. What it used from its working tree
       // (own_tree) is its own too (a build's sources): counted, not listed.
-      if (touch.use == Use::kWritten) {
+      // A program no package owns is listed even where unowned files are allowed
+      // (/usr/local, /root): a python3 of pyenv's found before Debian's makes every
+      // finding about that other program.
+      if (touch.use == Use::kWritten || touch.written) {
         report.written.push_back({path, touch});
       } else if (IsUse(touch.use) && !report.own_tree.empty() && path.starts_with(report.own_tree + "/")) {
         ++report.own_files;
+      } else if (touch.use == Use::kExecuted) {
+        report.unowned_programs.push_back({path, touch});
       } else if (IsUse(touch.use) && !Allowed(path, allow)) {
         report.unowned.push_back({path, touch});
       }
@@ -200,6 +205,20 @@ std::string Report::Text() const {
     }
     if (unowned.size() > 12) out << "  ... and " << unowned.size() - 12 << " more\n";
   }
+  if (!unowned_programs.empty()) {
+    out << "\nPrograms run that no package owns (what they use is not what the packages' programs use) ("
+        << unowned_programs.size() << "):\n";
+    for (size_t i = 0; i < unowned_programs.size() && i < 12; ++i) {
+      const Finding& f = unowned_programs[i];
+      out << "  " << f.path << "  " << UseName(f.touch.use) << " by pid " << f.touch.pid;
+      if (!f.touch.argv.empty()) out << " (" << Shorten(f.touch.argv, 60) << ")";
+      out << "\n";
+    }
+    if (unowned_programs.size() > 12) out << "  ... and " << unowned_programs.size() - 12 << " more\n";
+  }
+  if (!packaged_command.empty())
+    out << "\nNote: " << command.front() << " is " << command_path << " on this PATH, which no package owns; the packaged "
+        << command.front() << " is " << packaged_command << ": give its path to check that one.\n";
   if (own_files != 0)
     out << "\nUsed from the working directory " << own_tree << ", owned by no package (the command's own, not listed): "
         << own_files << " file" << (own_files == 1 ? "" : "s") << "\n";
@@ -260,6 +279,8 @@ std::string Report::Json() const {
   j["probed_only"] = ByPackageJson(probed);
   j["unowned"] = FindingsJson(unowned);
   j["written"] = FindingsJson(written);
+  j["unowned_programs"] = FindingsJson(unowned_programs);
+  j["packaged_command"] = packaged_command.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(packaged_command);
   j["own_tree"] = own_tree.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(own_tree);
   j["own_files"] = own_files;
   j["untouched"] = untouched;

@@ -37,6 +37,11 @@ struct Report {
   std::vector<HiddenDirectory> hidden_directories;          // enforce: directories looked for, but hidden
   std::vector<Finding> unowned;                             // used, owned by no package
   std::vector<Finding> written;                             // written by the command, owned by no package
+  std::vector<Finding> unowned_programs;                    // run, owned by no package, not the command's own
+  // The command's program as PATH found it ("/root/.pyenv/shims/python3") when no
+  // package owns it, and the packaged program of the same name it shadows
+  // ("/usr/bin/python3 (python3-minimal)"): "" when there is none.
+  std::string command_path, packaged_command;
   std::string own_tree;  // the command's working directory when no package owns it ("" if one does)
   size_t own_files = 0;  // files of own_tree used, owned by no package: the command's own, not listed
   std::vector<std::string> untouched;                       // declared (not for being essential), never used

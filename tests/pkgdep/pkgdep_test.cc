@@ -26,9 +26,9 @@ struct Result {
 class PkgdepTest : public ::testing::Test {
  protected:
   // Runs pkgdep-vfs check ARGS from `cwd` (by default "/", which packages own: no
-  // file is the command's own).
-  Result Check(const std::string& args, const std::string& cwd = "/") {
-    const int status = Shell("cd " + cwd + " && " + kPkgdep + " check " + args.substr(0, args.find(" -- ")) + " --json " + dir_ / "r.json" +
+  // file is the command's own), with `env` ("NAME=VALUE ...") added to its environment.
+  Result Check(const std::string& args, const std::string& cwd = "/", const std::string& env = "") {
+    const int status = Shell("cd " + cwd + " && " + env + " " + kPkgdep + " check " + args.substr(0, args.find(" -- ")) + " --json " + dir_ / "r.json" +
                              args.substr(args.find(" -- ")) + " > " + dir_ / "out" + " 2> " + dir_ / "err");
     Result r{status, Output("cat " + dir_ / "out"), Output("cat " + dir_ / "err"), nullptr};
     std::ifstream in(dir_ / "r.json");
@@ -317,6 +317,38 @@ TEST_F(PkgdepTest, AnAllowListOfUnownedFilesIsReadAsWritten) {
   r = Check("--deps coreutils --allow-unowned " + dir_ / "bad" + command);
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "pkgdep-vfs: " + dir_ / "bad" + ":3: 'relative/' is neither an absolute path prefix nor */NAME/\n");
+}
+
+// A command that PATH finds outside the package system (a pyenv shim, /usr/local/bin)
+// is not the packaged program, and what it uses says nothing about the package. Once,
+// such a python3 under /root was checked as python3 without a word: /root and
+// /usr/local are allow-listed for unowned files. A program no package owns is now
+// listed wherever it is, and a command that shadows a packaged one is named. A
+// program the command made and then ran (a build's test binary) is its output.
+TEST_F(PkgdepTest, AProgramNoPackageOwnsIsNamedAndSoIsThePackagedOneItShadows) {
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
+  ASSERT_EQ(Dpkg("-S /bin/cat"), "coreutils: /bin/cat\n");  // /usr/bin/cat under merged /usr
+  ASSERT_EQ(Shell("printf '#!/bin/sh\\nexec /usr/bin/cat \"$@\"\\n' > " + work + "/cat && chmod 755 " + work + "/cat"), 0);
+  std::ofstream(dir_ / "allow") << work << "/\n";
+  auto r = Check("--deps coreutils,dash --allow-unowned " + dir_ / "allow" + " -- cat /etc/hostname", "/",
+                 "PATH=" + work + ":/usr/bin:/bin");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  ASSERT_EQ(r.json["unowned_programs"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["unowned_programs"][0]["path"], work + "/cat");
+  EXPECT_EQ(r.json["unowned_programs"][0]["use"], "executed");
+  EXPECT_EQ(r.json["packaged_command"], "/usr/bin/cat (coreutils)");
+  EXPECT_NE(r.out.find("\nNote: cat is " + work + "/cat on this PATH, which no package owns; the packaged cat is "
+                       "/usr/bin/cat (coreutils): give its path to check that one.\n"),
+            std::string::npos)
+      << r.out;
+
+  r = Check("--deps coreutils,dash -- sh -c 'cp /usr/bin/true " + work + "/made && " + work + "/made'");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_TRUE(r.json["unowned_programs"].empty()) << r.out;
+  EXPECT_TRUE(r.json["packaged_command"].is_null()) << r.out;
+  ASSERT_EQ(r.json["written"].size(), 1u) << r.out;
+  EXPECT_EQ(r.json["written"][0]["path"], work + "/made");
 }
 
 // --deps takes what a Depends field says: "awk" is a virtual package (no package is
