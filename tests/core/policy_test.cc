@@ -88,17 +88,33 @@ net_default = "allow"
 }
 
 TEST(Policy, RelativePathsAreTheFilesDirectorys) {
-  auto p = ParsePolicy("[group.g]\nlog = \"logs/c.jsonl\"\n[[group.g.mount]]\npath = \"/x\"\nstack = \"overlay:up,memfs:1M\"\n",
+  auto p = ParsePolicy("[group.g]\nlog = \"logs/c.jsonl\"\n[[group.g.mount]]\npath = \"/mnt\"\nstack = \"overlay:up,memfs:1M\"\n",
                        "/srv/policies/p.toml");
   ASSERT_TRUE(p.has_value()) << p.error();
   EXPECT_EQ(p->groups.at("g").log, "/srv/policies/logs/c.jsonl");
   EXPECT_EQ(p->groups.at("g").mounts[0].stack, "overlay:/srv/policies/up,memfs:1M");
   // `ulsp ps` once showed passthrough:.. as "passthrough:/srv/" (policies/offline-build.toml).
-  p = ParsePolicy("[group.g]\n[[group.g.mount]]\npath = \"/x/\"\nstack = \"overlay:up/,passthrough:..\"\n",
+  p = ParsePolicy("[group.g]\n[[group.g.mount]]\npath = \"/mnt/\"\nstack = \"overlay:up/,passthrough:..\"\n",
                   "/srv/policies/p.toml");
   ASSERT_TRUE(p.has_value()) << p.error();
-  EXPECT_EQ(p->groups.at("g").mounts[0].path, "/x");
+  EXPECT_EQ(p->groups.at("g").mounts[0].path, "/mnt");
   EXPECT_EQ(p->groups.at("g").mounts[0].stack, "overlay:/srv/policies/up,passthrough:/srv");
+}
+
+// A mount point under another of the group's mounts is whatever that stack shows:
+// nothing on the host says whether it will be there.
+TEST(Policy, AMountPointUnderAnotherMountOfTheGroupIsNotLookedForOnTheHost) {
+  auto p = ParsePolicy("[group.g]\n[[group.g.mount]]\npath = \"/nonexistent-top/deeper\"\nstack = \"memfs:1M\"\n"
+                       "[[group.g.mount]]\npath = \"/nonexistent-top\"\nstack = \"memfs:1M\"\n",
+                       "/srv/p.toml");
+  EXPECT_FALSE(p.has_value());  // the outer one is the host's
+  p = ParsePolicy("[group.g]\n[[group.g.mount]]\npath = \"/mnt/nonexistent/deeper\"\nstack = \"memfs:1M\"\n"
+                  "[[group.g.mount]]\npath = \"/mnt\"\nstack = \"memfs:1M\"\n"
+                  "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n[[group.g.mount]]\npath = \"/also-not-here\"\n"
+                  "stack = \"memfs:1M\"\n",
+                  "/srv/p.toml");
+  ASSERT_TRUE(p.has_value()) << p.error();
+  EXPECT_EQ(p->groups.at("g").mounts.size(), 4u);
 }
 
 TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
@@ -129,6 +145,12 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\nreadonly = true\n"),
             "p.toml:5: unknown key 'readonly' in a [[group.g.mount]] (known: path, stack, isolated, read_only, timeout)");
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"x\"\nstack = \"memfs:1M\"\n"), "p.toml:3: mount path 'x' must be absolute");
+  // The host's mount points are looked at now: `ulsp run` once found one missing only
+  // while it built the group, after `ulsp policy check` had said ok.
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/nonexistent-mount-point\"\nstack = \"memfs:1M\"\n"),
+            "p.toml:3: mount point /nonexistent-mount-point does not exist (ulsp makes no mount points: make it first)");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/etc/hostname\"\nstack = \"memfs:1M\"\n"),
+            "p.toml:3: mount point /etc/hostname is not a directory");
   EXPECT_EQ(Refusal("[group.g]\n[group.g.limits]\nmemory = \"lots\"\n"),
             "p.toml:3: `memory` in [group.g.limits]: give bytes, optionally with K, M, G or T");
   EXPECT_EQ(Refusal("[group.g]\n[group.g.limits]\nwall_seconds = -1\n"), "p.toml:3: `wall_seconds` in [group.g.limits] must be more than 0");

@@ -301,7 +301,7 @@ TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {
   EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" + ": holds 2 groups (a, b): say which with --group NAME\n");
   r = RunInGroup(dir_, kOpen + "[[group.g.mount]]\npath = \"/nonexistent-mount-point\"\nstack = \"memfs:1M\"\n", "touch " + dir_ / "ran");
   EXPECT_EQ(r.status, 125);
-  EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" + ":3: mount point /nonexistent-mount-point does not exist\n");
+  EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" + ":4: mount point /nonexistent-mount-point does not exist (ulsp makes no mount points: make it first)\n");
   EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
   // A connection log at a path another user controls: their link would have root
   // append to whatever it names.

@@ -3,6 +3,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <set>
@@ -118,6 +120,7 @@ class Parser {
       const toml::array* list = n->as_array();
       if (list == nullptr) Fail(n->source(), "`mount` in " + what + " must be an array of tables: write [[group." + name + ".mount]]");
       std::map<std::string, std::string> seen;  // path -> where
+      std::vector<toml::source_region> sources;
       for (const toml::node& item : *list) {
         const toml::table* t = item.as_table();
         if (t == nullptr) Fail(item.source(), "each `mount` of " + what + " must be a table");
@@ -125,7 +128,24 @@ class Parser {
         if (auto it = seen.find(m.path); it != seen.end())
           Fail(t->source(), "mount point " + m.path + " overlaps the mount at " + it->second + " (one stack per mount point)");
         seen[m.path] = m.where;
+        sources.push_back(t->get("path")->source());
         group.mounts.push_back(std::move(m));
+      }
+      // A mount point under none of the group's other mounts is the host's: it must be
+      // there (ulsp makes no directories on the host), which `ulsp run` would find out
+      // only once it had started to build the group. One under another mount of the
+      // group is whatever that stack shows.
+      for (size_t i = 0; i < group.mounts.size(); ++i) {
+        const std::string& path = group.mounts[i].path;
+        const bool nested = std::any_of(group.mounts.begin(), group.mounts.end(), [&path](const MountPolicy& o) {
+          return o.path != path && (o.path == "/" || path.starts_with(o.path + "/"));
+        });
+        struct stat st {};
+        if (nested) continue;
+        if (::stat(path.c_str(), &st) != 0)
+          Fail(sources[i], "mount point " + path + (errno == ENOENT ? " does not exist" : ": " + std::string(std::strerror(errno))) +
+                               " (ulsp makes no mount points: make it first)");
+        if (!S_ISDIR(st.st_mode)) Fail(sources[i], "mount point " + path + " is not a directory");
       }
       // Parents before children, so a nested mount point lands on the stack above it.
       std::stable_sort(group.mounts.begin(), group.mounts.end(), [](const MountPolicy& a, const MountPolicy& b) {
