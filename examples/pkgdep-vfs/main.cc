@@ -116,6 +116,7 @@ struct Run {
   int interrupted_by = 0;    // a signal asking pkgdep-vfs to stop came during the run
   std::string out, err;
   std::map<std::string, Touch> record;
+  std::map<std::string, Unlisted> unlisted;  // enforce: what listings left out, by directory
   double seconds = 0;
 };
 
@@ -213,12 +214,11 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
     below = std::move(*overlay);
   }
   if (hide) {
-    below = ulsp::vfs::ViewLayer::FromPredicate([hide = std::move(hide)](std::string_view p) { return !hide(p); },
-                                                std::move(below));
+    below = ulsp::vfs::ViewLayer::FromPredicate([hide](std::string_view p) { return !hide(p); }, std::move(below));
   }
   auto recorder = std::make_shared<Recording>();
   recorder->SetCommand(ulsp::core::JoinCommand(command));
-  auto record = std::make_unique<RecordLayer>(recorder, std::move(below));
+  auto record = std::make_unique<RecordLayer>(recorder, std::move(below), std::move(hide));
 
   ulsp::core::GroupPolicy policy;
   policy.name = "pkgdep";
@@ -280,6 +280,7 @@ Run RunOnce(const std::vector<std::string>& command, std::function<bool(std::str
   cv.notify_all();
   if (progress_thread.joinable()) progress_thread.join();
   result.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  result.unlisted = recorder->UnlistedSnapshot();
   result.record = recorder->Snapshot();  // the layer went with the group's stack; the record stays
   return result;
 }
@@ -430,6 +431,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
       !cwd_error && cwd != "/" && idx.Owners(cwd).empty())
     report.own_tree = cwd;
   Attribute(idx, first.record, allow, report);
+  AttributeUnlisted(idx, first.unlisted, report);
   // A command named without a path that PATH finds outside the package system (a
   // pyenv shim, /usr/local/bin) shadows a packaged program: say which.
   if (const std::string found = Which(command[0]); command[0].find('/') == std::string::npos && idx.Owners(found).empty()) {

@@ -121,6 +121,22 @@ void Recording::Note(const std::string& path, Use use, bool dir, pid_t pid) {
   if (use == Use::kExecuted) proc.executed.push_back(path);
 }
 
+void Recording::NoteUnlisted(const std::string& dir, std::string path, pid_t pid) {
+  std::lock_guard lock(mu_);
+  auto [it, fresh] = unlisted_.try_emplace(dir);
+  if (fresh) {
+    it->second.pid = pid;
+    Proc& proc = procs_[pid];
+    it->second.argv = Shown(proc.argv.empty() ? ArgvOf(pid) : proc.argv, pid);
+  }
+  it->second.paths.insert(std::move(path));
+}
+
+std::map<std::string, Unlisted> Recording::UnlistedSnapshot() const {
+  std::lock_guard lock(mu_);
+  return unlisted_;
+}
+
 int RecordLayer::Serve(VfsRequest& req) noexcept try {
   const pid_t pid = req.ctx.pid;
   switch (req.op) {
@@ -146,6 +162,20 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
       const int err = Down(req);
       if (err == 0) Note(PathOf(req.node), Use::kListed, true, pid);
       return err;
+    }
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus: {
+      if (hidden_) {  // the view below filters as this admits: see what it will leave out
+        req.admit = [this, dir = PathOf(req.node), pid, outer = std::move(req.admit)](std::string_view name) {
+          if (outer && !outer(name)) return false;
+          if (name != "." && name != "..") {
+            std::string path = JoinPath(dir, name);
+            if (hidden_(path)) rec_->NoteUnlisted(dir, std::move(path), pid);
+          }
+          return true;
+        };
+      }
+      return Down(req);
     }
     case VfsOp::kReadLink: {
       const int err = Down(req);

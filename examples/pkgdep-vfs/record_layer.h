@@ -21,9 +21,11 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -42,6 +44,15 @@ struct Touch {
   bool written = false;  // written at some point (a program a build made, then ran)
   pid_t pid = 0;      // in the group's pid namespace
   std::string argv;   // of that process, as its /proc/PID/cmdline said
+};
+
+// Entries a view below left out of a directory's listings (enforce mode): a program
+// that finds files by listing a directory (Python's import) misses them without ever
+// looking one up by name.
+struct Unlisted {
+  pid_t pid = 0;                 // the first process whose listing left one out
+  std::string argv;              // its argv
+  std::set<std::string> paths;   // what was left out
 };
 
 // What a RecordLayer saw. Owned by whoever reads it (shared with the layer, which
@@ -63,8 +74,12 @@ class Recording {
   // Records that `path` was touched this way by `pid` (keeps the strongest use).
   void Note(const std::string& path, Use use, bool dir, pid_t pid);
 
+  // Records that a listing of `dir` by `pid` left `path` out.
+  void NoteUnlisted(const std::string& dir, std::string path, pid_t pid);
+
   // What has been recorded so far, by path.
   std::map<std::string, Touch> Snapshot() const;
+  std::map<std::string, Unlisted> UnlistedSnapshot() const;  // by directory
   size_t size() const;
   size_t processes() const;
 
@@ -77,6 +92,7 @@ class Recording {
   const std::string own_argv_;  // this program's, as /proc/self/cmdline says
   std::string command_;
   std::unordered_map<std::string, Touch> touched_;
+  std::map<std::string, Unlisted> unlisted_;
   struct Proc {                        // a process seen
     std::string argv;                  // as first read ("" until the group's /proc opens)
     bool execing = false;              // it opened a program to execute; argv not yet new
@@ -88,8 +104,11 @@ class Recording {
 
 class RecordLayer final : public ulsp::vfs::Layer {
  public:
-  RecordLayer(std::shared_ptr<Recording> recording, std::unique_ptr<ulsp::vfs::Layer> lower)
-      : Layer(std::move(lower)), rec_(std::move(recording)) {
+  // `hidden` (may be empty): the predicate of the view below, which says what its
+  // listings leave out.
+  RecordLayer(std::shared_ptr<Recording> recording, std::unique_ptr<ulsp::vfs::Layer> lower,
+              std::function<bool(std::string_view)> hidden = {})
+      : Layer(std::move(lower)), rec_(std::move(recording)), hidden_(std::move(hidden)) {
     PassesFileData();  // it records opens; what is read after does not matter
     ListsThrough();    // and listings, as they are read
   }
@@ -102,6 +121,7 @@ class RecordLayer final : public ulsp::vfs::Layer {
   void Wrote(uint64_t fh);  // a write, fallocate or copy into handle `fh`
 
   std::shared_ptr<Recording> rec_;
+  const std::function<bool(std::string_view)> hidden_;
   // Handles opened for writing that have not written yet: a file opened read-write
   // and left as it was is an input, not the command's output. (Their reads and
   // writes come through this layer, not the kernel's passthrough.)

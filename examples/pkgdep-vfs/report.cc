@@ -157,6 +157,15 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
     if (!used.contains(p) && !index.ShipsOnlyDocumentation(p)) report.untouched.push_back(p);
 }
 
+void AttributeUnlisted(const DpkgIndex& index, const std::map<std::string, Unlisted>& unlisted, Report& report) {
+  for (const auto& [dir, u] : unlisted) {
+    UnlistedDirectory d{dir, u.pid, u.argv, {}, u.paths.size()};
+    for (const std::string& path : u.paths)
+      for (const std::string& o : index.Owners(path)) ++d.packages[o];
+    report.hidden_from_listings.push_back(std::move(d));
+  }
+}
+
 std::string Report::Interruption() const {
   const char* name = interrupted_by != 0 ? sigabbrev_np(interrupted_by) : nullptr;
   return name != nullptr ? std::string("SIG") + name : "signal " + std::to_string(interrupted_by);
@@ -164,7 +173,8 @@ std::string Report::Interruption() const {
 
 int Report::Verdict() const {
   if (interrupted_by != 0) return 128 + interrupted_by;
-  if (mode == "enforce") return status != 0 && !(hidden.empty() && hidden_directories.empty()) ? 1 : 0;
+  if (mode == "enforce")
+    return status != 0 && !(hidden.empty() && hidden_directories.empty() && hidden_from_listings.empty()) ? 1 : 0;
   return undeclared.empty() ? 0 : 1;
 }
 
@@ -195,6 +205,40 @@ std::string Report::Text() const {
       for (size_t i = 0; i < packages.size() && i < 6; ++i) out << (i == 0 ? "" : ", ") << packages[i];
       if (packages.size() > 6) out << " and " << packages.size() - 6 << " more";
       out << "\n";
+    }
+  }
+  if (!hidden_from_listings.empty() && status == 0) {
+    // The command did without them: a count (`ls /usr/bin` leaves out hundreds).
+    std::set<std::string> packages;
+    size_t entries = 0;
+    for (const UnlistedDirectory& d : hidden_from_listings) {
+      entries += d.entries;
+      for (const auto& [p, n] : d.packages) packages.insert(p);
+    }
+    out << "\nHidden by enforce mode: left out of " << hidden_from_listings.size() << " director"
+        << (hidden_from_listings.size() == 1 ? "y" : "ies") << " the command listed: " << entries << " entr"
+        << (entries == 1 ? "y" : "ies") << " of " << packages.size() << " package" << (packages.size() == 1 ? "" : "s")
+        << " (the command succeeded without them; the JSON report lists them)\n";
+  } else if (!hidden_from_listings.empty()) {
+    out << "\nHidden by enforce mode: left out of directories the command listed (a program that finds files by\n"
+           "listing, as Python's import does, misses them without looking one up) ("
+        << hidden_from_listings.size() << "):\n";
+    for (const UnlistedDirectory& d : hidden_from_listings) {
+      out << "  " << d.dir << "  listed by pid " << d.pid;
+      if (!d.argv.empty()) out << " (" << Shorten(d.argv, 60) << ")";
+      // Every package, wrapped: the one the command missed is somewhere in the list.
+      out << "\n";
+      std::string line = "    " + std::to_string(d.entries) + (d.entries == 1 ? " entry of " : " entries of ");
+      size_t i = 0;
+      for (const auto& [package, count] : d.packages) {
+        const std::string item = package + (++i < d.packages.size() ? "," : "");
+        if (line.size() + 1 + item.size() > 100 && line.size() > 6) {
+          out << line << "\n";
+          line = "     ";
+        }
+        line += (line.back() == ' ' ? "" : " ") + item;
+      }
+      out << line << "\n";
     }
   }
   Section(out, "Probed only (looked up or listed, never opened: not uses)", probed, nullptr, 3);
@@ -276,6 +320,10 @@ std::string Report::Json() const {
     j["hidden_directories"].push_back(FindingsJson({f})[0]);
     j["hidden_directories"].back()["packages"] = packages;
   }
+  j["hidden_from_listings"] = nlohmann::ordered_json::array();
+  for (const UnlistedDirectory& d : hidden_from_listings)
+    j["hidden_from_listings"].push_back(
+        {{"dir", d.dir}, {"pid", d.pid}, {"argv", d.argv}, {"entries", d.entries}, {"packages", d.packages}});
   j["probed_only"] = ByPackageJson(probed);
   j["unowned"] = FindingsJson(unowned);
   j["written"] = FindingsJson(written);

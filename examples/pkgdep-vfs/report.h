@@ -22,6 +22,16 @@ struct HiddenDirectory {
   std::vector<std::string> packages;
 };
 
+// A directory whose listings enforce mode left entries out of: a program that finds
+// files by listing (Python's import) misses them without looking one up.
+struct UnlistedDirectory {
+  std::string dir;
+  pid_t pid = 0;     // the first process whose listing left one out
+  std::string argv;  // its argv
+  std::map<std::string, size_t> packages;  // undeclared package -> entries of it left out
+  size_t entries = 0;
+};
+
 struct Report {
   std::string mode;  // "observe" or "enforce"
   bool checks_a_package = false;  // --package (its Depends are its declarations), not --deps
@@ -35,6 +45,7 @@ struct Report {
   std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
   std::map<std::string, std::vector<Finding>> hidden;       // enforce: files looked for, but hidden
   std::vector<HiddenDirectory> hidden_directories;          // enforce: directories looked for, but hidden
+  std::vector<UnlistedDirectory> hidden_from_listings;      // enforce: entries listings left out
   std::vector<Finding> unowned;                             // used, owned by no package
   std::vector<Finding> written;                             // written by the command, owned by no package
   std::vector<Finding> unowned_programs;                    // run, owned by no package, not the command's own
@@ -52,12 +63,15 @@ struct Report {
 
   // The exit status pkgdep-vfs ends with: 1 when undeclared dependencies were found
   // (observe: an undeclared package used; enforce: the command failed and had looked
-  // for hidden files or directories), else 0; 128 + the signal when one stopped it.
+  // for hidden files or directories, or listed a directory some were left out of), else 0; 128 + the signal when one stopped it.
   int Verdict() const;
   std::string Interruption() const;  // "SIGINT"
   std::string Text() const;
   std::string Json() const;
 };
+
+// Attributes what enforce mode left out of listings to the packages that own it.
+void AttributeUnlisted(const DpkgIndex& index, const std::map<std::string, Unlisted>& unlisted, Report& report);
 
 // Files owned by no package that every program reads (and generated caches), as path
 // prefixes; "*/__pycache__/" matches anywhere. Extended by --allow-unowned.

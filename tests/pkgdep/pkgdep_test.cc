@@ -187,6 +187,33 @@ TEST_F(PkgdepTest, EnforceModeMakesTheUndeclaredUseFail) {
   EXPECT_NE(r.out.find("copyright\n"), std::string::npos);
 }
 
+// A program that finds files by listing a directory never looks up what the listing
+// left out: Python's import lists dist-packages and, with python3-six hidden, fails
+// with "No module named 'six'" without asking for six.py. Once, such a run's report
+// named nothing the command had missed. `ls | grep` does the same as Python here,
+// with packages the test machine always has: curl's /usr/share/doc/curl.
+TEST_F(PkgdepTest, EnforceModeNamesWhatListingsLeftOut) {
+  ASSERT_EQ(Dpkg("-S /usr/share/doc/curl"), "curl: /usr/share/doc/curl\n");
+  auto r = Check("--mode enforce --deps coreutils,dash,grep -- sh -c 'ls /usr/share/doc | grep -qx curl'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_EQ(r.json["status"], 1);
+  EXPECT_FALSE(r.json["hidden"].contains("curl")) << r.out;  // it was never looked up by name
+  const nlohmann::json* doc = nullptr;
+  for (const auto& d : r.json["hidden_from_listings"])
+    if (d["dir"] == "/usr/share/doc") doc = &d;
+  ASSERT_NE(doc, nullptr) << r.out;
+  EXPECT_TRUE((*doc)["packages"].contains("curl")) << r.out;
+  EXPECT_FALSE((*doc)["packages"].contains("coreutils")) << r.out;  // declared: listed
+  EXPECT_EQ((*doc)["argv"], "ls /usr/share/doc") << r.out;
+  EXPECT_NE(r.out.find("Hidden by enforce mode: left out of directories the command listed"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" curl,"), std::string::npos) << r.out;
+  // A command that did without them gets a count.
+  r = Check("--mode enforce --deps coreutils -- ls /usr/share/doc");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.json["hidden_from_listings"].size(), 1u) << r.out;
+  EXPECT_NE(r.out.find("(the command succeeded without them; the JSON report lists them)"), std::string::npos) << r.out;
+}
+
 // cc is an alternative: /usr/bin/cc and /etc/alternatives/cc are owned by no package,
 // and lead to gcc's /usr/bin/gcc; gcc counts, and neither link is "unowned".
 TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
