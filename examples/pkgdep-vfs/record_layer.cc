@@ -160,7 +160,9 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
     }
     case VfsOp::kOpenDir: {
       const int err = Down(req);
-      if (err == 0) Note(PathOf(req.node), Use::kListed, true, pid);
+      // ENOSYS to a handleless opendir: the kernel lists this mount's directories
+      // from now on with no opendir at all (the readdirs below note those).
+      if (err == 0 || (err == ENOSYS && req.handleless_ok)) Note(PathOf(req.node), Use::kListed, true, pid);
       return err;
     }
     case VfsOp::kReadDir:
@@ -175,7 +177,9 @@ int RecordLayer::Serve(VfsRequest& req) noexcept try {
           return true;
         };
       }
-      return Down(req);
+      const int err = Down(req);
+      if (err == 0) Note(PathOf(req.node), Use::kListed, true, pid);
+      return err;
     }
     case VfsOp::kReadLink: {
       const int err = Down(req);

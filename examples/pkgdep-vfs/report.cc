@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
@@ -61,6 +62,39 @@ nlohmann::ordered_json ByPackageJson(const std::map<std::string, std::vector<Fin
   nlohmann::ordered_json j = nlohmann::ordered_json::object();
   for (const auto& [p, f] : m) j[p] = FindingsJson(f);
   return j;
+}
+
+// When `path` looks read as a drop-in: its directory was listed, and every regular
+// file there with the same suffix (".pth", or none: apt.conf.d), at least two, was
+// read. A program reading a directory of drop-ins reads them all, whoever put them
+// there; one looking for what it needs (Python's import of six.py beside hundreds of
+// other modules) reads only that. Returns what it read ("the command read every *.pth
+// file of DIR, NAME among them"), or "".
+std::string DropIn(const std::string& path, const std::map<std::string, Touch>& record) {
+  const size_t slash = path.rfind('/');
+  if (slash == 0 || slash == std::string::npos) return "";
+  const std::string dir = path.substr(0, slash), name = path.substr(slash + 1);
+  const auto listed = record.find(dir);
+  if (listed == record.end() || !listed->second.dir || listed->second.use < Use::kListed) return "";
+  auto suffix = [](std::string_view n) {
+    const size_t dot = n.rfind('.');
+    return dot == std::string_view::npos || dot == 0 ? std::string_view() : n.substr(dot);
+  };
+  const std::string_view kind = suffix(name);
+  size_t read = 0;
+  std::error_code error;
+  std::filesystem::directory_iterator it(DpkgIndex::Canonical(dir), error), end;
+  for (int seen = 0; !error && it != end && seen < 4096; it.increment(error), ++seen) {
+    const std::string entry = it->path().filename().string();
+    // Links count where they lead (their own use is a link read).
+    if (it->is_symlink(error) || !it->is_regular_file(error) || suffix(entry) != kind) continue;
+    const auto touched = record.find(dir + "/" + entry);
+    if (touched == record.end() || touched->second.use < Use::kOpened) return "";
+    ++read;
+  }
+  if (error || it != end || read < 2) return "";
+  return std::string("the command read every ") + (kind.empty() ? "file without a suffix" : "*" + std::string(kind) + " file") +
+         " of " + dir + ", " + name + " among them";
 }
 
 }  // namespace
@@ -134,6 +168,15 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       }
     }
   }
+  for (const auto& [p, findings] : report.undeclared) {
+    for (const Finding& f : findings) {
+      if (f.touch.use != Use::kOpened) continue;
+      if (const std::string why = DropIn(f.path, record); !why.empty()) {
+        report.drop_ins[p] = "perhaps a drop-in: " + why + "; --confirm tells whether it needs the package";
+        break;
+      }
+    }
+  }
   // A package both used and probed is a used one.
   for (const auto& [p, f] : report.undeclared) report.probed.erase(p);
   for (const auto& [p, f] : report.recommended) report.probed.erase(p);
@@ -190,7 +233,7 @@ std::string Report::Text() const {
   out << "  mode " << mode << "; declared: " << roots << " and " << closure.declared.size() - closure.roots.size()
       << " packages more (Depends, Pre-Depends, " << essentials << " essential); exit status " << status << " after "
       << static_cast<int>(seconds * 1000) / 1000.0 << " s; " << paths << " paths touched\n";
-  Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared);
+  Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared, &drop_ins);
   std::map<std::string, std::string> why;
   for (const auto& [p, f] : recommended) why[p] = closure.recommended.at(p);
   Section(out, "Used, but only Recommended or Suggested (never counted as declared)", recommended, &why);
@@ -313,6 +356,7 @@ std::string Report::Json() const {
   j["unsatisfied"] = closure.unsatisfied;
   j["paths_touched"] = paths;
   j["undeclared"] = ByPackageJson(undeclared);
+  j["drop_ins"] = drop_ins;
   j["recommended_only"] = ByPackageJson(recommended);
   j["hidden"] = ByPackageJson(hidden);
   j["hidden_directories"] = nlohmann::ordered_json::array();

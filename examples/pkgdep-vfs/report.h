@@ -41,6 +41,10 @@ struct Report {
   Closure closure;
 
   std::map<std::string, std::vector<Finding>> undeclared;  // package -> files it used
+  // Undeclared packages one of whose files the command read as a drop-in (it read
+  // every file of that kind in a directory it listed: apt.conf.d, Python's *.pth),
+  // with a note that says which: a hint, still counted as undeclared.
+  std::map<std::string, std::string> drop_ins;
   std::map<std::string, std::vector<Finding>> recommended;  // used, but only Recommended/Suggested
   std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
   std::map<std::string, std::vector<Finding>> hidden;       // enforce: files looked for, but hidden

@@ -214,6 +214,34 @@ TEST_F(PkgdepTest, EnforceModeNamesWhatListingsLeftOut) {
   EXPECT_NE(r.out.find("(the command succeeded without them; the JSON report lists them)"), std::string::npos) << r.out;
 }
 
+// A program that reads every file of a directory (apt's apt.conf.d, Python's *.pth
+// files in dist-packages) reads what other packages dropped there, needed or not:
+// python3 is charged with python3-setuptools for its distutils-precedence.pth. Such
+// a use stays undeclared (the command may need it) but is marked as perhaps a
+// drop-in; reading one file of the directory is not marked. (Listings were once not
+// recorded at all: the mount answers opendir with "list without handles".) The
+// case here: every command's completion file, git's among them.
+TEST_F(PkgdepTest, AFileReadWithEveryOtherOfItsKindIsMarkedPerhapsADropIn) {
+  // bash-completion's directory: a file per command, each from the command's package.
+  const std::string dir = "/usr/share/bash-completion/completions";
+  ASSERT_EQ(Dpkg("-S " + dir + "/git"), "git: " + dir + "/git\n");
+  ASSERT_EQ(Dpkg("-W -f='${Pre-Depends} ${Depends}' coreutils dash").find("git"), std::string::npos);
+  auto r = Check("--deps coreutils,dash -- sh -c 'cat " + dir + "/* > /dev/null'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  ASSERT_TRUE(r.json["undeclared"].contains("git")) << r.out;
+  ASSERT_TRUE(r.json["drop_ins"].contains("git")) << r.out;
+  EXPECT_EQ(r.json["drop_ins"]["git"], "perhaps a drop-in: the command read every file without a suffix of " + dir +
+                                           ", git among them; --confirm tells whether it needs the package")
+      << r.out;
+  EXPECT_NE(r.out.find("\n  git  (perhaps a drop-in: the command read every file without a suffix of " + dir + ", "),
+            std::string::npos)
+      << r.out;
+  r = Check("--deps coreutils,dash -- sh -c 'ls " + dir + " > /dev/null && cat " + dir + "/git'");
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  EXPECT_TRUE(r.json["undeclared"].contains("git")) << r.out;
+  EXPECT_TRUE(r.json["drop_ins"].empty()) << r.out;
+}
+
 // cc is an alternative: /usr/bin/cc and /etc/alternatives/cc are owned by no package,
 // and lead to gcc's /usr/bin/gcc; gcc counts, and neither link is "unowned".
 TEST_F(PkgdepTest, AlternativesCountForTheirTarget) {
