@@ -125,6 +125,9 @@ TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
     for (const auto& port : p["ports"])
       if (port["kind"] == "remote" && port["peer"] == agent_addr_ + ":7700/src" && port["state"] == "connected") seen = true;
   EXPECT_TRUE(seen) << ps.dump(2);
+  // Its ULSP is on the other host: no pid here (it once showed as pid 0).
+  const std::string table = Output(std::string(ULSP_BIN) + " ps");
+  EXPECT_NE(table.find(" vfs (remote agent) -  "), std::string::npos) << table;
 }
 
 // What the remote port answers itself (attributes, an open's prefetched bytes, an

@@ -371,9 +371,11 @@ int Ps(bool json) {
         std::printf("\nULSPS\n%-8s %-28s %-18s %-8s %8s  %s\n", "OWNER", "NAME", "KIND", "PID", "RESTARTS", "STATE");
         header = true;
       }
-      std::printf("%-8d %-28s %-18s %-8d %8llu  %s\n", s["pid"].get<int>(), u["name"].get<std::string>().c_str(),
-                  u["kind"].get<std::string>().c_str(), u["pid"].get<int>(), u["restarts"].get<unsigned long long>(),
-                  u["state"].get<std::string>().c_str());
+      // A ULSP on another host (a remote mount's agent) has no pid here: "-".
+      const int pid = u["pid"].get<int>();
+      std::printf("%-8d %-28s %-18s %-8s %8llu  %s\n", s["pid"].get<int>(), u["name"].get<std::string>().c_str(),
+                  u["kind"].get<std::string>().c_str(), pid > 0 ? std::to_string(pid).c_str() : "-",
+                  u["restarts"].get<unsigned long long>(), u["state"].get<std::string>().c_str());
     }
   }
   header = false;
