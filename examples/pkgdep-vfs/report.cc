@@ -3,6 +3,7 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -76,9 +77,12 @@ std::string DropIn(const std::string& path, const std::map<std::string, Touch>& 
   const std::string dir = path.substr(0, slash), name = path.substr(slash + 1);
   const auto listed = record.find(dir);
   if (listed == record.end() || !listed->second.dir || listed->second.use < Use::kListed) return "";
+  // A suffix is a kind (".pth", ".conf"), not a version's last digits ("fpc-3.2.2").
   auto suffix = [](std::string_view n) {
     const size_t dot = n.rfind('.');
-    return dot == std::string_view::npos || dot == 0 ? std::string_view() : n.substr(dot);
+    if (dot == std::string_view::npos || dot == 0 || dot + 1 == n.size() || std::isalpha(static_cast<unsigned char>(n[dot + 1])) == 0)
+      return std::string_view();
+    return n.substr(dot);
   };
   const std::string_view kind = suffix(name);
   size_t read = 0;
