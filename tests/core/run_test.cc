@@ -180,6 +180,27 @@ TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {
   EXPECT_NE(Output("grep -c '\"path\":\"/usr/bin/env\"' " + dir_ / "trace.jsonl"), "0\n");
 }
 
+// A mount beneath /tmp in a group with a private /tmp: the private /tmp once went on
+// after the group's mounts and hid this one, silently; it also had to exist in the
+// host's /tmp. Now the private /tmp comes first, under a root stack's mount too, and
+// the mount point is made in it.
+TEST_F(RunTest, AMountUnderAPrivateTmpIsMadeInItAndNotHidden) {
+  for (const std::string root : {"", "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n"}) {
+    const std::string policy = kOpen + "private_tmp = true\n[[group.g.mount]]\npath = \"/tmp/ulsp-under-tmp-987/deep\"\n" +
+                               "stack = \"memfs:1M\"\n" + root;
+    auto r = RunInGroup(dir_, policy,
+                        "echo y > /tmp/ulsp-under-tmp-987/deep/f && cat /tmp/ulsp-under-tmp-987/deep/f && "
+                        "awk '$5 == \"/tmp/ulsp-under-tmp-987/deep\"' /proc/self/mountinfo | grep -c fuse.ulsp");
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out, "y\n1\n") << root;
+    EXPECT_NE(Shell("test -e /tmp/ulsp-under-tmp-987"), 0);  // made in the group's /tmp only
+  }
+  auto r = RunInGroup(dir_, kOpen + "private_tmp = true\n[[group.g.mount]]\npath = \"/tmp\"\nstack = \"memfs:1M\"\n", "true");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: " + dir_ / "policy.toml" +
+                       ":5: mount point /tmp: the group's private_tmp is a fresh /tmp too: drop one of the two\n");
+}
+
 // A read-only root (`read_only = true`): the command reads the system as it is, every
 // change to it is refused as on any read-only mount, and its private /tmp is writable.
 TEST_F(RunTest, AReadOnlyRootRefusesChangesButNotTheGroupsTmp) {

@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -202,9 +203,26 @@ void GroupMain(const GroupPlan& plan, int sock) {
   const int hosts_fd = ::open(plan.hosts.c_str(), O_PATH | O_CLOEXEC);
   if (resolv_fd < 0 || hosts_fd < 0) Die(Errno("opening " + plan.resolv_conf));
   const std::string& prefix = plan.staging;
+  // The private /tmp goes on after the mount that holds /tmp (the root stack's) and
+  // before any mount beneath it, which it would otherwise hide; the mount points
+  // beneath it are made in it (it is the group's own, empty).
+  bool tmp_done = !plan.private_tmp;
+  auto private_tmp = [&] {
+    tmp_done = true;
+    if (!Exists(prefix + "/tmp")) return;
+    if (::mount("tmpfs", (prefix + "/tmp").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
+      Die(Errno("mounting a private /tmp"));
+  };
   for (size_t i = 0; i < plan.mounts.size(); ++i) {
     const GroupPlan::Mount& m = plan.mounts[i];
     const std::string target = m.path == "/" ? prefix : prefix + m.path;
+    const bool in_tmp = m.path.starts_with("/tmp/");
+    if (!tmp_done && in_tmp) {
+      private_tmp();
+      std::error_code error;
+      std::filesystem::create_directories(target, error);
+      if (error) Die(m.where + ": making the mount point " + m.path + " in the private /tmp: " + error.message());
+    }
     if (!Exists(target)) Die(m.where + ": mount point " + m.path + " does not exist");
     const int fd = ::open("/dev/fuse", O_RDWR | O_CLOEXEC);
     if (fd < 0) Die(Errno("/dev/fuse"));
@@ -225,10 +243,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (::mount("proc", (prefix + "/proc").c_str(), "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, nullptr) != 0)
       Die(Errno("mounting /proc"));
   }
-  if (plan.private_tmp && Exists(prefix + "/tmp")) {
-    if (::mount("tmpfs", (prefix + "/tmp").c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
-      Die(Errno("mounting a private /tmp"));
-  }
+  if (!tmp_done) private_tmp();
   BindOver("/proc/self/fd/" + std::to_string(resolv_fd), prefix + "/etc/resolv.conf", false);
   BindOver("/proc/self/fd/" + std::to_string(hosts_fd), prefix + "/etc/hosts", false);
   ::close(resolv_fd);

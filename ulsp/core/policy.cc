@@ -134,9 +134,12 @@ class Parser {
       // A mount point under none of the group's other mounts is the host's: it must be
       // there (ulsp makes no directories on the host), which `ulsp run` would find out
       // only once it had started to build the group. One under another mount of the
-      // group is whatever that stack shows.
+      // group is whatever that stack shows; one under a private /tmp is made in it.
       for (size_t i = 0; i < group.mounts.size(); ++i) {
         const std::string& path = group.mounts[i].path;
+        if (group.private_tmp && path == "/tmp")
+          Fail(sources[i], "mount point /tmp: the group's private_tmp is a fresh /tmp too: drop one of the two");
+        if (group.private_tmp && path.starts_with("/tmp/")) continue;
         const bool nested = std::any_of(group.mounts.begin(), group.mounts.end(), [&path](const MountPolicy& o) {
           return o.path != path && (o.path == "/" || path.starts_with(o.path + "/"));
         });
