@@ -34,8 +34,8 @@ std::string BareName(std::string_view name) {
   return std::string(name.substr(0, colon));
 }
 
-// "a (>= 1) | b:any [amd64], c" -> {{a, b:any}, {c}}: an ":arch" qualifier is kept,
-// for Satisfying.
+}  // namespace
+
 std::vector<std::vector<std::string>> Relations(std::string_view text) {
   std::vector<std::vector<std::string>> out;
   size_t start = 0;
@@ -59,6 +59,8 @@ std::vector<std::vector<std::string>> Relations(std::string_view text) {
   }
   return out;
 }
+
+namespace {
 
 // A file's bytes, mapped (an empty file maps to nothing), or a message naming it.
 // `populate`: all its pages now, for lookups that would otherwise each fault one in.

@@ -120,6 +120,11 @@ class DpkgIndex {
 // transitively, plus every Essential package and what they depend on (Debian policy
 // lets every package rely on those). Recommends and Suggests of the declared packages
 // are kept apart: they are never counted as declared.
+// A relation as a Depends field writes it, "a (>= 1) | b:any [amd64], c", as its
+// groups of alternatives: {{a, b:any}, {c}} (an ":arch" qualifier is kept, for
+// Satisfying; versions are dropped).
+std::vector<std::vector<std::string>> Relations(std::string_view text);
+
 struct Closure {
   std::vector<std::string> roots;                    // what the user named
   std::map<std::string, std::string> declared;       // package -> why ("root", "essential", "Depends of X")

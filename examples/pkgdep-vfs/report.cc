@@ -200,8 +200,49 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   }
   // A package of documentation alone (gcc-12-base, which libgcc-s1 depends on) is
   // never used by any program: listing it would be noise in every report.
-  for (const std::string& p : own)
-    if (!used.contains(p) && !index.ShipsOnlyDocumentation(p)) report.untouched.push_back(p);
+  // One never used itself that declares used packages no other declaration does (a
+  // metapackage: build-essential, by whose Depends gcc and make are declared) is
+  // listed apart: dropping it would leave them undeclared. Found by computing the
+  // closure again without it.
+  const Package* checked = report.checks_a_package ? index.Find(report.closure.roots.front()) : nullptr;
+  auto names = [&index](const std::vector<std::string>& group, const std::string& p) {
+    return std::any_of(group.begin(), group.end(), [&](const std::string& alt) {
+      const auto sat = index.Satisfying(alt);
+      return std::any_of(sat.begin(), sat.end(), [&](const Package* q) { return q->name == p; });
+    });
+  };
+  auto lost_without = [&](const std::string& p) {
+    std::vector<std::string> roots;
+    auto keep = [&](const std::vector<std::string>& group) {
+      if (names(group, p)) return;
+      std::string text;
+      for (const std::string& alt : group) text += (text.empty() ? "" : " | ") + alt;
+      roots.push_back(text);
+    };
+    if (checked != nullptr) {
+      for (const auto* relations : {&checked->pre_depends, &checked->depends})
+        for (const auto& group : *relations) keep(group);
+    } else {
+      for (const std::string& r : report.closure.roots)
+        for (const auto& group : Relations(r)) keep(group);
+    }
+    std::vector<std::string> lost;
+    const auto rest = DeclaredClosure(index, roots);
+    if (!rest) return lost;  // a relation of the package's that nothing satisfies: no claim
+    for (const std::string& u : used)
+      if (u != p && !rest->Declares(u) && (checked == nullptr || u != checked->name)) lost.push_back(u);
+    return lost;
+  };
+  for (const std::string& p : own) {
+    if (used.contains(p) || index.ShipsOnlyDocumentation(p)) continue;
+    std::vector<std::string> lost;
+    if (checked == nullptr || p != checked->name) lost = lost_without(p);
+    if (!lost.empty()) {
+      report.used_through_depends[p] = std::move(lost);
+    } else {
+      report.untouched.push_back(p);
+    }
+  }
 }
 
 void AttributeUnlisted(const DpkgIndex& index, const std::map<std::string, Unlisted>& unlisted, Report& report) {
@@ -323,6 +364,16 @@ std::string Report::Text() const {
     for (const auto& p : untouched) list += (list.empty() ? "" : ", ") + p;
     out << "\nDeclared, never used (" << untouched.size() << "): " << list << "\n";
   }
+  if (!used_through_depends.empty()) {
+    out << "\nDeclared, never used itself, but without it used packages would be undeclared ("
+        << used_through_depends.size() << "):\n";
+    for (const auto& [p, lost] : used_through_depends) {
+      std::string list;
+      for (size_t i = 0; i < lost.size() && i < 6; ++i) list += (i == 0 ? "" : ", ") + lost[i];
+      if (lost.size() > 6) list += " and " + std::to_string(lost.size() - 6) + " more";
+      out << "  " << p << " (" << list << ")\n";
+    }
+  }
   if (!closure.unsatisfied.empty()) {
     out << "\nDeclared relations no installed package satisfies (" << closure.unsatisfied.size() << "):\n";
     for (const auto& u : closure.unsatisfied) out << "  " << u << "\n";
@@ -380,6 +431,7 @@ std::string Report::Json() const {
   j["own_tree"] = own_tree.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(own_tree);
   j["own_files"] = own_files;
   j["untouched"] = untouched;
+  j["used_through_depends"] = used_through_depends;
   j["confirmed"] = confirmed;
   if (interrupted_by != 0) j["interrupted"] = Interruption();
   j["verdict"] = Verdict();

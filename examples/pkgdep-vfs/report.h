@@ -60,6 +60,9 @@ struct Report {
   std::string own_tree;  // the command's working directory when no package owns it ("" if one does)
   size_t own_files = 0;  // files of own_tree used, owned by no package: the command's own, not listed
   std::vector<std::string> untouched;                       // declared (not for being essential), never used
+  // Declared, never used itself, and what used packages its declaration alone brings
+  // (a metapackage: build-essential -> gcc, make ...).
+  std::map<std::string, std::vector<std::string>> used_through_depends;
   size_t paths = 0;                                         // paths seen in all
   std::map<std::string, std::string> confirmed;             // --confirm: package -> hard, soft, none
   int interrupted_by = 0;                                   // the signal that stopped the check (^C: SIGINT)

@@ -125,6 +125,28 @@ TEST_F(PkgdepTest, DeclaredButNeverUsedListsWhatTheCommandCouldDoWithout) {
   EXPECT_EQ(r.json["untouched"], nlohmann::json::array({"tar"})) << r.out;
 }
 
+// A declaration never used itself can still be what declares used packages: gcc (the
+// package of the /usr/bin/gcc link) is how --deps gcc declares gcc-12, which
+// `gcc-12 --version` runs. Once it was listed as "declared, never used", inviting
+// its removal; it is dropped only when the rest of the declaration still declares
+// every used package, as with --deps gcc,gcc-12.
+TEST_F(PkgdepTest, ADeclarationUsedOnlyThroughItsDependsIsNotNeverUsed) {
+  ASSERT_EQ(Dpkg("-S /usr/bin/gcc-12"), "gcc-12: /usr/bin/gcc-12\n");
+  ASSERT_NE(Dpkg("-W -f='${Depends}' gcc").find("gcc-12"), std::string::npos);
+  auto r = Check("--deps gcc -- gcc-12 --version");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_TRUE(r.json["untouched"].empty()) << r.out;
+  ASSERT_TRUE(r.json["used_through_depends"].contains("gcc")) << r.out;
+  EXPECT_TRUE(r.json["used_through_depends"]["gcc"].get<std::set<std::string>>().contains("gcc-12")) << r.out;
+  EXPECT_NE(r.out.find("\nDeclared, never used itself, but without it used packages would be undeclared (1):\n  gcc ("),
+            std::string::npos)
+      << r.out;
+  r = Check("--deps gcc,gcc-12 -- gcc-12 --version");
+  EXPECT_EQ(r.status, 0) << r.out << r.err;
+  EXPECT_EQ(r.json["untouched"], nlohmann::json::array({"gcc"})) << r.out;
+  EXPECT_TRUE(r.json["used_through_depends"].empty()) << r.out;
+}
+
 // Enforce: a hidden directory is listed once, with every undeclared package that
 // ships it, not once under each: perl looks for modules in /usr/lib/ARCH/perl5,
 // which every installed XS module package ships (libhtml-parser-perl, which
