@@ -14,6 +14,7 @@
 
 #include "kernel/msgport/agent.capnp.h"
 #include "kernel/msgport/agent_wire.h"
+#include "kernel/msgport/host_port.h"
 #include "kernel/msgport/log.h"
 #include "kernel/msgport/vfs_codec.h"
 #include "kernel/msgport/vfs_message.h"
@@ -83,9 +84,8 @@ struct RemotePort::Loop {
 };
 
 RemotePort::RemotePort(RemoteOptions options)
-    : Port("remote:" + options.host + ":" + std::to_string(options.port) + "/" + options.name),
-      options_(std::move(options)) {
-  peer_ = options_.host + ":" + std::to_string(options_.port);
+    : Port("remote:" + JoinHostPort(options.host, options.port) + "/" + options.name), options_(std::move(options)) {
+  peer_ = JoinHostPort(options_.host, options_.port);
 }
 
 std::expected<std::shared_ptr<RemotePort>, std::string> RemotePort::Connect(const RemoteOptions& options) {

@@ -352,24 +352,6 @@ struct Connection {
 
 }  // namespace
 
-bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port) {
-  const size_t colon = text.rfind(':');
-  if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return false;
-  host = text.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  unsigned long p = 0;
-  try {
-    size_t used = 0;
-    p = std::stoul(text.substr(colon + 1), &used);
-    if (used != text.size() - colon - 1) return false;
-  } catch (...) {
-    return false;
-  }
-  if (p == 0 || p > 65535) return false;
-  port = static_cast<uint16_t>(p);
-  return true;
-}
-
 bool ReadWholeFile(const std::string& path, std::string& out) {
   std::ifstream in(path);
   if (!in) return false;
@@ -442,11 +424,11 @@ int ServeAgent(const AgentOptions& options) {
       auto addr = io.provider->getNetwork().parseAddress(options.listen_host, options.listen_port).wait(ws);
       listener = addr->listen();
     } catch (const kj::Exception& e) {
-      return fail("listening on " + options.listen_host + ":" + std::to_string(options.listen_port) + ": " + msgport::DescribeKjError(e));
+      return fail("listening on " + msgport::JoinHostPort(options.listen_host, options.listen_port) + ": " + msgport::DescribeKjError(e));
     }
     std::string names;
     for (const auto& [n, spec] : options.exports) names += (names.empty() ? "" : ", ") + n + "=" + spec;
-    Logger("agent")->info("serving {} on {}:{} ({})", names, options.listen_host, listener->getPort(),
+    Logger("agent")->info("serving {} on {} ({})", names, msgport::JoinHostPort(options.listen_host, static_cast<int>(listener->getPort())),
                           tls ? "mutual TLS" : shared.token.empty() ? "no authentication" : "token");
 
     struct ErrorHandler final : kj::TaskSet::ErrorHandler {
@@ -496,7 +478,7 @@ int ServeAgent(const AgentOptions& options) {
     std::error_code ec;
     auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
       s.kind = "agent";
-      s.command = "agent serve " + options.listen_host + ":" + std::to_string(options.listen_port) + " " + names;
+      s.command = "agent serve " + msgport::JoinHostPort(options.listen_host, options.listen_port) + " " + names;
       s.ulsps.push_back({"agent", tls ? "agent (mutual TLS)" : "agent", static_cast<pid_t>(::getpid()), 0,
                          std::to_string(shared.connections.load()) + " connections, " +
                              std::to_string(shared.attached.load()) + " attached, " + std::to_string(shared.refused.load()) +

@@ -20,6 +20,8 @@
 #include <map>
 #include <string>
 
+#include "kernel/msgport/host_port.h"
+
 namespace ulsp::core {
 
 struct AgentOptions {
@@ -34,8 +36,7 @@ struct AgentOptions {
 // Returns the exit status (1 with a one-line error on stderr when it cannot start).
 int ServeAgent(const AgentOptions& options);
 
-// "ADDR:PORT" (IPv6 in brackets) -> host, port. False for a bad one.
-bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port);
+using msgport::SplitHostPort;  // kernel/msgport/host_port.h
 
 // Reads a whole file ("" and false when it cannot be read).
 bool ReadWholeFile(const std::string& path, std::string& out);

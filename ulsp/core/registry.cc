@@ -388,7 +388,12 @@ int Ps(bool json) {
       }
       const std::string peer = p["peer"].get<std::string>();
       char rtt[64] = "";
-      if (!peer.empty()) std::snprintf(rtt, sizeof rtt, " (%.0f us)", p["rtt_us"].get<double>());
+      // No ping answered yet: no round-trip time to show (not "0 us").
+      if (!peer.empty()) {
+        const double us = p["rtt_us"].get<double>();
+        if (us > 0) std::snprintf(rtt, sizeof rtt, " (%.0f us)", us);
+        else std::snprintf(rtt, sizeof rtt, " (no ping answered yet)");
+      }
       std::printf("%-8d %-28s %-14s %10llu %10llu %8llu %6llu %8llu  %-8s %s%s\n", s["pid"].get<int>(),
                   p["name"].get<std::string>().c_str(), p["kind"].get<std::string>().c_str(),
                   p["put"].get<unsigned long long>(), p["replied"].get<unsigned long long>(),

@@ -11,6 +11,7 @@
 #include <mutex>
 #include <string>
 
+#include "kernel/msgport/host_port.h"
 #include "kernel/msgport/remote_port.h"
 #include "ulsp/core/isolated.h"
 
@@ -29,7 +30,7 @@ class RemoteSource final : public ServerSource {
   unsigned max_start_failures() const override { return 0; }
   std::chrono::milliseconds wait_limit() const override { return options_.call_timeout; }
   std::string kind() const override { return "remote"; }
-  std::string peer() const override { return options_.host + ":" + std::to_string(options_.port) + "/" + options_.name; }
+  std::string peer() const override { return msgport::JoinHostPort(options_.host, options_.port) + "/" + options_.name; }
   double rtt_us() const override;
   // "connected", or why not.
   std::string state() const;

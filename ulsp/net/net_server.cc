@@ -20,6 +20,7 @@
 #include <new>
 #include <tuple>
 
+#include "kernel/msgport/host_port.h"
 #include "kernel/msgport/log.h"
 #include "ulsp/net/caller_fs.h"
 
@@ -328,8 +329,7 @@ void NetServer::Note(const NetRequest& q, LogEntry e) {
   if (e.verdict == "deny" || e.verdict == "log") {
     // "denied udp connect [::1]:53 (localhost) by net_default": the protocol, since a
     // rule may admit TCP to an address and not UDP (glibc probes with UDP connects).
-    const std::string host = e.address.find(':') != std::string::npos ? "[" + e.address + "]" : e.address;
-    const std::string where = e.path.empty() ? host + ":" + std::to_string(e.port) : e.path;
+    const std::string where = e.path.empty() ? msgport::JoinHostPort(e.address, e.port) : e.path;
     Logger("net")->info("group {}: {} {}{}{} {}{} by {}", config_.group, e.verdict == "deny" ? "denied" : "logged", e.proto,
                         e.proto.empty() ? "" : " ", e.call, where, e.name.empty() ? "" : " (" + e.name + ")", e.rule);
   }
