@@ -176,7 +176,7 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
     for (const Finding& f : findings) {
       if (f.touch.use != Use::kOpened) continue;
       if (const std::string why = DropIn(f.path, record); !why.empty()) {
-        report.drop_ins[p] = "perhaps a drop-in: " + why + "; --confirm tells whether it needs the package";
+        report.drop_ins[p] = "perhaps a drop-in: " + why;
         break;
       }
     }
@@ -278,7 +278,10 @@ std::string Report::Text() const {
   out << "  mode " << mode << "; declared: " << roots << " and " << closure.declared.size() - closure.roots.size()
       << " packages more (Depends, Pre-Depends, " << essentials << " essential); exit status " << status << " after "
       << static_cast<int>(seconds * 1000) / 1000.0 << " s; " << paths << " paths touched\n";
-  Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared, &drop_ins);
+  std::map<std::string, std::string> drop_in_notes = drop_ins;
+  if (confirmed.empty())  // else the confirmation below says
+    for (auto& [p, note] : drop_in_notes) note += "; --confirm tells whether it needs the package";
+  Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared, &drop_in_notes);
   std::map<std::string, std::string> why;
   for (const auto& [p, f] : recommended) why[p] = closure.recommended.at(p);
   Section(out, "Used, but only Recommended or Suggested (never counted as declared)", recommended, &why);
