@@ -28,6 +28,8 @@ struct Status {
     denied @8 :UInt64;
     logged @9 :UInt64;
     kept @10 :UInt64;           # stayed inside the group (bind, loopback)
+    processes @11 :UInt64;      # the command's processes and threads now (with a limit)
+    processesMax @12 :UInt64;   # its `processes` limit; 0: none
   }
   struct Mount {
     path @0 :Text;

@@ -232,6 +232,61 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
   EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80425ff\nno-unshare\n");
 }
 
+// `processes` bounds everything the command starts, however it starts it: here a
+// python that forks (each child waiting) until the kernel refuses, with and without
+// a pid namespace. python itself is one of the 10, so it gets 9 children (8 in a
+// TSan build, whose runtime may give the group's init a thread after it joined).
+// The command cannot leave the cgroup (its cgroup mounts are read-only), and the
+// cgroup goes with the group.
+TEST_F(RunTest, TheProcessLimitBoundsEverythingTheCommandStarts) {
+  const std::string fork_until_refused =
+      "import errno, os, signal\n"
+      "kids, err = [], 0\n"
+      "while len(kids) < 50:\n"
+      "    try:\n"
+      "        pid = os.fork()\n"
+      "    except OSError as e:\n"
+      "        err = e.errno\n"
+      "        break\n"
+      "    if pid == 0:\n"
+      "        signal.pause()\n"
+      "        os._exit(0)\n"
+      "    kids.append(pid)\n"
+      "print(len(kids), errno.errorcode.get(err, err))\n"
+      "for k in kids: os.kill(k, 9)\n"
+      "for k in kids: os.waitpid(k, 0)\n";
+  for (const std::string pid_namespace : {"true", "false"}) {
+    SCOPED_TRACE("pid_namespace = " + pid_namespace);
+    std::ofstream(dir_ / "fork.py") << fork_until_refused;
+    auto r = RunInGroup(dir_, kOpen + "pid_namespace = " + pid_namespace + "\n[group.g.limits]\nprocesses = 10\n",
+                        "(echo $BASHPID > /sys/fs/cgroup/pids/cgroup.procs) 2>&1 | grep -c 'Read-only file system'; "
+                        "exec /usr/bin/python3 " + dir_ / "fork.py");
+    EXPECT_EQ(r.status, 0) << r.err;
+    std::istringstream out(r.out);
+    int refused_escape = 0, children = 0;
+    std::string why;
+    out >> refused_escape >> children >> why;
+    EXPECT_EQ(refused_escape, 1) << r.out;
+    EXPECT_GE(children, 8) << r.out;
+    EXPECT_LE(children, 9) << r.out;
+    EXPECT_EQ(why, "EAGAIN") << r.out;
+    EXPECT_EQ(Output("ls -d /sys/fs/cgroup/pids/ulsp-g-* 2>/dev/null | wc -l"), "0\n");
+  }
+  // Without the limit nothing stops it at 10.
+  auto r = RunInGroup(dir_, kOpen, "exec /usr/bin/python3 " + dir_ / "fork.py");
+  EXPECT_EQ(r.out, "50 0\n") << r.err;
+}
+
+// A limit the machine cannot enforce is an error before anything runs, not a group
+// without it. Here the pids hierarchy is unmounted in a mount namespace of ulsp's own.
+TEST_F(RunTest, AProcessLimitWithoutThePidsControllerIsRefused) {
+  auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nprocesses = 10\n", "touch " + dir_ / "ran", 60, "",
+                      "unshare -m sh -c 'umount /sys/fs/cgroup/pids && exec \"$0\" \"$@\"' ");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err.rfind("ulsp run: " + dir_ / "policy.toml" + ":4: limit processes = 10: no cgroup pids controller", 0), 0u) << r.err;
+  EXPECT_NE(Shell("test -e " + dir_ / "ran"), 0);
+}
+
 // Without CAP_SYS_RESOURCE (some containers' root), a limit above the hard limit
 // cannot be set: the group gets the hard limit and the user a warning that says so,
 // rather than no group at all. prlimit sets the hard limit; setpriv takes the
@@ -270,7 +325,8 @@ TEST_F(RunTest, SignalsReachTheCommand) {
 TEST_F(RunTest, PsShowsTheGroupWhileItLives) {
   // The mount covers the directory that holds the policy and the registry: the group
   // still gets its resolv.conf (opened before the mounts are made).
-  std::ofstream(dir_ / "p.toml") << kOpen << "[[group.g.mount]]\npath = \"" + dir_.path() + "\"\nstack = \"memfs:1M\"\n";
+  std::ofstream(dir_ / "p.toml") << kOpen << "[[group.g.mount]]\npath = \"" + dir_.path() + "\"\nstack = \"memfs:1M\"\n"
+                                 << "[group.g.limits]\nprocesses = 50\n";
   const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
   ASSERT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- sleep 3 & echo $! > " + dir_ / "pid"), 0);
   nlohmann::json ps;
@@ -285,12 +341,15 @@ TEST_F(RunTest, PsShowsTheGroupWhileItLives) {
   ASSERT_EQ(ps[0]["groups"].size(), 1u);
   EXPECT_EQ(ps[0]["groups"][0]["name"], "g");
   EXPECT_GT(ps[0]["groups"][0]["init_pid"].get<int>(), 0);
+  EXPECT_EQ(ps[0]["groups"][0]["processes"], 1);  // sleep
+  EXPECT_EQ(ps[0]["groups"][0]["processes_max"], 50);
   ASSERT_EQ(ps[0]["mounts"].size(), 1u);
   EXPECT_EQ(ps[0]["mounts"][0]["stack"], "memfs:1M");
   EXPECT_GE(ps[0]["ports"].size(), 2u);  // the mount's and the net ULSP's
   const std::string table = Output(env + ULSP_BIN + " ps");
   EXPECT_NE(table.find("GROUPS"), std::string::npos) << table;
   EXPECT_NE(table.find("memfs:1M"), std::string::npos) << table;
+  EXPECT_NE(table.find(" 1/50 "), std::string::npos) << table;
   EXPECT_EQ(Shell("wait $(cat " + dir_ / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir_ / "pid" + ") 2>/dev/null; do sleep 0.1; done"), 0);
   EXPECT_EQ(Output(env + ULSP_BIN + " ps --json"), "[]\n");
 }

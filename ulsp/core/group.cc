@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <thread>
 
 #include "kernel/msgport/direct_port.h"
@@ -26,6 +27,7 @@
 #include "kernel/msgport/log.h"
 #include "kernel/msgport/own_file.h"
 #include "kernel/msgport/seccomp_shim.h"
+#include "ulsp/core/cgroup.h"
 #include "ulsp/core/group_init.h"
 #include "ulsp/core/isolated.h"
 #include "ulsp/core/policy.h"
@@ -186,6 +188,16 @@ int RunGroup(GroupRun& run) {
   }
   auto log = net::ConnLog::Open(group.log, group.name);
   if (!log) return Error(log.error());
+  // The process limit's cgroup, which the group's init joins before it starts anything.
+  std::optional<PidsCgroup> cgroup;
+  if (group.limits.processes) {
+    // The init is in it too, and is not the command's to count: the limit is raised
+    // by the init's own tasks once it is in.
+    auto made = PidsCgroup::Make(group.name, *group.limits.processes + 1);
+    if (!made)
+      return Error(group.limits.processes_where + ": limit processes = " + std::to_string(*group.limits.processes) + ": " + made.error());
+    cgroup.emplace(std::move(*made));
+  }
 
   // What the group sees of the network's configuration, and where its root is built.
   auto made = MakeRunDir();
@@ -236,6 +248,7 @@ int RunGroup(GroupRun& run) {
   plan.memory_bytes = group.limits.memory_bytes;
   plan.open_files = group.limits.open_files;
   plan.file_size_bytes = group.limits.file_size_bytes;
+  plan.seal_cgroups = cgroup.has_value();
 
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return Error(std::string("socketpair: ") + std::strerror(errno));
@@ -268,6 +281,7 @@ int RunGroup(GroupRun& run) {
   // The group's init builds its world one step at a time; each step that needs this
   // side waits for its answer.
   pid_t init_pid = 0;
+  uint64_t init_tasks = 0;  // the init's own, in the process limit's cgroup
   UniqueFd netns;
   net::NameMemory names;
   // Programs find these names in the group's /etc/hosts (curl knows localhost by
@@ -313,6 +327,16 @@ int RunGroup(GroupRun& run) {
     if (said.text == "hello") {
       init_pid = said.pid;
       if (run.on_started) run.on_started(init_pid);
+      if (cgroup) {
+        auto added = cgroup->Add(init_pid);
+        // (A sanitizer's runtime gives the init a thread of its own.)
+        init_tasks = cgroup->Current();
+        if (added) added = cgroup->SetMax(*group.limits.processes + init_tasks);
+        if (!added) {
+          failure = "limit processes: putting the group's init in its cgroup: " + added.error();
+          break;
+        }
+      }
       auto ns = Sys([&] { return ::open(("/proc/" + std::to_string(init_pid) + "/ns/net").c_str(), O_RDONLY | O_CLOEXEC); });
       if (!ns) {
         failure = "the group's network namespace: " + ns.error().Describe();
@@ -415,6 +439,11 @@ int RunGroup(GroupRun& run) {
       g.policy = run.policy_file;
       g.init_pid = init_pid;
       g.net_default = group.net.default_allow() ? "allow" : "deny";
+      if (cgroup) {
+        const uint64_t now = cgroup->Current();
+        g.processes = now > init_tasks ? now - init_tasks : 0;  // the init's are not the command's
+        g.processes_max = *group.limits.processes;
+      }
       if (net_server) {
         const auto& nc = net_server->counters();
         g.allowed = nc.allowed.load();

@@ -13,6 +13,7 @@
 #include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -25,6 +26,7 @@
 #include <sstream>
 
 #include "kernel/msgport/seccomp_shim.h"
+#include "ulsp/core/cgroup.h"
 
 namespace ulsp::core {
 namespace {
@@ -144,6 +146,26 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name,
   Die(Errno(std::string("limit ") + name));
 }
 
+// Every cgroup file system the group sees, read-only in its mount namespace (as
+// Docker mounts them): the command keeps CAP_DAC_OVERRIDE, and a cgroup's files are
+// root's, so it could otherwise write its own pid into another cgroup's
+// cgroup.procs and leave its process limit. It cannot remount (no CAP_SYS_ADMIN).
+void SealCgroups() {
+  for (const CgroupMountInfo& m : CgroupMounts()) {
+    struct statvfs st{};
+    if (::statvfs(m.point.c_str(), &st) != 0) Die(Errno("the cgroup mount " + m.point));
+    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;
+    // A remount must keep what it does not change, or the kernel refuses it.
+    if (st.f_flag & ST_NOSUID) flags |= MS_NOSUID;
+    if (st.f_flag & ST_NODEV) flags |= MS_NODEV;
+    if (st.f_flag & ST_NOEXEC) flags |= MS_NOEXEC;
+    if (st.f_flag & ST_NOATIME) flags |= MS_NOATIME;
+    if (st.f_flag & ST_NODIRATIME) flags |= MS_NODIRATIME;
+    if (st.f_flag & ST_RELATIME) flags |= MS_RELATIME;
+    if (::mount(nullptr, m.point.c_str(), nullptr, flags, nullptr) != 0) Die(Errno("making the cgroup mount " + m.point + " read-only in the group"));
+  }
+}
+
 constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 int StatusOf(int wait_status) {
@@ -261,6 +283,8 @@ void GroupMain(const GroupPlan& plan, int sock) {
               (in_tmp ? " (its /tmp is a private one)" : "")) +
         ": start it from a directory the group sees");
   }
+
+  if (plan.seal_cgroups) SealCgroups();
 
   if (plan.files_hard != 0) {  // the caller's, not the one a passthrough layer raised
     const rlimit files{plan.files_soft, plan.files_hard};

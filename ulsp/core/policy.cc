@@ -186,12 +186,14 @@ class Parser {
       const toml::table* t = n->as_table();
       if (t == nullptr) Fail(n->source(), "`limits` in " + what + " must be a table: write [group." + name + ".limits]");
       const std::string lw = "[group." + name + ".limits]";
-      OnlyKeys(*t, lw, {"wall_seconds", "cpu_seconds", "memory", "open_files", "file_size"});
+      OnlyKeys(*t, lw, {"wall_seconds", "cpu_seconds", "memory", "open_files", "file_size", "processes"});
       group.limits.wall_seconds = Count(*t, "wall_seconds", lw, false);
       group.limits.cpu_seconds = Count(*t, "cpu_seconds", lw, false);
       group.limits.memory_bytes = Count(*t, "memory", lw, true);
       group.limits.open_files = Count(*t, "open_files", lw, false);
       group.limits.file_size_bytes = Count(*t, "file_size", lw, true);
+      group.limits.processes = Count(*t, "processes", lw, false);
+      if (const toml::node* p = t->get("processes")) group.limits.processes_where = Where(p->source());
     }
     return group;
   }

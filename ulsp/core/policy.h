@@ -29,13 +29,16 @@ struct MountPolicy {
 };
 
 // Resource limits, applied to the command (setrlimit) and, for wall_seconds, by the
-// supervisor, which kills the group when it runs longer.
+// supervisor, which kills the group when it runs longer; `processes` by a cgroup of
+// the pids controller (ulsp/core/cgroup.h).
 struct Limits {
   std::optional<uint64_t> wall_seconds;
   std::optional<uint64_t> cpu_seconds;    // RLIMIT_CPU
   std::optional<uint64_t> memory_bytes;   // RLIMIT_AS
   std::optional<uint64_t> open_files;     // RLIMIT_NOFILE
   std::optional<uint64_t> file_size_bytes;  // RLIMIT_FSIZE
+  std::optional<uint64_t> processes;  // processes and threads at once, the init not counted
+  std::string processes_where;        // "FILE:LINE" of that key
 };
 
 struct GroupPolicy {

@@ -55,6 +55,8 @@ void Encode(const StatusBuilder& s, msgport::wire::Status::Builder b) {
     o.setDenied(g.denied);
     o.setLogged(g.logged);
     o.setKept(g.kept);
+    o.setProcesses(g.processes);
+    o.setProcessesMax(g.processes_max);
   }
   auto mounts = b.initMounts(static_cast<unsigned>(s.mounts.size()));
   for (unsigned i = 0; i < s.mounts.size(); ++i) {
@@ -113,7 +115,9 @@ nlohmann::ordered_json ToJson(msgport::wire::Status::Reader s) {
                            {"allowed", g.getAllowed()},
                            {"denied", g.getDenied()},
                            {"logged", g.getLogged()},
-                           {"kept", g.getKept()}});
+                           {"kept", g.getKept()},
+                           {"processes", g.getProcessesMax() > 0 ? nlohmann::ordered_json(g.getProcesses()) : nlohmann::ordered_json()},
+                           {"processes_max", g.getProcessesMax() > 0 ? nlohmann::ordered_json(g.getProcessesMax()) : nlohmann::ordered_json()}});
   }
   j["mounts"] = nlohmann::ordered_json::array();
   for (auto m : s.getMounts()) {
@@ -337,16 +341,21 @@ int Ps(bool json) {
   for (const auto& s : all) {
     for (const auto& g : s["groups"]) {
       if (!header) {
-        std::printf("\nGROUPS\n%-8s %-12s %-8s %-6s %8s %8s %7s %7s %7s %7s %6s  %s\n", "PID", "GROUP", "INIT", "NET", "CALLS",
-                    "INFLIGHT", "WORKERS", "ALLOWED", "DENIED", "LOGGED", "KEPT", "POLICY");
+        std::printf("\nGROUPS\n%-8s %-12s %-8s %-6s %8s %8s %7s %7s %7s %7s %6s %11s  %s\n", "PID", "GROUP", "INIT", "NET", "CALLS",
+                    "INFLIGHT", "WORKERS", "ALLOWED", "DENIED", "LOGGED", "KEPT", "PROCS", "POLICY");
         header = true;
       }
-      std::printf("%-8d %-12s %-8d %-6s %8llu %8llu %7llu %7llu %7llu %7llu %6llu  %s\n", s["pid"].get<int>(),
+      // PROCS: the command's processes and threads now, of its limit ("-": no limit).
+      const std::string procs = g.value("processes_max", nlohmann::ordered_json()).is_null()
+                                    ? "-"
+                                    : std::to_string(g["processes"].get<unsigned long long>()) + "/" +
+                                          std::to_string(g["processes_max"].get<unsigned long long>());
+      std::printf("%-8d %-12s %-8d %-6s %8llu %8llu %7llu %7llu %7llu %7llu %6llu %11s  %s\n", s["pid"].get<int>(),
                   g["name"].get<std::string>().c_str(), g["init_pid"].get<int>(), g["net_default"].get<std::string>().c_str(),
                   g["notifications"].get<unsigned long long>(), g["in_flight"].get<unsigned long long>(),
                   g["workers"].get<unsigned long long>(), g["allowed"].get<unsigned long long>(),
                   g["denied"].get<unsigned long long>(), g["logged"].get<unsigned long long>(),
-                  g["kept"].get<unsigned long long>(), g["policy"].get<std::string>().c_str());
+                  g["kept"].get<unsigned long long>(), procs.c_str(), g["policy"].get<std::string>().c_str());
     }
   }
   header = false;

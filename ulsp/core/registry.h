@@ -38,6 +38,7 @@ struct StatusBuilder {
     pid_t init_pid = 0;
     std::string net_default;
     uint64_t notifications = 0, in_flight = 0, workers = 0, allowed = 0, denied = 0, logged = 0, kept = 0;
+    uint64_t processes = 0, processes_max = 0;  // with a `processes` limit (0: none)
   };
   struct Mount {
     std::string path, stack, group;
