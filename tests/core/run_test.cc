@@ -310,6 +310,10 @@ TEST_F(RunTest, AUsageErrorExits125WithOneLine) {
   EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: COMMAND is required (see ulsp run --help)\n");
   EXPECT_EQ(Shell(std::string(ULSP_BIN) + " frobnicate 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp: The following argument was not expected: frobnicate (see ulsp --help)\n");
+  // No subcommand at all: the help, on stderr, and 2 (it was 0, on stdout).
+  EXPECT_EQ(Shell(std::string(ULSP_BIN) + " > " + dir_ / "out 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "out"), "");
+  EXPECT_NE(Output("cat " + dir_ / "err").find("Subcommands:"), std::string::npos) << Output("cat " + dir_ / "err");
 }
 
 TEST_F(RunTest, SignalsReachTheCommand) {

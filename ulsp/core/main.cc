@@ -133,6 +133,7 @@ int main(int argc, char** argv) {
   }
   if (check_cmd->parsed()) return ulsp::core::CheckPolicy(check_file);
   if (ps_cmd->parsed()) return ulsp::core::Ps(ps_json);
-  std::fputs(app.help().c_str(), stdout);
-  return 0;
+  // No subcommand: a usage error (a script that forgot one must not see success).
+  std::fputs(app.help().c_str(), stderr);
+  return 2;
 }
