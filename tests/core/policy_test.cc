@@ -51,6 +51,7 @@ wall_seconds = 600
 memory = "2G"
 open_files = 1024
 processes = 256
+group_memory = "3G"
 
 [group.web]
 net_default = "allow"
@@ -80,6 +81,8 @@ net_default = "allow"
   EXPECT_EQ(*g.limits.memory_bytes, 2ull << 30);
   EXPECT_FALSE(g.limits.cpu_seconds.has_value());
   EXPECT_EQ(*g.limits.processes, 256u);
+  EXPECT_EQ(*g.limits.group_memory_bytes, 3ull << 30);
+  EXPECT_TRUE(g.limits.group_memory_where.ends_with(":37")) << g.limits.group_memory_where;
   EXPECT_TRUE(g.limits.processes_where.ends_with(":36")) << g.limits.processes_where;
   EXPECT_EQ(g.hosts.at("two.internal"), (std::vector<std::string>{"10.0.0.6", "fd00::6"}));
   EXPECT_TRUE(p->groups.at("web").net.default_allow());

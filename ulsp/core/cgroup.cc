@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cctype>
 #include <cerrno>
 #include <chrono>
@@ -76,19 +77,20 @@ std::expected<void, std::string> WriteSmall(const std::string& path, const std::
   return {};
 }
 
-// This process's cgroup path in the hierarchy whose /proc/self/cgroup line matches.
-std::string OwnPath(bool v2) {
+// This process's cgroup path in the v1 hierarchy of `controller`, or cgroup2's ("").
+std::string OwnPath(const std::string& controller) {
   std::ifstream in("/proc/self/cgroup");
   for (std::string line; std::getline(in, line);) {
     const size_t a = line.find(':'), b = line.find(':', a + 1);
     if (a == std::string::npos || b == std::string::npos) continue;
     const std::string controllers = line.substr(a + 1, b - a - 1);
-    if (v2 ? (line.compare(0, a, "0") == 0 && controllers.empty()) : Has(Split(controllers, ','), "pids")) return line.substr(b + 1);
+    if (controller.empty() ? (line.compare(0, a, "0") == 0 && controllers.empty()) : Has(Split(controllers, ','), controller))
+      return line.substr(b + 1);
   }
   return "";
 }
 
-std::string Join(const CgroupMountInfo& m, const std::string& own) {
+std::string DirOf(const CgroupMountInfo& m, const std::string& own) {
   // A mount of a part of the hierarchy (a container's) holds only what is beneath it.
   std::string rel = own;
   if (m.root != "/" && rel.starts_with(m.root)) rel = rel.substr(m.root.size());
@@ -119,77 +121,135 @@ std::vector<CgroupMountInfo> CgroupMounts() {
   return out;
 }
 
-std::expected<std::string, std::string> PidsCgroup::OwnPidsCgroup() {
+std::expected<std::string, std::string> GroupCgroup::OwnCgroup(const std::string& controller) {
   std::optional<CgroupMountInfo> v1, v2;
   for (const CgroupMountInfo& m : CgroupMounts()) {
-    if (!m.v2 && Has(m.options, "pids")) {
+    if (!m.v2 && Has(m.options, controller)) {
       if (!v1) v1 = m;
     } else if (m.v2) {
       if (!v2) v2 = m;
     }
   }
   if (v1) {
-    const std::string own = OwnPath(false);
-    if (own.empty()) return std::unexpected("cgroup v1's pids hierarchy is mounted on " + v1->point + ", but /proc/self/cgroup has no line for it");
-    return Join(*v1, own);
+    const std::string own = OwnPath(controller);
+    if (own.empty())
+      return std::unexpected("cgroup v1's " + controller + " hierarchy is mounted on " + v1->point + ", but /proc/self/cgroup has no line for it");
+    return DirOf(*v1, own);
   }
   if (v2) {
-    const std::string own = OwnPath(true);
-    const std::string dir = Join(*v2, own.empty() ? "/" : own);
+    const std::string own = OwnPath("");
+    const std::string dir = DirOf(*v2, own.empty() ? "/" : own);
     const std::string control = dir + "/cgroup.subtree_control";
-    if (Has(Words(ReadSmall(control)), "pids")) return dir;
-    if (!Has(Words(ReadSmall(dir + "/cgroup.controllers")), "pids"))
-      return std::unexpected("no cgroup pids controller: cgroup v1 has no pids hierarchy mounted, and cgroup2 on " + v2->point +
-                             " does not offer pids to " + dir + " (its cgroup.controllers)");
-    if (auto w = WriteSmall(control, "+pids"); !w)
-      return std::unexpected("cgroup2's pids controller is not enabled for the children of " + dir + ", and enabling it failed: " + w.error());
+    if (Has(Words(ReadSmall(control)), controller)) return dir;
+    if (!Has(Words(ReadSmall(dir + "/cgroup.controllers")), controller))
+      return std::unexpected("no cgroup " + controller + " controller: cgroup v1 has no " + controller + " hierarchy mounted, and cgroup2 on " +
+                             v2->point + " does not offer " + controller + " to " + dir + " (its cgroup.controllers)");
+    if (auto w = WriteSmall(control, "+" + controller); !w)
+      return std::unexpected("cgroup2's " + controller + " controller is not enabled for the children of " + dir +
+                             ", and enabling it failed: " + w.error());
     return dir;
   }
-  return std::unexpected("no cgroup pids controller is mounted (neither cgroup v1's pids hierarchy nor cgroup2, in /proc/self/mountinfo)");
+  return std::unexpected("no cgroup " + controller + " controller is mounted (neither cgroup v1's " + controller +
+                         " hierarchy nor cgroup2, in /proc/self/mountinfo)");
 }
 
-std::expected<PidsCgroup, std::string> PidsCgroup::Make(const std::string& group, uint64_t max) {
-  auto parent = OwnPidsCgroup();
-  if (!parent) return std::unexpected(parent.error());
+std::expected<GroupCgroup, std::string> GroupCgroup::Make(const std::string& group, const Want& want) {
   std::string name = "ulsp-";
   for (char c : group) name += (std::isalnum(static_cast<unsigned char>(c)) || c == '-' || c == '_' || c == '.') ? c : '_';
   name += '-';
   name += std::to_string(::getpid());
-  const std::string dir = *parent + "/" + name;
-  // One left by a run of the same pid that was killed: empty, it goes; else say so.
-  if (::mkdir(dir.c_str(), 0755) != 0 && !(errno == EEXIST && ::rmdir(dir.c_str()) == 0 && ::mkdir(dir.c_str(), 0755) == 0))
-    return std::unexpected("making the group's cgroup " + dir + ": " + std::strerror(errno));
-  PidsCgroup made(dir);
-  if (::access((dir + "/pids.max").c_str(), F_OK) != 0) return std::unexpected(dir + " has no pids.max: the pids controller is not enabled there");
-  if (auto w = made.SetMax(max); !w) return std::unexpected(w.error());
+  GroupCgroup made;
+  // The cgroup of `controller` with the limit `what`: made, or found made already (cgroup2).
+  auto make = [&](const std::string& controller, const std::string& what) -> std::expected<std::string, std::string> {
+    auto parent = OwnCgroup(controller);
+    if (!parent) return std::unexpected(what + ": " + parent.error());
+    const std::string dir = *parent + "/" + name;
+    if (std::find(made.dirs_.begin(), made.dirs_.end(), dir) != made.dirs_.end()) return dir;
+    // One left by a run of the same pid that was killed: empty, it goes; else say so.
+    if (::mkdir(dir.c_str(), 0755) != 0 && !(errno == EEXIST && ::rmdir(dir.c_str()) == 0 && ::mkdir(dir.c_str(), 0755) == 0))
+      return std::unexpected(what + ": making the group's cgroup " + dir + ": " + std::strerror(errno));
+    made.dirs_.push_back(dir);
+    return dir;
+  };
+  auto has = [](const std::string& dir, const std::string& file) { return ::access((dir + "/" + file).c_str(), F_OK) == 0; };
+  if (want.pids) {
+    auto dir = make("pids", want.pids_what);
+    if (!dir) return std::unexpected(dir.error());
+    if (!has(*dir, "pids.max")) return std::unexpected(want.pids_what + ": " + *dir + " has no pids.max: the pids controller is not enabled there");
+    made.pids_dir_ = *dir;
+  }
+  if (want.memory) {
+    auto dir = make("memory", want.memory_what);
+    if (!dir) return std::unexpected(dir.error());
+    made.memory_v2_ = !has(*dir, "memory.limit_in_bytes");
+    if (made.memory_v2_ && !has(*dir, "memory.max"))
+      return std::unexpected(want.memory_what + ": " + *dir + " has neither memory.limit_in_bytes nor memory.max: the memory controller is not enabled there");
+    made.memory_dir_ = *dir;
+  }
   return made;
 }
 
-PidsCgroup::~PidsCgroup() {
-  if (dir_.empty()) return;
+GroupCgroup::GroupCgroup(GroupCgroup&& other) noexcept
+    : dirs_(std::move(other.dirs_)),
+      pids_dir_(std::move(other.pids_dir_)),
+      memory_dir_(std::move(other.memory_dir_)),
+      memory_v2_(other.memory_v2_) {
+  other.dirs_.clear();
+}
+
+GroupCgroup::~GroupCgroup() {
   // With a pid namespace the kernel has killed the rest with the init; without one,
   // the init killed what it knew of. What is still here (exiting) is killed again.
-  for (int i = 0; i < 300; ++i) {
-    if (::rmdir(dir_.c_str()) == 0 || errno == ENOENT) return;
-    if (errno != EBUSY) break;
-    std::istringstream procs(ReadSmall(dir_ + "/cgroup.procs"));
-    for (pid_t p; procs >> p;) ::kill(p, SIGKILL);
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  for (const std::string& dir : dirs_) {
+    int err = 0;
+    for (int i = 0; i < 300; ++i) {
+      if (::rmdir(dir.c_str()) == 0 || errno == ENOENT) {
+        err = 0;
+        break;
+      }
+      err = errno;
+      if (err != EBUSY) break;
+      std::istringstream procs(ReadSmall(dir + "/cgroup.procs"));
+      for (pid_t p; procs >> p;) ::kill(p, SIGKILL);
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (err != 0) std::fprintf(stderr, "ulsp run: the group's cgroup %s could not be removed: %s\n", dir.c_str(), std::strerror(err));
   }
-  std::fprintf(stderr, "ulsp run: the group's cgroup %s could not be removed: %s\n", dir_.c_str(), std::strerror(errno));
 }
 
-std::expected<void, std::string> PidsCgroup::Add(pid_t pid) const { return WriteSmall(dir_ + "/cgroup.procs", std::to_string(pid)); }
-
-std::expected<void, std::string> PidsCgroup::SetMax(uint64_t max) const {
-  return WriteSmall(dir_ + "/pids.max", std::to_string(max));
+std::expected<void, std::string> GroupCgroup::Join(pid_t pid) const {
+  for (const std::string& dir : dirs_) {
+    if (auto w = WriteSmall(dir + "/cgroup.procs", std::to_string(pid)); !w) return w;
+  }
+  return {};
 }
 
-uint64_t PidsCgroup::Current() const {
-  std::istringstream in(ReadSmall(dir_ + "/pids.current"));
+std::expected<void, std::string> GroupCgroup::SetPidsMax(uint64_t max) const {
+  return WriteSmall(pids_dir_ + "/pids.max", std::to_string(max));
+}
+
+std::expected<void, std::string> GroupCgroup::SetMemoryMax(uint64_t bytes) const {
+  return WriteSmall(memory_dir_ + (memory_v2_ ? "/memory.max" : "/memory.limit_in_bytes"), std::to_string(bytes));
+}
+
+uint64_t GroupCgroup::Pids() const {
+  if (pids_dir_.empty()) return 0;
+  std::istringstream in(ReadSmall(pids_dir_ + "/pids.current"));
   uint64_t n = 0;
   in >> n;
   return n;
+}
+
+uint64_t GroupCgroup::OomKills() const {
+  if (memory_dir_.empty()) return 0;
+  // v1: memory.oom_control, v2: memory.events; both have a line "oom_kill N".
+  std::istringstream in(ReadSmall(memory_dir_ + (memory_v2_ ? "/memory.events" : "/memory.oom_control")));
+  for (std::string key; in >> key;) {
+    uint64_t n = 0;
+    if (!(in >> n)) break;
+    if (key == "oom_kill") return n;
+  }
+  return 0;
 }
 
 }  // namespace ulsp::core

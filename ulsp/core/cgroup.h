@@ -1,12 +1,16 @@
-// A group's process limit (`processes` in a policy's [limits]): a cgroup of the
-// kernel's pids controller that the group's init joins before it starts anything, so
-// that every process and thread the command starts counts, however it starts them.
-// A fork or clone past the limit fails with EAGAIN, as under RLIMIT_NPROC (which
-// does not bind root, and counts all of a user's processes, not a group's).
+// A group's cgroup limits: `processes` (the kernel's pids controller) and
+// `group_memory` (its memory controller), for all of the group's processes together,
+// however they were started. The group's init joins the cgroup before it starts
+// anything, so everything the command starts is in it.
 //
-// The controller is found where the system mounts it: cgroup v1's `pids` hierarchy,
-// or cgroup2 with `pids` enabled for this process's cgroup's children. The group's
-// cgroup is made beneath this process's own one in that hierarchy, named
+// A fork or clone past `processes` fails with EAGAIN, as under RLIMIT_NPROC (which
+// does not bind root, and counts all of a user's processes, not a group's). Past
+// `group_memory` the kernel reclaims the group's page cache, then its OOM killer ends
+// one of the group's processes.
+//
+// Each controller is found where the system mounts it: cgroup v1's hierarchy of that
+// name, or cgroup2 with the controller enabled for this process's cgroup's children.
+// The group's cgroup is made beneath this process's own one in each hierarchy, named
 // `ulsp-GROUP-PID`, and removed when the group ends, after killing anything still in it.
 #pragma once
 
@@ -28,33 +32,42 @@ struct CgroupMountInfo {
 };
 std::vector<CgroupMountInfo> CgroupMounts();
 
-class PidsCgroup {
+class GroupCgroup {
  public:
-  // Makes the cgroup with pids.max = `max`. Fails with a line that says what is
-  // missing (no pids controller mounted) or what could not be done, and where.
-  static std::expected<PidsCgroup, std::string> Make(const std::string& group, uint64_t max);
+  // Makes the cgroups the limits need. Fails with a line that says what is missing
+  // (no such controller mounted) or what could not be done, and where; `pids_what`
+  // and `memory_what` begin the line for each ("p.toml:7: limit processes = 10").
+  struct Want {
+    bool pids = false, memory = false;
+    std::string pids_what, memory_what;
+  };
+  static std::expected<GroupCgroup, std::string> Make(const std::string& group, const Want& want);
 
-  PidsCgroup(PidsCgroup&& other) noexcept : dir_(std::move(other.dir_)) { other.dir_.clear(); }
-  PidsCgroup& operator=(PidsCgroup&&) = delete;
-  PidsCgroup(const PidsCgroup&) = delete;
-  // Kills what is left in the cgroup and removes it.
-  ~PidsCgroup();
+  GroupCgroup(GroupCgroup&& other) noexcept;
+  GroupCgroup& operator=(GroupCgroup&&) = delete;
+  GroupCgroup(const GroupCgroup&) = delete;
+  // Kills what is left in the cgroups and removes them.
+  ~GroupCgroup();
 
-  // Moves process `pid` (all its threads) into the cgroup.
-  std::expected<void, std::string> Add(pid_t pid) const;
-  // Sets pids.max.
-  std::expected<void, std::string> SetMax(uint64_t max) const;
-  // How many processes and threads are in it now (pids.current; 0 if unreadable).
-  uint64_t Current() const;
-  const std::string& dir() const { return dir_; }
+  // Moves process `pid` (all its threads) into every cgroup of the group.
+  std::expected<void, std::string> Join(pid_t pid) const;
+  // pids.max; memory.limit_in_bytes (v1) or memory.max (v2).
+  std::expected<void, std::string> SetPidsMax(uint64_t max) const;
+  std::expected<void, std::string> SetMemoryMax(uint64_t bytes) const;
+  // Processes and threads in it now (pids.current; 0 without the pids cgroup).
+  uint64_t Pids() const;
+  // How many processes the kernel's OOM killer ended in it (0 without the memory one).
+  uint64_t OomKills() const;
 
-  // The directory of this process's own cgroup in the pids hierarchy, or a line
-  // saying why there is none. Exposed for tests.
-  static std::expected<std::string, std::string> OwnPidsCgroup();
+  // The directory of this process's own cgroup in the hierarchy of `controller`
+  // ("pids", "memory"), or a line saying why there is none. Exposed for tests.
+  static std::expected<std::string, std::string> OwnCgroup(const std::string& controller);
 
  private:
-  explicit PidsCgroup(std::string dir) : dir_(std::move(dir)) {}
-  std::string dir_;
+  GroupCgroup() = default;
+  std::vector<std::string> dirs_;  // each made once (cgroup2 holds both controllers in one)
+  std::string pids_dir_, memory_dir_;
+  bool memory_v2_ = false;
 };
 
 }  // namespace ulsp::core

@@ -104,6 +104,13 @@ void Answer(int sock, const std::string& text) { (void)::send(sock, text.data(),
 
 }  // namespace
 
+// A size as a policy would write it: "64M", "3G", or bytes.
+std::string Bytes(uint64_t n) {
+  for (const auto& [unit, size] : {std::pair{"T", 1ull << 40}, {"G", 1ull << 30}, {"M", 1ull << 20}, {"K", 1ull << 10}})
+    if (n % size == 0) return std::to_string(n / size) + unit;
+  return std::to_string(n) + " bytes";
+}
+
 std::string JoinCommand(const std::vector<std::string>& words) {
   std::string s;
   for (const auto& w : words) s += (s.empty() ? "" : " ") + w;
@@ -188,15 +195,24 @@ int RunGroup(GroupRun& run) {
   }
   auto log = net::ConnLog::Open(group.log, group.name);
   if (!log) return Error(log.error());
-  // The process limit's cgroup, which the group's init joins before it starts anything.
-  std::optional<PidsCgroup> cgroup;
-  if (group.limits.processes) {
-    // The init is in it too, and is not the command's to count: the limit is raised
-    // by the init's own tasks once it is in.
-    auto made = PidsCgroup::Make(group.name, *group.limits.processes + 1);
-    if (!made)
-      return Error(group.limits.processes_where + ": limit processes = " + std::to_string(*group.limits.processes) + ": " + made.error());
+  // The cgroup of the process and memory limits, which the group's init joins before
+  // it starts anything.
+  std::optional<GroupCgroup> cgroup;
+  const Limits& limits = group.limits;
+  if (limits.processes || limits.group_memory_bytes) {
+    GroupCgroup::Want want;
+    want.pids = limits.processes.has_value();
+    want.pids_what = limits.processes_where + ": limit processes = " + (limits.processes ? std::to_string(*limits.processes) : "");
+    want.memory = limits.group_memory_bytes.has_value();
+    want.memory_what = limits.group_memory_where + ": limit group_memory = " + (limits.group_memory_bytes ? Bytes(*limits.group_memory_bytes) : "");
+    auto made = GroupCgroup::Make(group.name, want);
+    if (!made) return Error(made.error());
     cgroup.emplace(std::move(*made));
+    // The init is in it too, and is not the command's to count: the process limit is
+    // raised by the init's own tasks once it is in.
+    auto set = want.pids ? cgroup->SetPidsMax(*limits.processes + 1) : std::expected<void, std::string>();
+    if (set && want.memory) set = cgroup->SetMemoryMax(*limits.group_memory_bytes);
+    if (!set) return Error(set.error());
   }
 
   // What the group sees of the network's configuration, and where its root is built.
@@ -328,12 +344,12 @@ int RunGroup(GroupRun& run) {
       init_pid = said.pid;
       if (run.on_started) run.on_started(init_pid);
       if (cgroup) {
-        auto added = cgroup->Add(init_pid);
+        auto added = cgroup->Join(init_pid);
         // (A sanitizer's runtime gives the init a thread of its own.)
-        init_tasks = cgroup->Current();
-        if (added) added = cgroup->SetMax(*group.limits.processes + init_tasks);
+        init_tasks = cgroup->Pids();
+        if (added && limits.processes) added = cgroup->SetPidsMax(*limits.processes + init_tasks);
         if (!added) {
-          failure = "limit processes: putting the group's init in its cgroup: " + added.error();
+          failure = "putting the group's init in its cgroup: " + added.error();
           break;
         }
       }
@@ -439,8 +455,8 @@ int RunGroup(GroupRun& run) {
       g.policy = run.policy_file;
       g.init_pid = init_pid;
       g.net_default = group.net.default_allow() ? "allow" : "deny";
-      if (cgroup) {
-        const uint64_t now = cgroup->Current();
+      if (cgroup && limits.processes) {
+        const uint64_t now = cgroup->Pids();
         g.processes = now > init_tasks ? now - init_tasks : 0;  // the init's are not the command's
         g.processes_max = *group.limits.processes;
       }
@@ -515,6 +531,9 @@ int RunGroup(GroupRun& run) {
     }
     status = reap();
     if (timed_out) status = kTimedOut;
+    if (const uint64_t killed = cgroup ? cgroup->OomKills() : 0; killed > 0)
+      std::fprintf(stderr, "%s: group %s reached its group_memory limit (%s): the kernel's OOM killer ended %llu of its processes\n",
+                   prefix.c_str(), group.name.c_str(), Bytes(*limits.group_memory_bytes).c_str(), static_cast<unsigned long long>(killed));
   }
   // The group is gone: its namespaces with it. Its mounts went with its mount
   // namespace (the FUSE loops end), and its seccomp filter has no process left.

@@ -49,7 +49,7 @@ struct GroupPlan {
   std::vector<std::string> command;
   std::string who = "ulsp run";  // starts the error line when the command cannot start
   std::optional<uint64_t> cpu_seconds, memory_bytes, open_files, file_size_bytes;
-  bool seal_cgroups = false;  // every cgroup mount read-only in the group (a process limit)
+  bool seal_cgroups = false;  // every cgroup mount read-only in the group (it has cgroup limits)
 };
 
 // Runs in the forked child; never returns. `sock` is its end of the socket.

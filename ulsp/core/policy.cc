@@ -186,7 +186,7 @@ class Parser {
       const toml::table* t = n->as_table();
       if (t == nullptr) Fail(n->source(), "`limits` in " + what + " must be a table: write [group." + name + ".limits]");
       const std::string lw = "[group." + name + ".limits]";
-      OnlyKeys(*t, lw, {"wall_seconds", "cpu_seconds", "memory", "open_files", "file_size", "processes"});
+      OnlyKeys(*t, lw, {"wall_seconds", "cpu_seconds", "memory", "open_files", "file_size", "processes", "group_memory"});
       group.limits.wall_seconds = Count(*t, "wall_seconds", lw, false);
       group.limits.cpu_seconds = Count(*t, "cpu_seconds", lw, false);
       group.limits.memory_bytes = Count(*t, "memory", lw, true);
@@ -194,6 +194,8 @@ class Parser {
       group.limits.file_size_bytes = Count(*t, "file_size", lw, true);
       group.limits.processes = Count(*t, "processes", lw, false);
       if (const toml::node* p = t->get("processes")) group.limits.processes_where = Where(p->source());
+      group.limits.group_memory_bytes = Count(*t, "group_memory", lw, true);
+      if (const toml::node* m = t->get("group_memory")) group.limits.group_memory_where = Where(m->source());
     }
     return group;
   }

@@ -29,8 +29,8 @@ struct MountPolicy {
 };
 
 // Resource limits, applied to the command (setrlimit) and, for wall_seconds, by the
-// supervisor, which kills the group when it runs longer; `processes` by a cgroup of
-// the pids controller (ulsp/core/cgroup.h).
+// supervisor, which kills the group when it runs longer; `processes` and
+// `group_memory` by the group's cgroup (ulsp/core/cgroup.h).
 struct Limits {
   std::optional<uint64_t> wall_seconds;
   std::optional<uint64_t> cpu_seconds;    // RLIMIT_CPU
@@ -39,6 +39,8 @@ struct Limits {
   std::optional<uint64_t> file_size_bytes;  // RLIMIT_FSIZE
   std::optional<uint64_t> processes;  // processes and threads at once, the init not counted
   std::string processes_where;        // "FILE:LINE" of that key
+  std::optional<uint64_t> group_memory_bytes;  // all of the group's processes together
+  std::string group_memory_where;
 };
 
 struct GroupPolicy {
