@@ -219,6 +219,7 @@ GroupCgroup::~GroupCgroup() {
 
 std::expected<void, std::string> GroupCgroup::Join(pid_t pid) const {
   for (const std::string& dir : dirs_) {
+    if (dir == CommandOnlyDir()) continue;
     if (auto w = WriteSmall(dir + "/cgroup.procs", std::to_string(pid)); !w) return w;
   }
   return {};

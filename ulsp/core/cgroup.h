@@ -49,8 +49,16 @@ class GroupCgroup {
   // Kills what is left in the cgroups and removes them.
   ~GroupCgroup();
 
-  // Moves process `pid` (all its threads) into every cgroup of the group.
+  // Moves process `pid` (all its threads) into every cgroup of the group but the one
+  // only the command joins.
   std::expected<void, std::string> Join(pid_t pid) const;
+  // The cgroup the command joins itself and the group's init does not: group_memory's
+  // in cgroup v1 ("" for none). When the group reaches it, the kernel's OOM killer
+  // ends the process it finds biggest among the cgroup's, and the init (ulsp's own
+  // binary, whose resident size counts what it shares with `ulsp run`) could look
+  // biggest: killing it would end the whole group. In cgroup2 a process is in one
+  // cgroup, so there the init is in it too.
+  std::string CommandOnlyDir() const { return memory_v2_ ? "" : memory_dir_; }
   // pids.max; memory.limit_in_bytes (v1) or memory.max (v2).
   std::expected<void, std::string> SetPidsMax(uint64_t max) const;
   std::expected<void, std::string> SetMemoryMax(uint64_t bytes) const;

@@ -265,6 +265,7 @@ int RunGroup(GroupRun& run) {
   plan.open_files = group.limits.open_files;
   plan.file_size_bytes = group.limits.file_size_bytes;
   plan.seal_cgroups = cgroup.has_value();
+  if (cgroup) plan.command_cgroup = cgroup->CommandOnlyDir();
 
   int sv[2];
   if (::socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0, sv) != 0) return Error(std::string("socketpair: ") + std::strerror(errno));

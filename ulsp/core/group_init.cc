@@ -209,6 +209,10 @@ void GroupMain(const GroupPlan& plan, int sock) {
     }
     if (::prctl(PR_SET_PDEATHSIG, SIGKILL) != 0) _exit(125);
   }
+  // The cgroup the command joins itself (group_memory's, in cgroup v1), reached
+  // through the host's mount of it: the group's is made read-only.
+  const int command_cgroup = plan.command_cgroup.empty() ? -1 : ::open(plan.command_cgroup.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC);
+  if (!plan.command_cgroup.empty() && command_cgroup < 0) Die(Errno("the group's cgroup " + plan.command_cgroup));
   if (::unshare(CLONE_NEWNS | CLONE_NEWNET) != 0) Die(Errno("unshare(CLONE_NEWNS | CLONE_NEWNET)"));
   // Loopback first: the supervisor starts the group's resolver (127.0.0.53) on hello.
   LoopbackUp();
@@ -328,6 +332,14 @@ void GroupMain(const GroupPlan& plan, int sock) {
     sigemptyset(&none);
     ::sigprocmask(SIG_SETMASK, &none, nullptr);
     ::umask(plan.umask);
+    if (command_cgroup >= 0) {  // "0": the writer itself
+      const int procs = ::openat(command_cgroup, "cgroup.procs", O_WRONLY | O_CLOEXEC);
+      if (procs < 0 || ::write(procs, "0", 1) != 1) {
+        std::fprintf(stderr, "%s: joining the group's cgroup %s: %s\n", plan.who.c_str(), plan.command_cgroup.c_str(), std::strerror(errno));
+        _exit(125);
+      }
+      ::close(procs);
+    }
     // Only standard input, output and error go in: a socket inherited from outside
     // the group (opened before `ulsp run`) would be a way around its rules.
     ::syscall(SYS_close_range, 3, ~0U, CLOSE_RANGE_CLOEXEC);

@@ -50,6 +50,7 @@ struct GroupPlan {
   std::string who = "ulsp run";  // starts the error line when the command cannot start
   std::optional<uint64_t> cpu_seconds, memory_bytes, open_files, file_size_bytes;
   bool seal_cgroups = false;  // every cgroup mount read-only in the group (it has cgroup limits)
+  std::string command_cgroup;  // a cgroup the command joins and the init does not ("" for none)
 };
 
 // Runs in the forked child; never returns. `sock` is its end of the socket.
