@@ -13,9 +13,15 @@
 #include <cstring>
 #include <fstream>
 #include <optional>
+#include <ranges>
 #include <sstream>
 #include <thread>
 #include <vector>
+
+#include "kernel/msgport/own_file.h"
+#include "kernel/msgport/unique_fd.h"
+#include "ulsp/core/agent.h"
+#include "ulsp/core/mount.h"
 
 namespace ulsp::core {
 namespace {
@@ -36,44 +42,19 @@ std::vector<std::string> Words(const std::string& text) {
   return out;
 }
 
-bool Has(const std::vector<std::string>& words, const std::string& word) {
-  for (const auto& w : words) {
-    if (w == word) return true;
-  }
-  return false;
-}
+bool Has(const std::vector<std::string>& words, const std::string& word) { return std::ranges::find(words, word) != words.end(); }
 
-// /proc/self/mountinfo writes space, tab, newline and backslash as \ooo.
-std::string Unescape(const std::string& s) {
-  std::string out;
-  for (size_t i = 0; i < s.size(); ++i) {
-    if (s[i] == '\\' && i + 3 < s.size()) {
-      const std::string oct = s.substr(i + 1, 3);
-      if (oct.find_first_not_of("01234567") == std::string::npos) {
-        out += static_cast<char>(std::stoi(oct, nullptr, 8));
-        i += 3;
-        continue;
-      }
-    }
-    out += s[i];
-  }
-  return out;
-}
-
+// A cgroup file's text ("" when it cannot be read).
 std::string ReadSmall(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
+  std::string text;
+  ReadWholeFile(path, text);
+  return text;
 }
 
 std::expected<void, std::string> WriteSmall(const std::string& path, const std::string& text) {
-  const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
-  if (fd < 0) return std::unexpected(path + ": " + std::strerror(errno));
-  const ssize_t n = ::write(fd, text.data(), text.size());
-  const int err = errno;
-  ::close(fd);
-  if (n != static_cast<ssize_t>(text.size())) return std::unexpected("writing " + text + " to " + path + ": " + std::strerror(n < 0 ? err : EIO));
+  UniqueFd fd(::open(path.c_str(), O_WRONLY | O_CLOEXEC));
+  if (!fd) return std::unexpected(path + ": " + std::strerror(errno));
+  if (auto w = WriteAll(fd.get(), text); !w) return std::unexpected("writing " + text + " to " + path + ": " + w.error().Describe());
   return {};
 }
 
@@ -90,7 +71,7 @@ std::string OwnPath(const std::string& controller) {
   return "";
 }
 
-std::string DirOf(const CgroupMountInfo& m, const std::string& own) {
+std::string DirOf(const MountEntry& m, const std::string& own) {
   // A mount of a part of the hierarchy (a container's) holds only what is beneath it.
   std::string rel = own;
   if (m.root != "/" && rel.starts_with(m.root)) rel = rel.substr(m.root.size());
@@ -105,29 +86,13 @@ std::string DirOf(const CgroupMountInfo& m, const std::string& own) {
 
 }  // namespace
 
-std::vector<CgroupMountInfo> CgroupMounts() {
-  std::vector<CgroupMountInfo> out;
-  std::ifstream in("/proc/self/mountinfo");
-  for (std::string line; std::getline(in, line);) {
-    // ID PARENT MAJ:MIN ROOT POINT OPTIONS [OPTIONAL...] - TYPE SOURCE SUPEROPTIONS
-    const auto fields = Split(line, ' ');
-    size_t dash = 0;
-    while (dash < fields.size() && fields[dash] != "-") ++dash;
-    if (dash < 5 || dash + 3 >= fields.size()) continue;
-    const std::string& type = fields[dash + 1];
-    if (type != "cgroup" && type != "cgroup2") continue;
-    out.push_back({type == "cgroup2", Unescape(fields[3]), Unescape(fields[4]), Split(fields[dash + 3], ',')});
-  }
-  return out;
-}
-
 std::expected<std::string, std::string> GroupCgroup::OwnCgroup(const std::string& controller) {
-  std::optional<CgroupMountInfo> v1, v2;
-  for (const CgroupMountInfo& m : CgroupMounts()) {
-    if (!m.v2 && Has(m.options, controller)) {
-      if (!v1) v1 = m;
-    } else if (m.v2) {
-      if (!v2) v2 = m;
+  std::optional<MountEntry> v1, v2;
+  for (MountEntry& m : Mounts()) {
+    if (m.fstype == "cgroup" && Has(m.super_options, controller)) {
+      if (!v1) v1 = std::move(m);
+    } else if (m.fstype == "cgroup2") {
+      if (!v2) v2 = std::move(m);
     }
   }
   if (v1) {

@@ -1,7 +1,8 @@
 // A group's cgroup limits: `processes` (the kernel's pids controller) and
 // `group_memory` (its memory controller), for all of the group's processes together,
 // however they were started. The group's init joins the cgroup before it starts
-// anything, so everything the command starts is in it.
+// anything (but group_memory's in cgroup v1, which the command joins as it starts:
+// CommandOnlyDir), so everything the command starts is in it.
 //
 // A fork or clone past `processes` fails with EAGAIN, as under RLIMIT_NPROC (which
 // does not bind root, and counts all of a user's processes, not a group's). Past
@@ -22,15 +23,6 @@
 #include <vector>
 
 namespace ulsp::core {
-
-// A cgroup file system this process sees mounted (/proc/self/mountinfo).
-struct CgroupMountInfo {
-  bool v2 = false;
-  std::string root;                  // the hierarchy's directory mounted there
-  std::string point;                 // where
-  std::vector<std::string> options;  // the super block's options (v1: its controllers)
-};
-std::vector<CgroupMountInfo> CgroupMounts();
 
 class GroupCgroup {
  public:
@@ -67,12 +59,12 @@ class GroupCgroup {
   // How many processes the kernel's OOM killer ended in it (0 without the memory one).
   uint64_t OomKills() const;
 
-  // The directory of this process's own cgroup in the hierarchy of `controller`
-  // ("pids", "memory"), or a line saying why there is none. Exposed for tests.
-  static std::expected<std::string, std::string> OwnCgroup(const std::string& controller);
-
  private:
   GroupCgroup() = default;
+  // The directory of this process's own cgroup in the hierarchy of `controller`
+  // ("pids", "memory"), or a line saying why there is none.
+  static std::expected<std::string, std::string> OwnCgroup(const std::string& controller);
+
   std::vector<std::string> dirs_;  // each made once (cgroup2 holds both controllers in one)
   std::string pids_dir_, memory_dir_;
   bool memory_v2_ = false;

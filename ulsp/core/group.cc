@@ -102,14 +102,14 @@ Said Hear(int sock) {
 
 void Answer(int sock, const std::string& text) { (void)::send(sock, text.data(), text.size(), MSG_NOSIGNAL); }
 
-}  // namespace
-
 // A size as a policy would write it: "64M", "3G", or bytes.
 std::string Bytes(uint64_t n) {
   for (const auto& [unit, size] : {std::pair{"T", 1ull << 40}, {"G", 1ull << 30}, {"M", 1ull << 20}, {"K", 1ull << 10}})
     if (n % size == 0) return std::to_string(n / size) + unit;
   return std::to_string(n) + " bytes";
 }
+
+}  // namespace
 
 std::string JoinCommand(const std::vector<std::string>& words) {
   std::string s;
@@ -208,11 +208,10 @@ int RunGroup(GroupRun& run) {
     auto made = GroupCgroup::Make(group.name, want);
     if (!made) return Error(made.error());
     cgroup.emplace(std::move(*made));
-    // The init is in it too, and is not the command's to count: the process limit is
-    // raised by the init's own tasks once it is in.
-    auto set = want.pids ? cgroup->SetPidsMax(*limits.processes + 1) : std::expected<void, std::string>();
-    if (set && want.memory) set = cgroup->SetMemoryMax(*limits.group_memory_bytes);
-    if (!set) return Error(set.error());
+    // The process limit is set once the init is in: its own tasks are not counted.
+    if (want.memory) {
+      if (auto set = cgroup->SetMemoryMax(*limits.group_memory_bytes); !set) return Error(set.error());
+    }
   }
 
   // What the group sees of the network's configuration, and where its root is built.

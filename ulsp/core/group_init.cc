@@ -26,7 +26,7 @@
 #include <sstream>
 
 #include "kernel/msgport/seccomp_shim.h"
-#include "ulsp/core/cgroup.h"
+#include "ulsp/core/mount.h"
 
 namespace ulsp::core {
 namespace {
@@ -151,7 +151,8 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name,
 // root's, so it could otherwise write its own pid into another cgroup's
 // cgroup.procs and leave its process limit. It cannot remount (no CAP_SYS_ADMIN).
 void SealCgroups() {
-  for (const CgroupMountInfo& m : CgroupMounts()) {
+  for (const MountEntry& m : Mounts()) {
+    if (m.fstype != "cgroup" && m.fstype != "cgroup2") continue;
     struct statvfs st{};
     if (::statvfs(m.point.c_str(), &st) != 0) Die(Errno("the cgroup mount " + m.point));
     unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;

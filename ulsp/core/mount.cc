@@ -218,22 +218,31 @@ int Serve(const MountArgs& args, std::unique_ptr<vfs::Layer> top, const std::str
 
 }  // namespace
 
-bool IsMountPoint(const std::string& path, std::string* fstype) {
+std::vector<MountEntry> Mounts() {
+  std::vector<MountEntry> out;
   std::ifstream in("/proc/self/mountinfo");
-  bool found = false;
   for (std::string line; std::getline(in, line);) {
     // id parent major:minor root mountpoint options [optional...] - fstype source super
     std::istringstream fields(line);
-    std::string id, parent, devno, root, point;
+    std::string id, parent, devno, root, point, word, source, super;
     fields >> id >> parent >> devno >> root >> point;
-    if (Unescape(point) != path) continue;
-    found = true;  // the last one listed is the one on top
-    if (fstype != nullptr) {
-      std::string word;
-      while (fields >> word && word != "-") {
-      }
-      fields >> *fstype;
+    while (fields >> word && word != "-") {
     }
+    MountEntry m{Unescape(root), Unescape(point), "", {}};
+    fields >> m.fstype >> source >> super;
+    std::istringstream options(super);
+    for (std::string o; std::getline(options, o, ',');) m.super_options.push_back(o);
+    out.push_back(std::move(m));
+  }
+  return out;
+}
+
+bool IsMountPoint(const std::string& path, std::string* fstype) {
+  bool found = false;
+  for (const MountEntry& m : Mounts()) {
+    if (m.point != path) continue;
+    found = true;  // the last one listed is the one on top
+    if (fstype != nullptr) *fstype = m.fstype;
   }
   return found;
 }

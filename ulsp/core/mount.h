@@ -3,6 +3,7 @@
 #pragma once
 
 #include <string>
+#include <vector>
 
 namespace ulsp::core {
 
@@ -40,5 +41,15 @@ int Umount(const std::string& mountpoint);
 
 // Whether `path` (absolute, resolved) is a mount point, and its file-system type.
 bool IsMountPoint(const std::string& path, std::string* fstype = nullptr);
+
+// One line of /proc/self/mountinfo, unescaped.
+struct MountEntry {
+  std::string root;   // the directory of its file system mounted there
+  std::string point;  // where
+  std::string fstype;
+  std::vector<std::string> super_options;  // the super block's, split at commas
+};
+// This process's mounts, in /proc/self/mountinfo's order (a later one on top).
+std::vector<MountEntry> Mounts();
 
 }  // namespace ulsp::core
