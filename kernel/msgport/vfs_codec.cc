@@ -151,6 +151,7 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
     case VfsOp::kSymlink:
     case VfsOp::kLink:
     case VfsOp::kCreate:
+    case VfsOp::kAdopt:
       r.setEntryNode(req.entry.ino);
       r.setEntryGeneration(req.entry.generation);
       PutAttr(r.initEntryAttr(), req.entry.attr);

@@ -10,7 +10,8 @@ constexpr std::array<std::string_view, static_cast<size_t>(VfsOp::kCount)> kName
     "mkdir",     "unlink",    "rmdir",       "symlink",  "rename",      "link",       "open",
     "read",      "write",     "flush",       "release",  "fsync",       "opendir",    "readdir",
     "readdirplus", "releasedir", "fsyncdir", "statfs",   "setxattr",    "getxattr",   "listxattr",
-    "removexattr", "access",  "create",      "fallocate", "copy_file_range", "lseek"};
+    "removexattr", "access",  "create",      "fallocate", "copy_file_range", "lseek",
+    "adopt"};
 
 }  // namespace
 

@@ -63,6 +63,10 @@ enum class VfsOp : uint32_t {
   kFallocate,
   kCopyFileRange,
   kLseek,
+  // Not the kernel's: a relaying port (ulsp/core/isolated.h) asks a restarted server
+  // for the node of a file it can no longer find by name (unlinked while a program
+  // holds it open), giving the file itself in `in_fd`. Answered as a lookup.
+  kAdopt,
   kCount,  // not an operation: one past the last
 };
 
@@ -122,6 +126,8 @@ struct VfsRequest {
   struct stat attr {};    // setattr: the new values (those in `flags`)
   std::span<const char> in;  // write data, setxattr value: borrowed from the sender,
                              // valid until the reply
+  int in_fd = -1;            // adopt: a descriptor of the file (the sender's, valid
+                             // until the reply)
   double timeout = 1.0;      // seconds the kernel may cache entries and attributes
   bool fd_reply_ok = false;  // read: the sender shares the server's descriptors (same
                              // process), so the server may answer with `out_fd`

@@ -179,6 +179,44 @@ TEST_F(PassthroughTest, AnUnnamedFileIsANodeUntilForgottenAndAViewAdmitsIt) {
   ::close(static_cast<int>(r.open.fh));
 }
 
+// Adopt (a restarted isolated server's way back to a file no name finds): the open
+// file's descriptor becomes a node with no name, which serves as any other; a file
+// that a name leads to too is that name's node, and keeps its path.
+TEST_F(PassthroughTest, AnOpenFileIsAdoptedByItsDescriptor) {
+  auto adopt = [this](int fd, VfsRequest& r) {
+    r = VfsRequest{};
+    r.op = VfsOp::kAdopt;
+    r.in_fd = fd;
+    return layer_->Serve(r);
+  };
+  VfsRequest r;
+  EXPECT_EQ(adopt(-1, r), EBADF);
+  const UniqueFd gone(::open((dir_ / "root/d/gone").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644));
+  ASSERT_TRUE(gone);
+  ASSERT_EQ(::write(gone.get(), "12345", 5), 5);
+  ASSERT_EQ(::unlink((dir_ / "root/d/gone").c_str()), 0);
+  ASSERT_EQ(adopt(gone.get(), r), 0);
+  const uint64_t node = r.entry.ino;
+  EXPECT_EQ(r.entry.attr.st_size, 5);
+  EXPECT_EQ(r.entry.attr.st_nlink, 0u);
+  EXPECT_EQ(layer_->PathOf(node), "");
+  VfsRequest s;
+  s.op = VfsOp::kSetAttr;
+  s.node = node;
+  s.flags = FUSE_SET_ATTR_SIZE;
+  s.attr.st_size = 2;
+  ASSERT_EQ(layer_->Serve(s), 0);
+  EXPECT_EQ(s.out_attr.st_size, 2);
+  Forget(node, 1);
+  EXPECT_EQ(layer_->NodeCount(), 1u);
+
+  const uint64_t f = Lookup(Lookup(kRootNode, "d"), "f");
+  const UniqueFd named(::open((dir_ / "root/d/f").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_EQ(adopt(named.get(), r), 0);
+  EXPECT_EQ(r.entry.ino, f);
+  EXPECT_EQ(layer_->PathOf(f), "/d/f");
+}
+
 // The kernel grows a descriptor table by doubling it, and in a process with threads
 // each growth waits for an RCU grace period (10-15 ms here), inside whichever request
 // made the node that needed it. Opening a passthrough grows the table up front.

@@ -5,6 +5,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <spawn.h>
+#include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -218,6 +219,16 @@ IsolatedPort::IsolatedPort(std::unique_ptr<ServerSource> source)
   nodes_.resize(2);
   nodes_[1].in_use = true;
   nodes_[1].nlookup = 1;
+  // Open files' descriptors are kept (KNode::file): as many as the hard limit lets,
+  // half of them at most, so that descriptors coming with replies always find room.
+  // (A group started by `ulsp run` gets the caller's limits back: group_init.)
+  struct rlimit files {};
+  if (::getrlimit(RLIMIT_NOFILE, &files) == 0) {
+    files.rlim_cur = files.rlim_max;
+    ::setrlimit(RLIMIT_NOFILE, &files);
+    ::getrlimit(RLIMIT_NOFILE, &files);
+    files_budget_ = static_cast<size_t>(std::min<rlim_t>(files.rlim_cur / 2, 1u << 20));
+  }
 }
 
 Result<std::unique_ptr<IsolatedPort>> IsolatedPort::Start(Options options) {
@@ -450,6 +461,30 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
+bool IsolatedPort::KeepFile(uint64_t kernel_id, int fd) {
+  KNode* n = Node(kernel_id);
+  if (n == nullptr || fd < 0) return false;
+  if (!n->file) {
+    if (files_kept_ >= files_budget_) return false;
+    n->file.Reset(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    if (!n->file) return false;  // out of descriptors: the file is found by name only
+    ++files_kept_;
+  }
+  ++n->file_opens;
+  return true;
+}
+
+void IsolatedPort::FreeHandle(uint64_t kernel_fh) {
+  if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return;
+  KHandle& h = handles_[kernel_fh - 1];
+  if (KNode* n = Node(h.node); n != nullptr && h.with_file && n->file_opens > 0 && --n->file_opens == 0) {
+    n->file.Reset();
+    --files_kept_;
+  }
+  h = KHandle{};
+  free_handles_.push_back(static_cast<uint32_t>(kernel_fh - 1));
+}
+
 IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
   const uint32_t index = IndexOf(kernel_id);
   if (index == 0 || index >= nodes_.size()) return nullptr;
@@ -516,6 +551,7 @@ void IsolatedPort::ForgetLocked(uint64_t kernel_id, uint64_t count, std::vector<
       by_server_id_.erase(it);
   }
   Unname(index);
+  if (n->file) --files_kept_;  // (the kernel releases its handles before it forgets)
   const uint32_t generation = n->generation + 1;
   *n = KNode{};
   n->generation = generation;
@@ -581,7 +617,33 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
     return server_id;
   }
   if (another_file && n != nullptr) Disown(IndexOf(kernel_id));  // no name to be found by any more
-  return 0;
+  // No name finds it (unlinked while open, say), but the file itself is at hand.
+  return n != nullptr && n->file ? AdoptFile(kernel_id, server, epoch, lock) : 0;
+}
+
+uint64_t IsolatedPort::AdoptFile(uint64_t kernel_id, const Server& server, uint64_t epoch,
+                                 std::unique_lock<std::mutex>& lock) {
+  KNode* n = Node(kernel_id);
+  auto ask = std::make_unique<VfsMessage>(VfsOp::kAdopt);
+  UniqueFd copy(::fcntl(n->file.get(), F_DUPFD_CLOEXEC, 0));
+  if (!copy) return 0;
+  ask->fds.push_back(std::move(copy));  // the server's req.in_fd
+  lock.unlock();
+  auto found = Ask(*server, std::move(ask));
+  lock.lock();
+  n = Node(kernel_id);
+  if (!found) return 0;
+  const uint64_t server_id = (*found)->req.entry.ino;
+  if (n == nullptr || n->epoch == epoch) {  // gone meanwhile, or found by another request
+    pending_forgets_.emplace_back(server_id, 1);
+    return n == nullptr ? 0 : n->server_id;
+  }
+  n->server_id = server_id;
+  n->epoch = epoch;
+  n->server_lookups = 1;
+  n->ino = (*found)->req.entry.attr.st_ino;
+  by_server_id_[server_id] = IndexOf(kernel_id);
+  return server_id;
 }
 
 void IsolatedPort::MaybeRenamed(const VfsMessage& m) {
@@ -690,10 +752,7 @@ void IsolatedPort::Forward(MessagePtr msg) {
     const bool release = r.op == VfsOp::kRelease || r.op == VfsOp::kReleaseDir;
     if (release && (r.fh == 0 || r.fh > handles_.size() || handles_[r.fh - 1].epoch != epoch)) {
       // Opened in a server that died: nothing to close there.
-      if (r.fh != 0 && r.fh <= handles_.size() && handles_[r.fh - 1].in_use) {
-        handles_[r.fh - 1] = KHandle{};
-        free_handles_.push_back(static_cast<uint32_t>(r.fh - 1));
-      }
+      FreeHandle(r.fh);
       lock.unlock();
       Answer(counters(), std::move(msg), 0);
       return;
@@ -754,7 +813,9 @@ void IsolatedPort::Translate(VfsMessage& m) {
       index = static_cast<uint32_t>(handles_.size());
       handles_.emplace_back();
     }
-    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
+    // The file's descriptor, given for the kernel to read and write it by.
+    const bool with_file = !dir && KeepFile(node, r.open.backing_fd);
+    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir, with_file};
     return uint64_t{index} + 1;
   };
   TranslateChanged(r.changed, epoch);
@@ -783,10 +844,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
       break;
     case VfsOp::kRelease:
     case VfsOp::kReleaseDir:
-      if (m.relay.fh != 0 && m.relay.fh <= handles_.size()) {
-        handles_[m.relay.fh - 1] = KHandle{};
-        free_handles_.push_back(static_cast<uint32_t>(m.relay.fh - 1));
-      }
+      FreeHandle(m.relay.fh);
       break;
     case VfsOp::kReadDirPlus: {
       // The records carry the server's node ids: give the kernel its own.
@@ -930,6 +988,11 @@ class IsolatedServer final : public msgport::Server {
       msgport::Reply(std::move(msg), EBADMSG);
       return;
     }
+    // Descriptors a request brings (adopt's file) are the request's, closed with it,
+    // never sent back with the reply.
+    const std::vector<UniqueFd> given = std::move(msg->fds);
+    msg->fds.clear();
+    if (req.op == VfsOp::kAdopt) req.in_fd = given.empty() ? -1 : given.front().get();
     const int error = top_.Serve(req);
     try {
       if (error == 0 && req.open.backing_fd >= 0 && (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate)) {

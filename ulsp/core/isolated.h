@@ -9,7 +9,11 @@
 //    component at a time, on the first request that needs it;
 //  - open file and directory handles: the kernel's handles are the port's own, each
 //    remembering its node and open flags; after a restart a handle is opened again
-//    in the new server on first use.
+//    in the new server on first use;
+//  - the open files themselves, while they are open, when a server gives their
+//    descriptors for the kernel to read and write (kernel passthrough): a file no name
+//    finds after a restart (unlinked while open) is given to the new server
+//    (VfsOp::kAdopt), which makes it a node again.
 // A request in flight when the server dies is sent again to the new server when that
 // is safe (lookup, getattr, read, readdir, open without O_TRUNC, flush, fsync,
 // release ...), and answered EIO otherwise (write, create, unlink, rename, setattr). A
@@ -38,6 +42,7 @@
 #include "kernel/msgport/errno.h"
 #include "kernel/msgport/port.h"
 #include "kernel/msgport/shm_port.h"
+#include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_message.h"
 
 namespace ulsp::core {
@@ -126,6 +131,10 @@ class IsolatedPort final : public msgport::Port {
     std::string renamed_name;
     uint64_t nlookup = 0;         // the kernel's count
     uint64_t server_lookups = 0;  // lookups the current server counted for us
+    // While the kernel has it open on a descriptor a server gave (kernel passthrough):
+    // a copy of that descriptor, for a new server when no name finds the file.
+    UniqueFd file;
+    uint32_t file_opens = 0;      // the kernel's handles of it that came with one
   };
   struct KHandle {
     bool in_use = false;
@@ -134,6 +143,7 @@ class IsolatedPort final : public msgport::Port {
     uint64_t node = 0;  // kernel id
     int flags = 0;
     bool dir = false;
+    bool with_file = false;  // counted in its node's file_opens
   };
   using Server = std::shared_ptr<msgport::Port>;
 
@@ -184,6 +194,15 @@ class IsolatedPort final : public msgport::Port {
   // may by then be another file's): it answers ESTALE, unless a lookup names it again.
   void Orphan(const NameKey& key);
   void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
+  // With map_mu_ held: a kernel handle of the node `kernel_id` came with the file's
+  // descriptor `fd`; keeps a copy while the node has such handles (within the budget).
+  // Returns whether it counted the handle.
+  bool KeepFile(uint64_t kernel_id, int fd);
+  // With map_mu_ held: the kernel released handle `kernel_fh` (index + 1).
+  void FreeHandle(uint64_t kernel_fh);
+  // With map_mu_ held: asks `server` for the node of nodes_[index]'s kept file
+  // (kAdopt). The new server's id, or 0.
+  uint64_t AdoptFile(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
 
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
@@ -203,6 +222,8 @@ class IsolatedPort final : public msgport::Port {
   std::deque<KHandle> handles_;                           // fh = index + 1
   std::vector<uint32_t> free_handles_;
   size_t live_nodes_ = 1;
+  size_t files_kept_ = 0;    // KNode::file descriptors held
+  size_t files_budget_ = 0;  // most of them: half this process's descriptor limit
   uint64_t map_epoch_ = 0;  // the epoch the tables' server ids belong to
   std::vector<std::pair<uint64_t, uint64_t>> pending_forgets_;  // (server id, count)
 

@@ -707,6 +707,7 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
       return Seek(req);
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
+    case VfsOp::kAdopt:  // a host file's descriptor: no file of this layer
     case VfsOp::kCount:
       break;
   }

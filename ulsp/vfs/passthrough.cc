@@ -213,7 +213,7 @@ uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t
   if (auto it = by_inode_.find({st.st_dev, st.st_ino}); it != by_inode_.end()) {
     Node& n = nodes_[it->second];
     ++n.nlookup;
-    if (it->second != 1) {
+    if (it->second != 1 && !name.empty()) {  // none: ".", "..", or a file by its descriptor
       n.parent = parent;
       n.name.assign(name);
     }
@@ -409,6 +409,22 @@ int PassthroughLayer::Tmpfile(VfsRequest& req) {
   req.open = {};
   req.open.fh = static_cast<uint64_t>(file.release());
   if (req.kernel_io_ok) req.open.backing_fd = static_cast<int>(req.open.fh);
+  return 0;
+}
+
+// The node of the open file `req.in_fd` (one this layer opened, in a server that
+// died), which no name may lead to: unlinked, it lives only while opened. Its node
+// keeps a descriptor and no name, as an O_TMPFILE file's; a file that is also known
+// by a name is that name's node.
+int PassthroughLayer::Adopt(VfsRequest& req) {
+  if (req.in_fd < 0) return EBADF;
+  const ProcPath proc(req.in_fd);
+  auto node_fd = Sys([&] { return ::open(proc.c_str(), O_PATH | O_CLOEXEC); });
+  if (!node_fd) return node_fd.error().value;
+  UniqueFd node(*node_fd);
+  req.entry = fuse_entry_param{};
+  if (int err = Errno0([&] { return ::fstat(node.get(), &req.entry.attr); })) return err;
+  Enter(req, std::move(node), kRootNode, {}, req.entry);
   return 0;
 }
 
@@ -771,6 +787,8 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       req.out_size = static_cast<uint64_t>(*off);
       return 0;
     }
+    case VfsOp::kAdopt:
+      return Adopt(req);
     case VfsOp::kCount:
       break;
   }

@@ -127,6 +127,7 @@ class PassthroughLayer final : public Layer {
   int SetAttr(VfsRequest& req);
   int Create(VfsRequest& req);
   int Tmpfile(VfsRequest& req);
+  int Adopt(VfsRequest& req);
   int MakeNode(VfsRequest& req);
   int Rename(VfsRequest& req);
   int Link(VfsRequest& req);
