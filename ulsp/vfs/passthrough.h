@@ -11,7 +11,9 @@
 // limit is 20000): past a budget, nodes keep the inode's file handle instead and are
 // opened (open_by_handle_at) for each request that needs them.
 // Hard links of one inode share a node. Open files are their descriptors (fh is the
-// fd number); open directories are entries of a handle table.
+// fd number); open directories are entries of a handle table. An open file given by
+// its descriptor (VfsOp::kAdopt: a restarted isolated server is given a file no name
+// leads to) is a node with a descriptor and no name, as an O_TMPFILE file is.
 //
 // Permissions: the mount uses the kernel's checks (default_permissions), so the
 // server acts as root; it gives new nodes to the caller (uid, and gid unless the
