@@ -461,13 +461,12 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
-bool IsolatedPort::KeepFile(uint64_t kernel_id, int fd) {
+bool IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
   KNode* n = Node(kernel_id);
-  if (n == nullptr || fd < 0) return false;
+  if (n == nullptr || !fd) return false;
   if (!n->file) {
     if (files_kept_ >= files_budget_) return false;
-    n->file.Reset(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
-    if (!n->file) return false;  // out of descriptors: the file is found by name only
+    n->file = std::move(fd);
     ++files_kept_;
   }
   ++n->file_opens;
@@ -610,10 +609,7 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
     }
     n->renamed_parent = 0;
     n->renamed_name.clear();
-    n->server_id = server_id;
-    n->epoch = epoch;
-    n->server_lookups = 1;
-    by_server_id_[server_id] = index;
+    Bind(index, server_id, epoch);
     return server_id;
   }
   if (another_file && n != nullptr) Disown(IndexOf(kernel_id));  // no name to be found by any more
@@ -638,12 +634,17 @@ uint64_t IsolatedPort::AdoptFile(uint64_t kernel_id, const Server& server, uint6
     pending_forgets_.emplace_back(server_id, 1);
     return n == nullptr ? 0 : n->server_id;
   }
-  n->server_id = server_id;
-  n->epoch = epoch;
-  n->server_lookups = 1;
   n->ino = (*found)->req.entry.attr.st_ino;
-  by_server_id_[server_id] = IndexOf(kernel_id);
+  Bind(IndexOf(kernel_id), server_id, epoch);
   return server_id;
+}
+
+void IsolatedPort::Bind(uint32_t index, uint64_t server_id, uint64_t epoch) {
+  KNode& n = nodes_[index];
+  n.server_id = server_id;
+  n.epoch = epoch;
+  n.server_lookups = 1;
+  by_server_id_[server_id] = index;
 }
 
 void IsolatedPort::MaybeRenamed(const VfsMessage& m) {
@@ -814,7 +815,8 @@ void IsolatedPort::Translate(VfsMessage& m) {
       handles_.emplace_back();
     }
     // The file's descriptor, given for the kernel to read and write it by.
-    const bool with_file = !dir && KeepFile(node, r.open.backing_fd);
+    const bool with_file = !dir && r.open.backing_fd >= 0 && !m.fds.empty() &&
+                           m.fds.front().get() == r.open.backing_fd && KeepFile(node, m.fds.front());
     handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir, with_file};
     return uint64_t{index} + 1;
   };

@@ -195,14 +195,19 @@ class IsolatedPort final : public msgport::Port {
   void Orphan(const NameKey& key);
   void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
   // With map_mu_ held: a kernel handle of the node `kernel_id` came with the file's
-  // descriptor `fd`; keeps a copy while the node has such handles (within the budget).
-  // Returns whether it counted the handle.
-  bool KeepFile(uint64_t kernel_id, int fd);
+  // descriptor, the reply's `fd`. The node takes it, unless it holds one already or
+  // the budget is spent, and keeps it while it has such handles (the shim still uses
+  // the number, borrowed: the kernel releases no handle before it has it). Returns
+  // whether it counted the handle.
+  bool KeepFile(uint64_t kernel_id, UniqueFd& fd);
   // With map_mu_ held: the kernel released handle `kernel_fh` (index + 1).
   void FreeHandle(uint64_t kernel_fh);
   // With map_mu_ held: asks `server` for the node of nodes_[index]'s kept file
   // (kAdopt). The new server's id, or 0.
   uint64_t AdoptFile(uint64_t kernel_id, const Server& server, uint64_t epoch, std::unique_lock<std::mutex>& lock);
+  // With map_mu_ held: nodes_[index] is `server_id` in the current server (`epoch`),
+  // which counted one lookup for it.
+  void Bind(uint32_t index, uint64_t server_id, uint64_t epoch);
 
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
