@@ -132,7 +132,7 @@ class IsolatedPort final : public msgport::Port {
     uint64_t nlookup = 0;         // the kernel's count
     uint64_t server_lookups = 0;  // lookups the current server counted for us
     // While the kernel has it open on a descriptor a server gave (kernel passthrough):
-    // a copy of that descriptor, for a new server when no name finds the file.
+    // that descriptor (the first handle's), for a new server when no name finds it.
     UniqueFd file;
     uint32_t file_opens = 0;      // the kernel's handles of it that came with one
   };
