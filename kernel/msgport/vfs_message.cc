@@ -11,7 +11,7 @@ constexpr std::array<std::string_view, static_cast<size_t>(VfsOp::kCount)> kName
     "read",      "write",     "flush",       "release",  "fsync",       "opendir",    "readdir",
     "readdirplus", "releasedir", "fsyncdir", "statfs",   "setxattr",    "getxattr",   "listxattr",
     "removexattr", "access",  "create",      "fallocate", "copy_file_range", "lseek",
-    "adopt"};
+    "adopt",     "lend"};
 
 }  // namespace
 

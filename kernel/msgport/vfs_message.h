@@ -67,6 +67,11 @@ enum class VfsOp : uint32_t {
   // for the node of a file it can no longer find by name (unlinked while a program
   // holds it open), giving the file itself in `in_fd`. Answered as a lookup.
   kAdopt,
+  // Not the kernel's either: the same port asks for a descriptor of the open file
+  // `fh` of `node`, answered in `open.backing_fd` (sent with the reply), to keep while
+  // the file is open and no name may lead to it (about to be unlinked or replaced by
+  // a rename): what it gives a restarted server with kAdopt.
+  kLend,
   kCount,  // not an operation: one past the last
 };
 

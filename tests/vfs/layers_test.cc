@@ -217,6 +217,36 @@ TEST_F(PassthroughTest, AnOpenFileIsAdoptedByItsDescriptor) {
   EXPECT_EQ(layer_->PathOf(f), "/d/f");
 }
 
+// Lend (an isolated mount's relay, before an open file may lose its last name): the
+// descriptor the open file's handle reads by, given even when the kernel was not to
+// read the file itself (no kernel_io_ok), for the relay to keep.
+TEST_F(PassthroughTest, AnOpenFileLendsItsDescriptor) {
+  const uint64_t f = Lookup(Lookup(kRootNode, "d"), "f");
+  VfsRequest o;
+  o.op = VfsOp::kOpen;
+  o.node = f;
+  o.flags = O_RDONLY;
+  ASSERT_EQ(layer_->Serve(o), 0);
+  EXPECT_EQ(o.open.backing_fd, -1);  // not asked for kernel passthrough
+  VfsRequest l;
+  l.op = VfsOp::kLend;
+  l.node = f;
+  l.fh = o.open.fh;
+  ASSERT_EQ(layer_->Serve(l), 0);
+  ASSERT_GE(l.open.backing_fd, 0);
+  struct stat lent {}, file {};
+  ASSERT_EQ(::fstat(l.open.backing_fd, &lent), 0);
+  ASSERT_EQ(::stat((dir_ / "root/d/f").c_str(), &file), 0);
+  EXPECT_EQ(lent.st_ino, file.st_ino);
+  EXPECT_EQ(lent.st_dev, file.st_dev);
+  VfsRequest c;
+  c.op = VfsOp::kRelease;
+  c.node = f;
+  c.fh = o.open.fh;
+  EXPECT_EQ(layer_->Serve(c), 0);
+  Forget(f, 1);
+}
+
 // The kernel grows a descriptor table by doubling it, and in a process with threads
 // each growth waits for an RCU grace period (10-15 ms here), inside whichever request
 // made the node that needed it. Opening a passthrough grows the table up front.

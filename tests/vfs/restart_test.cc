@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 
+#include <array>
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
@@ -13,6 +14,7 @@
 #include <random>
 #include <sstream>
 #include <thread>
+#include <utility>
 
 #include "tests/vfs/mount_fixture.h"
 
@@ -385,34 +387,47 @@ TEST_P(RestartTest, AFileReplacedBesideTheMountIsNotFoundInItsPlace) {
   ::close(fd);
 }
 
-// A file unlinked while a program holds it open, and an O_TMPFILE file, have no name a
-// new server could find them by. With kernel passthrough the kernel holds each file
-// (its backing file) and so does the mount (the descriptor the server gave): the new
-// server is given it and makes it a node again, so fstat, ftruncate, fchmod and fsync
-// work on the program's descriptor after the kill, and the O_TMPFILE file can still
-// be given a name. (Before, each answered ESTALE.) Without kernel passthrough the
-// files died with the dead server's descriptors: ESTALE.
+// A file unlinked while a program holds it open, one replaced by a rename, and an
+// O_TMPFILE file, have no name a new server could find them by. The mount keeps each
+// file while the kernel has it open: with kernel passthrough the descriptor the server
+// gave for the kernel's reads and writes; without ("stack"), one the server lends
+// before the unlink or rename, or gives with the O_TMPFILE file's create. The new
+// server is given it and makes it a node again, so fstat, ftruncate, fchmod, fsync and
+// reads work on the program's descriptors after the kill, and the O_TMPFILE file can
+// still be given a name. (Before, each answered ESTALE: first in every case, then
+// without kernel passthrough only.)
 TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   const std::string d = mount_->path() + "/out";
   ASSERT_EQ(::mkdir(d.c_str(), 0755), 0);
-  const int gone = ::open((d + "/gone").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  int gone = -1, unnamed = -1, replaced = -1;
+  struct CloseAtEnd {  // after a failed assertion too: an open file keeps the mount busy
+    std::array<int*, 3> fds;
+    ~CloseAtEnd() {
+      for (int* fd : fds)
+        if (*fd >= 0) ::close(*fd);
+    }
+  } close_at_end{{&gone, &unnamed, &replaced}};
+  gone = ::open((d + "/gone").c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
   ASSERT_GE(gone, 0) << std::strerror(errno);
   ASSERT_EQ(::write(gone, "hello", 5), 5);
   ASSERT_EQ(::unlink((d + "/gone").c_str()), 0);
-  const int unnamed = ::open(d.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
+  unnamed = ::open(d.c_str(), O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
   ASSERT_GE(unnamed, 0) << std::strerror(errno);
   ASSERT_EQ(::write(unnamed, "unnamed", 7), 7);
+  ASSERT_EQ(Shell("echo old-contents > " + d + "/replaced && echo new > " + d + "/new"), 0);
+  replaced = ::open((d + "/replaced").c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(replaced, 0) << std::strerror(errno);
+  ASSERT_EQ(::rename((d + "/new").c_str(), (d + "/replaced").c_str()), 0) << std::strerror(errno);
   KillServer();
   struct stat st {};
-  if (!KernelPassthrough()) {
-    EXPECT_EQ(::fstat(gone, &st), -1);
-    EXPECT_EQ(errno, ESTALE);
-    EXPECT_EQ(::fstat(unnamed, &st), -1);
-    EXPECT_EQ(errno, ESTALE);
-    ::close(gone);
-    ::close(unnamed);
-    return;
-  }
+  ASSERT_EQ(::fstat(replaced, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir_ / "server.log");
+  EXPECT_EQ(st.st_size, 13);
+  char old[32] = {};
+  EXPECT_EQ(::pread(replaced, old, sizeof old, 0), 13) << std::strerror(errno);
+  EXPECT_EQ(std::string(old), "old-contents\n");
+  EXPECT_EQ(::close(std::exchange(replaced, -1)), 0) << std::strerror(errno);
+  EXPECT_EQ(ReadAll(d + "/replaced"), "new\n");
+
   ASSERT_EQ(::fstat(gone, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir_ / "server.log");
   EXPECT_EQ(st.st_size, 5);
   EXPECT_EQ(st.st_nlink, 0u);
@@ -425,7 +440,7 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   char buf[16] = {};
   EXPECT_EQ(::pread(gone, buf, sizeof buf, 0), 3);
   EXPECT_EQ(std::string(buf, 3), "hel");
-  EXPECT_EQ(::close(gone), 0) << std::strerror(errno);
+  EXPECT_EQ(::close(std::exchange(gone, -1)), 0) << std::strerror(errno);
 
   ASSERT_EQ(::fstat(unnamed, &st), 0) << std::strerror(errno);
   EXPECT_EQ(st.st_size, 7);
@@ -434,9 +449,9 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   const std::string proc = "/proc/self/fd/" + std::to_string(unnamed);
   EXPECT_EQ(::linkat(AT_FDCWD, proc.c_str(), dir, "named", AT_SYMLINK_FOLLOW), 0) << std::strerror(errno);
   ::close(dir);
-  EXPECT_EQ(::close(unnamed), 0) << std::strerror(errno);
+  EXPECT_EQ(::close(std::exchange(unnamed, -1)), 0) << std::strerror(errno);
   EXPECT_EQ(ReadAll(dir_ / "src/out/named"), "unnamed");
-  EXPECT_EQ(Output("ls -A " + dir_ / "src/out"), "named\n");
+  EXPECT_EQ(Output("ls -A " + dir_ / "src/out"), "named\nreplaced\n");
 }
 
 // For the disk below an isolated mount: does each rename, then holds its answer until

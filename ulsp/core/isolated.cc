@@ -461,22 +461,45 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
-bool IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
+void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
   KNode* n = Node(kernel_id);
-  if (n == nullptr || !fd) return false;
-  if (!n->file) {
-    if (files_kept_ >= files_budget_) return false;
-    n->file = std::move(fd);
-    ++files_kept_;
+  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return;
+  n->file = std::move(fd);
+  ++files_kept_;
+}
+
+void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
+                            std::unique_lock<std::mutex>& lock) {
+  auto it = by_name_.find(key);
+  if (it == by_name_.end() || lend_refused_) return;
+  const KNode& n = nodes_[it->second];
+  if (n.opens == 0 || n.file || files_kept_ >= files_budget_) return;
+  const uint64_t kernel_id = MakeId(it->second, n.generation);
+  uint64_t kernel_fh = 0;  // one of its handles (an unlink of an open file is rare: a scan)
+  for (size_t i = 0; i < handles_.size() && kernel_fh == 0; ++i)
+    if (handles_[i].in_use && !handles_[i].dir && handles_[i].node == kernel_id) kernel_fh = i + 1;
+  if (kernel_fh == 0) return;
+  const uint64_t node = ServerNode(kernel_id, server, epoch, lock, 0);
+  const std::optional<uint64_t> fh = node == 0 ? std::nullopt : ServerHandle(kernel_fh, server, epoch, lock);
+  if (!fh) return;
+  auto ask = std::make_unique<VfsMessage>(VfsOp::kLend);
+  ask->req.ctx = ctx;  // for the caller whose unlink or rename it is (a trace says so)
+  ask->req.node = node;
+  ask->req.fh = *fh;
+  lock.unlock();
+  auto lent = Ask(*server, std::move(ask));
+  lock.lock();
+  if (!lent) {
+    if (lent.error().value == ENOSYS) lend_refused_ = true;
+    return;
   }
-  ++n->file_opens;
-  return true;
+  if (!(*lent)->fds.empty()) KeepFile(kernel_id, (*lent)->fds.front());
 }
 
 void IsolatedPort::FreeHandle(uint64_t kernel_fh) {
   if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return;
   KHandle& h = handles_[kernel_fh - 1];
-  if (KNode* n = Node(h.node); n != nullptr && h.with_file && n->file_opens > 0 && --n->file_opens == 0) {
+  if (KNode* n = Node(h.node); n != nullptr && !h.dir && n->opens > 0 && --n->opens == 0 && n->file) {
     n->file.Reset();
     --files_kept_;
   }
@@ -764,6 +787,11 @@ void IsolatedPort::Forward(MessagePtr msg) {
       r.node2 = ServerNode(m.relay.node2, server, epoch, lock, 0);
       if (r.node2 == 0) error = ESTALE;
     }
+    if (!error && (r.op == VfsOp::kUnlink || (r.op == VfsOp::kRename && !(r.flags & RENAME_EXCHANGE)))) {
+      // A file the kernel has open may be losing its last name here.
+      LendFile(r.op == VfsOp::kUnlink ? NameKey{m.relay.node, r.name} : NameKey{m.relay.node2, r.name2}, r.ctx, server,
+               epoch, lock);
+    }
     if (!error && UsesHandle(r)) {
       const std::optional<uint64_t> fh = ServerHandle(m.relay.fh, server, epoch, lock);
       if (!fh) error = EBADF;
@@ -814,10 +842,14 @@ void IsolatedPort::Translate(VfsMessage& m) {
       index = static_cast<uint32_t>(handles_.size());
       handles_.emplace_back();
     }
-    // The file's descriptor, given for the kernel to read and write it by.
-    const bool with_file = !dir && r.open.backing_fd >= 0 && !m.fds.empty() &&
-                           m.fds.front().get() == r.open.backing_fd && KeepFile(node, m.fds.front());
-    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir, with_file};
+    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
+    if (KNode* n = Node(node); n != nullptr && !dir) {
+      ++n->opens;
+      // The file's descriptor, given for the kernel to read and write it by, or with
+      // an O_TMPFILE file's create for this port to keep (with no backing file).
+      if (!m.fds.empty() && (r.open.backing_fd >= 0 ? m.fds.front().get() == r.open.backing_fd : msgport::IsTmpfile(r)))
+        KeepFile(node, m.fds.front());
+    }
     return uint64_t{index} + 1;
   };
   TranslateChanged(r.changed, epoch);
@@ -997,13 +1029,27 @@ class IsolatedServer final : public msgport::Server {
     if (req.op == VfsOp::kAdopt) req.in_fd = given.empty() ? -1 : given.front().get();
     const int error = top_.Serve(req);
     try {
-      if (error == 0 && req.open.backing_fd >= 0 && (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate)) {
+      if (error == 0 && req.open.backing_fd >= 0 &&
+          (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate || req.op == VfsOp::kLend)) {
         // The shim gives the kernel the file itself; the stack keeps its descriptor.
+        // (Lent: the relay keeps it.)
         const int copy = ::fcntl(req.open.backing_fd, F_DUPFD_CLOEXEC, 0);
         if (copy >= 0) {
           msg->fds.emplace_back(copy);
         } else {
           req.open.backing_fd = -1;  // served through the stack, then
+        }
+      } else if (error == 0 && msgport::IsTmpfile(req)) {
+        // An O_TMPFILE file served through the stack: no name ever leads to it, so the
+        // relay is given its descriptor to keep (with no backing file in the reply:
+        // not for the kernel's reads and writes), as a kLend would, without the trip.
+        msgport::VfsRequest lend;
+        lend.op = VfsOp::kLend;
+        lend.ctx = req.ctx;
+        lend.node = req.entry.ino;
+        lend.fh = req.open.fh;
+        if (top_.Serve(lend) == 0 && lend.open.backing_fd >= 0) {
+          if (const int copy = ::fcntl(lend.open.backing_fd, F_DUPFD_CLOEXEC, 0); copy >= 0) msg->fds.emplace_back(copy);
         }
       }
       if (error == 0) {

@@ -11,9 +11,11 @@
 //    remembering its node and open flags; after a restart a handle is opened again
 //    in the new server on first use;
 //  - the open files themselves, while they are open, when a server gives their
-//    descriptors for the kernel to read and write (kernel passthrough): a file no name
-//    finds after a restart (unlinked while open) is given to the new server
-//    (VfsOp::kAdopt), which makes it a node again.
+//    descriptors for the kernel to read and write (kernel passthrough), or lends one
+//    (VfsOp::kLend) before a file the kernel has open loses its name through the
+//    mount: a file no name finds after a restart (unlinked while open, replaced by a
+//    rename, O_TMPFILE) is given to the new server (VfsOp::kAdopt), which makes it a
+//    node again.
 // A request in flight when the server dies is sent again to the new server when that
 // is safe (lookup, getattr, read, readdir, open without O_TRUNC, flush, fsync,
 // release ...), and answered EIO otherwise (write, create, unlink, rename, setattr). A
@@ -131,10 +133,12 @@ class IsolatedPort final : public msgport::Port {
     std::string renamed_name;
     uint64_t nlookup = 0;         // the kernel's count
     uint64_t server_lookups = 0;  // lookups the current server counted for us
-    // While the kernel has it open on a descriptor a server gave (kernel passthrough):
-    // that descriptor (the first handle's), for a new server when no name finds it.
+    // While the kernel has it open: a descriptor of the file, for a new server when no
+    // name finds it. The one a server gave for the kernel's reads and writes (kernel
+    // passthrough), or for an O_TMPFILE file's; else one lent (kLend) before it was
+    // unlinked or replaced by a rename.
     UniqueFd file;
-    uint32_t file_opens = 0;      // the kernel's handles of it that came with one
+    uint32_t opens = 0;  // the kernel's handles of it (not of a directory)
   };
   struct KHandle {
     bool in_use = false;
@@ -143,7 +147,6 @@ class IsolatedPort final : public msgport::Port {
     uint64_t node = 0;  // kernel id
     int flags = 0;
     bool dir = false;
-    bool with_file = false;  // counted in its node's file_opens
   };
   using Server = std::shared_ptr<msgport::Port>;
 
@@ -191,15 +194,21 @@ class IsolatedPort final : public msgport::Port {
   void Unname(uint32_t index);
   // With map_mu_ held: the node under `key` lost that name (unlinked, or replaced by a
   // rename). It keeps no name, so after a restart it is not found again by one (which
-  // may by then be another file's): it answers ESTALE, unless a lookup names it again.
+  // may by then be another file's): it is adopted by its kept file if it has one, and
+  // answers ESTALE otherwise, unless a lookup names it again.
   void Orphan(const NameKey& key);
   void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
-  // With map_mu_ held: a kernel handle of the node `kernel_id` came with the file's
-  // descriptor, the reply's `fd`. The node takes it, unless it holds one already or
-  // the budget is spent, and keeps it while it has such handles (the shim still uses
-  // the number, borrowed: the kernel releases no handle before it has it). Returns
-  // whether it counted the handle.
-  bool KeepFile(uint64_t kernel_id, UniqueFd& fd);
+  // With map_mu_ held: a reply brought a descriptor of the file of the node
+  // `kernel_id`, `fd`. The node takes it, unless it holds one already or the budget is
+  // spent, and keeps it while the kernel has the file open (the shim may still use
+  // the number, borrowed: the kernel releases no handle before it has it).
+  void KeepFile(uint64_t kernel_id, UniqueFd& fd);
+  // With map_mu_ held, before an unlink or a rename that takes the name `key` from a
+  // node the kernel has open: unless the node keeps its file already, asks `server`
+  // for a descriptor of it (kLend, on one of its handles), so that a restarted server
+  // can be given the file no name will lead to (kAdopt).
+  void LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
+                std::unique_lock<std::mutex>& lock);
   // With map_mu_ held: the kernel released handle `kernel_fh` (index + 1).
   void FreeHandle(uint64_t kernel_fh);
   // With map_mu_ held: asks `server` for the node of nodes_[index]'s kept file
@@ -229,6 +238,7 @@ class IsolatedPort final : public msgport::Port {
   size_t live_nodes_ = 1;
   size_t files_kept_ = 0;    // KNode::file descriptors held
   size_t files_budget_ = 0;  // most of them: half this process's descriptor limit
+  bool lend_refused_ = false;  // the stack answered kLend ENOSYS (memfs, overlay): not asked again
   uint64_t map_epoch_ = 0;  // the epoch the tables' server ids belong to
   std::vector<std::pair<uint64_t, uint64_t>> pending_forgets_;  // (server id, count)
 

@@ -708,6 +708,7 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
     case VfsOp::kAdopt:  // a host file's descriptor: no file of this layer
+    case VfsOp::kLend:   // its files have no descriptor (and die with the process)
     case VfsOp::kCount:
       break;
   }

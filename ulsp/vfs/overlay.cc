@@ -849,6 +849,7 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
     case VfsOp::kAdopt:  // a host file's descriptor: no file of this layer
+    case VfsOp::kLend:   // (so its nameless files answer ESTALE after a restart)
     case VfsOp::kCount:
       break;
   }

@@ -789,6 +789,9 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
     }
     case VfsOp::kAdopt:
       return Adopt(req);
+    case VfsOp::kLend:  // the handle is the file's descriptor (still this layer's)
+      req.open.backing_fd = static_cast<int>(req.fh);
+      return 0;
     case VfsOp::kCount:
       break;
   }
