@@ -247,6 +247,58 @@ TEST_F(PassthroughTest, AnOpenFileLendsItsDescriptor) {
   Forget(f, 1);
 }
 
+// Lend and adopt through an overlay: an upper file's descriptor is lent, and adopted
+// it is an upper node again (the same node while the overlay knows it, with its
+// path); a lower file's is not lent, since an adopted file is changed in place and a
+// lower file must never be.
+TEST(OverlayLendTest, OnlyUpperFilesAreLent) {
+  testing::TempDir dir;
+  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && echo low > " + dir / "low/l"), 0);
+  auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
+  ASSERT_TRUE(top) << top.error();
+  Layer& o = **top;
+  VfsRequest r;
+  r.op = VfsOp::kLookup;
+  r.node = kRootNode;
+  r.name = "l";
+  ASSERT_EQ(o.Serve(r), 0);
+  const uint64_t lower = r.entry.ino;
+  r = VfsRequest{};
+  r.op = VfsOp::kOpen;
+  r.node = lower;
+  r.flags = O_RDONLY;
+  ASSERT_EQ(o.Serve(r), 0);
+  VfsRequest l;
+  l.op = VfsOp::kLend;
+  l.node = lower;
+  l.fh = r.open.fh;
+  EXPECT_EQ(o.Serve(l), EOPNOTSUPP);
+
+  VfsRequest c;
+  c.op = VfsOp::kCreate;
+  c.node = kRootNode;
+  c.name = "u";
+  c.mode = S_IFREG | 0644;
+  c.flags = O_RDWR | O_CREAT;
+  ASSERT_EQ(o.Serve(c), 0);
+  const uint64_t upper = c.entry.ino;
+  l = VfsRequest{};
+  l.op = VfsOp::kLend;
+  l.node = upper;
+  l.fh = c.open.fh;
+  ASSERT_EQ(o.Serve(l), 0);
+  ASSERT_GE(l.open.backing_fd, 0);
+  ASSERT_EQ(::write(l.open.backing_fd, "12345", 5), 5);
+  VfsRequest a;
+  a.op = VfsOp::kAdopt;
+  a.in_fd = l.open.backing_fd;
+  ASSERT_EQ(o.Serve(a), 0);
+  EXPECT_EQ(a.entry.ino, upper);
+  EXPECT_EQ(a.entry.attr.st_size, 5);
+  EXPECT_EQ(o.PathOf(upper), "/u");
+  EXPECT_EQ(testing::Output("cat " + dir / "up/u"), "12345");
+}
+
 // The kernel grows a descriptor table by doubling it, and in a process with threads
 // each growth waits for an RCU grace period (10-15 ms here), inside whichever request
 // made the node that needed it. Opening a passthrough grows the table up front.

@@ -10,6 +10,7 @@
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <mutex>
 #include <random>
 #include <sstream>
@@ -396,8 +397,10 @@ TEST_P(RestartTest, AFileReplacedBesideTheMountIsNotFoundInItsPlace) {
 // reads work on the program's descriptors after the kill, and the O_TMPFILE file can
 // still be given a name. (Before, each answered ESTALE: first in every case, then
 // without kernel passthrough only.)
-TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
-  const std::string d = mount_->path() + "/out";
+// The checks of the comment above on the isolated mount whose directory `d` the kill
+// `kill` restarts the server of; `disk` is where d's files are on the disk below.
+void NamelessFilesLiveOn(const std::string& d, const std::string& disk, const std::function<void()>& kill,
+                         const std::string& log) {
   ASSERT_EQ(::mkdir(d.c_str(), 0755), 0);
   int gone = -1, unnamed = -1, replaced = -1;
   struct CloseAtEnd {  // after a failed assertion too: an open file keeps the mount busy
@@ -418,9 +421,10 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   replaced = ::open((d + "/replaced").c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_GE(replaced, 0) << std::strerror(errno);
   ASSERT_EQ(::rename((d + "/new").c_str(), (d + "/replaced").c_str()), 0) << std::strerror(errno);
-  KillServer();
+  kill();
+  if (::testing::Test::HasFatalFailure()) return;
   struct stat st {};
-  ASSERT_EQ(::fstat(replaced, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir_ / "server.log");
+  ASSERT_EQ(::fstat(replaced, &st), 0) << std::strerror(errno) << "\n" << ReadAll(log);
   EXPECT_EQ(st.st_size, 13);
   char old[32] = {};
   EXPECT_EQ(::pread(replaced, old, sizeof old, 0), 13) << std::strerror(errno);
@@ -428,7 +432,7 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   EXPECT_EQ(::close(std::exchange(replaced, -1)), 0) << std::strerror(errno);
   EXPECT_EQ(ReadAll(d + "/replaced"), "new\n");
 
-  ASSERT_EQ(::fstat(gone, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir_ / "server.log");
+  ASSERT_EQ(::fstat(gone, &st), 0) << std::strerror(errno) << "\n" << ReadAll(log);
   EXPECT_EQ(st.st_size, 5);
   EXPECT_EQ(st.st_nlink, 0u);
   EXPECT_EQ(::ftruncate(gone, 3), 0) << std::strerror(errno);
@@ -450,8 +454,30 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   EXPECT_EQ(::linkat(AT_FDCWD, proc.c_str(), dir, "named", AT_SYMLINK_FOLLOW), 0) << std::strerror(errno);
   ::close(dir);
   EXPECT_EQ(::close(std::exchange(unnamed, -1)), 0) << std::strerror(errno);
-  EXPECT_EQ(ReadAll(dir_ / "src/out/named"), "unnamed");
-  EXPECT_EQ(Output("ls -A " + dir_ / "src/out"), "named\nreplaced\n");
+  EXPECT_EQ(ReadAll(disk + "/named"), "unnamed");
+  EXPECT_EQ(Output("ls -A " + disk), "named\nreplaced\n");
+}
+
+TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
+  NamelessFilesLiveOn(mount_->path() + "/out", dir_ / "src/out", [this] { KillServer(); }, dir_ / "server.log");
+}
+
+// The same over an overlay (its upper files: those it writes), which lets the kernel
+// read no file itself: each descriptor is lent, as without kernel passthrough.
+TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt"), 0);
+  ServedMount mount({"--isolated", "--stack", "overlay:" + dir / "up,passthrough:" + dir / "low"}, dir / "mnt",
+                    dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+  auto kill = [&] {
+    const pid_t old = IsolatedServerOf(mount.pid());
+    ASSERT_GT(old, 0);
+    ASSERT_EQ(::kill(old, SIGKILL), 0);
+    std::string why;
+    ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
+  };
+  NamelessFilesLiveOn(mount.path() + "/out", dir / "up/out", kill, dir / "server.log");
 }
 
 // For the disk below an isolated mount: does each rename, then holds its answer until

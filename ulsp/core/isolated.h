@@ -238,7 +238,7 @@ class IsolatedPort final : public msgport::Port {
   size_t live_nodes_ = 1;
   size_t files_kept_ = 0;    // KNode::file descriptors held
   size_t files_budget_ = 0;  // most of them: half this process's descriptor limit
-  bool lend_refused_ = false;  // the stack answered kLend ENOSYS (memfs, overlay): not asked again
+  bool lend_refused_ = false;  // the stack answered kLend ENOSYS (memfs): not asked again
   uint64_t map_epoch_ = 0;  // the epoch the tables' server ids belong to
   std::vector<std::pair<uint64_t, uint64_t>> pending_forgets_;  // (server id, count)
 

@@ -492,6 +492,32 @@ int OverlayLayer::Make(VfsRequest& req) {
   return 0;
 }
 
+// The node of an open file no name leads to any more (unlinked, or replaced by a
+// rename, in a server that died), given by its descriptor: one this layer lent, so an
+// upper file (kLend), which the upper layer makes a node again.
+int OverlayLayer::Adopt(VfsRequest& req) {
+  VfsRequest s = req;
+  if (int err = upper_->Serve(s)) return err;
+  if (S_ISDIR(s.entry.attr.st_mode)) {
+    Forget(*upper_, s.entry.ino, 1);
+    return EINVAL;
+  }
+  uint64_t parent = kRootNode;
+  std::string name;  // none, unless the upper layer knows the file by a name this layer gave it too
+  {
+    std::lock_guard lock(mu_);
+    if (auto it = by_key_.find("U" + std::to_string(s.entry.ino)); it != by_key_.end()) {
+      parent = nodes_[it->second].parent;
+      name = nodes_[it->second].name;
+    }
+  }
+  TakeResults(req, s);
+  const uint64_t id = Register(parent, name, s.entry.ino, 0, false, false);
+  req.entry.ino = id;
+  req.entry.generation = GenerationOf(id);
+  return 0;
+}
+
 int OverlayLayer::Remove(VfsRequest& req) {
   fuse_entry_param e;
   if (int err = Lookup(req, req.node, req.name, e)) return err;
@@ -848,8 +874,13 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
     }
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
-    case VfsOp::kAdopt:  // a host file's descriptor: no file of this layer
-    case VfsOp::kLend:   // (so its nameless files answer ESTALE after a restart)
+    case VfsOp::kLend:
+      // An upper file's only: a file lent is adopted as an upper one (Adopt), and a
+      // lower file must never be changed. (A lower file open while its name is
+      // whited out answers ESTALE after a restart.)
+      return (req.fh & 1) != 0 ? WithHandle(req) : EOPNOTSUPP;
+    case VfsOp::kAdopt:
+      return Adopt(req);
     case VfsOp::kCount:
       break;
   }

@@ -12,6 +12,10 @@
 // Copy-up copies extended attributes too (file capabilities, user.*), as overlayfs
 // does. Names hard-linked below part on copy-up, as in overlayfs without its index.
 //
+// For an isolated mount's restart (ulsp/core/isolated.h): an open upper file lends
+// its descriptor (kLend) and is adopted by it as an upper node (kAdopt); a lower file
+// is never lent, since an adopted file is changed in place.
+//
 // Node ids are the layer's own (index + generation); each holds one lookup on its
 // upper and lower nodes, dropped when the kernel forgets it. Thread-safe: the tables
 // under one mutex, copy-ups serialized by another.
@@ -81,6 +85,7 @@ class OverlayLayer final : public Layer {
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
   int Make(VfsRequest& req);
+  int Adopt(VfsRequest& req);
   int Remove(VfsRequest& req);
   int Rename(VfsRequest& req);
   int Exchange(VfsRequest& req);
