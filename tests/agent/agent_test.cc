@@ -50,9 +50,10 @@ class TwoHosts : public ::testing::Test {
     EXPECT_EQ(Output("grep ' fuse.ulsp ' /proc/self/mountinfo | grep -c ' " + dir_ / "mnt" + " '"), "0\n");
   }
   // `ulsp agent serve` in host B, in the background; returns once it listens.
-  void StartAgent(const std::string& auth) {
+  // The export is `stack`, passthrough of dir_/src if none is given.
+  void StartAgent(const std::string& auth, const std::string& stack = "") {
     const std::string cmd = "nsenter --net=/run/netns/" + b_ + " " + ULSP_BIN + " agent serve --listen " + agent_addr_ +
-                            ":7700 --export src=passthrough:" + dir_ / "src" + " " + auth;
+                            ":7700 --export src=" + (stack.empty() ? "passthrough:" + dir_ / "src" : stack) + " " + auth;
     ASSERT_EQ(Shell("(" + cmd + " >> " + dir_ / "agent.log" + " 2>&1 & echo $! > " + dir_ / "agent.pid" + ")"), 0);
     for (int i = 0; i < 200; ++i) {
       if (Shell("ip netns exec " + b_ + " ss -ltn | grep -q " + agent_addr_ + ":7700") == 0) return;
@@ -133,6 +134,30 @@ TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
 // What the remote port answers itself (attributes, an open's prefetched bytes, an
 // opendir's listing) never hides a change: this host's at once, the agent host's
 // within the cache timeout, as with the kernel's own cache.
+// A remote mount's relay asks to keep a file that loses its last name while open
+// (kLend, before the unlink); no descriptor crosses the network, so the agent says
+// ENOSYS at once, and the relay asks no more: one refused ask, not a round trip over
+// the network for every unlink of an open file. The agent's trace sees none of it.
+TEST_F(TwoHosts, AnUnlinkOfAnOpenFileAsksTheAgentForNoDescriptor) {
+  StartAgent("--token-file " + dir_ / "token", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err), 0) << err;
+  const std::string m = dir_ / "mnt";
+  EXPECT_EQ(Shell("/usr/bin/python3 -c \"import os\n"
+                  "for i in range(3):\n"
+                  "  p = '" + m + "/f%d' % i\n"
+                  "  fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)\n"
+                  "  os.unlink(p)\n"
+                  "  os.write(fd, b'kept')\n"
+                  "  assert os.pread(fd, 4, 0) == b'kept'\n"
+                  "  os.close(fd)\""),
+            0);
+  ASSERT_EQ(::umount2(m.c_str(), MNT_DETACH), 0);
+  StopAgent();  // the trace's last lines written
+  EXPECT_EQ(Output("grep -c '\"op\":\"unlink\"' " + dir_ / "t.jsonl"), "3\n");
+  EXPECT_EQ(Output("grep -c '\"op\":\"lend\"' " + dir_ / "t.jsonl"), "0\n");
+}
+
 TEST_F(TwoHosts, ChangesShowAtOnceHereAndWithinTheTimeoutFromTheAgentsHost) {
   StartAgent("--token-file " + dir_ / "token");
   std::string err;

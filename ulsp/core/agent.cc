@@ -243,6 +243,12 @@ class StackImpl final : public Stack::Server {
       return kj::READY_NOW;
     }
     request->req.op = static_cast<msgport::VfsOp>(op);
+    if (request->req.op == msgport::VfsOp::kLend || request->req.op == msgport::VfsOp::kAdopt) {
+      // A relay's ways to keep an open file by its descriptor, which no network carries:
+      // said at once, so that a relay asks no more (IsolatedPort::LendFile).
+      context.getResults().setError(ENOSYS);
+      return kj::READY_NOW;
+    }
     auto data = params.getRequest();
     if (!msgport::DecodeVfsRequest(std::as_bytes(std::span(data.begin(), data.size())), request->req, request->storage)) {
       context.getResults().setError(EBADMSG);
