@@ -239,6 +239,14 @@ TEST_F(PassthroughTest, AnOpenFileLendsItsDescriptor) {
   ASSERT_EQ(::stat((dir_ / "root/d/f").c_str(), &file), 0);
   EXPECT_EQ(lent.st_ino, file.st_ino);
   EXPECT_EQ(lent.st_dev, file.st_dev);
+  // Not a file's handle (a directory's descriptor here): nothing is lent.
+  const UniqueFd dir(::open(dir_.path().c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  ASSERT_TRUE(dir);
+  VfsRequest d;
+  d.op = VfsOp::kLend;
+  d.node = f;
+  d.fh = static_cast<uint64_t>(dir.get());
+  EXPECT_EQ(layer_->Serve(d), EBADF);
   VfsRequest c;
   c.op = VfsOp::kRelease;
   c.node = f;

@@ -789,9 +789,12 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
     }
     case VfsOp::kAdopt:
       return Adopt(req);
-    case VfsOp::kLend:  // the handle is the file's descriptor (still this layer's)
+    case VfsOp::kLend: {  // the handle is the file's descriptor (still this layer's)
+      struct stat st {};
+      if (req.fh > INT_MAX || ::fstat(static_cast<int>(req.fh), &st) != 0 || !S_ISREG(st.st_mode)) return EBADF;
       req.open.backing_fd = static_cast<int>(req.fh);
       return 0;
+    }
     case VfsOp::kCount:
       break;
   }
