@@ -65,12 +65,15 @@ enum class VfsOp : uint32_t {
   kLseek,
   // Not the kernel's: a relaying port (ulsp/core/isolated.h) asks a restarted server
   // for the node of a file it can no longer find by name (unlinked while a program
-  // holds it open), giving the file itself in `in_fd`. Answered as a lookup.
+  // holds it open), giving the file itself in `in_fd`, and in `fh` the tag the lend
+  // of it answered (0 for a descriptor given otherwise). Answered as a lookup.
   kAdopt,
   // Not the kernel's either: the same port asks for a descriptor of the open file
   // `fh` of `node`, answered in `open.backing_fd` (sent with the reply), to keep while
   // the file is open and no name may lead to it (about to be unlinked or replaced by
-  // a rename): what it gives a restarted server with kAdopt.
+  // a rename): what it gives a restarted server with kAdopt. `open.fh` answers a tag
+  // for that adopt: which layer's file it is (an overlay's lower or upper), 0 from a
+  // bottom layer.
   kLend,
   kCount,  // not an operation: one past the last
 };

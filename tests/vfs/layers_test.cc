@@ -68,6 +68,18 @@ TEST(Trace, QuotesEveryByteAsValidJson) {
   EXPECT_EQ(JsonQuote(std::string("\n\x01\xff", 3)), "\"\\u000a\\u0001\\u00ff\"");
 }
 
+// The node `name` in `parent` names in `layer` (a lookup it counts), or 0 with the
+// errno in `*err`.
+uint64_t LookupIn(Layer& layer, uint64_t parent, const std::string& name, int* err = nullptr) {
+  VfsRequest r;
+  r.op = VfsOp::kLookup;
+  r.node = parent;
+  r.name = name;
+  const int e = layer.Serve(r);
+  if (err != nullptr) *err = e;
+  return e == 0 ? r.entry.ino : 0;
+}
+
 // Drives passthrough with requests as the shim would make them.
 class PassthroughTest : public ::testing::Test {
  protected:
@@ -80,13 +92,7 @@ class PassthroughTest : public ::testing::Test {
     layer_ = std::move(*p);
   }
   uint64_t Lookup(uint64_t parent, const std::string& name, int* err = nullptr) {
-    VfsRequest r;
-    r.op = VfsOp::kLookup;
-    r.node = parent;
-    r.name = name;
-    const int e = layer_->Serve(r);
-    if (err != nullptr) *err = e;
-    return e == 0 ? r.entry.ino : 0;
+    return LookupIn(*layer_, parent, name, err);
   }
   void Forget(uint64_t node, uint64_t n) {
     VfsRequest r;
@@ -255,23 +261,29 @@ TEST_F(PassthroughTest, AnOpenFileLendsItsDescriptor) {
   Forget(f, 1);
 }
 
-// Lend and adopt through an overlay: an upper file's descriptor is lent, and adopted
-// it is an upper node again (the same node while the overlay knows it, with its
-// path); a lower file's is not lent, since an adopted file is changed in place and a
-// lower file must never be.
-TEST(OverlayLendTest, OnlyUpperFilesAreLent) {
+// An overlay on passthrough: `dir` holds up/ and low/, and low/l says "low".
+class OverlayTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && echo low > " + dir / "low/l"), 0);
+    auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
+    ASSERT_TRUE(top) << top.error();
+    top_ = std::move(*top);
+  }
+  uint64_t Lookup(const std::string& name, int* err = nullptr) { return LookupIn(*top_, kRootNode, name, err); }
   testing::TempDir dir;
-  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && echo low > " + dir / "low/l"), 0);
-  auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
-  ASSERT_TRUE(top) << top.error();
-  Layer& o = **top;
+  std::unique_ptr<Layer> top_;
+};
+
+// Lend and adopt through an overlay: a file's descriptor is lent with a tag that says
+// its side, and adopted it is a node of that side again: an upper file the same node
+// while the overlay knows it, with its path; a lower file one with no name, which a
+// change copies up as a file of no name (the lower tree is never changed).
+TEST_F(OverlayTest, AFileIsAdoptedOnItsSide) {
+  Layer& o = *top_;
+  const uint64_t lower = Lookup("l");
+  ASSERT_NE(lower, 0u);
   VfsRequest r;
-  r.op = VfsOp::kLookup;
-  r.node = kRootNode;
-  r.name = "l";
-  ASSERT_EQ(o.Serve(r), 0);
-  const uint64_t lower = r.entry.ino;
-  r = VfsRequest{};
   r.op = VfsOp::kOpen;
   r.node = lower;
   r.flags = O_RDONLY;
@@ -280,12 +292,30 @@ TEST(OverlayLendTest, OnlyUpperFilesAreLent) {
   l.op = VfsOp::kLend;
   l.node = lower;
   l.fh = r.open.fh;
-  EXPECT_EQ(o.Serve(l), EOPNOTSUPP);
+  ASSERT_EQ(o.Serve(l), 0);
+  ASSERT_GE(l.open.backing_fd, 0);
+  EXPECT_EQ(l.open.fh, 1u);  // the lower side's
+  VfsRequest a;
+  a.op = VfsOp::kAdopt;
+  a.in_fd = l.open.backing_fd;
+  a.fh = l.open.fh;
+  ASSERT_EQ(o.Serve(a), 0);
+  const uint64_t adopted = a.entry.ino;
+  EXPECT_EQ(a.entry.attr.st_size, 4);
+  VfsRequest t;
+  t.op = VfsOp::kSetAttr;
+  t.node = adopted;
+  t.flags = FUSE_SET_ATTR_SIZE;
+  t.attr.st_size = 1;
+  ASSERT_EQ(o.Serve(t), 0);
+  EXPECT_EQ(t.out_attr.st_size, 1);
+  EXPECT_EQ(testing::Output("cat " + dir / "low/l"), "low\n");
+  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "");
 
   VfsRequest c;
   c.op = VfsOp::kCreate;
   c.node = kRootNode;
-  c.name = "u";
+  c.name = std::string("u");
   c.mode = S_IFREG | 0644;
   c.flags = O_RDWR | O_CREAT;
   ASSERT_EQ(o.Serve(c), 0);
@@ -296,15 +326,44 @@ TEST(OverlayLendTest, OnlyUpperFilesAreLent) {
   l.fh = c.open.fh;
   ASSERT_EQ(o.Serve(l), 0);
   ASSERT_GE(l.open.backing_fd, 0);
+  EXPECT_EQ(l.open.fh, 0u);  // the upper side's
   ASSERT_EQ(::write(l.open.backing_fd, "12345", 5), 5);
-  VfsRequest a;
+  a = VfsRequest{};
   a.op = VfsOp::kAdopt;
   a.in_fd = l.open.backing_fd;
+  a.fh = l.open.fh;
   ASSERT_EQ(o.Serve(a), 0);
   EXPECT_EQ(a.entry.ino, upper);
   EXPECT_EQ(a.entry.attr.st_size, 5);
   EXPECT_EQ(o.PathOf(upper), "/u");
   EXPECT_EQ(testing::Output("cat " + dir / "up/u"), "12345");
+}
+
+// A lower file removed while a program holds it open, then changed through its
+// descriptor (fchmod): ext4 changes the unlinked file and the name stays removed. The
+// overlay copies it up as a file of no name. (Before, the copy-up took its old name
+// and brought the removed file back in place of its whiteout.)
+TEST_F(OverlayTest, ARemovedLowerFileChangesWithoutComingBack) {
+  Layer& o = *top_;
+  const uint64_t l = Lookup("l");
+  ASSERT_NE(l, 0u);
+  VfsRequest u;
+  u.op = VfsOp::kUnlink;
+  u.node = kRootNode;
+  u.name = "l";
+  ASSERT_EQ(o.Serve(u), 0);
+  VfsRequest t;
+  t.op = VfsOp::kSetAttr;
+  t.node = l;
+  t.flags = FUSE_SET_ATTR_MODE;
+  t.attr.st_mode = S_IFREG | 0600;
+  ASSERT_EQ(o.Serve(t), 0);
+  EXPECT_EQ(t.out_attr.st_mode & 07777, 0600u);
+  int err = 0;
+  EXPECT_EQ(Lookup("l", &err), 0u);
+  EXPECT_EQ(err, ENOENT);
+  EXPECT_EQ(testing::Output("stat -c %F " + dir / "up/l"), "character special file\n");  // still its whiteout
+  EXPECT_EQ(testing::Output("stat -c %a " + dir / "low/l"), "644\n");
 }
 
 // The kernel grows a descriptor table by doubling it, and in a process with threads

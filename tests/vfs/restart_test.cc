@@ -462,11 +462,14 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   NamelessFilesLiveOn(mount_->path() + "/out", dir_ / "src/out", [this] { KillServer(); }, dir_ / "server.log");
 }
 
-// The same over an overlay (its upper files: those it writes), which lets the kernel
-// read no file itself: each descriptor is lent, as without kernel passthrough.
+// The same over an overlay, which lets the kernel read no file itself: each
+// descriptor is lent, as without kernel passthrough. And a lower file whose name is
+// removed (whited out) while a program holds it open: it reads after the kill, and a
+// change (fchmod) copies it up as a file of no name: the lower tree is never changed,
+// and the name stays removed.
 TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   TempDir dir;
-  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt"), 0);
+  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt && echo lower-bytes > " + dir / "low/l"), 0);
   ServedMount mount({"--isolated", "--stack", "overlay:" + dir / "up,passthrough:" + dir / "low"}, dir / "mnt",
                     dir / "server.log");
   ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
@@ -477,7 +480,27 @@ TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
     std::string why;
     ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
   };
+  const std::string l = mount.path() + "/l";
+  const int fd = ::open(l.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  struct CloseAtEnd {
+    int fd;
+    ~CloseAtEnd() { ::close(fd); }
+  } close_at_end{fd};
+  ASSERT_EQ(::unlink(l.c_str()), 0) << std::strerror(errno);
   NamelessFilesLiveOn(mount.path() + "/out", dir / "up/out", kill, dir / "server.log");
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir / "server.log");
+  EXPECT_EQ(st.st_size, 12);
+  char buf[32] = {};
+  EXPECT_EQ(::pread(fd, buf, sizeof buf, 0), 12) << std::strerror(errno);
+  EXPECT_EQ(std::string(buf), "lower-bytes\n");
+  EXPECT_EQ(::fchmod(fd, 0600), 0) << std::strerror(errno);
+  ASSERT_EQ(::fstat(fd, &st), 0) << std::strerror(errno);
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  EXPECT_EQ(ReadAll(dir / "low/l"), "lower-bytes\n");
+  EXPECT_EQ(Output("stat -c %a " + dir / "low/l"), "644\n");
+  EXPECT_EQ(::access(l.c_str(), F_OK), -1);  // still removed
 }
 
 // For the disk below an isolated mount: does each rename, then holds its answer until

@@ -461,11 +461,13 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
-void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
+bool IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
   KNode* n = Node(kernel_id);
-  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return;
+  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return false;
   n->file = std::move(fd);
+  n->file_tag = 0;
   ++files_kept_;
+  return true;
 }
 
 void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
@@ -493,7 +495,7 @@ void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, 
     if (lent.error().value == ENOSYS) lend_refused_ = true;
     return;
   }
-  if (!(*lent)->fds.empty()) KeepFile(kernel_id, (*lent)->fds.front());
+  if (!(*lent)->fds.empty() && KeepFile(kernel_id, (*lent)->fds.front())) Node(kernel_id)->file_tag = (*lent)->req.open.fh;
 }
 
 void IsolatedPort::FreeHandle(uint64_t kernel_fh) {
@@ -647,6 +649,7 @@ uint64_t IsolatedPort::AdoptFile(uint64_t kernel_id, const Server& server, uint6
   UniqueFd copy(::fcntl(n->file.get(), F_DUPFD_CLOEXEC, 0));
   if (!copy) return 0;
   ask->fds.push_back(std::move(copy));  // the server's req.in_fd
+  ask->req.fh = n->file_tag;
   lock.unlock();
   auto found = Ask(*server, std::move(ask));
   lock.lock();

@@ -138,7 +138,8 @@ class IsolatedPort final : public msgport::Port {
     // passthrough), or for an O_TMPFILE file's; else one lent (kLend) before it was
     // unlinked or replaced by a rename.
     UniqueFd file;
-    uint32_t opens = 0;  // the kernel's handles of it (not of a directory)
+    uint64_t file_tag = 0;  // what its lend answered, for the adopt (VfsOp::kLend)
+    uint32_t opens = 0;     // the kernel's handles of it (not of a directory)
   };
   struct KHandle {
     bool in_use = false;
@@ -201,8 +202,9 @@ class IsolatedPort final : public msgport::Port {
   // With map_mu_ held: a reply brought a descriptor of the file of the node
   // `kernel_id`, `fd`. The node takes it, unless it holds one already or the budget is
   // spent, and keeps it while the kernel has the file open (the shim may still use
-  // the number, borrowed: the kernel releases no handle before it has it).
-  void KeepFile(uint64_t kernel_id, UniqueFd& fd);
+  // the number, borrowed: the kernel releases no handle before it has it). Returns
+  // whether it took it.
+  bool KeepFile(uint64_t kernel_id, UniqueFd& fd);
   // With map_mu_ held, before an unlink or a rename that takes the name `key` from a
   // node the kernel has open: unless the node keeps its file already, asks `server`
   // for a descriptor of it (kLend, on one of its handles), so that a restarted server

@@ -317,7 +317,7 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
   VfsRequest c = Own(req, VfsOp::kCreate, upper_parent);
   c.name = name;
   c.mode = st.st_mode & 07777;
-  c.flags = O_WRONLY | O_CREAT | O_EXCL;
+  c.flags = name.empty() ? O_WRONLY | O_TMPFILE : O_WRONLY | O_CREAT | O_EXCL;  // none: a file of no name
   if (int err = upper_->Serve(c)) return err;
   *made = c.entry.ino;
   VfsRequest o = Own(req, VfsOp::kOpen, lower_node);
@@ -375,12 +375,18 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
     *upper = n.upper;
     return 0;
   }
+  // A lower file no name leads to any more (removed or replaced while a program holds
+  // it open; or adopted so after a restart): copied up as a file of no name (an
+  // O_TMPFILE in the upper root), so that it changes as an unlinked file on ext4 does
+  // and the name stays removed. Only a regular file is opened so.
+  const bool unnamed = n.name.empty();
   uint64_t parent_upper = 0;
-  if (int err = CopyUp(req, n.parent, &parent_upper)) return err;
+  if (int err = CopyUp(req, unnamed ? kRootNode : n.parent, &parent_upper)) return err;
   VfsRequest g = Own(req, VfsOp::kGetAttr, n.lower);
   if (int err = lower()->Serve(g)) return err;
   const struct stat st = g.out_attr;
-  if (int err = RemoveWhiteout(req, parent_upper, n.name)) return err;
+  if (unnamed && !S_ISREG(st.st_mode)) return ENOENT;
+  if (int err = unnamed ? 0 : RemoveWhiteout(req, parent_upper, n.name)) return err;
   uint64_t made = 0;
   int err = 0;
   if (S_ISREG(st.st_mode)) {
@@ -422,7 +428,8 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   }
   // Its inode number and ctime are the copy's now, and its directory has a new entry.
   for (uint64_t changed : {n.parent, id})
-    if (std::ranges::find(req.changed, changed) == req.changed.end()) req.changed.push_back(changed);
+    if ((!unnamed || changed == id) && std::ranges::find(req.changed, changed) == req.changed.end())
+      req.changed.push_back(changed);
   *upper = made;
   return 0;
 }
@@ -492,19 +499,37 @@ int OverlayLayer::Make(VfsRequest& req) {
   return 0;
 }
 
-// The node of an open file no name leads to any more (unlinked, or replaced by a
-// rename, in a server that died), given by its descriptor: one this layer lent, so an
-// upper file (kLend), which the upper layer makes a node again.
+// A lower file's node whose name was removed, or taken by a rename, while the kernel
+// may hold it (a program's open file): it keeps no name, so a change copies it up as
+// a file of no name (CopyUp) instead of bringing the name back.
+void OverlayLayer::Unname(uint64_t id) {
+  std::lock_guard lock(mu_);
+  const uint32_t index = IndexOf(id);
+  if (index >= nodes_.size() || !nodes_[index].in_use || nodes_[index].generation != GenerationOf(id)) return;
+  ONode& n = nodes_[index];
+  if (auto it = by_key_.find(n.lower_key); !n.lower_key.empty() && it != by_key_.end() && it->second == index)
+    by_key_.erase(it);
+  n.lower_key.clear();
+  n.name.clear();
+}
+
+// The node of an open file no name leads to any more (unlinked, replaced by a rename,
+// or whited out, in a server that died), given by its descriptor and the tag its lend
+// answered: the side it is on makes it a node again. A lower file adopted has no name
+// to be copied up as: it reads, and a change answers ENOENT (CopyUp).
 int OverlayLayer::Adopt(VfsRequest& req) {
+  const bool lower_file = (req.fh & 1) != 0;
+  Layer& side = lower_file ? *lower() : *upper_;
   VfsRequest s = req;
-  if (int err = upper_->Serve(s)) return err;
+  s.fh = req.fh >> 1;
+  if (int err = side.Serve(s)) return err;
   if (S_ISDIR(s.entry.attr.st_mode)) {
-    Forget(*upper_, s.entry.ino, 1);
+    Forget(side, s.entry.ino, 1);
     return EINVAL;
   }
   uint64_t parent = kRootNode;
   std::string name;  // none, unless the upper layer knows the file by a name this layer gave it too
-  {
+  if (!lower_file) {
     std::lock_guard lock(mu_);
     if (auto it = by_key_.find("U" + std::to_string(s.entry.ino)); it != by_key_.end()) {
       parent = nodes_[it->second].parent;
@@ -512,7 +537,8 @@ int OverlayLayer::Adopt(VfsRequest& req) {
     }
   }
   TakeResults(req, s);
-  const uint64_t id = Register(parent, name, s.entry.ino, 0, false, false);
+  const uint64_t id = lower_file ? Register(parent, name, 0, s.entry.ino, false, false)
+                                 : Register(parent, name, s.entry.ino, 0, false, false);
   req.entry.ino = id;
   req.entry.generation = GenerationOf(id);
   return 0;
@@ -551,7 +577,9 @@ int OverlayLayer::Remove(VfsRequest& req) {
     s.node = pu;
     if (int err = upper_->Serve(s)) return err;
   }
-  return below ? Whiteout(req, pu, req.name) : 0;
+  if (int err = below ? Whiteout(req, pu, req.name) : 0) return err;
+  if (!c.dir && !c.upper) Unname(e.ino);
+  return 0;
 }
 
 // Marks the upper directory `upper_dir` (overlay node `id`) opaque: the lower
@@ -622,6 +650,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
   if (c.dir && c.lower) return EXDEV;  // as overlayfs without redirect_dir
   fuse_entry_param t;
   bool target_below = false;
+  uint64_t replaced_lower = 0;  // a lower file the rename takes its name from
   if (Lookup(req, req.node2, req.name2, t) == 0) {
     ONode target;
     Get(t.ino, &target);
@@ -642,6 +671,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
       }
     }
     target_below = target.lower != 0;
+    if (!target.dir && !target.upper) replaced_lower = t.ino;
   }
   uint64_t cu = 0, pu = 0, pu2 = 0;
   if (int err = CopyUp(req, e.ino, &cu)) {
@@ -668,6 +698,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
       nodes_[index].name = req.name2;
     }
   }
+  if (replaced_lower != 0) Unname(replaced_lower);
   return 0;
 }
 
@@ -874,11 +905,14 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
     }
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
-    case VfsOp::kLend:
-      // An upper file's only: a file lent is adopted as an upper one (Adopt), and a
-      // lower file must never be changed. (A lower file open while its name is
-      // whited out answers ESTALE after a restart.)
-      return (req.fh & 1) != 0 ? WithHandle(req) : EOPNOTSUPP;
+    case VfsOp::kLend: {
+      // Tagged for Adopt with the side it is on (the low bit: 1 lower), above that
+      // side's own tag.
+      const bool lower_file = (req.fh & 1) == 0;
+      const int err = WithHandle(req);
+      if (err == 0) req.open.fh = (req.open.fh << 1) | (lower_file ? 1 : 0);
+      return err;
+    }
     case VfsOp::kAdopt:
       return Adopt(req);
     case VfsOp::kCount:

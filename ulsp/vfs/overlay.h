@@ -12,9 +12,12 @@
 // Copy-up copies extended attributes too (file capabilities, user.*), as overlayfs
 // does. Names hard-linked below part on copy-up, as in overlayfs without its index.
 //
-// For an isolated mount's restart (ulsp/core/isolated.h): an open upper file lends
-// its descriptor (kLend) and is adopted by it as an upper node (kAdopt); a lower file
-// is never lent, since an adopted file is changed in place.
+// A lower file removed while open (its node keeps no name) is copied up, when
+// changed, as a file of no name (O_TMPFILE in the upper directory), as an unlinked
+// file on ext4 changes and stays unlinked.
+//
+// For an isolated mount's restart (ulsp/core/isolated.h): an open file lends its
+// descriptor (kLend) tagged with its side, and is adopted by it (kAdopt) on that side.
 //
 // Node ids are the layer's own (index + generation); each holds one lookup on its
 // upper and lower nodes, dropped when the kernel forgets it. Thread-safe: the tables
@@ -86,6 +89,7 @@ class OverlayLayer final : public Layer {
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
   int Make(VfsRequest& req);
   int Adopt(VfsRequest& req);
+  void Unname(uint64_t id);
   int Remove(VfsRequest& req);
   int Rename(VfsRequest& req);
   int Exchange(VfsRequest& req);
