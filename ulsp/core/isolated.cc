@@ -1046,6 +1046,7 @@ class IsolatedServer final : public msgport::Server {
         // An O_TMPFILE file served through the stack: no name ever leads to it, so the
         // relay is given its descriptor to keep (with no backing file in the reply:
         // not for the kernel's reads and writes), as a kLend would, without the trip.
+        // (Its tag is 0: such a file is made on an overlay's upper side.)
         msgport::VfsRequest lend;
         lend.op = VfsOp::kLend;
         lend.ctx = req.ctx;
