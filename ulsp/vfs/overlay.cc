@@ -515,8 +515,8 @@ void OverlayLayer::Unname(uint64_t id) {
 
 // The node of an open file no name leads to any more (unlinked, replaced by a rename,
 // or whited out, in a server that died), given by its descriptor and the tag its lend
-// answered: the side it is on makes it a node again. A lower file adopted has no name
-// to be copied up as: it reads, and a change answers ENOENT (CopyUp).
+// answered: the side it is on makes it a node again. A lower file adopted has no name:
+// it reads, and a change copies it up as a file of no name (CopyUp).
 int OverlayLayer::Adopt(VfsRequest& req) {
   const bool lower_file = (req.fh & 1) != 0;
   Layer& side = lower_file ? *lower() : *upper_;
@@ -671,7 +671,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
       }
     }
     target_below = target.lower != 0;
-    if (!target.dir && !target.upper) replaced_lower = t.ino;
+    if (!target.dir && !target.upper && t.ino != e.ino) replaced_lower = t.ino;  // (a name onto itself: nothing)
   }
   uint64_t cu = 0, pu = 0, pu2 = 0;
   if (int err = CopyUp(req, e.ino, &cu)) {
