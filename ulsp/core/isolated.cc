@@ -461,13 +461,12 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
-bool IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd) {
+void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag) {
   KNode* n = Node(kernel_id);
-  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return false;
+  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return;
   n->file = std::move(fd);
-  n->file_tag = 0;
+  n->file_tag = tag;
   ++files_kept_;
-  return true;
 }
 
 void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
@@ -495,7 +494,7 @@ void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, 
     if (lent.error().value == ENOSYS) lend_refused_ = true;
     return;
   }
-  if (!(*lent)->fds.empty() && KeepFile(kernel_id, (*lent)->fds.front())) Node(kernel_id)->file_tag = (*lent)->req.open.fh;
+  if (!(*lent)->fds.empty()) KeepFile(kernel_id, (*lent)->fds.front(), (*lent)->req.open.fh);
 }
 
 void IsolatedPort::FreeHandle(uint64_t kernel_fh) {
@@ -1032,16 +1031,13 @@ class IsolatedServer final : public msgport::Server {
     if (req.op == VfsOp::kAdopt) req.in_fd = given.empty() ? -1 : given.front().get();
     const int error = top_.Serve(req);
     try {
+      // The file's descriptor, sent with the reply (the stack keeps its own): for the
+      // shim to give the kernel (the backing file of an open or create), or for the
+      // relay to keep (a lend).
+      int give = -1;
       if (error == 0 && req.open.backing_fd >= 0 &&
           (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate || req.op == VfsOp::kLend)) {
-        // The shim gives the kernel the file itself; the stack keeps its descriptor.
-        // (Lent: the relay keeps it.)
-        const int copy = ::fcntl(req.open.backing_fd, F_DUPFD_CLOEXEC, 0);
-        if (copy >= 0) {
-          msg->fds.emplace_back(copy);
-        } else {
-          req.open.backing_fd = -1;  // served through the stack, then
-        }
+        give = req.open.backing_fd;
       } else if (error == 0 && msgport::IsTmpfile(req)) {
         // An O_TMPFILE file served through the stack: no name ever leads to it, so the
         // relay is given its descriptor to keep (with no backing file in the reply:
@@ -1052,8 +1048,13 @@ class IsolatedServer final : public msgport::Server {
         lend.ctx = req.ctx;
         lend.node = req.entry.ino;
         lend.fh = req.open.fh;
-        if (top_.Serve(lend) == 0 && lend.open.backing_fd >= 0) {
-          if (const int copy = ::fcntl(lend.open.backing_fd, F_DUPFD_CLOEXEC, 0); copy >= 0) msg->fds.emplace_back(copy);
+        if (top_.Serve(lend) == 0) give = lend.open.backing_fd;
+      }
+      if (give >= 0) {
+        if (const int copy = ::fcntl(give, F_DUPFD_CLOEXEC, 0); copy >= 0) {
+          msg->fds.emplace_back(copy);
+        } else if (give == req.open.backing_fd) {
+          req.open.backing_fd = -1;  // served through the stack, then
         }
       }
       if (error == 0) {

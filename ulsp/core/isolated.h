@@ -200,11 +200,11 @@ class IsolatedPort final : public msgport::Port {
   void Orphan(const NameKey& key);
   void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
   // With map_mu_ held: a reply brought a descriptor of the file of the node
-  // `kernel_id`, `fd`. The node takes it, unless it holds one already or the budget is
-  // spent, and keeps it while the kernel has the file open (the shim may still use
-  // the number, borrowed: the kernel releases no handle before it has it). Returns
-  // whether it took it.
-  bool KeepFile(uint64_t kernel_id, UniqueFd& fd);
+  // `kernel_id`, `fd` (`tag`: what a lend of it answered). The node takes it, unless
+  // it holds one already or the budget is spent, and keeps it while the kernel has the
+  // file open (the shim may still use the number, borrowed: the kernel releases no
+  // handle before it has it).
+  void KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag = 0);
   // With map_mu_ held, before an unlink or a rename that takes the name `key` from a
   // node the kernel has open: unless the node keeps its file already, asks `server`
   // for a descriptor of it (kLend, on one of its handles), so that a restarted server
