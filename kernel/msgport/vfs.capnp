@@ -59,10 +59,12 @@ struct VfsReply {
   outAttr @5 :Attr;
   openFh @6 :UInt64;
   openFlags @7 :UInt32;   # bit 0 direct_io, 1 keep_cache, 2 nonseekable, 3 cache_readdir,
-                          # 4 the message carries the file's descriptor (backing_fd)
+                          # 4 the message carries the file's descriptor (backing_fd),
+                          # 5 it carries a copy's descriptor (copy_fd) instead
   out @8 :Data;
   outSize @9 :UInt64;
   statfs @10 :List(UInt64);  # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax
   dirEnd @11 :Bool;          # readdir(plus): nothing follows `out` (VfsRequest::dir_end)
   changed @12 :List(UInt64); # nodes whose attributes changed besides (VfsRequest::changed)
+  copyTag @13 :UInt64;       # with bit 5 of openFlags: VfsRequest::copy_tag
 }

@@ -168,6 +168,13 @@ struct VfsRequest {
   bool dir_end = false;      // readdir(plus): nothing follows the records in `out` (a
                              // listing at the last one's offset would find nothing).
                              // False when a layer does not know
+  // A request that changed a file of no name which a layer had copied to a new file
+  // (an overlay's copy-up of a lower file removed while open): the copy's descriptor
+  // (the layer keeps owning it) and the tag a lend of it answers (VfsOp::kLend). An
+  // isolated mount keeps it in place of the one it kept for the file, so that a
+  // restarted server is given the copy, with the change. -1: none.
+  int copy_fd = -1;
+  uint64_t copy_tag = 0;
   std::vector<uint64_t> changed;  // nodes besides those named above whose attributes this
                                   // request changed as a side effect (an overlay's copy-up
                                   // gives a file's directories their upper copies: new

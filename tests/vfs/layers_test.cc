@@ -342,11 +342,18 @@ TEST_F(OverlayTest, AFileIsAdoptedOnItsSide) {
 // A lower file removed while a program holds it open, then changed through its
 // descriptor (fchmod): ext4 changes the unlinked file and the name stays removed. The
 // overlay copies it up as a file of no name. (Before, the copy-up took its old name
-// and brought the removed file back in place of its whiteout.)
+// and brought the removed file back in place of its whiteout.) The change's answer
+// gives the copy's descriptor (for an isolated mount to keep in place of the lower
+// file's), tagged as an upper file, and so does a lend on the lower handle after it.
 TEST_F(OverlayTest, ARemovedLowerFileChangesWithoutComingBack) {
   Layer& o = *top_;
-  const uint64_t l = Lookup("l");
-  ASSERT_NE(l, 0u);
+  const uint64_t lower = Lookup("l");
+  ASSERT_NE(lower, 0u);
+  VfsRequest r;  // a program's descriptor of it
+  r.op = VfsOp::kOpen;
+  r.node = lower;
+  r.flags = O_RDONLY;
+  ASSERT_EQ(o.Serve(r), 0);
   VfsRequest u;
   u.op = VfsOp::kUnlink;
   u.node = kRootNode;
@@ -354,11 +361,43 @@ TEST_F(OverlayTest, ARemovedLowerFileChangesWithoutComingBack) {
   ASSERT_EQ(o.Serve(u), 0);
   VfsRequest t;
   t.op = VfsOp::kSetAttr;
-  t.node = l;
+  t.node = lower;
   t.flags = FUSE_SET_ATTR_MODE;
   t.attr.st_mode = S_IFREG | 0600;
   ASSERT_EQ(o.Serve(t), 0);
   EXPECT_EQ(t.out_attr.st_mode & 07777, 0600u);
+  struct stat copy {};
+  ASSERT_GE(t.copy_fd, 0);
+  EXPECT_EQ(t.copy_tag, 0u);  // the upper side's
+  ASSERT_EQ(::fstat(t.copy_fd, &copy), 0);
+  EXPECT_EQ(copy.st_mode, S_IFREG | 0600u);
+  EXPECT_EQ(copy.st_nlink, 0u);
+  EXPECT_EQ(copy.st_size, 4);
+  VfsRequest l;
+  l.op = VfsOp::kLend;
+  l.node = lower;
+  l.fh = r.open.fh;
+  ASSERT_EQ(o.Serve(l), 0);
+  EXPECT_EQ(l.open.backing_fd, t.copy_fd);
+  EXPECT_EQ(l.open.fh, 0u);
+  EXPECT_EQ(l.copy_fd, -1);
+  VfsRequest again = t;  // a second change answers it again; a read-only open does not
+  again.copy_fd = -1;
+  ASSERT_EQ(o.Serve(again), 0);
+  EXPECT_EQ(again.copy_fd, t.copy_fd);
+  VfsRequest reading;
+  reading.op = VfsOp::kOpen;
+  reading.node = l.node;
+  reading.flags = O_RDONLY;
+  ASSERT_EQ(o.Serve(reading), 0);
+  EXPECT_EQ(reading.copy_fd, -1);
+  for (uint64_t fh : {r.open.fh, reading.open.fh}) {
+    VfsRequest release;
+    release.op = VfsOp::kRelease;
+    release.node = l.node;
+    release.fh = fh;
+    EXPECT_EQ(o.Serve(release), 0);
+  }
   int err = 0;
   EXPECT_EQ(Lookup("l", &err), 0u);
   EXPECT_EQ(err, ENOENT);

@@ -466,10 +466,15 @@ TEST_P(RestartTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
 // descriptor is lent, as without kernel passthrough. And a lower file whose name is
 // removed (whited out) while a program holds it open: it reads after the kill, and a
 // change (fchmod) copies it up as a file of no name: the lower tree is never changed,
-// and the name stays removed.
+// and the name stays removed. One so copied up before the kill (changed through its
+// descriptor, then written through a second one opened by /proc) keeps its changes
+// after it: the server gives the mount the copy's descriptor in place of the lower
+// file's. (Before, the new server was given the lower file, and the changes were lost.)
 TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   TempDir dir;
-  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt && echo lower-bytes > " + dir / "low/l"), 0);
+  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt && echo lower-bytes > " + dir / "low/l" +
+                  " && echo lower-bytes > " + dir / "low/c"),
+            0);
   ServedMount mount({"--isolated", "--stack", "overlay:" + dir / "up,passthrough:" + dir / "low"}, dir / "mnt",
                     dir / "server.log");
   ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
@@ -480,16 +485,35 @@ TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
     std::string why;
     ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
   };
-  const std::string l = mount.path() + "/l";
+  const std::string l = mount.path() + "/l", c = mount.path() + "/c";
   const int fd = ::open(l.c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_GE(fd, 0) << std::strerror(errno);
+  const int changed = ::open(c.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(changed, 0) << std::strerror(errno);
   struct CloseAtEnd {
-    int fd;
-    ~CloseAtEnd() { ::close(fd); }
-  } close_at_end{fd};
+    int fd, changed;
+    ~CloseAtEnd() {
+      ::close(fd);
+      ::close(changed);
+    }
+  } close_at_end{fd, changed};
   ASSERT_EQ(::unlink(l.c_str()), 0) << std::strerror(errno);
+  ASSERT_EQ(::unlink(c.c_str()), 0) << std::strerror(errno);
+  ASSERT_EQ(::fchmod(changed, 0600), 0) << std::strerror(errno);
+  {
+    const int writer = ::open(("/proc/self/fd/" + std::to_string(changed)).c_str(), O_WRONLY | O_CLOEXEC);
+    ASSERT_GE(writer, 0) << std::strerror(errno);
+    EXPECT_EQ(::pwrite(writer, "LOWER", 5, 0), 5) << std::strerror(errno);
+    EXPECT_EQ(::close(writer), 0) << std::strerror(errno);
+  }
   NamelessFilesLiveOn(mount.path() + "/out", dir / "up/out", kill, dir / "server.log");
   struct stat st {};
+  ASSERT_EQ(::fstat(changed, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir / "server.log");
+  EXPECT_EQ(st.st_mode & 07777, 0600u);
+  char copy[32] = {};
+  EXPECT_EQ(::pread(changed, copy, sizeof copy, 0), 12) << std::strerror(errno);
+  EXPECT_EQ(std::string(copy), "LOWER-bytes\n");
+  EXPECT_EQ(ReadAll(dir / "low/c"), "lower-bytes\n");
   ASSERT_EQ(::fstat(fd, &st), 0) << std::strerror(errno) << "\n" << ReadAll(dir / "server.log");
   EXPECT_EQ(st.st_size, 12);
   char buf[32] = {};

@@ -461,12 +461,15 @@ void IsolatedPort::Disown(uint32_t index) {
   n.renamed_name.clear();
 }
 
-void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag) {
+void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag, bool replace) {
   KNode* n = Node(kernel_id);
-  if (n == nullptr || !fd || n->file || n->opens == 0 || files_kept_ >= files_budget_) return;
+  if (n == nullptr || !fd || (n->file && !replace) || n->opens == 0) return;
+  if (!n->file) {
+    if (files_kept_ >= files_budget_) return;
+    ++files_kept_;
+  }
   n->file = std::move(fd);
   n->file_tag = tag;
-  ++files_kept_;
 }
 
 void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
@@ -855,6 +858,9 @@ void IsolatedPort::Translate(VfsMessage& m) {
     return uint64_t{index} + 1;
   };
   TranslateChanged(r.changed, epoch);
+  // A file of no name copied (an overlay's copy-up): a new server is given the copy.
+  if (r.copy_fd >= 0 && !m.fds.empty() && m.fds.front().get() == r.copy_fd)
+    KeepFile(m.relay.node, m.fds.front(), r.copy_tag, /*replace=*/true);
   switch (r.op) {
     case VfsOp::kLookup:
     case VfsOp::kMkNod:
@@ -1033,7 +1039,7 @@ class IsolatedServer final : public msgport::Server {
     try {
       // The file's descriptor, sent with the reply (the stack keeps its own): for the
       // shim to give the kernel (the backing file of an open or create), or for the
-      // relay to keep (a lend).
+      // relay to keep (a lend; an O_TMPFILE file's; a copy's).
       int give = -1;
       if (error == 0 && req.open.backing_fd >= 0 &&
           (req.op == VfsOp::kOpen || req.op == VfsOp::kCreate || req.op == VfsOp::kLend)) {
@@ -1049,6 +1055,8 @@ class IsolatedServer final : public msgport::Server {
         lend.node = req.entry.ino;
         lend.fh = req.open.fh;
         if (top_.Serve(lend) == 0) give = lend.open.backing_fd;
+      } else if (error == 0 && req.open.backing_fd < 0 && req.copy_fd >= 0) {
+        give = req.copy_fd;  // a file of no name changed in a copy (VfsRequest::copy_fd)
       }
       if (give >= 0) {
         if (const int copy = ::fcntl(give, F_DUPFD_CLOEXEC, 0); copy >= 0) {
@@ -1057,6 +1065,7 @@ class IsolatedServer final : public msgport::Server {
           req.open.backing_fd = -1;  // served through the stack, then
         }
       }
+      if (msg->fds.empty()) req.copy_fd = -1;  // not said to be sent
       if (error == 0) {
         msgport::EncodeVfsReply(req, msg->payload);
       } else if (!req.changed.empty()) {

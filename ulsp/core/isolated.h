@@ -136,7 +136,8 @@ class IsolatedPort final : public msgport::Port {
     // While the kernel has it open: a descriptor of the file, for a new server when no
     // name finds it. The one a server gave for the kernel's reads and writes (kernel
     // passthrough), or for an O_TMPFILE file's; else one lent (kLend) before it was
-    // unlinked or replaced by a rename.
+    // unlinked or replaced by a rename. A change that copies such a file (an overlay's
+    // copy-up) brings the copy's (VfsRequest::copy_fd), kept in its place.
     UniqueFd file;
     uint64_t file_tag = 0;  // what its lend answered, for the adopt (VfsOp::kLend)
     uint32_t opens = 0;     // the kernel's handles of it (not of a directory)
@@ -201,10 +202,10 @@ class IsolatedPort final : public msgport::Port {
   void Disown(uint32_t index);  // the same for nodes_[index], whatever name it had
   // With map_mu_ held: a reply brought a descriptor of the file of the node
   // `kernel_id`, `fd` (`tag`: what a lend of it answered). The node takes it, unless
-  // it holds one already or the budget is spent, and keeps it while the kernel has the
-  // file open (the shim may still use the number, borrowed: the kernel releases no
-  // handle before it has it).
-  void KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag = 0);
+  // it holds one already (`replace`: a copy's, in place of it) or the budget is spent,
+  // and keeps it while the kernel has the file open (the shim may still use the
+  // number, borrowed: the kernel releases no handle before it has it).
+  void KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag = 0, bool replace = false);
   // With map_mu_ held, before an unlink or a rename that takes the name `key` from a
   // node the kernel has open: unless the node keeps its file already, asks `server`
   // for a descriptor of it (kLend, on one of its handles), so that a restarted server

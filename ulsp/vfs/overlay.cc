@@ -55,7 +55,19 @@ void Forget(Layer& layer, uint64_t node, uint64_t count) {
   layer.Serve(f);
 }
 
+void Release(Layer& layer, uint64_t node, uint64_t fh) {
+  VfsRequest r;
+  r.op = VfsOp::kRelease;
+  r.node = node;
+  r.fh = fh;
+  layer.Serve(r);
+}
+
 void TakeResults(VfsRequest& to, VfsRequest& from) {
+  if (from.copy_fd >= 0) {  // an overlay below copied the file
+    to.copy_fd = from.copy_fd;
+    to.copy_tag = from.copy_tag;
+  }
   to.entry = from.entry;
   to.out_attr = from.out_attr;
   to.open = from.open;
@@ -129,7 +141,10 @@ OverlayLayer::OverlayLayer(std::unique_ptr<Layer> upper, std::unique_ptr<Layer> 
   root.parent = kRootNode;
 }
 
-OverlayLayer::~OverlayLayer() = default;
+OverlayLayer::~OverlayLayer() {
+  for (const ONode& n : nodes_)
+    if (n.in_use && n.copy_fh) Release(*upper_, n.upper, *n.copy_fh);
+}
 
 bool OverlayLayer::Get(uint64_t id, ONode* out) const {
   std::lock_guard lock(mu_);
@@ -193,7 +208,7 @@ uint64_t OverlayLayer::Register(uint64_t parent, std::string_view name, uint64_t
       }
       ONode& n = nodes_[index];
       const uint32_t generation = n.generation;
-      n = ONode{true, generation, up, lo, parent, std::string(name), 1, dir, opaque, lower_key};
+      n = ONode{true, generation, up, lo, parent, std::string(name), 1, dir, opaque, lower_key, std::nullopt};
       by_key_[key] = index;
       if (up && lo) by_key_[lower_key] = index;
       ++live_;
@@ -207,6 +222,7 @@ uint64_t OverlayLayer::Register(uint64_t parent, std::string_view name, uint64_t
 
 void OverlayLayer::Drop(uint64_t id, uint64_t count) {
   uint64_t up = 0, lo = 0;
+  std::optional<uint64_t> copy_fh;
   {
     std::lock_guard lock(mu_);
     const uint32_t index = IndexOf(id);
@@ -217,6 +233,7 @@ void OverlayLayer::Drop(uint64_t id, uint64_t count) {
     if (n.nlookup > 0) return;
     up = n.upper;
     lo = n.lower;
+    copy_fh = n.copy_fh;
     for (const std::string& key : {"U" + std::to_string(up), n.lower_key}) {
       if (auto it = by_key_.find(key); it != by_key_.end() && it->second == index) by_key_.erase(it);
     }
@@ -226,6 +243,7 @@ void OverlayLayer::Drop(uint64_t id, uint64_t count) {
     free_.push_back(index);
     --live_;
   }
+  if (copy_fh) Release(*upper_, up, *copy_fh);
   Forget(*upper_, up, 1);
   if (lo) Forget(*lower(), lo, 1);
 }
@@ -313,7 +331,7 @@ int OverlayLayer::Whiteout(const VfsRequest& req, uint64_t upper_parent, const s
 }
 
 int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t upper_parent, const std::string& name,
-                           const struct stat& st, uint64_t* made) {
+                           const struct stat& st, uint64_t* made, std::optional<uint64_t>* keep_fh) {
   VfsRequest c = Own(req, VfsOp::kCreate, upper_parent);
   c.name = name;
   c.mode = st.st_mode & 07777;
@@ -322,7 +340,8 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
   *made = c.entry.ino;
   VfsRequest o = Own(req, VfsOp::kOpen, lower_node);
   o.flags = O_RDONLY;
-  int err = lower()->Serve(o);
+  const int opened = lower()->Serve(o);
+  int err = opened;
   for (int64_t offset = 0; err == 0;) {
     VfsRequest r = Own(req, VfsOp::kRead, lower_node);
     r.fh = o.open.fh;
@@ -336,10 +355,11 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
     if ((err = upper_->Serve(w)) != 0) break;
     offset += static_cast<int64_t>(r.out.size());
   }
-  for (auto [layer, fh, node] : {std::tuple{upper_.get(), c.open.fh, *made}, std::tuple{lower(), o.open.fh, lower_node}}) {
-    VfsRequest rel = Own(req, VfsOp::kRelease, node);
-    rel.fh = fh;
-    layer->Serve(rel);
+  if (opened == 0) Release(*lower(), lower_node, o.open.fh);
+  if (err == 0 && keep_fh != nullptr) {
+    *keep_fh = c.open.fh;
+  } else {
+    Release(*upper_, *made, c.open.fh);
   }
   return err;
 }
@@ -388,9 +408,10 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   if (unnamed && !S_ISREG(st.st_mode)) return ENOENT;
   if (int err = unnamed ? 0 : RemoveWhiteout(req, parent_upper, n.name)) return err;
   uint64_t made = 0;
+  std::optional<uint64_t> copy_fh;  // a copy of no name's handle, kept for its descriptor
   int err = 0;
   if (S_ISREG(st.st_mode)) {
-    err = CopyFile(req, n.lower, parent_upper, n.name, st, &made);
+    err = CopyFile(req, n.lower, parent_upper, n.name, st, &made, unnamed ? &copy_fh : nullptr);
   } else {
     VfsRequest m = Own(req, VfsOp::kMkNod, parent_upper);
     m.name = n.name;
@@ -423,9 +444,11 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
     ONode& node = nodes_[IndexOf(id)];
     if (node.in_use && node.generation == GenerationOf(id)) {
       node.upper = made;
+      node.copy_fh = std::exchange(copy_fh, std::nullopt);
       by_key_["U" + std::to_string(made)] = IndexOf(id);
     }
   }
+  if (copy_fh) Release(*upper_, made, *copy_fh);
   // Its inode number and ctime are the copy's now, and its directory has a new entry.
   for (uint64_t changed : {n.parent, id})
     if ((!unnamed || changed == id) && std::ranges::find(req.changed, changed) == req.changed.end())
@@ -716,7 +739,22 @@ int OverlayLayer::Open(VfsRequest& req) {
   if (int err = layer.Serve(s)) return err;
   TakeResults(req, s);
   req.open.fh = (s.open.fh << 1) | (up ? 1 : 0);
+  if (writes) GiveCopy(req);
   return 0;
+}
+
+// After a change to a file of no name copied up (CopyUp), the reply says which file
+// now holds it: the copy's descriptor, lent by the upper layer (VfsRequest::copy_fd).
+// After each change, not only the one that copied: a first that failed once copied
+// said nothing.
+void OverlayLayer::GiveCopy(VfsRequest& req) {
+  ONode n;
+  if (!Get(req.node, &n) || !n.copy_fh) return;
+  VfsRequest l = Own(req, VfsOp::kLend, n.upper);
+  l.fh = *n.copy_fh;
+  if (upper_->Serve(l) != 0 || l.open.backing_fd < 0) return;
+  req.copy_fd = l.open.backing_fd;
+  req.copy_tag = l.open.fh << 1;  // the upper side (kLend)
 }
 
 int OverlayLayer::WithHandle(VfsRequest& req) {
@@ -855,7 +893,10 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
         s.has_fh = false;  // a lower handle: the change goes to the copy
       }
       const int err = upper_->Serve(s);
-      if (err == 0) TakeResults(req, s);
+      if (err == 0) {
+        TakeResults(req, s);
+        GiveCopy(req);
+      }
       return err;
     }
     case VfsOp::kRead:
@@ -907,7 +948,13 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
       return EOPNOTSUPP;  // the kernel falls back to read and write
     case VfsOp::kLend: {
       // Tagged for Adopt with the side it is on (the low bit: 1 lower), above that
-      // side's own tag.
+      // side's own tag. A file copied up with no name lends the copy, whatever side
+      // the handle is on.
+      if (GiveCopy(req); req.copy_fd >= 0) {
+        req.open.backing_fd = std::exchange(req.copy_fd, -1);
+        req.open.fh = req.copy_tag;
+        return 0;
+      }
       const bool lower_file = (req.fh & 1) == 0;
       const int err = WithHandle(req);
       if (err == 0) req.open.fh = (req.open.fh << 1) | (lower_file ? 1 : 0);

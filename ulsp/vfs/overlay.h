@@ -18,6 +18,8 @@
 //
 // For an isolated mount's restart (ulsp/core/isolated.h): an open file lends its
 // descriptor (kLend) tagged with its side, and is adopted by it (kAdopt) on that side.
+// A change to a lower file of no name answers the copy's descriptor too
+// (VfsRequest::copy_fd), so that the mount gives a new server the changed file.
 //
 // Node ids are the layer's own (index + generation); each holds one lookup on its
 // upper and lower nodes, dropped when the kernel forgets it. Thread-safe: the tables
@@ -28,6 +30,7 @@
 #include <expected>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -61,6 +64,9 @@ class OverlayLayer final : public Layer {
     bool dir = false;
     bool opaque = false;  // an upper directory that hides the lower one
     std::string lower_key;  // its by_key_ entry for the lower node ("" if none)
+    // A lower file of no name copied up (CopyUp): the copy's upper handle, held for
+    // its descriptor (GiveCopy) until the node goes.
+    std::optional<uint64_t> copy_fh;
   };
   struct DirEntry {
     std::string name;
@@ -80,8 +86,10 @@ class OverlayLayer final : public Layer {
   // Gives node `id` (and its directories) upper copies, once; each node copied and
   // the directory it was made in go to req.changed, as their attributes changed.
   int CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper);
+  // Copies regular file `lower` to a new file `name` in `upper_parent` (none: a file of
+  // no name), *made its node; its handle is released, or left open in *keep_fh if given.
   int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
-               const struct stat& st, uint64_t* made);
+               const struct stat& st, uint64_t* made, std::optional<uint64_t>* keep_fh = nullptr);
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
@@ -95,6 +103,7 @@ class OverlayLayer final : public Layer {
   int Exchange(VfsRequest& req);
   void MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir);
   int Open(VfsRequest& req);
+  void GiveCopy(VfsRequest& req);
   int ReadDir(VfsRequest& req, bool plus);
   int WithHandle(VfsRequest& req);
 
