@@ -60,7 +60,8 @@ struct VfsReply {
   openFh @6 :UInt64;
   openFlags @7 :UInt32;   # bit 0 direct_io, 1 keep_cache, 2 nonseekable, 3 cache_readdir,
                           # 4 the message carries the file's descriptor (backing_fd),
-                          # 5 it carries a copy's descriptor (copy_fd) instead
+                          # 5 it carries a copy's descriptor (copy_fd) instead,
+                          # 6 a lend's file is held by the server (VfsOpenReply::held)
   out @8 :Data;
   outSize @9 :UInt64;
   statfs @10 :List(UInt64);  # bsize frsize blocks bfree bavail files ffree favail fsid flag namemax

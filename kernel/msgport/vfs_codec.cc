@@ -176,7 +176,7 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
   r.setOpenFh(req.open.fh);
   r.setOpenFlags((req.open.direct_io ? 1u : 0u) | (req.open.keep_cache ? 2u : 0u) | (req.open.nonseekable ? 4u : 0u) |
                  (req.open.cache_readdir ? 8u : 0u) | (req.open.backing_fd >= 0 ? 16u : 0u) |
-                 (req.open.backing_fd < 0 && req.copy_fd >= 0 ? 32u : 0u));
+                 (req.open.backing_fd < 0 && req.copy_fd >= 0 ? 32u : 0u) | (req.open.held ? 64u : 0u));
   if (req.open.backing_fd < 0 && req.copy_fd >= 0) r.setCopyTag(req.copy_tag);
   r.setOut(Bytes(req.out.data(), req.out.size()));
   r.setOutSize(req.out_size);
@@ -247,7 +247,7 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, s
     }
     const uint32_t f = r.getOpenFlags();
     req.open = {r.getOpenFh(), (f & 1) != 0, (f & 2) != 0, (f & 4) != 0, (f & 8) != 0,
-                (f & 16) != 0 && !fds.empty() ? fds.front().get() : -1};
+                (f & 16) != 0 && !fds.empty() ? fds.front().get() : -1, (f & 64) != 0};
     req.copy_fd = (f & 48) == 32 && !fds.empty() ? fds.front().get() : -1;
     req.copy_tag = req.copy_fd >= 0 ? r.getCopyTag() : 0;
     req.out.assign(reinterpret_cast<const char*>(out.begin()), reinterpret_cast<const char*>(out.end()));

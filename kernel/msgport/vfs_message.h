@@ -105,6 +105,9 @@ struct VfsOpenReply {
   // and maps the file's data on it by itself (FUSE passthrough): read and write
   // requests for the handle never reach the stack. -1: they do.
   int backing_fd = -1;
+  // lend: the server holds the file itself, named by `fh` (a translation agent: no
+  // descriptor crosses a network); an adopt gives back that name, with no descriptor.
+  bool held = false;
 };
 
 // One request and its results. Fields are used as each operation's comment in

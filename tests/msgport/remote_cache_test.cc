@@ -9,6 +9,7 @@
 #include <cstring>
 #include <thread>
 
+#include "kernel/msgport/unique_fd.h"
 #include "kernel/msgport/vfs_codec.h"
 
 namespace ulsp::msgport {
@@ -392,6 +393,53 @@ TEST(VfsCodec, AFailedRequestsAnswerCarriesOnlyItsChangedNodesAndIsMarked) {
   std::vector<std::byte> cut(bytes.begin(), bytes.begin() + 12);  // the mark, then garbage
   EXPECT_TRUE(DecodeFailedVfsReply(cut).empty());
   EXPECT_TRUE(DecodeFailedVfsReply({}).empty());
+}
+
+// What a reply says about a descriptor it brings, or a file the server holds: a
+// copy's descriptor (an overlay's copy-up) is the message's first one, with its tag,
+// and is none when the message brings none; a backing file is never read as a copy;
+// a lend held by the server (an agent) says so with the name it answered.
+TEST(VfsCodec, ACopysDescriptorAndAHeldFileCrossAsSaid) {
+  VfsRequest changed;
+  changed.op = VfsOp::kSetAttr;
+  changed.copy_fd = 42;
+  changed.copy_tag = 6;
+  std::vector<std::byte> bytes;
+  EncodeVfsReply(changed, bytes);
+  std::vector<UniqueFd> fds;
+  fds.emplace_back(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  VfsRequest got;
+  got.op = VfsOp::kSetAttr;
+  ASSERT_TRUE(DecodeVfsReply(bytes, got, fds));
+  EXPECT_EQ(got.copy_fd, fds.front().get());
+  EXPECT_EQ(got.copy_tag, 6u);
+  EXPECT_EQ(got.open.backing_fd, -1);
+  ASSERT_TRUE(DecodeVfsReply(bytes, got, {}));
+  EXPECT_EQ(got.copy_fd, -1);
+  EXPECT_EQ(got.copy_tag, 0u);
+
+  VfsRequest opened;  // a backing file, and a copy besides: the descriptor is the backing file's
+  opened.op = VfsOp::kOpen;
+  opened.open.backing_fd = 9;
+  opened.copy_fd = 42;
+  EncodeVfsReply(opened, bytes);
+  got = VfsRequest{};
+  got.op = VfsOp::kOpen;
+  ASSERT_TRUE(DecodeVfsReply(bytes, got, fds));
+  EXPECT_EQ(got.open.backing_fd, fds.front().get());
+  EXPECT_EQ(got.copy_fd, -1);
+
+  VfsRequest lent;
+  lent.op = VfsOp::kLend;
+  lent.open.fh = 0x1234567890abcdefULL;
+  lent.open.held = true;
+  EncodeVfsReply(lent, bytes);
+  got = VfsRequest{};
+  got.op = VfsOp::kLend;
+  ASSERT_TRUE(DecodeVfsReply(bytes, got, {}));
+  EXPECT_TRUE(got.open.held);
+  EXPECT_EQ(got.open.fh, 0x1234567890abcdefULL);
+  EXPECT_EQ(got.open.backing_fd, -1);
 }
 
 }  // namespace

@@ -4,6 +4,7 @@
 #include <fcntl.h>
 #include <linux/fuse.h>
 #include <signal.h>
+#include <sys/random.h>
 #include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -23,8 +24,10 @@
 #include <fstream>
 #include <functional>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <thread>
+#include <unordered_map>
 
 #include "kernel/msgport/agent.capnp.h"
 #include "kernel/msgport/agent_wire.h"
@@ -86,6 +89,146 @@ class Workers {
   std::deque<std::function<void()>> jobs_;
   bool stopping_ = false;
   std::vector<std::thread> threads_;
+};
+
+// Files the relays of remote mounts asked this agent to hold (VfsOp::kLend). A file a
+// program there has open is losing its last name (an unlink, a rename onto it), and
+// its descriptor cannot cross the network to be kept there, as an isolated mount keeps
+// one for a new server. The agent keeps it, under a random name that the lend
+// answers, so that the new stack of the mount's next connection can adopt it
+// (kAdopt with that name). A file is let go when the stack holding it has released
+// its last handle of it, or kGrace after that stack's connection ended without
+// another stack adopting it (checked at the next lend, adopt or disconnect).
+class HeldFiles {
+ public:
+  static constexpr size_t kPerStack = 1024;
+  static constexpr auto kGrace = std::chrono::minutes(10);
+  using Clock = std::chrono::steady_clock;
+
+  // Holds a copy of `fd` (`tag`: what the stack's lend answered) for node `node` of
+  // stack `stack`, which serves export `export_name`. Returns its name, or 0 when the
+  // stack holds kPerStack files already or the copy failed.
+  uint64_t Hold(uint64_t stack, const std::string& export_name, uint64_t node, int fd, uint64_t tag) {
+    UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0));
+    if (!copy) return 0;
+    std::lock_guard lock(mu_);
+    Sweep();
+    if (std::ranges::count_if(held_, [&](const auto& h) { return h.second.stack == stack; }) >= static_cast<long>(kPerStack))
+      return 0;
+    uint64_t name = 0;
+    while (name == 0 || held_.contains(name))
+      if (::getrandom(&name, sizeof name, 0) != static_cast<ssize_t>(sizeof name)) return 0;
+    held_.emplace(name, Held{std::move(copy), tag, export_name, stack, node, Clock::time_point::max()});
+    return name;
+  }
+  // For an adopt of `name` by a stack of export `export_name`: a copy of the file's
+  // descriptor and its tag; none when no such file is held for that export.
+  std::optional<std::pair<UniqueFd, uint64_t>> Find(uint64_t name, const std::string& export_name) {
+    std::lock_guard lock(mu_);
+    Sweep();
+    auto it = held_.find(name);
+    if (it == held_.end() || it->second.export_name != export_name) return std::nullopt;
+    UniqueFd copy(::fcntl(it->second.fd.get(), F_DUPFD_CLOEXEC, 0));
+    if (!copy) return std::nullopt;
+    return std::pair{std::move(copy), it->second.tag};
+  }
+  // Adopted as node `node` of `stack`: held for it now.
+  void Adopted(uint64_t name, uint64_t stack, uint64_t node) {
+    std::lock_guard lock(mu_);
+    if (auto it = held_.find(name); it != held_.end()) {
+      it->second.stack = stack;
+      it->second.node = node;
+      it->second.expires = Clock::time_point::max();
+    }
+  }
+  // A change to node `node` of `stack` copied its file (an overlay's copy-up of a
+  // removed lower file, VfsRequest::copy_fd): the copy is held in its place.
+  void Copied(uint64_t stack, uint64_t node, int fd, uint64_t tag) {
+    std::lock_guard lock(mu_);
+    for (auto& [name, h] : held_) {
+      if (h.stack != stack || h.node != node) continue;
+      if (UniqueFd copy(::fcntl(fd, F_DUPFD_CLOEXEC, 0)); copy) {
+        h.fd = std::move(copy);
+        h.tag = tag;
+      }
+    }
+  }
+  // `stack` released its last handle of node `node`.
+  void Closed(uint64_t stack, uint64_t node) {
+    std::lock_guard lock(mu_);
+    std::erase_if(held_, [&](const auto& h) { return h.second.stack == stack && h.second.node == node; });
+  }
+  // `stack` is gone (its connection ended): its files wait kGrace for an adopt.
+  void Ended(uint64_t stack) {
+    std::lock_guard lock(mu_);
+    const auto until = Clock::now() + kGrace;
+    for (auto& [name, h] : held_)
+      if (h.stack == stack) h.expires = until;
+    Sweep();
+  }
+  size_t Count() const {
+    std::lock_guard lock(mu_);
+    return held_.size();
+  }
+
+ private:
+  struct Held {
+    UniqueFd fd;
+    uint64_t tag = 0;
+    std::string export_name;
+    uint64_t stack = 0, node = 0;
+    Clock::time_point expires;
+  };
+  void Sweep() {  // with mu_ held
+    const auto now = Clock::now();
+    std::erase_if(held_, [&](const auto& h) { return h.second.expires <= now; });
+  }
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, Held> held_;
+};
+
+// What a stack's files are to the agent: the handles it has open of each node (a file
+// held for a node is let go with the last), counted as requests are served, on the
+// event loop or a worker.
+class StackFiles {
+ public:
+  StackFiles(HeldFiles& held, std::string export_name) : held_(held), export_name_(std::move(export_name)) {
+    static std::atomic<uint64_t> next{1};
+    id_ = next.fetch_add(1, std::memory_order_relaxed);
+  }
+  ~StackFiles() { held_.Ended(id_); }
+  StackFiles(const StackFiles&) = delete;
+  StackFiles& operator=(const StackFiles&) = delete;
+
+  void Served(const msgport::VfsRequest& req, int error) {
+    using msgport::VfsOp;
+    bool closed = false;
+    {
+      std::lock_guard lock(mu_);
+      if (error == 0 && req.op == VfsOp::kOpen) {
+        ++opens_[req.node];
+      } else if (error == 0 && req.op == VfsOp::kCreate) {
+        ++opens_[req.entry.ino];
+      } else if (req.op == VfsOp::kRelease) {
+        if (auto it = opens_.find(req.node); it != opens_.end() && --it->second == 0) {
+          opens_.erase(it);
+          closed = true;
+        }
+      }
+    }
+    if (closed) held_.Closed(id_, req.node);
+    if (error == 0 && req.copy_fd >= 0) held_.Copied(id_, req.node, req.copy_fd, req.copy_tag);
+  }
+  HeldFiles& held() { return held_; }
+  uint64_t id() const { return id_; }
+  const std::string& export_name() const { return export_name_; }
+
+ private:
+  HeldFiles& held_;
+  const std::string export_name_;
+  uint64_t id_ = 0;
+  std::mutex mu_;
+  std::unordered_map<uint64_t, uint32_t> opens_;  // node -> handles open
 };
 
 // One request, served: what a Stack call answers.
@@ -155,10 +298,11 @@ struct Request {
   kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;  // served by a worker: the answer
 };
 
-Outcome ServeOne(vfs::Layer& top, Request& r) {
+Outcome ServeOne(vfs::Layer& top, StackFiles& files, Request& r) {
   Outcome out;
   msgport::VfsRequest& req = r.req;
   out.error = top.Serve(req);
+  files.Served(req, out.error);
   if (out.error == 0) {
     try {
       msgport::EncodeVfsReply(req, out.reply);
@@ -172,6 +316,47 @@ Outcome ServeOne(vfs::Layer& top, Request& r) {
       msgport::EncodeFailedVfsReply(req, out.reply);  // the nodes it changed on its way
     } catch (...) {
       out.reply.clear();
+    }
+  }
+  return out;
+}
+
+// A relay's lend (the file a program there has open is losing its last name) or adopt
+// (after it connected again): the file held here, by name (HeldFiles).
+Outcome HoldOrAdopt(vfs::Layer& top, StackFiles& files, msgport::VfsRequest& req) {
+  Outcome out;
+  if (req.op == msgport::VfsOp::kLend) {
+    out.error = top.Serve(req);
+    if (out.error == 0) {
+      const uint64_t name =
+          req.open.backing_fd < 0 ? 0 : files.held().Hold(files.id(), files.export_name(), req.node, req.open.backing_fd, req.open.fh);
+      if (name == 0) {
+        out.error = EMFILE;  // the stack holds as many as it may: the relay keeps nothing this time
+        Logger("agent")->warn("export {}: a file losing its last name is not held: {} held for one connection already",
+                              files.export_name(), HeldFiles::kPerStack);
+      }
+      req.open = {};
+      req.open.fh = name;
+      req.open.held = true;
+    }
+  } else {
+    const uint64_t name = req.fh;
+    auto file = files.held().Find(name, files.export_name());
+    if (!file) {
+      out.error = ESTALE;  // let go already (closed, or its grace ran out)
+    } else {
+      req.in_fd = file->first.get();
+      req.fh = file->second;
+      out.error = top.Serve(req);
+      req.in_fd = -1;
+      if (out.error == 0) files.held().Adopted(name, files.id(), req.entry.ino);
+    }
+  }
+  if (out.error == 0) {
+    try {
+      msgport::EncodeVfsReply(req, out.reply);
+    } catch (...) {
+      out.error = ENOMEM;
     }
   }
   return out;
@@ -229,8 +414,9 @@ void SetResults(Stack::CallResults::Builder results, const Outcome& out) {
 // A stack of this connection's: its own node ids and open files, dropped with it.
 class StackImpl final : public Stack::Server {
  public:
-  StackImpl(std::shared_ptr<vfs::Layer> top, Workers& workers, std::atomic<uint64_t>& calls)
-      : top_(std::move(top)), workers_(workers), calls_(calls) {}
+  StackImpl(std::shared_ptr<vfs::Layer> top, std::shared_ptr<StackFiles> files, Workers& workers,
+            std::atomic<uint64_t>& calls)
+      : top_(std::move(top)), files_(std::move(files)), workers_(workers), calls_(calls) {}
 
   kj::Promise<void> call(CallContext context) override {
     calls_.fetch_add(1, std::memory_order_relaxed);
@@ -243,12 +429,6 @@ class StackImpl final : public Stack::Server {
       return kj::READY_NOW;
     }
     request->req.op = static_cast<msgport::VfsOp>(op);
-    if (request->req.op == msgport::VfsOp::kLend || request->req.op == msgport::VfsOp::kAdopt) {
-      // A relay's ways to keep an open file by its descriptor, which no network carries:
-      // said at once, so that a relay asks no more (IsolatedPort::LendFile).
-      context.getResults().setError(ENOSYS);
-      return kj::READY_NOW;
-    }
     auto data = params.getRequest();
     if (!msgport::DecodeVfsRequest(std::as_bytes(std::span(data.begin(), data.size())), request->req, request->storage)) {
       context.getResults().setError(EBADMSG);
@@ -257,16 +437,20 @@ class StackImpl final : public Stack::Server {
     request->req.kernel_io_ok = false;  // no descriptor crosses the network
     request->req.handleless_ok = false;  // an opendir brings its listing with it
     context.releaseParams();
+    if (request->req.op == msgport::VfsOp::kLend || request->req.op == msgport::VfsOp::kAdopt) {
+      SetResults(context.getResults(), HoldOrAdopt(*top_, *files_, request->req));
+      return kj::READY_NOW;
+    }
     if (Quick(*top_, request->req)) {
-      SetResults(context.getResults(), ServeOne(*top_, *request));
+      SetResults(context.getResults(), ServeOne(*top_, *files_, *request));
       return kj::READY_NOW;
     }
     auto paf = kj::newPromiseAndCrossThreadFulfiller<Outcome>();
     request->done = kj::mv(paf.fulfiller);
-    workers_.Submit([request, top = top_]() {
+    workers_.Submit([request, top = top_, files = files_]() {
       Outcome out;
       try {
-        out = ServeOne(*top, *request);
+        out = ServeOne(*top, *files, *request);
       } catch (...) {
         out.error = EIO;
       }
@@ -279,6 +463,7 @@ class StackImpl final : public Stack::Server {
 
  private:
   std::shared_ptr<vfs::Layer> top_;
+  std::shared_ptr<StackFiles> files_;  // (a worker may still count after the connection went)
   Workers& workers_;
   std::atomic<uint64_t>& calls_;
 };
@@ -287,6 +472,7 @@ struct Shared {
   AgentOptions options;
   std::string token;
   Workers* workers = nullptr;
+  HeldFiles held;
   std::atomic<uint64_t> connections{0}, refused{0}, attached{0}, calls{0};
 };
 
@@ -335,7 +521,9 @@ class AgentImpl final : public Agent::Server {
     ++shared_.attached;
     Logger("agent")->info("{} attached to {}", peer_, name);
     auto results = context.getResults();
-    results.setStack(kj::heap<StackImpl>(std::shared_ptr<vfs::Layer>(std::move(*top)), *shared_.workers, shared_.calls));
+    results.setStack(kj::heap<StackImpl>(std::shared_ptr<vfs::Layer>(std::move(*top)),
+                                         std::make_shared<StackFiles>(shared_.held, name), *shared_.workers,
+                                         shared_.calls));
     results.setVersion(kAgentProtocolVersion);
     return kj::READY_NOW;
   }
@@ -488,7 +676,8 @@ int ServeAgent(const AgentOptions& options) {
       s.ulsps.push_back({"agent", tls ? "agent (mutual TLS)" : "agent", static_cast<pid_t>(::getpid()), 0,
                          std::to_string(shared.connections.load()) + " connections, " +
                              std::to_string(shared.attached.load()) + " attached, " + std::to_string(shared.refused.load()) +
-                             " refused, " + std::to_string(shared.calls.load()) + " calls"});
+                             " refused, " + std::to_string(shared.calls.load()) + " calls, " +
+                             std::to_string(shared.held.Count()) + " files held"});
     });
 
     // Until SIGINT or SIGTERM.

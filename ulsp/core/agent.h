@@ -10,7 +10,8 @@
 //
 // Robustness: a malformed or oversized frame (over 32 MiB), a failed handshake, a
 // peer that vanishes: that connection closes (its stacks are dropped, open files
-// closed) and the agent keeps serving the others. Requests are served on worker
+// closed, but for files held for the mount's next connection: docs/agents.md) and
+// the agent keeps serving the others. Requests are served on worker
 // threads, so one that blocks (a FIFO) holds up no other.
 //
 // Runs in the foreground until SIGINT or SIGTERM.

@@ -470,6 +470,7 @@ void IsolatedPort::KeepFile(uint64_t kernel_id, UniqueFd& fd, uint64_t tag, bool
   }
   n->file = std::move(fd);
   n->file_tag = tag;
+  n->file_held = false;
 }
 
 void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, const Server& server, uint64_t epoch,
@@ -477,7 +478,7 @@ void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, 
   auto it = by_name_.find(key);
   if (it == by_name_.end() || lend_refused_) return;
   const KNode& n = nodes_[it->second];
-  if (n.opens == 0 || n.file || files_kept_ >= files_budget_) return;
+  if (n.opens == 0 || n.file || n.file_held || files_kept_ >= files_budget_) return;
   const uint64_t kernel_id = MakeId(it->second, n.generation);
   uint64_t kernel_fh = 0;  // one of its handles (an unlink of an open file is rare: a scan)
   for (size_t i = 0; i < handles_.size() && kernel_fh == 0; ++i)
@@ -497,15 +498,23 @@ void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, 
     if (lent.error().value == ENOSYS) lend_refused_ = true;
     return;
   }
-  if (!(*lent)->fds.empty()) KeepFile(kernel_id, (*lent)->fds.front(), (*lent)->req.open.fh);
+  if (!(*lent)->fds.empty()) {
+    KeepFile(kernel_id, (*lent)->fds.front(), (*lent)->req.open.fh);
+  } else if (KNode* held = Node(kernel_id); (*lent)->req.open.held && held != nullptr && held->opens > 0 && !held->file) {
+    held->file_held = true;  // by the server (an agent), under this name
+    held->file_tag = (*lent)->req.open.fh;
+  }
 }
 
 void IsolatedPort::FreeHandle(uint64_t kernel_fh) {
   if (kernel_fh == 0 || kernel_fh > handles_.size() || !handles_[kernel_fh - 1].in_use) return;
   KHandle& h = handles_[kernel_fh - 1];
-  if (KNode* n = Node(h.node); n != nullptr && !h.dir && n->opens > 0 && --n->opens == 0 && n->file) {
-    n->file.Reset();
-    --files_kept_;
+  if (KNode* n = Node(h.node); n != nullptr && !h.dir && n->opens > 0 && --n->opens == 0) {
+    if (n->file) {
+      n->file.Reset();
+      --files_kept_;
+    }
+    n->file_held = false;  // (an agent lets it go when its own last handle of it is released)
   }
   h = KHandle{};
   free_handles_.push_back(static_cast<uint32_t>(kernel_fh - 1));
@@ -641,16 +650,18 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
   }
   if (another_file && n != nullptr) Disown(IndexOf(kernel_id));  // no name to be found by any more
   // No name finds it (unlinked while open, say), but the file itself is at hand.
-  return n != nullptr && n->file ? AdoptFile(kernel_id, server, epoch, lock) : 0;
+  return n != nullptr && (n->file || n->file_held) ? AdoptFile(kernel_id, server, epoch, lock) : 0;
 }
 
 uint64_t IsolatedPort::AdoptFile(uint64_t kernel_id, const Server& server, uint64_t epoch,
                                  std::unique_lock<std::mutex>& lock) {
   KNode* n = Node(kernel_id);
   auto ask = std::make_unique<VfsMessage>(VfsOp::kAdopt);
-  UniqueFd copy(::fcntl(n->file.get(), F_DUPFD_CLOEXEC, 0));
-  if (!copy) return 0;
-  ask->fds.push_back(std::move(copy));  // the server's req.in_fd
+  if (n->file) {  // else held by the server, named by the tag
+    UniqueFd copy(::fcntl(n->file.get(), F_DUPFD_CLOEXEC, 0));
+    if (!copy) return 0;
+    ask->fds.push_back(std::move(copy));  // the server's req.in_fd
+  }
   ask->req.fh = n->file_tag;
   lock.unlock();
   auto found = Ask(*server, std::move(ask));

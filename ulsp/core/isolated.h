@@ -15,7 +15,9 @@
 //    (VfsOp::kLend) before a file the kernel has open loses its name through the
 //    mount: a file no name finds after a restart (unlinked while open, replaced by a
 //    rename, O_TMPFILE) is given to the new server (VfsOp::kAdopt), which makes it a
-//    node again.
+//    node again. A translation agent (a remote mount's server) holds a lent file
+//    itself, as no descriptor crosses a network: the port keeps the name the agent
+//    gave it, and gives that back with the adopt after a reconnect.
 // A request in flight when the server dies is sent again to the new server when that
 // is safe (lookup, getattr, read, readdir, open without O_TRUNC, flush, fsync,
 // release ...), and answered EIO otherwise (write, create, unlink, rename, setattr). A
@@ -140,6 +142,7 @@ class IsolatedPort final : public msgport::Port {
     // copy-up) brings the copy's (VfsRequest::copy_fd), kept in its place.
     UniqueFd file;
     uint64_t file_tag = 0;  // what its lend answered, for the adopt (VfsOp::kLend)
+    bool file_held = false;  // no `file`: the server holds it, named by file_tag (an agent)
     uint32_t opens = 0;     // the kernel's handles of it (not of a directory)
   };
   struct KHandle {
