@@ -15,7 +15,9 @@
 #include <kj/compat/tls.h>
 #include <kj/debug.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>

@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <new>
 #include <set>
+#include <utility>
 
 #include "kernel/msgport/log.h"
 #include "kernel/msgport/own_file.h"
