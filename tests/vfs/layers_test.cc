@@ -2,11 +2,15 @@
 // JSON, and passthrough's node table driven with requests directly.
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <seccomp.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 
 #include "tests/vfs/mount_fixture.h"
@@ -403,6 +407,44 @@ TEST_F(OverlayTest, ARemovedLowerFileChangesWithoutComingBack) {
   EXPECT_EQ(err, ENOENT);
   EXPECT_EQ(testing::Output("stat -c %F " + dir / "up/l"), "character special file\n");  // still its whiteout
   EXPECT_EQ(testing::Output("stat -c %a " + dir / "low/l"), "644\n");
+}
+
+// A link of a file of no name (an overlay's copy-up links each one) where linkat's
+// AT_EMPTY_PATH is refused, as before Linux 6.10 to a server without
+// CAP_DAC_READ_SEARCH (a mount by a user who is not root): a seccomp filter in a child
+// answers it ENOENT, as such a kernel does. The link goes through the descriptor's
+// /proc link instead. (Before, the link failed, and so did every overlay copy-up.)
+TEST_F(PassthroughTest, ALinkOfAFileOfNoNameWorksWithoutLinkingByDescriptor) {
+  const pid_t child = ::fork();
+  ASSERT_GE(child, 0);
+  if (child == 0) {
+    scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
+    if (ctx == nullptr ||
+        ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOENT), SCMP_SYS(linkat), 1,
+                           SCMP_A4(SCMP_CMP_MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH)) != 0 ||
+        ::seccomp_load(ctx) != 0)
+      ::_exit(3);
+    const uint64_t d = Lookup(kRootNode, "d");
+    VfsRequest t;
+    t.op = VfsOp::kCreate;
+    t.node = d;
+    t.flags = O_TMPFILE | O_RDWR;
+    t.mode = 0600;
+    if (layer_->Serve(t) != 0 || ::write(static_cast<int>(t.open.fh), "copy", 4) != 4) ::_exit(4);
+    ::close(static_cast<int>(t.open.fh));
+    VfsRequest l;
+    l.op = VfsOp::kLink;
+    l.node = t.entry.ino;
+    l.node2 = d;
+    l.name2 = "named";
+    const int err = layer_->Serve(l);
+    std::fprintf(stderr, "link: %s\n", std::strerror(err));
+    ::_exit(err == 0 && l.entry.ino == t.entry.ino ? 0 : 1);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's line says why; status " << status;
+  EXPECT_EQ(testing::Output("cat " + dir_ / "root/d/named"), "copy");
 }
 
 // The kernel grows a descriptor table by doubling it, and in a process with threads

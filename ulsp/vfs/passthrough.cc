@@ -484,9 +484,15 @@ int PassthroughLayer::Link(VfsRequest& req) {
   const FdRef fd = NodeFd(req.node);
   const FdRef npfd = NodeFd(req.node2);
   if (fd < 0 || npfd < 0) return ESTALE;
-  // AT_EMPTY_PATH links the very inode the node holds (the server has
-  // CAP_DAC_READ_SEARCH, which it needs).
-  if (int err = Errno0([&] { return ::linkat(fd, "", npfd, req.name2.c_str(), AT_EMPTY_PATH); })) return err;
+  // AT_EMPTY_PATH links the very inode the node holds. Before Linux 6.10 that needs
+  // CAP_DAC_READ_SEARCH, which a server run by a user who is not root lacks (ENOENT):
+  // its /proc link, followed, is the same inode.
+  int err = Errno0([&] { return ::linkat(fd, "", npfd, req.name2.c_str(), AT_EMPTY_PATH); });
+  if (err == ENOENT) {
+    const ProcPath proc(fd);
+    err = Errno0([&] { return ::linkat(AT_FDCWD, proc.c_str(), npfd, req.name2.c_str(), AT_SYMLINK_FOLLOW); });
+  }
+  if (err) return err;
   return DoLookup(req, req.node2, req.name2, req.entry);
 }
 
