@@ -117,9 +117,11 @@ class ServedMount {
   const std::string& path() const { return mountpoint_; }
 
   // Unmounts and waits for the server to exit (killing it after 10 s). Returns the
-  // server's exit status, or -1 when it had to be killed.
+  // server's exit status, or -1 when it had to be killed. Once stopped, it leaves the
+  // mount point alone: a mount made there since is another's.
   int Stop() {
-    if (core::IsMountPoint(mountpoint_)) ::umount2(mountpoint_.c_str(), MNT_DETACH);
+    if (!stopped_ && core::IsMountPoint(mountpoint_)) ::umount2(mountpoint_.c_str(), MNT_DETACH);
+    stopped_ = true;
     if (pid_ <= 0) return -1;
     int status = 0;
     for (int i = 0; i < 1000; ++i) {
@@ -139,6 +141,7 @@ class ServedMount {
   std::string mountpoint_;
   pid_t pid_ = -1;
   bool ok_ = false;
+  bool stopped_ = false;  // unmounted once: what is mounted there since is not its own
 };
 
 // A test's layer `L` (made with its lower layer, then `args`) on passthrough of `src`,

@@ -382,6 +382,23 @@ TEST(UringStartTest, RequestsRightAfterTheMountAreAnswered) {
   }
 }
 
+// A 1 MiB tmpfs made and mounted on `path`, unmounted however the test ends: a disk
+// to fill.
+class SmallDisk {
+ public:
+  explicit SmallDisk(std::string path) : path_(std::move(path)) {
+    ok_ = Shell("mkdir " + path_ + " && mount -t tmpfs -o size=1m ulsp-test " + path_) == 0;
+  }
+  ~SmallDisk() { ::umount2(path_.c_str(), MNT_DETACH); }
+  SmallDisk(const SmallDisk&) = delete;
+  SmallDisk& operator=(const SmallDisk&) = delete;
+  bool ok() const { return ok_; }
+
+ private:
+  std::string path_;
+  bool ok_ = false;
+};
+
 class StackTest : public ::testing::Test {
  protected:
   void Mount(const std::string& spec) {
@@ -527,11 +544,8 @@ print("ok")
 // it lost before going on.
 TEST_F(StackTest, TraceOnAFullDiskDropsWholeLinesAndSaysHowMany) {
   const std::string logfs = dir_ / "logfs";
-  ASSERT_EQ(Shell("mkdir " + logfs + " && mount -t tmpfs -o size=1m ulsp-test " + logfs), 0);
-  struct Unmount {
-    std::string path;
-    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmount{logfs};
+  const SmallDisk disk(logfs);
+  ASSERT_TRUE(disk.ok());
   for (int i = 0; i < 200; ++i) std::ofstream(dir_ / ("src/pub/f" + std::to_string(i))) << i << "\n";
   // Full but for one page: the first write of lines stops inside one.
   ASSERT_EQ(Shell("dd if=/dev/zero of=" + logfs + "/fill bs=64k 2>/dev/null; truncate -s -4096 " + logfs + "/fill"), 0);
@@ -922,6 +936,33 @@ TEST_F(StackTest, OverlayCopyUpKeepsXattrsAndPartsHardLinks) {
   m = mount_->path();
   EXPECT_EQ(Output("cat " + m + "/a " + m + "/b"), "orig\nmore\norig\n");
   EXPECT_EQ(Output("cat " + dir_ / "src/a"), "orig\n");  // below: untouched
+}
+
+// A copy-up the upper file system has no room for fails with ENOSPC and leaves the
+// lower file as it was: no half copy in the upper directory hiding it, and the space
+// the failed copy took given back. Before, the copy was made under its name: a 3 MB
+// file appended to on a 1 MB upper became its first megabyte. In-process and isolated.
+TEST_F(StackTest, ACopyUpWithNoRoomLeavesTheLowerFileWhole) {
+  const std::string upfs = dir_ / "upfs";
+  const SmallDisk disk(upfs);
+  ASSERT_TRUE(disk.ok());
+  ASSERT_EQ(Shell("head -c 3000000 /dev/urandom > " + dir_ / "src/big"), 0);
+  for (const char* mode : {"", "--isolated"}) {
+    SCOPED_TRACE(*mode ? mode : "in-process");
+    ASSERT_EQ(Shell("rm -rf " + upfs + "/up"), 0);
+    std::vector<std::string> args = {"--stack", "overlay:" + upfs + "/up,passthrough:" + dir_ / "src"};
+    if (*mode) args.insert(args.begin(), mode);
+    mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    const std::string m = mount_->path();
+    EXPECT_EQ(Output("(echo x >> " + m + "/big) 2>&1"), "sh: 1: cannot create " + m + "/big: No space left on device\n");
+    EXPECT_EQ(Shell("cmp " + dir_ / "src/big " + m + "/big"), 0);
+    EXPECT_EQ(Output("ls -A " + upfs + "/up"), "");
+    EXPECT_EQ(Output("df --output=used " + upfs + " | tail -1 | tr -d ' '"), "0\n");  // the nameless copy is gone too
+    EXPECT_EQ(Shell("echo small > " + m + "/new && echo x >> " + m + "/top"), 0);  // room for these
+    EXPECT_EQ(Output("cat " + m + "/new " + m + "/top"), "small\nt\nx\n");
+    EXPECT_EQ(mount_->Stop(), 0);
+  }
 }
 
 // A copy-up makes upper copies of the written file's directories, which have their own

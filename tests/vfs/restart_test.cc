@@ -5,8 +5,12 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <array>
+#include <cerrno>
+#include <climits>
 #include <condition_variable>
 #include <cstring>
 #include <fstream>
@@ -14,6 +18,7 @@
 #include <mutex>
 #include <random>
 #include <sstream>
+#include <string_view>
 #include <thread>
 #include <utility>
 
@@ -525,6 +530,64 @@ TEST(RestartOverlayTest, AnUnlinkedOpenFileKeepsWorkingAcrossAKill) {
   EXPECT_EQ(ReadAll(dir / "low/l"), "lower-bytes\n");
   EXPECT_EQ(Output("stat -c %a " + dir / "low/l"), "644\n");
   EXPECT_EQ(::access(l.c_str(), F_OK), -1);  // still removed
+}
+
+// A server killed while it copies a lower file up leaves no half-made copy to hide
+// the lower file: the copy is made with no name (an O_TMPFILE in the upper directory)
+// and linked under its name only once whole. The kill is sent while the server holds
+// that nameless file open (its descriptor in /proc/PID/fd, "up/#N (deleted)"). Before,
+// the copy was made under its name, and the kill left the first megabytes of the file
+// in the upper directory, hiding the rest of the lower file for good.
+TEST(RestartOverlayTest, AKillDuringACopyUpLeavesNoHalfCopy) {
+  TempDir dir;
+  constexpr long kSize = 128L << 20;
+  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt && head -c " + std::to_string(kSize) +
+                  " /dev/urandom > " + dir / "low/big"),
+            0);
+  ServedMount mount({"--isolated", "--stack", "overlay:" + dir / "up,passthrough:" + dir / "low"}, dir / "mnt",
+                    dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+  const pid_t server = IsolatedServerOf(mount.pid());
+  ASSERT_GT(server, 0);
+  const std::string big = mount.path() + "/big";
+  std::thread append([&] { Shell("echo x >> " + big + " 2>/dev/null"); });  // EIO or done: either may be
+  struct JoinAtEnd {
+    std::thread& t;
+    ~JoinAtEnd() {
+      if (t.joinable()) t.join();
+    }
+  } join_at_end{append};
+  // The nameless copy, as the server's descriptors show it.
+  auto copying = [&] {
+    const std::string fds = "/proc/" + std::to_string(server) + "/fd";
+    DIR* d = ::opendir(fds.c_str());
+    bool seen = false;
+    while (struct dirent* e = d ? ::readdir(d) : nullptr) {
+      char target[PATH_MAX] = {};
+      if (::readlinkat(::dirfd(d), e->d_name, target, sizeof target - 1) > 0 &&
+          std::string_view(target).starts_with(dir / "up/#"))
+        seen = true;
+    }
+    if (d) ::closedir(d);
+    return seen;
+  };
+  bool seen = false;
+  for (int i = 0; i < 20000 && !(seen = copying()); ++i) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  ASSERT_TRUE(seen) << "no nameless copy in the server's descriptors while it copied up " << big;
+  ASSERT_EQ(::kill(server, SIGKILL), 0);
+  std::string why;
+  ASSERT_TRUE(NewServerServes(mount.pid(), server, dir / "server.log", &why)) << why;
+  append.join();
+  // The merged file is the lower one, whole, with the append or without it.
+  struct stat st {};
+  ASSERT_EQ(::stat(big.c_str(), &st), 0) << std::strerror(errno);
+  EXPECT_TRUE(st.st_size == kSize || st.st_size == kSize + 2) << st.st_size << " bytes";
+  EXPECT_EQ(Shell("cmp -n " + std::to_string(kSize) + " " + dir / "low/big " + big), 0);
+  // And a change now copies it up and lands.
+  EXPECT_EQ(Shell("echo y >> " + big), 0);
+  EXPECT_EQ(Output("tail -c 2 " + big), "y\n");
+  EXPECT_EQ(Shell("cmp -n " + std::to_string(kSize) + " " + dir / "low/big " + dir / "up/big"), 0);
+  EXPECT_EQ(Output("stat -c %s " + dir / "low/big"), std::to_string(kSize) + "\n");  // below: untouched
 }
 
 // For the disk below an isolated mount: does each rename, then holds its answer until

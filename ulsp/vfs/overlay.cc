@@ -362,6 +362,14 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
   } else {
     Release(*upper_, *made, c.open.fh);
   }
+  if (err != 0) {  // leave nothing behind: a file of no name goes with its node
+    if (!name.empty()) {
+      VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
+      u.name = name;
+      upper_->Serve(u);
+    }
+    Forget(*upper_, std::exchange(*made, 0), 1);
+  }
   return err;
 }
 
@@ -411,8 +419,19 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   uint64_t made = 0;
   std::optional<uint64_t> copy_fh;  // a copy of no name's handle, kept for its descriptor
   int err = 0;
+  bool link = false;  // the copy is made with no name and linked under it once whole
   if (S_ISREG(st.st_mode)) {
-    err = CopyFile(req, n.lower, parent_upper, n.name, st, &made, unnamed ? &copy_fh : nullptr);
+    // A named file too is copied as a file of no name, given its owner, mode, times
+    // and extended attributes, and only then linked in: a copy that fails (a full
+    // disk) or a server killed while it copies leaves no half-made file to hide the
+    // lower one. An upper file system without O_TMPFILE gets the copy under its name
+    // at once (removed again if the copy fails; not so after a kill).
+    err = CopyFile(req, n.lower, parent_upper, "", st, &made, unnamed ? &copy_fh : nullptr);
+    if (!unnamed && err == EOPNOTSUPP) {
+      err = CopyFile(req, n.lower, parent_upper, n.name, st, &made);
+    } else {
+      link = !unnamed && err == 0;
+    }
   } else {
     VfsRequest m = Own(req, VfsOp::kMkNod, parent_upper);
     m.name = n.name;
@@ -440,6 +459,15 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   if (S_ISLNK(st.st_mode)) a.flags &= ~(FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME);
   upper_->Serve(a);
   CopyXattrs(req, id, n.lower, made);
+  if (link) {
+    VfsRequest l = Own(req, VfsOp::kLink, made);
+    l.node2 = parent_upper;
+    l.name2 = n.name;
+    err = upper_->Serve(l);
+    Forget(*upper_, made, 1);  // the name's entry holds the copy now, or nothing does
+    if (err) return err;
+    made = l.entry.ino;
+  }
   {
     std::lock_guard lock(mu_);
     ONode& node = nodes_[IndexOf(id)];

@@ -88,6 +88,7 @@ class OverlayLayer final : public Layer {
   int CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper);
   // Copies regular file `lower` to a new file `name` in `upper_parent` (none: a file of
   // no name), *made its node; its handle is released, or left open in *keep_fh if given.
+  // A copy that fails is removed and its node forgotten (*made 0).
   int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
                const struct stat& st, uint64_t* made, std::optional<uint64_t>* keep_fh = nullptr);
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
