@@ -382,12 +382,12 @@ TEST(UringStartTest, RequestsRightAfterTheMountAreAnswered) {
   }
 }
 
-// A 1 MiB tmpfs made and mounted on `path`, unmounted however the test ends: a disk
-// to fill.
+// A 1 MiB tmpfs (`options` more: its number of inodes, say) made and mounted on
+// `path`, unmounted however the test ends: a disk to fill.
 class SmallDisk {
  public:
-  explicit SmallDisk(std::string path) : path_(std::move(path)) {
-    ok_ = Shell("mkdir " + path_ + " && mount -t tmpfs -o size=1m ulsp-test " + path_) == 0;
+  explicit SmallDisk(std::string path, const std::string& options = "") : path_(std::move(path)) {
+    ok_ = Shell("mkdir " + path_ + " && mount -t tmpfs -o size=1m" + options + " ulsp-test " + path_) == 0;
   }
   ~SmallDisk() { ::umount2(path_.c_str(), MNT_DETACH); }
   SmallDisk(const SmallDisk&) = delete;
@@ -963,6 +963,35 @@ TEST_F(StackTest, ACopyUpWithNoRoomLeavesTheLowerFileWhole) {
     EXPECT_EQ(Output("cat " + m + "/new " + m + "/top"), "small\nt\nx\n");
     EXPECT_EQ(mount_->Stop(), 0);
   }
+}
+
+// A rename or unlink that must leave a whiteout (a lower file of that name below)
+// where no inode is left for one: it fails with ENOSPC and changes nothing. Before,
+// the rename moved the upper file and then failed to white out the old name, said
+// nothing, and the lower file showed there again. Once there is room, both leave
+// just the whiteout (no whiteout made under a name of its own is left over).
+TEST_F(StackTest, AWhiteoutWithNoInodeLeftChangesNothing) {
+  const std::string upfs = dir_ / "upfs";
+  const SmallDisk disk(upfs, ",nr_inodes=16");
+  ASSERT_TRUE(disk.ok());
+  ASSERT_EQ(Shell("echo lower-f > " + dir_ / "src/f && echo lower-k > " + dir_ / "src/k"), 0);
+  Mount("overlay:" + upfs + "/up,passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  ASSERT_EQ(Shell("echo upper-f > " + m + "/f && echo upper-k > " + m + "/k"), 0);  // copied up
+  ASSERT_EQ(Shell("for i in $(seq 32); do touch " + upfs + "/fill$i 2>/dev/null || break; done"), 0);
+  ASSERT_NE(Shell("touch " + upfs + "/one-more 2>/dev/null"), 0) << "the disk still has inodes";
+  EXPECT_EQ(Output("(mv " + m + "/f " + m + "/g) 2>&1"),
+            "mv: cannot move '" + m + "/f' to '" + m + "/g': No space left on device\n");
+  EXPECT_EQ(Output("(rm " + m + "/k) 2>&1"), "rm: cannot remove '" + m + "/k': No space left on device\n");
+  EXPECT_EQ(Output("cat " + m + "/f " + m + "/k"), "upper-f\nupper-k\n");
+  EXPECT_EQ(Output("ls " + m), "f\nk\npub\nsecret\ntop\n");
+  ASSERT_EQ(Shell("rm " + upfs + "/fill1 " + upfs + "/fill2"), 0);
+  EXPECT_EQ(Shell("mv " + m + "/f " + m + "/g && rm " + m + "/k"), 0);
+  EXPECT_EQ(Output("ls " + m), "g\npub\nsecret\ntop\n");
+  EXPECT_EQ(Output("cat " + m + "/g"), "upper-f\n");
+  EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F %t:%T' * .[!.]* 2>/dev/null"),
+            "f character special file 0:0\ng regular file 0:0\nk character special file 0:0\n");
+  EXPECT_EQ(Output("cat " + dir_ / "src/f " + dir_ / "src/k"), "lower-f\nlower-k\n");  // below: untouched
 }
 
 // A copy-up makes upper copies of the written file's directories, which have their own

@@ -7,6 +7,7 @@
 #include <linux/fuse.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <filesystem>
 #include <new>
@@ -625,6 +626,7 @@ int OverlayLayer::Remove(VfsRequest& req) {
         upper_->Serve(u);
       }
     }
+    if (below && !rmdir) return ReplaceByWhiteout(req, pu, req.name);
     VfsRequest s = req;
     s.node = pu;
     if (int err = upper_->Serve(s)) return err;
@@ -632,6 +634,33 @@ int OverlayLayer::Remove(VfsRequest& req) {
   if (int err = below ? Whiteout(req, pu, req.name) : 0) return err;
   if (!c.dir && !c.upper) Unname(e.ino);
   return 0;
+}
+
+// The upper file `name` in `upper_parent`, which hides a lower one, becomes a whiteout
+// in one step: one made under a name of its own (hidden from listings, as every
+// whiteout is) is renamed over it. So no moment, and no kill of the server, shows the
+// lower file there again, and a whiteout that cannot be made (no inode left) leaves
+// the file as it was. (A directory is removed, then whited out: a server killed
+// between the two shows the lower directory again.)
+int OverlayLayer::ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
+  static std::atomic<uint64_t> next{0};
+  std::string made;
+  int err = EEXIST;
+  for (int tries = 0; err == EEXIST && tries < 8; ++tries) {  // one a killed server left
+    made = ".ulsp-whiteout." + std::to_string(::getpid()) + "." + std::to_string(next.fetch_add(1));
+    err = Whiteout(req, upper_parent, made);
+  }
+  if (err) return err;
+  VfsRequest r = Own(req, VfsOp::kRename, upper_parent);
+  r.name = made;
+  r.node2 = upper_parent;
+  r.name2 = name;
+  if ((err = upper_->Serve(r)) != 0) {
+    VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
+    u.name = made;
+    upper_->Serve(u);
+  }
+  return err;
 }
 
 // Marks the upper directory `upper_dir` (overlay node `id`) opaque: the lower
@@ -738,10 +767,25 @@ int OverlayLayer::Rename(VfsRequest& req) {
   VfsRequest s = req;
   s.node = pu;
   s.node2 = pu2;
-  s.flags = req.flags & RENAME_NOREPLACE;
-  if (int err = upper_->Serve(s)) return err;
+  // A name with a lower file below it is whited out by the rename itself
+  // (RENAME_WHITEOUT), so no moment, and no kill of the server, shows the lower file
+  // there again, and a whiteout that cannot be made (no inode left) fails the rename
+  // before anything moved. An upper file system without it (EINVAL) gets the rename,
+  // then the whiteout.
+  s.flags = (req.flags & RENAME_NOREPLACE) | (below ? RENAME_WHITEOUT : 0);
+  int err = upper_->Serve(s);
+  const bool whited = below && err == 0;
+  if (below && err == EINVAL) {
+    s.flags = req.flags & RENAME_NOREPLACE;
+    err = upper_->Serve(s);
+  }
+  if (err) return err;
   if (c.dir && target_below) MarkOpaque(req, e.ino, cu);  // it hides the one it replaced below
-  if (below) Whiteout(req, pu, req.name);
+  if (below && !whited) {
+    if (int werr = Whiteout(req, pu, req.name))
+      Logger("vfs")->error("overlay: renamed {} but could not white it out ({}): the lower file shows there again",
+                           PathOf(e.ino), std::strerror(werr));
+  }
   {
     std::lock_guard lock(mu_);
     const uint32_t index = IndexOf(e.ino);

@@ -94,6 +94,7 @@ class OverlayLayer final : public Layer {
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
+  int ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
   int Make(VfsRequest& req);
