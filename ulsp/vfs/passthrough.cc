@@ -87,7 +87,8 @@ Result<std::unique_ptr<PassthroughLayer>> PassthroughLayer::Open(const std::stri
   auto layer = std::unique_ptr<PassthroughLayer>(new PassthroughLayer(std::move(root_fd), st));
   layer->root_dir_fd_.Reset(*dir_fd);
   // Keep a quarter of the descriptors (at least 1024) for open files, directories and
-  // libfuse; nodes beyond the rest are kept as file handles.
+  // libfuse; nodes beyond the rest, counted over every passthrough layer of the
+  // process (an overlay has two), are kept as file handles.
   const rlim_t limit = files.rlim_cur;
   const rlim_t reserve = std::max<rlim_t>(limit / 4, 1024);
   layer->fd_budget_ = limit > reserve ? static_cast<size_t>(limit - reserve) : 0;
@@ -103,11 +104,12 @@ PassthroughLayer::PassthroughLayer(UniqueFd root_fd, struct stat root_st) : Laye
   root.nlookup = 1;
   root_dev_ = root.dev;
   fds_held_ = 1;
+  process_fds_held_.fetch_add(1, std::memory_order_relaxed);
   by_inode_[{root.dev, root.ino}] = 1;
   live_ = 1;
 }
 
-PassthroughLayer::~PassthroughLayer() = default;
+PassthroughLayer::~PassthroughLayer() { process_fds_held_.fetch_sub(fds_held_, std::memory_order_relaxed); }
 
 size_t PassthroughLayer::NodeCount() const {
   std::shared_lock lock(table_mu_);
@@ -188,9 +190,10 @@ std::string PassthroughLayer::PathOf(uint64_t node) const {
 }
 
 UniqueFd PassthroughLayer::Keep(Node& n, UniqueFd fd) {
-  if (fds_held_ >= fd_budget_ && n.dev == root_dev_) {
+  if (process_fds_held_.load(std::memory_order_relaxed) >= fd_budget_ && n.dev == root_dev_ && !n.name.empty()) {
     // Out of descriptors to keep: keep the inode's file handle instead (the kernel may
-    // hold more nodes than this process may have descriptors).
+    // hold more nodes than this process may have descriptors). Not for a file of no
+    // name (O_TMPFILE, adopted): its descriptor may be all that keeps it.
     std::string handle(sizeof(file_handle) + MAX_HANDLE_SZ, '\0');
     auto* fh = reinterpret_cast<file_handle*>(handle.data());
     fh->handle_bytes = MAX_HANDLE_SZ;
@@ -202,20 +205,27 @@ UniqueFd PassthroughLayer::Keep(Node& n, UniqueFd fd) {
     }
   }
   ++fds_held_;
+  process_fds_held_.fetch_add(1, std::memory_order_relaxed);
   n.fd = std::move(fd);
   return {};
 }
 
 uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t parent,
                                     std::string_view name) {
-  UniqueFd unused;  // closed after the lock is released
+  UniqueFd unused, spilled;  // closed after the lock is released
   std::unique_lock lock(table_mu_);
   if (auto it = by_inode_.find({st.st_dev, st.st_ino}); it != by_inode_.end()) {
     Node& n = nodes_[it->second];
     ++n.nlookup;
     if (it->second != 1 && !name.empty()) {  // none: ".", "..", or a file by its descriptor
+      const bool named_now = n.name.empty();
       n.parent = parent;
       n.name.assign(name);
+      if (named_now && n.fd) {  // a file of no name, linked: kept as any other now (Keep)
+        --fds_held_;
+        process_fds_held_.fetch_sub(1, std::memory_order_relaxed);
+        spilled = Keep(n, std::move(n.fd));
+      }
     }
     unused = (fd && !n.fd && n.handle.empty()) ? Keep(n, std::move(fd)) : std::move(fd);
     return MakeId(it->second, n.generation);
@@ -232,10 +242,10 @@ uint64_t PassthroughLayer::Remember(UniqueFd fd, const struct stat& st, uint64_t
   n.handle.clear();
   n.dev = st.st_dev;
   n.ino = st.st_ino;
-  if (fd) unused = Keep(n, std::move(fd));
   n.nlookup = 1;
   n.parent = parent;
   n.name.assign(name);
+  if (fd) unused = Keep(n, std::move(fd));
   by_inode_[{n.dev, n.ino}] = index;
   ++live_;
   return MakeId(index, n.generation);
@@ -251,7 +261,10 @@ void PassthroughLayer::Forget(uint64_t node, uint64_t count) {
   n.nlookup -= std::min(count, n.nlookup);
   if (n.nlookup > 0) return;
   by_inode_.erase({n.dev, n.ino});
-  if (n.fd) --fds_held_;
+  if (n.fd) {
+    --fds_held_;
+    process_fds_held_.fetch_sub(1, std::memory_order_relaxed);
+  }
   closing = std::move(n.fd);
   n.handle.clear();
   n.handle.shrink_to_fit();

@@ -8,8 +8,10 @@
 // Node ids are table indices with a generation (STYLE 8): the kernel's lookup count
 // is kept per node, and forget drops the node (and closes its descriptor) at zero.
 // The kernel may hold more nodes than the process may have descriptors (here the hard
-// limit is 20000): past a budget, nodes keep the inode's file handle instead and are
-// opened (open_by_handle_at) for each request that needs them.
+// limit is 20000): past a budget (three quarters of the limit, for all the process's
+// passthrough layers together: an overlay has two), nodes keep the inode's file handle
+// instead and are opened (open_by_handle_at) for each request that needs them. A file
+// of no name keeps its descriptor until a link names it.
 // Hard links of one inode share a node. Open files are their descriptors (fh is the
 // fd number); open directories are entries of a handle table. An open file given by
 // its descriptor (VfsOp::kAdopt: a restarted isolated server is given a file no name
@@ -151,8 +153,9 @@ class PassthroughLayer final : public Layer {
   size_t live_ = 0;
   dev_t root_dev_ = 0;
   UniqueFd root_dir_fd_;  // O_RDONLY: open_by_handle_at will not take an O_PATH one
-  size_t fd_budget_ = 0;  // node descriptors kept at most
-  size_t fds_held_ = 0;   // node descriptors kept now (under table_mu_)
+  size_t fd_budget_ = 0;  // node descriptors kept at most, by all layers together
+  size_t fds_held_ = 0;   // node descriptors this layer keeps now (under table_mu_)
+  static inline std::atomic<size_t> process_fds_held_{0};  // ... and all of them
 
   std::mutex dirs_mu_;
   std::vector<std::unique_ptr<DirHandle>> dirs_;  // fh = index + 1
