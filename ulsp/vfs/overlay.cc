@@ -299,7 +299,20 @@ int OverlayLayer::Lookup(const VfsRequest& req, uint64_t parent, const std::stri
   e.generation = GenerationOf(id);
   e.attr = st;
   e.attr_timeout = e.entry_timeout = req.timeout;
+  if (S_ISDIR(st.st_mode) && lo) {
+    std::lock_guard lock(mu_);
+    if (ONode& n = nodes_[IndexOf(id)]; n.lower) n.lower_ino = lst.st_ino;
+  }
+  StableIno(id, e.attr);
   return 0;
+}
+
+void OverlayLayer::StableIno(uint64_t id, struct stat& attr) const {
+  if (!S_ISDIR(attr.st_mode)) return;
+  std::lock_guard lock(mu_);
+  const uint32_t index = IndexOf(id);
+  if (index >= nodes_.size() || !nodes_[index].in_use || nodes_[index].generation != GenerationOf(id)) return;
+  if (nodes_[index].lower_ino != 0) attr.st_ino = nodes_[index].lower_ino;
 }
 
 bool OverlayLayer::InLower(const VfsRequest& req, const ONode& parent, const std::string& name) {
@@ -841,6 +854,7 @@ int OverlayLayer::WithHandle(VfsRequest& req) {
   Layer& layer = up ? *upper_ : *lower();
   const int err = layer.Serve(s);
   if (err == 0) TakeResults(req, s);
+  if (err == 0 && req.op == VfsOp::kGetAttr) StableIno(req.node, req.out_attr);
   return err;
 }
 
@@ -945,6 +959,7 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
       if (req.op == VfsOp::kGetXattr && req.name == kOpaque) return ENODATA;
       const int err = layer.Serve(s);
       if (err == 0) TakeResults(req, s);
+      if (err == 0 && req.op == VfsOp::kGetAttr) StableIno(req.node, req.out_attr);
       if (err == 0 && req.op == VfsOp::kListXattr && req.size > 0) {  // hide the overlay's own mark
         std::string list(req.out.begin(), req.out.end());
         const std::string mark = std::string(kOpaque) + '\0';
@@ -968,6 +983,7 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
       const int err = upper_->Serve(s);
       if (err == 0) {
         TakeResults(req, s);
+        if (req.op == VfsOp::kSetAttr) StableIno(req.node, req.out_attr);
         GiveCopy(req);
       }
       return err;

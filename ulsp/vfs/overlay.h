@@ -67,6 +67,7 @@ class OverlayLayer final : public Layer {
     // A lower file of no name copied up (CopyUp): the copy's upper handle, held for
     // its descriptor (GiveCopy) until the node goes.
     std::optional<uint64_t> copy_fh;
+    uint64_t lower_ino = 0;  // a directory on both sides: the lower one's inode number (StableIno)
   };
   struct DirEntry {
     std::string name;
@@ -83,6 +84,11 @@ class OverlayLayer final : public Layer {
   void Drop(uint64_t id, uint64_t count);
 
   int Lookup(const VfsRequest& req, uint64_t parent, const std::string& name, fuse_entry_param& e);
+  // A directory found on both sides answers the lower one's inode number, before and
+  // after its copy-up, as overlayfs does on one file system: a program walking the
+  // tree (rm -r, find, chmod -R: fts) takes a directory whose number changed under it
+  // for an error. `attr` is node `id`'s.
+  void StableIno(uint64_t id, struct stat& attr) const;
   // Gives node `id` (and its directories) upper copies, once; each node copied and
   // the directory it was made in go to req.changed, as their attributes changed.
   int CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper);
