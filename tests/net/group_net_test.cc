@@ -224,7 +224,8 @@ TEST_F(NetTest, AThreadWhoseTidIsReusedIsNotMistakenForTheOldOne) {
   std::thread nudger([&] {
     pid_t tid = 0;
     while (!done.load()) {
-      if (tid == 0) std::ifstream(tidfile) >> tid;
+      // Read each time: the probe starts over with a new tid if another process took it.
+      if (pid_t now = 0; std::ifstream(tidfile) >> now) tid = now;
       if (tid > 1) std::ofstream("/proc/sys/kernel/ns_last_pid") << tid - 1;
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
     }

@@ -128,6 +128,7 @@ static int TcpTimeout(const char* host, int port, int ms) {
 static const char* g_reuse_host;
 static int g_reuse_port;
 static pid_t g_reuse_tid;
+static int g_reuse_quiet;  // a first thread after the first says nothing
 
 static void* ConnectIfTid(void* unused) {
   (void)unused;
@@ -136,19 +137,17 @@ static void* ConnectIfTid(void* unused) {
   int s = socket(AF_INET, SOCK_STREAM, 0);
   struct sockaddr_in a = Addr(g_reuse_host, g_reuse_port);
   const int r = connect(s, (struct sockaddr*)&a, sizeof a);
-  printf("%s: %s\n", g_reuse_tid != 0 ? "same tid" : "first", r == 0 ? "ok" : Name(errno));
+  if (g_reuse_tid != 0 || !g_reuse_quiet || r != 0)
+    printf("%s: %s\n", g_reuse_tid != 0 ? "same tid" : "first", r == 0 ? "ok" : Name(errno));
   close(s);
   return (void*)(intptr_t)tid;
 }
 
-// A thread connects and ends, and its tid is written to TIDFILE; threads are then
-// made until one has that tid (the kernel hands tids out in a cycle of pid_max, and
-// the test may send its allocator back to just below it), and that one connects too.
-static int PidReuse(const char* host, int port, const char* tidfile) {
-  g_reuse_host = host;
-  g_reuse_port = port;
+// The thread that connects first and ends: its tid, written to TIDFILE.
+static int FirstThread(const char* tidfile) {
   pthread_t t;
   void* first = NULL;
+  g_reuse_tid = 0;
   pthread_create(&t, NULL, ConnectIfTid, NULL);
   pthread_join(t, &first);
   g_reuse_tid = (pid_t)(intptr_t)first;
@@ -160,17 +159,37 @@ static int PidReuse(const char* host, int port, const char* tidfile) {
     printf("cannot write %s\n", tidfile);
     return 1;
   }
-  struct timespec start, now;
+  return 0;
+}
+
+// A thread connects and ends, and its tid is written to TIDFILE; threads are then
+// made until one has that tid (the kernel hands tids out in a cycle of pid_max, and
+// the test may send its allocator back to just below it), and that one connects too.
+// Another process on the host may take the tid first and keep it: after 10 s without
+// it, a new first thread (which prints nothing) gives a new tid to wait for.
+static int PidReuse(const char* host, int port, const char* tidfile) {
+  g_reuse_host = host;
+  g_reuse_port = port;
+  if (FirstThread(tidfile) != 0) return 1;
+  struct timespec start, round, now;
   clock_gettime(CLOCK_MONOTONIC, &start);
-  now = start;
+  round = now = start;
   do {
+    if (now.tv_sec - round.tv_sec >= 10) {
+      fprintf(stderr, "tid %d was not handed out again within 10 s; starting over\n", (int)g_reuse_tid);
+      g_reuse_quiet = 1;
+      if (FirstThread(tidfile) != 0) return 1;
+      round = now;
+    }
+    pthread_t t;
     void* got = NULL;
-    if (pthread_create(&t, NULL, ConnectIfTid, NULL) != 0) continue;
-    pthread_join(t, &got);
-    if (got != NULL) return 0;
+    if (pthread_create(&t, NULL, ConnectIfTid, NULL) == 0) {
+      pthread_join(t, &got);
+      if (got != NULL) return 0;
+    }
     clock_gettime(CLOCK_MONOTONIC, &now);
   } while (now.tv_sec - start.tv_sec < 60);
-  printf("tid %d not handed out again within 60 s\n", (int)g_reuse_tid);
+  printf("no tid handed out again within 60 s (last tried: %d)\n", (int)g_reuse_tid);
   return 0;
 }
 
