@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
+#include <sys/xattr.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -17,6 +18,7 @@
 #include <fstream>
 #include <thread>
 #include <sstream>
+#include <string>
 
 #include "tests/vfs/mount_fixture.h"
 #include "ulsp/vfs/memfs.h"
@@ -992,6 +994,111 @@ TEST_F(StackTest, AWhiteoutWithNoInodeLeftChangesNothing) {
   EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F %t:%T' * .[!.]* 2>/dev/null"),
             "f character special file 0:0\ng regular file 0:0\nk character special file 0:0\n");
   EXPECT_EQ(Output("cat " + dir_ / "src/f " + dir_ / "src/k"), "lower-f\nlower-k\n");  // below: untouched
+}
+
+// A directory made again over a removed lower one, or a merged directory removed,
+// where the upper disk has no room: it fails with ENOSPC, and the merged view, on this
+// mount and the next, stays as it was. Before, `mkdir` over a removed lower directory
+// removed the whiteout, made the directory and ignored a failure to mark it opaque:
+// it succeeded, and from the next mount on the lower directory's removed entries
+// showed in it again. Now the directory is made and marked under a name of its own,
+// then swapped with the whiteout; `rmdir` swaps a whiteout made first with the
+// directory (so no kill of the server between two steps shows the lower directory
+// again; it needs an inode where the two steps did not). Once there is room, both
+// work and leave no entry of the overlay's own behind.
+TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
+  const std::string upfs = dir_ / "upfs";
+  const SmallDisk disk(upfs, ",nr_inodes=16");
+  ASSERT_TRUE(disk.ok());
+  const std::string spec = "overlay:" + upfs + "/up,passthrough:" + dir_ / "src";
+  Mount(spec);
+  std::string m = mount_->path();
+  // Every inode taken, and (tmpfs counts extended attributes in the same space) what
+  // is left of their space too.
+  auto fill = [&] {
+    EXPECT_EQ(Shell("for i in $(seq 32); do touch " + upfs + "/fill$i 2>/dev/null || break; done"), 0);
+    const std::string file = upfs + "/fill1";
+    int n = 0;
+    for (size_t size = 1024; size > 0; size /= 2)
+      while (::setxattr(file.c_str(), ("user.fill" + std::to_string(n++)).c_str(), std::string(size, 'x').data(), size,
+                        0) == 0) {
+      }
+    EXPECT_NE(Shell("touch " + upfs + "/one-more 2>/dev/null"), 0) << "the disk still has inodes";
+  };
+  auto unfill = [&] { EXPECT_EQ(Shell("rm -f " + upfs + "/fill*"), 0); };
+  auto remount = [&] {
+    ASSERT_EQ(mount_->Stop(), 0);
+    Mount(spec);
+    m = mount_->path();
+  };
+  ASSERT_EQ(Shell("rm -r " + m + "/pub"), 0);
+  fill();
+  EXPECT_EQ(Output("(LC_ALL=C mkdir " + m + "/pub) 2>&1"),
+            "mkdir: cannot create directory '" + m + "/pub': No space left on device\n");
+  EXPECT_EQ(Output("ls " + m), "secret\ntop\n");
+  unfill();
+  remount();
+  EXPECT_EQ(Output("(ls " + m + "/pub) 2>&1"), "ls: cannot access '" + m + "/pub': No such file or directory\n");
+  ASSERT_EQ(Shell("mkdir " + m + "/pub"), 0);
+  remount();
+  EXPECT_EQ(Output("ls -A " + m + "/pub"), "");
+  EXPECT_EQ(Output("ls -A " + upfs + "/up " + upfs + "/up/pub"), upfs + "/up:\npub\n\n" + upfs + "/up/pub:\n");
+
+  ASSERT_EQ(Shell("rm " + m + "/secret/s"), 0);  // secret: merged, and empty
+  fill();
+  EXPECT_EQ(Output("(rmdir " + m + "/secret) 2>&1"),
+            "rmdir: failed to remove '" + m + "/secret': No space left on device\n");
+  EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\npub\nsecret\ntop\n\n" + m + "/secret:\n");
+  unfill();
+  remount();
+  EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\npub\nsecret\ntop\n\n" + m + "/secret:\n");
+  ASSERT_EQ(Shell("rmdir " + m + "/secret"), 0);
+  EXPECT_EQ(Output("ls " + m), "pub\ntop\n");
+  EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F %t:%T' * .[!.]* 2>/dev/null"),
+            "pub directory 0:0\nsecret character special file 0:0\n");
+  EXPECT_EQ(Output("ls " + dir_ / "src/pub " + dir_ / "src/secret"),
+            dir_ / "src/pub" + ":\na\nsub\n\n" + dir_ / "src/secret" + ":\ns\n");  // below: untouched
+}
+
+// A directory moved to the name of a removed lower directory hides the lower one's
+// entries, on this mount and the next. Before, it was marked opaque only when it
+// replaced a lower directory still shown: one moved over the whiteout of a removed
+// one showed the removed entries from the next mount on.
+TEST_F(StackTest, ADirectoryMovedOverARemovedLowerOneHidesItsEntries) {
+  const std::string spec = "overlay:" + dir_ / "upper,passthrough:" + dir_ / "src";
+  ASSERT_EQ(Shell("mkdir " + dir_ / "upper"), 0);
+  Mount(spec);
+  std::string m = mount_->path();
+  ASSERT_EQ(Shell("rm -r " + m + "/pub && mkdir " + m + "/x && touch " + m + "/x/mine && mv " + m + "/x " + m + "/pub"),
+            0);
+  EXPECT_EQ(Output("ls -A " + m + "/pub"), "mine\n");
+  ASSERT_EQ(mount_->Stop(), 0);
+  Mount(spec);
+  m = mount_->path();
+  EXPECT_EQ(Output("ls -A " + m + " " + m + "/pub"), m + ":\npub\nsecret\ntop\n\n" + m + "/pub:\nmine\n");
+}
+
+// The names the overlay gives entries of its own in the upper directory for a moment
+// (".ulsp-whiteout.*") are never shown, and a program cannot make one. A directory
+// of that name that a killed server left half removed (whiteouts in it) goes when the
+// directory that holds it is removed; before, `rmdir` of that directory failed with
+// ENOTEMPTY though `ls` showed it empty.
+TEST_F(StackTest, TheOverlaysOwnNamesAreHiddenAndCannotBeMade) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "upper"), 0);
+  Mount("overlay:" + dir_ / "upper,passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  ASSERT_EQ(Shell("rm " + m + "/pub/a && rmdir " + m + "/pub/sub"), 0);
+  const std::string left = dir_ / "upper/pub/.ulsp-whiteout.1.2";
+  ASSERT_EQ(Shell("mkdir " + left + " && mknod " + left + "/x c 0 0 && mknod " + dir_ / "upper/.ulsp-whiteout.3.4 c 0 0"),
+            0);
+  EXPECT_EQ(Output("ls -A " + m + " " + m + "/pub"), m + ":\npub\nsecret\ntop\n\n" + m + "/pub:\n");
+  EXPECT_EQ(Output("(stat " + m + "/pub/.ulsp-whiteout.1.2) 2>&1 | grep -c 'No such file'"), "1\n");
+  EXPECT_EQ(Output("(touch " + m + "/.ulsp-whiteout.5; mkdir " + m + "/.ulsp-whiteout.6; mv " + m + "/top " + m +
+                   "/.ulsp-whiteout.7; ln " + m + "/top " + m + "/.ulsp-whiteout.8) 2>&1 | grep -c 'Operation not permitted'"),
+            "4\n");
+  EXPECT_EQ(Shell("rmdir " + m + "/pub"), 0);
+  EXPECT_EQ(Output("ls -A " + m), "secret\ntop\n");
+  EXPECT_EQ(Output("cd " + dir_ / "upper" + " && stat -c '%n %F' *"), "pub character special file\n");
 }
 
 // A directory found on both sides keeps the lower one's inode number after its

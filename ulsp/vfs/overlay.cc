@@ -12,6 +12,8 @@
 #include <filesystem>
 #include <new>
 #include <set>
+#include <string>
+#include <string_view>
 #include <utility>
 
 #include "kernel/msgport/log.h"
@@ -30,6 +32,17 @@ constexpr uint32_t IndexOf(uint64_t id) { return static_cast<uint32_t>(id & 0xff
 constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >> 32); }
 
 bool IsWhiteout(const struct stat& st) { return S_ISCHR(st.st_mode) && st.st_rdev == 0; }
+
+// The names the overlay gives entries of its own in UPPER for a moment: a whiteout or
+// a directory made to be renamed into place, or a removed directory being emptied.
+// A killed server may leave one. The merged view never shows such a name, and no
+// program can make one (EPERM).
+constexpr std::string_view kWorkPrefix = ".ulsp-whiteout.";
+bool Reserved(std::string_view name) { return name.starts_with(kWorkPrefix); }
+std::string WorkName() {
+  static std::atomic<uint64_t> next{0};
+  return std::string(kWorkPrefix) + std::to_string(::getpid()) + "." + std::to_string(next.fetch_add(1));
+}
 
 // A request of the overlay's own to a layer below, on behalf of `req`'s caller.
 VfsRequest Sub(const VfsRequest& req, VfsOp op, uint64_t node) {
@@ -253,6 +266,7 @@ void OverlayLayer::Drop(uint64_t id, uint64_t count) {
 int OverlayLayer::Lookup(const VfsRequest& req, uint64_t parent, const std::string& name, fuse_entry_param& e) {
   ONode p;
   if (!Get(parent, &p)) return ESTALE;
+  if (Reserved(name)) return ENOENT;
   uint64_t up = 0, lo = 0;
   struct stat ust {}, lst {};
   bool opaque = false;
@@ -330,9 +344,30 @@ int OverlayLayer::RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, c
   if (upper_->Serve(s) != 0) return 0;
   Forget(*upper_, s.entry.ino, 1);
   if (!IsWhiteout(s.entry.attr)) return 0;
-  VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
+  return RemoveUpper(req, upper_parent, name);
+}
+
+int OverlayLayer::RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op) {
+  VfsRequest u = Own(req, op, upper_dir);
   u.name = name;
   return upper_->Serve(u);
+}
+
+// Empties `upper_dir`, the upper copy of a directory the merged view shows empty: it
+// holds whiteouts, and maybe directories of the overlay's own (Reserved) that a killed
+// server left half removed, which go with what they hold.
+void OverlayLayer::ClearUpperDir(const VfsRequest& req, uint64_t upper_dir) {
+  std::vector<std::string> names;
+  ForEachEntry(*upper_, req, upper_dir, [&](const std::string& name, uint32_t, uint64_t) { names.push_back(name); });
+  for (const auto& name : names) {
+    if (RemoveUpper(req, upper_dir, name) != EISDIR || !Reserved(name)) continue;
+    VfsRequest s = Own(req, VfsOp::kLookup, upper_dir);
+    s.name = name;
+    if (upper_->Serve(s) != 0) continue;
+    ClearUpperDir(req, s.entry.ino);
+    Forget(*upper_, s.entry.ino, 1);
+    RemoveUpper(req, upper_dir, name, VfsOp::kRmDir);
+  }
 }
 
 int OverlayLayer::Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
@@ -377,11 +412,7 @@ int OverlayLayer::CopyFile(const VfsRequest& req, uint64_t lower_node, uint64_t 
     Release(*upper_, *made, c.open.fh);
   }
   if (err != 0) {  // leave nothing behind: a file of no name goes with its node
-    if (!name.empty()) {
-      VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
-      u.name = name;
-      upper_->Serve(u);
-    }
+    if (!name.empty()) RemoveUpper(req, upper_parent, name);
     Forget(*upper_, std::exchange(*made, 0), 1);
   }
   return err;
@@ -504,7 +535,7 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
   std::set<std::string> seen;
   if (dir.upper) {
     int err = ForEachEntry(*upper_, req, dir.upper, [&](const std::string& name, uint32_t type, uint64_t ino) {
-      if (name == "." || name == "..") return;
+      if (Reserved(name)) return;
       if (type == DT_CHR) {  // maybe a whiteout
         VfsRequest s = Own(req, VfsOp::kLookup, dir.upper);
         s.name = name;
@@ -523,7 +554,7 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
   }
   if (dir.lower && !dir.opaque) {
     int err = ForEachEntry(*lower(), req, dir.lower, [&](const std::string& name, uint32_t type, uint64_t ino) {
-      if (!seen.contains(name)) out.entries.push_back({name, type, ino});
+      if (!seen.contains(name) && !Reserved(name)) out.entries.push_back({name, type, ino});
     });
     if (err) return err;
   }
@@ -545,17 +576,14 @@ int OverlayLayer::Make(VfsRequest& req) {
   if (int err = CopyUp(req, req.node, &pu)) return err;
   Get(req.node, &p);
   const bool below = !unnamed && InLower(req, p, req.name);
-  if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;
+  const bool opaque = req.op == VfsOp::kMkDir && below;  // it hides the removed lower directory's entries
   VfsRequest s = req;
   s.node = pu;
-  if (int err = upper_->Serve(s)) return err;
-  bool opaque = false;
-  if (req.op == VfsOp::kMkDir && below) {  // hide the removed lower directory's entries
-    VfsRequest x = Own(req, VfsOp::kSetXattr, s.entry.ino);
-    x.name = kOpaque;
-    x.in = {"y", 1};
-    upper_->Serve(x);
-    opaque = true;
+  if (opaque) {
+    if (int err = MakeOpaqueDir(req, pu, s)) return err;
+  } else {
+    if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;
+    if (int err = upper_->Serve(s)) return err;
   }
   TakeResults(req, s);
   const uint64_t id = Register(req.node, req.name, s.entry.ino, 0, S_ISDIR(s.entry.attr.st_mode), opaque);
@@ -563,6 +591,41 @@ int OverlayLayer::Make(VfsRequest& req) {
   req.entry.generation = GenerationOf(id);
   if (req.op == VfsOp::kCreate) req.open.fh = (s.open.fh << 1) | 1;
   return 0;
+}
+
+// A directory made over a removed lower one (req.name in upper_parent, a whiteout
+// there) hides the lower entries (opaque): `s`, the mkdir for the upper layer, makes it
+// under a name of its own; it is marked, then swapped with the whiteout. So no moment,
+// and no kill of the server, shows the lower entries there, and a directory that
+// cannot be marked is not made.
+int OverlayLayer::MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s) {
+  int err = EEXIST;
+  for (int tries = 0; err == EEXIST && tries < 8; ++tries) {  // one a killed server left
+    s.name = WorkName();
+    err = upper_->Serve(s);
+  }
+  if (err) return err;
+  VfsRequest x = Own(req, VfsOp::kSetXattr, s.entry.ino);
+  x.name = kOpaque;
+  x.in = {"y", 1};
+  if ((err = upper_->Serve(x)) == 0) {
+    VfsRequest r = Own(req, VfsOp::kRename, upper_parent);
+    r.name = s.name;
+    r.node2 = upper_parent;
+    r.name2 = req.name;
+    r.flags = RENAME_EXCHANGE;
+    if ((err = upper_->Serve(r)) == 0) {
+      RemoveUpper(req, upper_parent, s.name);  // the whiteout
+    } else if (err == EINVAL || err == ENOENT) {  // no RENAME_EXCHANGE here, or no whiteout: two steps
+      r.flags = 0;
+      if ((err = RemoveWhiteout(req, upper_parent, req.name)) == 0) err = upper_->Serve(r);
+    }
+  }
+  if (err) {
+    Forget(*upper_, s.entry.ino, 1);
+    RemoveUpper(req, upper_parent, s.name, VfsOp::kRmDir);
+  }
+  return err;
 }
 
 // A lower file's node whose name was removed, or taken by a rename, while the kernel
@@ -630,16 +693,8 @@ int OverlayLayer::Remove(VfsRequest& req) {
   Get(req.node, &p);
   const bool below = InLower(req, p, req.name);
   if (c.upper) {
-    if (rmdir) {  // its whiteouts go first
-      std::vector<std::string> whiteouts;
-      ForEachEntry(*upper_, req, c.upper, [&](const std::string& name, uint32_t, uint64_t) { whiteouts.push_back(name); });
-      for (const auto& name : whiteouts) {
-        VfsRequest u = Own(req, VfsOp::kUnlink, c.upper);
-        u.name = name;
-        upper_->Serve(u);
-      }
-    }
-    if (below && !rmdir) return ReplaceByWhiteout(req, pu, req.name);
+    if (below) return ReplaceByWhiteout(req, pu, req.name, rmdir ? c.upper : 0);
+    if (rmdir) ClearUpperDir(req, c.upper);  // whiteouts, or what a killed server left
     VfsRequest s = req;
     s.node = pu;
     if (int err = upper_->Serve(s)) return err;
@@ -650,17 +705,17 @@ int OverlayLayer::Remove(VfsRequest& req) {
 }
 
 // The upper file `name` in `upper_parent`, which hides a lower one, becomes a whiteout
-// in one step: one made under a name of its own (hidden from listings, as every
-// whiteout is) is renamed over it. So no moment, and no kill of the server, shows the
-// lower file there again, and a whiteout that cannot be made (no inode left) leaves
-// the file as it was. (A directory is removed, then whited out: a server killed
-// between the two shows the lower directory again.)
-int OverlayLayer::ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
-  static std::atomic<uint64_t> next{0};
+// in one step: one made under a name of its own is renamed over it, or, for a
+// directory (`dir`, its upper node; the merged view shows it empty), swapped with it,
+// and the directory is emptied and removed under that name. So no moment, and no kill
+// of the server, shows the lower file or directory there again, and a whiteout that
+// cannot be made (no inode left) leaves the name as it was.
+int OverlayLayer::ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name,
+                                    uint64_t dir) {
   std::string made;
   int err = EEXIST;
   for (int tries = 0; err == EEXIST && tries < 8; ++tries) {  // one a killed server left
-    made = ".ulsp-whiteout." + std::to_string(::getpid()) + "." + std::to_string(next.fetch_add(1));
+    made = WorkName();
     err = Whiteout(req, upper_parent, made);
   }
   if (err) return err;
@@ -668,31 +723,42 @@ int OverlayLayer::ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent
   r.name = made;
   r.node2 = upper_parent;
   r.name2 = name;
+  r.flags = dir ? RENAME_EXCHANGE : 0;
   if ((err = upper_->Serve(r)) != 0) {
-    VfsRequest u = Own(req, VfsOp::kUnlink, upper_parent);
-    u.name = made;
-    upper_->Serve(u);
+    RemoveUpper(req, upper_parent, made);
+    if (!dir || err != EINVAL) return err;
+    // No RENAME_EXCHANGE on this file system: removed, then whited out (a server
+    // killed between the two shows the lower directory again).
+    ClearUpperDir(req, dir);
+    if ((err = RemoveUpper(req, upper_parent, name, VfsOp::kRmDir)) != 0) return err;
+    return Whiteout(req, upper_parent, name);
   }
-  return err;
+  if (dir) {
+    ClearUpperDir(req, dir);
+    if (int rerr = RemoveUpper(req, upper_parent, made, VfsOp::kRmDir))  // hidden; goes with its directory
+      Logger("vfs")->warn("overlay: removed {} but not its upper copy, now {}: {}", name, made, std::strerror(rerr));
+  }
+  return 0;
 }
 
 // Marks the upper directory `upper_dir` (overlay node `id`) opaque: the lower
 // directory of the same name stays hidden behind it.
-void OverlayLayer::MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir) {
+int OverlayLayer::MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir) {
   VfsRequest x = Own(req, VfsOp::kSetXattr, upper_dir);
   x.name = kOpaque;
   x.in = {"y", 1};
-  if (upper_->Serve(x) != 0) return;
+  if (int err = upper_->Serve(x)) return err;
   std::lock_guard lock(mu_);
   const uint32_t index = IndexOf(id);
   if (index < nodes_.size() && nodes_[index].in_use && nodes_[index].generation == GenerationOf(id)) {
     nodes_[index].opaque = true;  // its `lower`, if any, is still held and dropped with it
   }
+  return 0;
 }
 
 // RENAME_EXCHANGE: both names exist and swap. Each side is copied up; a directory
 // with lower entries cannot move (EXDEV, as for a plain rename). A directory that
-// lands on a name with a lower directory hides it (opaque).
+// lands on a name with a lower entry hides it (opaque; marked before the swap).
 int OverlayLayer::Exchange(VfsRequest& req) {
   fuse_entry_param a, b;
   if (int err = Lookup(req, req.node, req.name, a)) return err;
@@ -709,17 +775,17 @@ int OverlayLayer::Exchange(VfsRequest& req) {
     err = EXDEV;
   } else if ((err = CopyUp(req, a.ino, &au)) == 0 && (err = CopyUp(req, b.ino, &bu)) == 0 &&
              (err = CopyUp(req, req.node, &pu)) == 0 && (err = CopyUp(req, req.node2, &pu2)) == 0) {
-    VfsRequest s = req;
-    s.node = pu;
-    s.node2 = pu2;
-    err = upper_->Serve(s);
-  }
-  if (err == 0) {
     ONode p, p2;
     Get(req.node, &p);
     Get(req.node2, &p2);
-    if (na.dir && InLower(req, p2, req.name2)) MarkOpaque(req, a.ino, au);
-    if (nb.dir && InLower(req, p, req.name)) MarkOpaque(req, b.ino, bu);
+    if (na.dir && InLower(req, p2, req.name2)) err = MarkOpaque(req, a.ino, au);
+    if (err == 0 && nb.dir && InLower(req, p, req.name)) err = MarkOpaque(req, b.ino, bu);
+    VfsRequest s = req;
+    s.node = pu;
+    s.node2 = pu2;
+    if (err == 0) err = upper_->Serve(s);
+  }
+  if (err == 0) {
     std::lock_guard lock(mu_);
     for (auto [id, parent, name] : {std::tuple{a.ino, req.node2, &req.name2}, std::tuple{b.ino, req.node, &req.name}}) {
       const uint32_t index = IndexOf(id);
@@ -743,7 +809,6 @@ int OverlayLayer::Rename(VfsRequest& req) {
   Drop(e.ino, 1);
   if (c.dir && c.lower) return EXDEV;  // as overlayfs without redirect_dir
   fuse_entry_param t;
-  bool target_below = false;
   uint64_t replaced_lower = 0;  // a lower file the rename takes its name from
   if (Lookup(req, req.node2, req.name2, t) == 0) {
     ONode target;
@@ -756,15 +821,8 @@ int OverlayLayer::Rename(VfsRequest& req) {
       DirList l;
       if (int err = List(req, target, l)) return err;
       if (!l.entries.empty()) return ENOTEMPTY;
-      if (target.upper) {  // an emptied merged directory: drop its whiteouts
-        ForEachEntry(*upper_, req, target.upper, [&](const std::string& name, uint32_t, uint64_t) {
-          VfsRequest u = Own(req, VfsOp::kUnlink, target.upper);
-          u.name = name;
-          upper_->Serve(u);
-        });
-      }
+      if (target.upper) ClearUpperDir(req, target.upper);  // an emptied merged directory's whiteouts
     }
-    target_below = target.lower != 0;
     if (!target.dir && !target.upper && t.ino != e.ino) replaced_lower = t.ino;  // (a name onto itself: nothing)
   }
   uint64_t cu = 0, pu = 0, pu2 = 0;
@@ -773,9 +831,16 @@ int OverlayLayer::Rename(VfsRequest& req) {
   }
   if (int err = CopyUp(req, req.node, &pu)) return err;
   if (int err = CopyUp(req, req.node2, &pu2)) return err;
-  ONode p;
+  ONode p, p2;
   Get(req.node, &p);
+  Get(req.node2, &p2);
   const bool below = InLower(req, p, req.name);
+  // A directory that takes the name of a lower entry (shown, or removed and whited
+  // out) hides it: marked opaque before it moves, so one that cannot be marked does
+  // not move. (Once it was marked only when it replaced a lower directory shown, and
+  // one moved over a whiteout showed the removed entries from the next mount on.)
+  if (c.dir && InLower(req, p2, req.name2))
+    if (int err = MarkOpaque(req, e.ino, cu)) return err;
   if (int err = RemoveWhiteout(req, pu2, req.name2)) return err;
   VfsRequest s = req;
   s.node = pu;
@@ -793,7 +858,6 @@ int OverlayLayer::Rename(VfsRequest& req) {
     err = upper_->Serve(s);
   }
   if (err) return err;
-  if (c.dir && target_below) MarkOpaque(req, e.ino, cu);  // it hides the one it replaced below
   if (below && !whited) {
     if (int werr = Whiteout(req, pu, req.name))
       Logger("vfs")->error("overlay: renamed {} but could not white it out ({}): the lower file shows there again",
@@ -908,6 +972,20 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
   req.kernel_io_ok = false;
   req.handleless_ok = false;  // a directory handle holds the merged listing
   ONode n;
+  switch (req.op) {  // a name the overlay keeps for itself cannot be made
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kCreate:
+      if (Reserved(req.name)) return EPERM;
+      break;
+    case VfsOp::kLink:
+    case VfsOp::kRename:
+      if (Reserved(req.name2)) return EPERM;
+      break;
+    default:
+      break;
+  }
   switch (req.op) {
     case VfsOp::kLookup:
       return Lookup(req, req.node, req.name, req.entry);

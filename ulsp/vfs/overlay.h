@@ -100,7 +100,10 @@ class OverlayLayer final : public Layer {
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
-  int ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
+  int ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name, uint64_t dir = 0);
+  int RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op = VfsOp::kUnlink);
+  void ClearUpperDir(const VfsRequest& req, uint64_t upper_dir);
+  int MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
   int Make(VfsRequest& req);
@@ -109,7 +112,7 @@ class OverlayLayer final : public Layer {
   int Remove(VfsRequest& req);
   int Rename(VfsRequest& req);
   int Exchange(VfsRequest& req);
-  void MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir);
+  int MarkOpaque(const VfsRequest& req, uint64_t id, uint64_t upper_dir);
   int Open(VfsRequest& req);
   void GiveCopy(VfsRequest& req);
   int ReadDir(VfsRequest& req, bool plus);
