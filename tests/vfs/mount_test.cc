@@ -1120,6 +1120,17 @@ TEST_F(StackTest, ADirectoryKeepsItsNumberWhenCopiedUp) {
   EXPECT_EQ(Output("(chmod -R g+w " + m + "/d1 && rm -r " + m + "/d1) 2>&1"), "");
   EXPECT_EQ(Output("ls -A " + m + " | grep -c d1"), "0\n");
   EXPECT_EQ(Output("find " + dir_ / "src -name f | wc -l"), "60\n");  // below: untouched
+  // A listing's entries give that number too. The kernel asks for a listing's first
+  // part with attributes (READDIRPLUS, which a lookup answers) and, with no lookup
+  // meanwhile, for the rest without (READDIR). A part can be as big as the caller's
+  // buffer (32 KiB for glibc's readdir), so 1000 directories take several; Python's
+  // scandir looks nothing up. Once, READDIR gave the upper copies' numbers.
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src/many && cd " + dir_ / "src/many && for i in $(seq 1000); do mkdir dir$i; done"),
+            0);
+  ASSERT_EQ(Shell("for d in " + m + "/many/dir*; do touch $d/f; done"), 0);  // each copied up
+  EXPECT_EQ(Output("/usr/bin/python3 -c \"import os; es = list(os.scandir('" + m +
+                   "/many')); print(len(es), sum(e.inode() != os.stat(e.path).st_ino for e in es))\""),
+            "1000 0\n");
 }
 
 // A copy-up makes upper copies of the written file's directories, which have their own

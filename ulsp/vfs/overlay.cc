@@ -8,10 +8,11 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdint>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <new>
-#include <set>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -281,11 +282,7 @@ int OverlayLayer::Lookup(const VfsRequest& req, uint64_t parent, const std::stri
       }
       up = s.entry.ino;
       ust = s.entry.attr;
-      if (S_ISDIR(ust.st_mode)) {
-        VfsRequest x = Own(req, VfsOp::kGetXattr, up);
-        x.name = kOpaque;
-        opaque = upper_->Serve(x) == 0;
-      }
+      opaque = S_ISDIR(ust.st_mode) && IsOpaque(req, up);
     } else if (err != ENOENT) {
       return err;
     }
@@ -313,11 +310,10 @@ int OverlayLayer::Lookup(const VfsRequest& req, uint64_t parent, const std::stri
   e.generation = GenerationOf(id);
   e.attr = st;
   e.attr_timeout = e.entry_timeout = req.timeout;
-  if (S_ISDIR(st.st_mode) && lo) {
+  if (S_ISDIR(st.st_mode) && lo) {  // merged: the lower number (StableIno)
     std::lock_guard lock(mu_);
-    if (ONode& n = nodes_[IndexOf(id)]; n.lower) n.lower_ino = lst.st_ino;
+    if (ONode& n = nodes_[IndexOf(id)]; n.lower) n.lower_ino = e.attr.st_ino = lst.st_ino;
   }
-  StableIno(id, e.attr);
   return 0;
 }
 
@@ -532,7 +528,8 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
 }
 
 int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
-  std::set<std::string> seen;
+  constexpr size_t kWhiteout = SIZE_MAX;
+  std::map<std::string, size_t> seen;  // each upper name: its entry in `out`, or kWhiteout
   if (dir.upper) {
     int err = ForEachEntry(*upper_, req, dir.upper, [&](const std::string& name, uint32_t type, uint64_t ino) {
       if (Reserved(name)) return;
@@ -542,23 +539,41 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
         if (upper_->Serve(s) == 0) {
           Forget(*upper_, s.entry.ino, 1);
           if (IsWhiteout(s.entry.attr)) {
-            seen.insert(name);
+            seen.emplace(name, kWhiteout);
             return;
           }
         }
       }
-      seen.insert(name);
+      seen.emplace(name, out.entries.size());
       out.entries.push_back({name, type, ino});
     });
     if (err) return err;
   }
   if (dir.lower && !dir.opaque) {
     int err = ForEachEntry(*lower(), req, dir.lower, [&](const std::string& name, uint32_t type, uint64_t ino) {
-      if (!seen.contains(name) && !Reserved(name)) out.entries.push_back({name, type, ino});
+      const auto it = seen.find(name);
+      if (it == seen.end()) {
+        if (!Reserved(name)) out.entries.push_back({name, type, ino});
+        return;
+      }
+      // A directory on both sides, merged (its upper copy not opaque), answers the
+      // lower one's number here too, as a lookup of it does (StableIno).
+      if (type != DT_DIR || it->second == kWhiteout || out.entries[it->second].type != DT_DIR) return;
+      VfsRequest s = Own(req, VfsOp::kLookup, dir.upper);
+      s.name = name;
+      if (upper_->Serve(s) != 0) return;
+      if (!IsOpaque(req, s.entry.ino)) out.entries[it->second].ino = ino;
+      Forget(*upper_, s.entry.ino, 1);
     });
     if (err) return err;
   }
   return 0;
+}
+
+bool OverlayLayer::IsOpaque(const VfsRequest& req, uint64_t upper_dir) {
+  VfsRequest x = Own(req, VfsOp::kGetXattr, upper_dir);
+  x.name = kOpaque;
+  return upper_->Serve(x) == 0;
 }
 
 int OverlayLayer::Make(VfsRequest& req) {

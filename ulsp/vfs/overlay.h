@@ -106,6 +106,7 @@ class OverlayLayer final : public Layer {
   int MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
+  bool IsOpaque(const VfsRequest& req, uint64_t upper_dir);  // it has the opaque mark
   int Make(VfsRequest& req);
   int Adopt(VfsRequest& req);
   void Unname(uint64_t id);
