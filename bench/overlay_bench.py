@@ -13,6 +13,7 @@ for kernel overlayfs (the baseline), ulsp's overlay in-process and isolated, and
 alternate the configurations; prints medians and time / overlayfs.
 
   bench/overlay_bench.py [--ulsp build/ulsp/core/ulsp] [--other OLD_BIN] [--tree /usr/include] [--rounds 3]
+                         [--workloads copy-up,rm,rename]
 
 The lower tree is read once before timing (a warm page cache). Needs root.
 """
@@ -47,7 +48,13 @@ def main():
     ap.add_argument("--tree", default="/usr/include")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/tmp")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="which to run, comma-separated")
     args = ap.parse_args()
+    workloads = {}
+    for w in args.workloads.split(","):
+        if w not in WORKLOADS:
+            sys.exit(f"overlay_bench: --workloads: no workload '{w}' (known: {', '.join(WORKLOADS)})")
+        workloads[w] = WORKLOADS[w]
     binaries = [("", os.path.abspath(args.ulsp))]
     if args.other:
         binaries.append((" (other)", os.path.abspath(args.other)))
@@ -68,12 +75,12 @@ def main():
     for suffix, b in binaries:
         configs.append(("ulsp overlay" + suffix, b, []))
         configs.append(("ulsp overlay, isolated" + suffix, b, ["--isolated"]))
-    times = {(c[0], w): [] for c in configs for w in WORKLOADS}
+    times = {(c[0], w): [] for c in configs for w in workloads}
     failed = {}  # (configuration, workload) -> what its last failure said
     errors = os.path.join(work, "stderr")
     try:
         for r in range(args.rounds):
-            for w, cmd in WORKLOADS.items():
+            for w, cmd in workloads.items():
                 for name, binary, extra in configs:
                     for d in (up, ovl_work):
                         shutil.rmtree(d, ignore_errors=True)
@@ -107,10 +114,10 @@ def main():
 
     print(f"\n{args.tree}: {nfiles} files, {size}; median of {args.rounds} rounds, seconds (x overlayfs)")
     width = max(len(c[0]) for c in configs)
-    print(f"{'':{width}}  " + "  ".join(f"{w:>16}" for w in WORKLOADS))
+    print(f"{'':{width}}  " + "  ".join(f"{w:>16}" for w in workloads))
     for name, _, _ in configs:
         cells = []
-        for w in WORKLOADS:
+        for w in workloads:
             if (name, w) in failed:
                 cells.append("failed")
                 continue

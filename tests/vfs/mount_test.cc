@@ -987,10 +987,13 @@ TEST_F(StackTest, AWhiteoutWithNoInodeLeftChangesNothing) {
   EXPECT_EQ(Output("(rm " + m + "/k) 2>&1"), "rm: cannot remove '" + m + "/k': No space left on device\n");
   EXPECT_EQ(Output("cat " + m + "/f " + m + "/k"), "upper-f\nupper-k\n");
   EXPECT_EQ(Output("ls " + m), "f\nk\npub\nsecret\ntop\n");
-  ASSERT_EQ(Shell("rm " + upfs + "/fill1 " + upfs + "/fill2"), 0);
+  // Room for the rename's whiteout, and for the unlink's: the first whiteout linked
+  // also makes the one the overlay links them to (tmpfs counts a link as an inode).
+  ASSERT_EQ(Shell("rm " + upfs + "/fill1 " + upfs + "/fill2 " + upfs + "/fill3"), 0);
   EXPECT_EQ(Shell("mv " + m + "/f " + m + "/g && rm " + m + "/k"), 0);
   EXPECT_EQ(Output("ls " + m), "g\npub\nsecret\ntop\n");
   EXPECT_EQ(Output("cat " + m + "/g"), "upper-f\n");
+  ASSERT_EQ(mount_->Stop(), 0);  // which removes the whiteout the others link to
   EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F %t:%T' * .[!.]* 2>/dev/null"),
             "f character special file 0:0\ng regular file 0:0\nk character special file 0:0\n");
   EXPECT_EQ(Output("cat " + dir_ / "src/f " + dir_ / "src/k"), "lower-f\nlower-k\n");  // below: untouched
@@ -1054,6 +1057,7 @@ TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
   EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\npub\nsecret\ntop\n\n" + m + "/secret:\n");
   ASSERT_EQ(Shell("rmdir " + m + "/secret"), 0);
   EXPECT_EQ(Output("ls " + m), "pub\ntop\n");
+  ASSERT_EQ(mount_->Stop(), 0);  // which removes the whiteout the others link to
   EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F %t:%T' * .[!.]* 2>/dev/null"),
             "pub directory 0:0\nsecret character special file 0:0\n");
   EXPECT_EQ(Output("ls " + dir_ / "src/pub " + dir_ / "src/secret"),
@@ -1099,6 +1103,12 @@ TEST_F(StackTest, TheOverlaysOwnNamesAreHiddenAndCannotBeMade) {
   EXPECT_EQ(Shell("rmdir " + m + "/pub"), 0);
   EXPECT_EQ(Output("ls -A " + m), "secret\ntop\n");
   EXPECT_EQ(Output("cd " + dir_ / "upper" + " && stat -c '%n %F' *"), "pub character special file\n");
+  // A whiteout of the overlay's own left in the upper root (the one it links the
+  // others to, by a killed server) is removed by the next mount.
+  ASSERT_EQ(mount_->Stop(), 0);
+  ASSERT_EQ(Shell("mknod " + dir_ / "upper/.ulsp-whiteout.5.6 c 0 0"), 0);
+  Mount("overlay:" + dir_ / "upper,passthrough:" + dir_ / "src");
+  EXPECT_EQ(Output("ls -A " + dir_ / "upper"), "pub\n");
 }
 
 // A directory found on both sides keeps the lower one's inode number after its

@@ -100,6 +100,9 @@ class OverlayLayer final : public Layer {
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
+  int MakeWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name, uint64_t* made = nullptr);
+  uint64_t SharedWhiteout(const VfsRequest& req);
+  void RetireSharedWhiteout(const VfsRequest& req, uint64_t shared, bool for_good);
   int ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name, uint64_t dir = 0);
   int RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op = VfsOp::kUnlink);
   void ClearUpperDir(const VfsRequest& req, uint64_t upper_dir);
@@ -132,6 +135,12 @@ class OverlayLayer final : public Layer {
   std::recursive_mutex copy_mu_;  // one copy-up at a time (a copy-up copies its parents up)
   std::deque<std::unique_ptr<DirList>> dirs_;  // directory handles: fh = index + 1
   std::vector<uint32_t> free_dirs_;
+  // The whiteout each new one is a link to (Whiteout): its upper node (0: none yet),
+  // its name in the upper root, and whether the upper file system refused links to it.
+  std::mutex whiteout_mu_;
+  uint64_t shared_whiteout_ = 0;
+  std::string shared_whiteout_name_;
+  bool no_shared_whiteout_ = false;
 };
 
 }  // namespace ulsp::vfs
