@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstring>
 #include <fstream>
+#include <functional>
 
 #include "tests/vfs/mount_fixture.h"
 #include "ulsp/vfs/passthrough.h"
@@ -70,6 +71,21 @@ TEST(Trace, QuotesEveryByteAsValidJson) {
   EXPECT_EQ(JsonQuote("plain/name.txt"), "\"plain/name.txt\"");
   EXPECT_EQ(JsonQuote("a\"b\\c"), "\"a\\\"b\\\\c\"");
   EXPECT_EQ(JsonQuote(std::string("\n\x01\xff", 3)), "\"\\u000a\\u0001\\u00ff\"");
+}
+
+// Runs `body` in a forked child, which passes if it exits 0 (a body ends with
+// ::_exit; one that returns exits 0). A child that fails says why on stderr.
+::testing::AssertionResult InChild(const std::function<void()>& body) {
+  const pid_t child = ::fork();
+  if (child < 0) return ::testing::AssertionFailure() << "fork: " << std::strerror(errno);
+  if (child == 0) {
+    body();
+    ::_exit(0);
+  }
+  int status = 0;
+  if (::waitpid(child, &status, 0) != child) return ::testing::AssertionFailure() << "waitpid: " << std::strerror(errno);
+  if (WIFEXITED(status) && WEXITSTATUS(status) == 0) return ::testing::AssertionSuccess();
+  return ::testing::AssertionFailure() << "the child failed (its line on stderr says why); status " << status;
 }
 
 // The node `name` in `parent` names in `layer` (a lookup it counts), or 0 with the
@@ -415,9 +431,7 @@ TEST_F(OverlayTest, ARemovedLowerFileChangesWithoutComingBack) {
 // answers it ENOENT, as such a kernel does. The link goes through the descriptor's
 // /proc link instead. (Before, the link failed, and so did every overlay copy-up.)
 TEST_F(PassthroughTest, ALinkOfAFileOfNoNameWorksWithoutLinkingByDescriptor) {
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
+  EXPECT_TRUE(InChild([&] {
     scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
     if (ctx == nullptr ||
         ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOENT), SCMP_SYS(linkat), 1,
@@ -440,10 +454,7 @@ TEST_F(PassthroughTest, ALinkOfAFileOfNoNameWorksWithoutLinkingByDescriptor) {
     const int err = layer_->Serve(l);
     std::fprintf(stderr, "link: %s\n", std::strerror(err));
     ::_exit(err == 0 && l.entry.ino == t.entry.ino ? 0 : 1);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's line says why; status " << status;
+  }));
   EXPECT_EQ(testing::Output("cat " + dir_ / "root/d/named"), "copy");
 }
 
@@ -458,9 +469,7 @@ TEST_F(PassthroughTest, ALinkOfAFileOfNoNameWorksWithoutLinkingByDescriptor) {
 TEST(OverlayDescriptors, CopyUpsPastTheBudgetKeepWorking) {
   testing::TempDir dir;
   ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && cd " + dir / "low && seq 1500 | xargs touch"), 0);
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
+  EXPECT_TRUE(InChild([&] {
     const struct rlimit limit {2048, 2048};
     if (::setrlimit(RLIMIT_NOFILE, &limit) != 0) ::_exit(3);
     auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
@@ -479,10 +488,7 @@ TEST(OverlayDescriptors, CopyUpsPastTheBudgetKeepWorking) {
       }
     }
     ::_exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's line says why; status " << status;
+  }));
   EXPECT_EQ(testing::Output("find " + dir / "up -type f -perm 600 | wc -l"), "1500\n");
 }
 
@@ -513,9 +519,7 @@ TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
   }
   EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "a\nb\n");
   EXPECT_EQ(stat_of("b"), "character special file 0:0 2\n");
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
+  EXPECT_TRUE(InChild([&] {
     scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
     if (ctx == nullptr || ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(linkat), 0) != 0 ||
         ::seccomp_load(ctx) != 0)
@@ -529,10 +533,7 @@ TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
       }
     }
     ::_exit(0);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's line says why; status " << status;
+  }));
   EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "a\nb\nc\nd\n");
   EXPECT_EQ(stat_of("c") + stat_of("d"), "character special file 0:0 1\ncharacter special file 0:0 1\n");
 }
@@ -550,9 +551,7 @@ TEST(PassthroughOpen, GrowsTheDescriptorTableOnce) {
   };
   // In a child: its table is sized for the descriptors it inherits, not this
   // process's (which earlier tests may have grown).
-  const pid_t child = ::fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
+  EXPECT_TRUE(InChild([&] {
     const long before = fd_size();
     auto layer = PassthroughLayer::Open("/");
     const long after = fd_size();
@@ -561,10 +560,7 @@ TEST(PassthroughOpen, GrowsTheDescriptorTableOnce) {
     const long want = static_cast<long>(std::min<rlim_t>(limit.rlim_cur, 65536));
     std::fprintf(stderr, "FDSize %ld before, %ld after; %ld wanted\n", before, after, want);
     ::_exit(before > 0 && before < want && layer && after >= want ? 0 : 1);
-  }
-  int status = 0;
-  ASSERT_EQ(::waitpid(child, &status, 0), child);
-  EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "the child's FDSize line says why";
+  }));
 }
 
 }  // namespace
