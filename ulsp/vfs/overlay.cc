@@ -782,7 +782,7 @@ int OverlayLayer::Remove(VfsRequest& req) {
   if (int err = CopyUp(req, req.node, &pu)) return err;
   ONode p;
   Get(req.node, &p);
-  const bool below = InLower(req, p, req.name);
+  const bool below = c.lower != 0 || InLower(req, p, req.name);  // (an upper file hides what is below it)
   if (c.upper) {
     if (below) return ReplaceByWhiteout(req, pu, req.name, rmdir ? c.upper : 0);
     if (rmdir) ClearUpperDir(req, c.upper);  // whiteouts, or what a killed server left
@@ -925,7 +925,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
   ONode p, p2;
   Get(req.node, &p);
   Get(req.node2, &p2);
-  const bool below = InLower(req, p, req.name);
+  const bool below = c.lower != 0 || InLower(req, p, req.name);
   // A directory that takes the name of a lower entry (shown, or removed and whited
   // out) hides it: marked opaque before it moves, so one that cannot be marked does
   // not move. (Once it was marked only when it replaced a lower directory shown, and
