@@ -44,6 +44,14 @@ std::string WorkName() {
   static std::atomic<uint64_t> next{0};
   return std::string(kWorkPrefix) + std::to_string(::getpid()) + "." + std::to_string(next.fetch_add(1));
 }
+// `make(name)` under a fresh work name, put in *name; another is tried while one a
+// killed server left (the same pid, an earlier process) is in the way (EEXIST).
+template <class F>
+int UnderWorkName(std::string* name, F&& make) {
+  int err = EEXIST;
+  for (int tries = 0; err == EEXIST && tries < 8; ++tries) err = make(*name = WorkName());
+  return err;
+}
 
 // A request of the overlay's own to a layer below, on behalf of `req`'s caller.
 VfsRequest Sub(const VfsRequest& req, VfsOp op, uint64_t node) {
@@ -433,8 +441,9 @@ int OverlayLayer::MakeWhiteout(const VfsRequest& req, uint64_t upper_parent, con
 uint64_t OverlayLayer::SharedWhiteout(const VfsRequest& req) {
   std::lock_guard lock(whiteout_mu_);
   if (shared_whiteout_ != 0 || no_shared_whiteout_) return shared_whiteout_;
-  const std::string name = WorkName();
-  if (MakeWhiteout(req, kRootNode, name, &shared_whiteout_) == 0) shared_whiteout_name_ = name;
+  std::string name;
+  auto make = [&](const std::string& work) { return MakeWhiteout(req, kRootNode, work, &shared_whiteout_); };
+  if (UnderWorkName(&name, make) == 0) shared_whiteout_name_ = name;
   return shared_whiteout_;
 }
 
@@ -632,14 +641,8 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
         if (!Reserved(name)) out.entries.push_back({name, type, ino});
         return;
       }
-      // A directory on both sides, merged (its upper copy not opaque), answers the
-      // lower one's number here too, as a lookup of it does (StableIno).
-      if (type != DT_DIR || it->second == kWhiteout || out.entries[it->second].type != DT_DIR) return;
-      VfsRequest s = Own(req, VfsOp::kLookup, dir.upper);
-      s.name = name;
-      if (upper_->Serve(s) != 0) return;
-      if (!IsOpaque(req, s.entry.ino)) out.entries[it->second].ino = ino;
-      Forget(*upper_, s.entry.ino, 1);
+      if (type == DT_DIR && it->second != kWhiteout && out.entries[it->second].type == DT_DIR)
+        out.entries[it->second].lower_ino = ino;
     });
     if (err) return err;
   }
@@ -690,11 +693,7 @@ int OverlayLayer::Make(VfsRequest& req) {
 // and no kill of the server, shows the lower entries there, and a directory that
 // cannot be marked is not made.
 int OverlayLayer::MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s) {
-  int err = EEXIST;
-  for (int tries = 0; err == EEXIST && tries < 8; ++tries) {  // one a killed server left
-    s.name = WorkName();
-    err = upper_->Serve(s);
-  }
+  int err = UnderWorkName(&s.name, [&](const std::string&) { return upper_->Serve(s); });
   if (err) return err;
   VfsRequest x = Own(req, VfsOp::kSetXattr, s.entry.ino);
   x.name = kOpaque;
@@ -804,11 +803,7 @@ int OverlayLayer::Remove(VfsRequest& req) {
 int OverlayLayer::ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name,
                                     uint64_t dir) {
   std::string made;
-  int err = EEXIST;
-  for (int tries = 0; err == EEXIST && tries < 8; ++tries) {  // one a killed server left
-    made = WorkName();
-    err = Whiteout(req, upper_parent, made);
-  }
+  int err = UnderWorkName(&made, [&](const std::string& work) { return Whiteout(req, upper_parent, work); });
   if (err) return err;
   VfsRequest r = Own(req, VfsOp::kRename, upper_parent);
   r.name = made;
@@ -1020,6 +1015,8 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
     if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
     list = dirs_[req.fh - 1].get();  // kept until releasedir, after this request
   }
+  uint64_t upper_dir = 0;  // the listed directory's upper copy
+  if (ONode d; !plus && Get(req.node, &d)) upper_dir = d.upper;
   const size_t room = std::min<uint64_t>(req.size, 1u << 20);
   req.out.resize(room);
   size_t used = 0;
@@ -1045,6 +1042,16 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
       struct stat st {};
       st.st_mode = dots ? S_IFDIR : entry->type << 12;
       st.st_ino = dots ? 1 : entry->ino;
+      // A directory on both sides, merged (its upper copy not opaque), gives the lower
+      // one's number, as a lookup of it does (StableIno; READDIRPLUS answers by lookups).
+      if (!dots && entry->lower_ino != 0 && upper_dir != 0) {
+        VfsRequest s = Own(req, VfsOp::kLookup, upper_dir);
+        s.name = name;
+        if (upper_->Serve(s) == 0) {
+          if (!IsOpaque(req, s.entry.ino)) st.st_ino = entry->lower_ino;
+          Forget(*upper_, s.entry.ino, 1);
+        }
+      }
       size = fuse_add_direntry(nullptr, req.out.data() + used, room - used, name.c_str(), &st, i + 1);
     }
     if (size > room - used) {

@@ -73,6 +73,9 @@ class OverlayLayer final : public Layer {
     std::string name;
     uint32_t type = 0;  // d_type
     uint64_t ino = 0;   // as the layer that holds it reports (0 hides an entry from ls)
+    // A directory on both sides: the lower one's number, which a listing gives unless
+    // the upper copy is opaque (checked by ReadDir, only for a listing that needs it).
+    uint64_t lower_ino = 0;
   };
   struct DirList {
     std::vector<DirEntry> entries;
