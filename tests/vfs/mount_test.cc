@@ -395,6 +395,19 @@ class SmallDisk {
   SmallDisk(const SmallDisk&) = delete;
   SmallDisk& operator=(const SmallDisk&) = delete;
   bool ok() const { return ok_; }
+  // Takes every inode left (files fill1, fill2, ...) and what is left of the space
+  // tmpfs counts extended attributes in (theirs, on fill1); true if none is left.
+  // Removing fillN files gives inodes back.
+  bool Fill() const {
+    Shell("for i in $(seq 32); do touch " + path_ + "/fill$i 2>/dev/null || break; done");
+    const std::string file = path_ + "/fill1";
+    int n = 0;
+    for (size_t size = 1024; size > 0; size /= 2)
+      while (::setxattr(file.c_str(), ("user.fill" + std::to_string(n++)).c_str(), std::string(size, 'x').data(), size,
+                        0) == 0) {
+      }
+    return Shell("touch " + path_ + "/one-more 2>/dev/null") != 0;
+  }
 
  private:
   std::string path_;
@@ -980,8 +993,7 @@ TEST_F(StackTest, AWhiteoutWithNoInodeLeftChangesNothing) {
   Mount("overlay:" + upfs + "/up,passthrough:" + dir_ / "src");
   const std::string m = mount_->path();
   ASSERT_EQ(Shell("echo upper-f > " + m + "/f && echo upper-k > " + m + "/k"), 0);  // copied up
-  ASSERT_EQ(Shell("for i in $(seq 32); do touch " + upfs + "/fill$i 2>/dev/null || break; done"), 0);
-  ASSERT_NE(Shell("touch " + upfs + "/one-more 2>/dev/null"), 0) << "the disk still has inodes";
+  ASSERT_TRUE(disk.Fill()) << "the disk still has inodes";
   EXPECT_EQ(Output("(mv " + m + "/f " + m + "/g) 2>&1"),
             "mv: cannot move '" + m + "/f' to '" + m + "/g': No space left on device\n");
   EXPECT_EQ(Output("(rm " + m + "/k) 2>&1"), "rm: cannot remove '" + m + "/k': No space left on device\n");
@@ -1016,18 +1028,6 @@ TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
   const std::string spec = "overlay:" + upfs + "/up,passthrough:" + dir_ / "src";
   Mount(spec);
   std::string m = mount_->path();
-  // Every inode taken, and (tmpfs counts extended attributes in the same space) what
-  // is left of their space too.
-  auto fill = [&] {
-    EXPECT_EQ(Shell("for i in $(seq 32); do touch " + upfs + "/fill$i 2>/dev/null || break; done"), 0);
-    const std::string file = upfs + "/fill1";
-    int n = 0;
-    for (size_t size = 1024; size > 0; size /= 2)
-      while (::setxattr(file.c_str(), ("user.fill" + std::to_string(n++)).c_str(), std::string(size, 'x').data(), size,
-                        0) == 0) {
-      }
-    EXPECT_NE(Shell("touch " + upfs + "/one-more 2>/dev/null"), 0) << "the disk still has inodes";
-  };
   auto unfill = [&] { EXPECT_EQ(Shell("rm -f " + upfs + "/fill*"), 0); };
   auto remount = [&] {
     ASSERT_EQ(mount_->Stop(), 0);
@@ -1035,7 +1035,7 @@ TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
     m = mount_->path();
   };
   ASSERT_EQ(Shell("rm -r " + m + "/pub"), 0);
-  fill();
+  ASSERT_TRUE(disk.Fill()) << "the disk still has room";
   EXPECT_EQ(Output("(LC_ALL=C mkdir " + m + "/pub) 2>&1"),
             "mkdir: cannot create directory '" + m + "/pub': No space left on device\n");
   EXPECT_EQ(Output("ls " + m), "secret\ntop\n");
@@ -1048,7 +1048,7 @@ TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
   EXPECT_EQ(Output("ls -A " + upfs + "/up " + upfs + "/up/pub"), upfs + "/up:\npub\n\n" + upfs + "/up/pub:\n");
 
   ASSERT_EQ(Shell("rm " + m + "/secret/s"), 0);  // secret: merged, and empty
-  fill();
+  ASSERT_TRUE(disk.Fill()) << "the disk still has room";
   EXPECT_EQ(Output("(rmdir " + m + "/secret) 2>&1"),
             "rmdir: failed to remove '" + m + "/secret': No space left on device\n");
   EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\npub\nsecret\ntop\n\n" + m + "/secret:\n");
