@@ -1064,6 +1064,56 @@ TEST_F(StackTest, AMergedDirectoryRemovedOrMadeAgainWithNoRoomChangesNothing) {
             dir_ / "src/pub" + ":\na\nsub\n\n" + dir_ / "src/secret" + ":\ns\n");  // below: untouched
 }
 
+// A file made, linked or moved where a lower file was removed, or a directory moved
+// over an emptied merged one, when the upper disk has no room: what needs room fails
+// with ENOSPC and what was removed stays removed, on this mount and the next; a move
+// that needs no new inode is done. Before, the whiteout (or the emptied directory's
+// whiteouts) went first, and a create, link or move that then failed, or a server
+// killed between the two steps, showed the lower entries again (here: the long
+// symlink, for which removing the whiteout freed no block). Now a new file is made
+// under a name of the overlay's own and renamed over the whiteout, a directory or a
+// RENAME_NOREPLACE move is swapped with it, and an emptied merged directory is marked
+// opaque before its whiteouts go.
+TEST_F(StackTest, WhatIsMadeOrMovedOntoARemovedNameWithNoRoomBringsNothingBack) {
+  const std::string upfs = dir_ / "upfs";
+  const SmallDisk disk(upfs, ",nr_inodes=16");
+  ASSERT_TRUE(disk.ok());
+  ASSERT_EQ(Shell("echo lower-f > " + dir_ / "src/f && echo lower-g > " + dir_ / "src/g"), 0);
+  const std::string spec = "overlay:" + upfs + "/up,passthrough:" + dir_ / "src";
+  Mount(spec);
+  std::string m = mount_->path();
+  ASSERT_EQ(Shell("cd " + m + " && rm top g secret/s && echo upper-f >> f && echo mine > mine && mkdir x"), 0);
+  // No block left (a long symlink's target takes one), then no inode.
+  Shell("head -c 2M /dev/zero > " + upfs + "/fill-blocks 2>/dev/null");
+  ASSERT_TRUE(disk.Fill()) << "the disk still has room";
+  EXPECT_EQ(Output("(ln -s " + std::string(3000, 'l') + " " + m + "/top) 2>&1"),
+            "ln: failed to create symbolic link '" + m + "/top': No space left on device\n");
+  EXPECT_EQ(Output("(touch " + m + "/top) 2>&1"), "touch: cannot touch '" + m + "/top': No space left on device\n");
+  EXPECT_EQ(Output("(ln " + m + "/mine " + m + "/top) 2>&1"),  // tmpfs counts a link as an inode
+            "ln: failed to create hard link '" + m + "/top': No space left on device\n");
+  EXPECT_EQ(Output("(mv -T " + m + "/x " + m + "/secret) 2>&1"),
+            "mv: cannot move '" + m + "/x' to '" + m + "/secret': No space left on device\n");
+  EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\nf\nmine\npub\nsecret\nx\n\n" + m + "/secret:\n");
+  // mv asks RENAME_NOREPLACE first: swapped with the whiteout, no inode needed.
+  EXPECT_EQ(Shell("mv " + m + "/f " + m + "/g && mv " + m + "/mine " + m + "/top"), 0);
+  EXPECT_EQ(Output("ls " + m + " && cat " + m + "/g " + m + "/top"), "g\npub\nsecret\ntop\nx\nlower-f\nupper-f\nmine\n");
+  ASSERT_EQ(Shell("rm " + upfs + "/fill*"), 0);
+  ASSERT_EQ(mount_->Stop(), 0);
+  Mount(spec);
+  m = mount_->path();
+  EXPECT_EQ(Output("ls " + m + " " + m + "/secret"), m + ":\ng\npub\nsecret\ntop\nx\n\n" + m + "/secret:\n");
+  EXPECT_EQ(Shell("cd " + m + " && mv -T x secret && rm top && ln g top && rm g && touch g"), 0);
+  ASSERT_EQ(mount_->Stop(), 0);
+  Mount(spec);
+  m = mount_->path();
+  EXPECT_EQ(Output("ls -A " + m + " " + m + "/secret"), m + ":\ng\npub\nsecret\ntop\n\n" + m + "/secret:\n");
+  EXPECT_EQ(Output("cat " + m + "/top " + m + "/g"), "lower-f\nupper-f\n");
+  ASSERT_EQ(mount_->Stop(), 0);
+  EXPECT_EQ(Output("cd " + upfs + "/up && stat -c '%n %F' * .[!.]* secret/* secret/.[!.]* 2>/dev/null"),
+            "f character special file\ng regular empty file\nsecret directory\ntop regular file\n");
+  EXPECT_EQ(Output("cat " + dir_ / "src/f " + dir_ / "src/g " + dir_ / "src/top"), "lower-f\nlower-g\nt\n");
+}
+
 // A directory moved to the name of a removed lower directory hides the lower one's
 // entries, on this mount and the next. Before, it was marked opaque only when it
 // replaced a lower directory still shown: one moved over the whiteout of a removed

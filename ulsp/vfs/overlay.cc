@@ -15,6 +15,7 @@
 #include <new>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <utility>
 
 #include "kernel/msgport/log.h"
@@ -358,13 +359,16 @@ bool OverlayLayer::InLower(const VfsRequest& req, const ONode& parent, const std
   return true;
 }
 
-int OverlayLayer::RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
+bool OverlayLayer::WhitedOut(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
   VfsRequest s = Own(req, VfsOp::kLookup, upper_parent);
   s.name = name;
-  if (upper_->Serve(s) != 0) return 0;
+  if (upper_->Serve(s) != 0) return false;
   Forget(*upper_, s.entry.ino, 1);
-  if (!IsWhiteout(s.entry.attr)) return 0;
-  return RemoveUpper(req, upper_parent, name);
+  return IsWhiteout(s.entry.attr);
+}
+
+int OverlayLayer::RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name) {
+  return WhitedOut(req, upper_parent, name) ? RemoveUpper(req, upper_parent, name) : 0;
 }
 
 int OverlayLayer::RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op) {
@@ -675,8 +679,10 @@ int OverlayLayer::Make(VfsRequest& req) {
   s.node = pu;
   if (opaque) {
     if (int err = MakeOpaqueDir(req, pu, s)) return err;
+  } else if (below) {  // over the whiteout of a removed lower file
+    if (int err = MakeOverWhiteout(req, pu, s)) return err;
   } else {
-    if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;
+    if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;  // (one of nothing below)
     if (int err = upper_->Serve(s)) return err;
   }
   TakeResults(req, s);
@@ -716,6 +722,30 @@ int OverlayLayer::MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, Vf
     RemoveUpper(req, upper_parent, s.name, VfsOp::kRmDir);
   }
   return err;
+}
+
+// A file made where a removed lower file's whiteout is (req.name in upper_parent): `s`,
+// the create, mknod, symlink or link for the upper layer, makes it under a name of its
+// own, and it is renamed over the whiteout. So no moment, and no kill of the server,
+// shows the lower file there again, and a file that cannot be made (no room) leaves the
+// name removed. (Once the whiteout was removed first, and a create that then failed
+// showed the removed lower file again.)
+int OverlayLayer::MakeOverWhiteout(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s) {
+  std::string& name = s.op == VfsOp::kLink ? s.name2 : s.name;
+  int err = UnderWorkName(&name, [&](const std::string&) { return upper_->Serve(s); });
+  if (err) return err;
+  VfsRequest r = Own(req, VfsOp::kRename, upper_parent);
+  r.name = name;
+  r.node2 = upper_parent;
+  r.name2 = s.op == VfsOp::kLink ? req.name2 : req.name;
+  if ((err = upper_->Serve(r)) != 0) {
+    if (s.op == VfsOp::kCreate) Release(*upper_, s.entry.ino, s.open.fh);
+    Forget(*upper_, s.entry.ino, 1);
+    RemoveUpper(req, upper_parent, name);
+    return err;
+  }
+  name = r.name2;
+  return 0;
 }
 
 // A lower file's node whose name was removed, or taken by a rename, while the kernel
@@ -907,7 +937,13 @@ int OverlayLayer::Rename(VfsRequest& req) {
       DirList l;
       if (int err = List(req, target, l)) return err;
       if (!l.entries.empty()) return ENOTEMPTY;
-      if (target.upper) ClearUpperDir(req, target.upper);  // an emptied merged directory's whiteouts
+      // An emptied merged directory is marked opaque, then rid of its whiteouts, and
+      // so stays empty whatever happens after: the rename replaces it in one step or
+      // fails (no room) with it as it was. (Once its whiteouts were removed first, and
+      // a rename that then failed, or a kill, showed its lower entries again.)
+      if (target.lower && target.upper && !target.opaque)
+        if (int err = MarkOpaque(req, t.ino, target.upper)) return err;
+      if (target.upper) ClearUpperDir(req, target.upper);
     }
     if (!target.dir && !target.upper && t.ino != e.ino) replaced_lower = t.ino;  // (a name onto itself: nothing)
   }
@@ -927,7 +963,6 @@ int OverlayLayer::Rename(VfsRequest& req) {
   // one moved over a whiteout showed the removed entries from the next mount on.)
   if (c.dir && InLower(req, p2, req.name2))
     if (int err = MarkOpaque(req, e.ino, cu)) return err;
-  if (int err = RemoveWhiteout(req, pu2, req.name2)) return err;
   VfsRequest s = req;
   s.node = pu;
   s.node2 = pu2;
@@ -936,12 +971,38 @@ int OverlayLayer::Rename(VfsRequest& req) {
   // there again, and a whiteout that cannot be made (no inode left) fails the rename
   // before anything moved. An upper file system without it (EINVAL) gets the rename,
   // then the whiteout.
-  s.flags = (req.flags & RENAME_NOREPLACE) | (below ? RENAME_WHITEOUT : 0);
-  int err = upper_->Serve(s);
-  const bool whited = below && err == 0;
-  if (below && err == EINVAL) {
-    s.flags = req.flags & RENAME_NOREPLACE;
-    err = upper_->Serve(s);
+  auto rename = [&] {
+    s.flags = (req.flags & RENAME_NOREPLACE) | (below ? RENAME_WHITEOUT : 0);
+    int err = upper_->Serve(s);
+    if (below && err == EINVAL) {
+      s.flags = req.flags & RENAME_NOREPLACE;
+      return std::pair{upper_->Serve(s), false};
+    }
+    return std::pair{err, below && err == 0};
+  };
+  int err = 0;
+  bool whited = false;
+  if (WhitedOut(req, pu2, req.name2) && (c.dir || (req.flags & RENAME_NOREPLACE))) {
+    // Onto a removed lower entry's whiteout, which a directory cannot replace and
+    // RENAME_NOREPLACE refuses: swapped with it, in one step as a file's rename over
+    // it is. The whiteout, now at the old name, stays if a lower entry is below it.
+    s.flags = RENAME_EXCHANGE;
+    if ((err = upper_->Serve(s)) == 0) {
+      whited = below;
+      if (!below)
+        if (int rerr = RemoveUpper(req, pu, req.name))  // a whiteout of nothing: hides nothing
+          Logger("vfs")->warn("overlay: renamed {} but left a whiteout in its place: {}", PathOf(e.ino),
+                              std::strerror(rerr));
+    } else if (err == EINVAL) {  // no RENAME_EXCHANGE here: the whiteout removed, then the rename
+      if ((err = RemoveUpper(req, pu2, req.name2)) == 0) {
+        std::tie(err, whited) = rename();
+        if (err && Whiteout(req, pu2, req.name2) != 0)
+          Logger("vfs")->error("overlay: a rename onto {} failed and the lower file shows there again",
+                               req.name2);
+      }
+    }
+  } else {
+    std::tie(err, whited) = rename();
   }
   if (err) return err;
   if (below && !whited) {
@@ -1109,11 +1170,14 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
         Drop(existing.ino, 1);
         return EEXIST;
       }
-      if (int err = RemoveWhiteout(req, pu, req.name2)) return err;
       VfsRequest s = req;
       s.node = up;
       s.node2 = pu;
-      if (int err = upper_->Serve(s)) return err;
+      if (WhitedOut(req, pu, req.name2)) {
+        if (int err = MakeOverWhiteout(req, pu, s)) return err;
+      } else if (int err = upper_->Serve(s)) {
+        return err;
+      }
       TakeResults(req, s);
       const uint64_t id = Register(req.node2, req.name2, s.entry.ino, 0, false, false);
       req.entry.ino = id;

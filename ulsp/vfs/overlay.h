@@ -101,6 +101,7 @@ class OverlayLayer final : public Layer {
   int CopyFile(const VfsRequest& req, uint64_t lower, uint64_t upper_parent, const std::string& name,
                const struct stat& st, uint64_t* made, std::optional<uint64_t>* keep_fh = nullptr);
   void CopyXattrs(const VfsRequest& req, uint64_t id, uint64_t lower_node, uint64_t made);
+  bool WhitedOut(const VfsRequest& req, uint64_t upper_parent, const std::string& name);  // a whiteout is there
   int RemoveWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int Whiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name);
   int MakeWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name, uint64_t* made = nullptr);
@@ -110,6 +111,7 @@ class OverlayLayer final : public Layer {
   int RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op = VfsOp::kUnlink);
   void ClearUpperDir(const VfsRequest& req, uint64_t upper_dir);
   int MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
+  int MakeOverWhiteout(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
   int List(const VfsRequest& req, const ONode& dir, DirList& out);
   bool IsOpaque(const VfsRequest& req, uint64_t upper_dir);  // it has the opaque mark
