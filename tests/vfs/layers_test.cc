@@ -495,12 +495,14 @@ TEST(OverlayDescriptors, CopyUpsPastTheBudgetKeepWorking) {
 // A whiteout is a hard link to one the overlay keeps in the upper root, as on
 // overlayfs: a link costs a directory entry, where a new device costs an inode (on
 // this machine's ext4 about 300 µs, which made most of an `rm -r` through the overlay).
-// The one linked to goes with the overlay. An upper file system that refuses the
-// links (here a seccomp filter in a child answers every linkat EPERM) gets a device
-// for each whiteout, as before.
+// The one linked to goes with the overlay; one gone under it is made again. An
+// upper file system that refuses the links (here a seccomp filter in a child answers
+// every linkat EPERM) gets a device for each whiteout, as before; one whose links run
+// out (EMLINK, every time here) gets a device, and no whiteout of the overlay's own
+// is left behind.
 TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
   testing::TempDir dir;
-  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && cd " + dir / "low && touch a b c d"), 0);
+  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && cd " + dir / "low && touch a b c d e f g"), 0);
   auto unlink = [](Layer& top, const std::string& name) {
     VfsRequest u;
     u.op = VfsOp::kUnlink;
@@ -516,26 +518,40 @@ TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
     ASSERT_EQ(unlink(**top, "b"), 0);
     EXPECT_EQ(stat_of("a"), "character special file 0:0 3\n");  // a, b and the one they link to
     EXPECT_EQ(testing::Output("stat -c %i " + dir / "up/a"), testing::Output("stat -c %i " + dir / "up/b"));
+    // Its name removed by hand: the overlay still holds it, and links to it.
+    ASSERT_EQ(testing::Shell("rm " + dir / "up/.ulsp-whiteout.*"), 0);
+    ASSERT_EQ(unlink(**top, "c"), 0);
+    EXPECT_EQ(stat_of("c"), "character special file 0:0 3\n");
+    // Every link to it removed by hand: gone (no link can be made to it), made again.
+    ASSERT_EQ(testing::Shell("cd " + dir / "up" + " && rm a b c"), 0);
+    ASSERT_EQ(unlink(**top, "d"), 0);
+    EXPECT_EQ(stat_of("d"), "character special file 0:0 2\n");
+    EXPECT_EQ(testing::Output("ls -A " + dir / "up" + " | grep -c ulsp-whiteout"), "1\n");
   }
-  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "a\nb\n");
-  EXPECT_EQ(stat_of("b"), "character special file 0:0 2\n");
-  EXPECT_TRUE(InChild([&] {
-    scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
-    if (ctx == nullptr || ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(linkat), 0) != 0 ||
-        ::seccomp_load(ctx) != 0)
-      ::_exit(3);
-    auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
-    if (!top) ::_exit(4);
-    for (const char* name : {"c", "d"}) {
-      if (int err = unlink(**top, name)) {
-        std::fprintf(stderr, "unlink %s: %s\n", name, std::strerror(err));
-        ::_exit(1);
+  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\n");
+  EXPECT_EQ(stat_of("d"), "character special file 0:0 1\n");
+  for (const int refusal : {EPERM, EMLINK}) {
+    SCOPED_TRACE(std::strerror(refusal));
+    const std::vector<std::string> names =
+        refusal == EPERM ? std::vector<std::string>{"e", "f"} : std::vector<std::string>{"g"};
+    EXPECT_TRUE(InChild([&] {
+      scmp_filter_ctx ctx = ::seccomp_init(SCMP_ACT_ALLOW);
+      if (ctx == nullptr || ::seccomp_rule_add(ctx, SCMP_ACT_ERRNO(static_cast<uint32_t>(refusal)), SCMP_SYS(linkat), 0) != 0 ||
+          ::seccomp_load(ctx) != 0)
+        ::_exit(3);
+      auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
+      if (!top) ::_exit(4);
+      for (const auto& name : names) {
+        if (int err = unlink(**top, name)) {
+          std::fprintf(stderr, "unlink %s: %s\n", name.c_str(), std::strerror(err));
+          ::_exit(1);
+        }
       }
-    }
-    ::_exit(0);
-  }));
-  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "a\nb\nc\nd\n");
-  EXPECT_EQ(stat_of("c") + stat_of("d"), "character special file 0:0 1\ncharacter special file 0:0 1\n");
+      ::_exit(0);  // with no destructors run: a whiteout of the overlay's own would be left
+    }));
+    for (const auto& name : names) EXPECT_EQ(stat_of(name), "character special file 0:0 1\n") << name;
+  }
+  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\ne\nf\ng\n");
 }
 
 // The kernel grows a descriptor table by doubling it, and in a process with threads
