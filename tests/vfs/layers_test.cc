@@ -492,9 +492,10 @@ TEST(OverlayDescriptors, CopyUpsPastTheBudgetKeepWorking) {
   EXPECT_EQ(testing::Output("find " + dir / "up -type f -perm 600 | wc -l"), "1500\n");
 }
 
-// A whiteout is a hard link to one the overlay keeps in the upper root, as on
-// overlayfs: a link costs a directory entry, where a new device costs an inode (on
-// this machine's ext4 about 300 µs, which made most of an `rm -r` through the overlay).
+// A whiteout (an unlink's or a rename's) is a hard link to one the overlay keeps in
+// the upper root, as on overlayfs: a link costs a directory entry, where a new device
+// costs an inode (on this machine's ext4 about 300 µs, which made most of an `rm -r`
+// through the overlay, and RENAME_WHITEOUT makes one too).
 // The one linked to goes with the overlay; one gone under it is made again. An
 // upper file system that refuses the links (here a seccomp filter in a child answers
 // every linkat EPERM) gets a device for each whiteout, as before; one whose links run
@@ -502,7 +503,7 @@ TEST(OverlayDescriptors, CopyUpsPastTheBudgetKeepWorking) {
 // is left behind.
 TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
   testing::TempDir dir;
-  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && cd " + dir / "low && touch a b c d e f g"), 0);
+  ASSERT_EQ(testing::Shell("mkdir " + dir / "up " + dir / "low && cd " + dir / "low && touch a b c d e f g r"), 0);
   auto unlink = [](Layer& top, const std::string& name) {
     VfsRequest u;
     u.op = VfsOp::kUnlink;
@@ -510,25 +511,37 @@ TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
     u.name = name;
     return top.Serve(u);
   };
+  auto rename = [](Layer& top, const std::string& from, const std::string& to) {
+    VfsRequest r;
+    r.op = VfsOp::kRename;
+    r.node = r.node2 = kRootNode;
+    r.name = from;
+    r.name2 = to;
+    return top.Serve(r);
+  };
   auto stat_of = [&](const std::string& name) { return testing::Output("stat -c '%F %t:%T %h' " + dir / "up/" + name); };
   {
     auto top = BuildStack("overlay:" + dir / "up,passthrough:" + dir / "low");
     ASSERT_TRUE(top);
     ASSERT_EQ(unlink(**top, "a"), 0);
     ASSERT_EQ(unlink(**top, "b"), 0);
-    EXPECT_EQ(stat_of("a"), "character special file 0:0 3\n");  // a, b and the one they link to
+    int err = 0;
+    LookupIn(**top, kRootNode, "r", &err);  // held, as by the kernel
+    ASSERT_EQ(err, 0);
+    ASSERT_EQ(rename(**top, "r", "r2"), 0);  // the old name's whiteout is a link too
+    EXPECT_EQ(stat_of("a"), "character special file 0:0 4\n");  // a, b, r and the one they link to
     EXPECT_EQ(testing::Output("stat -c %i " + dir / "up/a"), testing::Output("stat -c %i " + dir / "up/b"));
     // Its name removed by hand: the overlay still holds it, and links to it.
     ASSERT_EQ(testing::Shell("rm " + dir / "up/.ulsp-whiteout.*"), 0);
     ASSERT_EQ(unlink(**top, "c"), 0);
-    EXPECT_EQ(stat_of("c"), "character special file 0:0 3\n");
+    EXPECT_EQ(stat_of("c"), "character special file 0:0 4\n");
     // Every link to it removed by hand: gone (no link can be made to it), made again.
-    ASSERT_EQ(testing::Shell("cd " + dir / "up" + " && rm a b c"), 0);
+    ASSERT_EQ(testing::Shell("cd " + dir / "up" + " && rm a b c r"), 0);
     ASSERT_EQ(unlink(**top, "d"), 0);
     EXPECT_EQ(stat_of("d"), "character special file 0:0 2\n");
     EXPECT_EQ(testing::Output("ls -A " + dir / "up" + " | grep -c ulsp-whiteout"), "1\n");
   }
-  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\n");
+  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\nr2\n");
   EXPECT_EQ(stat_of("d"), "character special file 0:0 1\n");
   for (const int refusal : {EPERM, EMLINK}) {
     SCOPED_TRACE(std::strerror(refusal));
@@ -551,7 +564,7 @@ TEST(OverlayWhiteouts, AreLinksToOneAndDevicesWhereLinksAreRefused) {
     }));
     for (const auto& name : names) EXPECT_EQ(stat_of(name), "character special file 0:0 1\n") << name;
   }
-  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\ne\nf\ng\n");
+  EXPECT_EQ(testing::Output("ls -A " + dir / "up"), "d\ne\nf\ng\nr2\n");
 }
 
 // The kernel grows a descriptor table by doubling it, and in a process with threads
