@@ -590,6 +590,141 @@ TEST(RestartOverlayTest, AKillDuringACopyUpLeavesNoHalfCopy) {
   EXPECT_EQ(Output("stat -c %s " + dir / "low/big"), std::to_string(kSize) + "\n");  // below: untouched
 }
 
+// Names made, linked, moved and removed again and again where lower entries were
+// removed, through an isolated overlay whose server is killed 60 times meanwhile: no
+// removed lower file or directory ever shows again, neither while the server dies
+// and comes back nor on a later mount of the same UPPER, and nothing hangs. Each of
+// these changes keeps its whiteout, or takes its place, in one step (docs/vfs.md), so
+// a kill between two of the overlay's own requests to UPPER cannot show what was
+// removed. A change the kill cuts short answers EIO and may or may not be done; the
+// script goes on from either. (The window between two such requests is a few
+// microseconds, so a kill seldom lands in it: this test is for the whole path
+// through the restarts, not a proof of any one step.)
+TEST(RestartOverlayTest, RemovedLowerEntriesNeverComeBackAcrossKills) {
+  TempDir dir;
+  constexpr int kEntries = 16;
+  ASSERT_EQ(Shell("mkdir " + dir / "up " + dir / "low " + dir / "mnt && cd " + dir / "low" + " && for i in $(seq 0 " +
+                  std::to_string(kEntries - 1) + "); do echo lower > f$i && mkdir d$i && echo lower > d$i/lower; done"),
+            0);
+  const std::string spec = "overlay:" + dir / "up,passthrough:" + dir / "low";
+  auto mount = std::make_unique<ServedMount>(std::vector<std::string>{"--isolated", "--stack", spec}, dir / "mnt",
+                                             dir / "server.log");
+  ASSERT_TRUE(mount->ok()) << ReadAll(dir / "server.log");
+  const std::string script = R"PY(
+import errno, os, sys
+m, n, stop, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], open(sys.argv[4], "w", buffering=1)
+CUT = (errno.EIO, errno.ENOTCONN)  # a change the kill cut short: done or not
+cuts = 0
+def do(what, fn, done=()):
+    global cuts
+    for _ in range(1000):
+        try:
+            fn()
+            return
+        except OSError as e:
+            if e.errno in done:
+                return
+            cuts += 1
+            if e.errno not in CUT:
+                out.write(f"{what}: {os.strerror(e.errno)}\n")
+                return
+    out.write(f"{what}: EIO 1000 times\n")
+def once(what, fn, done=()):  # a change tried once: cut short, it is left as it is
+    global cuts
+    try:
+        fn()
+    except OSError as e:
+        cuts += e.errno in CUT
+        if e.errno not in CUT + done:
+            out.write(f"{what}: {os.strerror(e.errno)}\n")
+def check(i):
+    f, d = f"{m}/f{i}", f"{m}/d{i}"
+    try:
+        with open(f) as h:
+            if h.read() == "lower\n":
+                out.write(f"f{i} shows the removed lower file again\n")
+    except OSError as e:
+        if e.errno not in CUT + (errno.ENOENT, errno.EISDIR):
+            out.write(f"f{i}: {os.strerror(e.errno)}\n")
+    try:
+        if "lower" in os.listdir(d):
+            out.write(f"d{i} shows the removed lower entry again\n")
+    except OSError as e:
+        if e.errno not in CUT + (errno.ENOENT, errno.ENOTDIR):
+            out.write(f"d{i}: {os.strerror(e.errno)}\n")
+def write(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.write(fd, b"new\n")
+    os.close(fd)
+def rmdir_all(path):  # a directory and what it holds, as far as the merged view shows
+    for name in os.listdir(path):
+        do(f"unlink {path}/{name}", lambda: os.unlink(f"{path}/{name}"), (errno.ENOENT,))
+    os.rmdir(path)
+for i in range(n):  # each lower entry removed once, for good
+    do(f"rm f{i}", lambda: os.unlink(f"{m}/f{i}"), (errno.ENOENT,))
+    do(f"rm -r d{i}", lambda: rmdir_all(f"{m}/d{i}"), (errno.ENOENT,))
+    check(i)
+rounds = 0
+while not os.path.exists(stop) or rounds == 0:
+    rounds += 1
+    for i in range(n):
+        f, d, t, x = f"{m}/f{i}", f"{m}/d{i}", f"{m}/t{i}", f"{m}/x{i}"
+        once(f"create f{i}", lambda: write(f))  # over the whiteout
+        check(i)
+        do(f"rm f{i}", lambda: os.unlink(f), (errno.ENOENT,))
+        do(f"create t{i}", lambda: write(t))
+        once(f"link t{i} f{i}", lambda: os.link(t, f), (errno.EEXIST,))
+        check(i)
+        do(f"rm f{i}", lambda: os.unlink(f), (errno.ENOENT,))
+        once(f"mv t{i} f{i}", lambda: os.rename(t, f), (errno.ENOENT,))
+        check(i)
+        do(f"rm f{i}", lambda: os.unlink(f), (errno.ENOENT,))
+        once(f"mkdir d{i}", lambda: os.mkdir(d), (errno.EEXIST,))  # opaque, swapped with the whiteout
+        check(i)
+        do(f"rm -r d{i}", lambda: rmdir_all(d), (errno.ENOENT,))
+        do(f"mkdir x{i}", lambda: os.mkdir(x), (errno.EEXIST,))
+        do(f"create x{i}/mine", lambda: write(f"{x}/mine"))
+        once(f"mv x{i} d{i}", lambda: os.rename(x, d), (errno.ENOENT,))
+        check(i)
+        do(f"rm -r d{i}", lambda: rmdir_all(d), (errno.ENOENT,))
+        do(f"rm -r x{i}", lambda: rmdir_all(x), (errno.ENOENT,))
+        check(i)
+print(rounds, cuts)
+)PY";
+  std::ofstream(dir / "churn.py") << script;
+  std::thread killer([&] {
+    std::mt19937 rng(7);
+    std::uniform_int_distribution<int> delay_ms(2, 30);
+    for (int k = 0; k < 60; ++k) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(delay_ms(rng)));
+      const pid_t old = IsolatedServerOf(mount->pid());
+      ASSERT_GT(old, 0);
+      ASSERT_EQ(::kill(old, SIGKILL), 0);
+      std::string why;
+      ASSERT_TRUE(NewServerServes(mount->pid(), old, dir / "server.log", &why)) << why;
+    }
+    std::ofstream(dir / "stop") << "";
+  });
+  const std::string rounds_cuts = Output("timeout 300 /usr/bin/python3 " + dir / "churn.py " + mount->path() + " " +
+                                    std::to_string(kEntries) + " " + dir / "stop " + dir / "found");
+  killer.join();
+  int rounds = 0, cuts = 0;
+  std::istringstream(rounds_cuts) >> rounds >> cuts;
+  EXPECT_GT(rounds, 0) << "the script failed or hung: " << rounds_cuts;
+  RecordProperty("rounds", rounds);
+  RecordProperty("changes_cut_short", cuts);
+  EXPECT_EQ(ReadAll(dir / "found"), "");
+  // The merged view now, and on a fresh mount of the same UPPER: no file reads as a
+  // lower one, and no removed directory's entry shows.
+  const std::string lower_left = "grep -rlx lower " + mount->path() + "; find " + mount->path() + " -name lower";
+  EXPECT_EQ(Output(lower_left), "");
+  ASSERT_EQ(mount->Stop(), 0);
+  mount = std::make_unique<ServedMount>(std::vector<std::string>{"--stack", spec}, dir / "mnt", dir / "server.log");
+  ASSERT_TRUE(mount->ok()) << ReadAll(dir / "server.log");
+  EXPECT_EQ(Output(lower_left), "");
+  EXPECT_EQ(Output("ls " + mount->path() + " | grep -c '^[fd][0-9]'"), "0\n");
+}
+
 // For the disk below an isolated mount: does each rename, then holds its answer until
 // released, so that the isolated server doing it can be killed with the rename done
 // and not answered.
