@@ -169,6 +169,40 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
   EXPECT_EQ(native, mounted);
 }
 
+// A file made beside the mount (on the disk below) where the kernel still holds
+// "no such name": the kernel asks the server to create it, not to open it, and checks
+// no permission of the file. Opened by the server (root), root's 0600 file was
+// appended to by `nobody` and given to it. Now a caller other than root gets EEXIST,
+// the kernel drops its entry, and the next try meets the file's permissions. Each
+// stack over a disk: passthrough, isolated, trace+view+passthrough, an overlay (whose
+// lower file is found, EEXIST, as before).
+TEST(CreateBehindANegativeEntry, OpensNoFilePastItsPermissions) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/w " + dir / "mnt " + dir / "upper && chmod 777 " + dir / "src/w"), 0);
+  std::ofstream(dir / "allow.txt") << "/\n";
+  const std::vector<std::vector<std::string>> stacks = {
+      {dir / "src"},
+      {"--isolated", dir / "src"},
+      {"--stack", "trace:" + dir / "t.jsonl,view:" + dir / "allow.txt,passthrough:" + dir / "src"},
+      {"--stack", "overlay:" + dir / "upper,passthrough:" + dir / "src"},
+  };
+  for (std::vector<std::string> args : stacks) {
+    SCOPED_TRACE(args.back());
+    args.insert(args.begin(), {"--timeout", "30"});  // the kernel keeps "no such name" meanwhile
+    ServedMount mount(args, dir / "mnt", dir / "server.log");
+    ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
+    const std::string f = mount.path() + "/w/f";
+    EXPECT_EQ(Output("(stat -c %n " + f + ") 2>&1 | grep -c 'No such file'"), "1\n");
+    ASSERT_EQ(Shell("echo secret > " + dir / "src/w/f && chmod 600 " + dir / "src/w/f"), 0);
+    EXPECT_EQ(Output("setpriv --reuid nobody --regid nogroup --clear-groups sh -c 'echo x >> " + f + "; echo x >> " + f +
+                     "' 2>&1"),
+              "sh: 1: cannot create " + f + ": File exists\nsh: 1: cannot create " + f + ": Permission denied\n");
+    EXPECT_EQ(Output("stat -c '%U %a' " + dir / "src/w/f && cat " + dir / "src/w/f"), "root 600\nsecret\n");
+    EXPECT_EQ(mount.Stop(), 0);
+    ASSERT_EQ(Shell("rm -rf " + dir / "src/w/f " + dir / "upper/*"), 0);
+  }
+}
+
 TEST_P(MountTest, ParallelWritersLoseNothing) {
   // 8 writers, each making 100 files and appending 100 lines to one shared log.
   const std::string script = R"PY(

@@ -388,8 +388,15 @@ int PassthroughLayer::Create(VfsRequest& req) {
   if (int err = NameError(req.name)) return err;
   const FdRef pfd = NodeFd(req.node);
   if (pfd < 0) return ESTALE;
+  // The kernel asks to create a name only where it holds no file for it, so a name
+  // that exists was made behind a negative entry it still holds (beside the mount, or
+  // by a server killed before it answered). This server opens as root: an existing
+  // file would be opened past its permissions, which the kernel checked for none, and
+  // given to the caller. So a caller other than root gets EEXIST (the kernel then
+  // drops its entry, and the next try opens the file by the kernel's checks).
+  const int excl = (req.ctx.uid != 0 || req.ctx.gid != 0) ? O_EXCL : 0;
   auto fd = Sys([&] {
-    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, req.mode);
+    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | excl | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, req.mode);
   });
   if (!fd) return fd.error().value;
   UniqueFd file(*fd);
