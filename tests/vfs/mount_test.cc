@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <fstream>
+#include <functional>
 #include <thread>
 #include <sstream>
 #include <string>
@@ -169,16 +170,12 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
   EXPECT_EQ(native, mounted);
 }
 
-// A file made beside the mount (on the disk below) where the kernel still holds
-// "no such name": the kernel asks the server to create it, not to open it, and checks
-// no permission of the file. Opened by the server (root), root's 0600 file was
-// appended to by `nobody` and given to it. Now a caller other than root gets EEXIST,
-// the kernel drops its entry, and the next try meets the file's permissions. Each
-// stack over a disk: passthrough, isolated, trace+view+passthrough, an overlay (whose
-// lower file is found, EEXIST, as before).
-TEST(CreateBehindANegativeEntry, OpensNoFilePastItsPermissions) {
-  TempDir dir;
-  ASSERT_EQ(Shell("mkdir -p " + dir / "src/w " + dir / "mnt " + dir / "upper && chmod 777 " + dir / "src/w"), 0);
+// Mounts each stack over the disk `dir`/src in turn (passthrough, isolated,
+// trace+view+passthrough, an overlay with `dir`/upper), with the kernel keeping
+// entries 30 s, and calls `check` with the mount's path; after each, removes what
+// `check` made in src (`made`, relative) and empties the upper directory.
+void ForEachStackOverADisk(const TempDir& dir, const std::string& made, const std::function<void(const std::string&)>& check) {
+  ASSERT_EQ(Shell("mkdir -p " + dir / "mnt " + dir / "upper"), 0);
   std::ofstream(dir / "allow.txt") << "/\n";
   const std::vector<std::vector<std::string>> stacks = {
       {dir / "src"},
@@ -191,16 +188,50 @@ TEST(CreateBehindANegativeEntry, OpensNoFilePastItsPermissions) {
     args.insert(args.begin(), {"--timeout", "30"});  // the kernel keeps "no such name" meanwhile
     ServedMount mount(args, dir / "mnt", dir / "server.log");
     ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
-    const std::string f = mount.path() + "/w/f";
+    check(mount.path());
+    EXPECT_EQ(mount.Stop(), 0);
+    ASSERT_EQ(Shell("cd " + dir / "src" + " && rm -rf " + made + " && rm -rf " + dir / "upper/*"), 0);
+  }
+}
+
+// A file made beside the mount (on the disk below) where the kernel still holds
+// "no such name": the kernel asks the server to create it, not to open it, and checks
+// no permission of the file. Opened by the server (root), root's 0600 file was
+// appended to by `nobody` and given to it. Now a caller other than root gets EEXIST,
+// the kernel drops its entry, and the next try meets the file's permissions. (The
+// overlay finds the lower file and answers EEXIST, as before.)
+TEST(BehindANegativeEntry, ACreateOpensNoFilePastItsPermissions) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/w && chmod 777 " + dir / "src/w"), 0);
+  ForEachStackOverADisk(dir, "w/f", [&](const std::string& m) {
+    const std::string f = m + "/w/f";
     EXPECT_EQ(Output("(stat -c %n " + f + ") 2>&1 | grep -c 'No such file'"), "1\n");
     ASSERT_EQ(Shell("echo secret > " + dir / "src/w/f && chmod 600 " + dir / "src/w/f"), 0);
     EXPECT_EQ(Output("setpriv --reuid nobody --regid nogroup --clear-groups sh -c 'echo x >> " + f + "; echo x >> " + f +
                      "' 2>&1"),
               "sh: 1: cannot create " + f + ": File exists\nsh: 1: cannot create " + f + ": Permission denied\n");
     EXPECT_EQ(Output("stat -c '%U %a' " + dir / "src/w/f && cat " + dir / "src/w/f"), "root 600\nsecret\n");
-    EXPECT_EQ(mount.Stop(), 0);
-    ASSERT_EQ(Shell("rm -rf " + dir / "src/w/f " + dir / "upper/*"), 0);
-  }
+  });
+}
+
+// A rename onto such a file in a sticky directory, where only the file's owner, the
+// directory's or root may replace it. The servers rename as root and do not check the
+// rule; the kernel does, because it looks a rename's target up again whatever it holds
+// (FUSE's revalidation with LOOKUP_RENAME_TARGET), as it does for O_EXCL but not for
+// a plain O_CREAT. So `nobody` gets EPERM on every stack; this guards that.
+TEST(BehindANegativeEntry, ARenameKeepsAStickyDirectorysRule) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/s && chmod 1777 " + dir / "src/s"), 0);
+  ForEachStackOverADisk(dir, "s/*", [&](const std::string& m) {
+    const std::string t = m + "/s/t";
+    EXPECT_EQ(Output("(stat -c %n " + t + ") 2>&1 | grep -c 'No such file'"), "1\n");
+    ASSERT_EQ(Shell("echo theirs > " + dir / "src/s/t"), 0);
+    EXPECT_EQ(Output("setpriv --reuid nobody --regid nogroup --clear-groups /usr/bin/python3 -c \"import os\n"
+                     "open('" + m + "/s/mine', 'w').write('mine')\n"
+                     "try:\n os.rename('" + m + "/s/mine', '" + t + "')\nexcept OSError as e:\n print(e.strerror)\" 2>&1"),
+              "Operation not permitted\n");
+    EXPECT_EQ(Output("stat -c %U " + dir / "src/s/t && cat " + dir / "src/s/t " + m + "/s/t"), "root\ntheirs\ntheirs\n");
+  });
 }
 
 TEST_P(MountTest, ParallelWritersLoseNothing) {
