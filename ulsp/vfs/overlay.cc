@@ -673,16 +673,20 @@ int OverlayLayer::Make(VfsRequest& req) {
   uint64_t pu = 0;
   if (int err = CopyUp(req, req.node, &pu)) return err;
   Get(req.node, &p);
-  const bool below = !unnamed && InLower(req, p, req.name);
-  const bool opaque = req.op == VfsOp::kMkDir && below;  // it hides the removed lower directory's entries
+  // A directory made where a lower one is (removed: the lookup found none) hides its
+  // entries (opaque). Anything else made where a whiteout is takes its place in one
+  // step; a directory there with nothing below (a lower entry gone since) replaces it
+  // in two, which bring nothing back.
+  const bool dir = req.op == VfsOp::kMkDir;
+  const bool opaque = dir && InLower(req, p, req.name);
   VfsRequest s = req;
   s.node = pu;
   if (opaque) {
     if (int err = MakeOpaqueDir(req, pu, s)) return err;
-  } else if (below) {  // over the whiteout of a removed lower file
+  } else if (!dir && !unnamed && WhitedOut(req, pu, req.name)) {
     if (int err = MakeOverWhiteout(req, pu, s)) return err;
   } else {
-    if (int err = unnamed ? 0 : RemoveWhiteout(req, pu, req.name)) return err;  // (one of nothing below)
+    if (int err = dir ? RemoveWhiteout(req, pu, req.name) : 0) return err;
     if (int err = upper_->Serve(s)) return err;
   }
   TakeResults(req, s);
@@ -988,7 +992,7 @@ int OverlayLayer::Rename(VfsRequest& req) {
   // it at the old name in the same step, as a link to the shared whiteout, where
   // RENAME_WHITEOUT makes an inode (about 300 µs on this machine's ext4, most of a
   // rename's own time). One that cannot be made leaves it to RENAME_WHITEOUT.
-  const bool whited_out2 = WhitedOut(req, pu2, req.name2);
+  const bool whited_out2 = !target_shown && WhitedOut(req, pu2, req.name2);  // (a name shown is no whiteout)
   const bool made2 = !whited_out2 && below && !target_shown && Whiteout(req, pu2, req.name2) == 0;
   if ((whited_out2 || made2) && (c.dir || (req.flags & RENAME_NOREPLACE) || below)) {
     // Onto a whiteout, which a directory cannot replace and RENAME_NOREPLACE refuses:
