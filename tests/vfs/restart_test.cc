@@ -729,26 +729,33 @@ print(rounds, cuts)
   EXPECT_EQ(Output("ls " + mount->path() + " | grep -c '^[fd][0-9]'"), "0\n");
 }
 
-// For the disk below an isolated mount: does each rename, then holds its answer until
-// released, so that the isolated server doing it can be killed with the rename done
-// and not answered.
-class RenameThenHold final : public vfs::Layer {
+// For the disk below an isolated mount: does each request of one kind (once armed),
+// then holds its answer until released, so that the isolated server that asked can be
+// killed with the request done and not answered.
+class DoThenHold final : public vfs::Layer {
  public:
-  explicit RenameThenHold(std::unique_ptr<vfs::Layer> lower) : Layer(std::move(lower)) {}
+  DoThenHold(std::unique_ptr<vfs::Layer> lower, msgport::VfsOp op, bool armed)
+      : Layer(std::move(lower)), op_(op), armed_(armed) {}
   int Serve(msgport::VfsRequest& req) noexcept override {
     const int error = Down(req);
-    if (req.op == msgport::VfsOp::kRename) {
+    if (req.op == op_) {
       std::unique_lock lock(mu_);
-      renamed_ = true;
-      cv_.notify_all();
-      cv_.wait(lock, [this] { return released_; });
+      if (armed_) {
+        done_ = true;
+        cv_.notify_all();
+        cv_.wait(lock, [this] { return released_; });
+      }
     }
     return error;
   }
-  std::string_view Name() const noexcept override { return "rename-then-hold"; }
-  bool WaitRenamed() {
+  std::string_view Name() const noexcept override { return "do-then-hold"; }
+  void Arm() {
+    std::lock_guard lock(mu_);
+    armed_ = true;
+  }
+  bool WaitDone() {
     std::unique_lock lock(mu_);
-    return cv_.wait_for(lock, std::chrono::seconds(10), [this] { return renamed_; });
+    return cv_.wait_for(lock, std::chrono::seconds(10), [this] { return done_; });
   }
   void Release() {
     std::lock_guard lock(mu_);
@@ -757,27 +764,61 @@ class RenameThenHold final : public vfs::Layer {
   }
 
  private:
+  const msgport::VfsOp op_;
   std::mutex mu_;
   std::condition_variable cv_;
-  bool renamed_ = false, released_ = false;
+  bool armed_, done_ = false, released_ = false;
+};
+
+// Whatever fails in a test, a held request is let go and its thread waited for.
+struct ReleaseAndJoin {
+  DoThenHold& hold;
+  std::thread& t;
+  ~ReleaseAndJoin() {
+    hold.Release();
+    if (t.joinable()) t.join();
+  }
+};
+
+// An isolated passthrough mount (mount_) of a directory that this process serves
+// (lower_) through a DoThenHold layer (hold_) over dir_/src, with a file `a`.
+class HeldBelowTest : public ::testing::Test {
+ protected:
+  void Mount(msgport::VfsOp op, bool armed) {
+    ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "low " + dir_ / "mnt"), 0);
+    auto layer = OnPassthrough<DoThenHold>(dir_ / "src", op, armed);
+    ASSERT_TRUE(layer);
+    hold_ = layer.get();
+    lower_ = std::make_unique<InProcessMount>(std::move(layer), dir_ / "low", /*timeout=*/1);
+    ASSERT_EQ(lower_->error(), "");
+    mount_ = std::make_unique<ServedMount>(std::vector<std::string>{"--isolated", "--stack", "passthrough:" + dir_ / "low"},
+                                           dir_ / "mnt", dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
+    ASSERT_EQ(Shell("echo hello > " + mount_->path() + "/a"), 0);
+  }
+  void KillServer(pid_t server) {
+    ASSERT_GT(server, 0);
+    ASSERT_EQ(::kill(server, SIGKILL), 0);
+  }
+  // Waits for a server other than `old` to serve.
+  void WaitForServerAfter(pid_t old) {
+    std::string why;
+    ASSERT_TRUE(NewServerServes(mount_->pid(), old, dir_ / "server.log", &why)) << why;
+  }
+
+  TempDir dir_;
+  DoThenHold* hold_ = nullptr;
+  std::unique_ptr<InProcessMount> lower_;
+  std::unique_ptr<ServedMount> mount_;
 };
 
 // A rename the isolated server did but could not answer (killed between the two) is
 // answered EIO, and a program's descriptor of the renamed file still works after the
 // restart: the mount finds the node by its new name, which leads to a file of the same
 // inode number. (Before, it kept only the old name, which found nothing: ESTALE.)
-TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
-  TempDir dir;
-  ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "low " + dir / "mnt"), 0);
-  auto layer = OnPassthrough<RenameThenHold>(dir / "src");
-  ASSERT_TRUE(layer);
-  RenameThenHold& hold = *layer;
-  InProcessMount lower(std::move(layer), dir / "low", /*timeout=*/1);
-  ASSERT_EQ(lower.error(), "");
-  ServedMount mount({"--isolated", "--stack", "passthrough:" + dir / "low"}, dir / "mnt", dir / "server.log");
-  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
-  const std::string m = mount.path();
-  ASSERT_EQ(Shell("echo hello > " + m + "/a"), 0);
+TEST_F(HeldBelowTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
+  ASSERT_NO_FATAL_FAILURE(Mount(msgport::VfsOp::kRename, /*armed=*/true));
+  const std::string m = mount_->path();
   const int fd = ::open((m + "/a").c_str(), O_RDONLY | O_CLOEXEC);
   ASSERT_GE(fd, 0);
   int rename_rc = 0, rename_errno = 0;
@@ -785,21 +826,12 @@ TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
     rename_rc = ::rename((m + "/a").c_str(), (m + "/b").c_str());
     rename_errno = errno;
   });
-  struct Joiner {  // whatever fails below, the held rename is let go and waited for
-    RenameThenHold& hold;
-    std::thread& t;
-    ~Joiner() {
-      hold.Release();
-      if (t.joinable()) t.join();
-    }
-  } joiner{hold, renamer};
-  ASSERT_TRUE(hold.WaitRenamed()) << "the rename did not reach the disk below";
-  const pid_t old = IsolatedServerOf(mount.pid());
-  ASSERT_GT(old, 0);
-  ASSERT_EQ(::kill(old, SIGKILL), 0);
-  hold.Release();  // the server dies once its rename returns
-  std::string why;
-  ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
+  ReleaseAndJoin joiner{*hold_, renamer};
+  ASSERT_TRUE(hold_->WaitDone()) << "the rename did not reach the disk below";
+  const pid_t old = IsolatedServerOf(mount_->pid());
+  ASSERT_NO_FATAL_FAILURE(KillServer(old));
+  hold_->Release();  // the server dies once its rename returns
+  ASSERT_NO_FATAL_FAILURE(WaitForServerAfter(old));
   renamer.join();
   EXPECT_EQ(rename_rc, -1);
   EXPECT_EQ(rename_errno, EIO);
@@ -811,6 +843,37 @@ TEST(RestartAfterRenameTest, AFileRenamedByTheDeadServerIsFoundByItsNewName) {
   EXPECT_STREQ(buf, "hello\n");
   ::close(fd);
   EXPECT_EQ(Output("ls " + m), "b\n");
+}
+
+// A descriptor opened before a kill is opened again in the next server on its first
+// use there. When that server dies too while it opens it, the request waits for the
+// one after, and the descriptor goes on working. (Before, the request was answered
+// EBADF: a program's good descriptor failed, as RestartOverlayTest's script saw.)
+TEST_F(HeldBelowTest, ADescriptorWorksWhenTheNextServerDiesOpeningItAgain) {
+  ASSERT_NO_FATAL_FAILURE(Mount(msgport::VfsOp::kOpen, /*armed=*/false));
+  const int fd = ::open((mount_->path() + "/a").c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0) << std::strerror(errno);
+  const pid_t first = IsolatedServerOf(mount_->pid());
+  ASSERT_NO_FATAL_FAILURE(KillServer(first));
+  ASSERT_NO_FATAL_FAILURE(WaitForServerAfter(first));
+  const pid_t second = IsolatedServerOf(mount_->pid());
+  hold_->Arm();  // the second server's open of `a`, for the fsync below, is held
+  int fsync_rc = 0, fsync_errno = 0;
+  std::thread syncer([&] {
+    fsync_rc = ::fsync(fd);  // a request on the handle: sent to the server
+    fsync_errno = errno;
+  });
+  ReleaseAndJoin joiner{*hold_, syncer};
+  ASSERT_TRUE(hold_->WaitDone()) << "the second server did not open the file again";
+  ASSERT_NO_FATAL_FAILURE(KillServer(second));
+  hold_->Release();  // the server dies once its open returns
+  ASSERT_NO_FATAL_FAILURE(WaitForServerAfter(second));
+  syncer.join();
+  EXPECT_EQ(fsync_rc, 0) << std::strerror(fsync_errno);
+  EXPECT_EQ(::pwrite(fd, "HELLO", 5, 0), 5) << std::strerror(errno);
+  EXPECT_EQ(::fsync(fd), 0) << std::strerror(errno);
+  ::close(fd);
+  EXPECT_EQ(ReadAll(dir_ / "src/a"), "HELLO\n");
 }
 
 INSTANTIATE_TEST_SUITE_P(Stacks, RestartTest, ::testing::Values("passthrough", "stack", "uring"),

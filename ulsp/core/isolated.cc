@@ -492,7 +492,7 @@ void IsolatedPort::LendFile(const NameKey& key, const msgport::VfsContext& ctx, 
   ask->req.node = node;
   ask->req.fh = *fh;
   lock.unlock();
-  auto lent = Ask(*server, std::move(ask));
+  auto lent = AskServer(server, epoch, std::move(ask));
   lock.lock();
   if (!lent) {
     if (lent.error().value == ENOSYS) lend_refused_ = true;
@@ -615,7 +615,7 @@ uint64_t IsolatedPort::ServerNode(uint64_t kernel_id, const Server& server, uint
     ask->req.node = parent;
     ask->req.name = name;
     lock.unlock();  // replies (ours too) are delivered through PutReply, which locks
-    auto found = Ask(*server, std::move(ask));
+    auto found = AskServer(server, epoch, std::move(ask));
     lock.lock();
     n = Node(kernel_id);
     if (!found) {
@@ -664,7 +664,7 @@ uint64_t IsolatedPort::AdoptFile(uint64_t kernel_id, const Server& server, uint6
   }
   ask->req.fh = n->file_tag;
   lock.unlock();
-  auto found = Ask(*server, std::move(ask));
+  auto found = AskServer(server, epoch, std::move(ask));
   lock.lock();
   n = Node(kernel_id);
   if (!found) return 0;
@@ -710,7 +710,7 @@ std::optional<uint64_t> IsolatedPort::ServerHandle(uint64_t kernel_fh, const Ser
   ask->req.node = node;
   ask->req.flags = h.flags;
   lock.unlock();
-  auto opened = Ask(*server, std::move(ask));
+  auto opened = AskServer(server, epoch, std::move(ask));
   lock.lock();
   if (!opened) return std::nullopt;
   KHandle& now = handles_[kernel_fh - 1];
@@ -718,6 +718,29 @@ std::optional<uint64_t> IsolatedPort::ServerHandle(uint64_t kernel_fh, const Ser
   now.server_fh = (*opened)->req.open.fh;
   now.epoch = epoch;
   return now.server_fh;
+}
+
+Result<std::unique_ptr<VfsMessage>> IsolatedPort::AskServer(const Server& server, uint64_t epoch,
+                                                              std::unique_ptr<VfsMessage> m) {
+  auto reply = Ask(*server, std::move(m));
+  if (!reply && reply.error().value == ECONNRESET) lost_epoch_.store(epoch, std::memory_order_release);
+  return reply;
+}
+
+void IsolatedPort::Requeue(MessagePtr msg, uint64_t epoch) {
+  {
+    // The supervisor may not have seen the death yet: take that server out of
+    // service now, so this request (and every new one) waits for the next.
+    std::lock_guard lock(server_mu_);
+    if (server_ != nullptr && epoch_ == epoch) server_ = nullptr;
+    if (server_ == nullptr && !broken_ && !stopping_) {
+      const auto limit = source_->wait_limit();
+      if (limit.count() > 0 && msg->deadline == msgport::kNoDeadline) msg->deadline = msgport::After(limit);
+      waiting_.push_back(std::move(msg));
+      return;
+    }
+  }
+  Forward(std::move(msg));  // to the next server, already up; or answered EIO
 }
 
 void IsolatedPort::Put(MessagePtr msg) {
@@ -820,6 +843,13 @@ void IsolatedPort::Forward(MessagePtr msg) {
     }
   }
   SendForgets(server);
+  if (error && lost_epoch_.load(std::memory_order_acquire) == epoch) {
+    // The server died while its nodes or handles were found again in it: the request
+    // was not sent, so it waits for the next server, whatever it is. (Answered EBADF
+    // or ESTALE before, for a descriptor that was fine.)
+    Requeue(std::move(msg), epoch);
+    return;
+  }
   if (error) {
     Answer(counters(), std::move(msg), error);
     return;
@@ -953,17 +983,7 @@ void IsolatedPort::PutReply(MessagePtr msg) {
     if (server_ != nullptr && epoch_ == m.relay.epoch) server_ = nullptr;
   } else if (msg->error == ECONNRESET) {  // the server died with it
     if (Resendable(m.req) && m.relay.sends < kMaxSends) {
-      {
-        // The supervisor may not have seen the death yet: take that server out of
-        // service now, so this request (and every new one) waits for the next.
-        std::lock_guard lock(server_mu_);
-        if (server_ != nullptr && epoch_ == m.relay.epoch) server_ = nullptr;
-        if (server_ == nullptr && !broken_ && !stopping_) {
-          waiting_.push_back(std::move(msg));
-          return;
-        }
-      }
-      Forward(std::move(msg));
+      Requeue(std::move(msg), m.relay.epoch);
       return;
     }
     msg->error = EIO;

@@ -227,6 +227,13 @@ class IsolatedPort final : public msgport::Port {
   // Translates a request to the current server and sends it (or queues it while no
   // server runs). Replies it itself when it cannot be sent.
   void Forward(msgport::MessagePtr msg);
+  // `msg`'s server (of `epoch`) died before it answered, or before it was sent: it
+  // waits for the next server, or goes to it if one is up already.
+  void Requeue(msgport::MessagePtr msg, uint64_t epoch);
+  // A request of the port's own to `server` (of `epoch`), sent and waited for (map_mu_
+  // not held). Notes in lost_epoch_ a server that went meanwhile (ECONNRESET).
+  Result<std::unique_ptr<msgport::VfsMessage>> AskServer(const Server& server, uint64_t epoch,
+                                                         std::unique_ptr<msgport::VfsMessage> m);
   void Translate(msgport::VfsMessage& m);  // the reply's ids, back to the kernel's
   // `changed`'s server ids as the kernel's (map_mu_ held): those it holds.
   void TranslateChanged(std::vector<uint64_t>& changed, uint64_t epoch);
@@ -247,6 +254,7 @@ class IsolatedPort final : public msgport::Port {
   bool lend_refused_ = false;  // the stack answered kLend ENOSYS (memfs): not asked again
   uint64_t map_epoch_ = 0;  // the epoch the tables' server ids belong to
   std::vector<std::pair<uint64_t, uint64_t>> pending_forgets_;  // (server id, count)
+  std::atomic<uint64_t> lost_epoch_{0};  // the last epoch whose server went during an AskServer
 
   mutable std::mutex server_mu_;  // guards the fields below
   std::condition_variable server_cv_;
