@@ -1227,6 +1227,26 @@ TEST_F(StackTest, TheOverlaysOwnNamesAreHiddenAndCannotBeMade) {
   EXPECT_EQ(Output("ls -A " + dir_ / "upper"), "pub\n");
 }
 
+// What a killed server left in UPPER under the overlay's own names (a file made but
+// not yet moved over its whiteout, a directory emptied half way) goes when its
+// directory is next listed, wherever that is; a name a live process made stays (it
+// may be in use). Before, one outside the upper root stayed until its directory was
+// removed, taking room.
+TEST_F(StackTest, WhatAKilledServerLeftGoesWhenItsDirectoryIsListed) {
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "upper/pub"), 0);
+  const std::string dead = Output("sh -c 'echo $$' | tr -d '\\n'");  // a process gone
+  ASSERT_FALSE(dead.empty());
+  const std::string pub = dir_ / "upper/pub/";
+  ASSERT_EQ(Shell("cd " + pub + " && echo half > .ulsp-whiteout." + dead + ".1 && mkdir -p .ulsp-whiteout." + dead +
+                  ".2/x && mknod .ulsp-whiteout." + dead + ".2/x/w c 0 0 && touch .ulsp-whiteout.1.3"),
+            0);
+  Mount("overlay:" + dir_ / "upper,passthrough:" + dir_ / "src");
+  const std::string m = mount_->path();
+  EXPECT_EQ(Output("ls -A " + m + "/pub"), "a\nsub\n");
+  EXPECT_EQ(Output("ls -A " + pub), ".ulsp-whiteout.1.3\n");  // pid 1 lives
+  EXPECT_EQ(Output("ls -A " + dir_ / "src/pub"), "a\nsub\n");  // below: untouched
+}
+
 // A directory found on both sides keeps the lower one's inode number after its
 // copy-up, as on overlayfs over one file system. Programs that walk a tree with fts
 // check that a directory they come back to is the one they left: once, its copy-up

@@ -2,12 +2,15 @@
 
 #include <dirent.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 #include <linux/fuse.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
+#include <charconv>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -44,6 +47,16 @@ bool Reserved(std::string_view name) { return name.starts_with(kWorkPrefix); }
 std::string WorkName() {
   static std::atomic<uint64_t> next{0};
   return std::string(kWorkPrefix) + std::to_string(::getpid()) + "." + std::to_string(next.fetch_add(1));
+}
+// Whether a name of the overlay's own (Reserved) is one a process now gone left
+// (`.ulsp-whiteout.PID.N`, no process PID: a killed server). A live process's, this
+// one's included, may be in use.
+bool LeftByTheDead(std::string_view name) {
+  name.remove_prefix(kWorkPrefix.size());
+  pid_t pid = 0;
+  const auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), pid);
+  if (ec != std::errc() || pid <= 0 || end == name.data() + name.size() || *end != '.') return false;
+  return ::kill(pid, 0) != 0 && errno == ESRCH;
 }
 // `make(name)` under a fresh work name, put in *name; another is tried while one a
 // killed server left (the same pid, an earlier process) is in the way (EEXIST).
@@ -383,15 +396,21 @@ int OverlayLayer::RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const s
 void OverlayLayer::ClearUpperDir(const VfsRequest& req, uint64_t upper_dir) {
   std::vector<std::string> names;
   ForEachEntry(*upper_, req, upper_dir, [&](const std::string& name, uint32_t, uint64_t) { names.push_back(name); });
-  for (const auto& name : names) {
-    if (RemoveUpper(req, upper_dir, name) != EISDIR || !Reserved(name)) continue;
-    VfsRequest s = Own(req, VfsOp::kLookup, upper_dir);
-    s.name = name;
-    if (upper_->Serve(s) != 0) continue;
-    ClearUpperDir(req, s.entry.ino);
-    Forget(*upper_, s.entry.ino, 1);
-    RemoveUpper(req, upper_dir, name, VfsOp::kRmDir);
-  }
+  for (const auto& name : names)
+    if (RemoveUpper(req, upper_dir, name) == EISDIR && Reserved(name)) RemoveReservedDir(req, upper_dir, name);
+}
+
+void OverlayLayer::RemoveReservedDir(const VfsRequest& req, uint64_t upper_dir, const std::string& name) {
+  VfsRequest s = Own(req, VfsOp::kLookup, upper_dir);
+  s.name = name;
+  if (upper_->Serve(s) != 0) return;
+  // All of it is the overlay's: whatever the names inside are.
+  std::vector<std::string> names;
+  ForEachEntry(*upper_, req, s.entry.ino, [&](const std::string& n, uint32_t, uint64_t) { names.push_back(n); });
+  for (const auto& n : names)
+    if (RemoveUpper(req, s.entry.ino, n) == EISDIR) RemoveReservedDir(req, s.entry.ino, n);
+  Forget(*upper_, s.entry.ino, 1);
+  RemoveUpper(req, upper_dir, name, VfsOp::kRmDir);
 }
 
 // A whiteout `name` in `upper_parent`. As on overlayfs, it is a hard link to one
@@ -620,8 +639,12 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
   constexpr size_t kWhiteout = SIZE_MAX;
   std::map<std::string, size_t> seen;  // each upper name: its entry in `out`, or kWhiteout
   if (dir.upper) {
+    std::vector<std::string> left;  // by a killed server
     int err = ForEachEntry(*upper_, req, dir.upper, [&](const std::string& name, uint32_t type, uint64_t ino) {
-      if (Reserved(name)) return;
+      if (Reserved(name)) {
+        if (LeftByTheDead(name)) left.push_back(name);
+        return;
+      }
       if (type == DT_CHR) {  // maybe a whiteout
         VfsRequest s = Own(req, VfsOp::kLookup, dir.upper);
         s.name = name;
@@ -637,6 +660,9 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
       out.entries.push_back({name, type, ino});
     });
     if (err) return err;
+    // Hidden, they only took room until now (their directory's removal took them too).
+    for (const auto& name : left)
+      if (RemoveUpper(req, dir.upper, name) == EISDIR) RemoveReservedDir(req, dir.upper, name);
   }
   if (dir.lower && !dir.opaque) {
     int err = ForEachEntry(*lower(), req, dir.lower, [&](const std::string& name, uint32_t type, uint64_t ino) {
