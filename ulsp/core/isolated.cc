@@ -843,10 +843,11 @@ void IsolatedPort::Forward(MessagePtr msg) {
     }
   }
   SendForgets(server);
-  if (error && lost_epoch_.load(std::memory_order_acquire) == epoch) {
-    // The server died while its nodes or handles were found again in it: the request
-    // was not sent, so it waits for the next server, whatever it is. (Answered EBADF
-    // or ESTALE before, for a descriptor that was fine.)
+  if (lost_epoch_.load(std::memory_order_acquire) == epoch) {
+    // The server died while its nodes or handles were found again in it (or a file
+    // was lent by it): the request was not sent, so it waits for the next server,
+    // whatever it is. (Answered EBADF or ESTALE before, for a descriptor that was
+    // fine; or sent to the dead server, and then EIO if it was a change.)
     Requeue(std::move(msg), epoch);
     return;
   }
