@@ -15,6 +15,8 @@
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
@@ -40,6 +42,14 @@ inline const bool kUmaskPerTest = [] {
   ::testing::UnitTest::GetInstance()->listeners().Append(new UmaskPerTest);
   return true;
 }();
+
+// The whole text of the file `path` ("" when it cannot be read).
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
 
 // Turns the kernel's switch for FUSE over io_uring (the fuse module's enable_uring) on
 // or off while it lives, and puts back what it found. Mounts made meanwhile are

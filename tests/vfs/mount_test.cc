@@ -30,13 +30,6 @@ namespace {
 const std::string kPython = "/usr/bin/python3";
 const std::string kSemantics = std::string(ULSP_TESTS_DIR) + "/vfs/semantics.py";
 
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // One mount for a test: a source directory, a mount point, and what serves it.
 // The parameter is "passthrough", "isolated" (passthrough in its own process),
 // "stack" (trace, then view admitting /work, on passthrough, with kernel passthrough
@@ -74,7 +67,7 @@ class MountTest : public ::testing::TestWithParam<std::string> {
               "trace:" + (dir_ / "trace.jsonl") + ",view:" + (dir_ / "allow.txt") + ",passthrough:" + (dir_ / "src")};
     }
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
-    ASSERT_TRUE(mount_->ok()) << "the mount did not come up; server log:\n" << ReadFile(dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << "the mount did not come up; server log:\n" << ReadAll(dir_ / "server.log");
     work_ = mount_->path() + "/work";
     if (Memfs()) {
       ASSERT_EQ(::mkdir(work_.c_str(), 0777), 0);
@@ -90,9 +83,9 @@ class MountTest : public ::testing::TestWithParam<std::string> {
   }
   void TearDown() override {
     if (mount_) {
-      EXPECT_EQ(mount_->Stop(), 0) << "the server did not exit cleanly; log:\n" << ReadFile(dir_ / "server.log");
+      EXPECT_EQ(mount_->Stop(), 0) << "the server did not exit cleanly; log:\n" << ReadAll(dir_ / "server.log");
       // The server counts, on its way out, the requests that came through the rings.
-      const std::string log = ReadFile(dir_ / "server.log");
+      const std::string log = ReadAll(dir_ / "server.log");
       if (Uring()) {
         EXPECT_NE(log.find("requests came through io_uring"), std::string::npos) << log;
       } else {
@@ -188,7 +181,7 @@ void ForEachStackOverADisk(const TempDir& dir, const std::string& rel, const std
     SCOPED_TRACE(args.back());
     args.insert(args.begin(), {"--timeout", "30"});  // the kernel keeps "no such name" meanwhile
     ServedMount mount(args, dir / "mnt", dir / "server.log");
-    ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
+    ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
     EXPECT_EQ(Output("(stat -c %n " + mount.path() + "/" + rel + ") 2>&1 | grep -c 'No such file'"), "1\n");
     check(mount.path());
     EXPECT_EQ(mount.Stop(), 0);
@@ -268,8 +261,8 @@ TEST_P(MountTest, AFifoJoinsTwoPrograms) {
                   Stored("plain") + "; " + "timeout 20 taskset -c 0 sh -c 'cat " + work_ + "/plain > " + work_ +
                   "/fifo'"),
             0);
-  for (int i = 0; i < 200 && ReadFile(dir_ / "got").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  EXPECT_EQ(ReadFile(dir_ / "got"), "hello\n");
+  for (int i = 0; i < 200 && ReadAll(dir_ / "got").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(ReadAll(dir_ / "got"), "hello\n");
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, MountTest,
@@ -297,11 +290,11 @@ class BlockedServerTest : public ::testing::TestWithParam<std::string> {
                     dir_ / "src/plain"),
               0);
     lower_ = std::make_unique<ServedMount>(std::vector<std::string>{dir_ / "inner"}, dir_ / "src/lower", dir_ / "lower.log");
-    ASSERT_TRUE(lower_->ok()) << ReadFile(dir_ / "lower.log");
+    ASSERT_TRUE(lower_->ok()) << ReadAll(dir_ / "lower.log");
     std::vector<std::string> args{dir_ / "src"};
     if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
-    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
     // `lower` itself is looked up now, while its server runs (its entry stays cached):
     // below, each program's request is a lookup of its own name in it, not a wait for
     // the one lookup of `lower`. Then its server stops.
@@ -324,8 +317,8 @@ class BlockedServerTest : public ::testing::TestWithParam<std::string> {
     ExpectAnswered(cpu);
     ::kill(lower_->pid(), SIGCONT);
     stopped_ = false;
-    EXPECT_EQ(mount_->Stop(), 0) << ReadFile(dir_ / "server.log");
-    EXPECT_EQ(lower_->Stop(), 0) << ReadFile(dir_ / "lower.log");
+    EXPECT_EQ(mount_->Stop(), 0) << ReadAll(dir_ / "server.log");
+    EXPECT_EQ(lower_->Stop(), 0) << ReadAll(dir_ / "lower.log");
   }
   std::unique_ptr<KernelUringSwitch> uring_;
   TempDir dir_;
@@ -337,8 +330,8 @@ TEST_P(BlockedServerTest, ARequestStuckInTheLayerDoesNotStallItsCpu) {
   ASSERT_EQ(Shell("(timeout 20 taskset -c 0 stat " + dir_ / "mnt/lower/x" + " > /dev/null 2>&1 &) ; sleep 0.3"), 0);
   ExpectServed(0);
   if (GetParam() == "uring") {
-    EXPECT_NE(ReadFile(dir_ / "server.log").find("requests came through io_uring"), std::string::npos)
-        << ReadFile(dir_ / "server.log");
+    EXPECT_NE(ReadAll(dir_ / "server.log").find("requests came through io_uring"), std::string::npos)
+        << ReadAll(dir_ / "server.log");
   }
 }
 
@@ -392,7 +385,7 @@ TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
   ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
   auto served = DebugMount({"--no-io-uring", dir / "src"}, dir);
   ServedMount& mount = *served;
-  ASSERT_TRUE(mount.ok()) << ReadFile(dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
   const std::string file = mount.path() + "/f";
   // 3000 opens from CPU 0 (each an OPEN, and a RELEASE), then at once a program on
   // CPU 1, while CPU 1's reader rests.
@@ -403,10 +396,10 @@ TEST(RestingReadersTest, AProgramOnARestingReadersCpuIsServed) {
             "hello\n");
   EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(15));
   const auto stopped = std::chrono::steady_clock::now();
-  EXPECT_EQ(mount.Stop(), 0) << ReadFile(dir / "server.log");
+  EXPECT_EQ(mount.Stop(), 0) << ReadAll(dir / "server.log");
   EXPECT_LT(std::chrono::steady_clock::now() - stopped, std::chrono::seconds(5));
-  EXPECT_NE(ReadFile(dir / "server.log").find("per-CPU readers rested"), std::string::npos)
-      << ReadFile(dir / "server.log");
+  EXPECT_NE(ReadAll(dir / "server.log").find("per-CPU readers rested"), std::string::npos)
+      << ReadAll(dir / "server.log");
 }
 
 // An isolated server's replies are delivered by the reader that passed the request
@@ -418,13 +411,13 @@ TEST(IsolatedReadersTest, TheReadersDeliverTheServersReplies) {
   TempDir dir;
   ASSERT_EQ(Shell("mkdir " + dir / "src " + dir / "mnt && echo hello > " + dir / "src/f"), 0);
   auto mount = DebugMount({"--no-io-uring", "--isolated", dir / "src"}, dir);
-  ASSERT_TRUE(mount->ok()) << ReadFile(dir / "server.log");
+  ASSERT_TRUE(mount->ok()) << ReadAll(dir / "server.log");
   const std::string file = mount->path() + "/f";
   ASSERT_EQ(Shell("timeout -s KILL 20 " + kPython + " -c \"import os\n" + "for _ in range(500): os.close(os.open('" +
                   file + "', os.O_RDONLY))\""),
             0);
-  ASSERT_EQ(mount->Stop(), 0) << ReadFile(dir / "server.log");
-  const std::string log = ReadFile(dir / "server.log");
+  ASSERT_EQ(mount->Stop(), 0) << ReadAll(dir / "server.log");
+  const std::string log = ReadAll(dir / "server.log");
   const std::string said = "the readers delivered the server's replies ";
   const size_t at = log.find(said);
   ASSERT_NE(at, std::string::npos) << log;
@@ -484,7 +477,7 @@ class StackTest : public ::testing::Test {
  protected:
   void Mount(const std::string& spec) {
     mount_ = std::make_unique<ServedMount>(std::vector<std::string>{"--stack", spec}, dir_ / "mnt", dir_ / "server.log");
-    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
   }
   void SetUp() override {
     ASSERT_EQ(Shell("mkdir -p " + dir_ / "mnt " + dir_ / "src/pub/sub " + dir_ / "src/secret && echo a > " +
@@ -506,9 +499,9 @@ TEST_F(StackTest, ABadSpinSettingIsSaidAndIgnored) {
   Mount("passthrough:" + dir_ / "src");
   EXPECT_EQ(Output("cat " + mount_->path() + "/top"), "t\n");
   mount_.reset();  // unmounted: the log is complete
-  EXPECT_NE(ReadFile(dir_ / "server.log").find("ULSP_FUSE_SPIN_US='50us' is not a number of microseconds"),
+  EXPECT_NE(ReadAll(dir_ / "server.log").find("ULSP_FUSE_SPIN_US='50us' is not a number of microseconds"),
             std::string::npos)
-      << ReadFile(dir_ / "server.log");
+      << ReadAll(dir_ / "server.log");
 }
 
 TEST_F(StackTest, ViewShowsOnlyWhatItsListAdmits) {
@@ -557,11 +550,11 @@ TEST_F(StackTest, WithoutKernelPassthroughTraceRecordsEveryReadAndWrite) {
   mount_ = std::make_unique<ServedMount>(
       std::vector<std::string>{"--no-kernel-passthrough", "--stack", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src"},
       dir_ / "mnt", dir_ / "server.log");
-  ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+  ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
   const std::string m = mount_->path();
   ASSERT_EQ(Shell("cat " + m + "/pub/a > /dev/null && echo more >> " + m + "/pub/a"), 0);
   mount_->Stop();
-  const std::string log = ReadFile(dir_ / "t.jsonl");
+  const std::string log = ReadAll(dir_ / "t.jsonl");
   EXPECT_NE(log.find(R"("op":"read","path":"/pub/a")"), std::string::npos) << log;
   EXPECT_NE(log.find(R"("op":"write","path":"/pub/a")"), std::string::npos) << log;
 }
@@ -575,7 +568,7 @@ TEST_F(StackTest, AReadOnlyMountRefusesChangesAndKeepsAttributesAcrossReads) {
   mount_ = std::make_unique<ServedMount>(
       std::vector<std::string>{"-r", "--timeout", "60", "--stack", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src"},
       dir_ / "mnt", dir_ / "server.log");
-  ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+  ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
   const std::string m = mount_->path();
   const std::string listing = "cd " + dir_ / "src" + " && find . -printf '%p %m %s %T@\\n' | sort && cat pub/a top";
   const std::string before = Output(listing);
@@ -636,7 +629,7 @@ TEST_F(StackTest, TraceOnAFullDiskDropsWholeLinesAndSaysHowMany) {
   std::string server;
   for (int i = 0; i < 200 && server.find("No space left on device") == std::string::npos; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
-    server = ReadFile(dir_ / "server.log");
+    server = ReadAll(dir_ / "server.log");
   }
   EXPECT_NE(server.find("trace: writing " + logfs + "/t.jsonl failed: No space left on device"), std::string::npos)
       << server;
@@ -662,7 +655,7 @@ print("ok", len(ops), lost)
 )PY";
   std::ofstream(dir_ / "check.py") << check;
   EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + logfs + "/t.jsonl", true).substr(0, 3), "ok ")
-      << ReadFile(dir_ / "server.log");
+      << ReadAll(dir_ / "server.log");
 }
 
 // Kernel passthrough: on a passthrough stack (in-process or isolated, under a view)
@@ -681,7 +674,7 @@ class KernelPassthroughTest : public ::testing::TestWithParam<std::string> {
   std::string Exercise(std::vector<std::string> args) {
     args.insert(args.begin(), "-d");
     ServedMount mount(args, dir_ / "mnt", dir_ / "server.log");
-    EXPECT_TRUE(mount.ok()) << ReadFile(dir_ / "server.log");
+    EXPECT_TRUE(mount.ok()) << ReadAll(dir_ / "server.log");
     if (!mount.ok()) return "";
     const std::string m = mount.path();
     EXPECT_EQ(Shell("cmp " + dir_ / "src/big " + m + "/big"), 0);
@@ -697,7 +690,7 @@ class KernelPassthroughTest : public ::testing::TestWithParam<std::string> {
     std::ofstream(dir_ / "mapped.py") << mapped;
     EXPECT_EQ(Shell(kPython + " " + dir_ / "mapped.py " + m + "/big " + dir_ / "src/big"), 0);
     EXPECT_EQ(mount.Stop(), 0);
-    return ReadFile(dir_ / "server.log");
+    return ReadAll(dir_ / "server.log");
   }
   static bool Has(const std::string& log, const std::string& opcode) {
     return log.find("opcode: " + opcode + " (") != std::string::npos;
@@ -925,7 +918,7 @@ class HandlelessListingTest : public ::testing::TestWithParam<std::string> {
     std::vector<std::string> args = {"-d", "--timeout", "0.3", "--stack", stack};
     if (GetParam() == "isolated") args.insert(args.begin(), "--isolated");
     ServedMount mount(args, dir_ / "mnt", dir_ / "server.log");
-    EXPECT_TRUE(mount.ok()) << ReadFile(dir_ / "server.log");
+    EXPECT_TRUE(mount.ok()) << ReadAll(dir_ / "server.log");
     if (!mount.ok()) return "";
     const std::string m = mount.path();
     const std::string native = Output("cd " + dir_ / "src && find . | sort");
@@ -937,7 +930,7 @@ class HandlelessListingTest : public ::testing::TestWithParam<std::string> {
     EXPECT_EQ(Shell("rm " + m + "/many/made-through " + m + "/many/made-beside"), 0);
     EXPECT_EQ(Shell("sleep 0.6 && ! ls " + m + "/many | grep -q made-"), 0);
     EXPECT_EQ(mount.Stop(), 0);
-    return ReadFile(dir_ / "server.log");
+    return ReadAll(dir_ / "server.log");
   }
   TempDir dir_;
 };
@@ -1034,7 +1027,7 @@ TEST_F(StackTest, ACopyUpWithNoRoomLeavesTheLowerFileWhole) {
     std::vector<std::string> args = {"--stack", "overlay:" + upfs + "/up,passthrough:" + dir_ / "src"};
     if (*mode) args.insert(args.begin(), mode);
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
-    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
     const std::string m = mount_->path();
     EXPECT_EQ(Output("(echo x >> " + m + "/big) 2>&1"), "sh: 1: cannot create " + m + "/big: No space left on device\n");
     EXPECT_EQ(Shell("cmp " + dir_ / "src/big " + m + "/big"), 0);
@@ -1293,7 +1286,7 @@ TEST_F(StackTest, ACopyUpsNewDirectoriesAreSeenAtOnce) {
     std::vector<std::string> args = {"--timeout", "60", "--stack", "overlay:" + dir_ / "upper,passthrough:" + dir_ / "src"};
     if (*mode) args.insert(args.begin(), mode);
     mount_ = std::make_unique<ServedMount>(args, dir_ / "mnt", dir_ / "server.log");
-    ASSERT_TRUE(mount_->ok()) << ReadFile(dir_ / "server.log");
+    ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
     const std::string m = mount_->path();
     const std::string ids = " -c '%n %i %Z' ";
     ASSERT_EQ(Shell("stat" + ids + m + "/pub " + m + "/d1 " + m + "/d1/d2 >/dev/null"), 0);  // now cached
@@ -1333,7 +1326,7 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
   ASSERT_EQ(Ulsp("mount " + dir_ / "src " + dir_ / "mnt"), "");
   EXPECT_TRUE(Mounted(dir_ / "mnt"));
-  EXPECT_EQ(ReadFile(dir_ / "mnt/f"), "hi\n");  // live at once, no waiting
+  EXPECT_EQ(ReadAll(dir_ / "mnt/f"), "hi\n");  // live at once, no waiting
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
   EXPECT_FALSE(Mounted(dir_ / "mnt"));
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "ulsp umount: " + dir_ / "mnt" + ": not a ulsp mount\n");
@@ -1458,7 +1451,7 @@ TEST_F(CommandLineTest, PsNamesAStoppedServerInOneLine) {
   ASSERT_EQ(::kill(stopped, SIGSTOP), 0);
   const std::string out = Output(env + ULSP_BIN + " ps 2>" + dir_ / "err");
   ::kill(stopped, SIGCONT);
-  EXPECT_EQ(ReadFile(dir_ / "err"),
+  EXPECT_EQ(ReadAll(dir_ / "err"),
             "ulsp ps: pid " + std::to_string(stopped) + " did not answer within 2 s (is it stopped?)\n");
   EXPECT_NE(out.find(dir_ / "mnt2"), std::string::npos) << out;
   EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
@@ -1485,7 +1478,7 @@ TEST_F(CommandLineTest, UmountReturnsOnceTheServerHasEnded) {
     // Gone, or a zombie that init has yet to reap.
     const std::string state = Output("awk '{print $3}' /proc/" + std::to_string(server) + "/stat 2>/dev/null");
     EXPECT_TRUE(state.empty() || state == "Z\n") << isolated << "state " << state;
-    EXPECT_NE(ReadFile(dir_ / "t.jsonl").find(R"("op":"release","path":"/f")"), std::string::npos) << isolated;
+    EXPECT_NE(ReadAll(dir_ / "t.jsonl").find(R"("op":"release","path":"/f")"), std::string::npos) << isolated;
     EXPECT_EQ(Output("ls " + dir_ / "run"), "") << isolated;
     ::unlink((dir_ / "t.jsonl").c_str());
   }
@@ -1525,11 +1518,11 @@ TEST_F(CommandLineTest, PsCountsTheAnswersOfAnIsolatedMount) {
 TEST_F(CommandLineTest, ABackgroundTraceWritesWhileTheMountLives) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
   ASSERT_EQ(Ulsp("mount --stack trace:" + dir_ / "t.jsonl,passthrough:" + dir_ / "src " + dir_ / "mnt"), "");
-  EXPECT_EQ(ReadFile(dir_ / "mnt/f"), "hi\n");
+  EXPECT_EQ(ReadAll(dir_ / "mnt/f"), "hi\n");
   std::string log;
   for (int i = 0; i < 100 && log.find("\"op\":\"open\"") == std::string::npos; ++i) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    log = ReadFile(dir_ / "t.jsonl");
+    log = ReadAll(dir_ / "t.jsonl");
   }
   EXPECT_NE(log.find("\"op\":\"open\",\"path\":\"/f\""), std::string::npos) << log;
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
@@ -1543,8 +1536,8 @@ TEST_F(CommandLineTest, AForegroundMountStopsAtOnceOnSigterm) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
   for (int i = 0; i < 3; ++i) {
     ServedMount m({dir_ / "src"}, dir_ / "mnt", dir_ / "log");
-    ASSERT_TRUE(m.ok()) << ReadFile(dir_ / "log");
-    EXPECT_EQ(ReadFile(dir_ / "mnt/f"), "hi\n");
+    ASSERT_TRUE(m.ok()) << ReadAll(dir_ / "log");
+    EXPECT_EQ(ReadAll(dir_ / "mnt/f"), "hi\n");
     std::this_thread::sleep_for(std::chrono::milliseconds(100));  // the readers go back to sleep
     const auto sent = std::chrono::steady_clock::now();
     ASSERT_EQ(::kill(m.pid(), SIGTERM), 0);
@@ -1611,7 +1604,7 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   EXPECT_EQ(Ulsp("mount --log " + link + " " + dir_ / "src " + mnt),
             "ulsp mount: the log " + link + ": a symbolic link owned by uid 65534" + refused);
   EXPECT_FALSE(Mounted(mnt));
-  EXPECT_EQ(ReadFile(precious), "keep\n");
+  EXPECT_EQ(ReadAll(precious), "keep\n");
 
   std::ofstream(dir_ / "bad-list") << "/ok\nrelative/path\n";
   EXPECT_EQ(Ulsp("mount --stack view:" + dir_ / "bad-list,passthrough:" + dir_ / "src " + mnt),
@@ -1642,7 +1635,7 @@ TEST_F(CommandLineTest, AnIsolatedMountWithDevShmFullSaysWhy) {
                        "; echo status $?  >> " + out + "; grep -c \" " + mnt + " \" /proc/self/mounts >> " + out + "; " +
                        std::string(ULSP_BIN) + " umount " + mnt + " 2>/dev/null; true'");
   ASSERT_EQ(rc, 0);
-  EXPECT_EQ(ReadFile(out),
+  EXPECT_EQ(ReadAll(out),
             "ulsp mount: the isolated server did not start: its shared-memory port (in /dev/shm): No space left on "
             "device\nstatus 1\n0\n");
 }

@@ -27,13 +27,6 @@
 namespace ulsp::testing {
 namespace {
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // The isolated server of the mount process `mount`: its child running __serve-vfs, or
 // -1. (Servers are started by the supervisor thread, so the main thread's children
 // list misses them: scan /proc for the parent.)
