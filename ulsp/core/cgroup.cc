@@ -16,6 +16,7 @@
 #include <ranges>
 #include <sstream>
 #include <thread>
+#include <tuple>
 #include <vector>
 
 #include "kernel/msgport/own_file.h"
@@ -86,7 +87,7 @@ std::string DirOf(const MountEntry& m, const std::string& own) {
 
 }  // namespace
 
-std::expected<std::string, std::string> GroupCgroup::OwnCgroup(const std::string& controller) {
+std::expected<std::string, std::string> GroupCgroup::ParentCgroup(const std::string& controller) {
   std::optional<MountEntry> v1, v2;
   for (MountEntry& m : Mounts()) {
     if (m.fstype == "cgroup" && Has(m.super_options, controller)) {
@@ -104,15 +105,21 @@ std::expected<std::string, std::string> GroupCgroup::OwnCgroup(const std::string
   if (v2) {
     const std::string own = OwnPath("");
     const std::string dir = DirOf(*v2, own.empty() ? "/" : own);
-    const std::string control = dir + "/cgroup.subtree_control";
-    if (Has(Words(ReadSmall(control)), controller)) return dir;
-    if (!Has(Words(ReadSmall(dir + "/cgroup.controllers")), controller))
+    const std::string& top = v2->point;
+    // Beneath the nearest cgroup, ours or above, that gives the controller to its
+    // children (systemd gives pids and memory to those of user.slice's).
+    for (std::string d = dir;; d = d.substr(0, d.rfind('/'))) {
+      if (Has(Words(ReadSmall(d + "/cgroup.subtree_control")), controller)) return d;
+      if (d.size() <= top.size() || d.rfind('/') == std::string::npos) break;
+    }
+    // None does: the top's children are given it, if the hierarchy has it.
+    if (!Has(Words(ReadSmall(top + "/cgroup.controllers")), controller))
       return std::unexpected("no cgroup " + controller + " controller: cgroup v1 has no " + controller + " hierarchy mounted, and cgroup2 on " +
-                             v2->point + " does not offer " + controller + " to " + dir + " (its cgroup.controllers)");
-    if (auto w = WriteSmall(control, "+" + controller); !w)
-      return std::unexpected("cgroup2's " + controller + " controller is not enabled for the children of " + dir +
-                             ", and enabling it failed: " + w.error());
-    return dir;
+                             top + " does not offer it (its cgroup.controllers)");
+    if (auto w = WriteSmall(top + "/cgroup.subtree_control", "+" + controller); !w)
+      return std::unexpected("cgroup2's " + controller + " controller is given to the children of no cgroup from " + dir + " up to " + top +
+                             ", and giving it to " + top + "'s failed: " + w.error());
+    return top;
   }
   return std::unexpected("no cgroup " + controller + " controller is mounted (neither cgroup v1's " + controller +
                          " hierarchy nor cgroup2, in /proc/self/mountinfo)");
@@ -124,11 +131,23 @@ std::expected<GroupCgroup, std::string> GroupCgroup::Make(const std::string& gro
   name += '-';
   name += std::to_string(::getpid());
   GroupCgroup made;
-  // The cgroup of `controller` with the limit `what`: made, or found made already (cgroup2).
-  auto make = [&](const std::string& controller, const std::string& what) -> std::expected<std::string, std::string> {
-    auto parent = OwnCgroup(controller);
-    if (!parent) return std::unexpected(what + ": " + parent.error());
-    const std::string dir = *parent + "/" + name;
+  std::string pids_parent, memory_parent;
+  for (auto [wanted, controller, what, parent] : {std::tuple(want.pids, "pids", &want.pids_what, &pids_parent),
+                                                  std::tuple(want.memory, "memory", &want.memory_what, &memory_parent)}) {
+    if (!wanted) continue;
+    auto found = ParentCgroup(controller);
+    if (!found) return std::unexpected(*what + ": " + found.error());
+    *parent = std::move(*found);
+  }
+  // In cgroup2 both are in one hierarchy, where a process is in one cgroup: both
+  // limits go on one, beneath the higher parent. It gives both controllers: one given
+  // to a cgroup's children is given by each cgroup above it.
+  auto above = [](const std::string& a, const std::string& b) { return !a.empty() && b.starts_with(a + "/"); };
+  if (above(pids_parent, memory_parent)) memory_parent = pids_parent;
+  if (above(memory_parent, pids_parent)) pids_parent = memory_parent;
+  // The cgroup beneath `parent` for the limit `what`: made, or found made already (cgroup2).
+  auto make = [&](const std::string& parent, const std::string& what) -> std::expected<std::string, std::string> {
+    const std::string dir = parent + "/" + name;
     if (std::find(made.dirs_.begin(), made.dirs_.end(), dir) != made.dirs_.end()) return dir;
     // One left by a run of the same pid that was killed: empty, it goes; else say so.
     if (::mkdir(dir.c_str(), 0755) != 0 && !(errno == EEXIST && ::rmdir(dir.c_str()) == 0 && ::mkdir(dir.c_str(), 0755) == 0))
@@ -138,13 +157,13 @@ std::expected<GroupCgroup, std::string> GroupCgroup::Make(const std::string& gro
   };
   auto has = [](const std::string& dir, const std::string& file) { return ::access((dir + "/" + file).c_str(), F_OK) == 0; };
   if (want.pids) {
-    auto dir = make("pids", want.pids_what);
+    auto dir = make(pids_parent, want.pids_what);
     if (!dir) return std::unexpected(dir.error());
     if (!has(*dir, "pids.max")) return std::unexpected(want.pids_what + ": " + *dir + " has no pids.max: the pids controller is not enabled there");
     made.pids_dir_ = *dir;
   }
   if (want.memory) {
-    auto dir = make("memory", want.memory_what);
+    auto dir = make(memory_parent, want.memory_what);
     if (!dir) return std::unexpected(dir.error());
     made.memory_v2_ = !has(*dir, "memory.limit_in_bytes");
     if (made.memory_v2_ && !has(*dir, "memory.max"))

@@ -10,9 +10,8 @@
 // one of the group's processes.
 //
 // Each controller is found where the system mounts it: cgroup v1's hierarchy of that
-// name, or cgroup2 with the controller enabled for this process's cgroup's children.
-// The group's cgroup is made beneath this process's own one in each hierarchy, named
-// `ulsp-GROUP-PID`, and removed when the group ends, after killing anything still in it.
+// name, or cgroup2 (ParentCgroup). The group's cgroup, `ulsp-GROUP-PID`, is made
+// there, and removed when the group ends, after killing anything still in it.
 #pragma once
 
 #include <sys/types.h>
@@ -34,6 +33,15 @@ class GroupCgroup {
     std::string pids_what, memory_what;
   };
   static std::expected<GroupCgroup, std::string> Make(const std::string& group, const Want& want);
+
+  // The directory beneath which a group's cgroup of `controller` ("pids", "memory")
+  // is made, or a line saying why there is none. In cgroup v1: this process's own
+  // cgroup in that hierarchy. In cgroup2, where a cgroup that holds processes (ours
+  // holds us) can give no controller to its children, unless it is the root: the
+  // nearest cgroup, this process's own or above, that gives the controller to its
+  // children; else the mount's top, given it now (systemd's slices give pids and
+  // memory, so a login session's scope finds its slice).
+  static std::expected<std::string, std::string> ParentCgroup(const std::string& controller);
 
   GroupCgroup(GroupCgroup&& other) noexcept;
   GroupCgroup& operator=(GroupCgroup&&) = delete;
@@ -61,9 +69,6 @@ class GroupCgroup {
 
  private:
   GroupCgroup() = default;
-  // The directory of this process's own cgroup in the hierarchy of `controller`
-  // ("pids", "memory"), or a line saying why there is none.
-  static std::expected<std::string, std::string> OwnCgroup(const std::string& controller);
 
   std::vector<std::string> dirs_;  // each made once (cgroup2 holds both controllers in one)
   std::string pids_dir_, memory_dir_;
