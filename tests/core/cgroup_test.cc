@@ -48,6 +48,12 @@ std::string TryInChild(const std::string& point, bool mount_it) {
     } else {
       const std::string top = point, t = top + "/ulsp-cgroup-test-" + std::to_string(::getpid()), session = t + "/session";
       const bool given_before = ReadAll(top + "/cgroup.subtree_control").find("hugetlb") != std::string::npos;
+      std::string was = top;  // the cgroup2 cgroup this process is in ("0::/PATH")
+      if (const std::string self = ReadAll("/proc/self/cgroup"); self.starts_with("0::") || self.find("\n0::") != std::string::npos) {
+        const size_t at = self.starts_with("0::") ? 3 : self.find("\n0::") + 4;
+        const std::string path = self.substr(at, self.find('\n', at) - at);
+        if (path != "/") was += path;
+      }
       if (::mkdir(t.c_str(), 0755) != 0 || ::mkdir(session.c_str(), 0755) != 0 ||
           !WriteText(session + "/cgroup.procs", std::to_string(::getpid()))) {
         note("making " + session + " and joining it failed");
@@ -72,7 +78,7 @@ std::string TryInChild(const std::string& point, bool mount_it) {
         if (none || none.error().find("cgroup2 on " + top + " does not offer it") == std::string::npos)
           note("for a controller the kernel has not: " + (none ? *none : none.error()));
       }
-      WriteText(top + "/cgroup.procs", std::to_string(::getpid()));  // back where it was
+      WriteText(was + "/cgroup.procs", std::to_string(::getpid()));  // back where it was
       WriteText(t + "/cgroup.subtree_control", "-hugetlb");
       ::rmdir(session.c_str());
       ::rmdir(t.c_str());
