@@ -55,7 +55,7 @@ bool LeftByTheDead(std::string_view name) {
   name.remove_prefix(kWorkPrefix.size());
   pid_t pid = 0;
   const auto [end, ec] = std::from_chars(name.data(), name.data() + name.size(), pid);
-  if (ec != std::errc() || pid <= 0 || end == name.data() + name.size() || *end != '.') return false;
+  if (ec != std::errc() || pid <= 0 || pid == ::getpid() || end == name.data() + name.size() || *end != '.') return false;
   return ::kill(pid, 0) != 0 && errno == ESRCH;
 }
 // `make(name)` under a fresh work name, put in *name; another is tried while one a
@@ -392,23 +392,26 @@ int OverlayLayer::RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const s
 
 // Empties `upper_dir`, the upper copy of a directory the merged view shows empty: it
 // holds whiteouts, and maybe directories of the overlay's own (Reserved) that a killed
-// server left half removed, which go with what they hold.
-void OverlayLayer::ClearUpperDir(const VfsRequest& req, uint64_t upper_dir) {
+// server left half removed, which go with what they hold. With `all`, every directory
+// in it goes with what it holds (one of the overlay's own).
+void OverlayLayer::ClearUpperDir(const VfsRequest& req, uint64_t upper_dir, bool all) {
   std::vector<std::string> names;
   ForEachEntry(*upper_, req, upper_dir, [&](const std::string& name, uint32_t, uint64_t) { names.push_back(name); });
-  for (const auto& name : names)
-    if (RemoveUpper(req, upper_dir, name) == EISDIR && Reserved(name)) RemoveReservedDir(req, upper_dir, name);
+  for (const auto& name : names) {
+    if (all || Reserved(name)) {
+      RemoveOwn(req, upper_dir, name);
+    } else {
+      RemoveUpper(req, upper_dir, name);
+    }
+  }
 }
 
-void OverlayLayer::RemoveReservedDir(const VfsRequest& req, uint64_t upper_dir, const std::string& name) {
+void OverlayLayer::RemoveOwn(const VfsRequest& req, uint64_t upper_dir, const std::string& name) {
+  if (RemoveUpper(req, upper_dir, name) != EISDIR) return;
   VfsRequest s = Own(req, VfsOp::kLookup, upper_dir);
   s.name = name;
   if (upper_->Serve(s) != 0) return;
-  // All of it is the overlay's: whatever the names inside are.
-  std::vector<std::string> names;
-  ForEachEntry(*upper_, req, s.entry.ino, [&](const std::string& n, uint32_t, uint64_t) { names.push_back(n); });
-  for (const auto& n : names)
-    if (RemoveUpper(req, s.entry.ino, n) == EISDIR) RemoveReservedDir(req, s.entry.ino, n);
+  ClearUpperDir(req, s.entry.ino, /*all=*/true);
   Forget(*upper_, s.entry.ino, 1);
   RemoveUpper(req, upper_dir, name, VfsOp::kRmDir);
 }
@@ -661,8 +664,7 @@ int OverlayLayer::List(const VfsRequest& req, const ONode& dir, DirList& out) {
     });
     if (err) return err;
     // Hidden, they only took room until now (their directory's removal took them too).
-    for (const auto& name : left)
-      if (RemoveUpper(req, dir.upper, name) == EISDIR) RemoveReservedDir(req, dir.upper, name);
+    for (const auto& name : left) RemoveOwn(req, dir.upper, name);
   }
   if (dir.lower && !dir.opaque) {
     int err = ForEachEntry(*lower(), req, dir.lower, [&](const std::string& name, uint32_t type, uint64_t ino) {

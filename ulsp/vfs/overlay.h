@@ -109,10 +109,10 @@ class OverlayLayer final : public Layer {
   void RetireSharedWhiteout(const VfsRequest& req, uint64_t shared, bool for_good);
   int ReplaceByWhiteout(const VfsRequest& req, uint64_t upper_parent, const std::string& name, uint64_t dir = 0);
   int RemoveUpper(const VfsRequest& req, uint64_t upper_dir, const std::string& name, VfsOp op = VfsOp::kUnlink);
-  void ClearUpperDir(const VfsRequest& req, uint64_t upper_dir);
-  // Removes `name`, a directory of the overlay's own (Reserved) in `upper_dir`, and
-  // all it holds.
-  void RemoveReservedDir(const VfsRequest& req, uint64_t upper_dir, const std::string& name);
+  void ClearUpperDir(const VfsRequest& req, uint64_t upper_dir, bool all = false);
+  // Removes `name` in `upper_dir`, an entry of the overlay's own: a file, or a
+  // directory with all it holds.
+  void RemoveOwn(const VfsRequest& req, uint64_t upper_dir, const std::string& name);
   int MakeOpaqueDir(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
   int MakeOverWhiteout(const VfsRequest& req, uint64_t upper_parent, VfsRequest& s);
   bool InLower(const VfsRequest& req, const ONode& parent, const std::string& name);
