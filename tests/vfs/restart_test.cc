@@ -600,11 +600,11 @@ TEST(RestartOverlayTest, RemovedLowerEntriesNeverComeBackAcrossKills) {
                   std::to_string(kEntries - 1) + "); do echo lower > f$i && mkdir d$i && echo lower > d$i/lower; done"),
             0);
   const std::string spec = "overlay:" + dir / "up,passthrough:" + dir / "low";
-  auto mount = std::make_unique<ServedMount>(std::vector<std::string>{"--isolated", "--stack", spec}, dir / "mnt",
-                                             dir / "server.log");
+  auto mount = std::make_unique<ServedMount>(std::vector<std::string>{"--isolated", "--timeout", "1", "--stack", spec},
+                                             dir / "mnt", dir / "server.log");
   ASSERT_TRUE(mount->ok()) << ReadAll(dir / "server.log");
   const std::string script = R"PY(
-import errno, os, sys
+import errno, os, sys, time
 m, n, stop, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], open(sys.argv[4], "w", buffering=1)
 # A change the kill cut short (done or not), or a node the kill left stale (an open
 # directory, a name the dead server changed): tried again.
@@ -676,6 +676,7 @@ while not os.path.exists(stop) or rounds == 0:
         once(f"mv t{i} f{i}", lambda: os.rename(t, f), (errno.ENOENT,))
         check(i)
         do(f"rm f{i}", lambda: os.unlink(f), (errno.ENOENT,))
+        do(f"rm t{i}", lambda: os.unlink(t), (errno.ENOENT,))  # the mv cut short, not done
         once(f"mkdir d{i}", lambda: os.mkdir(d), (errno.EEXIST,))  # opaque, swapped with the whiteout
         check(i)
         do(f"rm -r d{i}", lambda: rmdir_all(d), (errno.ENOENT,))
@@ -686,7 +687,22 @@ while not os.path.exists(stop) or rounds == 0:
         do(f"rm -r d{i}", lambda: rmdir_all(d), (errno.ENOENT,))
         do(f"rm -r x{i}", lambda: rmdir_all(x), (errno.ENOENT,))
         check(i)
-print(rounds, cuts)
+# The kills are over. A removal can have met a "no such file" the kernel cached just
+# before a change cut short that the dead server did make (the kernel drops such a
+# change's names a moment after its EIO, not before: docs/vfs.md), taken it for done,
+# and left the name. Now that every cached name has timed out (the mount's --timeout
+# 1), what is left is removed: the fresh mount below must not show it again.
+time.sleep(1.5)
+left = 0
+for name in sorted(os.listdir(m)):
+    if name[0] in "fdtx" and name[1:].isdigit():
+        left += 1
+        p = f"{m}/{name}"
+        try:
+            rmdir_all(p) if os.path.isdir(p) else os.unlink(p)
+        except OSError as e:
+            out.write(f"rm -r {name} after the kills: {os.strerror(e.errno)}\n")
+print(rounds, cuts, left)
 )PY";
   std::ofstream(dir / "churn.py") << script;
   std::thread killer([&] {
@@ -702,14 +718,15 @@ print(rounds, cuts)
     }
     std::ofstream(dir / "stop") << "";
   });
-  const std::string rounds_cuts = Output("timeout 300 /usr/bin/python3 " + dir / "churn.py " + mount->path() + " " +
-                                    std::to_string(kEntries) + " " + dir / "stop " + dir / "found");
+  const std::string rounds_cuts_left = Output("timeout 300 /usr/bin/python3 " + dir / "churn.py " + mount->path() +
+                                              " " + std::to_string(kEntries) + " " + dir / "stop " + dir / "found");
   killer.join();
-  int rounds = 0, cuts = 0;
-  std::istringstream(rounds_cuts) >> rounds >> cuts;
-  EXPECT_GT(rounds, 0) << "the script failed or hung: " << rounds_cuts;
+  int rounds = 0, cuts = 0, left = 0;
+  std::istringstream(rounds_cuts_left) >> rounds >> cuts >> left;
+  EXPECT_GT(rounds, 0) << "the script failed or hung: " << rounds_cuts_left;
   RecordProperty("rounds", rounds);
   RecordProperty("changes_cut_short", cuts);
+  RecordProperty("names_left_after_the_kills", left);
   EXPECT_EQ(ReadAll(dir / "found"), "");
   // The merged view now, and on a fresh mount of the same UPPER: no file reads as a
   // lower one, and no removed directory's entry shows.
