@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -298,6 +299,39 @@ for name in ("b", "c", "x", "y"):
   EXPECT_EQ(Shell("timeout 10 sh -c 'echo three >> " + d + "/c'"), 0);
   EXPECT_EQ(ReadAll(dir_ / "src/out/b"), "one\nthree\n");
   EXPECT_EQ(Output("timeout 10 cat " + d + "/b"), "one\nthree\n");
+}
+
+// After a kill, a name the kernel looks up again (here at once: --timeout 0) leads to
+// the node the kernel already holds under it, as long as it is the same file. (Before,
+// the new server's answer got a new id; the kernel, seeing another node under the name,
+// dropped its entry: a program whose working directory it was could no longer get its
+// path ("unable to get current working directory", as git said), a descriptor's path
+// read "(deleted)", and a lock held on the file did not stop another program's, the
+// kernel keeping locks by node.)
+TEST(RestartLookupTest, ANameLookedUpAfterAKillLeadsToTheNodeTheKernelHolds) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/d " + dir / "mnt && echo hi > " + dir / "src/d/f"), 0);
+  ServedMount mount({"--isolated", "--timeout", "0", "--stack", "passthrough:" + dir / "src"}, dir / "mnt",
+                    dir / "server.log");
+  ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+  const std::string d = mount.path() + "/d";
+  UniqueFd held_dir(::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  UniqueFd locked(::open((d + "/f").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(held_dir && locked) << std::strerror(errno);
+  ASSERT_EQ(::flock(locked.get(), LOCK_EX | LOCK_NB), 0) << std::strerror(errno);
+  const pid_t old = IsolatedServerOf(mount.pid());
+  ASSERT_GT(old, 0);
+  ASSERT_EQ(::kill(old, SIGKILL), 0);
+  std::string why;
+  ASSERT_TRUE(NewServerServes(mount.pid(), old, dir / "server.log", &why)) << why;
+  // The first requests after the kill: lookups of d, then of f in it.
+  UniqueFd other(::open((d + "/f").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(other) << std::strerror(errno);
+  EXPECT_EQ(::flock(other.get(), LOCK_EX | LOCK_NB), -1) << "a second exclusive lock of the locked file was granted";
+  EXPECT_EQ(errno, EWOULDBLOCK);
+  char path[PATH_MAX] = {};
+  ASSERT_GT(::readlink(("/proc/self/fd/" + std::to_string(held_dir.get())).c_str(), path, sizeof path - 1), 0);
+  EXPECT_EQ(std::string(path), d);  // as getcwd would give it, were it a working directory
 }
 
 // A new server numbers its nodes afresh, so the first file it meets gets the id the

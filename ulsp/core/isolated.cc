@@ -528,11 +528,25 @@ IsolatedPort::KNode* IsolatedPort::Node(uint64_t kernel_id) {
 }
 
 uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name,
-                                  uint64_t ino) {
+                                  uint64_t ino, bool found) {
   if (server_id == kRootServerNode) return kRootServerNode;
   uint32_t index = 0;
   if (epoch == map_epoch_) {
-    if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) index = it->second;
+    if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) {
+      index = it->second;
+    } else if (auto named = found ? by_name_.find(NameKey{parent, name}) : by_name_.end();
+               named != by_name_.end() && nodes_[named->second].epoch != epoch &&
+               SameFile(nodes_[named->second].ino, ino)) {
+      // A node the kernel holds from a server that died, not yet found again in this
+      // one, and now found by its name: the same node to the kernel. (A new id would
+      // make the kernel drop its entry, and with it a working directory, what is
+      // mounted there, and the locks held on the old node's inode.)
+      index = named->second;
+      Bind(index, server_id, epoch);
+      nodes_[index].server_lookups = 0;  // this answer's is counted below
+      nodes_[index].renamed_parent = 0;  // found by the name it had: no rename moved it
+      nodes_[index].renamed_name.clear();
+    }
   } else if (auto it = by_name_.find(NameKey{parent, name}); it != by_name_.end() && SameFile(nodes_[it->second].ino, ino)) {
     index = it->second;  // an answer from a server that has died since: match by name
   }
@@ -912,7 +926,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
     case VfsOp::kCreate: {
       const bool link = r.op == VfsOp::kLink;
       const uint64_t id = KernelNode(r.entry.ino, epoch, link ? m.relay.node2 : m.relay.node, link ? r.name2 : r.name,
-                                     r.entry.attr.st_ino);
+                                     r.entry.attr.st_ino, /*found=*/r.op == VfsOp::kLookup);
       r.entry.ino = id;
       r.entry.generation = GenerationOf(id);
       if (r.op == VfsOp::kCreate) r.open.fh = new_handle(r.open.fh, id, r.flags, false);
@@ -936,7 +950,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
         if (record.entry_out.nodeid == 0 || record.dirent.namelen > 255) return;
         fuse_entry_out entry = record.entry_out;
         const std::string_view name(r.out.data() + pos + FUSE_NAME_OFFSET_DIRENTPLUS, record.dirent.namelen);
-        entry.nodeid = KernelNode(entry.nodeid, epoch, m.relay.node, name, entry.attr.ino);
+        entry.nodeid = KernelNode(entry.nodeid, epoch, m.relay.node, name, entry.attr.ino, /*found=*/true);
         entry.generation = GenerationOf(entry.nodeid);
         std::memcpy(r.out.data() + pos, &entry, sizeof entry);
       });

@@ -171,7 +171,10 @@ class IsolatedPort final : public msgport::Port {
   // may have now.
   void MaybeRenamed(const msgport::VfsMessage& m);
   // The kernel's id for the node a server answered (`ino`: its st_ino, 0 unknown).
-  uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name, uint64_t ino);
+  // `found`: a lookup's (or a listing's) answer, which may find a node the kernel
+  // holds from a dead server; not a create's, whose file is new.
+  uint64_t KernelNode(uint64_t server_id, uint64_t epoch, uint64_t parent, std::string_view name, uint64_t ino,
+                      bool found);
   // Whether a node known as `known` (st_ino) may be the one found with `found`.
   bool SameFile(uint64_t known, uint64_t found) const noexcept {
     return !check_identity_ || known == 0 || found == 0 || known == found;
