@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 #include <signal.h>
 #include <sys/file.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -306,14 +307,17 @@ for name in ("b", "c", "x", "y"):
 // the new server's answer got a new id; the kernel, seeing another node under the name,
 // dropped its entry: a program whose working directory it was could no longer get its
 // path ("unable to get current working directory", as git said), a descriptor's path
-// read "(deleted)", and a lock held on the file did not stop another program's, the
-// kernel keeping locks by node.)
+// read "(deleted)", a file system mounted there was detached, and a lock held on the
+// file did not stop another program's, the kernel keeping locks by node.)
 TEST(RestartLookupTest, ANameLookedUpAfterAKillLeadsToTheNodeTheKernelHolds) {
   TempDir dir;
-  ASSERT_EQ(Shell("mkdir -p " + dir / "src/d " + dir / "mnt && echo hi > " + dir / "src/d/f"), 0);
+  ASSERT_EQ(Shell("mkdir -p " + dir / "src/d " + dir / "src/m " + dir / "mnt && echo hi > " + dir / "src/d/f"), 0);
   ServedMount mount({"--isolated", "--timeout", "0", "--stack", "passthrough:" + dir / "src"}, dir / "mnt",
-                    dir / "server.log");
+                    dir / "server.log");  // (its Stop detaches the tmpfs below with it)
   ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+  const std::string m = mount.path() + "/m";
+  ASSERT_EQ(::mount("none", m.c_str(), "tmpfs", 0, nullptr), 0) << std::strerror(errno);
+  std::ofstream(m + "/x") << "on tmpfs\n";
   const std::string d = mount.path() + "/d";
   UniqueFd held_dir(::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   UniqueFd locked(::open((d + "/f").c_str(), O_RDONLY | O_CLOEXEC));
@@ -332,6 +336,7 @@ TEST(RestartLookupTest, ANameLookedUpAfterAKillLeadsToTheNodeTheKernelHolds) {
   char path[PATH_MAX] = {};
   ASSERT_GT(::readlink(("/proc/self/fd/" + std::to_string(held_dir.get())).c_str(), path, sizeof path - 1), 0);
   EXPECT_EQ(std::string(path), d);  // as getcwd would give it, were it a working directory
+  EXPECT_EQ(ReadAll(m + "/x"), "on tmpfs\n");  // looked up through m again
 }
 
 // A new server numbers its nodes afresh, so the first file it meets gets the id the
