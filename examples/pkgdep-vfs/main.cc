@@ -305,6 +305,7 @@ int Check(const std::string& package, const std::string& deps, const std::string
   const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
   if (roots.empty()) return Fail("--deps '" + deps + "' names no package (give PKG,PKG...)");
   if (command.empty()) return Fail("give the command to check after --");
+  if (command.front().empty()) return Fail("the command after -- is an empty string");
   if (::geteuid() != 0) return Fail("needs root (it runs the command in an ulsp process group)");
   if (Which(command[0]).empty()) return Fail(command[0] + ": command not found");
   std::vector<std::string> allow = DefaultUnownedAllowList();

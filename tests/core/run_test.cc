@@ -38,6 +38,11 @@ TEST_F(RunTest, ExitsWithTheCommandsStatusAsAShellReportsIt) {
                   " -- /nonexistent/cmd 2> " + dir_ / "err"),
             127);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: /nonexistent/cmd: No such file or directory\n");
+  // An empty name is a usage error, said as such (it was "ulsp run: : No such file ..."), and nothing runs.
+  EXPECT_EQ(Shell("ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "p.toml" +
+                  " -- '' 2> " + dir_ / "err"),
+            125);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp run: the command after -- is an empty string\n");
   auto r = RunInGroup(dir_, kOpen, "echo out; echo err >&2; exit 3");
   EXPECT_EQ(r.out, "out\n");
   EXPECT_EQ(r.err, "err\n");

@@ -553,6 +553,9 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   r = Check("--package coreutils -- /nonexistent/program");
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "pkgdep-vfs: /nonexistent/program: command not found\n");
+  r = Check("--package coreutils -- ''");  // it was "pkgdep-vfs: : command not found"
+  EXPECT_EQ(r.status, 2);
+  EXPECT_EQ(r.err, "pkgdep-vfs: the command after -- is an empty string\n");
   r = Check("--package coreutils --deps tar -- true");
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "pkgdep-vfs: give either --package NAME or --deps PKG,PKG...\n");

@@ -172,6 +172,7 @@ int RunGroup(GroupRun& run) {
   };
   const GroupPolicy& group = *run.policy;
   if (run.command.empty()) return Error("give the command to run after --");
+  if (run.command.front().empty()) return Error("the command after -- is an empty string");
   if (::geteuid() != 0) return Error("needs root (it makes namespaces and mounts, and serves seccomp notifications)");
   ::signal(SIGPIPE, SIG_IGN);  // the net ULSP writes to sockets the group may close
 
