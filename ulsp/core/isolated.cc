@@ -531,24 +531,27 @@ uint64_t IsolatedPort::KernelNode(uint64_t server_id, uint64_t epoch, uint64_t p
                                   uint64_t ino, bool found) {
   if (server_id == kRootServerNode) return kRootServerNode;
   uint32_t index = 0;
-  if (epoch == map_epoch_) {
-    if (auto it = by_server_id_.find(server_id); it != by_server_id_.end()) {
-      index = it->second;
-    } else if (auto named = found ? by_name_.find(NameKey{parent, name}) : by_name_.end();
-               named != by_name_.end() && nodes_[named->second].epoch != epoch &&
-               SameFile(nodes_[named->second].ino, ino)) {
-      // A node the kernel holds from a server that died, not yet found again in this
-      // one, and now found by its name: the same node to the kernel. (A new id would
-      // make the kernel drop its entry, and with it a working directory, what is
-      // mounted there, and the locks held on the old node's inode.)
+  const bool current = epoch == map_epoch_;  // answered by the server that serves now
+  if (auto it = current ? by_server_id_.find(server_id) : by_server_id_.end(); it != by_server_id_.end()) {
+    index = it->second;
+  } else if (!current || found) {
+    // Not known by this server's id: the node the kernel holds under the name, if it is
+    // the same file. For an answer from a server that has died since, whichever node
+    // that is; for this server's lookup or listing, one of a dead server's that no
+    // request has found again yet: the same node to the kernel. (A new id would make
+    // the kernel drop its entry, and with it a working directory, what is mounted
+    // there, and the locks held on the file.)
+    if (auto named = by_name_.find(NameKey{parent, name});
+        named != by_name_.end() && SameFile(nodes_[named->second].ino, ino) &&
+        (!current || nodes_[named->second].epoch != epoch)) {
       index = named->second;
-      Bind(index, server_id, epoch);
-      nodes_[index].server_lookups = 0;  // this answer's is counted below
-      nodes_[index].renamed_parent = 0;  // found by the name it had: no rename moved it
-      nodes_[index].renamed_name.clear();
+      if (current) {
+        Bind(index, server_id, epoch);
+        nodes_[index].server_lookups = 0;  // this answer's is counted below
+        nodes_[index].renamed_parent = 0;  // found by the name it had: no rename moved it
+        nodes_[index].renamed_name.clear();
+      }
     }
-  } else if (auto it = by_name_.find(NameKey{parent, name}); it != by_name_.end() && SameFile(nodes_[it->second].ino, ino)) {
-    index = it->second;  // an answer from a server that has died since: match by name
   }
   if (index != 0) {
     KNode& n = nodes_[index];
