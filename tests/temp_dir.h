@@ -9,6 +9,8 @@
 
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -39,6 +41,14 @@ inline std::string Output(const std::string& command, bool with_stderr = false) 
   while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) out.append(buf, n);
   ::pclose(f);
   return out;
+}
+
+// The whole text of the file `path` ("" when it cannot be read).
+inline std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream s;
+  s << in.rdbuf();
+  return s.str();
 }
 
 // Detaches every mount at or below `dir` (deepest first).

@@ -14,7 +14,7 @@
 #include <sstream>
 #include <string>
 
-#include "tests/vfs/mount_fixture.h"
+#include "tests/temp_dir.h"
 #include "ulsp/core/cgroup.h"
 #include "ulsp/core/mount.h"
 

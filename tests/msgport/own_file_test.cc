@@ -10,7 +10,6 @@
 
 #include <filesystem>
 #include <fstream>
-#include <sstream>
 
 #include "tests/temp_dir.h"
 
@@ -20,13 +19,6 @@ namespace {
 constexpr uid_t kNobody = 65534;
 constexpr const char* kRefused =
     ", neither yours, root's nor its directory owner's: refusing to use what another user controls";
-
-std::string Read(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
 
 void Put(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
@@ -60,7 +52,7 @@ TEST(OwnFile, AFullDiskLeavesTheOldFileWhole) {
   const auto w = WriteOwnFile(report, std::string(32 << 10, 'x'));
   ASSERT_FALSE(w.has_value());
   EXPECT_EQ(w.error(), report + ": No space left on device");
-  EXPECT_EQ(Read(report), "{\"old\": true}\n");
+  EXPECT_EQ(ReadAll(report), "{\"old\": true}\n");
   // A report that was not there is not left behind empty (it once was, 0 bytes).
   const std::string fresh = dir / "disk/fresh.json";
   const auto f = WriteOwnFile(fresh, std::string(32 << 10, 'x'));
@@ -70,9 +62,9 @@ TEST(OwnFile, AFullDiskLeavesTheOldFileWhole) {
   // With room again, the new content replaces the old whole, shorter or longer.
   ASSERT_EQ(::unlink((disk + "/fill").c_str()), 0);
   ASSERT_TRUE(WriteOwnFile(report, std::string(32 << 10, 'x')).has_value());
-  EXPECT_EQ(Read(report), std::string(32 << 10, 'x'));
+  EXPECT_EQ(ReadAll(report), std::string(32 << 10, 'x'));
   ASSERT_TRUE(WriteOwnFile(report, "short\n").has_value());
-  EXPECT_EQ(Read(report), "short\n");
+  EXPECT_EQ(ReadAll(report), "short\n");
 }
 
 TEST(OwnFile, MakesAndAppendsToAFileOfOurs) {
@@ -84,10 +76,10 @@ TEST(OwnFile, MakesAndAppendsToAFileOfOurs) {
     ASSERT_TRUE(fd.has_value()) << fd.error();
     ASSERT_EQ(::write(fd->get(), line, 4), 4);
   }
-  EXPECT_EQ(Read(log), "one\ntwo\n");
+  EXPECT_EQ(ReadAll(log), "one\ntwo\n");
   EXPECT_EQ(ModeOf(log), 0644u);  // not 0666, though the umask is 0
   ASSERT_TRUE(WriteOwnFile(log, "three\n").has_value());
-  EXPECT_EQ(Read(log), "three\n");
+  EXPECT_EQ(ReadAll(log), "three\n");
   // A character device is written as it is.
   EXPECT_TRUE(OpenOwnFile("/dev/null", true).has_value());
 }
@@ -104,7 +96,7 @@ TEST(OwnFile, RefusesAnotherUsersFileAndLeavesItAlone) {
     EXPECT_EQ(fd.error(), theirs + ": a file owned by uid 65534" + kRefused);
   }
   EXPECT_FALSE(WriteOwnFile(theirs, "ours\n").has_value());
-  EXPECT_EQ(Read(theirs), "theirs\n");  // not emptied, not appended to
+  EXPECT_EQ(ReadAll(theirs), "theirs\n");  // not emptied, not appended to
 }
 
 TEST(OwnFile, FollowsOnlyOurOwnSymbolicLinks) {
@@ -118,11 +110,11 @@ TEST(OwnFile, FollowsOnlyOurOwnSymbolicLinks) {
   ASSERT_FALSE(fd.has_value());
   EXPECT_NE(fd.error().find(link + ": a symbolic link owned by uid 65534"), std::string::npos) << fd.error();
   EXPECT_FALSE(WriteOwnFile(link, "x").has_value());
-  EXPECT_EQ(Read(precious), "root's\n");
+  EXPECT_EQ(ReadAll(precious), "root's\n");
   // Our own link is followed.
   ASSERT_EQ(::lchown(link.c_str(), 0, 0), 0);
   ASSERT_TRUE(WriteOwnFile(link, "through our link\n").has_value());
-  EXPECT_EQ(Read(precious), "through our link\n");
+  EXPECT_EQ(ReadAll(precious), "through our link\n");
 }
 
 // A link on the way counts as much as one at the end: /tmp/theirs -> /etc would have
@@ -145,13 +137,13 @@ TEST(OwnFile, FollowsNoOtherUsersLinkOnTheWay) {
   ASSERT_FALSE(d.has_value());
   EXPECT_EQ(d.error(), theirs + "/upper/deeper" + on_the_way);
   EXPECT_EQ(ReadSecretFile(theirs + "/token").error(), theirs + "/token" + on_the_way);
-  EXPECT_EQ(Read(etc + "/token"), "root's");
+  EXPECT_EQ(ReadAll(etc + "/token"), "root's");
   EXPECT_FALSE(std::filesystem::exists(etc + "/log"));
   EXPECT_FALSE(std::filesystem::exists(etc + "/upper"));
   // Root's link on the way (/var/run -> /run) is followed.
   ASSERT_EQ(::lchown(theirs.c_str(), 0, 0), 0);
   EXPECT_TRUE(WriteOwnFile(theirs + "/log", "ok\n").has_value());
-  EXPECT_EQ(Read(etc + "/log"), "ok\n");
+  EXPECT_EQ(ReadAll(etc + "/log"), "ok\n");
   EXPECT_TRUE(MakeOwnDirectory(theirs + "/upper/deeper").has_value());
   EXPECT_TRUE(ReadSecretFile(theirs + "/token").has_value());
 }
@@ -191,7 +183,7 @@ TEST(OwnFile, TrustsWhatTheOwnerOfAPrivateDirectoryMade) {
   auto fd = OpenOwnFile(log, true);
   EXPECT_TRUE(fd.has_value()) << fd.error();
   EXPECT_TRUE(WriteOwnFile(link, "through their link\n").has_value());
-  EXPECT_EQ(Read(target), "through their link\n");
+  EXPECT_EQ(ReadAll(target), "through their link\n");
   auto s = ReadSecretFile(token);
   EXPECT_TRUE(s.has_value()) << s.error();
   auto d = MakeOwnDirectory(upper);

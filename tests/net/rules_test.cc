@@ -7,10 +7,10 @@
 
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
+#include "tests/temp_dir.h"
 #include "ulsp/net/conn_log.h"
 #include "ulsp/net/names.h"
 #include "ulsp/net/resolver.h"
@@ -281,13 +281,11 @@ TEST(ConnLog, AFullDiskCutsNoLineAndTheLogSaysHowManyWereLost) {
   ASSERT_EQ(::unlink((dir + "/fill").c_str()), 0);
   e.port = 80;
   (*log)->Write(e);
-  std::ifstream in(dir + "/conn.jsonl");
-  std::stringstream text;
-  text << in.rdbuf();
-  ASSERT_FALSE(text.str().empty());
-  EXPECT_EQ(text.str().back(), '\n');
+  const std::string text = ulsp::testing::ReadAll(dir + "/conn.jsonl");
+  ASSERT_FALSE(text.empty());
+  EXPECT_EQ(text.back(), '\n');
   std::vector<nlohmann::json> lines;
-  std::istringstream split(text.str());
+  std::istringstream split(text);
   for (std::string line; std::getline(split, line);) lines.push_back(nlohmann::json::parse(line));  // throws on a cut line
   // Where the page ran out decides how many times writing stopped and started again;
   // each restart's line says how many were lost since the last, and a line follows it.

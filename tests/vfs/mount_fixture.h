@@ -43,14 +43,6 @@ inline const bool kUmaskPerTest = [] {
   return true;
 }();
 
-// The whole text of the file `path` ("" when it cannot be read).
-inline std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
 // Turns the kernel's switch for FUSE over io_uring (the fuse module's enable_uring) on
 // or off while it lives, and puts back what it found. Mounts made meanwhile are
 // offered io_uring (or not); the switch is read when the kernel takes a mount's INIT
