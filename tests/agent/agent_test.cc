@@ -132,6 +132,14 @@ TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
   // Its ULSP is on the other host: no pid here (it once showed as pid 0).
   const std::string table = Output(std::string(ULSP_BIN) + " ps");
   EXPECT_NE(table.find(" vfs (remote agent) -  "), std::string::npos) << table;
+  // The semantics script of the VFS tests prints the same through the remote mount as
+  // on the disk. (Its O_DIRECT reads and writes once failed EINVAL here: the agent's
+  // stack handed the disk the message's unaligned data.)
+  const std::string script = std::string("/usr/bin/python3 ") + ULSP_TESTS_DIR + "/vfs/semantics.py ";
+  ASSERT_EQ(Shell("mkdir " + dir_ / "native " + m + "/sem"), 0);
+  const std::string native = Output(script + dir_ / "native root", true);
+  ASSERT_NE(native.find("odirect-write: 4096"), std::string::npos) << native;
+  EXPECT_EQ(Output(script + m + "/sem root", true), native);
 }
 
 // A file that a program here holds open while it loses its last name through the

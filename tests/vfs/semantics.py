@@ -13,6 +13,7 @@ Usage: semantics.py DIR [root|user]
 import ctypes
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import sys
@@ -189,6 +190,22 @@ if who == "root":
     p("chardev-write", "ok")
 else:
     attempt("mknod-as-user", os.mknod, j("null"), 0o644 | stat.S_IFCHR, os.makedev(1, 3))
+
+# --- O_DIRECT (aligned: whether an unaligned one is refused is the device's affair,
+# and memfs, like tmpfs, takes it) ---
+aligned = mmap.mmap(-1, 4096)
+aligned.write(b"D" * 4096)
+try:
+    fd = os.open(j("direct"), os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+    p("odirect-write", os.pwrite(fd, aligned, 4096))
+    back = mmap.mmap(-1, 4096)
+    p("odirect-read", (os.preadv(fd, [back], 4096), back[:2]))
+    os.close(fd)
+    p("odirect-size", os.stat(j("direct")).st_size)
+except OSError as e:
+    p("odirect", errno.errorcode[e.errno])
+if os.path.exists(j("direct")):
+    os.unlink(j("direct"))
 
 # --- permissions and ownership ---
 os.chmod(j("a.txt"), 0o4755 if who == "root" else 0o755)

@@ -8,8 +8,12 @@
 #include <sys/xattr.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
+#include <memory>
 #include <new>
 
 #include "kernel/msgport/log.h"
@@ -52,6 +56,19 @@ void ReserveDescriptorTable(rlim_t limit) {
   // F_DUPFD takes the lowest free number from `last` on: `last` itself, free above.
   if (const int high = ::fcntl(fd, F_DUPFD_CLOEXEC, last); high >= 0) ::close(high);
   ::close(fd);
+}
+
+// O_DIRECT I/O wants its memory aligned to the disk's logical block, and a request's
+// data sits where the kernel's message put it (a write's 80 bytes in). A file opened
+// O_DIRECT that refuses it (EINVAL) is read or written once more through an aligned
+// copy; what the file then still refuses (an unaligned offset or size) the caller gets.
+constexpr size_t kDirectAlign = 4096;
+
+bool RefusedAsDirect(int err, int fd) { return err == EINVAL && (::fcntl(fd, F_GETFL) & O_DIRECT) != 0; }
+
+std::unique_ptr<char, decltype(&std::free)> AlignedCopyBuffer(size_t size) {
+  const size_t rounded = (std::max<size_t>(size, 1) + kDirectAlign - 1) / kDirectAlign * kDirectAlign;
+  return {static_cast<char*>(std::aligned_alloc(kDirectAlign, rounded)), &std::free};
 }
 
 }  // namespace
@@ -538,15 +555,29 @@ int PassthroughLayer::Read(VfsRequest& req) {
     req.out_fd = static_cast<int>(req.fh);
     return 0;
   }
+  const int fd = static_cast<int>(req.fh);
   req.out.resize(req.size);
-  auto n = Sys([&] { return ::pread(static_cast<int>(req.fh), req.out.data(), req.size, req.offset); });
+  auto n = Sys([&] { return ::pread(fd, req.out.data(), req.size, req.offset); });
+  if (!n && RefusedAsDirect(n.error().value, fd)) {
+    auto aligned = AlignedCopyBuffer(req.size);
+    if (!aligned) return ENOMEM;
+    n = Sys([&] { return ::pread(fd, aligned.get(), req.size, req.offset); });
+    if (n) std::memcpy(req.out.data(), aligned.get(), static_cast<size_t>(*n));
+  }
   if (!n) return n.error().value;
   req.out.resize(static_cast<size_t>(*n));
   return 0;
 }
 
 int PassthroughLayer::Write(VfsRequest& req) {
-  auto n = Sys([&] { return ::pwrite(static_cast<int>(req.fh), req.in.data(), req.in.size(), req.offset); });
+  const int fd = static_cast<int>(req.fh);
+  auto n = Sys([&] { return ::pwrite(fd, req.in.data(), req.in.size(), req.offset); });
+  if (!n && RefusedAsDirect(n.error().value, fd)) {
+    auto aligned = AlignedCopyBuffer(req.in.size());
+    if (!aligned) return ENOMEM;
+    std::memcpy(aligned.get(), req.in.data(), req.in.size());
+    n = Sys([&] { return ::pwrite(fd, aligned.get(), req.in.size(), req.offset); });
+  }
   if (!n) return n.error().value;
   req.out_size = static_cast<uint64_t>(*n);
   return 0;
