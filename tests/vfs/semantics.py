@@ -15,7 +15,10 @@ import errno
 import fcntl
 import mmap
 import os
+import shutil
+import socket
 import stat
+import subprocess
 import sys
 
 d = sys.argv[1]
@@ -98,6 +101,10 @@ try:
     p("seek-data", os.lseek(fd, 0, os.SEEK_DATA))
 except OSError as e:
     p("seek-data", errno.errorcode[e.errno])
+try:
+    p("seek-hole", os.lseek(fd, 0, os.SEEK_HOLE))
+except OSError as e:
+    p("seek-hole", errno.errorcode[e.errno])
 os.close(fd)
 os.unlink(j("sparse"))
 
@@ -137,6 +144,9 @@ p("symlink-lstat", describe(j("dir", "sym")))
 p("symlink-follow", open(j("dir", "sym"), "rb").read())
 os.symlink("/etc/passwd-does-not-exist", j("dangling"))
 attempt("dangling-open", os.open, j("dangling"), os.O_RDONLY)
+os.symlink("loop", j("loop"))
+attempt("symlink-loop-open", os.open, j("loop"), os.O_RDONLY)
+os.unlink(j("loop"))
 attempt("rmdir-nonempty", os.rmdir, j("dir"))
 attempt("unlink-dir", os.unlink, j("dir"))
 os.mkdir(j("dir", "sub"))
@@ -160,6 +170,14 @@ os.rename(j("b.txt"), j("dir", "moved"))
 p("rename-into-dir", sorted(os.listdir(j("dir"))))
 attempt("rename-missing", os.rename, j("nothing"), j("x"))
 attempt("rename-dir-over-file", os.rename, j("dir"), j("a.txt"))
+# Two names of one file: renaming one onto the other does nothing, and both stay.
+with open(j("h1"), "w") as f:
+    f.write("one file")
+os.link(j("h1"), j("dir", "h2"))
+attempt("rename-onto-own-hardlink", os.rename, j("h1"), j("dir", "h2"))
+p("after-rename-onto-own-hardlink", (os.path.exists(j("h1")), describe(j("dir", "h2"))))
+os.unlink(j("h1"))
+os.unlink(j("dir", "h2"))
 
 # --- O_TMPFILE: a file with no name, linked to one later (never, with O_EXCL) ---
 fd = os.open(d, os.O_TMPFILE | os.O_RDWR, 0o640)
@@ -191,8 +209,43 @@ if who == "root":
 else:
     attempt("mknod-as-user", os.mknod, j("null"), 0o644 | stat.S_IFCHR, os.makedev(1, 3))
 
-# --- O_DIRECT (aligned: whether an unaligned one is refused is the device's affair,
-# and memfs, like tmpfs, takes it) ---
+# --- a socket's node: bound, listed as a socket, connected through, removed ---
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(j("sock"))
+srv.listen()
+p("socket", describe(j("sock")))
+cli = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+cli.connect(j("sock"))
+conn, _ = srv.accept()
+cli.sendall(b"ping")
+p("socket-data", conn.recv(4))
+for sock in (cli, conn, srv):
+    sock.close()
+attempt("socket-bind-exists", lambda: socket.socket(socket.AF_UNIX).bind(j("sock")))
+os.unlink(j("sock"))
+
+# --- a program run from here: it runs, and its file cannot be written meanwhile ---
+shutil.copy("/bin/sleep", j("prog"))
+os.chmod(j("prog"), 0o755)
+running = subprocess.Popen([j("prog"), "30"])
+attempt("write-running-program", os.open, j("prog"), os.O_WRONLY)
+running.kill()
+p("program-ran", running.wait())
+os.unlink(j("prog"))
+
+# --- copy_file_range, shared mappings, O_DIRECT (aligned: whether an unaligned one is
+# refused is the device's affair, and memfs, like tmpfs, takes it) ---
+with open(j("src.bin"), "wb") as f:
+    f.write(bytes(range(256)) * 64)
+src, dst = os.open(j("src.bin"), os.O_RDONLY), os.open(j("dst.bin"), os.O_CREAT | os.O_RDWR, 0o644)
+p("copy-file-range", os.copy_file_range(src, dst, 10000, 100, 0))
+os.close(src)
+p("copied", (os.fstat(dst).st_size, os.pread(dst, 4, 0), os.pread(dst, 4, 9996)))
+with mmap.mmap(dst, 8192) as m:
+    m[0:5] = b"SHARE"
+    m.flush()
+p("mmap-write-read", os.pread(dst, 5, 0))
+os.close(dst)
 aligned = mmap.mmap(-1, 4096)
 aligned.write(b"D" * 4096)
 try:
@@ -204,8 +257,9 @@ try:
     p("odirect-size", os.stat(j("direct")).st_size)
 except OSError as e:
     p("odirect", errno.errorcode[e.errno])
-if os.path.exists(j("direct")):
-    os.unlink(j("direct"))
+for name in ("src.bin", "dst.bin", "direct"):
+    if os.path.exists(j(name)):
+        os.unlink(j(name))
 
 # --- permissions and ownership ---
 os.chmod(j("a.txt"), 0o4755 if who == "root" else 0o755)
@@ -262,7 +316,11 @@ fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 p("posix-lock", "ok")
 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
 p("flock", "ok")
+other = os.open(j("a.txt"), os.O_RDONLY)  # another open of the file: its flock conflicts
+attempt("flock-conflict", fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.close(fd)
+attempt("flock-after-release", fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+os.close(other)
 
 # --- statfs, cleanup ---
 sv = os.statvfs(d)
