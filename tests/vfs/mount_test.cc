@@ -147,11 +147,13 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForRoot) {
 }
 
 TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
-  // A world-writable directory with a root-owned file, and a sticky directory holding
-  // another, in both places.
+  // A world-writable directory with a root-owned file, a sticky directory holding
+  // another, and root's world-writable set-user-ID and set-group-ID files, in both
+  // places.
   auto prepare = [](const std::string& d) {
     return Shell("mkdir -m 777 " + d + " && chmod 777 " + d + " && echo x > " + d + "/theirs && mkdir " + d +
-                 "/sticky && chmod 1777 " + d + "/sticky && echo y > " + d + "/sticky/theirs");
+                 "/sticky && chmod 1777 " + d + "/sticky && echo y > " + d + "/sticky/theirs && echo s > " + d +
+                 "/suid && chmod 4777 " + d + "/suid && echo g > " + d + "/sgid && chmod 2777 " + d + "/sgid");
   };
   ASSERT_EQ(prepare(dir_ / "native"), 0);
   ASSERT_EQ(prepare(work_ + "/user"), 0);
@@ -160,6 +162,7 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
   const std::string mounted = Output(as_nobody + " " + work_ + "/user user", true);
   ASSERT_NE(native.find("unlink-theirs-sticky: EPERM"), std::string::npos) << native;
   ASSERT_NE(native.find("uid=65534"), std::string::npos) << native;
+  ASSERT_NE(native.find("sgid-truncate: mode=-rwxrwxrwx"), std::string::npos) << native;
   EXPECT_EQ(native, mounted);
 }
 

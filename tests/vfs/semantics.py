@@ -7,8 +7,9 @@ compares the two outputs line by line: the mount must behave as ext4 underneath.
 
 Usage: semantics.py DIR [root|user]
   root: the caller is root (device nodes, chown, RENAME_* flags).
-  user: the caller is unprivileged; DIR holds `theirs` (a root-owned file) and
-        `sticky/` (mode 1777, holding `sticky/theirs`, root-owned).
+  user: the caller is unprivileged; DIR holds `theirs` (a root-owned file),
+        `sticky/` (mode 1777, holding `sticky/theirs`, root-owned), and `suid` and
+        `sgid` (root's, modes 4777 and 2777).
 """
 import ctypes
 import errno
@@ -321,6 +322,71 @@ attempt("flock-conflict", fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.close(fd)
 attempt("flock-after-release", fcntl.flock, other, fcntl.LOCK_EX | fcntl.LOCK_NB)
 os.close(other)
+
+# --- open files: large writes, a file unlinked or renamed while open ---
+fd = os.open(j("big"), os.O_CREAT | os.O_RDWR, 0o644)
+data = bytes(range(256)) * 4096 * 3  # 3 MiB: more than one request's worth
+p("big-write", os.write(fd, data))
+p("writev", os.writev(fd, [b"a" * 100000, b"b" * 200000]))
+attempt("fsync", os.fsync, fd)
+attempt("fdatasync", os.fdatasync, fd)
+p("big-read", (os.fstat(fd).st_size, os.pread(fd, len(data), 0) == data))
+os.unlink(j("big"))
+p("unlinked-open", (os.fstat(fd).st_nlink, os.pread(fd, 3, len(data) + 99999), os.pwrite(fd, b"zz", 10)))
+os.ftruncate(fd, 5)
+p("unlinked-ftruncate", (os.fstat(fd).st_size, os.pread(fd, 10, 0)))
+os.close(fd)
+fd = os.open(j("r1"), os.O_CREAT | os.O_RDWR, 0o600)
+os.write(fd, b"hello")
+os.rename(j("r1"), j("r2"))
+os.write(fd, b" world")
+os.fchmod(fd, 0o640)
+p("renamed-open", (open(j("r2"), "rb").read(), describe(j("r2"))))
+os.close(fd)
+fd = os.open(j("r2"), os.O_RDWR)
+p("rwf-append", (os.pwritev(fd, [b"!"], 0, os.RWF_APPEND), os.pread(fd, 20, 0)))
+os.close(fd)
+fd = os.open(j("r2"), os.O_PATH)
+attempt("o-path-read", os.read, fd, 1)
+os.close(fd)
+
+# --- utimensat leaving one time alone, fallocate that extends, an xattr's size ---
+os.utime(j("r2"), ns=(5_000_000_000, 6_000_000_000))
+UTIME_OMIT = (1 << 30) - 2
+times = (ctypes.c_long * 4)(0, UTIME_OMIT, 7, 123)
+p("utime-omit", (libc.utimensat(-100, j("r2").encode(), times, 0), os.stat(j("r2")).st_atime_ns, os.stat(j("r2")).st_mtime_ns))
+fd = os.open(j("r2"), os.O_RDWR)
+p("fallocate-extends", (libc.fallocate(fd, 0, ctypes.c_long(0), ctypes.c_long(123456)), os.fstat(fd).st_size))
+os.close(fd)
+try:
+    os.setxattr(j("r2"), "user.big", b"v" * 3000)
+    small = ctypes.create_string_buffer(10)
+    p("xattr-sizes", (libc.getxattr(j("r2").encode(), b"user.big", None, 0),
+                      libc.getxattr(j("r2").encode(), b"user.big", small, 10), errno.errorcode.get(ctypes.get_errno())))
+except OSError as e:
+    p("xattr-sizes", errno.errorcode[e.errno])
+os.unlink(j("r2"))
+
+# --- a removed working directory; a directory moved to another parent ---
+cwd = os.getcwd()
+os.mkdir(j("cd"))
+os.chdir(j("cd"))
+os.rmdir(j("cd"))
+attempt("getcwd-removed", os.getcwd)
+attempt("create-in-removed-cwd", os.open, "x", os.O_CREAT | os.O_WRONLY, 0o644)
+os.chdir(cwd)
+os.makedirs(j("pa", "sub"))
+os.mkdir(j("pb"))
+os.rename(j("pa", "sub"), j("pb", "sub"))
+p("nlink-after-move", (os.stat(j("pa")).st_nlink, os.stat(j("pb")).st_nlink))
+for name in (("pb", "sub"), ("pb",), ("pa",)):
+    os.rmdir(j(*name))
+
+# --- a write or truncate by another user takes the set-user/group-ID bits away ---
+if who == "user":
+    p("suid-write", (os.write(os.open(j("suid"), os.O_WRONLY | os.O_APPEND), b"x"), describe(j("suid"))))
+    os.truncate(j("sgid"), 1)
+    p("sgid-truncate", describe(j("sgid")))
 
 # --- statfs, cleanup ---
 sv = os.statvfs(d)
