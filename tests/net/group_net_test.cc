@@ -112,14 +112,15 @@ TEST_F(NetTest, CurlAndPythonReachWhatTheRulesAllowAndNothingElse) {
       log += j["argv0"].get<std::string>().substr(j["argv0"].get<std::string>().rfind('/') + 1) + " " +
              j["address"].get<std::string>() + ":" + std::to_string(j["port"].get<int>()) + " " +
              j.value("name", "-") + " " + j["verdict"].get<std::string>() + "\n";
-    } else if (j["call"] == "resolve") {
-      log += "resolve " + j["name"].get<std::string>() + " " + j["verdict"].get<std::string>() + "\n";
+    } else if (j["call"] == "resolve") {  // the asker, as its socket reached the resolver
+      log += j["argv0"].get<std::string>().substr(j["argv0"].get<std::string>().rfind('/') + 1) + " resolve " +
+             j["name"].get<std::string>() + " " + j["verdict"].get<std::string>() + "\n";
     }
   }
   const std::string h = std::to_string(http);
-  EXPECT_EQ(log, "resolve allowed.internal allow\ncurl 127.0.0.1:" + h + " allowed.internal allow\ncurl 127.0.0.1:" +
-                     P(denied_) + " allowed.internal deny\nresolve allowed.internal allow\npython3 127.0.0.1:" + h +
-                     " allowed.internal allow\nresolve blocked.internal deny\n");
+  EXPECT_EQ(log, "curl resolve allowed.internal allow\ncurl 127.0.0.1:" + h + " allowed.internal allow\ncurl 127.0.0.1:" +
+                     P(denied_) + " allowed.internal deny\npython3 resolve allowed.internal allow\npython3 127.0.0.1:" + h +
+                     " allowed.internal allow\npython3 resolve blocked.internal deny\n");
 }
 
 TEST_F(NetTest, UdpClientsGetTheirEchoesOnlyFromAllowedServers) {
@@ -303,6 +304,45 @@ TEST_F(NetTest, LoopbackGroupKeepsTheGroupsOwnLoopback) {
                           std::to_string(port) + "; wait; " + kProbe + " tcp-raw 127.0.0.1 " + P(allowed_));
   EXPECT_EQ(r.out, "listening\nconnect: ok\ngot: hello from the group\nconnect: ECONNREFUSED\n") << r.err;
   EXPECT_EQ(allowed_.accepted(), 0);  // the host's loopback is not the group's
+}
+
+// A UDP socket that sends with an address, never connected (dnspython asks a name
+// server so), reaches the group's own loopback and the group's resolver. Such a
+// socket is the ULSP's from socket(), and its sends there were refused EACCES.
+TEST_F(NetTest, AnUnconnectedUdpSocketReachesTheGroupsLoopbackAndItsResolver) {
+  const std::string script = R"(
+import socket, struct, threading
+srv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+srv.bind(("127.0.0.1", 0))
+def echo():
+    data, back = srv.recvfrom(100)
+    srv.sendto(b"echo " + data, back)
+threading.Thread(target=echo, daemon=True).start()
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+c.settimeout(5)
+c.sendto(b"hi", srv.getsockname())
+print(c.recv(100).decode())
+query = struct.pack(">6H", 7, 0x100, 1, 0, 0, 0) + b"\x07allowed\x08internal\x00" + struct.pack(">2H", 1, 1)
+for family, resolver in ((socket.AF_INET, "127.0.0.53"), (socket.AF_INET6, "::ffff:127.0.0.53")):
+    d = socket.socket(family, socket.SOCK_DGRAM)
+    d.settimeout(5)
+    d.sendto(query, (resolver, 53))
+    answer = d.recv(512)
+    print(answer[:2] == b"\x00\x07", socket.inet_ntoa(answer[-4:]))
+)";
+  std::ofstream(dir_ / "udp.py") << script;
+  auto r = RunInGroup(dir_, Policy("", "loopback = \"group\"\n"), kPython + " " + dir_ / "udp.py");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "echo hi\nTrue 127.0.0.1\nTrue 127.0.0.1\n") << r.err;
+  int resolves = 0;
+  for (const auto& line : Lines(dir_ / "conn.jsonl")) {
+    auto j = nlohmann::json::parse(line);
+    if (j["call"] != "resolve") continue;
+    ++resolves;
+    EXPECT_NE(j["pid"], 0) << line;
+    EXPECT_EQ(j["argv0"], kPython) << line;
+  }
+  EXPECT_EQ(resolves, 2);
 }
 
 TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {

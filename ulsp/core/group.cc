@@ -301,6 +301,7 @@ int RunGroup(GroupRun& run) {
   uint64_t init_tasks = 0;  // the init's own, in the process limit's cgroup
   UniqueFd netns;
   net::NameMemory names;
+  net::Askers askers;  // who asks the resolver, for its log
   // Programs find these names in the group's /etc/hosts (curl knows localhost by
   // itself), never asking the resolver: they are remembered as if resolved, so a rule
   // on localhost admits 127.0.0.1 and ::1.
@@ -363,7 +364,7 @@ int RunGroup(GroupRun& run) {
       Answer(sock.get(), "ok");
       // The resolver starts while the init builds the rest of its world; a failure is
       // the answer to the last step.
-      auto res = net::Resolver::Start(netns.get(), group.name, group.net, group.hosts, names, **log);
+      auto res = net::Resolver::Start(netns.get(), group.name, group.net, group.hosts, names, askers, **log);
       if (res) {
         resolver = std::move(*res);
       } else {
@@ -424,7 +425,7 @@ int RunGroup(GroupRun& run) {
       config.rules = group.net;
       config.loopback_group = group.loopback_group;
       config.group_netns.Reset(::dup(netns.get()));
-      net_server = std::make_unique<net::NetServer>(std::move(config), **log, names);
+      net_server = std::make_unique<net::NetServer>(std::move(config), **log, names, askers);
       net_port = std::make_unique<msgport::DirectPort>("net:" + group.name, *net_server);
       auto shim = msgport::SeccompShim::Start(UniqueFd(*listener), *net_port, {});
       if (!shim) {

@@ -30,4 +30,15 @@ std::vector<std::string> NameMemory::NamesOf(const Endpoint& e) const {
   return it == names_.end() ? std::vector<std::string>{} : it->second;
 }
 
+void Askers::Note(uint16_t port, pid_t pid) {
+  std::lock_guard lock(mu_);
+  by_port_[port] = pid;
+}
+
+pid_t Askers::Find(uint16_t port) const {
+  std::lock_guard lock(mu_);
+  auto it = by_port_.find(port);
+  return it == by_port_.end() ? 0 : it->second;
+}
+
 }  // namespace ulsp::net

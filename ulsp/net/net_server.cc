@@ -297,8 +297,8 @@ std::string UnixPath(const std::vector<char>& addr) {
 
 }  // namespace
 
-NetServer::NetServer(NetConfig config, ConnLog& log, NameMemory& names)
-    : config_(std::move(config)), log_(log), names_(names) {}
+NetServer::NetServer(NetConfig config, ConnLog& log, NameMemory& names, Askers& askers)
+    : config_(std::move(config)), log_(log), names_(names), askers_(askers) {}
 
 void NetServer::Serve(msgport::MessagePtr msg) noexcept {
   auto& m = static_cast<msgport::NetMessage&>(*msg);
@@ -334,6 +334,23 @@ void NetServer::Note(const NetRequest& q, LogEntry e) {
                         e.proto.empty() ? "" : " ", e.call, where, e.name.empty() ? "" : " (" + e.name + ")", e.rule);
   }
   log_.Write(e);
+}
+
+void NetServer::NoteAsker(const NetRequest& q, int fd) {
+  if (!log_.enabled()) return;
+  sockaddr_storage local{};
+  socklen_t len = sizeof local;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) return;
+  auto ep = Endpoint::FromSockaddr(reinterpret_cast<const char*>(&local), len);
+  if (ep && ep->port == 0) {  // a send would bind it: bound here, as that would, to know the port
+    sockaddr_storage any{};
+    any.ss_family = local.ss_family;
+    if (::bind(fd, reinterpret_cast<sockaddr*>(&any), len) != 0) return;
+    len = sizeof local;
+    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) return;
+    ep = Endpoint::FromSockaddr(reinterpret_cast<const char*>(&local), len);
+  }
+  if (ep && ep->port != 0) askers_.Note(static_cast<uint16_t>(ep->port), q.Process());
 }
 
 void NetServer::ServeRequest(NetRequest& q) {
@@ -464,11 +481,16 @@ void NetServer::Connect(NetRequest& q) {
   const bool resolver = IsResolver(*ep);
   if (resolver || (config_.loopback_group && ep->IsLoopback())) {
     if (!resolver) Note(q, [&] { auto x = e; x.verdict = "group"; x.rule = "loopback = \"group\""; return x; }());
-    if (!q.host_netns) return on_dup();
+    if (!q.host_netns) {
+      on_dup();
+      if (resolver && !stream && q.verdict == NetVerdict::kReturn) NoteAsker(q, dup);
+      return;
+    }
     auto s = SocketLike(q, /*in_group=*/true);  // a host socket: one of the group's replaces it
     if (!s) return Error(q, s.error().value);
     const int r = ConnectOn(s->get(), q.addr, q, dup);
     if (r != 0 && r != EINPROGRESS) return Error(q, r);
+    if (resolver && !stream) NoteAsker(q, s->get());
     q.install = std::move(*s);
     return r == 0 ? Return(q, 0) : Error(q, r);
   }
@@ -707,11 +729,23 @@ void NetServer::Send(NetRequest& q) {
         }
         const bool resolver = IsResolver(*ep);
         if (resolver || (config_.loopback_group && ep->IsLoopback())) {
-          if (!target_in_group) {  // the ULSP's socket must not reach the host's loopback
-            if (sent_msgs > 0) break;
-            return Error(q, EACCES);
+          if (!target_in_group) {
+            // The caller's socket is the ULSP's (made at socket()) or came from outside,
+            // and must not reach the host's loopback: one made in the group replaces
+            // it, as for a connect there.
+            auto s = SocketLike(q, /*in_group=*/true);
+            if (!s) {
+              if (sent_msgs > 0) break;
+              return Error(q, s.error().value);
+            }
+            if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
+            q.install = std::move(*s);
+            target = q.install.get();
+            target_in_group = true;
           }
-          if (!resolver) {
+          if (resolver) {
+            NoteAsker(q, target);
+          } else {
             Note(q, {.proto = "udp", .address = ep->AddressString(), .port = ep->port, .verdict = "group",
                      .rule = "loopback = \"group\""});
           }

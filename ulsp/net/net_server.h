@@ -64,8 +64,8 @@ class NetServer final : public msgport::Server {
     std::atomic<uint64_t> served{0};
   };
 
-  // `log` and `names` must outlive the server.
-  NetServer(NetConfig config, ConnLog& log, NameMemory& names);
+  // `log`, `names` and `askers` must outlive the server.
+  NetServer(NetConfig config, ConnLog& log, NameMemory& names, Askers& askers);
 
   void Serve(msgport::MessagePtr msg) noexcept override;
 
@@ -83,6 +83,10 @@ class NetServer final : public msgport::Server {
 
   // Records a decision (log, counters). `verdict` "allow", "deny", "log" or "group".
   void Note(const msgport::NetRequest& q, LogEntry e);
+  // `fd`, connected to or about to send to the group's resolver, asks for the
+  // caller's process: noted by its local port (bound now if it is not yet), for the
+  // resolver's log lines. Only with a log.
+  void NoteAsker(const msgport::NetRequest& q, int fd);
   // A socket like the caller's, in the ULSP's namespace (or the group's with
   // `in_group`), with its options and its bound port. Errno on failure.
   Result<UniqueFd> SocketLike(const msgport::NetRequest& q, bool in_group);
@@ -104,6 +108,7 @@ class NetServer final : public msgport::Server {
   NetConfig config_;
   ConnLog& log_;
   NameMemory& names_;
+  Askers& askers_;
   Counters counters_;
   std::mutex bound_mu_;
   std::set<std::pair<dev_t, ino_t>> bound_;  // UNIX socket files the group made

@@ -99,13 +99,13 @@ std::optional<std::vector<uint8_t>> AnswerDnsQuery(
 }
 
 Resolver::Resolver(std::string group, const RuleSet& rules, std::map<std::string, std::vector<std::string>> hosts,
-                   NameMemory& names, ConnLog& log)
-    : group_(std::move(group)), rules_(rules), hosts_(std::move(hosts)), names_(names), log_(log) {}
+                   NameMemory& names, const Askers& askers, ConnLog& log)
+    : group_(std::move(group)), rules_(rules), hosts_(std::move(hosts)), names_(names), askers_(askers), log_(log) {}
 
 Result<std::unique_ptr<Resolver>> Resolver::Start(int group_netns, std::string group, const RuleSet& rules,
                                                   std::map<std::string, std::vector<std::string>> hosts,
-                                                  NameMemory& names, ConnLog& log) {
-  std::unique_ptr<Resolver> r(new Resolver(std::move(group), rules, std::move(hosts), names, log));
+                                                  NameMemory& names, const Askers& askers, ConnLog& log) {
+  std::unique_ptr<Resolver> r(new Resolver(std::move(group), rules, std::move(hosts), names, askers, log));
   // The socket is made inside the group's namespace, from a thread that enters it
   // and then ends, so no thread of ours stays there.
   int made = -1, err = 0;
@@ -189,8 +189,11 @@ void Resolver::Work() {
     queue_.pop_front();
     lock.unlock();
     try {
-      auto answer = AnswerDnsQuery(query.packet, [this](const std::string& name, uint16_t qtype) {
-        return Lookup(name, qtype, 0);
+      uint16_t port = 0;  // the asker's, which names its process (the socket is IPv4)
+      if (query.from.ss_family == AF_INET) port = ntohs(reinterpret_cast<const sockaddr_in*>(&query.from)->sin_port);
+      const pid_t asker = port == 0 ? 0 : askers_.Find(port);
+      auto answer = AnswerDnsQuery(query.packet, [this, asker](const std::string& name, uint16_t qtype) {
+        return Lookup(name, qtype, asker);
       });
       if (answer) {
         (void)::sendto(sock_.get(), answer->data(), answer->size(), MSG_DONTWAIT,

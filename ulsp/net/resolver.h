@@ -57,7 +57,7 @@ class Resolver {
   // outlive the resolver. Fails with the errno of the bind or the namespace switch.
   static Result<std::unique_ptr<Resolver>> Start(int group_netns, std::string group, const RuleSet& rules,
                                                  std::map<std::string, std::vector<std::string>> hosts,
-                                                 NameMemory& names, ConnLog& log);
+                                                 NameMemory& names, const Askers& askers, ConnLog& log);
   ~Resolver();
   // Asks the receiving thread to end, without waiting (the destructor waits).
   void Stop() noexcept;
@@ -65,7 +65,7 @@ class Resolver {
 
  private:
   Resolver(std::string group, const RuleSet& rules, std::map<std::string, std::vector<std::string>> hosts,
-           NameMemory& names, ConnLog& log);
+           NameMemory& names, const Askers& askers, ConnLog& log);
   void Receive();
   void Work();
   DnsAnswer Lookup(const std::string& name, uint16_t qtype, pid_t asker);
@@ -74,6 +74,7 @@ class Resolver {
   const RuleSet& rules_;
   std::map<std::string, std::vector<std::string>> hosts_;
   NameMemory& names_;
+  const Askers& askers_;
   ConnLog& log_;
   Counters counters_;
   UniqueFd sock_, stop_;
