@@ -181,6 +181,28 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
       }
     }
   }
+  // What to declare: a used package that another used undeclared one depends on
+  // (transitively) comes with it, unless it depends on that one in turn (a cycle, whose
+  // packages are all named). Found from each one's own closure.
+  std::map<std::string, Closure> brings;
+  for (const auto& [p, f] : report.undeclared)
+    if (auto c = DeclaredClosure(index, {p})) brings.emplace(p, std::move(*c));
+  auto brought_by = [&brings](const std::string& p, const std::string& q) {
+    if (p == q || !brings.contains(q) || !brings.at(q).Declares(p)) return false;
+    return !brings.contains(p) || !brings.at(p).Declares(q);
+  };
+  for (const auto& [p, f] : report.undeclared) {
+    if (std::none_of(brings.begin(), brings.end(), [&](const auto& b) { return brought_by(p, b.first); }))
+      report.to_declare.push_back(p);
+  }
+  for (const auto& [p, f] : report.undeclared) {
+    for (const std::string& root : report.to_declare) {
+      if (brought_by(p, root)) {
+        report.undeclared_via[p] = root;
+        break;
+      }
+    }
+  }
   // A package both used and probed is a used one.
   for (const auto& [p, f] : report.undeclared) report.probed.erase(p);
   for (const auto& [p, f] : report.recommended) report.probed.erase(p);
@@ -281,7 +303,17 @@ std::string Report::Text() const {
   std::map<std::string, std::string> drop_in_notes = drop_ins;
   if (confirmed.empty())  // else the confirmation below says
     for (auto& [p, note] : drop_in_notes) note += "; --confirm tells whether it needs the package";
+  for (const auto& [p, root] : undeclared_via) {
+    std::string& note = drop_in_notes[p];
+    note = "comes with " + root + (note.empty() ? "" : "; " + note);
+  }
   Section(out, "Undeclared dependencies: used, but neither declared nor essential", undeclared, &drop_in_notes);
+  if (to_declare.size() < undeclared.size()) {
+    std::string list;
+    for (const std::string& p : to_declare) list += (list.empty() ? "" : ", ") + p;
+    out << "  Declaring " << list << " would declare all " << undeclared.size() << " (the others come with "
+        << (to_declare.size() == 1 ? "it" : "them") << ").\n";
+  }
   std::map<std::string, std::string> why;
   for (const auto& [p, f] : recommended) why[p] = closure.recommended.at(p);
   Section(out, "Used, but only Recommended or Suggested (never counted as declared)", recommended, &why);
@@ -415,6 +447,8 @@ std::string Report::Json() const {
   j["paths_touched"] = paths;
   j["undeclared"] = ByPackageJson(undeclared);
   j["drop_ins"] = drop_ins;
+  j["to_declare"] = to_declare;
+  j["undeclared_via"] = undeclared_via;
   j["recommended_only"] = ByPackageJson(recommended);
   j["hidden"] = ByPackageJson(hidden);
   j["hidden_directories"] = nlohmann::ordered_json::array();

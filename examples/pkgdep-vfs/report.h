@@ -45,6 +45,11 @@ struct Report {
   // every file of that kind in a directory it listed: apt.conf.d, Python's *.pth),
   // with a note that says which: a hint, still counted as undeclared.
   std::map<std::string, std::string> drop_ins;
+  // What to add to the declaration: the undeclared packages no other undeclared one
+  // brings by its own Depends and Pre-Depends (gcc-12, not the binutils and cpp-12 it
+  // depends on). Each of the others maps to one of these that brings it.
+  std::vector<std::string> to_declare;
+  std::map<std::string, std::string> undeclared_via;
   std::map<std::string, std::vector<Finding>> recommended;  // used, but only Recommended/Suggested
   std::map<std::string, std::vector<Finding>> probed;       // undeclared packages only probed
   std::map<std::string, std::vector<Finding>> hidden;       // enforce: files looked for, but hidden

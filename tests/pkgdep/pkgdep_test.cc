@@ -101,6 +101,36 @@ TEST_F(PkgdepTest, ACommandThatDeclaresEverythingIsClean) {
   EXPECT_NE(r.out.find("Result: nothing undeclared (exit 0)"), std::string::npos);
 }
 
+// make running a C compile uses gcc-12 and what gcc-12 depends on (cpp-12, binutils
+// and the libraries they load), and libc6-dev's headers, which gcc-12 only
+// Recommends: none of them is make's. What to declare is gcc-12 and libc6-dev; the
+// others come with gcc-12.
+TEST_F(PkgdepTest, WhatToDeclareLeavesOutWhatComesWithAnotherUndeclaredPackage) {
+  ASSERT_EQ(Dpkg("-W -f='${Pre-Depends} ${Depends}' make").find("gcc"), std::string::npos);
+  const std::string gcc = Dpkg("-W -f='${Depends}' gcc-12");
+  for (const char* p : {"cpp-12 ", "binutils ", "libisl23 "}) ASSERT_NE(gcc.find(p), std::string::npos) << gcc;
+  ASSERT_EQ(gcc.find("libc6-dev"), std::string::npos) << gcc;
+  ASSERT_NE(Dpkg("-W -f='${Recommends}' gcc-12").find("libc6-dev"), std::string::npos);
+  const std::string work = WorkDir();
+  ASSERT_FALSE(work.empty());
+  std::ofstream(work + "/hello.c") << "#include <stdio.h>\nint main(void) { puts(\"hi\"); return 0; }\n";
+  std::ofstream(work + "/Makefile") << "hello: hello.c\n\tgcc-12 -o $@ $<\n";
+  auto r = Check("--package make -- make", work);
+  EXPECT_EQ(r.status, 1) << r.out << r.err;
+  ASSERT_TRUE(r.json.is_object()) << r.out;
+  EXPECT_EQ(r.json["to_declare"], nlohmann::json({"gcc-12", "libc6-dev"})) << r.out;
+  for (const char* p : {"cpp-12", "binutils", "libisl23"}) {
+    ASSERT_TRUE(r.json["undeclared"].contains(p)) << p << "\n" << r.out;
+    EXPECT_EQ(r.json["undeclared_via"][p], "gcc-12") << p;
+  }
+  EXPECT_FALSE(r.json["undeclared_via"].contains("libc6-dev"));
+  EXPECT_NE(r.out.find("  cpp-12  (comes with gcc-12)\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("  Declaring gcc-12, libc6-dev would declare all " + std::to_string(r.json["undeclared"].size()) +
+                       " (the others come with them).\n"),
+            std::string::npos)
+      << r.out;
+}
+
 // "Declared, never used" as tar: /usr/bin/true is coreutils' and loads libc alone, so
 // tar and what only tar pre-depends on (libacl1) go unused. Two things must not hide
 // that or pad it: the loader crossing merged /usr's /lib link to /usr/lib (which
