@@ -77,8 +77,11 @@ class Message {
 
   // Framework state, written by the generic operations and the port kinds.
   std::atomic<uint32_t> flags_{kMsgDone};
-  Port* target_port = nullptr;  // the port it was last sent to (for Abort)
-  uint64_t token = 0;           // a port kind's own bookkeeping (the shm port's id)
+  // Atomic, as Abort may run on another thread while the sender writes them (a FUSE
+  // interrupt for a request being sent); relaxed is enough: a stale value names a
+  // port or an id the message no longer holds, and the port finds nothing to drop.
+  std::atomic<Port*> target_port{nullptr};  // the port it was last sent to (for Abort)
+  std::atomic<uint64_t> token{0};            // a port kind's own bookkeeping (the shm port's id)
 };
 
 }  // namespace ulsp::msgport

@@ -24,7 +24,7 @@ bool Port::Poll() { return false; }
 void Port::Helping(bool) {}
 
 void Send(Port& port, MessagePtr msg) {
-  msg->target_port = &port;
+  msg->target_port.store(&port, std::memory_order_relaxed);
   msg->error = 0;
   msg->flags_.store(msg->flags() & kMsgAbortable, std::memory_order_release);
   port.counters().put.fetch_add(1, std::memory_order_relaxed);
@@ -46,7 +46,7 @@ void Reply(MessagePtr msg, int error) {
 
 void Abort(Message& msg) {
   msg.flags_.fetch_or(kMsgAborted, std::memory_order_acq_rel);
-  if (msg.target_port != nullptr) msg.target_port->Drop(msg);
+  if (Port* port = msg.target_port.load(std::memory_order_relaxed); port != nullptr) port->Drop(msg);
 }
 
 // --- SyncWaiter -------------------------------------------------------------------
@@ -123,7 +123,7 @@ Result<MessagePtr> DoMsg(Port& port, MessagePtr msg, Deadline deadline) {
   Message* raw = msg.get();
   msg->reply_port = waiter;
   msg->deadline = deadline;
-  msg->target_port = &port;
+  msg->target_port.store(&port, std::memory_order_relaxed);
   msg->error = 0;
   msg->flags_.store(kMsgSync | (msg->flags() & kMsgAbortable), std::memory_order_release);
   port.counters().put.fetch_add(1, std::memory_order_relaxed);

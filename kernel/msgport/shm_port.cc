@@ -182,7 +182,7 @@ void ShmClientPort::Enqueue(MessagePtr msg, Encode&& encode) {
     Slot& slot = slots_[*index];
     if (++slot.generation == 0) slot.generation = 1;  // id 0 is the hello
     id = (uint64_t{slot.generation} << 32) | *index;
-    msg->token = id;
+    msg->token.store(id, std::memory_order_relaxed);
     // Descriptors go first, so they are there when the server reads the envelope.
     if (!msg->fds.empty()) {
       if (auto sent = fds_.Send(id, msg->fds); !sent) {
@@ -231,7 +231,7 @@ void ShmClientPort::Put(MessagePtr msg) {
 }
 
 void ShmClientPort::Drop(Message& msg) {
-  const uint64_t id = msg.token;  // written when it was sent, by the sender
+  const uint64_t id = msg.token.load(std::memory_order_relaxed);  // written when it was sent, by the sender
   const auto index = static_cast<uint32_t>(id & 0xffffffffu);
   if (id == 0 || index >= slot_count_ || dead_.load(std::memory_order_acquire)) return;
   if (slots_[index].owner.load(std::memory_order_acquire) != id) return;  // already answered
@@ -472,9 +472,9 @@ bool ShmServerPort::ServeOne(Server& server, std::atomic<int64_t>& busy_since) {
     return false;
   }
   counters().put.fetch_add(1, std::memory_order_relaxed);
-  msg->token = cell_id;
+  msg->token.store(cell_id, std::memory_order_relaxed);
   msg->reply_port = this;
-  msg->target_port = this;
+  msg->target_port.store(this, std::memory_order_relaxed);
   msg->error = 0;
   msg->deadline = kNoDeadline;
   msg->fds.clear();
@@ -524,7 +524,7 @@ void ShmServerPort::MarkAborted(uint64_t id) noexcept {
   // under take_mu_, which the caller holds: the worst is a mark on a message just
   // replied, which its next use clears.
   Message* m = in_service_[slot].load(std::memory_order_acquire);
-  if (m != nullptr && m->token == id) m->flags_.fetch_or(kMsgAborted, std::memory_order_acq_rel);
+  if (m != nullptr && m->token.load(std::memory_order_relaxed) == id) m->flags_.fetch_or(kMsgAborted, std::memory_order_acq_rel);
 }
 
 void ShmServerPort::Serve(Server& server, size_t max_helpers, std::chrono::nanoseconds takeover) {
@@ -683,7 +683,7 @@ void ShmServerPort::PushReply(Encode&& encode) {
 }
 
 void ShmServerPort::PutReply(MessagePtr msg) {
-  const uint64_t id = msg->token;
+  const uint64_t id = msg->token.load(std::memory_order_relaxed);
   counters().replied.fetch_add(1, std::memory_order_relaxed);
   int error = msg->error;
   if (!msg->fds.empty()) {
@@ -706,7 +706,7 @@ void ShmServerPort::PutReply(MessagePtr msg) {
 
 void ShmServerPort::Recycle(MessagePtr msg) noexcept {
   // Out of service first: an abort for its id must no longer find it.
-  if (const size_t slot = msg->token & 0xffffffffu; slot < slot_count_) {
+  if (const size_t slot = msg->token.load(std::memory_order_relaxed) & 0xffffffffu; slot < slot_count_) {
     Message* expected = msg.get();
     in_service_[slot].compare_exchange_strong(expected, nullptr, std::memory_order_acq_rel);
   }
@@ -726,7 +726,7 @@ void ShmServerPort::ScribbleForTest() noexcept {
 }
 
 void ShmServerPort::ReplyRawForTest(MessagePtr msg, std::span<const std::byte> bytes, uint32_t claimed_len) {
-  const uint64_t id = msg->token;
+  const uint64_t id = msg->token.load(std::memory_order_relaxed);
   const uint32_t slot_bytes = segment_->slot_bytes();
   msg->flags_.fetch_or(kMsgReplied | kMsgDone, std::memory_order_acq_rel);  // answered by hand below
   Recycle(std::move(msg));
