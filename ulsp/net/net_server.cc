@@ -694,6 +694,18 @@ void NetServer::Send(NetRequest& q) {
   bool target_in_group = !q.host_netns;
   int64_t sent_msgs = 0;
   int64_t last = 0;
+  // From now on the caller's socket is one made in the ULSP's namespace or, for the
+  // group's loopback and resolver, in the group's (it replaces the caller's: SETFD).
+  // 0, or the errno of making it.
+  auto move_target = [&](bool in_group) {
+    auto s = SocketLike(q, in_group);
+    if (!s) return s.error().value;
+    if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
+    q.install = std::move(*s);
+    target = q.install.get();
+    target_in_group = in_group;
+    return 0;
+  };
 
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
@@ -729,19 +741,13 @@ void NetServer::Send(NetRequest& q) {
         }
         const bool resolver = IsResolver(*ep);
         if (resolver || (config_.loopback_group && ep->IsLoopback())) {
+          // The ULSP's socket (made at socket()) or one from outside must not reach
+          // the host's loopback: one made in the group takes its place, as for a connect.
           if (!target_in_group) {
-            // The caller's socket is the ULSP's (made at socket()) or came from outside,
-            // and must not reach the host's loopback: one made in the group replaces
-            // it, as for a connect there.
-            auto s = SocketLike(q, /*in_group=*/true);
-            if (!s) {
+            if (const int err = move_target(/*in_group=*/true); err != 0) {
               if (sent_msgs > 0) break;
-              return Error(q, s.error().value);
+              return Error(q, err);
             }
-            if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-            q.install = std::move(*s);
-            target = q.install.get();
-            target_in_group = true;
           }
           if (resolver) {
             NoteAsker(q, target);
@@ -757,13 +763,11 @@ void NetServer::Send(NetRequest& q) {
             if (sent_msgs > 0) break;
             return Error(q, EACCES);
           }
-          if (target_in_group) {  // from now on the group's socket is one of the ULSP's
-            auto s = SocketLike(q, /*in_group=*/false);
-            if (!s) return Error(q, s.error().value);
-            if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-            q.install = std::move(*s);
-            target = q.install.get();
-            target_in_group = false;
+          if (target_in_group) {
+            if (const int err = move_target(/*in_group=*/false); err != 0) {
+              if (sent_msgs > 0) break;
+              return Error(q, err);
+            }
           }
         }
       } else if (q.family == AF_UNIX) {
