@@ -295,6 +295,25 @@ std::string UnixPath(const std::vector<char>& addr) {
   return p;
 }
 
+// Where `fd` is bound: its address (`len` bytes of `local`) and port in host order,
+// 0 when it is not bound yet or cannot be read (`len` 0 then).
+uint16_t BoundPort(int fd, sockaddr_storage& local, socklen_t& len) {
+  len = sizeof local;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) {
+    len = 0;
+    return 0;
+  }
+  if (local.ss_family == AF_INET) return ntohs(reinterpret_cast<sockaddr_in*>(&local)->sin_port);
+  if (local.ss_family == AF_INET6) return ntohs(reinterpret_cast<sockaddr_in6*>(&local)->sin6_port);
+  return 0;
+}
+
+// `s` takes the place of the caller's socket (SETFD), non-blocking if that one is.
+void Install(NetRequest& q, UniqueFd s) {
+  if (Nonblocking(q.socket.get())) ::fcntl(s.get(), F_SETFL, ::fcntl(s.get(), F_GETFL) | O_NONBLOCK);
+  q.install = std::move(s);
+}
+
 }  // namespace
 
 NetServer::NetServer(NetConfig config, ConnLog& log, NameMemory& names, Askers& askers)
@@ -339,18 +358,15 @@ void NetServer::Note(const NetRequest& q, LogEntry e) {
 void NetServer::NoteAsker(const NetRequest& q, int fd) {
   if (!log_.enabled()) return;
   sockaddr_storage local{};
-  socklen_t len = sizeof local;
-  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) return;
-  auto ep = Endpoint::FromSockaddr(reinterpret_cast<const char*>(&local), len);
-  if (ep && ep->port == 0) {  // a send would bind it: bound here, as that would, to know the port
+  socklen_t len = 0;
+  uint16_t port = BoundPort(fd, local, len);
+  if (port == 0 && len != 0) {  // a send would bind it: bound here, as that would, to know the port
     sockaddr_storage any{};
     any.ss_family = local.ss_family;
     if (::bind(fd, reinterpret_cast<sockaddr*>(&any), len) != 0) return;
-    len = sizeof local;
-    if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &len) != 0) return;
-    ep = Endpoint::FromSockaddr(reinterpret_cast<const char*>(&local), len);
+    port = BoundPort(fd, local, len);
   }
-  if (ep && ep->port != 0) askers_.Note(static_cast<uint16_t>(ep->port), q.Process());
+  if (port != 0) askers_.Note(port, q.Process());
 }
 
 void NetServer::ServeRequest(NetRequest& q) {
@@ -433,19 +449,14 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
   CopyOptions(q, s.get());
   // A port the caller bound goes with it (best effort: it may be taken on this side).
   sockaddr_storage local{};
-  socklen_t len = sizeof local;
-  if (::getsockname(q.socket.get(), reinterpret_cast<sockaddr*>(&local), &len) == 0) {
-    uint16_t port = 0;
-    if (local.ss_family == AF_INET) port = reinterpret_cast<sockaddr_in*>(&local)->sin_port;
-    if (local.ss_family == AF_INET6) port = reinterpret_cast<sockaddr_in6*>(&local)->sin6_port;
-    if (port != 0) {
-      sockaddr_storage any{};
-      any.ss_family = local.ss_family;
-      if (local.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&any)->sin_port = port;
-      if (local.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(&any)->sin6_port = port;
-      if (::bind(s.get(), reinterpret_cast<sockaddr*>(&any), len) != 0)
-        Logger("net")->debug("group {}: could not keep local port {}: {}", config_.group, ntohs(port), std::strerror(errno));
-    }
+  socklen_t len = 0;
+  if (const uint16_t port = BoundPort(q.socket.get(), local, len); port != 0) {
+    sockaddr_storage any{};
+    any.ss_family = local.ss_family;
+    if (local.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&any)->sin_port = htons(port);
+    if (local.ss_family == AF_INET6) reinterpret_cast<sockaddr_in6*>(&any)->sin6_port = htons(port);
+    if (::bind(s.get(), reinterpret_cast<sockaddr*>(&any), len) != 0)
+      Logger("net")->debug("group {}: could not keep local port {}: {}", config_.group, port, std::strerror(errno));
   }
   return s;
 }
@@ -526,17 +537,11 @@ void NetServer::Listen(NetRequest& q) {
   // host: it listens inside the group instead (only a bind rule opens a host port).
   if ((q.family == AF_INET || q.family == AF_INET6) && q.host_netns) {
     sockaddr_storage local{};
-    socklen_t len = sizeof local;
-    uint16_t port = 0;
-    if (::getsockname(q.socket.get(), reinterpret_cast<sockaddr*>(&local), &len) == 0) {
-      if (local.ss_family == AF_INET) port = reinterpret_cast<sockaddr_in*>(&local)->sin_port;
-      if (local.ss_family == AF_INET6) port = reinterpret_cast<sockaddr_in6*>(&local)->sin6_port;
-    }
-    if (port == 0) {
+    socklen_t len = 0;
+    if (BoundPort(q.socket.get(), local, len) == 0) {
       auto s = SocketLike(q, /*in_group=*/true);
       if (!s) return Error(q, s.error().value);
-      if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-      q.install = std::move(*s);
+      Install(q, std::move(*s));
     }
   }
   Continue(q);
@@ -669,8 +674,7 @@ void NetServer::Bind(NetRequest& q) {
     auto s = SocketLike(q, /*in_group=*/true);
     if (!s) return Error(q, s.error().value);
     if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
-    if (Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-    q.install = std::move(*s);
+    Install(q, std::move(*s));
     return Return(q, 0);
   }
   e.verdict = std::string(ActionName(d.action));
@@ -681,8 +685,7 @@ void NetServer::Bind(NetRequest& q) {
   auto s = SocketLike(q, /*in_group=*/false);
   if (!s) return Error(q, s.error().value);
   if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
-  if (Nonblocking(dup)) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-  q.install = std::move(*s);
+  Install(q, std::move(*s));
   Return(q, 0);
 }
 
@@ -700,8 +703,7 @@ void NetServer::Send(NetRequest& q) {
   auto move_target = [&](bool in_group) {
     auto s = SocketLike(q, in_group);
     if (!s) return s.error().value;
-    if (Nonblocking(q.socket.get())) ::fcntl(s->get(), F_SETFL, ::fcntl(s->get(), F_GETFL) | O_NONBLOCK);
-    q.install = std::move(*s);
+    Install(q, std::move(*s));
     target = q.install.get();
     target_in_group = in_group;
     return 0;
