@@ -187,10 +187,11 @@ void Attribute(const DpkgIndex& index, const std::map<std::string, Touch>& recor
   std::map<std::string, Closure> brings;
   for (const auto& [p, f] : report.undeclared)
     if (auto c = DeclaredClosure(index, {p})) brings.emplace(p, std::move(*c));
-  auto brought_by = [&brings](const std::string& p, const std::string& q) {
-    if (p == q || !brings.contains(q) || !brings.at(q).Declares(p)) return false;
-    return !brings.contains(p) || !brings.at(p).Declares(q);
+  auto declares = [&brings](const std::string& q, const std::string& p) {
+    const auto it = brings.find(q);
+    return it != brings.end() && it->second.Declares(p);
   };
+  auto brought_by = [&](const std::string& p, const std::string& q) { return p != q && declares(q, p) && !declares(p, q); };
   for (const auto& [p, f] : report.undeclared) {
     if (std::none_of(brings.begin(), brings.end(), [&](const auto& b) { return brought_by(p, b.first); }))
       report.to_declare.push_back(p);

@@ -108,13 +108,13 @@ TEST_F(NetTest, CurlAndPythonReachWhatTheRulesAllowAndNothingElse) {
   for (const auto& line : Lines(dir_ / "conn.jsonl")) {
     auto j = nlohmann::json::parse(line);
     EXPECT_TRUE(j.contains("time") && j.contains("pid") && j.contains("argv0") && j.contains("verdict") && j.contains("rule"));
+    const std::string argv0 = j["argv0"];
+    const std::string program = argv0.substr(argv0.rfind('/') + 1);  // for a lookup, the asker
     if (j["call"] == "connect") {
-      log += j["argv0"].get<std::string>().substr(j["argv0"].get<std::string>().rfind('/') + 1) + " " +
-             j["address"].get<std::string>() + ":" + std::to_string(j["port"].get<int>()) + " " +
+      log += program + " " + j["address"].get<std::string>() + ":" + std::to_string(j["port"].get<int>()) + " " +
              j.value("name", "-") + " " + j["verdict"].get<std::string>() + "\n";
-    } else if (j["call"] == "resolve") {  // the asker, as its socket reached the resolver
-      log += j["argv0"].get<std::string>().substr(j["argv0"].get<std::string>().rfind('/') + 1) + " resolve " +
-             j["name"].get<std::string>() + " " + j["verdict"].get<std::string>() + "\n";
+    } else if (j["call"] == "resolve") {
+      log += program + " resolve " + j["name"].get<std::string>() + " " + j["verdict"].get<std::string>() + "\n";
     }
   }
   const std::string h = std::to_string(http);
