@@ -69,6 +69,16 @@ TEST(Endpoint, KnowsLoopbackAndMappedAddresses) {
   EXPECT_FALSE(V6("::2", 1).IsLoopback());
 }
 
+TEST(Endpoint, TheUnspecifiedAddressReachesTheLoopback) {
+  EXPECT_EQ(V4("0.0.0.0", 7).Reached().AddressString(), "127.0.0.1");
+  EXPECT_EQ(V4("0.0.0.0", 7).Reached().port, 7);
+  EXPECT_EQ(V6("::", 7).Reached().AddressString(), "::1");
+  EXPECT_EQ(V6("::ffff:0.0.0.0", 7).Reached().AddressString(), "::ffff:127.0.0.1");
+  EXPECT_EQ(V4("10.0.0.1", 7).Reached().AddressString(), "10.0.0.1");
+  EXPECT_EQ(V6("::2", 7).Reached().AddressString(), "::2");
+  EXPECT_EQ(V6("::ffff:10.0.0.1", 7).Reached().AddressString(), "::ffff:10.0.0.1");
+}
+
 TEST(Cidr, ParsesAndContains) {
   auto c = Cidr::Parse("10.0.0.0/8");
   ASSERT_TRUE(c.has_value());

@@ -488,6 +488,7 @@ void NetServer::Connect(NetRequest& q) {
   const bool stream = q.type == SOCK_STREAM;
   const std::string proto = stream ? "tcp" : "udp";
   LogEntry e{.proto = proto, .address = ep->AddressString(), .port = ep->port};
+  *ep = ep->Reached();  // 0.0.0.0 and :: mean the loopback: decided as 127.0.0.1 and ::1
 
   const bool resolver = IsResolver(*ep);
   if (resolver || (config_.loopback_group && ep->IsLoopback())) {
@@ -741,6 +742,8 @@ void NetServer::Send(NetRequest& q) {
           if (sent_msgs > 0) break;
           return Error(q, ep.error());
         }
+        const std::string shown = ep->AddressString();  // as the caller gave it
+        *ep = ep->Reached();
         const bool resolver = IsResolver(*ep);
         if (resolver || (config_.loopback_group && ep->IsLoopback())) {
           // The ULSP's socket (made at socket()) or one from outside must not reach
@@ -754,12 +757,12 @@ void NetServer::Send(NetRequest& q) {
           if (resolver) {
             NoteAsker(q, target);
           } else {
-            Note(q, {.proto = "udp", .address = ep->AddressString(), .port = ep->port, .verdict = "group",
+            Note(q, {.proto = "udp", .address = shown, .port = ep->port, .verdict = "group",
                      .rule = "loopback = \"group\""});
           }
         } else {
           const Decision dec = config_.rules.Decide(Call::kConnect, Proto::kUdp, *ep, names_.NamesOf(*ep));
-          Note(q, {.proto = "udp", .address = ep->AddressString(), .port = ep->port, .name = dec.name,
+          Note(q, {.proto = "udp", .address = shown, .port = ep->port, .name = dec.name,
                    .verdict = std::string(ActionName(dec.action)), .rule = config_.rules.Describe(dec.rule)});
           if (!dec.allowed()) {
             if (sent_msgs > 0) break;

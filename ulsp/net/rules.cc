@@ -96,6 +96,18 @@ bool Endpoint::IsLoopback() const noexcept {
   return addr[15] == 1;
 }
 
+Endpoint Endpoint::Reached() const noexcept {
+  Endpoint e = *this;
+  const size_t v4_at = family == AF_INET ? 0 : 12;  // where the IPv4 address sits
+  if (auto v4 = V4(); v4 && *v4 == std::array<uint8_t, 4>{}) {
+    e.addr[v4_at] = 127;
+    e.addr[v4_at + 3] = 1;
+  } else if (family == AF_INET6 && addr == std::array<uint8_t, 16>{}) {
+    e.addr[15] = 1;
+  }
+  return e;
+}
+
 std::expected<Cidr, std::string> Cidr::Parse(std::string_view text) {
   const size_t slash = text.find('/');
   const std::string address(text.substr(0, slash));

@@ -50,6 +50,10 @@ struct Endpoint {
   std::string AddressString() const;
   // Whether it is 127.0.0.0/8, ::1, or ::ffff:127.x.y.z.
   bool IsLoopback() const noexcept;
+  // Where a connect or send to this address lands: Linux takes the unspecified
+  // address (0.0.0.0, ::, ::ffff:0.0.0.0) to mean the loopback (127.0.0.1, ::1,
+  // ::ffff:127.0.0.1); any other address is itself.
+  Endpoint Reached() const noexcept;
   // The IPv4 address of an AF_INET endpoint or of an IPv4-mapped IPv6 one.
   std::optional<std::array<uint8_t, 4>> V4() const noexcept;
 };
