@@ -119,6 +119,8 @@ TEST(Rule, ParsesTargetsAndPorts) {
   EXPECT_EQ(r.host, "*.example.com");
   EXPECT_EQ(r.SetTo("bad name!").error(), "'bad name!' is neither a CIDR nor a host name");
   EXPECT_EQ(r.SetTo("/run/x.sock").error(), "'/run/x.sock' is a path: a UNIX socket rule needs proto = \"unix\"");
+  EXPECT_EQ(r.SetTo("").error(), "`to` is empty: give a CIDR, a host name, a socket path or \"any\"");
+  EXPECT_EQ(r.SetPorts("").error(), "ports '': give a port (80), a range (8000-8099) or \"any\"");
   EXPECT_TRUE(r.SetPorts("8000-8099").has_value());
   EXPECT_EQ(r.port_lo, 8000);
   EXPECT_EQ(r.port_hi, 8099);
@@ -172,8 +174,8 @@ TEST(RuleSet, FirstMatchDecidesThenTheDefault) {
 TEST(RuleSet, WildcardNamesAndPaths) {
   RuleSet rules({MakeRule(Action::kDeny, Proto::kAny, "*.ads.example", "any"),
                  MakeRule(Action::kAllow, Proto::kAny, "*.example", "443"),
-                 MakeRule(Action::kAllow, Proto::kUnix, "/run/dbus/", ""),
-                 MakeRule(Action::kAllow, Proto::kUnix, "/tmp/exact.sock", "")},
+                 MakeRule(Action::kAllow, Proto::kUnix, "/run/dbus/", "any"),
+                 MakeRule(Action::kAllow, Proto::kUnix, "/tmp/exact.sock", "any")},
                 false);
   EXPECT_EQ(rules.Decide(Call::kConnect, Proto::kTcp, V4("192.0.2.1", 443), {"cdn.example"}).rule, 1);
   EXPECT_EQ(rules.Decide(Call::kConnect, Proto::kTcp, V4("192.0.2.1", 443), {"x.ads.example"}).rule, 0);

@@ -180,10 +180,11 @@ std::expected<void, std::string> Rule::SetTo(std::string_view to) {
   host.clear();
   path.clear();
   any_address = false;
-  if (to.empty() || to == "any") {
+  if (to == "any") {
     any_address = true;
     return {};
   }
+  if (to.empty()) return std::unexpected(std::string("`to` is empty: give a CIDR, a host name, a socket path or \"any\""));
   if (to.front() == '/') {
     if (proto != Proto::kUnix)
       return std::unexpected(fmt::format("'{}' is a path: a UNIX socket rule needs proto = \"unix\"", to));
@@ -206,7 +207,7 @@ std::expected<void, std::string> Rule::SetTo(std::string_view to) {
 }
 
 std::expected<void, std::string> Rule::SetPorts(std::string_view ports) {
-  if (ports.empty() || ports == "any") {
+  if (ports == "any") {
     port_lo = 0;
     port_hi = 65535;
     return {};
