@@ -306,7 +306,7 @@ struct FuseOps {
     }
     m->fuse_req = req;
     const fuse_ctx* ctx = fuse_req_ctx(req);
-    m->req.ctx = {ctx->uid, ctx->gid, ctx->pid, ctx->umask};
+    m->req.ctx = {ctx->uid, ctx->gid, ctx->pid, 0};
     m->req.node = node;
     m->req.timeout = Shim(req).options_.timeout;
     // The stack may give the kernel the file itself (FUSE passthrough).
@@ -314,6 +314,18 @@ struct FuseOps {
     // The stack may say its listings need no handle (answering ENOSYS).
     m->req.handleless_ok = op == VfsOp::kOpenDir && Shim(req).handleless_dirs_;
     return std::unique_ptr<VfsMessage>(m);
+  }
+
+  // The mode a create, mkdir or mknod asks for, with the caller's umask applied. With
+  // FUSE_CAP_DONT_MASK the kernel leaves that to the file system, which must not apply
+  // it under a directory with a default ACL: the bits it took go along.
+  static void SetMode(fuse_req_t req, VfsRequest& r, mode_t mode) noexcept {
+    if (Shim(req).dont_mask_) {
+      const mode_t took = mode & fuse_req_ctx(req)->umask & 07777;
+      r.ctx.umask_took = took;
+      mode &= ~took;
+    }
+    r.mode = mode;
   }
 
   static void OnInterrupt(fuse_req_t, void* data) noexcept { Abort(*static_cast<VfsMessage*>(data)); }
@@ -367,6 +379,16 @@ struct FuseOps {
       if (shim.options_.readdirplus_always) conn->want &= ~static_cast<unsigned>(FUSE_CAP_READDIRPLUS_AUTO);
     }
     if (conn->capable & FUSE_CAP_CACHE_SYMLINKS) conn->want |= FUSE_CAP_CACHE_SYMLINKS;
+    // POSIX ACLs: the kernel enforces them, reading them as xattrs from the stack (the
+    // disk below keeps a file's mode in step with its ACL, and gives a new file its
+    // directory's default ACL). Without this the kernel checked the mode bits alone: a
+    // user an ACL denied got in. A default ACL overrides the umask, so the kernel
+    // leaves the umask to the shim (SetMode).
+    if (conn->capable & FUSE_CAP_POSIX_ACL) conn->want |= FUSE_CAP_POSIX_ACL;
+    if (conn->capable & FUSE_CAP_DONT_MASK) {
+      conn->want |= FUSE_CAP_DONT_MASK;
+      shim.dont_mask_ = true;
+    }
     // Lookups and listings in one directory in parallel: without it the kernel holds
     // the directory's lock across each lookup, and one that blocks in the server (say
     // on a stopped file system below) stalls every other in that directory. libfuse
@@ -433,7 +455,7 @@ struct FuseOps {
     auto m = Begin(req, VfsOp::kMkNod, parent);
     if (!m) return;
     m->req.name = name;
-    m->req.mode = mode;
+    SetMode(req, m->req, mode);
     m->req.rdev = rdev;
     Submit(std::move(m));
   } catch (...) {
@@ -443,7 +465,7 @@ struct FuseOps {
     auto m = Begin(req, VfsOp::kMkDir, parent);
     if (!m) return;
     m->req.name = name;
-    m->req.mode = mode;
+    SetMode(req, m->req, mode);
     Submit(std::move(m));
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
@@ -593,7 +615,7 @@ struct FuseOps {
   static void Create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi) noexcept try {
     auto m = Begin(req, VfsOp::kCreate, parent);
     if (!m) return;
-    m->req.mode = mode;
+    SetMode(req, m->req, mode);
     m->req.flags = fi->flags;
     if (std::string_view(name) == "/") {  // a FUSE_TMPFILE (ProcessRequest)
       m->req.flags = (fi->flags & ~O_CREAT) | O_TMPFILE;

@@ -141,6 +141,7 @@ class FuseShim {
                                           // operations (libfuse 3.14 leaves them out)
   bool handleless_dirs_ = false;          // the kernel can list without opendir (FUSE
                                           // no-opendir), if the stack answers ENOSYS
+  bool dont_mask_ = false;                // the kernel leaves the umask to the shim
   std::mutex backing_mu_;
   std::unordered_map<uint64_t, Backing> backing_;     // node -> its backing id
   std::unordered_map<uint64_t, uint64_t> backed_fh_;  // handle -> its node

@@ -28,7 +28,7 @@ struct VfsRequest {
   uid @0 :UInt32;
   gid @1 :UInt32;
   pid @2 :Int32;
-  umask @3 :UInt32;
+  umaskTook @3 :UInt32;  # VfsContext::umask_took
   node @4 :UInt64;
   name @5 :Data;
   node2 @6 :UInt64;

@@ -86,7 +86,7 @@ void EncodeVfsRequest(const VfsRequest& req, std::vector<std::byte>& out) {
   r.setUid(req.ctx.uid);
   r.setGid(req.ctx.gid);
   r.setPid(req.ctx.pid);
-  r.setUmask(req.ctx.umask);
+  r.setUmaskTook(req.ctx.umask_took);
   r.setNode(req.node);
   r.setName(Bytes(req.name.data(), req.name.size()));
   r.setNode2(req.node2);
@@ -115,7 +115,7 @@ Result<void> DecodeVfsRequest(std::span<const std::byte> bytes, VfsRequest& req,
     auto name2 = r.getName2();
     auto in = r.getIn();
     if (name.size() > kMaxName || name2.size() > kMaxName || in.size() > kMaxData) return Fail(EBADMSG);
-    req.ctx = {r.getUid(), r.getGid(), r.getPid(), r.getUmask()};
+    req.ctx = {r.getUid(), r.getGid(), r.getPid(), r.getUmaskTook()};
     req.node = r.getNode();
     req.name.assign(reinterpret_cast<const char*>(name.begin()), name.size());
     req.node2 = r.getNode2();

@@ -90,7 +90,10 @@ struct VfsContext {
   uid_t uid = 0;
   gid_t gid = 0;
   pid_t pid = 0;
-  mode_t umask = 0;
+  // create, mkdir, mknod: the permission bits the caller's umask took from `mode`. A
+  // directory with a default ACL ignores the umask, so a layer that creates where such
+  // a directory can be (passthrough) gives them back there.
+  mode_t umask_took = 0;
 };
 
 // What an open (or opendir, or create) answers besides the node.

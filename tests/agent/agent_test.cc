@@ -140,6 +140,12 @@ TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
   const std::string native = Output(script + dir_ / "native root", true);
   ASSERT_NE(native.find("odirect-write: 4096"), std::string::npos) << native;
   EXPECT_EQ(Output(script + m + "/sem root", true), native);
+  // So do POSIX ACLs: this host's kernel enforces them, the agent's disk keeps them.
+  const std::string acl = std::string("/usr/bin/python3 ") + ULSP_TESTS_DIR + "/vfs/acl.py ";
+  ASSERT_EQ(Shell("mkdir " + dir_ / "native-acl " + m + "/acl"), 0);
+  const std::string native_acl = Output(acl + dir_ / "native-acl", true);
+  ASSERT_NE(native_acl.find("nobody-reads-deny: EACCES\n"), std::string::npos) << native_acl;
+  EXPECT_EQ(Output(acl + m + "/acl", true), native_acl);
 }
 
 // A file that a program here holds open while it loses its last name through the

@@ -29,6 +29,7 @@ namespace {
 
 const std::string kPython = "/usr/bin/python3";
 const std::string kSemantics = std::string(ULSP_TESTS_DIR) + "/vfs/semantics.py";
+const std::string kAcl = std::string(ULSP_TESTS_DIR) + "/vfs/acl.py";
 
 // One mount for a test: a source directory, a mount point, and what serves it.
 // The parameter is "passthrough", "isolated" (passthrough in its own process),
@@ -164,6 +165,28 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
   ASSERT_NE(native.find("uid=65534"), std::string::npos) << native;
   ASSERT_NE(native.find("sgid-truncate: mode=-rwxrwxrwx"), std::string::npos) << native;
   EXPECT_EQ(native, mounted);
+}
+
+// POSIX ACLs set by root and met by nobody: enforced, kept in step with the mode, and
+// inherited from a directory's default ACL in place of the umask, as on ext4. Before
+// the shim asked the kernel for POSIX ACLs, the kernel checked the mode bits alone (a
+// user an ACL denied read the file; one it let in was refused) and applied the umask
+// under a default ACL too. memfs keeps no ACLs: setting one is refused, as on a file
+// system without them, and the mode alone decides.
+TEST_P(MountTest, PosixAclsActAsOnTheFileSystemUnderneath) {
+  ASSERT_EQ(::mkdir((dir_ / "native").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir((work_ + "/acl").c_str(), 0755), 0);
+  const std::string native = Output(kPython + " " + kAcl + " " + dir_ / "native", true);
+  const std::string mounted = Output(kPython + " " + kAcl + " " + work_ + "/acl", true);
+  ASSERT_NE(native.find("nobody-reads-deny: EACCES\n"), std::string::npos) << native;
+  ASSERT_NE(native.find("nobody-creates: ok\n"), std::string::npos) << native;
+  if (GetParam().find("memfs") == std::string::npos) {
+    EXPECT_EQ(native, mounted);
+  } else {
+    EXPECT_NE(mounted.find("set-deny: ENOTSUP\n"), std::string::npos) << mounted;
+    EXPECT_NE(mounted.find("nobody-reads-deny: secret\n"), std::string::npos) << mounted;
+    EXPECT_EQ(mounted.substr(mounted.find("umask:")), native.substr(native.find("umask:")));
+  }
 }
 
 // Mounts each stack over the disk `dir`/src in turn (passthrough, isolated,

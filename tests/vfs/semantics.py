@@ -22,21 +22,10 @@ import stat
 import subprocess
 import sys
 
+from steps import attempt, out, p
+
 d = sys.argv[1]
 who = sys.argv[2] if len(sys.argv) > 2 else "root"
-out = []
-
-
-def p(step, value):
-    out.append(f"{step}: {value}")
-
-
-def attempt(step, fn, *args):
-    try:
-        r = fn(*args)
-        p(step, "ok" if r is None else r)
-    except OSError as e:
-        p(step, errno.errorcode.get(e.errno, e.errno))
 
 
 def describe(path, follow=False):

@@ -42,6 +42,16 @@ struct ProcPath {
   const char* c_str() const { return buf; }
 };
 
+// The mode to make a file, directory or node with in the directory `dir_fd`:
+// `req.mode`, from which the caller's umask took `req.ctx.umask_took`, unless the
+// directory has a default ACL, which the disk then applies in the umask's place (as it
+// does for a caller of its own).
+mode_t CreationMode(const VfsRequest& req, int dir_fd) {
+  if (req.ctx.umask_took == 0) return req.mode;
+  const bool default_acl = ::getxattr(ProcPath(dir_fd).c_str(), "system.posix_acl_default", nullptr, 0) > 0;
+  return default_acl ? req.mode | req.ctx.umask_took : req.mode;
+}
+
 // Grows this process's descriptor table now to hold the first 64Ki descriptors (at
 // most `limit`), so that descriptors for nodes later take no growth. The kernel
 // grows a table by doubling it, and when the process has more than one thread each
@@ -413,7 +423,7 @@ int PassthroughLayer::Create(VfsRequest& req) {
   // drops its entry, and the next try opens the file by the kernel's checks).
   const int excl = (req.ctx.uid != 0 || req.ctx.gid != 0) ? O_EXCL : 0;
   auto fd = Sys([&] {
-    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | excl | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, req.mode);
+    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | excl | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, CreationMode(req, pfd));
   });
   if (!fd) return fd.error().value;
   UniqueFd file(*fd);
@@ -432,7 +442,9 @@ int PassthroughLayer::Create(VfsRequest& req) {
 int PassthroughLayer::Tmpfile(VfsRequest& req) {
   const FdRef pfd = NodeFd(req.node);
   if (pfd < 0) return ESTALE;
-  auto fd = Sys([&] { return ::openat(pfd, ".", (req.flags | O_CLOEXEC) & ~(O_PATH | O_CREAT | O_NOFOLLOW), req.mode); });
+  auto fd = Sys([&] {
+    return ::openat(pfd, ".", (req.flags | O_CLOEXEC) & ~(O_PATH | O_CREAT | O_NOFOLLOW), CreationMode(req, pfd));
+  });
   if (!fd) return fd.error().value;
   UniqueFd file(*fd);
   if (int err = GiveToCaller(req, pfd, nullptr, file.get())) return err;
@@ -473,11 +485,11 @@ int PassthroughLayer::MakeNode(VfsRequest& req) {
   int err = 0;
   switch (req.op) {
     case VfsOp::kMkDir:
-      err = Errno0([&] { return ::mkdirat(pfd, name, req.mode); });
+      err = Errno0([&] { return ::mkdirat(pfd, name, CreationMode(req, pfd)); });
       req.mode |= S_IFDIR;
       break;
     case VfsOp::kMkNod:
-      err = Errno0([&] { return ::mknodat(pfd, name, req.mode, req.rdev); });
+      err = Errno0([&] { return ::mknodat(pfd, name, CreationMode(req, pfd), req.rdev); });
       break;
     case VfsOp::kSymlink:
       err = Errno0([&] { return ::symlinkat(req.name2.c_str(), pfd, name); });
