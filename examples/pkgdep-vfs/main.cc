@@ -28,6 +28,7 @@
 #include <fstream>
 #include <mutex>
 #include <optional>
+#include <regex>
 #include <sstream>
 #include <thread>
 
@@ -296,6 +297,20 @@ std::vector<std::string> Split(const std::string& list) {
   return out;
 }
 
+// Why `relation` ("NAME", "NAME:ARCH (>= VERSION)", "A | B", as a Depends field
+// writes one) is not one; empty when it is. dpkg's index reads its own fields leniently
+// (Relations); what a user types is checked, so that a slip ("libc6 (>= 2") is said,
+// not taken for a name.
+std::string RelationError(const std::string& relation) {
+  static const std::regex kAlternative(
+      R"(\s*[a-z0-9][a-z0-9+.-]+(:[a-z0-9][a-z0-9-]*)?\s*(\(\s*(<<|<=|=|>=|>>|<|>)\s*[A-Za-z0-9.+~:-]+\s*\))?\s*)");
+  bool ok = !relation.ends_with('|');
+  std::stringstream s(relation);
+  for (std::string alt; ok && std::getline(s, alt, '|');) ok = std::regex_match(alt, kAlternative);
+  if (ok) return {};
+  return "--deps: '" + relation + "' is not a relation (give NAME, NAME (>= VERSION) or A | B, comma-separated)";
+}
+
 int Check(const std::string& package, const std::string& deps, const std::string& mode, bool confirm,
           const std::string& json_file, const std::string& allow_file, const std::vector<std::string>& command) {
   if (package.empty() == deps.empty()) return Fail("give either --package NAME or --deps PKG,PKG...");
@@ -304,6 +319,9 @@ int Check(const std::string& package, const std::string& deps, const std::string
     return Fail("--confirm reruns an observed command without each undeclared package: give it with --mode observe");
   const std::vector<std::string> roots = package.empty() ? Split(deps) : std::vector<std::string>{package};
   if (roots.empty()) return Fail("--deps '" + deps + "' names no package (give PKG,PKG...)");
+  if (!deps.empty())
+    for (const std::string& relation : roots)
+      if (std::string why = RelationError(relation); !why.empty()) return Fail(why);
   if (command.empty()) return Fail("give the command to check after --");
   if (command.front().empty()) return Fail("the command after -- is an empty string");
   if (::geteuid() != 0) return Fail("needs root (it runs the command in an ulsp process group)");

@@ -592,6 +592,13 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   r = Check("--deps , -- true");  // once taken as a declaration of nothing
   EXPECT_EQ(r.status, 2);
   EXPECT_EQ(r.err, "pkgdep-vfs: --deps ',' names no package (give PKG,PKG...)\n");
+  // A relation cut short was taken for a package named "libc6 (>= 2", and an empty
+  // alternative was looked up as a package named '|'.
+  for (const std::string bad : {"libc6 (>= 2", "libc6 |", "libc6 || tar", "Libc6"}) {
+    r = Check("--deps 'tar, " + bad + "' -- true");
+    EXPECT_EQ(r.status, 2) << bad;
+    EXPECT_EQ(r.err, "pkgdep-vfs: --deps: '" + bad + "' is not a relation (give NAME, NAME (>= VERSION) or A | B, comma-separated)\n");
+  }
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils 2> " + dir_ / "err"), 2);
   EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: give the command to check after --\n");
   EXPECT_EQ(Shell(kPkgdep + " check --package coreutils --mode strict -- true 2> " + dir_ / "err"), 2);
