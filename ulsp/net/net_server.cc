@@ -742,7 +742,7 @@ void NetServer::Send(NetRequest& q) {
           if (sent_msgs > 0) break;
           return Error(q, ep.error());
         }
-        const std::string shown = ep->AddressString();  // as the caller gave it
+        const Endpoint given = *ep;  // the log shows the address as the caller gave it
         *ep = ep->Reached();
         const bool resolver = IsResolver(*ep);
         if (resolver || (config_.loopback_group && ep->IsLoopback())) {
@@ -757,12 +757,12 @@ void NetServer::Send(NetRequest& q) {
           if (resolver) {
             NoteAsker(q, target);
           } else {
-            Note(q, {.proto = "udp", .address = shown, .port = ep->port, .verdict = "group",
+            Note(q, {.proto = "udp", .address = given.AddressString(), .port = ep->port, .verdict = "group",
                      .rule = "loopback = \"group\""});
           }
         } else {
           const Decision dec = config_.rules.Decide(Call::kConnect, Proto::kUdp, *ep, names_.NamesOf(*ep));
-          Note(q, {.proto = "udp", .address = shown, .port = ep->port, .name = dec.name,
+          Note(q, {.proto = "udp", .address = given.AddressString(), .port = ep->port, .name = dec.name,
                    .verdict = std::string(ActionName(dec.action)), .rule = config_.rules.Describe(dec.rule)});
           if (!dec.allowed()) {
             if (sent_msgs > 0) break;
