@@ -151,6 +151,11 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/x\"\nstack = \"memfs:1M\"\nreadonly = true\n"),
             "p.toml:5: unknown key 'readonly' in a [[group.g.mount]] (known: path, stack, isolated, read_only, timeout)");
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"x\"\nstack = \"memfs:1M\"\n"), "p.toml:3: mount path 'x' must be absolute");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/tmp\"\nstack = \"memfs:1M\"\ntimeout = nan\n"),
+            "p.toml:5: `timeout` must be 0 or more seconds");
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/tmp\"\nstack = \"overlay:/usr,passthrough:/usr/share\"\n"),
+            "p.toml:4: stack \"overlay:/usr,passthrough:/usr/share\": passthrough:/usr/share lies inside overlay:/usr, so "
+            "the overlay's changes would land in the layer it keeps unchanged: put the upper directory elsewhere");
   // The host's mount points are looked at now: `ulsp run` once found one missing only
   // while it built the group, after `ulsp policy check` had said ok.
   EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/nonexistent-mount-point\"\nstack = \"memfs:1M\"\n"),

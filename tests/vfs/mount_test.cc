@@ -1596,6 +1596,19 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
        "ulsp mount: view:" + dir_ / "nolist" + ": cannot read the allow-list: No such file or directory\n"},
       {"mount " + dir_ / "src " + dir_ / "nomnt", "ulsp mount: " + dir_ / "nomnt" + ": mount point: No such file or directory\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout -1", "ulsp mount: --timeout must be 0 or more seconds\n"},
+      // NaN passed the `< 0` test and reached libfuse's conversion to whole seconds.
+      {"mount " + dir_ / "src " + mnt + " --timeout nan", "ulsp mount: --timeout must be 0 or more seconds\n"},
+      {"mount --remote 127.0.0.1:1/x --deadline nan " + mnt,
+       "ulsp mount: --deadline must be more than 0 and at most 86400 seconds\n"},
+      // A lower directory inside the upper one: copy-ups landed in the layer the overlay
+      // keeps unchanged, and showed twice through the mount.
+      {"mount --stack overlay:" + dir_ / "up,passthrough:" + dir_ / "up/low " + mnt,
+       "ulsp mount: passthrough:" + dir_ / "up/low" + " lies inside overlay:" + dir_ / "up" +
+           ", so the overlay's changes would land in the layer it keeps unchanged: put the upper directory "
+           "elsewhere\n"},
+      {"mount --stack overlay:" + dir_.path() + ",passthrough:" + dir_ / "src " + mnt,
+       "ulsp mount: " + mnt + ": mount point is inside overlay:" + dir_.path() +
+           ", so the mount would contain itself: mount it outside that directory\n"},
       // Once mounted, a lookup of mnt/ through the mount reached the mount itself and
       // held it busy: `ulsp umount` could not end it.
       {"mount " + dir_.path() + " " + mnt,

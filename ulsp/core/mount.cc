@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -91,7 +92,9 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
   } else if (!args.tls_name.empty()) {
     return std::unexpected("--tls-name goes with --tls-cert, --tls-key and --tls-ca");
   }
-  if (args.deadline <= 0) return std::unexpected("--deadline must be more than 0 seconds");
+  // NaN passes a `<= 0` test; infinity overflows the milliseconds below.
+  if (!(args.deadline > 0 && args.deadline <= 86400))
+    return std::unexpected("--deadline must be more than 0 and at most 86400 seconds");
   o.call_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.deadline * 1000));
   o.connect_timeout = std::min(o.call_timeout, std::chrono::milliseconds(5000));
   return o;
@@ -263,7 +266,7 @@ int Mount(const MountArgs& in) {
     }
     if (auto options = RemoteOptionsOf(args); !options) return Error(options.error());
   }
-  if (args.timeout < 0) return Error("--timeout must be 0 or more seconds");
+  if (!(args.timeout >= 0 && std::isfinite(args.timeout))) return Error("--timeout must be 0 or more seconds");
   std::string spec;
   if (args.remote.empty()) {
     auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? "passthrough:" + args.source : args.stack);
@@ -283,12 +286,11 @@ int Mount(const MountArgs& in) {
   // A passthrough directory that holds the mount point would reach the mount through
   // it: its lookups cross into the mount, and the descriptor that takes keeps the
   // mount busy for good (`ulsp umount` then cannot end it).
+  // An overlay's upper directory is served by a passthrough layer of its own.
   if (auto layers = vfs::ParseStackSpec(spec)) {
-    for (const vfs::LayerSpec& layer : *layers) {
-      if (layer.name != "passthrough" || ::realpath(layer.argument.c_str(), resolved) == nullptr) continue;
-      const std::string root = resolved;
-      if (args.mountpoint == root || args.mountpoint.starts_with(root == "/" ? root : root + "/"))
-        return Error(args.mountpoint + ": mount point is inside passthrough:" + root +
+    for (const auto& [name, root] : vfs::ServedDirectories(*layers)) {
+      if (vfs::IsWithin(args.mountpoint, root))
+        return Error(args.mountpoint + ": mount point is inside " + name + ":" + root +
                      ", so the mount would contain itself: mount it outside that directory");
     }
   }

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -264,11 +265,15 @@ class Parser {
       }
       spec += (spec.empty() ? "" : ",") + l.name + ":" + arg;
     }
+    if (auto apart = vfs::CheckApart(*vfs::ParseStackSpec(spec)); !apart)
+      Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + apart.error());
     m.stack = spec;
     m.isolated = Bool(t, "isolated", what, false);
     m.read_only = Bool(t, "read_only", what, false);
     if (const toml::node* n = t.get("timeout")) {
-      if (!n->is_number() || *n->value<double>() < 0) Fail(n->source(), "`timeout` must be 0 or more seconds");
+      // TOML has nan and inf; neither is a time the kernel can cache for.
+      if (!n->is_number() || !(*n->value<double>() >= 0 && std::isfinite(*n->value<double>())))
+        Fail(n->source(), "`timeout` must be 0 or more seconds");
       m.timeout = *n->value<double>();
     }
     return m;

@@ -74,9 +74,45 @@ std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec)
   return out;
 }
 
+std::vector<std::pair<std::string, std::string>> ServedDirectories(const std::vector<LayerSpec>& layers) {
+  std::vector<std::pair<std::string, std::string>> dirs;
+  for (const LayerSpec& l : layers) {
+    if (l.name != "passthrough" && l.name != "overlay") continue;
+    std::error_code ec;
+    auto path = std::filesystem::weakly_canonical(l.argument, ec);
+    dirs.emplace_back(l.name, NormalPath(ec ? std::filesystem::path(l.argument) : path));
+  }
+  return dirs;
+}
+
+bool IsWithin(std::string_view a, std::string_view b) {
+  if (!a.starts_with(b)) return false;
+  return a.size() == b.size() || b == "/" || a[b.size()] == '/';
+}
+
+std::expected<void, std::string> CheckApart(const std::vector<LayerSpec>& layers) {
+  // A directory below an overlay that lies inside its upper directory (or is it) is
+  // written by the copy-ups and whiteouts that should keep it unchanged, and shows
+  // them again through the mount. Kernel overlayfs refuses the same ("overlapping
+  // lowerdir path"). An upper directory inside a lower one is allowed, as there: a
+  // scratch layer over / is one.
+  const auto dirs = ServedDirectories(layers);
+  for (size_t i = 0; i < dirs.size(); ++i) {
+    if (dirs[i].first != "overlay") continue;
+    for (size_t j = i + 1; j < dirs.size(); ++j) {
+      if (IsWithin(dirs[j].second, dirs[i].second))
+        return std::unexpected(dirs[j].first + ":" + dirs[j].second + " lies inside overlay:" + dirs[i].second +
+                               ", so the overlay's changes would land in the layer it keeps unchanged: put the upper "
+                               "directory elsewhere");
+    }
+  }
+  return {};
+}
+
 std::expected<std::unique_ptr<Layer>, std::string> BuildStack(std::string_view spec) {
   auto layers = ParseStackSpec(spec);
   if (!layers) return std::unexpected(layers.error());
+  if (auto apart = CheckApart(*layers); !apart) return std::unexpected(apart.error());
   std::unique_ptr<Layer> below;
   for (auto it = layers->rbegin(); it != layers->rend(); ++it) {
     const LayerSpec& l = *it;

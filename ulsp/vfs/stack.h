@@ -10,6 +10,7 @@
 #include <memory>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "kernel/msgport/port.h"
@@ -32,6 +33,18 @@ std::string NormalPath(const std::filesystem::path& path);
 // SPEC with every path argument made absolute (against the current directory), so
 // it means the same in a process that runs elsewhere.
 std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec);
+
+// The directories a stack's layers serve, resolved (symlinks followed; a directory
+// not made yet is resolved as far as it exists): each passthrough DIR and each overlay
+// UPPERDIR, as "name:path". A mount point inside one would reach the mount through it.
+std::vector<std::pair<std::string, std::string>> ServedDirectories(const std::vector<LayerSpec>& layers);
+
+// True if A is B or lies inside it; both absolute and normal.
+bool IsWithin(std::string_view a, std::string_view b);
+
+// Fails, naming both, if a directory of a layer below an overlay is its UPPERDIR or
+// lies inside it. BuildStack checks it too.
+std::expected<void, std::string> CheckApart(const std::vector<LayerSpec>& layers);
 
 // Builds the layers SPEC names, opening what they need (directories, logs, lists).
 // Fails with a one-line message naming the layer and what was wrong.
