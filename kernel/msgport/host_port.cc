@@ -2,7 +2,7 @@
 
 namespace ulsp::msgport {
 
-bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port) {
+bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port, bool zero_port) {
   const size_t colon = text.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == text.size()) return false;
   host = text.substr(0, colon);
@@ -15,7 +15,7 @@ bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port) {
   } catch (...) {
     return false;
   }
-  if (p == 0 || p > 65535) return false;
+  if ((p == 0 && !zero_port) || p > 65535) return false;
   port = static_cast<uint16_t>(p);
   return true;
 }

@@ -14,7 +14,8 @@ inline std::string JoinHostPort(std::string_view host, int port) {
   return (h.find(':') != std::string::npos ? "[" + h + "]" : h) + ":" + std::to_string(port);
 }
 
-// "ADDR:PORT" (IPv6 in brackets) -> host (without them), port. False for a bad one.
-bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port);
+// "ADDR:PORT" (IPv6 in brackets) -> host (without them), port. False for a bad one;
+// port 0 (for a listener: "pick one") only with `zero_port`.
+bool SplitHostPort(const std::string& text, std::string& host, uint16_t& port, bool zero_port = false);
 
 }  // namespace ulsp::msgport

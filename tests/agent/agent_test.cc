@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <regex>
 #include <thread>
 
 #include "tests/vfs/mount_fixture.h"
@@ -413,6 +414,20 @@ TEST(AgentCommandLine, BadExportsAreRefusedBeforeItListens) {
   EXPECT_EQ(serve("--export src=bogus:/"),
             "ulsp agent: --export src: unknown layer 'bogus' (known: passthrough:DIR, memfs:SIZE, overlay:UPPERDIR, "
             "trace:LOG, view:ALLOWLIST)\n");
+}
+
+// `--listen ADDR:0` picks a free port, as docs/agents.md says, and the log and `ulsp
+// ps` name the one picked. Once, port 0 was refused as "give ADDR:PORT".
+TEST(AgentCommandLine, PortZeroPicksAPortAndSaysWhich) {
+  TempDir dir;
+  ASSERT_EQ(Shell("echo t0k3n > " + dir / "token && chmod 600 " + dir / "token"), 0);
+  const std::string out = Output("timeout 2 " + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:0 --token-file " +
+                                     dir / "token --export src=passthrough:/usr/share/doc",
+                                 true);
+  std::smatch port;
+  ASSERT_TRUE(std::regex_search(out, port, std::regex("serving src=passthrough:/usr/share/doc on 127\\.0\\.0\\.1:([0-9]+) ")))
+      << out;
+  EXPECT_NE(port[1], "0") << out;
 }
 
 // The TLS files are checked before anything connects or listens. Once, a file that

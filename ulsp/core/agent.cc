@@ -624,7 +624,8 @@ int ServeAgent(const AgentOptions& options) {
     }
     std::string names;
     for (const auto& [n, spec] : options.exports) names += (names.empty() ? "" : ", ") + n + "=" + spec;
-    Logger("agent")->info("serving {} on {} ({})", names, msgport::JoinHostPort(options.listen_host, static_cast<int>(listener->getPort())),
+    const std::string listening = msgport::JoinHostPort(options.listen_host, static_cast<int>(listener->getPort()));
+    Logger("agent")->info("serving {} on {} ({})", names, listening,
                           tls ? "mutual TLS" : shared.token.empty() ? "no authentication" : "token");
 
     struct ErrorHandler final : kj::TaskSet::ErrorHandler {
@@ -674,7 +675,7 @@ int ServeAgent(const AgentOptions& options) {
     std::error_code ec;
     auto control = ControlServer::Start(run_dir, [&](StatusBuilder& s) {
       s.kind = "agent";
-      s.command = "agent serve " + msgport::JoinHostPort(options.listen_host, options.listen_port) + " " + names;
+      s.command = "agent serve " + listening + " " + names;
       s.ulsps.push_back({"agent", tls ? "agent (mutual TLS)" : "agent", static_cast<pid_t>(::getpid()), 0,
                          std::to_string(shared.connections.load()) + " connections, " +
                              std::to_string(shared.attached.load()) + " attached, " + std::to_string(shared.refused.load()) +

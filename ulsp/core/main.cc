@@ -109,7 +109,7 @@ int main(int argc, char** argv) {
   if (umount_cmd->parsed()) return ulsp::core::Umount(umount_point);
   if (run_cmd->parsed()) return ulsp::core::Run(run);
   if (serve_agent_cmd->parsed()) {
-    if (!ulsp::core::SplitHostPort(agent_listen, agent.listen_host, agent.listen_port)) {
+    if (!ulsp::core::SplitHostPort(agent_listen, agent.listen_host, agent.listen_port, /*zero_port=*/true)) {
       std::fprintf(stderr, "ulsp agent: --listen '%s': give ADDR:PORT\n", agent_listen.c_str());
       return 1;
     }
