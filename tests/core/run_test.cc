@@ -10,6 +10,7 @@
 #include <filesystem>
 
 #include "tests/core/group_fixture.h"
+#include "ulsp/core/cgroup.h"
 
 namespace ulsp::testing {
 namespace {
@@ -385,10 +386,13 @@ TEST_F(RunTest, PsShowsTheGroupWhileItLives) {
   EXPECT_EQ(Output(env + ULSP_BIN + " ps --json"), "[]\n");
 }
 
-// A supervisor killed with SIGKILL cannot remove its entry in the runtime directory;
-// the next ulsp process to start does (as `ulsp ps` does), so none stays behind.
+// A supervisor killed with SIGKILL cannot remove its entry in the runtime directory
+// nor its group's cgroup; the next ulsp process to start does (as `ulsp ps` does the
+// entry), so none stays behind. Once, the cgroup `ulsp-g-PID` stayed for good.
 TEST_F(RunTest, WhatAKilledSupervisorLeftIsClearedByTheNextOne) {
-  std::ofstream(dir_ / "p.toml") << kOpen;
+  std::ofstream(dir_ / "p.toml") << kOpen << "[group.g.limits]\nprocesses = 50\n";
+  auto parent = core::GroupCgroup::ParentCgroup("pids");
+  ASSERT_TRUE(parent.has_value()) << parent.error();
   const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
   ASSERT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- sleep 30 & echo $! > " + dir_ / "pid"), 0);
   std::string pid = Output("cat " + dir_ / "pid");
@@ -398,8 +402,12 @@ TEST_F(RunTest, WhatAKilledSupervisorLeftIsClearedByTheNextOne) {
   ASSERT_TRUE(std::filesystem::exists(dir_ / "run/" + pid + "/control"));
   ASSERT_EQ(Shell("kill -9 " + pid + "; while kill -0 " + pid + " 2>/dev/null; do sleep 0.05; done"), 0);
   ASSERT_TRUE(std::filesystem::exists(dir_ / "run/" + pid));  // left behind
+  const std::string cgroup = *parent + "/ulsp-g-" + pid;
+  EXPECT_TRUE(std::filesystem::exists(cgroup));  // left behind
   EXPECT_EQ(Shell(env + ULSP_BIN + " run --policy " + dir_ / "p.toml" + " -- true"), 0);
   EXPECT_FALSE(std::filesystem::exists(dir_ / "run/" + pid));
+  EXPECT_FALSE(std::filesystem::exists(cgroup));
+  ::rmdir(cgroup.c_str());  // if the check above failed
 }
 
 TEST_F(RunTest, ABadPolicyIsRefusedBeforeAnythingRuns) {

@@ -11,6 +11,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <optional>
 #include <ranges>
@@ -85,6 +86,23 @@ std::string DirOf(const MountEntry& m, const std::string& own) {
   return dir;
 }
 
+// Removes the cgroups beneath `parent` that a `ulsp run` killed by SIGKILL left
+// (`ulsp-GROUP-PID` of a PID no longer alive), if they are empty: its destructor,
+// which removes them, never ran. One that still holds a process is left alone.
+void SweepLeftCgroups(const std::string& parent) {
+  std::error_code ec;
+  for (const auto& entry : std::filesystem::directory_iterator(parent, ec)) {
+    const std::string name = entry.path().filename().string();
+    const size_t dash = name.rfind('-');
+    if (!name.starts_with("ulsp-") || dash <= 4 || dash + 1 == name.size()) continue;
+    const std::string digits = name.substr(dash + 1);
+    if (!std::ranges::all_of(digits, [](char c) { return c >= '0' && c <= '9'; }) || digits.size() > 9) continue;
+    const pid_t pid = static_cast<pid_t>(std::stol(digits));
+    if (pid <= 0 || ::kill(pid, 0) == 0 || errno != ESRCH) continue;
+    ::rmdir(entry.path().c_str());
+  }
+}
+
 }  // namespace
 
 std::expected<std::string, std::string> GroupCgroup::ParentCgroup(const std::string& controller) {
@@ -149,6 +167,7 @@ std::expected<GroupCgroup, std::string> GroupCgroup::Make(const std::string& gro
   auto make = [&](const std::string& parent, const std::string& what) -> std::expected<std::string, std::string> {
     const std::string dir = parent + "/" + name;
     if (std::find(made.dirs_.begin(), made.dirs_.end(), dir) != made.dirs_.end()) return dir;
+    SweepLeftCgroups(parent);
     // One left by a run of the same pid that was killed: empty, it goes; else say so.
     if (::mkdir(dir.c_str(), 0755) != 0 && !(errno == EEXIST && ::rmdir(dir.c_str()) == 0 && ::mkdir(dir.c_str(), 0755) == 0))
       return std::unexpected(what + ": making the group's cgroup " + dir + ": " + std::strerror(errno));

@@ -11,7 +11,9 @@
 //
 // Each controller is found where the system mounts it: cgroup v1's hierarchy of that
 // name, or cgroup2 (ParentCgroup). The group's cgroup, `ulsp-GROUP-PID`, is made
-// there, and removed when the group ends, after killing anything still in it.
+// there, and removed when the group ends, after killing anything still in it. Those
+// a `ulsp run` killed by SIGKILL left (their PID gone) are removed, if empty, when
+// the next group makes its own beside them.
 #pragma once
 
 #include <sys/types.h>
