@@ -253,8 +253,11 @@ void RemotePort::Run() {
         } else if (loop.tls) {
           finish("TLS with " + peer_ + ": the agent closed the connection (" + why + ")");
         } else {
+          // Or it is no agent: an HTTP server's answer reads as a frame of 1347703881
+          // segments ("HTTP"), and the client hangs up.
           finish("the agent at " + peer_ + " closed the connection (" + why +
-                 "): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca");
+                 "): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca; if no ulsp agent listens "
+                 "there, check ADDR:PORT");
         }
         return;
       }

@@ -377,7 +377,8 @@ TEST_F(TwoHosts, MutualTlsAdmitsTheRightCertificatesOnly) {
   EXPECT_EQ(Mount("", &err), 1);
   // (How it hung up varies: "Peer disconnected." or a reset.)
   EXPECT_NE(err.find("closed the connection ("), std::string::npos) << err;
-  EXPECT_NE(err.find("): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca\n"),
+  EXPECT_NE(err.find("): if it asks for mutual TLS, give --tls-cert, --tls-key and --tls-ca; if no ulsp agent "
+                     "listens there, check ADDR:PORT\n"),
             std::string::npos)
       << err;
   const std::string log = Output("cat " + dir_ / "agent.log");
