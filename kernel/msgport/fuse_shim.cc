@@ -331,14 +331,19 @@ struct FuseOps {
   static void OnInterrupt(fuse_req_t, void* data) noexcept { Abort(*static_cast<VfsMessage*>(data)); }
 
   // Sends `m` to the mount's port; its reply answers the kernel.
-  static void Submit(std::unique_ptr<VfsMessage> m, bool interruptible = false) noexcept {
+  static void Submit(std::unique_ptr<VfsMessage> m) noexcept {
     if (!m) return;
     FuseShim& shim = Shim(m->fuse_req);
     m->reply_port = shim.replies_.get();
     shim.DropDirEnds(m->req);
     m->req.fd_reply_ok = shim.options_.splice_read && shim.serves_inline_;
     shim.in_flight_.fetch_add(1, std::memory_order_relaxed);
-    if (interruptible && !shim.serves_inline_) fuse_req_interrupt_func(m->fuse_req, OnInterrupt, m.get());
+    // Every request a program waits for may be interrupted: the abort tells the
+    // server (which may cut a blocking one short), and a port that answers an
+    // unanswered abort itself (an isolated server's, after a second) frees the program
+    // from a stopped or wedged server.
+    if (!shim.serves_inline_ && m->req.op != VfsOp::kRelease && m->req.op != VfsOp::kReleaseDir)
+      fuse_req_interrupt_func(m->fuse_req, OnInterrupt, m.get());
     try {
       Send(shim.port_, MessagePtr(m.release()));
     } catch (...) {
@@ -357,8 +362,7 @@ struct FuseOps {
     fuse_reply_err(req, ENOMEM);
   }
 
-  static void Plain(fuse_req_t req, VfsOp op, fuse_ino_t node, fuse_file_info* fi = nullptr,
-                    bool interruptible = false) noexcept {
+  static void Plain(fuse_req_t req, VfsOp op, fuse_ino_t node, fuse_file_info* fi = nullptr) noexcept {
     auto m = Begin(req, op, node);
     if (!m) return;
     if (fi != nullptr) {
@@ -366,7 +370,7 @@ struct FuseOps {
       m->req.has_fh = true;
       m->req.flags = fi->flags;
     }
-    Submit(std::move(m), interruptible);
+    Submit(std::move(m));
   }
 
   static void Init(void* userdata, fuse_conn_info* conn) noexcept {
@@ -507,7 +511,7 @@ struct FuseOps {
     fuse_reply_err(req, ENOMEM);
   }
   static void Open(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
-    Plain(req, VfsOp::kOpen, node, fi, /*interruptible=*/true);
+    Plain(req, VfsOp::kOpen, node, fi);
   }
   static void Read(fuse_req_t req, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kRead, node);
@@ -515,7 +519,7 @@ struct FuseOps {
     m->req.fh = fi->fh;
     m->req.size = size;
     m->req.offset = off;
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   }
   static void Write(fuse_req_t req, fuse_ino_t node, const char* buf, size_t size, off_t off,
                     fuse_file_info* fi) noexcept try {
@@ -530,12 +534,12 @@ struct FuseOps {
       m->in_copy.assign(buf, buf + size);  // libfuse reuses `buf` once we return
       m->req.in = {m->in_copy.data(), m->in_copy.size()};
     }
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
   }
   static void Flush(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
-    Plain(req, VfsOp::kFlush, node, fi, /*interruptible=*/true);
+    Plain(req, VfsOp::kFlush, node, fi);
   }
   static void Release(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
     Shim(req).ReleaseBacking(fi->fh);
@@ -546,7 +550,7 @@ struct FuseOps {
     if (!m) return;
     m->req.fh = fi->fh;
     m->req.flags = datasync;
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   }
   static void OpenDir(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kOpenDir, node, fi); }
   static void ReadDirAny(fuse_req_t req, VfsOp op, fuse_ino_t node, size_t size, off_t off, fuse_file_info* fi) noexcept {
@@ -622,7 +626,7 @@ struct FuseOps {
     } else {
       m->req.name = name;
     }
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
   }
@@ -634,7 +638,7 @@ struct FuseOps {
     m->req.flags = mode;
     m->req.offset = offset;
     m->req.offset2 = length;
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   }
   static void CopyFileRange(fuse_req_t req, fuse_ino_t in_node, off_t in_off, fuse_file_info* in_fi,
                             fuse_ino_t out_node, off_t out_off, fuse_file_info* out_fi, size_t len,
@@ -648,7 +652,7 @@ struct FuseOps {
     m->req.offset2 = out_off;
     m->req.size = len;
     m->req.flags = flags;
-    Submit(std::move(m), /*interruptible=*/true);
+    Submit(std::move(m));
   }
   static void Lseek(fuse_req_t req, fuse_ino_t node, off_t off, int whence, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kLseek, node);

@@ -5,6 +5,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <bit>
 #include <boost/interprocess/shared_memory_object.hpp>
 
@@ -89,7 +90,8 @@ ShmClientPort::ShmClientPort(std::string name, std::unique_ptr<shm::Segment> seg
       slot_count_(options.slots),
       slots_(std::make_unique<Slot[]>(options.slots)),
       free_cells_(std::make_unique<FreeCell[]>(options.slots)),
-      free_slots_(&free_index_, reinterpret_cast<std::byte*>(free_cells_.get()), options.slots, sizeof(FreeCell)) {
+      free_slots_(&free_index_, reinterpret_cast<std::byte*>(free_cells_.get()), options.slots, sizeof(FreeCell)),
+      answer_aborted_after_(options.answer_aborted_after) {
   free_slots_.Initialise();
   for (uint32_t i = 0; i < slot_count_; ++i) (void)free_slots_.TryPush([i](FreeCell& c) { c.index = i; });
 }
@@ -235,6 +237,15 @@ void ShmClientPort::Drop(Message& msg) {
   const auto index = static_cast<uint32_t>(id & 0xffffffffu);
   if (id == 0 || index >= slot_count_ || dead_.load(std::memory_order_acquire)) return;
   if (slots_[index].owner.load(std::memory_order_acquire) != id) return;  // already answered
+  if (answer_aborted_after_.count() > 0) {
+    try {
+      std::lock_guard lock(aborted_mu_);
+      aborted_.emplace_back(id, Clock::now() + answer_aborted_after_);
+      any_aborted_.store(true, std::memory_order_release);
+    } catch (...) {
+      // Out of memory: the server's answer is waited for, as without the option.
+    }
+  }
   Message abort(shm::kAbortCommand);
   abort.flags_.store(kMsgAborted, std::memory_order_relaxed);
   const uint32_t slot_bytes = segment_->slot_bytes();
@@ -272,10 +283,18 @@ bool ShmClientPort::Drain() {
     uint64_t id = 0;
     uint16_t fd_count = 0;
     std::string why;
+    bool late = false;
     const bool popped = segment_->replies.TryPopSingleConsumer([&](Cell& c) noexcept {
       id = c.id;
       msg = TakePending(id);
-      if (!msg) return;  // a stale or forged id: nobody waits for it
+      if (!msg) {  // a stale or forged id: nobody waits for it
+        late = AnsweredHere(id);
+        if (late) {
+          auto d = shm::DecodeCell(c, slot_bytes, nullptr, &why);
+          if (d) fd_count = d->fd_count;
+        }
+        return;
+      }
       auto d = shm::DecodeCell(c, slot_bytes, &msg->payload, &why);
       if (!d) {
         error = d.error().value;
@@ -285,6 +304,12 @@ bool ShmClientPort::Drain() {
       fd_count = d->fd_count;
     });
     if (!popped) break;
+    if (!msg && late) {
+      // Answered EINTR here already: dropped, with the descriptors it carried.
+      if (fd_count != 0) (void)fds_.Take(id, fd_count, Clock::now() + shm::kFdWait);
+      Logger("msgport")->debug("{}: the late reply to message id {:#x}, answered EINTR here, dropped", name(), id);
+      continue;
+    }
     if (!msg) {
       counters().bad_input.fetch_add(1, std::memory_order_relaxed);
       Logger("msgport")->warn("{}: reply for unknown message id {:#x} ignored", name(), id);
@@ -385,7 +410,52 @@ void ShmClientPort::WatchPeer() noexcept {
       OnPeerDeath();
       return;
     }
+    if (any_aborted_.load(std::memory_order_acquire)) AnswerOverdueAborts();
   }
+}
+
+void ShmClientPort::AnswerOverdueAborts() noexcept {
+  std::vector<uint64_t> due;
+  try {
+    std::lock_guard lock(aborted_mu_);
+    const Deadline now = Clock::now();
+    std::erase_if(aborted_, [&](const auto& a) {
+      if (a.second > now) return false;
+      due.push_back(a.first);
+      return true;
+    });
+    any_aborted_.store(!aborted_.empty(), std::memory_order_release);
+  } catch (...) {
+    return;  // out of memory: tried again in 100 ms
+  }
+  for (uint64_t id : due) {
+    // Noted before it is taken: its late reply may be drained the moment it is.
+    try {
+      std::lock_guard lock(aborted_mu_);
+      // A server that never answers leaves its ids here: at most a few thousand.
+      if (answered_here_.size() >= 4096) answered_here_.erase(answered_here_.begin());
+      answered_here_.push_back(id);
+    } catch (...) {
+      // Its late reply, if it comes, is then counted as bad input.
+    }
+    MessagePtr msg = TakePending(id);
+    if (!msg) {  // answered meanwhile
+      (void)AnsweredHere(id);
+      continue;
+    }
+    counters().refused.fetch_add(1, std::memory_order_relaxed);
+    Logger("msgport")->warn("{}: an aborted message (id {:#x}) had no answer from the server after {} ms: answered EINTR",
+                            name(), id, answer_aborted_after_.count());
+    Reply(std::move(msg), EINTR);
+  }
+}
+
+bool ShmClientPort::AnsweredHere(uint64_t id) noexcept {
+  std::lock_guard lock(aborted_mu_);
+  auto it = std::find(answered_here_.begin(), answered_here_.end(), id);
+  if (it == answered_here_.end()) return false;
+  answered_here_.erase(it);
+  return true;
 }
 
 void ShmClientPort::OnPeerDeath() noexcept {

@@ -43,6 +43,10 @@ struct ShmPortOptions {
   uint32_t slots = 256;        // messages in flight at most; a power of two
   uint32_t slot_bytes = 4096;  // the largest encoded envelope (payload plus ~64 bytes)
   FullPolicy full = FullPolicy::kWait;  // when `slots` messages are in flight
+  // A message aborted (Drop) and not answered this long after is answered EINTR by
+  // the port itself, and the server's late answer is dropped: a stopped or wedged
+  // server then holds no sender for good. Zero: never (the server replies, as ever).
+  std::chrono::milliseconds answer_aborted_after{0};
 };
 
 namespace shm {
@@ -77,7 +81,8 @@ class ShmClientPort final : public Port {
   void WaitSync(SyncWaiter& waiter, Deadline deadline) override;
   // Forwards the abort to the server (an abort envelope with the message's id), if the
   // message is still in flight and the request ring has room: best effort, as an abort
-  // is. The server marks the message ABORTED; it still replies exactly once.
+  // is. The server marks the message ABORTED; it still replies exactly once, unless
+  // `answer_aborted_after` passes first (see ShmPortOptions).
   void Drop(Message& msg) override;
   bool Poll() override;
   void Helping(bool on) override;
@@ -102,6 +107,10 @@ class ShmClientPort final : public Port {
   void EndLease();
   void RenewLease(int64_t now_ns);
   void WatchPeer() noexcept;
+  // Answers EINTR the aborted messages whose `answer_aborted_after` has passed.
+  void AnswerOverdueAborts() noexcept;
+  // Whether `id` was answered by the port (its late reply is no bad input); forgets it.
+  bool AnsweredHere(uint64_t id) noexcept;
   void DispatchReplies() noexcept;
   void OnPeerDeath() noexcept;
 
@@ -144,6 +153,13 @@ class ShmClientPort final : public Port {
   std::mutex drain_mu_;  // the right to pop the reply ring
   std::atomic<bool> dead_{false};
   std::atomic<bool> stopping_{false};
+
+  const std::chrono::milliseconds answer_aborted_after_;
+  std::mutex aborted_mu_;
+  std::vector<std::pair<uint64_t, Deadline>> aborted_;  // id, when to answer it here
+  std::vector<uint64_t> answered_here_;                 // ids whose late reply is expected
+  std::atomic<bool> any_aborted_{false};
+
   std::thread watcher_;
   std::thread dispatcher_;
 };

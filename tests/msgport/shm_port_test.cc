@@ -358,6 +358,47 @@ TEST(ShmPort, AnAbortReachesTheServerProcess) {
   EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
 }
 
+// With answer_aborted_after, an aborted message the server does not answer in time
+// is answered EINTR by the port, and the server's late answer is dropped quietly (no
+// bad input, no second reply). An isolated VFS server that stopped without dying held
+// a program for good otherwise. Without the option the port waits, as before.
+TEST(ShmPort, AnUnansweredAbortIsAnsweredEintrByThePortWhenAsked) {
+  ShmPortOptions options;
+  options.answer_aborted_after = 300ms;
+  auto s = SpawnServer(options);
+  ASSERT_TRUE(s.port);
+  ReplyQueue replies("replies");
+  MessagePtr m = Make(kSleepUs, Bytes(uint32_t{1500000}));  // ignores the abort: 1.5 s
+  Message* raw = m.get();
+  SendTo(*s.port, std::move(m), replies);
+  std::this_thread::sleep_for(20ms);
+  const auto start = Clock::now();
+  Abort(*raw);
+  MessagePtr r = replies.Wait(After(10s));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->error, EINTR);
+  EXPECT_GE(Clock::now() - start, 300ms);
+  EXPECT_LT(Clock::now() - start, 1200ms);  // the answer the server gives at 1.5 s is not waited for
+  r.reset();
+  std::this_thread::sleep_for(1500ms);  // the late answer comes, and is dropped
+  EXPECT_FALSE(replies.Wait(After(10ms))) << "a second reply";
+  EXPECT_EQ(s.port->counters().bad_input.load(), 0u);
+  EXPECT_EQ(s.port->outstanding(), 0u);
+  EXPECT_EQ(Answer(*s.port, Make(kEcho)), 0);
+
+  // Without the option, the server's answer is waited for.
+  auto plain = SpawnServer();
+  ASSERT_TRUE(plain.port);
+  m = Make(kSleepUs, Bytes(uint32_t{800000}));
+  raw = m.get();
+  SendTo(*plain.port, std::move(m), replies);
+  std::this_thread::sleep_for(20ms);
+  Abort(*raw);
+  r = replies.Wait(After(10s));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->error, 0);
+}
+
 // An abort racing its message's send, as when the kernel interrupts a FUSE request the
 // shim is still sending: Abort reads the port and the id the sender is writing. Each
 // message still gets one reply, and the port goes on serving. (Those were plain

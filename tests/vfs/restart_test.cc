@@ -357,6 +357,49 @@ TEST_P(RestartTest, AFileOpenedAfterAKillReadsItsOwnBytes) {
   EXPECT_EQ(line, "one");
 }
 
+// A server that stops without dying (SIGSTOP here; a deadlocked layer looks the same
+// to the mount) holds the requests it has. A program sent a signal meanwhile, SIGKILL
+// too, has its request answered EINTR by the mount a second later and goes. Before,
+// it waited, unkillable, until the server went on (11 minutes, by hand). Once
+// continued, the server's late answers are dropped and it serves as before.
+TEST_P(RestartTest, AProgramSignalledWhileTheServerIsStoppedIsFreedASecondLater) {
+  const std::string m = mount_->path();
+  ASSERT_EQ(Shell("ls -l " + m + "/linux > /dev/null"), 0);
+  const pid_t server = ServerPid();
+  ASSERT_EQ(::kill(server, SIGSTOP), 0);
+  // Whatever happens below, the server goes on after 30 s (the old code's programs
+  // then finish too: the checks below fail, the test does not hang).
+  std::mutex mu;
+  std::condition_variable cv;
+  bool done = false;
+  std::thread continuer([&] {
+    std::unique_lock lock(mu);
+    cv.wait_for(lock, std::chrono::seconds(30), [&] { return done; });
+    ::kill(server, SIGCONT);
+  });
+  // The kernel's entries and attributes (--timeout 1) expire: the next look asks the server.
+  std::this_thread::sleep_for(std::chrono::milliseconds(1200));
+  const auto start = std::chrono::steady_clock::now();
+  const int killed = Shell("timeout -s KILL 1 stat " + m + "/linux/fs.h > /dev/null 2>&1");
+  const int termed = Shell("timeout 1 cat " + m + "/linux/kernel.h > /dev/null 2>&1");
+  const auto took = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - start);
+  {
+    std::lock_guard lock(mu);
+    done = true;
+  }
+  cv.notify_all();
+  continuer.join();
+  EXPECT_EQ(killed, 128 + SIGKILL);
+  EXPECT_EQ(termed, 124);
+  EXPECT_LT(took.count(), 15) << "the programs waited for the stopped server";
+  EXPECT_NE(ReadAll(dir_ / "server.log").find("had no answer from the server after 1000 ms: answered EINTR"),
+            std::string::npos)
+      << ReadAll(dir_ / "server.log");
+  // Continued, the server serves; the same server, not a new one.
+  EXPECT_EQ(Shell("stat " + m + "/linux/fs.h > /dev/null && cmp " + m + "/linux/kernel.h /usr/include/linux/kernel.h"), 0);
+  EXPECT_EQ(ServerPid(), server);
+}
+
 // A file replaced while a program holds it open (saved by writing a new file and
 // renaming it over the old, as editors do; or removed and made again) is not the file
 // the program's descriptor means after a kill: the new server must not find the old

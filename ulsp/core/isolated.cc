@@ -116,6 +116,9 @@ class ProcessSource final : public ServerSource {
     msgport::ShmPortOptions options;
     options.slots = 64;
     options.slot_bytes = 136u << 10;  // a 128 KiB read or write and its envelope
+    // A program the kernel interrupted (a signal, SIGKILL too) waits no more than this
+    // for a server that has stopped answering (SIGSTOP, a deadlocked layer).
+    options.answer_aborted_after = std::chrono::seconds(1);
     auto port = msgport::ShmClientPort::Create("vfs", options);
     if (!port) {
       Failed("its shared-memory port (in /dev/shm): " + port.error().Describe());
