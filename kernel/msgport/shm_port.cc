@@ -241,7 +241,6 @@ void ShmClientPort::Drop(Message& msg) {
     try {
       std::lock_guard lock(aborted_mu_);
       aborted_.emplace_back(id, Clock::now() + answer_aborted_after_);
-      any_aborted_.store(true, std::memory_order_release);
     } catch (...) {
       // Out of memory: the server's answer is waited for, as without the option.
     }
@@ -410,7 +409,7 @@ void ShmClientPort::WatchPeer() noexcept {
       OnPeerDeath();
       return;
     }
-    if (any_aborted_.load(std::memory_order_acquire)) AnswerOverdueAborts();
+    if (answer_aborted_after_.count() > 0) AnswerOverdueAborts();
   }
 }
 
@@ -418,13 +417,13 @@ void ShmClientPort::AnswerOverdueAborts() noexcept {
   std::vector<uint64_t> due;
   try {
     std::lock_guard lock(aborted_mu_);
+    if (aborted_.empty()) return;
     const Deadline now = Clock::now();
     std::erase_if(aborted_, [&](const auto& a) {
       if (a.second > now) return false;
       due.push_back(a.first);
       return true;
     });
-    any_aborted_.store(!aborted_.empty(), std::memory_order_release);
   } catch (...) {
     return;  // out of memory: tried again in 100 ms
   }

@@ -107,7 +107,8 @@ class ShmClientPort final : public Port {
   void EndLease();
   void RenewLease(int64_t now_ns);
   void WatchPeer() noexcept;
-  // Answers EINTR the aborted messages whose `answer_aborted_after` has passed.
+  // Answers EINTR the aborted messages whose `answer_aborted_after` has passed (the
+  // watcher, every 100 ms).
   void AnswerOverdueAborts() noexcept;
   // Whether `id` was answered by the port (its late reply is no bad input); forgets it.
   bool AnsweredHere(uint64_t id) noexcept;
@@ -158,7 +159,6 @@ class ShmClientPort final : public Port {
   std::mutex aborted_mu_;
   std::vector<std::pair<uint64_t, Deadline>> aborted_;  // id, when to answer it here
   std::vector<uint64_t> answered_here_;                 // ids whose late reply is expected
-  std::atomic<bool> any_aborted_{false};
 
   std::thread watcher_;
   std::thread dispatcher_;

@@ -142,7 +142,7 @@ class Parser {
           Fail(sources[i], "mount point /tmp: the group's private_tmp is a fresh /tmp too: drop one of the two");
         if (group.private_tmp && path.starts_with("/tmp/")) continue;
         const bool nested = std::any_of(group.mounts.begin(), group.mounts.end(), [&path](const MountPolicy& o) {
-          return o.path != path && (o.path == "/" || path.starts_with(o.path + "/"));
+          return o.path != path && vfs::IsWithin(path, o.path);
         });
         struct stat st {};
         if (nested) continue;
@@ -254,6 +254,7 @@ class Parser {
     auto layers = vfs::ParseStackSpec(stack);
     if (!layers) Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + layers.error());
     std::string spec;
+    std::vector<vfs::LayerSpec> resolved;
     for (const vfs::LayerSpec& l : *layers) {
       std::string arg = l.name == "memfs" ? l.argument : PathFromFile(l.argument);
       if (l.name == "passthrough") {
@@ -264,8 +265,9 @@ class Parser {
         Fail(t.get("stack")->source(), "stack \"" + stack + "\": view:" + arg + ": the allow-list cannot be read");
       }
       spec += (spec.empty() ? "" : ",") + l.name + ":" + arg;
+      resolved.push_back({l.name, std::move(arg)});
     }
-    if (auto apart = vfs::CheckApart(*vfs::ParseStackSpec(spec)); !apart)
+    if (auto apart = vfs::CheckApart(resolved); !apart)
       Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + apart.error());
     m.stack = spec;
     m.isolated = Bool(t, "isolated", what, false);

@@ -34,9 +34,10 @@ std::string NormalPath(const std::filesystem::path& path);
 // it means the same in a process that runs elsewhere.
 std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec);
 
-// The directories a stack's layers serve, resolved (symlinks followed; a directory
-// not made yet is resolved as far as it exists): each passthrough DIR and each overlay
-// UPPERDIR, as "name:path". A mount point inside one would reach the mount through it.
+// The directories a stack's layers serve, top first, resolved (symlinks followed; a
+// directory not made yet is resolved as far as it exists): each passthrough DIR and
+// each overlay UPPERDIR, as {layer name, path}. A mount point inside one would reach
+// the mount through it.
 std::vector<std::pair<std::string, std::string>> ServedDirectories(const std::vector<LayerSpec>& layers);
 
 // True if A is B or lies inside it; both absolute and normal.
