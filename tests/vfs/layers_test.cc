@@ -359,6 +359,24 @@ TEST_F(OverlayTest, AFileIsAdoptedOnItsSide) {
   EXPECT_EQ(testing::Output("cat " + dir / "up/u"), "12345");
 }
 
+// A program's RENAME_WHITEOUT is refused (EINVAL), as by overlayfs: the device it
+// would leave in the upper directory is the overlay's own whiteout, so the old name
+// would vanish rather than hold a device. Nothing moves.
+TEST_F(OverlayTest, AProgramsRenameWhiteoutIsRefused) {
+  ASSERT_EQ(testing::Shell("echo up > " + dir / "up/u"), 0);
+  VfsRequest r;
+  r.op = VfsOp::kRename;
+  r.node = r.node2 = kRootNode;
+  r.name = "u";
+  r.name2 = "v";
+  r.flags = RENAME_WHITEOUT;
+  EXPECT_EQ(top_->Serve(r), EINVAL);
+  EXPECT_EQ(testing::Output("ls " + dir / "up"), "u\n");
+  r.flags = 0;
+  EXPECT_EQ(top_->Serve(r), 0);
+  EXPECT_EQ(testing::Output("ls " + dir / "up"), "v\n");
+}
+
 // A lower file removed while a program holds it open, then changed through its
 // descriptor (fchmod): ext4 changes the unlinked file and the name stays removed. The
 // overlay copies it up as a file of no name. (Before, the copy-up took its old name

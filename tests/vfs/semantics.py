@@ -149,6 +149,14 @@ p("dir-nlink-after", (os.stat(j("dir")).st_nlink, sorted(os.listdir(j("dir")))))
 os.rmdir(j("empty"))
 p("listdir", sorted(os.listdir(d)))
 p("listdir-sub", sorted(os.listdir(j("dir"))))
+# A directory opened, then changed, then read shows the change; so does one rewound
+# (os.listdir(fd) rewinds a duplicate of fd).
+fd = os.open(j("dir"), os.O_RDONLY | os.O_DIRECTORY)
+os.mkdir(j("dir", "late"))
+p("listdir-opened-before-mkdir", sorted(os.listdir(fd)))
+os.rmdir(j("dir", "late"))
+p("listdir-rewound-after-rmdir", sorted(os.listdir(fd)))
+os.close(fd)
 
 # --- rename and its flags ---
 with open(j("b.txt"), "w") as f:

@@ -949,6 +949,8 @@ int OverlayLayer::Exchange(VfsRequest& req) {
 }
 
 int OverlayLayer::Rename(VfsRequest& req) {
+  // As overlayfs: a program's RENAME_WHITEOUT would leave this layer's own marker.
+  if (static_cast<unsigned>(req.flags) & ~static_cast<unsigned>(RENAME_NOREPLACE | RENAME_EXCHANGE)) return EINVAL;
   if (req.flags & RENAME_EXCHANGE) return Exchange(req);
   fuse_entry_param e;
   if (int err = Lookup(req, req.node, req.name, e)) return err;
@@ -1116,6 +1118,17 @@ int OverlayLayer::ReadDir(VfsRequest& req, bool plus) {
     if (req.fh == 0 || req.fh > dirs_.size() || !dirs_[req.fh - 1]) return EBADF;
     list = dirs_[req.fh - 1].get();  // kept until releasedir, after this request
   }
+  // Listed when read from the start, not when opened: a directory opened, then changed,
+  // then read (or rewound, as rewinddir(3) promises) shows what it holds now. The kernel
+  // serialises the readdirs of one open directory, so the list can be replaced here.
+  if (req.offset <= 0 || !list->listed) {
+    ONode n;
+    if (!Get(req.node, &n)) return ESTALE;
+    DirList fresh;
+    if (int err = List(req, n, fresh)) return err;
+    list->entries = std::move(fresh.entries);
+    list->listed = true;
+  }
   uint64_t upper_dir = 0;  // the listed directory's upper copy
   if (ONode d; !plus && Get(req.node, &d)) upper_dir = d.upper;
   const size_t room = std::min<uint64_t>(req.size, 1u << 20);
@@ -1278,8 +1291,7 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
       return WithHandle(req);
     case VfsOp::kOpenDir: {
       if (!Get(req.node, &n)) return ESTALE;
-      auto list = std::make_unique<DirList>();
-      if (int err = List(req, n, *list)) return err;
+      auto list = std::make_unique<DirList>();  // listed by the first readdir
       std::lock_guard lock(mu_);
       uint32_t index;
       if (!free_dirs_.empty()) {

@@ -79,6 +79,7 @@ class OverlayLayer final : public Layer {
   };
   struct DirList {
     std::vector<DirEntry> entries;
+    bool listed = false;  // by a readdir: the first one, and each from offset 0, lists
   };
 
   OverlayLayer(std::unique_ptr<Layer> upper, std::unique_ptr<Layer> lower);
