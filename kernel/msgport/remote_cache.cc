@@ -118,6 +118,11 @@ std::vector<std::pair<uint64_t, uint64_t>> RemoteCache::TakeForgets() {
 void RemoteCache::ChangedLocked(bool data) {
   ++generation_;
   attrs_.clear();
+  // A listing fetched with its directory's opendir is what the directory held then:
+  // a directory opened, then changed, then read shows the change (and the entries'
+  // attributes as they are now), so the agent answers its readdirs.
+  for (auto& [key, listing] : listings_) DropListingLocked(listing);
+  listings_.clear();
   if (data) {
     prefetched_.clear();
     prefetched_bytes_ = 0;

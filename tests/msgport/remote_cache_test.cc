@@ -350,6 +350,20 @@ TEST(RemoteCache, EntriesNotHandedOnAreForgottenInTheAgent) {
     EXPECT_FALSE(CachedListing(cache, 0, 32768, &nodes));
     EXPECT_EQ(sorted(cache.TakeForgets()), (Forgets{{20, 1}, {21, 1}}));
   }
+  {
+    // Something changed after the opendir, before its first readdir (a directory
+    // opened, then changed, then read): the listing is stale, the agent answers.
+    RemoteCache cache;
+    LearnOpenDir(cache, {Chunk({20, 21}), Chunk({22})}, true);
+    std::vector<uint64_t> nodes;
+    ASSERT_TRUE(CachedListing(cache, 0, 32768, &nodes));
+    auto mkdir = Asked(VfsOp::kMkDir, 1);
+    uint64_t generation = 0;
+    EXPECT_FALSE(cache.Answer(*mkdir, &generation));
+    EXPECT_EQ(cache.TakeForgets(), (Forgets{{22, 1}}));
+    EXPECT_FALSE(CachedListing(cache, 21, 32768, &nodes));
+    EXPECT_TRUE(cache.TakeForgets().empty());
+  }
 }
 
 // A listing's end (VfsRequest::dir_end) crosses with its records to an isolated server's
