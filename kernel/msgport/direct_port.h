@@ -13,6 +13,7 @@ class DirectPort final : public Port {
   // `server` must outlive the port.
   DirectPort(std::string name, Server& server) : Port(std::move(name)), server_(server) {}
   void Put(MessagePtr msg) override { server_.Serve(std::move(msg)); }
+  bool CountsReplies() const noexcept override { return false; }
 
  private:
   Server& server_;

@@ -287,6 +287,7 @@ void FuseShim::ReplyPort::PutReply(MessagePtr msg) {
   // which may still touch the message.
   Answer(static_cast<VfsMessage&>(*msg));
   msg.reset();
+  if (!shim_.port_.CountsReplies()) shim_.port_.counters().replied.fetch_add(1, std::memory_order_relaxed);
   // Release: the destructor, once it sees no reply due, may close the device this
   // reply was written to.
   shim_.in_flight_.fetch_sub(1, std::memory_order_release);

@@ -138,6 +138,7 @@ Result<MessagePtr> DoMsg(Port& port, MessagePtr msg, Deadline deadline) {
   }
   MessagePtr reply = waiter->Take();
   waiter_pool.Release(waiter);
+  if (!port.CountsReplies()) port.counters().replied.fetch_add(1, std::memory_order_relaxed);
   return reply;
 }
 

@@ -81,6 +81,10 @@ class Port {
   const std::string& name() const noexcept { return name_; }
   PortCounters& counters() noexcept { return counters_; }
   const PortCounters& counters() const noexcept { return counters_; }
+  // Whether its replies pass through it, counted as they do. A direct port's go from
+  // the server straight to the sender, whose side counts them on it (DoMsg, the FUSE
+  // shim's reply port), the port being alive there.
+  virtual bool CountsReplies() const noexcept { return true; }
 
  private:
   std::string name_;

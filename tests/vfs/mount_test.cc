@@ -1510,33 +1510,38 @@ TEST_F(CommandLineTest, UmountReturnsOnceTheServerHasEnded) {
   }
 }
 
-// `ulsp ps` counts an isolated mount's requests at its relay port as put and, once
-// answered, replied: every request gets one answer, so when the mount is quiet the
-// two agree (the relay's replies go straight to the shim, and were once not counted).
-TEST_F(CommandLineTest, PsCountsTheAnswersOfAnIsolatedMount) {
+// `ulsp ps` counts a mount's requests at its port as put and, once answered, replied:
+// every request gets one answer, so when the mount is quiet the two agree. Neither an
+// isolated mount's relay port nor an in-process mount's direct port sees the replies
+// pass (they go straight to the shim), and both were once not counted (0 replied).
+TEST_F(CommandLineTest, PsCountsTheAnswersOfAMount) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
   const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
-  ASSERT_EQ(Output(env + ULSP_BIN + " mount --isolated " + dir_ / "src " + dir_ / "mnt", true), "");
-  EXPECT_EQ(Output("cat " + dir_ / "mnt/f; ls " + dir_ / "mnt/nope 2>&1 >/dev/null | wc -l"), "hi\n1\n");
-  uint64_t put = 0, replied = 0, refused = 0;
-  bool seen = false;
-  for (int i = 0; i < 100; ++i) {  // the release after cat is answered in the background
-    for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
-      for (const auto& q : p["ports"]) {
-        if (q["name"].get<std::string>() != "vfs-isolated") continue;
-        seen = true;
-        put = q["put"].get<uint64_t>();
-        replied = q["replied"].get<uint64_t>();
-        refused = q["refused"].get<uint64_t>();
-      }
-    if (seen && put == replied) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  for (const std::string how : {"--isolated ", ""}) {
+    SCOPED_TRACE(how);
+    ASSERT_EQ(Output(env + ULSP_BIN + " mount " + how + dir_ / "src " + dir_ / "mnt", true), "");
+    EXPECT_EQ(Output("cat " + dir_ / "mnt/f; ls " + dir_ / "mnt/nope 2>&1 >/dev/null | wc -l"), "hi\n1\n");
+    const std::string port = how.empty() ? "vfs:" + (dir_ / "mnt") : "vfs-isolated";
+    uint64_t put = 0, replied = 0, refused = 0;
+    bool seen = false;
+    for (int i = 0; i < 100; ++i) {  // the release after cat is answered in the background
+      for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
+        for (const auto& q : p["ports"]) {
+          if (q["name"].get<std::string>() != port) continue;
+          seen = true;
+          put = q["put"].get<uint64_t>();
+          replied = q["replied"].get<uint64_t>();
+          refused = q["refused"].get<uint64_t>();
+        }
+      if (seen && put == replied) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_TRUE(seen);
+    EXPECT_GE(put, 4u);  // two lookups, an open and a release at least
+    EXPECT_EQ(replied, put);
+    EXPECT_EQ(refused, 0u);
+    EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
   }
-  ASSERT_TRUE(seen);
-  EXPECT_GE(put, 4u);  // two lookups, an open and a release at least
-  EXPECT_EQ(replied, put);
-  EXPECT_EQ(refused, 0u);
-  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true), "");
 }
 
 // A background server builds its stack after it forks: the trace's writer thread
