@@ -1510,6 +1510,39 @@ TEST_F(CommandLineTest, UmountReturnsOnceTheServerHasEnded) {
   }
 }
 
+// A busy mount (a program holds a file there) is refused, saying --lazy; with it, it
+// leaves the tree at once, the program goes on reading its file, and the server ends
+// once the file is closed.
+TEST_F(CommandLineTest, ABusyMountIsRefusedOrWithLazyDetached) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt && echo hi > " + dir_ / "src/f"), 0);
+  const std::string env = "ULSP_RUNTIME_DIR=" + dir_ / "run" + " ";
+  ASSERT_EQ(Output(env + ULSP_BIN + " mount " + dir_ / "src " + dir_ / "mnt", true), "");
+  pid_t server = 0;
+  for (const auto& p : nlohmann::json::parse(Output(env + ULSP_BIN + " ps --json")))
+    if (p["kind"] == "mount") server = p["pid"].get<pid_t>();
+  ASSERT_GT(server, 1);
+  UniqueFd held(::open((dir_ / "mnt/f").c_str(), O_RDONLY | O_CLOEXEC));
+  ASSERT_TRUE(held);
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount " + dir_ / "mnt", true),
+            "ulsp umount: " + dir_ / "mnt" +
+                ": busy (a program is using it; --lazy detaches it now, served until they let go)\n");
+  EXPECT_TRUE(Mounted(dir_ / "mnt"));
+  EXPECT_EQ(Output(env + ULSP_BIN + " umount --lazy " + dir_ / "mnt", true), "");
+  EXPECT_FALSE(Mounted(dir_ / "mnt"));
+  char buf[8] = {};
+  EXPECT_EQ(::pread(held.get(), buf, sizeof buf, 0), 3);
+  EXPECT_STREQ(buf, "hi\n");
+  EXPECT_EQ(::kill(server, 0), 0);  // still serving
+  held.Reset();
+  bool ended = false;
+  for (int i = 0; i < 500 && !ended; ++i) {  // gone, or a zombie that init has yet to reap
+    const std::string state = Output("awk '{print $3}' /proc/" + std::to_string(server) + "/stat 2>/dev/null");
+    ended = state.empty() || state == "Z\n";
+    if (!ended) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_TRUE(ended);
+}
+
 // `ulsp ps` counts a mount's requests at its port as put and, once answered, replied:
 // every request gets one answer, so when the mount is quiet the two agree. Neither an
 // isolated mount's relay port nor an in-process mount's direct port sees the replies

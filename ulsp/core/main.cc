@@ -60,6 +60,9 @@ int main(int argc, char** argv) {
   std::string umount_point;
   CLI::App* umount_cmd = app.add_subcommand("umount", "Unmount a ulsp mount");
   umount_cmd->add_option("MOUNTPOINT", umount_point)->required();
+  bool umount_lazy = false;
+  umount_cmd->add_flag("-l,--lazy", umount_lazy,
+                       "If busy, detach it now; it is served until the last program using it lets go");
 
   ulsp::core::RunArgs run;
   CLI::App* run_cmd = app.add_subcommand("run", "Run a command in a process group behind ULSPs; exits with its status");
@@ -106,7 +109,7 @@ int main(int argc, char** argv) {
     if (mount_positional.size() == 2) mount.source = mount_positional.front();
     return ulsp::core::Mount(mount);
   }
-  if (umount_cmd->parsed()) return ulsp::core::Umount(umount_point);
+  if (umount_cmd->parsed()) return ulsp::core::Umount(umount_point, umount_lazy);
   if (run_cmd->parsed()) return ulsp::core::Run(run);
   if (serve_agent_cmd->parsed()) {
     if (!ulsp::core::SplitHostPort(agent_listen, agent.listen_host, agent.listen_port, /*zero_port=*/true)) {

@@ -374,7 +374,7 @@ int Mount(const MountArgs& in) {
   return 1;
 }
 
-int Umount(const std::string& mountpoint) {
+int Umount(const std::string& mountpoint, bool lazy) {
   char resolved[PATH_MAX];
   if (::realpath(mountpoint.c_str(), resolved) == nullptr) {
     // A mount whose server died answers ENOTCONN to stat: use the path as given.
@@ -402,9 +402,14 @@ int Umount(const std::string& mountpoint) {
     return 0;
   };
   if (::umount2(resolved, 0) == 0) return done();
+  // Busy, detached: its server goes on serving the programs still in it, and ends
+  // after them (not waited for).
+  if (errno == EBUSY && lazy) {
+    if (::umount2(resolved, MNT_DETACH) == 0) return 0;
+  }
   if (errno == EPERM && ::geteuid() != 0) {
     // A user's own mount: fusermount3, set-user-ID root, takes it away (and says why not).
-    const char* argv[] = {"fusermount3", "-u", "--", resolved, nullptr};
+    const char* argv[] = {"fusermount3", lazy ? "-uz" : "-u", "--", resolved, nullptr};
     pid_t pid = -1;
     int status = 0;
     if (::posix_spawnp(&pid, argv[0], nullptr, nullptr, const_cast<char* const*>(argv), environ) != 0 ||
@@ -416,7 +421,8 @@ int Umount(const std::string& mountpoint) {
     return WIFEXITED(status) && WEXITSTATUS(status) == 0 ? done() : 1;
   }
   std::fprintf(stderr, "ulsp umount: %s: %s\n", resolved,
-               errno == EBUSY ? "busy (a program is using it)" : std::strerror(errno));
+               errno == EBUSY ? "busy (a program is using it; --lazy detaches it now, served until they let go)"
+                              : std::strerror(errno));
   return 1;
 }
 

@@ -35,9 +35,11 @@ struct MountArgs {
 // mounted then.
 int Mount(const MountArgs& args);
 
-// Unmounts a ulsp mount; the server exits once the kernel lets go. Returns 0 or
-// prints a one-line error and returns 1.
-int Umount(const std::string& mountpoint);
+// Unmounts a ulsp mount; the server exits once the kernel lets go. A busy mount (a
+// program has a file or its directory there) is refused, or with `lazy` detached: gone
+// from the tree at once, served until the last program using it lets go (MNT_DETACH).
+// Returns 0 or prints a one-line error and returns 1.
+int Umount(const std::string& mountpoint, bool lazy = false);
 
 // Whether `path` (absolute, resolved) is a mount point, and its file-system type.
 bool IsMountPoint(const std::string& path, std::string* fstype = nullptr);
