@@ -328,8 +328,9 @@ int Check(const std::string& package, const std::string& deps, const std::string
   if (Which(command[0]).empty()) return Fail(command[0] + ": command not found");
   std::vector<std::string> allow = DefaultUnownedAllowList();
   if (!allow_file.empty()) {
-    std::ifstream in(allow_file);
-    if (!in) return Fail(allow_file + ": cannot read the allow-list: " + std::strerror(errno));
+    auto text = ulsp::ReadTextFile(allow_file, 16u << 20);
+    if (!text) return Fail(allow_file + ": cannot read the allow-list: " + text.error());
+    std::istringstream in(*text);
     int number = 0;
     for (std::string line; std::getline(in, line);) {
       ++number;

@@ -157,6 +157,26 @@ std::expected<std::string, std::string> ReadSecretFile(const std::string& path) 
   }
 }
 
+std::expected<std::string, std::string> ReadTextFile(const std::string& path, size_t most) {
+  auto fd = Sys([&] { return ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY); });
+  if (!fd) return std::unexpected(fd.error().Describe());
+  UniqueFd file(*fd);
+  struct stat st {};
+  if (::fstat(file.get(), &st) != 0) return std::unexpected(std::strerror(errno));
+  if (S_ISDIR(st.st_mode)) return std::unexpected("a directory, not a file");
+  if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) return std::unexpected("not a regular file or a pipe");
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    auto n = Sys([&] { return ::read(file.get(), buf, sizeof buf); });
+    if (!n) return std::unexpected(n.error().Describe());
+    if (*n == 0) return out;
+    if (out.size() + static_cast<size_t>(*n) > most)
+      return std::unexpected("larger than " + std::to_string(most >> 20) + " MiB");
+    out.append(buf, static_cast<size_t>(*n));
+  }
+}
+
 std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {
   struct stat link {};
   const auto is_link = OurLink(path, link);

@@ -41,6 +41,12 @@ std::expected<void, std::string> WriteOwnFile(const std::string& path, std::stri
 // user may read or write it.
 std::expected<std::string, std::string> ReadSecretFile(const std::string& path);
 
+// Reads a file a user named (a policy, an allow-list, a certificate) whole. What is
+// wrong, as a reason without the path (the caller says what the file was for): it
+// cannot be opened (strerror), it is a directory, it is neither a regular file nor a
+// pipe (/dev/zero would be read for ever), or it holds more than `most` bytes.
+std::expected<std::string, std::string> ReadTextFile(const std::string& path, size_t most);
+
 // Makes directory `path` (0755, parents as needed) when missing, and checks that it
 // is trusted and that no other user may write in it (followed through symbolic
 // links, at the end or on the way, that are trusted too). What is wrong, in a message that names the path, else

@@ -4,6 +4,7 @@
 
 #include <filesystem>
 
+#include "tests/temp_dir.h"
 #include "ulsp/core/policy.h"
 
 namespace ulsp::core {
@@ -178,6 +179,18 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
 
 TEST(Policy, MissingFileIsNamed) {
   EXPECT_EQ(LoadPolicy("/nonexistent/p.toml").error(), "/nonexistent/p.toml: No such file or directory");
+}
+
+// A directory was read as an empty file ("no groups"), /dev/zero and a huge file
+// for ever or until memory ran out. A pipe (/dev/stdin) is read.
+TEST(Policy, WhatIsNotAPolicyFileIsNamed) {
+  testing::TempDir dir;
+  EXPECT_EQ(LoadPolicy(dir.path()).error(), dir.path() + ": a directory, not a file");
+  EXPECT_EQ(LoadPolicy("/dev/zero").error(), "/dev/zero: not a regular file or a pipe");
+  ASSERT_EQ(testing::Shell("head -c 5000000 /dev/zero | tr '\\0' '#' > " + dir / "big.toml"), 0);
+  EXPECT_EQ(LoadPolicy(dir / "big.toml").error(), dir / "big.toml: larger than 4 MiB");
+  EXPECT_EQ(testing::Output("printf '[group.a]\\n' | " + std::string(ULSP_BIN) + " policy check /dev/stdin"),
+            "/dev/stdin: ok: a (0 mounts, 0 net rules, net_default deny)\n");
 }
 
 TEST(Policy, TheShippedExamplesAreValid) {

@@ -1632,6 +1632,12 @@ TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
       {"mount " + dir_ / "nope " + mnt, "ulsp mount: passthrough:" + dir_ / "nope" + ": No such file or directory\n"},
       {"mount --stack view:" + dir_ / "nolist,passthrough:" + dir_ / "src " + mnt,
        "ulsp mount: view:" + dir_ / "nolist" + ": cannot read the allow-list: No such file or directory\n"},
+      // A directory read as no lines, an empty allow-list: the mount once showed nothing.
+      {"mount --stack view:" + dir_ / "src,passthrough:" + dir_ / "src " + mnt,
+       "ulsp mount: view:" + dir_ / "src" + ": cannot read the allow-list: a directory, not a file\n"},
+      // /dev/zero was read for ever.
+      {"mount --stack view:/dev/zero,passthrough:" + dir_ / "src " + mnt,
+       "ulsp mount: view:/dev/zero: cannot read the allow-list: not a regular file or a pipe\n"},
       {"mount " + dir_ / "src " + dir_ / "nomnt", "ulsp mount: " + dir_ / "nomnt" + ": mount point: No such file or directory\n"},
       {"mount " + dir_ / "src " + mnt + " --timeout -1", "ulsp mount: --timeout must be 0 or more seconds\n"},
       // NaN passed the `< 0` test and reached libfuse's conversion to whole seconds.

@@ -12,6 +12,7 @@
 #include <sstream>
 #include <toml++/toml.h>
 
+#include "kernel/msgport/own_file.h"
 #include "ulsp/vfs/size.h"
 #include "ulsp/vfs/stack.h"
 
@@ -331,12 +332,9 @@ std::expected<Policy, std::string> ParsePolicy(std::string_view text, const std:
 }
 
 std::expected<Policy, std::string> LoadPolicy(const std::string& file) {
-  std::ifstream in(file);
-  if (!in) return std::unexpected(file + ": " + std::strerror(errno));
-  std::stringstream s;
-  s << in.rdbuf();
-  if (in.bad()) return std::unexpected(file + ": " + std::strerror(errno));
-  return ParsePolicy(s.str(), file);
+  auto text = ReadTextFile(file, 4u << 20);
+  if (!text) return std::unexpected(file + ": " + text.error());
+  return ParsePolicy(*text, file);
 }
 
 }  // namespace ulsp::core

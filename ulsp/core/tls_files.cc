@@ -53,11 +53,15 @@ std::expected<TlsFiles, std::string> ReadTlsFiles(const std::string& cert_path, 
     ~ClearErrors() { ERR_clear_error(); }
   } clear;
   TlsFiles f;
-  if (!ReadWholeFile(cert_path, f.cert)) return std::unexpected("--tls-cert " + cert_path + ": " + std::strerror(errno));
+  auto cert_text = ReadTextFile(cert_path, 1u << 20);
+  if (!cert_text) return std::unexpected("--tls-cert " + cert_path + ": " + cert_text.error());
+  f.cert = std::move(*cert_text);
   auto key = ReadSecretFile(key_path);
   if (!key) return std::unexpected(key.error());
   f.key = std::move(*key);
-  if (!ReadWholeFile(ca_path, f.ca)) return std::unexpected("--tls-ca " + ca_path + ": " + std::strerror(errno));
+  auto ca_text = ReadTextFile(ca_path, 1u << 20);
+  if (!ca_text) return std::unexpected("--tls-ca " + ca_path + ": " + ca_text.error());
+  f.ca = std::move(*ca_text);
 
   const Cert cert = ParseCert(f.cert);
   if (!cert) return std::unexpected("--tls-cert " + cert_path + ": not a PEM certificate (-----BEGIN CERTIFICATE-----)");

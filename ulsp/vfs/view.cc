@@ -3,9 +3,11 @@
 #include <cctype>
 #include <cstring>
 #include <expected>
-#include <fstream>
-#include <optional>
 #include <new>
+#include <optional>
+#include <sstream>
+
+#include "kernel/msgport/own_file.h"
 
 namespace ulsp::vfs {
 namespace {
@@ -33,9 +35,10 @@ std::optional<std::string> Normalize(std::string_view p) {
 
 std::expected<std::unique_ptr<ViewLayer>, std::string> ViewLayer::Open(const std::string& list_path,
                                                                        std::unique_ptr<Layer> lower) {
-  std::ifstream in(list_path);
-  if (!in) return std::unexpected(list_path + ": cannot read the allow-list: " + std::strerror(errno));
+  auto text = ReadTextFile(list_path, 256u << 20);
+  if (!text) return std::unexpected(list_path + ": cannot read the allow-list: " + text.error());
   std::vector<std::string> lines;
+  std::istringstream in(*text);
   for (std::string line; std::getline(in, line);) lines.push_back(std::move(line));
   return FromPaths(lines, list_path, std::move(lower));
 }
