@@ -369,7 +369,9 @@ std::string Report::Text() const {
   if (!unowned.empty()) {
     out << "\nUsed, owned by no package (" << unowned.size() << "):\n";
     for (size_t i = 0; i < unowned.size() && i < 12; ++i) {
-      out << "  " << unowned[i].path << "  " << UseName(unowned[i].touch.use) << " by pid " << unowned[i].touch.pid << "\n";
+      out << "  " << unowned[i].path << "  " << UseName(unowned[i].touch.use) << " by pid " << unowned[i].touch.pid;
+      if (!unowned[i].touch.argv.empty()) out << " (" << Shorten(unowned[i].touch.argv, 60) << ")";
+      out << "\n";
     }
     if (unowned.size() > 12) out << "  ... and " << unowned.size() - 12 << " more\n";
   }

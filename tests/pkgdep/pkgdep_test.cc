@@ -343,6 +343,9 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
                        "/out\n"),
             std::string::npos)
       << r.out;
+  // Who read it, as every other section says (its command line was once left out).
+  EXPECT_NE(r.out.find("Used, owned by no package (1):\n  " + work + "/in  opened by pid "), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" (cat " + work + "/in)\n"), std::string::npos) << r.out;
 }
 
 // A file opened for writing is written by a write, not by the open: one opened
