@@ -40,6 +40,21 @@ TEST(StackSpec, PathsAreMadeAbsoluteAndNormal) {
   EXPECT_EQ(AbsoluteStackSpec("memfs:1M").value(), "memfs:1M");
 }
 
+// A directory's name may hold a comma: escaped with a backslash in a stack, and
+// escaped when a stack is composed from paths (`ulsp mount SOURCE MOUNTPOINT`, a
+// policy's resolved paths). `ulsp mount /srv/a,b /mnt` once failed with "unknown
+// layer 'b'", and no stack could name such a directory.
+TEST(StackSpec, ACommaOrABackslashInAPathIsEscaped) {
+  auto s = ParseStackSpec(R"(trace:/t\,1.jsonl,passthrough:/srv/a\,b\\c)");
+  ASSERT_TRUE(s) << s.error();
+  ASSERT_EQ(s->size(), 2u);
+  EXPECT_EQ((*s)[0].argument, "/t,1.jsonl");
+  EXPECT_EQ((*s)[1].argument, R"(/srv/a,b\c)");
+  EXPECT_EQ(ComposeStackSpec(*s), R"(trace:/t\,1.jsonl,passthrough:/srv/a\,b\\c)");
+  EXPECT_EQ(AbsoluteStackSpec(ComposeStackSpec({{"passthrough", "/srv/x,y/./z"}})).value(), R"(passthrough:/srv/x\,y/z)");
+  EXPECT_EQ(ParseStackSpec(R"(passthrough:/a\)").error(), R"(a '\' at the end of the stack escapes nothing)");
+}
+
 TEST(StackSpec, RefusesWhatIsWrongByName) {
   EXPECT_EQ(ParseStackSpec("").error(), "empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
   EXPECT_EQ(ParseStackSpec("passthrough").error(),

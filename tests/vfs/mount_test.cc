@@ -1360,6 +1360,12 @@ TEST_F(CommandLineTest, MountReturnsLiveAndUmountTakesItAway) {
   ASSERT_EQ(Shell("cd " + dir_.path() + " && " + ULSP_BIN + " mount src mnt"), 0);
   EXPECT_EQ(Output("findmnt -n -o SOURCE " + dir_ / "mnt"), dir_ / "src\n");
   EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
+  // A SOURCE whose name holds a comma (once "unknown layer", the rest of the name).
+  ASSERT_EQ(Shell("mkdir '" + dir_ / "a,b" + "' && echo comma > '" + dir_ / "a,b/f" + "'"), 0);
+  ASSERT_EQ(Ulsp("mount '" + dir_ / "a,b" + "' " + dir_ / "mnt"), "");
+  EXPECT_EQ(ReadAll(dir_ / "mnt/f"), "comma\n");
+  EXPECT_EQ(Output("findmnt -n -o SOURCE " + dir_ / "mnt"), dir_ / "a,b\n");
+  EXPECT_EQ(Ulsp("umount " + dir_ / "mnt"), "");
 }
 
 // A user mounts and unmounts a tree of their own, through fusermount3, as with any

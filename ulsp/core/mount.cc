@@ -269,7 +269,8 @@ int Mount(const MountArgs& in) {
   if (!(args.timeout >= 0 && std::isfinite(args.timeout))) return Error("--timeout must be 0 or more seconds");
   std::string spec;
   if (args.remote.empty()) {
-    auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? "passthrough:" + args.source : args.stack);
+    auto absolute = vfs::AbsoluteStackSpec(args.stack.empty() ? vfs::ComposeStackSpec({{"passthrough", args.source}})
+                                                              : args.stack);
     if (!absolute) return Error(absolute.error());
     spec = *absolute;
   }
@@ -287,7 +288,8 @@ int Mount(const MountArgs& in) {
   // it: its lookups cross into the mount, and the descriptor that takes keeps the
   // mount busy for good (`ulsp umount` then cannot end it).
   // An overlay's upper directory is served by a passthrough layer of its own.
-  if (auto layers = vfs::ParseStackSpec(spec)) {
+  const auto layers = vfs::ParseStackSpec(spec);  // none for a remote mount
+  if (layers) {
     for (const auto& [name, root] : vfs::ServedDirectories(*layers)) {
       if (vfs::IsWithin(args.mountpoint, root))
         return Error(args.mountpoint + ": mount point is inside " + name + ":" + root +
@@ -297,9 +299,9 @@ int Mount(const MountArgs& in) {
 
   // What `mount`, `df` and `ulsp ps` show: the source as a path that means something
   // from anywhere (the SOURCE as typed may be relative).
-  const std::string fsname = !args.remote.empty() ? "remote:" + args.remote
-                             : args.stack.empty() ? spec.substr(spec.find(':') + 1)
-                                                  : spec;
+  const std::string fsname = !args.remote.empty()             ? "remote:" + args.remote
+                             : args.stack.empty() && layers ? layers->front().argument  // SOURCE, unescaped
+                                                            : spec;
   if (args.isolated) {
     // The server process builds the stack; build it here once too, so a bad stack is
     // reported before anything starts (and destroy it before forking).

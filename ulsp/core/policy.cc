@@ -254,7 +254,6 @@ class Parser {
     const std::string stack = String(t, "stack", what, true);
     auto layers = vfs::ParseStackSpec(stack);
     if (!layers) Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + layers.error());
-    std::string spec;
     std::vector<vfs::LayerSpec> resolved;
     for (const vfs::LayerSpec& l : *layers) {
       std::string arg = l.name == "memfs" ? l.argument : PathFromFile(l.argument);
@@ -265,12 +264,11 @@ class Parser {
       } else if (l.name == "view" && ::access(arg.c_str(), R_OK) != 0) {
         Fail(t.get("stack")->source(), "stack \"" + stack + "\": view:" + arg + ": the allow-list cannot be read");
       }
-      spec += (spec.empty() ? "" : ",") + l.name + ":" + arg;
       resolved.push_back({l.name, std::move(arg)});
     }
     if (auto apart = vfs::CheckApart(resolved); !apart)
       Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + apart.error());
-    m.stack = spec;
+    m.stack = vfs::ComposeStackSpec(resolved);
     m.isolated = Bool(t, "isolated", what, false);
     m.read_only = Bool(t, "read_only", what, false);
     if (const toml::node* n = t.get("timeout")) {

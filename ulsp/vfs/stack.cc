@@ -23,13 +23,19 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
   if (spec.empty()) return std::unexpected("empty stack: give layers, top first, e.g. trace:/tmp/t.jsonl,passthrough:/src");
   size_t start = 0;
   while (start <= spec.size()) {
-    size_t comma = spec.find(',', start);
-    if (comma == std::string_view::npos) comma = spec.size();
-    std::string_view item = spec.substr(start, comma - start);
+    // One item, up to an unescaped comma, its escapes undone.
+    std::string item;
+    size_t end = start;
+    for (; end < spec.size() && spec[end] != ','; ++end) {
+      if (spec[end] == '\\') {
+        if (++end == spec.size()) return std::unexpected("a '\\' at the end of the stack escapes nothing");
+      }
+      item += spec[end];
+    }
+    const size_t comma = end;
     if (item.empty()) return std::unexpected("empty layer at position " + std::to_string(layers.size() + 1) + " of the stack");
     const size_t colon = item.find(':');
-    LayerSpec layer{std::string(item.substr(0, colon)),
-                    colon == std::string_view::npos ? std::string() : std::string(item.substr(colon + 1))};
+    LayerSpec layer{item.substr(0, colon), colon == std::string::npos ? std::string() : item.substr(colon + 1)};
     if (layer.name != "passthrough" && layer.name != "memfs" && layer.name != "overlay" && layer.name != "trace" &&
         layer.name != "view")
       return std::unexpected("unknown layer '" + layer.name + "' (known: " + std::string(kKnown) + ")");
@@ -48,6 +54,20 @@ std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_vi
   return layers;
 }
 
+std::string ComposeStackSpec(const std::vector<LayerSpec>& layers) {
+  std::string out;
+  for (const LayerSpec& l : layers) {
+    if (!out.empty()) out += ',';
+    out += l.name;
+    out += ':';
+    for (char c : l.argument) {
+      if (c == ',' || c == '\\') out += '\\';
+      out += c;
+    }
+  }
+  return out;
+}
+
 std::string NormalPath(const std::filesystem::path& path) {
   std::string s = path.lexically_normal().string();
   while (s.size() > 1 && s.back() == '/') s.pop_back();
@@ -57,21 +77,14 @@ std::string NormalPath(const std::filesystem::path& path) {
 std::expected<std::string, std::string> AbsoluteStackSpec(std::string_view spec) {
   auto layers = ParseStackSpec(spec);
   if (!layers) return std::unexpected(layers.error());
-  std::string out;
-  for (const LayerSpec& l : *layers) {
-    if (!out.empty()) out += ',';
-    out += l.name;
-    out += ':';
-    if (l.name == "memfs") {
-      out += l.argument;  // a size, not a path
-    } else {
-      std::error_code ec;
-      auto path = std::filesystem::absolute(l.argument, ec);
-      if (ec) return std::unexpected(l.name + ":" + l.argument + ": " + ec.message());
-      out += NormalPath(path);
-    }
+  for (LayerSpec& l : *layers) {
+    if (l.name == "memfs") continue;  // a size, not a path
+    std::error_code ec;
+    auto path = std::filesystem::absolute(l.argument, ec);
+    if (ec) return std::unexpected(l.name + ":" + l.argument + ": " + ec.message());
+    l.argument = NormalPath(path);
   }
-  return out;
+  return ComposeStackSpec(*layers);
 }
 
 std::vector<std::pair<std::string, std::string>> ServedDirectories(const std::vector<LayerSpec>& layers) {

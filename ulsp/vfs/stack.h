@@ -23,8 +23,14 @@ struct LayerSpec {
   std::string argument;
 };
 
-// Splits SPEC. Fails with a one-line message naming the bad part.
+// Splits SPEC at its commas. A backslash takes the character after it as it is, so
+// an argument may hold a comma (`passthrough:/srv/a\,b`) or a backslash (`\\`).
+// Fails with a one-line message naming the bad part.
 std::expected<std::vector<LayerSpec>, std::string> ParseStackSpec(std::string_view spec);
+
+// The SPEC that ParseStackSpec splits into `layers`: each argument's commas and
+// backslashes escaped.
+std::string ComposeStackSpec(const std::vector<LayerSpec>& layers);
 
 // PATH lexically normalised ("a/./b/.." is "a"), with no '/' at its end but the root's:
 // "/src/.." is "/", "/src/dir/.." is "/src". What `mount` and `ulsp ps` show.
