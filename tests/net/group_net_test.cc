@@ -255,6 +255,57 @@ TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
   EXPECT_NE(r.out.find("good: ok\ngot: hello"), std::string::npos) << r.out;
 }
 
+// Raw and ICMP sockets are made by the kernel in the group's namespace and stay
+// there, whatever the UDP rules say: once, a raw socket's send to an address UDP may
+// reach was decided as UDP, and the socket swapped for one the ULSP (root) made on the
+// host, so a group allowed one UDP peer could send any IP packet from the host.
+// MPTCP, whose subflows go to addresses the peer announces, is refused like SCTP.
+TEST_F(NetTest, RawAndIcmpSocketsStayInTheGroupAndMptcpIsRefused) {
+  const std::string script = R"(
+import socket
+def attempt(name, f):
+    try:
+        f(); print(name, "ok")
+    except OSError as e:
+        print(name, e.strerror)
+icmp = b"\x08\x00\xf7\xff\x00\x00\x00\x00"
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+attempt("raw-icmp-send", lambda: raw.sendto(icmp, ("10.255.255.1", 0)))
+hdr = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+attempt("raw-ip-connect", lambda: hdr.connect(("10.255.255.1", 0)))
+attempt("raw-ip-bind", lambda: hdr.bind(("0.0.0.0", 0)))
+attempt("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
+listener = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+listener.bind(("127.0.0.1", 0))
+attempt("raw-icmp-loopback", lambda: raw.sendto(icmp, ("127.0.0.1", 0)))
+listener.settimeout(5)
+print("loopback-got", len(listener.recv(100)))
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
+)";
+  std::ofstream(dir_ / "raw.py") << script;
+  auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"10.255.255.1\"\n"),
+                      kPython + " " + dir_ / "raw.py");
+  EXPECT_EQ(r.out,
+            "raw-icmp-send Network is unreachable\n"
+            "raw-ip-connect Network is unreachable\n"
+            "raw-ip-bind ok\n"
+            "mptcp Protocol not supported\n"
+            "raw-icmp-loopback ok\n"
+            "loopback-got 28\n"
+            "udp-send ok\n")
+      << r.err;
+  const std::string log = ReadAll(dir_ / "conn.jsonl");
+  EXPECT_NE(log.find(R"("call":"sendto","proto":"raw icmp","address":"10.255.255.1","port":0,"verdict":"group")"),
+            std::string::npos)
+      << log;
+  EXPECT_NE(log.find(R"("call":"connect","proto":"raw protocol 255","address":"10.255.255.1")"), std::string::npos) << log;
+  EXPECT_NE(log.find(R"("call":"socket","proto":"mptcp","verdict":"deny")"), std::string::npos) << log;
+  EXPECT_NE(log.find(R"("call":"sendto","proto":"udp","address":"10.255.255.1","port":9,"verdict":"allow")"),
+            std::string::npos)
+      << log;
+}
+
 TEST_F(NetTest, ASlowConnectDoesNotStallTheOthers) {
   const FullListener slow;
   ASSERT_FALSE(slow.port.empty());

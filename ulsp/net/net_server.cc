@@ -33,6 +33,21 @@ using msgport::NetVerdict;
 
 namespace {
 
+// An INET or INET6 socket this ULSP decides and may make on the host's side: TCP or
+// UDP. Others (raw, ICMP, UDP-Lite) are made by the kernel in the group's namespace,
+// where socket() leaves them, and stay there: moved out, a raw socket made by this
+// ULSP (root) would let a group that may send UDP somewhere write any IP packet.
+bool TcpOrUdp(const NetRequest& q) {
+  return (q.type == SOCK_STREAM && (q.protocol == 0 || q.protocol == IPPROTO_TCP)) ||
+         (q.type == SOCK_DGRAM && (q.protocol == 0 || q.protocol == IPPROTO_UDP));
+}
+
+// What the log calls such a socket.
+std::string OtherInetName(const NetRequest& q) {
+  if (q.protocol == IPPROTO_ICMP || q.protocol == IPPROTO_ICMPV6) return q.type == SOCK_RAW ? "raw icmp" : "icmp";
+  return (q.type == SOCK_RAW ? "raw protocol " : "protocol ") + std::to_string(q.protocol);
+}
+
 void Return(NetRequest& q, int64_t value) {
   q.verdict = NetVerdict::kReturn;
   q.value = value;
@@ -381,9 +396,12 @@ void NetServer::ServeRequest(NetRequest& q) {
         Note(q, {.call = "socket", .proto = "family " + std::to_string(family), .verdict = "deny", .rule = "families"});
         return Error(q, EAFNOSUPPORT);
       }
-      if ((family == AF_INET || family == AF_INET6) && protocol == IPPROTO_SCTP) {
-        // SCTP carries addresses in its sends and options, past this ULSP's checks.
-        Note(q, {.call = "socket", .proto = "sctp", .verdict = "deny", .rule = "protocols"});
+      if ((family == AF_INET || family == AF_INET6) && (protocol == IPPROTO_SCTP || protocol == IPPROTO_MPTCP)) {
+        // SCTP carries addresses in its sends and options, MPTCP opens subflows to the
+        // addresses its peer announces: both past this ULSP's checks. (Programs that
+        // ask for MPTCP fall back to TCP on this error.)
+        Note(q, {.call = "socket", .proto = protocol == IPPROTO_SCTP ? "sctp" : "mptcp", .verdict = "deny",
+                 .rule = "protocols"});
         return Error(q, EPROTONOSUPPORT);
       }
       const int base_type = static_cast<int>(q.args[1]) & 0xf;  // SOCK_TYPE_MASK
@@ -485,6 +503,12 @@ void NetServer::Connect(NetRequest& q) {
   if (FamilyOf(q.addr) == AF_UNSPEC && q.addr.size() >= sizeof(sa_family_t)) return on_dup();  // dissolves
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
   if (!ep) return Error(q, ep.error());
+  if (!TcpOrUdp(q)) {  // raw and ICMP: where the socket is, in the group's namespace
+    Note(q, {.proto = OtherInetName(q), .address = ep->AddressString(), .port = ep->port,
+             .verdict = q.host_netns ? "deny" : "group", .rule = "raw and ICMP sockets stay in the group"});
+    if (q.host_netns) return Error(q, EACCES);
+    return on_dup();
+  }
   const bool stream = q.type == SOCK_STREAM;
   const std::string proto = stream ? "tcp" : "udp";
   LogEntry e{.proto = proto, .address = ep->AddressString(), .port = ep->port};
@@ -662,6 +686,12 @@ void NetServer::Bind(NetRequest& q) {
   }
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
   if (!ep) return Error(q, ep.error());
+  if (!TcpOrUdp(q)) {  // raw and ICMP: where the socket is, in the group's namespace
+    Note(q, {.proto = OtherInetName(q), .address = ep->AddressString(), .port = ep->port,
+             .verdict = q.host_netns ? "deny" : "group", .rule = "raw and ICMP sockets stay in the group"});
+    if (q.host_netns) return Error(q, EACCES);
+    return on_dup();
+  }
   const bool stream = q.type == SOCK_STREAM;
   LogEntry e{.proto = stream ? "tcp" : "udp", .address = ep->AddressString(), .port = ep->port};
   const Decision d = config_.rules.Decide(Call::kBind, stream ? Proto::kTcp : Proto::kUdp, *ep, {});
@@ -745,7 +775,15 @@ void NetServer::Send(NetRequest& q) {
         const Endpoint given = *ep;  // the log shows the address as the caller gave it
         *ep = ep->Reached();
         const bool resolver = IsResolver(*ep);
-        if (resolver || (config_.loopback_group && ep->IsLoopback())) {
+        if (!TcpOrUdp(q)) {
+          // Raw and ICMP: sent where the socket is, in the group's namespace.
+          if (!target_in_group) {
+            if (sent_msgs > 0) break;
+            return Error(q, EACCES);
+          }
+          Note(q, {.proto = OtherInetName(q), .address = given.AddressString(), .port = ep->port, .verdict = "group",
+                   .rule = "raw and ICMP sockets stay in the group"});
+        } else if (resolver || (config_.loopback_group && ep->IsLoopback())) {
           // The ULSP's socket (made at socket()) or one from outside must not reach
           // the host's loopback: one made in the group takes its place, as for a connect.
           if (!target_in_group) {
