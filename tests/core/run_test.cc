@@ -235,7 +235,7 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
                       "ulimit -n; ulimit -f; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
                       "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80425ff\nno-unshare\n");
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80405ff\nno-unshare\n");
 }
 
 // `processes` bounds everything the command starts, however it starts it: here a
