@@ -72,6 +72,18 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
                                       SCMP_A2(SCMP_CMP_EQ, TCP_FASTOPEN_CONNECT)));
       !r)
     return r;
+  // An IPv6 routing header (a sticky one, or RFC 2292's sticky options that may hold
+  // one) sends every packet to its first segment, not to the address the rules
+  // decided on, and needs no capability: refused, as the kernel refuses options that
+  // need CAP_NET_RAW. (One in a sendmsg's control data is refused by the ULSP.) The
+  // arguments are ints: compared on their low 32 bits, as the kernel reads them.
+  for (int optname : {IPV6_RTHDR, IPV6_2292PKTOPTIONS}) {
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, IPPROTO_IPV6),
+                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<unsigned>(optname))));
+        !r)
+      return r;
+  }
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(io_uring_setup), 0)); !r) return r;
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 0)); !r) return r;
   return {};
@@ -82,8 +94,10 @@ Result<void> BuildX86(scmp_filter_ctx ctx) {
   if (auto r = Check(seccomp_arch_add(ctx, SCMP_ARCH_X86)); !r) return r;
   // Rules take the native numbers (or libseccomp's pseudo numbers, for socketcall);
   // libseccomp writes them in the 32-bit ABI's own.
-  const char* refused[] = {"socketcall", "socket", "socketpair", "connect", "bind", "listen", "accept", "accept4",
-                           "sendto", "sendmsg", "sendmmsg", "setns"};
+  // setsockopt too: through int $0x80, a 64-bit program's socket would take an IPv6
+  // routing header past the native filter's refusal.
+  const char* refused[] = {"socketcall", "socket",  "socketpair", "connect", "bind",       "listen", "accept",
+                           "accept4",    "sendto",  "sendmsg",    "sendmmsg", "setsockopt", "setns"};
   for (const char* name : refused) {
     const int nr = seccomp_syscall_resolve_name(name);
     if (nr == __NR_SCMP_ERROR) continue;

@@ -259,6 +259,12 @@ static long Int80(long nr, long a, long b, long c) {
   return r;
 }
 
+static long Int80x5(long nr, long a, long b, long c, long d, long e) {
+  long r;
+  __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(a), "c"(b), "d"(c), "S"(d), "D"(e) : "memory");
+  return r;
+}
+
 // A kernel without the 32-bit ABI (IA32 emulation off, or a VM that does not pass the
 // gate on) answers `int $0x80` with a general protection fault: SIGSEGV, reported as
 // "no-abi" instead of killing the probe.
@@ -274,7 +280,7 @@ static int Int80Probe(void) {
   sa.sa_handler = Int80Faulted;
   sigaction(SIGSEGV, &sa, NULL);
   if (sigsetjmp(g_int80_fault, 1) != 0) {
-    printf("socket: no-abi\nsocketcall: no-abi\n");
+    printf("socket: no-abi\nsocketcall: no-abi\nsetsockopt: no-abi\n");
     return 0;
   }
   long r = Int80(359, AF_INET, SOCK_STREAM, 0);  // i386 socket
@@ -285,6 +291,21 @@ static int Int80Probe(void) {
   args[2] = 0;
   r = Int80(102, 1 /* SYS_SOCKET */, (long)(uintptr_t)args, 0);  // i386 socketcall
   printf("socketcall: %s\n", r >= 0 ? "ok" : Name((int)-r));
+  // A segment routing header on a UDP socket made through the 64-bit ABI, set
+  // through the 32-bit one (the native filter refuses it).
+  int s = socket(AF_INET6, SOCK_DGRAM, 0);
+  uint8_t* srh = (uint8_t*)(args + 16);
+  memset(srh, 0, 40);
+  srh[1] = 4;  // hdr ext len: two segments
+  srh[2] = 4;  // type 4: segment routing
+  srh[3] = 1;  // segments left
+  srh[4] = 1;  // last entry
+  srh[8 + 15] = 0x99;  // fd00::99 (the final one), then ::1
+  srh[8] = 0xfd;
+  srh[24 + 15] = 1;
+  r = Int80x5(366 /* i386 setsockopt */, s, IPPROTO_IPV6, 57 /* IPV6_RTHDR */, (long)(uintptr_t)srh, 40);
+  printf("setsockopt: %s\n", r >= 0 ? "ok" : Name((int)-r));
+  close(s);
   return 0;
 }
 

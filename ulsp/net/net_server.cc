@@ -235,6 +235,21 @@ void CopyOptions(const NetRequest& q, int to) {
     (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
+// Whether `control` holds an IPv6 routing header (IPV6_RTHDR, or RFC 2292's): a
+// segment routing header sends the datagram to its first segment, not to the address
+// the rules decided on, and needs no capability.
+bool CarriesRoutingHeader(const std::vector<char>& control) {
+  if (control.empty()) return false;
+  msghdr h{};
+  h.msg_control = const_cast<char*>(control.data());
+  h.msg_controllen = control.size();
+  for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
+    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return false;  // refused as EINVAL later
+    if (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_RTHDR || c->cmsg_type == IPV6_2292RTHDR)) return true;
+  }
+  return false;
+}
+
 // Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
 int TranslateRights(std::vector<char>& control, int pidfd, std::vector<UniqueFd>& held) {
   if (control.empty()) return 0;
@@ -742,6 +757,11 @@ void NetServer::Send(NetRequest& q) {
 
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
+    if (CarriesRoutingHeader(d.control)) {
+      Note(q, {.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = "IPv6 routing headers"});
+      if (sent_msgs > 0) break;
+      return Error(q, EPERM);
+    }
     const std::vector<char>* name = d.name.empty() ? nullptr : &d.name;
     int64_t n = 0;
     UnixTarget unix_target;  // a UNIX path, pinned
