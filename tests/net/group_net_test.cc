@@ -20,6 +20,16 @@ namespace {
 
 const std::string kProbe = PROBE_BIN;
 const std::string kPython = "/usr/bin/python3";
+// Python for the scripts below: `attempt` runs a call and prints "NAME ok" or the
+// error it failed with.
+const std::string kAttempt = R"(
+import socket
+def attempt(name, f):
+    try:
+        f(); print(name, "ok")
+    except OSError as e:
+        print(name, e.strerror)
+)";
 
 // A listener on the host's loopback whose queue is full: it drops new SYNs, so a
 // connect to it takes seconds. `port` is empty if it could not be made.
@@ -264,11 +274,6 @@ TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
 TEST_F(NetTest, NoRawSocketsTransparentSendsOrMarksAndNoMptcp) {
   const std::string script = R"(
 import socket
-def attempt(name, f):
-    try:
-        f(); print(name, "ok")
-    except OSError as e:
-        print(name, e.strerror)
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("transparent", lambda: udp.setsockopt(socket.SOL_IP, 19, 1))
 attempt("mark", lambda: udp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 5))
@@ -277,7 +282,7 @@ attempt("raw6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.I
 attempt("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
 attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
 )";
-  std::ofstream(dir_ / "raw.py") << script;
+  std::ofstream(dir_ / "raw.py") << kAttempt << script;
   auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"10.255.255.1\"\n"),
                       kPython + " " + dir_ / "raw.py");
   EXPECT_EQ(r.out,
@@ -307,11 +312,6 @@ final = socket.inet_pton(socket.AF_INET6, "fd00::99")
 first = socket.inet_pton(socket.AF_INET6, "::1")
 srh = struct.pack("!BBBBBBH", 0, 4, 4, 1, 1, 0, 0) + final + first
 u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-def attempt(name, f):
-    try:
-        f(); print(name, "ok")
-    except OSError as e:
-        print(name, e.strerror)
 attempt("sticky", lambda: u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh))
 attempt("sticky-2292", lambda: u.setsockopt(socket.IPPROTO_IPV6, 6, b"\0" * 8))
 attempt("addressed", lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)], 0, ("fd00::99", 9)))
@@ -320,7 +320,7 @@ attempt("connected", lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IPV6, socket.IPV
 attempt("rfc2292", lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IPV6, 5, srh)]))
 attempt("plain", lambda: u.send(b"x"))
 )";
-  std::ofstream(dir_ / "srh.py") << script;
+  std::ofstream(dir_ / "srh.py") << kAttempt << script;
   auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"fd00::99\"\n"),
                       kPython + " " + dir_ / "srh.py");
   EXPECT_EQ(r.out,
