@@ -186,6 +186,30 @@ TEST_F(RunTest, ARootStackGetsProcDevSysAndAPrivateTmp) {
   EXPECT_NE(Output("grep -c '\"path\":\"/usr/bin/env\"' " + dir_ / "trace.jsonl"), "0\n");
 }
 
+// A group whose root is an overlay writes to the overlay only, even holding a
+// descriptor of the host's file system (its stdout, redirected to a file there). With
+// CAP_DAC_READ_SEARCH, open_by_handle_at on that descriptor opened the host's root
+// directory (ext4's inode 2), and a file made through it landed on the host ("Shocker").
+TEST_F(RunTest, AHostDescriptorIsNoWayPastTheGroupsRootStack) {
+  const std::string policy = kOpen + "[[group.g.mount]]\npath = \"/\"\nstack = \"overlay:" + dir_ / "upper" +
+                             ",passthrough:/\"\n";
+  std::ofstream(dir_ / "handle.py") << R"(
+import ctypes, os, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+root = ctypes.create_string_buffer(struct.pack("Ii", 8, 1) + struct.pack("II", 2, 0))  # FILEID_INO32_GEN: inode 2
+fd = libc.open_by_handle_at(1, root, os.O_RDONLY | os.O_DIRECTORY)
+if fd < 0:
+    print("open_by_handle_at:", os.strerror(ctypes.get_errno()))
+else:
+    os.close(os.open(sys.argv[1].lstrip("/"), os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    print("made", sys.argv[1], "through the handle")
+)";
+  auto r = RunInGroup(dir_, policy, "/usr/bin/python3 " + dir_ / "handle.py" + " " + dir_ / "escaped");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "open_by_handle_at: Operation not permitted\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "escaped"), 0) << "a file made in the group is on the host";
+}
+
 // A mount beneath /tmp in a group with a private /tmp: the private /tmp once went on
 // after the group's mounts and hid this one, silently; it also had to exist in the
 // host's /tmp. Now the private /tmp comes first, under a root stack's mount too, and
@@ -235,7 +259,7 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
                       "ulimit -n; ulimit -f; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
                       "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80405ff\nno-unshare\n");
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80405fb\nno-unshare\n");
 }
 
 // `processes` bounds everything the command starts, however it starts it: here a

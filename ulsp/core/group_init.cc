@@ -99,14 +99,17 @@ void LoopbackUp() {
   ::close(s);
 }
 
-// Docker's default capabilities, and reading files as root does, but CAP_NET_RAW. A
-// group's TCP and UDP sockets are the host's (the net ULSP makes them there), and on
-// them CAP_NET_RAW is IP_TRANSPARENT (a spoofed source address on an allowed send),
-// SO_MARK (past the host's mark-based routing and firewall) and SO_BINDTODEVICE; its
-// raw and ICMP sockets could reach only the group's own loopback.
-constexpr int kKeptCaps[] = {CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH, CAP_FOWNER, CAP_FSETID, CAP_KILL,
-                             CAP_SETGID, CAP_SETUID, CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT,
-                             CAP_MKNOD, CAP_AUDIT_WRITE, CAP_SETFCAP};
+// Docker's default capabilities but CAP_NET_RAW. A group's TCP and UDP sockets are the
+// host's (the net ULSP makes them there), and on them CAP_NET_RAW is IP_TRANSPARENT (a
+// spoofed source address on an allowed send), SO_MARK (past the host's mark-based
+// routing and firewall) and IPv4 source routing; its raw and ICMP sockets could reach
+// only the group's own loopback. Not CAP_DAC_READ_SEARCH either (Docker drops it too):
+// with it, open_by_handle_at on any descriptor of the host's file system (a stdout
+// redirected to a file) opens the host's root directory, past the group's root stack.
+// CAP_DAC_OVERRIDE lets root read and search as before.
+constexpr int kKeptCaps[] = {CAP_CHOWN,  CAP_DAC_OVERRIDE, CAP_FOWNER,      CAP_FSETID,     CAP_KILL,
+                             CAP_SETGID, CAP_SETUID,       CAP_SETPCAP,     CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT,
+                             CAP_MKNOD,  CAP_AUDIT_WRITE,  CAP_SETFCAP};
 
 void DropCapabilities() {
   int last = CAP_LAST_CAP;
