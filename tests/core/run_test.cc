@@ -208,6 +208,13 @@ else:
   EXPECT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(r.out, "open_by_handle_at: Operation not permitted\n");
   EXPECT_NE(Shell("test -e " + dir_ / "escaped"), 0) << "a file made in the group is on the host";
+  // Nor is a standard stream that is a directory: refused before anything runs (once,
+  // `< /` gave the group /proc/self/fd/0/..., the host's whole tree).
+  r = RunInGroup(dir_, policy, "touch /proc/self/fd/0" + dir_ / "escaped", 60, "< /");
+  EXPECT_EQ(r.status, 125);
+  EXPECT_EQ(r.err, "ulsp run: stdin is a directory, which would let the group past its mounts: redirect it from a file "
+                   "or /dev/null\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "escaped"), 0) << "a file made in the group is on the host";
 }
 
 // A mount beneath /tmp in a group with a private /tmp: the private /tmp once went on

@@ -174,6 +174,16 @@ int RunGroup(GroupRun& run) {
   if (run.command.empty()) return Error("give the command to run after --");
   if (run.command.front().empty()) return Error("the command after -- is an empty string");
   if (::geteuid() != 0) return Error("needs root (it makes namespaces and mounts, and serves seccomp notifications)");
+  // A standard stream that is a directory (`< /`) would let the group past its mounts:
+  // /proc/self/fd/0/etc/... walks the host's tree from it.
+  for (int fd = 0; fd <= 2; ++fd) {
+    struct stat st {};
+    if (::fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+      static constexpr const char* kNames[] = {"stdin", "stdout", "stderr"};
+      return Error(std::string(kNames[fd]) +
+                   " is a directory, which would let the group past its mounts: redirect it from a file or /dev/null");
+    }
+  }
   ::signal(SIGPIPE, SIG_IGN);  // the net ULSP writes to sockets the group may close
 
   // The stacks, before anything starts: a bad one is reported and nothing runs.
