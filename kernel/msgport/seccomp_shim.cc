@@ -56,7 +56,22 @@ struct FilterCtx {
   }
 };
 
+// Refuses the terminal ioctls that type into the terminal (TIOCSTI) or paste into a
+// console (TIOCLINUX): the group's command shares the caller's terminal, and what it
+// typed there would be read by the caller's shell once the group ended. The request
+// is an int: compared on its low 32 bits, as the kernel reads it.
+Result<void> RefuseTerminalInput(scmp_filter_ctx ctx) {
+  for (unsigned request : {static_cast<unsigned>(TIOCSTI), static_cast<unsigned>(TIOCLINUX)}) {
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(ioctl), 1,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, request)));
+        !r)
+      return r;
+  }
+  return {};
+}
+
 Result<void> BuildNative(scmp_filter_ctx ctx) {
+  if (auto r = RefuseTerminalInput(ctx); !r) return r;
   for (int nr : {SCMP_SYS(socket), SCMP_SYS(socketpair), SCMP_SYS(connect), SCMP_SYS(bind), SCMP_SYS(listen),
                  SCMP_SYS(accept), SCMP_SYS(accept4), SCMP_SYS(sendmsg), SCMP_SYS(sendmmsg)}) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, nr, 0)); !r) return r;
@@ -104,6 +119,7 @@ Result<void> BuildX86(scmp_filter_ctx ctx) {
     const int rc = seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EACCES), nr, 0);
     if (rc < 0 && rc != -EEXIST) return Fail(-rc);
   }
+  if (auto r = RefuseTerminalInput(ctx); !r) return r;
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(io_uring_setup), 0)); !r) return r;
   return {};
 }

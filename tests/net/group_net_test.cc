@@ -337,6 +337,23 @@ attempt("plain", lambda: u.send(b"x"))
       << log;
 }
 
+// The group's command shares the caller's terminal; what it typed there (TIOCSTI)
+// would be read by the caller's shell once the group ended, outside every rule. The
+// filter refuses it, with high bits in the request and through the 32-bit ABI too.
+// `script` gives the group a terminal; outside a group the probe types "#" three times.
+TEST_F(NetTest, TheCommandCannotTypeIntoTheCallersTerminal) {
+  const std::string run_probe = "script -qec '" + kProbe + " tiocsti' /dev/null < /dev/null";
+  const std::string outside = Output(run_probe);
+  ASSERT_TRUE(outside == "#native: ok\r\n#high bits: ok\r\n#int80: ok\r\n" ||
+              outside == "#native: ok\r\n#high bits: ok\r\nint80: no-abi\r\n")
+      << outside;
+  const std::string int80 = outside.ends_with("no-abi\r\n") ? "no-abi" : "EPERM";
+  std::ofstream(dir_ / "policy.toml") << Policy();
+  EXPECT_EQ(Output("script -qec 'ULSP_RUNTIME_DIR=" + dir_ / "run" + " " + ULSP_BIN + " run --policy " + dir_ / "policy.toml" +
+                   " -- " + kProbe + " tiocsti' /dev/null < /dev/null"),
+            "native: EPERM\r\nhigh bits: EPERM\r\nint80: " + int80 + "\r\n");
+}
+
 TEST_F(NetTest, ASlowConnectDoesNotStallTheOthers) {
   const FullListener slow;
   ASSERT_FALSE(slow.port.empty());

@@ -11,6 +11,9 @@
 //   probe int80                        socket and socketcall through the 32-bit ABI
 //                                      ("no-abi" where the kernel has none)
 //   probe iouring                      io_uring_setup
+//   probe tiocsti                      types "#" into the terminal on stdin (TIOCSTI):
+//                                      natively, with high bits in the request, and
+//                                      through the 32-bit ABI
 //   probe race HOST ALLOWED DENIED N   a thread rewrites the sockaddr during connects
 //   probe unix PATH | unix-dgram PATH  a UNIX socket path
 //   probe inherited HOST PORT          fd 3 (inherited?), and sendto on stdin (a socket?)
@@ -35,6 +38,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
@@ -309,6 +313,26 @@ static int Int80Probe(void) {
   return 0;
 }
 
+static int Tiocsti(void) {
+  char c = '#';
+  printf("native: %s\n", ioctl(0, TIOCSTI, &c) == 0 ? "ok" : Name(errno));
+  long r = syscall(SYS_ioctl, 0, 0xffffffff00000000ul | TIOCSTI, &c);
+  printf("high bits: %s\n", r == 0 ? "ok" : Name(errno));
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = Int80Faulted;
+  sigaction(SIGSEGV, &sa, NULL);
+  if (sigsetjmp(g_int80_fault, 1) != 0) {
+    printf("int80: no-abi\n");
+    return 0;
+  }
+  char* low = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+  low[0] = '#';
+  r = Int80(54 /* i386 ioctl */, 0, TIOCSTI, (long)(uintptr_t)low);
+  printf("int80: %s\n", r == 0 ? "ok" : Name((int)-r));
+  return 0;
+}
+
 static int IoUring(void) {
   char params[120];
   memset(params, 0, sizeof params);
@@ -496,6 +520,7 @@ int main(int argc, char** argv) {
   if (strcmp(cmd, "fastopen") == 0 && argc == 4) return FastOpen(argv[2], atoi(argv[3]));
   if (strcmp(cmd, "int80") == 0) return Int80Probe();
   if (strcmp(cmd, "iouring") == 0) return IoUring();
+  if (strcmp(cmd, "tiocsti") == 0) return Tiocsti();
   if (strcmp(cmd, "race") == 0 && argc == 6) return Race(argv[2], atoi(argv[3]), atoi(argv[4]), atoi(argv[5]));
   if (strcmp(cmd, "unix") == 0 && argc == 3) return Unix(argv[2], SOCK_STREAM);
   if (strcmp(cmd, "unix-dgram") == 0 && argc == 3) return Unix(argv[2], SOCK_DGRAM);
