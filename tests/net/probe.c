@@ -278,11 +278,15 @@ static void Int80Faulted(int sig) {
   siglongjmp(g_int80_fault, 1);
 }
 
-static int Int80Probe(void) {
+static void CatchInt80Faults(void) {
   struct sigaction sa;
   memset(&sa, 0, sizeof sa);
   sa.sa_handler = Int80Faulted;
   sigaction(SIGSEGV, &sa, NULL);
+}
+
+static int Int80Probe(void) {
+  CatchInt80Faults();
   if (sigsetjmp(g_int80_fault, 1) != 0) {
     printf("socket: no-abi\nsocketcall: no-abi\nsetsockopt: no-abi\n");
     return 0;
@@ -318,10 +322,7 @@ static int Tiocsti(void) {
   printf("native: %s\n", ioctl(0, TIOCSTI, &c) == 0 ? "ok" : Name(errno));
   long r = syscall(SYS_ioctl, 0, 0xffffffff00000000ul | TIOCSTI, &c);
   printf("high bits: %s\n", r == 0 ? "ok" : Name(errno));
-  struct sigaction sa;
-  memset(&sa, 0, sizeof sa);
-  sa.sa_handler = Int80Faulted;
-  sigaction(SIGSEGV, &sa, NULL);
+  CatchInt80Faults();
   if (sigsetjmp(g_int80_fault, 1) != 0) {
     printf("int80: no-abi\n");
     return 0;
