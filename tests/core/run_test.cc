@@ -217,6 +217,27 @@ else:
   EXPECT_NE(Shell("test -e " + dir_ / "escaped"), 0) << "a file made in the group is on the host";
 }
 
+// The kernel's settings for the whole host are read-only in a group, with or without
+// its own pid namespace or a root stack: root, even without capabilities, once wrote
+// kernel.core_pattern ("|PROGRAM" runs PROGRAM as the host's root at the next crash).
+// The value written is the one there, so a failure changes nothing.
+TEST_F(RunTest, TheKernelsSettingsAreReadOnly) {
+  const std::string root = "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n";
+  for (const std::string& extra : {std::string(), std::string("pid_namespace = false\n"), root}) {
+    SCOPED_TRACE(extra);
+    auto r = RunInGroup(dir_, kOpen + extra,
+                        "p=$(cat /proc/sys/kernel/core_pattern); (echo \"$p\" > /proc/sys/kernel/core_pattern) 2>&1; "
+                        "(echo 1 > /proc/sys/vm/drop_caches) 2>&1; (echo > /sys/kernel/profiling) 2>&1; "
+                        "test -w /proc/sysrq-trigger && echo sysrq-writable; cat /proc/sys/kernel/ostype");
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out,
+              "bash: line 1: /proc/sys/kernel/core_pattern: Read-only file system\n"
+              "bash: line 1: /proc/sys/vm/drop_caches: Read-only file system\n"
+              "bash: line 1: /sys/kernel/profiling: Read-only file system\n"
+              "Linux\n");
+  }
+}
+
 // A mount beneath /tmp in a group with a private /tmp: the private /tmp once went on
 // after the group's mounts and hid this one, silently; it also had to exist in the
 // host's /tmp. Now the private /tmp comes first, under a root stack's mount too, and

@@ -157,21 +157,41 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name,
 // Docker mounts them): the command keeps CAP_DAC_OVERRIDE, and a cgroup's files are
 // root's, so it could otherwise write its own pid into another cgroup's
 // cgroup.procs and leave its process limit. It cannot remount (no CAP_SYS_ADMIN).
+// Mount `point` read-only in the group's mount namespace.
+void RemountReadOnly(const std::string& point) {
+  struct statvfs st{};
+  if (::statvfs(point.c_str(), &st) != 0) Die(Errno("the mount " + point));
+  unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;
+  // A remount must keep what it does not change, or the kernel refuses it.
+  if (st.f_flag & ST_NOSUID) flags |= MS_NOSUID;
+  if (st.f_flag & ST_NODEV) flags |= MS_NODEV;
+  if (st.f_flag & ST_NOEXEC) flags |= MS_NOEXEC;
+  if (st.f_flag & ST_NOATIME) flags |= MS_NOATIME;
+  if (st.f_flag & ST_NODIRATIME) flags |= MS_NODIRATIME;
+  if (st.f_flag & ST_RELATIME) flags |= MS_RELATIME;
+  if (::mount(nullptr, point.c_str(), nullptr, flags, nullptr) != 0)
+    Die(Errno("making the mount " + point + " read-only in the group"));
+}
+
 void SealCgroups() {
-  for (const MountEntry& m : Mounts()) {
-    if (m.fstype != "cgroup" && m.fstype != "cgroup2") continue;
-    struct statvfs st{};
-    if (::statvfs(m.point.c_str(), &st) != 0) Die(Errno("the cgroup mount " + m.point));
-    unsigned long flags = MS_REMOUNT | MS_BIND | MS_RDONLY;
-    // A remount must keep what it does not change, or the kernel refuses it.
-    if (st.f_flag & ST_NOSUID) flags |= MS_NOSUID;
-    if (st.f_flag & ST_NODEV) flags |= MS_NODEV;
-    if (st.f_flag & ST_NOEXEC) flags |= MS_NOEXEC;
-    if (st.f_flag & ST_NOATIME) flags |= MS_NOATIME;
-    if (st.f_flag & ST_NODIRATIME) flags |= MS_NODIRATIME;
-    if (st.f_flag & ST_RELATIME) flags |= MS_RELATIME;
-    if (::mount(nullptr, m.point.c_str(), nullptr, flags, nullptr) != 0) Die(Errno("making the cgroup mount " + m.point + " read-only in the group"));
+  for (const MountEntry& m : Mounts())
+    if (m.fstype == "cgroup" || m.fstype == "cgroup2") RemountReadOnly(m.point);
+}
+
+// The kernel's settings for the whole host, read-only in the group's mount namespace
+// as Docker mounts them: /proc/sys (root, even without capabilities, may write most
+// of it, and kernel.core_pattern = "|PROGRAM" has the host's kernel run PROGRAM as
+// root at the next crash), /proc/sysrq-trigger, /proc/irq, /proc/bus, /proc/fs, and
+// /sys with every mount beneath it. The command cannot remount them (no
+// CAP_SYS_ADMIN).
+void SealKernelSettings() {
+  for (const char* path : {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"}) {
+    if (!Exists(path)) continue;
+    if (::mount(path, path, nullptr, MS_BIND | MS_REC, nullptr) != 0) Die(Errno(std::string("binding ") + path));
+    RemountReadOnly(path);
   }
+  for (const MountEntry& m : Mounts())
+    if (m.point == "/sys" || m.point.starts_with("/sys/")) RemountReadOnly(m.point);
 }
 
 constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
@@ -297,6 +317,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   }
 
   if (plan.seal_cgroups) SealCgroups();
+  SealKernelSettings();
 
   if (plan.files_hard != 0) {  // the caller's, not the one a passthrough layer raised
     const rlimit files{plan.files_soft, plan.files_hard};
