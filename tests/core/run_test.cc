@@ -238,6 +238,29 @@ TEST_F(RunTest, TheKernelsSettingsAreReadOnly) {
   }
 }
 
+// A group has a /dev of its own, with or without a root stack: the host's held its
+// disks (root could open /dev/sda with CAP_DAC_OVERRIDE and write past every stack),
+// /dev/kvm, loop devices and consoles. No device node can be made (no CAP_MKNOD),
+// and one a stack serves opens nothing (its mount is nodev). Terminals, /dev/shm and
+// the usual links work.
+TEST_F(RunTest, AGroupHasADevOfItsOwn) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src" + " && mknod " + dir_ / "src/null" + " c 1 3"), 0);
+  const std::string src = "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" + dir_ / "src" + "\"\n";
+  const std::string root = "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n";
+  for (const std::string& extra : {src, root + src}) {
+    SCOPED_TRACE(extra);
+    auto r = RunInGroup(dir_, kOpen + extra,
+                        "ls /dev | tr '\\n' ' '; echo; echo x > /dev/null && echo null; "
+                        "(mknod /dev/shm/disk b 8 0) 2>&1; (echo x > " + dir_ / "src/null" + ") 2>&1; "
+                        "/usr/bin/python3 -c 'import os, pty; m, s = pty.openpty(); print(os.ttyname(s))'");
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out,
+              "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero \nnull\n"
+              "mknod: /dev/shm/disk: Operation not permitted\n"
+              "bash: line 1: " + dir_ / "src/null" + ": Permission denied\n/dev/pts/0\n");
+  }
+}
+
 // A mount beneath /tmp in a group with a private /tmp: the private /tmp once went on
 // after the group's mounts and hid this one, silently; it also had to exist in the
 // host's /tmp. Now the private /tmp comes first, under a root stack's mount too, and
@@ -287,7 +310,7 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
                       "ulimit -n; ulimit -f; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
                       "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a80405fb\nno-unshare\n");
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a00405fb\nno-unshare\n");
 }
 
 // `processes` bounds everything the command starts, however it starts it: here a

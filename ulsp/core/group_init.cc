@@ -24,6 +24,8 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <utility>
+#include <vector>
 
 #include "kernel/msgport/seccomp_shim.h"
 #include "ulsp/core/mount.h"
@@ -88,6 +90,55 @@ void BindOver(const std::string& source, const std::string& target, bool recursi
     Die(Errno("binding " + source + " on " + target));
 }
 
+// The host's devices a group gets, in a /dev of its own (MinimalDev).
+constexpr const char* kDevices[] = {"null", "zero", "full", "random", "urandom", "tty"};
+
+// Each of kDevices in the host's /dev, opened O_PATH (the device itself is not
+// opened) before any mount of the group's can cover it.
+std::vector<int> OpenHostDevices() {
+  std::vector<int> fds;
+  for (const char* name : kDevices) {
+    const std::string path = std::string("/dev/") + name;
+    const int fd = ::open(path.c_str(), O_PATH | O_CLOEXEC);
+    if (fd < 0) Die(Errno(path));
+    fds.push_back(fd);
+  }
+  return fds;
+}
+
+// A /dev of the group's own at `dev`, as Docker gives a container: a tmpfs with the
+// host's kDevices bound in, a pseudo-terminal instance of its own (devpts, ptmx), a
+// /dev/shm, and the usual links. The host's /dev held its disks (root, with
+// CAP_DAC_OVERRIDE, could open /dev/sda and write past every stack), /dev/kvm,
+// loop devices and consoles. Closes `host`.
+void MinimalDev(const std::string& dev, std::vector<int>& host) {
+  if (Exists(dev)) {
+    if (::mount("tmpfs", dev.c_str(), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=65536") != 0)
+      Die(Errno("mounting the group's /dev"));
+    for (size_t i = 0; i < host.size(); ++i) {
+      const std::string path = dev + "/" + kDevices[i];
+      const int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0666);
+      if (fd < 0) Die(Errno(path));
+      ::close(fd);
+      BindOver("/proc/self/fd/" + std::to_string(host[i]), path, false);
+    }
+    const std::string pts = dev + "/pts", shm = dev + "/shm";
+    if (::mkdir(pts.c_str(), 0755) != 0 ||
+        ::mount("devpts", pts.c_str(), "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620,gid=5") != 0)
+      Die(Errno("mounting the group's /dev/pts"));
+    if (::mkdir(shm.c_str(), 01777) != 0 ||
+        ::mount("tmpfs", shm.c_str(), "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777") != 0)
+      Die(Errno("mounting the group's /dev/shm"));
+    for (const auto& [link, to] : {std::pair{"ptmx", "pts/ptmx"}, std::pair{"fd", "/proc/self/fd"},
+                                   std::pair{"stdin", "/proc/self/fd/0"}, std::pair{"stdout", "/proc/self/fd/1"},
+                                   std::pair{"stderr", "/proc/self/fd/2"}}) {
+      if (::symlink(to, (dev + "/" + link).c_str()) != 0) Die(Errno(dev + "/" + link));
+    }
+  }
+  for (int fd : host) ::close(fd);
+  host.clear();
+}
+
 void LoopbackUp() {
   const int s = ::socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
   if (s < 0) Die(Errno("socket"));
@@ -106,10 +157,12 @@ void LoopbackUp() {
 // only the group's own loopback. Not CAP_DAC_READ_SEARCH either (Docker drops it too):
 // with it, open_by_handle_at on any descriptor of the host's file system (a stdout
 // redirected to a file) opens the host's root directory, past the group's root stack.
-// CAP_DAC_OVERRIDE lets root read and search as before.
-constexpr int kKeptCaps[] = {CAP_CHOWN,  CAP_DAC_OVERRIDE, CAP_FOWNER,      CAP_FSETID,     CAP_KILL,
-                             CAP_SETGID, CAP_SETUID,       CAP_SETPCAP,     CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT,
-                             CAP_MKNOD,  CAP_AUDIT_WRITE,  CAP_SETFCAP};
+// CAP_DAC_OVERRIDE lets root read and search as before. Nor CAP_MKNOD: a device node
+// made anywhere the group may write (the host's own tree, through a root stack) would
+// open a host device past the group's /dev (MinimalDev); FIFOs need no capability.
+constexpr int kKeptCaps[] = {CAP_CHOWN,  CAP_DAC_OVERRIDE, CAP_FOWNER,  CAP_FSETID,      CAP_KILL,
+                             CAP_SETGID, CAP_SETUID,       CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT,
+                             CAP_AUDIT_WRITE, CAP_SETFCAP};
 
 void DropCapabilities() {
   int last = CAP_LAST_CAP;
@@ -256,6 +309,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   const int resolv_fd = ::open(plan.resolv_conf.c_str(), O_PATH | O_CLOEXEC);
   const int hosts_fd = ::open(plan.hosts.c_str(), O_PATH | O_CLOEXEC);
   if (resolv_fd < 0 || hosts_fd < 0) Die(Errno("opening " + plan.resolv_conf));
+  std::vector<int> host_devices = OpenHostDevices();
   const std::string& prefix = plan.staging;
   // The private /tmp goes on after the mount that holds /tmp (the root stack's) and
   // before any mount beneath it, which it would otherwise hide; the mount points
@@ -282,14 +336,17 @@ void GroupMain(const GroupPlan& plan, int sock) {
     if (fd < 0) Die(Errno("/dev/fuse"));
     std::string opts = "fd=" + std::to_string(fd) + ",rootmode=40000,user_id=0,group_id=0,default_permissions,allow_other";
     if (m.isolated) opts += ",max_read=131072";
-    if (::mount(m.fsname.c_str(), target.c_str(), "fuse.ulsp", MS_NOSUID | (m.read_only ? MS_RDONLY : 0), opts.c_str()) != 0)
+    // nodev: a device node a stack serves (a passthrough of a tree that holds some)
+    // opens nothing; the group's devices are its /dev's.
+    if (::mount(m.fsname.c_str(), target.c_str(), "fuse.ulsp", MS_NOSUID | MS_NODEV | (m.read_only ? MS_RDONLY : 0),
+                opts.c_str()) != 0)
       Die(Errno("mounting the stack on " + m.path));
     Say("mount " + std::to_string(i), fd);
     ::close(fd);
     Expect("mount " + m.path);
   }
+  MinimalDev(prefix + "/dev", host_devices);
   if (!prefix.empty()) {
-    BindOver("/dev", prefix + "/dev", true);
     BindOver("/sys", prefix + "/sys", true);
     if (!plan.pid_namespace) BindOver("/proc", prefix + "/proc", true);
   }
