@@ -70,8 +70,35 @@ Result<void> RefuseTerminalInput(scmp_filter_ctx ctx) {
   return {};
 }
 
+// Refuses what Docker's default profile refuses to a container without
+// CAP_SYS_ADMIN, where this group could still use it: a user namespace of its own
+// (unshare or clone with CLONE_NEWUSER; clone3, whose flags a filter cannot read,
+// answers ENOSYS and glibc falls back to clone), which gives every capability inside
+// it and the kernel's surface that comes with them; and the kernel's keyrings, which
+// root shares with the host's root processes (keyctl, add_key, request_key).
+Result<void> RefuseNamespacesAndKeys(scmp_filter_ctx ctx) {
+  for (const char* name : {"unshare", "clone"}) {
+    const int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 1,
+                                        SCMP_A0(SCMP_CMP_MASKED_EQ, CLONE_NEWUSER, CLONE_NEWUSER)));
+        !r)
+      return r;
+  }
+  for (const char* name : {"keyctl", "add_key", "request_key"}) {
+    const int nr = seccomp_syscall_resolve_name(name);
+    if (nr == __NR_SCMP_ERROR) continue;
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 0)); !r) return r;
+  }
+  if (const int nr = seccomp_syscall_resolve_name("clone3"); nr != __NR_SCMP_ERROR) {
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0)); !r) return r;
+  }
+  return {};
+}
+
 Result<void> BuildNative(scmp_filter_ctx ctx) {
   if (auto r = RefuseTerminalInput(ctx); !r) return r;
+  if (auto r = RefuseNamespacesAndKeys(ctx); !r) return r;
   for (int nr : {SCMP_SYS(socket), SCMP_SYS(socketpair), SCMP_SYS(connect), SCMP_SYS(bind), SCMP_SYS(listen),
                  SCMP_SYS(accept), SCMP_SYS(accept4), SCMP_SYS(sendmsg), SCMP_SYS(sendmmsg)}) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, nr, 0)); !r) return r;
@@ -120,6 +147,7 @@ Result<void> BuildX86(scmp_filter_ctx ctx) {
     if (rc < 0 && rc != -EEXIST) return Fail(-rc);
   }
   if (auto r = RefuseTerminalInput(ctx); !r) return r;
+  if (auto r = RefuseNamespacesAndKeys(ctx); !r) return r;
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(io_uring_setup), 0)); !r) return r;
   return {};
 }

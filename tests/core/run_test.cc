@@ -305,12 +305,22 @@ TEST_F(RunTest, TheWallLimitEndsTheGroup) {
   EXPECT_LT(took, std::chrono::seconds(10));
 }
 
+// Limits, and what the group may not do. A user namespace of its own (which gives
+// every capability inside it) and the keyrings root shares with the host's root
+// processes were once open to it (unshare -U; keyctl read the host root's keyring);
+// threads and children still work with clone3 refused (glibc falls back to clone).
 TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
   auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nopen_files = 77\nfile_size = \"1M\"\n",
                       "ulimit -n; ulimit -f; mount -t tmpfs none /mnt 2>/dev/null || echo no-mount; "
-                      "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare");
+                      "grep CapBnd /proc/self/status; unshare -n true 2>/dev/null || echo no-unshare; "
+                      "unshare -U true 2>/dev/null || echo no-userns; /usr/bin/python3 -c '"
+                      "import ctypes, os, threading\n"
+                      "libc = ctypes.CDLL(None, use_errno=True)\n"
+                      "print(\"keyctl\", libc.syscall(250, 0, -4, 0), os.strerror(ctypes.get_errno()))\n"
+                      "t = threading.Thread(target=lambda: print(\"thread\")); t.start(); t.join()'");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a00405fb\nno-unshare\n");
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a00405fb\nno-unshare\nno-userns\n"
+                   "keyctl -1 Operation not permitted\nthread\n");
 }
 
 // `processes` bounds everything the command starts, however it starts it: here a
