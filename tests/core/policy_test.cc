@@ -177,6 +177,12 @@ TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
             "p.toml:6: a UNIX socket rule has no ports");
 }
 
+// The group's /dev is its own (made after its mounts): a mount there would be hidden.
+TEST(Policy, AMountInDevIsRefused) {
+  EXPECT_EQ(Refusal("[group.g]\n[[group.g.mount]]\npath = \"/dev/shm/x\"\nstack = \"memfs:1M\"\n"),
+            "p.toml:3: mount path '/dev/shm/x' is in /dev, which is the group's own (its devices)");
+}
+
 TEST(Policy, MissingFileIsNamed) {
   EXPECT_EQ(LoadPolicy("/nonexistent/p.toml").error(), "/nonexistent/p.toml: No such file or directory");
 }

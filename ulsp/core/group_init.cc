@@ -94,13 +94,14 @@ void BindOver(const std::string& source, const std::string& target, bool recursi
 constexpr const char* kDevices[] = {"null", "zero", "full", "random", "urandom", "tty"};
 
 // Each of kDevices in the host's /dev, opened O_PATH (the device itself is not
-// opened) before any mount of the group's can cover it.
+// opened) before any mount of the group's can cover it; -1 for one the host lacks
+// (a container's /dev may have no tty), which the group then lacks too.
 std::vector<int> OpenHostDevices() {
   std::vector<int> fds;
   for (const char* name : kDevices) {
     const std::string path = std::string("/dev/") + name;
     const int fd = ::open(path.c_str(), O_PATH | O_CLOEXEC);
-    if (fd < 0) Die(Errno(path));
+    if (fd < 0 && errno != ENOENT) Die(Errno(path));
     fds.push_back(fd);
   }
   return fds;
@@ -116,6 +117,7 @@ void MinimalDev(const std::string& dev, std::vector<int>& host) {
     if (::mount("tmpfs", dev.c_str(), "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755,size=65536") != 0)
       Die(Errno("mounting the group's /dev"));
     for (size_t i = 0; i < host.size(); ++i) {
+      if (host[i] < 0) continue;
       const std::string path = dev + "/" + kDevices[i];
       const int fd = ::open(path.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0666);
       if (fd < 0) Die(Errno(path));
@@ -135,7 +137,8 @@ void MinimalDev(const std::string& dev, std::vector<int>& host) {
       if (::symlink(to, (dev + "/" + link).c_str()) != 0) Die(Errno(dev + "/" + link));
     }
   }
-  for (int fd : host) ::close(fd);
+  for (int fd : host)
+    if (fd >= 0) ::close(fd);
   host.clear();
 }
 
@@ -206,10 +209,6 @@ void Limit(int resource, const std::optional<uint64_t>& value, const char* name,
   Die(Errno(std::string("limit ") + name));
 }
 
-// Every cgroup file system the group sees, read-only in its mount namespace (as
-// Docker mounts them): the command keeps CAP_DAC_OVERRIDE, and a cgroup's files are
-// root's, so it could otherwise write its own pid into another cgroup's
-// cgroup.procs and leave its process limit. It cannot remount (no CAP_SYS_ADMIN).
 // Mount `point` read-only in the group's mount namespace.
 void RemountReadOnly(const std::string& point) {
   struct statvfs st{};
@@ -226,6 +225,10 @@ void RemountReadOnly(const std::string& point) {
     Die(Errno("making the mount " + point + " read-only in the group"));
 }
 
+// Every cgroup file system the group sees, read-only in its mount namespace (as
+// Docker mounts them): the command keeps CAP_DAC_OVERRIDE, and a cgroup's files are
+// root's, so it could otherwise write its own pid into another cgroup's
+// cgroup.procs and leave its process limit. It cannot remount (no CAP_SYS_ADMIN).
 void SealCgroups() {
   for (const MountEntry& m : Mounts())
     if (m.fstype == "cgroup" || m.fstype == "cgroup2") RemountReadOnly(m.point);

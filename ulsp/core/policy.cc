@@ -251,6 +251,8 @@ class Parser {
     if (path.empty() || path.front() != '/') Fail(t.get("path")->source(), "mount path '" + path + "' must be absolute");
     m.path = vfs::NormalPath(path);
     if (m.path.find("/..") != std::string::npos) Fail(t.get("path")->source(), "mount path '" + path + "' must not use ..");
+    if (vfs::IsWithin(m.path, "/dev"))  // the group's /dev, made after the mounts, would hide it
+      Fail(t.get("path")->source(), "mount path '" + path + "' is in /dev, which is the group's own (its devices)");
     const std::string stack = String(t, "stack", what, true);
     auto layers = vfs::ParseStackSpec(stack);
     if (!layers) Fail(t.get("stack")->source(), "stack \"" + stack + "\": " + layers.error());
