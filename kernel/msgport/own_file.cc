@@ -69,6 +69,21 @@ std::expected<bool, std::string> OurLink(const std::string& path, struct stat& l
   return true;
 }
 
+// What is left of `fd` to its end; the read's error, or "larger than N MiB" past
+// `most` bytes.
+std::expected<std::string, std::string> ReadToEnd(int fd, size_t most) {
+  std::string out;
+  char buf[65536];
+  for (;;) {
+    auto n = Sys([&] { return ::read(fd, buf, sizeof buf); });
+    if (!n) return std::unexpected(n.error().Describe());
+    if (*n == 0) return out;
+    if (out.size() + static_cast<size_t>(*n) > most)
+      return std::unexpected("larger than " + std::to_string(most >> 20) + " MiB");
+    out.append(buf, static_cast<size_t>(*n));
+  }
+}
+
 }  // namespace
 
 std::expected<UniqueFd, std::string> OpenOwnFile(const std::string& path, bool append) {
@@ -147,14 +162,9 @@ std::expected<std::string, std::string> ReadSecretFile(const std::string& path) 
     return std::unexpected(path + ": other users may read or write this secret (mode " + ModeOf(st) +
                            "): make it its owner's alone (chmod 600 " + path + ")");
   }
-  std::string out;
-  char buf[4096];
-  for (;;) {
-    auto n = Sys([&] { return ::read(file.get(), buf, sizeof buf); });
-    if (!n) return std::unexpected(path + ": " + n.error().Describe());
-    if (*n == 0) return out;
-    out.append(buf, static_cast<size_t>(*n));
-  }
+  auto text = ReadToEnd(file.get(), SIZE_MAX);
+  if (!text) return std::unexpected(path + ": " + text.error());
+  return text;
 }
 
 std::expected<std::string, std::string> ReadTextFile(const std::string& path, size_t most) {
@@ -165,16 +175,7 @@ std::expected<std::string, std::string> ReadTextFile(const std::string& path, si
   if (::fstat(file.get(), &st) != 0) return std::unexpected(std::strerror(errno));
   if (S_ISDIR(st.st_mode)) return std::unexpected("a directory, not a file");
   if (!S_ISREG(st.st_mode) && !S_ISFIFO(st.st_mode)) return std::unexpected("not a regular file or a pipe");
-  std::string out;
-  char buf[65536];
-  for (;;) {
-    auto n = Sys([&] { return ::read(file.get(), buf, sizeof buf); });
-    if (!n) return std::unexpected(n.error().Describe());
-    if (*n == 0) return out;
-    if (out.size() + static_cast<size_t>(*n) > most)
-      return std::unexpected("larger than " + std::to_string(most >> 20) + " MiB");
-    out.append(buf, static_cast<size_t>(*n));
-  }
+  return ReadToEnd(file.get(), most);
 }
 
 std::expected<void, std::string> MakeOwnDirectory(const std::string& path) {

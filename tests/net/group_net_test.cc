@@ -71,6 +71,12 @@ class NetTest : public ::testing::Test {
            std::to_string(udp_ok_.port()) + "\n[[group.t.net]]\naction = \"deny\"\nto = \"blocked.internal\"\n" + extra;
   }
   std::string P(const HostTcpServer& s) const { return std::to_string(s.port()); }
+  // `script` (after kAttempt) run by python3 in a group that may also send UDP to `udp_to`.
+  RunResult RunScript(const std::string& name, const std::string& udp_to, const std::string& script) {
+    std::ofstream(dir_ / name) << kAttempt << script;
+    return RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"" + udp_to + "\"\n"),
+                      kPython + " " + dir_ / name);
+  }
   // python3's http.server on the host's loopback, serving "served\n" as /index.html
   // until the test ends. Its port, once it answers; 0 if it does not.
   int ServeHttp() {
@@ -272,8 +278,7 @@ TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
 // no raw socket either (the net ULSP keeps one in the group anyway: NetServer test).
 // MPTCP, whose subflows go to addresses the peer announces, is refused like SCTP.
 TEST_F(NetTest, NoRawSocketsTransparentSendsOrMarksAndNoMptcp) {
-  const std::string script = R"(
-import socket
+  auto r = RunScript("raw.py", "10.255.255.1", R"(
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("transparent", lambda: udp.setsockopt(socket.SOL_IP, 19, 1))
 attempt("mark", lambda: udp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 5))
@@ -281,10 +286,7 @@ attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPP
 attempt("raw6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
 attempt("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
 attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
-)";
-  std::ofstream(dir_ / "raw.py") << kAttempt << script;
-  auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"10.255.255.1\"\n"),
-                      kPython + " " + dir_ / "raw.py");
+)");
   EXPECT_EQ(r.out,
             "transparent Operation not permitted\n"
             "mark Operation not permitted\n"
@@ -306,8 +308,8 @@ attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
 // (the filter; `RawSyscalls...` checks the 32-bit ABI) and in a sendmsg's control
 // data (the ULSP), connected or not; plain sends go on.
 TEST_F(NetTest, Ipv6RoutingHeadersAreRefused) {
-  const std::string script = R"(
-import socket, struct
+  auto r = RunScript("srh.py", "fd00::99", R"(
+import struct
 final = socket.inet_pton(socket.AF_INET6, "fd00::99")
 first = socket.inet_pton(socket.AF_INET6, "::1")
 srh = struct.pack("!BBBBBBH", 0, 4, 4, 1, 1, 0, 0) + final + first
@@ -319,10 +321,7 @@ attempt("connect", lambda: u.connect(("fd00::99", 9)))
 attempt("connected", lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IPV6, socket.IPV6_RTHDR, srh)]))
 attempt("rfc2292", lambda: u.sendmsg([b"x"], [(socket.IPPROTO_IPV6, 5, srh)]))
 attempt("plain", lambda: u.send(b"x"))
-)";
-  std::ofstream(dir_ / "srh.py") << kAttempt << script;
-  auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"fd00::99\"\n"),
-                      kPython + " " + dir_ / "srh.py");
+)");
   EXPECT_EQ(r.out,
             "sticky Operation not permitted\n"
             "sticky-2292 Operation not permitted\n"

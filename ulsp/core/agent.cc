@@ -23,11 +23,9 @@
 #include <cstring>
 #include <deque>
 #include <filesystem>
-#include <fstream>
 #include <functional>
 #include <mutex>
 #include <optional>
-#include <sstream>
 #include <thread>
 #include <unordered_map>
 
@@ -547,15 +545,6 @@ struct Connection {
 };
 
 }  // namespace
-
-bool ReadWholeFile(const std::string& path, std::string& out) {
-  std::ifstream in(path);
-  if (!in) return false;
-  std::stringstream s;
-  s << in.rdbuf();
-  out = s.str();
-  return !in.bad();
-}
 
 int ServeAgent(const AgentOptions& options) {
   auto fail = [](const std::string& m) {

@@ -39,7 +39,4 @@ int ServeAgent(const AgentOptions& options);
 
 using msgport::SplitHostPort;  // kernel/msgport/host_port.h
 
-// Reads a whole file ("" and false when it cannot be read).
-bool ReadWholeFile(const std::string& path, std::string& out);
-
 }  // namespace ulsp::core

@@ -48,9 +48,8 @@ bool Has(const std::vector<std::string>& words, const std::string& word) { retur
 
 // A cgroup file's text ("" when it cannot be read).
 std::string ReadSmall(const std::string& path) {
-  std::string text;
-  ReadWholeFile(path, text);
-  return text;
+  auto text = ReadTextFile(path, 1u << 20);
+  return text ? std::move(*text) : std::string();
 }
 
 std::expected<void, std::string> WriteSmall(const std::string& path, const std::string& text) {

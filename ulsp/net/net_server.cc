@@ -494,6 +494,11 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
   return s;
 }
 
+void NetServer::NoteKeptInGroup(const NetRequest& q, const Endpoint& to, bool in_group) {
+  Note(q, {.proto = OtherInetName(q), .address = to.AddressString(), .port = to.port,
+           .verdict = in_group ? "group" : "deny", .rule = "raw and ICMP sockets stay in the group"});
+}
+
 bool NetServer::BoundByGroup(dev_t dev, ino_t ino) {
   std::lock_guard lock(bound_mu_);
   return bound_.contains({dev, ino});
@@ -519,10 +524,8 @@ void NetServer::Connect(NetRequest& q) {
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
   if (!ep) return Error(q, ep.error());
   if (!TcpOrUdp(q)) {  // raw and ICMP: where the socket is, in the group's namespace
-    Note(q, {.proto = OtherInetName(q), .address = ep->AddressString(), .port = ep->port,
-             .verdict = q.host_netns ? "deny" : "group", .rule = "raw and ICMP sockets stay in the group"});
-    if (q.host_netns) return Error(q, EACCES);
-    return on_dup();
+    NoteKeptInGroup(q, *ep, !q.host_netns);
+    return q.host_netns ? Error(q, EACCES) : on_dup();
   }
   const bool stream = q.type == SOCK_STREAM;
   const std::string proto = stream ? "tcp" : "udp";
@@ -702,10 +705,8 @@ void NetServer::Bind(NetRequest& q) {
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
   if (!ep) return Error(q, ep.error());
   if (!TcpOrUdp(q)) {  // raw and ICMP: where the socket is, in the group's namespace
-    Note(q, {.proto = OtherInetName(q), .address = ep->AddressString(), .port = ep->port,
-             .verdict = q.host_netns ? "deny" : "group", .rule = "raw and ICMP sockets stay in the group"});
-    if (q.host_netns) return Error(q, EACCES);
-    return on_dup();
+    NoteKeptInGroup(q, *ep, !q.host_netns);
+    return q.host_netns ? Error(q, EACCES) : on_dup();
   }
   const bool stream = q.type == SOCK_STREAM;
   LogEntry e{.proto = stream ? "tcp" : "udp", .address = ep->AddressString(), .port = ep->port};
@@ -797,12 +798,11 @@ void NetServer::Send(NetRequest& q) {
         const bool resolver = IsResolver(*ep);
         if (!TcpOrUdp(q)) {
           // Raw and ICMP: sent where the socket is, in the group's namespace.
+          NoteKeptInGroup(q, given, target_in_group);
           if (!target_in_group) {
             if (sent_msgs > 0) break;
             return Error(q, EACCES);
           }
-          Note(q, {.proto = OtherInetName(q), .address = given.AddressString(), .port = ep->port, .verdict = "group",
-                   .rule = "raw and ICMP sockets stay in the group"});
         } else if (resolver || (config_.loopback_group && ep->IsLoopback())) {
           // The ULSP's socket (made at socket()) or one from outside must not reach
           // the host's loopback: one made in the group takes its place, as for a connect.

@@ -87,6 +87,9 @@ class NetServer final : public msgport::Server {
   // caller's process: noted by its local port (bound now if it is not yet), for the
   // resolver's log lines. Only with a log.
   void NoteAsker(const msgport::NetRequest& q, int fd);
+  // Records a raw or ICMP socket's call to `to`: kept in the group (`in_group`), or
+  // denied, being from outside it.
+  void NoteKeptInGroup(const msgport::NetRequest& q, const Endpoint& to, bool in_group);
   // A socket like the caller's, in the ULSP's namespace (or the group's with
   // `in_group`), with its options and its bound port. Errno on failure.
   Result<UniqueFd> SocketLike(const msgport::NetRequest& q, bool in_group);
