@@ -344,8 +344,12 @@ TEST_F(PkgdepTest, WhatTheCommandWritesIsItsOutputNotAnUnownedUse) {
             std::string::npos)
       << r.out;
   // Who read it, as every other section says (its command line was once left out).
-  EXPECT_NE(r.out.find("Used, owned by no package (1):\n  " + work + "/in  opened by pid "), std::string::npos) << r.out;
-  EXPECT_NE(r.out.find(" (cat " + work + "/in)\n"), std::string::npos) << r.out;
+  // The command line is cut to 60 characters, and a long work directory (CI's) is cut.
+  const std::string head = "Used, owned by no package (1):\n  " + work + "/in  opened by pid ";
+  const size_t at = r.out.find(head);
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const std::string line = r.out.substr(at + head.size(), r.out.find('\n', at + head.size()) - at - head.size());
+  EXPECT_NE(line.find(" (cat " + work.substr(0, 20)), std::string::npos) << line;
 }
 
 // A file opened for writing is written by a write, not by the open: one opened
