@@ -14,6 +14,8 @@
 #include <fstream>
 #include <functional>
 
+#include <nlohmann/json.hpp>
+
 #include "tests/vfs/mount_fixture.h"
 #include "ulsp/vfs/passthrough.h"
 #include "ulsp/vfs/stack.h"
@@ -86,6 +88,16 @@ TEST(Trace, QuotesEveryByteAsValidJson) {
   EXPECT_EQ(JsonQuote("plain/name.txt"), "\"plain/name.txt\"");
   EXPECT_EQ(JsonQuote("a\"b\\c"), "\"a\\\"b\\\\c\"");
   EXPECT_EQ(JsonQuote(std::string("\n\x01\xff", 3)), "\"\\u000a\\u0001\\u00ff\"");
+  // UTF-8 is kept, so a JSON reader gets the name back; a byte that is not part of
+  // UTF-8 (a Latin-1 name, a cut sequence, an overlong form, a surrogate) is \u00XX.
+  EXPECT_EQ(JsonQuote("caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80"), "\"caf\xc3\xa9 \xe2\x82\xac \xf0\x9f\x98\x80\"");
+  EXPECT_EQ(JsonQuote("caf\xe9"), "\"caf\\u00e9\"");
+  EXPECT_EQ(JsonQuote("\xc3"), "\"\\u00c3\"");
+  EXPECT_EQ(JsonQuote("\xe2\x82x"), "\"\\u00e2\\u0082x\"");
+  EXPECT_EQ(JsonQuote("\xc0\xaf"), "\"\\u00c0\\u00af\"");
+  EXPECT_EQ(JsonQuote("\xed\xa0\x80"), "\"\\u00ed\\u00a0\\u0080\"");
+  EXPECT_EQ(JsonQuote("\xf4\x90\x80\x80"), "\"\\u00f4\\u0090\\u0080\\u0080\"");
+  EXPECT_EQ(nlohmann::json::parse(JsonQuote("\xd0\xb4\xd0\xb0\x7f")).get<std::string>(), "\xd0\xb4\xd0\xb0\x7f");
 }
 
 // Runs `body` in a forked child, which passes if it exits 0 (a body ends with

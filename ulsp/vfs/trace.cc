@@ -14,23 +14,47 @@
 
 namespace ulsp::vfs {
 
+namespace {
+// The length of the well-formed UTF-8 sequence at s[i] (RFC 3629: no overlong forms,
+// no surrogates, nothing past U+10FFFF), or 0 if there is none.
+size_t Utf8Length(std::string_view s, size_t i) {
+  const auto at = [&](size_t k) { return i + k < s.size() ? static_cast<unsigned char>(s[i + k]) : 0u; };
+  const auto tail = [&](size_t k) { return (at(k) & 0xc0) == 0x80; };
+  const unsigned c = at(0);
+  if (c >= 0xc2 && c <= 0xdf) return tail(1) ? 2 : 0;
+  if (c >= 0xe0 && c <= 0xef) {
+    const unsigned lo = c == 0xe0 ? 0xa0 : 0x80, hi = c == 0xed ? 0x9f : 0xbf;
+    return at(1) >= lo && at(1) <= hi && tail(2) ? 3 : 0;
+  }
+  if (c >= 0xf0 && c <= 0xf4) {
+    const unsigned lo = c == 0xf0 ? 0x90 : 0x80, hi = c == 0xf4 ? 0x8f : 0xbf;
+    return at(1) >= lo && at(1) <= hi && tail(2) && tail(3) ? 4 : 0;
+  }
+  return 0;
+}
+}  // namespace
+
 std::string JsonQuote(std::string_view s) {
   std::string out;
   out.reserve(s.size() + 2);
   out += '"';
-  for (char ch : s) {
-    const auto c = static_cast<unsigned char>(ch);
-    // Names are bytes, not UTF-8: control characters and bytes above 0x7e become
-    // \u00XX so every line stays valid JSON (the byte value is kept for a reader).
+  for (size_t i = 0; i < s.size(); ++i) {
+    const auto c = static_cast<unsigned char>(s[i]);
+    // Names are bytes. UTF-8 is written as it is, so a reader gets the name back;
+    // control characters, DEL and each byte that is not part of UTF-8 become \u00XX
+    // (a Latin-1 name reads as Latin-1), so every line stays valid JSON.
     if (c == '"' || c == '\\') {
       out.push_back('\\');
-      out.push_back(ch);
-    } else if (c < 0x20 || c >= 0x7f) {
+      out.push_back(s[i]);
+    } else if (c >= 0x20 && c < 0x7f) {
+      out.push_back(s[i]);
+    } else if (const size_t n = c >= 0x80 ? Utf8Length(s, i) : 0; n > 0) {
+      out.append(s.substr(i, n));
+      i += n - 1;
+    } else {
       static constexpr char kHex[] = "0123456789abcdef";
       const char esc[6] = {'\\', 'u', '0', '0', kHex[c >> 4], kHex[c & 15]};
       out.append(esc, sizeof esc);
-    } else {
-      out.push_back(ch);
     }
   }
   out += '"';
