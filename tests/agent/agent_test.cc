@@ -16,6 +16,8 @@
 #include <regex>
 #include <thread>
 
+#include "kernel/msgport/remote_port.h"
+#include "kernel/msgport/vfs_codec.h"
 #include "tests/vfs/mount_fixture.h"
 
 namespace ulsp::testing {
@@ -401,6 +403,101 @@ TEST_F(TwoHosts, GarbageAndTruncatedFramesCloseThatConnectionOnly) {
   // The agent lives, and its mount serves.
   EXPECT_EQ(Shell("kill -0 $(cat " + dir_ / "agent.pid" + ")"), 0);
   EXPECT_EQ(Shell("diff -r /usr/include/linux/netfilter " + dir_ / "mnt/linux/netfilter"), 0);
+}
+
+// A peer may use only the handles its own connection was given. A passthrough handle
+// is a descriptor number of the agent's: once, a peer attached to one export read a
+// file another connection had open in another export by naming its number, and any
+// peer could write to the agent's own descriptors (its sockets, its log).
+TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
+  TempDir dir;
+  ASSERT_EQ(Shell("mkdir " + dir / "a " + dir / "b && echo mine > " + dir / "a/mine && echo s3cret > " + dir / "b/secret && echo t0k3n > " +
+                  dir / "token && chmod 600 " + dir / "token"),
+            0);
+  ASSERT_EQ(Shell("(" + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:0 --token-file " + dir / "token --export a=passthrough:" +
+                  dir / "a --export b=passthrough:" + dir / "b > " + dir / "log 2>&1 & echo $! > " + dir / "pid)"),
+              0);
+  struct Stop {
+    const TempDir& dir;
+    ~Stop() { Shell("kill $(cat " + dir / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir / "pid" + ") 2>/dev/null; do sleep 0.05; done"); }
+  } stop{dir};
+  std::smatch port;
+  for (int i = 0; i < 200; ++i) {
+    const std::string log = Output("cat " + dir / "log");
+    if (std::regex_search(log, port, std::regex(" on 127\\.0\\.0\\.1:([0-9]+)"))) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_FALSE(port.empty()) << Output("cat " + dir / "log");
+  auto attach = [&](const std::string& name) {
+    msgport::RemoteOptions o;
+    o.host = "127.0.0.1";
+    o.port = static_cast<uint16_t>(std::stoi(port[1]));
+    o.name = name;
+    o.token = "t0k3n";
+    return msgport::RemotePort::Connect(o);
+  };
+  // One request, as a mount sends it; its reply decoded into `req`.
+  auto call = [](msgport::Port& to, msgport::VfsRequest& req) {
+    auto msg = msgport::Message::Make(static_cast<uint32_t>(req.op));
+    msgport::EncodeVfsRequest(req, msg->payload);
+    auto r = msgport::DoMsg(to, std::move(msg), msgport::Clock::now() + std::chrono::seconds(10));
+    if (!r) return EIO;
+    if ((*r)->error == 0 && !msgport::DecodeVfsReply((*r)->payload, req)) return EBADMSG;
+    return (*r)->error;
+  };
+  auto open = [&](msgport::Port& to, const char* name, uint64_t& fh) {
+    msgport::VfsRequest lookup;
+    lookup.op = msgport::VfsOp::kLookup;
+    lookup.node = FUSE_ROOT_ID;
+    lookup.name = name;
+    if (int err = call(to, lookup)) return err;
+    msgport::VfsRequest o;
+    o.op = msgport::VfsOp::kOpen;
+    o.node = lookup.entry.ino;
+    o.flags = O_RDONLY;
+    if (int err = call(to, o)) return err;
+    fh = o.open.fh;
+    return 0;
+  };
+  auto read = [&](msgport::Port& to, uint64_t fh, std::string* data = nullptr) {
+    msgport::VfsRequest r;
+    r.op = msgport::VfsOp::kRead;
+    r.node = FUSE_ROOT_ID;
+    r.fh = fh;
+    r.size = 64;
+    const int err = call(to, r);
+    if (data != nullptr) data->assign(r.out.begin(), r.out.end());
+    return err;
+  };
+  auto other = attach("b");
+  ASSERT_TRUE(other) << other.error();
+  auto peer = attach("a");
+  ASSERT_TRUE(peer) << peer.error();
+  uint64_t theirs = 0, mine = 0;
+  ASSERT_EQ(open(**other, "secret", theirs), 0);
+  ASSERT_EQ(open(**peer, "mine", mine), 0);
+  std::string data;
+  EXPECT_EQ(read(**peer, mine, &data), 0);
+  EXPECT_EQ(data, "mine\n");
+  // The other connection's file, and every other number: not this peer's.
+  EXPECT_EQ(read(**peer, theirs, &data), EBADF) << data;
+  for (uint64_t fh = 0; fh < 64; ++fh) {
+    if (fh == mine) continue;
+    EXPECT_EQ(read(**peer, fh), EBADF) << fh;
+    msgport::VfsRequest w;
+    w.op = msgport::VfsOp::kWrite;
+    w.fh = fh;
+    w.in = {"x", 1};
+    EXPECT_EQ(call(**peer, w), EBADF) << fh;
+  }
+  // Its own handle, released, is no longer its; the other connection's still reads.
+  msgport::VfsRequest release;
+  release.op = msgport::VfsOp::kRelease;
+  release.fh = mine;
+  EXPECT_EQ(call(**peer, release), 0);
+  EXPECT_EQ(read(**peer, mine), EBADF);
+  EXPECT_EQ(read(**other, theirs, &data), 0);
+  EXPECT_EQ(data, "s3cret\n");
 }
 
 // What an agent would export is checked before it listens. A name given twice once

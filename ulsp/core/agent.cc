@@ -187,11 +187,20 @@ class HeldFiles {
   std::unordered_map<uint64_t, Held> held_;
 };
 
-// What a stack's files are to the agent: the handles it has open of each node (a file
-// held for a node is let go with the last), counted as requests are served, on the
-// event loop or a worker.
+// What a stack's files are to the agent: the handles it was given, and how many it
+// has open of each node (a file held for a node is let go with the last), counted as
+// requests are served, on the event loop or a worker.
+//
+// A request may name only handles its own connection was given: a passthrough handle
+// is a descriptor number of the agent's, and a peer once read another connection's
+// files (another export's) by naming theirs, and could write to the agent's sockets.
+// A handle is in use while a request that names it is served; a release that comes
+// then is done by the last of them, so no descriptor is closed under a request and
+// taken by another connection's open meanwhile.
 class StackFiles {
  public:
+  static constexpr int kLater = -1;  // Use: a release, done when the handle's uses end
+
   StackFiles(HeldFiles& held, std::string export_name) : held_(held), export_name_(std::move(export_name)) {
     static std::atomic<uint64_t> next{1};
     id_ = next.fetch_add(1, std::memory_order_relaxed);
@@ -200,35 +209,111 @@ class StackFiles {
   StackFiles(const StackFiles&) = delete;
   StackFiles& operator=(const StackFiles&) = delete;
 
-  void Served(const msgport::VfsRequest& req, int error) {
+  // Before `req` is served: 0, EBADF for a handle this connection was not given (or is
+  // releasing), or kLater for a release left to the handle's last use (Served).
+  int Use(const msgport::VfsRequest& req) {
+    auto* handles = HandlesOf(req);
+    if (handles == nullptr) return 0;
+    std::lock_guard lock(mu_);
+    auto it = handles->find(req.fh);
+    if (it == handles->end() || it->second.release) return EBADF;
+    if (req.op == msgport::VfsOp::kRelease || req.op == msgport::VfsOp::kReleaseDir) {
+      if (it->second.uses > 0) {
+        it->second.release = req;
+        return kLater;
+      }
+      handles->erase(it);  // before the descriptor closes: an open may get its number
+      return 0;
+    }
+    if (req.op == msgport::VfsOp::kCopyFileRange) {
+      auto out = handles->find(req.fh2);
+      if (out == handles->end() || out->second.release) return EBADF;
+      ++out->second.uses;
+    }
+    ++it->second.uses;
+    return 0;
+  }
+
+  // After `req` was served (Use said 0): returns a release that waited for it, to
+  // serve now.
+  std::optional<msgport::VfsRequest> Served(const msgport::VfsRequest& req, int error) {
     using msgport::VfsOp;
     bool closed = false;
+    std::optional<msgport::VfsRequest> later;
     {
       std::lock_guard lock(mu_);
       if (error == 0 && req.op == VfsOp::kOpen) {
         ++opens_[req.node];
+        files_[req.open.fh] = {};
       } else if (error == 0 && req.op == VfsOp::kCreate) {
         ++opens_[req.entry.ino];
+        files_[req.open.fh] = {};
+      } else if (error == 0 && req.op == VfsOp::kOpenDir) {
+        dirs_[req.open.fh] = {};
       } else if (req.op == VfsOp::kRelease) {
         if (auto it = opens_.find(req.node); it != opens_.end() && --it->second == 0) {
           opens_.erase(it);
           closed = true;
         }
       }
+      if (auto* handles = HandlesOf(req); handles != nullptr && req.op != VfsOp::kRelease && req.op != VfsOp::kReleaseDir) {
+        auto done = [&](uint64_t fh) {
+          auto it = handles->find(fh);
+          if (it == handles->end() || --it->second.uses > 0 || !it->second.release) return;
+          later = std::move(it->second.release);
+          handles->erase(it);
+        };
+        done(req.fh);
+        if (req.op == VfsOp::kCopyFileRange) done(req.fh2);
+      }
     }
     if (closed) held_.Closed(id_, req.node);
     if (error == 0 && req.copy_fd >= 0) held_.Copied(id_, req.node, req.copy_fd, req.copy_tag);
+    return later;
   }
   HeldFiles& held() { return held_; }
   uint64_t id() const { return id_; }
   const std::string& export_name() const { return export_name_; }
 
  private:
+  struct Handle {
+    uint32_t uses = 0;                         // requests being served that name it
+    std::optional<msgport::VfsRequest> release;  // one that waits for them
+  };
+  using Handles = std::unordered_map<uint64_t, Handle>;
+  // The handles `req` names: its file's or directory's, or none.
+  Handles* HandlesOf(const msgport::VfsRequest& req) {
+    using msgport::VfsOp;
+    switch (req.op) {
+      case VfsOp::kGetAttr:
+      case VfsOp::kSetAttr:
+        return req.has_fh ? &files_ : nullptr;
+      case VfsOp::kRead:
+      case VfsOp::kWrite:
+      case VfsOp::kFlush:
+      case VfsOp::kRelease:
+      case VfsOp::kFsync:
+      case VfsOp::kFallocate:
+      case VfsOp::kCopyFileRange:
+      case VfsOp::kLseek:
+      case VfsOp::kLend:
+        return &files_;
+      case VfsOp::kReadDir:
+      case VfsOp::kReadDirPlus:
+      case VfsOp::kReleaseDir:
+      case VfsOp::kFsyncDir:
+        return &dirs_;
+      default:
+        return nullptr;
+    }
+  }
+
   HeldFiles& held_;
   const std::string export_name_;
   uint64_t id_ = 0;
   std::mutex mu_;
   std::unordered_map<uint64_t, uint32_t> opens_;  // node -> handles open
+  Handles files_, dirs_;
 };
 
 // One request, served: what a Stack call answers.
@@ -298,11 +383,20 @@ struct Request {
   kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;  // served by a worker: the answer
 };
 
+// After `req` was served: counted, and a release that waited for it served (its peer
+// had its answer).
+void Served(vfs::Layer& top, StackFiles& files, const msgport::VfsRequest& req, int error) {
+  if (auto release = files.Served(req, error)) {
+    const int released = top.Serve(*release);
+    (void)files.Served(*release, released);
+  }
+}
+
 Outcome ServeOne(vfs::Layer& top, StackFiles& files, Request& r) {
   Outcome out;
   msgport::VfsRequest& req = r.req;
   out.error = top.Serve(req);
-  files.Served(req, out.error);
+  Served(top, files, req, out.error);
   if (out.error == 0) {
     try {
       msgport::EncodeVfsReply(req, out.reply);
@@ -327,6 +421,7 @@ Outcome HoldOrAdopt(vfs::Layer& top, StackFiles& files, msgport::VfsRequest& req
   Outcome out;
   if (req.op == msgport::VfsOp::kLend) {
     out.error = top.Serve(req);
+    Served(top, files, req, out.error);
     if (out.error == 0) {
       const uint64_t name =
           req.open.backing_fd < 0 ? 0 : files.held().Hold(files.id(), files.export_name(), req.node, req.open.backing_fd, req.open.fh);
@@ -437,6 +532,19 @@ class StackImpl final : public Stack::Server {
     request->req.kernel_io_ok = false;  // no descriptor crosses the network
     request->req.handleless_ok = false;  // an opendir brings its listing with it
     context.releaseParams();
+    if (const int use = files_->Use(request->req); use == StackFiles::kLater) {
+      Outcome out;  // a release, answered now: done when the handle's requests are
+      try {
+        msgport::EncodeVfsReply(request->req, out.reply);
+      } catch (...) {
+        out.error = ENOMEM;
+      }
+      SetResults(context.getResults(), out);
+      return kj::READY_NOW;
+    } else if (use != 0) {
+      context.getResults().setError(use);
+      return kj::READY_NOW;
+    }
     if (request->req.op == msgport::VfsOp::kLend || request->req.op == msgport::VfsOp::kAdopt) {
       SetResults(context.getResults(), HoldOrAdopt(*top_, *files_, request->req));
       return kj::READY_NOW;
