@@ -73,7 +73,6 @@ class Layer {
   bool lists_through_ = false;
 };
 
-// The path of `name` inside the directory whose path is `dir`.
 // What a file system answers for a name it is given to make, link or look up: 0 for a
 // good one, ENAMETOOLONG past NAME_MAX (as ext4 says), EINVAL for an empty name or one
 // holding '/' or NUL (which only a hostile peer sends; the kernel never does).
@@ -83,6 +82,7 @@ inline int NameError(std::string_view name) noexcept {
                                                                                                                 : 0;
 }
 
+// The path of `name` inside the directory whose path is `dir`.
 inline std::string JoinPath(std::string_view dir, std::string_view name) {
   std::string p(dir);
   if (p.empty() || p.back() != '/') p += '/';
