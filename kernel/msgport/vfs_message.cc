@@ -20,6 +20,34 @@ std::string_view VfsOpName(VfsOp op) noexcept {
   return i < kNames.size() ? kNames[i] : "?";
 }
 
+bool UsesHandle(const VfsRequest& r) noexcept {
+  switch (r.op) {
+    case VfsOp::kRead:
+    case VfsOp::kWrite:
+    case VfsOp::kFlush:
+    case VfsOp::kRelease:
+    case VfsOp::kFsync:
+    case VfsOp::kReleaseDir:
+    case VfsOp::kFallocate:
+    case VfsOp::kCopyFileRange:
+    case VfsOp::kLseek:
+      return true;
+    case VfsOp::kGetAttr:
+    case VfsOp::kSetAttr:
+      return r.has_fh;
+    case VfsOp::kReadDir:
+    case VfsOp::kReadDirPlus:
+    case VfsOp::kFsyncDir:
+      return r.fh != 0;  // 0: listed without a handle (VfsRequest::handleless_ok)
+    default:
+      return false;
+  }
+}
+
+bool UsesDirHandle(VfsOp op) noexcept {
+  return op == VfsOp::kReadDir || op == VfsOp::kReadDirPlus || op == VfsOp::kReleaseDir || op == VfsOp::kFsyncDir;
+}
+
 bool VfsOpIsIdempotent(VfsOp op) noexcept {
   switch (op) {
     case VfsOp::kLookup:  // counts a lookup, but the kernel counts it only if answered

@@ -188,6 +188,12 @@ struct VfsRequest {
                                   // attributes from the kernel's cache before it answers
 };
 
+// Whether `r` names an open file's or directory's handle in `fh` (and, for
+// copy_file_range, in `fh2`): not a listing without one (VfsRequest::handleless_ok).
+bool UsesHandle(const VfsRequest& r) noexcept;
+// Whether the handle an operation names is a directory's (from opendir).
+bool UsesDirHandle(VfsOp op) noexcept;
+
 // Whether `r` makes an unnamed file, as open(2) with O_TMPFILE does: a create with
 // O_TMPFILE in its flags and no name. The file can be linked to a name later (unless
 // O_EXCL was given); unlinked, it goes when its last handle and lookup go.

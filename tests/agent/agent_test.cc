@@ -235,7 +235,7 @@ TEST_F(TwoHosts, AnUnlinkedOpenFileKeepsWorkingAcrossAReconnect) {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
     now = held();
   }
-  EXPECT_EQ(now, "0");
+  EXPECT_EQ(now, "0") << Output("grep -v -e lookup -e getattr -e readdir -e opendir -e releasedir " + dir_ / "t.jsonl" + " | tail -30; cat " + dir_ / "agent.log");
   EXPECT_EQ(Output("ls -A " + dir_ / "src" + " | grep -v linux"), "replaced\n");
   ASSERT_EQ(::umount2(m.c_str(), MNT_DETACH), 0);
   StopAgent();  // the trace's last lines written
@@ -415,23 +415,25 @@ TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
                   dir / "token && chmod 600 " + dir / "token"),
             0);
   ASSERT_EQ(Shell("(" + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:0 --token-file " + dir / "token --export a=passthrough:" +
-                  dir / "a --export b=passthrough:" + dir / "b > " + dir / "log 2>&1 & echo $! > " + dir / "pid)"),
+                  dir / "a --export b=passthrough:" + dir / "b --export m=memfs:1M > " + dir / "log 2>&1 & echo $! > " + dir / "pid)"),
               0);
   struct Stop {
     const TempDir& dir;
     ~Stop() { Shell("kill $(cat " + dir / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir / "pid" + ") 2>/dev/null; do sleep 0.05; done"); }
   } stop{dir};
-  std::smatch port;
-  for (int i = 0; i < 200; ++i) {
+  uint16_t port = 0;
+  for (int i = 0; i < 200 && port == 0; ++i) {
     const std::string log = Output("cat " + dir / "log");
-    if (std::regex_search(log, port, std::regex(" on 127\\.0\\.0\\.1:([0-9]+)"))) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    if (std::smatch m; std::regex_search(log, m, std::regex(" on 127\\.0\\.0\\.1:([0-9]+)")))
+      port = static_cast<uint16_t>(std::stoi(m[1]));
+    else
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  ASSERT_FALSE(port.empty()) << Output("cat " + dir / "log");
+  ASSERT_NE(port, 0) << Output("cat " + dir / "log");
   auto attach = [&](const std::string& name) {
     msgport::RemoteOptions o;
     o.host = "127.0.0.1";
-    o.port = static_cast<uint16_t>(std::stoi(port[1]));
+    o.port = port;
     o.name = name;
     o.token = "t0k3n";
     return msgport::RemotePort::Connect(o);
@@ -498,6 +500,36 @@ TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
   EXPECT_EQ(read(**peer, mine), EBADF);
   EXPECT_EQ(read(**other, theirs, &data), 0);
   EXPECT_EQ(data, "s3cret\n");
+
+  // A layer may give every file the same handle (memfs: 0): it is open as often as it
+  // was given, and one release leaves the others working.
+  auto memfs = attach("m");
+  ASSERT_TRUE(memfs) << memfs.error();
+  uint64_t handles[2] = {}, node = 0;
+  for (int i = 0; i < 2; ++i) {
+    msgport::VfsRequest c;
+    c.op = msgport::VfsOp::kCreate;
+    c.node = FUSE_ROOT_ID;
+    c.name = "f" + std::to_string(i);
+    c.mode = S_IFREG | 0644;
+    c.flags = O_RDWR | O_CREAT;
+    ASSERT_EQ(call(**memfs, c), 0);
+    handles[i] = c.open.fh;
+    node = c.entry.ino;
+  }
+  EXPECT_EQ(handles[0], handles[1]);
+  msgport::VfsRequest first;
+  first.op = msgport::VfsOp::kRelease;
+  first.fh = handles[0];
+  EXPECT_EQ(call(**memfs, first), 0);
+  msgport::VfsRequest w;
+  w.op = msgport::VfsOp::kWrite;
+  w.node = node;
+  w.fh = handles[1];
+  w.in = {"x", 1};
+  EXPECT_EQ(call(**memfs, w), 0);
+  EXPECT_EQ(call(**memfs, first), 0);  // the second
+  EXPECT_EQ(call(**memfs, w), EBADF);
 }
 
 // What an agent would export is checked before it listens. A name given twice once

@@ -200,6 +200,12 @@ class HeldFiles {
 class StackFiles {
  public:
   static constexpr int kLater = -1;  // Use: a release, done when the handle's uses end
+  // The handles a request was let use (a layer may change the request's own fields).
+  struct InUse {
+    bool files = false, dirs = false;
+    uint64_t fh = 0, fh2 = 0;
+    bool two = false;  // fh2 too (copy_file_range)
+  };
 
   StackFiles(HeldFiles& held, std::string export_name) : held_(held), export_name_(std::move(export_name)) {
     static std::atomic<uint64_t> next{1};
@@ -209,15 +215,18 @@ class StackFiles {
   StackFiles(const StackFiles&) = delete;
   StackFiles& operator=(const StackFiles&) = delete;
 
-  // Before `req` is served: 0, EBADF for a handle this connection was not given (or is
-  // releasing), or kLater for a release left to the handle's last use (Served).
-  int Use(const msgport::VfsRequest& req) {
+  // Before `req` is served: 0 (`used` says what it uses), EBADF for a handle this
+  // connection was not given (or is releasing), or kLater for a release left to the
+  // handle's last use (Served).
+  int Use(const msgport::VfsRequest& req, InUse& used) {
     auto* handles = HandlesOf(req);
     if (handles == nullptr) return 0;
     std::lock_guard lock(mu_);
     auto it = handles->find(req.fh);
-    if (it == handles->end() || it->second.release) return EBADF;
+    if (it == handles->end() || it->second.opens == 0) return EBADF;  // (or it is being released)
     if (req.op == msgport::VfsOp::kRelease || req.op == msgport::VfsOp::kReleaseDir) {
+      // (A handle a layer gives every file alike, memfs's 0, is open as often as given.)
+      if (--it->second.opens > 0) return 0;
       if (it->second.uses > 0) {
         it->second.release = req;
         return kLater;
@@ -225,18 +234,19 @@ class StackFiles {
       handles->erase(it);  // before the descriptor closes: an open may get its number
       return 0;
     }
-    if (req.op == msgport::VfsOp::kCopyFileRange) {
+    used = {handles == &files_, handles == &dirs_, req.fh, req.fh2, req.op == msgport::VfsOp::kCopyFileRange};
+    if (used.two) {
       auto out = handles->find(req.fh2);
-      if (out == handles->end() || out->second.release) return EBADF;
+      if (out == handles->end() || out->second.opens == 0) return EBADF;
       ++out->second.uses;
     }
     ++it->second.uses;
     return 0;
   }
 
-  // After `req` was served (Use said 0): returns a release that waited for it, to
-  // serve now.
-  std::optional<msgport::VfsRequest> Served(const msgport::VfsRequest& req, int error) {
+  // After `req` was served (Use said 0, and what it used): returns a release that
+  // waited for it, to serve now.
+  std::optional<msgport::VfsRequest> Served(const msgport::VfsRequest& req, int error, const InUse& used) {
     using msgport::VfsOp;
     bool closed = false;
     std::optional<msgport::VfsRequest> later;
@@ -244,27 +254,28 @@ class StackFiles {
       std::lock_guard lock(mu_);
       if (error == 0 && req.op == VfsOp::kOpen) {
         ++opens_[req.node];
-        files_[req.open.fh] = {};
+        ++files_[req.open.fh].opens;
       } else if (error == 0 && req.op == VfsOp::kCreate) {
         ++opens_[req.entry.ino];
-        files_[req.open.fh] = {};
+        ++files_[req.open.fh].opens;
       } else if (error == 0 && req.op == VfsOp::kOpenDir) {
-        dirs_[req.open.fh] = {};
+        ++dirs_[req.open.fh].opens;
       } else if (req.op == VfsOp::kRelease) {
         if (auto it = opens_.find(req.node); it != opens_.end() && --it->second == 0) {
           opens_.erase(it);
           closed = true;
         }
       }
-      if (auto* handles = HandlesOf(req); handles != nullptr && req.op != VfsOp::kRelease && req.op != VfsOp::kReleaseDir) {
+      if (Handles* handles = used.files ? &files_ : used.dirs ? &dirs_ : nullptr) {
         auto done = [&](uint64_t fh) {
           auto it = handles->find(fh);
           if (it == handles->end() || --it->second.uses > 0 || !it->second.release) return;
           later = std::move(it->second.release);
-          handles->erase(it);
+          it->second.release.reset();
+          if (it->second.opens == 0) handles->erase(it);  // (else opened again meanwhile: memfs's 0)
         };
-        done(req.fh);
-        if (req.op == VfsOp::kCopyFileRange) done(req.fh2);
+        done(used.fh);
+        if (used.two) done(used.fh2);
       }
     }
     if (closed) held_.Closed(id_, req.node);
@@ -277,35 +288,16 @@ class StackFiles {
 
  private:
   struct Handle {
+    uint32_t opens = 0;                        // opens that answered it, not released
     uint32_t uses = 0;                         // requests being served that name it
     std::optional<msgport::VfsRequest> release;  // one that waits for them
   };
   using Handles = std::unordered_map<uint64_t, Handle>;
   // The handles `req` names: its file's or directory's, or none.
   Handles* HandlesOf(const msgport::VfsRequest& req) {
-    using msgport::VfsOp;
-    switch (req.op) {
-      case VfsOp::kGetAttr:
-      case VfsOp::kSetAttr:
-        return req.has_fh ? &files_ : nullptr;
-      case VfsOp::kRead:
-      case VfsOp::kWrite:
-      case VfsOp::kFlush:
-      case VfsOp::kRelease:
-      case VfsOp::kFsync:
-      case VfsOp::kFallocate:
-      case VfsOp::kCopyFileRange:
-      case VfsOp::kLseek:
-      case VfsOp::kLend:
-        return &files_;
-      case VfsOp::kReadDir:
-      case VfsOp::kReadDirPlus:
-      case VfsOp::kReleaseDir:
-      case VfsOp::kFsyncDir:
-        return &dirs_;
-      default:
-        return nullptr;
-    }
+    if (req.op == msgport::VfsOp::kLend) return &files_;  // (the relay's own, not the kernel's)
+    if (!msgport::UsesHandle(req)) return nullptr;
+    return msgport::UsesDirHandle(req.op) ? &dirs_ : &files_;
   }
 
   HeldFiles& held_;
@@ -380,15 +372,16 @@ struct Request {
   msgport::VfsRequest req;
   std::vector<char> storage;
   uint32_t listing_chunk = 0;
+  StackFiles::InUse used;  // the handles it names
   kj::Own<kj::CrossThreadPromiseFulfiller<Outcome>> done;  // served by a worker: the answer
 };
 
 // After `req` was served: counted, and a release that waited for it served (its peer
 // had its answer).
-void Served(vfs::Layer& top, StackFiles& files, const msgport::VfsRequest& req, int error) {
-  if (auto release = files.Served(req, error)) {
+void Served(vfs::Layer& top, StackFiles& files, const msgport::VfsRequest& req, int error, const StackFiles::InUse& used) {
+  if (auto release = files.Served(req, error, used)) {
     const int released = top.Serve(*release);
-    (void)files.Served(*release, released);
+    (void)files.Served(*release, released, {});
   }
 }
 
@@ -396,7 +389,7 @@ Outcome ServeOne(vfs::Layer& top, StackFiles& files, Request& r) {
   Outcome out;
   msgport::VfsRequest& req = r.req;
   out.error = top.Serve(req);
-  Served(top, files, req, out.error);
+  Served(top, files, req, out.error, r.used);
   if (out.error == 0) {
     try {
       msgport::EncodeVfsReply(req, out.reply);
@@ -417,11 +410,12 @@ Outcome ServeOne(vfs::Layer& top, StackFiles& files, Request& r) {
 
 // A relay's lend (the file a program there has open is losing its last name) or adopt
 // (after it connected again): the file held here, by name (HeldFiles).
-Outcome HoldOrAdopt(vfs::Layer& top, StackFiles& files, msgport::VfsRequest& req) {
+Outcome HoldOrAdopt(vfs::Layer& top, StackFiles& files, Request& r) {
+  msgport::VfsRequest& req = r.req;
   Outcome out;
   if (req.op == msgport::VfsOp::kLend) {
     out.error = top.Serve(req);
-    Served(top, files, req, out.error);
+    Served(top, files, req, out.error, r.used);
     if (out.error == 0) {
       const uint64_t name =
           req.open.backing_fd < 0 ? 0 : files.held().Hold(files.id(), files.export_name(), req.node, req.open.backing_fd, req.open.fh);
@@ -532,7 +526,7 @@ class StackImpl final : public Stack::Server {
     request->req.kernel_io_ok = false;  // no descriptor crosses the network
     request->req.handleless_ok = false;  // an opendir brings its listing with it
     context.releaseParams();
-    if (const int use = files_->Use(request->req); use == StackFiles::kLater) {
+    if (const int use = files_->Use(request->req, request->used); use == StackFiles::kLater) {
       Outcome out;  // a release, answered now: done when the handle's requests are
       try {
         msgport::EncodeVfsReply(request->req, out.reply);
@@ -546,7 +540,7 @@ class StackImpl final : public Stack::Server {
       return kj::READY_NOW;
     }
     if (request->req.op == msgport::VfsOp::kLend || request->req.op == msgport::VfsOp::kAdopt) {
-      SetResults(context.getResults(), HoldOrAdopt(*top_, *files_, request->req));
+      SetResults(context.getResults(), HoldOrAdopt(*top_, *files_, *request));
       return kj::READY_NOW;
     }
     if (Quick(*top_, request->req)) {

@@ -37,30 +37,6 @@ constexpr uint32_t GenerationOf(uint64_t id) { return static_cast<uint32_t>(id >
 constexpr unsigned kMaxSpawnFailures = 8;  // servers in a row that never said hello
 constexpr uint32_t kMaxSends = 3;          // an idempotent request survives 2 deaths
 
-bool UsesHandle(const msgport::VfsRequest& r) {
-  switch (r.op) {
-    case VfsOp::kRead:
-    case VfsOp::kWrite:
-    case VfsOp::kFlush:
-    case VfsOp::kRelease:
-    case VfsOp::kFsync:
-    case VfsOp::kReleaseDir:
-    case VfsOp::kFallocate:
-    case VfsOp::kCopyFileRange:
-    case VfsOp::kLseek:
-      return true;
-    case VfsOp::kGetAttr:
-    case VfsOp::kSetAttr:
-      return r.has_fh;
-    case VfsOp::kReadDir:
-    case VfsOp::kReadDirPlus:
-    case VfsOp::kFsyncDir:
-      return r.fh != 0;  // 0: listed without a handle (VfsRequest::handleless_ok)
-    default:
-      return false;
-  }
-}
-
 // Whether a request may be sent again to a new server after the one serving it died.
 // The idempotent operations, and those whose effect died with the server: an open
 // (without O_TRUNC) or opendir makes a new handle; flush, fsync and release act on a
