@@ -244,20 +244,24 @@ TEST_F(RunTest, TheKernelsSettingsAreReadOnly) {
 // and one a stack serves opens nothing (its mount is nodev). Terminals, /dev/shm and
 // the usual links work.
 TEST_F(RunTest, AGroupHasADevOfItsOwn) {
-  ASSERT_EQ(Shell("mkdir " + dir_ / "src" + " && mknod " + dir_ / "src/null" + " c 1 3"), 0);
+  // A node in a stack's tree, and one on the host's own tree, which a group without a
+  // root stack sees as it is: once, that one opened.
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "host && mknod " + dir_ / "src/null c 1 3 && mknod " + dir_ / "host/null c 1 3"), 0);
   const std::string src = "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" + dir_ / "src" + "\"\n";
   const std::string root = "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n";
   for (const std::string& extra : {src, root + src}) {
     SCOPED_TRACE(extra);
     auto r = RunInGroup(dir_, kOpen + extra,
                         "ls /dev | tr '\\n' ' '; echo; echo x > /dev/null && echo null; "
-                        "(mknod /dev/shm/disk b 8 0) 2>&1; (echo x > " + dir_ / "src/null" + ") 2>&1; "
+                        "(mknod /dev/shm/disk b 8 0) 2>&1; (echo x > " + dir_ / "src/null" + ") 2>&1; (echo x > " +
+                            dir_ / "host/null" + ") 2>&1; echo x > /dev/zero && echo zero; "
                         "/usr/bin/python3 -c 'import os, pty; m, s = pty.openpty(); print(os.ttyname(s))'");
     EXPECT_EQ(r.status, 0) << r.err;
     EXPECT_EQ(r.out,
               "fd full null ptmx pts random shm stderr stdin stdout tty urandom zero \nnull\n"
               "mknod: /dev/shm/disk: Operation not permitted\n"
-              "bash: line 1: " + dir_ / "src/null" + ": Permission denied\n/dev/pts/0\n");
+              "bash: line 1: " + dir_ / "src/null" + ": Permission denied\nbash: line 1: " + dir_ / "host/null" +
+                  ": Permission denied\nzero\n/dev/pts/0\n");
   }
 }
 

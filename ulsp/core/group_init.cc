@@ -250,6 +250,28 @@ void SealKernelSettings() {
     if (m.point == "/sys" || m.point.starts_with("/sys/")) RemountReadOnly(m.point);
 }
 
+// Device nodes open only in the group's /dev: every other mount the group sees is made
+// nodev. Without a root stack the group sees the host's own tree, and a node left on
+// it (a chroot's /dev, one made by hand) opened the host's device past the group's
+// /dev, whatever its mode (CAP_DAC_OVERRIDE). The stacks' mounts are nodev already.
+// Then the devices MinimalDev bound in, and the group's devpts, may be opened again.
+void NoDevicesButTheGroups() {
+  mount_attr nodev{};
+  nodev.attr_set = MOUNT_ATTR_NODEV;
+  if (::mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, &nodev, sizeof nodev) != 0) Die(Errno("making the group's mounts nodev"));
+  mount_attr dev{};
+  dev.attr_clr = MOUNT_ATTR_NODEV;
+  std::vector<std::string> ours{"/dev/pts"};
+  for (const char* name : kDevices) ours.push_back(std::string("/dev/") + name);
+  for (const std::string& path : ours) {
+    // Only a mount of its own: not the mount a missing device's path falls in.
+    struct statx st {};
+    if (::statx(AT_FDCWD, path.c_str(), AT_SYMLINK_NOFOLLOW, 0, &st) != 0 || !(st.stx_attributes & STATX_ATTR_MOUNT_ROOT))
+      continue;
+    if (::mount_setattr(AT_FDCWD, path.c_str(), 0, &dev, sizeof dev) != 0) Die(Errno("letting the group open " + path));
+  }
+}
+
 constexpr int kForwarded[] = {SIGINT, SIGQUIT, SIGTERM, SIGHUP, SIGUSR1, SIGUSR2, SIGWINCH, SIGCONT};
 
 int StatusOf(int wait_status) {
@@ -376,6 +398,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
         ": start it from a directory the group sees");
   }
 
+  NoDevicesButTheGroups();
   if (plan.seal_cgroups) SealCgroups();
   SealKernelSettings();
 
