@@ -126,6 +126,17 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
         !r)
       return r;
   }
+  // A device to send on: the kernel binds an unbound socket to one without asking
+  // CAP_NET_RAW (it asks only to change it), and a group's TCP and UDP sockets are the
+  // host's, so an allowed connection could leave by an interface of its choosing (past
+  // a VPN's routes). Refused as the kernel refuses the change.
+  for (int optname : {SO_BINDTODEVICE, SO_BINDTOIFINDEX}) {
+    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, SOL_SOCKET),
+                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<unsigned>(optname))));
+        !r)
+      return r;
+  }
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), SCMP_SYS(io_uring_setup), 0)); !r) return r;
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setns), 0)); !r) return r;
   return {};

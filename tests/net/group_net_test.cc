@@ -276,7 +276,9 @@ TEST_F(NetTest, MalformedInputGetsTheKernelsErrorsAndTheUlspKeepsServing) {
 // with it, IP_TRANSPARENT let a send the rules allowed carry any source address
 // (sendmsg with IP_PKTINFO), and SO_MARK set the host's firewall mark. Without it,
 // no raw socket either (the net ULSP keeps one in the group anyway: NetServer test).
-// MPTCP, whose subflows go to addresses the peer announces, is refused like SCTP.
+// MPTCP, whose subflows go to addresses the peer announces, is refused like SCTP. No
+// device to send on either (SO_BINDTODEVICE, which the kernel lets any process set
+// once): an allowed connection leaves as the host's routes say.
 TEST_F(NetTest, NoRawSocketsTransparentSendsOrMarksAndNoMptcp) {
   auto r = RunScript("raw.py", "10.255.255.1", R"(
 udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -285,6 +287,8 @@ attempt("mark", lambda: udp.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, 5))
 attempt("raw", lambda: socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP))
 attempt("raw6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6))
 attempt("mptcp", lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262))
+attempt("device", lambda: udp.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo"))
+attempt("ifindex", lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM).setsockopt(socket.SOL_SOCKET, 62, 1))
 attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
 )");
   EXPECT_EQ(r.out,
@@ -293,6 +297,8 @@ attempt("udp-send", lambda: udp.sendto(b"x", ("10.255.255.1", 9)))
             "raw Operation not permitted\n"
             "raw6 Operation not permitted\n"
             "mptcp Protocol not supported\n"
+            "device Operation not permitted\n"
+            "ifindex Operation not permitted\n"
             "udp-send ok\n")
       << r.err;
   const std::string log = ReadAll(dir_ / "conn.jsonl");
