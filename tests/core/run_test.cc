@@ -220,7 +220,8 @@ else:
 // The kernel's settings for the whole host are read-only in a group, with or without
 // its own pid namespace or a root stack: root, even without capabilities, once wrote
 // kernel.core_pattern ("|PROGRAM" runs PROGRAM as the host's root at the next crash).
-// The value written is the one there, so a failure changes nothing.
+// The value written is the one there, so a failure changes nothing. What Docker hides
+// (the host's keys by name, its timers, its firmware's tables) is hidden.
 TEST_F(RunTest, TheKernelsSettingsAreReadOnly) {
   const std::string root = "[[group.g.mount]]\npath = \"/\"\nstack = \"passthrough:/\"\n";
   for (const std::string& extra : {std::string(), std::string("pid_namespace = false\n"), root}) {
@@ -228,13 +229,14 @@ TEST_F(RunTest, TheKernelsSettingsAreReadOnly) {
     auto r = RunInGroup(dir_, kOpen + extra,
                         "p=$(cat /proc/sys/kernel/core_pattern); (echo \"$p\" > /proc/sys/kernel/core_pattern) 2>&1; "
                         "(echo 1 > /proc/sys/vm/drop_caches) 2>&1; (echo > /sys/kernel/profiling) 2>&1; "
-                        "test -w /proc/sysrq-trigger && echo sysrq-writable; cat /proc/sys/kernel/ostype");
+                        "test -w /proc/sysrq-trigger && echo sysrq-writable; cat /proc/sys/kernel/ostype; "
+                        "cat /proc/keys /proc/timer_list; ls -A /sys/firmware /proc/acpi; echo hidden");
     EXPECT_EQ(r.status, 0) << r.err;
     EXPECT_EQ(r.out,
               "bash: line 1: /proc/sys/kernel/core_pattern: Read-only file system\n"
               "bash: line 1: /proc/sys/vm/drop_caches: Read-only file system\n"
               "bash: line 1: /sys/kernel/profiling: Read-only file system\n"
-              "Linux\n");
+              "Linux\n/proc/acpi:\n\n/sys/firmware:\nhidden\n");
   }
 }
 

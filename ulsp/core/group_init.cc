@@ -238,13 +238,25 @@ void SealCgroups() {
 // as Docker mounts them: /proc/sys (root, even without capabilities, may write most
 // of it, and kernel.core_pattern = "|PROGRAM" has the host's kernel run PROGRAM as
 // root at the next crash), /proc/sysrq-trigger, /proc/irq, /proc/bus, /proc/fs, and
-// /sys with every mount beneath it. The command cannot remount them (no
+// /sys with every mount beneath it; what Docker hides, hidden. The command cannot remount them (no
 // CAP_SYS_ADMIN).
 void SealKernelSettings() {
   for (const char* path : {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"}) {
     if (!Exists(path)) continue;
     if (::mount(path, path, nullptr, MS_BIND | MS_REC, nullptr) != 0) Die(Errno(std::string("binding ") + path));
     RemountReadOnly(path);
+  }
+  // What Docker hides too: the keys of the host's users (/proc/keys names them), the
+  // host's timers, its firmware's tables and memory map, and the energy counters a
+  // power side channel reads (Platypus). Files read as /dev/null, directories as empty.
+  for (const char* path : {"/proc/keys", "/proc/timer_list", "/proc/sched_debug", "/proc/latency_stats",
+                           "/proc/timer_stats", "/proc/kcore"}) {
+    if (Exists(path) && Exists("/dev/null") && ::mount("/dev/null", path, nullptr, MS_BIND, nullptr) != 0)
+      Die(Errno(std::string("hiding ") + path));
+  }
+  for (const char* path : {"/proc/acpi", "/proc/scsi", "/proc/asound", "/sys/firmware", "/sys/devices/virtual/powercap"}) {
+    if (Exists(path) && ::mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=0") != 0)
+      Die(Errno(std::string("hiding ") + path));
   }
   for (const MountEntry& m : Mounts())
     if (m.point == "/sys" || m.point.starts_with("/sys/")) RemountReadOnly(m.point);
