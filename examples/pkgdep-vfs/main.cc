@@ -492,8 +492,11 @@ int Check(const std::string& package, const std::string& deps, const std::string
   report.confirm_cut_short = confirm && report.confirmed.size() < report.undeclared.size();
   // With --json -, standard output gets the JSON and the text goes to standard error.
   const std::string text = report.Text();
-  std::fwrite(text.data(), 1, text.size(), json_file == "-" ? stderr : stdout);
-  std::fflush(stdout);
+  std::FILE* const text_out = json_file == "-" ? stderr : stdout;
+  // A report nobody got is no verdict: a full disk, a closed pipe say so (exit 2).
+  if (std::fwrite(text.data(), 1, text.size(), text_out) != text.size() || std::fflush(text_out) != 0)
+    return Fail(std::string("cannot write the report to standard ") + (text_out == stdout ? "output" : "error") + ": " +
+                std::strerror(errno));
   if (json_file == "-") {
     const std::string json = report.Json();
     std::fwrite(json.data(), 1, json.size(), stdout);

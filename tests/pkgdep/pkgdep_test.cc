@@ -651,6 +651,10 @@ TEST_F(PkgdepTest, BadInputIsAnErrorThatSaysWhich) {
   // A check that fails before there is a report leaves no empty file behind.
   EXPECT_EQ(Shell(kPkgdep + " check --package no-such-package-here --json " + dir_ / "new.json" + " -- true 2> /dev/null"), 2);
   EXPECT_FALSE(std::filesystem::exists(dir_ / "new.json"));
+  // A report that cannot be written (a full disk) is no verdict: once, it was lost
+  // and the check said 0.
+  EXPECT_EQ(Shell(kPkgdep + " check --package coreutils -- true > /dev/full 2> " + dir_ / "err"), 2);
+  EXPECT_EQ(Output("cat " + dir_ / "err"), "pkgdep-vfs: cannot write the report to standard output: No space left on device\n");
 }
 
 // The index against dpkg's own answers, merged /usr and diversions included.
