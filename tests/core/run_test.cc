@@ -538,6 +538,12 @@ TEST_F(RunTest, PolicyCheckSaysWhatIsWrongOrOk) {
   EXPECT_EQ(Shell(std::string(ULSP_BIN) + " policy check " + dir_ / "bad.toml" + " 2> " + dir_ / "err"), 1);
   EXPECT_EQ(Output("cat " + dir_ / "err"),
             "ulsp policy check: " + dir_ / "bad.toml" + ":2: loopback must be \"group\" or \"host\", not \"yes\"\n");
+  // An answer that cannot be written (a full disk) is not a success: it once was, with
+  // nothing said. `ulsp ps` and --version likewise.
+  for (const std::string& command : {"policy check " + dir_ / "good.toml", std::string("ps"), std::string("--version")}) {
+    EXPECT_EQ(Shell(std::string(ULSP_BIN) + " " + command + " > /dev/full 2> " + dir_ / "err"), 1) << command;
+    EXPECT_EQ(Output("cat " + dir_ / "err"), "ulsp: cannot write to standard output: No space left on device\n") << command;
+  }
 }
 
 }  // namespace

@@ -1,7 +1,9 @@
 // ulsp: the command line (DESIGN.md, "Command line"). Subcommands arrive with the
 // issues that build them; unknown ones are refused with a one-line error.
 #include <CLI/CLI.hpp>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 
 #include "ulsp/core/agent.h"
 #include "ulsp/core/group.h"
@@ -88,10 +90,17 @@ int main(int argc, char** argv) {
   serve_cmd->add_option("SOCKET_FD", serve_fd)->required();
   serve_cmd->add_option("SPEC", serve_spec)->required();
 
+  // What a command prints is its answer: one lost (a full disk, a closed pipe) is an
+  // error, not a success with nothing said.
+  auto printed = [](int status) {
+    if (std::fflush(stdout) == 0 && !std::ferror(stdout)) return status;
+    std::fprintf(stderr, "ulsp: cannot write to standard output: %s\n", std::strerror(errno));
+    return status == 0 ? 1 : status;
+  };
   try {
     app.parse(argc, argv);
   } catch (const CLI::Success& e) {  // --help, --version
-    return app.exit(e);
+    return printed(app.exit(e));
   } catch (const CLI::ParseError& e) {
     // One line that names the subcommand. `ulsp run` exits 125 when ulsp itself
     // fails (docs/groups.md), so a caller can tell it from the command's status;
@@ -134,8 +143,8 @@ int main(int argc, char** argv) {
     }
     return ulsp::core::ServeAgent(agent);
   }
-  if (check_cmd->parsed()) return ulsp::core::CheckPolicy(check_file);
-  if (ps_cmd->parsed()) return ulsp::core::Ps(ps_json);
+  if (check_cmd->parsed()) return printed(ulsp::core::CheckPolicy(check_file));
+  if (ps_cmd->parsed()) return printed(ulsp::core::Ps(ps_json));
   // No subcommand: a usage error (a script that forgot one must not see success).
   std::fputs(app.help().c_str(), stderr);
   return 2;
