@@ -238,8 +238,8 @@ void SealCgroups() {
 // as Docker mounts them: /proc/sys (root, even without capabilities, may write most
 // of it, and kernel.core_pattern = "|PROGRAM" has the host's kernel run PROGRAM as
 // root at the next crash), /proc/sysrq-trigger, /proc/irq, /proc/bus, /proc/fs, and
-// /sys with every mount beneath it; what Docker hides, hidden. The command cannot remount them (no
-// CAP_SYS_ADMIN).
+// /sys with every mount beneath it; and what Docker hides, hidden. The command cannot
+// remount them (no CAP_SYS_ADMIN).
 void SealKernelSettings() {
   for (const char* path : {"/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"}) {
     if (!Exists(path)) continue;
