@@ -8,10 +8,12 @@
 #include <nlohmann/json.hpp>
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <chrono>
 #include <cstring>
+#include <expected>
 #include <fstream>
 #include <regex>
 #include <thread>
@@ -405,105 +407,115 @@ TEST_F(TwoHosts, GarbageAndTruncatedFramesCloseThatConnectionOnly) {
   EXPECT_EQ(Shell("diff -r /usr/include/linux/netfilter " + dir_ / "mnt/linux/netfilter"), 0);
 }
 
-// A peer may use only the handles its own connection was given. A passthrough handle
-// is a descriptor number of the agent's: once, a peer attached to one export read a
-// file another connection had open in another export by naming its number, and any
-// peer could write to the agent's own descriptors (its sockets, its log).
-TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
-  TempDir dir;
-  ASSERT_EQ(Shell("mkdir " + dir / "a " + dir / "b && echo mine > " + dir / "a/mine && echo s3cret > " + dir / "b/secret && echo t0k3n > " +
-                  dir / "token && chmod 600 " + dir / "token"),
-            0);
-  ASSERT_EQ(Shell("(" + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:0 --token-file " + dir / "token --export a=passthrough:" +
-                  dir / "a --export b=passthrough:" + dir / "b --export m=memfs:1M > " + dir / "log 2>&1 & echo $! > " + dir / "pid)"),
-              0);
-  struct Stop {
-    const TempDir& dir;
-    ~Stop() { Shell("kill $(cat " + dir / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir / "pid" + ") 2>/dev/null; do sleep 0.05; done"); }
-  } stop{dir};
-  uint16_t port = 0;
-  for (int i = 0; i < 200 && port == 0; ++i) {
-    const std::string log = Output("cat " + dir / "log");
-    if (std::smatch m; std::regex_search(log, m, std::regex(" on 127\\.0\\.0\\.1:([0-9]+)")))
-      port = static_cast<uint16_t>(std::stoi(m[1]));
-    else
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+// An agent on this host's loopback, and a peer that sends it requests as it pleases,
+// not as a kernel would.
+class AgentPeer : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    Shell("kill $(cat " + dir_ / "pid" + ") 2>/dev/null; while kill -0 $(cat " + dir_ / "pid" + ") 2>/dev/null; do sleep 0.05; done");
   }
-  ASSERT_NE(port, 0) << Output("cat " + dir / "log");
-  auto attach = [&](const std::string& name) {
+  // `ulsp agent serve` with `exports` (--export ...), in the background.
+  void Start(const std::string& exports) {
+    ASSERT_EQ(Shell("echo t0k3n > " + dir_ / "token && chmod 600 " + dir_ / "token"), 0);
+    ASSERT_EQ(Shell("(" + std::string(ULSP_BIN) + " agent serve --listen 127.0.0.1:0 --token-file " + dir_ / "token " + exports +
+                    " > " + dir_ / "log 2>&1 & echo $! > " + dir_ / "pid)"),
+              0);
+    for (int i = 0; i < 200 && port_ == 0; ++i) {
+      const std::string log = Output("cat " + dir_ / "log");
+      if (std::smatch m; std::regex_search(log, m, std::regex(" on 127\\.0\\.0\\.1:([0-9]+)")))
+        port_ = static_cast<uint16_t>(std::stoi(m[1]));
+      else
+        std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    ASSERT_NE(port_, 0) << Output("cat " + dir_ / "log");
+  }
+  std::expected<std::shared_ptr<msgport::RemotePort>, std::string> Attach(const std::string& name) {
     msgport::RemoteOptions o;
     o.host = "127.0.0.1";
-    o.port = port;
+    o.port = port_;
     o.name = name;
     o.token = "t0k3n";
     return msgport::RemotePort::Connect(o);
-  };
-  // One request, as a mount sends it; its reply decoded into `req`.
-  auto call = [](msgport::Port& to, msgport::VfsRequest& req) {
+  }
+  // One request; its reply decoded into `req`. Returns the reply's errno.
+  static int Call(msgport::Port& to, msgport::VfsRequest& req) {
     auto msg = msgport::Message::Make(static_cast<uint32_t>(req.op));
     msgport::EncodeVfsRequest(req, msg->payload);
     auto r = msgport::DoMsg(to, std::move(msg), msgport::Clock::now() + std::chrono::seconds(10));
     if (!r) return EIO;
     if ((*r)->error == 0 && !msgport::DecodeVfsReply((*r)->payload, req)) return EBADMSG;
     return (*r)->error;
-  };
-  auto open = [&](msgport::Port& to, const char* name, uint64_t& fh) {
+  }
+  // Looks `name` up in the export's root and opens it for reading: its handle in `fh`.
+  static int Open(msgport::Port& to, const char* name, uint64_t& fh) {
     msgport::VfsRequest lookup;
     lookup.op = msgport::VfsOp::kLookup;
     lookup.node = FUSE_ROOT_ID;
     lookup.name = name;
-    if (int err = call(to, lookup)) return err;
+    if (int err = Call(to, lookup)) return err;
     msgport::VfsRequest o;
     o.op = msgport::VfsOp::kOpen;
     o.node = lookup.entry.ino;
     o.flags = O_RDONLY;
-    if (int err = call(to, o)) return err;
+    if (int err = Call(to, o)) return err;
     fh = o.open.fh;
     return 0;
-  };
-  auto read = [&](msgport::Port& to, uint64_t fh, std::string* data = nullptr) {
+  }
+  static int Read(msgport::Port& to, uint64_t fh, std::string* data = nullptr) {
     msgport::VfsRequest r;
     r.op = msgport::VfsOp::kRead;
     r.node = FUSE_ROOT_ID;
     r.fh = fh;
     r.size = 64;
-    const int err = call(to, r);
+    const int err = Call(to, r);
     if (data != nullptr) data->assign(r.out.begin(), r.out.end());
     return err;
-  };
-  auto other = attach("b");
+  }
+
+  TempDir dir_;
+  uint16_t port_ = 0;
+};
+
+// A peer may use only the handles its own connection was given. A passthrough handle
+// is a descriptor number of the agent's: once, a peer attached to one export read a
+// file another connection had open in another export by naming its number, and any
+// peer could write to the agent's own descriptors (its sockets, its log).
+TEST_F(AgentPeer, UsesOnlyTheHandlesItsConnectionWasGiven) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "a " + dir_ / "b && echo mine > " + dir_ / "a/mine && echo s3cret > " + dir_ / "b/secret"), 0);
+  Start("--export a=passthrough:" + dir_ / "a --export b=passthrough:" + dir_ / "b --export m=memfs:1M");
+  auto other = Attach("b");
   ASSERT_TRUE(other) << other.error();
-  auto peer = attach("a");
+  auto peer = Attach("a");
   ASSERT_TRUE(peer) << peer.error();
   uint64_t theirs = 0, mine = 0;
-  ASSERT_EQ(open(**other, "secret", theirs), 0);
-  ASSERT_EQ(open(**peer, "mine", mine), 0);
+  ASSERT_EQ(Open(**other, "secret", theirs), 0);
+  ASSERT_EQ(Open(**peer, "mine", mine), 0);
   std::string data;
-  EXPECT_EQ(read(**peer, mine, &data), 0);
+  EXPECT_EQ(Read(**peer, mine, &data), 0);
   EXPECT_EQ(data, "mine\n");
   // The other connection's file, and every other number: not this peer's.
-  EXPECT_EQ(read(**peer, theirs, &data), EBADF) << data;
+  EXPECT_EQ(Read(**peer, theirs, &data), EBADF) << data;
   for (uint64_t fh = 0; fh < 64; ++fh) {
     if (fh == mine) continue;
-    EXPECT_EQ(read(**peer, fh), EBADF) << fh;
+    EXPECT_EQ(Read(**peer, fh), EBADF) << fh;
     msgport::VfsRequest w;
     w.op = msgport::VfsOp::kWrite;
     w.fh = fh;
     w.in = {"x", 1};
-    EXPECT_EQ(call(**peer, w), EBADF) << fh;
+    EXPECT_EQ(Call(**peer, w), EBADF) << fh;
   }
   // Its own handle, released, is no longer its; the other connection's still reads.
   msgport::VfsRequest release;
   release.op = msgport::VfsOp::kRelease;
   release.fh = mine;
-  EXPECT_EQ(call(**peer, release), 0);
-  EXPECT_EQ(read(**peer, mine), EBADF);
-  EXPECT_EQ(read(**other, theirs, &data), 0);
+  EXPECT_EQ(Call(**peer, release), 0);
+  EXPECT_EQ(Read(**peer, mine), EBADF);
+  EXPECT_EQ(Read(**other, theirs, &data), 0);
   EXPECT_EQ(data, "s3cret\n");
 
   // A layer may give every file the same handle (memfs: 0): it is open as often as it
   // was given, and one release leaves the others working.
-  auto memfs = attach("m");
+  auto memfs = Attach("m");
   ASSERT_TRUE(memfs) << memfs.error();
   uint64_t handles[2] = {}, node = 0;
   for (int i = 0; i < 2; ++i) {
@@ -513,7 +525,7 @@ TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
     c.name = "f" + std::to_string(i);
     c.mode = S_IFREG | 0644;
     c.flags = O_RDWR | O_CREAT;
-    ASSERT_EQ(call(**memfs, c), 0);
+    ASSERT_EQ(Call(**memfs, c), 0);
     handles[i] = c.open.fh;
     node = c.entry.ino;
   }
@@ -521,15 +533,53 @@ TEST(AgentHandles, APeerUsesOnlyTheHandlesItsConnectionWasGiven) {
   msgport::VfsRequest first;
   first.op = msgport::VfsOp::kRelease;
   first.fh = handles[0];
-  EXPECT_EQ(call(**memfs, first), 0);
+  EXPECT_EQ(Call(**memfs, first), 0);
   msgport::VfsRequest w;
   w.op = msgport::VfsOp::kWrite;
   w.node = node;
   w.fh = handles[1];
   w.in = {"x", 1};
-  EXPECT_EQ(call(**memfs, w), 0);
-  EXPECT_EQ(call(**memfs, first), 0);  // the second
-  EXPECT_EQ(call(**memfs, w), EBADF);
+  EXPECT_EQ(Call(**memfs, w), 0);
+  EXPECT_EQ(Call(**memfs, first), 0);  // the second
+  EXPECT_EQ(Call(**memfs, w), EBADF);
+}
+
+// A device, a FIFO or a socket is opened by the kernel of the host that uses it, never
+// by the server: a peer that asked the agent to open one (a node in the export, or one
+// it made there) once read the agent's own device; a FIFO blocked a worker for good.
+TEST_F(AgentPeer, CannotHaveTheAgentOpenADeviceOrAFifo) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "a && mknod " + dir_ / "a/zero c 1 5 && mkfifo " + dir_ / "a/fifo && echo ok > " + dir_ / "a/file"),
+            0);
+  Start("--export a=passthrough:" + dir_ / "a");
+  auto peer = Attach("a");
+  ASSERT_TRUE(peer) << peer.error();
+  uint64_t fh = 0;
+  EXPECT_EQ(Open(**peer, "zero", fh), EPERM);
+  EXPECT_EQ(Open(**peer, "fifo", fh), EPERM);
+  // Nor by a create of the name (which opens a file that exists, for root).
+  for (const char* name : {"zero", "fifo"}) {
+    msgport::VfsRequest c;
+    c.op = msgport::VfsOp::kCreate;
+    c.node = FUSE_ROOT_ID;
+    c.name = name;
+    c.mode = S_IFREG | 0644;
+    c.flags = O_WRONLY | O_CREAT;
+    EXPECT_EQ(Call(**peer, c), EEXIST) << name;
+  }
+  // A device it makes itself: the same.
+  msgport::VfsRequest mknod;
+  mknod.op = msgport::VfsOp::kMkNod;
+  mknod.node = FUSE_ROOT_ID;
+  mknod.name = "made";
+  mknod.mode = S_IFCHR | 0600;
+  mknod.rdev = makedev(1, 5);
+  ASSERT_EQ(Call(**peer, mknod), 0);
+  EXPECT_EQ(Open(**peer, "made", fh), EPERM);
+  // A regular file opens and reads, as ever; the agent still serves.
+  std::string data;
+  ASSERT_EQ(Open(**peer, "file", fh), 0);
+  EXPECT_EQ(Read(**peer, fh, &data), 0);
+  EXPECT_EQ(data, "ok\n");
 }
 
 // What an agent would export is checked before it listens. A name given twice once

@@ -81,6 +81,12 @@ std::unique_ptr<char, decltype(&std::free)> AlignedCopyBuffer(size_t size) {
   return {static_cast<char*>(std::aligned_alloc(kDirectAlign, rounded)), &std::free};
 }
 
+// The kernel opens devices, FIFOs and sockets itself and never asks a server to; only
+// a peer that is not a kernel (an agent's) could, and then the server, as root, would
+// open them for it: the agent's host's disks, a FIFO that blocks a worker for good.
+// Refused with EPERM; regular files and directories are opened.
+int SpecialFileError(mode_t mode) { return S_ISREG(mode) || S_ISDIR(mode) ? 0 : EPERM; }
+
 }  // namespace
 
 PassthroughLayer::DirHandle::~DirHandle() {
@@ -422,11 +428,19 @@ int PassthroughLayer::Create(VfsRequest& req) {
   // given to the caller. So a caller other than root gets EEXIST (the kernel then
   // drops its entry, and the next try opens the file by the kernel's checks).
   const int excl = (req.ctx.uid != 0 || req.ctx.gid != 0) ? O_EXCL : 0;
+  // Not blocking, should a FIFO have come by the name (SpecialFileError): the caller's
+  // own flag is put back.
   auto fd = Sys([&] {
-    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | excl | O_CLOEXEC | O_NOFOLLOW) & ~O_PATH, CreationMode(req, pfd));
+    return ::openat(pfd, req.name.c_str(), (req.flags | O_CREAT | excl | O_CLOEXEC | O_NOFOLLOW | O_NONBLOCK) & ~O_PATH,
+                    CreationMode(req, pfd));
   });
-  if (!fd) return fd.error().value;
+  if (!fd) return fd.error().value == ENXIO ? EEXIST : fd.error().value;  // (a FIFO with no reader: not a file)
   UniqueFd file(*fd);
+  struct stat st {};
+  if (int err = Errno0([&] { return ::fstat(file.get(), &st); })) return err;
+  if (SpecialFileError(st.st_mode) != 0) return EEXIST;  // a name the kernel could not have asked to create
+  if (!(req.flags & O_NONBLOCK))
+    if (int err = Errno0([&] { return ::fcntl(file.get(), F_SETFL, req.flags); })) return err;  // (status flags only)
   if (int err = GiveToCaller(req, pfd, req.name.c_str())) return err;
   if (int err = DoLookup(req, req.node, req.name, req.entry)) return err;
   req.open = {};
@@ -548,6 +562,9 @@ int PassthroughLayer::Link(VfsRequest& req) {
 int PassthroughLayer::Open(VfsRequest& req) {
   const FdRef fd = NodeFd(req.node);
   if (fd < 0) return ESTALE;
+  struct stat st {};
+  if (int err = Errno0([&] { return ::fstat(fd, &st); })) return err;
+  if (int err = SpecialFileError(st.st_mode)) return err;  // (a node's type never changes)
   const ProcPath proc(fd);
   auto file = Sys([&] { return ::open(proc.c_str(), (req.flags | O_CLOEXEC) & ~(O_NOFOLLOW | O_CREAT | O_EXCL)); });
   if (!file) return file.error().value;
