@@ -84,8 +84,12 @@ std::unique_ptr<char, decltype(&std::free)> AlignedCopyBuffer(size_t size) {
 // The kernel opens devices, FIFOs and sockets itself and never asks a server to; only
 // a peer that is not a kernel (an agent's) could, and then the server, as root, would
 // open them for it: the agent's host's disks, a FIFO that blocks a worker for good.
-// Refused with EPERM; regular files and directories are opened.
-int SpecialFileError(mode_t mode) { return S_ISREG(mode) || S_ISDIR(mode) ? 0 : EPERM; }
+// Refused with EPERM; regular files and directories are opened, and a symlink is
+// ELOOP, as O_NOFOLLOW says.
+int SpecialFileError(mode_t mode) {
+  if (S_ISREG(mode) || S_ISDIR(mode)) return 0;
+  return S_ISLNK(mode) ? ELOOP : EPERM;
+}
 
 }  // namespace
 
@@ -439,6 +443,7 @@ int PassthroughLayer::Create(VfsRequest& req) {
   struct stat st {};
   if (int err = Errno0([&] { return ::fstat(file.get(), &st); })) return err;
   if (SpecialFileError(st.st_mode) != 0) return EEXIST;  // a name the kernel could not have asked to create
+                                                          // (a symlink: O_NOFOLLOW failed already)
   if (!(req.flags & O_NONBLOCK))
     if (int err = Errno0([&] { return ::fcntl(file.get(), F_SETFL, req.flags); })) return err;  // (status flags only)
   if (int err = GiveToCaller(req, pfd, req.name.c_str())) return err;
