@@ -114,26 +114,22 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
                                       SCMP_A2(SCMP_CMP_EQ, TCP_FASTOPEN_CONNECT)));
       !r)
     return r;
-  // An IPv6 routing header (a sticky one, or RFC 2292's sticky options that may hold
-  // one) sends every packet to its first segment, not to the address the rules
-  // decided on, and needs no capability: refused, as the kernel refuses options that
-  // need CAP_NET_RAW. (One in a sendmsg's control data is refused by the ULSP.) The
-  // arguments are ints: compared on their low 32 bits, as the kernel reads them.
-  for (int optname : {IPV6_RTHDR, IPV6_2292PKTOPTIONS}) {
+  // Options refused (EPERM), as the kernel refuses those that need CAP_NET_RAW:
+  // - an IPv6 routing header (a sticky one, or RFC 2292's sticky options that may hold
+  //   one) sends every packet to its first segment, not to the address the rules
+  //   decided on, and needs no capability (one in a sendmsg's control data is refused
+  //   by the ULSP);
+  // - a device to send on: the kernel binds an unbound socket to one without asking
+  //   CAP_NET_RAW (it asks only to change it), and a group's TCP and UDP sockets are
+  //   the host's, so an allowed connection could leave by an interface of its choosing
+  //   (past a VPN's routes).
+  // The arguments are ints: compared on their low 32 bits, as the kernel reads them.
+  using Option = std::pair<unsigned, unsigned>;  // level, name
+  for (const auto& [level, optname] : {Option{IPPROTO_IPV6, IPV6_RTHDR}, Option{IPPROTO_IPV6, IPV6_2292PKTOPTIONS},
+                                       Option{SOL_SOCKET, SO_BINDTODEVICE}, Option{SOL_SOCKET, SO_BINDTOIFINDEX}}) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
-                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, IPPROTO_IPV6),
-                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<unsigned>(optname))));
-        !r)
-      return r;
-  }
-  // A device to send on: the kernel binds an unbound socket to one without asking
-  // CAP_NET_RAW (it asks only to change it), and a group's TCP and UDP sockets are the
-  // host's, so an allowed connection could leave by an interface of its choosing (past
-  // a VPN's routes). Refused as the kernel refuses the change.
-  for (int optname : {SO_BINDTODEVICE, SO_BINDTOIFINDEX}) {
-    if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
-                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, SOL_SOCKET),
-                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, static_cast<unsigned>(optname))));
+                                        SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, level),
+                                        SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, optname)));
         !r)
       return r;
   }

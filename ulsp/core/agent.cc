@@ -198,11 +198,18 @@ class HeldFiles {
 // then is done by the last of them, so no descriptor is closed under a request and
 // taken by another connection's open meanwhile.
 class StackFiles {
+  struct Handle {
+    uint32_t opens = 0;                          // opens that answered it, not released
+    uint32_t uses = 0;                           // requests being served that name it
+    std::optional<msgport::VfsRequest> release;  // one that waits for them
+  };
+  using Handles = std::unordered_map<uint64_t, Handle>;
+
  public:
   static constexpr int kLater = -1;  // Use: a release, done when the handle's uses end
   // The handles a request was let use (a layer may change the request's own fields).
   struct InUse {
-    bool files = false, dirs = false;
+    Handles* handles = nullptr;  // its files' or directories', or none
     uint64_t fh = 0, fh2 = 0;
     bool two = false;  // fh2 too (copy_file_range)
   };
@@ -234,7 +241,7 @@ class StackFiles {
       handles->erase(it);  // before the descriptor closes: an open may get its number
       return 0;
     }
-    used = {handles == &files_, handles == &dirs_, req.fh, req.fh2, req.op == msgport::VfsOp::kCopyFileRange};
+    used = {handles, req.fh, req.fh2, req.op == msgport::VfsOp::kCopyFileRange};
     if (used.two) {
       auto out = handles->find(req.fh2);
       if (out == handles->end() || out->second.opens == 0) return EBADF;
@@ -266,13 +273,13 @@ class StackFiles {
           closed = true;
         }
       }
-      if (Handles* handles = used.files ? &files_ : used.dirs ? &dirs_ : nullptr) {
+      if (used.handles != nullptr) {
         auto done = [&](uint64_t fh) {
-          auto it = handles->find(fh);
-          if (it == handles->end() || --it->second.uses > 0 || !it->second.release) return;
+          auto it = used.handles->find(fh);
+          if (it == used.handles->end() || --it->second.uses > 0 || !it->second.release) return;
           later = std::move(it->second.release);
           it->second.release.reset();
-          if (it->second.opens == 0) handles->erase(it);  // (else opened again meanwhile: memfs's 0)
+          if (it->second.opens == 0) used.handles->erase(it);  // (else opened again meanwhile: memfs's 0)
         };
         done(used.fh);
         if (used.two) done(used.fh2);
@@ -287,12 +294,6 @@ class StackFiles {
   const std::string& export_name() const { return export_name_; }
 
  private:
-  struct Handle {
-    uint32_t opens = 0;                        // opens that answered it, not released
-    uint32_t uses = 0;                         // requests being served that name it
-    std::optional<msgport::VfsRequest> release;  // one that waits for them
-  };
-  using Handles = std::unordered_map<uint64_t, Handle>;
   // The handles `req` names: its file's or directory's, or none.
   Handles* HandlesOf(const msgport::VfsRequest& req) {
     if (req.op == msgport::VfsOp::kLend) return &files_;  // (the relay's own, not the kernel's)
