@@ -65,6 +65,12 @@ constexpr size_t kInitFlags = 12, kInitMaxWrite = 20, kInitMaxPages = 28, kInitF
 constexpr uint32_t kMaxPages = 1u << 22;              // FUSE_MAX_PAGES: max_pages is read
 constexpr uint32_t kParallelDirops = 1u << 18;        // FUSE_PARALLEL_DIROPS
 constexpr uint32_t kOverIoUring2 = 1u << (41 - 32);  // FUSE_OVER_IO_URING, in flags2
+constexpr uint32_t kSetxattrExt = 1u << 29;           // FUSE_SETXATTR_EXT
+constexpr uint32_t kSetxattrAclKillSgid = 1u << 0;   // FUSE_SETXATTR_ACL_KILL_SGID
+// The kernel's INIT request: struct fuse_in_header, then struct fuse_init_in
+// {u32 major, minor, max_readahead, flags; ...}.
+constexpr size_t kInHeaderSize = 40, kInHeaderOpcode = 4, kInitInFlags = kInHeaderSize + 12;
+constexpr uint32_t kOpInit = 26;  // FUSE_INIT
 // struct fuse_open_out {u64 fh; u32 open_flags; s32 backing_id;} ends an open's and a
 // create's reply.
 constexpr size_t kOpenOutSize = 16, kOpenFlags = 8, kOpenBackingId = 12;
@@ -110,11 +116,6 @@ void BeforeDeviceWrite() {}
 void AfterDeviceRead() {}
 #endif
 
-ssize_t IoRead(int fd, void* buf, size_t len, void*) {
-  const ssize_t n = ::read(fd, buf, len);
-  AfterDeviceRead();
-  return n;
-}
 // Both ways: from the device into libfuse's pipe, and from a pipe to the device.
 ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, unsigned flags, void*) {
   BeforeDeviceWrite();
@@ -124,6 +125,16 @@ ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, u
 }
 
 }  // namespace
+
+ssize_t FuseShim::ReadRequest(int fd, void* buf, size_t len, void* userdata) {
+  const ssize_t n = ::read(fd, buf, len);
+  AfterDeviceRead();
+  // What the kernel offers, libfuse 3.14 keeps only where it knows the flag.
+  const char* in = static_cast<const char*>(buf);
+  if (n >= static_cast<ssize_t>(kabi::kInitInFlags + 4) && Load<uint32_t>(in + kabi::kInHeaderOpcode) == kabi::kOpInit)
+    static_cast<FuseShim*>(userdata)->kernel_offers_.store(Load<uint32_t>(in + kabi::kInitInFlags));
+  return n;
+}
 
 ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
   auto* shim = static_cast<FuseShim*>(userdata);
@@ -138,6 +149,12 @@ ssize_t FuseShim::WriteReply(int fd, iovec* iov, int count, void* userdata) {
       // What libfuse 3.14 leaves out, as the shim decided in FuseOps::Init.
       uint32_t flags = Load<uint32_t>(body + kabi::kInitFlags);
       if (shim->parallel_dirops_) flags |= kabi::kParallelDirops;
+      // The kernel then says when setting an ACL must clear the set-group-ID bit
+      // (FuseOps::SetXattr): only it knows the caller's groups and capabilities.
+      if (shim->kernel_offers_.load() & kabi::kSetxattrExt) {
+        flags |= kabi::kSetxattrExt;
+        shim->setxattr_ext_.store(true);
+      }
       uint32_t flags2 = Load<uint32_t>(body + kabi::kInitFlags2);
       if (shim->passthrough_io_ && !(flags & kabi::kWritebackCache)) {
         flags |= kabi::kInitExt;
@@ -583,6 +600,14 @@ struct FuseOps {
   static void StatFs(fuse_req_t req, fuse_ino_t node) noexcept { Plain(req, VfsOp::kStatFs, node); }
   static void SetXattr(fuse_req_t req, fuse_ino_t node, const char* name, const char* value, size_t size,
                        int flags) noexcept try {
+    if (Shim(req).setxattr_ext_.load()) {
+      // libfuse 3.14 reads the request's header as 8 bytes, as it was before FUSE
+      // 7.33: what it takes for the name starts with the extended header's
+      // setxattr_flags and padding (both 32 bits, the padding zero).
+      if (Load<uint32_t>(name) & kabi::kSetxattrAclKillSgid) flags |= kXattrAclKillSgid;
+      name += 8;
+      value = name + std::strlen(name) + 1;
+    }
     auto m = Begin(req, VfsOp::kSetXattr, node);
     if (!m) return;
     m->req.name = name;
@@ -764,7 +789,7 @@ void FuseShim::UseCustomIo() noexcept {
   }
   // Whether descriptors come (from a stack in this process, or with an isolated
   // server's replies) is the port's business: without one an open is served as usual.
-  static const fuse_custom_io kIo = {WriteReply, IoRead, IoSplice, IoSplice};
+  static const fuse_custom_io kIo = {WriteReply, ReadRequest, IoSplice, IoSplice};
   const bool ok = fuse_session_custom_io(session_, &kIo, fuse_session_fd(session_)) == 0;
   passthrough_io_ = ok && options_.kernel_passthrough;
   if (!ok) uring_.reset();

@@ -131,6 +131,11 @@ class FuseShim {
   // reply (parallel directory operations, passthrough, io_uring) and passthrough to
   // open replies, and hands io_uring's replies to it.
   static ssize_t WriteReply(int fd, iovec* iov, int count, void* userdata);
+  // libfuse's reader: notes what the kernel offers in its INIT request.
+  static ssize_t ReadRequest(int fd, void* buf, size_t len, void* userdata);
+  std::atomic<uint32_t> kernel_offers_{0};  // INIT's request flags
+  std::atomic<bool> setxattr_ext_{false};   // setxattr requests come with the extended
+                                            // header (FUSE_SETXATTR_EXT)
   std::unique_ptr<FuseUring> uring_;           // set up before INIT, if offered
   std::atomic<FuseUring*> uring_live_{nullptr};  // once started: replies go to it
   // Handle `fh` was released (or its open never reached the kernel).

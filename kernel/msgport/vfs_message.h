@@ -188,6 +188,12 @@ struct VfsRequest {
                                   // attributes from the kernel's cache before it answers
 };
 
+// setxattr: a bit in `flags` besides XATTR_CREATE and XATTR_REPLACE. Setting the ACL
+// `system.posix_acl_access` must also clear the file's set-group-ID bit: the caller is
+// neither in the file's group nor has CAP_FSETID, as the kernel found
+// (FUSE_SETXATTR_ACL_KILL_SGID). A server running as root would keep it.
+inline constexpr int kXattrAclKillSgid = 1 << 30;
+
 // Whether `r` names an open file's or directory's handle in `fh` (and, for
 // copy_file_range, in `fh2`): not a listing without one (VfsRequest::handleless_ok).
 bool UsesHandle(const VfsRequest& r) noexcept;

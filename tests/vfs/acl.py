@@ -122,6 +122,17 @@ p("grant-removed", (mode(j("grant")), shown(j("grant"), ACCESS)))
 as_nobody("nobody-reads-after-removal", lambda: read(j("grant")))
 p("listed", sorted(x for x in os.listxattr(j("deny")) if x.startswith("system.posix_acl")))
 
+# Setting an ACL clears the set-group-ID bit of a file whose group the setter is not
+# in (and who lacks CAP_FSETID), as chmod would: nobody owns both files, one in group
+# root, one in its own group. A FUSE server is root and would keep the bit: the kernel
+# tells it when not to.
+for name, group in (("sgid-other-group", 0), ("sgid-own-group", NOGROUP)):
+    touch(j(name))
+    os.chown(j(name), NOBODY, group)
+    os.chmod(j(name), 0o2775)
+    as_nobody(f"nobody-sets-an-acl-on-{name}", lambda: os.setxattr(j(name), ACCESS, full(4, 7, 7, 5, owner=7)))
+    p(name, (mode(j(name)), shown(j(name), ACCESS)))
+
 # A directory whose default ACL lets nobody in: new entries inherit it, and the umask
 # does not apply under it (the default ACL does instead).
 os.mkdir(j("shared"), 0o755)

@@ -745,8 +745,17 @@ int PassthroughLayer::Xattr(VfsRequest& req) {
   const ProcPath proc(fd);
   const size_t room = std::min<uint64_t>(req.size, 1u << 16);
   switch (req.op) {
-    case VfsOp::kSetXattr:
-      return Errno0([&] { return ::setxattr(proc.c_str(), req.name.c_str(), req.in.data(), req.in.size(), req.flags); });
+    case VfsOp::kSetXattr: {
+      const int flags = req.flags & ~msgport::kXattrAclKillSgid;
+      if (int err = Errno0([&] { return ::setxattr(proc.c_str(), req.name.c_str(), req.in.data(), req.in.size(), flags); }))
+        return err;
+      if (!(req.flags & msgport::kXattrAclKillSgid) || req.name != "system.posix_acl_access") return 0;
+      // As ext4 does for such a caller. The mode's group bits stay, and with them the
+      // ACL's mask.
+      struct stat st;
+      if (::fstat(fd, &st) != 0 || !(st.st_mode & S_ISGID)) return 0;
+      return Errno0([&] { return ::chmod(proc.c_str(), st.st_mode & 07777 & ~mode_t{S_ISGID}); });
+    }
     case VfsOp::kRemoveXattr:
       return Errno0([&] { return ::removexattr(proc.c_str(), req.name.c_str()); });
     case VfsOp::kGetXattr:
