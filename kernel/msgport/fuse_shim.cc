@@ -293,6 +293,9 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
     case VfsOp::kLseek:
       fuse_reply_lseek(r, static_cast<off_t>(q.out_size));
       return;
+    case VfsOp::kIoctl:
+      fuse_reply_ioctl(r, 0, q.out.data(), q.out.size());
+      return;
     default:
       fuse_reply_err(r, 0);
       return;
@@ -407,6 +410,7 @@ struct FuseOps {
     // user an ACL denied got in. A default ACL overrides the umask, so the kernel
     // leaves the umask to the shim (SetMode).
     if (conn->capable & FUSE_CAP_POSIX_ACL) conn->want |= FUSE_CAP_POSIX_ACL;
+    if (conn->capable & FUSE_CAP_IOCTL_DIR) conn->want |= FUSE_CAP_IOCTL_DIR;  // a directory's inode flags
     if (conn->capable & FUSE_CAP_DONT_MASK) {
       conn->want |= FUSE_CAP_DONT_MASK;
       shim.dont_mask_ = true;
@@ -618,6 +622,31 @@ struct FuseOps {
   } catch (...) {
     fuse_reply_err(req, ENOMEM);
   }
+  // chattr and lsattr: the kernel asks for a file's inode flags with these ioctls, on
+  // a handle it opened for them. It sends a program's other ioctls of a file here too
+  // (python's isatty of every file it opens, for one): they are answered at once, as
+  // the kernel answers on a file system without them.
+  static void Ioctl(fuse_req_t req, fuse_ino_t node, unsigned int cmd, void*, fuse_file_info*, unsigned,
+                    const void* in_buf, size_t in_size, size_t out_size) noexcept try {
+    const InodeFlagsIoctl io = InodeFlagsIoctlOf(cmd);
+    if (io.size == 0 || (io.sets ? in_size : out_size) != io.size) {
+      fuse_reply_err(req, ENOTTY);
+      return;
+    }
+    auto m = Begin(req, VfsOp::kIoctl, node);
+    if (!m) return;
+    m->req.count = cmd;
+    if (io.sets) {
+      const char* in = static_cast<const char*>(in_buf);
+      m->in_copy.assign(in, in + in_size);
+      m->req.in = {m->in_copy.data(), m->in_copy.size()};
+    } else {
+      m->req.size = out_size;
+    }
+    Submit(std::move(m));
+  } catch (...) {
+    fuse_reply_err(req, ENOMEM);
+  }
   static void GetXattr(fuse_req_t req, fuse_ino_t node, const char* name, size_t size) noexcept try {
     auto m = Begin(req, VfsOp::kGetXattr, node);
     if (!m) return;
@@ -718,6 +747,7 @@ struct FuseOps {
     ops.fsyncdir = FsyncDir;
     ops.statfs = StatFs;
     ops.setxattr = SetXattr;
+    ops.ioctl = Ioctl;
     ops.getxattr = GetXattr;
     ops.listxattr = ListXattr;
     ops.removexattr = RemoveXattr;

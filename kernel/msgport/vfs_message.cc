@@ -1,5 +1,7 @@
 #include "kernel/msgport/vfs_message.h"
 
+#include <linux/fs.h>
+
 #include <array>
 
 namespace ulsp::msgport {
@@ -11,7 +13,7 @@ constexpr std::array<std::string_view, static_cast<size_t>(VfsOp::kCount)> kName
     "read",      "write",     "flush",       "release",  "fsync",       "opendir",    "readdir",
     "readdirplus", "releasedir", "fsyncdir", "statfs",   "setxattr",    "getxattr",   "listxattr",
     "removexattr", "access",  "create",      "fallocate", "copy_file_range", "lseek",
-    "adopt",     "lend"};
+    "adopt",     "lend",      "ioctl"};
 
 }  // namespace
 
@@ -61,9 +63,25 @@ bool VfsOpIsIdempotent(VfsOp op) noexcept {
     case VfsOp::kListXattr:
     case VfsOp::kAccess:
     case VfsOp::kLseek:
+    case VfsOp::kIoctl:  // the inode flags' ioctls only: they read, or set to a value
       return true;
     default:
       return false;
+  }
+}
+
+InodeFlagsIoctl InodeFlagsIoctlOf(uint64_t cmd) noexcept {
+  switch (cmd) {
+    case FS_IOC_GETFLAGS:
+      return {sizeof(int), false};
+    case FS_IOC_SETFLAGS:
+      return {sizeof(int), true};
+    case FS_IOC_FSGETXATTR:
+      return {sizeof(fsxattr), false};
+    case FS_IOC_FSSETXATTR:
+      return {sizeof(fsxattr), true};
+    default:
+      return {};
   }
 }
 

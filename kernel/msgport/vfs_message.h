@@ -75,6 +75,11 @@ enum class VfsOp : uint32_t {
   // for that adopt: which layer's file it is (an overlay's lower or upper), 0 from a
   // bottom layer.
   kLend,
+  // chattr and lsattr: read or set a file's or directory's inode flags. `count` is the
+  // command, one of those InodeFlagsIoctl admits; `in` the argument it sets; `size`
+  // the room for the argument it reads, answered in `out`. The kernel sends no other
+  // ioctl of a FUSE file system's files that a stack serves.
+  kIoctl,
   kCount,  // not an operation: one past the last
 };
 
@@ -193,6 +198,16 @@ struct VfsRequest {
 // neither in the file's group nor has CAP_FSETID, as the kernel found
 // (FUSE_SETXATTR_ACL_KILL_SGID). A server running as root would keep it.
 inline constexpr int kXattrAclKillSgid = 1 << 30;
+
+// The inode-flag ioctls: FS_IOC_GETFLAGS and FS_IOC_SETFLAGS (the flags as an int,
+// though their numbers say long), FS_IOC_FSGETXATTR and FS_IOC_FSSETXATTR (struct
+// fsxattr). The size of `cmd`'s argument and whether it sets; size 0 for any other
+// command.
+struct InodeFlagsIoctl {
+  size_t size = 0;
+  bool sets = false;
+};
+InodeFlagsIoctl InodeFlagsIoctlOf(uint64_t cmd) noexcept;
 
 // Whether `r` names an open file's or directory's handle in `fh` (and, for
 // copy_file_range, in `fh2`): not a listing without one (VfsRequest::handleless_ok).

@@ -3,9 +3,12 @@
 #include <fcntl.h>
 #include <gtest/gtest.h>
 #include <seccomp.h>
+#include <linux/fs.h>
+#include <sys/inotify.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -191,6 +194,51 @@ TEST_F(PassthroughTest, NeverLeavesItsRoot) {
   o.node = link;
   o.flags = O_RDONLY;
   EXPECT_EQ(layer_->Serve(o), ELOOP);  // opening the link itself, as O_NOFOLLOW would
+}
+
+// chattr and lsattr reach the file below; no other ioctl does, and none reaches a
+// device, a FIFO or a symlink (a peer of a translation agent can send any command of
+// any node: the agent, root, would make the ioctl of its own device).
+TEST_F(PassthroughTest, ServesOnlyTheInodeFlagsIoctlsAndNeverOfADevice) {
+  ASSERT_EQ(testing::Shell("mknod " + dir_ / "root/null c 1 3 && mkfifo " + dir_ / "root/fifo"), 0);
+  auto ioctl = [&](uint64_t node, uint64_t cmd, std::vector<char> in, uint64_t size, std::vector<char>* out = nullptr) {
+    VfsRequest r;
+    r.op = VfsOp::kIoctl;
+    r.node = node;
+    r.count = cmd;
+    r.in = in;
+    r.size = size;
+    const int err = layer_->Serve(r);
+    if (out != nullptr) *out = r.out;
+    return err;
+  };
+  const uint64_t f = Lookup(Lookup(kRootNode, "d"), "f");
+  int flags = FS_NODUMP_FL;
+  std::vector<char> set(reinterpret_cast<char*>(&flags), reinterpret_cast<char*>(&flags) + sizeof flags);
+  ASSERT_EQ(ioctl(f, FS_IOC_SETFLAGS, set, 0), 0);
+  std::vector<char> got;
+  ASSERT_EQ(ioctl(f, FS_IOC_GETFLAGS, {}, sizeof(int), &got), 0);
+  ASSERT_EQ(got.size(), sizeof(int));
+  std::memcpy(&flags, got.data(), sizeof flags);
+  EXPECT_TRUE(flags & FS_NODUMP_FL);
+  EXPECT_EQ(testing::Output("lsattr " + dir_ / "root/d/f").substr(0, 7), "------d");
+  ASSERT_EQ(ioctl(kRootNode, FS_IOC_FSGETXATTR, {}, sizeof(fsxattr), &got), 0);  // a directory's
+  EXPECT_EQ(got.size(), sizeof(fsxattr));
+  EXPECT_EQ(ioctl(f, TCGETS, {}, sizeof(termios)), ENOTTY);
+  EXPECT_EQ(ioctl(f, FS_IOC_GETFLAGS, {}, 64), ENOTTY);  // not the argument's size
+  EXPECT_EQ(ioctl(f, FS_IOC_SETFLAGS, {'x'}, 0), ENOTTY);
+  // Opening a device may be harm enough (a watchdog's, a tape's): the layer opens
+  // neither the device nor the FIFO, as inotify would see.
+  const UniqueFd watch(::inotify_init1(IN_NONBLOCK | IN_CLOEXEC));
+  ASSERT_TRUE(watch.valid());
+  ASSERT_GE(::inotify_add_watch(watch.get(), (dir_ / "root").c_str(), IN_OPEN), 0);
+  for (const char* name : {"null", "fifo", "escape"}) {
+    SCOPED_TRACE(name);
+    EXPECT_EQ(ioctl(Lookup(kRootNode, name), FS_IOC_GETFLAGS, {}, sizeof(int)), ENOTTY);
+  }
+  alignas(inotify_event) char events[4096];
+  const ssize_t n = ::read(watch.get(), events, sizeof events);
+  EXPECT_EQ(n, -1) << "the first opened: " << (n > 0 ? reinterpret_cast<inotify_event*>(events)->name : "");
 }
 
 // O_TMPFILE: the file has a node (its inode's) and no path until a link names it;

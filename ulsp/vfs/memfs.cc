@@ -707,6 +707,8 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
       return Seek(req);
     case VfsOp::kCopyFileRange:
       return EOPNOTSUPP;  // the kernel falls back to read and write
+    case VfsOp::kIoctl:
+      return ENOTTY;  // no inode flags, as on a file system without them
     case VfsOp::kAdopt:  // a host file's descriptor: no file of this layer
     case VfsOp::kLend:   // its files have no descriptor (and die with the process)
     case VfsOp::kCount:

@@ -1281,6 +1281,24 @@ int OverlayLayer::Serve(VfsRequest& req) noexcept try {
       }
       return err;
     }
+    case VfsOp::kIoctl: {  // chattr sets the flags of the copy; lsattr reads them where the file is
+      const bool sets = msgport::InodeFlagsIoctlOf(req.count).sets;
+      VfsRequest s = req;
+      Layer* layer = upper_.get();
+      if (sets) {
+        if (int err = CopyUp(req, req.node, &s.node)) return err;
+      } else {
+        if (!Get(req.node, &n)) return ESTALE;
+        s.node = n.upper ? n.upper : n.lower;
+        if (!n.upper) layer = lower();
+      }
+      const int err = layer->Serve(s);
+      if (err == 0) {
+        TakeResults(req, s);
+        if (sets) GiveCopy(req);
+      }
+      return err;
+    }
     case VfsOp::kRead:
     case VfsOp::kWrite:
     case VfsOp::kFlush:

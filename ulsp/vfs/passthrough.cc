@@ -1,7 +1,9 @@
 #include "ulsp/vfs/passthrough.h"
 
 #include <fcntl.h>
+#include <linux/fs.h>
 #include <sys/file.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
@@ -774,6 +776,26 @@ int PassthroughLayer::Xattr(VfsRequest& req) {
   }
 }
 
+int PassthroughLayer::InodeFlags(VfsRequest& req) {
+  const msgport::InodeFlagsIoctl io = msgport::InodeFlagsIoctlOf(req.count);
+  if (io.size == 0 || (io.sets ? req.in.size() : req.size) != io.size) return ENOTTY;
+  const FdRef fd = NodeFd(req.node);
+  if (fd < 0) return ESTALE;
+  // A file's or a directory's, on a descriptor of its own (a node's is O_PATH, on
+  // which ioctl fails). Never a device's: its ioctls are its driver's.
+  struct stat st {};
+  if (int err = Errno0([&] { return ::fstat(fd, &st); })) return err;
+  if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode)) return ENOTTY;
+  auto file = Sys([&] { return ::open(ProcPath(fd).c_str(), O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC); });
+  if (!file) return file.error().value;
+  const UniqueFd owned(*file);
+  alignas(fsxattr) char arg[sizeof(fsxattr)] = {};
+  if (io.sets) std::memcpy(arg, req.in.data(), io.size);
+  if (int err = Errno0([&] { return ::ioctl(owned.get(), req.count, arg); })) return err;
+  if (!io.sets) req.out.assign(arg, arg + io.size);
+  return 0;
+}
+
 int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
   switch (req.op) {
     case VfsOp::kLookup:
@@ -887,6 +909,8 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       req.out_size = static_cast<uint64_t>(*off);
       return 0;
     }
+    case VfsOp::kIoctl:
+      return InodeFlags(req);
     case VfsOp::kAdopt:
       return Adopt(req);
     case VfsOp::kLend: {  // the handle is the file's descriptor (still this layer's)

@@ -145,6 +145,7 @@ class PassthroughLayer final : public Layer {
   int ReadDirFrom(DirHandle& dir, VfsRequest& req, bool plus);  // at req.offset
   int ReleaseDir(VfsRequest& req);
   int Xattr(VfsRequest& req);
+  int InodeFlags(VfsRequest& req);  // kIoctl: chattr, lsattr
 
   mutable std::shared_mutex table_mu_;
   std::deque<Node> nodes_;  // index 0 unused; index 1 is the root
