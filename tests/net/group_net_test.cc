@@ -520,6 +520,58 @@ TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
   EXPECT_EQ(got, "");
 }
 
+// A bind rule opens a port, not another's socket: a host service that shares its port
+// by SO_REUSEPORT (or, for UDP, SO_REUSEADDR) keeps it. Before, the group's sockets
+// were root's, as the service's were, so a group with a bind rule joined the
+// service's reuseport group and took about half its connections and datagrams. The
+// group's own sockets still share a port among themselves.
+TEST_F(NetTest, ABindRuleOpensNoPortAHostServiceSharesByReusePort) {
+  const int tcp = FreePort(), udp = FreePort(), own = FreePort();
+  auto host_socket = [](int type, int port) {
+    UniqueFd s(::socket(AF_INET, type | SOCK_CLOEXEC, 0));
+    const int on = 1;
+    ::setsockopt(s.get(), SOL_SOCKET, SO_REUSEPORT, &on, sizeof on);
+    ::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    a.sin_port = htons(static_cast<uint16_t>(port));
+    if (::bind(s.get(), reinterpret_cast<sockaddr*>(&a), sizeof a) != 0) s.Reset();
+    if (s && type == SOCK_STREAM && ::listen(s.get(), 8) != 0) s.Reset();
+    return s;
+  };
+  const UniqueFd service_tcp = host_socket(SOCK_STREAM, tcp), service_udp = host_socket(SOCK_DGRAM, udp);
+  ASSERT_TRUE(service_tcp && service_udp);
+  std::string rules;
+  for (const char* proto : {"tcp", "udp"})
+    rules += std::string("[[group.t.net]]\naction = \"allow\"\ncall = \"bind\"\nproto = \"") + proto +
+             "\"\nto = \"127.0.0.1\"\n";
+  std::ofstream(dir_ / "bind.py") << kAttempt << R"(
+import sys
+def shared(kind, port):
+    s = socket.socket(socket.AF_INET, kind)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
+    if kind == socket.SOCK_STREAM: s.listen()
+    return s
+tcp, udp, own = map(int, sys.argv[1:])
+attempt("tcp-beside-the-service", lambda: shared(socket.SOCK_STREAM, tcp))
+attempt("udp-beside-the-service", lambda: shared(socket.SOCK_DGRAM, udp))
+mine = []
+for i in (1, 2):
+    attempt(f"own-tcp-{i}", lambda: mine.append(shared(socket.SOCK_STREAM, own)))
+    attempt(f"own-udp-{i}", lambda: mine.append(shared(socket.SOCK_DGRAM, own)))
+)";
+  auto r = RunInGroup(dir_, Policy(rules),
+                      kPython + " " + dir_ / "bind.py " + std::to_string(tcp) + " " + std::to_string(udp) + " " +
+                          std::to_string(own));
+  EXPECT_EQ(r.out,
+            "tcp-beside-the-service Address already in use\nudp-beside-the-service Address already in use\n"
+            "own-tcp-1 ok\nown-udp-1 ok\nown-tcp-2 ok\nown-udp-2 ok\n")
+      << r.err;
+}
+
 // The shipped client policy's rule on localhost. Programs find localhost in the
 // group's /etc/hosts (and curl knows it by itself), never asking the group's resolver,
 // so the name was never remembered for 127.0.0.1 and the rule admitted nothing: curl
