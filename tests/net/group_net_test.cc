@@ -562,13 +562,14 @@ mine = []
 for i in (1, 2):
     attempt(f"own-tcp-{i}", lambda: mine.append(shared(socket.SOCK_STREAM, own)))
     attempt(f"own-udp-{i}", lambda: mine.append(shared(socket.SOCK_DGRAM, own)))
+attempt("bound-again", lambda: mine[0].bind(("127.0.0.1", 0)))
 )";
   auto r = RunInGroup(dir_, Policy(rules),
                       kPython + " " + dir_ / "bind.py " + std::to_string(tcp) + " " + std::to_string(udp) + " " +
                           std::to_string(own));
   EXPECT_EQ(r.out,
             "tcp-beside-the-service Address already in use\nudp-beside-the-service Address already in use\n"
-            "own-tcp-1 ok\nown-udp-1 ok\nown-tcp-2 ok\nown-udp-2 ok\n")
+            "own-tcp-1 ok\nown-udp-1 ok\nown-tcp-2 ok\nown-udp-2 ok\nbound-again Invalid argument\n")
       << r.err;
 }
 

@@ -48,11 +48,13 @@ std::string OtherInetName(const NetRequest& q) {
   return (q.type == SOCK_RAW ? "raw protocol " : "protocol ") + std::to_string(q.protocol);
 }
 
-// The owner of the sockets this ULSP makes for its group: a uid of the group's own
-// (from this ULSP's pid, in a range no account uses), not root. The kernel lets a
-// socket share a port by SO_REUSEPORT only with sockets of the same owner, so a group
-// that may bind a port cannot join a host service's reuseport group there (root's,
-// or anyone's) and take its connections, nor another group's.
+// The owner of the sockets this ULSP binds on the host for its group: a uid of the
+// group's own (from this ULSP's pid, in a range no account uses), not root. The
+// kernel lets a socket share a port by SO_REUSEPORT only with sockets of the same
+// owner, so a group that may bind a port cannot join a host service's reuseport group
+// there (root's, or anyone's) and take its connections, nor another group's. (Only an
+// explicit bind can share a port: the kernel's own choice of one, for a connect, a
+// send or a listen, never does.)
 uid_t GroupSocketOwner() {
   static const uid_t owner = 0x7f000000u + static_cast<uid_t>(::getpid());
   return owner;
@@ -60,7 +62,8 @@ uid_t GroupSocketOwner() {
 
 // socket(2), owned by the group (GroupSocketOwner): the kernel takes a socket's owner
 // from the file-system uid of the thread that makes it. setfsuid is per thread (the
-// system call; glibc's wrapper would change every thread).
+// system call; glibc's wrapper would change every thread), and costs about 1.5 µs
+// here (a new set of credentials): for binds, not for every socket.
 int GroupSocket(int family, int type, int protocol) {
   const auto own = static_cast<uid_t>(::syscall(SYS_setfsuid, GroupSocketOwner()));
   const int fd = ::socket(family, type | SOCK_CLOEXEC, protocol);
@@ -449,7 +452,7 @@ void NetServer::ServeRequest(NetRequest& q) {
         // every way out of them (connect, addressed sends, bind, listen) comes back
         // here to be decided, and an allowed connect then needs no socket swapped in.
         const int type = static_cast<int>(q.args[1]);
-        const int fd = GroupSocket(family, type, protocol);
+        const int fd = ::socket(family, type | SOCK_CLOEXEC, protocol);
         if (fd < 0) return Error(q, errno);  // what the kernel says of these arguments
         q.install.Reset(fd);
         // What SO_DOMAIN, SO_TYPE and SO_PROTOCOL say of it, for the shim to keep.
@@ -484,7 +487,7 @@ void NetServer::ServeRequest(NetRequest& q) {
   Error(q, ENOSYS);
 }
 
-Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
+Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group, bool group_owned) {
   UniqueFd own_ns;
   if (in_group) {
     auto self = Sys([] { return ::open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC); });
@@ -492,7 +495,8 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group) {
     own_ns.Reset(*self);
     if (auto r = Sys([&] { return ::setns(config_.group_netns.get(), CLONE_NEWNET); }); !r) return std::unexpected(r.error());
   }
-  const int fd = GroupSocket(q.family, q.type, q.protocol);
+  const int fd = group_owned ? GroupSocket(q.family, q.type, q.protocol)
+                             : ::socket(q.family, q.type | SOCK_CLOEXEC, q.protocol);
   const int err = errno;
   if (in_group && ::setns(own_ns.get(), CLONE_NEWNET) != 0) {
     // This thread would stay in the group's namespace: never let it serve again.
@@ -730,6 +734,10 @@ void NetServer::Bind(NetRequest& q) {
     NoteKeptInGroup(q, *ep, !q.host_netns);
     return q.host_netns ? Error(q, EACCES) : on_dup();
   }
+  // A bound socket stays as it is (the bind below swaps in a new one).
+  sockaddr_storage bound{};
+  socklen_t bound_len = 0;
+  if (BoundPort(dup, bound, bound_len) != 0) return Error(q, EINVAL);
   const bool stream = q.type == SOCK_STREAM;
   LogEntry e{.proto = stream ? "tcp" : "udp", .address = ep->AddressString(), .port = ep->port};
   const Decision d = config_.rules.Decide(Call::kBind, stream ? Proto::kTcp : Proto::kUdp, *ep, {});
@@ -750,13 +758,12 @@ void NetServer::Bind(NetRequest& q) {
   e.rule = config_.rules.Describe(d.rule);
   Note(q, e);
   if (!d.allowed()) return Error(q, EACCES);
-  // A UDP socket with SO_REUSEADDR shares its port with any other that has it, whoever
-  // owns it, and takes datagrams meant for it: bound on the host, a group's does not.
-  const int no = 0;
-  if (!stream && q.host_netns) (void)::setsockopt(dup, SOL_SOCKET, SO_REUSEADDR, &no, sizeof no);
-  if (q.host_netns) return on_dup();
-  auto s = SocketLike(q, /*in_group=*/false);
+  // Bound on the host by a socket the group owns (GroupSocketOwner), made for it. A
+  // UDP socket with SO_REUSEADDR shares its port with any other that has it, whoever
+  // owns it, and takes datagrams meant for it: a group's does not.
+  auto s = SocketLike(q, /*in_group=*/false, /*group_owned=*/true);
   if (!s) return Error(q, s.error().value);
+  const int no = 0;
   if (!stream) (void)::setsockopt(s->get(), SOL_SOCKET, SO_REUSEADDR, &no, sizeof no);
   if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
   Install(q, std::move(*s));
