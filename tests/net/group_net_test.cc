@@ -523,9 +523,10 @@ TEST_F(NetTest, ABindRuleOpensAHostPortAndNothingElseDoes) {
 // A bind rule opens a port, not another's socket: a host service that shares its port
 // by SO_REUSEPORT (or, for UDP, SO_REUSEADDR) keeps it. Before, the group's sockets
 // were root's, as the service's were, so a group with a bind rule joined the
-// service's reuseport group and took about half its connections and datagrams. The
-// group's own sockets still share a port among themselves.
-TEST_F(NetTest, ABindRuleOpensNoPortAHostServiceSharesByReusePort) {
+// service's reuseport group and took about half its connections and datagrams; a
+// UDP socket bound inside the group (no rule needed) and then sent out did the same
+// with the port it kept. The group's own sockets still share a port among themselves.
+TEST_F(NetTest, NoBindJoinsAPortAHostServiceSharesByReusePort) {
   const int tcp = FreePort(), udp = FreePort(), own = FreePort();
   auto host_socket = [](int type, int port) {
     UniqueFd s(::socket(AF_INET, type | SOCK_CLOEXEC, 0));
@@ -555,7 +556,7 @@ def shared(kind, port):
     s.bind(("127.0.0.1", port))
     if kind == socket.SOCK_STREAM: s.listen()
     return s
-tcp, udp, own = map(int, sys.argv[1:])
+tcp, udp, own, echo = map(int, sys.argv[1:])
 attempt("tcp-beside-the-service", lambda: shared(socket.SOCK_STREAM, tcp))
 attempt("udp-beside-the-service", lambda: shared(socket.SOCK_DGRAM, udp))
 mine = []
@@ -563,13 +564,22 @@ for i in (1, 2):
     attempt(f"own-tcp-{i}", lambda: mine.append(shared(socket.SOCK_STREAM, own)))
     attempt(f"own-udp-{i}", lambda: mine.append(shared(socket.SOCK_DGRAM, own)))
 attempt("bound-again", lambda: mine[0].bind(("127.0.0.1", 0)))
+# Bound inside the group (no rule for 0.0.0.0), then sent out: the socket that takes
+# its place on the host keeps its port only where no host socket has it.
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+u.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+u.bind(("0.0.0.0", udp))
+u.sendto(b"x", ("127.0.0.1", echo))
+print("sent out with the service's port:", u.getsockname()[1] == udp)
 )";
   auto r = RunInGroup(dir_, Policy(rules),
                       kPython + " " + dir_ / "bind.py " + std::to_string(tcp) + " " + std::to_string(udp) + " " +
-                          std::to_string(own));
+                          std::to_string(own) + " " + P(udp_ok_));
   EXPECT_EQ(r.out,
             "tcp-beside-the-service Address already in use\nudp-beside-the-service Address already in use\n"
-            "own-tcp-1 ok\nown-udp-1 ok\nown-tcp-2 ok\nown-udp-2 ok\nbound-again Invalid argument\n")
+            "own-tcp-1 ok\nown-udp-1 ok\nown-tcp-2 ok\nown-udp-2 ok\nbound-again Invalid argument\n"
+            "sent out with the service's port: False\n")
       << r.err;
 }
 

@@ -495,8 +495,13 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group, bool 
     own_ns.Reset(*self);
     if (auto r = Sys([&] { return ::setns(config_.group_netns.get(), CLONE_NEWNET); }); !r) return std::unexpected(r.error());
   }
-  const int fd = group_owned ? GroupSocket(q.family, q.type, q.protocol)
-                             : ::socket(q.family, q.type | SOCK_CLOEXEC, q.protocol);
+  // A port the caller bound goes with it (best effort: it may be taken on this side).
+  // On the host it is bound as a bind rule's would be: by a socket the group owns.
+  sockaddr_storage local{};
+  socklen_t len = 0;
+  const uint16_t port = BoundPort(q.socket.get(), local, len);
+  const bool owned = !in_group && (group_owned || port != 0);
+  const int fd = owned ? GroupSocket(q.family, q.type, q.protocol) : ::socket(q.family, q.type | SOCK_CLOEXEC, q.protocol);
   const int err = errno;
   if (in_group && ::setns(own_ns.get(), CLONE_NEWNET) != 0) {
     // This thread would stay in the group's namespace: never let it serve again.
@@ -506,10 +511,11 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group, bool 
   if (fd < 0) return Fail(err);
   UniqueFd s(fd);
   CopyOptions(q, s.get());
-  // A port the caller bound goes with it (best effort: it may be taken on this side).
-  sockaddr_storage local{};
-  socklen_t len = 0;
-  if (const uint16_t port = BoundPort(q.socket.get(), local, len); port != 0) {
+  // A UDP socket with SO_REUSEADDR shares its port with any other that has it, whoever
+  // owns it, and takes datagrams meant for it: one the group binds on the host does not.
+  const int no = 0;
+  if (owned && q.type == SOCK_DGRAM) (void)::setsockopt(s.get(), SOL_SOCKET, SO_REUSEADDR, &no, sizeof no);
+  if (port != 0) {
     sockaddr_storage any{};
     any.ss_family = local.ss_family;
     if (local.ss_family == AF_INET) reinterpret_cast<sockaddr_in*>(&any)->sin_port = htons(port);
@@ -758,13 +764,9 @@ void NetServer::Bind(NetRequest& q) {
   e.rule = config_.rules.Describe(d.rule);
   Note(q, e);
   if (!d.allowed()) return Error(q, EACCES);
-  // Bound on the host by a socket the group owns (GroupSocketOwner), made for it. A
-  // UDP socket with SO_REUSEADDR shares its port with any other that has it, whoever
-  // owns it, and takes datagrams meant for it: a group's does not.
+  // Bound on the host by a socket the group owns (GroupSocketOwner), made for it.
   auto s = SocketLike(q, /*in_group=*/false, /*group_owned=*/true);
   if (!s) return Error(q, s.error().value);
-  const int no = 0;
-  if (!stream) (void)::setsockopt(s->get(), SOL_SOCKET, SO_REUSEADDR, &no, sizeof no);
   if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
   Install(q, std::move(*s));
   Return(q, 0);

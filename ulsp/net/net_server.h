@@ -91,8 +91,9 @@ class NetServer final : public msgport::Server {
   // denied, being from outside it.
   void NoteKeptInGroup(const msgport::NetRequest& q, const Endpoint& to, bool in_group);
   // A socket like the caller's, in the ULSP's namespace (or the group's with
-  // `in_group`), with its options and its bound port; owned by the group's own uid
-  // with `group_owned` (for a bind on the host). Errno on failure.
+  // `in_group`), with its options and its bound port. One that binds on the host
+  // (`group_owned`, for a bind; or to keep the caller's port) is owned by the group's
+  // own uid, and a UDP one without SO_REUSEADDR. Errno on failure.
   Result<UniqueFd> SocketLike(const msgport::NetRequest& q, bool in_group, bool group_owned = false);
   // A UNIX socket path as the caller's call would find it (its root, directory and
   // credentials), pinned by a descriptor so nothing can swap it before the call.
