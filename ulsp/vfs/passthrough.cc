@@ -754,7 +754,7 @@ int PassthroughLayer::Xattr(VfsRequest& req) {
       if (!(req.flags & msgport::kXattrAclKillSgid) || req.name != "system.posix_acl_access") return 0;
       // As ext4 does for such a caller. The mode's group bits stay, and with them the
       // ACL's mask.
-      struct stat st;
+      struct stat st {};
       if (::fstat(fd, &st) != 0 || !(st.st_mode & S_ISGID)) return 0;
       return Errno0([&] { return ::chmod(proc.c_str(), st.st_mode & 07777 & ~mode_t{S_ISGID}); });
     }
