@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <thread>
@@ -1370,6 +1371,51 @@ TEST_F(StackTest, ACopyUpsNewDirectoriesAreSeenAtOnce) {
               Output("cd " + dir_ / "upper && stat -c '%n %Z' d3 && stat" + ids + "d3/f"));
     mount_.reset();
   }
+}
+
+// RENAME_WHITEOUT on memfs leaves what ext4 leaves at the old name: a character
+// device 0:0 with no permission bits, the caller's, made in the same step as the move
+// (with RENAME_EXCHANGE: EINVAL). overlayfs asks for it of an upper directory at
+// mount, so a memfs mount now serves as one (RAM with a size cap under a container's
+// changes, say): removing and renaming lower files leaves whiteouts in it. Before,
+// memfs answered EINVAL and overlayfs refused the mount ("upper fs does not support
+// RENAME_WHITEOUT"). Without --no-kernel-passthrough the kernel counts a FUSE mount
+// as stacked already and refuses a file system above it.
+TEST_F(StackTest, OverlayfsTakesAMemfsMountAsItsUpperDirectory) {
+  mount_ = std::make_unique<ServedMount>(std::vector<std::string>{"--no-kernel-passthrough", "--stack", "memfs:64M"},
+                                         dir_ / "mnt", dir_ / "server.log");
+  ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
+  const std::string m = mount_->path();
+  const std::string whiteout =
+      kPython + " -c \"import ctypes, os, sys; libc = ctypes.CDLL(None, use_errno=True); d = sys.argv[1]; "
+                "open(d + '/a', 'w').write('A'); open(d + '/x', 'w').write('X'); "
+                "r = libc.renameat2(-100, (d + '/a').encode(), -100, (d + '/b').encode(), 4); "
+                "print(r, os.strerror(ctypes.get_errno()) if r else ''); st = os.lstat(d + '/a'); "
+                "print(oct(st.st_mode), os.major(st.st_rdev), os.minor(st.st_rdev), st.st_uid, st.st_nlink, "
+                "open(d + '/b').read()); "
+                "r = libc.renameat2(-100, (d + '/b').encode(), -100, (d + '/x').encode(), 2 | 4); "
+                "print(r, os.strerror(ctypes.get_errno()) if r else '', sorted(os.listdir(d)))\" ";
+  ASSERT_EQ(Shell("mkdir " + dir_ / "native"), 0);
+  const std::string native = Output(whiteout + dir_ / "native");
+  EXPECT_EQ(native, "0 \n0o20000 0 0 0 1 A\n-1 Invalid argument ['a', 'b', 'x']\n");
+  EXPECT_EQ(Output(whiteout + m), native);
+
+  ASSERT_EQ(Shell("mkdir " + m + "/up " + m + "/work " + dir_ / "lower " + dir_ / "ov && echo f > " + dir_ / "lower/f" +
+                  " && echo g > " + dir_ / "lower/g"),
+            0);
+  const std::string ov = dir_ / "ov";
+  struct Detach {
+    std::string path;
+    ~Detach() { ::umount2(path.c_str(), MNT_DETACH); }
+  } detach{ov};
+  const std::string options = "lowerdir=" + dir_ / "lower" + ",upperdir=" + m + "/up,workdir=" + m + "/work";
+  ASSERT_EQ(::mount("ulsp-test", ov.c_str(), "overlay", 0, options.c_str()), 0) << std::strerror(errno);
+  EXPECT_EQ(Shell("rm " + ov + "/f && mv " + ov + "/g " + ov + "/g2"), 0);
+  EXPECT_EQ(Output("ls " + ov), "g2\n");
+  EXPECT_EQ(Output("cat " + ov + "/g2"), "g\n");
+  EXPECT_EQ(Output("stat -c '%n %F %t:%T %a' " + m + "/up/f " + m + "/up/g"),
+            m + "/up/f character special file 0:0 0\n" + m + "/up/g character special file 0:0 0\n");
+  EXPECT_EQ(Output("ls " + dir_ / "lower"), "f\ng\n");  // below, nothing changed
 }
 
 // --- the command line ---

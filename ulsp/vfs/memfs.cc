@@ -312,7 +312,8 @@ int MemfsLayer::Remove(VfsRequest& req) {
 int MemfsLayer::Rename(VfsRequest& req) {
   if (int err = MakeableName(req.name2)) return err;
   const unsigned flags = static_cast<unsigned>(req.flags);
-  if (flags & ~static_cast<unsigned>(RENAME_NOREPLACE | RENAME_EXCHANGE)) return EINVAL;
+  if (flags & ~static_cast<unsigned>(RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT)) return EINVAL;
+  if ((flags & RENAME_EXCHANGE) && (flags & ~static_cast<unsigned>(RENAME_EXCHANGE))) return EINVAL;
   std::unique_lock lock(mu_);
   Node* from = Get(req.node);
   Node* to = Get(req.node2);
@@ -372,6 +373,16 @@ int MemfsLayer::Rename(VfsRequest& req) {
     ++to->st.st_nlink;
   }
   Touch(moving.st, false);
+  if (flags & RENAME_WHITEOUT) {
+    // As ext4: the old name now holds a whiteout, a character device 0:0 with no
+    // permission bits, the caller's (the kernel admits only a caller with CAP_MKNOD).
+    // overlayfs with a memfs mount as its upper directory hides a lower entry by it
+    // in the same step as the move.
+    const uint64_t from_id = req.node;
+    const uint64_t wid = NewNode(req, *from, S_IFCHR);
+    Get(wid)->st.st_rdev = 0;
+    Link(*Get(from_id), from_id, req.name, wid);
+  }
   if (exists) MaybeDrop(victim);
   return 0;
 }
