@@ -122,11 +122,18 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
   // - a device to send on: the kernel binds an unbound socket to one without asking
   //   CAP_NET_RAW (it asks only to change it), and a group's TCP and UDP sockets are
   //   the host's, so an allowed connection could leave by an interface of its choosing
-  //   (past a VPN's routes).
+  //   (past a VPN's routes);
+  // - the interface a datagram leaves by, chosen with no device bound and no
+  //   capability asked: IP_UNICAST_IF, IPV6_UNICAST_IF, and IPv6's sticky packet
+  //   information (IPV6_PKTINFO, an interface and a source address; one in a sendmsg's
+  //   control data, IPv4's too, is refused by the ULSP). A group's datagrams to an
+  //   allowed address left by an interface of its naming, as with a device bound.
   // The arguments are ints: compared on their low 32 bits, as the kernel reads them.
   using Option = std::pair<unsigned, unsigned>;  // level, name
-  for (const auto& [level, optname] : {Option{IPPROTO_IPV6, IPV6_RTHDR}, Option{IPPROTO_IPV6, IPV6_2292PKTOPTIONS},
-                                       Option{SOL_SOCKET, SO_BINDTODEVICE}, Option{SOL_SOCKET, SO_BINDTOIFINDEX}}) {
+  for (const auto& [level, optname] :
+       {Option{IPPROTO_IPV6, IPV6_RTHDR}, Option{IPPROTO_IPV6, IPV6_2292PKTOPTIONS}, Option{SOL_SOCKET, SO_BINDTODEVICE},
+        Option{SOL_SOCKET, SO_BINDTOIFINDEX}, Option{IPPROTO_IP, IP_UNICAST_IF}, Option{IPPROTO_IPV6, IPV6_UNICAST_IF},
+        Option{IPPROTO_IPV6, IPV6_PKTINFO}}) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
                                         SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, level),
                                         SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, optname)));

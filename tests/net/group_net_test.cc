@@ -342,6 +342,95 @@ attempt("plain", lambda: u.send(b"x"))
       << log;
 }
 
+// A second way out of the host: a veth pair, ulsp-side0 (whose peer's received
+// packets are counted), which the host reaches 198.51.100.0/24 and 2001:db8:77::/64
+// by only at metric 2000, below unreachable routes for both (as a VPN's kill switch
+// makes them). Static neighbours and no link-local addresses: nothing crosses it
+// unasked. Removed however the test ends.
+class SideInterface {
+ public:
+  SideInterface() {
+    ok_ = Shell("ip link add ulsp-side0 type veth peer name ulsp-side1 && "
+                "for i in ulsp-side0 ulsp-side1; do sysctl -qw net.ipv6.conf.$i.addr_gen_mode=1 && ip link set $i up; "
+                "done && ip route add unreachable 198.51.100.0/24 metric 100 && "
+                "ip route add 198.51.100.0/24 dev ulsp-side0 metric 2000 && "
+                "ip -6 route add unreachable 2001:db8:77::/64 metric 100 && "
+                "ip -6 route add 2001:db8:77::/64 dev ulsp-side0 metric 2000 && "
+                "m=$(cat /sys/class/net/ulsp-side1/address) && "
+                "ip neigh replace 198.51.100.7 lladdr $m dev ulsp-side0 nud permanent && "
+                "ip -6 neigh replace 2001:db8:77::7 lladdr $m dev ulsp-side0 nud permanent") == 0;
+  }
+  ~SideInterface() {
+    Shell("ip link del ulsp-side0 2>/dev/null; ip route del unreachable 198.51.100.0/24 metric 100 2>/dev/null; "
+          "ip -6 route del unreachable 2001:db8:77::/64 metric 100 2>/dev/null");
+  }
+  SideInterface(const SideInterface&) = delete;
+  SideInterface& operator=(const SideInterface&) = delete;
+  bool ok() const { return ok_; }
+  std::string Index() const { return std::to_string(std::stol(ReadAll("/sys/class/net/ulsp-side0/ifindex"))); }
+  long Received() const { return std::stol(ReadAll("/sys/class/net/ulsp-side1/statistics/rx_packets")); }
+
+ private:
+  bool ok_ = false;
+};
+
+// A datagram leaves by the interface the host's routes say, as a connection does
+// (no SO_BINDTODEVICE above): the kernel also lets any process name the interface
+// for each datagram, with no device bound and no capability asked. Natively each of
+// these five ways sends a datagram to an allowed address out of ulsp-side0, past the
+// routes that make it unreachable; a group had them all. Now the three options are
+// refused by the filter and packet information naming an interface or a source
+// address by the ULSP (EPERM, logged); packet information of zeros changes nothing
+// and is sent.
+TEST_F(NetTest, NoDatagramLeavesByAnInterfaceTheGroupNames) {
+  SideInterface side;
+  ASSERT_TRUE(side.ok());
+  const std::string script = dir_ / "steer.py";
+  std::ofstream(script) << kAttempt << R"(
+import struct, sys
+idx = int(sys.argv[1])
+v4, v6 = ("198.51.100.7", 9), ("2001:db8:77::7", 9)
+def udp(family, level=None, name=None, value=None):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    if level is not None: s.setsockopt(level, name, value)
+    return s
+IP_PKTINFO, IP_UNICAST_IF, IPV6_UNICAST_IF = 8, 50, 76
+pktinfo = struct.pack("@i4s4s", idx, bytes(4), bytes(4))
+pktinfo6 = bytes(16) + struct.pack("@I", idx)
+attempt("ip_unicast_if", lambda: udp(socket.AF_INET, socket.IPPROTO_IP, IP_UNICAST_IF, struct.pack("!I", idx)).sendto(b"x", v4))
+attempt("ipv6_unicast_if", lambda: udp(socket.AF_INET6, socket.IPPROTO_IPV6, IPV6_UNICAST_IF, struct.pack("!I", idx)).sendto(b"x", v6))
+attempt("ipv6_pktinfo_sticky", lambda: udp(socket.AF_INET6, socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo6).sendto(b"x", v6))
+attempt("ip_pktinfo", lambda: udp(socket.AF_INET).sendmsg([b"x"], [(socket.IPPROTO_IP, IP_PKTINFO, pktinfo)], 0, v4))
+attempt("ipv6_pktinfo", lambda: udp(socket.AF_INET6).sendmsg([b"x"], [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, pktinfo6)], 0, v6))
+attempt("routed", lambda: udp(socket.AF_INET).sendto(b"x", v4))
+attempt("zeros", lambda: udp(socket.AF_INET).sendmsg([b"x"], [(socket.IPPROTO_IP, IP_PKTINFO, bytes(12))], 0, v4))
+)";
+  const std::string cmd = kPython + " " + script + " " + side.Index();
+  long before = side.Received();
+  EXPECT_EQ(Output(cmd),
+            "ip_unicast_if ok\nipv6_unicast_if ok\nipv6_pktinfo_sticky ok\nip_pktinfo ok\nipv6_pktinfo ok\n"
+            "routed No route to host\nzeros No route to host\n");
+  EXPECT_EQ(side.Received() - before, 5);  // natively, each named interface is taken
+
+  before = side.Received();
+  auto r = RunInGroup(dir_,
+                      Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"198.51.100.7\"\n"
+                             "[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"2001:db8:77::7\"\n"),
+                      cmd);
+  EXPECT_EQ(r.out,
+            "ip_unicast_if Operation not permitted\nipv6_unicast_if Operation not permitted\n"
+            "ipv6_pktinfo_sticky Operation not permitted\nip_pktinfo Operation not permitted\n"
+            "ipv6_pktinfo Operation not permitted\n"
+            "routed No route to host\nzeros No route to host\n")
+      << r.err;
+  EXPECT_EQ(side.Received() - before, 0);
+  const std::string log = ReadAll(dir_ / "conn.jsonl");
+  EXPECT_NE(log.find(R"("call":"sendmsg","proto":"udp","address":"198.51.100.7","port":9,"verdict":"deny",)"
+                     R"("rule":"an interface or source address per datagram")"),
+            std::string::npos)
+      << log;
+}
+
 // The group's command shares the caller's terminal; what it typed there (TIOCSTI)
 // would be read by the caller's shell once the group ended, outside every rule. The
 // filter refuses it, with high bits in the request and through the 32-bit ABI too.

@@ -12,6 +12,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <climits>
 #include <cstring>
@@ -260,19 +261,35 @@ void CopyOptions(const NetRequest& q, int to) {
     (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
-// Whether `control` holds an IPv6 routing header (IPV6_RTHDR, or RFC 2292's): a
-// segment routing header sends the datagram to its first segment, not to the address
-// the rules decided on, and needs no capability.
-bool CarriesRoutingHeader(const std::vector<char>& control) {
-  if (control.empty()) return false;
+// Why `control` may not be sent on the host, as the rule its refusal is logged with;
+// nullptr when it may.
+// - An IPv6 routing header (IPV6_RTHDR, or RFC 2292's): a segment routing header sends
+//   the datagram to its first segment, not to the address the rules decided on, and
+//   needs no capability.
+// - Packet information (IP_PKTINFO, IPV6_PKTINFO) naming an interface or a source
+//   address: the datagram would leave by an interface of the group's choosing (as with
+//   a device bound, which the filter refuses), or from a host address it was not
+//   allowed to bind. All zeros, which changes nothing, is sent.
+// A control message cut short is left for the kernel to refuse (EINVAL).
+const char* RefusedControl(const std::vector<char>& control) {
+  if (control.empty()) return nullptr;
   msghdr h{};
   h.msg_control = const_cast<char*>(control.data());
   h.msg_controllen = control.size();
+  auto zeros = [](const cmsghdr* c, size_t size) {
+    const auto* data = reinterpret_cast<const char*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
+    return c->cmsg_len < CMSG_LEN(size) || std::all_of(data, data + size, [](char b) { return b == 0; });
+  };
   for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
-    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return false;  // refused as EINVAL later
-    if (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_RTHDR || c->cmsg_type == IPV6_2292RTHDR)) return true;
+    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return nullptr;  // refused as EINVAL later
+    if (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_RTHDR || c->cmsg_type == IPV6_2292RTHDR))
+      return "IPv6 routing headers";
+    if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && !zeros(c, sizeof(in_pktinfo))) ||
+        (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_PKTINFO || c->cmsg_type == IPV6_2292PKTINFO) &&
+         !zeros(c, sizeof(in6_pktinfo))))
+      return "an interface or source address per datagram";
   }
-  return false;
+  return nullptr;
 }
 
 // Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
@@ -794,8 +811,13 @@ void NetServer::Send(NetRequest& q) {
 
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
-    if (CarriesRoutingHeader(d.control)) {
-      Note(q, {.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = "IPv6 routing headers"});
+    if (const char* why = RefusedControl(d.control)) {
+      LogEntry e{.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = why};
+      if (auto ep = Endpoint::FromSockaddr(d.name.data(), d.name.size()); ep && inet) {
+        e.address = ep->AddressString();
+        e.port = ep->port;
+      }
+      Note(q, e);
       if (sent_msgs > 0) break;
       return Error(q, EPERM);
     }
