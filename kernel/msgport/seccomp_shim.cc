@@ -127,13 +127,23 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
   //   capability asked: IP_UNICAST_IF, IPV6_UNICAST_IF, and IPv6's sticky packet
   //   information (IPV6_PKTINFO, an interface and a source address; one in a sendmsg's
   //   control data, IPv4's too, is refused by the ULSP). A group's datagrams to an
-  //   allowed address left by an interface of its naming, as with a device bound.
+  //   allowed address left by an interface of its naming, as with a device bound;
+  // - joining a multicast group (IPv4's three ways, IPv6's, and an anycast address,
+  //   which needs CAP_NET_ADMIN anyway): the kernel then reports the membership out of
+  //   the host's interface (IGMP, MLD), carrying the group address the caller chose. A
+  //   group whose rules allow nothing sent 28 bits of its choosing a join (112 on
+  //   IPv6) to the host's network. Leaving, and source filters, need a membership
+  //   first.
   // The arguments are ints: compared on their low 32 bits, as the kernel reads them.
   using Option = std::pair<unsigned, unsigned>;  // level, name
   for (const auto& [level, optname] :
        {Option{IPPROTO_IPV6, IPV6_RTHDR}, Option{IPPROTO_IPV6, IPV6_2292PKTOPTIONS}, Option{SOL_SOCKET, SO_BINDTODEVICE},
         Option{SOL_SOCKET, SO_BINDTOIFINDEX}, Option{IPPROTO_IP, IP_UNICAST_IF}, Option{IPPROTO_IPV6, IPV6_UNICAST_IF},
-        Option{IPPROTO_IPV6, IPV6_PKTINFO}}) {
+        Option{IPPROTO_IPV6, IPV6_PKTINFO}, Option{IPPROTO_IP, IP_ADD_MEMBERSHIP},
+        Option{IPPROTO_IP, IP_ADD_SOURCE_MEMBERSHIP}, Option{IPPROTO_IP, MCAST_JOIN_GROUP},
+        Option{IPPROTO_IP, MCAST_JOIN_SOURCE_GROUP}, Option{IPPROTO_IPV6, IPV6_ADD_MEMBERSHIP},
+        Option{IPPROTO_IPV6, IPV6_JOIN_ANYCAST}, Option{IPPROTO_IPV6, MCAST_JOIN_GROUP},
+        Option{IPPROTO_IPV6, MCAST_JOIN_SOURCE_GROUP}}) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), SCMP_SYS(setsockopt), 2,
                                         SCMP_A1(SCMP_CMP_MASKED_EQ, 0xffffffffu, level),
                                         SCMP_A2(SCMP_CMP_MASKED_EQ, 0xffffffffu, optname)));

@@ -342,8 +342,8 @@ attempt("plain", lambda: u.send(b"x"))
       << log;
 }
 
-// A second way out of the host: a veth pair, ulsp-side0 (whose peer's received
-// packets are counted), which the host reaches 198.51.100.0/24 and 2001:db8:77::/64
+// A second way out of the host: a veth pair, ulsp-side0 (10.251.0.1/24; its peer's
+// received packets are counted), which the host reaches 198.51.100.0/24 and 2001:db8:77::/64
 // by only at metric 2000, below unreachable routes for both (as a VPN's kill switch
 // makes them). Static neighbours and no link-local addresses: nothing crosses it
 // unasked. Removed however the test ends.
@@ -352,7 +352,7 @@ class SideInterface {
   SideInterface() {
     ok_ = Shell("ip link add ulsp-side0 type veth peer name ulsp-side1 && "
                 "for i in ulsp-side0 ulsp-side1; do sysctl -qw net.ipv6.conf.$i.addr_gen_mode=1 && ip link set $i up; "
-                "done && ip route add unreachable 198.51.100.0/24 metric 100 && "
+                "done && ip addr add 10.251.0.1/24 dev ulsp-side0 && ip route add unreachable 198.51.100.0/24 metric 100 && "
                 "ip route add 198.51.100.0/24 dev ulsp-side0 metric 2000 && "
                 "ip -6 route add unreachable 2001:db8:77::/64 metric 100 && "
                 "ip -6 route add 2001:db8:77::/64 dev ulsp-side0 metric 2000 && "
@@ -429,6 +429,52 @@ attempt("zeros", lambda: udp(socket.AF_INET).sendmsg([b"x"], [(socket.IPPROTO_IP
                      R"("rule":"an interface or source address per datagram")"),
             std::string::npos)
       << log;
+}
+
+// Joining a multicast group makes the kernel report the membership out of the host's
+// interface (IGMP, MLD), with the group address the caller chose: a group whose rules
+// allow nothing sent reports naming 239.1.2.0-3 and ff05::1:2 to the host's network,
+// 28 bits of its choosing a join (112 on IPv6). Every way to join is refused (EPERM),
+// and nothing leaves. Natively (run after, so that its leave reports come after the
+// group's count) the same joins are reported.
+TEST_F(NetTest, AGroupJoinsNoMulticastGroupOnTheHostsNetwork) {
+  SideInterface side;
+  ASSERT_TRUE(side.ok());
+  const std::string script = dir_ / "join.py";
+  std::ofstream(script) << kAttempt << R"(
+import struct, sys, time
+idx = int(sys.argv[1])
+v4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+v6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+group6 = socket.inet_pton(socket.AF_INET6, "ff05::1:2")
+def group_req(family, addr):  # struct group_req: an interface, then a sockaddr_storage
+    sa = struct.pack("@H", family) + (struct.pack("!H4s", 0, addr) if family == socket.AF_INET else struct.pack("!HI16sI", 0, 0, addr, 0))
+    return struct.pack("@I4x", idx) + sa.ljust(128, b"\0")
+def source_req(family, addr, source):
+    return group_req(family, addr) + group_req(family, source)[8:]
+attempt("ip_add_membership", lambda: v4.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, bytes([239, 1, 2, 0]) + struct.pack("@4si", bytes(4), idx)))
+attempt("ip_add_source_membership", lambda: v4.setsockopt(socket.IPPROTO_IP, 39, bytes([239, 1, 2, 1]) + bytes([10, 251, 0, 1]) + bytes([10, 0, 0, 9])))
+attempt("mcast_join_group", lambda: v4.setsockopt(socket.IPPROTO_IP, 42, group_req(socket.AF_INET, bytes([239, 1, 2, 2]))))
+attempt("mcast_join_source_group", lambda: v4.setsockopt(socket.IPPROTO_IP, 46, source_req(socket.AF_INET, bytes([239, 1, 2, 3]), bytes([10, 0, 0, 9]))))
+attempt("ipv6_join_group", lambda: v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP, group6 + struct.pack("@I", idx)))
+attempt("ipv6_mcast_join_group", lambda: v6.setsockopt(socket.IPPROTO_IPV6, 42, group_req(socket.AF_INET6, socket.inet_pton(socket.AF_INET6, "ff05::1:3"))))
+time.sleep(1.5)  # reports are sent at once, then again
+)";
+  const std::string cmd = kPython + " " + script + " " + side.Index();
+  long before = side.Received();
+  auto r = RunInGroup(dir_, Policy(), cmd);
+  EXPECT_EQ(r.out,
+            "ip_add_membership Operation not permitted\nip_add_source_membership Operation not permitted\n"
+            "mcast_join_group Operation not permitted\nmcast_join_source_group Operation not permitted\n"
+            "ipv6_join_group Operation not permitted\nipv6_mcast_join_group Operation not permitted\n")
+      << r.err;
+  EXPECT_EQ(side.Received() - before, 0);
+
+  before = side.Received();
+  EXPECT_EQ(Output(cmd),
+            "ip_add_membership ok\nip_add_source_membership ok\nmcast_join_group ok\nmcast_join_source_group ok\n"
+            "ipv6_join_group ok\nipv6_mcast_join_group ok\n");
+  EXPECT_GT(side.Received() - before, 0);  // natively, reported
 }
 
 // The group's command shares the caller's terminal; what it typed there (TIOCSTI)
