@@ -584,6 +584,45 @@ for family, resolver in ((socket.AF_INET, "127.0.0.53"), (socket.AF_INET6, "::ff
   EXPECT_EQ(resolves, 2);
 }
 
+// A name is looked up on the host (whose query goes out to name servers, carrying
+// it) only if it might lead somewhere: a rule names it, or a rule admits addresses by
+// themselves, or net_default allows. A group allowed to reach only named hosts asked
+// its resolver for any name, and the host looked each up: data spelled as
+// names under a domain of the group's reached that domain's name servers. Now such a
+// name is refused (NXDOMAIN, net_default) without a lookup; "localhost", which the
+// host knows, shows which. With a rule on an address range, names are looked up
+// as before.
+TEST_F(NetTest, OnlyANameThatMightLeadSomewhereIsLookedUpOnTheHost) {
+  const std::string script = R"(
+import socket, struct
+def ask(name, qid):
+    query = struct.pack(">6H", qid, 0x100, 1, 0, 0, 0)
+    for label in name.split("."):
+        query += bytes([len(label)]) + label.encode()
+    query += b"\x00" + struct.pack(">2H", 1, 1)
+    d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    d.settimeout(5)
+    d.sendto(query, ("127.0.0.53", 53))
+    answer = d.recv(512)
+    rcode, count = answer[3] & 15, struct.unpack(">H", answer[6:8])[0]
+    print(name, "rcode", rcode, socket.inet_ntoa(answer[-4:]) if count else "-")
+ask("allowed.internal", 1)
+ask("localhost", 2)
+)";
+  std::ofstream(dir_ / "ask.py") << script;
+  const std::string named_only = "[group.t]\nnet_default = \"deny\"\nlog = \"" + dir_ / "conn.jsonl" +
+                                 "\"\nhosts = { \"allowed.internal\" = \"127.0.0.1\" }\n"
+                                 "[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"allowed.internal\"\n";
+  auto r = RunInGroup(dir_, named_only, kPython + " " + dir_ / "ask.py");
+  EXPECT_EQ(r.out, "allowed.internal rcode 0 127.0.0.1\nlocalhost rcode 3 -\n") << r.err;
+  EXPECT_NE(ReadAll(dir_ / "conn.jsonl").find(R"("call":"resolve","name":"localhost","addresses":[],"verdict":"deny","rule":"net_default")"),
+            std::string::npos)
+      << ReadAll(dir_ / "conn.jsonl");
+
+  r = RunInGroup(dir_, Policy(), kPython + " " + dir_ / "ask.py");  // rules on 127.0.0.1
+  EXPECT_EQ(r.out, "allowed.internal rcode 0 127.0.0.1\nlocalhost rcode 0 127.0.0.1\n") << r.err;
+}
+
 // Linux takes a connect or send to 0.0.0.0 or :: to mean the loopback. The ULSP
 // decided on the address as given, so with loopback = "group" `curl http://0.0.0.0:PORT`
 // and glibc's UDP probes of getaddrinfo were refused by net_default, and a rule on

@@ -183,6 +183,13 @@ TEST(RuleSet, WildcardNamesAndPaths) {
   EXPECT_FALSE(rules.DecideName("tracker.ads.example").allowed());
   EXPECT_TRUE(rules.DecideName("cdn.example").allowed());
   EXPECT_TRUE(rules.DecideName("unrelated.org").allowed());  // decided when it connects
+  // ... were an address reachable: here only names are (the resolver refuses others).
+  EXPECT_FALSE(rules.ReachesAddresses());
+  EXPECT_TRUE(RuleSet({MakeRule(Action::kLog, Proto::kTcp, "10.0.0.0/8", "443")}, false).ReachesAddresses());
+  EXPECT_TRUE(RuleSet({MakeRule(Action::kAllow, Proto::kUdp, "any", "53")}, false).ReachesAddresses());
+  EXPECT_FALSE(RuleSet({MakeRule(Action::kDeny, Proto::kTcp, "10.0.0.0/8", "any")}, false).ReachesAddresses());
+  EXPECT_FALSE(RuleSet({MakeRule(Action::kAllow, Proto::kTcp, "0.0.0.0/0", "8080", Call::kBind)}, false).ReachesAddresses());
+  EXPECT_TRUE(RuleSet({}, /*default_allow=*/true).ReachesAddresses());
   EXPECT_EQ(rules.DecidePath("/run/dbus/system_bus_socket").rule, 2);
   EXPECT_EQ(rules.DecidePath("/tmp/exact.sock").rule, 3);
   EXPECT_EQ(rules.DecidePath("/tmp/exact.sock2").rule, -1);

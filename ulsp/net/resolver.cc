@@ -211,7 +211,12 @@ DnsAnswer Resolver::Lookup(const std::string& name, uint16_t qtype, pid_t asker)
   const int family = qtype == kTypeAAAA ? AF_INET6 : AF_INET;
   LogEntry e{.pid = asker, .call = "resolve", .name = name};
   const Decision d = rules_.DecideName(name);
-  if (!d.allowed()) {
+  // A name no rule names, where no rule admits an address by itself, could lead
+  // nowhere: it is not looked up on the host, whose query would carry it to the name
+  // servers of a domain the group chose (data in the name), past rules that allow
+  // nothing. It is refused by net_default.
+  const bool leads_nowhere = d.rule < 0 && !hosts_.contains(name) && !rules_.ReachesAddresses();
+  if (!d.allowed() || leads_nowhere) {
     counters_.refused.fetch_add(1, std::memory_order_relaxed);
     a.rcode = 3;
     if (qtype == kTypeA) {

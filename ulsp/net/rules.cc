@@ -295,6 +295,13 @@ Decision RuleSet::DecideName(std::string_view name) const {
   return d;
 }
 
+bool RuleSet::ReachesAddresses() const noexcept {
+  return default_allow_ || std::ranges::any_of(rules_, [](const Rule& r) {
+           return r.action != Action::kDeny && r.call == Call::kConnect && r.proto != Proto::kUnix &&
+                  (r.cidr.has_value() || r.any_address);
+         });
+}
+
 std::string RuleSet::Describe(int rule) const {
   if (rule < 0 || static_cast<size_t>(rule) >= rules_.size()) return "net_default";
   return fmt::format("rule {} ({})", rule + 1, rules_[static_cast<size_t>(rule)].where);

@@ -106,6 +106,11 @@ class RuleSet {
   // Decides a name lookup: deny when the first rule that names it (or a suffix of
   // it) denies; otherwise allow (the connection is decided when it is made).
   Decision DecideName(std::string_view name) const;
+  // Whether a connect or send may reach an address no name stands for: net_default
+  // allows, or an allowing (or logging) connect rule names addresses (a CIDR, or
+  // any). If not, only the names rules name can lead anywhere, and the resolver
+  // looks up no other name on the host.
+  bool ReachesAddresses() const noexcept;
 
   const std::vector<Rule>& rules() const noexcept { return rules_; }
   bool default_allow() const noexcept { return default_allow_; }
