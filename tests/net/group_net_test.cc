@@ -623,6 +623,40 @@ ask("localhost", 2)
   EXPECT_EQ(r.out, "allowed.internal rcode 0 127.0.0.1\nlocalhost rcode 0 127.0.0.1\n") << r.err;
 }
 
+// A DNS label may hold any byte, but the host's lookup reads a name up to a NUL: a
+// query for "localhost\0.allowed.internal" matched the rule on *.allowed.internal,
+// the host looked up "localhost", and the rule then admitted 127.0.0.1 by that name.
+// So a rule on one domain admitted any host at all. Now only a host name is looked
+// up (NXDOMAIN, logged "not a host name"), and the connect is refused.
+TEST_F(NetTest, ANameWithANulInALabelAdmitsNothing) {
+  const std::string script = R"(
+import socket, struct, sys
+query = struct.pack(">6H", 9, 0x100, 1, 0, 0, 0)
+for label in (b"localhost\0", b"allowed", b"internal"):
+    query += bytes([len(label)]) + label
+query += b"\x00" + struct.pack(">2H", 1, 1)
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+d.settimeout(5)
+d.sendto(query, ("127.0.0.53", 53))
+answer = d.recv(512)
+print("rcode", answer[3] & 15, "answers", struct.unpack(">H", answer[6:8])[0])
+c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+try:
+    c.connect(("127.0.0.1", int(sys.argv[1]))); print("connect ok")
+except OSError as e:
+    print("connect", e.strerror)
+)";
+  std::ofstream(dir_ / "nul.py") << script;
+  const std::string policy = "[group.t]\nnet_default = \"deny\"\nlog = \"" + dir_ / "conn.jsonl" +
+                             "\"\n[[group.t.net]]\naction = \"allow\"\nproto = \"tcp\"\nto = \"*.allowed.internal\"\n";
+  auto r = RunInGroup(dir_, policy, kPython + " " + dir_ / "nul.py " + P(allowed_));
+  EXPECT_EQ(r.out, "rcode 3 answers 0\nconnect Permission denied\n") << r.err;
+  EXPECT_EQ(allowed_.accepted(), 0);
+  EXPECT_NE(ReadAll(dir_ / "conn.jsonl").find(R"("name":"localhost\u0000.allowed.internal","addresses":[],"verdict":"deny","rule":"not a host name")"),
+            std::string::npos)
+      << ReadAll(dir_ / "conn.jsonl");
+}
+
 // Linux takes a connect or send to 0.0.0.0 or :: to mean the loopback. The ULSP
 // decided on the address as given, so with loopback = "group" `curl http://0.0.0.0:PORT`
 // and glibc's UDP probes of getaddrinfo were refused by net_default, and a rule on

@@ -210,6 +210,20 @@ DnsAnswer Resolver::Lookup(const std::string& name, uint16_t qtype, pid_t asker)
   DnsAnswer a;
   const int family = qtype == kTypeAAAA ? AF_INET6 : AF_INET;
   LogEntry e{.pid = asker, .call = "resolve", .name = name};
+  // A label may hold any byte on the wire, but the host's lookup reads the name up to
+  // a NUL: "target\0.allowed.example" matched a rule on *.allowed.example and looked up
+  // `target`, whose addresses that rule then admitted. Only a host name is looked up.
+  if (!IsHostName(name)) {
+    counters_.refused.fetch_add(1, std::memory_order_relaxed);
+    a.rcode = 3;
+    if (qtype == kTypeA) {
+      e.verdict = "deny";
+      e.rule = "not a host name";
+      log_.Write(e);
+      Logger("net")->info("group {}: denied a name that is no host name ({} bytes)", group_, name.size());
+    }
+    return a;
+  }
   const Decision d = rules_.DecideName(name);
   // A name no rule names, where no rule admits an address by itself, could lead
   // nowhere: it is not looked up on the host, whose query would carry it to the name
