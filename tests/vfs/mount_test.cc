@@ -1704,6 +1704,29 @@ TEST_F(CommandLineTest, AForegroundMountStopsAtOnceOnSigterm) {
   }
 }
 
+// One overlay on an upper directory at a time, as overlayfs has it. Two (two mounts,
+// two groups of one policy) each copied a file up and linked their copy in; the
+// second link failed, and so did the program's append through it ("File exists"),
+// and neither saw the other's whiteouts. The second is refused, in-process or
+// isolated, with a line that says why; once the first ends, the directory is free.
+TEST_F(CommandLineTest, OneOverlayAtATimeOnAnUpperDirectory) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "up " + dir_ / "a " + dir_ / "b && echo x > " + dir_ / "src/f"), 0);
+  const std::string stack = "--stack overlay:" + dir_ / "up" + ",passthrough:" + dir_ / "src ";
+  ASSERT_EQ(Ulsp("mount " + stack + dir_ / "a"), "");
+  const std::string refused = "ulsp mount: overlay:" + dir_ / "up" +
+                              ": another overlay serves this upper directory now (a mount, a group or an agent's export); "
+                              "give each its own\n";
+  EXPECT_EQ(Ulsp("mount " + stack + dir_ / "b"), refused);
+  EXPECT_EQ(Ulsp("mount --isolated " + stack + dir_ / "b"), refused);
+  EXPECT_FALSE(Mounted(dir_ / "b"));
+  EXPECT_EQ(Shell("echo a >> " + dir_ / "a/f"), 0);
+  EXPECT_EQ(Ulsp("umount " + dir_ / "a"), "");
+  ASSERT_EQ(Ulsp("mount --isolated " + stack + dir_ / "b"), "");
+  EXPECT_EQ(Shell("echo b >> " + dir_ / "b/f"), 0);
+  EXPECT_EQ(ReadAll(dir_ / "up/f"), "x\na\nb\n");
+  EXPECT_EQ(Ulsp("umount " + dir_ / "b"), "");
+}
+
 TEST_F(CommandLineTest, BadInputGetsAOneLineErrorAndNothingIsMounted) {
   ASSERT_EQ(Shell("mkdir " + dir_ / "src " + dir_ / "mnt"), 0);
   // Orphans come to this process (not init), so a server a failed mount left behind,

@@ -3,6 +3,7 @@
 #include <dirent.h>
 #include <fcntl.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 #include <linux/fuse.h>
@@ -173,10 +174,23 @@ std::expected<std::unique_ptr<OverlayLayer>, std::string> OverlayLayer::Open(con
   if (!xattrs)
     return std::unexpected("overlay:" + upper_dir + ": its file system keeps no user extended attributes (" +
                            std::strerror(xattr_errno) + "), which the overlay needs to mark opaque directories");
+  // One overlay on an upper directory at a time. Two (two mounts, two groups of one
+  // policy, two peers of an agent's export) each copied a file up and linked its copy
+  // in: the second's link failed, and the program's open or append with it (EEXIST).
+  // Nor do they see each other's whiteouts. overlayfs refuses the second mount too.
+  UniqueFd lock(::open(upper_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!lock) return std::unexpected("overlay:" + upper_dir + ": " + std::strerror(errno));
+  if (::flock(lock.get(), LOCK_EX | LOCK_NB) != 0)
+    return std::unexpected("overlay:" + upper_dir + ": " +
+                           (errno == EWOULDBLOCK ? std::string("another overlay serves this upper directory now (a mount, a "
+                                                               "group or an agent's export); give each its own")
+                                                 : std::string("cannot lock it: ") + std::strerror(errno)));
   RemoveLeftWhiteouts(upper_dir);
   auto upper = PassthroughLayer::Open(upper_dir);
   if (!upper) return std::unexpected("overlay:" + upper_dir + ": " + upper.error().Describe());
-  return std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));
+  auto layer = std::unique_ptr<OverlayLayer>(new OverlayLayer(std::move(*upper), std::move(lower)));
+  layer->upper_lock_ = std::move(lock);
+  return layer;
 }
 
 OverlayLayer::OverlayLayer(std::unique_ptr<Layer> upper, std::unique_ptr<Layer> lower)

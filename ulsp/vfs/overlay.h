@@ -35,6 +35,7 @@
 #include <unordered_map>
 #include <vector>
 
+#include "kernel/msgport/unique_fd.h"
 #include "ulsp/vfs/layer.h"
 
 namespace ulsp::vfs {
@@ -132,6 +133,9 @@ class OverlayLayer final : public Layer {
   int WithHandle(VfsRequest& req);
 
   std::unique_ptr<Layer> upper_;
+  // UPPER, open for as long as the overlay serves, with an exclusive flock: one
+  // overlay on an upper directory at a time, as overlayfs has it.
+  UniqueFd upper_lock_;
   mutable std::mutex mu_;  // the tables
   std::deque<ONode> nodes_;
   std::vector<uint32_t> free_;
