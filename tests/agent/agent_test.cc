@@ -12,6 +12,7 @@
 #include <unistd.h>
 
 #include <chrono>
+#include <iostream>
 #include <cstring>
 #include <expected>
 #include <fstream>
@@ -300,6 +301,35 @@ TEST_F(TwoHosts, ACutLinkFailsWithinTheDeadlineAndTheMountServesAgainWhenItComes
   }
   EXPECT_TRUE(back) << "the mount did not serve again after the link came back";
   Shell("kill $(cat " + dir_ / "loop.pid" + ") 2>/dev/null; pkill -f 'cat " + m + "' 2>/dev/null");
+}
+
+// An overlay export serves one connection at a time (one overlay on an upper
+// directory). A peer whose link is cut for good never closes its connection; the
+// agent gives it up within about ten seconds (TCP keepalive and a user timeout: a
+// live mount pings every second), and the next peer is served. Before, the
+// connection, and its overlay, stayed until the link came back: every other peer
+// was refused meanwhile.
+TEST_F(TwoHosts, AVanishedPeerIsGivenUpOnAndTheNextIsServed) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "mnt2"), 0);
+  StartAgent("--token-file " + dir_ / "token", "overlay:" + dir_ / "up" + ",passthrough:" + dir_ / "src");
+  std::string err;
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err), 0) << err;
+  EXPECT_EQ(Shell("cmp -s /usr/include/linux/stat.h " + dir_ / "mnt/linux/stat.h"), 0);
+  ASSERT_EQ(Shell("ip -n " + a_ + " link set " + va_ + " down"), 0);  // for good
+  const std::string second = "nsenter --net=/run/netns/" + b_ + " " + ULSP_BIN + " mount --remote " + agent_addr_ +
+                             ":7700/src --token-file " + dir_ / "token " + dir_ / "mnt2 2> " + dir_ / "mount2.err";
+  const auto t0 = Clock::now();
+  bool served = false;
+  while (!served && Clock::now() < t0 + std::chrono::seconds(40)) {
+    served = Shell(second) == 0;
+    if (!served) std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  }
+  const double took = std::chrono::duration<double>(Clock::now() - t0).count();
+  ASSERT_TRUE(served) << Output("cat " + dir_ / "mount2.err");
+  EXPECT_LT(took, 20.0);
+  std::cout << "the next peer was served after " << took << " s\n";
+  EXPECT_EQ(Shell("cmp -s /usr/include/linux/stat.h " + dir_ / "mnt2/linux/stat.h"), 0);
+  ::umount2((dir_ / "mnt2").c_str(), MNT_DETACH);
 }
 
 TEST_F(TwoHosts, AKilledAgentFailsWithinTheDeadlineAndARestartedOneServesTheSameMount) {

@@ -3,6 +3,8 @@
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <linux/fuse.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <sys/random.h>
 #include <sys/signalfd.h>
@@ -727,6 +729,20 @@ int ServeAgent(const AgentOptions& options) {
     std::function<kj::Promise<void>()> accept = [&]() -> kj::Promise<void> {
       return listener->accept().then([&](kj::Own<kj::AsyncIoStream>&& stream) {
         ++shared.connections;
+        // A peer that vanished without closing (its host gone, its link cut for good)
+        // is given up on within about ten seconds: its mount pings every second, so a
+        // live one is never idle that long. Before, the connection stayed until the
+        // link came back, and with it the connection's stack: an overlay export (one
+        // overlay at a time on an upper directory) refused every other peer meanwhile.
+        KJ_IF_MAYBE (fd, stream->getFd()) {
+          const int on = 1, idle_s = 5, interval_s = 1, probes = 3;
+          const unsigned unacked_ms = 10000;
+          (void)::setsockopt(*fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+          (void)::setsockopt(*fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof idle_s);
+          (void)::setsockopt(*fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof interval_s);
+          (void)::setsockopt(*fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof probes);
+          (void)::setsockopt(*fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &unacked_ms, sizeof unacked_ms);
+        }
         std::string peer = "a peer";
         // A TCP stream knows its peer; a wrapped one may not.
         struct sockaddr_storage ss {};
