@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 #include <signal.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -300,6 +301,36 @@ TEST_F(RunTest, AReadOnlyRootRefusesChangesButNotTheGroupsTmp) {
   EXPECT_EQ(r.status, 0) << r.err;
   EXPECT_EQ(r.out, "read\n1\ntmp\nro\n");
   EXPECT_NE(Shell("test -e /ulsp-ro-987"), 0);
+}
+
+// Without a root stack the group sees the host's own tree, and root in the group
+// wrote it: a file made in the host's /etc (or its users' homes) stayed after the
+// group. With read_only_host, what it sees of the host's tree refuses changes, while
+// its stack, its /dev, its /proc, its private /tmp and its descriptors from outside
+// (standard output) take them; with and without a pid namespace.
+TEST_F(RunTest, ReadOnlyHostKeepsTheHostsTreeUnchanged) {
+  const std::string probe = "/var/tmp/ulsp-ro-host-" + std::to_string(::getpid());  // outside the private /tmp
+  auto script = [&](const std::string& stack_dir) {
+    return "touch " + probe + " 2>&1 | grep -c 'Read-only file system'; touch /etc/ulsp-ro-host-987 2>&1 | grep -c "
+           "'Read-only file system'; echo s > " + stack_dir + "/made && echo stack; echo t > /tmp/t && echo tmp; "
+           "echo x > /dev/null && : > /dev/shm/s && echo dev; echo 5 > /proc/self/oom_score_adj && echo proc; "
+           "echo 1 > /proc/sys/vm/overcommit_memory 2>/dev/null || echo sysctl-refused";
+  };
+  ASSERT_EQ(Shell("mkdir " + dir_ / "w"), 0);
+  for (const char* pid_ns : {"true", "false"}) {
+    const std::string policy = kOpen + "private_tmp = true\nread_only_host = true\npid_namespace = " + pid_ns +
+                               "\n[[group.g.mount]]\npath = \"" + dir_ / "w" + "\"\nstack = \"memfs:1M\"\n";
+    auto r = RunInGroup(dir_, policy, script(dir_ / "w"));
+    EXPECT_EQ(r.status, 0) << r.err;
+    EXPECT_EQ(r.out, "1\n1\nstack\ntmp\ndev\nproc\nsysctl-refused\n") << pid_ns << "\n" << r.err;
+    EXPECT_NE(Shell("test -e " + probe), 0);
+    EXPECT_NE(Shell("test -e /etc/ulsp-ro-host-987"), 0);
+  }
+  // Without it (the default), as before: the host's tree is the group's to change.
+  auto r = RunInGroup(dir_, kOpen, "touch " + probe + " && echo wrote");
+  EXPECT_EQ(r.out, "wrote\n") << r.err;
+  EXPECT_EQ(Shell("test -e " + probe), 0);
+  Shell("rm -f /etc/ulsp-ro-host-987 " + probe);
 }
 
 TEST_F(RunTest, TheWallLimitEndsTheGroup) {

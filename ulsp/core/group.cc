@@ -263,6 +263,7 @@ int RunGroup(GroupRun& run) {
   plan.hosts = run_dir + "/hosts";
   plan.pid_namespace = group.pid_namespace;
   plan.private_tmp = group.private_tmp;
+  plan.read_only_host = group.read_only_host;
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
   plan.umask = kStart.umask;

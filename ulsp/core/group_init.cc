@@ -340,6 +340,22 @@ void GroupMain(const GroupPlan& plan, int sock) {
   Say("hello");
   Expect("hello");
   if (::mount(nullptr, "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0) Die(Errno("making / private"));
+  // Without a root stack the group sees the host's own tree, and root in the group
+  // may change it (its /etc, its users' files). With read_only_host every mount of it
+  // the group sees is made read-only here, before the group's own mounts go on: its
+  // stacks, /dev, /proc and a private /tmp stay writable. (mount_setattr changes this
+  // namespace's mounts only; the host's stay as they are.)
+  if (plan.read_only_host && plan.staging.empty()) {
+    mount_attr ro{};
+    ro.attr_set = MOUNT_ATTR_RDONLY;
+    if (::mount_setattr(AT_FDCWD, "/", AT_RECURSIVE, &ro, sizeof ro) != 0) Die(Errno("making the host's tree read-only"));
+    // The host's /proc, seen without a pid namespace: its per-process files take
+    // writes (oom_score_adj, comm); the kernel's settings are sealed read-only below.
+    mount_attr rw{};
+    rw.attr_clr = MOUNT_ATTR_RDONLY;
+    if (!plan.pid_namespace && ::mount_setattr(AT_FDCWD, "/proc", 0, &rw, sizeof rw) != 0)
+      Die(Errno("letting the group write /proc"));
+  }
 
   // The files bound over /etc/resolv.conf and /etc/hosts are opened now: a mount of
   // the group's may cover where they are.

@@ -51,6 +51,7 @@ struct GroupPolicy {
   bool loopback_group = false;  // loopback = "group": 127/8 and ::1 stay in the group
   bool pid_namespace = true;
   bool private_tmp = false;     // a fresh tmpfs on /tmp
+  bool read_only_host = false;  // the host's tree (outside the mounts, /dev, /proc) read-only
   std::vector<MountPolicy> mounts;  // sorted: a mount point after the ones above it
   Limits limits;
   // Names the group's resolver answers itself (before the host's), to addresses.
