@@ -1,6 +1,7 @@
 #include "kernel/msgport/seccomp_shim.h"
 
 #include <fcntl.h>
+#include <linux/filter.h>
 #include <linux/seccomp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -93,6 +94,55 @@ Result<void> RefuseNamespacesAndKeys(scmp_filter_ctx ctx) {
   if (const int nr = seccomp_syscall_resolve_name("clone3"); nr != __NR_SCMP_ERROR) {
     if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(ENOSYS), nr, 0)); !r) return r;
   }
+  return {};
+}
+
+// No set-user-ID or set-group-ID file is made: a group runs as root, and where it
+// writes on the host (an overlay's upper directory, a passthrough stack) such a
+// program, run by a host user, gave that user root's rights or group. Every call that
+// sets a mode is refused (EPERM) when the mode has either bit: chmod, fchmod,
+// fchmodat, creat, mknod, mknodat, and open and openat when they create (O_CREAT,
+// O_TMPFILE). fchmodat2 and openat2, whose mode libseccomp 2.5.4 cannot name or a
+// filter cannot read (a struct), are refused by RefuseModeCallsItCannotRead.
+Result<void> RefuseSetIdModes(scmp_filter_ctx ctx) {
+  struct Call {
+    const char* name;
+    unsigned mode_arg;
+    int flags_arg;  // -1: it always sets the mode
+  };
+  for (const Call& c : {Call{"chmod", 1, -1}, Call{"fchmod", 1, -1}, Call{"fchmodat", 2, -1}, Call{"creat", 1, -1},
+                        Call{"mknod", 1, -1}, Call{"mknodat", 2, -1}, Call{"open", 2, 1}, Call{"openat", 3, 2}}) {
+    const int nr = seccomp_syscall_resolve_name(c.name);
+    if (nr == __NR_SCMP_ERROR) continue;
+    for (const uint64_t bit : {uint64_t{S_ISUID}, uint64_t{S_ISGID}}) {
+      const scmp_arg_cmp mode{c.mode_arg, SCMP_CMP_MASKED_EQ, bit, bit};
+      if (c.flags_arg < 0) {
+        if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 1, mode)); !r) return r;
+        continue;
+      }
+      for (const uint64_t creates : {uint64_t{O_CREAT}, uint64_t{__O_TMPFILE}}) {
+        const scmp_arg_cmp flags{static_cast<unsigned>(c.flags_arg), SCMP_CMP_MASKED_EQ, creates, creates};
+        if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPERM), nr, 2, mode, flags)); !r) return r;
+      }
+    }
+  }
+  return {};
+}
+
+// fchmodat2 (452) and openat2 (437), the same numbers in both ABIs: ENOSYS, after
+// which the C library uses fchmodat and openat. A filter of its own, in plain BPF,
+// since libseccomp 2.5.4 knows no fchmodat2 (it cannot put it in the 32-bit ABI's
+// filter).
+Result<void> RefuseModeCallsItCannotRead() {
+  sock_filter code[] = {
+      BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(seccomp_data, nr)),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 452, 1, 0),
+      BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, 437, 0, 1),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | ENOSYS),
+      BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+  };
+  sock_fprog program{static_cast<unsigned short>(std::size(code)), code};
+  if (::prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &program) != 0) return Fail(errno);
   return {};
 }
 
@@ -279,15 +329,22 @@ int CopyMsg(pid_t tid, uint64_t at, bool stream, size_t limit, NetDatagram& out)
 
 }  // namespace
 
-Result<UniqueFd> LoadGroupFilter() {
+Result<UniqueFd> LoadGroupFilter(bool set_id_files) {
   FilterCtx native(SCMP_ACT_ALLOW);
   FilterCtx x86(SCMP_ACT_ALLOW);
   if (native.ctx == nullptr || x86.ctx == nullptr) return Fail(ENOMEM);
   if (auto r = BuildNative(native.ctx); !r) return std::unexpected(r.error());
   if (auto r = BuildX86(x86.ctx); !r) return std::unexpected(r.error());
+  if (!set_id_files) {
+    if (auto r = RefuseSetIdModes(native.ctx); !r) return std::unexpected(r.error());
+    if (auto r = RefuseSetIdModes(x86.ctx); !r) return std::unexpected(r.error());
+  }
   if (auto r = Check(seccomp_merge(native.ctx, x86.ctx)); !r) return std::unexpected(r.error());
   x86.ctx = nullptr;  // merged into `native`, which owns it now
   if (auto r = Sys([] { return ::prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); }); !r) return std::unexpected(r.error());
+  if (!set_id_files) {
+    if (auto r = RefuseModeCallsItCannotRead(); !r) return std::unexpected(r.error());
+  }
   if (auto r = Check(seccomp_load(native.ctx)); !r) return std::unexpected(r.error());
   const int fd = seccomp_notify_fd(native.ctx);
   if (fd < 0) return Fail(-fd);

@@ -43,8 +43,10 @@ struct NetRequest;
 // Loads the group filter into the calling process, which must be single-threaded
 // (it applies to this thread and everything it starts afterwards; no_new_privs is
 // set first). Returns the listener descriptor. Fails with the errno libseccomp
-// reports.
-Result<UniqueFd> LoadGroupFilter();
+// reports. Unless `set_id_files`, it also refuses to make a file set-user-ID or
+// set-group-ID (chmod, open, mknod ... with S_ISUID or S_ISGID: EPERM), as systemd's
+// RestrictSUIDSGID does.
+Result<UniqueFd> LoadGroupFilter(bool set_id_files = false);
 
 class SeccompShim {
  public:

@@ -127,7 +127,7 @@ TEST(Policy, AMountPointUnderAnotherMountOfTheGroupIsNotLookedForOnTheHost) {
 TEST(Policy, RefusesEachMistakeWithFileLineAndReason) {
   EXPECT_EQ(Refusal("[group.g]\nnet_defualt = \"deny\"\n"),
             "p.toml:2: unknown key 'net_defualt' in [group.g] (known: net_default, log, loopback, pid_namespace, "
-            "private_tmp, read_only_host, mount, net, limits, hosts)");
+            "private_tmp, read_only_host, set_id_files, mount, net, limits, hosts)");
   EXPECT_EQ(Refusal("[group.g]\nnet_default = \"maybe\"\n"), "p.toml:2: net_default must be \"allow\" or \"deny\", not \"maybe\"");
   EXPECT_EQ(Refusal("[group.g]\npid_namespace = \"yes\"\n"), "p.toml:2: `pid_namespace` in [group.g] must be true or false");
   EXPECT_EQ(Refusal("[group.g]\nread_only_host = 1\n"), "p.toml:2: `read_only_host` in [group.g] must be true or false");

@@ -333,6 +333,83 @@ TEST_F(RunTest, ReadOnlyHostKeepsTheHostsTreeUnchanged) {
   Shell("rm -f /etc/ulsp-ro-host-987 " + probe);
 }
 
+// A group runs as root, and where it writes on the host (an overlay's upper
+// directory, a passthrough stack) a set-user-ID program it left gave any host user
+// who ran it root's rights: made through the mount, the file on the host was
+// root's and mode 4755. Every way to set either set-ID bit is refused (EPERM), in both
+// ABIs, and so are file capabilities (no CAP_SETFCAP); the calls that cannot be
+// read (fchmodat2, openat2) are ENOSYS, and the C library then takes the others.
+// set_id_files = true allows them, as before.
+TEST_F(RunTest, NoSetIdFileIsLeftOnTheHost) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "w " + dir_ / "src && echo x > " + dir_ / "src/f && echo 'int main(void){return 0;}' > " +
+                  dir_ / "m.c"),
+            0);
+  // Each way to make a set-ID file, by system call (64-bit, then through int $0x80).
+  std::ofstream(dir_ / "setid.c") << R"(#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/xattr.h>
+#include <linux/capability.h>
+#include <unistd.h>
+static void say(const char* what, long r) { printf("%s %s\n", what, r < 0 ? strerrorname_np(errno) : "ok"); }
+static long int80(long nr, long a, long b, long c) {
+  long r;
+  __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory");
+  if (r < 0 && r > -4096) { errno = (int)-r; return -1; }
+  return r;
+}
+int main(int argc, char** argv) {
+  char p[4096];
+  snprintf(p, sizeof p, "%s/f", argv[1]);
+  int fd = open(p, O_RDWR);
+  say("chmod", chmod(p, 04755));
+  say("chmod-g", chmod(p, 02755));
+  say("fchmod", fchmod(fd, 04755));
+  say("fchmodat", syscall(SYS_fchmodat, AT_FDCWD, p, 04755));
+  say("fchmodat2", syscall(452, AT_FDCWD, p, 04755, 0));
+  snprintf(p, sizeof p, "%s/new1", argv[1]);
+  say("open", open(p, O_CREAT | O_WRONLY, 04755));
+  snprintf(p, sizeof p, "%s/new2", argv[1]);
+  say("creat", creat(p, 06755));
+  snprintf(p, sizeof p, "%s/new3", argv[1]);
+  say("mknod", mknod(p, S_IFREG | 04755, 0));
+  say("tmpfile", open(argv[1], O_TMPFILE | O_WRONLY, 04755));
+  snprintf(p, sizeof p, "%s/f", argv[1]);
+  char* path32 = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_32BIT, -1, 0);
+  strcpy(path32, "f");  /* the 32-bit ABI takes 32-bit pointers */
+  if (chdir(argv[1]) == 0) say("chmod-i386", int80(15 /* chmod */, (long)(unsigned long)path32, 04755, 0));
+  say("plain-chmod", chmod(p, 0750));
+  say("plain-open", open("plain", O_CREAT | O_WRONLY, 0644));
+  struct vfs_cap_data caps = {0};
+  caps.magic_etc = VFS_CAP_REVISION_2 | VFS_CAP_FLAGS_EFFECTIVE;
+  caps.data[0].permitted = 1u << CAP_NET_RAW;
+  say("setcap", setxattr("plain", "security.capability", &caps, XATTR_CAPS_SZ_2, 0));
+  return 0;
+}
+)";
+  ASSERT_EQ(Shell("cc -O1 -o " + dir_ / "setid " + dir_ / "setid.c"), 0);
+  const std::string mount = "[[group.g.mount]]\npath = \"" + dir_ / "w" + "\"\nstack = \"passthrough:" + dir_ / "src" + "\"\n";
+  auto r = RunInGroup(dir_, kOpen + mount, dir_ / "setid " + dir_ / "w");
+  EXPECT_EQ(r.out,
+            "chmod EPERM\nchmod-g EPERM\nfchmod EPERM\nfchmodat EPERM\nfchmodat2 ENOSYS\nopen EPERM\ncreat EPERM\n"
+            "mknod EPERM\ntmpfile EPERM\nchmod-i386 EPERM\nplain-chmod ok\nplain-open ok\nsetcap EPERM\n")
+      << r.err;
+  EXPECT_EQ(Output("find " + dir_ / "src" + " -perm /6000 | wc -l"), "0\n");
+  EXPECT_EQ(Output("stat -c %a " + dir_ / "src/f"), "750\n");
+  // Allowed by the policy: as natively.
+  Shell("rm -f " + dir_ / "src/plain");
+  r = RunInGroup(dir_, kOpen + "set_id_files = true\n" + mount, dir_ / "setid " + dir_ / "w");
+  EXPECT_NE(r.out.find("chmod ok\n"), std::string::npos) << r.out << r.err;
+  EXPECT_NE(r.out.find("open ok\n"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("chmod-i386 ok\n"), std::string::npos) << r.out;
+  EXPECT_EQ(Output("stat -c %a " + dir_ / "src/new1"), "4755\n");
+}
+
 TEST_F(RunTest, TheWallLimitEndsTheGroup) {
   const auto start = std::chrono::steady_clock::now();
   auto r = RunInGroup(dir_, kOpen + "[group.g.limits]\nwall_seconds = 1\n", "sleep 987654");
@@ -356,7 +433,7 @@ TEST_F(RunTest, LimitsAndCapabilitiesApplyToTheCommand) {
                       "print(\"keyctl\", libc.syscall(250, 0, -4, 0), os.strerror(ctypes.get_errno()))\n"
                       "t = threading.Thread(target=lambda: print(\"thread\")); t.start(); t.join()'");
   EXPECT_EQ(r.status, 0) << r.err;
-  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000a00405fb\nno-unshare\nno-userns\n"
+  EXPECT_EQ(r.out, "77\n1024\nno-mount\nCapBnd:\t00000000200405fb\nno-unshare\nno-userns\n"
                    "keyctl -1 Operation not permitted\nthread\n");
 }
 

@@ -264,6 +264,7 @@ int RunGroup(GroupRun& run) {
   plan.pid_namespace = group.pid_namespace;
   plan.private_tmp = group.private_tmp;
   plan.read_only_host = group.read_only_host;
+  plan.set_id_files = group.set_id_files;
   char cwd[PATH_MAX];
   plan.cwd = ::getcwd(cwd, sizeof cwd) != nullptr ? cwd : "/";
   plan.umask = kStart.umask;

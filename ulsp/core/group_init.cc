@@ -167,11 +167,15 @@ constexpr int kKeptCaps[] = {CAP_CHOWN,  CAP_DAC_OVERRIDE, CAP_FOWNER,  CAP_FSET
                              CAP_SETGID, CAP_SETUID,       CAP_SETPCAP, CAP_NET_BIND_SERVICE, CAP_SYS_CHROOT,
                              CAP_AUDIT_WRITE, CAP_SETFCAP};
 
-void DropCapabilities() {
+// Without set_id_files, CAP_SETFCAP goes too: file capabilities (setcap) on a file the
+// group leaves on the host give whoever runs it those rights, as a set-user-ID bit
+// does (which the filter refuses).
+void DropCapabilities(bool set_id_files) {
   int last = CAP_LAST_CAP;
   if (std::ifstream f("/proc/sys/kernel/cap_last_cap"); f) f >> last;
   uint64_t keep = 0;
   for (int c : kKeptCaps) keep |= 1ull << c;
+  if (!set_id_files) keep &= ~(1ull << CAP_SETFCAP);
   for (int c = 0; c <= last; ++c) {
     if ((keep >> c) & 1) continue;
     if (::prctl(PR_CAPBSET_DROP, c, 0, 0, 0) != 0 && errno != EINVAL) Die(Errno("dropping capability " + std::to_string(c)));
@@ -439,7 +443,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   Limit(RLIMIT_NOFILE, plan.open_files, "open_files", plan.who);
   Limit(RLIMIT_FSIZE, plan.file_size_bytes, "file_size", plan.who);
   if (!plan.pid_namespace) ::prctl(PR_SET_CHILD_SUBREAPER, 1);
-  DropCapabilities();
+  DropCapabilities(plan.set_id_files);
 
   // Signals are taken through a signalfd, not handlers: the init waits for them and
   // for its children in one place, and nothing runs in a signal handler.
@@ -452,7 +456,7 @@ void GroupMain(const GroupPlan& plan, int sock) {
   const int sigfd = ::signalfd(-1, &taken, SFD_CLOEXEC);
   if (sigfd < 0) Die(Errno("signalfd"));
 
-  auto listener = msgport::LoadGroupFilter();
+  auto listener = msgport::LoadGroupFilter(plan.set_id_files);
   if (!listener) Die("loading the seccomp filter: " + listener.error().Describe());
   Say("listener " + std::to_string(listener->get()));
   Expect("seccomp");

@@ -43,6 +43,7 @@ struct GroupPlan {
   bool pid_namespace = true;
   bool private_tmp = false;
   bool read_only_host = false;  // what the group sees of the host's tree is read-only
+  bool set_id_files = false;    // it may make set-user/group-ID files and set file capabilities
   std::string cwd;            // the command's directory (falls back to /)
   mode_t umask = 022;         // the command's umask: the one ulsp was started with
   uint64_t files_soft = 0;    // the command's open-file limit before the policy's (0: as is)

@@ -90,8 +90,8 @@ class Parser {
 
   GroupPolicy Group(const std::string& name, const toml::table& g) const {
     const std::string what = "[group." + name + "]";
-    OnlyKeys(g, what, {"net_default", "log", "loopback", "pid_namespace", "private_tmp", "read_only_host", "mount", "net", "limits",
-                     "hosts"});
+    OnlyKeys(g, what, {"net_default", "log", "loopback", "pid_namespace", "private_tmp", "read_only_host", "set_id_files", "mount", "net",
+                     "limits", "hosts"});
     GroupPolicy group;
     group.name = name;
     group.where = Where(g.source());
@@ -107,6 +107,7 @@ class Parser {
     group.pid_namespace = Bool(g, "pid_namespace", what, true);
     group.private_tmp = Bool(g, "private_tmp", what, false);
     group.read_only_host = Bool(g, "read_only_host", what, false);
+    group.set_id_files = Bool(g, "set_id_files", what, false);
 
     std::vector<net::Rule> rules;
     if (const toml::node* n = g.get("net")) {

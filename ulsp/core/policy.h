@@ -52,6 +52,7 @@ struct GroupPolicy {
   bool pid_namespace = true;
   bool private_tmp = false;     // a fresh tmpfs on /tmp
   bool read_only_host = false;  // the host's tree (outside the mounts, /dev, /proc) read-only
+  bool set_id_files = false;    // may make set-user-ID/set-group-ID files, set file capabilities
   std::vector<MountPolicy> mounts;  // sorted: a mount point after the ones above it
   Limits limits;
   // Names the group's resolver answers itself (before the host's), to addresses.
