@@ -46,7 +46,7 @@ struct NetRequest;
 // reports. Unless `set_id_files`, it also refuses to make a file set-user-ID or
 // set-group-ID (chmod, open, mknod ... with S_ISUID or S_ISGID: EPERM), as systemd's
 // RestrictSUIDSGID does.
-Result<UniqueFd> LoadGroupFilter(bool set_id_files = false);
+Result<UniqueFd> LoadGroupFilter(bool set_id_files);
 
 class SeccompShim {
  public:
