@@ -160,6 +160,12 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
                                       SCMP_A3(SCMP_CMP_MASKED_EQ, MSG_FASTOPEN, MSG_FASTOPEN)));
       !r)
     return r;
+  // sendto with MSG_DONTROUTE: the kernel would look for a route on a link alone,
+  // past the host's routes (the ULSP refuses it).
+  if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(sendto), 1,
+                                      SCMP_A3(SCMP_CMP_MASKED_EQ, MSG_DONTROUTE, MSG_DONTROUTE)));
+      !r)
+    return r;
   if (auto r = Check(seccomp_rule_add(ctx, SCMP_ACT_NOTIFY, SCMP_SYS(setsockopt), 2, SCMP_A1(SCMP_CMP_EQ, IPPROTO_TCP),
                                       SCMP_A2(SCMP_CMP_EQ, TCP_FASTOPEN_CONNECT)));
       !r)
@@ -173,6 +179,10 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
   //   CAP_NET_RAW (it asks only to change it), and a group's TCP and UDP sockets are
   //   the host's, so an allowed connection could leave by an interface of its choosing
   //   (past a VPN's routes);
+  // - SO_DONTROUTE: each datagram then looks for a route on a link alone, so one to an
+  //   allowed address left by a link route the host's unreachable route (a VPN's kill
+  //   switch) had overruled, as with a device bound (MSG_DONTROUTE, the same per send,
+  //   is refused by the ULSP);
   // - the interface a datagram leaves by, chosen with no device bound and no
   //   capability asked: IP_UNICAST_IF, IPV6_UNICAST_IF, and IPv6's sticky packet
   //   information (IPV6_PKTINFO, an interface and a source address; one in a sendmsg's
@@ -188,8 +198,8 @@ Result<void> BuildNative(scmp_filter_ctx ctx) {
   using Option = std::pair<unsigned, unsigned>;  // level, name
   for (const auto& [level, optname] :
        {Option{IPPROTO_IPV6, IPV6_RTHDR}, Option{IPPROTO_IPV6, IPV6_2292PKTOPTIONS}, Option{SOL_SOCKET, SO_BINDTODEVICE},
-        Option{SOL_SOCKET, SO_BINDTOIFINDEX}, Option{IPPROTO_IP, IP_UNICAST_IF}, Option{IPPROTO_IPV6, IPV6_UNICAST_IF},
-        Option{IPPROTO_IPV6, IPV6_PKTINFO}, Option{IPPROTO_IP, IP_ADD_MEMBERSHIP},
+        Option{SOL_SOCKET, SO_BINDTOIFINDEX}, Option{SOL_SOCKET, SO_DONTROUTE}, Option{IPPROTO_IP, IP_UNICAST_IF},
+        Option{IPPROTO_IPV6, IPV6_UNICAST_IF}, Option{IPPROTO_IPV6, IPV6_PKTINFO}, Option{IPPROTO_IP, IP_ADD_MEMBERSHIP},
         Option{IPPROTO_IP, IP_ADD_SOURCE_MEMBERSHIP}, Option{IPPROTO_IP, MCAST_JOIN_GROUP},
         Option{IPPROTO_IP, MCAST_JOIN_SOURCE_GROUP}, Option{IPPROTO_IPV6, IPV6_ADD_MEMBERSHIP},
         Option{IPPROTO_IPV6, IPV6_JOIN_ANYCAST}, Option{IPPROTO_IPV6, MCAST_JOIN_GROUP},

@@ -345,8 +345,8 @@ attempt("plain", lambda: u.send(b"x"))
 // A second way out of the host: a veth pair, ulsp-side0 (10.251.0.1/24; its peer's
 // received packets are counted), which the host reaches 198.51.100.0/24 and 2001:db8:77::/64
 // by only at metric 2000, below unreachable routes for both (as a VPN's kill switch
-// makes them). Static neighbours and no link-local addresses: nothing crosses it
-// unasked. Removed however the test ends.
+// makes them); 10.251.0.7 is on its link. Static neighbours and no link-local
+// addresses: nothing crosses it unasked. Removed however the test ends.
 class SideInterface {
  public:
   SideInterface() {
@@ -358,7 +358,8 @@ class SideInterface {
                 "ip -6 route add 2001:db8:77::/64 dev ulsp-side0 metric 2000 && "
                 "m=$(cat /sys/class/net/ulsp-side1/address) && "
                 "ip neigh replace 198.51.100.7 lladdr $m dev ulsp-side0 nud permanent && "
-                "ip -6 neigh replace 2001:db8:77::7 lladdr $m dev ulsp-side0 nud permanent") == 0;
+                "ip -6 neigh replace 2001:db8:77::7 lladdr $m dev ulsp-side0 nud permanent && "
+                "ip neigh replace 10.251.0.7 lladdr $m dev ulsp-side0 nud permanent") == 0;
   }
   ~SideInterface() {
     Shell("ip link del ulsp-side0 2>/dev/null; ip route del unreachable 198.51.100.0/24 metric 100 2>/dev/null; "
@@ -366,6 +367,10 @@ class SideInterface {
   }
   SideInterface(const SideInterface&) = delete;
   SideInterface& operator=(const SideInterface&) = delete;
+  // Rules that allow UDP to the two addresses behind the side link.
+  static constexpr const char* kAllowUdp =
+      "[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"198.51.100.7\"\n"
+      "[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"2001:db8:77::7\"\n";
   bool ok() const { return ok_; }
   std::string Index() const { return std::to_string(std::stol(ReadAll("/sys/class/net/ulsp-side0/ifindex"))); }
   long Received() const { return std::stol(ReadAll("/sys/class/net/ulsp-side1/statistics/rx_packets")); }
@@ -413,10 +418,7 @@ attempt("zeros", lambda: udp(socket.AF_INET).sendmsg([b"x"], [(socket.IPPROTO_IP
   EXPECT_EQ(side.Received() - before, 5);  // natively, each named interface is taken
 
   before = side.Received();
-  auto r = RunInGroup(dir_,
-                      Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"198.51.100.7\"\n"
-                             "[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"2001:db8:77::7\"\n"),
-                      cmd);
+  auto r = RunInGroup(dir_, Policy(SideInterface::kAllowUdp), cmd);
   EXPECT_EQ(r.out,
             "ip_unicast_if Operation not permitted\nipv6_unicast_if Operation not permitted\n"
             "ipv6_pktinfo_sticky Operation not permitted\nip_pktinfo Operation not permitted\n"
@@ -429,6 +431,120 @@ attempt("zeros", lambda: udp(socket.AF_INET).sendmsg([b"x"], [(socket.IPPROTO_IP
                      R"("rule":"an interface or source address per datagram")"),
             std::string::npos)
       << log;
+}
+
+// MSG_DONTROUTE (per send) and SO_DONTROUTE (per socket) make the kernel look for a
+// route on a link alone: natively each sent a datagram to an allowed address out of
+// ulsp-side0, past the unreachable route, as IP_UNICAST_IF did. In a group the option
+// is refused by the filter and the flag by the ULSP (EPERM, logged), on sendto, on
+// send() of a connected socket (which the filter lets through unseen without the
+// flag) and on sendmsg.
+TEST_F(NetTest, NoDatagramSkipsTheHostsRoutes) {
+  SideInterface side;
+  ASSERT_TRUE(side.ok());
+  const std::string script = dir_ / "dontroute.py";
+  std::ofstream(script) << kAttempt << R"(
+v4, v6 = ("198.51.100.7", 9), ("2001:db8:77::7", 9)
+def udp(family=socket.AF_INET): return socket.socket(family, socket.SOCK_DGRAM)
+def option():
+    s = udp(); s.setsockopt(socket.SOL_SOCKET, socket.SO_DONTROUTE, 1); s.sendto(b"x", v4)
+attempt("msg_dontroute", lambda: udp().sendto(b"x", socket.MSG_DONTROUTE, v4))
+attempt("so_dontroute", option)
+attempt("sendmsg", lambda: udp().sendmsg([b"x"], [], socket.MSG_DONTROUTE, v4))
+attempt("ipv6", lambda: udp(socket.AF_INET6).sendto(b"x", socket.MSG_DONTROUTE, v6))
+t = socket.create_connection(("127.0.0.1", int(__import__("sys").argv[1])))
+attempt("connected", lambda: t.send(b"x", socket.MSG_DONTROUTE))
+attempt("routed", lambda: udp().sendto(b"x", v4))
+)";
+  const std::string cmd = kPython + " " + script + " " + P(allowed_);
+  long before = side.Received();
+  EXPECT_EQ(Output(cmd),
+            "msg_dontroute ok\nso_dontroute ok\nsendmsg ok\nipv6 No route to host\nconnected ok\n"
+            "routed No route to host\n");
+  EXPECT_EQ(side.Received() - before, 3);  // natively, past the unreachable route
+
+  before = side.Received();
+  auto r = RunInGroup(dir_, Policy(SideInterface::kAllowUdp), cmd);
+  EXPECT_EQ(r.out,
+            "msg_dontroute Operation not permitted\nso_dontroute Operation not permitted\n"
+            "sendmsg Operation not permitted\nipv6 Operation not permitted\nconnected Operation not permitted\n"
+            "routed No route to host\n")
+      << r.err;
+  EXPECT_EQ(side.Received() - before, 0);
+  const std::string log = ReadAll(dir_ / "conn.jsonl");
+  EXPECT_NE(log.find(R"("call":"sendto","proto":"udp","address":"198.51.100.7","port":9,"verdict":"deny",)"
+                     R"("rule":"a send past the host's routes")"),
+            std::string::npos)
+      << log;
+}
+
+// The ULSP sends a group's datagrams with its own privileges, and the kernel checks
+// a sender's control data against them: a group's process of user 1000 set a mark
+// (SO_MARK, which policy routing reads: a VPN exempts its own packets by one) and a
+// priority of 7, sent an IPv4 loose source route (the datagram went to its first hop,
+// 10.251.0.7 on ulsp-side0, which no rule allowed: natively as root it leaves there)
+// and IPv6 hop-by-hop options, and told a receiver it was process 1 of user 0
+// (SCM_CREDENTIALS). Now a group's process gets what the kernel tells the same user
+// natively (compared for user 1000; root in a group holds none of CAP_NET_RAW,
+// CAP_NET_ADMIN, CAP_SYS_ADMIN), and its own credentials reach the receiver as its own.
+TEST_F(NetTest, ControlDataGetsNoneOfTheUlspsPrivileges) {
+  SideInterface side;
+  ASSERT_TRUE(side.ok());
+  const std::string script = dir_ / "control.py";
+  std::ofstream(script) << kAttempt << R"(
+import os, struct
+v4, v6 = ("127.0.0.1", 9), ("::1", 9)
+IP_RETOPTS, UDP_SEGMENT = 7, 103
+def u(): return socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+def u6(): return socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+def cmsg(sock, level, kind, value, to, data=b"x"):
+    return lambda: sock().sendmsg([data], [(level, kind, value)], 0, to)
+def creds(pid, uid, gid):  # sent, then read back: the receiver must be told the sender
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+    a.sendmsg([b"x"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, struct.pack("@3i", pid, uid, gid))])
+    got = struct.unpack("@3i", b.recvmsg(16, 64)[1][0][2])
+    if got != (os.getpid(), uid, gid): raise OSError(0, "received %r" % (got,))
+lsrr = bytes([1, 0x83, 7, 4]) + socket.inet_aton("10.251.0.7")  # a no-op, then the route: first hop 10.251.0.7
+attempt("ttl", cmsg(u, socket.IPPROTO_IP, socket.IP_TTL, struct.pack("@i", 9), v4))
+attempt("tos", cmsg(u, socket.IPPROTO_IP, socket.IP_TOS, struct.pack("@i", 0x10), v4))
+attempt("segment", cmsg(u, socket.IPPROTO_UDP, UDP_SEGMENT, struct.pack("@H", 100), v4, b"x" * 300))
+attempt("priority-3", cmsg(u, socket.SOL_SOCKET, socket.SO_PRIORITY, struct.pack("@I", 3), v4))
+attempt("tclass", cmsg(u6, socket.IPPROTO_IPV6, socket.IPV6_TCLASS, struct.pack("@i", 0x10), v6))
+attempt("hop-limit", cmsg(u6, socket.IPPROTO_IPV6, socket.IPV6_HOPLIMIT, struct.pack("@i", 9), v6))
+attempt("own-credentials", lambda: creds(os.getpid(), os.getuid(), os.getgid()))
+attempt("mark", cmsg(u, socket.SOL_SOCKET, socket.SO_MARK, struct.pack("@I", 51820), v4))
+attempt("priority-7", cmsg(u, socket.SOL_SOCKET, socket.SO_PRIORITY, struct.pack("@I", 7), v4))
+attempt("source-route", cmsg(u, socket.IPPROTO_IP, IP_RETOPTS, lsrr, v4))
+attempt("hop-by-hop", cmsg(u6, socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]), v6))
+attempt("pid-1", lambda: creds(1, os.getuid(), os.getgid()))
+attempt("user-0", lambda: creds(os.getpid(), 0, 0))
+)";
+  const std::string allowed = "ttl ok\ntos ok\nsegment ok\npriority-3 ok\ntclass ok\nhop-limit ok\nown-credentials ok\n";
+  const std::string refused =
+      "mark Operation not permitted\npriority-7 Operation not permitted\nsource-route Operation not permitted\n"
+      "hop-by-hop Operation not permitted\npid-1 Operation not permitted\n";
+  const std::string as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups " + kPython + " - < " + script;
+  long before = side.Received();
+  EXPECT_EQ(Output(kPython + " " + script),
+            allowed + "mark ok\npriority-7 ok\nsource-route ok\nhop-by-hop ok\npid-1 received (1, 0, 0)\nuser-0 ok\n");
+  EXPECT_EQ(side.Received() - before, 1);  // the source-routed datagram, to its first hop
+  const std::string native_user = Output(as_user);
+  EXPECT_EQ(native_user, allowed + refused + "user-0 Operation not permitted\n");
+
+  const std::string policy = Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"127.0.0.1\"\n"
+                                    "[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"::1\"\n");
+  before = side.Received();
+  auto r = RunInGroup(dir_, policy, kPython + " " + script);
+  EXPECT_EQ(r.out, allowed + refused + "user-0 ok\n") << r.err;  // root in a group may claim any user
+  r = RunInGroup(dir_, policy, as_user);
+  EXPECT_EQ(r.out, native_user) << r.err;
+  EXPECT_EQ(side.Received() - before, 0);
+  const std::string log = ReadAll(dir_ / "conn.jsonl");
+  for (const char* rule : {R"("verdict":"deny","rule":"control data that needs a privilege")",
+                           R"("proto":"unix","verdict":"deny","rule":"credentials not the caller's")"}) {
+    EXPECT_NE(log.find(rule), std::string::npos) << rule << "\n" << log;
+  }
 }
 
 // Joining a multicast group makes the kernel report the membership out of the host's

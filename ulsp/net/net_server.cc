@@ -1,8 +1,10 @@
 #include "ulsp/net/net_server.h"
 
 #include <fcntl.h>
+#include <linux/capability.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <netinet/udp.h>
 #include <poll.h>
 #include <sched.h>
 #include <signal.h>
@@ -16,9 +18,11 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
+#include <fstream>
 #include <map>
 #include <mutex>
 #include <new>
+#include <sstream>
 #include <tuple>
 
 #include "kernel/msgport/host_port.h"
@@ -261,33 +265,120 @@ void CopyOptions(const NetRequest& q, int to) {
     (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
-// Why `control` may not be sent on the host, as the rule its refusal is logged with;
-// nullptr when it may.
-// - An IPv6 routing header (IPV6_RTHDR, or RFC 2292's): a segment routing header sends
+constexpr int kScmTsOptId = 81;        // SCM_TS_OPT_ID (Linux 6.13), newer than our headers
+constexpr int kTlsSetRecordType = 1;   // TLS_SET_RECORD_TYPE (linux/tls.h)
+
+// Whether SCM_CREDENTIALS `c` names the caller, thread `tid`, as the kernel checks
+// them for a sender: its own process (numbered as its pid namespace numbers it), one
+// of its user ids unless it holds CAP_SETUID, one of its group ids unless it holds
+// CAP_SETGID. If so, the process is renumbered as the ULSP's namespace numbers it,
+// so the receiver is told who sent. The ULSP, which sends for the caller, holds
+// CAP_SYS_ADMIN, CAP_SETUID and CAP_SETGID, so the kernel would let it name anyone: a
+// group's process of user 1000 told a receiver it was process 1, user 0.
+bool OwnCredentials(pid_t tid, ucred& c) {
+  std::ifstream in("/proc/" + std::to_string(tid) + "/status");
+  pid_t ours = 0, theirs = 0;
+  bool uid_ok = false, gid_ok = false;
+  uint64_t caps = 0;
+  for (std::string line; std::getline(in, line);) {
+    std::istringstream f(line.substr(line.find(':') + 1));
+    if (line.starts_with("Tgid:")) {
+      f >> ours;
+    } else if (line.starts_with("NStgid:")) {
+      for (pid_t p; f >> p;) theirs = p;  // the innermost namespace's, the caller's own
+    } else if (line.starts_with("Uid:") || line.starts_with("Gid:")) {
+      bool& ok = line[0] == 'U' ? uid_ok : gid_ok;
+      const unsigned want = line[0] == 'U' ? c.uid : c.gid;
+      for (unsigned id, i = 0; i < 3 && f >> id; ++i) ok = ok || id == want;  // real, effective, saved
+    } else if (line.starts_with("CapEff:")) {
+      f >> std::hex >> caps;
+    }
+  }
+  uid_ok = uid_ok || (caps & (uint64_t{1} << CAP_SETUID)) != 0;
+  gid_ok = gid_ok || (caps & (uint64_t{1} << CAP_SETGID)) != 0;
+  if (ours == 0 || c.pid != theirs || !uid_ok || !gid_ok) return false;
+  c.pid = ours;
+  return true;
+}
+
+// Why `control` may not be sent for the caller, as the rule its refusal is logged
+// with; nullptr when it may (SCM_CREDENTIALS then renumbered, see OwnCredentials).
+// The ULSP sends with its own privileges, so only control data whose effect needs
+// none, or that is checked here as the kernel would check the caller, is sent:
+// descriptors (SCM_RIGHTS, translated later), credentials, timestamping and transmit
+// times, a priority of 0-6, IPv4's TTL and TOS, IPv6's hop limit, traffic class and
+// don't-fragment, UDP segmentation, a kTLS record type, and packet information of
+// zeros. Anything else is refused, among it:
+// - an IPv6 routing header (IPV6_RTHDR, or RFC 2292's): a segment routing header sends
 //   the datagram to its first segment, not to the address the rules decided on, and
-//   needs no capability.
-// - Packet information (IP_PKTINFO, IPV6_PKTINFO) naming an interface or a source
+//   needs no capability;
+// - packet information (IP_PKTINFO, IPV6_PKTINFO) naming an interface or a source
 //   address: the datagram would leave by an interface of the group's choosing (as with
 //   a device bound, which the filter refuses), or from a host address it was not
-//   allowed to bind. All zeros, which changes nothing, is sent.
+//   allowed to bind;
+// - what the kernel allows only with a capability a group lacks: IPv4 options
+//   (IP_RETOPTS; a loose source route sent a group's datagram to an address no rule
+//   allowed), IPv6 hop-by-hop and destination options, a next hop, a mark (SO_MARK,
+//   which policy routing reads: a VPN exempts its own packets by one) and a priority
+//   above 6.
 // A control message cut short is left for the kernel to refuse (EINVAL).
-const char* RefusedControl(const std::vector<char>& control) {
+const char* RefusedControl(std::vector<char>& control, pid_t tid) {
   if (control.empty()) return nullptr;
   msghdr h{};
-  h.msg_control = const_cast<char*>(control.data());
+  h.msg_control = control.data();
   h.msg_controllen = control.size();
   auto zeros = [](const cmsghdr* c, size_t size) {
     const auto* data = reinterpret_cast<const char*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
     return c->cmsg_len < CMSG_LEN(size) || std::all_of(data, data + size, [](char b) { return b == 0; });
   };
+  constexpr const char* kPrivileged = "control data that needs a privilege";
   for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
     if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return nullptr;  // refused as EINVAL later
-    if (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_RTHDR || c->cmsg_type == IPV6_2292RTHDR))
-      return "IPv6 routing headers";
-    if ((c->cmsg_level == IPPROTO_IP && c->cmsg_type == IP_PKTINFO && !zeros(c, sizeof(in_pktinfo))) ||
-        (c->cmsg_level == IPPROTO_IPV6 && (c->cmsg_type == IPV6_PKTINFO || c->cmsg_type == IPV6_2292PKTINFO) &&
-         !zeros(c, sizeof(in6_pktinfo))))
-      return "an interface or source address per datagram";
+    const int type = c->cmsg_type;
+    switch (c->cmsg_level) {
+      case SOL_SOCKET:
+        if (type == SCM_CREDENTIALS && c->cmsg_len >= CMSG_LEN(sizeof(ucred))) {
+          ucred cred;
+          std::memcpy(&cred, CMSG_DATA(c), sizeof cred);
+          if (!OwnCredentials(tid, cred)) return "credentials not the caller's";
+          std::memcpy(CMSG_DATA(c), &cred, sizeof cred);
+          continue;
+        }
+        if (type == SO_PRIORITY && c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
+          uint32_t priority;
+          std::memcpy(&priority, CMSG_DATA(c), sizeof priority);
+          if (priority <= 6) continue;  // TC_PRIO_BESTEFFORT to TC_PRIO_INTERACTIVE: anyone's
+          return kPrivileged;
+        }
+        if (type == SCM_RIGHTS || type == SCM_CREDENTIALS || type == SO_TIMESTAMPING_OLD ||
+            type == SO_TIMESTAMPING_NEW || type == SCM_TXTIME || type == kScmTsOptId)
+          continue;
+        return kPrivileged;
+      case IPPROTO_IP:
+        if (type == IP_TTL || type == IP_TOS) continue;
+        if (type == IP_PKTINFO) {
+          if (zeros(c, sizeof(in_pktinfo))) continue;
+          return "an interface or source address per datagram";
+        }
+        return kPrivileged;
+      case IPPROTO_IPV6:
+        if (type == IPV6_HOPLIMIT || type == IPV6_2292HOPLIMIT || type == IPV6_TCLASS || type == IPV6_DONTFRAG)
+          continue;
+        if (type == IPV6_RTHDR || type == IPV6_2292RTHDR) return "IPv6 routing headers";
+        if (type == IPV6_PKTINFO || type == IPV6_2292PKTINFO) {
+          if (zeros(c, sizeof(in6_pktinfo))) continue;
+          return "an interface or source address per datagram";
+        }
+        return kPrivileged;
+      case IPPROTO_UDP:
+        if (type == UDP_SEGMENT) continue;
+        return kPrivileged;
+      case SOL_TLS:
+        if (type == kTlsSetRecordType) continue;
+        return kPrivileged;
+      default:
+        return kPrivileged;
+    }
   }
   return nullptr;
 }
@@ -809,9 +900,23 @@ void NetServer::Send(NetRequest& q) {
     return 0;
   };
 
+  // MSG_DONTROUTE looks for a route on a link alone: a datagram to an allowed address
+  // left by a link route that the host's unreachable route (a VPN's kill switch)
+  // overruled. The filter refuses SO_DONTROUTE, the same for every send.
+  if (inet && (flags & MSG_DONTROUTE)) {
+    LogEntry e{.proto = stream ? "tcp" : "udp", .verdict = "deny", .rule = "a send past the host's routes"};
+    if (!q.msgs.empty()) {
+      if (auto ep = Endpoint::FromSockaddr(q.msgs[0].name.data(), q.msgs[0].name.size())) {
+        e.address = ep->AddressString();
+        e.port = ep->port;
+      }
+    }
+    Note(q, e);
+    return Error(q, EPERM);
+  }
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
-    if (const char* why = RefusedControl(d.control)) {
+    if (const char* why = RefusedControl(d.control, q.tid)) {
       LogEntry e{.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = why};
       if (auto ep = Endpoint::FromSockaddr(d.name.data(), d.name.size()); ep && inet) {
         e.address = ep->AddressString();
