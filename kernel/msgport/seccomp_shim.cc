@@ -626,6 +626,11 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
         ReadKind(q);
       }
     }
+    if (call == NetCall::kSocket) {
+      // The ULSP makes TCP and UDP sockets itself and gives each the caller's owner,
+      // read by the thread's pidfd (kept from its last call, most often).
+      if (!(q.pidfd = KeptPidfd(q.tid)) && !(q.pidfd = OpenPidfd(q.tid))) return answer(0, EINTR, false);
+    }
     const bool stream = q.type == SOCK_STREAM || q.type == SOCK_SEQPACKET;
     if (q.fd_error == 0) {
       switch (call) {

@@ -547,6 +547,85 @@ attempt("user-0", lambda: creds(os.getpid(), 0, 0))
   }
 }
 
+// The ULSP connects and sends on a group's UNIX sockets for it, and the kernel tells
+// a peer the credentials of whoever connects (SO_PEERCRED) or sends (SCM_CREDENTIALS,
+// to a receiver that asks): a group's process of user 1000 reached its peers as user
+// 0, which a service that trusts its peer's user (D-Bus, for one) takes for root. Now
+// the connect is made with the caller's ids and each datagram carries the caller's
+// credentials, so a peer is told what natively it would be, but for SO_PEERCRED's
+// process, which is the ULSP's (0 to a group with a pid namespace of its own).
+TEST_F(NetTest, UnixPeersAreToldTheCallersUserNotTheUlsps) {
+  const std::string script = dir_ / "peer.py";
+  std::ofstream(script) << R"(
+import os, shutil, socket, struct, tempfile
+d = tempfile.mkdtemp()
+try:
+    for kind, path in (("path", d + "/s"), ("abstract", "\0ulsp-peer-%d" % os.getpid())):
+        l = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM); l.bind(path); l.listen()
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect(path)
+        pid, uid, gid = struct.unpack("3i", l.accept()[0].getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+        print(kind, "connected by", uid, gid)
+    def told(receiver):
+        receiver.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        return lambda: struct.unpack("3i", receiver.recvmsg(16, 64)[1][0][2])
+    x, y = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    read = told(y)
+    x.sendmsg([b"x"])
+    pid, uid, gid = read()
+    print("sendmsg from", "me" if pid == os.getpid() else pid, uid, gid)
+    r = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM); r.bind(d + "/d")
+    read = told(r)
+    socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM).sendto(b"x", d + "/d")
+    pid, uid, gid = read()
+    print("sendto from", "me" if pid == os.getpid() else pid, uid, gid)
+finally:
+    shutil.rmtree(d)
+)";
+  const std::string as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups " + kPython + " - < " + script;
+  const std::string told =
+      "path connected by 1000 1000\nabstract connected by 1000 1000\nsendmsg from me 1000 1000\nsendto from me 1000 1000\n";
+  EXPECT_EQ(Output(as_user), told);
+  const std::string policy = Policy();  // sockets the group bound itself need no rule
+  auto r = RunInGroup(dir_, policy, as_user);
+  EXPECT_EQ(r.out, told) << r.err;
+  r = RunInGroup(dir_, policy, kPython + " " + script);
+  EXPECT_EQ(r.out, "path connected by 0 0\nabstract connected by 0 0\nsendmsg from me 0 0\nsendto from me 0 0\n") << r.err;
+}
+
+// The kernel takes a socket's owner from the thread that makes it, and the ULSP makes
+// a group's TCP and UDP sockets: a group's process of user 1000 owned none of them,
+// root did, so it sent past the host's rules on user 1000 (firewall `owner` matches,
+// `ip rule ... uidrange`). Here a routing rule prohibits user 1000 the side link:
+// natively user 1000 is refused there and root is not; in a group, user 1000 now is
+// too, and its socket is its own (fstat).
+TEST_F(NetTest, AGroupsSocketsAreItsUsersNotRoots) {
+  SideInterface side;
+  ASSERT_TRUE(side.ok());
+  ASSERT_EQ(Shell("ip rule add pref 100 uidrange 1000-1000 to 10.251.0.0/24 prohibit"), 0);
+  struct RuleGone {
+    ~RuleGone() { Shell("ip rule del pref 100 uidrange 1000-1000 to 10.251.0.0/24 prohibit"); }
+  } rule_gone;
+  const std::string script = dir_ / "owner.py";
+  std::ofstream(script) << kAttempt << R"(
+import os
+def owner(s): return "mine" if os.fstat(s.fileno()).st_uid == os.getuid() else os.fstat(s.fileno()).st_uid
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+print("owner", owner(u))
+attempt("send", lambda: u.sendto(b"x", ("10.251.0.7", 9)))
+print("tcp owner", owner(socket.socket()))
+)";
+  const std::string as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups " + kPython + " - < " + script;
+  long before = side.Received();
+  EXPECT_EQ(Output(kPython + " " + script), "owner mine\nsend ok\ntcp owner mine\n");
+  EXPECT_EQ(side.Received() - before, 1);
+  EXPECT_EQ(Output(as_user), "owner mine\nsend Permission denied\ntcp owner mine\n");
+
+  before = side.Received();
+  auto r = RunInGroup(dir_, Policy("[[group.t.net]]\naction = \"allow\"\nproto = \"udp\"\nto = \"10.251.0.7\"\n"), as_user);
+  EXPECT_EQ(r.out, "owner mine\nsend Permission denied\ntcp owner mine\n") << r.err;
+  EXPECT_EQ(side.Received() - before, 0);
+}
+
 // Joining a multicast group makes the kernel report the membership out of the host's
 // interface (IGMP, MLD), with the group address the caller chose: a group whose rules
 // allow nothing sent reports naming 239.1.2.0-3 and ff05::1:2 to the host's network,

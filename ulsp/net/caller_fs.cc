@@ -3,11 +3,14 @@
 #include <fcntl.h>
 #include <grp.h>
 #include <sched.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <climits>
+#include <cstdint>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -17,8 +20,9 @@ namespace {
 // The caller's umask and file-system credentials, from /proc/TID/status.
 struct Creds {
   mode_t umask = 022;
-  uid_t fsuid = 0;
-  gid_t fsgid = 0;
+  pid_t tgid = 0;
+  uid_t ruid = 0, euid = 0, fsuid = 0;
+  gid_t rgid = 0, egid = 0, fsgid = 0;
   std::vector<gid_t> groups;
 };
 
@@ -32,12 +36,14 @@ Result<Creds> ReadCreds(pid_t tid) {
       std::string octal;
       f >> octal;
       c.umask = static_cast<mode_t>(std::stoul(octal, nullptr, 8));
+    } else if (line.rfind("Tgid:", 0) == 0) {
+      f >> c.tgid;
     } else if (line.rfind("Uid:", 0) == 0) {
-      uid_t real, effective, saved;
-      f >> real >> effective >> saved >> c.fsuid;
+      uid_t saved;
+      f >> c.ruid >> c.euid >> saved >> c.fsuid;
     } else if (line.rfind("Gid:", 0) == 0) {
-      gid_t real, effective, saved;
-      f >> real >> effective >> saved >> c.fsgid;
+      gid_t saved;
+      f >> c.rgid >> c.egid >> saved >> c.fsgid;
     } else if (line.rfind("Groups:", 0) == 0) {
       for (gid_t g; f >> g;) c.groups.push_back(g);
     }
@@ -112,6 +118,76 @@ void CallerFs::Leave() noexcept {
   // Back to our own root: chroot to the directory the descriptor names.
   if (::fchdir(own_root_.get()) == 0) (void)::chroot(".");
   (void)::fchdir(own_cwd_.get());
+}
+
+Result<CallerIds> CallerIds::Enter(pid_t tid) {
+  auto creds = ReadCreds(tid);
+  if (!creds) return std::unexpected(creds.error());
+  CallerIds c;
+  uid_t saved_uid;
+  gid_t saved_gid;
+  ::getresuid(&c.own_ruid_, &c.own_euid_, &saved_uid);
+  ::getresgid(&c.own_rgid_, &c.own_egid_, &saved_gid);
+  const int n = ::getgroups(0, nullptr);
+  c.own_groups_.resize(static_cast<size_t>(std::max(n, 0)));
+  if (n > 0) ::getgroups(n, c.own_groups_.data());
+  if (c.own_euid_ != 0 || saved_uid != 0) return c;  // not root: we could not come back
+  if (creds->ruid == c.own_ruid_ && creds->euid == c.own_euid_ && creds->rgid == c.own_rgid_ &&
+      creds->egid == c.own_egid_ && creds->groups == c.own_groups_)
+    return c;
+  c.active_ = true;  // from here on, Leave puts things back
+  // Groups first, while the thread still holds CAP_SETGID; the user last.
+  if (::syscall(SYS_setgroups, creds->groups.size(), creds->groups.data()) != 0 ||
+      ::syscall(SYS_setresgid, creds->rgid, creds->egid, -1) != 0 ||
+      ::syscall(SYS_setresuid, creds->ruid, creds->euid, -1) != 0) {
+    const int err = errno;
+    c.Leave();
+    return Fail(err);
+  }
+  return c;
+}
+
+CallerIds::CallerIds(CallerIds&& other) noexcept
+    : active_(std::exchange(other.active_, false)),
+      own_ruid_(other.own_ruid_),
+      own_euid_(other.own_euid_),
+      own_rgid_(other.own_rgid_),
+      own_egid_(other.own_egid_),
+      own_groups_(std::move(other.own_groups_)) {}
+
+CallerIds::~CallerIds() { Leave(); }
+
+void CallerIds::Leave() noexcept {
+  if (!active_) return;
+  active_ = false;
+  // The user first: an effective uid of 0 gives the thread its capabilities back.
+  if (::syscall(SYS_setresuid, own_ruid_, own_euid_, -1) != 0 ||
+      ::syscall(SYS_setresgid, own_rgid_, own_egid_, -1) != 0 ||
+      ::syscall(SYS_setgroups, own_groups_.size(), own_groups_.data()) != 0) {
+    // This thread would go on serving as the caller: never let it.
+    std::abort();
+  }
+}
+
+Result<CallerCredentials> ReadCallerCredentials(pid_t tid, int pidfd) {
+  // struct pidfd_info (linux/pidfd.h, Linux 6.13), its first version.
+  struct PidfdInfo {
+    uint64_t mask = 0, cgroupid = 0;
+    uint32_t pid = 0, tgid = 0, ppid = 0, ruid = 0, rgid = 0, euid = 0, egid = 0, suid = 0, sgid = 0, fsuid = 0,
+             fsgid = 0;
+    int32_t exit_code = 0;
+  };
+  constexpr uint64_t kInfoPid = 1, kInfoCreds = 2;
+  constexpr unsigned long kGetInfo = _IOWR(0xFF, 11, PidfdInfo);  // PIDFD_GET_INFO
+  PidfdInfo info;
+  info.mask = kInfoPid | kInfoCreds;
+  if (pidfd >= 0 && ::ioctl(pidfd, kGetInfo, &info) == 0 && (info.mask & (kInfoPid | kInfoCreds)) == (kInfoPid | kInfoCreds))
+    return CallerCredentials{static_cast<pid_t>(info.tgid), info.ruid, info.fsuid, info.rgid};
+  // No such call, or a pidfd kept for a thread that has ended (ESRCH) while `tid`
+  // went to another, the caller: its /proc says.
+  auto creds = ReadCreds(tid);
+  if (!creds) return std::unexpected(creds.error());
+  return CallerCredentials{creds->tgid, creds->ruid, creds->fsuid, creds->rgid};
 }
 
 std::string CallerFs::Cwd() const {

@@ -47,4 +47,46 @@ class CallerFs {
   std::vector<gid_t> own_groups_;
 };
 
+// CallerIds: for the length of a scope, the calling thread has the caller's real and
+// effective user and group ids and supplementary groups, so that what the kernel
+// records of whoever makes a call is the caller's: a UNIX socket's peer credentials
+// (SO_PEERCRED, SO_PEERGROUPS) are taken at connect from the thread that connects,
+// and the net ULSP connects for the caller. Without it a group's process of user 1000
+// reached its peer as user 0. The saved ids stay this process's, to return to; the
+// thread has no effective capabilities meanwhile. Nothing changes when the caller's
+// ids are this process's, or when this process is not root.
+//
+// Thread-safety: affects only the calling thread; one at a time per thread.
+class CallerIds {
+ public:
+  static Result<CallerIds> Enter(pid_t tid);
+  CallerIds(CallerIds&& other) noexcept;
+  CallerIds& operator=(CallerIds&&) = delete;
+  ~CallerIds();
+
+ private:
+  CallerIds() = default;
+  void Leave() noexcept;
+
+  bool active_ = false;
+  uid_t own_ruid_ = 0, own_euid_ = 0;
+  gid_t own_rgid_ = 0, own_egid_ = 0;
+  std::vector<gid_t> own_groups_;
+};
+
+// What the kernel records of thread `tid` when it makes a call: its process (as this
+// process's pid namespace numbers it), its real user and group (told to a UNIX
+// socket's receiver, SCM_CREDENTIALS), and its file-system user (a new socket's
+// owner, which the host's firewall and routing rules may match). `pidfd` is the
+// thread's (PIDFD_GET_INFO, one system call), or -1; /proc is read where there is
+// none, where the kernel has no such call (before 6.13), and where the pidfd's thread
+// has ended (a pidfd kept for a tid the kernel has since given to another). ESRCH:
+// `tid` is gone.
+struct CallerCredentials {
+  pid_t tgid = 0;
+  uid_t ruid = 0, fsuid = 0;
+  gid_t rgid = 0;
+};
+Result<CallerCredentials> ReadCallerCredentials(pid_t tid, int pidfd);
+
 }  // namespace ulsp::net

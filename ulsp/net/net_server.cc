@@ -78,6 +78,19 @@ int GroupSocket(int family, int type, int protocol) {
   return fd;
 }
 
+// Makes socket `fd`, made for the caller, the caller's: the kernel takes a socket's
+// owner from the file-system user of the thread that makes it, this process's, root.
+// Firewall rules match it (nftables' `meta skuid`, iptables' `owner`), and so do
+// routing rules (`ip rule ... uidrange`): a group's process of user 1000 sent as root,
+// past a rule on user 1000. Changing the owner of a socket's inode changes the
+// socket's (sockfs). 0, or the errno.
+int OwnAsCaller(int fd, const NetRequest& q) {
+  auto caller = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
+  if (!caller) return caller.error().value == ESRCH ? EINTR : caller.error().value;
+  if (caller->fsuid == ::geteuid()) return 0;
+  return ::fchown(fd, caller->fsuid, static_cast<gid_t>(-1)) == 0 ? 0 : errno;
+}
+
 void Return(NetRequest& q, int64_t value) {
   q.verdict = NetVerdict::kReturn;
   q.value = value;
@@ -383,6 +396,33 @@ const char* RefusedControl(std::vector<char>& control, pid_t tid) {
   return nullptr;
 }
 
+// Gives a datagram for a UNIX socket the caller's credentials (SCM_CREDENTIALS) when
+// it carries none: the kernel would tell a receiver that asks (SO_PASSCRED) this
+// process and its user, root, instead of the caller. 0, or the errno.
+int AddSenderCredentials(std::vector<char>& control, const NetRequest& q) {
+  if (!control.empty()) {
+    msghdr h{};
+    h.msg_control = control.data();
+    h.msg_controllen = control.size();
+    for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
+      if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return 0;  // refused as EINVAL later
+      if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) return 0;
+    }
+  }
+  auto caller = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
+  if (!caller) return caller.error().value == ESRCH ? EINTR : caller.error().value;
+  const ucred cred{caller->tgid, caller->ruid, caller->rgid};
+  const size_t at = CMSG_ALIGN(control.size());
+  control.resize(at + CMSG_SPACE(sizeof(ucred)), 0);
+  cmsghdr c{};
+  c.cmsg_len = CMSG_LEN(sizeof(ucred));
+  c.cmsg_level = SOL_SOCKET;
+  c.cmsg_type = SCM_CREDENTIALS;
+  std::memcpy(control.data() + at, &c, sizeof c);
+  std::memcpy(control.data() + at + CMSG_LEN(0), &cred, sizeof cred);
+  return 0;
+}
+
 // Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
 int TranslateRights(std::vector<char>& control, int pidfd, std::vector<UniqueFd>& held) {
   if (control.empty()) return 0;
@@ -563,6 +603,7 @@ void NetServer::ServeRequest(NetRequest& q) {
         const int fd = ::socket(family, type | SOCK_CLOEXEC, protocol);
         if (fd < 0) return Error(q, errno);  // what the kernel says of these arguments
         q.install.Reset(fd);
+        if (const int err = OwnAsCaller(fd, q); err != 0) return Error(q, err);
         // What SO_DOMAIN, SO_TYPE and SO_PROTOCOL say of it, for the shim to keep.
         q.family = family;
         q.type = base_type;
@@ -618,6 +659,9 @@ Result<UniqueFd> NetServer::SocketLike(const NetRequest& q, bool in_group, bool 
   }
   if (fd < 0) return Fail(err);
   UniqueFd s(fd);
+  if (!owned) {
+    if (const int e = OwnAsCaller(s.get(), q); e != 0) return Fail(e);
+  }
   CopyOptions(q, s.get());
   // A UDP socket with SO_REUSEADDR shares its port with any other that has it, whoever
   // owns it, and takes datagrams meant for it: one the group binds on the host does not.
@@ -787,7 +831,6 @@ LogEntry NetServer::DecideUnix(const UnixTarget& t) {
 }
 
 void NetServer::ConnectUnix(NetRequest& q) {
-  const int dup = q.socket.get();
   const std::string path = UnixPath(q.addr);
   if (path.empty() || path[0] == '\0') {
     // Abstract (or unnamed): the names of the socket's own network namespace.
@@ -795,8 +838,7 @@ void NetServer::ConnectUnix(NetRequest& q) {
       Note(q, {.proto = "unix", .path = "@" + path.substr(1), .verdict = "deny", .rule = "a socket from outside the group"});
       return Error(q, EACCES);
     }
-    if (::connect(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0) return Return(q, 0);
-    return Error(q, errno);
+    return ConnectAsCallerIds(q, q.addr);
   }
   const UnixTarget t = OpenUnixTarget(q, path);
   if (t.error != 0) return Error(q, t.error);  // as the caller's own connect would fail
@@ -804,7 +846,15 @@ void NetServer::ConnectUnix(NetRequest& q) {
   const LogEntry e = DecideUnix(t);
   Note(q, e);
   if (e.verdict == "deny") return Error(q, EACCES);
-  if (::connect(dup, AsSockaddr(t.name), static_cast<socklen_t>(t.name.size())) == 0) return Return(q, 0);
+  ConnectAsCallerIds(q, t.name);
+}
+
+// The peer is told the credentials of the thread that connects (SO_PEERCRED): the
+// caller's user, group and groups, by CallerIds. Its process is this one's.
+void NetServer::ConnectAsCallerIds(NetRequest& q, const std::vector<char>& name) {
+  auto ids = CallerIds::Enter(q.tid);
+  if (!ids) return Error(q, ids.error().value == ESRCH ? EINTR : ids.error().value);
+  if (::connect(q.socket.get(), AsSockaddr(name), static_cast<socklen_t>(name.size())) == 0) return Return(q, 0);
   Error(q, errno);
 }
 
@@ -1017,6 +1067,12 @@ void NetServer::Send(NetRequest& q) {
         }
       } else if (!target_in_group) {
         return Error(q, EACCES);
+      }
+    }
+    if (q.family == AF_UNIX) {
+      if (const int err = AddSenderCredentials(d.control, q); err != 0) {
+        if (sent_msgs > 0) break;
+        return Error(q, err);
       }
     }
     n = SendOn(target, d, name, flags, stream, q, d.control);

@@ -79,6 +79,7 @@ class NetServer final : public msgport::Server {
   void Listen(msgport::NetRequest& q);
   void Send(msgport::NetRequest& q);
   void ConnectUnix(msgport::NetRequest& q);
+  void ConnectAsCallerIds(msgport::NetRequest& q, const std::vector<char>& name);
   void BindUnix(msgport::NetRequest& q);
 
   // Records a decision (log, counters). `verdict` "allow", "deny", "log" or "group".
