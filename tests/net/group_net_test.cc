@@ -626,6 +626,32 @@ print("tcp owner", owner(socket.socket()))
   EXPECT_EQ(side.Received() - before, 0);
 }
 
+// The kernel asks CAP_NET_BIND_SERVICE of whoever binds a port below 1024, and the
+// ULSP binds for the group: a group's process of user 1000 bound port 80, inside the
+// group and, by a bind rule, on the host. Now it binds with the caller's ids, and
+// user 1000 gets what it gets natively; root in a group (which holds that
+// capability) still binds port 80.
+TEST_F(NetTest, AGroupsUserBindsNoPortItCouldNotNatively) {
+  const std::string script = dir_ / "bind.py";
+  std::ofstream(script) << kAttempt << R"(
+import sys
+for port in (80, int(sys.argv[1])):
+    for kind, name in ((socket.SOCK_STREAM, "tcp"), (socket.SOCK_DGRAM, "udp")):
+        attempt("%s %s" % (name, "low" if port < 1024 else "high"), lambda: socket.socket(socket.AF_INET, kind).bind(("127.0.0.1", port)))
+)";
+  const std::string cmd = kPython + " - " + std::to_string(FreePort()) + " < " + script;
+  const std::string as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups " + cmd;
+  const std::string user_gets = "tcp low Permission denied\nudp low Permission denied\ntcp high ok\nudp high ok\n";
+  EXPECT_EQ(Output(as_user), user_gets);
+  const std::string bind_rule = "[[group.t.net]]\naction = \"allow\"\ncall = \"bind\"\nto = \"127.0.0.1\"\n";
+  for (const std::string& rule : {std::string(), bind_rule}) {
+    auto r = RunInGroup(dir_, Policy(rule), as_user);
+    EXPECT_EQ(r.out, user_gets) << rule << r.err;
+  }
+  auto r = RunInGroup(dir_, Policy(), cmd);
+  EXPECT_EQ(r.out, "tcp low ok\nudp low ok\ntcp high ok\nudp high ok\n") << r.err;
+}
+
 // Joining a multicast group makes the kernel report the membership out of the host's
 // interface (IGMP, MLD), with the group address the caller chose: a group whose rules
 // allow nothing sent reports naming 239.1.2.0-3 and ff05::1:2 to the host's network,

@@ -116,6 +116,16 @@ const sockaddr* AsSockaddr(const std::vector<char>& addr) {
   return reinterpret_cast<const sockaddr*>(addr.data());  // NOLINT: bytes of a sockaddr
 }
 
+// Binds `fd` to the caller's address with the caller's ids (CallerIds): the kernel
+// asks CAP_NET_BIND_SERVICE of whoever binds a port below 1024, and a group's process
+// of user 1000 bound port 80, on the host by a bind rule as inside the group, with the
+// ULSP's. 0, or the errno.
+int BindAsCaller(int fd, const NetRequest& q) {
+  auto ids = CallerIds::Enter(q.tid);
+  if (!ids) return ids.error().value == ESRCH ? EINTR : ids.error().value;
+  return ::bind(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
+}
+
 bool IsResolver(const Endpoint& e) {
   auto v4 = e.V4();
   return v4 && std::equal(v4->begin(), v4->end(), kResolverV4) && e.port == kResolverPort;
@@ -885,8 +895,8 @@ void NetServer::Bind(NetRequest& q) {
   if (q.family == AF_UNIX) return BindUnix(q);
   const int dup = q.socket.get();
   auto on_dup = [&] {
-    if (::bind(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0) return Return(q, 0);
-    Error(q, errno);
+    if (const int err = BindAsCaller(dup, q); err != 0) return Error(q, err);
+    Return(q, 0);
   };
   if (q.family != AF_INET && q.family != AF_INET6) {
     if (q.host_netns) return Error(q, EACCES);
@@ -914,7 +924,7 @@ void NetServer::Bind(NetRequest& q) {
     if (!q.host_netns) return on_dup();
     auto s = SocketLike(q, /*in_group=*/true);
     if (!s) return Error(q, s.error().value);
-    if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
+    if (const int err = BindAsCaller(s->get(), q); err != 0) return Error(q, err);
     Install(q, std::move(*s));
     return Return(q, 0);
   }
@@ -925,7 +935,7 @@ void NetServer::Bind(NetRequest& q) {
   // Bound on the host by a socket the group owns (GroupSocketOwner), made for it.
   auto s = SocketLike(q, /*in_group=*/false, /*group_owned=*/true);
   if (!s) return Error(q, s.error().value);
-  if (::bind(s->get(), AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
+  if (const int err = BindAsCaller(s->get(), q); err != 0) return Error(q, err);
   Install(q, std::move(*s));
   Return(q, 0);
 }
