@@ -3,10 +3,12 @@
 // back; the credentials read are the caller's, by pidfd and by /proc alike.
 #include <gtest/gtest.h>
 #include <grp.h>
+#include <linux/capability.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstdint>
 #include <fstream>
 #include <sstream>
 #include <string>
@@ -18,17 +20,27 @@ namespace ulsp::net {
 namespace {
 
 // A child of user and group 1000 (real, effective, saved), groups {1000, 44}, that
-// waits until it is killed.
+// waits until it is killed; or (`root_with_caps`) one of root's ids that has only
+// those effective capabilities.
 class UserProcess {
  public:
-  UserProcess() {
+  explicit UserProcess(uint32_t root_with_caps = 0) {
     int ready[2];
     if (::pipe(ready) != 0) return;
     pid_ = ::fork();
     if (pid_ == 0) {
       const gid_t groups[] = {1000, 44};
-      if (::setgroups(2, groups) != 0 || ::setresgid(1000, 1000, 1000) != 0 || ::setresuid(1000, 1000, 1000) != 0)
+      __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+      __user_cap_data_struct data[2] = {};
+      if (root_with_caps != 0) {
+        if (::syscall(SYS_capget, &header, data) != 0) ::_exit(1);
+        data[0].effective = root_with_caps;
+        data[1].effective = 0;
+        if (::syscall(SYS_capset, &header, data) != 0) ::_exit(1);
+      } else if (::setgroups(2, groups) != 0 || ::setresgid(1000, 1000, 1000) != 0 ||
+                 ::setresuid(1000, 1000, 1000) != 0) {
         ::_exit(1);
+      }
       (void)!::write(ready[1], "r", 1);
       ::pause();
       ::_exit(0);
@@ -90,6 +102,26 @@ TEST(CallerIds, TheThreadActsAsTheCallerForTheScopeOnly) {
   EXPECT_EQ(after, before);
   EXPECT_TRUE(before.starts_with("0 0 0 / 0 0 0 /")) << before;
   EXPECT_EQ(ThreadIds(), main_before);
+}
+
+// Root without CAP_NET_ADMIN and the others a group lacks: the ids stay, the
+// capabilities are the caller's for the scope.
+TEST(CallerIds, ARootCallersCapabilitiesAreTakenToo) {
+  UserProcess group_root(0x200405fb);
+  ASSERT_TRUE(group_root.ok());
+  std::string before, inside, after;
+  std::thread([&] {
+    before = ThreadIds();
+    {
+      auto ids = CallerIds::Enter(group_root.pid());
+      ASSERT_TRUE(ids.has_value());
+      inside = ThreadIds();
+    }
+    after = ThreadIds();
+  }).join();
+  EXPECT_TRUE(inside.starts_with("0 0 0 / 0 0 0 /")) << inside;
+  EXPECT_TRUE(inside.ends_with("/ 00000000200405fb")) << inside;
+  EXPECT_EQ(after, before);
 }
 
 TEST(CallerIds, ACallerOfOurOwnIdsChangesNothing) {

@@ -652,6 +652,25 @@ for port in (80, int(sys.argv[1])):
   EXPECT_EQ(r.out, "tcp low ok\nudp low ok\ntcp high ok\nudp high ok\n") << r.err;
 }
 
+// A netlink request is allowed by its sender's capabilities, and the ULSP sent the
+// group's netlink messages: a group without CAP_NET_ADMIN added addresses and routes
+// to its namespace, and made a veth pair whose far end it put in the host's network
+// namespace (IFLA_NET_NS_PID 1, read in the ULSP's pid namespace). Now they are sent
+// with the caller's capabilities and refused, as natively; reading (a dump of the
+// links) still works.
+TEST_F(NetTest, NetlinkRequestsAreAllowedByTheCallersCapabilities) {
+  struct LinkGone {
+    ~LinkGone() { Shell("ip link del ulsp-nl1 2>/dev/null"); }
+  } link_gone;
+  auto r = RunInGroup(dir_, Policy(),
+                      "ip -br link show lo | cut -d' ' -f1; ip addr add 10.9.9.9/32 dev lo; echo $?; "
+                      "ip route add 10.1.0.0/16 dev lo; echo $?; "
+                      "ip link add ulsp-nl0 type veth peer name ulsp-nl1 netns 1; echo $?; ip -br addr show lo | grep -c 10.9.9.9");
+  EXPECT_EQ(r.out, "lo\n2\n2\n2\n0\n") << r.err;
+  EXPECT_NE(r.err.find("RTNETLINK answers: Operation not permitted"), std::string::npos) << r.err;
+  EXPECT_NE(Shell("ip link show ulsp-nl1 > /dev/null 2>&1"), 0) << "a link the group made is in the host's namespace";
+}
+
 // Joining a multicast group makes the kernel report the membership out of the host's
 // interface (IGMP, MLD), with the group address the caller chose: a group whose rules
 // allow nothing sent reports naming 239.1.2.0-3 and ff05::1:2 to the host's network,

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/capability.h>
 #include <sched.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
@@ -24,6 +25,7 @@ struct Creds {
   uid_t ruid = 0, euid = 0, fsuid = 0;
   gid_t rgid = 0, egid = 0, fsgid = 0;
   std::vector<gid_t> groups;
+  uint64_t cap_effective = 0;
 };
 
 Result<Creds> ReadCreds(pid_t tid) {
@@ -44,6 +46,8 @@ Result<Creds> ReadCreds(pid_t tid) {
     } else if (line.rfind("Gid:", 0) == 0) {
       gid_t saved;
       f >> c.rgid >> c.egid >> saved >> c.fsgid;
+    } else if (line.rfind("CapEff:", 0) == 0) {
+      f >> std::hex >> c.cap_effective;
     } else if (line.rfind("Groups:", 0) == 0) {
       for (gid_t g; f >> g;) c.groups.push_back(g);
     }
@@ -120,6 +124,24 @@ void CallerFs::Leave() noexcept {
   (void)::fchdir(own_cwd_.get());
 }
 
+namespace {
+
+// The calling thread's capability sets (capget, capset: per thread).
+struct CapSets {
+  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
+  __user_cap_data_struct data[2] = {};
+  uint64_t Effective() const { return data[0].effective | (uint64_t{data[1].effective} << 32); }
+  uint64_t Permitted() const { return data[0].permitted | (uint64_t{data[1].permitted} << 32); }
+};
+bool GetCaps(CapSets& c) { return ::syscall(SYS_capget, &c.header, c.data) == 0; }
+bool SetCaps(CapSets c, uint64_t effective) {
+  c.data[0].effective = static_cast<uint32_t>(effective);
+  c.data[1].effective = static_cast<uint32_t>(effective >> 32);
+  return ::syscall(SYS_capset, &c.header, c.data) == 0;
+}
+
+}  // namespace
+
 Result<CallerIds> CallerIds::Enter(pid_t tid) {
   auto creds = ReadCreds(tid);
   if (!creds) return std::unexpected(creds.error());
@@ -131,15 +153,22 @@ Result<CallerIds> CallerIds::Enter(pid_t tid) {
   const int n = ::getgroups(0, nullptr);
   c.own_groups_.resize(static_cast<size_t>(std::max(n, 0)));
   if (n > 0) ::getgroups(n, c.own_groups_.data());
-  if (c.own_euid_ != 0 || saved_uid != 0) return c;  // not root: we could not come back
-  if (creds->ruid == c.own_ruid_ && creds->euid == c.own_euid_ && creds->rgid == c.own_rgid_ &&
-      creds->egid == c.own_egid_ && creds->groups == c.own_groups_)
-    return c;
+  CapSets own;
+  if (!GetCaps(own)) return Fail(errno);
+  // Ids change only where this thread can come back (root, saved uid 0).
+  c.ids_ = c.own_euid_ == 0 && saved_uid == 0 &&
+           !(creds->ruid == c.own_ruid_ && creds->euid == c.own_euid_ && creds->rgid == c.own_rgid_ &&
+             creds->egid == c.own_egid_ && creds->groups == c.own_groups_);
+  const uint64_t effective = creds->cap_effective & own.Permitted();
+  if (!c.ids_ && effective == own.Effective()) return c;
   c.active_ = true;  // from here on, Leave puts things back
-  // Groups first, while the thread still holds CAP_SETGID; the user last.
-  if (::syscall(SYS_setgroups, creds->groups.size(), creds->groups.data()) != 0 ||
-      ::syscall(SYS_setresgid, creds->rgid, creds->egid, -1) != 0 ||
-      ::syscall(SYS_setresuid, creds->ruid, creds->euid, -1) != 0) {
+  c.own_caps_ = own.Effective();
+  // Groups first, while the thread still holds CAP_SETGID; the user next; then the
+  // caller's capabilities (an effective uid other than 0 has cleared them all).
+  if ((c.ids_ && (::syscall(SYS_setgroups, creds->groups.size(), creds->groups.data()) != 0 ||
+                  ::syscall(SYS_setresgid, creds->rgid, creds->egid, -1) != 0 ||
+                  ::syscall(SYS_setresuid, creds->ruid, creds->euid, -1) != 0)) ||
+      !SetCaps(own, effective)) {
     const int err = errno;
     c.Leave();
     return Fail(err);
@@ -149,21 +178,26 @@ Result<CallerIds> CallerIds::Enter(pid_t tid) {
 
 CallerIds::CallerIds(CallerIds&& other) noexcept
     : active_(std::exchange(other.active_, false)),
+      ids_(other.ids_),
       own_ruid_(other.own_ruid_),
       own_euid_(other.own_euid_),
       own_rgid_(other.own_rgid_),
       own_egid_(other.own_egid_),
-      own_groups_(std::move(other.own_groups_)) {}
+      own_groups_(std::move(other.own_groups_)),
+      own_caps_(other.own_caps_) {}
 
 CallerIds::~CallerIds() { Leave(); }
 
 void CallerIds::Leave() noexcept {
   if (!active_) return;
   active_ = false;
-  // The user first: an effective uid of 0 gives the thread its capabilities back.
-  if (::syscall(SYS_setresuid, own_ruid_, own_euid_, -1) != 0 ||
-      ::syscall(SYS_setresgid, own_rgid_, own_egid_, -1) != 0 ||
-      ::syscall(SYS_setgroups, own_groups_.size(), own_groups_.data()) != 0) {
+  // The user first: an effective uid of 0 gives the thread its permitted set back;
+  // then exactly the effective set it had.
+  CapSets caps;
+  if ((ids_ && (::syscall(SYS_setresuid, own_ruid_, own_euid_, -1) != 0 ||
+                ::syscall(SYS_setresgid, own_rgid_, own_egid_, -1) != 0 ||
+                ::syscall(SYS_setgroups, own_groups_.size(), own_groups_.data()) != 0)) ||
+      !GetCaps(caps) || !SetCaps(caps, own_caps_)) {
     // This thread would go on serving as the caller: never let it.
     std::abort();
   }

@@ -15,6 +15,7 @@
 
 #include <sys/types.h>
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -48,15 +49,20 @@ class CallerFs {
 };
 
 // CallerIds: for the length of a scope, the calling thread has the caller's real and
-// effective user and group ids and supplementary groups, so that what the kernel
-// records of whoever makes a call is the caller's: a UNIX socket's peer credentials
-// (SO_PEERCRED, SO_PEERGROUPS) are taken at connect from the thread that connects,
-// and the net ULSP connects for the caller. Without it a group's process of user 1000
-// reached its peer as user 0. The saved ids stay this process's, to return to; the
-// thread has no effective capabilities meanwhile. Nothing changes when the caller's
-// ids are this process's, or when this process is not root.
+// effective user and group ids, supplementary groups and effective capabilities (as
+// far as this thread's permitted set holds them), so that what the kernel checks or
+// records of whoever makes a call is the caller's, as if the caller made it. The net
+// ULSP connects, binds and sends for its callers: a UNIX socket's peer credentials
+// (SO_PEERCRED, SO_PEERGROUPS) are taken at connect from the thread that connects, a
+// port below 1024 needs CAP_NET_BIND_SERVICE of whoever binds it, and a netlink
+// request is allowed by the sender's CAP_NET_ADMIN. Without it a group's process of
+// user 1000 reached its peer as user 0, and a group without CAP_NET_ADMIN changed its
+// namespace's addresses and routes. The saved ids stay this process's, to return to.
+// Nothing changes when the caller's ids and capabilities are this thread's; ids
+// change only where this thread is root.
 //
-// Thread-safety: affects only the calling thread; one at a time per thread.
+// Thread-safety: affects only the calling thread (and threads it starts meanwhile);
+// one at a time per thread.
 class CallerIds {
  public:
   static Result<CallerIds> Enter(pid_t tid);
@@ -69,9 +75,11 @@ class CallerIds {
   void Leave() noexcept;
 
   bool active_ = false;
+  bool ids_ = false;  // the ids were changed, not only the capabilities
   uid_t own_ruid_ = 0, own_euid_ = 0;
   gid_t own_rgid_ = 0, own_egid_ = 0;
   std::vector<gid_t> own_groups_;
+  uint64_t own_caps_ = 0;  // the effective set
 };
 
 // What the kernel records of thread `tid` when it makes a call: its process (as this

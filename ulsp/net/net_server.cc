@@ -707,12 +707,13 @@ void NetServer::Connect(NetRequest& q) {
     Error(q, errno);
   };
   if (q.family != AF_INET && q.family != AF_INET6) {
-    // Netlink and the like: inside the group they reach nothing outside it.
+    // Netlink and the like: inside the group they reach nothing outside it; what the
+    // kernel allows there is what it allows the caller (a netlink group to listen to).
     if (q.host_netns) {
       Note(q, {.proto = "family " + std::to_string(q.family), .verdict = "deny", .rule = "a socket from outside the group"});
       return Error(q, EACCES);
     }
-    return on_dup();
+    return ConnectAsCallerIds(q, q.addr);
   }
   if (FamilyOf(q.addr) == AF_UNSPEC && q.addr.size() >= sizeof(sa_family_t)) return on_dup();  // dissolves
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
@@ -859,8 +860,10 @@ void NetServer::ConnectUnix(NetRequest& q) {
   ConnectAsCallerIds(q, t.name);
 }
 
-// The peer is told the credentials of the thread that connects (SO_PEERCRED): the
-// caller's user, group and groups, by CallerIds. Its process is this one's.
+// Connects the caller's socket as the caller (CallerIds): a UNIX peer is told the
+// credentials of the thread that connects (SO_PEERCRED), the caller's user, group and
+// groups (its process is this one's), and a netlink socket joins only the multicast
+// groups the caller may.
 void NetServer::ConnectAsCallerIds(NetRequest& q, const std::vector<char>& name) {
   auto ids = CallerIds::Enter(q.tid);
   if (!ids) return Error(q, ids.error().value == ESRCH ? EINTR : ids.error().value);
@@ -1085,7 +1088,15 @@ void NetServer::Send(NetRequest& q) {
         return Error(q, err);
       }
     }
-    n = SendOn(target, d, name, flags, stream, q, d.control);
+    if (q.family == AF_NETLINK) {
+      // The kernel allows a netlink request by its sender's capabilities: with this
+      // process's, a group without CAP_NET_ADMIN changed its namespace's addresses and
+      // routes, and could make links in other namespaces. Sent as the caller.
+      auto ids = CallerIds::Enter(q.tid);
+      n = ids ? SendOn(target, d, name, flags, stream, q, d.control) : -(ids.error().value == ESRCH ? EINTR : ids.error().value);
+    } else {
+      n = SendOn(target, d, name, flags, stream, q, d.control);
+    }
     if (n < 0) {
       if (sent_msgs > 0) break;
       return Error(q, static_cast<int>(-n));
