@@ -109,19 +109,21 @@ TEST(CallerIds, TheThreadActsAsTheCallerForTheScopeOnly) {
 TEST(CallerIds, ARootCallersCapabilitiesAreTakenToo) {
   UserProcess group_root(0x200405fb);
   ASSERT_TRUE(group_root.ok());
-  std::string before, inside, after;
-  std::thread([&] {
-    before = ThreadIds();
-    {
-      auto ids = CallerIds::Enter(group_root.pid());
-      ASSERT_TRUE(ids.has_value());
-      inside = ThreadIds();
-    }
-    after = ThreadIds();
-  }).join();
-  EXPECT_TRUE(inside.starts_with("0 0 0 / 0 0 0 /")) << inside;
-  EXPECT_TRUE(inside.ends_with("/ 00000000200405fb")) << inside;
-  EXPECT_EQ(after, before);
+  for (auto what : {CallerIds::What::kIdsAndCapabilities, CallerIds::What::kCapabilities}) {
+    std::string before, inside, after;
+    std::thread([&] {
+      before = ThreadIds();
+      {
+        auto ids = CallerIds::Enter(group_root.pid(), what);
+        ASSERT_TRUE(ids.has_value());
+        inside = ThreadIds();
+      }
+      after = ThreadIds();
+    }).join();
+    EXPECT_TRUE(inside.starts_with("0 0 0 / 0 0 0 /")) << inside;
+    EXPECT_TRUE(inside.ends_with("/ 00000000200405fb")) << inside;
+    EXPECT_EQ(after, before);
+  }
 }
 
 TEST(CallerIds, ACallerOfOurOwnIdsChangesNothing) {

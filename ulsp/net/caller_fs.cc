@@ -142,10 +142,27 @@ bool SetCaps(CapSets c, uint64_t effective) {
 
 }  // namespace
 
-Result<CallerIds> CallerIds::Enter(pid_t tid) {
+Result<CallerIds> CallerIds::Enter(pid_t tid, What what) {
+  CallerIds c;
+  CapSets own;
+  if (!GetCaps(own)) return Fail(errno);
+  if (what == What::kCapabilities) {
+    CapSets theirs;
+    theirs.header.pid = tid;
+    if (!GetCaps(theirs)) return Fail(errno);
+    const uint64_t effective = theirs.Effective() & own.Permitted();
+    if (effective == own.Effective()) return c;
+    c.active_ = true;
+    c.own_caps_ = own.Effective();
+    if (!SetCaps(own, effective)) {
+      const int err = errno;
+      c.Leave();
+      return Fail(err);
+    }
+    return c;
+  }
   auto creds = ReadCreds(tid);
   if (!creds) return std::unexpected(creds.error());
-  CallerIds c;
   uid_t saved_uid;
   gid_t saved_gid;
   ::getresuid(&c.own_ruid_, &c.own_euid_, &saved_uid);
@@ -153,8 +170,6 @@ Result<CallerIds> CallerIds::Enter(pid_t tid) {
   const int n = ::getgroups(0, nullptr);
   c.own_groups_.resize(static_cast<size_t>(std::max(n, 0)));
   if (n > 0) ::getgroups(n, c.own_groups_.data());
-  CapSets own;
-  if (!GetCaps(own)) return Fail(errno);
   // Ids change only where this thread can come back (root, saved uid 0).
   c.ids_ = c.own_euid_ == 0 && saved_uid == 0 &&
            !(creds->ruid == c.own_ruid_ && creds->euid == c.own_euid_ && creds->rgid == c.own_rgid_ &&

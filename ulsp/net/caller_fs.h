@@ -65,7 +65,10 @@ class CallerFs {
 // one at a time per thread.
 class CallerIds {
  public:
-  static Result<CallerIds> Enter(pid_t tid);
+  // kCapabilities: the capabilities alone (one capget of the caller's; /proc is not
+  // read), where the ids make no difference.
+  enum class What { kIdsAndCapabilities, kCapabilities };
+  static Result<CallerIds> Enter(pid_t tid, What what = What::kIdsAndCapabilities);
   CallerIds(CallerIds&& other) noexcept;
   CallerIds& operator=(CallerIds&&) = delete;
   ~CallerIds();

@@ -116,12 +116,13 @@ const sockaddr* AsSockaddr(const std::vector<char>& addr) {
   return reinterpret_cast<const sockaddr*>(addr.data());  // NOLINT: bytes of a sockaddr
 }
 
-// Binds `fd` to the caller's address with the caller's ids (CallerIds): the kernel
-// asks CAP_NET_BIND_SERVICE of whoever binds a port below 1024, and a group's process
-// of user 1000 bound port 80, on the host by a bind rule as inside the group, with the
-// ULSP's. 0, or the errno.
+// Binds `fd` to the caller's address with the caller's capabilities (CallerIds): the
+// kernel asks CAP_NET_BIND_SERVICE of whoever binds a port below 1024 (and
+// CAP_NET_ADMIN of a netlink socket joining most multicast groups), and a group's
+// process of user 1000 bound port 80, on the host by a bind rule as inside the group,
+// with the ULSP's. 0, or the errno.
 int BindAsCaller(int fd, const NetRequest& q) {
-  auto ids = CallerIds::Enter(q.tid);
+  auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
   if (!ids) return ids.error().value == ESRCH ? EINTR : ids.error().value;
   return ::bind(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
 }
@@ -713,7 +714,7 @@ void NetServer::Connect(NetRequest& q) {
       Note(q, {.proto = "family " + std::to_string(q.family), .verdict = "deny", .rule = "a socket from outside the group"});
       return Error(q, EACCES);
     }
-    return ConnectAsCallerIds(q, q.addr);
+    return ConnectAsCallerIds(q, q.addr, CallerIds::What::kCapabilities);
   }
   if (FamilyOf(q.addr) == AF_UNSPEC && q.addr.size() >= sizeof(sa_family_t)) return on_dup();  // dissolves
   auto ep = Endpoint::FromSockaddr(q.addr.data(), q.addr.size());
@@ -864,8 +865,8 @@ void NetServer::ConnectUnix(NetRequest& q) {
 // credentials of the thread that connects (SO_PEERCRED), the caller's user, group and
 // groups (its process is this one's), and a netlink socket joins only the multicast
 // groups the caller may.
-void NetServer::ConnectAsCallerIds(NetRequest& q, const std::vector<char>& name) {
-  auto ids = CallerIds::Enter(q.tid);
+void NetServer::ConnectAsCallerIds(NetRequest& q, const std::vector<char>& name, CallerIds::What what) {
+  auto ids = CallerIds::Enter(q.tid, what);
   if (!ids) return Error(q, ids.error().value == ESRCH ? EINTR : ids.error().value);
   if (::connect(q.socket.get(), AsSockaddr(name), static_cast<socklen_t>(name.size())) == 0) return Return(q, 0);
   Error(q, errno);
@@ -1091,8 +1092,8 @@ void NetServer::Send(NetRequest& q) {
     if (q.family == AF_NETLINK) {
       // The kernel allows a netlink request by its sender's capabilities: with this
       // process's, a group without CAP_NET_ADMIN changed its namespace's addresses and
-      // routes, and could make links in other namespaces. Sent as the caller.
-      auto ids = CallerIds::Enter(q.tid);
+      // routes, and could make links in other namespaces. Sent with the caller's.
+      auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
       n = ids ? SendOn(target, d, name, flags, stream, q, d.control) : -(ids.error().value == ESRCH ? EINTR : ids.error().value);
     } else {
       n = SendOn(target, d, name, flags, stream, q, d.control);

@@ -40,6 +40,7 @@
 
 #include "kernel/msgport/net_message.h"
 #include "kernel/msgport/port.h"
+#include "ulsp/net/caller_fs.h"
 #include "ulsp/net/conn_log.h"
 #include "ulsp/net/names.h"
 #include "ulsp/net/resolver.h"
@@ -79,7 +80,8 @@ class NetServer final : public msgport::Server {
   void Listen(msgport::NetRequest& q);
   void Send(msgport::NetRequest& q);
   void ConnectUnix(msgport::NetRequest& q);
-  void ConnectAsCallerIds(msgport::NetRequest& q, const std::vector<char>& name);
+  void ConnectAsCallerIds(msgport::NetRequest& q, const std::vector<char>& name,
+                          CallerIds::What what = CallerIds::What::kIdsAndCapabilities);
   void BindUnix(msgport::NetRequest& q);
 
   // Records a decision (log, counters). `verdict` "allow", "deny", "log" or "group".
