@@ -626,9 +626,11 @@ void SeccompShim::Handle(const seccomp_notif& n) noexcept {
         ReadKind(q);
       }
     }
-    if (call == NetCall::kSocket) {
+    if (const int family = static_cast<int>(q.args[0]);  // an int: its low 32 bits, as the kernel reads it
+        call == NetCall::kSocket && (family == AF_INET || family == AF_INET6)) {
       // The ULSP makes TCP and UDP sockets itself and gives each the caller's owner,
-      // read by the thread's pidfd (kept from its last call, most often).
+      // read by the thread's pidfd (kept from its last call, most often). Other
+      // families are made by the caller.
       if (!(q.pidfd = KeptPidfd(q.tid)) && !(q.pidfd = OpenPidfd(q.tid))) return answer(0, EINTR, false);
     }
     const bool stream = q.type == SOCK_STREAM || q.type == SOCK_SEQPACKET;

@@ -18,12 +18,13 @@
 namespace ulsp::net {
 namespace {
 
-// The caller's umask and file-system credentials, from /proc/TID/status.
+// The caller's umask and credentials, from /proc/TID/status.
 struct Creds {
   mode_t umask = 022;
-  pid_t tgid = 0;
-  uid_t ruid = 0, euid = 0, fsuid = 0;
-  gid_t rgid = 0, egid = 0, fsgid = 0;
+  pid_t tgid = 0;      // as this process's pid namespace numbers it
+  pid_t own_tgid = 0;  // as the caller's own pid namespace numbers it
+  uid_t ruid = 0, euid = 0, suid = 0, fsuid = 0;
+  gid_t rgid = 0, egid = 0, sgid = 0, fsgid = 0;
   std::vector<gid_t> groups;
   uint64_t cap_effective = 0;
 };
@@ -40,12 +41,12 @@ Result<Creds> ReadCreds(pid_t tid) {
       c.umask = static_cast<mode_t>(std::stoul(octal, nullptr, 8));
     } else if (line.rfind("Tgid:", 0) == 0) {
       f >> c.tgid;
+    } else if (line.rfind("NStgid:", 0) == 0) {
+      for (pid_t p; f >> p;) c.own_tgid = p;  // the innermost namespace's
     } else if (line.rfind("Uid:", 0) == 0) {
-      uid_t saved;
-      f >> c.ruid >> c.euid >> saved >> c.fsuid;
+      f >> c.ruid >> c.euid >> c.suid >> c.fsuid;
     } else if (line.rfind("Gid:", 0) == 0) {
-      gid_t saved;
-      f >> c.rgid >> c.egid >> saved >> c.fsgid;
+      f >> c.rgid >> c.egid >> c.sgid >> c.fsgid;
     } else if (line.rfind("CapEff:", 0) == 0) {
       f >> std::hex >> c.cap_effective;
     } else if (line.rfind("Groups:", 0) == 0) {
@@ -237,6 +238,18 @@ Result<CallerCredentials> ReadCallerCredentials(pid_t tid, int pidfd) {
   auto creds = ReadCreds(tid);
   if (!creds) return std::unexpected(creds.error());
   return CallerCredentials{creds->tgid, creds->ruid, creds->fsuid, creds->rgid};
+}
+
+bool CredentialsNameCaller(pid_t tid, ucred& c) {
+  auto creds = ReadCreds(tid);
+  if (!creds || creds->tgid == 0 || c.pid != creds->own_tgid) return false;
+  const bool uid_ok = c.uid == creds->ruid || c.uid == creds->euid || c.uid == creds->suid ||
+                      (creds->cap_effective >> CAP_SETUID) & 1;
+  const bool gid_ok = c.gid == creds->rgid || c.gid == creds->egid || c.gid == creds->sgid ||
+                      (creds->cap_effective >> CAP_SETGID) & 1;
+  if (!uid_ok || !gid_ok) return false;
+  c.pid = creds->tgid;
+  return true;
 }
 
 std::string CallerFs::Cwd() const {

@@ -13,6 +13,7 @@
 // Thread-safety: affects only the calling thread; one at a time per thread.
 #pragma once
 
+#include <sys/socket.h>
 #include <sys/types.h>
 
 #include <cstdint>
@@ -99,5 +100,14 @@ struct CallerCredentials {
   gid_t rgid = 0;
 };
 Result<CallerCredentials> ReadCallerCredentials(pid_t tid, int pidfd);
+
+// Whether SCM_CREDENTIALS `c` name thread `tid`, as the kernel checks them for a
+// sender: its own process (numbered as its pid namespace numbers it), one of its user
+// ids unless it holds CAP_SETUID, one of its group ids unless it holds CAP_SETGID. If
+// so, the process is renumbered as this process's namespace numbers it, so that a
+// receiver is told who sent. The net ULSP, which sends for the caller, holds
+// CAP_SYS_ADMIN, CAP_SETUID and CAP_SETGID, so the kernel would let it name anyone: a
+// group's process of user 1000 told a receiver it was process 1, user 0.
+bool CredentialsNameCaller(pid_t tid, ucred& c);
 
 }  // namespace ulsp::net

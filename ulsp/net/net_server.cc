@@ -1,7 +1,6 @@
 #include "ulsp/net/net_server.h"
 
 #include <fcntl.h>
-#include <linux/capability.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <netinet/udp.h>
@@ -18,11 +17,9 @@
 #include <chrono>
 #include <climits>
 #include <cstring>
-#include <fstream>
 #include <map>
 #include <mutex>
 #include <new>
-#include <sstream>
 #include <tuple>
 
 #include "kernel/msgport/host_port.h"
@@ -78,6 +75,10 @@ int GroupSocket(int family, int type, int protocol) {
   return fd;
 }
 
+// The errno to answer when reading the caller failed with `err`: one gone (ESRCH) is
+// answered EINTR, which goes nowhere.
+int CallerErrno(int err) { return err == ESRCH ? EINTR : err; }
+
 // Makes socket `fd`, made for the caller, the caller's: the kernel takes a socket's
 // owner from the file-system user of the thread that makes it, this process's, root.
 // Firewall rules match it (nftables' `meta skuid`, iptables' `owner`), and so do
@@ -86,7 +87,7 @@ int GroupSocket(int family, int type, int protocol) {
 // socket's (sockfs). 0, or the errno.
 int OwnAsCaller(int fd, const NetRequest& q) {
   auto caller = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
-  if (!caller) return caller.error().value == ESRCH ? EINTR : caller.error().value;
+  if (!caller) return CallerErrno(caller.error().value);
   if (caller->fsuid == ::geteuid()) return 0;
   return ::fchown(fd, caller->fsuid, static_cast<gid_t>(-1)) == 0 ? 0 : errno;
 }
@@ -123,7 +124,7 @@ const sockaddr* AsSockaddr(const std::vector<char>& addr) {
 // with the ULSP's. 0, or the errno.
 int BindAsCaller(int fd, const NetRequest& q) {
   auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
-  if (!ids) return ids.error().value == ESRCH ? EINTR : ids.error().value;
+  if (!ids) return CallerErrno(ids.error().value);
   return ::bind(fd, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) == 0 ? 0 : errno;
 }
 
@@ -289,44 +290,26 @@ void CopyOptions(const NetRequest& q, int to) {
     (void)::setsockopt(to, SOL_SOCKET, SO_LINGER, &l, sizeof l);
 }
 
-constexpr int kScmTsOptId = 81;        // SCM_TS_OPT_ID (Linux 6.13), newer than our headers
-constexpr int kTlsSetRecordType = 1;   // TLS_SET_RECORD_TYPE (linux/tls.h)
-
-// Whether SCM_CREDENTIALS `c` names the caller, thread `tid`, as the kernel checks
-// them for a sender: its own process (numbered as its pid namespace numbers it), one
-// of its user ids unless it holds CAP_SETUID, one of its group ids unless it holds
-// CAP_SETGID. If so, the process is renumbered as the ULSP's namespace numbers it,
-// so the receiver is told who sent. The ULSP, which sends for the caller, holds
-// CAP_SYS_ADMIN, CAP_SETUID and CAP_SETGID, so the kernel would let it name anyone: a
-// group's process of user 1000 told a receiver it was process 1, user 0.
-bool OwnCredentials(pid_t tid, ucred& c) {
-  std::ifstream in("/proc/" + std::to_string(tid) + "/status");
-  pid_t ours = 0, theirs = 0;
-  bool uid_ok = false, gid_ok = false;
-  uint64_t caps = 0;
-  for (std::string line; std::getline(in, line);) {
-    std::istringstream f(line.substr(line.find(':') + 1));
-    if (line.starts_with("Tgid:")) {
-      f >> ours;
-    } else if (line.starts_with("NStgid:")) {
-      for (pid_t p; f >> p;) theirs = p;  // the innermost namespace's, the caller's own
-    } else if (line.starts_with("Uid:") || line.starts_with("Gid:")) {
-      bool& ok = line[0] == 'U' ? uid_ok : gid_ok;
-      const unsigned want = line[0] == 'U' ? c.uid : c.gid;
-      for (unsigned id, i = 0; i < 3 && f >> id; ++i) ok = ok || id == want;  // real, effective, saved
-    } else if (line.starts_with("CapEff:")) {
-      f >> std::hex >> caps;
-    }
+// Calls `fn` on each control message of `control` while it returns true. False when
+// one is cut short or runs past the end, which the kernel refuses (EINVAL).
+template <typename Fn>
+bool ForEachCmsg(std::vector<char>& control, Fn fn) {
+  if (control.empty()) return true;
+  msghdr h{};
+  h.msg_control = control.data();
+  h.msg_controllen = control.size();
+  for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
+    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return false;
+    if (!fn(c)) break;
   }
-  uid_ok = uid_ok || (caps & (uint64_t{1} << CAP_SETUID)) != 0;
-  gid_ok = gid_ok || (caps & (uint64_t{1} << CAP_SETGID)) != 0;
-  if (ours == 0 || c.pid != theirs || !uid_ok || !gid_ok) return false;
-  c.pid = ours;
   return true;
 }
 
+constexpr int kScmTsOptId = 81;        // SCM_TS_OPT_ID (Linux 6.13), newer than our headers
+constexpr int kTlsSetRecordType = 1;   // TLS_SET_RECORD_TYPE (linux/tls.h)
+
 // Why `control` may not be sent for the caller, as the rule its refusal is logged
-// with; nullptr when it may (SCM_CREDENTIALS then renumbered, see OwnCredentials).
+// with; nullptr when it may (SCM_CREDENTIALS then renumbered: CredentialsNameCaller).
 // The ULSP sends with its own privileges, so only control data whose effect needs
 // none, or that is checked here as the kernel would check the caller, is sent:
 // descriptors (SCM_RIGHTS, translated later), credentials, timestamping and transmit
@@ -345,83 +328,78 @@ bool OwnCredentials(pid_t tid, ucred& c) {
 //   allowed), IPv6 hop-by-hop and destination options, a next hop, a mark (SO_MARK,
 //   which policy routing reads: a VPN exempts its own packets by one) and a priority
 //   above 6.
-// A control message cut short is left for the kernel to refuse (EINVAL).
 const char* RefusedControl(std::vector<char>& control, pid_t tid) {
-  if (control.empty()) return nullptr;
-  msghdr h{};
-  h.msg_control = control.data();
-  h.msg_controllen = control.size();
   auto zeros = [](const cmsghdr* c, size_t size) {
     const auto* data = reinterpret_cast<const char*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
     return c->cmsg_len < CMSG_LEN(size) || std::all_of(data, data + size, [](char b) { return b == 0; });
   };
   constexpr const char* kPrivileged = "control data that needs a privilege";
-  for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
-    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return nullptr;  // refused as EINVAL later
+  // Why one message may not be sent; nullptr when it may.
+  auto refused = [&](cmsghdr* c) -> const char* {
     const int type = c->cmsg_type;
     switch (c->cmsg_level) {
       case SOL_SOCKET:
         if (type == SCM_CREDENTIALS && c->cmsg_len >= CMSG_LEN(sizeof(ucred))) {
           ucred cred;
           std::memcpy(&cred, CMSG_DATA(c), sizeof cred);
-          if (!OwnCredentials(tid, cred)) return "credentials not the caller's";
+          if (!CredentialsNameCaller(tid, cred)) return "credentials not the caller's";
           std::memcpy(CMSG_DATA(c), &cred, sizeof cred);
-          continue;
+          return nullptr;
         }
         if (type == SO_PRIORITY && c->cmsg_len >= CMSG_LEN(sizeof(uint32_t))) {
           uint32_t priority;
           std::memcpy(&priority, CMSG_DATA(c), sizeof priority);
-          if (priority <= 6) continue;  // TC_PRIO_BESTEFFORT to TC_PRIO_INTERACTIVE: anyone's
+          if (priority <= 6) return nullptr;  // TC_PRIO_BESTEFFORT to TC_PRIO_INTERACTIVE: anyone's
           return kPrivileged;
         }
         if (type == SCM_RIGHTS || type == SCM_CREDENTIALS || type == SO_TIMESTAMPING_OLD ||
             type == SO_TIMESTAMPING_NEW || type == SCM_TXTIME || type == kScmTsOptId)
-          continue;
+          return nullptr;
         return kPrivileged;
       case IPPROTO_IP:
-        if (type == IP_TTL || type == IP_TOS) continue;
+        if (type == IP_TTL || type == IP_TOS) return nullptr;
         if (type == IP_PKTINFO) {
-          if (zeros(c, sizeof(in_pktinfo))) continue;
+          if (zeros(c, sizeof(in_pktinfo))) return nullptr;
           return "an interface or source address per datagram";
         }
         return kPrivileged;
       case IPPROTO_IPV6:
         if (type == IPV6_HOPLIMIT || type == IPV6_2292HOPLIMIT || type == IPV6_TCLASS || type == IPV6_DONTFRAG)
-          continue;
+          return nullptr;
         if (type == IPV6_RTHDR || type == IPV6_2292RTHDR) return "IPv6 routing headers";
         if (type == IPV6_PKTINFO || type == IPV6_2292PKTINFO) {
-          if (zeros(c, sizeof(in6_pktinfo))) continue;
+          if (zeros(c, sizeof(in6_pktinfo))) return nullptr;
           return "an interface or source address per datagram";
         }
         return kPrivileged;
       case IPPROTO_UDP:
-        if (type == UDP_SEGMENT) continue;
+        if (type == UDP_SEGMENT) return nullptr;
         return kPrivileged;
       case SOL_TLS:
-        if (type == kTlsSetRecordType) continue;
+        if (type == kTlsSetRecordType) return nullptr;
         return kPrivileged;
       default:
         return kPrivileged;
     }
-  }
-  return nullptr;
+  };
+  const char* why = nullptr;
+  ForEachCmsg(control, [&](cmsghdr* c) { return (why = refused(c)) == nullptr; });
+  return why;  // one cut short is left for the kernel to refuse (EINVAL)
 }
 
 // Gives a datagram for a UNIX socket the caller's credentials (SCM_CREDENTIALS) when
 // it carries none: the kernel would tell a receiver that asks (SO_PASSCRED) this
 // process and its user, root, instead of the caller. 0, or the errno.
 int AddSenderCredentials(std::vector<char>& control, const NetRequest& q) {
-  if (!control.empty()) {
-    msghdr h{};
-    h.msg_control = control.data();
-    h.msg_controllen = control.size();
-    for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
-      if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return 0;  // refused as EINVAL later
-      if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS) return 0;
-    }
-  }
+  bool given = false;
+  if (!ForEachCmsg(control, [&](cmsghdr* c) {
+        given = c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS;
+        return !given;
+      }) ||
+      given)
+    return 0;  // the caller's own (checked), or control data the kernel refuses
   auto caller = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
-  if (!caller) return caller.error().value == ESRCH ? EINTR : caller.error().value;
+  if (!caller) return CallerErrno(caller.error().value);
   const ucred cred{caller->tgid, caller->ruid, caller->rgid};
   const size_t at = CMSG_ALIGN(control.size());
   control.resize(at + CMSG_SPACE(sizeof(ucred)), 0);
@@ -436,26 +414,27 @@ int AddSenderCredentials(std::vector<char>& control, const NetRequest& q) {
 
 // Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
 int TranslateRights(std::vector<char>& control, int pidfd, std::vector<UniqueFd>& held) {
-  if (control.empty()) return 0;
-  msghdr h{};
-  h.msg_control = control.data();
-  h.msg_controllen = control.size();
-  for (cmsghdr* c = CMSG_FIRSTHDR(&h); c != nullptr; c = CMSG_NXTHDR(&h, c)) {
-    if (c->cmsg_len < CMSG_LEN(0) || c->cmsg_len > control.size()) return EINVAL;
-    if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
-    const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
-    auto* fds = reinterpret_cast<int*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
-    for (size_t i = 0; i < count; ++i) {
-      int theirs;
-      std::memcpy(&theirs, fds + i, sizeof theirs);
-      const long ours = ::syscall(SYS_pidfd_getfd, pidfd, theirs, 0);
-      if (ours < 0) return EBADF;
-      held.emplace_back(static_cast<int>(ours));
-      const int v = static_cast<int>(ours);
-      std::memcpy(fds + i, &v, sizeof v);
-    }
-  }
-  return 0;
+  int err = 0;
+  if (!ForEachCmsg(control, [&](cmsghdr* c) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) return true;
+        const size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        auto* fds = reinterpret_cast<int*>(CMSG_DATA(c));  // NOLINT: the cmsg's payload
+        for (size_t i = 0; i < count; ++i) {
+          int theirs;
+          std::memcpy(&theirs, fds + i, sizeof theirs);
+          const long ours = ::syscall(SYS_pidfd_getfd, pidfd, theirs, 0);
+          if (ours < 0) {
+            err = EBADF;
+            return false;
+          }
+          held.emplace_back(static_cast<int>(ours));
+          const int v = static_cast<int>(ours);
+          std::memcpy(fds + i, &v, sizeof v);
+        }
+        return true;
+      }))
+    return EINVAL;
+  return err;
 }
 
 // Sends one datagram (or stream chunk) on `fd`, with `name` (or none), as the caller's
@@ -792,7 +771,7 @@ NetServer::UnixTarget NetServer::OpenUnixTarget(const NetRequest& q, const std::
   {
     auto ctx = CallerFs::Enter(q.tid);
     if (!ctx) {
-      t.error = ctx.error().value == ESRCH ? EINTR : ctx.error().value;
+      t.error = CallerErrno(ctx.error().value);
       return t;
     }
     t.shown = path[0] == '/' ? path : ctx->Cwd() + "/" + path;
@@ -867,7 +846,7 @@ void NetServer::ConnectUnix(NetRequest& q) {
 // groups the caller may.
 void NetServer::ConnectAsCallerIds(NetRequest& q, const std::vector<char>& name, CallerIds::What what) {
   auto ids = CallerIds::Enter(q.tid, what);
-  if (!ids) return Error(q, ids.error().value == ESRCH ? EINTR : ids.error().value);
+  if (!ids) return Error(q, CallerErrno(ids.error().value));
   if (::connect(q.socket.get(), AsSockaddr(name), static_cast<socklen_t>(name.size())) == 0) return Return(q, 0);
   Error(q, errno);
 }
@@ -885,7 +864,7 @@ void NetServer::BindUnix(NetRequest& q) {
   }
   // A socket file is a file: the group's view decides where it may make one.
   auto ctx = CallerFs::Enter(q.tid);
-  if (!ctx) return Error(q, ctx.error().value == ESRCH ? EINTR : ctx.error().value);
+  if (!ctx) return Error(q, CallerErrno(ctx.error().value));
   if (::bind(dup, AsSockaddr(q.addr), static_cast<socklen_t>(q.addr.size())) != 0) return Error(q, errno);
   struct stat st {};
   if (::stat(path.c_str(), &st) == 0) {
@@ -967,26 +946,23 @@ void NetServer::Send(NetRequest& q) {
   // MSG_DONTROUTE looks for a route on a link alone: a datagram to an allowed address
   // left by a link route that the host's unreachable route (a VPN's kill switch)
   // overruled. The filter refuses SO_DONTROUTE, the same for every send.
-  if (inet && (flags & MSG_DONTROUTE)) {
-    LogEntry e{.proto = stream ? "tcp" : "udp", .verdict = "deny", .rule = "a send past the host's routes"};
-    if (!q.msgs.empty()) {
-      if (auto ep = Endpoint::FromSockaddr(q.msgs[0].name.data(), q.msgs[0].name.size())) {
-        e.address = ep->AddressString();
-        e.port = ep->port;
-      }
+  // Logs a datagram refused by `rule`, with the address it was for (`name`, if any).
+  auto note_refused = [&](const std::vector<char>& name, const char* rule) {
+    LogEntry e{.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = rule};
+    if (auto ep = Endpoint::FromSockaddr(name.data(), name.size()); ep && inet) {
+      e.address = ep->AddressString();
+      e.port = ep->port;
     }
     Note(q, e);
+  };
+  if (inet && (flags & MSG_DONTROUTE)) {
+    note_refused(q.msgs.empty() ? std::vector<char>() : q.msgs[0].name, "a send past the host's routes");
     return Error(q, EPERM);
   }
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
     if (const char* why = RefusedControl(d.control, q.tid)) {
-      LogEntry e{.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = why};
-      if (auto ep = Endpoint::FromSockaddr(d.name.data(), d.name.size()); ep && inet) {
-        e.address = ep->AddressString();
-        e.port = ep->port;
-      }
-      Note(q, e);
+      note_refused(d.name, why);
       if (sent_msgs > 0) break;
       return Error(q, EPERM);
     }
@@ -1094,7 +1070,7 @@ void NetServer::Send(NetRequest& q) {
       // process's, a group without CAP_NET_ADMIN changed its namespace's addresses and
       // routes, and could make links in other namespaces. Sent with the caller's.
       auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
-      n = ids ? SendOn(target, d, name, flags, stream, q, d.control) : -(ids.error().value == ESRCH ? EINTR : ids.error().value);
+      n = ids ? SendOn(target, d, name, flags, stream, q, d.control) : -(CallerErrno(ids.error().value));
     } else {
       n = SendOn(target, d, name, flags, stream, q, d.control);
     }
