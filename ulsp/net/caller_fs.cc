@@ -15,6 +15,8 @@
 #include <fstream>
 #include <sstream>
 
+#include "kernel/msgport/thread_creds.h"
+
 namespace ulsp::net {
 namespace {
 
@@ -125,37 +127,18 @@ void CallerFs::Leave() noexcept {
   (void)::fchdir(own_cwd_.get());
 }
 
-namespace {
-
-// The calling thread's capability sets (capget, capset: per thread).
-struct CapSets {
-  __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
-  __user_cap_data_struct data[2] = {};
-  uint64_t Effective() const { return data[0].effective | (uint64_t{data[1].effective} << 32); }
-  uint64_t Permitted() const { return data[0].permitted | (uint64_t{data[1].permitted} << 32); }
-};
-bool GetCaps(CapSets& c) { return ::syscall(SYS_capget, &c.header, c.data) == 0; }
-bool SetCaps(CapSets c, uint64_t effective) {
-  c.data[0].effective = static_cast<uint32_t>(effective);
-  c.data[1].effective = static_cast<uint32_t>(effective >> 32);
-  return ::syscall(SYS_capset, &c.header, c.data) == 0;
-}
-
-}  // namespace
-
 Result<CallerIds> CallerIds::Enter(pid_t tid, What what) {
   CallerIds c;
-  CapSets own;
-  if (!GetCaps(own)) return Fail(errno);
+  ThreadCaps own;
+  if (!own.Get()) return Fail(errno);
   if (what == What::kCapabilities) {
-    CapSets theirs;
-    theirs.header.pid = tid;
-    if (!GetCaps(theirs)) return Fail(errno);
+    ThreadCaps theirs;
+    if (!theirs.Get(tid)) return Fail(errno);
     const uint64_t effective = theirs.Effective() & own.Permitted();
     if (effective == own.Effective()) return c;
     c.active_ = true;
     c.own_caps_ = own.Effective();
-    if (!SetCaps(own, effective)) {
+    if (!own.SetEffective(effective)) {
       const int err = errno;
       c.Leave();
       return Fail(err);
@@ -184,7 +167,7 @@ Result<CallerIds> CallerIds::Enter(pid_t tid, What what) {
   if ((c.ids_ && (::syscall(SYS_setgroups, creds->groups.size(), creds->groups.data()) != 0 ||
                   ::syscall(SYS_setresgid, creds->rgid, creds->egid, -1) != 0 ||
                   ::syscall(SYS_setresuid, creds->ruid, creds->euid, -1) != 0)) ||
-      !SetCaps(own, effective)) {
+      !own.SetEffective(effective)) {
     const int err = errno;
     c.Leave();
     return Fail(err);
@@ -209,11 +192,11 @@ void CallerIds::Leave() noexcept {
   active_ = false;
   // The user first: an effective uid of 0 gives the thread its permitted set back;
   // then exactly the effective set it had.
-  CapSets caps;
+  ThreadCaps caps;
   if ((ids_ && (::syscall(SYS_setresuid, own_ruid_, own_euid_, -1) != 0 ||
                 ::syscall(SYS_setresgid, own_rgid_, own_egid_, -1) != 0 ||
                 ::syscall(SYS_setgroups, own_groups_.size(), own_groups_.data()) != 0)) ||
-      !GetCaps(caps) || !SetCaps(caps, own_caps_)) {
+      !caps.Get() || !caps.SetEffective(own_caps_)) {
     // This thread would go on serving as the caller: never let it.
     std::abort();
   }
