@@ -19,6 +19,7 @@
 #include "kernel/msgport/fuse_loop.h"
 #include "kernel/msgport/fuse_uring.h"
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/thread_creds.h"
 
 namespace ulsp::msgport {
 
@@ -197,7 +198,7 @@ void FuseShim::ReplyPort::AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_fil
   const uint64_t node = q.op == VfsOp::kCreate ? q.entry.ino : q.node;
   // The kernel takes a passthrough open with no flags but direct I/O and no-flush.
   const bool passthrough = q.open.backing_fd >= 0 && !fi.nonseekable && !fi.cache_readdir;
-  const int32_t id = passthrough ? shim_.AcquireBacking(node, q.open.fh, q.open.backing_fd) : -1;
+  const int32_t id = passthrough ? shim_.AcquireBacking(node, q.open.fh, q.open.backing_fd, q) : -1;
   if (id >= 0) fi.keep_cache = 0;  // no FUSE page cache: the backing file's serves
   tl_patch.backing_id = id;
   const int sent = q.op == VfsOp::kCreate ? fuse_reply_create(r, &q.entry, &fi) : fuse_reply_open(r, &fi);
@@ -830,15 +831,29 @@ uint64_t FuseShim::UringServed() const noexcept {
   return uring != nullptr ? uring->Served() : 0;
 }
 
-int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept try {
+int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd, const VfsRequest& q) noexcept try {
   std::lock_guard lock(backing_mu_);
   auto it = backing_.find(node);
   if (it == backing_.end()) {
     if (!passthrough_.load()) return -1;
     kabi::BackingMap map{fd, 0, 0};
-    const int id = ::ioctl(fuse_session_fd(session_), kabi::kBackingOpen, &map);
+    // The kernel reads and writes through a backing file with the credentials of
+    // whoever registered it, for every handle of the node that comes while it is
+    // registered, whoever opened them (it takes no other file for the node
+    // meanwhile, nor an open that is not passed through). Registered as root, it let
+    // a caller of user 1000 fill the blocks ext4 keeps back for root. So it is
+    // registered as a writer that is not root (thread_creds.h): the first opener,
+    // or, for a root one, nobody; writes through the kernel then never take the
+    // reserve, a root caller's neither (its served writes do).
+    const bool root = q.ctx.uid == 0;
+    int err = 0;
+    const int id = [&] {
+      const AsWriter as_writer(root ? kNobody : q.ctx.uid, root ? kNobody : q.ctx.gid);
+      const int r = ::ioctl(fuse_session_fd(session_), kabi::kBackingOpen, &map);
+      err = errno;  // before the scope's own calls
+      return r;
+    }();
     if (id < 0) {
-      const int err = errno;
       if (err == EPERM || err == ENOTTY || err == EINVAL || err == EOPNOTSUPP) {
         // Not this kernel, not without CAP_SYS_ADMIN, or not negotiated: from now on
         // every file's data goes through the stack.

@@ -121,9 +121,10 @@ class FuseShim {
   // Whether the kernel does reads and writes of files the stack lets it (false until
   // the kernel's INIT is answered, and once the kernel refused a backing file).
   bool KernelPassthrough() const noexcept { return passthrough_.load(std::memory_order_relaxed); }
-  // A backing id for handle `fh` of `node`, whose file is `fd`; -1 when the kernel
-  // will not take it (then the handle's data goes through the stack).
-  int32_t AcquireBacking(uint64_t node, uint64_t fh, int fd) noexcept;
+  // A backing id for handle `fh` of `node`, whose file is `fd`, opened by `q`'s
+  // caller; -1 when the kernel will not take it (then the handle's data goes through
+  // the stack).
+  int32_t AcquireBacking(uint64_t node, uint64_t fh, int fd, const VfsRequest& q) noexcept;
   // Sets up FUSE over io_uring if it may be used, and sends every reply through
   // WriteReply.
   void UseCustomIo() noexcept;

@@ -291,6 +291,78 @@ TEST(BehindANegativeEntry, ARenameKeepsAStickyDirectorysRule) {
   });
 }
 
+// Disk space: a caller takes through a passthrough mount no more than it could
+// natively. ext4 keeps blocks back for root (`mkfs.ext4 -m`), and lets a writer
+// whose file-system uid is root's or who holds CAP_SYS_RESOURCE use them; the servers
+// write as root, and the kernel writes through a backing file with the credentials
+// of whoever registered it. Before, on a disk with half its blocks kept back, user
+// 1000 wrote 21 MiB natively and 53 MiB, the whole disk, through every stack here,
+// and fallocate took 30 MiB. Now the writes and creates are the caller's as to space
+// (AsWriter, kernel/msgport/thread_creds.h), and backing files are registered as a
+// writer that is not root, also while root holds the file open ("root holds it").
+TEST(DiskSpace, ACallerTakesNoBlocksKeptBackForRoot) {
+  TempDir dir;
+  ASSERT_EQ(Shell("cd " + dir.path() + " && mkdir disk mnt upper && truncate -s 64M img && mkfs.ext4 -q -m 50 img && "
+                  "mount -o loop img disk && mkdir disk/u disk/upper && chown 1000:1000 disk/u"),
+            0);
+  const std::string as_user = "setpriv --reuid 1000 --regid 1000 --clear-groups ";
+  // As user 1000: asks fallocate for 30 MiB, then fills `d`/u/big (while root holds
+  // it open for writing, if asked); says how the fallocate ended and how big the
+  // file grew.
+  const auto fill = [&](const std::string& d, bool root_holds) {
+    const std::string big = d + "/u/big";
+    return Output("sh -c '" + as_user + "fallocate -l 30M " + d + "/u/more 2>&1 | sed \"s/.*: //\"; " +
+                  std::string(root_holds ? ": >" + big + " && chown 1000 " + big + " && exec 7>>" + big + "; " : "") +
+                  as_user + "dd if=/dev/zero of=" + big + " bs=1M count=100 conv=notrunc 2>/dev/null; stat -c %s " +
+                  big + "'");
+  };
+  const auto empty_disk = [&] { return Shell("rm -rf " + dir / "disk/u/* " + dir / "disk/upper/* && sync"); };
+  const std::string native = fill(dir / "disk", false);
+  ASSERT_EQ(empty_disk(), 0);
+  // 21 MiB of 53 free: what the user may take.
+  ASSERT_EQ(native.rfind("No space left on device\n", 0), 0u) << native;
+  ASSERT_LT(std::stoll(native.substr(native.find('\n') + 1)), 32ll << 20) << native;
+
+  struct Case {
+    std::vector<std::string> args;
+    bool root_holds;
+  };
+  const std::vector<Case> cases = {
+      {{dir / "disk"}, false},
+      {{dir / "disk"}, true},
+      {{"--no-kernel-passthrough", dir / "disk"}, false},
+      {{"--isolated", dir / "disk"}, false},
+      {{"--isolated", dir / "disk"}, true},
+      {{"--stack", "overlay:" + dir / "disk/upper,passthrough:" + dir / "disk"}, false},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.args.front() + (c.root_holds ? " (root holds it)" : ""));
+    std::string mounted;
+    {
+      ServedMount mount(c.args, dir / "mnt", dir / "server.log");
+      ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+      mounted = fill(mount.path(), c.root_holds);
+      EXPECT_EQ(mount.Stop(), 0);
+    }
+    EXPECT_EQ(mounted, native);
+    ASSERT_EQ(empty_disk(), 0);  // with the server gone, nothing holds the files' blocks
+  }
+
+  // The overlay's copy of a lower file, made for the caller's write, is the caller's
+  // to pay for: root's 15 MiB file of user 1000's leaves the user 6 MiB, and an
+  // append through the overlay, which copies the file up, finds no room. Before,
+  // the copy took the reserve.
+  ASSERT_EQ(Shell("dd if=/dev/zero of=" + dir / "disk/u/lower bs=1M count=15 2>/dev/null && chown 1000 " +
+                  dir / "disk/u/lower && sync"),
+            0);
+  ServedMount overlay({"--stack", "overlay:" + dir / "disk/upper,passthrough:" + dir / "disk"}, dir / "mnt",
+                      dir / "server.log");
+  ASSERT_TRUE(overlay.ok()) << ReadAll(dir / "server.log");
+  EXPECT_EQ(Output(as_user + "sh -c 'echo more >> " + overlay.path() + "/u/lower' 2>&1 | sed 's/.*: //'"),
+            "No space left on device\n");
+  EXPECT_EQ(Output("ls " + dir / "disk/upper/u 2>&1; stat -c %s " + dir / "disk/u/lower"), std::to_string(15 << 20) + "\n");
+}
+
 TEST_P(MountTest, ParallelWritersLoseNothing) {
   // 8 writers, each making 100 files and appending 100 lines to one shared log.
   const std::string script = R"PY(

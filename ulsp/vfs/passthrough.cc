@@ -17,8 +17,10 @@
 #include <fstream>
 #include <memory>
 #include <new>
+#include <optional>
 
 #include "kernel/msgport/log.h"
+#include "kernel/msgport/thread_creds.h"
 
 namespace ulsp::vfs {
 namespace {
@@ -796,7 +798,33 @@ int PassthroughLayer::InodeFlags(VfsRequest& req) {
   return 0;
 }
 
+namespace {
+
+// Whether `op` may take disk space (data, a directory's or an inode's block, an
+// extended attribute's): the server then takes only what the caller could (AsWriter).
+constexpr bool TakesSpace(VfsOp op) {
+  switch (op) {
+    case VfsOp::kMkNod:
+    case VfsOp::kMkDir:
+    case VfsOp::kSymlink:
+    case VfsOp::kRename:
+    case VfsOp::kLink:
+    case VfsOp::kCreate:
+    case VfsOp::kWrite:
+    case VfsOp::kFallocate:
+    case VfsOp::kCopyFileRange:
+    case VfsOp::kSetXattr:
+      return true;
+    default:
+      return false;
+  }
+}
+
+}  // namespace
+
 int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
+  std::optional<AsWriter> as_caller;
+  if (TakesSpace(req.op)) as_caller.emplace(req.ctx.uid, req.ctx.gid);
   switch (req.op) {
     case VfsOp::kLookup:
       return DoLookup(req, req.node, req.name, req.entry);
