@@ -848,7 +848,7 @@ int32_t FuseShim::AcquireBacking(uint64_t node, uint64_t fh, int fd, const VfsRe
     const bool root = q.ctx.uid == 0;
     int err = 0;
     const int id = [&] {
-      const AsWriter as_writer(root ? kNobody : q.ctx.uid, root ? kNobody : q.ctx.gid);
+      const AsWriter as_writer(root ? kNobody : q.ctx.uid, AsWriter::Kind::kFiles);
       const int r = ::ioctl(fuse_session_fd(session_), kabi::kBackingOpen, &map);
       err = errno;  // before the scope's own calls
       return r;

@@ -20,27 +20,36 @@ bool ThreadCaps::SetEffective(uint64_t effective) noexcept {
   return ::syscall(SYS_capset, &h, d) == 0;
 }
 
-AsWriter::AsWriter(uid_t uid, gid_t gid) noexcept {
+namespace {
+
+// The capabilities a change of file-system uid from 0 takes from the effective set,
+// and one back to 0 gives back from the permitted set (the kernel's CAP_FS_MASK).
+constexpr uint64_t Bit(int cap) { return uint64_t{1} << cap; }
+constexpr uint64_t kFsCaps = Bit(CAP_CHOWN) | Bit(CAP_DAC_OVERRIDE) | Bit(CAP_DAC_READ_SEARCH) | Bit(CAP_FOWNER) |
+                             Bit(CAP_FSETID) | Bit(CAP_LINUX_IMMUTABLE) | Bit(CAP_MKNOD) | Bit(CAP_MAC_OVERRIDE);
+
+}  // namespace
+
+AsWriter::AsWriter(uid_t uid, Kind kind) noexcept {
   if (uid == 0) return;
   ThreadCaps caps;
   if (!caps.Get()) return;
   own_caps_ = caps.Effective();
-  // setfsuid answers the thread's file-system uid before the call, whether or not
-  // it changed it; asking with -1 changes nothing.
-  own_fsuid_ = static_cast<uid_t>(::syscall(SYS_setfsuid, -1));
-  own_fsgid_ = static_cast<gid_t>(::syscall(SYS_setfsgid, -1));
+  // setfsuid answers the file-system uid the thread had.
+  own_fsuid_ = static_cast<uid_t>(::syscall(SYS_setfsuid, uid));
+  if (own_fsuid_ == uid) return;  // within a scope for this caller: nothing changed
   active_ = true;  // from here on, the destructor puts things back
-  ::syscall(SYS_setfsgid, gid);
-  ::syscall(SYS_setfsuid, uid);
-  (void)caps.SetEffective(own_caps_ & ~(uint64_t{1} << CAP_SYS_RESOURCE));
+  const uint64_t now = own_fsuid_ == 0 ? own_caps_ & ~kFsCaps : own_caps_;
+  const uint64_t want = (kind == Kind::kFiles ? own_caps_ : now) & ~Bit(CAP_SYS_RESOURCE);
+  if (want != now) (void)caps.SetEffective(want);
 }
 
 AsWriter::~AsWriter() {
   if (!active_) return;
   ::syscall(SYS_setfsuid, own_fsuid_);
-  ::syscall(SYS_setfsgid, own_fsgid_);
   ThreadCaps caps;
-  if (!caps.Get() || !caps.SetEffective(own_caps_) || ::syscall(SYS_setfsuid, -1) != own_fsuid_) {
+  if (!caps.Get() || (caps.Effective() != own_caps_ && !caps.SetEffective(own_caps_)) ||
+      static_cast<uid_t>(::syscall(SYS_setfsuid, -1)) != own_fsuid_) {
     // This thread would go on serving others with the caller's ids: never let it.
     std::abort();
   }

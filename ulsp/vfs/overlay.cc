@@ -574,7 +574,7 @@ int OverlayLayer::CopyUp(VfsRequest& req, uint64_t id, uint64_t* upper) {
   // The copy takes disk space for the caller, so only what the caller could take
   // (not the blocks ext4 keeps back for root): made as root otherwise (Own), and
   // given the lower file's owner afterwards all the same.
-  const AsWriter as_caller(req.ctx.uid, req.ctx.gid);
+  const AsWriter as_caller(req.ctx.uid, AsWriter::Kind::kFiles);
   // A lower file no name leads to any more (removed or replaced while a program holds
   // it open; or adopted so after a restart): copied up as a file of no name (an
   // O_TMPFILE in the upper root), so that it changes as an unlinked file on ext4 does

@@ -801,22 +801,24 @@ int PassthroughLayer::InodeFlags(VfsRequest& req) {
 namespace {
 
 // Whether `op` may take disk space (data, a directory's or an inode's block, an
-// extended attribute's): the server then takes only what the caller could (AsWriter).
-constexpr bool TakesSpace(VfsOp op) {
+// extended attribute's), and so must take only what the caller could (AsWriter):
+// kData on a file already open, kFiles where files are made or named.
+constexpr std::optional<AsWriter::Kind> TakesSpace(VfsOp op) {
   switch (op) {
+    case VfsOp::kWrite:
+    case VfsOp::kFallocate:
+    case VfsOp::kCopyFileRange:
+      return AsWriter::Kind::kData;
     case VfsOp::kMkNod:
     case VfsOp::kMkDir:
     case VfsOp::kSymlink:
     case VfsOp::kRename:
     case VfsOp::kLink:
     case VfsOp::kCreate:
-    case VfsOp::kWrite:
-    case VfsOp::kFallocate:
-    case VfsOp::kCopyFileRange:
     case VfsOp::kSetXattr:
-      return true;
+      return AsWriter::Kind::kFiles;
     default:
-      return false;
+      return std::nullopt;
   }
 }
 
@@ -824,7 +826,7 @@ constexpr bool TakesSpace(VfsOp op) {
 
 int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
   std::optional<AsWriter> as_caller;
-  if (TakesSpace(req.op)) as_caller.emplace(req.ctx.uid, req.ctx.gid);
+  if (const auto kind = TakesSpace(req.op)) as_caller.emplace(req.ctx.uid, *kind);
   switch (req.op) {
     case VfsOp::kLookup:
       return DoLookup(req, req.node, req.name, req.entry);
