@@ -38,6 +38,8 @@ AsWriter::AsWriter(uid_t uid, Kind kind) noexcept {
   // setfsuid answers the file-system uid the thread had.
   own_fsuid_ = static_cast<uid_t>(::syscall(SYS_setfsuid, uid));
   if (own_fsuid_ == uid) return;  // within a scope for this caller: nothing changed
+  // Refused (a thread without CAP_SETUID) without a word: the thread is as it was.
+  if (static_cast<uid_t>(::syscall(SYS_setfsuid, -1)) != uid) return;
   active_ = true;  // from here on, the destructor puts things back
   const uint64_t now = own_fsuid_ == 0 ? own_caps_ & ~kFsCaps : own_caps_;
   const uint64_t want = (kind == Kind::kFiles ? own_caps_ : now) & ~Bit(CAP_SYS_RESOURCE);

@@ -43,18 +43,21 @@ inline constexpr uid_t kNobody = 65534;
 // A change of file-system uid from 0 also takes the file-system capabilities
 // (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_LINUX_IMMUTABLE …).
 // kData, for a request on a file already open (write, fallocate, copy_file_range),
-// which needs none of them, leaves them out, as the caller would be: two setfsuid
-// and two capget calls, 4.3 µs a scope here (where the thread lacks
-// CAP_SYS_RESOURCE; two capset more where it has it). kFiles, for a request that
-// makes, moves or names files, gives them back, so that what the server may do to
-// files stays what it was: 5.7 µs.
+// which needs none of them, leaves them out, as the caller would be: two changes
+// of file-system uid (each checked) and two capget calls, 4.3 µs a scope here
+// (where the thread lacks CAP_SYS_RESOURCE; two capset more where it has it;
+// ulsp-parts-bench's BM_AsWriterScope). kFiles, for a request that makes, moves or
+// names files, gives them back, so that what the server may do to files stays what
+// it was: 5.8 µs.
 //
 // Nothing changes for a caller of user 0 (ext4 gives its reserve to user 0, and a
 // root caller holds CAP_SYS_RESOURCE as a rule; a group's root lacks it, but its
-// requests are still served with it, past quotas), nor in a scope within one for the same caller (the
-// outer one's kind holds). Best effort: where a call fails the thread goes on as
-// itself, as before; a scope that cannot put the thread back aborts the process
-// rather than let it serve others as the caller.
+// requests are still served with it, past quotas), nor in a scope within one for
+// the same caller (the outer one's kind holds), nor where the thread may not change
+// its file-system uid (no CAP_SETUID): active() says whether it changed. Best effort:
+// where a call fails the thread goes on as itself, as before; a scope that cannot
+// put the thread back aborts the process rather than let it serve others as the
+// caller.
 //
 // Thread-safety: affects only the calling thread (and threads it starts meanwhile,
 // which keep the caller's ids: start none); one at a time per thread.

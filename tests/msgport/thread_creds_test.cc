@@ -82,6 +82,24 @@ TEST(AsWriter, ARootCallerChangesNothing) {
   EXPECT_EQ(Effective(), before);
 }
 
+// setfsuid fails without a word where the thread lacks CAP_SETUID: the scope says it
+// changed nothing, and nothing changed.
+TEST(AsWriter, AThreadThatMayNotTakeTheCallersIdsIsLeftAsItWas) {
+  std::thread([] {
+    ThreadCaps caps;
+    ASSERT_TRUE(caps.Get());
+    ASSERT_TRUE(caps.SetEffective(caps.Effective() & ~Bit(CAP_SETUID)));
+    const uint64_t before = Effective();
+    {
+      const AsWriter w(1000, AsWriter::Kind::kData);
+      EXPECT_FALSE(w.active());
+      EXPECT_EQ(FsUid(), 0u);
+      EXPECT_EQ(Effective(), before);
+    }
+    EXPECT_EQ(Effective(), before);
+  }).join();
+}
+
 TEST(AsWriter, NestsForTheSameCaller) {
   const uint64_t before = Effective();
   {
