@@ -1,7 +1,8 @@
 // Micro-benchmarks of the message ports' building blocks, with Google Benchmark:
 // what one envelope costs to build and to read, one DoMsg through a direct port, one
 // ring push and pop, one message-queue push and pop. All in one thread, warm caches:
-// the floor under the cross-process figures of ulsp-msgport-bench.
+// the floor under the cross-process figures of ulsp-msgport-bench. Also what a VFS
+// server's scope as a caller other than root costs (AsWriter, run as root).
 //
 //   ulsp-parts-bench [--benchmark_filter=REGEX] [--benchmark_repetitions=N]
 #include <benchmark/benchmark.h>
@@ -12,6 +13,7 @@
 #include "kernel/msgport/message_queue.h"
 #include "kernel/msgport/ring.h"
 #include "kernel/msgport/shm_segment.h"
+#include "kernel/msgport/thread_creds.h"
 
 namespace {
 
@@ -99,6 +101,16 @@ void BM_MessageQueuePushPop(benchmark::State& state) {
   }
 }
 BENCHMARK(BM_MessageQueuePushPop);
+
+// Arg 0: kData (a write's), 1: kFiles (a create's).
+void BM_AsWriterScope(benchmark::State& state) {
+  const auto kind = state.range(0) == 0 ? ulsp::AsWriter::Kind::kData : ulsp::AsWriter::Kind::kFiles;
+  for (auto _ : state) {
+    const ulsp::AsWriter w(1000, kind);
+    benchmark::DoNotOptimize(w.active());
+  }
+}
+BENCHMARK(BM_AsWriterScope)->Arg(0)->Arg(1);
 
 }  // namespace
 
