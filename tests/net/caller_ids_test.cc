@@ -3,7 +3,6 @@
 // back; the credentials read are the caller's, by pidfd and by /proc alike.
 #include <gtest/gtest.h>
 #include <grp.h>
-#include <linux/capability.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -14,6 +13,7 @@
 #include <string>
 #include <thread>
 
+#include "kernel/msgport/thread_creds.h"
 #include "ulsp/net/caller_fs.h"
 
 namespace ulsp::net {
@@ -30,13 +30,9 @@ class UserProcess {
     pid_ = ::fork();
     if (pid_ == 0) {
       const gid_t groups[] = {1000, 44};
-      __user_cap_header_struct header{_LINUX_CAPABILITY_VERSION_3, 0};
-      __user_cap_data_struct data[2] = {};
       if (root_with_caps != 0) {
-        if (::syscall(SYS_capget, &header, data) != 0) ::_exit(1);
-        data[0].effective = root_with_caps;
-        data[1].effective = 0;
-        if (::syscall(SYS_capset, &header, data) != 0) ::_exit(1);
+        ThreadCaps caps;
+        if (!caps.Get() || !caps.SetEffective(root_with_caps)) ::_exit(1);
       } else if (::setgroups(2, groups) != 0 || ::setresgid(1000, 1000, 1000) != 0 ||
                  ::setresuid(1000, 1000, 1000) != 0) {
         ::_exit(1);

@@ -20,6 +20,7 @@
 #include <map>
 #include <mutex>
 #include <new>
+#include <optional>
 #include <tuple>
 
 #include "kernel/msgport/host_port.h"
@@ -387,20 +388,22 @@ const char* RefusedControl(std::vector<char>& control, pid_t tid) {
   return why;  // one cut short is left for the kernel to refuse (EINVAL)
 }
 
-// Gives a datagram for a UNIX socket the caller's credentials (SCM_CREDENTIALS) when
-// it carries none: the kernel would tell a receiver that asks (SO_PASSCRED) this
-// process and its user, root, instead of the caller. 0, or the errno.
-int AddSenderCredentials(std::vector<char>& control, const NetRequest& q) {
+// Whether a datagram for a UNIX socket must be given its sender's credentials: its
+// control data carries none (and is well formed: the kernel refuses one that is
+// not). Without them the kernel would tell a receiver that asks (SO_PASSCRED) this
+// process and its user, root, instead of the caller.
+bool LacksCredentials(std::vector<char>& control) {
   bool given = false;
-  if (!ForEachCmsg(control, [&](cmsghdr* c) {
-        given = c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS;
-        return !given;
-      }) ||
-      given)
-    return 0;  // the caller's own (checked), or control data the kernel refuses
-  auto caller = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
-  if (!caller) return CallerErrno(caller.error().value);
-  const ucred cred{caller->tgid, caller->ruid, caller->rgid};
+  return ForEachCmsg(control, [&](cmsghdr* c) {
+           given = c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_CREDENTIALS;
+           return !given;
+         }) &&
+         !given;
+}
+
+// Appends `caller`'s credentials (SCM_CREDENTIALS) to `control`.
+void AddCredentials(std::vector<char>& control, const CallerCredentials& caller) {
+  const ucred cred{caller.tgid, caller.ruid, caller.rgid};
   const size_t at = CMSG_ALIGN(control.size());
   control.resize(at + CMSG_SPACE(sizeof(ucred)), 0);
   cmsghdr c{};
@@ -409,7 +412,6 @@ int AddSenderCredentials(std::vector<char>& control, const NetRequest& q) {
   c.cmsg_type = SCM_CREDENTIALS;
   std::memcpy(control.data() + at, &c, sizeof c);
   std::memcpy(control.data() + at + CMSG_LEN(0), &cred, sizeof cred);
-  return 0;
 }
 
 // Rewrites SCM_RIGHTS descriptors (the caller's numbers) into ours, kept in `held`.
@@ -943,9 +945,6 @@ void NetServer::Send(NetRequest& q) {
     return 0;
   };
 
-  // MSG_DONTROUTE looks for a route on a link alone: a datagram to an allowed address
-  // left by a link route that the host's unreachable route (a VPN's kill switch)
-  // overruled. The filter refuses SO_DONTROUTE, the same for every send.
   // Logs a datagram refused by `rule`, with the address it was for (`name`, if any).
   auto note_refused = [&](const std::vector<char>& name, const char* rule) {
     LogEntry e{.proto = inet ? (stream ? "tcp" : "udp") : "unix", .verdict = "deny", .rule = rule};
@@ -955,10 +954,25 @@ void NetServer::Send(NetRequest& q) {
     }
     Note(q, e);
   };
+  // MSG_DONTROUTE looks for a route on a link alone: a datagram to an allowed address
+  // left by a link route that the host's unreachable route (a VPN's kill switch)
+  // overruled. The filter refuses SO_DONTROUTE, the same for every send.
   if (inet && (flags & MSG_DONTROUTE)) {
     note_refused(q.msgs.empty() ? std::vector<char>() : q.msgs[0].name, "a send past the host's routes");
     return Error(q, EPERM);
   }
+  // The kernel allows a netlink request by its sender's capabilities: with this
+  // process's, a group without CAP_NET_ADMIN changed its namespace's addresses and
+  // routes, and could make links in other namespaces. All of a request's datagrams
+  // are sent with the caller's.
+  std::optional<CallerIds> as_caller;
+  if (q.family == AF_NETLINK) {
+    auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
+    if (!ids) return Error(q, CallerErrno(ids.error().value));
+    as_caller.emplace(std::move(*ids));
+  }
+  // A UNIX datagram's sender, read once for all the request's datagrams that need it.
+  std::optional<Result<CallerCredentials>> sender;
   for (size_t i = 0; i < q.msgs.size(); ++i) {
     NetDatagram& d = q.msgs[i];
     if (const char* why = RefusedControl(d.control, q.tid)) {
@@ -1059,21 +1073,15 @@ void NetServer::Send(NetRequest& q) {
         return Error(q, EACCES);
       }
     }
-    if (q.family == AF_UNIX) {
-      if (const int err = AddSenderCredentials(d.control, q); err != 0) {
+    if (q.family == AF_UNIX && LacksCredentials(d.control)) {
+      if (!sender) sender = ReadCallerCredentials(q.tid, q.pidfd ? q.pidfd->get() : -1);
+      if (!*sender) {
         if (sent_msgs > 0) break;
-        return Error(q, err);
+        return Error(q, CallerErrno(sender->error().value));
       }
+      AddCredentials(d.control, **sender);
     }
-    if (q.family == AF_NETLINK) {
-      // The kernel allows a netlink request by its sender's capabilities: with this
-      // process's, a group without CAP_NET_ADMIN changed its namespace's addresses and
-      // routes, and could make links in other namespaces. Sent with the caller's.
-      auto ids = CallerIds::Enter(q.tid, CallerIds::What::kCapabilities);
-      n = ids ? SendOn(target, d, name, flags, stream, q, d.control) : -(CallerErrno(ids.error().value));
-    } else {
-      n = SendOn(target, d, name, flags, stream, q, d.control);
-    }
+    n = SendOn(target, d, name, flags, stream, q, d.control);
     if (n < 0) {
       if (sent_msgs > 0) break;
       return Error(q, static_cast<int>(-n));
