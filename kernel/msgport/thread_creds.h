@@ -44,11 +44,11 @@ inline constexpr uid_t kNobody = 65534;
 // (CAP_CHOWN, CAP_DAC_OVERRIDE, CAP_FOWNER, CAP_FSETID, CAP_LINUX_IMMUTABLE …).
 // kData, for a request on a file already open (write, fallocate, copy_file_range),
 // which needs none of them, leaves them out, as the caller would be: two changes
-// of file-system uid (each checked) and two capget calls, 4.3 µs a scope here
+// of file-system uid (each checked) and two capget calls, 4.3–5.6 µs a scope here
 // (where the thread lacks CAP_SYS_RESOURCE; two capset more where it has it;
 // ulsp-parts-bench's BM_AsWriterScope). kFiles, for a request that makes, moves or
 // names files, gives them back, so that what the server may do to files stays what
-// it was: 5.8 µs.
+// it was: 5.8–7.0 µs.
 //
 // Nothing changes for a caller of user 0 (ext4 gives its reserve to user 0, and a
 // root caller holds CAP_SYS_RESOURCE as a rule; a group's root lacks it, but its
