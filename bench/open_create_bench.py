@@ -11,6 +11,10 @@ median microseconds per call over the rounds. Kernel passthrough off: every read
 open is served by the stack.
 
 Writes: 20000 writes of 4 KiB at offset 0 of one file on /dev/shm, each one FUSE_WRITE.
+Listings: 20000 listxattr of one file on /dev/shm holding a user.* and a trusted.*
+attribute, each one FUSE_LISTXATTR. A caller without CAP_SYS_ADMIN (--user) is not
+listed the trusted.* name: the shim asks the stack for the whole list and leaves it out.
+
 `--user UID` times each loop in a child process of that user (and group): creates and
 writes of a caller other than root are made under its file-system ids
 (kernel/msgport/thread_creds.h), which costs calls a root caller does not make.
@@ -111,18 +115,37 @@ def writes(binary):
     return on_mount(binary, fresh_ctree(), loop)
 
 
+def listings(binary):
+    p = os.path.join(mnt, "x")
+
+    def before():
+        open(p, "w").close()
+        os.chmod(p, 0o644)
+        os.setxattr(p, "user.u", b"v")
+        os.setxattr(p, "trusted.t", b"v")
+
+    def loop():
+        t = time.perf_counter()
+        for _ in range(20000):
+            os.listxattr(p)
+        return (time.perf_counter() - t) / 20000 * 1e6
+    return on_mount(binary, fresh_ctree(), loop, before=before)
+
+
 try:
-    res = {b: {"open": [], "create": [], "write": []} for b in args.ulsp}
+    res = {b: {"open": [], "create": [], "write": [], "listxattr": []} for b in args.ulsp}
     for _ in range(args.rounds):
         for b in args.ulsp:
             res[b]["open"].append(opens(b))
             res[b]["create"].append(creates(b))
             res[b]["write"].append(writes(b))
+            res[b]["listxattr"].append(listings(b))
     med = lambda v: sorted(v)[len(v) // 2]
     print("as user %d" % args.user)
-    print("%-40s %16s %18s %16s" % ("binary", "open+close us", "create+close us", "4 KiB write us"))
+    print("%-40s %16s %18s %16s %14s" % ("binary", "open+close us", "create+close us", "4 KiB write us", "listxattr us"))
     for b in args.ulsp:
-        print("%-40s %16.2f %18.2f %16.2f" % (b, med(res[b]["open"]), med(res[b]["create"]), med(res[b]["write"])))
+        print("%-40s %16.2f %18.2f %16.2f %14.2f" % (b, med(res[b]["open"]), med(res[b]["create"]), med(res[b]["write"]),
+                                                     med(res[b]["listxattr"])))
 finally:
     subprocess.run(["umount", mnt], stderr=subprocess.DEVNULL)
     shutil.rmtree(work, ignore_errors=True)

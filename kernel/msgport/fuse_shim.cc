@@ -3,6 +3,7 @@
 #include <fuse3/fuse_lowlevel.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <linux/limits.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -12,6 +13,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <new>
+#include <span>
+#include <string>
 #include <string_view>
 #include <thread>
 #include <vector>
@@ -123,6 +126,18 @@ ssize_t IoSplice(int fdin, off_t* offin, int fdout, off_t* offout, size_t len, u
   const ssize_t n = ::splice(fdin, offin, fdout, offout, len, flags);
   AfterDeviceRead();
   return n;
+}
+
+// The names in `list` (each ending in NUL) but those of trusted.* attributes.
+std::string WithoutTrusted(std::span<const char> list) {
+  std::string kept;
+  kept.reserve(list.size());
+  for (size_t at = 0; at < list.size();) {
+    const std::string_view name(list.data() + at, ::strnlen(list.data() + at, list.size() - at));
+    if (!name.starts_with("trusted.")) kept.append(name).push_back('\0');
+    at += name.size() + 1;
+  }
+  return kept;
 }
 
 }  // namespace
@@ -283,8 +298,20 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
     case VfsOp::kStatFs:
       fuse_reply_statfs(r, &q.statfs);
       return;
-    case VfsOp::kGetXattr:
     case VfsOp::kListXattr:
+      if (m.list_room >= 0) {  // a caller without CAP_SYS_ADMIN: as ext4 lists to it
+        const std::string list = WithoutTrusted(q.out);
+        if (m.list_room == 0) {
+          fuse_reply_xattr(r, list.size());
+        } else if (list.size() > static_cast<uint64_t>(m.list_room)) {
+          fuse_reply_err(r, ERANGE);
+        } else {
+          fuse_reply_buf(r, list.data(), list.size());
+        }
+        return;
+      }
+      [[fallthrough]];
+    case VfsOp::kGetXattr:
       if (q.size == 0) {
         fuse_reply_xattr(r, q.out_size);
       } else {
@@ -661,6 +688,14 @@ struct FuseOps {
     auto m = Begin(req, VfsOp::kListXattr, node);
     if (!m) return;
     m->req.size = size;
+    // ext4 (and tmpfs, and overlayfs) list the names of trusted.* attributes only to a
+    // caller with CAP_SYS_ADMIN; the kernel refuses the others their values, not their
+    // names, and the stack lists as root. For such a caller the whole list is asked,
+    // and the answer leaves those names out (and says its own size).
+    if (!Shim(req).MayAdmin(m->req.ctx.pid)) {
+      m->list_room = static_cast<int64_t>(size);
+      m->req.size = XATTR_LIST_MAX;
+    }
     Submit(std::move(m));
   }
   static void RemoveXattr(fuse_req_t req, fuse_ino_t node, const char* name) noexcept {
@@ -888,6 +923,12 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   uint32_t id = static_cast<uint32_t>(it->second.id);
   ::ioctl(fuse_session_fd(session_), kabi::kBackingClose, &id);
   backing_.erase(it);
+}
+
+bool FuseShim::MayAdmin(pid_t pid) const noexcept {
+  if (!options_.callers_may_admin || pid <= 0) return false;
+  ThreadCaps caps;
+  return caps.Get(pid) && ((caps.Effective() >> CAP_SYS_ADMIN) & 1) != 0;
 }
 
 void FuseShim::NoteDirEnd(const VfsRequest& q) noexcept try {

@@ -69,6 +69,10 @@ class FuseShim {
                                       // atime, so the next stat is a GETATTR)
     bool debug = false;               // libfuse's own request log on stderr
     std::function<void()> on_ready;   // called once the kernel's INIT is answered
+    bool callers_may_admin = true;    // false: no caller of this mount holds
+                                      // CAP_SYS_ADMIN (a group's, whose processes are
+                                      // bounded without it), so none is asked; true:
+                                      // each listxattr asks its caller's capabilities
     int premounted_fd = -1;           // a /dev/fuse descriptor already mounted (by a
                                       // process in another mount namespace): the shim
                                       // serves it, takes ownership, and never unmounts
@@ -185,6 +189,11 @@ class FuseShim {
   // the mount's entry timeout, is answered here, empty, and not sent: it would cost a
   // round trip to the stack for every directory listed. A change of names in the
   // directory through the mount drops what is noted of it.
+  // Whether caller `pid` (a thread in the mount's pid namespace) holds CAP_SYS_ADMIN,
+  // which a caller must to see the names of trusted.* attributes listed. Not where it
+  // cannot be told (pid 0: a caller outside that namespace; gone) or none may.
+  bool MayAdmin(pid_t pid) const noexcept;
+
   void NoteDirEnd(const VfsRequest& q) noexcept;           // q: a readdir(plus) answered
   bool TakeDirEnd(pid_t pid, uint64_t node, int64_t offset) noexcept;
   void DropDirEnds(const VfsRequest& q) noexcept;          // q: any request being sent

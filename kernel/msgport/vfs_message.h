@@ -267,6 +267,9 @@ class VfsMessage final : public Message {
   VfsRequest req;
   fuse_req_t fuse_req = nullptr;
   std::vector<char> in_copy;  // the sender's copy of `req.in`, when it cannot lend it
+  // A listxattr whose caller may not see trusted.* names (FuseShim::MayAdmin): the room
+  // the caller gave (0: only the size). The stack is asked for the whole list.
+  int64_t list_room = -1;
   // A relaying port's bookkeeping (ulsp/core/isolated.h): the kernel's ids while the
   // request carries the server's, where the reply goes next, and how often it was sent.
   struct Relay {

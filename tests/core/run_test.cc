@@ -112,6 +112,20 @@ TEST_F(RunTest, TheCommandKeepsItsCallersUmaskAndOpenFileLimit) {
   EXPECT_EQ(Output("stat -c '%a %n' " + dir_ / "src/file"), "640 " + dir_ / "src/file" + "\n");  // on disk too
 }
 
+// ext4 lists the names of trusted.* attributes only to a caller with CAP_SYS_ADMIN,
+// which no process of a group holds; through the group's mount its root was once
+// listed what the server (root, with it) was: here trusted.t beside user.u.
+TEST_F(RunTest, AGroupIsListedNoTrustedAttribute) {
+  const std::string file = dir_ / "src/f";
+  ASSERT_EQ(Shell("mkdir -p " + dir_ / "src" + " && touch " + file + " && /usr/bin/python3 -c \"import os; "
+                  "[os.setxattr('" + file + "', n, b'v') for n in ('trusted.t', 'user.u')]\""), 0);
+  const std::string policy = kOpen + "[[group.g.mount]]\npath = \"" + dir_ / "src" + "\"\nstack = \"passthrough:" +
+                             dir_ / "src" + "\"\n";
+  auto r = RunInGroup(dir_, policy, "/usr/bin/python3 -c \"import os; print(sorted(os.listxattr('" + file + "')))\"");
+  EXPECT_EQ(r.status, 0) << r.err;
+  EXPECT_EQ(r.out, "['user.u']\n");
+}
+
 // What ulsp makes for `ulsp ps` and the group (its runtime directory, the group's
 // resolv.conf and hosts) has modes of its own, not the umask of 0 that a passthrough
 // layer sets: they were once 0777 and 0666, so any user could rewrite the resolver a

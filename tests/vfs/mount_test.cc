@@ -149,11 +149,12 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForRoot) {
 }
 
 TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
-  // A world-writable directory with a root-owned file, a sticky directory holding
-  // another, and root's world-writable set-user-ID and set-group-ID files, in both
-  // places.
+  // A world-writable directory with a root-owned file (with a trusted.* and a user.*
+  // attribute), a sticky directory holding another, and root's world-writable
+  // set-user-ID and set-group-ID files, in both places.
   auto prepare = [](const std::string& d) {
-    return Shell("mkdir -m 777 " + d + " && chmod 777 " + d + " && echo x > " + d + "/theirs && mkdir " + d +
+    return Shell("mkdir -m 777 " + d + " && chmod 777 " + d + " && echo x > " + d + "/theirs && " + kPython +
+                 " -c \"import os; [os.setxattr('" + d + "/theirs', n, b'v') for n in ('trusted.t', 'user.u')]\" && mkdir " + d +
                  "/sticky && chmod 1777 " + d + "/sticky && echo y > " + d + "/sticky/theirs && echo s > " + d +
                  "/suid && chmod 4777 " + d + "/suid && echo g > " + d + "/sgid && chmod 2777 " + d + "/sgid");
   };
@@ -165,6 +166,7 @@ TEST_P(MountTest, SemanticsMatchTheFileSystemUnderneathForAnUnprivilegedUser) {
   ASSERT_NE(native.find("unlink-theirs-sticky: EPERM"), std::string::npos) << native;
   ASSERT_NE(native.find("uid=65534"), std::string::npos) << native;
   ASSERT_NE(native.find("sgid-truncate: mode=-rwxrwxrwx"), std::string::npos) << native;
+  ASSERT_NE(native.find("xattr-names-theirs: (['user.u'], 7, 7)"), std::string::npos) << native;
   EXPECT_EQ(native, mounted);
 }
 

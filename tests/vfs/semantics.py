@@ -7,7 +7,8 @@ compares the two outputs line by line: the mount must behave as ext4 underneath.
 
 Usage: semantics.py DIR [root|user]
   root: the caller is root (device nodes, chown, RENAME_* flags).
-  user: the caller is unprivileged; DIR holds `theirs` (a root-owned file),
+  user: the caller is unprivileged; DIR holds `theirs` (a root-owned file, with
+        attributes trusted.t and user.u),
         `sticky/` (mode 1777, holding `sticky/theirs`, root-owned), and `suid` and
         `sgid` (root's, modes 4777 and 2777).
 """
@@ -289,6 +290,12 @@ else:
         f.write("mine")
     p("create-in-sticky", describe(j("sticky", "mine")))
     attempt("unlink-mine-sticky", os.unlink, j("sticky", "mine"))
+    # Root gave `theirs` a trusted.* and a user.* attribute. ext4 lists the names of
+    # trusted.* ones only to a caller with CAP_SYS_ADMIN, in the size it gives too.
+    whole = libc.listxattr(j("theirs").encode(), None, 0)
+    room = ctypes.create_string_buffer(max(whole, 1))
+    p("xattr-names-theirs", (sorted(os.listxattr(j("theirs"))), whole,
+                             libc.listxattr(j("theirs").encode(), room, whole)))
     os.chmod(j("dir"), 0o500)
     attempt("create-in-readonly-dir", os.open, j("dir", "new"), os.O_CREAT | os.O_WRONLY)
     os.chmod(j("dir"), 0o750)

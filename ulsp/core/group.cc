@@ -404,6 +404,7 @@ int RunGroup(GroupRun& run) {
       options.fsname = m.policy.stack;
       options.timeout = m.policy.timeout;
       options.premounted_fd = said.fd.release();
+      options.callers_may_admin = false;  // the group's bounding set lacks it (group_init.cc)
       options.on_ready = [&m] {
         std::lock_guard lock(m.mu);
         m.ready = true;
