@@ -350,6 +350,23 @@ TEST(DiskSpace, ACallerTakesNoBlocksKeptBackForRoot) {
     ASSERT_EQ(empty_disk(), 0);  // with the server gone, nothing holds the files' blocks
   }
 
+  // A shared writable mapping's pages, which the kernel writes back with no caller
+  // (user 0, pid 0) when kernel passthrough is off: natively the user's page faults
+  // find no room past its share (SIGBUS); through the mount the write-back does not
+  // (msync: ENOSPC). Before, the server wrote them as root: all 40 MiB.
+  std::ofstream(dir / "map.py") << "import mmap, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+                                   "os.ftruncate(fd, 40 << 20)\nm = mmap.mmap(fd, 40 << 20)\n"
+                                   "for i in range(0, 40 << 20, 4096):\n    m[i] = 1\n"
+                                   "try:\n    m.flush()\nexcept OSError as e:\n    print(e.strerror)\n";
+  {
+    ServedMount mount({"--no-kernel-passthrough", dir / "disk"}, dir / "mnt", dir / "server.log");
+    ASSERT_TRUE(mount.ok()) << ReadAll(dir / "server.log");
+    EXPECT_EQ(Output(as_user + kPython + " " + dir / "map.py " + mount.path() + "/u/map"), "No space left on device\n");
+    EXPECT_EQ(mount.Stop(), 0);
+  }
+  EXPECT_LT(std::stoll(Output("stat -c %b " + dir / "disk/u/map")) * 512, 32ll << 20);
+  ASSERT_EQ(empty_disk(), 0);
+
   // The overlay's copy of a lower file, made for the caller's write, is the caller's
   // to pay for: root's 15 MiB file of user 1000's leaves the user 6 MiB, and an
   // append through the overlay, which copies the file up, finds no room. Before,
