@@ -1,9 +1,9 @@
 #include "kernel/msgport/fuse_shim.h"
 
 #include <fuse3/fuse_lowlevel.h>
+#include <linux/limits.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
-#include <linux/limits.h>
 #include <sys/uio.h>
 #include <unistd.h>
 

@@ -183,17 +183,17 @@ class FuseShim {
   bool stale_stop_ = false;
   std::thread invalidator_;  // started when first needed
 
+  // Whether caller `pid` (a thread in the mount's pid namespace) holds CAP_SYS_ADMIN,
+  // which a caller must to see the names of trusted.* attributes listed. Not where it
+  // cannot be told (pid 0: a caller outside that namespace; gone) or none may.
+  bool MayAdmin(pid_t pid) const noexcept;
+
   // The end of a listing. The kernel asks once more after a directory's last records,
   // at the last one's offset, to hear that nothing follows. When the stack said so with
   // those records (VfsRequest::dir_end), that question, from the same caller and within
   // the mount's entry timeout, is answered here, empty, and not sent: it would cost a
   // round trip to the stack for every directory listed. A change of names in the
   // directory through the mount drops what is noted of it.
-  // Whether caller `pid` (a thread in the mount's pid namespace) holds CAP_SYS_ADMIN,
-  // which a caller must to see the names of trusted.* attributes listed. Not where it
-  // cannot be told (pid 0: a caller outside that namespace; gone) or none may.
-  bool MayAdmin(pid_t pid) const noexcept;
-
   void NoteDirEnd(const VfsRequest& q) noexcept;           // q: a readdir(plus) answered
   bool TakeDirEnd(pid_t pid, uint64_t node, int64_t offset) noexcept;
   void DropDirEnds(const VfsRequest& q) noexcept;          // q: any request being sent

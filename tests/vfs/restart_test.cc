@@ -364,6 +364,10 @@ TEST(RestartDiskSpaceTest, PagesWrittenBackAfterAKillAreStillTheOpenersToPay) {
             0);
   const pid_t writer = std::atoi(ReadAll(dir / "pid").c_str());
   ASSERT_GT(writer, 0);
+  struct KillAtEnd {  // a test that fails midway leaves no writer behind
+    pid_t pid;
+    ~KillAtEnd() { ::kill(pid, SIGKILL); }
+  } kill_at_end{writer};
   for (int i = 0; i < 1000 && ReadAll(dir / "out").empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   ASSERT_EQ(ReadAll(dir / "out"), "ready\n");
   const pid_t old = IsolatedServerOf(mount.pid());
