@@ -216,10 +216,14 @@ void FuseShim::ReplyPort::AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_fil
   const int32_t id = passthrough ? shim_.AcquireBacking(node, q.open.fh, q.open.backing_fd, q) : -1;
   if (id >= 0) fi.keep_cache = 0;  // no FUSE page cache: the backing file's serves
   tl_patch.backing_id = id;
+  shim_.NoteOpener(fi.fh, q);  // before the kernel may write on the handle
   const int sent = q.op == VfsOp::kCreate ? fuse_reply_create(r, &q.entry, &fi) : fuse_reply_open(r, &fi);
   tl_patch.backing_id = -1;
   // The kernel gave up on the open (interrupted): it will send no release.
-  if (id >= 0 && sent != 0) shim_.ReleaseBacking(q.open.fh);
+  if (sent != 0) {
+    shim_.ForgetOpener(fi.fh);
+    if (id >= 0) shim_.ReleaseBacking(q.open.fh);
+  }
 }
 
 void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
@@ -578,6 +582,7 @@ struct FuseOps {
     m->req.fh = fi->fh;
     m->req.offset = off;
     m->req.flags = fi->flags;
+    Shim(req).CreditWriter(m->req);
     if (Shim(req).serves_inline_) {
       m->req.in = {buf, size};  // answered before this callback returns
     } else {
@@ -592,6 +597,7 @@ struct FuseOps {
     Plain(req, VfsOp::kFlush, node, fi);
   }
   static void Release(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
+    Shim(req).ForgetOpener(fi->fh);  // before the stack may give the number out again
     Shim(req).ReleaseBacking(fi->fh);
     Plain(req, VfsOp::kRelease, node, fi);
   }
@@ -923,6 +929,28 @@ void FuseShim::ReleaseBacking(uint64_t fh) noexcept {
   uint32_t id = static_cast<uint32_t>(it->second.id);
   ::ioctl(fuse_session_fd(session_), kabi::kBackingClose, &id);
   backing_.erase(it);
+}
+
+void FuseShim::NoteOpener(uint64_t fh, const VfsRequest& q) noexcept try {
+  if (q.ctx.uid == 0 || (q.flags & O_ACCMODE) == O_RDONLY) return;
+  std::lock_guard lock(openers_mu_);
+  openers_[fh] = {q.ctx.uid, q.ctx.gid};
+} catch (...) {
+  // No room to note it: this handle's write-back is served as root's.
+}
+
+void FuseShim::ForgetOpener(uint64_t fh) noexcept {
+  std::lock_guard lock(openers_mu_);
+  if (!openers_.empty()) openers_.erase(fh);
+}
+
+void FuseShim::CreditWriter(VfsRequest& q) noexcept {
+  if (q.ctx.uid != 0 || q.ctx.pid != 0) return;
+  std::lock_guard lock(openers_mu_);
+  const auto it = openers_.find(q.fh);
+  if (it == openers_.end()) return;
+  q.ctx.uid = it->second.uid;
+  q.ctx.gid = it->second.gid;
 }
 
 bool FuseShim::MayAdmin(pid_t pid) const noexcept {

@@ -183,6 +183,22 @@ class FuseShim {
   bool stale_stop_ = false;
   std::thread invalidator_;  // started when first needed
 
+  // The kernel writes a shared writable mapping's pages back with no caller (user 0,
+  // pid 0; where it does not pass the file through): natively the page fault was the
+  // writer's, and the space it took theirs. So the opener of each handle open for
+  // writing, where not root, is noted here, and such a write is sent as the handle's
+  // opener's: every layer, a restarted server and a remote agent see whose it is
+  // (passthrough takes disk space as that user, thread_creds.h).
+  void NoteOpener(uint64_t fh, const VfsRequest& q) noexcept;  // q: an open or create answered `fh`
+  void ForgetOpener(uint64_t fh) noexcept;                     // fh: released, or never given
+  void CreditWriter(VfsRequest& q) noexcept;                   // q: a write from the kernel
+  struct Opener {
+    uid_t uid;
+    gid_t gid;
+  };
+  std::mutex openers_mu_;
+  std::unordered_map<uint64_t, Opener> openers_;  // kernel's handle -> its opener
+
   // Whether caller `pid` (a thread in the mount's pid namespace) holds CAP_SYS_ADMIN,
   // which a caller must to see the names of trusted.* attributes listed. Not where it
   // cannot be told (pid 0: a caller outside that namespace; gone) or none may.

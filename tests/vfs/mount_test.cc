@@ -713,6 +713,33 @@ TEST_F(StackTest, WithoutKernelPassthroughTraceRecordsEveryReadAndWrite) {
   EXPECT_NE(log.find(R"("op":"write","path":"/pub/a")"), std::string::npos) << log;
 }
 
+// A shared writable mapping's pages, which the kernel writes back with no caller (user
+// 0, pid 0) where it does not pass the file through, come to every layer as their
+// handle's opener's (FuseShim::CreditWriter): the trace records user 1000's write-back
+// as user 1000's. Before, as root's: the passthrough layer alone knew whose they were.
+TEST_F(StackTest, APageWrittenBackIsItsOpenersToEveryLayer) {
+  ASSERT_EQ(Shell("mkdir " + dir_ / "src/u && chown 1000:1000 " + dir_ / "src/u"), 0);
+  mount_ = std::make_unique<ServedMount>(
+      std::vector<std::string>{"--no-kernel-passthrough", "--stack", "trace:" + dir_ / "t.jsonl" + ",passthrough:" + dir_ / "src"},
+      dir_ / "mnt", dir_ / "server.log");
+  ASSERT_TRUE(mount_->ok()) << ReadAll(dir_ / "server.log");
+  std::ofstream(dir_ / "map.py") << "import mmap, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o644)\n"
+                                    "os.ftruncate(fd, 1 << 20)\nm = mmap.mmap(fd, 1 << 20)\n"
+                                    "for i in range(0, 1 << 20, 4096):\n    m[i] = 1\nm.flush()\nprint('ok')\n";
+  EXPECT_EQ(Output("setpriv --reuid 1000 --regid 1000 --clear-groups " + kPython + " " + dir_ / "map.py " +
+                   mount_->path() + "/u/map"),
+            "ok\n");
+  mount_->Stop();
+  const std::string check = R"PY(
+import json, sys
+writes = [(o["pid"], o["uid"]) for o in map(json.loads, open(sys.argv[1])) if o["op"] == "write" and o["path"] == "/u/map"]
+print(sorted(set(writes)))
+)PY";
+  std::ofstream(dir_ / "check.py") << check;
+  EXPECT_EQ(Output(kPython + " " + dir_ / "check.py" + " " + dir_ / "t.jsonl"), "[(0, 1000)]\n");
+  EXPECT_EQ(Output("stat -c %u:%s " + dir_ / "src/u/map"), "1000:1048576\n");
+}
+
 // A read-only mount (-r): every change is refused by the kernel (EROFS) and never
 // reaches the stack, the tree underneath stays as it was, and reading a file leaves
 // its cached attributes valid, so a stat after the read is no request. (On a writable

@@ -340,11 +340,11 @@ TEST(RestartLookupTest, ANameLookedUpAfterAKillLeadsToTheNodeTheKernelHolds) {
 }
 
 // With kernel passthrough off, the kernel writes a shared writable mapping's pages back
-// with no caller, and a server serves them as whoever opened the handle they come on
-// (docs/vfs.md, "Disk space is the caller's to take"). A server that replaces a killed
-// one opens the handle again as that opener: user 1000's mapping, written after the
-// kill, finds no room in the blocks ext4 keeps back for root (natively, 21 MiB of the
-// 53 free). Before, the handle was opened again as root's, and took all 40 MiB.
+// with no caller, and the shim sends them as whoever opened the handle they come on
+// (docs/vfs.md, "Disk space is the caller's to take"), also to a server that replaces
+// a killed one: user 1000's mapping, written after the kill, finds no room in the
+// blocks ext4 keeps back for root (natively, 21 MiB of the 53 free). Before, the new
+// server knew no opener of the handle, and the pages took all 40 MiB.
 TEST(RestartDiskSpaceTest, PagesWrittenBackAfterAKillAreStillTheOpenersToPay) {
   TempDir dir;
   ASSERT_EQ(Shell("cd " + dir.path() + " && mkdir disk mnt && truncate -s 64M img && mkfs.ext4 -q -m 50 img && "

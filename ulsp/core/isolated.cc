@@ -705,7 +705,6 @@ std::optional<uint64_t> IsolatedPort::ServerHandle(uint64_t kernel_fh, const Ser
   auto ask = std::make_unique<VfsMessage>(h.dir ? VfsOp::kOpenDir : VfsOp::kOpen);
   ask->req.node = node;
   ask->req.flags = h.flags;
-  ask->req.ctx.uid = h.opener;
   lock.unlock();
   auto opened = AskServer(server, epoch, std::move(ask));
   lock.lock();
@@ -886,7 +885,7 @@ void IsolatedPort::Translate(VfsMessage& m) {
       index = static_cast<uint32_t>(handles_.size());
       handles_.emplace_back();
     }
-    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir, r.ctx.uid};
+    handles_[index] = KHandle{true, server_fh, epoch, node, flags & ~(O_CREAT | O_EXCL | O_TRUNC), dir};
     if (KNode* n = Node(node); n != nullptr && !dir) {
       ++n->opens;
       // The file's descriptor, given for the kernel to read and write it by, or with

@@ -152,8 +152,6 @@ class IsolatedPort final : public msgport::Port {
     uint64_t node = 0;  // kernel id
     int flags = 0;
     bool dir = false;
-    uid_t opener = 0;  // who opened it: a server it is opened again in serves the
-                       // kernel's writes with no caller as them (passthrough.h)
   };
   using Server = std::shared_ptr<msgport::Port>;
 

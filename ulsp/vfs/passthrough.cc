@@ -824,22 +824,11 @@ constexpr std::optional<AsWriter::Kind> TakesSpace(VfsOp op) {
 
 }  // namespace
 
-uid_t PassthroughLayer::WriterOf(const VfsRequest& req) {
-  if (req.op != VfsOp::kWrite || req.ctx.uid != 0 || req.ctx.pid != 0) return req.ctx.uid;
-  std::lock_guard lock(openers_mu_);
-  const auto it = openers_.find(req.fh);
-  return it == openers_.end() ? 0 : it->second;
-}
-
-void PassthroughLayer::NoteOpener(const VfsRequest& req) {
-  if (req.ctx.uid == 0 || (req.flags & O_ACCMODE) == O_RDONLY) return;
-  std::lock_guard lock(openers_mu_);
-  openers_[req.open.fh] = req.ctx.uid;
-}
-
 int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
+  // (A page the kernel writes back with no caller comes as its handle's opener's:
+  // FuseShim::CreditWriter.)
   std::optional<AsWriter> as_caller;
-  if (const auto kind = TakesSpace(req.op)) as_caller.emplace(WriterOf(req), *kind);
+  if (const auto kind = TakesSpace(req.op)) as_caller.emplace(req.ctx.uid, *kind);
   switch (req.op) {
     case VfsOp::kLookup:
       return DoLookup(req, req.node, req.name, req.entry);
@@ -875,11 +864,8 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       return Rename(req);
     case VfsOp::kLink:
       return Link(req);
-    case VfsOp::kOpen: {
-      const int err = Open(req);
-      if (err == 0) NoteOpener(req);
-      return err;
-    }
+    case VfsOp::kOpen:
+      return Open(req);
     case VfsOp::kRead:
       return Read(req);
     case VfsOp::kWrite:
@@ -890,14 +876,9 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       // kernel so, and it sends no flush again on this mount (one round trip less
       // for every close).
       return ENOSYS;
-    case VfsOp::kRelease: {
-      {
-        std::lock_guard lock(openers_mu_);  // before the descriptor's number is free again
-        openers_.erase(req.fh);
-      }
+    case VfsOp::kRelease:
       ::close(static_cast<int>(req.fh));
       return 0;
-    }
     case VfsOp::kFsync:
       return req.flags ? Errno0([&] { return ::fdatasync(static_cast<int>(req.fh)); })
                        : Errno0([&] { return ::fsync(static_cast<int>(req.fh)); });
@@ -939,11 +920,8 @@ int PassthroughLayer::Serve(VfsRequest& req) noexcept try {
       if (fd < 0) return ESTALE;
       return Errno0([&] { return ::faccessat(AT_FDCWD, ProcPath(fd).c_str(), req.flags, AT_EACCESS); });
     }
-    case VfsOp::kCreate: {
-      const int err = Create(req);
-      if (err == 0) NoteOpener(req);
-      return err;
-    }
+    case VfsOp::kCreate:
+      return Create(req);
     case VfsOp::kFallocate:
       return Errno0([&] { return ::fallocate(static_cast<int>(req.fh), req.flags, req.offset, req.offset2); });
     case VfsOp::kCopyFileRange: {

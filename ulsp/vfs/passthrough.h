@@ -158,15 +158,6 @@ class PassthroughLayer final : public Layer {
   size_t fds_held_ = 0;   // node descriptors this layer keeps now (under table_mu_)
   static inline std::atomic<size_t> process_fds_held_{0};  // ... and all of them
 
-  // The kernel writes a shared writable mapping's pages back with no caller (user 0,
-  // pid 0; with kernel passthrough off): such a write takes disk space as whoever
-  // opened the handle it comes on (AsWriter), as it would have at the page fault
-  // natively. So the opener of each handle open for writing, where not root, is kept.
-  uid_t WriterOf(const VfsRequest& req);
-  void NoteOpener(const VfsRequest& req);  // req: an open or create answered
-  std::mutex openers_mu_;
-  std::unordered_map<uint64_t, uid_t> openers_;  // fh -> opener
-
   std::mutex dirs_mu_;
   std::vector<std::unique_ptr<DirHandle>> dirs_;  // fh = index + 1
   std::vector<uint32_t> free_dirs_;
