@@ -5,6 +5,7 @@
 #include <linux/fuse.h>
 #include <poll.h>
 #include <sched.h>
+#include <sys/stat.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -247,8 +248,18 @@ void FuseLoop::Rest(Reader& self) noexcept {
   self.resting.store(false, std::memory_order_relaxed);
 }
 
+namespace {
+thread_local uint32_t tl_statx_mask = 0;
+}  // namespace
+
+uint32_t StatxMask() noexcept { return tl_statx_mask; }
+
 void ProcessRequest(fuse_session* session, fuse_buf& buf) noexcept {
   constexpr uint32_t kTmpfile = 51;  // FUSE_TMPFILE, which libfuse 3.14's header lacks
+  constexpr uint32_t kStatx = 52;    // FUSE_STATX, which Debian 12's headers lack
+  // struct fuse_statx_in {u32 getattr_flags, reserved; u64 fh; u32 sx_flags, sx_mask;}
+  constexpr size_t kStatxInSize = 24, kStatxInMask = 20;
+  uint32_t statx_mask = 0;
   if ((buf.flags & FUSE_BUF_IS_FD) == 0 && buf.mem != nullptr && buf.size >= sizeof(fuse_in_header)) {
     auto* opcode = static_cast<char*>(buf.mem) + offsetof(fuse_in_header, opcode);
     uint32_t op;
@@ -256,9 +267,17 @@ void ProcessRequest(fuse_session* session, fuse_buf& buf) noexcept {
     if (op == kTmpfile) {
       op = FUSE_CREATE;
       std::memcpy(opcode, &op, sizeof op);
+    } else if (op == kStatx && buf.size >= sizeof(fuse_in_header) + kStatxInSize) {
+      std::memcpy(&statx_mask, static_cast<const char*>(buf.mem) + sizeof(fuse_in_header) + kStatxInMask,
+                  sizeof statx_mask);
+      statx_mask |= STATX_BASIC_STATS;  // nonzero: answered as a statx whatever it asks
+      op = FUSE_GETATTR;
+      std::memcpy(opcode, &op, sizeof op);
     }
   }
+  tl_statx_mask = statx_mask;
   fuse_session_process_buf(session, &buf);
+  tl_statx_mask = 0;
 }
 
 bool FuseLoop::ProgramWaits(const fuse_buf& buf) noexcept {

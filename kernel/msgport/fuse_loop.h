@@ -85,7 +85,17 @@ namespace ulsp::msgport {
 // libfuse 3.14 knows no TMPFILE and would answer ENOSYS (the kernel then answers
 // EOPNOTSUPP for the mount's life), so it goes to libfuse as a create, and FuseShim
 // serves a create of "/" as a tmpfile.
+//
+// FUSE_STATX (Linux 6.6; the kernel sends it for a statx(2) that asks for the birth
+// time) is likewise unknown to libfuse 3.14, whose ENOSYS would make the kernel stop
+// asking, and its fuse_statx_in begins as fuse_getattr_in does (flags, then the
+// handle). So it goes to libfuse as a getattr, and while libfuse hands that to
+// FuseShim (on this thread) StatxMask() says which fields the kernel asked for;
+// FuseShim answers with a fuse_statx_out.
 void ProcessRequest(fuse_session* session, fuse_buf& buf) noexcept;
+// The statx mask of the FUSE_STATX this thread is handing to libfuse as a getattr
+// (0: it is handing none).
+uint32_t StatxMask() noexcept;
 
 class Port;
 

@@ -4,9 +4,12 @@
 #include <linux/limits.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <charconv>
 #include <chrono>
 #include <csignal>
@@ -85,6 +88,29 @@ struct BackingMap {  // struct fuse_backing_map
 };
 constexpr unsigned long kBackingOpen = _IOW(229, 1, BackingMap);  // FUSE_DEV_IOC_BACKING_OPEN
 constexpr unsigned long kBackingClose = _IOW(229, 2, uint32_t);   // FUSE_DEV_IOC_BACKING_CLOSE
+// FUSE_STATX's reply (protocol 7.39; ProcessRequest in fuse_loop.h).
+struct StatxTime {  // struct fuse_sx_time
+  int64_t tv_sec;
+  uint32_t tv_nsec;
+  int32_t reserved;
+};
+struct Statx {  // struct fuse_statx
+  uint32_t mask, blksize;
+  uint64_t attributes;
+  uint32_t nlink, uid, gid;
+  uint16_t mode, spare0;
+  uint64_t ino, size, blocks, attributes_mask;
+  StatxTime atime, btime, ctime, mtime;
+  uint32_t rdev_major, rdev_minor, dev_major, dev_minor;
+  uint64_t spare2[14];
+};
+struct StatxOut {  // struct fuse_statx_out
+  uint64_t attr_valid;
+  uint32_t attr_valid_nsec, flags;
+  uint64_t spare[2];
+  Statx stat;
+};
+static_assert(sizeof(Statx) == 256 && sizeof(StatxOut) == 288);
 }  // namespace kabi
 
 struct ReplyPatch {
@@ -226,6 +252,41 @@ void FuseShim::ReplyPort::AnswerOpen(const VfsRequest& q, fuse_req_t r, fuse_fil
   }
 }
 
+namespace {
+
+// A getattr that came as FUSE_STATX (ProcessRequest) is answered as one: fstat's
+// fields as fuse_reply_attr gives them, and the birth time where the stack knew it.
+void ReplyStatx(fuse_req_t r, const VfsRequest& q) noexcept {
+  const struct stat& st = q.out_attr;
+  const auto time = [](const struct timespec& t) {
+    return kabi::StatxTime{t.tv_sec, static_cast<uint32_t>(t.tv_nsec), 0};
+  };
+  kabi::StatxOut out{};
+  // Seconds and nanoseconds of the timeout, as libfuse's calc_timeout_sec/nsec.
+  const double timeout = std::max(q.timeout, 0.0);
+  out.attr_valid = timeout >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(timeout);
+  out.attr_valid_nsec = timeout >= 1.8e19 ? 0 : static_cast<uint32_t>((timeout - static_cast<double>(out.attr_valid)) * 1e9);
+  kabi::Statx& sx = out.stat;
+  sx.mask = STATX_BASIC_STATS | (q.out_btime_known ? STATX_BTIME : 0);
+  sx.blksize = static_cast<uint32_t>(st.st_blksize);
+  sx.nlink = static_cast<uint32_t>(st.st_nlink);
+  sx.uid = st.st_uid;
+  sx.gid = st.st_gid;
+  sx.mode = static_cast<uint16_t>(st.st_mode);
+  sx.ino = st.st_ino;
+  sx.size = static_cast<uint64_t>(st.st_size);
+  sx.blocks = static_cast<uint64_t>(st.st_blocks);
+  sx.atime = time(st.st_atim);
+  sx.mtime = time(st.st_mtim);
+  sx.ctime = time(st.st_ctim);
+  if (q.out_btime_known) sx.btime = time(q.out_btime);
+  sx.rdev_major = major(st.st_rdev);
+  sx.rdev_minor = minor(st.st_rdev);
+  fuse_reply_buf(r, reinterpret_cast<const char*>(&out), sizeof out);
+}
+
+}  // namespace
+
 void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
   fuse_req_t r = m.fuse_req;
   if (r == nullptr) return;  // forget: the kernel wants no answer
@@ -262,6 +323,12 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
       fuse_reply_entry(r, &q.entry);
       return;
     case VfsOp::kGetAttr:
+      if (q.flags != 0) {  // a FUSE_STATX
+        ReplyStatx(r, q);
+        return;
+      }
+      fuse_reply_attr(r, &q.out_attr, q.timeout);
+      return;
     case VfsOp::kSetAttr:
       fuse_reply_attr(r, &q.out_attr, q.timeout);
       return;
@@ -496,7 +563,16 @@ struct FuseOps {
       Logger("fuse")->error("sending a forget failed");
     }
   }
-  static void GetAttr(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept { Plain(req, VfsOp::kGetAttr, node, fi); }
+  static void GetAttr(fuse_req_t req, fuse_ino_t node, fuse_file_info* fi) noexcept {
+    auto m = Begin(req, VfsOp::kGetAttr, node);
+    if (!m) return;
+    if (fi != nullptr) {
+      m->req.fh = fi->fh;
+      m->req.has_fh = true;
+    }
+    m->req.flags = static_cast<int>(StatxMask());  // 0 but for a FUSE_STATX
+    Submit(std::move(m));
+  }
   static void SetAttr(fuse_req_t req, fuse_ino_t node, struct stat* attr, int to_set, fuse_file_info* fi) noexcept {
     auto m = Begin(req, VfsOp::kSetAttr, node);
     if (!m) return;

@@ -147,7 +147,7 @@ bool RemoteCache::Answer(VfsMessage& m, uint64_t* generation) {
   std::unique_lock lock(mu_);
   if (!ChangesNothing(r)) {
     ChangedLocked(ChangesData(r));
-  } else if (r.op == VfsOp::kGetAttr) {
+  } else if (r.op == VfsOp::kGetAttr && r.flags == 0) {  // a statx's (flags) wants the birth time too
     auto it = attrs_.find(r.node);
     if (it != attrs_.end()) {
       if (Clock::now() < it->second.until) {

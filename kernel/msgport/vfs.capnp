@@ -68,4 +68,7 @@ struct VfsReply {
   dirEnd @11 :Bool;          # readdir(plus): nothing follows `out` (VfsRequest::dir_end)
   changed @12 :List(UInt64); # nodes whose attributes changed besides (VfsRequest::changed)
   copyTag @13 :UInt64;       # with bit 5 of openFlags: VfsRequest::copy_tag
+  btimeKnown @14 :Bool;      # getattr: out_btime is the file's birth time
+  btimeSec @15 :Int64;
+  btimeNsec @16 :Int64;
 }

@@ -161,6 +161,11 @@ void EncodeVfsReply(const VfsRequest& req, std::vector<std::byte>& out) {
     case VfsOp::kGetAttr:
     case VfsOp::kSetAttr:
       PutAttr(r.initOutAttr(), req.out_attr);
+      if (req.out_btime_known) {
+        r.setBtimeKnown(true);
+        r.setBtimeSec(req.out_btime.tv_sec);
+        r.setBtimeNsec(req.out_btime.tv_nsec);
+      }
       break;
     case VfsOp::kStatFs: {
       const struct statvfs& s = req.statfs;
@@ -228,6 +233,8 @@ Result<void> DecodeVfsReply(std::span<const std::byte> bytes, VfsRequest& req, s
       req.entry.entry_timeout = r.getEntryTimeout();
     }
     if (r.hasOutAttr()) GetAttr(r.getOutAttr(), req.out_attr);
+    req.out_btime_known = r.getBtimeKnown();
+    req.out_btime = {r.getBtimeSec(), r.getBtimeNsec()};
     if (r.hasStatfs()) {
       auto v = r.getStatfs();
       if (v.size() != 11) return Fail(EBADMSG);

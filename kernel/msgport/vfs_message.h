@@ -139,7 +139,8 @@ struct VfsRequest {
   uint64_t count = 0;     // forget: lookups to drop
   int flags = 0;          // open/create flags, rename flags, setattr's FUSE_SET_ATTR_*
                           // mask, xattr flags, fsync datasync, lseek whence, access mask,
-                          // fallocate mode
+                          // fallocate mode; getattr: the statx mask a statx(2) asked
+                          // for (STATX_BTIME: give out_btime too; 0: a plain getattr)
   mode_t mode = 0;        // create, mkdir, mknod
   dev_t rdev = 0;         // mknod
   struct stat attr {};    // setattr: the new values (those in `flags`)
@@ -168,6 +169,8 @@ struct VfsRequest {
   // --- results (valid when the reply's error is 0) ---
   fuse_entry_param entry{};  // lookup, mknod, mkdir, symlink, link, create
   struct stat out_attr {};   // getattr, setattr
+  struct timespec out_btime {};  // getattr asked for STATX_BTIME: the file's birth
+  bool out_btime_known = false;  // time, where the stack knows it (then true)
   VfsOpenReply open;         // open, opendir, create
   std::vector<char> out;     // read data; readlink target; xattr value or list;
                              // readdir(plus): the kernel's dirent records

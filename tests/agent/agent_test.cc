@@ -262,6 +262,9 @@ TEST_F(TwoHosts, ChangesShowAtOnceHereAndWithinTheTimeoutFromTheAgentsHost) {
   EXPECT_EQ(Output("echo more >> " + m + "/new.txt && stat -c %s " + m + "/new.txt && cat " + m + "/new.txt"),
             "11\nhello\nmore\n");
   EXPECT_EQ(Output("ls " + m + " | grep -c new.txt"), "1\n");
+  // Its birth time (statx's STATX_BTIME), the agent's file system's: not the cache's,
+  // which keeps no such time.
+  EXPECT_EQ(Output("stat -c %w " + m + "/new.txt"), Output("stat -c %w " + src + "/new.txt"));
   EXPECT_EQ(Output("mv " + m + "/new.txt " + m + "/linux/moved.txt && ls " + m + "/linux | grep -c moved.txt && cat " + m +
                    "/linux/moved.txt && ls " + m + " | grep -c new.txt"),
             "1\nhello\nmore\n0\n");

@@ -382,6 +382,23 @@ TEST(DiskSpace, ACallerTakesNoBlocksKeptBackForRoot) {
   EXPECT_EQ(Output("ls " + dir / "disk/upper/u 2>&1; stat -c %s " + dir / "disk/u/lower"), std::to_string(15 << 20) + "\n");
 }
 
+// A statx that asks for the birth time (STATX_BTIME; GNU stat's %w) gets the file's,
+// which the kernel asks for with FUSE_STATX: the file system's below, as natively
+// (memfs: when it made the file). A change does not move it, and the other fields come
+// with it. Before, libfuse answered ENOSYS and stat said "-".
+TEST_P(MountTest, StatxGivesTheBirthTime) {
+  ASSERT_EQ(Shell("echo x > " + work_ + "/born && mkdir " + work_ + "/dir"), 0);
+  const std::string born = Output("stat -c %w " + work_ + "/born");
+  ASSERT_NE(born, "-\n");
+  EXPECT_NE(Output("stat -c %w " + work_ + "/dir"), "-\n");
+  if (!Memfs()) {
+    EXPECT_EQ(born, Output("stat -c %w " + Stored("born")));
+    EXPECT_EQ(Output("stat -c %w " + work_ + "/dir"), Output("stat -c %w " + Stored("dir")));
+  }
+  ASSERT_EQ(Shell("echo yy >> " + work_ + "/born && touch -d @7 " + work_ + "/born"), 0);
+  EXPECT_EQ(Output("stat -c '%w %s %Y %F %h' " + work_ + "/born"), born.substr(0, born.size() - 1) + " 5 7 regular file 1\n");
+}
+
 TEST_P(MountTest, ParallelWritersLoseNothing) {
   // 8 writers, each making 100 files and appending 100 lines to one shared log.
   const std::string script = R"PY(

@@ -58,7 +58,7 @@ MemfsLayer::MemfsLayer(uint64_t capacity) : Layer(nullptr), capacity_(capacity) 
   root.st.st_nlink = 2;
   root.st.st_ino = 1;
   root.st.st_blksize = kPage;
-  root.st.st_atim = root.st.st_mtim = root.st.st_ctim = Now();
+  root.st.st_atim = root.st.st_mtim = root.st.st_ctim = root.btime = Now();
   root.parent = kRootNode;
   live_ = 1;
 }
@@ -126,7 +126,7 @@ uint64_t MemfsLayer::NewNode(const VfsRequest& req, const Node& parent, mode_t m
   n.st.st_nlink = S_ISDIR(mode) ? 2 : 1;
   n.st.st_blksize = kPage;
   n.st.st_rdev = req.rdev;
-  n.st.st_atim = n.st.st_mtim = n.st.st_ctim = Now();
+  n.st.st_atim = n.st.st_mtim = n.st.st_ctim = n.btime = Now();
   ++live_;
   return MakeId(index, generation);
 }
@@ -627,6 +627,8 @@ int MemfsLayer::Serve(VfsRequest& req) noexcept try {
       const Node* n = Get(req.node);
       if (n == nullptr) return ESTALE;
       req.out_attr = n->st;
+      req.out_btime = n->btime;
+      req.out_btime_known = (static_cast<unsigned>(req.flags) & STATX_BTIME) != 0;
       return 0;
     }
     case VfsOp::kSetAttr:

@@ -41,6 +41,7 @@ class MemfsLayer final : public Layer {
   static constexpr uint64_t kPage = 4096;
   struct Node {
     struct stat st {};
+    struct timespec btime {};  // when it was made
     uint32_t generation = 0;
     bool in_use = false;
     uint64_t nlookup = 0;

@@ -110,6 +110,8 @@ void TakeResults(VfsRequest& to, VfsRequest& from) {
   }
   to.entry = from.entry;
   to.out_attr = from.out_attr;
+  to.out_btime = from.out_btime;
+  to.out_btime_known = from.out_btime_known;
   to.open = from.open;
   to.out = std::move(from.out);
   to.out_fd = from.out_fd;
