@@ -327,8 +327,7 @@ void FuseShim::ReplyPort::Answer(VfsMessage& m) noexcept {
         ReplyStatx(r, q);
         return;
       }
-      fuse_reply_attr(r, &q.out_attr, q.timeout);
-      return;
+      [[fallthrough]];
     case VfsOp::kSetAttr:
       fuse_reply_attr(r, &q.out_attr, q.timeout);
       return;

@@ -5,7 +5,6 @@
 #include <sys/file.h>
 #include <sys/ioctl.h>
 #include <sys/resource.h>
-#include <sys/sysmacros.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <sys/xattr.h>
@@ -380,16 +379,6 @@ int PassthroughLayer::GiveToCaller(const VfsRequest& req, int parent_fd, const c
 }
 
 int PassthroughLayer::GetAttr(VfsRequest& req) {
-  if (static_cast<unsigned>(req.flags) & STATX_BTIME) return StatxAttr(req);
-  if (req.has_fh) return Errno0([&] { return ::fstat(static_cast<int>(req.fh), &req.out_attr); });
-  const FdRef fd = NodeFd(req.node);
-  if (fd < 0) return ESTALE;
-  return Errno0([&] { return ::fstatat(fd, "", &req.out_attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); });
-}
-
-// A statx(2) that asks for the birth time: one statx of the file, whose basic fields
-// fill out_attr as fstat would.
-int PassthroughLayer::StatxAttr(VfsRequest& req) {
   FdRef node_fd;
   int fd = static_cast<int>(req.fh);
   if (!req.has_fh) {
@@ -397,28 +386,15 @@ int PassthroughLayer::StatxAttr(VfsRequest& req) {
     if (node_fd < 0) return ESTALE;
     fd = node_fd;
   }
-  struct statx sx {};
-  if (int err = Errno0([&] {
-        return ::statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_BTIME, &sx);
-      }))
+  if (int err = Errno0([&] { return ::fstatat(fd, "", &req.out_attr, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW); }))
     return err;
-  struct stat& st = req.out_attr;
-  st = {};
-  st.st_dev = makedev(sx.stx_dev_major, sx.stx_dev_minor);
-  st.st_ino = sx.stx_ino;
-  st.st_mode = sx.stx_mode;
-  st.st_nlink = sx.stx_nlink;
-  st.st_uid = sx.stx_uid;
-  st.st_gid = sx.stx_gid;
-  st.st_rdev = makedev(sx.stx_rdev_major, sx.stx_rdev_minor);
-  st.st_size = static_cast<off_t>(sx.stx_size);
-  st.st_blksize = sx.stx_blksize;
-  st.st_blocks = static_cast<blkcnt_t>(sx.stx_blocks);
-  st.st_atim = {sx.stx_atime.tv_sec, sx.stx_atime.tv_nsec};
-  st.st_mtim = {sx.stx_mtime.tv_sec, sx.stx_mtime.tv_nsec};
-  st.st_ctim = {sx.stx_ctime.tv_sec, sx.stx_ctime.tv_nsec};
-  req.out_btime_known = (sx.stx_mask & STATX_BTIME) != 0;  // not every file system keeps it
-  if (req.out_btime_known) req.out_btime = {sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec};
+  if (static_cast<unsigned>(req.flags) & STATX_BTIME) {  // a statx(2) that wants the birth time
+    struct statx sx {};
+    // Not every file system keeps one: then the answer has none.
+    req.out_btime_known = ::statx(fd, "", AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW, STATX_BTIME, &sx) == 0 &&
+                          (sx.stx_mask & STATX_BTIME) != 0;
+    if (req.out_btime_known) req.out_btime = {sx.stx_btime.tv_sec, sx.stx_btime.tv_nsec};
+  }
   return 0;
 }
 

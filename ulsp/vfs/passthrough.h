@@ -128,7 +128,6 @@ class PassthroughLayer final : public Layer {
   int GiveToCaller(const VfsRequest& req, int parent_fd, const char* name, int file_fd = -1);
 
   int GetAttr(VfsRequest& req);
-  int StatxAttr(VfsRequest& req);
   int SetAttr(VfsRequest& req);
   int Create(VfsRequest& req);
   int Tmpfile(VfsRequest& req);
