@@ -51,9 +51,17 @@ class TwoHosts : public ::testing::Test {
   void TearDown() override {
     ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
     StopAgent();
-    for (int i = 0; i < 100 && Shell("pgrep -f 'remote " + agent_addr_ + "' > /dev/null") == 0; ++i)
+    // A failure shows what the agent and the mount's server logged (a dropped
+    // connection, a reconnect, a refused call), which the output alone does not say.
+    if (HasFailure())
+      std::cerr << "--- agent.log\n" << Output("cat " + dir_ / "agent.log" + " 2>/dev/null") << "--- mount.log\n"
+                << Output("cat " + dir_ / "mount.log" + " 2>/dev/null");
+    // The mount's server ends with its mount. ("[r]emote": the shell that runs pgrep
+    // has the pattern in its own command line. "remote" matched that shell: every
+    // test here waited the whole 5 s, and the pkill killed its own shell.)
+    for (int i = 0; i < 100 && Shell("pgrep -f '[r]emote " + agent_addr_ + "' > /dev/null") == 0; ++i)
       std::this_thread::sleep_for(std::chrono::milliseconds(50));
-    Shell("pkill -9 -f 'remote " + agent_addr_ + "' 2>/dev/null");
+    Shell("pkill -9 -f '[r]emote " + agent_addr_ + "' 2>/dev/null");
     Shell("ip netns del " + a_ + " 2>/dev/null; ip netns del " + b_ + " 2>/dev/null");
     // Its own mount only: ctest -j runs other tests' mounts beside it.
     EXPECT_EQ(Output("grep ' fuse.ulsp ' /proc/self/mountinfo | grep -c ' " + dir_ / "mnt" + " '"), "0\n");
@@ -79,7 +87,7 @@ class TwoHosts : public ::testing::Test {
   // `ulsp mount --remote` from host A. Returns its exit status; stderr in `err`.
   int Mount(const std::string& auth, std::string* err = nullptr, const std::string& extra = "--deadline 2") {
     const int rc = Shell("nsenter --net=/run/netns/" + a_ + " " + ULSP_BIN + " mount --remote " + agent_addr_ + ":7700/src " +
-                         auth + " " + extra + " " + dir_ / "mnt" + " 2> " + dir_ / "mount.err");
+                         auth + " --log " + dir_ / "mount.log" + " " + extra + " " + dir_ / "mnt" + " 2> " + dir_ / "mount.err");
     if (err != nullptr) *err = Output("cat " + dir_ / "mount.err");
     return rc;
   }
@@ -303,7 +311,7 @@ TEST_F(TwoHosts, ACutLinkFailsWithinTheDeadlineAndTheMountServesAgainWhenItComes
     if (!back) std::this_thread::sleep_for(std::chrono::milliseconds(200));
   }
   EXPECT_TRUE(back) << "the mount did not serve again after the link came back";
-  Shell("kill $(cat " + dir_ / "loop.pid" + ") 2>/dev/null; pkill -f 'cat " + m + "' 2>/dev/null");
+  Shell("kill $(cat " + dir_ / "loop.pid" + ") 2>/dev/null; pkill -f '[c]at " + m + "' 2>/dev/null");
 }
 
 // An overlay export serves one connection at a time (one overlay on an upper
