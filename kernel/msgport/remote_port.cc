@@ -318,15 +318,29 @@ void RemotePort::Run() {
         if (closing) end_with("closed");
         for (auto& [msg, generation] : batch) {
           const uint64_t id = loop.next_id++;
-          const auto now = Clock::now();
-          const auto deadline = msg->deadline != kNoDeadline ? msg->deadline : now + options_.call_timeout;
+          const auto deadline = msg->deadline;
           auto call = stack.callRequest();
           call.setOp(msg->command);
           if (msg->command == static_cast<uint32_t>(VfsOp::kOpenDir)) call.setListingChunk(cache_.listing_chunk());
           call.setRequest(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(msg->payload.data()), msg->payload.size()));
           loop.pending.emplace(id, Outgoing{std::move(msg), generation});
-          const auto left = std::max<std::chrono::nanoseconds>(deadline - now, std::chrono::nanoseconds(0));
-          tasks.add(timer.timeoutAfter(ToKj(left), call.send())
+          // A call to a connected agent is not given up on for its time: an agent
+          // whose disk is slow (a journal commit, a frozen file system) does what
+          // was asked once the disk moves, and an answer of ETIMEDOUT before that
+          // would tell the program a change failed that then happens. (It did:
+          // an rm through a mount with a 3 s deadline, of a file on a disk frozen
+          // for 8 s, said "Connection timed out", and the file was gone.) An agent
+          // that is gone is found by the pings, which end the connection: what was
+          // in flight is answered ECONNRESET. A message with a deadline of its own
+          // (a DoMsg's; a request that waited for a connection) keeps it.
+          auto sent = call.send();
+          kj::Promise<capnp::Response<wire::Stack::CallResults>> answered =
+              deadline == kNoDeadline
+                  ? kj::mv(sent)
+                  : timer.timeoutAfter(ToKj(std::max<std::chrono::nanoseconds>(deadline - Clock::now(),
+                                                                              std::chrono::nanoseconds(0))),
+                                       kj::mv(sent));
+          tasks.add(kj::mv(answered)
                         .then(
                             [&, id](capnp::Response<wire::Stack::CallResults>&& r) {
                               auto it = loop.pending.find(id);

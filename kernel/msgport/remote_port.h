@@ -47,8 +47,10 @@ struct RemoteOptions {
   std::string tls_cert, tls_key, tls_ca;
   std::string tls_server_name;  // the name the agent's certificate must carry (default: host)
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(5)};
-  std::chrono::milliseconds call_timeout{std::chrono::seconds(10)};  // a message's deadline
-                                                                     // when it has none
+  // How long a request waits for a connection (RemoteSource::wait_limit). A call sent
+  // to a connected agent waits for its answer however long that takes, unless the
+  // message has a deadline of its own: the pings say when the agent is gone.
+  std::chrono::milliseconds wait_limit{std::chrono::seconds(10)};
 };
 
 class RemotePort final : public Port {

@@ -42,7 +42,7 @@ int main(int argc, char** argv) {
   mount_cmd->add_option("--tls-ca", mount.tls_ca, "The CA that signed the agent's certificate (PEM)");
   mount_cmd->add_option("--tls-name", mount.tls_name,
                         "The DNS name the agent's certificate must carry (default: ADDR of --remote)");
-  mount_cmd->add_option("--deadline", mount.deadline, "Seconds a request to the agent may take")->capture_default_str();
+  mount_cmd->add_option("--deadline", mount.deadline, "Seconds a request may wait for the agent to be connected")->capture_default_str();
   std::vector<std::string> mount_positional;
   mount_cmd->add_option("MOUNTPOINT", mount_positional, "[SOURCE] MOUNTPOINT")->required()->expected(1, 2);
 

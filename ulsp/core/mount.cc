@@ -95,8 +95,8 @@ std::expected<msgport::RemoteOptions, std::string> RemoteOptionsOf(const MountAr
   // NaN passes a `<= 0` test; infinity overflows the milliseconds below.
   if (!(args.deadline > 0 && args.deadline <= 86400))
     return std::unexpected("--deadline must be more than 0 and at most 86400 seconds");
-  o.call_timeout = std::chrono::milliseconds(static_cast<int64_t>(args.deadline * 1000));
-  o.connect_timeout = std::min(o.call_timeout, std::chrono::milliseconds(5000));
+  o.wait_limit = std::chrono::milliseconds(static_cast<int64_t>(args.deadline * 1000));
+  o.connect_timeout = std::min(o.wait_limit, std::chrono::milliseconds(5000));
   return o;
 }
 

@@ -28,7 +28,7 @@ class RemoteSource final : public ServerSource {
   void Interrupt(const std::shared_ptr<msgport::Port>& server, pid_t pid) override;
   bool resend_in_flight() const override { return false; }
   unsigned max_start_failures() const override { return 0; }
-  std::chrono::milliseconds wait_limit() const override { return options_.call_timeout; }
+  std::chrono::milliseconds wait_limit() const override { return options_.wait_limit; }
   std::string kind() const override { return "remote"; }
   std::string peer() const override { return msgport::JoinHostPort(options_.host, options_.port) + "/" + options_.name; }
   double rtt_us() const override;
