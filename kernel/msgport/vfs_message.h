@@ -280,6 +280,9 @@ class VfsMessage final : public Message {
     Port* reply_port = nullptr;
     uint32_t sends = 0;
     uint64_t epoch = 0;  // which server it was last sent to
+    // When it stops waiting for a server (IsolatedPort: its source's wait limit from
+    // its first wait). Not the message's deadline: once sent, it waits for the answer.
+    Deadline wait_until = kNoDeadline;
   } relay;
 };
 

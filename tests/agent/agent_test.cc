@@ -49,8 +49,10 @@ class TwoHosts : public ::testing::Test {
               0);
   }
   void TearDown() override {
+    if (!disk_.empty()) Shell("fsfreeze -u " + disk_ + " 2>/dev/null");  // (a failed test may leave it frozen)
     ::umount2((dir_ / "mnt").c_str(), MNT_DETACH);
     StopAgent();
+    if (!disk_.empty()) Shell("umount -l " + disk_);
     // A failure shows what the agent and the mount's server logged (a dropped
     // connection, a reconnect, a refused call), which the output alone does not say.
     if (HasFailure())
@@ -83,6 +85,13 @@ class TwoHosts : public ::testing::Test {
     while (!pid.empty() && pid.back() == '\n') pid.pop_back();
     if (!pid.empty()) Shell("kill -" + std::to_string(sig) + " " + pid + " 2>/dev/null; while kill -0 " + pid + " 2>/dev/null; do sleep 0.05; done");
     Shell("rm -f " + dir_ / "agent.pid");
+  }
+  // An ext4 disk of the test's own at dir_/disk (a loop device), for an export whose
+  // disk it freezes (fsfreeze). TearDown thaws it and lets it go.
+  void MakeDisk() {
+    ASSERT_EQ(Shell("cd " + dir_.path() + " && mkdir disk && truncate -s 64M img && mkfs.ext4 -q img && mount -o loop img disk"),
+              0);
+    disk_ = dir_ / "disk";
   }
   // `ulsp mount --remote` from host A. Returns its exit status; stderr in `err`.
   int Mount(const std::string& auth, std::string* err = nullptr, const std::string& extra = "--deadline 2") {
@@ -119,6 +128,7 @@ class TwoHosts : public ::testing::Test {
 
   TempDir dir_;
   std::string a_, b_, va_, vb_, subnet_, agent_addr_;
+  std::string disk_;  // MakeDisk's
 };
 
 TEST_F(TwoHosts, RealProgramsRunOnAStackServedFromTheOtherHost) {
@@ -323,12 +333,7 @@ TEST_F(TwoHosts, ACutLinkFailsWithinTheDeadlineAndTheMountServesAgainWhenItComes
 // it in RealProgramsRunOnAStackServedFromTheOtherHost: the unlink just after an
 // fsync timed out, with a 20 s deadline.)
 TEST_F(TwoHosts, ASlowDiskAtTheAgentIsWaitedForPastTheDeadline) {
-  ASSERT_EQ(Shell("cd " + dir_.path() + " && mkdir disk && truncate -s 64M img && mkfs.ext4 -q img && mount -o loop img disk"),
-            0);
-  struct Thaw {  // after a failed assertion too: a frozen disk holds up whoever writes to it
-    std::string disk;
-    ~Thaw() { Shell("fsfreeze -u " + disk + " 2>/dev/null; umount -l " + disk); }
-  } thaw{dir_ / "disk"};
+  MakeDisk();
   StartAgent("--token-file " + dir_ / "token", "passthrough:" + dir_ / "disk");
   std::string err;
   ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err, "--deadline 2 --timeout 0"), 0) << err;
@@ -343,6 +348,35 @@ TEST_F(TwoHosts, ASlowDiskAtTheAgentIsWaitedForPastTheDeadline) {
   EXPECT_NE(Shell("test -e " + dir_ / "disk/f"), 0);
   EXPECT_EQ(Output("cat " + dir_ / "disk/g"), "there\nmore\n");
   EXPECT_EQ(Output("ls " + m), "g\nlost+found\n");
+}
+
+// A request made while the agent is away waits for the connection, up to --deadline;
+// sent once the mount has connected again, it waits for its answer as any other.
+// Before, the deadline of its wait stayed on it as the call's: an rm made while the
+// agent restarted, on a disk then frozen past that deadline, was answered ETIMEDOUT,
+// and the file went when the disk thawed.
+TEST_F(TwoHosts, ARequestThatWaitedForTheAgentThenWaitsForItsAnswer) {
+  MakeDisk();
+  StartAgent("--token-file " + dir_ / "token", "passthrough:" + dir_ / "disk");
+  std::string err;
+  // A long --timeout: the kernel knows f already, so the rm's one request is its unlink.
+  ASSERT_EQ(Mount("--token-file " + dir_ / "token", &err, "--deadline 8 --timeout 60"), 0) << err;
+  const std::string m = dir_ / "mnt";
+  const std::string d = dir_.path();
+  ASSERT_EQ(Shell("echo hello > " + m + "/f && stat " + m + "/f > /dev/null"), 0);
+  StopAgent(SIGKILL);
+  ASSERT_EQ(Shell("fsfreeze -f " + dir_ / "disk"), 0);
+  const auto frozen = Clock::now();
+  ASSERT_EQ(Shell("(rm " + m + "/f 2> " + d + "/said; echo $? >> " + d + "/said; touch " + d + "/done) &"), 0);
+  StartAgent("--token-file " + dir_ / "token", "passthrough:" + dir_ / "disk");  // (its disk frozen)
+  // The mount connects again within its back-off (attempts 0.1, 0.3, 0.7, 1.5, 3.1 and
+  // 6.3 s after the kill), and the unlink is sent; the disk thaws 11 s after it froze,
+  // 3 s past the unlink's deadline.
+  std::this_thread::sleep_until(frozen + std::chrono::seconds(11));
+  ASSERT_EQ(Shell("fsfreeze -u " + dir_ / "disk"), 0);
+  for (int i = 0; i < 500 && Shell("test -e " + d + "/done") != 0; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  EXPECT_EQ(Output("cat " + d + "/said"), "0\n");
+  EXPECT_NE(Shell("test -e " + dir_ / "disk/f"), 0);
 }
 
 // An overlay export serves one connection at a time (one overlay on an upper

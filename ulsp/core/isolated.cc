@@ -266,7 +266,8 @@ void IsolatedPort::Sweep() {
     const auto now = msgport::Clock::now();
     std::vector<MessagePtr> expired;
     for (auto it = waiting_.begin(); it != waiting_.end();) {
-      if ((*it)->deadline <= now) {
+      // (Or its sender's deadline, if it has one and that comes first.)
+      if (std::min((*it)->deadline, static_cast<VfsMessage&>(**it).relay.wait_until) <= now) {
         expired.push_back(std::move(*it));
         it = waiting_.erase(it);
       } else {
@@ -730,13 +731,18 @@ void IsolatedPort::Requeue(MessagePtr msg, uint64_t epoch) {
     std::lock_guard lock(server_mu_);
     if (server_ != nullptr && epoch_ == epoch) server_ = nullptr;
     if (server_ == nullptr && !broken_ && !stopping_) {
-      const auto limit = source_->wait_limit();
-      if (limit.count() > 0 && msg->deadline == msgport::kNoDeadline) msg->deadline = msgport::After(limit);
-      waiting_.push_back(std::move(msg));
+      WaitForNextServer(std::move(msg));
       return;
     }
   }
   Forward(std::move(msg));  // to the next server, already up; or answered EIO
+}
+
+void IsolatedPort::WaitForNextServer(MessagePtr msg) {
+  auto& m = static_cast<VfsMessage&>(*msg);
+  if (const auto limit = source_->wait_limit(); limit.count() > 0 && m.relay.wait_until == msgport::kNoDeadline)
+    m.relay.wait_until = msgport::After(limit);
+  waiting_.push_back(std::move(msg));
 }
 
 void IsolatedPort::Put(MessagePtr msg) {
@@ -751,6 +757,7 @@ void IsolatedPort::Put(MessagePtr msg) {
   m->relay.fh = m->req.fh;
   m->relay.fh2 = m->req.fh2;
   m->relay.sends = 0;
+  m->relay.wait_until = msgport::kNoDeadline;
   Forward(std::move(msg));
 }
 
@@ -797,9 +804,7 @@ void IsolatedPort::Forward(MessagePtr msg) {
       return;
     }
     if (server_ == nullptr) {
-      const auto limit = source_->wait_limit();
-      if (limit.count() > 0 && msg->deadline == msgport::kNoDeadline) msg->deadline = msgport::After(limit);
-      waiting_.push_back(std::move(msg));  // sent when the next server is up
+      WaitForNextServer(std::move(msg));  // sent when the next server is up
       return;
     }
     server = server_;

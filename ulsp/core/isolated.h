@@ -233,6 +233,9 @@ class IsolatedPort final : public msgport::Port {
   // `msg`'s server (of `epoch`) died before it answered, or before it was sent: it
   // waits for the next server, or goes to it if one is up already.
   void Requeue(msgport::MessagePtr msg, uint64_t epoch);
+  // With server_mu_ held: `msg` waits for the next server, no longer than the source's
+  // wait limit from its first wait (a server that comes and goes again gives no more).
+  void WaitForNextServer(msgport::MessagePtr msg);
   // A request of the port's own to `server` (of `epoch`), sent and waited for (map_mu_
   // not held). Notes in lost_epoch_ a server that went meanwhile (ECONNRESET).
   Result<std::unique_ptr<msgport::VfsMessage>> AskServer(const Server& server, uint64_t epoch,
@@ -265,8 +268,8 @@ class IsolatedPort final : public msgport::Port {
   uint64_t epoch_ = 0;
   bool broken_ = false;  // gave up restarting
   bool stopping_ = false;
-  std::vector<msgport::MessagePtr> waiting_;  // sent while no server runs (their
-                                              // deadline: how long they may wait)
+  std::vector<msgport::MessagePtr> waiting_;  // sent while no server runs (until
+                                              // relay.wait_until: WaitForNextServer)
   std::atomic<pid_t> server_pid_{0};
   std::atomic<uint64_t> restarts_{0};
   std::atomic<uint64_t> answered_{0};  // replies from servers (for crash-loop detection)
