@@ -325,14 +325,12 @@ void RemotePort::Run() {
           call.setRequest(capnp::Data::Reader(reinterpret_cast<const kj::byte*>(msg->payload.data()), msg->payload.size()));
           loop.pending.emplace(id, Outgoing{std::move(msg), generation});
           // A call to a connected agent is not given up on for its time: an agent
-          // whose disk is slow (a journal commit, a frozen file system) does what
-          // was asked once the disk moves, and an answer of ETIMEDOUT before that
-          // would tell the program a change failed that then happens. (It did:
-          // an rm through a mount with a 3 s deadline, of a file on a disk frozen
-          // for 8 s, said "Connection timed out", and the file was gone.) An agent
-          // that is gone is found by the pings, which end the connection: what was
-          // in flight is answered ECONNRESET. A message with a deadline of its own
-          // (a DoMsg's; a request that waited for a connection) keeps it.
+          // whose disk is slow does what was asked once the disk moves, and an
+          // ETIMEDOUT before that would tell the program a change failed that then
+          // happens (docs/agents.md, Failure). The pings find an agent that is gone.
+          // Only a message with a deadline of its own keeps one: a DoMsg's, as the
+          // relay's lend, reopen and relookup are. (A request's wait for a
+          // connection is IsolatedPort's, in relay.wait_until, not a deadline.)
           auto sent = call.send();
           kj::Promise<capnp::Response<wire::Stack::CallResults>> answered =
               deadline == kNoDeadline
